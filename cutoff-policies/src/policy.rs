@@ -141,7 +141,9 @@ impl PolicyConfig {
         }
         for (name, rules) in &self.tables {
             let Some(columns) = known.get(name.as_str()) else {
-                problems.push(format!("[tables.{name}]: no such table in the configuration"));
+                problems.push(format!(
+                    "[tables.{name}]: no such table in the configuration"
+                ));
                 continue;
             };
             if let Some(cw) = &rules.current_when {
@@ -180,9 +182,10 @@ impl PolicyConfig {
                     inactive_after: t
                         .patient_inactive_after
                         .unwrap_or(self.defaults.patient_inactive_after),
-                    current_values: t.current_when.as_ref().map(|c| {
-                        c.values.iter().map(|v| v.to_ascii_lowercase()).collect()
-                    }),
+                    current_values: t
+                        .current_when
+                        .as_ref()
+                        .map(|c| c.values.iter().map(|v| v.to_ascii_lowercase()).collect()),
                 };
                 (name.clone(), rules)
             })
@@ -408,16 +411,66 @@ mod tests {
         let p = policy();
         let old = DateFact::Valid(d(2010, 1, 1));
         let cases = [
-            ("patients", facts(old, None, Some(d(2010, 1, 1))), Tier::Operational, Reason::TablePinned),
-            ("medications", facts(old, Some("Active"), Some(d(2010, 1, 1))), Tier::Operational, Reason::ClinicallyCurrent),
-            ("medications", facts(old, Some("stopped"), Some(d(2010, 1, 1))), Tier::Archive, Reason::AgedOut),
-            ("labs", facts(DateFact::Missing, None, None), Tier::Operational, Reason::DateMissing),
-            ("labs", facts(p.date_fact(Some(d(1900, 1, 1))), None, None), Tier::Operational, Reason::DateImplausible),
-            ("labs", facts(p.date_fact(Some(d(2030, 1, 1))), None, None), Tier::Operational, Reason::DateImplausible),
-            ("labs", facts(DateFact::Valid(d(2023, 1, 1)), None, None), Tier::Operational, Reason::RecordRecent),
-            ("labs", facts(old, None, Some(d(2024, 6, 1))), Tier::Operational, Reason::PatientActive),
-            ("labs", facts(old, None, Some(d(2022, 6, 1))), Tier::Archive, Reason::AgedOut),
-            ("labs", facts(old, None, None), Tier::Archive, Reason::AgedOut),
+            (
+                "patients",
+                facts(old, None, Some(d(2010, 1, 1))),
+                Tier::Operational,
+                Reason::TablePinned,
+            ),
+            (
+                "medications",
+                facts(old, Some("Active"), Some(d(2010, 1, 1))),
+                Tier::Operational,
+                Reason::ClinicallyCurrent,
+            ),
+            (
+                "medications",
+                facts(old, Some("stopped"), Some(d(2010, 1, 1))),
+                Tier::Archive,
+                Reason::AgedOut,
+            ),
+            (
+                "labs",
+                facts(DateFact::Missing, None, None),
+                Tier::Operational,
+                Reason::DateMissing,
+            ),
+            (
+                "labs",
+                facts(p.date_fact(Some(d(1900, 1, 1))), None, None),
+                Tier::Operational,
+                Reason::DateImplausible,
+            ),
+            (
+                "labs",
+                facts(p.date_fact(Some(d(2030, 1, 1))), None, None),
+                Tier::Operational,
+                Reason::DateImplausible,
+            ),
+            (
+                "labs",
+                facts(DateFact::Valid(d(2023, 1, 1)), None, None),
+                Tier::Operational,
+                Reason::RecordRecent,
+            ),
+            (
+                "labs",
+                facts(old, None, Some(d(2024, 6, 1))),
+                Tier::Operational,
+                Reason::PatientActive,
+            ),
+            (
+                "labs",
+                facts(old, None, Some(d(2022, 6, 1))),
+                Tier::Archive,
+                Reason::AgedOut,
+            ),
+            (
+                "labs",
+                facts(old, None, None),
+                Tier::Archive,
+                Reason::AgedOut,
+            ),
         ];
         for (table, f, tier, reason) in cases {
             let got = p.decide(table, &f);
@@ -442,7 +495,9 @@ mod tests {
             .unwrap()
             .build(&[("medications", &["id", "status"][..])])
             .unwrap_err();
-        let PolicyError::Invalid { problems } = err else { panic!("{err}") };
+        let PolicyError::Invalid { problems } = err else {
+            panic!("{err}")
+        };
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(problems.iter().any(|p| p.contains("nope")));
         assert!(problems.iter().any(|p| p.contains("\"state\"")));

@@ -1,0 +1,58 @@
+//! The catalog: one manifest per table per run, stored inside the archive itself.
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest format version written by this crate.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// What one run archived for one table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TableManifest {
+    /// Always [`MANIFEST_FORMAT`] for manifests this version writes.
+    pub format: u32,
+    /// The source table.
+    pub table: String,
+    /// The run that wrote it.
+    pub run_id: String,
+    /// The version of the cutoff policy that decided the rows.
+    pub policy_version: String,
+    /// When the manifest was written (RFC 3339).
+    pub created_at: String,
+    /// The source columns that were BLOBs (each stored as four reference columns).
+    pub blob_columns: Vec<String>,
+    /// The data files, sorted by patient key range.
+    pub files: Vec<FileEntry>,
+}
+
+/// One encrypted Parquet file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Path inside the archive.
+    pub path: String,
+    /// Rows in the file.
+    pub rows: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the whole file, hex.
+    pub sha256: String,
+    /// Smallest patient key in the file (text order).
+    pub min_patient: String,
+    /// Largest patient key in the file (text order).
+    pub max_patient: String,
+    /// The KEK that wraps the file's data key.
+    pub kek_id: String,
+}
+
+impl TableManifest {
+    /// The manifest's path inside the archive.
+    pub fn path(table: &str, run_id: &str) -> String {
+        format!("manifests/{table}/{run_id}.json")
+    }
+
+    /// Total rows over all files.
+    pub fn rows(&self) -> u64 {
+        self.files.iter().map(|f| f.rows).sum()
+    }
+}

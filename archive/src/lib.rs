@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 mod blob;
+mod config;
 mod error;
 mod keys;
 mod manifest;
@@ -27,6 +28,7 @@ mod store;
 mod writer;
 
 pub use blob::{BlobRef, BlobStore, BLOB_SEGMENT_SIZE};
+pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing};
 pub use manifest::{FileEntry, TableManifest, MANIFEST_FORMAT};

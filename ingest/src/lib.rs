@@ -1,1 +1,33 @@
-//! stub
+//! Strata ingest: reads a legacy SQL database, lets the cutoff policy decide every row, and
+//! writes active rows to the new operational database and older rows to the encrypted archive.
+//!
+//! The source is only ever read (SQLite opened read-only, PostgreSQL sessions with
+//! `default_transaction_read_only`). Every table, key and column comes from the configuration
+//! ([`MigrationConfig`]); nothing here knows a schema. Rows whose values cannot be read as their
+//! column's type are quarantined with the table, key, column and reason, and the run goes on.
+//!
+//! The flow for one table: `SELECT` ordered by patient key → coerce → policy decision →
+//! operational batch insert | Arrow batch to the archive writer (BLOBs to encrypted objects) |
+//! quarantine. [`Migration::plan`] runs the same path without writing anything.
+#![deny(missing_docs)]
+
+mod archive_rows;
+mod config;
+mod control;
+mod db;
+mod error;
+mod init;
+mod layout;
+mod migrate;
+mod value;
+
+pub use config::{
+    BlobColumnConfig, DatabaseConfig, MigrationConfig, PatientVia, PolicyFileConfig, TableConfig,
+};
+pub use control::{Control, RunRecord};
+pub use db::{quote, redact, Column, Db, DbKind, TableSchema};
+pub use error::{IngestError, Result};
+pub use init::{draft_config, guess_tables, TableGuess};
+pub use layout::TableLayout;
+pub use migrate::{Migration, RunReport, TableReport};
+pub use value::{parse_date, parse_timestamp, ColumnType, Value};

@@ -1,0 +1,254 @@
+//! `strata.toml`: what to migrate, from where, to where, under which policy.
+//!
+//! The engine knows no table or column of any schema: everything comes from here. Parsing does
+//! no IO; [`MigrationConfig::validate`] checks the config against the source's schema and
+//! reports every problem at once.
+
+use crate::db::TableSchema;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use strata_archive::ArchiveConfig;
+
+/// The migration part of `strata.toml` (the `[api]` section belongs to the archive API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// The legacy database, read-only.
+    pub source: DatabaseConfig,
+    /// The new operational database that receives active records.
+    pub operational: DatabaseConfig,
+    /// Strata's own control database (runs, per-table progress). By default, a SQLite file
+    /// `strata-control.db` beside the config file.
+    #[serde(default)]
+    pub control: Option<DatabaseConfig>,
+    /// Where archived records go.
+    pub archive: ArchiveConfig,
+    /// The cutoff policy.
+    pub policy: PolicyFileConfig,
+    /// Per-table settings, by source table name. Tables not listed are not migrated.
+    pub tables: BTreeMap<String, TableConfig>,
+    /// The directory relative paths are resolved against (the config file's); set on load.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// A database URL: `postgres://user@host:port/db` or `sqlite://path` (relative to the config
+/// file). `${VAR}` is replaced by the environment variable VAR, so secrets stay out of files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The URL.
+    pub url: String,
+}
+
+/// Which policy file to apply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFileConfig {
+    /// Path of the policy TOML (relative to the config file).
+    pub file: String,
+}
+
+/// How one table is read and classified.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Primary key columns. Empty for a table without a key: its rows are then identified by
+    /// their position in the read (`row #N`).
+    #[serde(default)]
+    pub primary_key: Vec<String>,
+    /// The column holding the patient key, when the table has one.
+    #[serde(default)]
+    pub patient_key: Option<String>,
+    /// How to reach the patient through a parent table, when the table has no patient column.
+    #[serde(default)]
+    pub patient: Option<PatientVia>,
+    /// The column that dates a record for the policy.
+    #[serde(default)]
+    pub record_date: Option<String>,
+    /// BLOB columns stored as encrypted objects in the archive.
+    #[serde(default)]
+    pub blobs: Vec<BlobColumnConfig>,
+    /// Stop the run when more rows than this are quarantined in this table. By default, no limit.
+    #[serde(default)]
+    pub quarantine_threshold: Option<u64>,
+}
+
+/// "This table's patient is the patient of the `via` row that `foreign_key` points to."
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatientVia {
+    /// The parent table (configured too, with a single-column primary key).
+    pub via: String,
+    /// The column of this table that holds the parent's key.
+    pub foreign_key: String,
+}
+
+/// A BLOB column.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobColumnConfig {
+    /// The column.
+    pub column: String,
+    /// A column holding each BLOB's MIME type.
+    #[serde(default)]
+    pub content_type_column: Option<String>,
+    /// A fixed MIME type when there is no such column. By default, application/octet-stream.
+    #[serde(default)]
+    pub content_type: Option<String>,
+}
+
+fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed ${{ in {text:?}"))?;
+        let var = &rest[start + 2..start + end];
+        out.push_str(
+            &std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
+        );
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl MigrationConfig {
+    /// Parses the config text (minus any `[api]` section, which the caller removes).
+    pub fn parse(table: toml::Table, base_dir: &Path) -> Result<Self, crate::IngestError> {
+        let mut config: MigrationConfig =
+            table
+                .try_into()
+                .map_err(|e: toml::de::Error| crate::IngestError::Config {
+                    problems: vec![e.to_string()],
+                })?;
+        config.base_dir = base_dir.to_path_buf();
+        Ok(config)
+    }
+
+    /// A database URL with `${VAR}` expanded and a relative SQLite path resolved.
+    pub fn resolve_url(&self, url: &str) -> Result<String, crate::IngestError> {
+        let url = expand_env(url).map_err(|p| crate::IngestError::Config { problems: vec![p] })?;
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let (path, query) = path
+                .split_once('?')
+                .map_or((path, None), |(p, q)| (p, Some(q)));
+            if Path::new(path).is_relative() {
+                let full = self.base_dir.join(path);
+                return Ok(format!(
+                    "sqlite://{}{}",
+                    full.display(),
+                    query.map(|q| format!("?{q}")).unwrap_or_default()
+                ));
+            }
+        }
+        Ok(url)
+    }
+
+    /// The control database URL.
+    pub fn control_url(&self) -> Result<String, crate::IngestError> {
+        match &self.control {
+            Some(c) => self.resolve_url(&c.url),
+            None => self.resolve_url("sqlite://strata-control.db"),
+        }
+    }
+
+    /// The policy file's path.
+    pub fn policy_path(&self) -> PathBuf {
+        self.base_dir.join(&self.policy.file)
+    }
+
+    /// Checks every table's settings against the source schema; lists every problem.
+    pub fn validate(&self, schemas: &BTreeMap<String, TableSchema>) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, t) in &self.tables {
+            let Some(schema) = schemas.get(name) else {
+                problems.push(format!("[tables.{name}]: no such table in the source"));
+                continue;
+            };
+            let mut check = |what: &str, col: &str| {
+                if schema.column(col).is_none() {
+                    problems.push(format!(
+                        "[tables.{name}] {what}: no column {col:?} in {name}"
+                    ));
+                }
+            };
+            for c in &t.primary_key {
+                check("primary_key", c);
+            }
+            if let Some(c) = &t.patient_key {
+                check("patient_key", c);
+            }
+            if let Some(c) = &t.record_date {
+                check("record_date", c);
+            }
+            for b in &t.blobs {
+                check("blobs.column", &b.column);
+                if let Some(c) = &b.content_type_column {
+                    check("blobs.content_type_column", c);
+                }
+            }
+            if t.patient_key.is_some() && t.patient.is_some() {
+                problems.push(format!(
+                    "[tables.{name}]: set patient_key or patient, not both"
+                ));
+            }
+            if let Some(via) = &t.patient {
+                if schema.column(&via.foreign_key).is_none() {
+                    problems.push(format!(
+                        "[tables.{name}] patient.foreign_key: no column {:?} in {name}",
+                        via.foreign_key
+                    ));
+                }
+                match self.tables.get(&via.via) {
+                    None => problems.push(format!("[tables.{name}] patient.via: table {:?} is not configured", via.via)),
+                    Some(parent) if parent.primary_key.len() != 1 => problems.push(format!(
+                        "[tables.{name}] patient.via: table {:?} needs a single-column primary_key", via.via
+                    )),
+                    Some(parent) if parent.patient_key.is_none() && parent.patient.is_none() => problems.push(format!(
+                        "[tables.{name}] patient.via: table {:?} has no patient_key or patient of its own", via.via
+                    )),
+                    _ => {}
+                }
+                if self.via_chain_len(name) > self.tables.len() {
+                    problems.push(format!(
+                        "[tables.{name}] patient.via: the chain of parents loops"
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
+    fn via_chain_len(&self, table: &str) -> usize {
+        let mut n = 0;
+        let mut t = table;
+        while let Some(via) = self.tables.get(t).and_then(|c| c.patient.as_ref()) {
+            n += 1;
+            if n > self.tables.len() {
+                break;
+            }
+            t = &via.via;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_environment_variables() {
+        std::env::set_var("STRATA_TEST_EXPAND", "secret");
+        assert_eq!(
+            expand_env("postgres://u:${STRATA_TEST_EXPAND}@h/db").unwrap(),
+            "postgres://u:secret@h/db"
+        );
+        assert!(expand_env("${STRATA_TEST_UNSET_VARIABLE}").is_err());
+    }
+}

@@ -1,0 +1,471 @@
+//! SQL databases Strata reads from and writes to: PostgreSQL and SQLite behind one small enum.
+//!
+//! Everything is dynamic SQL built from the configuration, so identifiers are always quoted and
+//! values always bound; nothing from a row is ever spliced into SQL text.
+
+use crate::error::{IngestError, Result};
+use crate::value::{ColumnType, Value};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use futures::{Stream, StreamExt};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::{AssertSqlSafe, Row, TypeInfo, ValueRef};
+use std::pin::Pin;
+use std::str::FromStr;
+
+/// Which engine a database is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+/// A connection pool to a source, target or control database.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// PostgreSQL.
+    Postgres(sqlx::PgPool),
+    /// SQLite.
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// One column of a table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    /// Name as in the database.
+    pub name: String,
+    /// Declared type as the database spells it.
+    pub decl_type: String,
+    /// How Strata treats it.
+    pub col_type: ColumnType,
+    /// False when declared NOT NULL.
+    pub nullable: bool,
+}
+
+/// A table's shape as introspected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableSchema {
+    /// Table name.
+    pub name: String,
+    /// Columns in order.
+    pub columns: Vec<Column>,
+    /// Declared primary key columns (may be empty).
+    pub primary_key: Vec<String>,
+    /// Single-column foreign keys: (column, referenced table, referenced column).
+    pub foreign_keys: Vec<(String, String, String)>,
+}
+
+impl TableSchema {
+    /// A column by name.
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+/// Quotes an identifier for either engine.
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// A stream of rows, each with its values in select order.
+pub type RowStream<'a> = Pin<Box<dyn Stream<Item = Result<Vec<Value>>> + Send + 'a>>;
+
+impl Db {
+    /// Connects to `postgres://...` or `sqlite://path`. A source is opened read-only.
+    pub async fn connect(url: &str, read_only: bool) -> Result<Db> {
+        let conn_err = |e: sqlx::Error| IngestError::Connect {
+            url: redact(url),
+            detail: e.to_string(),
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let mut options = PgConnectOptions::from_str(url)
+                .map_err(conn_err)?
+                .options([("timezone", "UTC")]);
+            if read_only {
+                options = options.options([("default_transaction_read_only", "on")]);
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await
+                .map_err(conn_err)?;
+            Ok(Db::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(conn_err)?
+                .read_only(read_only)
+                .create_if_missing(!read_only)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(std::time::Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(if read_only { 4 } else { 1 })
+                .connect_with(options)
+                .await
+                .map_err(conn_err)?;
+            Ok(Db::Sqlite(pool))
+        } else {
+            Err(IngestError::Connect {
+                url: redact(url),
+                detail: "expected a postgres:// or sqlite:// URL".into(),
+            })
+        }
+    }
+
+    /// The engine.
+    pub fn kind(&self) -> DbKind {
+        match self {
+            Db::Postgres(_) => DbKind::Postgres,
+            Db::Sqlite(_) => DbKind::Sqlite,
+        }
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        match self {
+            Db::Postgres(p) => p.close().await,
+            Db::Sqlite(p) => p.close().await,
+        }
+    }
+
+    /// Runs statements without results (DDL, several statements allowed).
+    pub async fn execute(&self, sql: &str) -> Result<()> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            Db::Postgres(p) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
+            Db::Sqlite(p) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
+        }
+        .map_err(|e| IngestError::sql("execute", e))
+    }
+
+    /// Placeholder number `n` (1-based) in this engine's syntax.
+    pub fn placeholder(&self, n: usize) -> String {
+        match self {
+            Db::Postgres(_) => format!("${n}"),
+            Db::Sqlite(_) => "?".to_string(),
+        }
+    }
+
+    /// Runs one statement with bound values; returns rows affected.
+    pub async fn execute_with(&self, sql: &str, values: &[Value]) -> Result<u64> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            Db::Postgres(p) => {
+                let mut q = sqlx::query(sql);
+                for v in values {
+                    q = bind_pg(q, v);
+                }
+                q.execute(p).await.map(|r| r.rows_affected())
+            }
+            Db::Sqlite(p) => {
+                let mut q = sqlx::query(sql);
+                for v in values {
+                    q = bind_sqlite(q, v);
+                }
+                q.execute(p).await.map(|r| r.rows_affected())
+            }
+        }
+        .map_err(|e| IngestError::sql("execute", e))
+    }
+
+    /// Runs a query whose result columns have the given types, streaming the rows.
+    pub fn fetch<'a>(&'a self, sql: String, types: Vec<ColumnType>) -> RowStream<'a> {
+        let sql = AssertSqlSafe(sql);
+        match self {
+            Db::Postgres(p) => Box::pin(sqlx::query(sql).fetch(p).map(move |r| {
+                r.map_err(|e| IngestError::sql("read", e))
+                    .and_then(|row| decode_pg(&row, &types))
+            })),
+            Db::Sqlite(p) => Box::pin(sqlx::query(sql).fetch(p).map(move |r| {
+                r.map_err(|e| IngestError::sql("read", e))
+                    .and_then(|row| decode_sqlite(&row, types.len()))
+            })),
+        }
+    }
+
+    /// Runs a query and collects its rows.
+    pub async fn fetch_all(&self, sql: String, types: Vec<ColumnType>) -> Result<Vec<Vec<Value>>> {
+        let mut out = Vec::new();
+        let mut rows = self.fetch(sql, types);
+        while let Some(row) = rows.next().await {
+            out.push(row?);
+        }
+        Ok(out)
+    }
+
+    /// The tables of the database (the current schema for PostgreSQL), Strata's own excluded.
+    pub async fn table_names(&self) -> Result<Vec<String>> {
+        let sql = match self {
+            Db::Postgres(_) => "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r','p') AND n.nspname = current_schema() AND NOT c.relispartition ORDER BY 1",
+            Db::Sqlite(_) => "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY 1",
+        };
+        let rows = self.fetch_all(sql.into(), vec![ColumnType::Text]).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().and_then(|v| v.as_key_text()))
+            .filter(|n| !n.starts_with("_strata"))
+            .collect())
+    }
+
+    /// Introspects one table.
+    pub async fn table_schema(&self, table: &str) -> Result<TableSchema> {
+        let text = |v: &Value| v.as_key_text().unwrap_or_default();
+        let lit = table.replace('\'', "''");
+        let mut schema = TableSchema {
+            name: table.to_string(),
+            columns: Vec::new(),
+            primary_key: Vec::new(),
+            foreign_keys: Vec::new(),
+        };
+        match self {
+            Db::Postgres(_) => {
+                let rel = format!("(SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() AND c.relname = '{lit}')");
+                let cols = format!("SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a \
+                     WHERE a.attrelid = {rel} AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum");
+                for r in self
+                    .fetch_all(
+                        cols,
+                        vec![ColumnType::Text, ColumnType::Text, ColumnType::Bool],
+                    )
+                    .await?
+                {
+                    let decl = text(&r[1]);
+                    schema.columns.push(Column {
+                        name: text(&r[0]),
+                        col_type: ColumnType::from_postgres(&decl),
+                        decl_type: decl,
+                        nullable: r[2] != Value::Bool(true),
+                    });
+                }
+                let pk = format!("SELECT a.attname::text FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum WHERE i.indrelid = {rel} AND i.indisprimary ORDER BY k.ord");
+                schema.primary_key = self
+                    .fetch_all(pk, vec![ColumnType::Text])
+                    .await?
+                    .iter()
+                    .map(|r| text(&r[0]))
+                    .collect();
+                let fk = format!("SELECT a.attname::text, cf.relname::text, af.attname::text FROM pg_constraint c \
+                     JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1] \
+                     JOIN pg_class cf ON cf.oid = c.confrelid \
+                     JOIN pg_attribute af ON af.attrelid = c.confrelid AND af.attnum = c.confkey[1] \
+                     WHERE c.contype = 'f' AND c.conrelid = {rel} AND cardinality(c.conkey) = 1 ORDER BY 1");
+                schema.foreign_keys = self
+                    .fetch_all(fk, vec![ColumnType::Text; 3])
+                    .await?
+                    .iter()
+                    .map(|r| (text(&r[0]), text(&r[1]), text(&r[2])))
+                    .collect();
+            }
+            Db::Sqlite(_) => {
+                let cols = format!("SELECT name, type, \"notnull\", pk FROM pragma_table_info('{lit}') ORDER BY cid");
+                let mut pk: Vec<(i64, String)> = Vec::new();
+                for r in self
+                    .fetch_all(
+                        cols,
+                        vec![
+                            ColumnType::Text,
+                            ColumnType::Text,
+                            ColumnType::Int,
+                            ColumnType::Int,
+                        ],
+                    )
+                    .await?
+                {
+                    let decl = text(&r[1]);
+                    let name = text(&r[0]);
+                    if let Value::Int(n) = r[3] {
+                        if n > 0 {
+                            pk.push((n, name.clone()));
+                        }
+                    }
+                    schema.columns.push(Column {
+                        name,
+                        col_type: ColumnType::from_sqlite(&decl),
+                        decl_type: decl,
+                        nullable: r[2] != Value::Int(1),
+                    });
+                }
+                pk.sort();
+                schema.primary_key = pk.into_iter().map(|(_, n)| n).collect();
+                let fk = format!("SELECT \"from\", \"table\", \"to\" FROM pragma_foreign_key_list('{lit}') WHERE id IN \
+                     (SELECT id FROM pragma_foreign_key_list('{lit}') GROUP BY id HAVING count(*) = 1) ORDER BY 1");
+                schema.foreign_keys = self
+                    .fetch_all(fk, vec![ColumnType::Text; 3])
+                    .await?
+                    .iter()
+                    .map(|r| (text(&r[0]), text(&r[1]), text(&r[2])))
+                    .collect();
+            }
+        }
+        if schema.columns.is_empty() {
+            return Err(IngestError::Config {
+                problems: vec![format!("table {table}: not found in the database")],
+            });
+        }
+        Ok(schema)
+    }
+
+    /// Inserts rows (values already coerced to the table's column types) in one statement.
+    pub async fn insert_rows(
+        &self,
+        table: &str,
+        columns: &[Column],
+        rows: &[Vec<Value>],
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+        let mut sql = format!(
+            "INSERT INTO {} ({}) VALUES ",
+            quote(table),
+            names.join(", ")
+        );
+        let mut n = 0;
+        for (i, _) in rows.iter().enumerate() {
+            sql.push_str(if i == 0 { "(" } else { ", (" });
+            for (j, c) in columns.iter().enumerate() {
+                n += 1;
+                if j > 0 {
+                    sql.push_str(", ");
+                }
+                match self {
+                    Db::Postgres(_) => sql.push_str(&format!("CAST(${n} AS {})", c.decl_type)),
+                    Db::Sqlite(_) => sql.push('?'),
+                }
+            }
+            sql.push(')');
+        }
+        let values: Vec<Value> = rows.iter().flatten().cloned().collect();
+        self.execute_with(&sql, &values).await.map(|_| ())
+    }
+
+    /// How many rows a bound-parameter INSERT may carry for `columns` columns.
+    pub fn rows_per_insert(&self, columns: usize) -> usize {
+        (30_000 / columns.max(1)).clamp(1, 1000)
+    }
+}
+
+/// A URL with its password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn bind_pg<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    v: &Value,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    match v.clone() {
+        Value::Null => q.bind(None::<String>),
+        Value::Int(i) => q.bind(i),
+        Value::Float(f) => q.bind(f),
+        Value::Bool(b) => q.bind(b),
+        Value::Text(s) => q.bind(s),
+        Value::Bytes(b) => q.bind(b),
+        Value::Date(d) => q.bind(d),
+        Value::Timestamp(t) => q.bind(t),
+        Value::TimestampTz(t) => q.bind(t),
+    }
+}
+
+fn bind_sqlite<'q>(
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    v: &Value,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    match v.clone() {
+        Value::Null => q.bind(None::<String>),
+        Value::Int(i) => q.bind(i),
+        Value::Float(f) => q.bind(f),
+        Value::Bool(b) => q.bind(b as i64),
+        Value::Text(s) => q.bind(s),
+        Value::Bytes(b) => q.bind(b),
+        Value::Date(d) => q.bind(d.to_string()),
+        Value::Timestamp(t) => q.bind(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+        Value::TimestampTz(t) => q.bind(t.to_rfc3339()),
+    }
+}
+
+/// The SELECT expression that reads a column as the type `decode_pg` expects.
+pub fn pg_select_expr(expr: &str, t: ColumnType) -> String {
+    match t {
+        ColumnType::Int => format!("({expr})::bigint"),
+        ColumnType::Float => format!("({expr})::float8"),
+        ColumnType::Other => format!("({expr})::text"),
+        ColumnType::Text => format!("({expr})::text"),
+        _ => expr.to_string(),
+    }
+}
+
+fn decode_pg(row: &PgRow, types: &[ColumnType]) -> Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(types.len());
+    for (i, t) in types.iter().enumerate() {
+        let e = |e: sqlx::Error| IngestError::sql("decode", e);
+        let v = match t {
+            ColumnType::Int => row.try_get::<Option<i64>, _>(i).map_err(e)?.map(Value::Int),
+            ColumnType::Float => row
+                .try_get::<Option<f64>, _>(i)
+                .map_err(e)?
+                .map(Value::Float),
+            ColumnType::Bool => row
+                .try_get::<Option<bool>, _>(i)
+                .map_err(e)?
+                .map(Value::Bool),
+            ColumnType::Text | ColumnType::Other => row
+                .try_get::<Option<String>, _>(i)
+                .map_err(e)?
+                .map(Value::Text),
+            ColumnType::Bytes => row
+                .try_get::<Option<Vec<u8>>, _>(i)
+                .map_err(e)?
+                .map(Value::Bytes),
+            ColumnType::Date => row
+                .try_get::<Option<NaiveDate>, _>(i)
+                .map_err(e)?
+                .map(Value::Date),
+            ColumnType::Timestamp => row
+                .try_get::<Option<NaiveDateTime>, _>(i)
+                .map_err(e)?
+                .map(Value::Timestamp),
+            ColumnType::TimestampTz => row
+                .try_get::<Option<DateTime<Utc>>, _>(i)
+                .map_err(e)?
+                .map(Value::TimestampTz),
+        };
+        out.push(v.unwrap_or(Value::Null));
+    }
+    Ok(out)
+}
+
+fn decode_sqlite(row: &SqliteRow, n: usize) -> Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = |e: sqlx::Error| IngestError::sql("decode", e);
+        let raw = row.try_get_raw(i).map_err(e)?;
+        if raw.is_null() {
+            out.push(Value::Null);
+            continue;
+        }
+        let kind = raw.type_info().name().to_string();
+        out.push(match kind.as_str() {
+            "INTEGER" | "BOOLEAN" => Value::Int(row.try_get::<i64, _>(i).map_err(e)?),
+            "REAL" | "NUMERIC" => Value::Float(row.try_get::<f64, _>(i).map_err(e)?),
+            "BLOB" => Value::Bytes(row.try_get::<Vec<u8>, _>(i).map_err(e)?),
+            // Text that is not valid UTF-8 comes back as bytes; coercion to a text column
+            // then quarantines the row as "invalid UTF-8 text".
+            _ => match row.try_get::<String, _>(i) {
+                Ok(s) => Value::Text(s),
+                Err(_) => Value::Bytes(row.try_get_unchecked::<Vec<u8>, _>(i).map_err(e)?),
+            },
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,64 @@
+//! Ingest errors. Messages name tables, keys and columns, never row values (they may be PHI).
+
+/// Errors from planning or running a migration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    /// A database could not be reached.
+    #[error("cannot connect to {url}: {detail}")]
+    Connect {
+        /// The URL with its password redacted.
+        url: String,
+        /// The driver's message.
+        detail: String,
+    },
+    /// A SQL statement failed.
+    #[error("SQL {context} failed: {source}")]
+    Sql {
+        /// What was being done.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The configuration is invalid; every problem is listed.
+    #[error("configuration is not valid:\n  - {}", problems.join("\n  - "))]
+    Config {
+        /// One line per problem.
+        problems: Vec<String>,
+    },
+    /// The policy is invalid.
+    #[error(transparent)]
+    Policy(#[from] strata_cutoff_policies::PolicyError),
+    /// The archive failed.
+    #[error(transparent)]
+    Archive(#[from] strata_archive::ArchiveError),
+    /// Too many rows of a table were quarantined.
+    #[error("table {table}: {quarantined} rows quarantined, over the threshold of {threshold}; run stopped")]
+    QuarantineThreshold {
+        /// The table.
+        table: String,
+        /// Rows quarantined so far.
+        quarantined: u64,
+        /// The configured threshold.
+        threshold: u64,
+    },
+    /// The run cannot start or resume as asked.
+    #[error("{0}")]
+    Run(String),
+    /// Local IO.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl IngestError {
+    pub(crate) fn sql(context: &str, source: sqlx::Error) -> Self {
+        IngestError::Sql {
+            context: context.to_string(),
+            source,
+        }
+    }
+}
+
+/// Result with [`IngestError`].
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;

@@ -1,0 +1,177 @@
+//! How one configured table is read: its SELECT, where the patient key comes from, and which
+//! positions in each row the policy and the archive need.
+
+use crate::config::{MigrationConfig, TableConfig};
+use crate::db::{pg_select_expr, quote, Column, Db, DbKind, TableSchema};
+use crate::value::ColumnType;
+
+/// A BLOB column's positions.
+#[derive(Debug, Clone)]
+pub struct BlobLayout {
+    /// Index of the BLOB column.
+    pub column: usize,
+    /// Index of its content-type column, if any.
+    pub content_type_column: Option<usize>,
+    /// Fixed content type otherwise.
+    pub content_type: String,
+}
+
+/// A table ready to be read.
+#[derive(Debug, Clone)]
+pub struct TableLayout {
+    /// The table name.
+    pub name: String,
+    /// The source schema.
+    pub schema: TableSchema,
+    /// Positions of the primary key columns.
+    pub key: Vec<usize>,
+    /// Position of the record date column.
+    pub record_date: Option<usize>,
+    /// Position of the policy's `current_when` column.
+    pub current_when: Option<usize>,
+    /// BLOB columns.
+    pub blobs: Vec<BlobLayout>,
+    /// SQL expression of the patient key (aliases t0, t1, ...), `NULL` when the table has none.
+    pub patient_expr: String,
+    /// The joins the patient expression needs.
+    pub joins: String,
+    /// Per-table quarantine threshold.
+    pub quarantine_threshold: Option<u64>,
+}
+
+impl TableLayout {
+    /// Resolves a configured table against its schema (the config is validated already).
+    pub fn new(
+        config: &MigrationConfig,
+        name: &str,
+        table: &TableConfig,
+        schema: TableSchema,
+        current_when: Option<&str>,
+    ) -> Self {
+        let pos = |c: &str| schema.columns.iter().position(|col| col.name == c);
+        let (patient_expr, joins) = patient_expr(config, name);
+        TableLayout {
+            name: name.to_string(),
+            key: table.primary_key.iter().filter_map(|c| pos(c)).collect(),
+            record_date: table.record_date.as_deref().and_then(pos),
+            current_when: current_when.and_then(pos),
+            blobs: table
+                .blobs
+                .iter()
+                .filter_map(|b| {
+                    Some(BlobLayout {
+                        column: pos(&b.column)?,
+                        content_type_column: b.content_type_column.as_deref().and_then(pos),
+                        content_type: b
+                            .content_type
+                            .clone()
+                            .unwrap_or_else(|| "application/octet-stream".into()),
+                    })
+                })
+                .collect(),
+            patient_expr,
+            joins,
+            quarantine_threshold: table.quarantine_threshold,
+            schema,
+        }
+    }
+
+    /// The columns.
+    pub fn columns(&self) -> &[Column] {
+        &self.schema.columns
+    }
+
+    /// The types `Db::fetch` decodes for [`TableLayout::select_sql`]: the columns, then the patient key.
+    pub fn fetch_types(&self) -> Vec<ColumnType> {
+        let mut t: Vec<ColumnType> = self.columns().iter().map(|c| c.col_type).collect();
+        t.push(ColumnType::Text);
+        t
+    }
+
+    fn patient_text(&self) -> String {
+        format!("CAST({} AS TEXT)", self.patient_expr)
+    }
+
+    /// SELECT of every column plus the patient key, ordered by patient key then record date.
+    pub fn select_sql(&self, db: &Db) -> String {
+        let mut cols: Vec<String> = self
+            .columns()
+            .iter()
+            .map(|c| {
+                let e = format!("t0.{}", quote(&c.name));
+                match db.kind() {
+                    DbKind::Postgres => pg_select_expr(&e, c.col_type),
+                    DbKind::Sqlite => e,
+                }
+            })
+            .collect();
+        cols.push(self.patient_text());
+        let mut order = vec![self.patient_text()];
+        if let Some(d) = self.record_date {
+            order.push(format!("t0.{}", quote(&self.columns()[d].name)));
+        }
+        for &k in &self.key {
+            order.push(format!("t0.{}", quote(&self.columns()[k].name)));
+        }
+        format!(
+            "SELECT {} FROM {} AS t0{} ORDER BY {}",
+            cols.join(", "),
+            quote(&self.name),
+            self.joins,
+            order.join(", ")
+        )
+    }
+
+    /// Per patient, the latest record date before `before` (YYYY-MM-DD), if the table has both.
+    pub fn last_activity_sql(&self, db: &Db, before: &str) -> Option<(String, Vec<ColumnType>)> {
+        let d = self.record_date?;
+        if self.patient_expr == "NULL" {
+            return None;
+        }
+        let col = &self.columns()[d];
+        let date = format!("t0.{}", quote(&col.name));
+        let max = match db.kind() {
+            DbKind::Postgres => pg_select_expr(&format!("MAX({date})"), col.col_type),
+            DbKind::Sqlite => format!("MAX({date})"),
+        };
+        let sql = format!(
+            "SELECT {}, {max} FROM {} AS t0{} WHERE {date} < '{before}' GROUP BY 1",
+            self.patient_text(),
+            quote(&self.name),
+            self.joins
+        );
+        Some((sql, vec![ColumnType::Text, col.col_type]))
+    }
+}
+
+fn patient_expr(config: &MigrationConfig, table: &str) -> (String, String) {
+    let mut joins = String::new();
+    let mut alias = 0;
+    let mut current = table;
+    for _ in 0..=config.tables.len() {
+        let Some(t) = config.tables.get(current) else {
+            break;
+        };
+        if let Some(col) = &t.patient_key {
+            return (format!("t{alias}.{}", quote(col)), joins);
+        }
+        let Some(via) = &t.patient else { break };
+        let Some(parent) = config.tables.get(&via.via) else {
+            break;
+        };
+        let Some(pk) = parent.primary_key.first() else {
+            break;
+        };
+        joins.push_str(&format!(
+            " LEFT JOIN {} AS t{} ON t{alias}.{} = t{}.{}",
+            quote(&via.via),
+            alias + 1,
+            quote(&via.foreign_key),
+            alias + 1,
+            quote(pk)
+        ));
+        alias += 1;
+        current = &via.via;
+    }
+    ("NULL".to_string(), String::new())
+}

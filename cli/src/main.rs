@@ -1,1 +1,215 @@
-fn main() {}
+//! `strata`: the command line that ties ingest, policy, archive and API together.
+
+mod config;
+mod demo;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use strata_archive::ArchiveReader;
+use strata_archive_api::{AppState, Auth, Role};
+use strata_ingest::Migration;
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Archival and tiered storage for healthcare data migration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a legacy EHR in SQLite, migrate and archive it, and serve the archive API.
+    Demo {
+        /// Working directory (cleared if an earlier demo made it).
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+        /// Size of the generated database (1 ≈ 2,000 patients).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// API port on 127.0.0.1.
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+        /// Migrate only; do not serve.
+        #[arg(long)]
+        no_serve: bool,
+    },
+    /// Introspect a source database and print a draft strata.toml.
+    Init {
+        /// postgres://... or sqlite://path
+        #[arg(long)]
+        source: String,
+        /// Write the draft here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Show where every row would go (rows per table per tier). Moves nothing.
+    Plan {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run (or resume) the migration.
+    Migrate {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the archive API.
+    Serve {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
+    /// Generate a synthetic legacy EHR database.
+    Generate {
+        /// postgres://... or sqlite://path (its tables must not exist yet)
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// The last day of the data (YYYY-MM-DD). By default, today.
+        #[arg(long)]
+        as_of: Option<chrono::NaiveDate>,
+        /// Largest document in bytes.
+        #[arg(long, default_value_t = 4 << 20)]
+        max_document_bytes: usize,
+    },
+    /// Issue a development token (HS256 configs only).
+    Token {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long = "role", value_enum, required = true)]
+        roles: Vec<RoleArg>,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Clinician,
+    Researcher,
+    RecordsManager,
+    Auditor,
+    Admin,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Clinician => Role::Clinician,
+            RoleArg::Researcher => Role::Researcher,
+            RoleArg::RecordsManager => Role::RecordsManager,
+            RoleArg::Auditor => Role::Auditor,
+            RoleArg::Admin => Role::Admin,
+        }
+    }
+}
+
+fn today() -> chrono::NaiveDate {
+    chrono::Utc::now().date_naive()
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo { dir, scale, port, no_serve } => {
+            demo::run(demo::DemoOptions { dir, scale, port, serve: !no_serve }).await
+        }
+        Command::Init { source, output } => {
+            let draft = strata_ingest::draft_config(&source).await?;
+            match output {
+                Some(path) => std::fs::write(&path, draft).with_context(|| format!("cannot write {}", path.display()))?,
+                None => print!("{draft}"),
+            }
+            Ok(())
+        }
+        Command::Plan { config, json } => {
+            let loaded = config::load(&config)?;
+            let migration = Migration::prepare(loaded.migration, today()).await?;
+            let report = migration.plan().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("plan under policy {} (as of {}): nothing is moved\n", report.policy_version, report.as_of);
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        Command::Migrate { config, json } => {
+            let loaded = config::load(&config)?;
+            let mut migration = Migration::prepare(loaded.migration, today()).await?;
+            let report = migration
+                .run(&mut |t| {
+                    if !json {
+                        eprintln!("{}: {} rows ({} operational, {} archive, {} quarantined)", t.table, t.source_rows, t.operational_rows, t.archive_rows, t.quarantined_rows)
+                    }
+                })
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("run {} under policy {} (as of {})\n", report.run_id, report.policy_version, report.as_of);
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let loaded = config::load(&config)?;
+            let api = loaded.api.context("the config has no [api] section")?;
+            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+            let archive = ArchiveReader::open(store, keys).await?;
+            let auth = Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let addr = strata_archive_api::serve(&api, AppState { archive, auth }, async { let _ = rx.await; }).await?;
+            eprintln!("archive API listening on http://{addr}");
+            tokio::signal::ctrl_c().await?;
+            let _ = tx.send(());
+            Ok(())
+        }
+        Command::Generate { url, scale, seed, as_of, max_document_bytes } => {
+            let mut options = strata_synthetic_ehr::GeneratorOptions::new(as_of.unwrap_or_else(today));
+            options.scale = scale;
+            options.seed = seed;
+            options.max_document_bytes = max_document_bytes;
+            let counts = strata_synthetic_ehr::generate(&url, &options).await?;
+            for (table, n) in counts {
+                println!("{table:<16} {n:>10}");
+            }
+            Ok(())
+        }
+        Command::Token { config, user, roles, ttl_secs } => {
+            let loaded = config::load(&config)?;
+            let api = loaded.api.context("the config has no [api] section")?;
+            let auth = Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
+            let roles: Vec<Role> = roles.into_iter().map(Role::from).collect();
+            println!("{}", auth.issue_dev_token(&user, &roles, ttl_secs));
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

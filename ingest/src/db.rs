@@ -98,6 +98,8 @@ impl Db {
                 .read_only(read_only)
                 .create_if_missing(!read_only)
                 .journal_mode(SqliteJournalMode::Wal)
+                // Tables load in config order, children possibly before parents.
+                .foreign_keys(false)
                 .busy_timeout(std::time::Duration::from_secs(30));
             let pool = SqlitePoolOptions::new()
                 .max_connections(if read_only { 4 } else { 1 })

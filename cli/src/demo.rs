@@ -1,0 +1,163 @@
+//! `strata demo`: a legacy EHR generated in SQLite, migrated, archived and served, in one command.
+
+use crate::config;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use strata_archive::{ArchiveReader, Kek};
+use strata_archive_api::{AppState, Auth, Role};
+use strata_ingest::Migration;
+
+const MARKER: &str = ".strata-demo";
+
+pub struct DemoOptions {
+    pub dir: PathBuf,
+    pub scale: f64,
+    pub port: u16,
+    pub serve: bool,
+}
+
+/// The demo's strata.toml: the example's tables with local, embedded parts.
+fn demo_config_text() -> Result<String> {
+    let mut table: toml::Table = toml::from_str(include_str!("../../deploy/strata.toml"))?;
+    let demo: toml::Table = toml::from_str(
+        r#"
+        [source]
+        url = "sqlite://legacy.db"
+        [operational]
+        url = "sqlite://operational.db"
+        [control]
+        url = "sqlite://strata-control.db"
+        [archive]
+        location = "archive"
+        kek_id = "demo-kek-1"
+        kek_file = "kek.hex"
+        [policy]
+        file = "policy.toml"
+        [api]
+        listen = "127.0.0.1:8443"
+        plain_http = true
+        [api.auth]
+        issuer = "strata-demo"
+        audience = "strata"
+        hs256_secret_file = "jwt-secret"
+        "#,
+    )?;
+    for (k, v) in demo {
+        table.insert(k, v);
+    }
+    Ok(format!(
+        "# Written by `strata demo`: everything embedded and local. Development keys only.\n{}",
+        toml::to_string_pretty(&table)?
+    ))
+}
+
+fn prepare_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        if !dir.join(MARKER).exists() {
+            bail!("{} exists and was not made by `strata demo`; choose another --dir", dir.display());
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(MARKER), "made by strata demo; removed on the next demo run\n")?;
+    let secret_file = |name: &str, content: String| -> Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, content)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    };
+    secret_file("kek.hex", Kek::generate_hex())?;
+    secret_file("jwt-secret", Kek::generate_hex())?;
+    std::fs::write(dir.join("strata.toml"), demo_config_text()?)?;
+    std::fs::write(dir.join("policy.toml"), include_str!("../../deploy/policy.toml"))?;
+    Ok(())
+}
+
+/// A patient with an archived document, for the printed curl commands.
+async fn sample_patient(archive: &ArchiveReader) -> Result<Option<(String, Option<String>)>> {
+    let catalog = archive.catalog();
+    for (table, manifests) in &catalog.tables {
+        let blobs = catalog.blob_columns(table);
+        if blobs.is_empty() {
+            continue;
+        }
+        if let Some(file) = manifests.iter().flat_map(|m| m.files.first()).next() {
+            for batch in archive.read_file(file).await? {
+                use arrow::array::AsArray;
+                if batch.num_rows() == 0 {
+                    continue;
+                }
+                let patient = batch.column(0).as_string::<i32>().value(0).to_string();
+                let doc = batch
+                    .column_by_name(&format!("{}__object", blobs[0]))
+                    .map(|c| c.as_string::<i32>().value(0).to_string());
+                return Ok(Some((patient, doc)));
+            }
+        }
+    }
+    Ok(catalog
+        .tables
+        .values()
+        .flatten()
+        .flat_map(|m| m.files.first())
+        .next()
+        .map(|f| (f.min_patient.clone(), None)))
+}
+
+pub async fn run(options: DemoOptions) -> Result<()> {
+    let dir = &options.dir;
+    prepare_dir(dir)?;
+    let today = chrono::Utc::now().date_naive();
+    println!("Strata demo in {}", dir.display());
+    println!("1/4 generating a synthetic legacy EHR (SQLite, scale {}) ...", options.scale);
+    let mut gen = strata_synthetic_ehr::GeneratorOptions::new(today);
+    gen.scale = options.scale;
+    let source = dir.join("legacy.db");
+    let counts = strata_synthetic_ehr::generate(&format!("sqlite://{}", source.display()), &gen).await?;
+    println!("    {} rows in {} tables: {}", counts.values().sum::<u64>(), counts.len(), source.display());
+
+    let loaded = config::load(&dir.join("strata.toml"))?;
+    let mut api = loaded.api.clone().context("demo config has [api]")?;
+    println!("2/4 applying the cutoff policy {} and migrating ...", dir.join("policy.toml").display());
+    let mut migration = Migration::prepare(loaded.migration.clone(), today).await?;
+    let report = migration.run(&mut |_| {}).await?;
+    println!("\n{}", report.to_text());
+    println!("    operational database: {}", dir.join("operational.db").display());
+    println!("    encrypted archive:    {} (key: {})", dir.join("archive").display(), dir.join("kek.hex").display());
+
+    println!("3/4 opening the archive ...");
+    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+    let archive = ArchiveReader::open(store, keys).await?;
+    let auth = Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
+    let token = auth.issue_dev_token("demo-clinician", &[Role::Clinician], 24 * 3600);
+    if !options.serve {
+        return Ok(());
+    }
+    api.listen = format!("127.0.0.1:{}", options.port);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let state = AppState { archive: archive.clone(), auth };
+    let addr = match strata_archive_api::serve(&api, state.clone(), async { let _ = stop_rx.await; }).await {
+        Ok(a) => a,
+        Err(e) => bail!("cannot serve on {}: {e} (try --port)", api.listen),
+    };
+    println!("4/4 archive API listening on http://{addr}\n");
+    println!("Development token (clinician, 24 h):\n{token}\n");
+    let base = format!("http://{addr}");
+    if let Some((patient, doc)) = sample_patient(&archive).await? {
+        println!("Try:");
+        println!("  curl -s -H \"Authorization: Bearer {token}\" {base}/v1/patients/{patient}/history");
+        if let Some(doc) = doc {
+            println!("  curl -s -o document.bin -D - -H \"Authorization: Bearer {token}\" {base}/v1/patients/{patient}/documents/{doc}");
+        }
+        println!("  curl -s -i {base}/v1/patients/{patient}/history    # no token: 401");
+    }
+    println!("\nCtrl-C stops the demo.");
+    tokio::signal::ctrl_c().await?;
+    let _ = stop_tx.send(());
+    println!("stopped.");
+    Ok(())
+}

@@ -1,1 +1,752 @@
+//! Workspace-level tests: Strata end to end on real parts (SQLite files, a real PostgreSQL
+//! server started by `scripts/test`, the encrypted archive on disk, the API router).
 
+mod support;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use strata_archive_api::{AppState, Auth, Role};
+use strata_ingest::{Db, Migration, Value};
+use support::*;
+use tower::ServiceExt;
+
+async fn generate_sqlite(dir: &Path, scale: f64) -> String {
+    let url = format!("sqlite://{}", dir.join("legacy.db").display());
+    let mut options = strata_synthetic_ehr::GeneratorOptions::new(as_of());
+    options.scale = scale;
+    options.max_document_bytes = 300_000;
+    strata_synthetic_ehr::generate(&url, &options)
+        .await
+        .unwrap();
+    url
+}
+
+async fn migrate(config_path: &Path) -> strata_ingest::RunReport {
+    let config = load_config(config_path);
+    let mut migration = Migration::prepare(config, as_of()).await.unwrap();
+    migration.run(&mut |_| {}).await.unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_to_sqlite_every_row_lands_in_exactly_one_tier() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.05).await;
+    plant_bad_rows(&source).await;
+    let config_path = write_config(
+        dir.path(),
+        &source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        &example_policy(),
+    );
+    let config = load_config(&config_path);
+
+    let plan = Migration::prepare(config.clone(), as_of())
+        .await
+        .unwrap()
+        .plan()
+        .await
+        .unwrap();
+    let report = migrate(&config_path).await;
+    // The plan predicts the run exactly, and the run's report matches what is really stored.
+    assert_eq!(plan.tables, report.tables);
+    let counts = tier_counts(&config).await;
+    assert_tiers_add_up(&counts);
+    for t in &report.tables {
+        assert_eq!(
+            counts[&t.table],
+            (
+                t.source_rows,
+                t.operational_rows,
+                t.archive_rows,
+                t.quarantined_rows
+            ),
+            "{}",
+            t.table
+        );
+    }
+    // The example policy pins patients and keeps active medications operational.
+    assert_eq!(counts["patients"].2, 0);
+    let target = Db::connect(&config.resolve_url(&config.operational.url).unwrap(), false)
+        .await
+        .unwrap();
+    let stopped_or_active = count(
+        &target,
+        "SELECT COUNT(*) FROM medications WHERE status = 'active'".into(),
+    )
+    .await;
+    let source_db = Db::connect(&source, true).await.unwrap();
+    assert_eq!(
+        stopped_or_active,
+        count(
+            &source_db,
+            "SELECT COUNT(*) FROM medications WHERE status = 'active'".into()
+        )
+        .await
+    );
+    // Each planted bad row is quarantined with table, key, column and reason, and kept whole.
+    let rows = target
+        .fetch_all(
+            "SELECT table_name, row_key, column_name, reason, row_data FROM _strata_quarantine"
+                .into(),
+            vec![strata_ingest::ColumnType::Text; 5],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|v| v.as_key_text().unwrap()).collect())
+        .collect();
+    for planted in [
+        ["lab_results", "id=9000001", "value_num", "not a number"],
+        ["clinical_notes", "id=9000002", "body", "invalid UTF-8 text"],
+        [
+            "medications",
+            "id=9000003",
+            "started_on",
+            "not a valid date",
+        ],
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r[..4] == planted)
+            .unwrap_or_else(|| panic!("{planted:?} not in {rows:?}"));
+        let data: serde_json::Value = serde_json::from_str(&row[4]).unwrap();
+        assert_eq!(data["id"], planted[1][3..]);
+    }
+    let quarantined: u64 = counts.values().map(|c| c.3).sum();
+    assert_eq!(rows.len() as u64, quarantined);
+
+    // A second run does not load the same rows twice.
+    let err = Migration::prepare(config.clone(), as_of())
+        .await
+        .unwrap()
+        .run(&mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already has rows"), "{err}");
+}
+
+/// Rows a legacy SQLite database really holds: text in a REAL column, bytes that are not UTF-8 in
+/// a TEXT column, and a word in a DATE column.
+async fn plant_bad_rows(source: &str) {
+    let db = Db::connect(source, false).await.unwrap();
+    db.execute(
+        "INSERT INTO lab_results (id, encounter_id, loinc_code, test_name, value_num, unit, observed_at, status) \
+         VALUES (9000001, 1, '2345-7', 'Glucose', 'n/a', 'mg/dL', '2010-01-01 10:00:00', 'final'); \
+         INSERT INTO clinical_notes (id, encounter_id, author_npi, note_type, body, written_at) \
+         VALUES (9000002, 1, NULL, 'progress', CAST(X'C3FF41' AS TEXT), '2010-01-01 10:00:00'); \
+         INSERT INTO medications (id, patient_id, rxnorm_code, drug_name, dose, status, started_on, stopped_on) \
+         VALUES (9000003, 1, '197361', 'amlodipine 5 MG Oral Tablet', '5 mg daily', 'stopped', 'someday', NULL);",
+    )
+    .await
+    .unwrap();
+    db.close().await;
+}
+
+#[tokio::test]
+async fn quarantine_threshold_stops_the_run() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.01).await;
+    plant_bad_rows(&source).await;
+    let path = write_config(
+        dir.path(),
+        &source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        &example_policy(),
+    );
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[tables.lab_results]",
+        "[tables.lab_results]\nquarantine_threshold = 0",
+    );
+    std::fs::write(&path, text).unwrap();
+    let err = Migration::prepare(load_config(&path), as_of())
+        .await
+        .unwrap()
+        .run(&mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, strata_ingest::IngestError::QuarantineThreshold { ref table, .. } if table == "lab_results"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn archive_files_need_the_key_and_blobs_round_trip() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.05).await;
+    let config_path = write_config(
+        dir.path(),
+        &source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        &example_policy(),
+    );
+    migrate(&config_path).await;
+    let config = load_config(&config_path);
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+
+    let file = &archive.catalog().tables["lab_results"][0].files[0];
+    let bytes = std::fs::read(dir.path().join("archive").join(&file.path)).unwrap();
+    let plain = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(bytes),
+    );
+    let Err(err) = plain else {
+        panic!("a plain Parquet read must fail without the key")
+    };
+    assert!(err.to_string().contains("encrypted footer"), "{err}");
+    let batches = archive.read_file(file).await.unwrap();
+    assert_eq!(
+        batches.iter().map(|b| b.num_rows() as u64).sum::<u64>(),
+        file.rows
+    );
+
+    // Every archived document comes back byte for byte.
+    let source_db = Db::connect(&source, true).await.unwrap();
+    let docs = source_db
+        .fetch_all(
+            "SELECT id, patient_id, content FROM documents".into(),
+            vec![
+                strata_ingest::ColumnType::Int,
+                strata_ingest::ColumnType::Int,
+                strata_ingest::ColumnType::Bytes,
+            ],
+        )
+        .await
+        .unwrap();
+    let mut checked = 0;
+    for d in &docs {
+        let (Value::Int(id), Value::Int(patient), Value::Bytes(content)) = (&d[0], &d[1], &d[2])
+        else {
+            panic!()
+        };
+        for batch in archive
+            .patient_rows("documents", &patient.to_string())
+            .await
+            .unwrap()
+        {
+            use arrow::array::AsArray;
+            let ids = batch
+                .column_by_name("id")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            for row in (0..batch.num_rows()).filter(|&r| ids.value(r) == *id) {
+                let object = batch
+                    .column_by_name("content__object")
+                    .unwrap()
+                    .as_string::<i32>()
+                    .value(row);
+                let reference = strata_archive::BlobRef {
+                    object: object.into(),
+                    length: content.len() as u64,
+                    sha256: hex::encode(Sha256::digest(content)),
+                    content_type: String::new(),
+                };
+                assert_eq!(
+                    archive.blobs().get(&reference).await.unwrap().as_ref(),
+                    content.as_slice()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0, "no archived documents to check");
+}
+
+async fn api_get(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusCode, Vec<u8>) {
+    let mut req = Request::get(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    (
+        status,
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn api_requires_a_valid_token_and_serves_history_and_documents() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.05).await;
+    let config_path = write_config(
+        dir.path(),
+        &source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        &example_policy(),
+    );
+    migrate(&config_path).await;
+    let config = load_config(&config_path);
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let auth_config = strata_archive_api::AuthConfig {
+        issuer: "strata-test".into(),
+        audience: "strata".into(),
+        hs256_secret_env: None,
+        hs256_secret_file: Some("jwt-secret".into()),
+    };
+    let auth = Auth::from_config(&auth_config, dir.path()).unwrap();
+    let app = strata_archive_api::router(AppState {
+        archive: archive.clone(),
+        auth: auth.clone(),
+    });
+
+    // A patient with an archived document.
+    let file = &archive.catalog().tables["documents"][0].files[0];
+    let batch = &archive.read_file(file).await.unwrap()[0];
+    use arrow::array::AsArray;
+    let patient = batch.column(0).as_string::<i32>().value(0).to_string();
+    let uri = format!("/v1/patients/{patient}/history");
+
+    let clinician = auth.issue_dev_token("dr-a", &[Role::Clinician], 600);
+    let researcher = auth.issue_dev_token("res-b", &[Role::Researcher], 600);
+    let forged = {
+        std::fs::write(
+            dir.path().join("other-secret"),
+            strata_archive::Kek::generate_hex(),
+        )
+        .unwrap();
+        let mut c = auth_config.clone();
+        c.hs256_secret_file = Some("other-secret".into());
+        Auth::from_config(&c, dir.path())
+            .unwrap()
+            .issue_dev_token("dr-a", &[Role::Clinician], 600)
+    };
+    let expired = {
+        let now = chrono::Utc::now().timestamp() as u64;
+        let claims = strata_archive_api::Claims {
+            sub: "dr-a".into(),
+            iss: "strata-test".into(),
+            aud: "strata".into(),
+            exp: now - 3600,
+            nbf: None,
+            roles: vec![Role::Clinician],
+        };
+        let secret = std::fs::read_to_string(dir.path().join("jwt-secret")).unwrap();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes()),
+        )
+        .unwrap()
+    };
+    let wrong_audience = {
+        let mut c = auth_config.clone();
+        c.audience = "someone-else".into();
+        Auth::from_config(&c, dir.path())
+            .unwrap()
+            .issue_dev_token("dr-a", &[Role::Clinician], 600)
+    };
+
+    assert_eq!(api_get(&app, &uri, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api_get(&app, &uri, Some("not-a-jwt")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api_get(&app, &uri, Some(&forged)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api_get(&app, &uri, Some(&wrong_audience)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api_get(&app, &uri, Some(&expired)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api_get(&app, &uri, Some(&researcher)).await.0,
+        StatusCode::FORBIDDEN
+    );
+
+    let (status, body) = api_get(&app, &uri, Some(&clinician)).await;
+    assert_eq!(status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let records = json["records"].as_array().unwrap();
+    let expected: usize = {
+        let mut n = 0;
+        for table in archive.catalog().tables.keys() {
+            n += archive
+                .patient_rows(table, &patient)
+                .await
+                .unwrap()
+                .iter()
+                .map(|b| b.num_rows())
+                .sum::<usize>();
+        }
+        n
+    };
+    assert_eq!(records.len(), expected);
+    let dates: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["record_date"].as_str())
+        .collect();
+    assert!(
+        dates.windows(2).all(|w| w[0] >= w[1]),
+        "history is newest first"
+    );
+    let doc = records
+        .iter()
+        .flat_map(|r| r["documents"].as_array().unwrap())
+        .next()
+        .expect("a document link");
+    let (status, bytes) = api_get(&app, doc["href"].as_str().unwrap(), Some(&clinician)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(bytes.len() as u64, doc["length"].as_u64().unwrap());
+    assert_eq!(
+        hex::encode(Sha256::digest(&bytes)),
+        doc["sha256"].as_str().unwrap()
+    );
+
+    // The same document through another patient is not found.
+    let other = format!(
+        "/v1/patients/{patient}-not/documents/{}",
+        doc["id"].as_str().unwrap()
+    );
+    assert_eq!(
+        api_get(&app, &other, Some(&clinician)).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn postgres_to_postgres_every_row_lands_in_exactly_one_tier() {
+    let dir = TestDir::new();
+    let source = create_pg_database("strata_src").await;
+    let operational = create_pg_database("strata_op").await;
+    let control = create_pg_database("strata_ctl").await;
+    let mut options = strata_synthetic_ehr::GeneratorOptions::new(as_of());
+    options.scale = 0.05;
+    options.max_document_bytes = 300_000;
+    strata_synthetic_ehr::generate(&source, &options)
+        .await
+        .unwrap();
+    let config_path = write_config(
+        dir.path(),
+        &source,
+        &operational,
+        &control,
+        &example_policy(),
+    );
+    let report = migrate(&config_path).await;
+    let counts = tier_counts(&load_config(&config_path)).await;
+    assert_tiers_add_up(&counts);
+    for t in &report.tables {
+        assert_eq!(
+            counts[&t.table],
+            (
+                t.source_rows,
+                t.operational_rows,
+                t.archive_rows,
+                t.quarantined_rows
+            ),
+            "{}",
+            t.table
+        );
+    }
+    // Types survive: the operational copy of a numeric column is still numeric(10,2).
+    let target = Db::connect(&operational, false).await.unwrap();
+    let decl = target
+        .table_schema("billing_lines")
+        .await
+        .unwrap()
+        .column("amount")
+        .unwrap()
+        .decl_type
+        .clone();
+    assert_eq!(decl, "numeric(10,2)");
+}
+
+/// Loads a Synthea CSV directory into PostgreSQL the way a legacy export would sit there: no
+/// declared keys, column types inferred from the values.
+async fn load_synthea(url: &str, dir: &Path) -> Vec<String> {
+    let db = Db::connect(url, false).await.unwrap();
+    let mut tables = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "csv"))
+        .collect();
+    files.sort();
+    for path in files {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let mut reader = csv::Reader::from_path(&path).unwrap();
+        let headers: Vec<String> = reader
+            .headers()
+            .unwrap()
+            .iter()
+            .map(str::to_string)
+            .collect();
+        let rows: Vec<Vec<String>> = reader
+            .records()
+            .map(|r| r.unwrap().iter().map(str::to_string).collect())
+            .collect();
+        let infer = |i: usize| {
+            let values: Vec<&str> = rows
+                .iter()
+                .map(|r| r[i].as_str())
+                .filter(|v| !v.is_empty())
+                .collect();
+            let all = |f: &dyn Fn(&str) -> bool| !values.is_empty() && values.iter().all(|v| f(v));
+            if all(&|v| v.parse::<i64>().is_ok() && !(v.len() > 1 && v.starts_with('0'))) {
+                "bigint"
+            } else if all(&|v| {
+                v.parse::<f64>().is_ok()
+                    && !(v.len() > 1 && v.starts_with('0') && !v.starts_with("0."))
+            }) {
+                "double precision"
+            } else if all(&|v| chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").is_ok()) {
+                "date"
+            } else if all(&|v| chrono::DateTime::parse_from_rfc3339(v).is_ok()) {
+                "timestamptz"
+            } else if all(&|v| v.len() == 36 && v.chars().filter(|c| *c == '-').count() == 4) {
+                "uuid"
+            } else {
+                "text"
+            }
+        };
+        let columns: Vec<strata_ingest::Column> = headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                // Every value is bound as text and cast by PostgreSQL to the inferred type.
+                strata_ingest::Column {
+                    name: h.clone(),
+                    col_type: strata_ingest::ColumnType::Text,
+                    decl_type: infer(i).to_string(),
+                    nullable: true,
+                }
+            })
+            .collect();
+        let defs: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{} {}", strata_ingest::quote(&c.name), c.decl_type))
+            .collect();
+        db.execute(&format!(
+            "CREATE TABLE {} ({})",
+            strata_ingest::quote(&name),
+            defs.join(", ")
+        ))
+        .await
+        .unwrap();
+        let values: Vec<Vec<Value>> = rows
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|v| {
+                        if v.is_empty() {
+                            Value::Null
+                        } else {
+                            Value::Text(v)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        for chunk in values.chunks(db.rows_per_insert(columns.len())) {
+            db.insert_rows(&name, &columns, chunk).await.unwrap();
+        }
+        tables.push(name);
+    }
+    db.close().await;
+    tables
+}
+
+#[tokio::test]
+async fn synthea_in_postgres_migrates_with_a_config_from_init() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea-nj27");
+    assert!(data.is_dir(), "{} is missing", data.display());
+    let dir = TestDir::new();
+    let source = create_pg_database("strata_synthea").await;
+    let operational = create_pg_database("strata_synthea_op").await;
+    let tables = load_synthea(&source, &data).await;
+    assert_eq!(tables.len(), 18);
+
+    // The draft from `strata init`, untouched but for where things go.
+    let draft = strata_ingest::draft_config(&source).await.unwrap();
+    assert!(draft.contains("REVIEW"));
+    let mut config: toml::Table = toml::from_str(&draft).unwrap();
+    let drafted_tables = config["tables"].as_table().unwrap().clone();
+    assert_eq!(drafted_tables.len(), 18);
+    assert_eq!(
+        drafted_tables["patients"]["primary_key"]
+            .as_array()
+            .unwrap()[0]
+            .as_str(),
+        Some("Id")
+    );
+    assert_eq!(
+        drafted_tables["conditions"]["patient_key"].as_str(),
+        Some("PATIENT")
+    );
+    assert_eq!(
+        drafted_tables["claims"]["patient_key"].as_str(),
+        Some("PATIENTID")
+    );
+    assert!(drafted_tables["conditions"]
+        .get("primary_key")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let local: toml::Table = toml::from_str(&format!(
+        "[operational]\nurl = \"{operational}\"\n[control]\nurl = \"sqlite://control.db\"\n[archive]\nlocation = \"archive\"\nkek_id = \"k\"\nkek_file = \"kek.hex\"\n"
+    ))
+    .unwrap();
+    for (k, v) in local {
+        config.insert(k, v);
+    }
+    std::fs::write(
+        dir.path().join("strata.toml"),
+        toml::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("kek.hex"),
+        strata_archive::Kek::generate_hex(),
+    )
+    .unwrap();
+    // A hand-written policy: reference data stays operational; adults' old records of inactive
+    // patients are archived; ongoing conditions, medications and allergies stay.
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        r#"
+version = "synthea-test-1"
+as_of = "2024-06-30"
+[defaults]
+archive_after = "5y"
+patient_inactive_after = "2y"
+[tables.patients]
+tier = "operational"
+[tables.organizations]
+tier = "operational"
+[tables.providers]
+tier = "operational"
+[tables.payers]
+tier = "operational"
+[tables.conditions]
+current_when = { column = "STOP", values = ["<null>"] }
+[tables.medications]
+current_when = { column = "STOP", values = ["<null>"] }
+[tables.allergies]
+current_when = { column = "STOP", values = ["<null>"] }
+"#,
+    )
+    .unwrap();
+    let report = migrate(&dir.path().join("strata.toml")).await;
+    let counts = tier_counts(&load_config(&dir.path().join("strata.toml"))).await;
+    assert_tiers_add_up(&counts);
+    assert_eq!(
+        counts.values().map(|c| c.0).sum::<u64>(),
+        report.tables.iter().map(|t| t.source_rows).sum::<u64>()
+    );
+    assert!(
+        counts["observations"].2 > 0,
+        "old observations are archived: {:?}",
+        counts["observations"]
+    );
+    // UUID patient keys are archived as their text and found by it.
+    let config = load_config(&dir.path().join("strata.toml"));
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let file = &archive.catalog().tables["encounters"][0].files[0];
+    assert_eq!(file.min_patient.len(), 36);
+    let rows: usize = archive
+        .patient_rows("encounters", &file.min_patient)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert!(rows > 0);
+}
+
+#[tokio::test]
+async fn bad_config_is_rejected_naming_table_and_column() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.01).await;
+    let path = write_config(
+        dir.path(),
+        &source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        &example_policy(),
+    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "record_date = \"observed_at\"",
+            "record_date = \"observed\"",
+        )
+        .replace("[tables.billing_lines]", "[tables.billing]");
+    std::fs::write(&path, text).unwrap();
+    let err = Migration::prepare(load_config(&path), as_of())
+        .await
+        .err()
+        .expect("invalid config");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("[tables.lab_results] record_date: no column \"observed\""),
+        "{msg}"
+    );
+    assert!(msg.contains("[tables.billing]: no such table"), "{msg}");
+}
+
+#[test]
+fn demo_command_migrates_and_plan_reports() {
+    let dir = TestDir::new();
+    let demo = dir.path().join("demo");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["demo", "--no-serve", "--scale", "0.02", "--dir"])
+        .arg(&demo)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("lab_results"), "{stdout}");
+    assert!(demo.join("archive/manifests").is_dir());
+    let plan = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["plan", "--json", "--config"])
+        .arg(demo.join("strata.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(report["tables"].as_array().unwrap().len(), 9);
+    // Running the demo again replaces its own directory; a foreign directory is refused.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["demo", "--no-serve", "--scale", "0.01", "--dir"])
+        .arg(&demo)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let foreign = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["demo", "--no-serve", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!foreign.status.success());
+}

@@ -77,7 +77,9 @@ pub struct Auth {
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auth").field("issuer", &self.config.issuer).finish_non_exhaustive()
+        f.debug_struct("Auth")
+            .field("issuer", &self.config.issuer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,9 +87,16 @@ impl Auth {
     /// Builds the verifier from config (`base` resolves a relative secret file).
     pub fn from_config(config: &AuthConfig, base: &Path) -> Result<Self, String> {
         let secret = match (&config.hs256_secret_env, &config.hs256_secret_file) {
-            (Some(var), None) => std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
-            (None, Some(file)) => std::fs::read_to_string(base.join(file)).map_err(|e| format!("cannot read {file}: {e}"))?,
-            _ => return Err("[api.auth]: set exactly one of hs256_secret_env or hs256_secret_file".into()),
+            (Some(var), None) => {
+                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
+            }
+            (None, Some(file)) => std::fs::read_to_string(base.join(file))
+                .map_err(|e| format!("cannot read {file}: {e}"))?,
+            _ => {
+                return Err(
+                    "[api.auth]: set exactly one of hs256_secret_env or hs256_secret_file".into(),
+                )
+            }
         };
         let secret = secret.trim().as_bytes().to_vec();
         if secret.len() < 32 {
@@ -98,13 +107,22 @@ impl Auth {
         validation.set_audience(&[&config.audience]);
         validation.validate_nbf = true;
         validation.leeway = 30;
-        Ok(Auth { key: DecodingKey::from_secret(&secret), validation, config: config.clone(), secret: Arc::new(secret) })
+        Ok(Auth {
+            key: DecodingKey::from_secret(&secret),
+            validation,
+            config: config.clone(),
+            secret: Arc::new(secret),
+        })
     }
 
     /// Verifies a token.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
-        let data = decode::<Claims>(token, &self.key, &self.validation).map_err(|_| ApiError::Unauthorized)?;
-        Ok(Principal { user: data.claims.sub, roles: data.claims.roles })
+        let data = decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|_| ApiError::Unauthorized)?;
+        Ok(Principal {
+            user: data.claims.sub,
+            roles: data.claims.roles,
+        })
     }
 
     /// Issues a development token (HS256) for `user` with `roles`, valid for `ttl_secs`.
@@ -118,12 +136,21 @@ impl Auth {
             nbf: Some(now.saturating_sub(1)),
             roles: roles.to_vec(),
         };
-        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&self.secret)).expect("HS256 signs")
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&self.secret),
+        )
+        .expect("HS256 signs")
     }
 }
 
 /// The auth layer: every `/v1` request needs a valid bearer token.
-pub async fn require_token(State(auth): State<Auth>, mut request: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_token(
+    State(auth): State<Auth>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let token = request
         .headers()
         .get(header::AUTHORIZATION)

@@ -2,10 +2,14 @@
 
 use crate::error::ApiError;
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Date32Type, Float64Type, Int64Type, TimeUnit, TimestampMicrosecondType};
+use arrow::datatypes::{
+    DataType, Date32Type, Float64Type, Int64Type, TimeUnit, TimestampMicrosecondType,
+};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use strata_archive::{ArchiveReader, BlobRef, BLOB_REF_SUFFIXES, PATIENT_COLUMN, RECORD_DATE_COLUMN};
+use strata_archive::{
+    ArchiveReader, BlobRef, BLOB_REF_SUFFIXES, PATIENT_COLUMN, RECORD_DATE_COLUMN,
+};
 
 /// One archived record.
 #[derive(Debug, Clone, Serialize)]
@@ -46,24 +50,36 @@ fn cell(array: &dyn Array, row: usize) -> Value {
         DataType::Float64 => array.as_primitive::<Float64Type>().value(row).into(),
         DataType::Boolean => array.as_boolean().value(row).into(),
         DataType::Utf8 => array.as_string::<i32>().value(row).into(),
-        DataType::Date32 => Date32Type::to_naive_date_opt(array.as_primitive::<Date32Type>().value(row))
-            .map(|d| d.to_string().into())
-            .unwrap_or(Value::Null),
+        DataType::Date32 => {
+            Date32Type::to_naive_date_opt(array.as_primitive::<Date32Type>().value(row))
+                .map(|d| d.to_string().into())
+                .unwrap_or(Value::Null)
+        }
         DataType::Timestamp(TimeUnit::Microsecond, tz) => {
             let micros = array.as_primitive::<TimestampMicrosecondType>().value(row);
             match chrono::DateTime::from_timestamp_micros(micros) {
                 Some(t) if tz.is_some() => t.to_rfc3339().into(),
-                Some(t) => t.naive_utc().format("%Y-%m-%dT%H:%M:%S%.f").to_string().into(),
+                Some(t) => t
+                    .naive_utc()
+                    .format("%Y-%m-%dT%H:%M:%S%.f")
+                    .to_string()
+                    .into(),
                 None => Value::Null,
             }
         }
-        DataType::Binary => Value::String(format!("<{} bytes>", array.as_binary::<i32>().value(row).len())),
+        DataType::Binary => Value::String(format!(
+            "<{} bytes>",
+            array.as_binary::<i32>().value(row).len()
+        )),
         _ => Value::Null,
     }
 }
 
 /// Reads one patient's records from every archived table.
-pub async fn patient_history(archive: &ArchiveReader, patient: &str) -> Result<Vec<HistoryRecord>, ApiError> {
+pub async fn patient_history(
+    archive: &ArchiveReader,
+    patient: &str,
+) -> Result<Vec<HistoryRecord>, ApiError> {
     let mut records = Vec::new();
     for table in archive.catalog().tables.keys() {
         let blob_columns = archive.catalog().blob_columns(table);
@@ -71,11 +87,20 @@ pub async fn patient_history(archive: &ArchiveReader, patient: &str) -> Result<V
             records.extend(batch_records(table, &batch, &blob_columns, patient));
         }
     }
-    records.sort_by(|a, b| b.record_date.cmp(&a.record_date).then_with(|| a.table.cmp(&b.table)));
+    records.sort_by(|a, b| {
+        b.record_date
+            .cmp(&a.record_date)
+            .then_with(|| a.table.cmp(&b.table))
+    });
     Ok(records)
 }
 
-fn batch_records(table: &str, batch: &RecordBatch, blob_columns: &[String], patient: &str) -> Vec<HistoryRecord> {
+fn batch_records(
+    table: &str,
+    batch: &RecordBatch,
+    blob_columns: &[String],
+    patient: &str,
+) -> Vec<HistoryRecord> {
     let schema = batch.schema();
     let mut out = Vec::with_capacity(batch.num_rows());
     for row in 0..batch.num_rows() {
@@ -91,7 +116,10 @@ fn batch_records(table: &str, batch: &RecordBatch, blob_columns: &[String], pati
                 record_date = v.as_str().map(str::to_string);
                 continue;
             }
-            if blob_columns.iter().any(|b| BLOB_REF_SUFFIXES.iter().any(|s| name == &format!("{b}{s}"))) {
+            if blob_columns
+                .iter()
+                .any(|b| BLOB_REF_SUFFIXES.iter().any(|s| name == &format!("{b}{s}")))
+            {
                 continue;
             }
             data.insert(name.clone(), v);
@@ -108,7 +136,12 @@ fn batch_records(table: &str, batch: &RecordBatch, blob_columns: &[String], pati
                 sha256: r.sha256,
             })
             .collect();
-        out.push(HistoryRecord { table: table.to_string(), record_date, data, documents });
+        out.push(HistoryRecord {
+            table: table.to_string(),
+            record_date,
+            data,
+            documents,
+        });
     }
     out
 }
@@ -134,7 +167,11 @@ pub fn blob_ref(batch: &RecordBatch, blob: &str, row: usize) -> Option<(String, 
 
 /// Finds the reference of `document` among the patient's archived rows: a document is served
 /// only through a patient whose record points to it.
-pub async fn find_document(archive: &ArchiveReader, patient: &str, document: &str) -> Result<Option<BlobRef>, ApiError> {
+pub async fn find_document(
+    archive: &ArchiveReader,
+    patient: &str,
+    document: &str,
+) -> Result<Option<BlobRef>, ApiError> {
     for table in archive.catalog().tables.keys() {
         let blob_columns = archive.catalog().blob_columns(table);
         if blob_columns.is_empty() {

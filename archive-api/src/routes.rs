@@ -42,7 +42,10 @@ async fn history(
     principal.require(CLINICAL)?;
     let records = patient_history(&state.archive, &patient).await?;
     tracing::info!(user = %principal.user, patient = %patient, records = records.len(), "history read");
-    Ok(Json(serde_json::to_value(History { patient, records }).map_err(|e| ApiError::Internal(e.to_string()))?))
+    Ok(Json(
+        serde_json::to_value(History { patient, records })
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
+    ))
 }
 
 async fn document(
@@ -51,7 +54,9 @@ async fn document(
     Path((patient, document)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     principal.require(CLINICAL)?;
-    let reference = find_document(&state.archive, &patient, &document).await?.ok_or(ApiError::NotFound)?;
+    let reference = find_document(&state.archive, &patient, &document)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let bytes = state.archive.blobs().get(&reference).await?;
     tracing::info!(user = %principal.user, patient = %patient, document = %reference.object, "document read");
     Ok((
@@ -74,13 +79,19 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/patients/{patient}/history", get(history))
         .route("/v1/patients/{patient}/documents/{document}", get(document))
-        .route_layer(middleware::from_fn_with_state(state.auth.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            require_token,
+        ))
         .with_state(state);
     Router::new()
         .route("/healthz", get(healthz))
         .merge(v1)
         .fallback(|| async { ApiError::NotFound })
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(30),
+        ))
         .layer(TraceLayer::new_for_http())
 }
 
@@ -90,21 +101,28 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<SocketAddr, std::io::Error> {
-    let addr: SocketAddr = config
-        .listen
-        .parse()
-        .map_err(|_| std::io::Error::other(format!("[api] listen: {:?} is not an address:port", config.listen)))?;
+    let addr: SocketAddr = config.listen.parse().map_err(|_| {
+        std::io::Error::other(format!(
+            "[api] listen: {:?} is not an address:port",
+            config.listen
+        ))
+    })?;
     if !config.plain_http {
         return Err(std::io::Error::other("[api]: TLS serving is not available in this version; set plain_http = true with a loopback listen address for development"));
     }
     if !addr.ip().is_loopback() {
-        return Err(std::io::Error::other("[api]: plain HTTP is allowed only on a loopback address"));
+        return Err(std::io::Error::other(
+            "[api]: plain HTTP is allowed only on a loopback address",
+        ));
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = router(state);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(error = %e, "server stopped");
         }
     });

@@ -46,6 +46,19 @@ pub struct FileEntry {
 }
 
 impl TableManifest {
+    /// An empty manifest for `table` in run `run_id`, to hand to a `TableWriter`.
+    pub fn new(table: &str, run_id: &str, policy_version: &str, blob_columns: Vec<String>) -> Self {
+        TableManifest {
+            format: MANIFEST_FORMAT,
+            table: table.to_string(),
+            run_id: run_id.to_string(),
+            policy_version: policy_version.to_string(),
+            created_at: String::new(),
+            blob_columns,
+            files: Vec::new(),
+        }
+    }
+
     /// The manifest's path inside the archive.
     pub fn path(table: &str, run_id: &str) -> String {
         format!("manifests/{table}/{run_id}.json")

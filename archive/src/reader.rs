@@ -201,6 +201,7 @@ impl ArchiveReader {
 mod tests {
     use super::*;
     use crate::keys::Kek;
+    use crate::manifest::TableManifest;
     use crate::writer::{TableWriter, TableWriterOptions};
     use crate::{PATIENT_COLUMN, RECORD_DATE_COLUMN};
     use arrow::array::{ArrayRef, Date32Array, Int64Array};
@@ -237,11 +238,8 @@ mod tests {
         let mut w = TableWriter::new(
             store.clone(),
             keys.clone(),
-            "labs",
-            "r1",
-            "p1",
+            TableManifest::new("labs", "r1", "p1", vec![]),
             schema.clone(),
-            vec![],
             options,
         )
         .unwrap();

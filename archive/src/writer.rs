@@ -2,7 +2,7 @@
 
 use crate::error::{ArchiveError, Result};
 use crate::keys::KeyRing;
-use crate::manifest::{FileEntry, TableManifest, MANIFEST_FORMAT};
+use crate::manifest::{FileEntry, TableManifest};
 use crate::{PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, SchemaRef};
@@ -62,17 +62,16 @@ pub struct TableWriter {
 }
 
 impl TableWriter {
-    /// A writer for `table` in run `run_id`. Checks the schema's leading columns.
+    /// A writer for the table and run that `manifest` (from [`TableManifest::new`]) names.
+    /// Checks the schema's leading columns.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         keys: KeyRing,
-        table: &str,
-        run_id: &str,
-        policy_version: &str,
+        manifest: TableManifest,
         schema: SchemaRef,
-        blob_columns: Vec<String>,
         options: TableWriterOptions,
     ) -> Result<Self> {
+        let table = &manifest.table;
         let fields = schema.fields();
         let ok = fields.len() >= 2
             && fields[0].name() == PATIENT_COLUMN
@@ -89,15 +88,7 @@ impl TableWriter {
             keys,
             schema,
             options,
-            manifest: TableManifest {
-                format: MANIFEST_FORMAT,
-                table: table.to_string(),
-                run_id: run_id.to_string(),
-                policy_version: policy_version.to_string(),
-                created_at: String::new(),
-                blob_columns,
-                files: Vec::new(),
-            },
+            manifest,
             current: None,
         })
     }

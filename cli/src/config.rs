@@ -13,15 +13,26 @@ pub struct LoadedConfig {
 }
 
 pub fn load(path: &Path) -> Result<LoadedConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
+    let base_dir = if base_dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base_dir
+    };
     let api = table
         .remove("api")
         .map(|v| v.try_into::<ApiConfig>())
         .transpose()
         .with_context(|| format!("{}: [api] section", path.display()))?;
-    let migration = MigrationConfig::parse(table, &base_dir).with_context(|| format!("{}", path.display()))?;
-    Ok(LoadedConfig { migration, api, base_dir })
+    let migration =
+        MigrationConfig::parse(table, &base_dir).with_context(|| format!("{}", path.display()))?;
+    Ok(LoadedConfig {
+        migration,
+        api,
+        base_dir,
+    })
 }

@@ -54,12 +54,18 @@ fn demo_config_text() -> Result<String> {
 fn prepare_dir(dir: &Path) -> Result<()> {
     if dir.exists() {
         if !dir.join(MARKER).exists() {
-            bail!("{} exists and was not made by `strata demo`; choose another --dir", dir.display());
+            bail!(
+                "{} exists and was not made by `strata demo`; choose another --dir",
+                dir.display()
+            );
         }
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join(MARKER), "made by strata demo; removed on the next demo run\n")?;
+    std::fs::write(
+        dir.join(MARKER),
+        "made by strata demo; removed on the next demo run\n",
+    )?;
     let secret_file = |name: &str, content: String| -> Result<()> {
         let path = dir.join(name);
         std::fs::write(&path, content)?;
@@ -73,7 +79,10 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     secret_file("kek.hex", Kek::generate_hex())?;
     secret_file("jwt-secret", Kek::generate_hex())?;
     std::fs::write(dir.join("strata.toml"), demo_config_text()?)?;
-    std::fs::write(dir.join("policy.toml"), include_str!("../../deploy/policy.toml"))?;
+    std::fs::write(
+        dir.join("policy.toml"),
+        include_str!("../../deploy/policy.toml"),
+    )?;
     Ok(())
 }
 
@@ -113,21 +122,40 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     prepare_dir(dir)?;
     let today = chrono::Utc::now().date_naive();
     println!("Strata demo in {}", dir.display());
-    println!("1/4 generating a synthetic legacy EHR (SQLite, scale {}) ...", options.scale);
+    println!(
+        "1/4 generating a synthetic legacy EHR (SQLite, scale {}) ...",
+        options.scale
+    );
     let mut gen = strata_synthetic_ehr::GeneratorOptions::new(today);
     gen.scale = options.scale;
     let source = dir.join("legacy.db");
-    let counts = strata_synthetic_ehr::generate(&format!("sqlite://{}", source.display()), &gen).await?;
-    println!("    {} rows in {} tables: {}", counts.values().sum::<u64>(), counts.len(), source.display());
+    let counts =
+        strata_synthetic_ehr::generate(&format!("sqlite://{}", source.display()), &gen).await?;
+    println!(
+        "    {} rows in {} tables: {}",
+        counts.values().sum::<u64>(),
+        counts.len(),
+        source.display()
+    );
 
     let loaded = config::load(&dir.join("strata.toml"))?;
     let mut api = loaded.api.clone().context("demo config has [api]")?;
-    println!("2/4 applying the cutoff policy {} and migrating ...", dir.join("policy.toml").display());
+    println!(
+        "2/4 applying the cutoff policy {} and migrating ...",
+        dir.join("policy.toml").display()
+    );
     let mut migration = Migration::prepare(loaded.migration.clone(), today).await?;
     let report = migration.run(&mut |_| {}).await?;
     println!("\n{}", report.to_text());
-    println!("    operational database: {}", dir.join("operational.db").display());
-    println!("    encrypted archive:    {} (key: {})", dir.join("archive").display(), dir.join("kek.hex").display());
+    println!(
+        "    operational database: {}",
+        dir.join("operational.db").display()
+    );
+    println!(
+        "    encrypted archive:    {} (key: {})",
+        dir.join("archive").display(),
+        dir.join("kek.hex").display()
+    );
 
     println!("3/4 opening the archive ...");
     let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
@@ -139,8 +167,15 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     }
     api.listen = format!("127.0.0.1:{}", options.port);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let state = AppState { archive: archive.clone(), auth };
-    let addr = match strata_archive_api::serve(&api, state.clone(), async { let _ = stop_rx.await; }).await {
+    let state = AppState {
+        archive: archive.clone(),
+        auth,
+    };
+    let addr = match strata_archive_api::serve(&api, state.clone(), async {
+        let _ = stop_rx.await;
+    })
+    .await
+    {
         Ok(a) => a,
         Err(e) => bail!("cannot serve on {}: {e} (try --port)", api.listen),
     };
@@ -149,7 +184,9 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     let base = format!("http://{addr}");
     if let Some((patient, doc)) = sample_patient(&archive).await? {
         println!("Try:");
-        println!("  curl -s -H \"Authorization: Bearer {token}\" {base}/v1/patients/{patient}/history");
+        println!(
+            "  curl -s -H \"Authorization: Bearer {token}\" {base}/v1/patients/{patient}/history"
+        );
         if let Some(doc) = doc {
             println!("  curl -s -o document.bin -D - -H \"Authorization: Bearer {token}\" {base}/v1/patients/{patient}/documents/{doc}");
         }

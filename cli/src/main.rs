@@ -12,7 +12,11 @@ use strata_archive_api::{AppState, Auth, Role};
 use strata_ingest::Migration;
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Archival and tiered storage for healthcare data migration")]
+#[command(
+    name = "strata",
+    version,
+    about = "Archival and tiered storage for healthcare data migration"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -121,13 +125,25 @@ fn today() -> chrono::NaiveDate {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo { dir, scale, port, no_serve } => {
-            demo::run(demo::DemoOptions { dir, scale, port, serve: !no_serve }).await
+        Command::Demo {
+            dir,
+            scale,
+            port,
+            no_serve,
+        } => {
+            demo::run(demo::DemoOptions {
+                dir,
+                scale,
+                port,
+                serve: !no_serve,
+            })
+            .await
         }
         Command::Init { source, output } => {
             let draft = strata_ingest::draft_config(&source).await?;
             match output {
-                Some(path) => std::fs::write(&path, draft).with_context(|| format!("cannot write {}", path.display()))?,
+                Some(path) => std::fs::write(&path, draft)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
                 None => print!("{draft}"),
             }
             Ok(())
@@ -139,7 +155,10 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("plan under policy {} (as of {}): nothing is moved\n", report.policy_version, report.as_of);
+                println!(
+                    "plan under policy {} (as of {}): nothing is moved\n",
+                    report.policy_version, report.as_of
+                );
                 print!("{}", report.to_text());
             }
             Ok(())
@@ -150,14 +169,24 @@ async fn run(cli: Cli) -> Result<()> {
             let report = migration
                 .run(&mut |t| {
                     if !json {
-                        eprintln!("{}: {} rows ({} operational, {} archive, {} quarantined)", t.table, t.source_rows, t.operational_rows, t.archive_rows, t.quarantined_rows)
+                        eprintln!(
+                            "{}: {} rows ({} operational, {} archive, {} quarantined)",
+                            t.table,
+                            t.source_rows,
+                            t.operational_rows,
+                            t.archive_rows,
+                            t.quarantined_rows
+                        )
                     }
                 })
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("run {} under policy {} (as of {})\n", report.run_id, report.policy_version, report.as_of);
+                println!(
+                    "run {} under policy {} (as of {})\n",
+                    report.run_id, report.policy_version, report.as_of
+                );
                 print!("{}", report.to_text());
             }
             Ok(())
@@ -167,16 +196,27 @@ async fn run(cli: Cli) -> Result<()> {
             let api = loaded.api.context("the config has no [api] section")?;
             let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
             let archive = ArchiveReader::open(store, keys).await?;
-            let auth = Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
+            let auth =
+                Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let addr = strata_archive_api::serve(&api, AppState { archive, auth }, async { let _ = rx.await; }).await?;
+            let addr = strata_archive_api::serve(&api, AppState { archive, auth }, async {
+                let _ = rx.await;
+            })
+            .await?;
             eprintln!("archive API listening on http://{addr}");
             tokio::signal::ctrl_c().await?;
             let _ = tx.send(());
             Ok(())
         }
-        Command::Generate { url, scale, seed, as_of, max_document_bytes } => {
-            let mut options = strata_synthetic_ehr::GeneratorOptions::new(as_of.unwrap_or_else(today));
+        Command::Generate {
+            url,
+            scale,
+            seed,
+            as_of,
+            max_document_bytes,
+        } => {
+            let mut options =
+                strata_synthetic_ehr::GeneratorOptions::new(as_of.unwrap_or_else(today));
             options.scale = scale;
             options.seed = seed;
             options.max_document_bytes = max_document_bytes;
@@ -186,10 +226,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Token { config, user, roles, ttl_secs } => {
+        Command::Token {
+            config,
+            user,
+            roles,
+            ttl_secs,
+        } => {
             let loaded = config::load(&config)?;
             let api = loaded.api.context("the config has no [api] section")?;
-            let auth = Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
+            let auth =
+                Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
             let roles: Vec<Role> = roles.into_iter().map(Role::from).collect();
             println!("{}", auth.issue_dev_token(&user, &roles, ttl_secs));
             Ok(())
@@ -201,7 +247,8 @@ async fn run(cli: Cli) -> Result<()> {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

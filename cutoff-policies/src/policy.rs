@@ -340,7 +340,7 @@ impl Policy {
         }
         if let Some(values) = &rules.current_values {
             let value = facts.current_value.unwrap_or("<null>").to_ascii_lowercase();
-            if values.iter().any(|v| *v == value) {
+            if values.contains(&value) {
                 return decision(Tier::Operational, Reason::ClinicallyCurrent);
             }
         }

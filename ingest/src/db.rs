@@ -151,12 +151,24 @@ impl Db {
 
     /// Runs one statement with bound values; returns rows affected.
     pub async fn execute_with(&self, sql: &str, values: &[Value]) -> Result<u64> {
+        self.execute_typed(sql, values, &[ColumnType::Text]).await
+    }
+
+    /// Like [`Db::execute_with`], with the column type of each value (repeating per row), so a
+    /// NULL is bound with the same type as the column's other values: PostgreSQL prepared
+    /// statements are cached by text, and a parameter must keep one type across executions.
+    async fn execute_typed(
+        &self,
+        sql: &str,
+        values: &[Value],
+        types: &[ColumnType],
+    ) -> Result<u64> {
         let sql = AssertSqlSafe(sql.to_string());
         match self {
             Db::Postgres(p) => {
                 let mut q = sqlx::query(sql);
-                for v in values {
-                    q = bind_pg(q, v);
+                for (v, t) in values.iter().zip(types.iter().cycle()) {
+                    q = bind_pg(q, v, *t);
                 }
                 q.execute(p).await.map(|r| r.rows_affected())
             }
@@ -342,7 +354,16 @@ impl Db {
             sql.push(')');
         }
         let values: Vec<Value> = rows.iter().flatten().cloned().collect();
-        self.execute_with(&sql, &values).await.map(|_| ())
+        let types: Vec<ColumnType> = columns.iter().map(|c| c.col_type).collect();
+        self.execute_typed(&sql, &values, &types)
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                IngestError::Sql { source, .. } => {
+                    IngestError::sql(&format!("insert into {table}"), source)
+                }
+                other => other,
+            })
     }
 
     /// How many rows a bound-parameter INSERT may carry for `columns` columns.
@@ -365,9 +386,19 @@ pub fn redact(url: &str) -> String {
 fn bind_pg<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     v: &Value,
+    t: ColumnType,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     match v.clone() {
-        Value::Null => q.bind(None::<String>),
+        Value::Null => match t {
+            ColumnType::Int => q.bind(None::<i64>),
+            ColumnType::Float => q.bind(None::<f64>),
+            ColumnType::Bool => q.bind(None::<bool>),
+            ColumnType::Bytes => q.bind(None::<Vec<u8>>),
+            ColumnType::Date => q.bind(None::<NaiveDate>),
+            ColumnType::Timestamp => q.bind(None::<NaiveDateTime>),
+            ColumnType::TimestampTz => q.bind(None::<DateTime<Utc>>),
+            ColumnType::Text | ColumnType::Other => q.bind(None::<String>),
+        },
         Value::Int(i) => q.bind(i),
         Value::Float(f) => q.bind(f),
         Value::Bool(b) => q.bind(b),

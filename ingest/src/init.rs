@@ -107,8 +107,7 @@ pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, Tabl
     let mut out = BTreeMap::new();
     for name in db.table_names().await? {
         let schema = db.table_schema(&name).await?;
-        let mut g = TableGuess::default();
-        g.primary_key = if !schema.primary_key.is_empty() {
+        let primary_key = if !schema.primary_key.is_empty() {
             (schema.primary_key.clone(), "declared")
         } else if let Some(id) = schema.columns.iter().find(|c| lower(&c.name) == "id") {
             if is_unique(db, &name, &id.name).await? {
@@ -121,6 +120,10 @@ pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, Tabl
             }
         } else {
             (vec![], "guessed: no declared key and no unique id column")
+        };
+        let mut g = TableGuess {
+            primary_key,
+            ..Default::default()
         };
         if is_patient_table(&name) {
             g.patient_key = g.primary_key.0.first().cloned();

@@ -146,9 +146,8 @@ impl TableLayout {
 
 fn patient_expr(config: &MigrationConfig, table: &str) -> (String, String) {
     let mut joins = String::new();
-    let mut alias = 0;
     let mut current = table;
-    for _ in 0..=config.tables.len() {
+    for alias in 0..=config.tables.len() {
         let Some(t) = config.tables.get(current) else {
             break;
         };
@@ -170,7 +169,6 @@ fn patient_expr(config: &MigrationConfig, table: &str) -> (String, String) {
             alias + 1,
             quote(pk)
         ));
-        alias += 1;
         current = &via.via;
     }
     ("NULL".to_string(), String::new())

@@ -19,7 +19,7 @@ use chrono::NaiveDate;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use strata_archive::{BlobStore, TableWriter, TableWriterOptions};
+use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
 use strata_cutoff_policies::{Policy, PolicyConfig, RecordFacts, Tier};
 
 /// What happened (or would happen) to one table.
@@ -321,15 +321,17 @@ impl Migration {
                 archive: TableWriter::new(
                     store.clone(),
                     keys.clone(),
-                    &layout.name,
-                    &run.run_id,
-                    self.policy.version(),
+                    TableManifest::new(
+                        &layout.name,
+                        &run.run_id,
+                        self.policy.version(),
+                        layout
+                            .blobs
+                            .iter()
+                            .map(|b| layout.columns()[b.column].name.clone())
+                            .collect(),
+                    ),
                     archive_schema(layout),
-                    layout
-                        .blobs
-                        .iter()
-                        .map(|b| layout.columns()[b.column].name.clone())
-                        .collect(),
                     TableWriterOptions::default(),
                 )?,
                 blobs: BlobStore::new(store.clone(), keys.clone()),
@@ -435,11 +437,12 @@ impl Migration {
                 Tier::Archive => {
                     report.archive_rows += 1;
                     let Some(w) = &mut writers else {
-                        report.blobs += layout
-                            .blobs
-                            .iter()
-                            .filter(|b| !values[b.column].is_null())
-                            .count() as u64;
+                        for b in &layout.blobs {
+                            if let Value::Bytes(content) = &values[b.column] {
+                                report.blobs += 1;
+                                report.blob_bytes += content.len() as u64;
+                            }
+                        }
                         continue;
                     };
                     let mut refs = Vec::with_capacity(layout.blobs.len());

@@ -1,0 +1,182 @@
+//! Shared helpers: an isolated directory per test, throw-away PostgreSQL databases, configs,
+//! and counting rows in every tier.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use strata_archive::{ArchiveConfig, ArchiveReader};
+use strata_ingest::{quote, ColumnType, Db, MigrationConfig, Value};
+
+/// The date every test's data and policy treat as "now".
+pub fn as_of() -> chrono::NaiveDate {
+    chrono::NaiveDate::from_ymd_opt(2026, 6, 30).unwrap()
+}
+
+/// The admin URL of the test PostgreSQL cluster that `scripts/test` starts.
+pub fn pg_admin_url() -> String {
+    std::env::var("STRATA_TEST_PG_URL").expect(
+        "STRATA_TEST_PG_URL is not set: run the suite with ./scripts/test, which starts a throw-away PostgreSQL",
+    )
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Creates a fresh database on the test cluster and returns its URL.
+pub async fn create_pg_database(prefix: &str) -> String {
+    let admin = Db::connect(&pg_admin_url(), false)
+        .await
+        .expect("test PostgreSQL reachable");
+    let name = format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    admin
+        .execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    admin.close().await;
+    let admin_url = pg_admin_url();
+    let base = admin_url.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+/// A temporary directory kept when the test fails (its path is printed).
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> Self {
+        TestDir {
+            dir: tempfile::Builder::new()
+                .prefix("strata-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Writes a strata.toml (the example's tables, given URLs) plus a policy and a KEK into `dir`.
+pub fn write_config(
+    dir: &Path,
+    source: &str,
+    operational: &str,
+    control: &str,
+    policy: &str,
+) -> PathBuf {
+    let mut table: toml::Table = toml::from_str(include_str!("../deploy/strata.toml")).unwrap();
+    let parts: toml::Table = toml::from_str(&format!(
+        r#"
+        [source]
+        url = "{source}"
+        [operational]
+        url = "{operational}"
+        [control]
+        url = "{control}"
+        [archive]
+        location = "archive"
+        kek_id = "test-kek"
+        kek_file = "kek.hex"
+        [policy]
+        file = "policy.toml"
+        [api]
+        listen = "127.0.0.1:0"
+        plain_http = true
+        [api.auth]
+        issuer = "strata-test"
+        audience = "strata"
+        hs256_secret_file = "jwt-secret"
+        "#
+    ))
+    .unwrap();
+    for (k, v) in parts {
+        table.insert(k, v);
+    }
+    std::fs::write(dir.join("strata.toml"), toml::to_string(&table).unwrap()).unwrap();
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    std::fs::write(dir.join("kek.hex"), strata_archive::Kek::generate_hex()).unwrap();
+    std::fs::write(dir.join("jwt-secret"), strata_archive::Kek::generate_hex()).unwrap();
+    dir.join("strata.toml")
+}
+
+/// The example policy with a fixed `as_of`.
+pub fn example_policy() -> String {
+    include_str!("../deploy/policy.toml").replace(
+        "# as_of = \"2026-11-25\"",
+        &format!("as_of = \"{}\"", as_of()),
+    )
+}
+
+pub fn load_config(path: &Path) -> MigrationConfig {
+    let mut table: toml::Table = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    table.remove("api");
+    MigrationConfig::parse(table, path.parent().unwrap()).unwrap()
+}
+
+pub async fn count(db: &Db, sql: String) -> u64 {
+    match db.fetch_all(sql, vec![ColumnType::Int]).await.unwrap()[0][0] {
+        Value::Int(n) => n as u64,
+        ref other => panic!("count returned {other:?}"),
+    }
+}
+
+/// Rows per table in each place: (source, operational, archive, quarantine).
+pub async fn tier_counts(config: &MigrationConfig) -> BTreeMap<String, (u64, u64, u64, u64)> {
+    let source = Db::connect(&config.resolve_url(&config.source.url).unwrap(), true)
+        .await
+        .unwrap();
+    let target = Db::connect(&config.resolve_url(&config.operational.url).unwrap(), false)
+        .await
+        .unwrap();
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let mut out = BTreeMap::new();
+    for table in config.tables.keys() {
+        let s = count(&source, format!("SELECT COUNT(*) FROM {}", quote(table))).await;
+        let o = count(&target, format!("SELECT COUNT(*) FROM {}", quote(table))).await;
+        let q = count(
+            &target,
+            format!("SELECT COUNT(*) FROM _strata_quarantine WHERE table_name = '{table}'"),
+        )
+        .await;
+        let mut a = 0;
+        for m in archive.catalog().tables.get(table).into_iter().flatten() {
+            for f in &m.files {
+                a += archive
+                    .read_file(f)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.num_rows() as u64)
+                    .sum::<u64>();
+            }
+        }
+        out.insert(table.clone(), (s, o, a, q));
+    }
+    source.close().await;
+    target.close().await;
+    out
+}
+
+pub async fn open_archive(config: &ArchiveConfig, base: &Path) -> ArchiveReader {
+    let (store, keys) = config.open(base).unwrap();
+    ArchiveReader::open(store, keys).await.unwrap()
+}
+
+/// Asserts that every source row is in exactly one tier, and that both tiers are used.
+pub fn assert_tiers_add_up(counts: &BTreeMap<String, (u64, u64, u64, u64)>) {
+    let mut archived = 0;
+    for (table, (s, o, a, q)) in counts {
+        assert!(*s > 0, "{table}: empty source");
+        assert_eq!(
+            *s,
+            o + a + q,
+            "{table}: source {s} != operational {o} + archive {a} + quarantine {q}"
+        );
+        archived += a;
+    }
+    assert!(archived > 0, "nothing was archived: {counts:?}");
+}

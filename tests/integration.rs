@@ -24,6 +24,23 @@ async fn generate_sqlite(dir: &Path, scale: f64) -> String {
     url
 }
 
+/// A SQLite source generated and migrated with the example policy, and its archive opened.
+async fn migrated_sqlite(scale: f64) -> (TestDir, String, strata_archive::ArchiveReader) {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), scale).await;
+    let config_path = write_config(
+        dir.path(),
+        &source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        &example_policy(),
+    );
+    migrate(&config_path).await;
+    let config = load_config(&config_path);
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    (dir, source, archive)
+}
+
 async fn migrate(config_path: &Path) -> strata_ingest::RunReport {
     let config = load_config(config_path);
     let mut migration = Migration::prepare(config, as_of()).await.unwrap();
@@ -178,18 +195,7 @@ async fn quarantine_threshold_stops_the_run() {
 
 #[tokio::test]
 async fn archive_files_need_the_key_and_blobs_round_trip() {
-    let dir = TestDir::new();
-    let source = generate_sqlite(dir.path(), 0.05).await;
-    let config_path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        &example_policy(),
-    );
-    migrate(&config_path).await;
-    let config = load_config(&config_path);
-    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let (dir, source, archive) = migrated_sqlite(0.05).await;
 
     let file = &archive.catalog().tables["lab_results"][0].files[0];
     let bytes = std::fs::read(dir.path().join("archive").join(&file.path)).unwrap();
@@ -282,18 +288,7 @@ async fn api_get(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusC
 
 #[tokio::test]
 async fn api_requires_a_valid_token_and_serves_history_and_documents() {
-    let dir = TestDir::new();
-    let source = generate_sqlite(dir.path(), 0.05).await;
-    let config_path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        &example_policy(),
-    );
-    migrate(&config_path).await;
-    let config = load_config(&config_path);
-    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let (dir, _source, archive) = migrated_sqlite(0.05).await;
     let auth_config = strata_archive_api::AuthConfig {
         issuer: "strata-test".into(),
         audience: "strata".into(),
@@ -749,4 +744,66 @@ fn demo_command_migrates_and_plan_reports() {
         .output()
         .unwrap();
     assert!(!foreign.status.success());
+}
+
+#[tokio::test]
+async fn an_interrupted_run_resumes_without_losing_or_duplicating_rows() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.03).await;
+    let config_path = write_config(
+        dir.path(),
+        &source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        &example_policy(),
+    );
+    let first = migrate(&config_path).await;
+    // Make it look as if the process died while loading lab_results: the run and the table are
+    // still "running", and only part of the table's rows reached the operational database.
+    let control = Db::connect(
+        &format!("sqlite://{}", dir.path().join("control.db").display()),
+        false,
+    )
+    .await
+    .unwrap();
+    control
+        .execute(&format!(
+            "UPDATE strata_runs SET status = 'running'; UPDATE strata_table_runs SET status = 'running', report = NULL WHERE run_id = '{}' AND table_name = 'lab_results'",
+            first.run_id
+        ))
+        .await
+        .unwrap();
+    control.close().await;
+    let target = Db::connect(
+        &format!("sqlite://{}", dir.path().join("operational.db").display()),
+        false,
+    )
+    .await
+    .unwrap();
+    target
+        .execute("DELETE FROM lab_results WHERE id % 2 = 0")
+        .await
+        .unwrap();
+    target.close().await;
+
+    let resumed = migrate(&config_path).await;
+    assert_eq!(
+        resumed.run_id, first.run_id,
+        "the unfinished run is resumed, not restarted"
+    );
+    assert_eq!(resumed.tables, first.tables);
+    let counts = tier_counts(&load_config(&config_path)).await;
+    assert_tiers_add_up(&counts);
+    // The archive holds each archived lab result once: the resumed table's manifest replaced
+    // the earlier one of the same run.
+    let labs = resumed.table("lab_results").unwrap();
+    assert_eq!(
+        counts["lab_results"],
+        (
+            labs.source_rows,
+            labs.operational_rows,
+            labs.archive_rows,
+            labs.quarantined_rows
+        )
+    );
 }

@@ -620,29 +620,14 @@ async fn target_has_rows(target: &Db, table: &str) -> Result<bool> {
     Ok(!rows.is_empty())
 }
 
-/// The declared type of a column in the target engine.
+/// The declared type of a column in the target engine: the source's own when the engines are
+/// the same, else the target's type for the column's kind.
 fn target_decl(from: DbKind, to: DbKind, c: &Column) -> String {
     if from == to {
-        return c.decl_type.clone();
+        c.decl_type.clone()
+    } else {
+        c.col_type.default_decl(to).to_string()
     }
-    match (to, c.col_type) {
-        (DbKind::Postgres, ColumnType::Int) => "bigint",
-        (DbKind::Postgres, ColumnType::Float) => "double precision",
-        (DbKind::Postgres, ColumnType::Bool) => "boolean",
-        (DbKind::Postgres, ColumnType::Bytes) => "bytea",
-        (DbKind::Postgres, ColumnType::Date) => "date",
-        (DbKind::Postgres, ColumnType::Timestamp) => "timestamp",
-        (DbKind::Postgres, ColumnType::TimestampTz) => "timestamptz",
-        (DbKind::Postgres, _) => "text",
-        (DbKind::Sqlite, ColumnType::Int) => "INTEGER",
-        (DbKind::Sqlite, ColumnType::Float) => "REAL",
-        (DbKind::Sqlite, ColumnType::Bool) => "BOOLEAN",
-        (DbKind::Sqlite, ColumnType::Bytes) => "BLOB",
-        (DbKind::Sqlite, ColumnType::Date) => "DATE",
-        (DbKind::Sqlite, ColumnType::Timestamp | ColumnType::TimestampTz) => "TIMESTAMP",
-        (DbKind::Sqlite, _) => "TEXT",
-    }
-    .to_string()
 }
 
 /// Creates the target table from the source schema when absent; returns the target's columns

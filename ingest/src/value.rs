@@ -67,6 +67,30 @@ impl ColumnType {
     }
 }
 
+impl ColumnType {
+    /// The declared type Strata gives a column of this type in a table it creates.
+    pub fn default_decl(self, engine: crate::DbKind) -> &'static str {
+        use crate::DbKind::{Postgres, Sqlite};
+        match (engine, self) {
+            (Postgres, ColumnType::Int) => "bigint",
+            (Postgres, ColumnType::Float) => "double precision",
+            (Postgres, ColumnType::Bool) => "boolean",
+            (Postgres, ColumnType::Bytes) => "bytea",
+            (Postgres, ColumnType::Date) => "date",
+            (Postgres, ColumnType::Timestamp) => "timestamp without time zone",
+            (Postgres, ColumnType::TimestampTz) => "timestamp with time zone",
+            (Postgres, ColumnType::Text | ColumnType::Other) => "text",
+            (Sqlite, ColumnType::Int) => "INTEGER",
+            (Sqlite, ColumnType::Float) => "REAL",
+            (Sqlite, ColumnType::Bool) => "BOOLEAN",
+            (Sqlite, ColumnType::Bytes) => "BLOB",
+            (Sqlite, ColumnType::Date) => "DATE",
+            (Sqlite, ColumnType::Timestamp | ColumnType::TimestampTz) => "TIMESTAMP",
+            (Sqlite, ColumnType::Text | ColumnType::Other) => "TEXT",
+        }
+    }
+}
+
 /// One value of one row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -98,28 +122,22 @@ const TIMESTAMP_FORMATS: [&str; 4] = [
 ];
 
 /// Parses the date and time texts legacy systems write: ISO dates, ISO timestamps with or
-/// without `T`, fractional seconds, `Z` or an offset.
+/// without `T`, fractional seconds, `Z` or an offset (converted to UTC).
 pub fn parse_timestamp(text: &str) -> Option<NaiveDateTime> {
     let t = text.trim();
-    if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
-        return Some(dt.naive_utc());
-    }
-    let t = t.strip_suffix('Z').unwrap_or(t);
-    TIMESTAMP_FORMATS
-        .iter()
-        .find_map(|f| NaiveDateTime::parse_from_str(t, f).ok())
-        .or_else(|| parse_date(t).map(|d| d.and_hms_opt(0, 0, 0).expect("midnight")))
+    parse_time_of_day(t).or_else(|| {
+        NaiveDate::parse_from_str(t, "%Y-%m-%d")
+            .ok()
+            .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight"))
+    })
 }
 
 /// Parses `YYYY-MM-DD`, or the date part of a timestamp.
 pub fn parse_date(text: &str) -> Option<NaiveDate> {
-    let t = text.trim();
-    NaiveDate::parse_from_str(t, "%Y-%m-%d")
-        .ok()
-        .or_else(|| parse_timestamp_only(t).map(|dt| dt.date()))
+    parse_timestamp(text).map(|dt| dt.date())
 }
 
-fn parse_timestamp_only(t: &str) -> Option<NaiveDateTime> {
+fn parse_time_of_day(t: &str) -> Option<NaiveDateTime> {
     if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
         return Some(dt.naive_utc());
     }

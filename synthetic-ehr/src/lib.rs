@@ -59,22 +59,13 @@ struct Table {
     written: u64,
 }
 
+/// The declared type of a generated column: the engine's default, except `Other`, which the
+/// generator uses for money amounts.
 fn logical_decl(kind: DbKind, t: ColumnType) -> &'static str {
     match (kind, t) {
-        (DbKind::Sqlite, ColumnType::Int) => "INTEGER",
-        (DbKind::Sqlite, ColumnType::Float) => "REAL",
-        (DbKind::Sqlite, ColumnType::Bytes) => "BLOB",
-        (DbKind::Sqlite, ColumnType::Date) => "DATE",
-        (DbKind::Sqlite, ColumnType::Timestamp) => "TIMESTAMP",
         (DbKind::Sqlite, ColumnType::Other) => "NUMERIC(10,2)",
-        (DbKind::Sqlite, _) => "TEXT",
-        (DbKind::Postgres, ColumnType::Int) => "bigint",
-        (DbKind::Postgres, ColumnType::Float) => "double precision",
-        (DbKind::Postgres, ColumnType::Bytes) => "bytea",
-        (DbKind::Postgres, ColumnType::Date) => "date",
-        (DbKind::Postgres, ColumnType::Timestamp) => "timestamp without time zone",
         (DbKind::Postgres, ColumnType::Other) => "numeric(10,2)",
-        (DbKind::Postgres, _) => "text",
+        _ => t.default_decl(kind),
     }
 }
 

@@ -180,3 +180,23 @@ pub fn assert_tiers_add_up(counts: &BTreeMap<String, (u64, u64, u64, u64)>) {
     }
     assert!(archived > 0, "nothing was archived: {counts:?}");
 }
+
+/// Asserts that a run's report counts what is really stored in each tier.
+pub fn assert_report_matches(
+    report: &strata_ingest::RunReport,
+    counts: &BTreeMap<String, (u64, u64, u64, u64)>,
+) {
+    for t in &report.tables {
+        let reported = (
+            t.source_rows,
+            t.operational_rows,
+            t.archive_rows,
+            t.quarantined_rows,
+        );
+        assert_eq!(
+            counts[&t.table], reported,
+            "{}: stored vs reported",
+            t.table
+        );
+    }
+}

@@ -93,14 +93,17 @@ impl Db {
                 .map_err(conn_err)?;
             Ok(Db::Postgres(pool))
         } else if url.starts_with("sqlite:") {
-            let options = SqliteConnectOptions::from_str(url)
+            let mut options = SqliteConnectOptions::from_str(url)
                 .map_err(conn_err)?
                 .read_only(read_only)
                 .create_if_missing(!read_only)
-                .journal_mode(SqliteJournalMode::Wal)
                 // Tables load in config order, children possibly before parents.
                 .foreign_keys(false)
                 .busy_timeout(std::time::Duration::from_secs(30));
+            if !read_only {
+                // A source keeps its own journal mode: changing it would be a write.
+                options = options.journal_mode(SqliteJournalMode::Wal);
+            }
             let pool = SqlitePoolOptions::new()
                 .max_connections(if read_only { 4 } else { 1 })
                 .connect_with(options)

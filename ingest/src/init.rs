@@ -194,7 +194,11 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
     let _ = writeln!(s, "[archive]\nlocation = \"archive\"\nkek_id = \"kek-1\"\nkek_env = \"STRATA_KEK\"  # 64 hex characters\n");
     let _ = writeln!(s, "[policy]\nfile = \"policy.toml\"\n");
     for (name, (_, g)) in &tables {
-        let _ = writeln!(s, "[tables.{}]", toml_str(name));
+        let bare = name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let key = if bare { name.clone() } else { toml_str(name) };
+        let _ = writeln!(s, "[tables.{key}]");
         let pk: Vec<String> = g.primary_key.0.iter().map(|c| toml_str(c)).collect();
         let note = if g.primary_key.1 == "declared" {
             String::new()

@@ -63,6 +63,16 @@ impl PolicyDuration {
     }
 }
 
+impl PolicyDuration {
+    /// The date this duration after `date` (saturating at the calendar's end).
+    pub fn after(&self, date: NaiveDate) -> NaiveDate {
+        let months = self.years * 12 + self.months;
+        date.checked_add_months(Months::new(months))
+            .and_then(|d| d.checked_add_days(chrono::Days::new(self.days as u64)))
+            .unwrap_or(NaiveDate::MAX)
+    }
+}
+
 impl fmt::Display for PolicyDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.years > 0 {

@@ -8,12 +8,13 @@
 //! policy's `as_of` date (or one the caller passes), so the same policy over the same data always
 //! gives the same answer, and every decision carries the [`Reason`] that produced it.
 //!
-//! Precedence, highest first: a table pinned to a tier > a clinically current record (for
-//! example an active medication) > a record whose date is missing or implausible (it stays
-//! operational and is flagged) > age and patient activity.
+//! Precedence, highest first: a legal hold (a held record is never purged) > a table pinned to
+//! a tier > a clinically current record (for example an active medication) > a record whose date
+//! is missing or implausible (kept where `undated` says, flagged) > retention (purge) > age and
+//! patient activity (archive).
 //!
 //! ```
-//! use strata_cutoff_policies::{PolicyConfig, RecordFacts, DateFact, Tier};
+//! use strata_cutoff_policies::{DateFact, PatientFacts, PolicyConfig, RecordFacts, Tier};
 //! use chrono::NaiveDate;
 //!
 //! let config = PolicyConfig::parse(r#"
@@ -25,11 +26,13 @@
 //! "#).unwrap();
 //! let policy = config.build(&[("labs", &["id", "observed_at"][..])]).unwrap();
 //! let old = NaiveDate::from_ymd_opt(2010, 5, 1).unwrap();
-//! let decision = policy.decide("labs", &RecordFacts {
+//! let facts = RecordFacts {
 //!     record_date: DateFact::Valid(old),
-//!     current_value: None,
-//!     patient_last_activity: Some(old),
-//! });
+//!     patient: Some("17"),
+//!     patient_facts: PatientFacts { last_activity: Some(old), ..Default::default() },
+//!     columns: &[],
+//! };
+//! let decision = policy.decide("labs", &facts, &[]);
 //! assert_eq!(decision.tier, Tier::Archive);
 //! ```
 #![deny(missing_docs)]
@@ -39,6 +42,7 @@ mod policy;
 
 pub use duration::{PolicyDuration, PolicyDurationError};
 pub use policy::{
-    CurrentWhen, DateFact, Decision, Policy, PolicyConfig, PolicyError, Reason, RecordFacts,
-    RulesConfig, TableRulesConfig, Tier,
+    CurrentWhen, DateFact, Decision, HoldScope, LegalHold, PatientFacts, PatientFactsConfig,
+    Policy, PolicyConfig, PolicyError, PolicyProblem, Reason, RecordFacts, RulesConfig,
+    TableRulesConfig, Tier,
 };

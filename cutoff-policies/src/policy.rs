@@ -1,13 +1,14 @@
-//! The policy document, its validation, and the per-record decision.
+//! The policy document, its validation, and the per-record decision with its explanation.
 
 use crate::duration::PolicyDuration;
-use chrono::NaiveDate;
+use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-/// Where a record lives after the migration.
+/// Where a record goes. Ordered from hottest to coldest: moving `as_of` forward may only move a
+/// record to the same or a colder tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tier {
@@ -15,17 +16,20 @@ pub enum Tier {
     Operational,
     /// The encrypted archive.
     Archive,
+    /// Past retention: not migrated; a destruction record is kept.
+    Purge,
 }
 
 impl Tier {
-    /// All tiers, in report order.
-    pub const ALL: [Tier; 2] = [Tier::Operational, Tier::Archive];
+    /// All tiers, hottest first.
+    pub const ALL: [Tier; 3] = [Tier::Operational, Tier::Archive, Tier::Purge];
 
     /// The tier's name as written in policies and reports.
     pub fn as_str(&self) -> &'static str {
         match self {
             Tier::Operational => "operational",
             Tier::Archive => "archive",
+            Tier::Purge => "purge",
         }
     }
 }
@@ -36,16 +40,30 @@ impl fmt::Display for Tier {
     }
 }
 
-/// A policy as written: `deny_unknown_fields` everywhere, so a misspelt rule is an error, not a
-/// silently ignored line.
+/// A policy as written. Unknown fields are errors, so a misspelt rule never passes silently.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// A name for this version of the policy, recorded with every run that uses it.
     pub version: String,
-    /// The date that counts as "now" for age and activity. By default, the caller's date.
+    /// Who wrote this version. By default, the user who stores it.
+    #[serde(default)]
+    pub author: Option<String>,
+    /// The date that counts as "now". By default, the day of the run (a run records it, and a
+    /// resumed run reuses it).
     #[serde(default)]
     pub as_of: Option<NaiveDate>,
+    /// The time zone in which timestamps become calendar dates: `UTC` or a fixed offset such as
+    /// `-05:00`. By default, UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Where records with a missing or placeholder date go (`operational` or `archive`); they are
+    /// flagged either way. Dates in the future always stay operational. By default, operational.
+    #[serde(default)]
+    pub undated: Option<Tier>,
+    /// Where patient-level facts (birth and death dates) come from.
+    #[serde(default)]
+    pub patients: Option<PatientFactsConfig>,
     /// Rules for every table that does not override them.
     pub defaults: RulesConfig,
     /// Per-table rules, by source table name.
@@ -54,31 +72,86 @@ pub struct PolicyConfig {
     /// SHA-256 of the policy text, set by [`PolicyConfig::parse`].
     #[serde(skip)]
     pub hash: String,
+    /// The policy text, kept to point problems at their lines.
+    #[serde(skip)]
+    pub text: String,
 }
 
-/// Age and activity rules.
+/// The patient table and the columns that give birth and death dates.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatientFactsConfig {
+    /// The table whose rows are patients (keyed by the patient key).
+    pub table: String,
+    /// Its birth-date column.
+    #[serde(default)]
+    pub birth_date: Option<String>,
+    /// Its death-date column.
+    #[serde(default)]
+    pub deceased_date: Option<String>,
+    /// Age of majority in years. By default, 18.
+    #[serde(default = "default_majority")]
+    pub age_of_majority: u32,
+}
+
+fn default_majority() -> u32 {
+    18
+}
+
+/// Age, activity and retention rules.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesConfig {
     /// A record older than this (by its record date) may be archived.
     pub archive_after: PolicyDuration,
     /// ...but only once its patient has had no activity in any table for this long.
     pub patient_inactive_after: PolicyDuration,
+    /// Keep an active patient's chart together: while the patient is active, their records of
+    /// this many years stay operational (older ones follow `archive_after`). By default, all of
+    /// an active patient's records stay operational.
+    #[serde(default)]
+    pub keep_chart_together: Option<PolicyDuration>,
+    /// Records are destroyed this long after the patient's last activity. By default, never.
+    #[serde(default)]
+    pub retention: Option<PolicyDuration>,
+    /// Records made while the patient was a minor are kept at least this long after the age of
+    /// majority (needs `[patients] birth_date`).
+    #[serde(default)]
+    pub minor_retention: Option<PolicyDuration>,
+    /// For deceased patients, retention runs this long from the date of death instead of from
+    /// the last activity (needs `[patients] deceased_date`).
+    #[serde(default)]
+    pub deceased_retention: Option<PolicyDuration>,
 }
 
 /// Rules for one table. Unset fields fall back to the policy's defaults.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableRulesConfig {
-    /// Pins every record of the table to one tier (for example a master patient index).
+    /// Pins every record of the table to a tier (`operational` or `archive`).
     #[serde(default)]
     pub tier: Option<Tier>,
+    /// Never destroy records of this table (a master patient index).
+    #[serde(default)]
+    pub permanent: bool,
     /// Overrides `defaults.archive_after`.
     #[serde(default)]
     pub archive_after: Option<PolicyDuration>,
     /// Overrides `defaults.patient_inactive_after`.
     #[serde(default)]
     pub patient_inactive_after: Option<PolicyDuration>,
+    /// Overrides `defaults.keep_chart_together`.
+    #[serde(default)]
+    pub keep_chart_together: Option<PolicyDuration>,
+    /// Overrides `defaults.retention`.
+    #[serde(default)]
+    pub retention: Option<PolicyDuration>,
+    /// Overrides `defaults.minor_retention`.
+    #[serde(default)]
+    pub minor_retention: Option<PolicyDuration>,
+    /// Overrides `defaults.deceased_retention`.
+    #[serde(default)]
+    pub deceased_retention: Option<PolicyDuration>,
     /// Records whose column holds one of these values are clinically current and stay operational.
     #[serde(default)]
     pub current_when: Option<CurrentWhen>,
@@ -90,8 +163,55 @@ pub struct TableRulesConfig {
 pub struct CurrentWhen {
     /// The status column.
     pub column: String,
-    /// The values meaning "current", such as `active`. A `null` entry is written as `"<null>"`.
+    /// The values meaning "current", such as `active`. `"<null>"` matches NULL.
     pub values: Vec<String>,
+}
+
+/// A legal hold: records it covers are never purged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegalHold {
+    /// The hold's id.
+    pub id: String,
+    /// What it covers.
+    pub scope: HoldScope,
+}
+
+/// What a legal hold covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldScope {
+    /// Every record of one patient.
+    Patient(String),
+    /// Every record of one table.
+    Table(String),
+    /// Records of a table whose column equals a value.
+    Filter {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The value (compared as text).
+        value: String,
+    },
+}
+
+/// One problem with a policy, with the line it is on when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyProblem {
+    /// 1-based line in the policy file.
+    pub line: Option<usize>,
+    /// The rule, such as `[tables.labs] current_when`.
+    pub rule: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}: {}", self.rule, self.message),
+            None => write!(f, "{}: {}", self.rule, self.message),
+        }
+    }
 }
 
 /// A policy that could not be parsed or does not fit the source.
@@ -104,11 +224,12 @@ pub enum PolicyError {
         /// The parser's message, with line and column.
         message: String,
     },
-    /// The policy names things the source does not have; every problem is listed.
-    #[error("policy does not fit the source:\n  - {}", problems.join("\n  - "))]
+    /// The policy names things the source does not have, or has rules that conflict or can
+    /// never apply; every problem is listed.
+    #[error("policy does not fit the source:\n  - {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  - "))]
     Invalid {
-        /// One line per problem.
-        problems: Vec<String>,
+        /// Every problem.
+        problems: Vec<PolicyProblem>,
     },
 }
 
@@ -119,97 +240,183 @@ impl PolicyConfig {
             message: e.to_string(),
         })?;
         config.hash = hex::encode(Sha256::digest(text.as_bytes()));
+        config.text = text.to_string();
         Ok(config)
     }
 
-    /// The columns of `table` the policy reads (beyond the record date and patient key).
-    pub fn columns_needed(&self, table: &str) -> Vec<String> {
-        self.tables
+    /// The line of the first line of the text that starts with `needle` (after spaces).
+    fn line_of(&self, needle: &str) -> Option<usize> {
+        self.text
+            .lines()
+            .position(|l| l.trim_start().starts_with(needle))
+            .map(|i| i + 1)
+    }
+
+    fn table_line(&self, table: &str) -> Option<usize> {
+        self.line_of(&format!("[tables.{table}]"))
+            .or_else(|| self.line_of(&format!("[tables.\"{table}\"]")))
+    }
+
+    /// The extra columns of `table` the policy reads, in the order [`RecordFacts::columns`] must
+    /// give their values: the `current_when` column, then hold filter columns.
+    pub fn columns_needed(&self, table: &str, holds: &[LegalHold]) -> Vec<String> {
+        let mut cols: Vec<String> = self
+            .tables
             .get(table)
             .and_then(|t| t.current_when.as_ref())
             .map(|c| vec![c.column.clone()])
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for h in holds {
+            if let HoldScope::Filter { table: t, column, .. } = &h.scope {
+                if t == table && !cols.contains(column) {
+                    cols.push(column.clone());
+                }
+            }
+        }
+        cols
     }
 
-    /// Checks the policy against the source's tables and columns and compiles it. Every problem
-    /// is reported, not only the first.
-    pub fn build(&self, tables: &[(&str, &[&str])]) -> Result<Policy, PolicyError> {
+    /// Every problem of the policy against the source's tables and columns.
+    pub fn problems(&self, tables: &[(&str, &[&str])]) -> Vec<PolicyProblem> {
         let known: HashMap<&str, &[&str]> = tables.iter().copied().collect();
         let mut problems = Vec::new();
+        let mut problem = |line: Option<usize>, rule: &str, message: String| {
+            problems.push(PolicyProblem { line, rule: rule.to_string(), message })
+        };
         if self.version.trim().is_empty() {
-            problems.push("`version` must not be empty".to_string());
+            problem(self.line_of("version"), "version", "must not be empty".into());
+        }
+        if let Some(tz) = &self.timezone {
+            if parse_timezone(tz).is_none() {
+                problem(self.line_of("timezone"), "timezone", format!("{tz:?} is not UTC or an offset such as -05:00"));
+            }
+        }
+        if self.undated == Some(Tier::Purge) {
+            problem(self.line_of("undated"), "undated", "records without a usable date cannot be purged: use operational or archive".into());
+        }
+        let has_birth = self.patients.as_ref().is_some_and(|p| p.birth_date.is_some());
+        let has_death = self.patients.as_ref().is_some_and(|p| p.deceased_date.is_some());
+        if let Some(p) = &self.patients {
+            let line = self.line_of("[patients]");
+            match known.get(p.table.as_str()) {
+                None => problem(line, "[patients] table", format!("no table {:?} in the configuration", p.table)),
+                Some(cols) => {
+                    for c in [&p.birth_date, &p.deceased_date].into_iter().flatten() {
+                        if !cols.contains(&c.as_str()) {
+                            problem(line, "[patients]", format!("no column {c:?} in table {}", p.table));
+                        }
+                    }
+                }
+            }
+        }
+        let check_rules = |rule: &str, line: Option<usize>, minor: bool, deceased: bool, problem: &mut dyn FnMut(Option<usize>, &str, String)| {
+            if minor && !has_birth {
+                problem(line, rule, "minor_retention needs [patients] birth_date to know who was a minor".into());
+            }
+            if deceased && !has_death {
+                problem(line, rule, "deceased_retention needs [patients] deceased_date".into());
+            }
+        };
+        check_rules("[defaults]", self.line_of("[defaults]"), self.defaults.minor_retention.is_some(), self.defaults.deceased_retention.is_some(), &mut problem);
+        if self.defaults.retention.is_none() && (self.defaults.minor_retention.is_some() || self.defaults.deceased_retention.is_some()) {
+            problem(self.line_of("[defaults]"), "[defaults]", "minor_retention and deceased_retention adjust `retention`, which is not set, so they never apply".into());
         }
         for (name, rules) in &self.tables {
+            let line = self.table_line(name);
+            let rule = format!("[tables.{name}]");
             let Some(columns) = known.get(name.as_str()) else {
-                problems.push(format!(
-                    "[tables.{name}]: no such table in the configuration"
-                ));
+                problem(line, &rule, "no such table in the configuration".into());
                 continue;
             };
             if let Some(cw) = &rules.current_when {
-                if !columns.iter().any(|c| c == &cw.column) {
-                    problems.push(format!(
-                        "[tables.{name}] current_when: no column {:?} in table {name}",
-                        cw.column
-                    ));
+                if !columns.contains(&cw.column.as_str()) {
+                    problem(line, &format!("{rule} current_when"), format!("no column {:?} in table {name}", cw.column));
                 }
                 if cw.values.is_empty() {
-                    problems.push(format!(
-                        "[tables.{name}] current_when: `values` is empty, so the rule can never match"
-                    ));
+                    problem(line, &format!("{rule} current_when"), "`values` is empty, so the rule can never match".into());
                 }
             }
-            if rules.tier.is_some()
-                && (rules.current_when.is_some()
-                    || rules.archive_after.is_some()
-                    || rules.patient_inactive_after.is_some())
-            {
-                problems.push(format!(
-                    "[tables.{name}]: `tier` pins every record, so its other rules are unreachable"
-                ));
+            let others = rules.current_when.is_some()
+                || rules.archive_after.is_some()
+                || rules.patient_inactive_after.is_some()
+                || rules.keep_chart_together.is_some()
+                || rules.retention.is_some()
+                || rules.minor_retention.is_some()
+                || rules.deceased_retention.is_some();
+            match rules.tier {
+                Some(Tier::Purge) => problem(line, &format!("{rule} tier"), "a whole table cannot be pinned to purge: use retention".into()),
+                Some(_) if others => problem(line, &rule, "`tier` pins every record, so the table's other rules can never apply".into()),
+                _ => {}
             }
+            if rules.permanent && (rules.retention.is_some() || rules.minor_retention.is_some() || rules.deceased_retention.is_some()) {
+                problem(line, &rule, "`permanent` conflicts with a retention rule".into());
+            }
+            check_rules(&rule, line, rules.minor_retention.is_some(), rules.deceased_retention.is_some(), &mut problem);
         }
+        problems
+    }
+
+    /// Checks the policy against the source's tables and columns and compiles it.
+    pub fn build(&self, tables: &[(&str, &[&str])]) -> Result<Policy, PolicyError> {
+        let problems = self.problems(tables);
         if !problems.is_empty() {
             return Err(PolicyError::Invalid { problems });
         }
-        let table_rules = self
-            .tables
-            .iter()
-            .map(|(name, t)| {
-                let rules = CompiledRules {
-                    pinned: t.tier,
-                    archive_after: t.archive_after.unwrap_or(self.defaults.archive_after),
-                    inactive_after: t
-                        .patient_inactive_after
-                        .unwrap_or(self.defaults.patient_inactive_after),
-                    current_values: t
-                        .current_when
-                        .as_ref()
-                        .map(|c| c.values.iter().map(|v| v.to_ascii_lowercase()).collect()),
-                };
-                (name.clone(), rules)
-            })
-            .collect();
+        let compile = |t: &TableRulesConfig| CompiledRules {
+            pinned: t.tier,
+            permanent: t.permanent,
+            archive_after: t.archive_after.unwrap_or(self.defaults.archive_after),
+            inactive_after: t.patient_inactive_after.unwrap_or(self.defaults.patient_inactive_after),
+            keep_chart: t.keep_chart_together.or(self.defaults.keep_chart_together),
+            retention: t.retention.or(self.defaults.retention),
+            minor_retention: t.minor_retention.or(self.defaults.minor_retention),
+            deceased_retention: t.deceased_retention.or(self.defaults.deceased_retention),
+            current_values: t
+                .current_when
+                .as_ref()
+                .map(|c| c.values.iter().map(|v| v.to_ascii_lowercase()).collect()),
+        };
         Ok(Policy {
             version: self.version.clone(),
             hash: self.hash.clone(),
             as_of: self.as_of,
-            defaults: CompiledRules {
-                pinned: None,
-                archive_after: self.defaults.archive_after,
-                inactive_after: self.defaults.patient_inactive_after,
-                current_values: None,
-            },
-            tables: table_rules,
+            timezone: self.timezone.as_deref().and_then(parse_timezone).unwrap_or(FixedOffset::east_opt(0).expect("UTC")),
+            undated: self.undated.unwrap_or(Tier::Operational),
+            majority: self.patients.as_ref().map_or(18, |p| p.age_of_majority),
+            defaults: compile(&TableRulesConfig::default()),
+            tables: self.tables.iter().map(|(n, t)| (n.clone(), compile(t))).collect(),
+            holds: Vec::new(),
         })
     }
+}
+
+fn parse_timezone(tz: &str) -> Option<FixedOffset> {
+    if tz.eq_ignore_ascii_case("UTC") || tz == "Z" {
+        return FixedOffset::east_opt(0);
+    }
+    let (sign, rest) = match tz.as_bytes().first()? {
+        b'+' => (1, &tz[1..]),
+        b'-' => (-1, &tz[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    if !(0..=14).contains(&h) || !(0..60).contains(&m) {
+        return None;
+    }
+    FixedOffset::east_opt(sign * (h * 3600 + m * 60))
 }
 
 #[derive(Debug, Clone)]
 struct CompiledRules {
     pinned: Option<Tier>,
+    permanent: bool,
     archive_after: PolicyDuration,
     inactive_after: PolicyDuration,
+    keep_chart: Option<PolicyDuration>,
+    retention: Option<PolicyDuration>,
+    minor_retention: Option<PolicyDuration>,
+    deceased_retention: Option<PolicyDuration>,
     current_values: Option<Vec<String>>,
 }
 
@@ -219,8 +426,12 @@ pub struct Policy {
     version: String,
     hash: String,
     as_of: Option<NaiveDate>,
+    timezone: FixedOffset,
+    undated: Tier,
+    majority: u32,
     defaults: CompiledRules,
     tables: HashMap<String, CompiledRules>,
+    holds: Vec<LegalHold>,
 }
 
 /// What the policy knows about a record's date.
@@ -230,8 +441,21 @@ pub enum DateFact {
     Valid(NaiveDate),
     /// NULL or unparseable.
     Missing,
-    /// A placeholder such as 1900-01-01, or a date after `as_of`.
-    Implausible,
+    /// A placeholder such as 1900-01-01 (before 1901).
+    Placeholder,
+    /// After `as_of`.
+    Future,
+}
+
+/// Facts about a patient, computed once per patient from the data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PatientFacts {
+    /// Latest plausible record date of the patient in any table.
+    pub last_activity: Option<NaiveDate>,
+    /// Date of birth.
+    pub birth_date: Option<NaiveDate>,
+    /// Date of death.
+    pub deceased_date: Option<NaiveDate>,
 }
 
 /// The facts about one record that the policy decides on.
@@ -239,10 +463,12 @@ pub enum DateFact {
 pub struct RecordFacts<'a> {
     /// The record's date.
     pub record_date: DateFact,
-    /// The value of the table's `current_when` column, if the table has one (None for NULL).
-    pub current_value: Option<&'a str>,
-    /// The patient's last activity across all tables, if known.
-    pub patient_last_activity: Option<NaiveDate>,
+    /// The record's patient key, if it has one.
+    pub patient: Option<&'a str>,
+    /// The patient's facts.
+    pub patient_facts: PatientFacts,
+    /// Values of [`PolicyConfig::columns_needed`] for the table, in that order (None for NULL).
+    pub columns: &'a [Option<String>],
 }
 
 /// Why a record got its tier.
@@ -250,17 +476,23 @@ pub struct RecordFacts<'a> {
 pub enum Reason {
     /// The table is pinned to a tier.
     TablePinned,
+    /// A legal hold kept a record past its retention (archived instead of purged).
+    LegalHold,
     /// The record is clinically current.
     ClinicallyCurrent,
-    /// The record has no usable date: kept operational and flagged.
+    /// The record has no usable date (flagged).
     DateMissing,
-    /// The record's date is a placeholder or in the future: kept operational and flagged.
-    DateImplausible,
+    /// The record's date is a placeholder such as 1900-01-01 (flagged).
+    DatePlaceholder,
+    /// The record's date is after `as_of`: kept operational (flagged).
+    DateInFuture,
+    /// Past retention: purged.
+    RetentionExpired,
     /// The record is younger than the table's `archive_after`.
     RecordRecent,
     /// The patient had activity within `patient_inactive_after`.
     PatientActive,
-    /// Old record of an inactive patient.
+    /// Old record of an inactive patient (or outside an active patient's kept chart).
     AgedOut,
 }
 
@@ -269,9 +501,12 @@ impl Reason {
     pub fn as_str(&self) -> &'static str {
         match self {
             Reason::TablePinned => "table_pinned",
+            Reason::LegalHold => "legal_hold",
             Reason::ClinicallyCurrent => "clinically_current",
             Reason::DateMissing => "date_missing",
-            Reason::DateImplausible => "date_implausible",
+            Reason::DatePlaceholder => "date_placeholder",
+            Reason::DateInFuture => "date_in_future",
+            Reason::RetentionExpired => "retention_expired",
             Reason::RecordRecent => "record_recent",
             Reason::PatientActive => "patient_active",
             Reason::AgedOut => "aged_out",
@@ -280,20 +515,22 @@ impl Reason {
 
     /// True for reasons that a records manager should review.
     pub fn is_flagged(&self) -> bool {
-        matches!(self, Reason::DateMissing | Reason::DateImplausible)
+        matches!(self, Reason::DateMissing | Reason::DatePlaceholder | Reason::DateInFuture)
     }
 }
 
-/// A tier and the reason for it.
+/// A tier, the reason for it, and whether a legal hold covers the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     /// Where the record goes.
     pub tier: Tier,
     /// Which rule decided.
     pub reason: Reason,
+    /// A legal hold covers the record (it is never purged).
+    pub held: bool,
 }
 
-/// Dates before this are treated as placeholders (1900-01-01 and friends).
+/// Dates before this are placeholders (1900-01-01 and friends).
 const EARLIEST_PLAUSIBLE: NaiveDate = match NaiveDate::from_ymd_opt(1901, 1, 1) {
     Some(d) => d,
     None => panic!(),
@@ -310,7 +547,7 @@ impl Policy {
         &self.hash
     }
 
-    /// The policy's `as_of` date, if it fixes one.
+    /// The date taken as "now", once set.
     pub fn as_of(&self) -> Option<NaiveDate> {
         self.as_of
     }
@@ -321,197 +558,174 @@ impl Policy {
         self
     }
 
-    /// Classifies a date against `as_of`: placeholders and future dates are implausible.
+    /// Replaces "now" (for exploring what a later date would do).
+    pub fn with_as_of(mut self, as_of: NaiveDate) -> Self {
+        self.as_of = Some(as_of);
+        self
+    }
+
+    /// Adds the legal holds in force.
+    pub fn with_holds(mut self, holds: Vec<LegalHold>) -> Self {
+        self.holds = holds;
+        self
+    }
+
+    /// The holds in force.
+    pub fn holds(&self) -> &[LegalHold] {
+        &self.holds
+    }
+
+    /// The calendar date of an instant in the policy's time zone.
+    pub fn local_date(&self, instant: DateTime<Utc>) -> NaiveDate {
+        instant.with_timezone(&self.timezone).date_naive()
+    }
+
+    /// Classifies a date against `as_of`.
     pub fn date_fact(&self, date: Option<NaiveDate>) -> DateFact {
         match date {
             None => DateFact::Missing,
-            Some(d) if d < EARLIEST_PLAUSIBLE => DateFact::Implausible,
-            Some(d) if self.as_of.is_some_and(|now| d > now) => DateFact::Implausible,
+            Some(d) if d < EARLIEST_PLAUSIBLE => DateFact::Placeholder,
+            Some(d) if self.as_of.is_some_and(|now| d > now) => DateFact::Future,
             Some(d) => DateFact::Valid(d),
         }
     }
 
+    fn rules(&self, table: &str) -> &CompiledRules {
+        self.tables.get(table).unwrap_or(&self.defaults)
+    }
+
+    /// The holds covering a record.
+    fn holds_on(&self, table: &str, facts: &RecordFacts<'_>, extra: &[String]) -> Vec<&LegalHold> {
+        self.holds
+            .iter()
+            .filter(|h| match &h.scope {
+                HoldScope::Patient(p) => facts.patient == Some(p.as_str()),
+                HoldScope::Table(t) => t == table,
+                HoldScope::Filter { table: t, column, value } => {
+                    t == table
+                        && extra
+                            .iter()
+                            .position(|c| c == column)
+                            .and_then(|i| facts.columns.get(i).cloned().flatten())
+                            .is_some_and(|v| v == *value)
+                }
+            })
+            .collect()
+    }
+
+    /// The date a record's retention ends, if the rules destroy it at all.
+    fn retention_end(&self, rules: &CompiledRules, record_date: NaiveDate, p: &PatientFacts) -> Option<NaiveDate> {
+        if rules.permanent {
+            return None;
+        }
+        let retention = rules.retention?;
+        let mut end = match (p.deceased_date, rules.deceased_retention) {
+            (Some(death), Some(after_death)) => after_death.after(death),
+            _ => retention.after(p.last_activity.unwrap_or(record_date).max(record_date)),
+        };
+        if let (Some(birth), Some(minor)) = (p.birth_date, rules.minor_retention) {
+            let majority = PolicyDuration { years: self.majority, months: 0, days: 0 }.after(birth);
+            if record_date < majority {
+                end = end.max(minor.after(majority));
+            }
+        }
+        Some(end)
+    }
+
     /// Decides one record of `table`. Deterministic: the same facts always give the same answer.
-    pub fn decide(&self, table: &str, facts: &RecordFacts<'_>) -> Decision {
-        let rules = self.tables.get(table).unwrap_or(&self.defaults);
-        let decision = |tier, reason| Decision { tier, reason };
+    pub fn decide(&self, table: &str, facts: &RecordFacts<'_>, extra_columns: &[String]) -> Decision {
+        self.evaluate(table, facts, extra_columns, &mut |_| {})
+    }
+
+    /// Decides one record and says, rule by rule, how.
+    pub fn explain(&self, table: &str, facts: &RecordFacts<'_>, extra_columns: &[String]) -> (Decision, Vec<String>) {
+        let mut steps = Vec::new();
+        let d = self.evaluate(table, facts, extra_columns, &mut |s| steps.push(s));
+        (d, steps)
+    }
+
+    fn evaluate(&self, table: &str, facts: &RecordFacts<'_>, extra: &[String], trace: &mut dyn FnMut(String)) -> Decision {
+        let rules = self.rules(table);
+        let holds = self.holds_on(table, facts, extra);
+        let held = !holds.is_empty();
+        let decision = |tier, reason| Decision { tier, reason, held };
+        if held {
+            let ids: Vec<&str> = holds.iter().map(|h| h.id.as_str()).collect();
+            trace(format!("legal hold: covered by {}: never purged", ids.join(", ")));
+        } else {
+            trace("legal hold: none covers this record".into());
+        }
         if let Some(tier) = rules.pinned {
+            trace(format!("table rule: every record of {table} is pinned to {tier}"));
             return decision(tier, Reason::TablePinned);
         }
         if let Some(values) = &rules.current_values {
-            let value = facts.current_value.unwrap_or("<null>").to_ascii_lowercase();
-            if values.contains(&value) {
+            let value = facts.columns.first().cloned().flatten();
+            let v = value.clone().unwrap_or_else(|| "<null>".into()).to_ascii_lowercase();
+            if values.contains(&v) {
+                trace(format!("clinically current: status {v:?} is one of {values:?}: stays operational"));
                 return decision(Tier::Operational, Reason::ClinicallyCurrent);
             }
+            trace(format!("clinically current: status {v:?} is not one of {values:?}"));
         }
         let date = match facts.record_date {
-            DateFact::Missing => return decision(Tier::Operational, Reason::DateMissing),
-            DateFact::Implausible => return decision(Tier::Operational, Reason::DateImplausible),
+            DateFact::Missing => {
+                trace(format!("record date: missing: goes to {} and is flagged", self.undated));
+                return decision(self.undated, Reason::DateMissing);
+            }
+            DateFact::Placeholder => {
+                trace(format!("record date: a placeholder before 1901: goes to {} and is flagged", self.undated));
+                return decision(self.undated, Reason::DatePlaceholder);
+            }
+            DateFact::Future => {
+                trace("record date: after as_of: stays operational and is flagged".into());
+                return decision(Tier::Operational, Reason::DateInFuture);
+            }
             DateFact::Valid(d) => d,
         };
         let Some(now) = self.as_of else {
-            // Without a "now" nothing can be old: keep everything operational.
             return decision(Tier::Operational, Reason::RecordRecent);
         };
-        if date > rules.archive_after.before(now) {
+        match self.retention_end(rules, date, &facts.patient_facts) {
+            Some(end) if end < now && held => {
+                trace(format!("retention: ended {end}, but a legal hold keeps it: archived, not purged"));
+                return decision(Tier::Archive, Reason::LegalHold);
+            }
+            Some(end) if end < now => {
+                trace(format!("retention: ended {end} (before {now}): purged"));
+                return decision(Tier::Purge, Reason::RetentionExpired);
+            }
+            Some(end) => trace(format!("retention: runs until {end}")),
+            None => trace("retention: permanent or no retention rule".into()),
+        }
+        let cutoff = rules.archive_after.before(now);
+        if date > cutoff {
+            trace(format!("age: record date {date} is after the archive cutoff {cutoff} ({} before {now}): stays operational", rules.archive_after));
             return decision(Tier::Operational, Reason::RecordRecent);
         }
         let inactive_since = rules.inactive_after.before(now);
-        if facts
-            .patient_last_activity
-            .is_some_and(|last| last > inactive_since)
-        {
-            return decision(Tier::Operational, Reason::PatientActive);
+        let active = facts.patient_facts.last_activity.is_some_and(|last| last > inactive_since);
+        if active {
+            let within_chart = rules.keep_chart.is_none_or(|w| date > w.before(now));
+            trace(format!(
+                "activity: patient's last activity {} is after {inactive_since}: active",
+                facts.patient_facts.last_activity.expect("active has a date")
+            ));
+            if within_chart {
+                trace("chart: an active patient's chart is kept together: stays operational".into());
+                return decision(Tier::Operational, Reason::PatientActive);
+            }
+            trace("chart: the record is older than the kept chart window".into());
+        } else {
+            trace(format!(
+                "activity: patient's last activity {} is not after {inactive_since}: inactive",
+                facts.patient_facts.last_activity.map_or("unknown".into(), |d| d.to_string())
+            ));
         }
+        trace(format!("age: record date {date} is not after the archive cutoff {cutoff}: archived"));
         decision(Tier::Archive, Reason::AgedOut)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
-        NaiveDate::from_ymd_opt(y, m, day).unwrap()
-    }
-
-    const POLICY: &str = r#"
-        version = "t-1"
-        as_of = "2026-01-01"
-        [defaults]
-        archive_after = "5y"
-        patient_inactive_after = "3y"
-        [tables.patients]
-        tier = "operational"
-        [tables.medications]
-        current_when = { column = "status", values = ["active"] }
-    "#;
-
-    fn policy() -> Policy {
-        PolicyConfig::parse(POLICY)
-            .unwrap()
-            .build(&[
-                ("patients", &["id"][..]),
-                ("medications", &["id", "status"][..]),
-                ("labs", &["id"][..]),
-            ])
-            .unwrap()
-    }
-
-    fn facts(date: DateFact, current: Option<&str>, last: Option<NaiveDate>) -> RecordFacts<'_> {
-        RecordFacts {
-            record_date: date,
-            current_value: current,
-            patient_last_activity: last,
-        }
-    }
-
-    #[test]
-    fn precedence_and_reasons() {
-        let p = policy();
-        let old = DateFact::Valid(d(2010, 1, 1));
-        let cases = [
-            (
-                "patients",
-                facts(old, None, Some(d(2010, 1, 1))),
-                Tier::Operational,
-                Reason::TablePinned,
-            ),
-            (
-                "medications",
-                facts(old, Some("Active"), Some(d(2010, 1, 1))),
-                Tier::Operational,
-                Reason::ClinicallyCurrent,
-            ),
-            (
-                "medications",
-                facts(old, Some("stopped"), Some(d(2010, 1, 1))),
-                Tier::Archive,
-                Reason::AgedOut,
-            ),
-            (
-                "labs",
-                facts(DateFact::Missing, None, None),
-                Tier::Operational,
-                Reason::DateMissing,
-            ),
-            (
-                "labs",
-                facts(p.date_fact(Some(d(1900, 1, 1))), None, None),
-                Tier::Operational,
-                Reason::DateImplausible,
-            ),
-            (
-                "labs",
-                facts(p.date_fact(Some(d(2030, 1, 1))), None, None),
-                Tier::Operational,
-                Reason::DateImplausible,
-            ),
-            (
-                "labs",
-                facts(DateFact::Valid(d(2023, 1, 1)), None, None),
-                Tier::Operational,
-                Reason::RecordRecent,
-            ),
-            (
-                "labs",
-                facts(old, None, Some(d(2024, 6, 1))),
-                Tier::Operational,
-                Reason::PatientActive,
-            ),
-            (
-                "labs",
-                facts(old, None, Some(d(2022, 6, 1))),
-                Tier::Archive,
-                Reason::AgedOut,
-            ),
-            (
-                "labs",
-                facts(old, None, None),
-                Tier::Archive,
-                Reason::AgedOut,
-            ),
-        ];
-        for (table, f, tier, reason) in cases {
-            let got = p.decide(table, &f);
-            assert_eq!((got.tier, got.reason), (tier, reason), "{table} {f:?}");
-        }
-    }
-
-    #[test]
-    fn rejects_every_problem_at_once() {
-        let text = r#"
-            version = "t"
-            [defaults]
-            archive_after = "5y"
-            patient_inactive_after = "3y"
-            [tables.nope]
-            tier = "archive"
-            [tables.medications]
-            tier = "operational"
-            current_when = { column = "state", values = [] }
-        "#;
-        let err = PolicyConfig::parse(text)
-            .unwrap()
-            .build(&[("medications", &["id", "status"][..])])
-            .unwrap_err();
-        let PolicyError::Invalid { problems } = err else {
-            panic!("{err}")
-        };
-        assert_eq!(problems.len(), 4, "{problems:#?}");
-        assert!(problems.iter().any(|p| p.contains("nope")));
-        assert!(problems.iter().any(|p| p.contains("\"state\"")));
-    }
-
-    #[test]
-    fn rejects_malformed_documents() {
-        for bad in [
-            "version = 1",
-            "version = \"x\"\n[defaults]\narchive_after = \"5 years\"\npatient_inactive_after = \"3y\"",
-            "version = \"x\"\n[defaults]\narchive_after = \"5y\"\npatient_inactive_after = \"3y\"\nunknown = 1",
-            "version = \"x\"\n[defaults]\narchive_after = \"5y\"\npatient_inactive_after = \"3y\"\n[tables.t]\ntier = \"cold\"",
-        ] {
-            assert!(matches!(PolicyConfig::parse(bad), Err(PolicyError::Parse { .. })), "{bad}");
-        }
-    }
-}
+mod tests;

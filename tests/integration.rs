@@ -66,7 +66,8 @@ async fn sqlite_to_sqlite_every_row_lands_in_exactly_one_tier() {
         .unwrap()
         .plan()
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     let report = migrate(&config_path).await;
     // The plan predicts the run exactly, and the run's report matches what is really stored.
     assert_eq!(plan.tables, report.tables);
@@ -74,7 +75,7 @@ async fn sqlite_to_sqlite_every_row_lands_in_exactly_one_tier() {
     assert_tiers_add_up(&counts);
     assert_report_matches(&report, &counts);
     // The example policy pins patients and keeps active medications operational.
-    assert_eq!(counts["patients"].2, 0);
+    assert_eq!(counts["patients"].archive, 0);
     let target = Db::connect(&config.resolve_url(&config.operational.url).unwrap(), false)
         .await
         .unwrap();
@@ -122,7 +123,7 @@ async fn sqlite_to_sqlite_every_row_lands_in_exactly_one_tier() {
         let data: serde_json::Value = serde_json::from_str(&row[4]).unwrap();
         assert_eq!(data["id"], planted[1][3..]);
     }
-    let quarantined: u64 = counts.values().map(|c| c.3).sum();
+    let quarantined: u64 = counts.values().map(|c| c.quarantine).sum();
     assert_eq!(rows.len() as u64, quarantined);
 
     // A second run does not load the same rows twice.
@@ -624,11 +625,11 @@ current_when = { column = "STOP", values = ["<null>"] }
     let counts = tier_counts(&load_config(&dir.path().join("strata.toml"))).await;
     assert_tiers_add_up(&counts);
     assert_eq!(
-        counts.values().map(|c| c.0).sum::<u64>(),
+        counts.values().map(|c| c.source).sum::<u64>(),
         report.tables.iter().map(|t| t.source_rows).sum::<u64>()
     );
     assert!(
-        counts["observations"].2 > 0,
+        counts["observations"].archive > 0,
         "old observations are archived: {:?}",
         counts["observations"]
     );
@@ -706,7 +707,7 @@ fn demo_command_migrates_and_plan_reports() {
         String::from_utf8_lossy(&plan.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
-    assert_eq!(report["tables"].as_array().unwrap().len(), 9);
+    assert_eq!(report["plan"]["tables"].as_array().unwrap().len(), 9);
     // Running the demo again replaces its own directory; a foreign directory is refused.
     let again = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
         .args(["demo", "--no-serve", "--scale", "0.01", "--dir"])

@@ -124,8 +124,19 @@ pub async fn count(db: &Db, sql: String) -> u64 {
     }
 }
 
-/// Rows per table in each place: (source, operational, archive, quarantine).
-pub async fn tier_counts(config: &MigrationConfig) -> BTreeMap<String, (u64, u64, u64, u64)> {
+/// Rows per table in each place: source, operational, archive, quarantine, purged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub source: u64,
+    pub operational: u64,
+    pub archive: u64,
+    pub quarantine: u64,
+    pub purged: u64,
+}
+
+/// Counts every table in every place: the source, the operational database, the archive (by
+/// reading every file), the quarantine table, and the destruction records.
+pub async fn tier_counts(config: &MigrationConfig) -> BTreeMap<String, Counts> {
     let source = Db::connect(&config.resolve_url(&config.source.url).unwrap(), true)
         .await
         .unwrap();
@@ -133,6 +144,10 @@ pub async fn tier_counts(config: &MigrationConfig) -> BTreeMap<String, (u64, u64
         .await
         .unwrap();
     let archive = open_archive(&config.archive, &config.base_dir).await;
+    let control = strata_ingest::Control::open(&config.control_url().unwrap())
+        .await
+        .unwrap();
+    let destroyed = control.destroyed_rows().await.unwrap();
     let mut out = BTreeMap::new();
     for table in config.tables.keys() {
         let s = count(&source, format!("SELECT COUNT(*) FROM {}", quote(table))).await;
@@ -154,7 +169,17 @@ pub async fn tier_counts(config: &MigrationConfig) -> BTreeMap<String, (u64, u64
                     .sum::<u64>();
             }
         }
-        out.insert(table.clone(), (s, o, a, q));
+        let purged = destroyed.get(table).copied().unwrap_or(0);
+        out.insert(
+            table.clone(),
+            Counts {
+                source: s,
+                operational: o,
+                archive: a,
+                quarantine: q,
+                purged,
+            },
+        );
     }
     source.close().await;
     target.close().await;
@@ -166,33 +191,31 @@ pub async fn open_archive(config: &ArchiveConfig, base: &Path) -> ArchiveReader 
     ArchiveReader::open(store, keys).await.unwrap()
 }
 
-/// Asserts that every source row is in exactly one tier, and that both tiers are used.
-pub fn assert_tiers_add_up(counts: &BTreeMap<String, (u64, u64, u64, u64)>) {
+/// Asserts that every source row is in exactly one place, and that the archive is used.
+pub fn assert_tiers_add_up(counts: &BTreeMap<String, Counts>) {
     let mut archived = 0;
-    for (table, (s, o, a, q)) in counts {
-        assert!(*s > 0, "{table}: empty source");
+    for (table, c) in counts {
+        assert!(c.source > 0, "{table}: empty source");
         assert_eq!(
-            *s,
-            o + a + q,
-            "{table}: source {s} != operational {o} + archive {a} + quarantine {q}"
+            c.source,
+            c.operational + c.archive + c.quarantine + c.purged,
+            "{table}: {c:?}"
         );
-        archived += a;
+        archived += c.archive;
     }
     assert!(archived > 0, "nothing was archived: {counts:?}");
 }
 
-/// Asserts that a run's report counts what is really stored in each tier.
-pub fn assert_report_matches(
-    report: &strata_ingest::RunReport,
-    counts: &BTreeMap<String, (u64, u64, u64, u64)>,
-) {
+/// Asserts that a run's report counts what is really stored in each place.
+pub fn assert_report_matches(report: &strata_ingest::RunReport, counts: &BTreeMap<String, Counts>) {
     for t in &report.tables {
-        let reported = (
-            t.source_rows,
-            t.operational_rows,
-            t.archive_rows,
-            t.quarantined_rows,
-        );
+        let reported = Counts {
+            source: t.source_rows,
+            operational: t.operational_rows,
+            archive: t.archive_rows,
+            quarantine: t.quarantined_rows,
+            purged: t.purged_rows,
+        };
         assert_eq!(
             counts[&t.table], reported,
             "{}: stored vs reported",

@@ -48,13 +48,33 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Show where every row would go (rows per table per tier). Moves nothing.
+    /// Show where every row would go (rows, bytes and patients per tier), compared with the
+    /// previous plan. Moves nothing.
     Plan {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
-        /// Print JSON.
+        /// Print JSON (the plan and the previous plan).
         #[arg(long)]
         json: bool,
+    },
+    /// Explain how the policy decides one record: its facts and each rule.
+    Explain {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// The table.
+        table: String,
+        /// The record's primary key (col=value,... for a composite key).
+        key: String,
+    },
+    /// Cutoff policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Legal holds: records under a hold are never purged.
+    Hold {
+        #[command(subcommand)]
+        command: HoldCommand,
     },
     /// Run (or resume) the migration.
     Migrate {
@@ -98,6 +118,55 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check a policy file against the config and the source schema; lists every problem.
+    Check {
+        /// The policy file (by default, the one strata.toml names).
+        file: Option<PathBuf>,
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum HoldCommand {
+    /// Place a hold on a patient, a table, or the rows of a table whose column equals a value.
+    Place {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        #[arg(long, conflicts_with_all = ["table", "column", "value"])]
+        patient: Option<String>,
+        #[arg(long, required_unless_present = "patient")]
+        table: Option<String>,
+        #[arg(long, requires = "value")]
+        column: Option<String>,
+        #[arg(long, requires = "column")]
+        value: Option<String>,
+        /// Who places it.
+        #[arg(long)]
+        by: String,
+        /// Why (a case or matter reference).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release a hold.
+    Release {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        hold_id: String,
+        #[arg(long)]
+        by: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// List holds, placed and released.
+    List {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum RoleArg {
     Clinician,
@@ -117,6 +186,56 @@ impl From<RoleArg> for Role {
             RoleArg::Admin => Role::Admin,
         }
     }
+}
+
+async fn hold(command: HoldCommand) -> Result<()> {
+    use strata_ingest::{Control, HoldScopeRecord};
+    let open =
+        |config: &PathBuf| -> Result<String> { Ok(config::load(config)?.migration.control_url()?) };
+    match command {
+        HoldCommand::Place {
+            config,
+            patient,
+            table,
+            column,
+            value,
+            by,
+            reason,
+        } => {
+            let control = Control::open(&open(&config)?).await?;
+            let scope = match (patient, table, column, value) {
+                (Some(p), _, _, _) => HoldScopeRecord::Patient(p),
+                (None, Some(t), Some(c), Some(v)) => HoldScopeRecord::Filter {
+                    table: t,
+                    column: c,
+                    value: v,
+                },
+                (None, Some(t), _, _) => HoldScopeRecord::Table(t),
+                _ => anyhow::bail!(
+                    "name a --patient, a --table, or a --table with --column and --value"
+                ),
+            };
+            let id = control.place_hold(&scope, &reason, &by).await?;
+            println!("{id}");
+        }
+        HoldCommand::Release {
+            config,
+            hold_id,
+            by,
+            reason,
+        } => {
+            Control::open(&open(&config)?)
+                .await?
+                .release_hold(&hold_id, &reason, &by)
+                .await?;
+            println!("released {hold_id}");
+        }
+        HoldCommand::List { config } => {
+            let holds = Control::open(&open(&config)?).await?.holds().await?;
+            println!("{}", serde_json::to_string_pretty(&holds)?);
+        }
+    }
+    Ok(())
 }
 
 fn today() -> chrono::NaiveDate {
@@ -151,18 +270,79 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Plan { config, json } => {
             let loaded = config::load(&config)?;
             let migration = Migration::prepare(loaded.migration, today()).await?;
-            let report = migration.plan().await?;
+            let (report, previous) = migration.plan().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let out = serde_json::json!({ "plan": report, "previous": previous });
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
                     "plan under policy {} (as of {}): nothing is moved\n",
                     report.policy_version, report.as_of
                 );
                 print!("{}", report.to_text());
+                if !report.holds.is_empty() {
+                    println!("\nlegal holds in force: {}", report.holds.join(", "));
+                }
+                if let Some(previous) = previous {
+                    print!("\n{}", report.diff(&previous));
+                }
             }
             Ok(())
         }
+        Command::Explain { config, table, key } => {
+            let loaded = config::load(&config)?;
+            let migration = Migration::prepare(loaded.migration, today()).await?;
+            let e = migration.explain(&table, &key).await?;
+            let held = if e.decision.held {
+                ", under legal hold"
+            } else {
+                ""
+            };
+            println!(
+                "{} {}: {} ({}{held})\n",
+                e.table,
+                e.key,
+                e.decision.tier,
+                e.decision.reason.as_str()
+            );
+            println!("facts:");
+            for f in &e.facts {
+                println!("  {f}");
+            }
+            println!("rules, in precedence order:");
+            for s in &e.steps {
+                println!("  {s}");
+            }
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { file, config },
+        } => {
+            let loaded = config::load(&config)?;
+            let mut migration = loaded.migration;
+            if let Some(file) = file {
+                let full = std::fs::canonicalize(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                migration.policy.file = full.display().to_string();
+            }
+            let policy = strata_ingest::read_policy(&migration)?;
+            let problems = strata_ingest::check_policy(&migration, &policy).await?;
+            if problems.is_empty() {
+                println!(
+                    "{}: policy {} is valid for {} tables",
+                    migration.policy_path().display(),
+                    policy.version,
+                    migration.tables.len()
+                );
+                Ok(())
+            } else {
+                for p in &problems {
+                    eprintln!("{}: {p}", migration.policy_path().display());
+                }
+                anyhow::bail!("{} problem(s): nothing was run", problems.len())
+            }
+        }
+        Command::Hold { command } => hold(command).await,
         Command::Migrate { config, json } => {
             let loaded = config::load(&config)?;
             let mut migration = Migration::prepare(loaded.migration, today()).await?;

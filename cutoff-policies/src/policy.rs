@@ -267,7 +267,10 @@ impl PolicyConfig {
             .map(|c| vec![c.column.clone()])
             .unwrap_or_default();
         for h in holds {
-            if let HoldScope::Filter { table: t, column, .. } = &h.scope {
+            if let HoldScope::Filter {
+                table: t, column, ..
+            } = &h.scope
+            {
                 if t == table && !cols.contains(column) {
                     cols.push(column.clone());
                 }
@@ -281,44 +284,97 @@ impl PolicyConfig {
         let known: HashMap<&str, &[&str]> = tables.iter().copied().collect();
         let mut problems = Vec::new();
         let mut problem = |line: Option<usize>, rule: &str, message: String| {
-            problems.push(PolicyProblem { line, rule: rule.to_string(), message })
+            problems.push(PolicyProblem {
+                line,
+                rule: rule.to_string(),
+                message,
+            })
         };
         if self.version.trim().is_empty() {
-            problem(self.line_of("version"), "version", "must not be empty".into());
+            problem(
+                self.line_of("version"),
+                "version",
+                "must not be empty".into(),
+            );
         }
         if let Some(tz) = &self.timezone {
             if parse_timezone(tz).is_none() {
-                problem(self.line_of("timezone"), "timezone", format!("{tz:?} is not UTC or an offset such as -05:00"));
+                problem(
+                    self.line_of("timezone"),
+                    "timezone",
+                    format!("{tz:?} is not UTC or an offset such as -05:00"),
+                );
             }
         }
         if self.undated == Some(Tier::Purge) {
-            problem(self.line_of("undated"), "undated", "records without a usable date cannot be purged: use operational or archive".into());
+            problem(
+                self.line_of("undated"),
+                "undated",
+                "records without a usable date cannot be purged: use operational or archive".into(),
+            );
         }
-        let has_birth = self.patients.as_ref().is_some_and(|p| p.birth_date.is_some());
-        let has_death = self.patients.as_ref().is_some_and(|p| p.deceased_date.is_some());
+        let has_birth = self
+            .patients
+            .as_ref()
+            .is_some_and(|p| p.birth_date.is_some());
+        let has_death = self
+            .patients
+            .as_ref()
+            .is_some_and(|p| p.deceased_date.is_some());
         if let Some(p) = &self.patients {
             let line = self.line_of("[patients]");
             match known.get(p.table.as_str()) {
-                None => problem(line, "[patients] table", format!("no table {:?} in the configuration", p.table)),
+                None => problem(
+                    line,
+                    "[patients] table",
+                    format!("no table {:?} in the configuration", p.table),
+                ),
                 Some(cols) => {
                     for c in [&p.birth_date, &p.deceased_date].into_iter().flatten() {
                         if !cols.contains(&c.as_str()) {
-                            problem(line, "[patients]", format!("no column {c:?} in table {}", p.table));
+                            problem(
+                                line,
+                                "[patients]",
+                                format!("no column {c:?} in table {}", p.table),
+                            );
                         }
                     }
                 }
             }
         }
-        let check_rules = |rule: &str, line: Option<usize>, minor: bool, deceased: bool, problem: &mut dyn FnMut(Option<usize>, &str, String)| {
-            if minor && !has_birth {
-                problem(line, rule, "minor_retention needs [patients] birth_date to know who was a minor".into());
-            }
-            if deceased && !has_death {
-                problem(line, rule, "deceased_retention needs [patients] deceased_date".into());
-            }
-        };
-        check_rules("[defaults]", self.line_of("[defaults]"), self.defaults.minor_retention.is_some(), self.defaults.deceased_retention.is_some(), &mut problem);
-        if self.defaults.retention.is_none() && (self.defaults.minor_retention.is_some() || self.defaults.deceased_retention.is_some()) {
+        let check_rules =
+            |rule: &str,
+             line: Option<usize>,
+             minor: bool,
+             deceased: bool,
+             problem: &mut dyn FnMut(Option<usize>, &str, String)| {
+                if minor && !has_birth {
+                    problem(
+                        line,
+                        rule,
+                        "minor_retention needs [patients] birth_date to know who was a minor"
+                            .into(),
+                    );
+                }
+                if deceased && !has_death {
+                    problem(
+                        line,
+                        rule,
+                        "deceased_retention needs [patients] deceased_date".into(),
+                    );
+                }
+            };
+        check_rules(
+            "[defaults]",
+            self.line_of("[defaults]"),
+            self.defaults.minor_retention.is_some(),
+            self.defaults.deceased_retention.is_some(),
+            &mut problem,
+        );
+        if self.defaults.retention.is_none()
+            && (self.defaults.minor_retention.is_some()
+                || self.defaults.deceased_retention.is_some())
+        {
             problem(self.line_of("[defaults]"), "[defaults]", "minor_retention and deceased_retention adjust `retention`, which is not set, so they never apply".into());
         }
         for (name, rules) in &self.tables {
@@ -330,10 +386,18 @@ impl PolicyConfig {
             };
             if let Some(cw) = &rules.current_when {
                 if !columns.contains(&cw.column.as_str()) {
-                    problem(line, &format!("{rule} current_when"), format!("no column {:?} in table {name}", cw.column));
+                    problem(
+                        line,
+                        &format!("{rule} current_when"),
+                        format!("no column {:?} in table {name}", cw.column),
+                    );
                 }
                 if cw.values.is_empty() {
-                    problem(line, &format!("{rule} current_when"), "`values` is empty, so the rule can never match".into());
+                    problem(
+                        line,
+                        &format!("{rule} current_when"),
+                        "`values` is empty, so the rule can never match".into(),
+                    );
                 }
             }
             let others = rules.current_when.is_some()
@@ -344,14 +408,36 @@ impl PolicyConfig {
                 || rules.minor_retention.is_some()
                 || rules.deceased_retention.is_some();
             match rules.tier {
-                Some(Tier::Purge) => problem(line, &format!("{rule} tier"), "a whole table cannot be pinned to purge: use retention".into()),
-                Some(_) if others => problem(line, &rule, "`tier` pins every record, so the table's other rules can never apply".into()),
+                Some(Tier::Purge) => problem(
+                    line,
+                    &format!("{rule} tier"),
+                    "a whole table cannot be pinned to purge: use retention".into(),
+                ),
+                Some(_) if others => problem(
+                    line,
+                    &rule,
+                    "`tier` pins every record, so the table's other rules can never apply".into(),
+                ),
                 _ => {}
             }
-            if rules.permanent && (rules.retention.is_some() || rules.minor_retention.is_some() || rules.deceased_retention.is_some()) {
-                problem(line, &rule, "`permanent` conflicts with a retention rule".into());
+            if rules.permanent
+                && (rules.retention.is_some()
+                    || rules.minor_retention.is_some()
+                    || rules.deceased_retention.is_some())
+            {
+                problem(
+                    line,
+                    &rule,
+                    "`permanent` conflicts with a retention rule".into(),
+                );
             }
-            check_rules(&rule, line, rules.minor_retention.is_some(), rules.deceased_retention.is_some(), &mut problem);
+            check_rules(
+                &rule,
+                line,
+                rules.minor_retention.is_some(),
+                rules.deceased_retention.is_some(),
+                &mut problem,
+            );
         }
         problems
     }
@@ -366,7 +452,9 @@ impl PolicyConfig {
             pinned: t.tier,
             permanent: t.permanent,
             archive_after: t.archive_after.unwrap_or(self.defaults.archive_after),
-            inactive_after: t.patient_inactive_after.unwrap_or(self.defaults.patient_inactive_after),
+            inactive_after: t
+                .patient_inactive_after
+                .unwrap_or(self.defaults.patient_inactive_after),
             keep_chart: t.keep_chart_together.or(self.defaults.keep_chart_together),
             retention: t.retention.or(self.defaults.retention),
             minor_retention: t.minor_retention.or(self.defaults.minor_retention),
@@ -380,11 +468,19 @@ impl PolicyConfig {
             version: self.version.clone(),
             hash: self.hash.clone(),
             as_of: self.as_of,
-            timezone: self.timezone.as_deref().and_then(parse_timezone).unwrap_or(FixedOffset::east_opt(0).expect("UTC")),
+            timezone: self
+                .timezone
+                .as_deref()
+                .and_then(parse_timezone)
+                .unwrap_or(FixedOffset::east_opt(0).expect("UTC")),
             undated: self.undated.unwrap_or(Tier::Operational),
             majority: self.patients.as_ref().map_or(18, |p| p.age_of_majority),
             defaults: compile(&TableRulesConfig::default()),
-            tables: self.tables.iter().map(|(n, t)| (n.clone(), compile(t))).collect(),
+            tables: self
+                .tables
+                .iter()
+                .map(|(n, t)| (n.clone(), compile(t)))
+                .collect(),
             holds: Vec::new(),
         })
     }
@@ -515,7 +611,10 @@ impl Reason {
 
     /// True for reasons that a records manager should review.
     pub fn is_flagged(&self) -> bool {
-        matches!(self, Reason::DateMissing | Reason::DatePlaceholder | Reason::DateInFuture)
+        matches!(
+            self,
+            Reason::DateMissing | Reason::DatePlaceholder | Reason::DateInFuture
+        )
     }
 }
 
@@ -601,7 +700,11 @@ impl Policy {
             .filter(|h| match &h.scope {
                 HoldScope::Patient(p) => facts.patient == Some(p.as_str()),
                 HoldScope::Table(t) => t == table,
-                HoldScope::Filter { table: t, column, value } => {
+                HoldScope::Filter {
+                    table: t,
+                    column,
+                    value,
+                } => {
                     t == table
                         && extra
                             .iter()
@@ -614,7 +717,12 @@ impl Policy {
     }
 
     /// The date a record's retention ends, if the rules destroy it at all.
-    fn retention_end(&self, rules: &CompiledRules, record_date: NaiveDate, p: &PatientFacts) -> Option<NaiveDate> {
+    fn retention_end(
+        &self,
+        rules: &CompiledRules,
+        record_date: NaiveDate,
+        p: &PatientFacts,
+    ) -> Option<NaiveDate> {
         if rules.permanent {
             return None;
         }
@@ -624,7 +732,12 @@ impl Policy {
             _ => retention.after(p.last_activity.unwrap_or(record_date).max(record_date)),
         };
         if let (Some(birth), Some(minor)) = (p.birth_date, rules.minor_retention) {
-            let majority = PolicyDuration { years: self.majority, months: 0, days: 0 }.after(birth);
+            let majority = PolicyDuration {
+                years: self.majority,
+                months: 0,
+                days: 0,
+            }
+            .after(birth);
             if record_date < majority {
                 end = end.max(minor.after(majority));
             }
@@ -633,48 +746,82 @@ impl Policy {
     }
 
     /// Decides one record of `table`. Deterministic: the same facts always give the same answer.
-    pub fn decide(&self, table: &str, facts: &RecordFacts<'_>, extra_columns: &[String]) -> Decision {
+    pub fn decide(
+        &self,
+        table: &str,
+        facts: &RecordFacts<'_>,
+        extra_columns: &[String],
+    ) -> Decision {
         self.evaluate(table, facts, extra_columns, &mut |_| {})
     }
 
     /// Decides one record and says, rule by rule, how.
-    pub fn explain(&self, table: &str, facts: &RecordFacts<'_>, extra_columns: &[String]) -> (Decision, Vec<String>) {
+    pub fn explain(
+        &self,
+        table: &str,
+        facts: &RecordFacts<'_>,
+        extra_columns: &[String],
+    ) -> (Decision, Vec<String>) {
         let mut steps = Vec::new();
         let d = self.evaluate(table, facts, extra_columns, &mut |s| steps.push(s));
         (d, steps)
     }
 
-    fn evaluate(&self, table: &str, facts: &RecordFacts<'_>, extra: &[String], trace: &mut dyn FnMut(String)) -> Decision {
+    fn evaluate(
+        &self,
+        table: &str,
+        facts: &RecordFacts<'_>,
+        extra: &[String],
+        trace: &mut dyn FnMut(String),
+    ) -> Decision {
         let rules = self.rules(table);
         let holds = self.holds_on(table, facts, extra);
         let held = !holds.is_empty();
         let decision = |tier, reason| Decision { tier, reason, held };
         if held {
             let ids: Vec<&str> = holds.iter().map(|h| h.id.as_str()).collect();
-            trace(format!("legal hold: covered by {}: never purged", ids.join(", ")));
+            trace(format!(
+                "legal hold: covered by {}: never purged",
+                ids.join(", ")
+            ));
         } else {
             trace("legal hold: none covers this record".into());
         }
         if let Some(tier) = rules.pinned {
-            trace(format!("table rule: every record of {table} is pinned to {tier}"));
+            trace(format!(
+                "table rule: every record of {table} is pinned to {tier}"
+            ));
             return decision(tier, Reason::TablePinned);
         }
         if let Some(values) = &rules.current_values {
             let value = facts.columns.first().cloned().flatten();
-            let v = value.clone().unwrap_or_else(|| "<null>".into()).to_ascii_lowercase();
+            let v = value
+                .clone()
+                .unwrap_or_else(|| "<null>".into())
+                .to_ascii_lowercase();
             if values.contains(&v) {
-                trace(format!("clinically current: status {v:?} is one of {values:?}: stays operational"));
+                trace(format!(
+                    "clinically current: status {v:?} is one of {values:?}: stays operational"
+                ));
                 return decision(Tier::Operational, Reason::ClinicallyCurrent);
             }
-            trace(format!("clinically current: status {v:?} is not one of {values:?}"));
+            trace(format!(
+                "clinically current: status {v:?} is not one of {values:?}"
+            ));
         }
         let date = match facts.record_date {
             DateFact::Missing => {
-                trace(format!("record date: missing: goes to {} and is flagged", self.undated));
+                trace(format!(
+                    "record date: missing: goes to {} and is flagged",
+                    self.undated
+                ));
                 return decision(self.undated, Reason::DateMissing);
             }
             DateFact::Placeholder => {
-                trace(format!("record date: a placeholder before 1901: goes to {} and is flagged", self.undated));
+                trace(format!(
+                    "record date: a placeholder before 1901: goes to {} and is flagged",
+                    self.undated
+                ));
                 return decision(self.undated, Reason::DatePlaceholder);
             }
             DateFact::Future => {
@@ -688,7 +835,9 @@ impl Policy {
         };
         match self.retention_end(rules, date, &facts.patient_facts) {
             Some(end) if end < now && held => {
-                trace(format!("retention: ended {end}, but a legal hold keeps it: archived, not purged"));
+                trace(format!(
+                    "retention: ended {end}, but a legal hold keeps it: archived, not purged"
+                ));
                 return decision(Tier::Archive, Reason::LegalHold);
             }
             Some(end) if end < now => {
@@ -704,25 +853,38 @@ impl Policy {
             return decision(Tier::Operational, Reason::RecordRecent);
         }
         let inactive_since = rules.inactive_after.before(now);
-        let active = facts.patient_facts.last_activity.is_some_and(|last| last > inactive_since);
+        let active = facts
+            .patient_facts
+            .last_activity
+            .is_some_and(|last| last > inactive_since);
         if active {
             let within_chart = rules.keep_chart.is_none_or(|w| date > w.before(now));
             trace(format!(
                 "activity: patient's last activity {} is after {inactive_since}: active",
-                facts.patient_facts.last_activity.expect("active has a date")
+                facts
+                    .patient_facts
+                    .last_activity
+                    .expect("active has a date")
             ));
             if within_chart {
-                trace("chart: an active patient's chart is kept together: stays operational".into());
+                trace(
+                    "chart: an active patient's chart is kept together: stays operational".into(),
+                );
                 return decision(Tier::Operational, Reason::PatientActive);
             }
             trace("chart: the record is older than the kept chart window".into());
         } else {
             trace(format!(
                 "activity: patient's last activity {} is not after {inactive_since}: inactive",
-                facts.patient_facts.last_activity.map_or("unknown".into(), |d| d.to_string())
+                facts
+                    .patient_facts
+                    .last_activity
+                    .map_or("unknown".into(), |d| d.to_string())
             ));
         }
-        trace(format!("age: record date {date} is not after the archive cutoff {cutoff}: archived"));
+        trace(format!(
+            "age: record date {date} is not after the archive cutoff {cutoff}: archived"
+        ));
         decision(Tier::Archive, Reason::AgedOut)
     }
 }

@@ -27,7 +27,124 @@ CREATE TABLE IF NOT EXISTS strata_table_runs (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (run_id, table_name)
 );
+CREATE TABLE IF NOT EXISTS strata_policy_versions (
+    policy_hash TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    author TEXT NOT NULL,
+    stored_at TEXT NOT NULL,
+    policy_text TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS strata_plans (
+    plan_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    policy_hash TEXT NOT NULL,
+    report TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS strata_holds (
+    hold_id TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    patient TEXT,
+    table_name TEXT,
+    column_name TEXT,
+    value TEXT,
+    reason TEXT NOT NULL,
+    placed_by TEXT NOT NULL,
+    placed_at TEXT NOT NULL,
+    released_by TEXT,
+    released_at TEXT,
+    release_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS strata_destructions (
+    run_id TEXT NOT NULL,
+    table_name TEXT NOT NULL,
+    rows_destroyed BIGINT NOT NULL,
+    key_min TEXT,
+    key_max TEXT,
+    key_checksum TEXT NOT NULL,
+    policy_version TEXT NOT NULL,
+    policy_hash TEXT NOT NULL,
+    destroyed_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, table_name)
+);
 ";
+
+/// A legal hold as recorded: what it covers, who placed it and why, and its release if any.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HoldRecord {
+    /// The hold's id.
+    pub hold_id: String,
+    /// What it covers.
+    pub scope: HoldScopeRecord,
+    /// Why it was placed.
+    pub reason: String,
+    /// Who placed it.
+    pub placed_by: String,
+    /// When (RFC 3339).
+    pub placed_at: String,
+    /// Who released it, when and why.
+    pub released: Option<(String, String, String)>,
+}
+
+/// What a hold covers, as stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldScopeRecord {
+    /// One patient.
+    Patient(String),
+    /// One table.
+    Table(String),
+    /// Rows of a table whose column equals a value.
+    Filter {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The value.
+        value: String,
+    },
+}
+
+impl HoldScopeRecord {
+    /// The policy engine's form.
+    pub fn to_scope(&self) -> strata_cutoff_policies::HoldScope {
+        use strata_cutoff_policies::HoldScope;
+        match self.clone() {
+            HoldScopeRecord::Patient(p) => HoldScope::Patient(p),
+            HoldScopeRecord::Table(t) => HoldScope::Table(t),
+            HoldScopeRecord::Filter {
+                table,
+                column,
+                value,
+            } => HoldScope::Filter {
+                table,
+                column,
+                value,
+            },
+        }
+    }
+}
+
+/// What a destruction record says: no PHI, only counts, key range and a checksum.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DestructionRecord {
+    /// The run that destroyed the rows.
+    pub run_id: String,
+    /// The table.
+    pub table: String,
+    /// How many rows.
+    pub rows: u64,
+    /// Smallest primary key (text order), for keyed tables.
+    pub key_min: Option<String>,
+    /// Largest primary key.
+    pub key_max: Option<String>,
+    /// XOR of the SHA-256 of every destroyed row's key (of its values, for keyless tables), hex:
+    /// order-independent, so it can be recomputed from the source to prove what was destroyed.
+    pub key_checksum: String,
+    /// The policy version that destroyed them.
+    pub policy_version: String,
+    /// Its hash.
+    pub policy_hash: String,
+}
 
 /// A run as recorded.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,6 +307,239 @@ impl Control {
             )
             .await
             .map(|_| ())
+    }
+
+    /// Stores a policy version (once per distinct text).
+    pub async fn store_policy_version(
+        &self,
+        hash: &str,
+        version: &str,
+        author: &str,
+        text: &str,
+    ) -> Result<()> {
+        let exists = self
+            .db
+            .fetch_all(
+                format!(
+                    "SELECT 1 FROM strata_policy_versions WHERE policy_hash = '{}'",
+                    hash.replace('\'', "''")
+                ),
+                vec![ColumnType::Int],
+            )
+            .await?;
+        if !exists.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO strata_policy_versions (policy_hash, version, author, stored_at, policy_text) VALUES ({}, {}, {}, {}, {})",
+            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5)
+        );
+        let t = |s: &str| Value::Text(s.to_string());
+        self.db
+            .execute_with(&sql, &[t(hash), t(version), t(author), t(&now()), t(text)])
+            .await
+            .map(|_| ())
+    }
+
+    /// Saves a plan's report; returns the previous plan's, if any.
+    pub async fn save_plan(&self, policy_hash: &str, report: &str) -> Result<Option<String>> {
+        let previous = self
+            .db
+            .fetch_all(
+                "SELECT report FROM strata_plans ORDER BY created_at DESC, plan_id DESC LIMIT 1"
+                    .into(),
+                vec![ColumnType::Text],
+            )
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|r| r[0].as_key_text());
+        let sql = format!(
+            "INSERT INTO strata_plans (plan_id, created_at, policy_hash, report) VALUES ({}, {}, {}, {})",
+            self.p(1), self.p(2), self.p(3), self.p(4)
+        );
+        let id = format!(
+            "plan-{}-{:04x}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+            rand::random::<u16>()
+        );
+        let t = |s: &str| Value::Text(s.to_string());
+        self.db
+            .execute_with(&sql, &[t(&id), t(&now()), t(policy_hash), t(report)])
+            .await?;
+        Ok(previous)
+    }
+
+    /// Places a legal hold; returns its id.
+    pub async fn place_hold(
+        &self,
+        scope: &HoldScopeRecord,
+        reason: &str,
+        by: &str,
+    ) -> Result<String> {
+        if reason.trim().is_empty() || by.trim().is_empty() {
+            return Err(crate::IngestError::Run(
+                "a legal hold needs who places it and why".into(),
+            ));
+        }
+        let id = format!(
+            "hold-{}-{:04x}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+            rand::random::<u16>()
+        );
+        let (kind, patient, table, column, value) = match scope {
+            HoldScopeRecord::Patient(p) => ("patient", Some(p), None, None, None),
+            HoldScopeRecord::Table(t) => ("table", None, Some(t), None, None),
+            HoldScopeRecord::Filter {
+                table,
+                column,
+                value,
+            } => ("filter", None, Some(table), Some(column), Some(value)),
+        };
+        let opt = |v: Option<&String>| v.map(|s| Value::Text(s.clone())).unwrap_or(Value::Null);
+        let sql = format!(
+            "INSERT INTO strata_holds (hold_id, scope, patient, table_name, column_name, value, reason, placed_by, placed_at) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {})",
+            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5), self.p(6), self.p(7), self.p(8), self.p(9)
+        );
+        let t = |s: &str| Value::Text(s.to_string());
+        self.db
+            .execute_with(
+                &sql,
+                &[
+                    t(&id),
+                    t(kind),
+                    opt(patient),
+                    opt(table),
+                    opt(column),
+                    opt(value),
+                    t(reason),
+                    t(by),
+                    t(&now()),
+                ],
+            )
+            .await?;
+        Ok(id)
+    }
+
+    /// Releases a hold, recording who and why.
+    pub async fn release_hold(&self, hold_id: &str, reason: &str, by: &str) -> Result<()> {
+        if reason.trim().is_empty() || by.trim().is_empty() {
+            return Err(crate::IngestError::Run(
+                "releasing a legal hold needs who releases it and why".into(),
+            ));
+        }
+        let sql = format!(
+            "UPDATE strata_holds SET released_by = {}, released_at = {}, release_reason = {} WHERE hold_id = {} AND released_at IS NULL",
+            self.p(1), self.p(2), self.p(3), self.p(4)
+        );
+        let t = |s: &str| Value::Text(s.to_string());
+        let n = self
+            .db
+            .execute_with(&sql, &[t(by), t(&now()), t(reason), t(hold_id)])
+            .await?;
+        if n == 0 {
+            return Err(crate::IngestError::Run(format!(
+                "no active legal hold {hold_id}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every hold, placed and released, oldest first.
+    pub async fn holds(&self) -> Result<Vec<HoldRecord>> {
+        let rows = self
+            .db
+            .fetch_all(
+                "SELECT hold_id, scope, patient, table_name, column_name, value, reason, placed_by, placed_at, released_by, released_at, release_reason FROM strata_holds ORDER BY placed_at, hold_id".into(),
+                vec![ColumnType::Text; 12],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let t: Vec<Option<String>> = r.iter().map(|v| v.as_key_text()).collect();
+                let s = |i: usize| t[i].clone().unwrap_or_default();
+                let scope = match s(1).as_str() {
+                    "patient" => HoldScopeRecord::Patient(s(2)),
+                    "table" => HoldScopeRecord::Table(s(3)),
+                    _ => HoldScopeRecord::Filter {
+                        table: s(3),
+                        column: s(4),
+                        value: s(5),
+                    },
+                };
+                HoldRecord {
+                    hold_id: s(0),
+                    scope,
+                    reason: s(6),
+                    placed_by: s(7),
+                    placed_at: s(8),
+                    released: t[10].as_ref().map(|at| (s(9), at.clone(), s(11))),
+                }
+            })
+            .collect())
+    }
+
+    /// Records destroyed rows (replacing an earlier record of the same run and table).
+    pub async fn record_destruction(&self, d: &DestructionRecord) -> Result<()> {
+        let del = format!(
+            "DELETE FROM strata_destructions WHERE run_id = {} AND table_name = {}",
+            self.p(1),
+            self.p(2)
+        );
+        self.db
+            .execute_with(
+                &del,
+                &[Value::Text(d.run_id.clone()), Value::Text(d.table.clone())],
+            )
+            .await?;
+        let sql = format!(
+            "INSERT INTO strata_destructions (run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {})",
+            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5), self.p(6), self.p(7), self.p(8), self.p(9)
+        );
+        let t = |s: &str| Value::Text(s.to_string());
+        let opt = |v: &Option<String>| {
+            v.as_ref()
+                .map(|s| Value::Text(s.clone()))
+                .unwrap_or(Value::Null)
+        };
+        self.db
+            .execute_with(
+                &sql,
+                &[
+                    t(&d.run_id),
+                    t(&d.table),
+                    Value::Int(d.rows as i64),
+                    opt(&d.key_min),
+                    opt(&d.key_max),
+                    t(&d.key_checksum),
+                    t(&d.policy_version),
+                    t(&d.policy_hash),
+                    t(&now()),
+                ],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Rows destroyed per table over all runs.
+    pub async fn destroyed_rows(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let rows = self
+            .db
+            .fetch_all("SELECT table_name, CAST(SUM(rows_destroyed) AS BIGINT) FROM strata_destructions GROUP BY table_name".into(), vec![ColumnType::Text, ColumnType::Int])
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    r[0].as_key_text()?,
+                    match r[1] {
+                        Value::Int(n) => n as u64,
+                        _ => 0,
+                    },
+                ))
+            })
+            .collect())
     }
 
     /// Closes the connection.

@@ -27,8 +27,11 @@ pub struct TableLayout {
     pub key: Vec<usize>,
     /// Position of the record date column.
     pub record_date: Option<usize>,
-    /// Position of the policy's `current_when` column.
-    pub current_when: Option<usize>,
+    /// Positions of the columns the policy reads (`current_when`, hold filters), in the order
+    /// the policy expects them.
+    pub policy_columns: Vec<Option<usize>>,
+    /// Their names, in the same order.
+    pub policy_column_names: Vec<String>,
     /// BLOB columns.
     pub blobs: Vec<BlobLayout>,
     /// SQL expression of the patient key (aliases t0, t1, ...), `NULL` when the table has none.
@@ -46,7 +49,7 @@ impl TableLayout {
         name: &str,
         table: &TableConfig,
         schema: TableSchema,
-        current_when: Option<&str>,
+        policy_columns: &[String],
     ) -> Self {
         let pos = |c: &str| schema.columns.iter().position(|col| col.name == c);
         let (patient_expr, joins) = patient_expr(config, name);
@@ -54,7 +57,8 @@ impl TableLayout {
             name: name.to_string(),
             key: table.primary_key.iter().filter_map(|c| pos(c)).collect(),
             record_date: table.record_date.as_deref().and_then(pos),
-            current_when: current_when.and_then(pos),
+            policy_columns: policy_columns.iter().map(|c| pos(c)).collect(),
+            policy_column_names: policy_columns.to_vec(),
             blobs: table
                 .blobs
                 .iter()
@@ -81,19 +85,51 @@ impl TableLayout {
         &self.schema.columns
     }
 
-    /// The types `Db::fetch` decodes for [`TableLayout::select_sql`]: the columns, then the patient key.
+    /// The types `Db::fetch` decodes for [`TableLayout::select_sql`]: the columns, then the
+    /// patient key, then the row's size in bytes.
     pub fn fetch_types(&self) -> Vec<ColumnType> {
         let mut t: Vec<ColumnType> = self.columns().iter().map(|c| c.col_type).collect();
         t.push(ColumnType::Text);
+        t.push(ColumnType::Int);
         t
+    }
+
+    /// The row's size as the source database counts it, so a plan and a run report the same bytes.
+    fn size_expr(&self, db: &Db) -> String {
+        let parts: Vec<String> = self
+            .columns()
+            .iter()
+            .map(|c| {
+                let col = format!("t0.{}", quote(&c.name));
+                match db.kind() {
+                    DbKind::Postgres => format!("COALESCE(pg_column_size({col}), 0)"),
+                    DbKind::Sqlite => format!("COALESCE(LENGTH(CAST({col} AS BLOB)), 0)"),
+                }
+            })
+            .collect();
+        let sum = if parts.is_empty() {
+            "0".to_string()
+        } else {
+            parts.join(" + ")
+        };
+        match db.kind() {
+            DbKind::Postgres => format!("CAST({sum} AS BIGINT)"),
+            DbKind::Sqlite => sum,
+        }
     }
 
     fn patient_text(&self) -> String {
         format!("CAST({} AS TEXT)", self.patient_expr)
     }
 
-    /// SELECT of every column plus the patient key, ordered by patient key then record date.
+    /// SELECT of every column plus the patient key and the row size, ordered by patient key then
+    /// record date. `filter` is an extra WHERE condition (for one record).
     pub fn select_sql(&self, db: &Db) -> String {
+        self.select_where(db, None)
+    }
+
+    /// [`TableLayout::select_sql`] restricted by a condition on `t0`.
+    pub fn select_where(&self, db: &Db, filter: Option<&str>) -> String {
         let mut cols: Vec<String> = self
             .columns()
             .iter()
@@ -106,6 +142,7 @@ impl TableLayout {
             })
             .collect();
         cols.push(self.patient_text());
+        cols.push(self.size_expr(db));
         let mut order = vec![self.patient_text()];
         if let Some(d) = self.record_date {
             order.push(format!("t0.{}", quote(&self.columns()[d].name)));
@@ -114,10 +151,11 @@ impl TableLayout {
             order.push(format!("t0.{}", quote(&self.columns()[k].name)));
         }
         format!(
-            "SELECT {} FROM {} AS t0{} ORDER BY {}",
+            "SELECT {} FROM {} AS t0{}{} ORDER BY {}",
             cols.join(", "),
             quote(&self.name),
             self.joins,
+            filter.map(|f| format!(" WHERE {f}")).unwrap_or_default(),
             order.join(", ")
         )
     }

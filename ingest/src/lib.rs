@@ -16,18 +16,21 @@ mod config;
 mod control;
 mod db;
 mod error;
+mod facts;
 mod init;
 mod layout;
 mod migrate;
+mod report;
 mod value;
 
 pub use config::{
     BlobColumnConfig, DatabaseConfig, MigrationConfig, PatientVia, PolicyFileConfig, TableConfig,
 };
-pub use control::{Control, RunRecord};
+pub use control::{Control, DestructionRecord, HoldRecord, HoldScopeRecord, RunRecord};
 pub use db::{quote, redact, Column, Db, DbKind, TableSchema};
 pub use error::{IngestError, Result};
 pub use init::{draft_config, guess_tables, TableGuess};
 pub use layout::TableLayout;
-pub use migrate::{Migration, RunReport, TableReport};
+pub use migrate::{check_policy, read_policy, Explanation, Migration};
+pub use report::{RunReport, TableReport};
 pub use value::{parse_date, parse_timestamp, ColumnType, Value};

@@ -1,163 +1,200 @@
 //! Plan and run a migration: read each table once, let the policy decide every row, and send
-//! it to the operational database, the archive, or quarantine.
+//! it to the operational database, the archive, quarantine, or destruction.
 //!
 //! A run is recorded in the control database table by table. A table is loaded only into an
 //! empty target; if a run stops part-way, the next `migrate` resumes the same run (same
 //! `as_of`, same policy), empties the tables it had not finished and loads them again. Archive
 //! files of an unfinished table are never published in a manifest, so they are not part of the
-//! archive.
+//! archive. Purged rows leave only a destruction record: counts, key range, checksum.
 
 use crate::archive_rows::{archive_schema, to_record_batch, ArchivedRow};
 use crate::config::MigrationConfig;
-use crate::control::{Control, RunRecord};
+use crate::control::{Control, DestructionRecord, RunRecord};
 use crate::db::{quote, Column, Db, DbKind, TableSchema};
 use crate::error::{IngestError, Result};
+use crate::facts::{local_date, patient_facts, PatientTable};
 use crate::layout::TableLayout;
+use crate::report::{RunReport, TableReport, Tally};
 use crate::value::{ColumnType, Value};
 use base64::Engine;
 use chrono::NaiveDate;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
-use strata_cutoff_policies::{Policy, PolicyConfig, RecordFacts, Tier};
+use strata_cutoff_policies::{
+    Decision, LegalHold, PatientFacts, Policy, PolicyConfig, RecordFacts, Tier,
+};
 
-/// What happened (or would happen) to one table.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TableReport {
-    /// The table.
-    pub table: String,
-    /// Rows read from the source.
-    pub source_rows: u64,
-    /// Rows sent to the operational database.
-    pub operational_rows: u64,
-    /// Rows sent to the archive.
-    pub archive_rows: u64,
-    /// Rows quarantined (unreadable values), with their reasons in the quarantine table.
-    pub quarantined_rows: u64,
-    /// Rows kept operational because their date is missing or implausible: to review.
-    pub flagged_rows: u64,
-    /// Rows per deciding rule.
-    pub reasons: BTreeMap<String, u64>,
-    /// BLOBs stored in the archive.
-    pub blobs: u64,
-    /// Their total plaintext bytes.
-    pub blob_bytes: u64,
-}
-
-/// A whole run's (or plan's) report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunReport {
-    /// The run id (empty for a plan).
-    pub run_id: String,
-    /// The policy version applied.
-    pub policy_version: String,
-    /// SHA-256 of the policy text.
-    pub policy_hash: String,
-    /// The date taken as "now".
-    pub as_of: String,
-    /// Per table, in config order.
-    pub tables: Vec<TableReport>,
-}
-
-impl RunReport {
-    /// A table's report.
-    pub fn table(&self, name: &str) -> Option<&TableReport> {
-        self.tables.iter().find(|t| t.table == name)
-    }
-
-    /// Readable text: rows per table per tier.
-    pub fn to_text(&self) -> String {
-        let mut s = format!(
-            "{:<24} {:>10} {:>12} {:>10} {:>11} {:>8} {:>7}\n",
-            "table", "source", "operational", "archive", "quarantine", "flagged", "blobs"
-        );
-        for t in &self.tables {
-            s.push_str(&format!(
-                "{:<24} {:>10} {:>12} {:>10} {:>11} {:>8} {:>7}\n",
-                t.table,
-                t.source_rows,
-                t.operational_rows,
-                t.archive_rows,
-                t.quarantined_rows,
-                t.flagged_rows,
-                t.blobs
-            ));
-        }
-        s
-    }
-}
-
-/// A prepared migration: source connected, config and policy checked against its schema.
+/// A prepared migration: source connected, config, policy and holds checked against its schema.
 pub struct Migration {
     config: MigrationConfig,
     source: Db,
+    control: Control,
+    policy_config: PolicyConfig,
     policy: Policy,
     layouts: Vec<TableLayout>,
+}
+
+/// How one record was decided, for `strata explain`.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The record's table.
+    pub table: String,
+    /// Its key as given.
+    pub key: String,
+    /// The facts the policy saw, as lines.
+    pub facts: Vec<String>,
+    /// The decision.
+    pub decision: Decision,
+    /// Each rule and its outcome, in precedence order.
+    pub steps: Vec<String>,
 }
 
 const QUARANTINE_TABLE: &str = "_strata_quarantine";
 const ARCHIVE_BATCH_ROWS: usize = 8192;
 const OPERATIONAL_BATCH_BYTES: usize = 16 << 20;
 
-impl Migration {
-    /// Connects to the source (read-only), introspects the configured tables, and checks the
-    /// config and the policy against them. `today` is "now" unless the policy fixes `as_of`.
-    pub async fn prepare(config: MigrationConfig, today: NaiveDate) -> Result<Self> {
-        let policy_text =
-            std::fs::read_to_string(config.policy_path()).map_err(|e| IngestError::Config {
-                problems: vec![format!(
-                    "policy file {}: {e}",
-                    config.policy_path().display()
-                )],
-            })?;
-        let policy_config = PolicyConfig::parse(&policy_text)?;
-        let source = Db::connect(&config.resolve_url(&config.source.url)?, true).await?;
-        let mut schemas = BTreeMap::new();
-        let existing = source.table_names().await?;
-        for name in config.tables.keys() {
-            if existing.contains(name) {
-                schemas.insert(name.clone(), source.table_schema(name).await?);
-            }
+/// The policy text, parsed.
+pub fn read_policy(config: &MigrationConfig) -> Result<PolicyConfig> {
+    let path = config.policy_path();
+    let text = std::fs::read_to_string(&path).map_err(|e| IngestError::Config {
+        problems: vec![format!("policy file {}: {e}", path.display())],
+    })?;
+    Ok(PolicyConfig::parse(&text)?)
+}
+
+/// Introspects the configured tables that exist in the source.
+async fn source_schemas(
+    config: &MigrationConfig,
+    source: &Db,
+) -> Result<BTreeMap<String, TableSchema>> {
+    let existing = source.table_names().await?;
+    let mut schemas = BTreeMap::new();
+    for name in config.tables.keys() {
+        if existing.contains(name) {
+            schemas.insert(name.clone(), source.table_schema(name).await?);
         }
-        let problems = config.validate(&schemas);
+    }
+    Ok(schemas)
+}
+
+/// Checks a policy against a config and its source: every problem, with the policy's line
+/// numbers. Empty when the policy can run.
+pub async fn check_policy(config: &MigrationConfig, policy: &PolicyConfig) -> Result<Vec<String>> {
+    let source = Db::connect(&config.resolve_url(&config.source.url)?, true).await?;
+    let schemas = source_schemas(config, &source).await?;
+    source.close().await;
+    let mut problems = config.validate(&schemas);
+    let columns = schema_columns(&schemas);
+    let refs = as_refs(&columns);
+    let tables: Vec<(&str, &[&str])> = refs.iter().map(|(t, c)| (*t, c.as_slice())).collect();
+    problems.extend(policy.problems(&tables).iter().map(|p| p.to_string()));
+    if let Some(p) = &policy.patients {
+        if config
+            .tables
+            .get(&p.table)
+            .is_some_and(|t| t.patient_key.is_none())
+        {
+            problems.push(format!(
+                "[patients] table {}: needs patient_key in strata.toml",
+                p.table
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+fn schema_columns(schemas: &BTreeMap<String, TableSchema>) -> Vec<(String, Vec<String>)> {
+    schemas
+        .iter()
+        .map(|(t, s)| {
+            (
+                t.clone(),
+                s.columns.iter().map(|c| c.name.clone()).collect(),
+            )
+        })
+        .collect()
+}
+
+fn as_refs(columns: &[(String, Vec<String>)]) -> Vec<(&str, Vec<&str>)> {
+    columns
+        .iter()
+        .map(|(t, c)| (t.as_str(), c.iter().map(String::as_str).collect()))
+        .collect()
+}
+
+fn holds_problems(holds: &[LegalHold], schemas: &BTreeMap<String, TableSchema>) -> Vec<String> {
+    use strata_cutoff_policies::HoldScope;
+    holds
+        .iter()
+        .filter_map(|h| match &h.scope {
+            HoldScope::Table(t) if !schemas.contains_key(t) => {
+                Some(format!("legal hold {}: table {t} is not configured", h.id))
+            }
+            HoldScope::Filter { table, column, .. } => match schemas.get(table) {
+                None => Some(format!(
+                    "legal hold {}: table {table} is not configured",
+                    h.id
+                )),
+                Some(s) if s.column(column).is_none() => Some(format!(
+                    "legal hold {}: no column {column:?} in {table}",
+                    h.id
+                )),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+impl Migration {
+    /// Connects to the source (read-only) and the control database, introspects the configured
+    /// tables, and checks the config, the policy and the legal holds in force against them.
+    /// `today` is "now" unless the policy fixes `as_of`.
+    pub async fn prepare(config: MigrationConfig, today: NaiveDate) -> Result<Self> {
+        let policy_config = read_policy(&config)?;
+        let source = Db::connect(&config.resolve_url(&config.source.url)?, true).await?;
+        let control = Control::open(&config.control_url()?).await?;
+        let schemas = source_schemas(&config, &source).await?;
+        let mut problems = config.validate(&schemas);
         if !problems.is_empty() {
             return Err(IngestError::Config { problems });
         }
-        let columns: Vec<(String, Vec<String>)> = schemas
-            .iter()
-            .map(|(t, s)| {
-                (
-                    t.clone(),
-                    s.columns.iter().map(|c| c.name.clone()).collect(),
-                )
+        let holds: Vec<LegalHold> = control
+            .holds()
+            .await?
+            .into_iter()
+            .filter(|h| h.released.is_none())
+            .map(|h| LegalHold {
+                id: h.hold_id,
+                scope: h.scope.to_scope(),
             })
             .collect();
-        let col_refs: Vec<Vec<&str>> = columns
-            .iter()
-            .map(|(_, c)| c.iter().map(String::as_str).collect())
-            .collect();
-        let tables: Vec<(&str, &[&str])> = columns
-            .iter()
-            .zip(&col_refs)
-            .map(|((t, _), c)| (t.as_str(), c.as_slice()))
-            .collect();
-        let policy = policy_config.build(&tables)?.with_default_as_of(today);
+        problems.extend(holds_problems(&holds, &schemas));
+        if !problems.is_empty() {
+            return Err(IngestError::Config { problems });
+        }
+        let columns = schema_columns(&schemas);
+        let refs = as_refs(&columns);
+        let tables: Vec<(&str, &[&str])> = refs.iter().map(|(t, c)| (*t, c.as_slice())).collect();
+        let policy = policy_config
+            .build(&tables)?
+            .with_default_as_of(today)
+            .with_holds(holds.clone());
         let layouts = config
             .tables
             .iter()
             .map(|(name, t)| {
-                let current = policy_config
-                    .tables
-                    .get(name)
-                    .and_then(|r| r.current_when.as_ref())
-                    .map(|c| c.column.as_str());
-                TableLayout::new(&config, name, t, schemas[name].clone(), current)
+                let needed = policy_config.columns_needed(name, &holds);
+                TableLayout::new(&config, name, t, schemas[name].clone(), &needed)
             })
             .collect();
         Ok(Migration {
             config,
             source,
+            control,
+            policy_config,
             policy,
             layouts,
         })
@@ -173,38 +210,25 @@ impl Migration {
         &self.layouts
     }
 
+    /// The control database.
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+
     fn as_of(&self) -> NaiveDate {
         self.policy.as_of().expect("set in prepare")
     }
 
-    /// Each patient's last activity (latest plausible record date over every table).
-    pub async fn patient_activity(&self) -> Result<HashMap<String, NaiveDate>> {
-        let before = self
-            .as_of()
-            .succ_opt()
-            .unwrap_or(NaiveDate::MAX)
-            .to_string();
-        let mut last: HashMap<String, NaiveDate> = HashMap::new();
-        for layout in &self.layouts {
-            let Some((sql, types)) = layout.last_activity_sql(&self.source, &before) else {
-                continue;
-            };
-            let mut rows = self.source.fetch(sql, types);
-            while let Some(row) = rows.next().await {
-                let row = row?;
-                let (Some(patient), Some(date)) = (row[0].as_key_text(), row[1].as_date()) else {
-                    continue;
-                };
-                if self.policy.date_fact(Some(date))
-                    != strata_cutoff_policies::DateFact::Valid(date)
-                {
-                    continue;
-                }
-                let e = last.entry(patient).or_insert(date);
-                *e = (*e).max(date);
-            }
-        }
-        Ok(last)
+    /// Every patient's facts: last activity, birth and death dates.
+    pub async fn patient_facts(&self) -> Result<HashMap<String, PatientFacts>> {
+        let patients = self.policy_config.patients.as_ref().and_then(|p| {
+            Some(PatientTable {
+                layout: self.layouts.iter().find(|l| l.name == p.table)?,
+                birth: p.birth_date.clone(),
+                death: p.deceased_date.clone(),
+            })
+        });
+        patient_facts(&self.source, &self.policy, &self.layouts, patients).await
     }
 
     fn report_header(&self, run_id: &str) -> RunReport {
@@ -213,20 +237,154 @@ impl Migration {
             policy_version: self.policy.version().to_string(),
             policy_hash: self.policy.hash().to_string(),
             as_of: self.as_of().to_string(),
+            holds: self.policy.holds().iter().map(|h| h.id.clone()).collect(),
             tables: Vec::new(),
         }
     }
 
-    /// Reads every table and reports where each row would go. Moves and writes nothing.
-    pub async fn plan(&self) -> Result<RunReport> {
-        let activity = self.patient_activity().await?;
+    async fn store_policy_version(&self) -> Result<()> {
+        let author = self
+            .policy_config
+            .author
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "unknown".into());
+        self.control
+            .store_policy_version(
+                self.policy.hash(),
+                self.policy.version(),
+                &author,
+                &self.policy_config.text,
+            )
+            .await
+    }
+
+    /// Reads every table and reports where each row would go. Moves nothing; records the policy
+    /// version and the plan (so the next plan can be compared with it).
+    pub async fn plan(&self) -> Result<(RunReport, Option<RunReport>)> {
+        let facts = self.patient_facts().await?;
         let mut report = self.report_header("");
         for layout in &self.layouts {
             report
                 .tables
-                .push(self.process_table(layout, &activity, None).await?);
+                .push(self.process_table(layout, &facts, None).await?.0);
         }
-        Ok(report)
+        self.store_policy_version().await?;
+        let previous = self
+            .control
+            .save_plan(
+                self.policy.hash(),
+                &serde_json::to_string(&report).expect("report serializes"),
+            )
+            .await?
+            .and_then(|p| serde_json::from_str(&p).ok());
+        Ok((report, previous))
+    }
+
+    /// Explains one record's tier. `key` is the primary key value, or `col=value,...` for a
+    /// composite key.
+    pub async fn explain(&self, table: &str, key: &str) -> Result<Explanation> {
+        let layout = self
+            .layouts
+            .iter()
+            .find(|l| l.name == table)
+            .ok_or_else(|| IngestError::Run(format!("table {table} is not configured")))?;
+        if layout.key.is_empty() {
+            return Err(IngestError::Run(format!(
+                "table {table} has no primary key in strata.toml: its rows cannot be named"
+            )));
+        }
+        let parts: Vec<(String, String)> = if layout.key.len() == 1 && !key.contains('=') {
+            vec![(
+                layout.columns()[layout.key[0]].name.clone(),
+                key.to_string(),
+            )]
+        } else {
+            key.split(',')
+                .map(|p| {
+                    p.split_once('=')
+                        .map(|(c, v)| (c.trim().to_string(), v.trim().to_string()))
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    IngestError::Run(format!(
+                        "key {key:?}: write col=value,col=value for a composite key"
+                    ))
+                })?
+        };
+        let filter = parts
+            .iter()
+            .map(|(c, v)| {
+                format!(
+                    "CAST(t0.{} AS TEXT) = '{}'",
+                    quote(c),
+                    v.replace('\'', "''")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let mut rows = self.source.fetch(
+            layout.select_where(&self.source, Some(&filter)),
+            layout.fetch_types(),
+        );
+        let Some(row) = rows.next().await else {
+            return Err(IngestError::Run(format!(
+                "no row of {table} with key {key}"
+            )));
+        };
+        let mut values = row?;
+        drop(rows);
+        values.pop();
+        let patient = values.pop().and_then(|v| v.as_key_text());
+        let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
+        if let Some((col, reason)) = coerce_row(&mut values, &types) {
+            return Err(IngestError::Run(format!(
+                "{table} {key}: column {}: {reason}: the row goes to quarantine",
+                layout.columns()[col].name
+            )));
+        }
+        let facts = self.patient_facts().await?;
+        let pf = patient
+            .as_ref()
+            .and_then(|p| facts.get(p).copied())
+            .unwrap_or_default();
+        let date = layout
+            .record_date
+            .and_then(|i| local_date(&self.policy, &values[i]));
+        let policy_values = policy_values(layout, &values);
+        let record = RecordFacts {
+            record_date: self.policy.date_fact(date),
+            patient: patient.as_deref(),
+            patient_facts: pf,
+            columns: &policy_values,
+        };
+        let (decision, steps) = self
+            .policy
+            .explain(table, &record, &layout.policy_column_names);
+        let show = |d: Option<NaiveDate>| d.map_or("unknown".to_string(), |d| d.to_string());
+        let mut lines = vec![
+            format!(
+                "policy: {} (sha256 {}), as of {}",
+                self.policy.version(),
+                &self.policy.hash()[..12],
+                self.as_of()
+            ),
+            format!("record date: {} ({:?})", show(date), record.record_date),
+            format!("patient: {}", patient.as_deref().unwrap_or("none")),
+            format!("patient last activity: {}", show(pf.last_activity)),
+            format!("patient birth date: {}", show(pf.birth_date)),
+            format!("patient deceased: {}", show(pf.deceased_date)),
+        ];
+        for (name, v) in layout.policy_column_names.iter().zip(&policy_values) {
+            lines.push(format!("{name}: {}", v.as_deref().unwrap_or("NULL")));
+        }
+        Ok(Explanation {
+            table: table.into(),
+            key: key.into(),
+            facts: lines,
+            decision,
+            steps,
+        })
     }
 
     /// Runs (or resumes) the migration. `on_table` is called as each table finishes.
@@ -234,7 +392,7 @@ impl Migration {
         &mut self,
         on_table: &mut (dyn FnMut(&TableReport) + Send),
     ) -> Result<RunReport> {
-        let control = Control::open(&self.config.control_url()?).await?;
+        let control = self.control.clone();
         let run = match control.latest_run().await? {
             Some(run) if run.status == "running" => {
                 if run.policy_hash != self.policy.hash() {
@@ -245,7 +403,7 @@ impl Migration {
                 }
                 let as_of = NaiveDate::parse_from_str(&run.as_of, "%Y-%m-%d")
                     .map_err(|_| IngestError::Run(format!("run {}: bad as_of", run.run_id)))?;
-                self.policy = self.policy.clone().with_default_as_of(as_of);
+                self.policy = self.policy.clone().with_as_of(as_of);
                 tracing::info!(run_id = %run.run_id, "resuming run");
                 run
             }
@@ -261,6 +419,7 @@ impl Migration {
                     policy_hash: self.policy.hash().into(),
                     as_of: self.as_of().to_string(),
                 };
+                self.store_policy_version().await?;
                 control.start_run(&run).await?;
                 tracing::info!(run_id = %run.run_id, "starting run");
                 run
@@ -273,7 +432,7 @@ impl Migration {
         .await?;
         ensure_quarantine_table(&target).await?;
         let (store, keys) = self.config.archive.open(&self.config.base_dir)?;
-        let activity = self.patient_activity().await?;
+        let facts = self.patient_facts().await?;
         let mut report = self.report_header(&run.run_id);
         for layout in &self.layouts {
             let status = control.table_status(&run.run_id, &layout.name).await?;
@@ -287,8 +446,7 @@ impl Migration {
                 continue;
             }
             let target_columns = create_target_table(&self.source, &target, &layout.schema).await?;
-            let resuming = status.is_some();
-            if resuming {
+            if status.is_some() {
                 target
                     .execute(&format!("DELETE FROM {}", quote(&layout.name)))
                     .await?;
@@ -315,6 +473,11 @@ impl Migration {
             control
                 .set_table_status(&run.run_id, &layout.name, "running", None)
                 .await?;
+            let blob_columns = layout
+                .blobs
+                .iter()
+                .map(|b| layout.columns()[b.column].name.clone())
+                .collect();
             let writers = Writers {
                 target: &target,
                 target_columns,
@@ -325,19 +488,30 @@ impl Migration {
                         &layout.name,
                         &run.run_id,
                         self.policy.version(),
-                        layout
-                            .blobs
-                            .iter()
-                            .map(|b| layout.columns()[b.column].name.clone())
-                            .collect(),
+                        blob_columns,
                     ),
                     archive_schema(layout),
                     TableWriterOptions::default(),
                 )?,
                 blobs: BlobStore::new(store.clone(), keys.clone()),
                 run_id: run.run_id.clone(),
+                destroyed: Destroyed::default(),
             };
-            let table = self.process_table(layout, &activity, Some(writers)).await?;
+            let (table, destroyed) = self.process_table(layout, &facts, Some(writers)).await?;
+            if table.purged_rows > 0 {
+                control
+                    .record_destruction(&DestructionRecord {
+                        run_id: run.run_id.clone(),
+                        table: layout.name.clone(),
+                        rows: destroyed.rows,
+                        key_min: destroyed.key_min,
+                        key_max: destroyed.key_max,
+                        key_checksum: hex::encode(destroyed.checksum),
+                        policy_version: self.policy.version().into(),
+                        policy_hash: self.policy.hash().into(),
+                    })
+                    .await?;
+            }
             let json = serde_json::to_string(&table).expect("report serializes");
             control
                 .set_table_status(&run.run_id, &layout.name, "done", Some(&json))
@@ -351,21 +525,18 @@ impl Migration {
                 &serde_json::to_string(&report).expect("report serializes"),
             )
             .await?;
-        control.close().await;
         target.close().await;
         Ok(report)
     }
 
+    /// Reads one table and decides every row; with `writers`, also writes each row to its tier.
     async fn process_table(
         &self,
         layout: &TableLayout,
-        activity: &HashMap<String, NaiveDate>,
+        facts: &HashMap<String, PatientFacts>,
         mut writers: Option<Writers<'_>>,
-    ) -> Result<TableReport> {
-        let mut report = TableReport {
-            table: layout.name.clone(),
-            ..Default::default()
-        };
+    ) -> Result<(TableReport, Destroyed)> {
+        let mut tally = Tally::new(&layout.name);
         let n = layout.columns().len();
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
         let mut operational: Vec<Vec<Value>> = Vec::new();
@@ -378,43 +549,55 @@ impl Migration {
             .fetch(layout.select_sql(&self.source), layout.fetch_types());
         while let Some(row) = rows.next().await {
             let mut values = row?;
-            report.source_rows += 1;
+            tally.report.source_rows += 1;
+            let size = match values.pop() {
+                Some(Value::Int(n)) => n.max(0) as u64,
+                _ => 0,
+            };
             let patient = values.pop().and_then(|v| v.as_key_text());
             if let Some((col, reason)) = coerce_row(&mut values, &types) {
-                report.quarantined_rows += 1;
-                let key = row_key(layout, &values, report.source_rows);
+                tally.report.quarantined_rows += 1;
+                let key = row_key(layout, &values, tally.report.source_rows);
                 tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
-                if let Some(w) = &writers {
+                if let Some(w) = writers.as_ref() {
                     w.quarantine(layout, &key, col, reason, &values).await?;
                 }
                 if let Some(limit) = layout.quarantine_threshold {
-                    if report.quarantined_rows > limit {
+                    if tally.report.quarantined_rows > limit {
                         return Err(IngestError::QuarantineThreshold {
                             table: layout.name.clone(),
-                            quarantined: report.quarantined_rows,
+                            quarantined: tally.report.quarantined_rows,
                             threshold: limit,
                         });
                     }
                 }
                 continue;
             }
-            let date = layout.record_date.and_then(|i| values[i].as_date());
-            let current = layout.current_when.and_then(|i| values[i].as_key_text());
-            let facts = RecordFacts {
+            let date = layout
+                .record_date
+                .and_then(|i| local_date(&self.policy, &values[i]));
+            let policy_values = policy_values(layout, &values);
+            let record = RecordFacts {
                 record_date: self.policy.date_fact(date),
-                current_value: current.as_deref(),
-                patient_last_activity: patient.as_ref().and_then(|p| activity.get(p).copied()),
+                patient: patient.as_deref(),
+                patient_facts: patient
+                    .as_ref()
+                    .and_then(|p| facts.get(p).copied())
+                    .unwrap_or_default(),
+                columns: &policy_values,
             };
-            let decision = self.policy.decide(&layout.name, &facts);
-            *report
-                .reasons
-                .entry(decision.reason.as_str().to_string())
-                .or_default() += 1;
-            report.flagged_rows += decision.reason.is_flagged() as u64;
+            let decision = self
+                .policy
+                .decide(&layout.name, &record, &layout.policy_column_names);
+            tally.count(&decision, patient.as_deref(), size);
             match decision.tier {
+                Tier::Purge => {
+                    if let Some(w) = writers.as_mut() {
+                        w.destroyed.add(layout, &values, tally.report.source_rows);
+                    }
+                }
                 Tier::Operational => {
-                    report.operational_rows += 1;
-                    let Some(w) = &writers else { continue };
+                    let Some(w) = writers.as_ref() else { continue };
                     operational_bytes += values
                         .iter()
                         .map(|v| match v {
@@ -435,12 +618,11 @@ impl Migration {
                     }
                 }
                 Tier::Archive => {
-                    report.archive_rows += 1;
-                    let Some(w) = &mut writers else {
+                    let Some(w) = writers.as_mut() else {
                         for b in &layout.blobs {
                             if let Value::Bytes(content) = &values[b.column] {
-                                report.blobs += 1;
-                                report.blob_bytes += content.len() as u64;
+                                tally.report.blobs += 1;
+                                tally.report.blob_bytes += content.len() as u64;
                             }
                         }
                         continue;
@@ -456,8 +638,8 @@ impl Migration {
                             .content_type_column
                             .and_then(|i| values[i].as_key_text())
                             .unwrap_or_else(|| b.content_type.clone());
-                        report.blobs += 1;
-                        report.blob_bytes += content.len() as u64;
+                        tally.report.blobs += 1;
+                        tally.report.blob_bytes += content.len() as u64;
                         refs.push(Some(w.blobs.put(&content, &content_type).await?));
                     }
                     archived.push(ArchivedRow {
@@ -478,23 +660,68 @@ impl Migration {
                 }
             }
         }
-        if let Some(mut w) = writers {
-            w.target
-                .insert_rows(&layout.name, &w.target_columns, &operational)
+        let Some(mut w) = writers else {
+            return Ok((tally.finish(), Destroyed::default()));
+        };
+        w.target
+            .insert_rows(&layout.name, &w.target_columns, &operational)
+            .await?;
+        if !archived.is_empty() {
+            w.archive
+                .write(
+                    &to_record_batch(layout, &schema, &archived)
+                        .map_err(strata_archive::ArchiveError::from)?,
+                )
                 .await?;
-            if !archived.is_empty() {
-                w.archive
-                    .write(
-                        &to_record_batch(layout, &schema, &archived)
-                            .map_err(strata_archive::ArchiveError::from)?,
-                    )
-                    .await?;
-            }
-            if w.archive.rows() > 0 {
-                w.archive.finish().await?;
-            }
         }
-        Ok(report)
+        if w.archive.rows() > 0 {
+            w.archive.finish().await?;
+        }
+        Ok((tally.finish(), w.destroyed))
+    }
+}
+
+/// The values of the columns the policy reads, as text, in the policy's order.
+fn policy_values(layout: &TableLayout, values: &[Value]) -> Vec<Option<String>> {
+    layout
+        .policy_columns
+        .iter()
+        .map(|i| i.and_then(|i| values[i].as_key_text()))
+        .collect()
+}
+
+/// What a table's purged rows leave behind: count, key range, order-independent checksum.
+#[derive(Debug, Default)]
+struct Destroyed {
+    rows: u64,
+    key_min: Option<String>,
+    key_max: Option<String>,
+    checksum: [u8; 32],
+}
+
+impl Destroyed {
+    fn add(&mut self, layout: &TableLayout, values: &[Value], ordinal: u64) {
+        self.rows += 1;
+        let digest: [u8; 32] = if layout.key.is_empty() {
+            let mut h = Sha256::new();
+            for v in values {
+                h.update(v.as_key_text().unwrap_or_default().as_bytes());
+                h.update([0u8]);
+            }
+            h.finalize().into()
+        } else {
+            let key = row_key(layout, values, ordinal);
+            if self.key_min.as_deref().is_none_or(|m| key.as_str() < m) {
+                self.key_min = Some(key.clone());
+            }
+            if self.key_max.as_deref().is_none_or(|m| key.as_str() > m) {
+                self.key_max = Some(key.clone());
+            }
+            Sha256::digest(key.as_bytes()).into()
+        };
+        for (c, d) in self.checksum.iter_mut().zip(digest) {
+            *c ^= d;
+        }
     }
 }
 
@@ -504,6 +731,7 @@ struct Writers<'a> {
     archive: TableWriter,
     blobs: BlobStore,
     run_id: String,
+    destroyed: Destroyed,
 }
 
 impl Writers<'_> {

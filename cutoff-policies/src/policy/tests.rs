@@ -35,14 +35,25 @@ fn tables() -> Vec<(&'static str, &'static [&'static str])> {
 }
 
 fn policy() -> Policy {
-    PolicyConfig::parse(POLICY).unwrap().build(&tables()).unwrap()
+    PolicyConfig::parse(POLICY)
+        .unwrap()
+        .build(&tables())
+        .unwrap()
 }
 
-fn facts<'a>(date: DateFact, last: Option<NaiveDate>, columns: &'a [Option<String>]) -> RecordFacts<'a> {
+fn facts<'a>(
+    date: DateFact,
+    last: Option<NaiveDate>,
+    columns: &'a [Option<String>],
+) -> RecordFacts<'a> {
     RecordFacts {
         record_date: date,
         patient: Some("p1"),
-        patient_facts: PatientFacts { last_activity: last, birth_date: Some(d(1970, 1, 1)), deceased_date: None },
+        patient_facts: PatientFacts {
+            last_activity: last,
+            birth_date: Some(d(1970, 1, 1)),
+            deceased_date: None,
+        },
         columns,
     }
 }
@@ -56,17 +67,83 @@ fn precedence_and_reasons() {
     let status = vec!["status".to_string()];
     let none: Vec<String> = vec![];
     let cases: Vec<(&str, RecordFacts, &Vec<String>, Tier, Reason)> = vec![
-        ("patients", facts(old, Some(d(2018, 1, 1)), &[]), &none, Tier::Operational, Reason::TablePinned),
-        ("medications", facts(old, Some(d(2018, 1, 1)), &active), &status, Tier::Operational, Reason::ClinicallyCurrent),
-        ("medications", facts(old, Some(d(2018, 1, 1)), &stopped), &status, Tier::Archive, Reason::AgedOut),
-        ("labs", facts(DateFact::Missing, None, &[]), &none, Tier::Operational, Reason::DateMissing),
-        ("labs", facts(p.date_fact(Some(d(1900, 1, 1))), None, &[]), &none, Tier::Operational, Reason::DatePlaceholder),
-        ("labs", facts(p.date_fact(Some(d(2030, 1, 1))), None, &[]), &none, Tier::Operational, Reason::DateInFuture),
-        ("labs", facts(DateFact::Valid(d(2023, 1, 1)), None, &[]), &none, Tier::Operational, Reason::RecordRecent),
-        ("labs", facts(old, Some(d(2024, 6, 1)), &[]), &none, Tier::Operational, Reason::PatientActive),
-        ("labs", facts(old, Some(d(2022, 6, 1)), &[]), &none, Tier::Archive, Reason::AgedOut),
-        ("labs", facts(DateFact::Valid(d(2010, 1, 1)), Some(d(2012, 6, 1)), &[]), &none, Tier::Purge, Reason::RetentionExpired),
-        ("mpi", facts(DateFact::Valid(d(2010, 1, 1)), Some(d(2012, 6, 1)), &[]), &none, Tier::Archive, Reason::AgedOut),
+        (
+            "patients",
+            facts(old, Some(d(2018, 1, 1)), &[]),
+            &none,
+            Tier::Operational,
+            Reason::TablePinned,
+        ),
+        (
+            "medications",
+            facts(old, Some(d(2018, 1, 1)), &active),
+            &status,
+            Tier::Operational,
+            Reason::ClinicallyCurrent,
+        ),
+        (
+            "medications",
+            facts(old, Some(d(2018, 1, 1)), &stopped),
+            &status,
+            Tier::Archive,
+            Reason::AgedOut,
+        ),
+        (
+            "labs",
+            facts(DateFact::Missing, None, &[]),
+            &none,
+            Tier::Operational,
+            Reason::DateMissing,
+        ),
+        (
+            "labs",
+            facts(p.date_fact(Some(d(1900, 1, 1))), None, &[]),
+            &none,
+            Tier::Operational,
+            Reason::DatePlaceholder,
+        ),
+        (
+            "labs",
+            facts(p.date_fact(Some(d(2030, 1, 1))), None, &[]),
+            &none,
+            Tier::Operational,
+            Reason::DateInFuture,
+        ),
+        (
+            "labs",
+            facts(DateFact::Valid(d(2023, 1, 1)), None, &[]),
+            &none,
+            Tier::Operational,
+            Reason::RecordRecent,
+        ),
+        (
+            "labs",
+            facts(old, Some(d(2024, 6, 1)), &[]),
+            &none,
+            Tier::Operational,
+            Reason::PatientActive,
+        ),
+        (
+            "labs",
+            facts(old, Some(d(2022, 6, 1)), &[]),
+            &none,
+            Tier::Archive,
+            Reason::AgedOut,
+        ),
+        (
+            "labs",
+            facts(DateFact::Valid(d(2010, 1, 1)), Some(d(2012, 6, 1)), &[]),
+            &none,
+            Tier::Purge,
+            Reason::RetentionExpired,
+        ),
+        (
+            "mpi",
+            facts(DateFact::Valid(d(2010, 1, 1)), Some(d(2012, 6, 1)), &[]),
+            &none,
+            Tier::Archive,
+            Reason::AgedOut,
+        ),
     ];
     for (table, f, extra, tier, reason) in cases {
         let got = p.decide(table, &f, extra);
@@ -80,23 +157,43 @@ fn minors_are_kept_until_majority_plus_n_years() {
     // Born 2000: majority 2018, kept until 2023 at least; last activity 2008 + 10y = 2018.
     let mut f = facts(DateFact::Valid(d(2005, 3, 1)), Some(d(2008, 1, 1)), &[]);
     f.patient_facts.birth_date = Some(d(2000, 1, 1));
-    assert_eq!(p.decide("labs", &f, &[]).tier, Tier::Purge, "2023 is before 2026");
+    assert_eq!(
+        p.decide("labs", &f, &[]).tier,
+        Tier::Purge,
+        "2023 is before 2026"
+    );
     f.patient_facts.birth_date = Some(d(2004, 1, 1));
     let (decision, steps) = p.explain("labs", &f, &[]);
     assert_eq!(decision.tier, Tier::Archive, "{steps:#?}");
-    assert!(steps.iter().any(|s| s.contains("runs until 2027-01-01")), "{steps:#?}");
+    assert!(
+        steps.iter().any(|s| s.contains("runs until 2027-01-01")),
+        "{steps:#?}"
+    );
 }
 
 #[test]
 fn holds_stop_purges_only() {
     let holds = vec![
-        LegalHold { id: "H1".into(), scope: HoldScope::Patient("p1".into()) },
-        LegalHold { id: "H2".into(), scope: HoldScope::Filter { table: "labs".into(), column: "code".into(), value: "X".into() } },
+        LegalHold {
+            id: "H1".into(),
+            scope: HoldScope::Patient("p1".into()),
+        },
+        LegalHold {
+            id: "H2".into(),
+            scope: HoldScope::Filter {
+                table: "labs".into(),
+                column: "code".into(),
+                value: "X".into(),
+            },
+        },
     ];
     let p = policy().with_holds(holds);
     let expired = facts(DateFact::Valid(d(2010, 1, 1)), Some(d(2012, 6, 1)), &[]);
     let got = p.decide("labs", &expired, &[]);
-    assert_eq!((got.tier, got.reason, got.held), (Tier::Archive, Reason::LegalHold, true));
+    assert_eq!(
+        (got.tier, got.reason, got.held),
+        (Tier::Archive, Reason::LegalHold, true)
+    );
     let mut other = expired;
     other.patient = Some("p2");
     let code = vec!["code".to_string()];
@@ -130,8 +227,13 @@ retention = "1y"
 [tables.labs]
 tier = "purge"
 "#;
-    let err = PolicyConfig::parse(text).unwrap().build(&tables()).unwrap_err();
-    let PolicyError::Invalid { problems } = err else { panic!("{err}") };
+    let err = PolicyConfig::parse(text)
+        .unwrap()
+        .build(&tables())
+        .unwrap_err();
+    let PolicyError::Invalid { problems } = err else {
+        panic!("{err}")
+    };
     let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
     for expected in [
         "line 2: [defaults]: minor_retention needs [patients] birth_date",
@@ -143,14 +245,18 @@ tier = "purge"
         "line 14: [tables.mpi]: `permanent` conflicts with a retention rule",
         "line 18: [tables.labs] tier: a whole table cannot be pinned to purge",
     ] {
-        assert!(lines.iter().any(|l| l.starts_with(expected)), "missing {expected:?} in {lines:#?}");
+        assert!(
+            lines.iter().any(|l| l.starts_with(expected)),
+            "missing {expected:?} in {lines:#?}"
+        );
     }
     assert_eq!(lines.len(), 8, "{lines:#?}");
 }
 
 #[test]
 fn rejects_malformed_documents() {
-    let base = "version = \"x\"\n[defaults]\narchive_after = \"5y\"\npatient_inactive_after = \"3y\"\n";
+    let base =
+        "version = \"x\"\n[defaults]\narchive_after = \"5y\"\npatient_inactive_after = \"3y\"\n";
     for bad in [
         "version = 1".to_string(),
         base.replace("\"5y\"", "\"5 years\""),
@@ -163,15 +269,24 @@ fn rejects_malformed_documents() {
     }
     let tz = PolicyConfig::parse(&format!("timezone = \"Mars/Olympus\"\n{base}")).unwrap();
     assert!(tz.build(&tables()).is_err());
-    let tz = PolicyConfig::parse(&format!("timezone = \"-05:00\"\n{base}")).unwrap().build(&tables()).unwrap();
-    let late = chrono::DateTime::parse_from_rfc3339("2026-01-01T03:00:00Z").unwrap().with_timezone(&Utc);
+    let tz = PolicyConfig::parse(&format!("timezone = \"-05:00\"\n{base}"))
+        .unwrap()
+        .build(&tables())
+        .unwrap();
+    let late = chrono::DateTime::parse_from_rfc3339("2026-01-01T03:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
     assert_eq!(tz.local_date(late), d(2025, 12, 31));
 }
 
 // Property tests: random policies, facts and dates.
 
 fn duration() -> impl Strategy<Value = PolicyDuration> {
-    (0u32..15, 0u32..12, 0u32..40).prop_map(|(years, months, days)| PolicyDuration { years, months, days })
+    (0u32..15, 0u32..12, 0u32..40).prop_map(|(years, months, days)| PolicyDuration {
+        years,
+        months,
+        days,
+    })
 }
 
 fn date() -> impl Strategy<Value = NaiveDate> {
@@ -191,25 +306,69 @@ fn any_policy() -> impl Strategy<Value = (Policy, Vec<LegalHold>)> {
         any::<bool>(),
         any::<bool>(),
     )
-        .prop_map(|(archive_after, inactive, chart, retention, minor, deceased, permanent, pinned, undated_archive, hold_patient)| {
-            let holds = if hold_patient { vec![LegalHold { id: "H".into(), scope: HoldScope::Patient("p".into()) }] } else { vec![] };
-            // Build without validation: property tests also cover combinations `check` rejects.
-            let policy = Policy {
-                version: "prop".into(),
-                hash: String::new(),
-                as_of: None,
-                timezone: FixedOffset::east_opt(0).unwrap(),
-                undated: if undated_archive { Tier::Archive } else { Tier::Operational },
-                majority: 18,
-                defaults: CompiledRules { pinned: None, permanent: false, archive_after, inactive_after: inactive, keep_chart: chart, retention, minor_retention: minor, deceased_retention: deceased, current_values: None },
-                tables: HashMap::from([(
-                    "t".to_string(),
-                    CompiledRules { pinned, permanent, archive_after, inactive_after: inactive, keep_chart: chart, retention, minor_retention: minor, deceased_retention: deceased, current_values: Some(vec!["active".into()]) },
-                )]),
-                holds: vec![],
-            };
-            (policy, holds)
-        })
+        .prop_map(
+            |(
+                archive_after,
+                inactive,
+                chart,
+                retention,
+                minor,
+                deceased,
+                permanent,
+                pinned,
+                undated_archive,
+                hold_patient,
+            )| {
+                let holds = if hold_patient {
+                    vec![LegalHold {
+                        id: "H".into(),
+                        scope: HoldScope::Patient("p".into()),
+                    }]
+                } else {
+                    vec![]
+                };
+                // Build without validation: property tests also cover combinations `check` rejects.
+                let policy = Policy {
+                    version: "prop".into(),
+                    hash: String::new(),
+                    as_of: None,
+                    timezone: FixedOffset::east_opt(0).unwrap(),
+                    undated: if undated_archive {
+                        Tier::Archive
+                    } else {
+                        Tier::Operational
+                    },
+                    majority: 18,
+                    defaults: CompiledRules {
+                        pinned: None,
+                        permanent: false,
+                        archive_after,
+                        inactive_after: inactive,
+                        keep_chart: chart,
+                        retention,
+                        minor_retention: minor,
+                        deceased_retention: deceased,
+                        current_values: None,
+                    },
+                    tables: HashMap::from([(
+                        "t".to_string(),
+                        CompiledRules {
+                            pinned,
+                            permanent,
+                            archive_after,
+                            inactive_after: inactive,
+                            keep_chart: chart,
+                            retention,
+                            minor_retention: minor,
+                            deceased_retention: deceased,
+                            current_values: Some(vec!["active".into()]),
+                        },
+                    )]),
+                    holds: vec![],
+                };
+                (policy, holds)
+            },
+        )
 }
 
 #[derive(Debug, Clone)]
@@ -234,17 +393,35 @@ fn any_record() -> impl Strategy<Value = AnyRecord> {
             table,
             date,
             patient,
-            facts: PatientFacts { last_activity: last, birth_date: birth.map(|b| b - chrono::Duration::days(20 * 365)), deceased_date: death },
+            facts: PatientFacts {
+                last_activity: last,
+                birth_date: birth.map(|b| b - chrono::Duration::days(20 * 365)),
+                deceased_date: death,
+            },
             status: None,
         })
-        .prop_flat_map(|r| proptest::option::of(prop_oneof![Just("active".to_string()), Just("stopped".to_string())]).prop_map(move |s| AnyRecord { status: s, ..r.clone() }))
+        .prop_flat_map(|r| {
+            proptest::option::of(prop_oneof![
+                Just("active".to_string()),
+                Just("stopped".to_string())
+            ])
+            .prop_map(move |s| AnyRecord {
+                status: s,
+                ..r.clone()
+            })
+        })
 }
 
 fn decide_at(policy: &Policy, r: &AnyRecord, as_of: NaiveDate) -> Decision {
     let p = policy.clone().with_as_of(as_of);
     let columns = [r.status.clone()];
     let extra = vec!["status".to_string()];
-    let facts = RecordFacts { record_date: p.date_fact(r.date), patient: Some(r.patient), patient_facts: r.facts, columns: if r.table == "t" { &columns } else { &[] } };
+    let facts = RecordFacts {
+        record_date: p.date_fact(r.date),
+        patient: Some(r.patient),
+        patient_facts: r.facts,
+        columns: if r.table == "t" { &columns } else { &[] },
+    };
     p.decide(r.table, &facts, if r.table == "t" { &extra } else { &[] })
 }
 

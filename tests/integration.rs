@@ -1,6 +1,7 @@
 //! Workspace-level tests: Strata end to end on real parts (SQLite files, a real PostgreSQL
 //! server started by `scripts/test`, the encrypted archive on disk, the API router).
 
+mod policies;
 mod support;
 
 use axum::body::Body;
@@ -774,4 +775,137 @@ async fn an_interrupted_run_resumes_without_losing_or_duplicating_rows() {
     // Each archived lab result is stored once: the resumed table's files and manifest replaced
     // the earlier ones of the same run.
     assert_report_matches(&resumed, &counts);
+}
+
+fn strata(args: &[&str], dir: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn policy_check_explain_and_holds_from_the_command_line() {
+    let dir = TestDir::new();
+    let demo = dir.path().join("demo");
+    let out = strata(
+        &[
+            "demo",
+            "--no-serve",
+            "--scale",
+            "0.02",
+            "--dir",
+            demo.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A malformed policy is rejected with every problem and its line, before anything runs.
+    std::fs::write(
+        demo.join("bad.toml"),
+        "version = \"bad\"\n[defaults]\narchive_after = \"3y\"\npatient_inactive_after = \"2y\"\n\n[tables.labs]\ntier = \"archive\"\n\n[tables.medications]\ncurrent_when = { column = \"state\", values = [\"active\"] }\n",
+    )
+    .unwrap();
+    let check = strata(&["policy", "check", "bad.toml"], &demo);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success());
+    assert!(
+        stderr.contains("line 6: [tables.labs]: no such table"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "line 9: [tables.medications] current_when: no column \"state\" in table medications"
+        ),
+        "{stderr}"
+    );
+    std::fs::write(demo.join("bad-duration.toml"), "version = \"bad\"\n[defaults]\narchive_after = \"3 years\"\npatient_inactive_after = \"2y\"\n").unwrap();
+    let check = strata(&["policy", "check", "bad-duration.toml"], &demo);
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("line 3"),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(strata(&["policy", "check"], &demo).status.success());
+
+    // Explain one record.
+    let explain = strata(&["explain", "encounters", "1"], &demo);
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        explain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
+    assert!(text.starts_with("encounters 1: "), "{text}");
+    assert!(
+        text.contains("patient last activity: ") && text.contains("rules, in precedence order:"),
+        "{text}"
+    );
+    assert!(!strata(&["explain", "encounters", "999999999"], &demo)
+        .status
+        .success());
+
+    // Place a hold (who and why are required), see it in the plan, release it.
+    let place = strata(
+        &[
+            "hold",
+            "place",
+            "--patient",
+            "1",
+            "--by",
+            "rm-1",
+            "--reason",
+            "matter 17",
+        ],
+        &demo,
+    );
+    assert!(
+        place.status.success(),
+        "{}",
+        String::from_utf8_lossy(&place.stderr)
+    );
+    let id = String::from_utf8_lossy(&place.stdout).trim().to_string();
+    let plan = strata(&["plan", "--json"], &demo);
+    let json: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(json["plan"]["holds"][0], id.as_str());
+    let held: u64 = json["plan"]["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["held_rows"].as_u64().unwrap())
+        .sum();
+    assert!(held > 0);
+    assert!(!strata(
+        &["hold", "release", &id, "--by", "rm-1", "--reason", ""],
+        &demo
+    )
+    .status
+    .success());
+    assert!(strata(
+        &[
+            "hold",
+            "release",
+            &id,
+            "--by",
+            "rm-2",
+            "--reason",
+            "matter closed"
+        ],
+        &demo
+    )
+    .status
+    .success());
+    let list: serde_json::Value =
+        serde_json::from_slice(&strata(&["hold", "list"], &demo).stdout).unwrap();
+    assert_eq!(list[0]["placed_by"], "rm-1");
+    assert_eq!(list[0]["released"][0], "rm-2");
+    // The second plan is compared with the first.
+    let plan = strata(&["plan"], &demo);
+    assert!(String::from_utf8_lossy(&plan.stdout).contains("since the previous plan"));
 }

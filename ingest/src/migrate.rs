@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
 use strata_cutoff_policies::{
-    Decision, LegalHold, PatientFacts, Policy, PolicyConfig, RecordFacts, Tier,
+    DateFact, Decision, LegalHold, PatientFacts, Policy, PolicyConfig, RecordFacts, Tier,
 };
 
 /// A prepared migration: source connected, config, policy and holds checked against its schema.
@@ -361,7 +361,13 @@ impl Migration {
         let (decision, steps) = self
             .policy
             .explain(table, &record, &layout.policy_column_names);
-        let show = |d: Option<NaiveDate>| d.map_or("unknown".to_string(), |d| d.to_string());
+        let show = |d: Option<NaiveDate>| d.map_or("not recorded".to_string(), |d| d.to_string());
+        let kind = match record.record_date {
+            DateFact::Valid(_) => "plausible",
+            DateFact::Missing => "missing",
+            DateFact::Placeholder => "a placeholder",
+            DateFact::Future => "after as_of",
+        };
         let mut lines = vec![
             format!(
                 "policy: {} (sha256 {}), as of {}",
@@ -369,7 +375,7 @@ impl Migration {
                 &self.policy.hash()[..12],
                 self.as_of()
             ),
-            format!("record date: {} ({:?})", show(date), record.record_date),
+            format!("record date: {} ({kind})", show(date)),
             format!("patient: {}", patient.as_deref().unwrap_or("none")),
             format!("patient last activity: {}", show(pf.last_activity)),
             format!("patient birth date: {}", show(pf.birth_date)),
@@ -558,8 +564,8 @@ impl Migration {
             if let Some((col, reason)) = coerce_row(&mut values, &types) {
                 tally.report.quarantined_rows += 1;
                 let key = row_key(layout, &values, tally.report.source_rows);
-                tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
                 if let Some(w) = writers.as_ref() {
+                    tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
                     w.quarantine(layout, &key, col, reason, &values).await?;
                 }
                 if let Some(limit) = layout.quarantine_threshold {

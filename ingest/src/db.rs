@@ -9,9 +9,11 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures::{Stream, StreamExt};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
-use sqlx::{AssertSqlSafe, Row, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, ConnectOptions, Row, TypeInfo, ValueRef};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Which engine a database is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +29,8 @@ pub enum DbKind {
 pub enum Db {
     /// PostgreSQL.
     Postgres(sqlx::PgPool),
-    /// SQLite.
-    Sqlite(sqlx::SqlitePool),
+    /// SQLite: the pool, and for a read-only source the file that bulk reads open directly.
+    Sqlite(sqlx::SqlitePool, Option<Arc<PathBuf>>),
 }
 
 /// One column of a table.
@@ -82,7 +84,9 @@ impl Db {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut options = PgConnectOptions::from_str(url)
                 .map_err(conn_err)?
-                .options([("timezone", "UTC")]);
+                .options([("timezone", "UTC")])
+                // Statement text can carry key values: never log it.
+                .disable_statement_logging();
             if read_only {
                 options = options.options([("default_transaction_read_only", "on")]);
             }
@@ -99,17 +103,19 @@ impl Db {
                 .create_if_missing(!read_only)
                 // Tables load in config order, children possibly before parents.
                 .foreign_keys(false)
-                .busy_timeout(std::time::Duration::from_secs(30));
+                .busy_timeout(std::time::Duration::from_secs(30))
+                .disable_statement_logging();
             if !read_only {
                 // A source keeps its own journal mode: changing it would be a write.
                 options = options.journal_mode(SqliteJournalMode::Wal);
             }
             let pool = SqlitePoolOptions::new()
                 .max_connections(if read_only { 4 } else { 1 })
-                .connect_with(options)
+                .connect_with(options.clone())
                 .await
                 .map_err(conn_err)?;
-            Ok(Db::Sqlite(pool))
+            let reader = read_only.then(|| Arc::new(options.get_filename().to_path_buf()));
+            Ok(Db::Sqlite(pool, reader))
         } else {
             Err(IngestError::Connect {
                 url: redact(url),
@@ -122,7 +128,7 @@ impl Db {
     pub fn kind(&self) -> DbKind {
         match self {
             Db::Postgres(_) => DbKind::Postgres,
-            Db::Sqlite(_) => DbKind::Sqlite,
+            Db::Sqlite(..) => DbKind::Sqlite,
         }
     }
 
@@ -130,7 +136,7 @@ impl Db {
     pub async fn close(&self) {
         match self {
             Db::Postgres(p) => p.close().await,
-            Db::Sqlite(p) => p.close().await,
+            Db::Sqlite(p, _) => p.close().await,
         }
     }
 
@@ -139,7 +145,7 @@ impl Db {
         let sql = AssertSqlSafe(sql.to_string());
         match self {
             Db::Postgres(p) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
-            Db::Sqlite(p) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
+            Db::Sqlite(p, _) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
         }
         .map_err(|e| IngestError::sql("execute", e))
     }
@@ -148,7 +154,7 @@ impl Db {
     pub fn placeholder(&self, n: usize) -> String {
         match self {
             Db::Postgres(_) => format!("${n}"),
-            Db::Sqlite(_) => "?".to_string(),
+            Db::Sqlite(..) => "?".to_string(),
         }
     }
 
@@ -175,7 +181,7 @@ impl Db {
                 }
                 q.execute(p).await.map(|r| r.rows_affected())
             }
-            Db::Sqlite(p) => {
+            Db::Sqlite(p, _) => {
                 let mut q = sqlx::query(sql);
                 for v in values {
                     q = bind_sqlite(q, v);
@@ -188,13 +194,16 @@ impl Db {
 
     /// Runs a query whose result columns have the given types, streaming the rows.
     pub fn fetch<'a>(&'a self, sql: String, types: Vec<ColumnType>) -> RowStream<'a> {
+        if let Db::Sqlite(_, Some(path)) = self {
+            return sqlite_reader(path.clone(), sql, types.len());
+        }
         let sql = AssertSqlSafe(sql);
         match self {
             Db::Postgres(p) => Box::pin(sqlx::query(sql).fetch(p).map(move |r| {
                 r.map_err(|e| IngestError::sql("read", e))
                     .and_then(|row| decode_pg(&row, &types))
             })),
-            Db::Sqlite(p) => Box::pin(sqlx::query(sql).fetch(p).map(move |r| {
+            Db::Sqlite(p, _) => Box::pin(sqlx::query(sql).fetch(p).map(move |r| {
                 r.map_err(|e| IngestError::sql("read", e))
                     .and_then(|row| decode_sqlite(&row, types.len()))
             })),
@@ -216,7 +225,7 @@ impl Db {
         let sql = match self {
             Db::Postgres(_) => "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.relkind IN ('r','p') AND n.nspname = current_schema() AND NOT c.relispartition ORDER BY 1",
-            Db::Sqlite(_) => "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY 1",
+            Db::Sqlite(..) => "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY 1",
         };
         let rows = self.fetch_all(sql.into(), vec![ColumnType::Text]).await?;
         Ok(rows
@@ -276,7 +285,7 @@ impl Db {
                     .map(|r| (text(&r[0]), text(&r[1]), text(&r[2])))
                     .collect();
             }
-            Db::Sqlite(_) => {
+            Db::Sqlite(..) => {
                 let cols = format!("SELECT name, type, \"notnull\", pk FROM pragma_table_info('{lit}') ORDER BY cid");
                 let mut pk: Vec<(i64, String)> = Vec::new();
                 for r in self
@@ -351,7 +360,7 @@ impl Db {
                 }
                 match self {
                     Db::Postgres(_) => sql.push_str(&format!("CAST(${n} AS {})", c.decl_type)),
-                    Db::Sqlite(_) => sql.push('?'),
+                    Db::Sqlite(..) => sql.push('?'),
                 }
             }
             sql.push(')');
@@ -479,6 +488,75 @@ fn decode_pg(row: &PgRow, types: &[ColumnType]) -> Result<Vec<Value>> {
         out.push(v.unwrap_or(Value::Null));
     }
     Ok(out)
+}
+
+/// Rows in flight between a SQLite reader thread and its consumer: at most this many chunks...
+const READ_CHUNKS: usize = 4;
+/// ...of at most this many rows or bytes each.
+const READ_CHUNK_ROWS: usize = 2048;
+const READ_CHUNK_BYTES: usize = 8 << 20;
+
+/// Streams a query's rows from a SQLite file read directly (read-only) on a blocking thread.
+/// Bulk reads are several times faster this way than through the async driver, which copies
+/// and hands over every row separately; memory stays bounded by the chunks in flight.
+fn sqlite_reader(path: Arc<PathBuf>, sql: String, n: usize) -> RowStream<'static> {
+    use rusqlite::types::ValueRef;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<Vec<Value>>>>(READ_CHUNKS);
+    tokio::task::spawn_blocking(move || {
+        let read = || -> rusqlite::Result<()> {
+            let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let conn = rusqlite::Connection::open_with_flags(path.as_path(), flags)?;
+            let mut stmt = conn.prepare(&sql)?;
+            let mut rows = stmt.query([])?;
+            let mut chunk = Vec::with_capacity(READ_CHUNK_ROWS);
+            let mut bytes = 0;
+            while let Some(row) = rows.next()? {
+                let mut values = Vec::with_capacity(n);
+                for i in 0..n {
+                    values.push(match row.get_ref(i)? {
+                        ValueRef::Null => Value::Null,
+                        ValueRef::Integer(v) => Value::Int(v),
+                        ValueRef::Real(v) => Value::Float(v),
+                        ValueRef::Text(t) => {
+                            bytes += t.len();
+                            // Text that is not UTF-8 stays bytes: coercion quarantines the row.
+                            match std::str::from_utf8(t) {
+                                Ok(s) => Value::Text(s.to_owned()),
+                                Err(_) => Value::Bytes(t.to_vec()),
+                            }
+                        }
+                        ValueRef::Blob(b) => {
+                            bytes += b.len();
+                            Value::Bytes(b.to_vec())
+                        }
+                    });
+                }
+                chunk.push(values);
+                if chunk.len() >= READ_CHUNK_ROWS || bytes >= READ_CHUNK_BYTES {
+                    bytes = 0;
+                    if tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
+                        return Ok(()); // the consumer stopped reading
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                let _ = tx.blocking_send(Ok(chunk));
+            }
+            Ok(())
+        };
+        if let Err(e) = read() {
+            let _ = tx.blocking_send(Err(IngestError::Read {
+                detail: e.to_string(),
+            }));
+        }
+    });
+    let chunks =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    Box::pin(chunks.flat_map(|chunk| match chunk {
+        Ok(rows) => futures::stream::iter(rows.into_iter().map(Ok)).boxed(),
+        Err(e) => futures::stream::iter([Err(e)]).boxed(),
+    }))
 }
 
 fn decode_sqlite(row: &SqliteRow, n: usize) -> Result<Vec<Value>> {

@@ -21,6 +21,12 @@ pub enum IngestError {
         #[source]
         source: sqlx::Error,
     },
+    /// Reading a SQLite source failed.
+    #[error("SQLite read failed: {detail}")]
+    Read {
+        /// The driver's message.
+        detail: String,
+    },
     /// The configuration is invalid; every problem is listed.
     #[error("configuration is not valid:\n  - {}", problems.join("\n  - "))]
     Config {

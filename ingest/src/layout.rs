@@ -123,13 +123,14 @@ impl TableLayout {
     }
 
     /// SELECT of every column plus the patient key and the row size, ordered by patient key then
-    /// record date. `filter` is an extra WHERE condition (for one record).
+    /// record date (the archive's order).
     pub fn select_sql(&self, db: &Db) -> String {
-        self.select_where(db, None)
+        self.select_where(db, None, true)
     }
 
-    /// [`TableLayout::select_sql`] restricted by a condition on `t0`.
-    pub fn select_where(&self, db: &Db, filter: Option<&str>) -> String {
+    /// [`TableLayout::select_sql`] restricted by a condition on `t0`, ordered or not (a plan
+    /// needs no order, and sorting a large table costs as much as reading it).
+    pub fn select_where(&self, db: &Db, filter: Option<&str>, ordered: bool) -> String {
         let mut cols: Vec<String> = self
             .columns()
             .iter()
@@ -151,12 +152,16 @@ impl TableLayout {
             order.push(format!("t0.{}", quote(&self.columns()[k].name)));
         }
         format!(
-            "SELECT {} FROM {} AS t0{}{} ORDER BY {}",
+            "SELECT {} FROM {} AS t0{}{}{}",
             cols.join(", "),
             quote(&self.name),
             self.joins,
             filter.map(|f| format!(" WHERE {f}")).unwrap_or_default(),
-            order.join(", ")
+            if ordered {
+                format!(" ORDER BY {}", order.join(", "))
+            } else {
+                String::new()
+            }
         )
     }
 

@@ -262,12 +262,20 @@ impl Migration {
     /// Reads every table and reports where each row would go. Moves nothing; records the policy
     /// version and the plan (so the next plan can be compared with it).
     pub async fn plan(&self) -> Result<(RunReport, Option<RunReport>)> {
+        let started = std::time::Instant::now();
         let facts = self.patient_facts().await?;
+        tracing::info!(
+            patients = facts.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "patient facts computed"
+        );
         let mut report = self.report_header("");
         for layout in &self.layouts {
+            let started = std::time::Instant::now();
             report
                 .tables
                 .push(self.process_table(layout, &facts, None).await?.0);
+            tracing::info!(table = %layout.name, seconds = started.elapsed().as_secs_f64(), "table planned");
         }
         self.store_policy_version().await?;
         let previous = self
@@ -324,7 +332,7 @@ impl Migration {
             .collect::<Vec<_>>()
             .join(" AND ");
         let mut rows = self.source.fetch(
-            layout.select_where(&self.source, Some(&filter)),
+            layout.select_where(&self.source, Some(&filter), false),
             layout.fetch_types(),
         );
         let Some(row) = rows.next().await else {
@@ -550,9 +558,8 @@ impl Migration {
         let mut archived: Vec<ArchivedRow> = Vec::new();
         let schema = archive_schema(layout);
         let rows_per_insert = writers.as_ref().map_or(1, |w| w.target.rows_per_insert(n));
-        let mut rows = self
-            .source
-            .fetch(layout.select_sql(&self.source), layout.fetch_types());
+        let sql = layout.select_where(&self.source, None, writers.is_some());
+        let mut rows = self.source.fetch(sql, layout.fetch_types());
         while let Some(row) = rows.next().await {
             let mut values = row?;
             tally.report.source_rows += 1;

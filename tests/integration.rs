@@ -909,3 +909,41 @@ fn policy_check_explain_and_holds_from_the_command_line() {
     let plan = strata(&["plan"], &demo);
     assert!(String::from_utf8_lossy(&plan.stdout).contains("since the previous plan"));
 }
+
+#[tokio::test]
+async fn pyarrow_reads_the_archive_through_its_kms_client_and_fails_without_the_key() {
+    let python = std::env::var("STRATA_TEST_PYTHON")
+        .expect("STRATA_TEST_PYTHON is not set: run the suite with ./scripts/test");
+    let (dir, _source, archive) = migrated_sqlite(0.03).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/read_archive.py");
+    let kek = std::fs::read_to_string(dir.path().join("kek.hex")).unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .arg(dir.path().join("archive"))
+            .arg("test-kek")
+            .args(extra)
+            .env("STRATA_KEK", kek.trim())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let read = run(&[]);
+    let mut files = 0;
+    for manifests in archive.catalog().tables.values() {
+        for f in manifests.iter().flat_map(|m| &m.files) {
+            assert_eq!(read[&f.path].as_u64(), Some(f.rows), "{}", f.path);
+            files += 1;
+        }
+    }
+    assert!(files > 5);
+    let without = run(&["--no-key"]);
+    for (path, message) in without.as_object().unwrap() {
+        assert_ne!(message, "READ WITHOUT KEY", "{path}");
+    }
+}

@@ -3,8 +3,8 @@
 //! Wrapping is AES-256-GCM under the KEK with the KEK id as associated data; the wrapped form is
 //! `base64(nonce ‖ ciphertext ‖ tag)`. Parquet files carry it in the key-management JSON that
 //! the Parquet ecosystem (pyarrow's `CryptoFactory`) understands:
-//! `{"keyMaterialType":"PKMT1","internalStorage":true,"isFooterKey":true,"masterKeyID":ID,
-//! "wrappedDEK":...,"doubleWrapping":false}`.
+//! `{"keyMaterialType":"PKMT1","internalStorage":true,"isFooterKey":true,"kmsInstanceID":
+//! "DEFAULT","kmsInstanceURL":"DEFAULT","masterKeyID":ID,"wrappedDEK":...,"doubleWrapping":false}`.
 
 use crate::error::{ArchiveError, Result};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -159,6 +159,8 @@ impl KeyRing {
             "keyMaterialType": "PKMT1",
             "internalStorage": true,
             "isFooterKey": true,
+            "kmsInstanceID": "DEFAULT",
+            "kmsInstanceURL": "DEFAULT",
             "masterKeyID": kek.id(),
             "wrappedDEK": kek.wrap(data_key),
             "doubleWrapping": false,

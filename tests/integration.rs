@@ -947,3 +947,143 @@ async fn pyarrow_reads_the_archive_through_its_kms_client_and_fails_without_the_
         assert_ne!(message, "READ WITHOUT KEY", "{path}");
     }
 }
+
+/// Runs `strata archive verify` on a test's config; returns (success, stdout + stderr).
+fn verify_archive(dir: &Path) -> (bool, String) {
+    let out = strata(&["archive", "verify", "--config", "strata.toml"], dir);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn tampering_is_detected_by_reads_and_by_verify() {
+    let (dir, _source, archive) = migrated_sqlite(0.05).await;
+    let (ok, out) = verify_archive(dir.path());
+    assert!(ok, "{out}");
+    assert!(out.contains("archive verified"), "{out}");
+    let root = dir.path().join("archive");
+    let files: Vec<strata_archive::FileEntry> = archive
+        .catalog()
+        .tables
+        .values()
+        .flatten()
+        .flat_map(|m| m.files.clone())
+        .collect();
+    let (a, b) = (&files[0], &files[1]);
+    let docs = &archive.catalog().tables["documents"][0].files[0];
+    let batch = &archive.read_file(docs).await.unwrap()[0];
+    let blob = strata_archive::blob_refs(batch, &["content".to_string()]).remove(0);
+    let blob_path = root.join(strata_archive::BlobStore::object_path(&blob.object));
+
+    type Tamper = Box<dyn Fn(&Path)>;
+    let path_a = root.join(&a.path);
+    let path_b = root.join(&b.path);
+    let cases: Vec<(&str, Vec<std::path::PathBuf>, Tamper, String)> = vec![
+        (
+            "flip a byte in a Parquet file",
+            vec![path_a.clone()],
+            Box::new(|p: &Path| {
+                let mut bytes = std::fs::read(p).unwrap();
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x40;
+                std::fs::write(p, bytes).unwrap();
+            }),
+            a.path.clone(),
+        ),
+        (
+            "truncate a Parquet file",
+            vec![path_a.clone()],
+            Box::new(|p: &Path| {
+                let bytes = std::fs::read(p).unwrap();
+                std::fs::write(p, &bytes[..bytes.len() - 100]).unwrap();
+            }),
+            a.path.clone(),
+        ),
+        (
+            "delete a Parquet file",
+            vec![path_a.clone()],
+            Box::new(|p: &Path| std::fs::remove_file(p).unwrap()),
+            a.path.clone(),
+        ),
+        (
+            "flip a byte in a BLOB",
+            vec![blob_path.clone()],
+            Box::new(|p: &Path| {
+                let mut bytes = std::fs::read(p).unwrap();
+                let last = bytes.len() - 1;
+                bytes[last] ^= 1;
+                std::fs::write(p, bytes).unwrap();
+            }),
+            strata_archive::BlobStore::object_path(&blob.object),
+        ),
+        (
+            "truncate a BLOB",
+            vec![blob_path.clone()],
+            Box::new(|p: &Path| {
+                let bytes = std::fs::read(p).unwrap();
+                std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+            strata_archive::BlobStore::object_path(&blob.object),
+        ),
+    ];
+    for (what, touched, tamper, object) in cases {
+        let saved: Vec<Vec<u8>> = touched.iter().map(|p| std::fs::read(p).unwrap()).collect();
+        tamper(&touched[0]);
+        let (ok, out) = verify_archive(dir.path());
+        assert!(!ok, "{what}: verify passed:\n{out}");
+        assert!(
+            out.contains(&format!("integrity error in {object}")),
+            "{what}:\n{out}"
+        );
+        for (p, bytes) in touched.iter().zip(saved) {
+            std::fs::write(p, bytes).unwrap();
+        }
+    }
+    // Reads fail closed too: a flipped Parquet byte is an integrity error, never data.
+    let saved = std::fs::read(&path_a).unwrap();
+    let mut bytes = saved.clone();
+    bytes[10] ^= 1;
+    std::fs::write(&path_a, bytes).unwrap();
+    assert!(matches!(
+        archive.read_file(a).await,
+        Err(strata_archive::ArchiveError::Integrity { .. })
+    ));
+    std::fs::write(&path_a, &saved).unwrap();
+
+    // Swapping two files: both are reported.
+    let (sa, sb) = (
+        std::fs::read(&path_a).unwrap(),
+        std::fs::read(&path_b).unwrap(),
+    );
+    std::fs::write(&path_a, &sb).unwrap();
+    std::fs::write(&path_b, &sa).unwrap();
+    let (ok, out) = verify_archive(dir.path());
+    assert!(
+        !ok && out.contains(&a.path) && out.contains(&b.path),
+        "{out}"
+    );
+    std::fs::write(&path_a, &sa).unwrap();
+    std::fs::write(&path_b, &sb).unwrap();
+
+    // An edited manifest (pointing at a tampered file's new digest) is refused.
+    let manifest_path = root.join(strata_archive::TableManifest::path(
+        &archive.catalog().tables["documents"][0].table,
+        &archive.catalog().tables["documents"][0].run_id,
+    ));
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    std::fs::write(
+        &manifest_path,
+        text.replacen("\"rows\": ", "\"rows\": 1", 1),
+    )
+    .unwrap();
+    let (ok, out) = verify_archive(dir.path());
+    assert!(!ok && out.contains("manifest was modified"), "{out}");
+    std::fs::write(&manifest_path, text).unwrap();
+    assert!(verify_archive(dir.path()).0);
+}

@@ -8,7 +8,7 @@ use arrow::datatypes::{
 use serde::Serialize;
 use serde_json::{Map, Value};
 use strata_archive::{
-    ArchiveReader, BlobRef, BLOB_REF_SUFFIXES, PATIENT_COLUMN, RECORD_DATE_COLUMN,
+    blob_ref, ArchiveReader, BlobRef, BLOB_REF_SUFFIXES, PATIENT_COLUMN, RECORD_DATE_COLUMN,
 };
 
 /// One archived record.
@@ -126,7 +126,7 @@ fn batch_records(
         }
         let documents = blob_columns
             .iter()
-            .filter_map(|b| blob_ref(batch, b, row))
+            .filter_map(|b| Some((b.clone(), blob_ref(batch, b, row)?)))
             .map(|(column, r)| DocumentLink {
                 href: format!("/v1/patients/{patient}/documents/{}", r.object),
                 id: r.object,
@@ -146,25 +146,6 @@ fn batch_records(
     out
 }
 
-/// The BLOB reference in column `blob` of a row, if present.
-pub fn blob_ref(batch: &RecordBatch, blob: &str, row: usize) -> Option<(String, BlobRef)> {
-    let col = |suffix: &str| batch.column_by_name(&format!("{blob}{suffix}"));
-    let [object, length, sha, ct] = BLOB_REF_SUFFIXES.map(col);
-    let (object, length, sha, ct) = (object?, length?, sha?, ct?);
-    if object.is_null(row) {
-        return None;
-    }
-    Some((
-        blob.to_string(),
-        BlobRef {
-            object: object.as_string::<i32>().value(row).to_string(),
-            length: length.as_primitive::<Int64Type>().value(row) as u64,
-            sha256: sha.as_string::<i32>().value(row).to_string(),
-            content_type: ct.as_string::<i32>().value(row).to_string(),
-        },
-    ))
-}
-
 /// Finds the reference of `document` among the patient's archived rows: a document is served
 /// only through a patient whose record points to it.
 pub async fn find_document(
@@ -180,7 +161,7 @@ pub async fn find_document(
         for batch in archive.patient_rows(table, patient).await? {
             for row in 0..batch.num_rows() {
                 for b in &blob_columns {
-                    if let Some((_, r)) = blob_ref(&batch, b, row) {
+                    if let Some(r) = blob_ref(&batch, b, row) {
                         if r.object == document {
                             return Ok(Some(r));
                         }

@@ -32,7 +32,7 @@ pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing};
 pub use manifest::{FileEntry, TableManifest, MANIFEST_FORMAT};
-pub use reader::{ArchiveReader, Catalog};
+pub use reader::{blob_ref, blob_refs, ArchiveReader, Catalog, VerifyReport};
 pub use store::{open_store, ArchiveLocation};
 pub use writer::{TableWriter, TableWriterOptions};
 

@@ -1,5 +1,7 @@
 //! The catalog: one manifest per table per run, stored inside the archive itself.
 
+use crate::error::{ArchiveError, Result};
+use crate::keys::KeyRing;
 use serde::{Deserialize, Serialize};
 
 /// The manifest format version written by this crate.
@@ -23,6 +25,12 @@ pub struct TableManifest {
     pub blob_columns: Vec<String>,
     /// The data files, sorted by patient key range.
     pub files: Vec<FileEntry>,
+    /// The KEK whose derived key sealed this manifest.
+    #[serde(default)]
+    pub sealed_by: String,
+    /// HMAC-SHA-256 of the manifest (with this field empty), hex: an edited manifest is detected.
+    #[serde(default)]
+    pub mac: String,
 }
 
 /// One encrypted Parquet file.
@@ -56,7 +64,42 @@ impl TableManifest {
             created_at: String::new(),
             blob_columns,
             files: Vec::new(),
+            sealed_by: String::new(),
+            mac: String::new(),
         }
+    }
+
+    fn compute_mac(&self, keys: &KeyRing, kek_id: &str) -> Result<String> {
+        use hmac::{Hmac, Mac};
+        let mut unsealed = self.clone();
+        unsealed.mac = String::new();
+        let key = keys.get(kek_id)?.derive("strata manifest v1");
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).expect("any key length");
+        mac.update(&serde_json::to_vec(&unsealed).expect("manifest serializes"));
+        Ok(hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// Seals the manifest with the current KEK.
+    pub(crate) fn seal(&mut self, keys: &KeyRing) {
+        self.sealed_by = keys.current().id().to_string();
+        self.mac = self
+            .compute_mac(keys, &self.sealed_by.clone())
+            .expect("current KEK is in the ring");
+    }
+
+    /// Checks the seal; `object` names the manifest in the error.
+    pub(crate) fn check_seal(&self, keys: &KeyRing, object: &str) -> Result<()> {
+        let integrity = |detail: &str| ArchiveError::Integrity {
+            object: object.to_string(),
+            detail: detail.to_string(),
+        };
+        let expected = self
+            .compute_mac(keys, &self.sealed_by)
+            .map_err(|_| integrity("sealed by a KEK that is not in the key ring"))?;
+        if expected != self.mac {
+            return Err(integrity("manifest was modified (its seal does not match)"));
+        }
+        Ok(())
     }
 
     /// The manifest's path inside the archive.

@@ -1,6 +1,6 @@
 //! Reads the archive: its catalog, whole files, and one patient's rows.
 
-use crate::blob::BlobStore;
+use crate::blob::{BlobRef, BlobStore};
 use crate::error::{ArchiveError, Result};
 use crate::keys::{KeyRing, ParquetKeyRetriever};
 use crate::manifest::{FileEntry, TableManifest};
@@ -63,6 +63,52 @@ impl Catalog {
     }
 }
 
+/// What `verify` found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VerifyReport {
+    /// Parquet files checked.
+    pub files: u64,
+    /// Rows read from them.
+    pub rows: u64,
+    /// BLOB objects checked.
+    pub blobs: u64,
+    /// Their plaintext bytes.
+    pub blob_bytes: u64,
+    /// Integrity problems: (object, what is wrong).
+    pub problems: Vec<(String, String)>,
+    /// Objects no manifest refers to (from interrupted runs, or planted).
+    pub unpublished: Vec<String>,
+}
+
+/// The BLOB references in a batch of a table whose BLOB columns are `blob_columns`.
+pub fn blob_refs(batch: &RecordBatch, blob_columns: &[String]) -> Vec<BlobRef> {
+    (0..batch.num_rows())
+        .flat_map(|row| {
+            blob_columns
+                .iter()
+                .filter_map(move |b| blob_ref(batch, b, row))
+        })
+        .collect()
+}
+
+/// The BLOB reference in column `blob` of a row, if present.
+pub fn blob_ref(batch: &RecordBatch, blob: &str, row: usize) -> Option<BlobRef> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+    let col = |suffix: &str| batch.column_by_name(&format!("{blob}{suffix}"));
+    let [object, length, sha, ct] = crate::BLOB_REF_SUFFIXES.map(col);
+    let (object, length, sha, ct) = (object?, length?, sha?, ct?);
+    if object.is_null(row) {
+        return None;
+    }
+    Some(BlobRef {
+        object: object.as_string::<i32>().value(row).to_string(),
+        length: length.as_primitive::<Int64Type>().value(row) as u64,
+        sha256: sha.as_string::<i32>().value(row).to_string(),
+        content_type: ct.as_string::<i32>().value(row).to_string(),
+    })
+}
+
 /// Read access to an archive.
 #[derive(Clone)]
 pub struct ArchiveReader {
@@ -88,6 +134,7 @@ impl ArchiveReader {
                     object: object.clone(),
                     detail: e.to_string(),
                 })?;
+            manifest.check_seal(&keys, &object)?;
             catalog
                 .tables
                 .entry(manifest.table.clone())
@@ -155,6 +202,85 @@ impl ArchiveReader {
         let bytes = self.fetch_verified(entry).await?;
         let reader = self.builder(entry, bytes)?.build()?;
         Ok(reader.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Checks the whole archive against its manifests: every file's size, digest, decryption,
+    /// row count and patient range, and every referenced BLOB's length and digest. Problems are
+    /// collected, not returned as the first error; objects no manifest refers to (left by an
+    /// interrupted run) are listed separately.
+    pub async fn verify(&self) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let mut published = std::collections::HashSet::new();
+        let mut referenced = std::collections::BTreeMap::new();
+        for (table, manifests) in &self.catalog.tables {
+            let blob_columns = self.catalog.blob_columns(table);
+            for entry in manifests.iter().flat_map(|m| &m.files) {
+                published.insert(entry.path.clone());
+                report.files += 1;
+                let batches = match self.read_file(entry).await {
+                    Ok(b) => b,
+                    Err(ArchiveError::Integrity { object, detail }) => {
+                        report.problems.push((object, detail));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+                report.rows += rows;
+                if rows != entry.rows {
+                    report.problems.push((
+                        entry.path.clone(),
+                        format!("{rows} rows, the manifest says {}", entry.rows),
+                    ));
+                }
+                for batch in &batches {
+                    let patients = arrow::array::AsArray::as_string::<i32>(batch.column(0));
+                    let outside = patients
+                        .iter()
+                        .flatten()
+                        .any(|p| p < entry.min_patient.as_str() || p > entry.max_patient.as_str());
+                    if outside {
+                        report.problems.push((
+                            entry.path.clone(),
+                            "a patient key lies outside the manifest's range".into(),
+                        ));
+                        break;
+                    }
+                    for r in blob_refs(batch, &blob_columns) {
+                        referenced.insert(r.object.clone(), r);
+                    }
+                }
+            }
+        }
+        let blobs = self.blobs();
+        for r in referenced.values() {
+            report.blobs += 1;
+            match blobs.get(r).await {
+                Ok(b) => report.blob_bytes += b.len() as u64,
+                Err(ArchiveError::Integrity { object, detail }) => {
+                    report.problems.push((object, detail))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let listed: Vec<_> = self.store.list(None).try_collect().await?;
+        for meta in listed {
+            let path = meta.location.to_string();
+            let unpublished = if path.starts_with("tables/") {
+                !published.contains(&path)
+            } else if let Some(id) = path
+                .strip_prefix("blobs/")
+                .and_then(|p| p.split('/').nth(1))
+            {
+                !referenced.contains_key(id)
+            } else {
+                false
+            };
+            if unpublished {
+                report.unpublished.push(path);
+            }
+        }
+        Ok(report)
     }
 
     /// One patient's archived rows of `table`: opens only the files whose key range can hold

@@ -183,6 +183,7 @@ impl TableWriter {
         self.manifest
             .files
             .sort_by(|a, b| a.min_patient.cmp(&b.min_patient));
+        self.manifest.seal(&self.keys);
         let path = TableManifest::path(&self.manifest.table, &self.manifest.run_id);
         let json = serde_json::to_vec_pretty(&self.manifest).expect("manifest serializes");
         self.store

@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Archive tools.
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
     /// Legal holds: records under a hold are never purged.
     Hold {
         #[command(subcommand)]
@@ -124,6 +129,16 @@ enum PolicyCommand {
     Check {
         /// The policy file (by default, the one strata.toml names).
         file: Option<PathBuf>,
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCommand {
+    /// Check the whole archive against its manifests (sizes, digests, decryption, row counts,
+    /// BLOB lengths and digests). Exits non-zero when anything does not match.
+    Verify {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
     },
@@ -343,6 +358,30 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Hold { command } => hold(command).await,
+        Command::Archive {
+            command: ArchiveCommand::Verify { config },
+        } => {
+            let loaded = config::load(&config)?;
+            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+            let archive = ArchiveReader::open(store, keys).await?;
+            let report = archive.verify().await?;
+            println!(
+                "checked {} files ({} rows) and {} BLOBs ({} bytes)",
+                report.files, report.rows, report.blobs, report.blob_bytes
+            );
+            for path in &report.unpublished {
+                println!("not in any manifest (ignored): {path}");
+            }
+            for (object, detail) in &report.problems {
+                eprintln!("integrity error in {object}: {detail}");
+            }
+            if report.problems.is_empty() {
+                println!("archive verified: no problems");
+                Ok(())
+            } else {
+                anyhow::bail!("{} integrity problem(s)", report.problems.len())
+            }
+        }
         Command::Migrate { config, json } => {
             let loaded = config::load(&config)?;
             let mut migration = Migration::prepare(loaded.migration, today()).await?;

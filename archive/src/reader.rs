@@ -402,9 +402,22 @@ mod tests {
         let err = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap_err();
         assert!(err.to_string().contains("decryption"), "{err}");
 
-        // With another KEK, reading fails as an integrity error naming the file.
+        // With another KEK, the manifests' seals do not verify, and a file does not decrypt:
+        // both are integrity errors naming the object.
         let other = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), []);
-        let stranger = ArchiveReader::open(store.clone(), other).await.unwrap();
+        let err = ArchiveReader::open(store.clone(), other.clone())
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, ArchiveError::Integrity { object, .. } if object.starts_with("manifests/labs/")),
+            "{err}"
+        );
+        let stranger = ArchiveReader {
+            store: store.clone(),
+            keys: other,
+            catalog: reader.catalog.clone(),
+        };
         let err = stranger.read_file(entry).await.unwrap_err();
         assert!(
             matches!(&err, ArchiveError::Integrity { object, .. } if object == &entry.path),

@@ -1,6 +1,7 @@
 //! Workspace-level tests: Strata end to end on real parts (SQLite files, a real PostgreSQL
 //! server started by `scripts/test`, the encrypted archive on disk, the API router).
 
+mod blobs;
 mod policies;
 mod support;
 
@@ -397,6 +398,50 @@ async fn api_requires_a_valid_token_and_serves_history_and_documents() {
     assert_eq!(
         hex::encode(Sha256::digest(&bytes)),
         doc["sha256"].as_str().unwrap()
+    );
+
+    // Range reads: a slice, a suffix, and an unsatisfiable range.
+    let href = doc["href"].as_str().unwrap();
+    let ranged = |range: &'static str| {
+        let app = app.clone();
+        let clinician = clinician.clone();
+        async move {
+            let req = Request::get(href)
+                .header("authorization", format!("Bearer {clinician}"))
+                .header("range", range);
+            let resp = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+            let status = resp.status();
+            let content_range = resp
+                .headers()
+                .get("content-range")
+                .map(|v| v.to_str().unwrap().to_string());
+            (
+                status,
+                content_range,
+                resp.into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+                    .to_vec(),
+            )
+        }
+    };
+    let (status, content_range, part) = ranged("bytes=10-99").await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        content_range.unwrap(),
+        format!("bytes 10-99/{}", bytes.len())
+    );
+    assert_eq!(part, bytes[10..100]);
+    let (status, _, part) = ranged("bytes=-5").await;
+    assert_eq!(
+        (status, part.as_slice()),
+        (StatusCode::PARTIAL_CONTENT, &bytes[bytes.len() - 5..])
+    );
+    assert_eq!(
+        ranged("bytes=999999999-").await.0,
+        StatusCode::RANGE_NOT_SATISFIABLE
     );
 
     // The same document through another patient is not found.

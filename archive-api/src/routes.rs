@@ -48,26 +48,102 @@ async fn history(
     ))
 }
 
+/// Parses a single `bytes=` range against a length: Ok(None) for no header, Err for an
+/// unsatisfiable or multi-part range.
+fn parse_range(
+    header: Option<&axum::http::HeaderValue>,
+    length: u64,
+) -> Result<Option<std::ops::Range<u64>>, ()> {
+    let Some(value) = header else { return Ok(None) };
+    let spec = value
+        .to_str()
+        .map_err(|_| ())?
+        .strip_prefix("bytes=")
+        .ok_or(())?;
+    if spec.contains(',') {
+        return Err(());
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let range = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| ())?;
+            length.saturating_sub(n)..length
+        }
+        (start, "") => start.parse::<u64>().map_err(|_| ())?..length,
+        (start, end) => {
+            start.parse::<u64>().map_err(|_| ())?
+                ..end
+                    .parse::<u64>()
+                    .map_err(|_| ())?
+                    .saturating_add(1)
+                    .min(length)
+        }
+    };
+    if range.start >= range.end || range.start >= length {
+        return Err(());
+    }
+    Ok(Some(range))
+}
+
 async fn document(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((patient, document)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     principal.require(CLINICAL)?;
     let reference = find_document(&state.archive, &patient, &document)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let bytes = state.archive.blobs().get(&reference).await?;
+    let range = match parse_range(headers.get(header::RANGE), reference.length) {
+        Ok(r) => r,
+        Err(()) => {
+            return Ok((
+                axum::http::StatusCode::RANGE_NOT_SATISFIABLE,
+                [(
+                    header::CONTENT_RANGE,
+                    format!("bytes */{}", reference.length),
+                )],
+            )
+                .into_response())
+        }
+    };
     tracing::info!(user = %principal.user, patient = %patient, document = %reference.object, "document read");
-    Ok((
-        [
-            (header::CONTENT_TYPE, reference.content_type),
-            (header::CONTENT_LENGTH, reference.length.to_string()),
-            (header::CACHE_CONTROL, "no-store".to_string()),
-        ],
-        Body::from(bytes),
-    )
-        .into_response())
+    let mut response = match &range {
+        Some(r) => {
+            let bytes = state
+                .archive
+                .blobs()
+                .get_range(&reference, r.clone())
+                .await?;
+            let mut resp =
+                (axum::http::StatusCode::PARTIAL_CONTENT, Body::from(bytes)).into_response();
+            let content_range = format!("bytes {}-{}/{}", r.start, r.end - 1, reference.length);
+            resp.headers_mut()
+                .insert(header::CONTENT_RANGE, content_range.parse().expect("ascii"));
+            resp
+        }
+        None => Body::from(state.archive.blobs().get(&reference).await?).into_response(),
+    };
+    let len = range.map_or(reference.length, |r| r.end - r.start);
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        reference
+            .content_type
+            .parse()
+            .unwrap_or(header::HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(header::CONTENT_LENGTH, len.into());
+    h.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
 }
 
 async fn healthz() -> &'static str {

@@ -1132,3 +1132,37 @@ async fn tampering_is_detected_by_reads_and_by_verify() {
     std::fs::write(&manifest_path, text).unwrap();
     assert!(verify_archive(dir.path()).0);
 }
+
+#[tokio::test]
+async fn a_migration_archives_to_s3_and_reads_back() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.03).await;
+    let config_path = write_config(
+        dir.path(),
+        &source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        &example_policy(),
+    );
+    let location = blobs::s3_location("archive");
+    let text = std::fs::read_to_string(&config_path).unwrap().replace(
+        "location = \"archive\"",
+        &format!("location = \"{location}\""),
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let report = migrate(&config_path).await;
+    let config = load_config(&config_path);
+    let counts = tier_counts(&config).await;
+    assert_tiers_add_up(&counts);
+    assert_report_matches(&report, &counts);
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let verified = archive.verify().await.unwrap();
+    assert!(verified.problems.is_empty(), "{:?}", verified.problems);
+    assert_eq!(
+        verified.rows,
+        counts.values().map(|c| c.archive).sum::<u64>()
+    );
+    assert!(verified.blobs > 0);
+    let (ok, out) = verify_archive(dir.path());
+    assert!(ok, "{out}");
+}

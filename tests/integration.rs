@@ -1166,3 +1166,91 @@ async fn a_migration_archives_to_s3_and_reads_back() {
     let (ok, out) = verify_archive(dir.path());
     assert!(ok, "{out}");
 }
+
+/// SHA-256 of every data object of an archive directory (Parquet files and BLOB objects, not
+/// their key material).
+fn data_digests(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !name.ends_with(".key") && !name.ends_with(".json") {
+                out.insert(
+                    p.strip_prefix(root).unwrap().display().to_string(),
+                    hex::encode(Sha256::digest(std::fs::read(&p).unwrap())),
+                );
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn rotating_the_kek_rewraps_keys_without_rewriting_data() {
+    let python = std::env::var("STRATA_TEST_PYTHON")
+        .expect("STRATA_TEST_PYTHON is not set: run the suite with ./scripts/test");
+    let (dir, _source, _archive) = migrated_sqlite(0.03).await;
+    let root = dir.path().join("archive");
+    let before = data_digests(&root);
+    assert!(before.len() > 10);
+    // New KEK current, old one kept until the rotation has finished.
+    std::fs::write(
+        dir.path().join("kek-2.hex"),
+        strata_archive::Kek::generate_hex(),
+    )
+    .unwrap();
+    let config_path = dir.path().join("strata.toml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let rotating = text
+        .replace("kek_id = \"test-kek\"", "kek_id = \"test-kek-2\"")
+        .replace(
+            "kek_file = \"kek.hex\"",
+            "kek_file = \"kek-2.hex\"\nprevious_keks = [{ id = \"test-kek\", file = \"kek.hex\" }]",
+        );
+    std::fs::write(&config_path, &rotating).unwrap();
+    let out = strata(&["archive", "rotate-key"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The old KEK is no longer needed: remove it from the config and from disk.
+    std::fs::write(
+        &config_path,
+        text.replace("kek_id = \"test-kek\"", "kek_id = \"test-kek-2\"")
+            .replace("kek_file = \"kek.hex\"", "kek_file = \"kek-2.hex\""),
+    )
+    .unwrap();
+    let old = std::fs::read_to_string(dir.path().join("kek.hex")).unwrap();
+    std::fs::remove_file(dir.path().join("kek.hex")).unwrap();
+    let (ok, out) = verify_archive(dir.path());
+    assert!(ok, "{out}");
+    assert_eq!(data_digests(&root), before, "no data object was rewritten");
+    // pyarrow reads with the new KEK only; the old one no longer opens anything.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/read_archive.py");
+    let new = std::fs::read_to_string(dir.path().join("kek-2.hex")).unwrap();
+    let read = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(&root)
+        .arg("test-kek-2")
+        .env("STRATA_KEK", new.trim())
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let stale = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(&root)
+        .arg("test-kek")
+        .env("STRATA_KEK", old.trim())
+        .output()
+        .unwrap();
+    assert!(!stale.status.success());
+}

@@ -1,7 +1,8 @@
 //! BLOB objects: encrypted in fixed-size AES-256-GCM segments under a per-object data key.
 //!
-//! Layout: `STRATAB1` ‖ segment size (u32 LE) ‖ KEK id (u16 LE length + bytes) ‖ wrapped data
-//! key (u16 LE length + bytes) ‖ segments. Segment `i` is encrypted with nonce
+//! Layout: `STRATAB1` ‖ segment size (u32 LE) ‖ segments. The object's data key, wrapped by the
+//! KEK, lives in a small sidecar object `{object}.key` (Parquet PKMT1 key material), so rotating
+//! the KEK rewrites only sidecars, never document bytes. Segment `i` is encrypted with nonce
 //! `i (u64 BE) ‖ 0 0 0 ‖ final flag` and the object id as associated data, so segments cannot be
 //! reordered, dropped, truncated or moved to another object without failing authentication.
 //! An object's id is a keyed HMAC-SHA-256 of its content: identical content is stored once, and
@@ -23,6 +24,7 @@ use std::sync::Arc;
 pub const BLOB_SEGMENT_SIZE: usize = 64 * 1024;
 const MAGIC: &[u8; 8] = b"STRATAB1";
 const TAG_LEN: usize = 16;
+const HEADER_LEN: usize = 12;
 
 /// What an archived row keeps of a BLOB.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,16 +83,18 @@ impl BlobStore {
             Err(e) => return Err(e.into()),
         }
         let data_key = KeyRing::new_data_key();
-        let kek = self.keys.current();
-        let wrapped = kek.wrap(&data_key);
+        // The key first: an object never exists without the key that opens it.
+        let sidecar = Path::from(format!("{}.key", Self::object_path(&object)));
+        self.store
+            .put(
+                &sidecar,
+                PutPayload::from(self.keys.key_material(&data_key).into_bytes()),
+            )
+            .await?;
         let segments = content.len().div_ceil(BLOB_SEGMENT_SIZE).max(1);
-        let mut out = Vec::with_capacity(64 + content.len() + segments * TAG_LEN);
+        let mut out = Vec::with_capacity(HEADER_LEN + content.len() + segments * TAG_LEN);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(BLOB_SEGMENT_SIZE as u32).to_le_bytes());
-        for field in [kek.id().as_bytes(), wrapped.as_bytes()] {
-            out.extend_from_slice(&(field.len() as u16).to_le_bytes());
-            out.extend_from_slice(field);
-        }
         let cipher = Aes256Gcm::new_from_slice(&data_key).expect("32-byte key");
         for i in 0..segments {
             let start = i * BLOB_SEGMENT_SIZE;
@@ -125,15 +129,9 @@ impl BlobStore {
             }
             Err(e) => return Err(e.into()),
         };
-        let (segment_size, kek_id, wrapped, body) =
+        let (segment_size, body) =
             parse_header(&raw).ok_or_else(|| integrity("malformed header"))?;
-        let data_key = self
-            .keys
-            .get(kek_id)?
-            .unwrap_key(wrapped)
-            .map_err(|_| integrity("data key does not unwrap"))?;
-        let cipher = Aes256Gcm::new_from_slice(&data_key)
-            .map_err(|_| integrity("data key has the wrong length"))?;
+        let cipher = self.object_cipher(&path_text).await?;
         let stride = segment_size + TAG_LEN;
         let segments = body.len().div_ceil(stride).max(1);
         let mut plain = Vec::with_capacity(body.len());
@@ -162,6 +160,29 @@ impl BlobStore {
 }
 
 impl BlobStore {
+    /// The cipher of an object, from its key sidecar.
+    async fn object_cipher(&self, object_path: &str) -> Result<Aes256Gcm> {
+        let sidecar = format!("{object_path}.key");
+        let integrity = |detail: &str| ArchiveError::Integrity {
+            object: sidecar.clone(),
+            detail: detail.to_string(),
+        };
+        let material = match self.store.get(&Path::from(sidecar.as_str())).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(integrity("the object's key is missing"))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let material =
+            std::str::from_utf8(&material).map_err(|_| integrity("key material is not text"))?;
+        let data_key = self
+            .keys
+            .unwrap_key_material(material)
+            .map_err(|_| integrity("data key does not unwrap"))?;
+        Aes256Gcm::new_from_slice(&data_key).map_err(|_| integrity("data key has the wrong length"))
+    }
+
     /// Reads bytes `range` of a BLOB, fetching and decrypting only the segments that hold them.
     /// Each segment is authenticated (its index, whether it is the last, and the object id are
     /// bound in), and the object's size must match the catalogued length, so a range read fails
@@ -193,10 +214,12 @@ impl BlobStore {
             }
             Err(e) => return Err(e.into()),
         };
-        let head = self.store.get_range(&path, 0..size.min(1024)).await?;
-        let (segment_size, kek_id, wrapped, rest) =
-            parse_header(&head).ok_or_else(|| integrity("malformed header"))?;
-        let header_len = (head.len() - rest.len()) as u64;
+        let head = self
+            .store
+            .get_range(&path, 0..size.min(HEADER_LEN as u64))
+            .await?;
+        let (segment_size, _) = parse_header(&head).ok_or_else(|| integrity("malformed header"))?;
+        let header_len = HEADER_LEN as u64;
         let seg = segment_size as u64;
         let stride = seg + TAG_LEN as u64;
         let segments = reference.length.div_ceil(seg).max(1);
@@ -206,13 +229,7 @@ impl BlobStore {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let data_key = self
-            .keys
-            .get(kek_id)?
-            .unwrap_key(wrapped)
-            .map_err(|_| integrity("data key does not unwrap"))?;
-        let cipher = Aes256Gcm::new_from_slice(&data_key)
-            .map_err(|_| integrity("data key has the wrong length"))?;
+        let cipher = self.object_cipher(&path_text).await?;
         let (first, last) = (range.start / seg, (range.end - 1) / seg);
         let start = header_len + first * stride;
         let end = (header_len + (last + 1) * stride).min(size);
@@ -238,17 +255,10 @@ impl BlobStore {
     }
 }
 
-fn parse_header(raw: &[u8]) -> Option<(usize, &str, &str, &[u8])> {
+fn parse_header(raw: &[u8]) -> Option<(usize, &[u8])> {
     let rest = raw.strip_prefix(MAGIC.as_slice())?;
     let segment_size = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    let mut rest = &rest[4..];
-    let mut fields = [""; 2];
-    for field in &mut fields {
-        let len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
-        *field = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
-        rest = &rest[2 + len..];
-    }
-    (segment_size > 0).then_some((segment_size, fields[0], fields[1], rest))
+    (segment_size > 0).then_some((segment_size, &rest[4..]))
 }
 
 #[cfg(test)]

@@ -152,12 +152,11 @@ impl KeyRing {
         key
     }
 
-    /// The Parquet key-management JSON for a data key wrapped by the current KEK.
-    pub(crate) fn parquet_key_metadata(&self, data_key: &[u8]) -> Vec<u8> {
+    /// The Parquet key material (PKMT1 JSON) of a data key wrapped by the current KEK.
+    pub(crate) fn key_material(&self, data_key: &[u8]) -> String {
         let kek = self.current();
         serde_json::json!({
             "keyMaterialType": "PKMT1",
-            "internalStorage": true,
             "isFooterKey": true,
             "kmsInstanceID": "DEFAULT",
             "kmsInstanceURL": "DEFAULT",
@@ -166,32 +165,66 @@ impl KeyRing {
             "doubleWrapping": false,
         })
         .to_string()
-        .into_bytes()
     }
 
-    /// Unwraps the data key in Parquet key-management JSON.
-    pub(crate) fn unwrap_parquet_key_metadata(&self, metadata: &[u8]) -> Result<Vec<u8>> {
-        let json: serde_json::Value = serde_json::from_slice(metadata).map_err(|_| {
-            ArchiveError::Key("key metadata is not Parquet key-management JSON".into())
+    /// Unwraps the data key in PKMT1 key material.
+    pub(crate) fn unwrap_key_material(&self, material: &str) -> Result<Vec<u8>> {
+        let json: serde_json::Value = serde_json::from_str(material).map_err(|_| {
+            ArchiveError::Key("key material is not Parquet key-management JSON".into())
         })?;
         let field = |name: &str| {
             json.get(name)
                 .and_then(|v| v.as_str())
-                .ok_or_else(|| ArchiveError::Key(format!("key metadata has no {name:?}")))
+                .ok_or_else(|| ArchiveError::Key(format!("key material has no {name:?}")))
         };
         self.get(field("masterKeyID")?)?
             .unwrap_key(field("wrappedDEK")?)
     }
+
+    /// Re-wraps PKMT1 key material with the current KEK (the data key itself is unchanged).
+    pub(crate) fn rewrap_key_material(&self, material: &str) -> Result<String> {
+        Ok(self.key_material(&self.unwrap_key_material(material)?))
+    }
 }
 
-/// Lets the parquet crate ask the key ring for each file's data key.
-pub(crate) struct ParquetKeyRetriever(pub KeyRing);
+/// What a Parquet file carries in its footer key metadata: a reference to key material stored
+/// beside it (Parquet's external key material, as pyarrow writes with
+/// `internal_key_material=False`), so rotating the KEK rewrites only that small object.
+pub(crate) const EXTERNAL_FOOTER_KEY: &str =
+    r#"{"keyMaterialType":"PKMT1","internalStorage":false,"keyReference":"footerKey"}"#;
+
+/// The key-material object beside a Parquet file: `_KEY_MATERIAL_FOR_{file name}.json`.
+pub(crate) fn key_material_path(file_path: &str) -> String {
+    match file_path.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/_KEY_MATERIAL_FOR_{name}.json"),
+        None => format!("_KEY_MATERIAL_FOR_{file_path}.json"),
+    }
+}
+
+/// Gives the parquet crate one file's data key, from its external key material.
+pub(crate) struct ParquetKeyRetriever {
+    pub keys: KeyRing,
+    /// The key-material object's map: key reference → PKMT1 JSON.
+    pub materials: serde_json::Map<String, serde_json::Value>,
+}
 
 impl parquet::encryption::decrypt::KeyRetriever for ParquetKeyRetriever {
     fn retrieve_key(&self, key_metadata: &[u8]) -> parquet::errors::Result<Vec<u8>> {
-        self.0
-            .unwrap_parquet_key_metadata(key_metadata)
-            .map_err(|e| parquet::errors::ParquetError::General(e.to_string()))
+        let general = |m: String| parquet::errors::ParquetError::General(m);
+        let meta: serde_json::Value = serde_json::from_slice(key_metadata)
+            .map_err(|_| general("key metadata is not JSON".into()))?;
+        let material = match meta.get("keyReference").and_then(|r| r.as_str()) {
+            Some(reference) => self
+                .materials
+                .get(reference)
+                .and_then(|m| m.as_str())
+                .ok_or_else(|| general(format!("no key material for {reference:?}")))?
+                .to_string(),
+            None => String::from_utf8_lossy(key_metadata).to_string(),
+        };
+        self.keys
+            .unwrap_key_material(&material)
+            .map_err(|e| general(e.to_string()))
     }
 }
 

@@ -8,7 +8,10 @@
 //!   own data key, wrapped by a key-encryption key (KEK); the wrapped key sits in the file's key
 //!   metadata in the Parquet key-management JSON format, so other Parquet readers given a KMS
 //!   client can open it. Rows are sorted by patient key, with a bloom filter on it.
-//! - `blobs/{id[0..2]}/{id}`: BLOBs encrypted in fixed-size AES-256-GCM segments ([`BlobStore`]).
+//! - `tables/{table}/_KEY_MATERIAL_FOR_{file}.json`: each file's data key wrapped by the KEK
+//!   (Parquet's external key material), so a KEK rotation ([`rotate_keys`]) rewrites only these.
+//! - `blobs/{id[0..2]}/{id}`: BLOBs encrypted in fixed-size AES-256-GCM segments ([`BlobStore`]),
+//!   with their wrapped data key in `{id}.key`.
 //! - `manifests/{table}/{run}.json`: the catalog ([`TableManifest`]): which files hold which
 //!   patient-key range, with row counts and SHA-256 of every file, so one patient's history opens
 //!   only the files that can hold it, and the archive can be verified on its own.
@@ -24,6 +27,7 @@ mod error;
 mod keys;
 mod manifest;
 mod reader;
+mod rotate;
 mod store;
 mod writer;
 
@@ -33,6 +37,7 @@ pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing};
 pub use manifest::{FileEntry, TableManifest, MANIFEST_FORMAT};
 pub use reader::{blob_ref, blob_refs, ArchiveReader, Catalog, VerifyReport};
+pub use rotate::{rotate_keys, RotationReport};
 pub use store::{open_store, ArchiveLocation};
 pub use writer::{TableWriter, TableWriterOptions};
 

@@ -179,28 +179,47 @@ impl ArchiveReader {
         Ok(bytes)
     }
 
-    fn builder(
+    async fn builder(
         &self,
         entry: &FileEntry,
         bytes: Bytes,
     ) -> Result<ParquetRecordBatchReaderBuilder<Bytes>> {
-        let decryption = FileDecryptionProperties::with_key_retriever(Arc::new(
-            ParquetKeyRetriever(self.keys.clone()),
-        ))
-        .build()?;
-        let options = ArrowReaderOptions::new().with_file_decryption_properties(decryption);
-        ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options).map_err(|e| {
-            ArchiveError::Integrity {
-                object: entry.path.clone(),
-                detail: format!("cannot decrypt or decode: {e}"),
+        let material_path = crate::keys::key_material_path(&entry.path);
+        let integrity = |object: &str, detail: String| ArchiveError::Integrity {
+            object: object.to_string(),
+            detail,
+        };
+        let material = match self.store.get(&Path::from(material_path.as_str())).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(integrity(&material_path, "key material is missing".into()))
             }
-        })
+            Err(e) => return Err(e.into()),
+        };
+        let materials = match serde_json::from_slice::<serde_json::Value>(&material) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => {
+                return Err(integrity(
+                    &material_path,
+                    "key material is not a JSON object".into(),
+                ))
+            }
+        };
+        let retriever = ParquetKeyRetriever {
+            keys: self.keys.clone(),
+            materials,
+        };
+        let decryption =
+            FileDecryptionProperties::with_key_retriever(Arc::new(retriever)).build()?;
+        let options = ArrowReaderOptions::new().with_file_decryption_properties(decryption);
+        ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options)
+            .map_err(|e| integrity(&entry.path, format!("cannot decrypt or decode: {e}")))
     }
 
     /// Reads and decrypts a whole file, after checking it against the manifest.
     pub async fn read_file(&self, entry: &FileEntry) -> Result<Vec<RecordBatch>> {
         let bytes = self.fetch_verified(entry).await?;
-        let reader = self.builder(entry, bytes)?.build()?;
+        let reader = self.builder(entry, bytes).await?.build()?;
         Ok(reader.collect::<Result<Vec<_>, _>>()?)
     }
 
@@ -267,7 +286,13 @@ impl ArchiveReader {
         for meta in listed {
             let path = meta.location.to_string();
             let unpublished = if path.starts_with("tables/") {
-                !published.contains(&path)
+                let data = path.rsplit_once('/').and_then(|(dir, name)| {
+                    let name = name
+                        .strip_prefix("_KEY_MATERIAL_FOR_")?
+                        .strip_suffix(".json")?;
+                    Some(format!("{dir}/{name}"))
+                });
+                !published.contains(data.as_ref().unwrap_or(&path))
             } else if let Some(id) = path
                 .strip_prefix("blobs/")
                 .and_then(|p| p.split('/').nth(1))
@@ -290,7 +315,7 @@ impl ArchiveReader {
         let needle = Scalar::new(StringArray::from(vec![patient]));
         for entry in self.catalog.files_for_patient(table, patient) {
             let bytes = self.fetch_verified(entry).await?;
-            let builder = self.builder(entry, bytes)?;
+            let builder = self.builder(entry, bytes).await?;
             let groups: Vec<usize> = builder
                 .metadata()
                 .row_groups()

@@ -42,6 +42,7 @@ impl Default for TableWriterOptions {
 
 struct OpenFile {
     writer: ArrowWriter<Vec<u8>>,
+    key_material: String,
     path: String,
     rows: u64,
     min_patient: Option<String>,
@@ -101,7 +102,7 @@ impl TableWriter {
     fn open_file(&self) -> Result<OpenFile> {
         let data_key = KeyRing::new_data_key();
         let encryption = FileEncryptionProperties::builder(data_key.clone())
-            .with_footer_key_metadata(self.keys.parquet_key_metadata(&data_key))
+            .with_footer_key_metadata(crate::keys::EXTERNAL_FOOTER_KEY.as_bytes().to_vec())
             .build()?;
         let patient = ColumnPath::from(PATIENT_COLUMN);
         let props = WriterProperties::builder()
@@ -121,6 +122,7 @@ impl TableWriter {
         Ok(OpenFile {
             writer: ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))?,
             path,
+            key_material: self.keys.key_material(&data_key),
             rows: 0,
             min_patient: None,
             max_patient: None,
@@ -169,6 +171,14 @@ impl TableWriter {
             max_patient: file.max_patient.unwrap_or_default(),
             kek_id: self.keys.current().id().to_string(),
         };
+        let material = serde_json::json!({ "footerKey": file.key_material }).to_string();
+        let material_path = crate::keys::key_material_path(&file.path);
+        self.store
+            .put(
+                &Path::from(material_path),
+                PutPayload::from(material.into_bytes()),
+            )
+            .await?;
         self.store
             .put(&Path::from(file.path), PutPayload::from(bytes))
             .await?;

@@ -142,6 +142,12 @@ enum ArchiveCommand {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
     },
+    /// Re-wrap every data key with the config's current KEK (`kek_id`), keeping the old one in
+    /// `previous_keks` until this has finished. Data objects are not rewritten.
+    RotateKey {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -358,6 +364,18 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Hold { command } => hold(command).await,
+        Command::Archive {
+            command: ArchiveCommand::RotateKey { config },
+        } => {
+            let loaded = config::load(&config)?;
+            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+            let r = strata_archive::rotate_keys(store, &keys).await?;
+            println!(
+                "every data key is now wrapped by KEK {}: {} Parquet key objects, {} BLOB keys, {} manifests rewritten; no data object was rewritten",
+                r.kek_id, r.parquet_keys, r.blob_keys, r.manifests
+            );
+            Ok(())
+        }
         Command::Archive {
             command: ArchiveCommand::Verify { config },
         } => {

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -37,7 +38,6 @@ def main():
     no_key = "--no-key" in sys.argv
     keks = {kek_id: bytes.fromhex(os.environ["STRATA_KEK"])}
     factory = pe.CryptoFactory(lambda config: StrataKmsClient(keks))
-    decryption = factory.file_decryption_properties(pe.KmsConnectionConfig(), pe.DecryptionConfiguration())
     out = {}
     manifests = os.path.join(archive, "manifests")
     for table in sorted(os.listdir(manifests)):
@@ -53,6 +53,10 @@ def main():
                     except Exception as e:  # noqa: BLE001 - any failure is the expected outcome
                         out[entry["path"]] = str(e)
                 else:
+                    # Key material is stored beside each file (Parquet external key material).
+                    decryption = factory.file_decryption_properties(
+                        pe.KmsConnectionConfig(), pe.DecryptionConfiguration(), path, pafs.LocalFileSystem()
+                    )
                     table_read = pq.read_table(path, decryption_properties=decryption)
                     assert table_read.column_names[0] == "_strata_patient", table_read.column_names
                     out[entry["path"]] = table_read.num_rows

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Benchmark for the encrypted archive, measured against baselines in the same run:
+#  1. rows: `strata migrate` archiving a ROWS-row observations table from PostgreSQL to encrypted,
+#     zstd Parquet, vs `COPY ... (FORMAT csv)` | pyarrow streaming CSV reader | ParquetWriter
+#     (zstd, unencrypted);
+#  2. BLOBs: `strata migrate` archiving DOCS documents (~512 KiB mean, 1 GiB in all) as
+#     encrypted objects, vs `COPY ... (FORMAT binary)` of the same bytes to a file.
+# Prints rows/s or MB/s, the ratios, and Strata's peak RSS. Not a test: run it by hand.
+#   ROWS=5000000 DOCS=2000 bench/archive.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS=${ROWS:-5000000}
+DOCS=${DOCS:-2000}
+cargo build --release --quiet
+STRATA=$PWD/target/release/strata
+PY=target/pyenv/bin/python
+if ! "$PY" -c 'import pyarrow' 2>/dev/null; then
+  python3 -m venv target/pyenv && target/pyenv/bin/pip install --quiet "pyarrow==26.0.1" "cryptography>=42"
+fi
+. scripts/lib/pg.sh
+WORK=$(mktemp -d /tmp/strata-bench-archive.XXXXXX)
+trap 'stop_pg; rm -rf "$WORK"' EXIT
+psql() { command psql -q -X -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$PGPORT/$1" "${@:2}"; }
+psql postgres -c "CREATE DATABASE source" -c "CREATE DATABASE target"
+
+echo "creating $ROWS observations and $DOCS documents ..."
+psql source <<SQL
+SELECT setseed(0.42) \gset
+CREATE TABLE observations (id bigint PRIMARY KEY, patient_id bigint NOT NULL, encounter_id bigint,
+  code text, value_num numeric(12,4), unit text, value_text text, observed_at timestamptz, status text);
+INSERT INTO observations SELECT g, 1 + (g * 7919) % 200000, g / 3, lpad((g % 2000)::text, 5, '0') || '-' || (g % 10),
+  CASE WHEN g % 10 = 0 THEN NULL ELSE round((random() * 300)::numeric, 4) END,
+  (ARRAY['mg/dL','mmol/L','g/dL','%','kg','mm[Hg]','10*3/uL','U/L','ng/mL','pg/mL','fL','s'])[1 + g % 12],
+  CASE WHEN g % 20 = 0 THEN 'specimen hemolyzed; repeat requested' END,
+  timestamptz '2005-01-01' + (g::float / $ROWS) * interval '7990 days',
+  (ARRAY['final','final','final','amended','preliminary','cancelled'])[1 + g % 6]
+FROM generate_series(1::bigint, $ROWS) g;
+CREATE TABLE documents (id bigint PRIMARY KEY, patient_id bigint NOT NULL, created_at timestamptz, mime_type text, content bytea);
+INSERT INTO documents SELECT g, 1 + g % 2000, timestamptz '2008-01-01' + g * interval '1 day', 'application/pdf',
+  (SELECT string_agg(decode(md5(g::text || ':' || i), 'hex'), ''::bytea) FROM generate_series(1, (4096 + 32768 * (g % 32)) / 16 * 2) i)
+FROM generate_series(1, $DOCS) g;
+VACUUM (FREEZE, ANALYZE);
+CHECKPOINT;
+SQL
+DOC_BYTES=$(psql source -At -c "SELECT sum(length(content)) FROM documents")
+
+cat > "$WORK/strata.toml" <<TOML
+[source]
+url = "postgres://postgres@127.0.0.1:$PGPORT/source"
+[operational]
+url = "postgres://postgres@127.0.0.1:$PGPORT/target"
+[archive]
+location = "archive"
+kek_id = "bench"
+kek_file = "kek.hex"
+[policy]
+file = "policy.toml"
+[tables.observations]
+primary_key = ["id"]
+patient_key = "patient_id"
+record_date = "observed_at"
+[tables.documents]
+primary_key = ["id"]
+patient_key = "patient_id"
+record_date = "created_at"
+blobs = [{ column = "content", content_type_column = "mime_type" }]
+TOML
+printf 'version = "bench"\nas_of = "2026-11-25"\n[defaults]\narchive_after = "1y"\npatient_inactive_after = "1y"\n[tables.observations]\ntier = "archive"\n[tables.documents]\ntier = "archive"\n' > "$WORK/policy.toml"
+python3 -c 'import secrets; print(secrets.token_hex(32))' > "$WORK/kek.hex"
+
+now() { date +%s.%N; }
+echo "baseline: COPY csv | pyarrow | zstd Parquet ..."
+t0=$(now)
+psql source -c "COPY observations TO STDOUT (FORMAT csv)" | "$PY" -c '
+import sys, pyarrow as pa, pyarrow.csv as pc, pyarrow.parquet as pq
+names = ["id","patient_id","encounter_id","code","value_num","unit","value_text","observed_at","status"]
+reader = pc.open_csv(sys.stdin.buffer, read_options=pc.ReadOptions(column_names=names, block_size=1 << 24))
+with pq.ParquetWriter(sys.argv[1], reader.schema, compression="zstd", compression_level=3) as w:
+    for batch in reader:
+        w.write_batch(batch)
+' "$WORK/baseline.parquet"
+t1=$(now)
+BASE_ROWS_S=$(echo "$t1 - $t0" | bc)
+
+echo "baseline: COPY binary of the documents ..."
+t0=$(now); psql source -c "COPY documents TO STDOUT (FORMAT binary)" > "$WORK/documents.copy"; t1=$(now)
+BASE_DOCS_S=$(echo "$t1 - $t0" | bc)
+
+echo "strata migrate (observations, then documents) ..."
+(cd "$WORK" && /usr/bin/time -v "$STRATA" migrate --config strata.toml > migrate.txt 2> time.txt) || { cat "$WORK/time.txt"; exit 1; }
+RSS=$(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")
+cat "$WORK/migrate.txt"
+# Per-table wall time from the control database: each table's finish minus the previous one's
+# (the first table also carries the patient-facts pass, which reads both tables once).
+read -r OBS_S DOC_S < <(python3 - "$WORK/strata-control.db" <<'PY'
+import sqlite3, sys, datetime
+db = sqlite3.connect(sys.argv[1])
+p = lambda s: datetime.datetime.fromisoformat(s)
+prev = p(db.execute("SELECT started_at FROM strata_runs").fetchone()[0])
+took = {}
+for table, at in db.execute("SELECT table_name, updated_at FROM strata_table_runs ORDER BY updated_at"):
+    took[table] = (p(at) - prev).total_seconds()
+    prev = p(at)
+print(took["observations"], took["documents"])
+PY
+)
+echo
+printf 'rows:  strata %.0f rows/s (%.1f s) | baseline pyarrow %.0f rows/s (%.1f s) | ratio %.2f\n' \
+  "$(echo "$ROWS / $OBS_S" | bc -l)" "$OBS_S" "$(echo "$ROWS / $BASE_ROWS_S" | bc -l)" "$BASE_ROWS_S" "$(echo "$BASE_ROWS_S / $OBS_S" | bc -l)"
+printf 'BLOBs: strata %.1f MB/s (%.1f s) | baseline COPY %.1f MB/s (%.1f s) | ratio %.2f | %d bytes\n' \
+  "$(echo "$DOC_BYTES / $DOC_S / 1000000" | bc -l)" "$DOC_S" "$(echo "$DOC_BYTES / $BASE_DOCS_S / 1000000" | bc -l)" "$BASE_DOCS_S" "$(echo "$BASE_DOCS_S / $DOC_S" | bc -l)" "$DOC_BYTES"
+printf 'peak RSS of strata migrate: %d MiB\n' $((RSS / 1024))

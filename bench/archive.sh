@@ -37,7 +37,7 @@ INSERT INTO observations SELECT g, 1 + (g * 7919) % 200000, g / 3, lpad((g % 200
 FROM generate_series(1::bigint, $ROWS) g;
 CREATE TABLE documents (id bigint PRIMARY KEY, patient_id bigint NOT NULL, created_at timestamptz, mime_type text, content bytea);
 INSERT INTO documents SELECT g, 1 + g % 2000, timestamptz '2008-01-01' + g * interval '1 day', 'application/pdf',
-  (SELECT string_agg(decode(md5(g::text || ':' || i), 'hex'), ''::bytea) FROM generate_series(1, (4096 + 32768 * (g % 32)) / 16 * 2) i)
+  (SELECT string_agg(decode(md5(g::text || ':' || i), 'hex'), ''::bytea) FROM generate_series(1, (4096 + 32768 * (g % 32)) / 16) i)
 FROM generate_series(1, $DOCS) g;
 VACUUM (FREEZE, ANALYZE);
 CHECKPOINT;

@@ -6,7 +6,8 @@
 //! detail is logged (by table and key only, never row values).
 //!
 //! Routes: `GET /healthz`, `GET /v1/patients/{patient}/history`,
-//! `GET /v1/patients/{patient}/documents/{document}`.
+//! `GET /v1/patients/{patient}/documents/{document}` (with HTTP `Range`: only the encrypted
+//! segments that hold the range are read and decrypted).
 #![deny(missing_docs)]
 
 mod auth;

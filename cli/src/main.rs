@@ -142,6 +142,11 @@ enum ArchiveCommand {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
     },
+    /// Rebuild the control database's mirror of the archive catalog from the archive's manifests.
+    SyncCatalog {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
     /// Re-wrap every data key with the config's current KEK (`kek_id`), keeping the old one in
     /// `previous_keks` until this has finished. Data objects are not rewritten.
     RotateKey {
@@ -365,11 +370,25 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Hold { command } => hold(command).await,
         Command::Archive {
+            command: ArchiveCommand::SyncCatalog { config },
+        } => {
+            let loaded = config::load(&config)?;
+            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+            let archive = ArchiveReader::open(store, keys).await?;
+            let control = strata_ingest::Control::open(&loaded.migration.control_url()?).await?;
+            let files = control.rebuild_catalog(archive.catalog()).await?;
+            println!("catalog mirror rebuilt from the archive's manifests: {files} files");
+            Ok(())
+        }
+        Command::Archive {
             command: ArchiveCommand::RotateKey { config },
         } => {
             let loaded = config::load(&config)?;
             let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-            let r = strata_archive::rotate_keys(store, &keys).await?;
+            let r = strata_archive::rotate_keys(store.clone(), &keys).await?;
+            let archive = ArchiveReader::open(store, keys).await?;
+            let control = strata_ingest::Control::open(&loaded.migration.control_url()?).await?;
+            control.rebuild_catalog(archive.catalog()).await?;
             println!(
                 "every data key is now wrapped by KEK {}: {} Parquet key objects, {} BLOB keys, {} manifests rewritten; no data object was rewritten",
                 r.kek_id, r.parquet_keys, r.blob_keys, r.manifests

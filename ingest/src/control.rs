@@ -54,6 +54,18 @@ CREATE TABLE IF NOT EXISTS strata_holds (
     released_at TEXT,
     release_reason TEXT
 );
+CREATE TABLE IF NOT EXISTS strata_archive_files (
+    table_name TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    path TEXT PRIMARY KEY,
+    rows_in_file BIGINT NOT NULL,
+    bytes BIGINT NOT NULL,
+    sha256 TEXT NOT NULL,
+    min_patient TEXT NOT NULL,
+    max_patient TEXT NOT NULL,
+    kek_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS strata_archive_files_patients ON strata_archive_files (table_name, min_patient, max_patient);
 CREATE TABLE IF NOT EXISTS strata_destructions (
     run_id TEXT NOT NULL,
     table_name TEXT NOT NULL,
@@ -520,6 +532,79 @@ impl Control {
             )
             .await
             .map(|_| ())
+    }
+
+    /// Mirrors a published manifest into the control database's catalog (`strata_archive_files`),
+    /// replacing the rows of the same table and run. The archive's own manifests stay the source
+    /// of truth: the mirror can be rebuilt from them ([`Control::rebuild_catalog`]).
+    pub async fn mirror_manifest(&self, m: &strata_archive::TableManifest) -> Result<()> {
+        let del = format!(
+            "DELETE FROM strata_archive_files WHERE table_name = {} AND run_id = {}",
+            self.p(1),
+            self.p(2)
+        );
+        self.db
+            .execute_with(
+                &del,
+                &[Value::Text(m.table.clone()), Value::Text(m.run_id.clone())],
+            )
+            .await?;
+        let sql = format!(
+            "INSERT INTO strata_archive_files (table_name, run_id, path, rows_in_file, bytes, sha256, min_patient, max_patient, kek_id) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {})",
+            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5), self.p(6), self.p(7), self.p(8), self.p(9)
+        );
+        let t = |s: &str| Value::Text(s.to_string());
+        for f in &m.files {
+            self.db
+                .execute_with(
+                    &sql,
+                    &[
+                        t(&m.table),
+                        t(&m.run_id),
+                        t(&f.path),
+                        Value::Int(f.rows as i64),
+                        Value::Int(f.bytes as i64),
+                        t(&f.sha256),
+                        t(&f.min_patient),
+                        t(&f.max_patient),
+                        t(&f.kek_id),
+                    ],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the catalog mirror from the archive's manifests (after the control database
+    /// was lost or restored from an older backup). Returns the files mirrored.
+    pub async fn rebuild_catalog(&self, catalog: &strata_archive::Catalog) -> Result<u64> {
+        self.db.execute("DELETE FROM strata_archive_files").await?;
+        let mut files = 0;
+        for m in catalog.tables.values().flatten() {
+            self.mirror_manifest(m).await?;
+            files += m.files.len() as u64;
+        }
+        Ok(files)
+    }
+
+    /// Files in the catalog mirror per table.
+    pub async fn mirrored_files(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let rows = self
+            .db
+            .fetch_all("SELECT table_name, CAST(COUNT(*) AS BIGINT) FROM strata_archive_files GROUP BY table_name".into(), vec![ColumnType::Text, ColumnType::Int])
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    r[0].as_key_text()?,
+                    match r[1] {
+                        Value::Int(n) => n as u64,
+                        _ => 0,
+                    },
+                ))
+            })
+            .collect())
     }
 
     /// Rows destroyed per table over all runs.

@@ -6,9 +6,12 @@
 //! ([`MigrationConfig`]); nothing here knows a schema. Rows whose values cannot be read as their
 //! column's type are quarantined with the table, key, column and reason, and the run goes on.
 //!
-//! The flow for one table: `SELECT` ordered by patient key → coerce → policy decision →
-//! operational batch insert | Arrow batch to the archive writer (BLOBs to encrypted objects) |
-//! quarantine. [`Migration::plan`] runs the same path without writing anything.
+//! The flow for one table: `SELECT` ordered by patient key → coerce → policy decision (with
+//! patient facts computed once and the legal holds in force) → operational batch insert | Arrow
+//! batch to the archive writer (BLOBs to encrypted objects) | purge (a destruction record with
+//! counts, key range and checksum) | quarantine. [`Migration::plan`] runs the same path without
+//! writing anything. SQLite sources are read directly (rusqlite, read-only, on a blocking
+//! thread, in bounded chunks): several times faster than row by row through the async driver.
 #![deny(missing_docs)]
 
 mod archive_rows;

@@ -511,7 +511,11 @@ impl Migration {
                 run_id: run.run_id.clone(),
                 destroyed: Destroyed::default(),
             };
-            let (table, destroyed) = self.process_table(layout, &facts, Some(writers)).await?;
+            let (table, destroyed, manifest) =
+                self.process_table(layout, &facts, Some(writers)).await?;
+            if let Some(manifest) = &manifest {
+                control.mirror_manifest(manifest).await?;
+            }
             if table.purged_rows > 0 {
                 control
                     .record_destruction(&DestructionRecord {
@@ -549,7 +553,7 @@ impl Migration {
         layout: &TableLayout,
         facts: &HashMap<String, PatientFacts>,
         mut writers: Option<Writers<'_>>,
-    ) -> Result<(TableReport, Destroyed)> {
+    ) -> Result<(TableReport, Destroyed, Option<TableManifest>)> {
         let mut tally = Tally::new(&layout.name);
         let n = layout.columns().len();
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
@@ -674,7 +678,7 @@ impl Migration {
             }
         }
         let Some(mut w) = writers else {
-            return Ok((tally.finish(), Destroyed::default()));
+            return Ok((tally.finish(), Destroyed::default(), None));
         };
         w.target
             .insert_rows(&layout.name, &w.target_columns, &operational)
@@ -687,10 +691,12 @@ impl Migration {
                 )
                 .await?;
         }
-        if w.archive.rows() > 0 {
-            w.archive.finish().await?;
-        }
-        Ok((tally.finish(), w.destroyed))
+        let manifest = if w.archive.rows() > 0 {
+            Some(w.archive.finish().await?)
+        } else {
+            None
+        };
+        Ok((tally.finish(), w.destroyed, manifest))
     }
 }
 

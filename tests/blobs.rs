@@ -106,7 +106,10 @@ async fn dicom_files_and_fhir_notes_round_trip_on_local_disk() {
         dir.path().to_path_buf(),
     ))
     .unwrap();
-    let keys = KeyRing::new(Kek::from_hex("k", &Kek::generate_hex()).unwrap(), []);
+    let keys = KeyRing::new(Kek::from_hex("k", &Kek::generate_hex()).unwrap(), [])
+        .for_archive(store.as_ref(), true)
+        .await
+        .unwrap();
     let n = round_trip(&BlobStore::new(Arc::clone(&store), keys), 1).await;
     assert!(n > 1200);
 }
@@ -125,7 +128,10 @@ pub fn s3_location(prefix: &str) -> String {
 async fn dicom_files_and_fhir_notes_round_trip_on_s3() {
     let location = strata_archive::ArchiveLocation::parse(&s3_location("blobs")).unwrap();
     let store = strata_archive::open_store(&location).unwrap();
-    let keys = KeyRing::new(Kek::from_hex("k", &Kek::generate_hex()).unwrap(), []);
+    let keys = KeyRing::new(Kek::from_hex("k", &Kek::generate_hex()).unwrap(), [])
+        .for_archive(store.as_ref(), true)
+        .await
+        .unwrap();
     // Every DICOM file and every 25th note: the loopback S3 server answers a request in tens of
     // milliseconds, and each document takes about ten.
     let n = round_trip(&BlobStore::new(store, keys), 25).await;

@@ -66,7 +66,7 @@ impl BlobStore {
 
     /// Encrypts and stores `content` (once per distinct content) and returns its reference.
     pub async fn put(&self, content: &[u8], content_type: &str) -> Result<BlobRef> {
-        let dedup_key = self.keys.current().derive("strata blob id v1");
+        let dedup_key = self.keys.derive("strata blob id v1")?;
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&dedup_key).expect("any key length");
         mac.update(content);
         let object = hex::encode(mac.finalize().into_bytes());
@@ -88,7 +88,7 @@ impl BlobStore {
         self.store
             .put(
                 &sidecar,
-                PutPayload::from(self.keys.key_material(&data_key).into_bytes()),
+                PutPayload::from(self.keys.key_material(&data_key)?.into_bytes()),
             )
             .await?;
         let segments = content.len().div_ceil(BLOB_SEGMENT_SIZE).max(1);
@@ -267,15 +267,18 @@ mod tests {
     use crate::keys::Kek;
     use object_store::memory::InMemory;
 
-    fn store() -> (Arc<dyn ObjectStore>, BlobStore) {
+    async fn store() -> (Arc<dyn ObjectStore>, BlobStore) {
         let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), []);
+        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), [])
+            .for_archive(mem.as_ref(), true)
+            .await
+            .unwrap();
         (mem.clone(), BlobStore::new(mem, keys))
     }
 
     #[tokio::test]
     async fn round_trips_and_dedups() {
-        let (_, blobs) = store();
+        let (_, blobs) = store().await;
         for len in [
             0,
             1,
@@ -301,7 +304,7 @@ mod tests {
 
     #[tokio::test]
     async fn range_reads_decrypt_only_what_they_need() {
-        let (_, blobs) = store();
+        let (_, blobs) = store().await;
         let content: Vec<u8> = (0..3 * BLOB_SEGMENT_SIZE + 123)
             .map(|i| (i * 7 % 253) as u8)
             .collect();
@@ -331,7 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn detects_flips_and_truncation() {
-        let (mem, blobs) = store();
+        let (mem, blobs) = store().await;
         let content = vec![7u8; 2 * BLOB_SEGMENT_SIZE + 10];
         let r = blobs.put(&content, "text/plain").await.unwrap();
         let path = Path::from(BlobStore::object_path(&r.object));

@@ -103,46 +103,154 @@ impl Kek {
                 ArchiveError::Key(format!("data key does not unwrap with KEK {:?}", self.id))
             })
     }
+}
 
-    pub(crate) fn derive(&self, purpose: &str) -> [u8; 32] {
-        use hmac::{Hmac, Mac};
-        let mut mac =
-            <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key).expect("any key length");
-        mac.update(purpose.as_bytes());
-        mac.finalize().into_bytes().into()
+/// Where key-encryption keys live. Strata never needs a KEK's bytes, only these three
+/// operations, so a production deployment implements this trait over its key service (cloud
+/// KMS, HSM, Vault); [`LocalKeks`] is the development implementation (key files, environment).
+/// Calls are synchronous because Parquet asks for keys while decoding: implementations that go
+/// over the network should cache unwrapped keys briefly.
+pub trait KeyService: Send + Sync + fmt::Debug {
+    /// The id of the KEK that wraps new data keys.
+    fn current_kek_id(&self) -> String;
+    /// Wraps a data key with the current KEK.
+    fn wrap(&self, data_key: &[u8]) -> Result<String>;
+    /// Unwraps a data key wrapped by KEK `kek_id`.
+    fn unwrap(&self, kek_id: &str, wrapped: &str) -> Result<Vec<u8>>;
+}
+
+/// KEKs held in memory (from key files or environment variables): the current one wraps new data
+/// keys; older ones still unwrap, until a rotation has re-wrapped everything.
+#[derive(Debug, Clone)]
+pub struct LocalKeks {
+    current: String,
+    keks: BTreeMap<String, Kek>,
+}
+
+impl LocalKeks {
+    /// Local KEKs whose current one is `current`.
+    pub fn new(current: Kek, older: impl IntoIterator<Item = Kek>) -> Self {
+        let mut keks: BTreeMap<String, Kek> =
+            older.into_iter().map(|k| (k.id.clone(), k)).collect();
+        let id = current.id.clone();
+        keks.insert(id.clone(), current);
+        LocalKeks { current: id, keks }
     }
 }
 
-/// The KEKs an archive may use: the current one wraps new data keys; older ones still unwrap.
-#[derive(Debug, Clone)]
+impl KeyService for LocalKeks {
+    fn current_kek_id(&self) -> String {
+        self.current.clone()
+    }
+
+    fn wrap(&self, data_key: &[u8]) -> Result<String> {
+        Ok(self.keks[&self.current].wrap(data_key))
+    }
+
+    fn unwrap(&self, kek_id: &str, wrapped: &str) -> Result<Vec<u8>> {
+        self.keks
+            .get(kek_id)
+            .ok_or_else(|| ArchiveError::Key(format!("KEK {kek_id:?} is not in the key ring")))?
+            .unwrap_key(wrapped)
+    }
+}
+
+/// Where the archive's own key lives: a random key, wrapped by the KEK like any data key, from
+/// which the keys that seal manifests and name BLOB objects are derived. It survives KEK
+/// rotations (only its wrapping changes), so object ids and seals stay stable.
+pub(crate) const ARCHIVE_KEY_PATH: &str = "keys/archive-key.json";
+
+/// The keys an archive is read and written with: a [`KeyService`] for KEKs and, once
+/// [`KeyRing::for_archive`] has loaded it, the archive's own key.
+#[derive(Clone)]
 pub struct KeyRing {
-    current: String,
-    keys: Arc<BTreeMap<String, Kek>>,
+    service: Arc<dyn KeyService>,
+    archive_key: Option<Arc<[u8; 32]>>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
 }
 
 impl KeyRing {
-    /// A key ring whose current KEK is `current`.
+    /// A key ring over local KEKs whose current one is `current`.
     pub fn new(current: Kek, older: impl IntoIterator<Item = Kek>) -> Self {
-        let mut keys: BTreeMap<String, Kek> =
-            older.into_iter().map(|k| (k.id.clone(), k)).collect();
-        let id = current.id.clone();
-        keys.insert(id.clone(), current);
+        Self::from_service(Arc::new(LocalKeks::new(current, older)))
+    }
+
+    /// A key ring over any key service.
+    pub fn from_service(service: Arc<dyn KeyService>) -> Self {
         KeyRing {
-            current: id,
-            keys: Arc::new(keys),
+            service,
+            archive_key: None,
         }
     }
 
-    /// The KEK new data keys are wrapped with.
-    pub fn current(&self) -> &Kek {
-        &self.keys[&self.current]
+    /// Loads the archive's key from `store`. A writer passes `create` to make it on first use; a
+    /// reader never writes, and on an archive without a key (an empty one) stays without.
+    pub async fn for_archive(
+        mut self,
+        store: &dyn object_store::ObjectStore,
+        create: bool,
+    ) -> Result<Self> {
+        use object_store::{path::Path, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+        let path = Path::from(ARCHIVE_KEY_PATH);
+        let material = match store.get(&path).await {
+            Ok(r) => String::from_utf8_lossy(&r.bytes().await?).to_string(),
+            Err(object_store::Error::NotFound { .. }) if !create => return Ok(self),
+            Err(object_store::Error::NotFound { .. }) => {
+                let created = self.key_material(&Self::new_data_key())?;
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                match store
+                    .put_opts(&path, PutPayload::from(created.clone().into_bytes()), opts)
+                    .await
+                {
+                    Ok(_) => created,
+                    // Another writer created it first: use theirs.
+                    Err(object_store::Error::AlreadyExists { .. }) => {
+                        String::from_utf8_lossy(&store.get(&path).await?.bytes().await?).to_string()
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let key = self
+            .unwrap_key_material(&material)
+            .map_err(|e| ArchiveError::Integrity {
+                object: ARCHIVE_KEY_PATH.into(),
+                detail: format!("the archive key does not unwrap: {e}"),
+            })?;
+        let key: [u8; 32] = key.try_into().map_err(|_| ArchiveError::Integrity {
+            object: ARCHIVE_KEY_PATH.into(),
+            detail: "the archive key has the wrong length".into(),
+        })?;
+        self.archive_key = Some(Arc::new(key));
+        Ok(self)
     }
 
-    /// A KEK by id.
-    pub fn get(&self, id: &str) -> Result<&Kek> {
-        self.keys
-            .get(id)
-            .ok_or_else(|| ArchiveError::Key(format!("KEK {id:?} is not in the key ring")))
+    /// The id of the KEK new data keys are wrapped with.
+    pub fn current_kek_id(&self) -> String {
+        self.service.current_kek_id()
+    }
+
+    /// A key derived from the archive's key for one purpose.
+    pub(crate) fn derive(&self, purpose: &str) -> Result<[u8; 32]> {
+        use hmac::{Hmac, Mac};
+        let key = self.archive_key.as_ref().ok_or_else(|| {
+            ArchiveError::Key("the archive key is not loaded (KeyRing::for_archive)".into())
+        })?;
+        let mut mac =
+            <Hmac<sha2::Sha256> as Mac>::new_from_slice(key.as_slice()).expect("any key length");
+        mac.update(purpose.as_bytes());
+        Ok(mac.finalize().into_bytes().into())
     }
 
     /// A fresh random data key.
@@ -153,18 +261,17 @@ impl KeyRing {
     }
 
     /// The Parquet key material (PKMT1 JSON) of a data key wrapped by the current KEK.
-    pub(crate) fn key_material(&self, data_key: &[u8]) -> String {
-        let kek = self.current();
-        serde_json::json!({
+    pub(crate) fn key_material(&self, data_key: &[u8]) -> Result<String> {
+        Ok(serde_json::json!({
             "keyMaterialType": "PKMT1",
             "isFooterKey": true,
             "kmsInstanceID": "DEFAULT",
             "kmsInstanceURL": "DEFAULT",
-            "masterKeyID": kek.id(),
-            "wrappedDEK": kek.wrap(data_key),
+            "masterKeyID": self.service.current_kek_id(),
+            "wrappedDEK": self.service.wrap(data_key)?,
             "doubleWrapping": false,
         })
-        .to_string()
+        .to_string())
     }
 
     /// Unwraps the data key in PKMT1 key material.
@@ -177,13 +284,13 @@ impl KeyRing {
                 .and_then(|v| v.as_str())
                 .ok_or_else(|| ArchiveError::Key(format!("key material has no {name:?}")))
         };
-        self.get(field("masterKeyID")?)?
-            .unwrap_key(field("wrappedDEK")?)
+        self.service
+            .unwrap(field("masterKeyID")?, field("wrappedDEK")?)
     }
 
     /// Re-wraps PKMT1 key material with the current KEK (the data key itself is unchanged).
     pub(crate) fn rewrap_key_material(&self, material: &str) -> Result<String> {
-        Ok(self.key_material(&self.unwrap_key_material(material)?))
+        self.key_material(&self.unwrap_key_material(material)?)
     }
 }
 

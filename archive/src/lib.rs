@@ -12,6 +12,9 @@
 //!   (Parquet's external key material), so a KEK rotation ([`rotate_keys`]) rewrites only these.
 //! - `blobs/{id[0..2]}/{id}`: BLOBs encrypted in fixed-size AES-256-GCM segments ([`BlobStore`]),
 //!   with their wrapped data key in `{id}.key`.
+//! - `keys/archive-key.json`: the archive's own key, wrapped by the KEK; manifest seals and BLOB
+//!   object ids are derived from it, so they stay stable when the KEK rotates. KEKs are reached
+//!   through the [`KeyService`] trait ([`LocalKeks`] for key files and environment variables).
 //! - `manifests/{table}/{run}.json`: the catalog ([`TableManifest`]): which files hold which
 //!   patient-key range, with row counts and SHA-256 of every file, so one patient's history opens
 //!   only the files that can hold it, and the archive can be verified on its own.
@@ -34,7 +37,7 @@ mod writer;
 pub use blob::{BlobRef, BlobStore, BLOB_SEGMENT_SIZE};
 pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
-pub use keys::{Kek, KeyRing};
+pub use keys::{Kek, KeyRing, KeyService, LocalKeks};
 pub use manifest::{FileEntry, TableManifest, MANIFEST_FORMAT};
 pub use reader::{blob_ref, blob_refs, ArchiveReader, Catalog, VerifyReport};
 pub use rotate::{rotate_keys, RotationReport};

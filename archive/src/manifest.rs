@@ -25,10 +25,12 @@ pub struct TableManifest {
     pub blob_columns: Vec<String>,
     /// The data files, sorted by patient key range.
     pub files: Vec<FileEntry>,
-    /// The KEK whose derived key sealed this manifest.
+    /// The KEK current when the manifest was sealed (for information: the seal's key is derived
+    /// from the archive key, which KEK rotations do not change).
     #[serde(default)]
     pub sealed_by: String,
-    /// HMAC-SHA-256 of the manifest (with this field empty), hex: an edited manifest is detected.
+    /// HMAC-SHA-256 of the manifest (with this field empty) under a key derived from the archive
+    /// key, hex: an edited manifest is detected.
     #[serde(default)]
     pub mac: String,
 }
@@ -69,22 +71,21 @@ impl TableManifest {
         }
     }
 
-    fn compute_mac(&self, keys: &KeyRing, kek_id: &str) -> Result<String> {
+    fn compute_mac(&self, keys: &KeyRing) -> Result<String> {
         use hmac::{Hmac, Mac};
         let mut unsealed = self.clone();
         unsealed.mac = String::new();
-        let key = keys.get(kek_id)?.derive("strata manifest v1");
+        let key = keys.derive("strata manifest v1")?;
         let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).expect("any key length");
         mac.update(&serde_json::to_vec(&unsealed).expect("manifest serializes"));
         Ok(hex::encode(mac.finalize().into_bytes()))
     }
 
-    /// Seals the manifest with the current KEK.
-    pub(crate) fn seal(&mut self, keys: &KeyRing) {
-        self.sealed_by = keys.current().id().to_string();
-        self.mac = self
-            .compute_mac(keys, &self.sealed_by.clone())
-            .expect("current KEK is in the ring");
+    /// Seals the manifest with a key derived from the archive key.
+    pub(crate) fn seal(&mut self, keys: &KeyRing) -> Result<()> {
+        self.sealed_by = keys.current_kek_id();
+        self.mac = self.compute_mac(keys)?;
+        Ok(())
     }
 
     /// Checks the seal; `object` names the manifest in the error.
@@ -93,9 +94,7 @@ impl TableManifest {
             object: object.to_string(),
             detail: detail.to_string(),
         };
-        let expected = self
-            .compute_mac(keys, &self.sealed_by)
-            .map_err(|_| integrity("sealed by a KEK that is not in the key ring"))?;
+        let expected = self.compute_mac(keys)?;
         if expected != self.mac {
             return Err(integrity("manifest was modified (its seal does not match)"));
         }

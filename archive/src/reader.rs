@@ -120,6 +120,7 @@ pub struct ArchiveReader {
 impl ArchiveReader {
     /// Opens an archive and loads its catalog from the manifests.
     pub async fn open(store: Arc<dyn ObjectStore>, keys: KeyRing) -> Result<Self> {
+        let keys = keys.for_archive(store.as_ref(), false).await?;
         let mut catalog = Catalog::default();
         let mut metas: Vec<_> = store
             .list(Some(&Path::from("manifests")))
@@ -375,7 +376,10 @@ mod tests {
     #[tokio::test]
     async fn writes_encrypted_files_and_reads_one_patient() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), []);
+        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), [])
+            .for_archive(store.as_ref(), true)
+            .await
+            .unwrap();
         let schema = Arc::new(Schema::new(vec![
             Field::new(PATIENT_COLUMN, DataType::Utf8, false),
             Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
@@ -427,15 +431,15 @@ mod tests {
         let err = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap_err();
         assert!(err.to_string().contains("decryption"), "{err}");
 
-        // With another KEK, the manifests' seals do not verify, and a file does not decrypt:
-        // both are integrity errors naming the object.
+        // With another KEK, the archive key does not unwrap: an integrity error naming it; and
+        // a file does not decrypt: an integrity error naming the file.
         let other = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), []);
         let err = ArchiveReader::open(store.clone(), other.clone())
             .await
             .err()
             .unwrap();
         assert!(
-            matches!(&err, ArchiveError::Integrity { object, .. } if object.starts_with("manifests/labs/")),
+            matches!(&err, ArchiveError::Integrity { object, .. } if object == "keys/archive-key.json"),
             "{err}"
         );
         let stranger = ArchiveReader {

@@ -26,8 +26,9 @@ pub struct RotationReport {
 
 /// Re-wraps every data key of the archive with `keys.current()`.
 pub async fn rotate_keys(store: Arc<dyn ObjectStore>, keys: &KeyRing) -> Result<RotationReport> {
+    let keys = &keys.clone().for_archive(store.as_ref(), false).await?;
     let mut report = RotationReport {
-        kek_id: keys.current().id().to_string(),
+        kek_id: keys.current_kek_id(),
         ..Default::default()
     };
     let objects: Vec<_> = store.list(None).try_collect().await?;
@@ -52,10 +53,12 @@ pub async fn rotate_keys(store: Arc<dyn ObjectStore>, keys: &KeyRing) -> Result<
             }
             report.parquet_keys += 1;
             serde_json::Value::Object(map).to_string()
-        } else if path.starts_with("blobs/") && name.ends_with(".key") {
+        } else if path == crate::keys::ARCHIVE_KEY_PATH
+            || (path.starts_with("blobs/") && name.ends_with(".key"))
+        {
             let bytes = store.get(&meta.location).await?.bytes().await?;
             let material = String::from_utf8_lossy(&bytes);
-            report.blob_keys += 1;
+            report.blob_keys += u64::from(path != crate::keys::ARCHIVE_KEY_PATH);
             keys.rewrap_key_material(&material)
                 .map_err(|e| key_error(&path, e))?
         } else {
@@ -80,7 +83,7 @@ pub async fn rotate_keys(store: Arc<dyn ObjectStore>, keys: &KeyRing) -> Result<
         for f in &mut manifest.files {
             f.kek_id = report.kek_id.clone();
         }
-        manifest.seal(keys);
+        manifest.seal(keys)?;
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         store.put(&Path::from(path), PutPayload::from(json)).await?;
         report.manifests += 1;

@@ -122,7 +122,7 @@ impl TableWriter {
         Ok(OpenFile {
             writer: ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))?,
             path,
-            key_material: self.keys.key_material(&data_key),
+            key_material: self.keys.key_material(&data_key)?,
             rows: 0,
             min_patient: None,
             max_patient: None,
@@ -169,7 +169,7 @@ impl TableWriter {
             sha256: hex::encode(Sha256::digest(&bytes)),
             min_patient: file.min_patient.unwrap_or_default(),
             max_patient: file.max_patient.unwrap_or_default(),
-            kek_id: self.keys.current().id().to_string(),
+            kek_id: self.keys.current_kek_id(),
         };
         let material = serde_json::json!({ "footerKey": file.key_material }).to_string();
         let material_path = crate::keys::key_material_path(&file.path);
@@ -193,7 +193,7 @@ impl TableWriter {
         self.manifest
             .files
             .sort_by(|a, b| a.min_patient.cmp(&b.min_patient));
-        self.manifest.seal(&self.keys);
+        self.manifest.seal(&self.keys)?;
         let path = TableManifest::path(&self.manifest.table, &self.manifest.run_id);
         let json = serde_json::to_vec_pretty(&self.manifest).expect("manifest serializes");
         self.store

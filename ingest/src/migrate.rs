@@ -446,6 +446,7 @@ impl Migration {
         .await?;
         ensure_quarantine_table(&target).await?;
         let (store, keys) = self.config.archive.open(&self.config.base_dir)?;
+        let keys = keys.for_archive(store.as_ref(), true).await?;
         let facts = self.patient_facts().await?;
         let mut report = self.report_header(&run.run_id);
         for layout in &self.layouts {

@@ -589,40 +589,25 @@ impl Control {
 
     /// Files in the catalog mirror per table.
     pub async fn mirrored_files(&self) -> Result<std::collections::BTreeMap<String, u64>> {
-        let rows = self
-            .db
-            .fetch_all("SELECT table_name, CAST(COUNT(*) AS BIGINT) FROM strata_archive_files GROUP BY table_name".into(), vec![ColumnType::Text, ColumnType::Int])
-            .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| {
-                Some((
-                    r[0].as_key_text()?,
-                    match r[1] {
-                        Value::Int(n) => n as u64,
-                        _ => 0,
-                    },
-                ))
-            })
-            .collect())
+        self.per_table("SELECT table_name, CAST(COUNT(*) AS BIGINT) FROM strata_archive_files GROUP BY table_name").await
     }
 
     /// Rows destroyed per table over all runs.
     pub async fn destroyed_rows(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        self.per_table("SELECT table_name, CAST(SUM(rows_destroyed) AS BIGINT) FROM strata_destructions GROUP BY table_name").await
+    }
+
+    /// Runs a `SELECT table_name, <bigint>` query into a map.
+    async fn per_table(&self, sql: &str) -> Result<std::collections::BTreeMap<String, u64>> {
         let rows = self
             .db
-            .fetch_all("SELECT table_name, CAST(SUM(rows_destroyed) AS BIGINT) FROM strata_destructions GROUP BY table_name".into(), vec![ColumnType::Text, ColumnType::Int])
+            .fetch_all(sql.into(), vec![ColumnType::Text, ColumnType::Int])
             .await?;
         Ok(rows
             .into_iter()
-            .filter_map(|r| {
-                Some((
-                    r[0].as_key_text()?,
-                    match r[1] {
-                        Value::Int(n) => n as u64,
-                        _ => 0,
-                    },
-                ))
+            .filter_map(|r| match (r[0].as_key_text(), &r[1]) {
+                (Some(table), Value::Int(n)) => Some((table, *n as u64)),
+                _ => None,
             })
             .collect())
     }

@@ -1288,3 +1288,64 @@ async fn the_catalog_is_mirrored_in_the_control_database_and_rebuilt_from_the_ar
         .unwrap();
     assert_eq!(control.mirrored_files().await.unwrap(), expected);
 }
+
+#[tokio::test]
+async fn a_record_archived_again_supersedes_its_earlier_copy() {
+    let (dir, source, archive) = migrated_sqlite(0.03).await;
+    // An archived lab result, corrected in the source after the first run.
+    let file = &archive.catalog().tables["lab_results"][0].files[0];
+    let batch = &archive.read_file(file).await.unwrap()[0];
+    use arrow::array::AsArray;
+    let patient = batch.column(0).as_string::<i32>().value(0).to_string();
+    let id = batch
+        .column_by_name("id")
+        .unwrap()
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0);
+    let db = Db::connect(&source, false).await.unwrap();
+    db.execute(&format!(
+        "UPDATE lab_results SET value_num = 4242.5 WHERE id = {id}"
+    ))
+    .await
+    .unwrap();
+    db.close().await;
+    let rows_for = |archive: strata_archive::ArchiveReader, patient: String| async move {
+        let mut found = Vec::new();
+        for b in archive.patient_rows("lab_results", &patient).await.unwrap() {
+            let ids = b
+                .column_by_name("id")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            let values = b
+                .column_by_name("value_num")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Float64Type>();
+            for i in 0..b.num_rows() {
+                found.push((ids.value(i), values.value(i)));
+            }
+        }
+        found
+    };
+    let before = rows_for(archive.clone(), patient.clone()).await;
+
+    // A second run (new operational and control databases) archives into the same archive.
+    let config_path = dir.path().join("strata.toml");
+    let text = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("operational.db", "operational-2.db")
+        .replace("control.db", "control-2.db");
+    std::fs::write(&config_path, text).unwrap();
+    migrate(&config_path).await;
+    let config = load_config(&config_path);
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    assert_eq!(
+        archive.catalog().tables["lab_results"].len(),
+        2,
+        "two manifests: the first run and the correction"
+    );
+    let after = rows_for(archive.clone(), patient.clone()).await;
+    assert_eq!(after.len(), before.len(), "each record once: {after:?}");
+    let corrected: Vec<_> = after.iter().filter(|(i, _)| *i == id).collect();
+    assert_eq!(corrected, vec![&(id, 4242.5)]);
+    assert!(verify_archive(dir.path()).0);
+}

@@ -8,7 +8,8 @@ use arrow::datatypes::{
 use serde::Serialize;
 use serde_json::{Map, Value};
 use strata_archive::{
-    blob_ref, ArchiveReader, BlobRef, BLOB_REF_SUFFIXES, PATIENT_COLUMN, RECORD_DATE_COLUMN,
+    blob_ref, ArchiveReader, BlobRef, BLOB_REF_SUFFIXES, KEY_COLUMN, PATIENT_COLUMN,
+    RECORD_DATE_COLUMN,
 };
 
 /// One archived record.
@@ -108,7 +109,7 @@ fn batch_records(
         let mut record_date = None;
         for (i, field) in schema.fields().iter().enumerate() {
             let name = field.name();
-            if name == PATIENT_COLUMN {
+            if name == PATIENT_COLUMN || name == KEY_COLUMN {
                 continue;
             }
             let v = cell(batch.column(i).as_ref(), row);

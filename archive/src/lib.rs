@@ -48,6 +48,10 @@ pub use writer::{TableWriter, TableWriterOptions};
 pub const PATIENT_COLUMN: &str = "_strata_patient";
 /// Name of the second column of every archived file: the record's date (nullable).
 pub const RECORD_DATE_COLUMN: &str = "_strata_record_date";
+/// Name of the third column: the record's key (its primary key as `col=value`, or a digest of
+/// its values for a table without one). A record archived again later (a correction)
+/// supersedes the earlier copy with the same key: readers return the newest.
+pub const KEY_COLUMN: &str = "_strata_key";
 
 /// The suffixes of the four columns that replace a BLOB column `c` in archived rows:
 /// `c__object` (object id), `c__length`, `c__sha256`, `c__content_type`.

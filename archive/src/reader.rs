@@ -21,7 +21,8 @@ use std::sync::Arc;
 /// Every published manifest, by table.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
-    /// Manifests per table, oldest run first.
+    /// Manifests per table, oldest first (by creation time): later ones supersede earlier ones
+    /// record by record.
     pub tables: BTreeMap<String, Vec<TableManifest>>,
 }
 
@@ -61,6 +62,32 @@ impl Catalog {
             .map(|(t, ms)| (t.clone(), ms.iter().map(|m| m.rows()).sum()))
             .collect()
     }
+}
+
+/// Keeps, of every record key, only its newest copy: `batches` are in archive order (oldest
+/// manifest first), so the last occurrence of a key wins.
+fn newest_only(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    use arrow::array::{AsArray, BooleanArray};
+    let mut seen = std::collections::HashSet::new();
+    let mut masks: Vec<BooleanArray> = Vec::with_capacity(batches.len());
+    for batch in batches.iter().rev() {
+        let keys = batch.column(2).as_string::<i32>();
+        let mut keep: Vec<bool> = (0..batch.num_rows())
+            .rev()
+            .map(|i| seen.insert(keys.value(i).to_string()))
+            .collect();
+        keep.reverse();
+        masks.push(BooleanArray::from(keep));
+    }
+    masks.reverse();
+    let mut out = Vec::with_capacity(batches.len());
+    for (batch, mask) in batches.iter().zip(&masks) {
+        let kept = filter_record_batch(batch, mask)?;
+        if kept.num_rows() > 0 {
+            out.push(kept);
+        }
+    }
+    Ok(out)
 }
 
 /// What `verify` found.
@@ -141,6 +168,9 @@ impl ArchiveReader {
                 .entry(manifest.table.clone())
                 .or_default()
                 .push(manifest);
+        }
+        for manifests in catalog.tables.values_mut() {
+            manifests.sort_by(|a, b| (&a.created_at, &a.run_id).cmp(&(&b.created_at, &b.run_id)));
         }
         Ok(ArchiveReader {
             store,
@@ -310,7 +340,8 @@ impl ArchiveReader {
     }
 
     /// One patient's archived rows of `table`: opens only the files whose key range can hold
-    /// the patient, and in them only the row groups whose statistics can.
+    /// the patient, and in them only the row groups whose statistics can. When a record was
+    /// archived more than once (a correction), only its newest copy is returned.
     pub async fn patient_rows(&self, table: &str, patient: &str) -> Result<Vec<RecordBatch>> {
         let mut out = Vec::new();
         let needle = Scalar::new(StringArray::from(vec![patient]));
@@ -345,6 +376,9 @@ impl ArchiveReader {
                 }
             }
         }
+        if self.catalog.tables.get(table).is_some_and(|m| m.len() > 1) {
+            out = newest_only(out)?;
+        }
         Ok(out)
     }
 }
@@ -355,7 +389,7 @@ mod tests {
     use crate::keys::Kek;
     use crate::manifest::TableManifest;
     use crate::writer::{TableWriter, TableWriterOptions};
-    use crate::{PATIENT_COLUMN, RECORD_DATE_COLUMN};
+    use crate::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
     use arrow::array::{ArrayRef, Date32Array, Int64Array};
     use arrow::datatypes::{DataType, Field, Schema};
     use object_store::memory::InMemory;
@@ -363,12 +397,14 @@ mod tests {
 
     fn batch(schema: &Arc<Schema>, patients: &[&str], start: i64) -> RecordBatch {
         let n = patients.len();
+        let ids: Vec<i64> = (start..start + n as i64).collect();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(patients.to_vec())),
             Arc::new(Date32Array::from(vec![Some(10_000); n])),
-            Arc::new(Int64Array::from(
-                (start..start + n as i64).collect::<Vec<_>>(),
+            Arc::new(StringArray::from(
+                ids.iter().map(|i| format!("id={i}")).collect::<Vec<_>>(),
             )),
+            Arc::new(Int64Array::from(ids)),
         ];
         RecordBatch::try_new(schema.clone(), cols).unwrap()
     }
@@ -383,6 +419,7 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![
             Field::new(PATIENT_COLUMN, DataType::Utf8, false),
             Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
+            Field::new(KEY_COLUMN, DataType::Utf8, false),
             Field::new("id", DataType::Int64, false),
         ]));
         let options = TableWriterOptions {

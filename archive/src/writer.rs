@@ -3,7 +3,7 @@
 use crate::error::{ArchiveError, Result};
 use crate::keys::KeyRing;
 use crate::manifest::{FileEntry, TableManifest};
-use crate::{PATIENT_COLUMN, RECORD_DATE_COLUMN};
+use crate::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, SchemaRef};
 use object_store::path::Path;
@@ -50,7 +50,8 @@ struct OpenFile {
 }
 
 /// Writes the archived rows of one table for one run. Feed it record batches whose first two
-/// columns are [`PATIENT_COLUMN`] (Utf8, not null) and [`RECORD_DATE_COLUMN`] (Date32), sorted by
+/// columns are [`PATIENT_COLUMN`] (Utf8, not null), [`RECORD_DATE_COLUMN`] (Date32) and
+/// [`KEY_COLUMN`] (Utf8, not null), sorted by
 /// patient key; call [`TableWriter::finish`] to close the last file and publish the manifest.
 /// Files that were written but never published by a manifest are not part of the archive.
 pub struct TableWriter {
@@ -74,14 +75,16 @@ impl TableWriter {
     ) -> Result<Self> {
         let table = &manifest.table;
         let fields = schema.fields();
-        let ok = fields.len() >= 2
+        let ok = fields.len() >= 3
+            && fields[2].name() == KEY_COLUMN
+            && fields[2].data_type() == &DataType::Utf8
             && fields[0].name() == PATIENT_COLUMN
             && fields[0].data_type() == &DataType::Utf8
             && fields[1].name() == RECORD_DATE_COLUMN
             && fields[1].data_type() == &DataType::Date32;
         if !ok {
             return Err(ArchiveError::Arrow(arrow::error::ArrowError::SchemaError(format!(
-                "archived rows of {table} must start with {PATIENT_COLUMN} (Utf8) and {RECORD_DATE_COLUMN} (Date32)"
+                "archived rows of {table} must start with {PATIENT_COLUMN} (Utf8), {RECORD_DATE_COLUMN} (Date32) and {KEY_COLUMN} (Utf8)"
             ))));
         }
         Ok(TableWriter {

@@ -10,7 +10,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chrono::NaiveDate;
 use std::sync::Arc;
-use strata_archive::{BlobRef, BLOB_REF_SUFFIXES, PATIENT_COLUMN, RECORD_DATE_COLUMN};
+use strata_archive::{BlobRef, BLOB_REF_SUFFIXES, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 
 /// One row bound for the archive.
 #[derive(Debug, Clone)]
@@ -19,6 +19,8 @@ pub struct ArchivedRow {
     pub patient: String,
     /// Record date.
     pub date: Option<NaiveDate>,
+    /// The record's key (see `strata_archive::KEY_COLUMN`).
+    pub key: String,
     /// Values, coerced to the column types; BLOB columns are `Null` here.
     pub values: Vec<Value>,
     /// References of the row's BLOB columns, in the layout's BLOB order.
@@ -43,6 +45,7 @@ pub fn archive_schema(layout: &TableLayout) -> SchemaRef {
     let mut fields = vec![
         Field::new(PATIENT_COLUMN, DataType::Utf8, false),
         Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
+        Field::new(KEY_COLUMN, DataType::Utf8, false),
     ];
     for (i, c) in layout.columns().iter().enumerate() {
         if layout.blobs.iter().any(|b| b.column == i) {
@@ -85,8 +88,10 @@ pub fn to_record_batch(
         patients.append_value(&r.patient);
         dates.append_option(r.date.map(days));
     }
+    let keys: arrow::array::StringArray = rows.iter().map(|r| Some(r.key.as_str())).collect();
     arrays.push(Arc::new(patients.finish()));
     arrays.push(Arc::new(dates.finish()));
+    arrays.push(Arc::new(keys));
     for (i, c) in layout.columns().iter().enumerate() {
         if let Some(b) = layout.blobs.iter().position(|b| b.column == i) {
             let refs = || rows.iter().map(move |r| r.blobs[b].as_ref());

@@ -660,7 +660,13 @@ impl Migration {
                         tally.report.blob_bytes += content.len() as u64;
                         refs.push(Some(w.blobs.put(&content, &content_type).await?));
                     }
+                    let key = if layout.key.is_empty() {
+                        hex::encode(row_digest(&values))
+                    } else {
+                        row_key(layout, &values, 0)
+                    };
                     archived.push(ArchivedRow {
+                        key,
                         patient: patient.clone().unwrap_or_default(),
                         date,
                         values,
@@ -723,12 +729,7 @@ impl Destroyed {
     fn add(&mut self, layout: &TableLayout, values: &[Value], ordinal: u64) {
         self.rows += 1;
         let digest: [u8; 32] = if layout.key.is_empty() {
-            let mut h = Sha256::new();
-            for v in values {
-                h.update(v.as_key_text().unwrap_or_default().as_bytes());
-                h.update([0u8]);
-            }
-            h.finalize().into()
+            row_digest(values)
         } else {
             let key = row_key(layout, values, ordinal);
             if self.key_min.as_deref().is_none_or(|m| key.as_str() < m) {
@@ -828,6 +829,19 @@ fn already(v: &Value, t: ColumnType) -> bool {
             | (Value::Timestamp(_), ColumnType::Timestamp)
             | (Value::TimestampTz(_), ColumnType::TimestampTz)
     )
+}
+
+/// A digest of a row's values: the identity of a row in a table without a primary key.
+fn row_digest(values: &[Value]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for v in values {
+        match v {
+            Value::Bytes(b) => h.update(b),
+            other => h.update(other.as_key_text().unwrap_or_default().as_bytes()),
+        }
+        h.update([0u8]);
+    }
+    h.finalize().into()
 }
 
 /// How a row is named in messages: its primary key, or its position for a keyless table.

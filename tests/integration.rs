@@ -1348,4 +1348,47 @@ async fn a_record_archived_again_supersedes_its_earlier_copy() {
     let corrected: Vec<_> = after.iter().filter(|(i, _)| *i == id).collect();
     assert_eq!(corrected, vec![&(id, 4242.5)]);
     assert!(verify_archive(dir.path()).0);
+
+    // Compaction: one manifest replaces both; reads are unchanged; nothing is deleted yet.
+    let first_run_file = dir.path().join("archive").join(&file.path);
+    let out = strata(
+        &["archive", "compact", "--table", "lab_results"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    assert_eq!(archive.catalog().tables["lab_results"].len(), 1);
+    assert!(archive.catalog().tables["lab_results"][0]
+        .run_id
+        .starts_with("compact-"));
+    let mut compacted = rows_for(archive.clone(), patient.clone()).await;
+    let mut expected = after.clone();
+    compacted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    expected.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(compacted, expected);
+    assert!(first_run_file.exists());
+    let (ok, out) = verify_archive(dir.path());
+    assert!(ok, "{out}");
+    // Within the grace period gc keeps the old files; after it, they go.
+    assert!(strata(&["archive", "gc"], dir.path()).status.success());
+    assert!(first_run_file.exists());
+    assert!(strata(&["archive", "gc", "--grace-hours", "0"], dir.path())
+        .status
+        .success());
+    assert!(!first_run_file.exists());
+    let (ok, out) = verify_archive(dir.path());
+    assert!(ok, "{out}");
+    assert_eq!(
+        rows_for(
+            open_archive(&config.archive, &config.base_dir).await,
+            patient
+        )
+        .await
+        .len(),
+        after.len()
+    );
 }

@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 mod blob;
+mod compact;
 mod config;
 mod error;
 mod keys;
@@ -35,6 +36,7 @@ mod store;
 mod writer;
 
 pub use blob::{BlobRef, BlobStore, BLOB_SEGMENT_SIZE};
+pub use compact::{compact_table, gc, CompactionReport};
 pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing, KeyService, LocalKeks};

@@ -25,6 +25,10 @@ pub struct TableManifest {
     pub blob_columns: Vec<String>,
     /// The data files, sorted by patient key range.
     pub files: Vec<FileEntry>,
+    /// Manifests this one replaces (a compaction): once it is written, readers ignore them. Their
+    /// files stay until a retention-safe `gc`.
+    #[serde(default)]
+    pub supersedes: Vec<String>,
     /// The KEK current when the manifest was sealed (for information: the seal's key is derived
     /// from the archive key, which KEK rotations do not change).
     #[serde(default)]
@@ -66,6 +70,7 @@ impl TableManifest {
             created_at: String::new(),
             blob_columns,
             files: Vec::new(),
+            supersedes: Vec::new(),
             sealed_by: String::new(),
             mac: String::new(),
         }

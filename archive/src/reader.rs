@@ -66,7 +66,7 @@ impl Catalog {
 
 /// Keeps, of every record key, only its newest copy: `batches` are in archive order (oldest
 /// manifest first), so the last occurrence of a key wins.
-fn newest_only(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+pub(crate) fn newest_only(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
     use arrow::array::{AsArray, BooleanArray};
     let mut seen = std::collections::HashSet::new();
     let mut masks: Vec<BooleanArray> = Vec::with_capacity(batches.len());
@@ -169,7 +169,16 @@ impl ArchiveReader {
                 .or_default()
                 .push(manifest);
         }
+        // A compaction's manifest replaces the ones it lists: the switch happens the moment it is
+        // written (a single object put), so a reader sees either the old set or the new one.
+        let superseded: std::collections::HashSet<String> = catalog
+            .tables
+            .values()
+            .flatten()
+            .flat_map(|m| m.supersedes.iter().cloned())
+            .collect();
         for manifests in catalog.tables.values_mut() {
+            manifests.retain(|m| !superseded.contains(&TableManifest::path(&m.table, &m.run_id)));
             manifests.sort_by(|a, b| (&a.created_at, &a.run_id).cmp(&(&b.created_at, &b.run_id)));
         }
         Ok(ArchiveReader {

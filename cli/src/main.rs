@@ -142,6 +142,23 @@ enum ArchiveCommand {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
     },
+    /// Rewrite a table's archived files (newest copy of each record, sorted by patient) into large
+    /// files under one manifest that supersedes the old ones. Deletes nothing.
+    Compact {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// The table (by default, every table with more than one manifest).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Delete files and manifests superseded by a compaction at least --grace-hours ago.
+    Gc {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// How long superseded files stay readable for readers that opened the old catalog.
+        #[arg(long, default_value_t = 168)]
+        grace_hours: i64,
+    },
     /// Rebuild the control database's mirror of the archive catalog from the archive's manifests.
     SyncCatalog {
         #[arg(long, default_value = "strata.toml")]
@@ -369,6 +386,56 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Hold { command } => hold(command).await,
+        Command::Archive {
+            command: ArchiveCommand::Compact { config, table },
+        } => {
+            let loaded = config::load(&config)?;
+            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+            let archive = ArchiveReader::open(store.clone(), keys.clone()).await?;
+            let tables: Vec<String> = match table {
+                Some(t) => vec![t],
+                None => archive
+                    .catalog()
+                    .tables
+                    .iter()
+                    .filter(|(_, m)| m.len() > 1)
+                    .map(|(t, _)| t.clone())
+                    .collect(),
+            };
+            for t in tables {
+                let r = strata_archive::compact_table(
+                    store.clone(),
+                    keys.clone(),
+                    &t,
+                    Default::default(),
+                )
+                .await?;
+                println!(
+                    "{t}: {} manifests, {} files, {} rows -> 1 manifest, {} files, {} rows",
+                    r.manifests, r.files_before, r.rows_before, r.files_after, r.rows_after
+                );
+            }
+            let archive = ArchiveReader::open(store, keys).await?;
+            strata_ingest::Control::open(&loaded.migration.control_url()?)
+                .await?
+                .rebuild_catalog(archive.catalog())
+                .await?;
+            Ok(())
+        }
+        Command::Archive {
+            command:
+                ArchiveCommand::Gc {
+                    config,
+                    grace_hours,
+                },
+        } => {
+            let loaded = config::load(&config)?;
+            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+            let deleted =
+                strata_archive::gc(store, keys, chrono::Duration::hours(grace_hours)).await?;
+            println!("deleted {} superseded objects", deleted.len());
+            Ok(())
+        }
         Command::Archive {
             command: ArchiveCommand::SyncCatalog { config },
         } => {

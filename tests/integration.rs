@@ -17,12 +17,7 @@ use tower::ServiceExt;
 
 async fn generate_sqlite(dir: &Path, scale: f64) -> String {
     let url = format!("sqlite://{}", dir.join("legacy.db").display());
-    let mut options = strata_synthetic_ehr::GeneratorOptions::new(as_of());
-    options.scale = scale;
-    options.max_document_bytes = 300_000;
-    strata_synthetic_ehr::generate(&url, &options)
-        .await
-        .unwrap();
+    generate(&url, scale, true).await;
     url
 }
 
@@ -30,13 +25,7 @@ async fn generate_sqlite(dir: &Path, scale: f64) -> String {
 async fn migrated_sqlite(scale: f64) -> (TestDir, String, strata_archive::ArchiveReader) {
     let dir = TestDir::new();
     let source = generate_sqlite(dir.path(), scale).await;
-    let config_path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        &example_policy(),
-    );
+    let config_path = write_sqlite_config(dir.path(), &source, &example_policy());
     migrate(&config_path).await;
     let config = load_config(&config_path);
     let archive = open_archive(&config.archive, &config.base_dir).await;
@@ -54,13 +43,7 @@ async fn sqlite_to_sqlite_every_row_lands_in_exactly_one_tier() {
     let dir = TestDir::new();
     let source = generate_sqlite(dir.path(), 0.05).await;
     plant_bad_rows(&source).await;
-    let config_path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        &example_policy(),
-    );
+    let config_path = write_sqlite_config(dir.path(), &source, &example_policy());
     let config = load_config(&config_path);
 
     let plan = Migration::prepare(config.clone(), as_of())
@@ -160,13 +143,7 @@ async fn quarantine_threshold_stops_the_run() {
     let dir = TestDir::new();
     let source = generate_sqlite(dir.path(), 0.01).await;
     plant_bad_rows(&source).await;
-    let path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        &example_policy(),
-    );
+    let path = write_sqlite_config(dir.path(), &source, &example_policy());
     let text = std::fs::read_to_string(&path).unwrap().replace(
         "[tables.lab_results]",
         "[tables.lab_results]\nquarantine_threshold = 0",
@@ -461,12 +438,7 @@ async fn postgres_to_postgres_every_row_lands_in_exactly_one_tier() {
     let source = create_pg_database("strata_src").await;
     let operational = create_pg_database("strata_op").await;
     let control = create_pg_database("strata_ctl").await;
-    let mut options = strata_synthetic_ehr::GeneratorOptions::new(as_of());
-    options.scale = 0.05;
-    options.max_document_bytes = 300_000;
-    strata_synthetic_ehr::generate(&source, &options)
-        .await
-        .unwrap();
+    generate(&source, 0.05, true).await;
     let config_path = write_config(
         dir.path(),
         &source,
@@ -698,13 +670,7 @@ current_when = { column = "STOP", values = ["<null>"] }
 async fn bad_config_is_rejected_naming_table_and_column() {
     let dir = TestDir::new();
     let source = generate_sqlite(dir.path(), 0.01).await;
-    let path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        &example_policy(),
-    );
+    let path = write_sqlite_config(dir.path(), &source, &example_policy());
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace(
@@ -773,13 +739,7 @@ fn demo_command_migrates_and_plan_reports() {
 async fn an_interrupted_run_resumes_without_losing_or_duplicating_rows() {
     let dir = TestDir::new();
     let source = generate_sqlite(dir.path(), 0.03).await;
-    let config_path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        &example_policy(),
-    );
+    let config_path = write_sqlite_config(dir.path(), &source, &example_policy());
     let first = migrate(&config_path).await;
     // Make it look as if the process died while loading lab_results: the run and the table are
     // still "running", and only part of the table's rows reached the operational database.
@@ -1137,13 +1097,7 @@ async fn tampering_is_detected_by_reads_and_by_verify() {
 async fn a_migration_archives_to_s3_and_reads_back() {
     let dir = TestDir::new();
     let source = generate_sqlite(dir.path(), 0.03).await;
-    let config_path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        &example_policy(),
-    );
+    let config_path = write_sqlite_config(dir.path(), &source, &example_policy());
     let location = blobs::s3_location("archive");
     let text = std::fs::read_to_string(&config_path).unwrap().replace(
         "location = \"archive\"",

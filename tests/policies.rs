@@ -49,20 +49,8 @@ async fn ids(db: &Db, sql: &str) -> BTreeSet<i64> {
 async fn worked_examples_adults_minors_master_index_and_a_legal_hold() {
     let dir = TestDir::new();
     let source = format!("sqlite://{}", dir.path().join("legacy.db").display());
-    let mut options = strata_synthetic_ehr::GeneratorOptions::new(as_of());
-    options.scale = 0.1;
-    options.max_document_bytes = 10_000;
-    options.flaws = false;
-    strata_synthetic_ehr::generate(&source, &options)
-        .await
-        .unwrap();
-    let config_path = write_config(
-        dir.path(),
-        &source,
-        "sqlite://operational.db",
-        "sqlite://control.db",
-        POLICY,
-    );
+    generate(&source, 0.1, false).await;
+    let config_path = write_sqlite_config(dir.path(), &source, POLICY);
     let config = load_config(&config_path);
     let src = Db::connect(&source, true).await.unwrap();
     let as_of = as_of();

@@ -223,3 +223,23 @@ pub fn assert_report_matches(report: &strata_ingest::RunReport, counts: &BTreeMa
         );
     }
 }
+
+/// Generates the synthetic legacy EHR at `url` (documents capped at 300 kB to keep tests fast).
+pub async fn generate(url: &str, scale: f64, flaws: bool) {
+    let mut options = strata_synthetic_ehr::GeneratorOptions::new(as_of());
+    options.scale = scale;
+    options.max_document_bytes = 300_000;
+    options.flaws = flaws;
+    strata_synthetic_ehr::generate(url, &options).await.unwrap();
+}
+
+/// A config for a SQLite source with SQLite operational and control databases in `dir`.
+pub fn write_sqlite_config(dir: &Path, source: &str, policy: &str) -> PathBuf {
+    write_config(
+        dir,
+        source,
+        "sqlite://operational.db",
+        "sqlite://control.db",
+        policy,
+    )
+}

@@ -1,12 +1,17 @@
 //! BLOB objects: encrypted in fixed-size AES-256-GCM segments under a per-object data key.
 //!
-//! Layout: `STRATAB1` ‖ segment size (u32 LE) ‖ segments. The object's data key, wrapped by the
-//! KEK, lives in a small sidecar object `{object}.key` (Parquet PKMT1 key material), so rotating
-//! the KEK rewrites only sidecars, never document bytes. Segment `i` is encrypted with nonce
-//! `i (u64 BE) ‖ 0 0 0 ‖ final flag` and the object id as associated data, so segments cannot be
-//! reordered, dropped, truncated or moved to another object without failing authentication.
+//! Layout: `STRATAB1` ‖ segment size (u32 LE) ‖ salt (16 random bytes) ‖ segments. Segment `i`
+//! is encrypted with nonce `i (u64 BE) ‖ 0 0 0 ‖ final flag` and the salt as associated data, so
+//! segments cannot be reordered, dropped, truncated or moved to another object without failing
+//! authentication. The object's data key, wrapped by the KEK, lives in a sidecar `{object}.key`
+//! together with a MAC (under the archive key) binding the object id to the salt, so objects and
+//! sidecars cannot be swapped between ids either; rotating the KEK rewrites only sidecars.
+//!
 //! An object's id is a keyed HMAC-SHA-256 of its content: identical content is stored once, and
-//! the id reveals nothing about the content to someone without the key.
+//! the id reveals nothing about the content without the key. Content is streamed: it is
+//! encrypted segment by segment into a multipart upload under `blobs/tmp/{salt}`, and renamed
+//! to its id once the content (and so the id) is known; memory stays at a few segments plus the
+//! upload's part buffer, whatever the document's size.
 
 use crate::error::{ArchiveError, Result};
 use crate::keys::KeyRing;
@@ -15,7 +20,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -24,7 +29,8 @@ use std::sync::Arc;
 pub const BLOB_SEGMENT_SIZE: usize = 64 * 1024;
 const MAGIC: &[u8; 8] = b"STRATAB1";
 const TAG_LEN: usize = 16;
-const HEADER_LEN: usize = 12;
+const SALT_LEN: usize = 16;
+const HEADER_LEN: usize = 12 + SALT_LEN;
 
 /// What an archived row keeps of a BLOB.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,52 +72,122 @@ impl BlobStore {
 
     /// Encrypts and stores `content` (once per distinct content) and returns its reference.
     pub async fn put(&self, content: &[u8], content_type: &str) -> Result<BlobRef> {
-        let dedup_key = self.keys.derive("strata blob id v1")?;
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&dedup_key).expect("any key length");
-        mac.update(content);
-        let object = hex::encode(mac.finalize().into_bytes());
+        let chunk = Bytes::copy_from_slice(content);
+        self.put_stream(
+            futures::stream::iter([Ok::<_, std::io::Error>(chunk)]),
+            content_type,
+        )
+        .await
+    }
+
+    /// Encrypts and stores a stream of bytes, never holding it whole: see the module doc.
+    pub async fn put_stream<S>(&self, content: S, content_type: &str) -> Result<BlobRef>
+    where
+        S: futures::Stream<Item = std::io::Result<Bytes>> + Unpin,
+    {
+        use futures::StreamExt;
+        let id_key = self.keys.derive("strata blob id v1")?;
+        let mut id_mac = <Hmac<Sha256> as Mac>::new_from_slice(&id_key).expect("any key length");
+        let mut sha = Sha256::new();
+        let mut salt = [0u8; SALT_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
+        let data_key = KeyRing::new_data_key();
+        let cipher = Aes256Gcm::new_from_slice(&data_key).expect("32-byte key");
+        let tmp = Path::from(format!("blobs/tmp/{}", hex::encode(salt)));
+        let mut upload = WriteMultipart::new(self.store.put_multipart(&tmp).await?);
+        let mut header = MAGIC.to_vec();
+        header.extend_from_slice(&(BLOB_SEGMENT_SIZE as u32).to_le_bytes());
+        header.extend_from_slice(&salt);
+        upload.write(&header);
+        // A full segment is encrypted only once more data shows it is not the last one.
+        let mut pending: Vec<u8> = Vec::with_capacity(BLOB_SEGMENT_SIZE);
+        let (mut index, mut length) = (0u64, 0u64);
+        let mut content = content;
+        while let Some(chunk) = content.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = upload.abort().await;
+                    return Err(ArchiveError::Io(e));
+                }
+            };
+            id_mac.update(&chunk);
+            sha.update(&chunk);
+            length += chunk.len() as u64;
+            let mut rest: &[u8] = &chunk;
+            while !rest.is_empty() {
+                if pending.len() == BLOB_SEGMENT_SIZE {
+                    let ct = cipher
+                        .encrypt(
+                            &nonce(index, false),
+                            Payload {
+                                msg: &pending,
+                                aad: &salt,
+                            },
+                        )
+                        .expect("segment encrypts");
+                    upload.wait_for_capacity(4).await?;
+                    upload.write(&ct);
+                    index += 1;
+                    pending.clear();
+                }
+                let take = (BLOB_SEGMENT_SIZE - pending.len()).min(rest.len());
+                pending.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+            }
+        }
+        let ct = cipher
+            .encrypt(
+                &nonce(index, true),
+                Payload {
+                    msg: &pending,
+                    aad: &salt,
+                },
+            )
+            .expect("segment encrypts");
+        upload.write(&ct);
+        upload.finish().await?;
+        let object = hex::encode(id_mac.finalize().into_bytes());
         let reference = BlobRef {
             object: object.clone(),
-            length: content.len() as u64,
-            sha256: hex::encode(Sha256::digest(content)),
+            length,
+            sha256: hex::encode(sha.finalize()),
             content_type: content_type.to_string(),
         };
         let path = Path::from(Self::object_path(&object));
         match self.store.head(&path).await {
-            Ok(_) => return Ok(reference),
+            Ok(_) => {
+                // Stored before: keep the existing object, drop this copy.
+                self.store.delete(&tmp).await?;
+                return Ok(reference);
+            }
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let data_key = KeyRing::new_data_key();
-        // The key first: an object never exists without the key that opens it.
-        let sidecar = Path::from(format!("{}.key", Self::object_path(&object)));
+        // The key first: an object never exists under its id without the key that opens it.
+        let sidecar = serde_json::json!({
+            "material": self.keys.key_material(&data_key)?,
+            "salt": hex::encode(salt),
+            "binding": self.binding(&object, &salt)?,
+        });
+        let sidecar_path = Path::from(format!("{}.key", Self::object_path(&object)));
         self.store
             .put(
-                &sidecar,
-                PutPayload::from(self.keys.key_material(&data_key)?.into_bytes()),
+                &sidecar_path,
+                PutPayload::from(sidecar.to_string().into_bytes()),
             )
             .await?;
-        let segments = content.len().div_ceil(BLOB_SEGMENT_SIZE).max(1);
-        let mut out = Vec::with_capacity(HEADER_LEN + content.len() + segments * TAG_LEN);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(BLOB_SEGMENT_SIZE as u32).to_le_bytes());
-        let cipher = Aes256Gcm::new_from_slice(&data_key).expect("32-byte key");
-        for i in 0..segments {
-            let start = i * BLOB_SEGMENT_SIZE;
-            let end = (start + BLOB_SEGMENT_SIZE).min(content.len());
-            let ct = cipher
-                .encrypt(
-                    &nonce(i as u64, i + 1 == segments),
-                    Payload {
-                        msg: &content[start..end],
-                        aad: object.as_bytes(),
-                    },
-                )
-                .expect("segment encrypts");
-            out.extend_from_slice(&ct);
-        }
-        self.store.put(&path, PutPayload::from(out)).await?;
+        self.store.rename(&tmp, &path).await?;
         Ok(reference)
+    }
+
+    /// MAC of an object id and its salt under the archive key.
+    fn binding(&self, object: &str, salt: &[u8]) -> Result<String> {
+        let key = self.keys.derive("strata blob binding v1")?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("any key length");
+        mac.update(object.as_bytes());
+        mac.update(salt);
+        Ok(hex::encode(mac.finalize().into_bytes()))
     }
 
     /// Reads, decrypts and verifies a BLOB against its reference. Any mismatch is an
@@ -129,9 +205,9 @@ impl BlobStore {
             }
             Err(e) => return Err(e.into()),
         };
-        let (segment_size, body) =
+        let (segment_size, salt, body) =
             parse_header(&raw).ok_or_else(|| integrity("malformed header"))?;
-        let cipher = self.object_cipher(&path_text).await?;
+        let cipher = self.object_cipher(&reference.object, salt).await?;
         let stride = segment_size + TAG_LEN;
         let segments = body.len().div_ceil(stride).max(1);
         let mut plain = Vec::with_capacity(body.len());
@@ -143,7 +219,7 @@ impl BlobStore {
                     &nonce(i as u64, i + 1 == segments),
                     Payload {
                         msg: &body[start..end],
-                        aad: reference.object.as_bytes(),
+                        aad: salt,
                     },
                 )
                 .map_err(|_| integrity(&format!("segment {i} fails authentication")))?;
@@ -160,25 +236,36 @@ impl BlobStore {
 }
 
 impl BlobStore {
-    /// The cipher of an object, from its key sidecar.
-    async fn object_cipher(&self, object_path: &str) -> Result<Aes256Gcm> {
-        let sidecar = format!("{object_path}.key");
+    /// The cipher of an object, from its key sidecar, after checking that the sidecar binds
+    /// this object id to the salt in the object's header.
+    async fn object_cipher(&self, object: &str, salt: &[u8]) -> Result<Aes256Gcm> {
+        let sidecar = format!("{}.key", Self::object_path(object));
         let integrity = |detail: &str| ArchiveError::Integrity {
             object: sidecar.clone(),
             detail: detail.to_string(),
         };
-        let material = match self.store.get(&Path::from(sidecar.as_str())).await {
+        let raw = match self.store.get(&Path::from(sidecar.as_str())).await {
             Ok(r) => r.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(integrity("the object's key is missing"))
             }
             Err(e) => return Err(e.into()),
         };
-        let material =
-            std::str::from_utf8(&material).map_err(|_| integrity("key material is not text"))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|_| integrity("the key sidecar is not JSON"))?;
+        let field = |name: &str| {
+            json.get(name)
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| integrity("the key sidecar is incomplete"))
+        };
+        if field("salt")? != hex::encode(salt) || field("binding")? != self.binding(object, salt)? {
+            return Err(integrity(
+                "the key does not belong to this object (swapped or edited)",
+            ));
+        }
         let data_key = self
             .keys
-            .unwrap_key_material(material)
+            .unwrap_key_material(field("material")?)
             .map_err(|_| integrity("data key does not unwrap"))?;
         Aes256Gcm::new_from_slice(&data_key).map_err(|_| integrity("data key has the wrong length"))
     }
@@ -218,7 +305,8 @@ impl BlobStore {
             .store
             .get_range(&path, 0..size.min(HEADER_LEN as u64))
             .await?;
-        let (segment_size, _) = parse_header(&head).ok_or_else(|| integrity("malformed header"))?;
+        let (segment_size, salt, _) =
+            parse_header(&head).ok_or_else(|| integrity("malformed header"))?;
         let header_len = HEADER_LEN as u64;
         let seg = segment_size as u64;
         let stride = seg + TAG_LEN as u64;
@@ -229,7 +317,7 @@ impl BlobStore {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let cipher = self.object_cipher(&path_text).await?;
+        let cipher = self.object_cipher(&reference.object, salt).await?;
         let (first, last) = (range.start / seg, (range.end - 1) / seg);
         let start = header_len + first * stride;
         let end = (header_len + (last + 1) * stride).min(size);
@@ -242,7 +330,7 @@ impl BlobStore {
                     &nonce(i, i + 1 == segments),
                     Payload {
                         msg: chunk,
-                        aad: reference.object.as_bytes(),
+                        aad: salt,
                     },
                 )
                 .map_err(|_| integrity(&format!("segment {i} fails authentication")))?;
@@ -255,10 +343,11 @@ impl BlobStore {
     }
 }
 
-fn parse_header(raw: &[u8]) -> Option<(usize, &[u8])> {
+fn parse_header(raw: &[u8]) -> Option<(usize, &[u8], &[u8])> {
     let rest = raw.strip_prefix(MAGIC.as_slice())?;
     let segment_size = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    (segment_size > 0).then_some((segment_size, &rest[4..]))
+    let salt = rest.get(4..4 + SALT_LEN)?;
+    (segment_size > 0).then_some((segment_size, salt, &rest[4 + SALT_LEN..]))
 }
 
 #[cfg(test)]
@@ -300,6 +389,78 @@ mod tests {
             );
             assert_eq!(blobs.get(&r).await.unwrap().as_ref(), content.as_slice());
         }
+    }
+
+    #[tokio::test]
+    async fn streams_in_small_chunks_and_binds_keys_to_objects() {
+        let (mem, blobs) = store().await;
+        let content: Vec<u8> = (0..5 * BLOB_SEGMENT_SIZE + 999)
+            .map(|i| (i * 13 % 251) as u8)
+            .collect();
+        let chunks: Vec<std::io::Result<Bytes>> = content
+            .chunks(1000)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let streamed = blobs
+            .put_stream(futures::stream::iter(chunks), "application/dicom")
+            .await
+            .unwrap();
+        // Another document of the same size, so only the key binding can tell them apart.
+        let different: Vec<u8> = content.iter().map(|b| b ^ 0xff).collect();
+        let other = blobs.put(&different, "application/dicom").await.unwrap();
+        assert_eq!(
+            blobs.get(&streamed).await.unwrap().as_ref(),
+            content.as_slice()
+        );
+        // Same content, one object (and no temporary objects left).
+        assert_eq!(
+            blobs
+                .put(&content, "application/dicom")
+                .await
+                .unwrap()
+                .object,
+            streamed.object
+        );
+        let listed: Vec<_> =
+            futures::TryStreamExt::try_collect::<Vec<_>>(mem.list(Some(&Path::from("blobs/tmp"))))
+                .await
+                .unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
+        // Swapping two objects together with their key sidecars is detected.
+        let (a, b) = (
+            BlobStore::object_path(&streamed.object),
+            BlobStore::object_path(&other.object),
+        );
+        for (x, y) in [
+            (a.clone(), b.clone()),
+            (format!("{a}.key"), format!("{b}.key")),
+        ] {
+            let bx = mem
+                .get(&Path::from(x.as_str()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let by = mem
+                .get(&Path::from(y.as_str()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            mem.put(&Path::from(x.as_str()), PutPayload::from(by))
+                .await
+                .unwrap();
+            mem.put(&Path::from(y.as_str()), PutPayload::from(bx))
+                .await
+                .unwrap();
+        }
+        let err = blobs.get_range(&streamed, 0..10).await.unwrap_err();
+        assert!(
+            err.to_string().contains("does not belong to this object"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -53,14 +53,29 @@ pub async fn rotate_keys(store: Arc<dyn ObjectStore>, keys: &KeyRing) -> Result<
             }
             report.parquet_keys += 1;
             serde_json::Value::Object(map).to_string()
-        } else if path == crate::keys::ARCHIVE_KEY_PATH
-            || (path.starts_with("blobs/") && name.ends_with(".key"))
-        {
+        } else if path == crate::keys::ARCHIVE_KEY_PATH {
             let bytes = store.get(&meta.location).await?.bytes().await?;
-            let material = String::from_utf8_lossy(&bytes);
-            report.blob_keys += u64::from(path != crate::keys::ARCHIVE_KEY_PATH);
-            keys.rewrap_key_material(&material)
+            keys.rewrap_key_material(&String::from_utf8_lossy(&bytes))
                 .map_err(|e| key_error(&path, e))?
+        } else if path.starts_with("blobs/") && name.ends_with(".key") {
+            // A BLOB sidecar: {"material": PKMT1, "salt", "binding"}; only the material changes.
+            let bytes = store.get(&meta.location).await?.bytes().await?;
+            let mut sidecar: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| key_error(&path, ArchiveError::Key(e.to_string())))?;
+            let material = sidecar
+                .get("material")
+                .and_then(|m| m.as_str())
+                .unwrap_or_default()
+                .to_string();
+            sidecar.insert(
+                "material".into(),
+                keys.rewrap_key_material(&material)
+                    .map_err(|e| key_error(&path, e))?
+                    .into(),
+            );
+            report.blob_keys += 1;
+            serde_json::Value::Object(sidecar).to_string()
         } else {
             continue;
         };

@@ -5,7 +5,8 @@
 use crate::support::*;
 use chrono::{Datelike, NaiveDate};
 use std::collections::{BTreeMap, BTreeSet};
-use strata_ingest::{ColumnType, Control, Db, HoldScopeRecord, Migration, Value};
+use strata_cutoff_policies::HoldScope;
+use strata_ingest::{ColumnType, Control, Db, Migration, Value};
 
 const POLICY: &str = r#"
 version = "worked-examples-1"
@@ -45,6 +46,18 @@ async fn ids(db: &Db, sql: &str) -> BTreeSet<i64> {
         .collect()
 }
 
+/// Rows of (integer id, `YYYY-MM-DD` text) as a map.
+fn dates_by_id(rows: &[Vec<Value>]) -> BTreeMap<i64, NaiveDate> {
+    rows.iter()
+        .map(|r| match (&r[0], &r[1]) {
+            (Value::Int(p), Value::Text(d)) => {
+                (*p, NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap())
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn worked_examples_adults_minors_master_index_and_a_legal_hold() {
     let dir = TestDir::new();
@@ -74,30 +87,15 @@ async fn worked_examples_adults_minors_master_index_and_a_legal_hold() {
         )
         .await
         .unwrap();
-    let last: BTreeMap<i64, NaiveDate> = rows
-        .iter()
-        .map(|r| match (&r[0], &r[1]) {
-            (Value::Int(p), Value::Text(d)) => {
-                (*p, NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap())
-            }
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    let births: BTreeMap<i64, NaiveDate> = src
-        .fetch_all(
+    let last = dates_by_id(&rows);
+    let births = dates_by_id(
+        &src.fetch_all(
             "SELECT id, birth_date FROM patients".into(),
             vec![ColumnType::Int, ColumnType::Text],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|r| match (&r[0], &r[1]) {
-            (Value::Int(p), Value::Text(d)) => {
-                (*p, NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap())
-            }
-            other => panic!("{other:?}"),
-        })
-        .collect();
+        .unwrap(),
+    );
     let encounters: Vec<(i64, i64, NaiveDate)> = src
         .fetch_all(
             "SELECT id, patient_id, substr(started_at, 1, 10) FROM encounters".into(),
@@ -149,7 +147,7 @@ async fn worked_examples_adults_minors_master_index_and_a_legal_hold() {
     let control = Control::open(&config.control_url().unwrap()).await.unwrap();
     control
         .place_hold(
-            &HoldScopeRecord::Patient(held_patient.to_string()),
+            &HoldScope::Patient(held_patient.to_string()),
             "litigation matter 2026-17",
             "records-manager",
         )

@@ -232,7 +232,8 @@ impl From<RoleArg> for Role {
 }
 
 async fn hold(command: HoldCommand) -> Result<()> {
-    use strata_ingest::{Control, HoldScopeRecord};
+    use strata_cutoff_policies::HoldScope;
+    use strata_ingest::Control;
     let open =
         |config: &PathBuf| -> Result<String> { Ok(config::load(config)?.migration.control_url()?) };
     match command {
@@ -247,13 +248,13 @@ async fn hold(command: HoldCommand) -> Result<()> {
         } => {
             let control = Control::open(&open(&config)?).await?;
             let scope = match (patient, table, column, value) {
-                (Some(p), _, _, _) => HoldScopeRecord::Patient(p),
-                (None, Some(t), Some(c), Some(v)) => HoldScopeRecord::Filter {
+                (Some(p), _, _, _) => HoldScope::Patient(p),
+                (None, Some(t), Some(c), Some(v)) => HoldScope::Filter {
                     table: t,
                     column: c,
                     value: v,
                 },
-                (None, Some(t), _, _) => HoldScopeRecord::Table(t),
+                (None, Some(t), _, _) => HoldScope::Table(t),
                 _ => anyhow::bail!(
                     "name a --patient, a --table, or a --table with --column and --value"
                 ),

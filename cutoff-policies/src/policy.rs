@@ -177,7 +177,8 @@ pub struct LegalHold {
 }
 
 /// What a legal hold covers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HoldScope {
     /// Every record of one patient.
     Patient(String),

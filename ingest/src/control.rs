@@ -7,6 +7,7 @@
 use crate::db::Db;
 use crate::error::Result;
 use crate::value::{ColumnType, Value};
+use strata_cutoff_policies::HoldScope;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS strata_runs (
@@ -86,7 +87,7 @@ pub struct HoldRecord {
     /// The hold's id.
     pub hold_id: String,
     /// What it covers.
-    pub scope: HoldScopeRecord,
+    pub scope: HoldScope,
     /// Why it was placed.
     pub reason: String,
     /// Who placed it.
@@ -95,45 +96,6 @@ pub struct HoldRecord {
     pub placed_at: String,
     /// Who released it, when and why.
     pub released: Option<(String, String, String)>,
-}
-
-/// What a hold covers, as stored.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HoldScopeRecord {
-    /// One patient.
-    Patient(String),
-    /// One table.
-    Table(String),
-    /// Rows of a table whose column equals a value.
-    Filter {
-        /// The table.
-        table: String,
-        /// The column.
-        column: String,
-        /// The value.
-        value: String,
-    },
-}
-
-impl HoldScopeRecord {
-    /// The policy engine's form.
-    pub fn to_scope(&self) -> strata_cutoff_policies::HoldScope {
-        use strata_cutoff_policies::HoldScope;
-        match self.clone() {
-            HoldScopeRecord::Patient(p) => HoldScope::Patient(p),
-            HoldScopeRecord::Table(t) => HoldScope::Table(t),
-            HoldScopeRecord::Filter {
-                table,
-                column,
-                value,
-            } => HoldScope::Filter {
-                table,
-                column,
-                value,
-            },
-        }
-    }
 }
 
 /// What a destruction record says: no PHI, only counts, key range and a checksum.
@@ -383,12 +345,7 @@ impl Control {
     }
 
     /// Places a legal hold; returns its id.
-    pub async fn place_hold(
-        &self,
-        scope: &HoldScopeRecord,
-        reason: &str,
-        by: &str,
-    ) -> Result<String> {
+    pub async fn place_hold(&self, scope: &HoldScope, reason: &str, by: &str) -> Result<String> {
         if reason.trim().is_empty() || by.trim().is_empty() {
             return Err(crate::IngestError::Run(
                 "a legal hold needs who places it and why".into(),
@@ -400,9 +357,9 @@ impl Control {
             rand::random::<u16>()
         );
         let (kind, patient, table, column, value) = match scope {
-            HoldScopeRecord::Patient(p) => ("patient", Some(p), None, None, None),
-            HoldScopeRecord::Table(t) => ("table", None, Some(t), None, None),
-            HoldScopeRecord::Filter {
+            HoldScope::Patient(p) => ("patient", Some(p), None, None, None),
+            HoldScope::Table(t) => ("table", None, Some(t), None, None),
+            HoldScope::Filter {
                 table,
                 column,
                 value,
@@ -472,9 +429,9 @@ impl Control {
                 let t: Vec<Option<String>> = r.iter().map(|v| v.as_key_text()).collect();
                 let s = |i: usize| t[i].clone().unwrap_or_default();
                 let scope = match s(1).as_str() {
-                    "patient" => HoldScopeRecord::Patient(s(2)),
-                    "table" => HoldScopeRecord::Table(s(3)),
-                    _ => HoldScopeRecord::Filter {
+                    "patient" => HoldScope::Patient(s(2)),
+                    "table" => HoldScope::Table(s(3)),
+                    _ => HoldScope::Filter {
                         table: s(3),
                         column: s(4),
                         value: s(5),

@@ -29,7 +29,7 @@ mod value;
 pub use config::{
     BlobColumnConfig, DatabaseConfig, MigrationConfig, PatientVia, PolicyFileConfig, TableConfig,
 };
-pub use control::{Control, DestructionRecord, HoldRecord, HoldScopeRecord, RunRecord};
+pub use control::{Control, DestructionRecord, HoldRecord, RunRecord};
 pub use db::{quote, redact, Column, Db, DbKind, TableSchema};
 pub use error::{IngestError, Result};
 pub use init::{draft_config, guess_tables, TableGuess};

@@ -168,7 +168,7 @@ impl Migration {
             .filter(|h| h.released.is_none())
             .map(|h| LegalHold {
                 id: h.hold_id,
-                scope: h.scope.to_scope(),
+                scope: h.scope,
             })
             .collect();
         problems.extend(holds_problems(&holds, &schemas));
@@ -352,20 +352,9 @@ impl Migration {
             )));
         }
         let facts = self.patient_facts().await?;
-        let pf = patient
-            .as_ref()
-            .and_then(|p| facts.get(p).copied())
-            .unwrap_or_default();
-        let date = layout
-            .record_date
-            .and_then(|i| local_date(&self.policy, &values[i]));
-        let policy_values = policy_values(layout, &values);
-        let record = RecordFacts {
-            record_date: self.policy.date_fact(date),
-            patient: patient.as_deref(),
-            patient_facts: pf,
-            columns: &policy_values,
-        };
+        let row = self.row_facts(layout, &values, patient.as_deref(), &facts);
+        let (date, pf, policy_values) = (row.date, row.patient, &row.columns);
+        let record = row.record(&self.policy, patient.as_deref());
         let (decision, steps) = self
             .policy
             .explain(table, &record, &layout.policy_column_names);
@@ -389,7 +378,7 @@ impl Migration {
             format!("patient birth date: {}", show(pf.birth_date)),
             format!("patient deceased: {}", show(pf.deceased_date)),
         ];
-        for (name, v) in layout.policy_column_names.iter().zip(&policy_values) {
+        for (name, v) in layout.policy_column_names.iter().zip(policy_values) {
             lines.push(format!("{name}: {}", v.as_deref().unwrap_or("NULL")));
         }
         Ok(Explanation {
@@ -591,19 +580,9 @@ impl Migration {
                 }
                 continue;
             }
-            let date = layout
-                .record_date
-                .and_then(|i| local_date(&self.policy, &values[i]));
-            let policy_values = policy_values(layout, &values);
-            let record = RecordFacts {
-                record_date: self.policy.date_fact(date),
-                patient: patient.as_deref(),
-                patient_facts: patient
-                    .as_ref()
-                    .and_then(|p| facts.get(p).copied())
-                    .unwrap_or_default(),
-                columns: &policy_values,
-            };
+            let row = self.row_facts(layout, &values, patient.as_deref(), facts);
+            let date = row.date;
+            let record = row.record(&self.policy, patient.as_deref());
             let decision = self
                 .policy
                 .decide(&layout.name, &record, &layout.policy_column_names);
@@ -707,13 +686,49 @@ impl Migration {
     }
 }
 
-/// The values of the columns the policy reads, as text, in the policy's order.
-fn policy_values(layout: &TableLayout, values: &[Value]) -> Vec<Option<String>> {
-    layout
-        .policy_columns
-        .iter()
-        .map(|i| i.and_then(|i| values[i].as_key_text()))
-        .collect()
+/// What the policy needs of one row, owned, so that a [`RecordFacts`] can borrow it.
+struct RowFacts {
+    /// The record date in the policy's time zone.
+    date: Option<NaiveDate>,
+    /// The policy's columns as text, in the policy's order.
+    columns: Vec<Option<String>>,
+    /// The row's patient's facts.
+    patient: PatientFacts,
+}
+
+impl RowFacts {
+    fn record<'a>(&'a self, policy: &Policy, patient: Option<&'a str>) -> RecordFacts<'a> {
+        RecordFacts {
+            record_date: policy.date_fact(self.date),
+            patient,
+            patient_facts: self.patient,
+            columns: &self.columns,
+        }
+    }
+}
+
+impl Migration {
+    fn row_facts(
+        &self,
+        layout: &TableLayout,
+        values: &[Value],
+        patient: Option<&str>,
+        facts: &HashMap<String, PatientFacts>,
+    ) -> RowFacts {
+        RowFacts {
+            date: layout
+                .record_date
+                .and_then(|i| local_date(&self.policy, &values[i])),
+            columns: layout
+                .policy_columns
+                .iter()
+                .map(|i| i.and_then(|i| values[i].as_key_text()))
+                .collect(),
+            patient: patient
+                .and_then(|p| facts.get(p).copied())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// What a table's purged rows leave behind: count, key range, order-independent checksum.

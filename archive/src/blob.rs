@@ -52,6 +52,14 @@ pub struct BlobStore {
     keys: KeyRing,
 }
 
+/// An object's header: magic, segment size, salt.
+fn header(salt: &[u8; SALT_LEN]) -> Vec<u8> {
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&(BLOB_SEGMENT_SIZE as u32).to_le_bytes());
+    header.extend_from_slice(salt);
+    header
+}
+
 fn nonce(index: u64, last: bool) -> Nonce<aes_gcm::aead::consts::U12> {
     let mut n = [0u8; 12];
     n[..8].copy_from_slice(&index.to_be_bytes());
@@ -71,13 +79,78 @@ impl BlobStore {
     }
 
     /// Encrypts and stores `content` (once per distinct content) and returns its reference.
+    /// The content is in memory already, so its id is known before anything is written:
+    /// content stored before costs one `HEAD`, new content one `PUT` straight to its place
+    /// (no temporary object to rename, which object stores implement as copy and delete).
     pub async fn put(&self, content: &[u8], content_type: &str) -> Result<BlobRef> {
-        let chunk = Bytes::copy_from_slice(content);
-        self.put_stream(
-            futures::stream::iter([Ok::<_, std::io::Error>(chunk)]),
-            content_type,
-        )
-        .await
+        let digest = Sha256::digest(content);
+        let object = self.object_id(&digest)?;
+        let reference = BlobRef {
+            object: object.clone(),
+            length: content.len() as u64,
+            sha256: hex::encode(digest),
+            content_type: content_type.to_string(),
+        };
+        let path = Path::from(Self::object_path(&object));
+        match self.store.head(&path).await {
+            Ok(_) => return Ok(reference),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut salt = [0u8; SALT_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
+        let data_key = KeyRing::new_data_key();
+        let cipher = Aes256Gcm::new_from_slice(&data_key).expect("32-byte key");
+        let segments = content.len().div_ceil(BLOB_SEGMENT_SIZE).max(1);
+        let mut sealed = Vec::with_capacity(HEADER_LEN + content.len() + segments * TAG_LEN);
+        sealed.extend_from_slice(&header(&salt));
+        for (index, segment) in content
+            .chunks(BLOB_SEGMENT_SIZE)
+            .chain(content.is_empty().then_some(&[][..]))
+            .enumerate()
+        {
+            let last = index + 1 == segments;
+            let ct = cipher
+                .encrypt(
+                    &nonce(index as u64, last),
+                    Payload {
+                        msg: segment,
+                        aad: &salt,
+                    },
+                )
+                .expect("segment encrypts");
+            sealed.extend_from_slice(&ct);
+        }
+        // The key first: an object never exists under its id without the key that opens it.
+        self.put_sidecar(&object, &data_key, &salt).await?;
+        self.store.put(&path, PutPayload::from(sealed)).await?;
+        Ok(reference)
+    }
+
+    /// The object id of content with this SHA-256: keyed (it reveals nothing about the
+    /// content to whoever lacks the archive key) and content-determined (identical content is
+    /// stored once).
+    fn object_id(&self, digest: &[u8]) -> Result<String> {
+        let id_key = self.keys.derive("strata blob id v2")?;
+        let mut id_mac = <Hmac<Sha256> as Mac>::new_from_slice(&id_key).expect("any key length");
+        id_mac.update(digest);
+        Ok(hex::encode(id_mac.finalize().into_bytes()))
+    }
+
+    async fn put_sidecar(&self, object: &str, data_key: &[u8], salt: &[u8]) -> Result<()> {
+        let sidecar = serde_json::json!({
+            "material": self.keys.key_material(data_key)?,
+            "salt": hex::encode(salt),
+            "binding": self.binding(object, salt)?,
+        });
+        let sidecar_path = Path::from(format!("{}.key", Self::object_path(object)));
+        self.store
+            .put(
+                &sidecar_path,
+                PutPayload::from(sidecar.to_string().into_bytes()),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Encrypts and stores a stream of bytes, never holding it whole: see the module doc.
@@ -86,8 +159,6 @@ impl BlobStore {
         S: futures::Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
         use futures::StreamExt;
-        let id_key = self.keys.derive("strata blob id v1")?;
-        let mut id_mac = <Hmac<Sha256> as Mac>::new_from_slice(&id_key).expect("any key length");
         let mut sha = Sha256::new();
         let mut salt = [0u8; SALT_LEN];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
@@ -95,10 +166,7 @@ impl BlobStore {
         let cipher = Aes256Gcm::new_from_slice(&data_key).expect("32-byte key");
         let tmp = Path::from(format!("blobs/tmp/{}", hex::encode(salt)));
         let mut upload = WriteMultipart::new(self.store.put_multipart(&tmp).await?);
-        let mut header = MAGIC.to_vec();
-        header.extend_from_slice(&(BLOB_SEGMENT_SIZE as u32).to_le_bytes());
-        header.extend_from_slice(&salt);
-        upload.write(&header);
+        upload.write(&header(&salt));
         // A full segment is encrypted only once more data shows it is not the last one.
         let mut pending: Vec<u8> = Vec::with_capacity(BLOB_SEGMENT_SIZE);
         let (mut index, mut length) = (0u64, 0u64);
@@ -111,7 +179,6 @@ impl BlobStore {
                     return Err(ArchiveError::Io(e));
                 }
             };
-            id_mac.update(&chunk);
             sha.update(&chunk);
             length += chunk.len() as u64;
             let mut rest: &[u8] = &chunk;
@@ -147,11 +214,12 @@ impl BlobStore {
             .expect("segment encrypts");
         upload.write(&ct);
         upload.finish().await?;
-        let object = hex::encode(id_mac.finalize().into_bytes());
+        let digest = sha.finalize();
+        let object = self.object_id(&digest)?;
         let reference = BlobRef {
             object: object.clone(),
             length,
-            sha256: hex::encode(sha.finalize()),
+            sha256: hex::encode(digest),
             content_type: content_type.to_string(),
         };
         let path = Path::from(Self::object_path(&object));
@@ -165,18 +233,7 @@ impl BlobStore {
             Err(e) => return Err(e.into()),
         }
         // The key first: an object never exists under its id without the key that opens it.
-        let sidecar = serde_json::json!({
-            "material": self.keys.key_material(&data_key)?,
-            "salt": hex::encode(salt),
-            "binding": self.binding(&object, &salt)?,
-        });
-        let sidecar_path = Path::from(format!("{}.key", Self::object_path(&object)));
-        self.store
-            .put(
-                &sidecar_path,
-                PutPayload::from(sidecar.to_string().into_bytes()),
-            )
-            .await?;
+        self.put_sidecar(&object, &data_key, &salt).await?;
         self.store.rename(&tmp, &path).await?;
         Ok(reference)
     }

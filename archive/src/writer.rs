@@ -6,15 +6,19 @@ use crate::manifest::{FileEntry, TableManifest};
 use crate::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, SchemaRef};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::async_writer::{AsyncArrowWriter, AsyncFileWriter};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::encryption::encrypt::FileEncryptionProperties;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 
 /// Tuning for [`TableWriter`].
 #[derive(Debug, Clone)]
@@ -27,6 +31,9 @@ pub struct TableWriterOptions {
     pub row_group_rows: usize,
     /// zstd level. By default, 3.
     pub zstd_level: i32,
+    /// Columns whose values are (nearly) all distinct, such as primary keys: written without
+    /// dictionary encoding, which would only cost time and space. [`KEY_COLUMN`] always is.
+    pub distinct_columns: Vec<String>,
 }
 
 impl Default for TableWriterOptions {
@@ -36,12 +43,43 @@ impl Default for TableWriterOptions {
             bytes_per_file: 128 << 20,
             row_group_rows: 65_536,
             zstd_level: 3,
+            distinct_columns: Vec::new(),
         }
     }
 }
 
+/// Streams a file's bytes to the object store (multipart, in parts of a few MiB) while
+/// hashing them, so that a file is never held whole in memory.
+struct HashingUpload {
+    upload: BufWriter,
+    sha256: Sha256,
+    bytes: u64,
+}
+
+impl AsyncFileWriter for HashingUpload {
+    fn write(&mut self, bs: Bytes) -> BoxFuture<'_, parquet::errors::Result<()>> {
+        Box::pin(async move {
+            self.sha256.update(&bs);
+            self.bytes += bs.len() as u64;
+            self.upload
+                .put(bs)
+                .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn complete(&mut self) -> BoxFuture<'_, parquet::errors::Result<()>> {
+        Box::pin(async move {
+            self.upload
+                .shutdown()
+                .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+        })
+    }
+}
+
 struct OpenFile {
-    writer: ArrowWriter<Vec<u8>>,
+    writer: AsyncArrowWriter<HashingUpload>,
     key_material: String,
     path: String,
     rows: u64,
@@ -108,22 +146,32 @@ impl TableWriter {
             .with_footer_key_metadata(crate::keys::EXTERNAL_FOOTER_KEY.as_bytes().to_vec())
             .build()?;
         let patient = ColumnPath::from(PATIENT_COLUMN);
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(
                 self.options.zstd_level,
             )?))
             .set_max_row_group_row_count(Some(self.options.row_group_rows))
             .set_statistics_enabled(EnabledStatistics::Page)
             .set_column_bloom_filter_enabled(patient, true)
-            .with_file_encryption_properties(encryption)
-            .build();
+            .with_file_encryption_properties(encryption);
+        for column in std::iter::once(KEY_COLUMN)
+            .chain(self.options.distinct_columns.iter().map(String::as_str))
+        {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(column), false);
+        }
+        let props = props.build();
         let seq = self.manifest.files.len();
         let path = format!(
             "tables/{}/{}-{:05}.parquet",
             self.manifest.table, self.manifest.run_id, seq
         );
+        let upload = HashingUpload {
+            upload: BufWriter::new(self.store.clone(), Path::from(path.clone())),
+            sha256: Sha256::new(),
+            bytes: 0,
+        };
         Ok(OpenFile {
-            writer: ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))?,
+            writer: AsyncArrowWriter::try_new(upload, self.schema.clone(), Some(props))?,
             path,
             key_material: self.keys.key_material(&data_key)?,
             rows: 0,
@@ -141,7 +189,7 @@ impl TableWriter {
             self.current = Some(self.open_file()?);
         }
         let file = self.current.as_mut().expect("opened above");
-        file.writer.write(batch)?;
+        file.writer.write(batch).await?;
         file.rows += batch.num_rows() as u64;
         let patients = batch.column(0).as_string::<i32>();
         for i in 0..patients.len() {
@@ -164,12 +212,14 @@ impl TableWriter {
         let Some(file) = self.current.take() else {
             return Ok(());
         };
-        let bytes = file.writer.into_inner()?;
+        let mut writer = file.writer;
+        writer.finish().await?;
+        let upload = writer.into_inner();
         let entry = FileEntry {
             path: file.path.clone(),
             rows: file.rows,
-            bytes: bytes.len() as u64,
-            sha256: hex::encode(Sha256::digest(&bytes)),
+            bytes: upload.bytes,
+            sha256: hex::encode(upload.sha256.finalize()),
             min_patient: file.min_patient.unwrap_or_default(),
             max_patient: file.max_patient.unwrap_or_default(),
             kek_id: self.keys.current_kek_id(),
@@ -181,9 +231,6 @@ impl TableWriter {
                 &Path::from(material_path),
                 PutPayload::from(material.into_bytes()),
             )
-            .await?;
-        self.store
-            .put(&Path::from(file.path), PutPayload::from(bytes))
             .await?;
         self.manifest.files.push(entry);
         Ok(())

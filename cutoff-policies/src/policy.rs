@@ -690,6 +690,13 @@ impl Policy {
         }
     }
 
+    /// Whether deciding records of these tables can depend on patient facts (last activity,
+    /// birth and death dates): false only when each of them is pinned to a tier, so a caller
+    /// can skip the pass over the data that computes them.
+    pub fn needs_patient_facts<'a>(&self, tables: impl IntoIterator<Item = &'a str>) -> bool {
+        tables.into_iter().any(|t| self.rules(t).pinned.is_none())
+    }
+
     fn rules(&self, table: &str) -> &CompiledRules {
         self.tables.get(table).unwrap_or(&self.defaults)
     }

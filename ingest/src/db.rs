@@ -7,7 +7,7 @@ use crate::error::{IngestError, Result};
 use crate::value::{ColumnType, Value};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures::{Stream, StreamExt};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, ConnectOptions, Row, TypeInfo, ValueRef};
 use std::path::PathBuf;
@@ -197,12 +197,12 @@ impl Db {
         if let Db::Sqlite(_, Some(path)) = self {
             return sqlite_reader(path.clone(), sql, types.len());
         }
+        if let Db::Postgres(p) = self {
+            return chunked(crate::pg_copy::copy_out(p.clone(), sql, types));
+        }
         let sql = AssertSqlSafe(sql);
         match self {
-            Db::Postgres(p) => Box::pin(sqlx::query(sql).fetch(p).map(move |r| {
-                r.map_err(|e| IngestError::sql("read", e))
-                    .and_then(|row| decode_pg(&row, &types))
-            })),
+            Db::Postgres(_) => unreachable!("read by binary COPY above"),
             Db::Sqlite(p, _) => Box::pin(sqlx::query(sql).fetch(p).map(move |r| {
                 r.map_err(|e| IngestError::sql("read", e))
                     .and_then(|row| decode_sqlite(&row, types.len()))
@@ -450,51 +450,9 @@ pub fn pg_select_expr(expr: &str, t: ColumnType) -> String {
     }
 }
 
-fn decode_pg(row: &PgRow, types: &[ColumnType]) -> Result<Vec<Value>> {
-    let mut out = Vec::with_capacity(types.len());
-    for (i, t) in types.iter().enumerate() {
-        let e = |e: sqlx::Error| IngestError::sql("decode", e);
-        let v = match t {
-            ColumnType::Int => row.try_get::<Option<i64>, _>(i).map_err(e)?.map(Value::Int),
-            ColumnType::Float => row
-                .try_get::<Option<f64>, _>(i)
-                .map_err(e)?
-                .map(Value::Float),
-            ColumnType::Bool => row
-                .try_get::<Option<bool>, _>(i)
-                .map_err(e)?
-                .map(Value::Bool),
-            ColumnType::Text | ColumnType::Other => row
-                .try_get::<Option<String>, _>(i)
-                .map_err(e)?
-                .map(Value::Text),
-            ColumnType::Bytes => row
-                .try_get::<Option<Vec<u8>>, _>(i)
-                .map_err(e)?
-                .map(Value::Bytes),
-            ColumnType::Date => row
-                .try_get::<Option<NaiveDate>, _>(i)
-                .map_err(e)?
-                .map(Value::Date),
-            ColumnType::Timestamp => row
-                .try_get::<Option<NaiveDateTime>, _>(i)
-                .map_err(e)?
-                .map(Value::Timestamp),
-            ColumnType::TimestampTz => row
-                .try_get::<Option<DateTime<Utc>>, _>(i)
-                .map_err(e)?
-                .map(Value::TimestampTz),
-        };
-        out.push(v.unwrap_or(Value::Null));
-    }
-    Ok(out)
-}
-
-/// Rows in flight between a SQLite reader thread and its consumer: at most this many chunks...
-const READ_CHUNKS: usize = 4;
-/// ...of at most this many rows or bytes each.
-const READ_CHUNK_ROWS: usize = 2048;
-const READ_CHUNK_BYTES: usize = 8 << 20;
+use crate::pg_copy::{
+    CHUNKS_IN_FLIGHT as READ_CHUNKS, CHUNK_BYTES as READ_CHUNK_BYTES, CHUNK_ROWS as READ_CHUNK_ROWS,
+};
 
 /// Streams a query's rows from a SQLite file read directly (read-only) on a blocking thread.
 /// Bulk reads are several times faster this way than through the async driver, which copies
@@ -551,6 +509,11 @@ fn sqlite_reader(path: Arc<PathBuf>, sql: String, n: usize) -> RowStream<'static
             }));
         }
     });
+    chunked(rx)
+}
+
+/// The rows of chunks arriving from a reader task, one by one.
+fn chunked(rx: tokio::sync::mpsc::Receiver<crate::pg_copy::Chunk>) -> RowStream<'static> {
     let chunks =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     Box::pin(chunks.flat_map(|chunk| match chunk {

@@ -86,43 +86,18 @@ impl TableLayout {
     }
 
     /// The types `Db::fetch` decodes for [`TableLayout::select_sql`]: the columns, then the
-    /// patient key, then the row's size in bytes.
+    /// patient key.
     pub fn fetch_types(&self) -> Vec<ColumnType> {
         let mut t: Vec<ColumnType> = self.columns().iter().map(|c| c.col_type).collect();
         t.push(ColumnType::Text);
-        t.push(ColumnType::Int);
         t
-    }
-
-    /// The row's size as the source database counts it, so a plan and a run report the same bytes.
-    fn size_expr(&self, db: &Db) -> String {
-        let parts: Vec<String> = self
-            .columns()
-            .iter()
-            .map(|c| {
-                let col = format!("t0.{}", quote(&c.name));
-                match db.kind() {
-                    DbKind::Postgres => format!("COALESCE(pg_column_size({col}), 0)"),
-                    DbKind::Sqlite => format!("COALESCE(LENGTH(CAST({col} AS BLOB)), 0)"),
-                }
-            })
-            .collect();
-        let sum = if parts.is_empty() {
-            "0".to_string()
-        } else {
-            parts.join(" + ")
-        };
-        match db.kind() {
-            DbKind::Postgres => format!("CAST({sum} AS BIGINT)"),
-            DbKind::Sqlite => sum,
-        }
     }
 
     fn patient_text(&self) -> String {
         format!("CAST({} AS TEXT)", self.patient_expr)
     }
 
-    /// SELECT of every column plus the patient key and the row size, ordered by patient key then
+    /// SELECT of every column plus the patient key, ordered by patient key then
     /// record date (the archive's order).
     pub fn select_sql(&self, db: &Db) -> String {
         self.select_where(db, None, true)
@@ -143,7 +118,6 @@ impl TableLayout {
             })
             .collect();
         cols.push(self.patient_text());
-        cols.push(self.size_expr(db));
         let mut order = vec![self.patient_text()];
         if let Some(d) = self.record_date {
             order.push(format!("t0.{}", quote(&self.columns()[d].name)));

@@ -219,8 +219,15 @@ impl Migration {
         self.policy.as_of().expect("set in prepare")
     }
 
-    /// Every patient's facts: last activity, birth and death dates.
+    /// Every patient's facts: last activity, birth and death dates. None when every table is
+    /// pinned to a tier (the policy then never asks).
     pub async fn patient_facts(&self) -> Result<HashMap<String, PatientFacts>> {
+        if !self
+            .policy
+            .needs_patient_facts(self.layouts.iter().map(|l| l.name.as_str()))
+        {
+            return Ok(HashMap::new());
+        }
         let patients = self.policy_config.patients.as_ref().and_then(|p| {
             Some(PatientTable {
                 layout: self.layouts.iter().find(|l| l.name == p.table)?,
@@ -342,8 +349,7 @@ impl Migration {
         };
         let mut values = row?;
         drop(rows);
-        values.pop();
-        let patient = values.pop().and_then(|v| v.as_key_text());
+        let patient = values.pop().and_then(Value::into_key_text);
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
         if let Some((col, reason)) = coerce_row(&mut values, &types) {
             return Err(IngestError::Run(format!(
@@ -495,7 +501,14 @@ impl Migration {
                         blob_columns,
                     ),
                     archive_schema(layout),
-                    TableWriterOptions::default(),
+                    TableWriterOptions {
+                        // A one-column key is distinct; columns of a composite key are not.
+                        distinct_columns: match layout.key[..] {
+                            [k] => vec![layout.columns()[k].name.clone()],
+                            _ => Vec::new(),
+                        },
+                        ..Default::default()
+                    },
                 )?,
                 blobs: BlobStore::new(store.clone(), keys.clone()),
                 run_id: run.run_id.clone(),
@@ -557,11 +570,8 @@ impl Migration {
         while let Some(row) = rows.next().await {
             let mut values = row?;
             tally.report.source_rows += 1;
-            let size = match values.pop() {
-                Some(Value::Int(n)) => n.max(0) as u64,
-                _ => 0,
-            };
-            let patient = values.pop().and_then(|v| v.as_key_text());
+            let patient = values.pop().and_then(Value::into_key_text);
+            let size = values.iter().map(Value::size).sum::<usize>() as u64;
             if let Some((col, reason)) = coerce_row(&mut values, &types) {
                 tally.report.quarantined_rows += 1;
                 let key = row_key(layout, &values, tally.report.source_rows);
@@ -595,14 +605,7 @@ impl Migration {
                 }
                 Tier::Operational => {
                     let Some(w) = writers.as_ref() else { continue };
-                    operational_bytes += values
-                        .iter()
-                        .map(|v| match v {
-                            Value::Bytes(b) => b.len(),
-                            Value::Text(s) => s.len(),
-                            _ => 8,
-                        })
-                        .sum::<usize>();
+                    operational_bytes += size as usize;
                     operational.push(values);
                     if operational.len() >= rows_per_insert
                         || operational_bytes >= OPERATIONAL_BATCH_BYTES
@@ -861,21 +864,25 @@ fn row_digest(values: &[Value]) -> [u8; 32] {
 
 /// How a row is named in messages: its primary key, or its position for a keyless table.
 fn row_key(layout: &TableLayout, values: &[Value], ordinal: u64) -> String {
+    use std::fmt::Write;
     if layout.key.is_empty() {
         return format!("row #{ordinal}");
     }
-    layout
-        .key
-        .iter()
-        .map(|&k| {
-            format!(
-                "{}={}",
-                layout.columns()[k].name,
-                values[k].as_key_text().unwrap_or_else(|| "NULL".into())
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+    // Built in one string: this runs once per archived row.
+    let mut key = String::with_capacity(24);
+    for (i, &k) in layout.key.iter().enumerate() {
+        if i > 0 {
+            key.push(',');
+        }
+        key.push_str(&layout.columns()[k].name);
+        key.push('=');
+        match &values[k] {
+            Value::Text(t) => key.push_str(t),
+            Value::Int(n) => write!(key, "{n}").expect("writing to a string"),
+            v => key.push_str(v.as_key_text().as_deref().unwrap_or("NULL")),
+        }
+    }
+    key
 }
 
 async fn ensure_quarantine_table(target: &Db) -> Result<()> {

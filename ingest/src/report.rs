@@ -25,7 +25,7 @@ pub struct TableReport {
     pub flagged_rows: u64,
     /// Rows per deciding rule.
     pub reasons: BTreeMap<String, u64>,
-    /// Source bytes per tier (as the source database counts them).
+    /// Source bytes per tier, values as read: texts and bytes by length, others by width.
     pub bytes: BTreeMap<String, u64>,
     /// Distinct patients with rows in each tier.
     pub patients: BTreeMap<String, u64>,
@@ -60,12 +60,9 @@ impl Tally {
             Tier::Archive => r.archive_rows += 1,
             Tier::Purge => r.purged_rows += 1,
         }
-        *r.reasons
-            .entry(decision.reason.as_str().to_string())
-            .or_default() += 1;
-        *r.bytes
-            .entry(decision.tier.as_str().to_string())
-            .or_default() += bytes;
+        // Looked up before inserting: a key is allocated once per reason, not once per row.
+        bump(&mut r.reasons, decision.reason.as_str(), 1);
+        bump(&mut r.bytes, decision.tier.as_str(), bytes);
         r.held_rows += decision.held as u64;
         r.flagged_rows += decision.reason.is_flagged() as u64;
         if let Some(p) = patient {
@@ -83,6 +80,15 @@ impl Tally {
                 .insert(tier.as_str().to_string(), set.len() as u64);
         }
         self.report
+    }
+}
+
+fn bump(counts: &mut BTreeMap<String, u64>, key: &str, by: u64) {
+    match counts.get_mut(key) {
+        Some(n) => *n += by,
+        None => {
+            counts.insert(key.to_string(), by);
+        }
     }
 }
 

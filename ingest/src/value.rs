@@ -164,6 +164,27 @@ impl Value {
         }
     }
 
+    /// The value's size in bytes as read: texts and bytes by length, others by their width.
+    /// Plans and runs report bytes per tier with it.
+    pub fn size(&self) -> usize {
+        match self {
+            Value::Null => 0,
+            Value::Bool(_) => 1,
+            Value::Date(_) => 4,
+            Value::Int(_) | Value::Float(_) | Value::Timestamp(_) | Value::TimestampTz(_) => 8,
+            Value::Text(t) => t.len(),
+            Value::Bytes(b) => b.len(),
+        }
+    }
+
+    /// Like [`Value::as_key_text`], without copying a text.
+    pub fn into_key_text(self) -> Option<String> {
+        match self {
+            Value::Text(t) => Some(t),
+            other => other.as_key_text(),
+        }
+    }
+
     /// The value as text for keys and status comparisons (None for NULL and bytes).
     pub fn as_key_text(&self) -> Option<String> {
         match self {

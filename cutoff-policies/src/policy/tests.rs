@@ -41,6 +41,15 @@ fn policy() -> Policy {
         .unwrap()
 }
 
+#[test]
+fn patient_facts_are_needed_unless_every_table_is_pinned() {
+    let p = policy();
+    assert!(!p.needs_patient_facts(["patients"]));
+    assert!(p.needs_patient_facts(["patients", "labs"]));
+    assert!(p.needs_patient_facts(["mpi"]));
+    assert!(!p.needs_patient_facts([]));
+}
+
 fn facts<'a>(
     date: DateFact,
     last: Option<NaiveDate>,

@@ -1,17 +1,23 @@
 //! BLOB objects: encrypted in fixed-size AES-256-GCM segments under a per-object data key.
 //!
-//! Layout: `STRATAB1` ‖ segment size (u32 LE) ‖ salt (16 random bytes) ‖ segments. Segment `i`
-//! is encrypted with nonce `i (u64 BE) ‖ 0 0 0 ‖ final flag` and the salt as associated data, so
-//! segments cannot be reordered, dropped, truncated or moved to another object without failing
-//! authentication. The object's data key, wrapped by the KEK, lives in a sidecar `{object}.key`
-//! together with a MAC (under the archive key) binding the object id to the salt, so objects and
-//! sidecars cannot be swapped between ids either; rotating the KEK rewrites only sidecars.
+//! Layout: `STRATAB2` ‖ segment size (u32 LE) ‖ salt (16 random bytes) ‖ segments ‖ binding
+//! (32 bytes). Segment `i` is encrypted with nonce `i (u64 BE) ‖ 0 0 0 ‖ final flag` and the
+//! salt as associated data, so segments cannot be reordered, dropped, truncated or moved to
+//! another object without failing authentication. The binding is a MAC (under a key derived
+//! from the archive key) of the object id and the salt, so an object moved to another id is
+//! refused even when both have the same size.
 //!
-//! An object's id is a keyed HMAC-SHA-256 of its content: identical content is stored once, and
-//! the id reveals nothing about the content without the key. Content is streamed: it is
-//! encrypted segment by segment into a multipart upload under `blobs/tmp/{salt}`, and renamed
-//! to its id once the content (and so the id) is known; memory stays at a few segments plus the
-//! upload's part buffer, whatever the document's size.
+//! The object's data key is derived from the archive key and the object's random salt: every
+//! object has its own key, no key is stored beside it, and nothing per object calls the key
+//! service. The archive key itself is wrapped by the KEK, so rotating the KEK re-wraps one
+//! object and rewrites no BLOB.
+//!
+//! An object's id is a keyed HMAC-SHA-256 of its content's digest: identical content is
+//! stored once, and the id reveals nothing about the content without the key. Content already
+//! in memory is written with one `PUT` under its id. Streamed content is encrypted segment by
+//! segment into a multipart upload under `blobs/tmp/{salt}` and renamed to its id once the
+//! content (and so the id) is known; memory stays at a few segments plus the upload's part
+//! buffer, whatever the document's size.
 
 use crate::error::{ArchiveError, Result};
 use crate::keys::KeyRing;
@@ -27,7 +33,8 @@ use std::sync::Arc;
 
 /// Plaintext bytes per encrypted segment.
 pub const BLOB_SEGMENT_SIZE: usize = 64 * 1024;
-const MAGIC: &[u8; 8] = b"STRATAB1";
+const MAGIC: &[u8; 8] = b"STRATAB2";
+const BINDING_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 const SALT_LEN: usize = 16;
 const HEADER_LEN: usize = 12 + SALT_LEN;
@@ -99,10 +106,10 @@ impl BlobStore {
         }
         let mut salt = [0u8; SALT_LEN];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
-        let data_key = KeyRing::new_data_key();
-        let cipher = Aes256Gcm::new_from_slice(&data_key).expect("32-byte key");
+        let cipher = self.cipher(&salt)?;
         let segments = content.len().div_ceil(BLOB_SEGMENT_SIZE).max(1);
-        let mut sealed = Vec::with_capacity(HEADER_LEN + content.len() + segments * TAG_LEN);
+        let mut sealed =
+            Vec::with_capacity(HEADER_LEN + content.len() + segments * TAG_LEN + BINDING_LEN);
         sealed.extend_from_slice(&header(&salt));
         for (index, segment) in content
             .chunks(BLOB_SEGMENT_SIZE)
@@ -121,8 +128,7 @@ impl BlobStore {
                 .expect("segment encrypts");
             sealed.extend_from_slice(&ct);
         }
-        // The key first: an object never exists under its id without the key that opens it.
-        self.put_sidecar(&object, &data_key, &salt).await?;
+        sealed.extend_from_slice(&self.binding(&object, &salt)?);
         self.store.put(&path, PutPayload::from(sealed)).await?;
         Ok(reference)
     }
@@ -137,22 +143,6 @@ impl BlobStore {
         Ok(hex::encode(id_mac.finalize().into_bytes()))
     }
 
-    async fn put_sidecar(&self, object: &str, data_key: &[u8], salt: &[u8]) -> Result<()> {
-        let sidecar = serde_json::json!({
-            "material": self.keys.key_material(data_key)?,
-            "salt": hex::encode(salt),
-            "binding": self.binding(object, salt)?,
-        });
-        let sidecar_path = Path::from(format!("{}.key", Self::object_path(object)));
-        self.store
-            .put(
-                &sidecar_path,
-                PutPayload::from(sidecar.to_string().into_bytes()),
-            )
-            .await?;
-        Ok(())
-    }
-
     /// Encrypts and stores a stream of bytes, never holding it whole: see the module doc.
     pub async fn put_stream<S>(&self, content: S, content_type: &str) -> Result<BlobRef>
     where
@@ -162,8 +152,7 @@ impl BlobStore {
         let mut sha = Sha256::new();
         let mut salt = [0u8; SALT_LEN];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
-        let data_key = KeyRing::new_data_key();
-        let cipher = Aes256Gcm::new_from_slice(&data_key).expect("32-byte key");
+        let cipher = self.cipher(&salt)?;
         let tmp = Path::from(format!("blobs/tmp/{}", hex::encode(salt)));
         let mut upload = WriteMultipart::new(self.store.put_multipart(&tmp).await?);
         upload.write(&header(&salt));
@@ -213,9 +202,10 @@ impl BlobStore {
             )
             .expect("segment encrypts");
         upload.write(&ct);
-        upload.finish().await?;
         let digest = sha.finalize();
         let object = self.object_id(&digest)?;
+        upload.write(&self.binding(&object, &salt)?);
+        upload.finish().await?;
         let reference = BlobRef {
             object: object.clone(),
             length,
@@ -232,19 +222,37 @@ impl BlobStore {
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        // The key first: an object never exists under its id without the key that opens it.
-        self.put_sidecar(&object, &data_key, &salt).await?;
         self.store.rename(&tmp, &path).await?;
         Ok(reference)
     }
 
-    /// MAC of an object id and its salt under the archive key.
-    fn binding(&self, object: &str, salt: &[u8]) -> Result<String> {
-        let key = self.keys.derive("strata blob binding v1")?;
+    /// MAC of an object id and its salt under a key derived from the archive key.
+    fn binding(&self, object: &str, salt: &[u8]) -> Result<[u8; BINDING_LEN]> {
+        let key = self.keys.derive("strata blob binding v2")?;
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("any key length");
         mac.update(object.as_bytes());
         mac.update(salt);
-        Ok(hex::encode(mac.finalize().into_bytes()))
+        Ok(mac.finalize().into_bytes().into())
+    }
+
+    /// The cipher of the object with this salt: its data key is derived from the archive key.
+    fn cipher(&self, salt: &[u8]) -> Result<Aes256Gcm> {
+        let key = self.keys.derive("strata blob data key v2")?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("any key length");
+        mac.update(salt);
+        Ok(Aes256Gcm::new_from_slice(&mac.finalize().into_bytes()).expect("32-byte key"))
+    }
+
+    /// Checks that an object's binding names this id and salt.
+    fn check_binding(&self, object: &str, salt: &[u8], binding: &[u8]) -> Result<()> {
+        let expected = self.binding(object, salt)?;
+        if binding != expected.as_slice() {
+            return Err(ArchiveError::Integrity {
+                object: Self::object_path(object),
+                detail: "the object does not belong to this id (swapped or edited)".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Reads, decrypts and verifies a BLOB against its reference. Any mismatch is an
@@ -264,7 +272,12 @@ impl BlobStore {
         };
         let (segment_size, salt, body) =
             parse_header(&raw).ok_or_else(|| integrity("malformed header"))?;
-        let cipher = self.object_cipher(&reference.object, salt).await?;
+        let Some(split) = body.len().checked_sub(BINDING_LEN) else {
+            return Err(integrity("object is truncated"));
+        };
+        let (body, binding) = body.split_at(split);
+        self.check_binding(&reference.object, salt, binding)?;
+        let cipher = self.cipher(salt)?;
         let stride = segment_size + TAG_LEN;
         let segments = body.len().div_ceil(stride).max(1);
         let mut plain = Vec::with_capacity(body.len());
@@ -293,40 +306,6 @@ impl BlobStore {
 }
 
 impl BlobStore {
-    /// The cipher of an object, from its key sidecar, after checking that the sidecar binds
-    /// this object id to the salt in the object's header.
-    async fn object_cipher(&self, object: &str, salt: &[u8]) -> Result<Aes256Gcm> {
-        let sidecar = format!("{}.key", Self::object_path(object));
-        let integrity = |detail: &str| ArchiveError::Integrity {
-            object: sidecar.clone(),
-            detail: detail.to_string(),
-        };
-        let raw = match self.store.get(&Path::from(sidecar.as_str())).await {
-            Ok(r) => r.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(integrity("the object's key is missing"))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let json: serde_json::Value =
-            serde_json::from_slice(&raw).map_err(|_| integrity("the key sidecar is not JSON"))?;
-        let field = |name: &str| {
-            json.get(name)
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| integrity("the key sidecar is incomplete"))
-        };
-        if field("salt")? != hex::encode(salt) || field("binding")? != self.binding(object, salt)? {
-            return Err(integrity(
-                "the key does not belong to this object (swapped or edited)",
-            ));
-        }
-        let data_key = self
-            .keys
-            .unwrap_key_material(field("material")?)
-            .map_err(|_| integrity("data key does not unwrap"))?;
-        Aes256Gcm::new_from_slice(&data_key).map_err(|_| integrity("data key has the wrong length"))
-    }
-
     /// Reads bytes `range` of a BLOB, fetching and decrypting only the segments that hold them.
     /// Each segment is authenticated (its index, whether it is the last, and the object id are
     /// bound in), and the object's size must match the catalogued length, so a range read fails
@@ -368,16 +347,19 @@ impl BlobStore {
         let seg = segment_size as u64;
         let stride = seg + TAG_LEN as u64;
         let segments = reference.length.div_ceil(seg).max(1);
-        if size != header_len + reference.length + segments * TAG_LEN as u64 {
+        let sealed_len = header_len + reference.length + segments * TAG_LEN as u64;
+        if size != sealed_len + BINDING_LEN as u64 {
             return Err(integrity("size differs from the catalogued length"));
         }
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let cipher = self.object_cipher(&reference.object, salt).await?;
+        let binding = self.store.get_range(&path, sealed_len..size).await?;
+        self.check_binding(&reference.object, salt, &binding)?;
+        let cipher = self.cipher(salt)?;
         let (first, last) = (range.start / seg, (range.end - 1) / seg);
         let start = header_len + first * stride;
-        let end = (header_len + (last + 1) * stride).min(size);
+        let end = (header_len + (last + 1) * stride).min(sealed_len);
         let body = self.store.get_range(&path, start..end).await?;
         let mut plain = Vec::with_capacity((range.end - range.start) as usize);
         for (n, chunk) in body.chunks(stride as usize).enumerate() {
@@ -483,15 +465,13 @@ mod tests {
                 .await
                 .unwrap();
         assert!(listed.is_empty(), "{listed:?}");
-        // Swapping two objects together with their key sidecars is detected.
+        // Swapping two objects of the same size is detected, by range reads too.
         let (a, b) = (
             BlobStore::object_path(&streamed.object),
             BlobStore::object_path(&other.object),
         );
-        for (x, y) in [
-            (a.clone(), b.clone()),
-            (format!("{a}.key"), format!("{b}.key")),
-        ] {
+        {
+            let (x, y) = (a.clone(), b.clone());
             let bx = mem
                 .get(&Path::from(x.as_str()))
                 .await
@@ -513,11 +493,15 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let err = blobs.get_range(&streamed, 0..10).await.unwrap_err();
-        assert!(
-            err.to_string().contains("does not belong to this object"),
-            "{err}"
-        );
+        for err in [
+            blobs.get_range(&streamed, 0..10).await.unwrap_err(),
+            blobs.get(&other).await.unwrap_err(),
+        ] {
+            assert!(
+                err.to_string().contains("does not belong to this id"),
+                "{err}"
+            );
+        }
     }
 
     #[tokio::test]

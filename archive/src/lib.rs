@@ -10,10 +10,10 @@
 //!   client can open it. Rows are sorted by patient key, with a bloom filter on it.
 //! - `tables/{table}/_KEY_MATERIAL_FOR_{file}.json`: each file's data key wrapped by the KEK
 //!   (Parquet's external key material), so a KEK rotation ([`rotate_keys`]) rewrites only these.
-//! - `blobs/{id[0..2]}/{id}`: BLOBs encrypted in fixed-size AES-256-GCM segments ([`BlobStore`]),
-//!   with their wrapped data key in `{id}.key`.
-//! - `keys/archive-key.json`: the archive's own key, wrapped by the KEK; manifest seals and BLOB
-//!   object ids are derived from it, so they stay stable when the KEK rotates. KEKs are reached
+//! - `blobs/{id[0..2]}/{id}`: BLOBs encrypted in fixed-size AES-256-GCM segments ([`BlobStore`])
+//!   under per-object data keys derived from the archive key and each object's salt.
+//! - `keys/archive-key.json`: the archive's own key, wrapped by the KEK; manifest seals, BLOB
+//!   data keys and BLOB object ids are derived from it, so they stay stable when the KEK rotates. KEKs are reached
 //!   through the [`KeyService`] trait ([`LocalKeks`] for key files and environment variables).
 //! - `manifests/{table}/{run}.json`: the catalog ([`TableManifest`]): which files hold which
 //!   patient-key range, with row counts and SHA-256 of every file, so one patient's history opens

@@ -1,6 +1,6 @@
 //! KEK rotation: re-wraps every data key with the current KEK and re-seals the manifests. Data
 //! objects (Parquet files, BLOB segments) are never rewritten: only their small key-material
-//! objects are. Rotation is idempotent; until it has finished, keep the old KEK in the ring
+//! objects are (BLOB data keys derive from the archive key, which is one of them). Rotation is idempotent; until it has finished, keep the old KEK in the ring
 //! (`previous_keks`) and run it again if it stopped.
 
 use crate::error::{ArchiveError, Result};
@@ -18,8 +18,6 @@ pub struct RotationReport {
     pub kek_id: String,
     /// Parquet key-material objects re-wrapped.
     pub parquet_keys: u64,
-    /// BLOB key sidecars re-wrapped.
-    pub blob_keys: u64,
     /// Manifests re-sealed.
     pub manifests: u64,
 }
@@ -57,25 +55,6 @@ pub async fn rotate_keys(store: Arc<dyn ObjectStore>, keys: &KeyRing) -> Result<
             let bytes = store.get(&meta.location).await?.bytes().await?;
             keys.rewrap_key_material(&String::from_utf8_lossy(&bytes))
                 .map_err(|e| key_error(&path, e))?
-        } else if path.starts_with("blobs/") && name.ends_with(".key") {
-            // A BLOB sidecar: {"material": PKMT1, "salt", "binding"}; only the material changes.
-            let bytes = store.get(&meta.location).await?.bytes().await?;
-            let mut sidecar: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_slice(&bytes)
-                    .map_err(|e| key_error(&path, ArchiveError::Key(e.to_string())))?;
-            let material = sidecar
-                .get("material")
-                .and_then(|m| m.as_str())
-                .unwrap_or_default()
-                .to_string();
-            sidecar.insert(
-                "material".into(),
-                keys.rewrap_key_material(&material)
-                    .map_err(|e| key_error(&path, e))?
-                    .into(),
-            );
-            report.blob_keys += 1;
-            serde_json::Value::Object(sidecar).to_string()
         } else {
             continue;
         };

@@ -463,8 +463,8 @@ async fn run(cli: Cli) -> Result<()> {
             let control = strata_ingest::Control::open(&loaded.migration.control_url()?).await?;
             control.rebuild_catalog(archive.catalog()).await?;
             println!(
-                "every data key is now wrapped by KEK {}: {} Parquet key objects, {} BLOB keys, {} manifests rewritten; no data object was rewritten",
-                r.kek_id, r.parquet_keys, r.blob_keys, r.manifests
+                "every data key is now wrapped by KEK {}: the archive key, {} Parquet key objects and {} manifests rewritten; no data object was rewritten (BLOB keys derive from the archive key)",
+                r.kek_id, r.parquet_keys, r.manifests
             );
             Ok(())
         }

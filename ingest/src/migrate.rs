@@ -511,6 +511,7 @@ impl Migration {
                     },
                 )?,
                 blobs: BlobStore::new(store.clone(), keys.clone()),
+                pending: PendingBlobs::default(),
                 run_id: run.run_id.clone(),
                 destroyed: Destroyed::default(),
             };
@@ -627,11 +628,12 @@ impl Migration {
                         }
                         continue;
                     };
-                    let mut refs = Vec::with_capacity(layout.blobs.len());
+                    let mut stores = Vec::with_capacity(layout.blobs.len());
+                    let mut blob_bytes = 0;
                     for b in &layout.blobs {
                         let content = std::mem::replace(&mut values[b.column], Value::Null);
                         let Value::Bytes(content) = content else {
-                            refs.push(None);
+                            stores.push(None);
                             continue;
                         };
                         let content_type = b
@@ -640,20 +642,26 @@ impl Migration {
                             .unwrap_or_else(|| b.content_type.clone());
                         tally.report.blobs += 1;
                         tally.report.blob_bytes += content.len() as u64;
-                        refs.push(Some(w.blobs.put(&content, &content_type).await?));
+                        blob_bytes += content.len();
+                        let blobs = w.blobs.clone();
+                        stores.push(Some(tokio::spawn(async move {
+                            blobs.put(&content, &content_type).await
+                        })));
                     }
                     let key = if layout.key.is_empty() {
                         hex::encode(row_digest(&values))
                     } else {
                         row_key(layout, &values, 0)
                     };
-                    archived.push(ArchivedRow {
+                    let row = ArchivedRow {
                         key,
                         patient: patient.clone().unwrap_or_default(),
                         date,
                         values,
-                        blobs: refs,
-                    });
+                        blobs: Vec::new(),
+                    };
+                    w.pending.push(row, stores, blob_bytes);
+                    w.pending.settle(&mut archived, false).await?;
                     if archived.len() >= ARCHIVE_BATCH_ROWS {
                         w.archive
                             .write(
@@ -672,6 +680,7 @@ impl Migration {
         w.target
             .insert_rows(&layout.name, &w.target_columns, &operational)
             .await?;
+        w.pending.settle(&mut archived, true).await?;
         if !archived.is_empty() {
             w.archive
                 .write(
@@ -764,11 +773,63 @@ impl Destroyed {
     }
 }
 
+/// BLOBs stored concurrently, at most this many bytes of content at a time...
+const BLOB_BYTES_IN_FLIGHT: usize = 64 << 20;
+/// ...and at most this many objects.
+const BLOBS_IN_FLIGHT: usize = 8;
+
+/// Archived rows waiting for their BLOBs. Each BLOB is encrypted and stored by its own task, so
+/// hashing, encryption and object writes overlap with reading the next rows and with each
+/// other; rows leave in the order they came, each with its BLOB references.
+#[derive(Default)]
+struct PendingBlobs {
+    rows: std::collections::VecDeque<(ArchivedRow, Vec<Option<BlobTask>>, usize)>,
+    bytes: usize,
+    objects: usize,
+}
+
+type BlobTask = tokio::task::JoinHandle<strata_archive::Result<strata_archive::BlobRef>>;
+
+impl PendingBlobs {
+    fn push(&mut self, row: ArchivedRow, stores: Vec<Option<BlobTask>>, bytes: usize) {
+        self.bytes += bytes;
+        self.objects += stores.iter().flatten().count();
+        self.rows.push_back((row, stores, bytes));
+    }
+
+    /// Moves rows whose BLOBs are stored to `out`, waiting for the oldest while too much is in
+    /// flight (or, with `all`, until none is).
+    async fn settle(&mut self, out: &mut Vec<ArchivedRow>, all: bool) -> Result<()> {
+        while let Some((_, stores, _)) = self.rows.front() {
+            let busy = all || self.bytes > BLOB_BYTES_IN_FLIGHT || self.objects > BLOBS_IN_FLIGHT;
+            if !busy && stores.iter().flatten().any(|t| !t.is_finished()) {
+                break;
+            }
+            let (mut row, stores, bytes) = self.rows.pop_front().expect("front exists");
+            for store in stores {
+                row.blobs.push(match store {
+                    None => None,
+                    Some(task) => {
+                        self.objects -= 1;
+                        Some(task.await.map_err(|e| {
+                            IngestError::Run(format!("storing a BLOB of {} failed: {e}", row.key))
+                        })??)
+                    }
+                });
+            }
+            self.bytes -= bytes;
+            out.push(row);
+        }
+        Ok(())
+    }
+}
+
 struct Writers<'a> {
     target: &'a Db,
     target_columns: Vec<Column>,
     archive: TableWriter,
     blobs: BlobStore,
+    pending: PendingBlobs,
     run_id: String,
     destroyed: Destroyed,
 }

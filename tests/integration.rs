@@ -733,7 +733,8 @@ async fn an_interrupted_run_resumes_without_losing_or_duplicating_rows() {
     let config_path = write_sqlite_config(dir.path(), &source, &example_policy());
     let first = migrate(&config_path).await;
     // Make it look as if the process died while loading lab_results: the run and the table are
-    // still "running", and only part of the table's rows reached the operational database.
+    // still "running" with their range plan, and the range's transaction (rows, quarantined
+    // rows, checkpoint) never committed.
     let control = Db::connect(
         &format!("sqlite://{}", dir.path().join("control.db").display()),
         false,
@@ -742,7 +743,9 @@ async fn an_interrupted_run_resumes_without_losing_or_duplicating_rows() {
     .unwrap();
     control
         .execute(&format!(
-            "UPDATE strata_runs SET status = 'running'; UPDATE strata_table_runs SET status = 'running', report = NULL WHERE run_id = '{}' AND table_name = 'lab_results'",
+            "UPDATE strata_runs SET status = 'running'; UPDATE strata_table_runs SET status = 'running', \
+             report = '{{\"ranges\":[{{\"index\":0,\"filter\":null}}],\"stable\":true}}' \
+             WHERE run_id = '{}' AND table_name = 'lab_results'",
             first.run_id
         ))
         .await
@@ -755,7 +758,10 @@ async fn an_interrupted_run_resumes_without_losing_or_duplicating_rows() {
     .await
     .unwrap();
     target
-        .execute("DELETE FROM lab_results WHERE id % 2 = 0")
+        .execute(
+            "DELETE FROM lab_results; DELETE FROM _strata_quarantine WHERE table_name = 'lab_results'; \
+             DELETE FROM _strata_checkpoints WHERE table_name = 'lab_results'",
+        )
         .await
         .unwrap();
     target.close().await;
@@ -768,8 +774,8 @@ async fn an_interrupted_run_resumes_without_losing_or_duplicating_rows() {
     assert_eq!(resumed.tables, first.tables);
     let counts = tier_counts(&load_config(&config_path)).await;
     assert_tiers_add_up(&counts);
-    // Each archived lab result is stored once: the resumed table's files and manifest replaced
-    // the earlier ones of the same run.
+    // Each archived lab result is stored once: the range copied again replaced the manifest
+    // its first attempt had left.
     assert_report_matches(&resumed, &counts);
 }
 

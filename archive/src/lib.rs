@@ -19,8 +19,8 @@
 //!   patient-key range, with row counts and SHA-256 of every file, so one patient's history opens
 //!   only the files that can hold it, and the archive can be verified on its own.
 //!
-//! Key decision: encoding and encryption are synchronous and write into memory a file at a time;
-//! only the object-store calls are async. That keeps the format code testable without IO and
+//! Key decision: encoding and encryption are synchronous and work in memory a row group at a
+//! time (files stream to the store in parts); only the object-store calls are async. That keeps the format code testable without IO and
 //! puts every backend behind one path.
 #![deny(missing_docs)]
 
@@ -40,11 +40,14 @@ pub use compact::{compact_table, gc, CompactionReport};
 pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing, KeyService, LocalKeks};
-pub use manifest::{FileEntry, TableManifest, MANIFEST_FORMAT};
+pub use manifest::{withdraw_manifests, FileEntry, TableManifest, MANIFEST_FORMAT};
 pub use reader::{blob_ref, blob_refs, ArchiveReader, Catalog, VerifyReport};
 pub use rotate::{rotate_keys, RotationReport};
 pub use store::{open_store, ArchiveLocation};
 pub use writer::{TableWriter, TableWriterOptions};
+
+/// An archive's object store (local disk, S3-compatible, ...).
+pub type Store = std::sync::Arc<dyn object_store::ObjectStore>;
 
 /// Name of the column every archived file starts with: the patient key, as text.
 pub const PATIENT_COLUMN: &str = "_strata_patient";

@@ -116,3 +116,30 @@ impl TableManifest {
         self.files.iter().map(|f| f.rows).sum()
     }
 }
+
+/// Deletes `table`'s manifests whose writer id starts with `prefix`: the manifests of an
+/// attempt that did not finish (a range copied again after a crash). Their files are then named
+/// by no manifest, so they are not part of the archive, and `gc` removes them. Returns how many
+/// manifests were deleted.
+pub async fn withdraw_manifests(
+    store: &dyn object_store::ObjectStore,
+    table: &str,
+    prefix: &str,
+) -> crate::Result<u64> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let dir = object_store::path::Path::from(format!("manifests/{table}"));
+    let listed: Vec<_> = store.list(Some(&dir)).try_collect().await?;
+    let mut deleted = 0;
+    for meta in listed {
+        if meta
+            .location
+            .filename()
+            .is_some_and(|name| name.starts_with(prefix))
+        {
+            store.delete(&meta.location).await?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}

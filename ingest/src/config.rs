@@ -26,6 +26,9 @@ pub struct MigrationConfig {
     pub archive: ArchiveConfig,
     /// The cutoff policy.
     pub policy: PolicyFileConfig,
+    /// How the copy runs: parallel workers, range size.
+    #[serde(default)]
+    pub run: RunConfig,
     /// Per-table settings, by source table name. Tables not listed are not migrated.
     pub tables: BTreeMap<String, TableConfig>,
     /// The directory relative paths are resolved against (the config file's); set on load.
@@ -40,6 +43,46 @@ pub struct MigrationConfig {
 pub struct DatabaseConfig {
     /// The URL.
     pub url: String,
+}
+
+/// `[run]`: how the copy runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Ranges copied at the same time. By default, the number of CPU cores (at least 2).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Rows per range: a table larger than this is split into ranges that are copied in
+    /// parallel and checkpointed one by one. By default, 1,000,000.
+    #[serde(default = "default_rows_per_range")]
+    pub rows_per_range: u64,
+}
+
+fn default_rows_per_range() -> u64 {
+    1_000_000
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            workers: None,
+            rows_per_range: default_rows_per_range(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// The workers to use.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+                    .max(2)
+            })
+            .clamp(1, 8)
+    }
 }
 
 /// Which policy file to apply.

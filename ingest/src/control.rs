@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS strata_archive_files (
     kek_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS strata_archive_files_patients ON strata_archive_files (table_name, min_patient, max_patient);
+CREATE TABLE IF NOT EXISTS strata_run_snapshots (
+    run_id TEXT NOT NULL,
+    wal_lsn TEXT NOT NULL,
+    taken_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS strata_destructions (
     run_id TEXT NOT NULL,
     table_name TEXT NOT NULL,
@@ -489,6 +494,71 @@ impl Control {
             )
             .await
             .map(|_| ())
+    }
+
+    /// Records the source snapshot a run (or a resumption of it) copies from. Change sync starts
+    /// at the run's earliest WAL position.
+    pub async fn record_snapshot(&self, run_id: &str, wal_lsn: &str) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO strata_run_snapshots (run_id, wal_lsn, taken_at) VALUES ({}, {}, {})",
+            self.p(1),
+            self.p(2),
+            self.p(3)
+        );
+        self.db
+            .execute_with(
+                &sql,
+                &[
+                    Value::Text(run_id.into()),
+                    Value::Text(wal_lsn.into()),
+                    Value::Text(chrono::Utc::now().to_rfc3339()),
+                ],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// The WAL positions of a run's snapshots, oldest first.
+    pub async fn run_snapshots(&self, run_id: &str) -> Result<Vec<String>> {
+        let sql = format!(
+            "SELECT wal_lsn FROM strata_run_snapshots WHERE run_id = '{}' ORDER BY taken_at",
+            run_id.replace('\'', "''")
+        );
+        Ok(self
+            .db
+            .fetch_all(sql, vec![ColumnType::Text])
+            .await?
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().and_then(Value::into_key_text))
+            .collect())
+    }
+
+    /// Mirrors the manifests of a table written by one run's ranges (writer ids `{run}-r...`),
+    /// replacing what was mirrored for them before.
+    pub async fn mirror_table_manifests(
+        &self,
+        table: &str,
+        run_id: &str,
+        manifests: &[strata_archive::TableManifest],
+    ) -> Result<()> {
+        let del = format!(
+            "DELETE FROM strata_archive_files WHERE table_name = {} AND run_id LIKE {}",
+            self.p(1),
+            self.p(2)
+        );
+        self.db
+            .execute_with(
+                &del,
+                &[
+                    Value::Text(table.into()),
+                    Value::Text(format!("{}-%", run_id.replace(['%', '_'], ""))),
+                ],
+            )
+            .await?;
+        for m in manifests {
+            self.mirror_manifest(m).await?;
+        }
+        Ok(())
     }
 
     /// Mirrors a published manifest into the control database's catalog (`strata_archive_files`),

@@ -33,6 +33,15 @@ pub enum Db {
     Sqlite(sqlx::SqlitePool, Option<Arc<PathBuf>>),
 }
 
+/// An exported snapshot of a PostgreSQL source, held open by its transaction.
+pub struct SourceSnapshot {
+    /// The snapshot id workers import.
+    pub id: String,
+    /// The source's WAL position when the snapshot was taken: where change sync starts.
+    pub wal_lsn: String,
+    _holder: sqlx::pool::PoolConnection<sqlx::Postgres>,
+}
+
 /// One column of a table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Column {
@@ -66,6 +75,9 @@ impl TableSchema {
     }
 }
 
+/// Connections per PostgreSQL pool: range workers, the snapshot holder and bookkeeping.
+const MAX_CONNECTIONS: u32 = 12;
+
 /// Quotes an identifier for either engine.
 pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
@@ -91,7 +103,7 @@ impl Db {
                 options = options.options([("default_transaction_read_only", "on")]);
             }
             let pool = PgPoolOptions::new()
-                .max_connections(4)
+                .max_connections(MAX_CONNECTIONS)
                 .connect_with(options)
                 .await
                 .map_err(conn_err)?;
@@ -122,6 +134,33 @@ impl Db {
                 detail: "expected a postgres:// or sqlite:// URL".into(),
             })
         }
+    }
+
+    /// For PostgreSQL, opens a repeatable-read transaction, exports its snapshot and reads the
+    /// WAL position, so that every worker reads the same consistent state (as `pg_dump -j`
+    /// does) and change sync can start where the copy's snapshot stands. The snapshot lives as
+    /// long as the returned value. None for other engines.
+    pub async fn export_snapshot(&self) -> Result<Option<SourceSnapshot>> {
+        let Db::Postgres(pool) = self else {
+            return Ok(None);
+        };
+        let e = |e| IngestError::sql("export snapshot", e);
+        let mut conn = pool.acquire().await.map_err(e)?;
+        sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *conn)
+            .await
+            .map_err(e)?;
+        let row = sqlx::query(
+            "SELECT pg_export_snapshot(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(e)?;
+        Ok(Some(SourceSnapshot {
+            id: row.try_get(0).map_err(e)?,
+            wal_lsn: row.try_get(1).map_err(e)?,
+            _holder: conn,
+        }))
     }
 
     /// The engine.
@@ -194,11 +233,27 @@ impl Db {
 
     /// Runs a query whose result columns have the given types, streaming the rows.
     pub fn fetch<'a>(&'a self, sql: String, types: Vec<ColumnType>) -> RowStream<'a> {
+        self.fetch_in(sql, types, None)
+    }
+
+    /// [`Db::fetch`] in an exported PostgreSQL snapshot (see [`Db::export_snapshot`]); other
+    /// engines ignore it.
+    pub fn fetch_in<'a>(
+        &'a self,
+        sql: String,
+        types: Vec<ColumnType>,
+        snapshot: Option<&str>,
+    ) -> RowStream<'a> {
         if let Db::Sqlite(_, Some(path)) = self {
             return sqlite_reader(path.clone(), sql, types.len());
         }
         if let Db::Postgres(p) = self {
-            return chunked(crate::pg_copy::copy_out(p.clone(), sql, types));
+            return chunked(crate::pg_copy::copy_out(
+                p.clone(),
+                sql,
+                types,
+                snapshot.map(str::to_string),
+            ));
         }
         let sql = AssertSqlSafe(sql);
         match self {
@@ -422,7 +477,7 @@ fn bind_pg<'q>(
     }
 }
 
-fn bind_sqlite<'q>(
+pub(crate) fn bind_sqlite<'q>(
     q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
     v: &Value,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {

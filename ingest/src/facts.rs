@@ -35,6 +35,7 @@ pub async fn patient_facts(
     policy: &Policy,
     layouts: &[TableLayout],
     patients: Option<PatientTable<'_>>,
+    snapshot: Option<&str>,
 ) -> Result<HashMap<String, PatientFacts>> {
     let as_of = policy
         .as_of()
@@ -45,7 +46,7 @@ pub async fn patient_facts(
         let Some((sql, types)) = layout.last_activity_sql(source, &before) else {
             continue;
         };
-        let mut rows = source.fetch(sql, types);
+        let mut rows = source.fetch_in(sql, types, snapshot);
         while let Some(row) = rows.next().await {
             let row = row?;
             let (Some(patient), Some(date)) = (row[0].as_key_text(), local_date(policy, &row[1]))
@@ -80,7 +81,11 @@ pub async fn patient_facts(
             quote(&p.layout.name),
             p.layout.joins
         );
-        let mut rows = source.fetch(sql, vec![ColumnType::Text, birth_type, death_type]);
+        let mut rows = source.fetch_in(
+            sql,
+            vec![ColumnType::Text, birth_type, death_type],
+            snapshot,
+        );
         while let Some(row) = rows.next().await {
             let row = row?;
             let Some(patient) = row[0].as_key_text() else {

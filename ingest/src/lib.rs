@@ -23,8 +23,10 @@ mod error;
 mod facts;
 mod init;
 mod layout;
+mod load;
 mod migrate;
 mod pg_copy;
+mod ranges;
 mod report;
 mod value;
 

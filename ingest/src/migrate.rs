@@ -1,11 +1,14 @@
 //! Plan and run a migration: read each table once, let the policy decide every row, and send
 //! it to the operational database, the archive, quarantine, or destruction.
 //!
-//! A run is recorded in the control database table by table. A table is loaded only into an
-//! empty target; if a run stops part-way, the next `migrate` resumes the same run (same
-//! `as_of`, same policy), empties the tables it had not finished and loads them again. Archive
-//! files of an unfinished table are never published in a manifest, so they are not part of the
-//! archive. Purged rows leave only a destruction record: counts, key range, checksum.
+//! A run copies each table in ranges (see `ranges`), several at a time, all read from one
+//! exported snapshot of the source. A range commits its operational rows, its quarantined rows
+//! and its checkpoint in one transaction of the operational database, after its archive files
+//! and manifest are written; a manifest whose range never reached its checkpoint is withdrawn
+//! when the range is copied again. So after a crash (`kill -9` at any moment) the next
+//! `migrate` resumes the same run (same `as_of`, same policy, same range plan) with the ranges
+//! not checkpointed, and nothing is lost or duplicated. Purged rows leave only a destruction
+//! record: counts, key range, checksum.
 
 use crate::archive_rows::{archive_schema, to_record_batch, ArchivedRow};
 use crate::config::MigrationConfig;
@@ -14,6 +17,8 @@ use crate::db::{quote, Column, Db, DbKind, TableSchema};
 use crate::error::{IngestError, Result};
 use crate::facts::{local_date, patient_facts, PatientTable};
 use crate::layout::TableLayout;
+use crate::load::{Load, TargetTx};
+use crate::ranges::{plan_ranges, KeyRange, RangePlan};
 use crate::report::{RunReport, TableReport, Tally};
 use crate::value::{ColumnType, Value};
 use base64::Engine;
@@ -21,6 +26,8 @@ use chrono::NaiveDate;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
 use strata_cutoff_policies::{
     DateFact, Decision, LegalHold, PatientFacts, Policy, PolicyConfig, RecordFacts, Tier,
@@ -52,8 +59,9 @@ pub struct Explanation {
 }
 
 const QUARANTINE_TABLE: &str = "_strata_quarantine";
+/// Per range of each table, what was done; committed with the range's rows.
+const CHECKPOINT_TABLE: &str = "_strata_checkpoints";
 const ARCHIVE_BATCH_ROWS: usize = 8192;
-const OPERATIONAL_BATCH_BYTES: usize = 16 << 20;
 
 /// The policy text, parsed.
 pub fn read_policy(config: &MigrationConfig) -> Result<PolicyConfig> {
@@ -222,6 +230,13 @@ impl Migration {
     /// Every patient's facts: last activity, birth and death dates. None when every table is
     /// pinned to a tier (the policy then never asks).
     pub async fn patient_facts(&self) -> Result<HashMap<String, PatientFacts>> {
+        self.patient_facts_in(None).await
+    }
+
+    async fn patient_facts_in(
+        &self,
+        snapshot: Option<&str>,
+    ) -> Result<HashMap<String, PatientFacts>> {
         if !self
             .policy
             .needs_patient_facts(self.layouts.iter().map(|l| l.name.as_str()))
@@ -235,7 +250,14 @@ impl Migration {
                 death: p.deceased_date.clone(),
             })
         });
-        patient_facts(&self.source, &self.policy, &self.layouts, patients).await
+        patient_facts(
+            &self.source,
+            &self.policy,
+            &self.layouts,
+            patients,
+            snapshot,
+        )
+        .await
     }
 
     fn report_header(&self, run_id: &str) -> RunReport {
@@ -279,9 +301,14 @@ impl Migration {
         let mut report = self.report_header("");
         for layout in &self.layouts {
             let started = std::time::Instant::now();
-            report
-                .tables
-                .push(self.process_table(layout, &facts, None).await?.0);
+            let whole = KeyRange {
+                index: 0,
+                filter: None,
+            };
+            let outcome = self
+                .process_range(layout, &whole, &facts, None, None)
+                .await?;
+            report.tables.push(outcome.tally.finish());
             tracing::info!(table = %layout.name, seconds = started.elapsed().as_secs_f64(), "table planned");
         }
         self.store_policy_version().await?;
@@ -397,6 +424,12 @@ impl Migration {
     }
 
     /// Runs (or resumes) the migration. `on_table` is called as each table finishes.
+    ///
+    /// Each table is split into ranges (see `ranges`), copied by `workers` parallel workers
+    /// reading one exported snapshot of the source. A range's operational rows, quarantined rows
+    /// and checkpoint commit in one transaction of the operational database, after the range's
+    /// archive files and manifest are written; so a crash at any moment loses and duplicates
+    /// nothing, and the next `migrate` goes on with the ranges not checkpointed.
     pub async fn run(
         &mut self,
         on_table: &mut (dyn FnMut(&TableReport) + Send),
@@ -439,87 +472,92 @@ impl Migration {
             false,
         )
         .await?;
-        ensure_quarantine_table(&target).await?;
+        ensure_bookkeeping_tables(&target).await?;
         let (store, keys) = self.config.archive.open(&self.config.base_dir)?;
         let keys = keys.for_archive(store.as_ref(), true).await?;
-        let facts = self.patient_facts().await?;
+        let snapshot = self.source.export_snapshot().await?;
+        if let Some(s) = &snapshot {
+            control.record_snapshot(&run.run_id, &s.wal_lsn).await?;
+            tracing::info!(run_id = %run.run_id, wal_lsn = %s.wal_lsn, "source snapshot exported");
+        }
+        let snapshot_id = snapshot.as_ref().map(|s| s.id.clone());
+        let facts = self.patient_facts_in(snapshot_id.as_deref()).await?;
+        let workers = match target.kind() {
+            // SQLite has one writer: its ranges load one after another.
+            DbKind::Sqlite => 1,
+            DbKind::Postgres => self.config.run.workers(),
+        };
         let mut report = self.report_header(&run.run_id);
         for layout in &self.layouts {
             let status = control.table_status(&run.run_id, &layout.name).await?;
-            if let Some(("done", Some(done))) =
-                status.as_ref().map(|(s, r)| (s.as_str(), r.clone()))
-            {
-                let table: TableReport = serde_json::from_str(&done)
-                    .map_err(|e| IngestError::Run(format!("control database: {e}")))?;
-                on_table(&table);
-                report.tables.push(table);
-                continue;
-            }
-            let target_columns = create_target_table(&self.source, &target, &layout.schema).await?;
-            if status.is_some() {
-                target
-                    .execute(&format!("DELETE FROM {}", quote(&layout.name)))
-                    .await?;
-                let sql = format!(
-                    "DELETE FROM {QUARANTINE_TABLE} WHERE run_id = {} AND table_name = {}",
-                    target.placeholder(1),
-                    target.placeholder(2)
-                );
-                target
-                    .execute_with(
-                        &sql,
-                        &[
-                            Value::Text(run.run_id.clone()),
-                            Value::Text(layout.name.clone()),
-                        ],
-                    )
-                    .await?;
-            } else if target_has_rows(&target, &layout.name).await? {
-                return Err(IngestError::Run(format!(
-                    "operational table {} already has rows; Strata loads only into empty tables (a finished earlier run, or data not from Strata)",
-                    layout.name
-                )));
-            }
-            control
-                .set_table_status(&run.run_id, &layout.name, "running", None)
-                .await?;
-            let blob_columns = layout
-                .blobs
-                .iter()
-                .map(|b| layout.columns()[b.column].name.clone())
-                .collect();
-            let writers = Writers {
-                target: &target,
-                target_columns,
-                archive: TableWriter::new(
-                    store.clone(),
-                    keys.clone(),
-                    TableManifest::new(
-                        &layout.name,
-                        &run.run_id,
-                        self.policy.version(),
-                        blob_columns,
-                    ),
-                    archive_schema(layout),
-                    TableWriterOptions {
-                        // A one-column key is distinct; columns of a composite key are not.
-                        distinct_columns: match layout.key[..] {
-                            [k] => vec![layout.columns()[k].name.clone()],
-                            _ => Vec::new(),
-                        },
-                        ..Default::default()
-                    },
-                )?,
-                blobs: BlobStore::new(store.clone(), keys.clone()),
-                pending: PendingBlobs::default(),
-                run_id: run.run_id.clone(),
-                destroyed: Destroyed::default(),
+            let plan = match status {
+                Some((s, Some(done))) if s == "done" => {
+                    let table: TableReport = serde_json::from_str(&done)
+                        .map_err(|e| IngestError::Run(format!("control database: {e}")))?;
+                    on_table(&table);
+                    report.tables.push(table);
+                    continue;
+                }
+                Some((_, Some(plan))) => {
+                    let plan: RangePlan = serde_json::from_str(&plan)
+                        .map_err(|e| IngestError::Run(format!("control database: {e}")))?;
+                    if plan.stable {
+                        Some(plan)
+                    } else {
+                        // Page and rowid ranges mean something only in the snapshot they were
+                        // planned in: the table starts over.
+                        tracing::info!(table = %layout.name, "table restarts: its ranges are positions in an older snapshot");
+                        restart_table(&target, &store, &run.run_id, &layout.name).await?;
+                        None
+                    }
+                }
+                _ => None,
             };
-            let (table, destroyed, manifest) =
-                self.process_table(layout, &facts, Some(writers)).await?;
-            if let Some(manifest) = &manifest {
-                control.mirror_manifest(manifest).await?;
+            let started = plan.is_some();
+            let plan = match plan {
+                Some(p) => p,
+                None => plan_ranges(&self.source, layout, self.config.run.rows_per_range).await?,
+            };
+            let target_columns =
+                prepare_target_table(&self.source, &target, &layout.schema, started).await?;
+            control
+                .set_table_status(
+                    &run.run_id,
+                    &layout.name,
+                    "running",
+                    Some(&serde_json::to_string(&plan).expect("plan serializes")),
+                )
+                .await?;
+            let done = checkpoints(&target, &run.run_id, &layout.name).await?;
+            let quarantined = Arc::new(AtomicU64::new(
+                done.iter().map(|c| c.tally.report.quarantined_rows).sum(),
+            ));
+            let todo: Vec<&KeyRange> = plan
+                .ranges
+                .iter()
+                .filter(|r| !done.iter().any(|c| c.range == r.index))
+                .collect();
+            tracing::info!(table = %layout.name, ranges = plan.ranges.len(), to_do = todo.len(), workers, "copying table");
+            let ctx = RangeContext {
+                target: &target,
+                target_columns: &target_columns,
+                store: &store,
+                keys: &keys,
+                run_id: &run.run_id,
+                snapshot: snapshot_id.as_deref(),
+                facts: &facts,
+                quarantined: &quarantined,
+            };
+            let mut copies = futures::stream::iter(todo)
+                .map(|range| self.copy_range(layout, range, &ctx))
+                .buffer_unordered(workers);
+            while let Some(done) = copies.next().await {
+                done?;
             }
+            drop(copies);
+            let (table, destroyed) = self
+                .finish_table(layout, &target, &target_columns, &run.run_id)
+                .await?;
             if table.purged_rows > 0 {
                 control
                     .record_destruction(&DestructionRecord {
@@ -547,40 +585,181 @@ impl Migration {
                 &serde_json::to_string(&report).expect("report serializes"),
             )
             .await?;
+        drop(snapshot);
         target.close().await;
         Ok(report)
     }
 
-    /// Reads one table and decides every row; with `writers`, also writes each row to its tier.
-    async fn process_table(
+    /// Copies one range: reads and decides its rows, writes its archive files and manifest,
+    /// then commits its operational rows, quarantined rows and checkpoint in one transaction.
+    async fn copy_range(
         &self,
         layout: &TableLayout,
-        facts: &HashMap<String, PatientFacts>,
-        mut writers: Option<Writers<'_>>,
-    ) -> Result<(TableReport, Destroyed, Option<TableManifest>)> {
+        range: &KeyRange,
+        ctx: &RangeContext<'_>,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        // A manifest left by an attempt that never reached its checkpoint is replaced.
+        let writer_prefix = format!("{}-r{:05}", ctx.run_id, range.index);
+        strata_archive::withdraw_manifests(ctx.store.as_ref(), &layout.name, &writer_prefix)
+            .await?;
+        let writer_id = format!("{writer_prefix}-{:04x}", rand::random::<u16>());
+        let blob_columns = layout
+            .blobs
+            .iter()
+            .map(|b| layout.columns()[b.column].name.clone())
+            .collect();
+        let archive = TableWriter::new(
+            ctx.store.clone(),
+            ctx.keys.clone(),
+            TableManifest::new(
+                &layout.name,
+                &writer_id,
+                self.policy.version(),
+                blob_columns,
+            ),
+            archive_schema(layout),
+            TableWriterOptions {
+                // A one-column key is distinct; columns of a composite key are not.
+                distinct_columns: match layout.key[..] {
+                    [k] => vec![layout.columns()[k].name.clone()],
+                    _ => Vec::new(),
+                },
+                ..Default::default()
+            },
+        )?;
+        let mut tx = TargetTx::begin(ctx.target).await?;
+        let load = tx.load(&layout.name, ctx.target_columns).await?;
+        let writers = Writers {
+            load,
+            archive,
+            blobs: BlobStore::new(ctx.store.clone(), ctx.keys.clone()),
+            pending: PendingBlobs::default(),
+            quarantine: Vec::new(),
+            quarantined: ctx.quarantined.clone(),
+            destroyed: Destroyed::default(),
+        };
+        let outcome = self
+            .process_range(layout, range, ctx.facts, ctx.snapshot, Some(writers))
+            .await?;
+        for q in &outcome.quarantine {
+            let p = |n| tx.placeholder(n);
+            let sql = format!(
+                "INSERT INTO {QUARANTINE_TABLE} (run_id, table_name, row_key, column_name, reason, row_data, quarantined_at) VALUES ({}, {}, {}, {}, {}, {}, {})",
+                p(1), p(2), p(3), p(4), p(5), p(6), p(7)
+            );
+            tx.execute_with(
+                &sql,
+                &[
+                    ctx.run_id.to_string(),
+                    layout.name.clone(),
+                    q.key.clone(),
+                    q.column.clone(),
+                    q.reason.to_string(),
+                    q.data.clone(),
+                    chrono::Utc::now().to_rfc3339(),
+                ],
+            )
+            .await?;
+        }
+        let checkpoint = Checkpoint {
+            range: range.index,
+            tally: outcome.tally,
+            destroyed: outcome.destroyed,
+            manifest: outcome.manifest,
+        };
+        let p = |n| tx.placeholder(n);
+        let sql = format!(
+            "INSERT INTO {CHECKPOINT_TABLE} (run_id, table_name, range_index, checkpoint, finished_at) VALUES ({}, {}, CAST({} AS BIGINT), {}, {})",
+            p(1), p(2), p(3), p(4), p(5)
+        );
+        tx.execute_with(
+            &sql,
+            &[
+                ctx.run_id.to_string(),
+                layout.name.clone(),
+                range.index.to_string(),
+                serde_json::to_string(&checkpoint).expect("checkpoint serializes"),
+                chrono::Utc::now().to_rfc3339(),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(
+            table = %layout.name,
+            range = range.index,
+            rows = checkpoint.tally.report.source_rows,
+            seconds = started.elapsed().as_secs_f64(),
+            "range done"
+        );
+        Ok(())
+    }
+
+    /// After every range of a table is checkpointed: adds the primary key if the table was
+    /// loaded without it, mirrors the ranges' manifests in the control database, and sums the
+    /// ranges into the table's report.
+    async fn finish_table(
+        &self,
+        layout: &TableLayout,
+        target: &Db,
+        target_columns: &[Column],
+        run_id: &str,
+    ) -> Result<(TableReport, Destroyed)> {
+        add_primary_key(target, &layout.schema, target_columns).await?;
         let mut tally = Tally::new(&layout.name);
-        let n = layout.columns().len();
+        let mut destroyed = Destroyed::default();
+        let mut manifests = Vec::new();
+        for c in checkpoints(target, run_id, &layout.name).await? {
+            tally.merge(c.tally);
+            destroyed.merge(c.destroyed);
+            manifests.extend(c.manifest);
+        }
+        self.control
+            .mirror_table_manifests(&layout.name, run_id, &manifests)
+            .await?;
+        Ok((tally.finish(), destroyed))
+    }
+
+    /// Reads one range of a table and decides every row; with `writers`, also writes each row
+    /// to its tier (operational rows to the range's load, archived rows to its files).
+    async fn process_range(
+        &self,
+        layout: &TableLayout,
+        range: &KeyRange,
+        facts: &HashMap<String, PatientFacts>,
+        snapshot: Option<&str>,
+        mut writers: Option<Writers<'_>>,
+    ) -> Result<RangeOutcome> {
+        let mut tally = Tally::new(&layout.name);
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
-        let mut operational: Vec<Vec<Value>> = Vec::new();
-        let mut operational_bytes = 0usize;
         let mut archived: Vec<ArchivedRow> = Vec::new();
         let schema = archive_schema(layout);
-        let rows_per_insert = writers.as_ref().map_or(1, |w| w.target.rows_per_insert(n));
-        let sql = layout.select_where(&self.source, None, writers.is_some());
-        let mut rows = self.source.fetch(sql, layout.fetch_types());
+        let sql = layout.select_where(&self.source, range.filter.as_deref(), writers.is_some());
+        let mut rows = self.source.fetch_in(sql, layout.fetch_types(), snapshot);
         while let Some(row) = rows.next().await {
             let mut values = row?;
             tally.report.source_rows += 1;
+            let ordinal = (range.index, tally.report.source_rows);
             let patient = values.pop().and_then(Value::into_key_text);
             let size = values.iter().map(Value::size).sum::<usize>() as u64;
             if let Some((col, reason)) = coerce_row(&mut values, &types) {
                 tally.report.quarantined_rows += 1;
-                let key = row_key(layout, &values, tally.report.source_rows);
-                if let Some(w) = writers.as_ref() {
+                let key = row_key(layout, &values, ordinal);
+                if let Some(w) = writers.as_mut() {
                     tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
-                    w.quarantine(layout, &key, col, reason, &values).await?;
-                }
-                if let Some(limit) = layout.quarantine_threshold {
+                    w.quarantine
+                        .push(Quarantined::new(layout, key, col, reason, &values));
+                    let total = w.quarantined.fetch_add(1, Ordering::SeqCst) + 1;
+                    if let Some(limit) = layout.quarantine_threshold {
+                        if total > limit {
+                            return Err(IngestError::QuarantineThreshold {
+                                table: layout.name.clone(),
+                                quarantined: total,
+                                threshold: limit,
+                            });
+                        }
+                    }
+                } else if let Some(limit) = layout.quarantine_threshold {
                     if tally.report.quarantined_rows > limit {
                         return Err(IngestError::QuarantineThreshold {
                             table: layout.name.clone(),
@@ -601,21 +780,12 @@ impl Migration {
             match decision.tier {
                 Tier::Purge => {
                     if let Some(w) = writers.as_mut() {
-                        w.destroyed.add(layout, &values, tally.report.source_rows);
+                        w.destroyed.add(layout, &values, ordinal);
                     }
                 }
                 Tier::Operational => {
-                    let Some(w) = writers.as_ref() else { continue };
-                    operational_bytes += size as usize;
-                    operational.push(values);
-                    if operational.len() >= rows_per_insert
-                        || operational_bytes >= OPERATIONAL_BATCH_BYTES
-                    {
-                        w.target
-                            .insert_rows(&layout.name, &w.target_columns, &operational)
-                            .await?;
-                        operational.clear();
-                        operational_bytes = 0;
+                    if let Some(w) = writers.as_mut() {
+                        w.load.write(values).await?;
                     }
                 }
                 Tier::Archive => {
@@ -651,7 +821,7 @@ impl Migration {
                     let key = if layout.key.is_empty() {
                         hex::encode(row_digest(&values))
                     } else {
-                        row_key(layout, &values, 0)
+                        row_key(layout, &values, (0, 0))
                     };
                     let row = ArchivedRow {
                         key,
@@ -675,11 +845,14 @@ impl Migration {
             }
         }
         let Some(mut w) = writers else {
-            return Ok((tally.finish(), Destroyed::default(), None));
+            return Ok(RangeOutcome {
+                tally,
+                destroyed: Destroyed::default(),
+                manifest: None,
+                quarantine: Vec::new(),
+            });
         };
-        w.target
-            .insert_rows(&layout.name, &w.target_columns, &operational)
-            .await?;
+        w.load.finish().await?;
         w.pending.settle(&mut archived, true).await?;
         if !archived.is_empty() {
             w.archive
@@ -694,7 +867,12 @@ impl Migration {
         } else {
             None
         };
-        Ok((tally.finish(), w.destroyed, manifest))
+        Ok(RangeOutcome {
+            tally,
+            destroyed: w.destroyed,
+            manifest,
+            quarantine: w.quarantine,
+        })
     }
 }
 
@@ -744,7 +922,7 @@ impl Migration {
 }
 
 /// What a table's purged rows leave behind: count, key range, order-independent checksum.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Destroyed {
     rows: u64,
     key_min: Option<String>,
@@ -753,7 +931,25 @@ struct Destroyed {
 }
 
 impl Destroyed {
-    fn add(&mut self, layout: &TableLayout, values: &[Value], ordinal: u64) {
+    /// Adds another range's destroyed rows of the same table.
+    fn merge(&mut self, other: Destroyed) {
+        self.rows += other.rows;
+        if let Some(key) = other.key_min {
+            if self.key_min.as_deref().is_none_or(|m| key.as_str() < m) {
+                self.key_min = Some(key);
+            }
+        }
+        if let Some(key) = other.key_max {
+            if self.key_max.as_deref().is_none_or(|m| key.as_str() > m) {
+                self.key_max = Some(key);
+            }
+        }
+        for (c, d) in self.checksum.iter_mut().zip(other.checksum) {
+            *c ^= d;
+        }
+    }
+
+    fn add(&mut self, layout: &TableLayout, values: &[Value], ordinal: (usize, u64)) {
         self.rows += 1;
         let digest: [u8; 32] = if layout.key.is_empty() {
             row_digest(values)
@@ -824,25 +1020,65 @@ impl PendingBlobs {
     }
 }
 
-struct Writers<'a> {
-    target: &'a Db,
-    target_columns: Vec<Column>,
+/// Where a range's rows go while it is copied.
+struct Writers<'c> {
+    load: Load<'c>,
     archive: TableWriter,
     blobs: BlobStore,
     pending: PendingBlobs,
-    run_id: String,
+    /// The range's quarantined rows, inserted with its checkpoint.
+    quarantine: Vec<Quarantined>,
+    /// Rows quarantined in the table so far, by every range (for the threshold).
+    quarantined: Arc<AtomicU64>,
     destroyed: Destroyed,
 }
 
-impl Writers<'_> {
-    async fn quarantine(
-        &self,
+/// What every range of a table shares.
+struct RangeContext<'a> {
+    target: &'a Db,
+    target_columns: &'a [Column],
+    store: &'a strata_archive::Store,
+    keys: &'a strata_archive::KeyRing,
+    run_id: &'a str,
+    snapshot: Option<&'a str>,
+    facts: &'a HashMap<String, PatientFacts>,
+    quarantined: &'a Arc<AtomicU64>,
+}
+
+/// What reading a range produced.
+struct RangeOutcome {
+    tally: Tally,
+    destroyed: Destroyed,
+    manifest: Option<TableManifest>,
+    quarantine: Vec<Quarantined>,
+}
+
+/// A range's record in the operational database, committed with its rows.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    range: usize,
+    tally: Tally,
+    destroyed: Destroyed,
+    manifest: Option<TableManifest>,
+}
+
+/// A quarantined row: where it is, what is wrong, and its values (kept in the operational
+/// database's quarantine table for review, never logged).
+struct Quarantined {
+    key: String,
+    column: String,
+    reason: &'static str,
+    data: String,
+}
+
+impl Quarantined {
+    fn new(
         layout: &TableLayout,
-        key: &str,
+        key: String,
         col: usize,
-        reason: &str,
+        reason: &'static str,
         values: &[Value],
-    ) -> Result<()> {
+    ) -> Self {
         let data: serde_json::Map<String, serde_json::Value> = layout
             .columns()
             .iter()
@@ -856,27 +1092,12 @@ impl Writers<'_> {
                 (c.name.clone(), j)
             })
             .collect();
-        let p = |n| self.target.placeholder(n);
-        let sql = format!(
-            "INSERT INTO {QUARANTINE_TABLE} (run_id, table_name, row_key, column_name, reason, row_data, quarantined_at) VALUES ({}, {}, {}, {}, {}, {}, {})",
-            p(1), p(2), p(3), p(4), p(5), p(6), p(7)
-        );
-        let t = |s: &str| Value::Text(s.to_string());
-        self.target
-            .execute_with(
-                &sql,
-                &[
-                    t(&self.run_id),
-                    t(&layout.name),
-                    t(key),
-                    t(&layout.columns()[col].name),
-                    t(reason),
-                    t(&serde_json::Value::Object(data).to_string()),
-                    t(&chrono::Utc::now().to_rfc3339()),
-                ],
-            )
-            .await
-            .map(|_| ())
+        Quarantined {
+            key,
+            column: layout.columns()[col].name.clone(),
+            reason,
+            data: serde_json::Value::Object(data).to_string(),
+        }
     }
 }
 
@@ -924,10 +1145,12 @@ fn row_digest(values: &[Value]) -> [u8; 32] {
 }
 
 /// How a row is named in messages: its primary key, or its position for a keyless table.
-fn row_key(layout: &TableLayout, values: &[Value], ordinal: u64) -> String {
+/// A row's name in messages and the quarantine: its primary key, or for a table without one,
+/// its position (`row #N of range R`).
+fn row_key(layout: &TableLayout, values: &[Value], ordinal: (usize, u64)) -> String {
     use std::fmt::Write;
     if layout.key.is_empty() {
-        return format!("row #{ordinal}");
+        return format!("row #{} of range {}", ordinal.1, ordinal.0);
     }
     // Built in one string: this runs once per archived row.
     let mut key = String::with_capacity(24);
@@ -946,23 +1169,67 @@ fn row_key(layout: &TableLayout, values: &[Value], ordinal: u64) -> String {
     key
 }
 
-async fn ensure_quarantine_table(target: &Db) -> Result<()> {
+/// Creates the quarantine and checkpoint tables in the operational database.
+async fn ensure_bookkeeping_tables(target: &Db) -> Result<()> {
     target
         .execute(&format!(
             "CREATE TABLE IF NOT EXISTS {QUARANTINE_TABLE} (run_id TEXT NOT NULL, table_name TEXT NOT NULL, row_key TEXT NOT NULL, \
              column_name TEXT NOT NULL, reason TEXT NOT NULL, row_data TEXT NOT NULL, quarantined_at TEXT NOT NULL)"
         ))
+        .await?;
+    target
+        .execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (run_id TEXT NOT NULL, table_name TEXT NOT NULL, range_index BIGINT NOT NULL, \
+             checkpoint TEXT NOT NULL, finished_at TEXT NOT NULL, PRIMARY KEY (run_id, table_name, range_index))"
+        ))
         .await
 }
 
-async fn target_has_rows(target: &Db, table: &str) -> Result<bool> {
-    let rows = target
-        .fetch_all(
-            format!("SELECT 1 FROM {} LIMIT 1", quote(table)),
-            vec![ColumnType::Int],
-        )
-        .await?;
-    Ok(!rows.is_empty())
+/// The checkpoints of a table's ranges in a run.
+async fn checkpoints(target: &Db, run_id: &str, table: &str) -> Result<Vec<Checkpoint>> {
+    let sql = format!(
+        "SELECT checkpoint FROM {CHECKPOINT_TABLE} WHERE run_id = '{}' AND table_name = '{}' ORDER BY range_index",
+        run_id.replace('\'', "''"),
+        table.replace('\'', "''")
+    );
+    target
+        .fetch_all(sql, vec![ColumnType::Text])
+        .await?
+        .into_iter()
+        .map(|r| {
+            let text = r
+                .into_iter()
+                .next()
+                .and_then(Value::into_key_text)
+                .unwrap_or_default();
+            serde_json::from_str(&text)
+                .map_err(|e| IngestError::Run(format!("checkpoint of {table}: {e}")))
+        })
+        .collect()
+}
+
+/// Forgets a table's progress in a run: its loaded rows, quarantined rows and checkpoints (in
+/// one transaction) and its range manifests.
+async fn restart_table(
+    target: &Db,
+    store: &strata_archive::Store,
+    run_id: &str,
+    table: &str,
+) -> Result<()> {
+    let mut tx = TargetTx::begin(target).await?;
+    tx.execute(&format!("DELETE FROM {}", quote(table))).await?;
+    for t in [QUARANTINE_TABLE, CHECKPOINT_TABLE] {
+        let sql = format!(
+            "DELETE FROM {t} WHERE run_id = {} AND table_name = {}",
+            tx.placeholder(1),
+            tx.placeholder(2)
+        );
+        tx.execute_with(&sql, &[run_id.to_string(), table.to_string()])
+            .await?;
+    }
+    tx.commit().await?;
+    strata_archive::withdraw_manifests(store.as_ref(), table, run_id).await?;
+    Ok(())
 }
 
 /// The declared type of a column in the target engine: the source's own when the engines are
@@ -975,12 +1242,17 @@ fn target_decl(from: DbKind, to: DbKind, c: &Column) -> String {
     }
 }
 
-/// Creates the target table from the source schema when absent; returns the target's columns
-/// as inserts should declare them.
-async fn create_target_table(
+/// Makes the operational table ready to load and returns its columns as loads declare them.
+///
+/// A table Strata creates in PostgreSQL gets its primary key after the load (building an index
+/// once is cheaper than maintaining it row by row: ~25 % here); SQLite cannot add one later, so
+/// there it comes with the table. A table that exists already must be empty unless this run
+/// started loading it (`resuming`).
+async fn prepare_target_table(
     source: &Db,
     target: &Db,
     schema: &TableSchema,
+    resuming: bool,
 ) -> Result<Vec<Column>> {
     let columns: Vec<Column> = schema
         .columns
@@ -990,6 +1262,24 @@ async fn create_target_table(
             ..c.clone()
         })
         .collect();
+    let exists = target.table_names().await?.contains(&schema.name);
+    if exists {
+        if !resuming {
+            let rows = target
+                .fetch_all(
+                    format!("SELECT 1 FROM {} LIMIT 1", quote(&schema.name)),
+                    vec![ColumnType::Int],
+                )
+                .await?;
+            if !rows.is_empty() {
+                return Err(IngestError::Run(format!(
+                    "operational table {} already has rows; Strata loads only into empty tables (a finished earlier run, or data not from Strata)",
+                    schema.name
+                )));
+            }
+        }
+        return Ok(columns);
+    }
     let mut defs: Vec<String> = columns
         .iter()
         .map(|c| {
@@ -1001,16 +1291,8 @@ async fn create_target_table(
             )
         })
         .collect();
-    if !schema.primary_key.is_empty() {
-        defs.push(format!(
-            "PRIMARY KEY ({})",
-            schema
-                .primary_key
-                .iter()
-                .map(|k| quote(k))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    if target.kind() == DbKind::Sqlite && !schema.primary_key.is_empty() {
+        defs.push(primary_key_clause(schema));
     }
     target
         .execute(&format!(
@@ -1020,4 +1302,34 @@ async fn create_target_table(
         ))
         .await?;
     Ok(columns)
+}
+
+fn primary_key_clause(schema: &TableSchema) -> String {
+    format!(
+        "PRIMARY KEY ({})",
+        schema
+            .primary_key
+            .iter()
+            .map(|k| quote(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Adds the source's primary key to a loaded PostgreSQL table that has none yet.
+async fn add_primary_key(target: &Db, schema: &TableSchema, _columns: &[Column]) -> Result<()> {
+    if target.kind() != DbKind::Postgres || schema.primary_key.is_empty() {
+        return Ok(());
+    }
+    let existing = target.table_schema(&schema.name).await?;
+    if !existing.primary_key.is_empty() {
+        return Ok(());
+    }
+    target
+        .execute(&format!(
+            "ALTER TABLE {} ADD {}",
+            quote(&schema.name),
+            primary_key_clause(schema)
+        ))
+        .await
 }

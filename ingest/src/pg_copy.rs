@@ -13,7 +13,6 @@ use crate::error::{IngestError, Result};
 use crate::value::{ColumnType, Value};
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime};
 use futures::StreamExt;
-use sqlx::postgres::PgPoolCopyExt;
 
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
@@ -28,15 +27,41 @@ pub(crate) const CHUNKS_IN_FLIGHT: usize = 4;
 pub(crate) type Chunk = Result<Vec<Vec<Value>>>;
 
 /// Starts streaming the rows of `select` from `pool` into the returned channel.
+/// With `snapshot` (from `pg_export_snapshot()`), the rows are read in that snapshot, as every
+/// other worker of the run reads them.
 pub(crate) fn copy_out(
     pool: sqlx::PgPool,
     select: String,
     types: Vec<ColumnType>,
+    snapshot: Option<String>,
 ) -> tokio::sync::mpsc::Receiver<Chunk> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
     tokio::spawn(async move {
+        let mut conn = match pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.send(Err(IngestError::sql("read", e))).await;
+                return;
+            }
+        };
+        // A COPY or a transaction left unfinished (the consumer may stop early) must not go
+        // back to the pool: the connection is closed when this task ends.
+        conn.close_on_drop();
+        if let Some(id) = &snapshot {
+            let setup = format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                id.replace('\'', "")
+            );
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+                .execute(&mut *conn)
+                .await
+            {
+                let _ = tx.send(Err(IngestError::sql("read (snapshot)", e))).await;
+                return;
+            }
+        }
         let statement = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
-        let mut stream = match pool.copy_out_raw(&statement).await {
+        let mut stream = match conn.copy_out_raw(&statement).await {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Err(IngestError::sql("read", e))).await;
@@ -69,6 +94,7 @@ pub(crate) fn copy_out(
                 }
             }
         }
+        drop(stream);
         if !decoder.finished {
             let _ = tx
                 .send(Err(IngestError::Read {
@@ -76,6 +102,12 @@ pub(crate) fn copy_out(
                 }))
                 .await;
             return;
+        }
+        if snapshot.is_some() {
+            if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
+                let _ = tx.send(Err(IngestError::sql("read", e))).await;
+                return;
+            }
         }
         if !chunk.is_empty() {
             let _ = tx.send(Ok(chunk)).await;

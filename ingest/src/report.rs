@@ -1,7 +1,7 @@
 //! What a plan or a run did to each table: rows, bytes and patients per tier, reasons, holds.
 
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use strata_cutoff_policies::{Decision, Tier};
 
 /// What happened (or would happen) to one table.
@@ -27,7 +27,8 @@ pub struct TableReport {
     pub reasons: BTreeMap<String, u64>,
     /// Source bytes per tier, values as read: texts and bytes by length, others by width.
     pub bytes: BTreeMap<String, u64>,
-    /// Distinct patients with rows in each tier.
+    /// Distinct patients with rows in each tier (exact for small counts, within ~2 % for
+    /// large ones).
     pub patients: BTreeMap<String, u64>,
     /// BLOBs stored in the archive.
     pub blobs: u64,
@@ -35,11 +36,12 @@ pub struct TableReport {
     pub blob_bytes: u64,
 }
 
-/// Counts rows into a [`TableReport`] as they are decided.
-#[derive(Debug, Default)]
+/// Counts rows into a [`TableReport`] as they are decided. Tallies of a table's ranges merge
+/// into the table's (patients per tier through mergeable sketches).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(crate) struct Tally {
     pub report: TableReport,
-    patients: BTreeMap<Tier, HashSet<String>>,
+    patients: BTreeMap<String, PatientSketch>,
 }
 
 impl Tally {
@@ -66,20 +68,122 @@ impl Tally {
         r.held_rows += decision.held as u64;
         r.flagged_rows += decision.reason.is_flagged() as u64;
         if let Some(p) = patient {
-            let set = self.patients.entry(decision.tier).or_default();
-            if !set.contains(p) {
-                set.insert(p.to_string());
+            let tier = decision.tier.as_str();
+            match self.patients.get_mut(tier) {
+                Some(sketch) => sketch.add(p),
+                None => {
+                    let mut sketch = PatientSketch::default();
+                    sketch.add(p);
+                    self.patients.insert(tier.to_string(), sketch);
+                }
             }
         }
     }
 
+    /// Adds another range's tally of the same table.
+    pub fn merge(&mut self, other: Tally) {
+        let (r, o) = (&mut self.report, other.report);
+        r.source_rows += o.source_rows;
+        r.operational_rows += o.operational_rows;
+        r.archive_rows += o.archive_rows;
+        r.purged_rows += o.purged_rows;
+        r.quarantined_rows += o.quarantined_rows;
+        r.held_rows += o.held_rows;
+        r.flagged_rows += o.flagged_rows;
+        r.blobs += o.blobs;
+        r.blob_bytes += o.blob_bytes;
+        for (k, v) in o.reasons {
+            bump(&mut r.reasons, &k, v);
+        }
+        for (k, v) in o.bytes {
+            bump(&mut r.bytes, &k, v);
+        }
+        for (tier, sketch) in other.patients {
+            self.patients.entry(tier).or_default().merge(&sketch);
+        }
+    }
+
     pub fn finish(mut self) -> TableReport {
-        for (tier, set) in self.patients {
-            self.report
-                .patients
-                .insert(tier.as_str().to_string(), set.len() as u64);
+        for (tier, sketch) in self.patients {
+            self.report.patients.insert(tier, sketch.estimate());
         }
         self.report
+    }
+}
+
+/// A HyperLogLog sketch of distinct patient keys (4,096 registers: exact for small counts,
+/// within ~2 % for large ones), so that the ranges of a table, counted by different workers
+/// and possibly different processes, add up to the table's distinct patients.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PatientSketch {
+    registers: Vec<u8>,
+}
+
+const SKETCH_BITS: u32 = 12;
+
+impl Default for PatientSketch {
+    fn default() -> Self {
+        PatientSketch {
+            registers: vec![0; 1 << SKETCH_BITS],
+        }
+    }
+}
+
+impl PatientSketch {
+    pub fn add(&mut self, item: &str) {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same key hashes the same in every worker and process.
+        let mut h = std::hash::DefaultHasher::new();
+        item.hash(&mut h);
+        let hash = h.finish();
+        let index = (hash >> (64 - SKETCH_BITS)) as usize;
+        let rest = (hash << SKETCH_BITS) | (1 << (SKETCH_BITS - 1));
+        let rank = rest.leading_zeros() as u8 + 1;
+        if self.registers[index] < rank {
+            self.registers[index] = rank;
+        }
+    }
+
+    pub fn merge(&mut self, other: &PatientSketch) {
+        for (a, b) in self.registers.iter_mut().zip(&other.registers) {
+            *a = (*a).max(*b);
+        }
+    }
+
+    pub fn estimate(&self) -> u64 {
+        let m = self.registers.len() as f64;
+        let zeros = self.registers.iter().filter(|r| **r == 0).count();
+        let sum: f64 = self.registers.iter().map(|r| (-(*r as f64)).exp2()).sum();
+        let raw = 0.7213 / (1.0 + 1.079 / m) * m * m / sum;
+        let e = if raw <= 2.5 * m && zeros > 0 {
+            m * (m / zeros as f64).ln()
+        } else {
+            raw
+        };
+        e.round() as u64
+    }
+}
+
+impl Serialize for PatientSketch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.registers))
+    }
+}
+
+impl<'de> Deserialize<'de> for PatientSketch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let text = String::deserialize(d)?;
+        let registers = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)?;
+        if registers.len() != 1 << SKETCH_BITS {
+            return Err(serde::de::Error::custom(
+                "a patient sketch has 4096 registers",
+            ));
+        }
+        Ok(PatientSketch { registers })
     }
 }
 
@@ -190,5 +294,29 @@ impl RunReport {
                 lines.join("\n")
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patient_sketches_count_distinct_keys_across_ranges() {
+        let (mut a, mut b) = (PatientSketch::default(), PatientSketch::default());
+        for i in 0..60_000 {
+            a.add(&format!("p{i}"));
+        }
+        for i in 40_000..100_000 {
+            b.add(&format!("p{i}"));
+        }
+        a.merge(&b);
+        let e = a.estimate() as f64;
+        assert!((e - 100_000.0).abs() / 100_000.0 < 0.03, "{e}");
+        let mut small = PatientSketch::default();
+        for i in 0..50 {
+            small.add(&format!("p{}", i % 25));
+        }
+        assert_eq!(small.estimate(), 25);
     }
 }

@@ -47,6 +47,7 @@ DOC_BYTES=$(psql source -At -c "SELECT sum(length(content)) FROM documents")
 cat > "$WORK/strata.toml" <<TOML
 [source]
 url = "postgres://postgres@127.0.0.1:$PGPORT/source"
+allow_writable_role = true  # the benchmark connects as the cluster superuser
 [operational]
 url = "postgres://postgres@127.0.0.1:$PGPORT/target"
 [archive]

@@ -2,6 +2,7 @@
 //! server started by `scripts/test`, the encrypted archive on disk, the API router).
 
 mod blobs;
+mod crash;
 mod policies;
 mod support;
 
@@ -432,7 +433,7 @@ async fn postgres_to_postgres_every_row_lands_in_exactly_one_tier() {
     generate(&source, 0.05, true).await;
     let config_path = write_config(
         dir.path(),
-        &source,
+        &read_only_url(&source).await,
         &operational,
         &control,
         &example_policy(),
@@ -586,8 +587,9 @@ async fn synthea_in_postgres_migrates_with_a_config_from_init() {
         .as_array()
         .unwrap()
         .is_empty());
+    let reader = read_only_url(&source).await;
     let local: toml::Table = toml::from_str(&format!(
-        "[operational]\nurl = \"{operational}\"\n[control]\nurl = \"sqlite://control.db\"\n[archive]\nlocation = \"archive\"\nkek_id = \"k\"\nkek_file = \"kek.hex\"\n"
+        "[source]\nurl = \"{reader}\"\n[operational]\nurl = \"{operational}\"\n[control]\nurl = \"sqlite://control.db\"\n[archive]\nlocation = \"archive\"\nkek_id = \"k\"\nkek_file = \"kek.hex\"\n"
     ))
     .unwrap();
     for (k, v) in local {

@@ -41,6 +41,25 @@ pub async fn create_pg_database(prefix: &str) -> String {
     format!("{base}/{name}")
 }
 
+/// Creates a login role that can only read `url`'s database (CONNECT, USAGE on the public
+/// schema, SELECT on its tables, as a migration engineer would grant) and returns the URL that
+/// connects as it. Call it after the tables exist.
+pub async fn read_only_url(url: &str) -> String {
+    let (base, db) = url.rsplit_once('/').unwrap();
+    let role = format!("{db}_reader");
+    let admin = Db::connect(url, false).await.unwrap();
+    admin
+        .execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT CONNECT ON DATABASE {db} TO {role}; \
+             GRANT USAGE ON SCHEMA public TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"
+        ))
+        .await
+        .unwrap();
+    admin.close().await;
+    let base = base.replacen("postgres@", &format!("{role}@"), 1);
+    format!("{base}/{db}")
+}
+
 /// A temporary directory kept when the test fails (its path is printed).
 pub struct TestDir {
     pub dir: tempfile::TempDir,

@@ -43,6 +43,11 @@ pub struct MigrationConfig {
 pub struct DatabaseConfig {
     /// The URL.
     pub url: String,
+    /// Source only: run even though the source role could write (a superuser, or INSERT,
+    /// UPDATE, DELETE or TRUNCATE on a migrated table). Strata never writes to the source, but
+    /// by default it refuses such a role so that a mistake cannot turn into a write.
+    #[serde(default)]
+    pub allow_writable_role: bool,
 }
 
 /// `[run]`: how the copy runs.

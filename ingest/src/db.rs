@@ -163,6 +163,43 @@ impl Db {
         }))
     }
 
+    /// What the connected PostgreSQL role could change among `tables`: "superuser", or the
+    /// tables it holds INSERT, UPDATE, DELETE or TRUNCATE on. Empty for a read-only role (and
+    /// for SQLite, which a source opens read-only).
+    pub async fn write_privileges(&self, tables: &[String]) -> Result<Vec<String>> {
+        if self.kind() != DbKind::Postgres {
+            return Ok(Vec::new());
+        }
+        let superuser = self
+            .fetch_all(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user".into(),
+                vec![ColumnType::Bool],
+            )
+            .await?;
+        if superuser
+            .iter()
+            .any(|r| r.first() == Some(&Value::Bool(true)))
+        {
+            return Ok(vec!["superuser".into()]);
+        }
+        let mut writable = Vec::new();
+        for table in tables {
+            let lit = format!("\"{}\"", table.replace('"', "\"\"")).replace('\'', "''");
+            let rows = self
+                .fetch_all(
+                    format!(
+                        "SELECT has_table_privilege('{lit}', 'INSERT, UPDATE, DELETE, TRUNCATE')"
+                    ),
+                    vec![ColumnType::Bool],
+                )
+                .await?;
+            if rows.iter().any(|r| r.first() == Some(&Value::Bool(true))) {
+                writable.push(table.clone());
+            }
+        }
+        Ok(writable)
+    }
+
     /// The engine.
     pub fn kind(&self) -> DbKind {
         match self {

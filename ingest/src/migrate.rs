@@ -164,6 +164,18 @@ impl Migration {
         let policy_config = read_policy(&config)?;
         let source = Db::connect(&config.resolve_url(&config.source.url)?, true).await?;
         let control = Control::open(&config.control_url()?).await?;
+        if !config.source.allow_writable_role {
+            let tables: Vec<String> = config.tables.keys().cloned().collect();
+            let writable = source.write_privileges(&tables).await?;
+            if !writable.is_empty() {
+                return Err(IngestError::Config {
+                    problems: vec![format!(
+                        "source: the role can write to the source ({}); connect with a read-only role (GRANT SELECT only), or set allow_writable_role = true under [source]",
+                        writable.join(", ")
+                    )],
+                });
+            }
+        }
         let schemas = source_schemas(&config, &source).await?;
         let mut problems = config.validate(&schemas);
         if !problems.is_empty() {

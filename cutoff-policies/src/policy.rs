@@ -697,6 +697,14 @@ impl Policy {
         tables.into_iter().any(|t| self.rules(t).pinned.is_none())
     }
 
+    /// Whether any record of `table` can go to the archive: false when the table is pinned to
+    /// another tier. (Archived rows must arrive sorted by patient; other rows need no order.)
+    pub fn may_archive(&self, table: &str) -> bool {
+        self.rules(table)
+            .pinned
+            .is_none_or(|tier| tier == Tier::Archive)
+    }
+
     fn rules(&self, table: &str) -> &CompiledRules {
         self.tables.get(table).unwrap_or(&self.defaults)
     }

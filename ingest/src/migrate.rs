@@ -746,7 +746,10 @@ impl Migration {
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
         let mut archived: Vec<ArchivedRow> = Vec::new();
         let schema = archive_schema(layout);
-        let sql = layout.select_where(&self.source, range.filter.as_deref(), writers.is_some());
+        // Archived rows must arrive sorted by patient; a plan, or a table the policy never
+        // archives, is read in whatever order is cheapest.
+        let ordered = writers.is_some() && self.policy.may_archive(&layout.name);
+        let sql = layout.select_where(&self.source, range.filter.as_deref(), ordered);
         let mut rows = self.source.fetch_in(sql, layout.fetch_types(), snapshot);
         while let Some(row) = rows.next().await {
             let mut values = row?;

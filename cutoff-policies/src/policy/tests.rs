@@ -48,6 +48,8 @@ fn patient_facts_are_needed_unless_every_table_is_pinned() {
     assert!(p.needs_patient_facts(["patients", "labs"]));
     assert!(p.needs_patient_facts(["mpi"]));
     assert!(!p.needs_patient_facts([]));
+    assert!(!p.may_archive("patients"));
+    assert!(p.may_archive("labs"));
 }
 
 fn facts<'a>(

@@ -4,6 +4,7 @@
 mod blobs;
 mod crash;
 mod policies;
+mod quarantine;
 mod support;
 
 use axum::body::Body;

@@ -487,7 +487,7 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn bind_pg<'q>(
+pub(crate) fn bind_pg<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     v: &Value,
     t: ColumnType,

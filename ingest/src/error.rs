@@ -58,6 +58,18 @@ pub enum IngestError {
 }
 
 impl IngestError {
+    /// Whether the database refused data (SQLSTATE class 22, data exception, or 23, integrity
+    /// constraint violation), as opposed to failing for another reason.
+    pub(crate) fn is_data_rejected(&self) -> bool {
+        match self {
+            IngestError::Sql { source, .. } => source
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        }
+    }
+
     pub(crate) fn sql(context: &str, source: sqlx::Error) -> Self {
         IngestError::Sql {
             context: context.to_string(),

@@ -28,6 +28,7 @@ mod migrate;
 mod pg_copy;
 mod ranges;
 mod report;
+mod target_check;
 mod value;
 
 pub use config::{

@@ -26,9 +26,19 @@ impl TargetTx {
     /// Takes a connection from the pool and begins a transaction.
     pub async fn begin(db: &Db) -> Result<Self> {
         let e = |e| IngestError::sql("begin", e);
+        // A transaction dropped without COMMIT (an error, a stopped run) must not go back to the
+        // pool half-done: the connection is closed instead.
         let mut tx = match db {
-            Db::Postgres(p) => TargetTx::Postgres(p.acquire().await.map_err(e)?),
-            Db::Sqlite(p, _) => TargetTx::Sqlite(p.acquire().await.map_err(e)?),
+            Db::Postgres(p) => {
+                let mut c = p.acquire().await.map_err(e)?;
+                c.close_on_drop();
+                TargetTx::Postgres(c)
+            }
+            Db::Sqlite(p, _) => {
+                let mut c = p.acquire().await.map_err(e)?;
+                c.close_on_drop();
+                TargetTx::Sqlite(c)
+            }
         };
         // BEGIN IMMEDIATE takes SQLite's write lock now, not halfway through the range.
         let begin = match tx {
@@ -84,10 +94,20 @@ impl TargetTx {
         }
     }
 
-    /// Starts loading `table`'s operational rows on this transaction.
-    pub async fn load<'c>(&'c mut self, table: &str, columns: &[Column]) -> Result<Load<'c>> {
+    /// Starts loading `table`'s operational rows on this transaction. `row_by_row` (PostgreSQL)
+    /// inserts each row under a savepoint, so that a row the database rejects is handed back
+    /// instead of failing the load: slow, for a range whose COPY was rejected.
+    pub async fn load<'c>(
+        &'c mut self,
+        table: &str,
+        columns: &[Column],
+        row_by_row: bool,
+    ) -> Result<Load<'c>> {
         match self {
             TargetTx::Postgres(c) => {
+                if row_by_row {
+                    return Ok(Load::row_by_row(c, table, columns));
+                }
                 let conn: &'c mut PgConnection = c;
                 let encoding = CopyEncoding::for_columns(columns);
                 let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
@@ -141,6 +161,12 @@ pub(crate) enum Load<'c> {
         buf: Vec<u8>,
         table: String,
     },
+    /// PostgreSQL INSERTs, each under a savepoint.
+    RowByRow {
+        conn: &'c mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        sql: String,
+        types: Vec<crate::value::ColumnType>,
+    },
     /// SQLite INSERTs.
     Insert {
         conn: &'c mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
@@ -150,10 +176,78 @@ pub(crate) enum Load<'c> {
     },
 }
 
+impl<'c> Load<'c> {
+    fn row_by_row(
+        conn: &'c mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        table: &str,
+        columns: &[Column],
+    ) -> Self {
+        let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+        let values: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("CAST(${} AS {})", i + 1, c.decl_type))
+            .collect();
+        Load::RowByRow {
+            conn,
+            sql: format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                quote(table),
+                names.join(", "),
+                values.join(", ")
+            ),
+            types: columns.iter().map(|c| c.col_type).collect(),
+        }
+    }
+}
+
 impl Load<'_> {
-    /// Adds one row (values already coerced to the columns' types).
-    pub async fn write(&mut self, row: Vec<Value>) -> Result<()> {
+    /// Adds one row (values already coerced to the columns' types). Row by row, a row the
+    /// database rejects comes back with the database's message (which names the constraint,
+    /// never the values).
+    pub async fn write(&mut self, row: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
         match self {
+            Load::RowByRow { conn, sql, types } => {
+                let e = |e| IngestError::sql("insert", e);
+                sqlx::raw_sql("SAVEPOINT strata_row")
+                    .execute(&mut ***conn)
+                    .await
+                    .map_err(e)?;
+                let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
+                for (v, t) in row.iter().zip(types.iter()) {
+                    q = crate::db::bind_pg(q, v, *t);
+                }
+                let inserted = q.execute(&mut ***conn).await;
+                match inserted {
+                    Ok(_) => {
+                        sqlx::raw_sql("RELEASE SAVEPOINT strata_row")
+                            .execute(&mut ***conn)
+                            .await
+                            .map_err(e)?;
+                    }
+                    Err(err) => {
+                        let rejected = IngestError::sql("insert", err);
+                        if !rejected.is_data_rejected() {
+                            return Err(rejected);
+                        }
+                        sqlx::raw_sql("ROLLBACK TO SAVEPOINT strata_row")
+                            .execute(&mut ***conn)
+                            .await
+                            .map_err(e)?;
+                        let message = match &rejected {
+                            IngestError::Sql { source, .. } => source
+                                .as_database_error()
+                                .map(|d| d.message().to_string())
+                                .unwrap_or_default(),
+                            _ => String::new(),
+                        };
+                        return Ok(Some((
+                            row,
+                            format!("rejected by the operational database: {message}"),
+                        )));
+                    }
+                }
+            }
             Load::Copy {
                 copy,
                 encoding,
@@ -181,7 +275,7 @@ impl Load<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Sends what is buffered and ends the load (the transaction stays open).
@@ -208,6 +302,7 @@ impl Load<'_> {
                 columns,
                 rows,
             } => insert_sqlite(conn, &table, &columns, &rows).await?,
+            Load::RowByRow { .. } => {}
         }
         Ok(())
     }
@@ -370,6 +465,7 @@ fn encode_binary(buf: &mut Vec<u8>, v: &Value, t: BinaryType) {
         }
         (B::Numeric, Value::Text(s)) if encode_numeric(buf, s) => {}
         (B::Numeric, Value::Int(i)) if encode_numeric(buf, &i.to_string()) => {}
+        (B::Numeric, Value::Float(f)) if f.is_finite() && encode_numeric(buf, &f.to_string()) => {}
         (B::Uuid, Value::Text(s)) if uuid_bytes(s).is_some() => {
             field(buf, &uuid_bytes(s).expect("checked"))
         }

@@ -20,6 +20,7 @@ use crate::layout::TableLayout;
 use crate::load::{Load, TargetTx};
 use crate::ranges::{plan_ranges, KeyRange, RangePlan};
 use crate::report::{RunReport, TableReport, Tally};
+use crate::target_check::TargetChecks;
 use crate::value::{ColumnType, Value};
 use base64::Engine;
 use chrono::NaiveDate;
@@ -550,9 +551,13 @@ impl Migration {
                 .filter(|r| !done.iter().any(|c| c.range == r.index))
                 .collect();
             tracing::info!(table = %layout.name, ranges = plan.ranges.len(), to_do = todo.len(), workers, "copying table");
+            let checks = TargetChecks::new(&target_columns, target.kind());
+            let unique_keys_unchecked = !self.source_enforces_key(layout);
             let ctx = RangeContext {
                 target: &target,
                 target_columns: &target_columns,
+                checks: &checks,
+                unique_keys_unchecked,
                 store: &store,
                 keys: &keys,
                 run_id: &run.run_id,
@@ -604,11 +609,30 @@ impl Migration {
 
     /// Copies one range: reads and decides its rows, writes its archive files and manifest,
     /// then commits its operational rows, quarantined rows and checkpoint in one transaction.
+    /// When the operational database rejects a row the checks could not foresee (a CHECK or
+    /// foreign-key constraint of a target table created beforehand), the range is copied again
+    /// row by row, and each rejected row goes to quarantine with the database's reason.
     async fn copy_range(
         &self,
         layout: &TableLayout,
         range: &KeyRange,
         ctx: &RangeContext<'_>,
+    ) -> Result<()> {
+        match self.copy_range_once(layout, range, ctx, false).await {
+            Err(e) if e.is_data_rejected() => {
+                tracing::warn!(table = %layout.name, range = range.index, error = %e, "the operational database rejected a row; copying the range again row by row");
+                self.copy_range_once(layout, range, ctx, true).await
+            }
+            other => other,
+        }
+    }
+
+    async fn copy_range_once(
+        &self,
+        layout: &TableLayout,
+        range: &KeyRange,
+        ctx: &RangeContext<'_>,
+        row_by_row: bool,
     ) -> Result<()> {
         let started = std::time::Instant::now();
         // A manifest left by an attempt that never reached its checkpoint is replaced.
@@ -641,7 +665,9 @@ impl Migration {
             },
         )?;
         let mut tx = TargetTx::begin(ctx.target).await?;
-        let load = tx.load(&layout.name, ctx.target_columns).await?;
+        let load = tx
+            .load(&layout.name, ctx.target_columns, row_by_row)
+            .await?;
         let writers = Writers {
             load,
             archive,
@@ -650,6 +676,9 @@ impl Migration {
             quarantine: Vec::new(),
             quarantined: ctx.quarantined.clone(),
             destroyed: Destroyed::default(),
+            checks: ctx.checks,
+            seen_keys: (ctx.unique_keys_unchecked && !layout.key.is_empty())
+                .then(std::collections::HashSet::new),
         };
         let outcome = self
             .process_range(layout, range, ctx.facts, ctx.snapshot, Some(writers))
@@ -667,7 +696,7 @@ impl Migration {
                     layout.name.clone(),
                     q.key.clone(),
                     q.column.clone(),
-                    q.reason.to_string(),
+                    q.reason.clone(),
                     q.data.clone(),
                     chrono::Utc::now().to_rfc3339(),
                 ],
@@ -707,6 +736,24 @@ impl Migration {
         Ok(())
     }
 
+    /// Whether the source guarantees the configured key is unique: it is the table's declared
+    /// primary key (PostgreSQL and SQLite enforce theirs).
+    fn source_enforces_key(&self, layout: &TableLayout) -> bool {
+        let configured: Vec<&str> = layout
+            .key
+            .iter()
+            .map(|&k| layout.columns()[k].name.as_str())
+            .collect();
+        !configured.is_empty()
+            && configured
+                == layout
+                    .schema
+                    .primary_key
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+    }
+
     /// After every range of a table is checkpointed: adds the primary key if the table was
     /// loaded without it, mirrors the ranges' manifests in the control database, and sums the
     /// ranges into the table's report.
@@ -717,6 +764,11 @@ impl Migration {
         target_columns: &[Column],
         run_id: &str,
     ) -> Result<(TableReport, Destroyed)> {
+        let duplicates = if self.source_enforces_key(layout) {
+            0
+        } else {
+            quarantine_duplicate_keys(target, layout, run_id).await?
+        };
         add_primary_key(target, &layout.schema, target_columns).await?;
         let mut tally = Tally::new(&layout.name);
         let mut destroyed = Destroyed::default();
@@ -729,6 +781,9 @@ impl Migration {
         self.control
             .mirror_table_manifests(&layout.name, run_id, &manifests)
             .await?;
+        // Rows loaded by different ranges with the same key were moved to quarantine.
+        tally.report.operational_rows -= duplicates;
+        tally.report.quarantined_rows += duplicates;
         Ok((tally.finish(), destroyed))
     }
 
@@ -758,31 +813,15 @@ impl Migration {
             let patient = values.pop().and_then(Value::into_key_text);
             let size = values.iter().map(Value::size).sum::<usize>() as u64;
             if let Some((col, reason)) = coerce_row(&mut values, &types) {
-                tally.report.quarantined_rows += 1;
-                let key = row_key(layout, &values, ordinal);
-                if let Some(w) = writers.as_mut() {
-                    tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
-                    w.quarantine
-                        .push(Quarantined::new(layout, key, col, reason, &values));
-                    let total = w.quarantined.fetch_add(1, Ordering::SeqCst) + 1;
-                    if let Some(limit) = layout.quarantine_threshold {
-                        if total > limit {
-                            return Err(IngestError::QuarantineThreshold {
-                                table: layout.name.clone(),
-                                quarantined: total,
-                                threshold: limit,
-                            });
-                        }
-                    }
-                } else if let Some(limit) = layout.quarantine_threshold {
-                    if tally.report.quarantined_rows > limit {
-                        return Err(IngestError::QuarantineThreshold {
-                            table: layout.name.clone(),
-                            quarantined: tally.report.quarantined_rows,
-                            threshold: limit,
-                        });
-                    }
-                }
+                quarantine(
+                    layout,
+                    &mut tally,
+                    writers.as_mut(),
+                    &values,
+                    ordinal,
+                    col,
+                    reason,
+                )?;
                 continue;
             }
             let row = self.row_facts(layout, &values, patient.as_deref(), facts);
@@ -791,6 +830,12 @@ impl Migration {
             let decision = self
                 .policy
                 .decide(&layout.name, &record, &layout.policy_column_names);
+            if let Some(w) = writers.as_mut() {
+                if let Some((col, reason)) = w.problem(layout, &values, decision.tier) {
+                    quarantine(layout, &mut tally, Some(w), &values, ordinal, col, reason)?;
+                    continue;
+                }
+            }
             tally.count(&decision, patient.as_deref(), size);
             match decision.tier {
                 Tier::Purge => {
@@ -800,7 +845,11 @@ impl Migration {
                 }
                 Tier::Operational => {
                     if let Some(w) = writers.as_mut() {
-                        w.load.write(values).await?;
+                        if let Some((values, reason)) = w.load.write(values).await? {
+                            // Counted as operational above; it is quarantined instead.
+                            tally.report.operational_rows -= 1;
+                            quarantine(layout, &mut tally, Some(w), &values, ordinal, 0, &reason)?;
+                        }
                     }
                 }
                 Tier::Archive => {
@@ -888,6 +937,38 @@ impl Migration {
             manifest,
             quarantine: w.quarantine,
         })
+    }
+}
+
+/// Counts a row as quarantined; with writers, keeps it for the range's quarantine rows. Fails
+/// when the table's threshold is passed (counted over all its ranges when writing).
+fn quarantine(
+    layout: &TableLayout,
+    tally: &mut Tally,
+    writers: Option<&mut Writers<'_>>,
+    values: &[Value],
+    ordinal: (usize, u64),
+    col: usize,
+    reason: &str,
+) -> Result<()> {
+    tally.report.quarantined_rows += 1;
+    let total = match writers {
+        Some(w) => {
+            let key = row_key(layout, values, ordinal);
+            tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
+            w.quarantine
+                .push(Quarantined::new(layout, key, col, reason, values));
+            w.quarantined.fetch_add(1, Ordering::SeqCst) + 1
+        }
+        None => tally.report.quarantined_rows,
+    };
+    match layout.quarantine_threshold {
+        Some(limit) if total > limit => Err(IngestError::QuarantineThreshold {
+            table: layout.name.clone(),
+            quarantined: total,
+            threshold: limit,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -1046,12 +1127,48 @@ struct Writers<'c> {
     /// Rows quarantined in the table so far, by every range (for the threshold).
     quarantined: Arc<AtomicU64>,
     destroyed: Destroyed,
+    checks: &'c TargetChecks,
+    /// Hashes of the keys seen in this range, when the source does not enforce them.
+    seen_keys: Option<std::collections::HashSet<u64>>,
+}
+
+impl Writers<'_> {
+    /// A problem that keeps the row out of every tier: a NULL or repeated primary key (when
+    /// the source does not enforce its key), or, for a row bound for the operational
+    /// database, a value the target would reject or change.
+    fn problem(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        tier: Tier,
+    ) -> Option<(usize, &'static str)> {
+        if let Some(seen) = self.seen_keys.as_mut() {
+            if let Some(&k) = layout.key.iter().find(|&&k| values[k].is_null()) {
+                return Some((k, "NULL primary key"));
+            }
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            for &k in &layout.key {
+                format!("{:?}", values[k]).hash(&mut h);
+            }
+            if !seen.insert(h.finish()) {
+                return Some((layout.key[0], "duplicate primary key"));
+            }
+        }
+        if tier == Tier::Operational {
+            return self.checks.check(values);
+        }
+        None
+    }
 }
 
 /// What every range of a table shares.
 struct RangeContext<'a> {
     target: &'a Db,
     target_columns: &'a [Column],
+    checks: &'a TargetChecks,
+    /// Whether keys must be checked for duplicates (the source does not guarantee them).
+    unique_keys_unchecked: bool,
     store: &'a strata_archive::Store,
     keys: &'a strata_archive::KeyRing,
     run_id: &'a str,
@@ -1082,18 +1199,12 @@ struct Checkpoint {
 struct Quarantined {
     key: String,
     column: String,
-    reason: &'static str,
+    reason: String,
     data: String,
 }
 
 impl Quarantined {
-    fn new(
-        layout: &TableLayout,
-        key: String,
-        col: usize,
-        reason: &'static str,
-        values: &[Value],
-    ) -> Self {
+    fn new(layout: &TableLayout, key: String, col: usize, reason: &str, values: &[Value]) -> Self {
         let data: serde_json::Map<String, serde_json::Value> = layout
             .columns()
             .iter()
@@ -1110,7 +1221,7 @@ impl Quarantined {
         Quarantined {
             key,
             column: layout.columns()[col].name.clone(),
-            reason,
+            reason: reason.to_string(),
             data: serde_json::Value::Object(data).to_string(),
         }
     }
@@ -1279,6 +1390,32 @@ async fn prepare_target_table(
         .collect();
     let exists = target.table_names().await?.contains(&schema.name);
     if exists {
+        // Load with the target's own declarations: they are what checks and COPY must meet.
+        let existing = target.table_schema(&schema.name).await?;
+        let mut missing = Vec::new();
+        let columns: Vec<Column> = columns
+            .into_iter()
+            .map(|c| match existing.column(&c.name) {
+                Some(t) => Column {
+                    decl_type: t.decl_type.clone(),
+                    nullable: t.nullable,
+                    ..c
+                },
+                None => {
+                    missing.push(c.name.clone());
+                    c
+                }
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(IngestError::Config {
+                problems: vec![format!(
+                    "operational table {} has no column {}",
+                    schema.name,
+                    missing.join(", ")
+                )],
+            });
+        }
         if !resuming {
             let rows = target
                 .fetch_all(
@@ -1328,6 +1465,74 @@ fn primary_key_clause(schema: &TableSchema) -> String {
             .map(|k| quote(k))
             .collect::<Vec<_>>()
             .join(", ")
+    )
+}
+
+const CROSS_RANGE_DUPLICATE: &str = "duplicate primary key (loaded by another range)";
+
+/// Before a PostgreSQL table gets its primary key: rows that different ranges loaded with the
+/// same key (possible only when the source does not enforce the key, and the ranges are not
+/// key ranges) move to quarantine, all but the first loaded, in one transaction. Returns how
+/// many rows of the run's table are in quarantine for this reason (so a finish interrupted
+/// after the move still reports them).
+async fn quarantine_duplicate_keys(target: &Db, layout: &TableLayout, run_id: &str) -> Result<u64> {
+    if target.kind() != DbKind::Postgres || layout.key.is_empty() {
+        return Ok(0);
+    }
+    let table = quote(&layout.name);
+    let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let keys: Vec<String> = layout
+        .key
+        .iter()
+        .map(|&k| quote(&layout.columns()[k].name))
+        .collect();
+    let key_text = layout
+        .key
+        .iter()
+        .map(|&k| {
+            let name = &layout.columns()[k].name;
+            format!(
+                "{} || COALESCE(t.{}::text, 'NULL')",
+                lit(&format!("{name}=")),
+                quote(name)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" || ',' || ");
+    let has_pk = !target
+        .table_schema(&layout.name)
+        .await?
+        .primary_key
+        .is_empty();
+    if !has_pk {
+        let mut tx = TargetTx::begin(target).await?;
+        tx.execute(&format!(
+            "CREATE TEMP TABLE _strata_dups ON COMMIT DROP AS SELECT ctid AS at FROM              (SELECT ctid, row_number() OVER (PARTITION BY {k} ORDER BY ctid) AS n FROM {table}) d WHERE n > 1;              INSERT INTO {QUARANTINE_TABLE} (run_id, table_name, row_key, column_name, reason, row_data, quarantined_at)              SELECT {run}, {name}, {key_text}, {first}, {reason}, row_to_json(t)::text, now()::text              FROM {table} t WHERE t.ctid IN (SELECT at FROM _strata_dups);              DELETE FROM {table} WHERE ctid IN (SELECT at FROM _strata_dups)",
+            k = keys.join(", "),
+            run = lit(run_id),
+            name = lit(&layout.name),
+            first = lit(&layout.columns()[layout.key[0]].name),
+            reason = lit(CROSS_RANGE_DUPLICATE),
+        ))
+        .await?;
+        tx.commit().await?;
+    }
+    let sql = format!(
+        "SELECT COUNT(*) FROM {QUARANTINE_TABLE} WHERE run_id = {} AND table_name = {} AND reason = {}",
+        lit(run_id),
+        lit(&layout.name),
+        lit(CROSS_RANGE_DUPLICATE)
+    );
+    Ok(
+        match target
+            .fetch_all(sql, vec![ColumnType::Int])
+            .await?
+            .first()
+            .map(|r| &r[0])
+        {
+            Some(Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
     )
 }
 

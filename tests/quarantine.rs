@@ -1,0 +1,186 @@
+//! Bad rows of every kind go to quarantine with their reason, every good row arrives, and the
+//! run goes on: a SQLite legacy table (which enforces little) into a PostgreSQL table designed
+//! beforehand with tighter types and constraints.
+
+use crate::support::*;
+use std::collections::BTreeMap;
+use strata_ingest::{ColumnType, Db, Migration, Value};
+
+const GOOD_ROWS: i64 = 500;
+
+/// (id, what is wrong with it, the reason expected in quarantine, the column named)
+const PLANTED: [(i64, &str, &str, &str); 9] = [
+    (1001, "a date that is not a date", "not a valid timestamp", "taken_at"),
+    (1002, "text that is not UTF-8", "invalid UTF-8 text", "note"),
+    (1003, "a code longer than varchar(8)", "would be truncated: longer than the column allows", "code"),
+    (1004, "an amount too large for numeric(6,2)", "numeric value too large for the column", "amount"),
+    (1005, "an amount with more decimals than numeric(6,2) keeps", "would be rounded: more decimal places than the column keeps", "amount"),
+    (1006, "no patient for a NOT NULL column", "NULL in a NOT NULL column", "patient_id"),
+    (7, "a second row with key 7", "duplicate primary key", "id"),
+    (1008, "an integer too large for the integer column", "integer out of range for the column", "visits"),
+    (1009, "a negative amount, refused by a CHECK constraint", "rejected by the operational database: new row for relation \"results\" violates check constraint \"results_amount_check\"", "id"),
+];
+
+#[tokio::test]
+async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arrive() {
+    let dir = TestDir::new();
+    let source = format!("sqlite://{}", dir.path().join("legacy.db").display());
+    let db = Db::connect(&format!("{source}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(
+        "CREATE TABLE results (id INTEGER, patient_id INTEGER, code VARCHAR(8), amount NUMERIC(6,2), \
+         visits INTEGER, taken_at TIMESTAMP, note TEXT)",
+    )
+    .await
+    .unwrap();
+    let mut sql = String::new();
+    for id in 1..=GOOD_ROWS {
+        sql.push_str(&format!(
+            "INSERT INTO results VALUES ({id}, {}, 'C{:03}', {}.25, {}, '2015-03-0{} 10:00:00', 'fine');",
+            1 + id % 40,
+            id % 1000,
+            id % 9000,
+            id % 50,
+            1 + id % 9
+        ));
+    }
+    sql.push_str(
+        "INSERT INTO results VALUES (1001, 1, 'C1', 1.00, 1, 'someday', 'x');
+         INSERT INTO results VALUES (1002, 1, 'C1', 1.00, 1, '2015-01-01', CAST(X'C3FF41' AS TEXT));
+         INSERT INTO results VALUES (1003, 1, 'TOO-LONG-CODE', 1.00, 1, '2015-01-01', 'x');
+         INSERT INTO results VALUES (1004, 1, 'C1', 12345.5, 1, '2015-01-01', 'x');
+         INSERT INTO results VALUES (1005, 1, 'C1', 1.005, 1, '2015-01-01', 'x');
+         INSERT INTO results VALUES (1006, NULL, 'C1', 1.00, 1, '2015-01-01', 'x');
+         INSERT INTO results VALUES (7, 2, 'C7', 7.00, 1, '2015-01-01', 'again');
+         INSERT INTO results VALUES (1008, 1, 'C1', 1.00, 9999999999, '2015-01-01', 'x');
+         INSERT INTO results VALUES (1009, 1, 'C1', -5.00, 1, '2015-01-01', 'x');",
+    );
+    db.execute(&sql).await.unwrap();
+    // A table with a text key, read in rowid ranges of 100 rows: its two rows with the same key
+    // are loaded by different ranges; the second moves to quarantine before the key is built.
+    db.execute(
+        "CREATE TABLE codes (code TEXT, label TEXT); \
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300) \
+         INSERT INTO codes SELECT 'K' || i, 'label ' || i FROM n; \
+         INSERT INTO codes VALUES ('K5', 'again');",
+    )
+    .await
+    .unwrap();
+    db.close().await;
+
+    let operational = create_pg_database("strata_quarantine_op").await;
+    let target = Db::connect(&operational, false).await.unwrap();
+    target
+        .execute(
+            "CREATE TABLE results (id bigint PRIMARY KEY, patient_id bigint NOT NULL, code varchar(8), \
+             amount numeric(6,2) CHECK (amount >= 0), visits integer, taken_at timestamp, note text)",
+        )
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.path().join("strata.toml"),
+        format!(
+            "[source]\nurl = \"{source}\"\n[operational]\nurl = \"{operational}\"\n[archive]\nlocation = \"archive\"\nkek_id = \"k\"\nkek_file = \"kek.hex\"\n[policy]\nfile = \"policy.toml\"\n\
+             [run]\nrows_per_range = 100\n[tables.codes]\nprimary_key = [\"code\"]\n[tables.results]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken_at\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "version = \"q\"\n[defaults]\narchive_after = \"1y\"\npatient_inactive_after = \"1y\"\n[tables.results]\ntier = \"operational\"\n[tables.codes]\ntier = \"operational\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("kek.hex"),
+        strata_archive::Kek::generate_hex(),
+    )
+    .unwrap();
+
+    let config = load_config(&dir.path().join("strata.toml"));
+    let report = Migration::prepare(config, as_of())
+        .await
+        .unwrap()
+        .run(&mut |_| {})
+        .await
+        .unwrap();
+    let codes = &report.tables[0];
+    assert_eq!(
+        (
+            codes.source_rows,
+            codes.operational_rows,
+            codes.quarantined_rows
+        ),
+        (301, 300, 1)
+    );
+    let moved = target
+        .fetch_all(
+            "SELECT row_key, reason, CAST(row_data AS json)->>'label' FROM _strata_quarantine WHERE table_name = 'codes'".into(),
+            vec![ColumnType::Text; 3],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        moved[0],
+        [
+            Value::Text("code=K5".into()),
+            Value::Text("duplicate primary key (loaded by another range)".into()),
+            Value::Text("again".into())
+        ]
+    );
+    let table = &report.tables[1];
+    assert_eq!(table.source_rows, GOOD_ROWS as u64 + PLANTED.len() as u64);
+    assert_eq!(table.quarantined_rows, PLANTED.len() as u64);
+    assert_eq!(table.operational_rows, GOOD_ROWS as u64);
+
+    let quarantined: BTreeMap<String, (String, String)> = target
+        .fetch_all(
+            "SELECT row_key, reason, column_name FROM _strata_quarantine WHERE table_name = 'results'".into(),
+            vec![ColumnType::Text; 3],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            let t = |v: &Value| v.as_key_text().unwrap();
+            (t(&r[0]), (t(&r[1]), t(&r[2])))
+        })
+        .collect();
+    for (id, what, reason, column) in PLANTED {
+        let (got_reason, got_column) = quarantined
+            .get(&format!("id={id}"))
+            .unwrap_or_else(|| panic!("{what} (id {id}) is not in quarantine: {quarantined:?}"));
+        assert_eq!(got_reason, reason, "{what}");
+        if !reason.starts_with("rejected by") {
+            assert_eq!(got_column, column, "{what}");
+        }
+    }
+    // Every good row arrived, with its values (the first row with key 7 among them).
+    let rows = target
+        .fetch_all(
+            "SELECT COUNT(*), SUM(id)::bigint, MIN(note), MAX(amount)::text FROM results".into(),
+            vec![
+                ColumnType::Int,
+                ColumnType::Int,
+                ColumnType::Text,
+                ColumnType::Text,
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0][0], Value::Int(GOOD_ROWS));
+    assert_eq!(rows[0][1], Value::Int(GOOD_ROWS * (GOOD_ROWS + 1) / 2));
+    assert_eq!(rows[0][2], Value::Text("fine".into()));
+    assert_eq!(rows[0][3], Value::Text("500.25".into()));
+    // No value of a quarantined row reached the logs' side of things: the quarantine keeps
+    // them for review (the UTF-8 row's bytes as the source held them).
+    let kept = target
+        .fetch_all(
+            "SELECT row_data FROM _strata_quarantine WHERE row_key = 'id=1003'".into(),
+            vec![ColumnType::Text],
+        )
+        .await
+        .unwrap();
+    assert!(kept[0][0].as_key_text().unwrap().contains("TOO-LONG-CODE"));
+    target.close().await;
+}

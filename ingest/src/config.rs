@@ -118,6 +118,10 @@ pub struct TableConfig {
     /// BLOB columns stored as encrypted objects in the archive.
     #[serde(default)]
     pub blobs: Vec<BlobColumnConfig>,
+    /// For a CSV source: column types by column name (INTEGER, REAL, DATE, TIMESTAMP, TEXT, or
+    /// any SQLite type name) instead of inferring them from the values.
+    #[serde(default)]
+    pub column_types: BTreeMap<String, String>,
     /// Stop the run when more rows than this are quarantined in this table. By default, no limit.
     #[serde(default)]
     pub quarantine_threshold: Option<u64>,
@@ -181,6 +185,19 @@ impl MigrationConfig {
     /// A database URL with `${VAR}` expanded and a relative SQLite path resolved.
     pub fn resolve_url(&self, url: &str) -> Result<String, crate::IngestError> {
         let url = expand_env(url).map_err(|p| crate::IngestError::Config { problems: vec![p] })?;
+        if let Some(path) = url.strip_prefix("csv://") {
+            // Staged beside the config: the operator's directory, kept for resumed runs.
+            let dir = if Path::new(path).is_relative() {
+                self.base_dir.join(path)
+            } else {
+                PathBuf::from(path)
+            };
+            return Ok(format!(
+                "csv://{}?staging={}",
+                dir.display(),
+                self.base_dir.join(".strata-staging").display()
+            ));
+        }
         if let Some(path) = url.strip_prefix("sqlite://") {
             let (path, query) = path
                 .split_once('?')
@@ -195,6 +212,22 @@ impl MigrationConfig {
             }
         }
         Ok(url)
+    }
+
+    /// Connects to the source, read-only (a CSV directory is staged with the configured column
+    /// types).
+    pub async fn connect_source(&self) -> Result<crate::Db, crate::IngestError> {
+        let url = self.resolve_url(&self.source.url)?;
+        if url.starts_with("csv://") {
+            let types = self
+                .tables
+                .iter()
+                .filter(|(_, t)| !t.column_types.is_empty())
+                .map(|(n, t)| (n.clone(), t.column_types.clone()))
+                .collect();
+            return crate::Db::connect_csv(&url, &types).await;
+        }
+        crate::Db::connect(&url, true).await
     }
 
     /// The control database URL.

@@ -87,8 +87,13 @@ pub fn quote(ident: &str) -> String {
 pub type RowStream<'a> = Pin<Box<dyn Stream<Item = Result<Vec<Value>>> + Send + 'a>>;
 
 impl Db {
-    /// Connects to `postgres://...` or `sqlite://path`. A source is opened read-only.
+    /// Connects to `postgres://...`, `sqlite://path` or (a source only) `csv://dir`, a
+    /// directory of CSV exports staged into SQLite with inferred column types (see
+    /// [`Db::connect_csv`]). A source is opened read-only.
     pub async fn connect(url: &str, read_only: bool) -> Result<Db> {
+        if url.starts_with("csv://") {
+            return Db::connect_csv(url, &Default::default()).await;
+        }
         let conn_err = |e: sqlx::Error| IngestError::Connect {
             url: redact(url),
             detail: e.to_string(),
@@ -134,6 +139,22 @@ impl Db {
                 detail: "expected a postgres:// or sqlite:// URL".into(),
             })
         }
+    }
+
+    /// Opens a directory of CSV exports, `csv://dir[?staging=dir]`, as a read-only SQLite
+    /// source: the files are staged (once per version of the exports) into the staging
+    /// directory, by default the system's temporary directory. `types` names column types by
+    /// table and column; other columns' types are inferred.
+    pub async fn connect_csv(url: &str, types: &crate::csv_source::CsvTypes) -> Result<Db> {
+        let rest = url.trim_start_matches("csv://");
+        let (dir, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let staging = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("staging="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("strata-csv-staging"));
+        let staged = crate::csv_source::stage(PathBuf::from(dir), staging, types.clone()).await?;
+        Box::pin(Db::connect(&format!("sqlite://{}", staged.display()), true)).await
     }
 
     /// For PostgreSQL, opens a repeatable-read transaction, exports its snapshot and reads the

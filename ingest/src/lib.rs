@@ -18,6 +18,7 @@
 mod archive_rows;
 mod config;
 mod control;
+mod csv_source;
 mod db;
 mod error;
 mod facts;

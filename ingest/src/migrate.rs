@@ -91,7 +91,7 @@ async fn source_schemas(
 /// Checks a policy against a config and its source: every problem, with the policy's line
 /// numbers. Empty when the policy can run.
 pub async fn check_policy(config: &MigrationConfig, policy: &PolicyConfig) -> Result<Vec<String>> {
-    let source = Db::connect(&config.resolve_url(&config.source.url)?, true).await?;
+    let source = config.connect_source().await?;
     let schemas = source_schemas(config, &source).await?;
     source.close().await;
     let mut problems = config.validate(&schemas);
@@ -163,7 +163,7 @@ impl Migration {
     /// `today` is "now" unless the policy fixes `as_of`.
     pub async fn prepare(config: MigrationConfig, today: NaiveDate) -> Result<Self> {
         let policy_config = read_policy(&config)?;
-        let source = Db::connect(&config.resolve_url(&config.source.url)?, true).await?;
+        let source = config.connect_source().await?;
         let control = Control::open(&config.control_url()?).await?;
         if !config.source.allow_writable_role {
             let tables: Vec<String> = config.tables.keys().cloned().collect();

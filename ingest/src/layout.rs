@@ -3,7 +3,7 @@
 
 use crate::config::{MigrationConfig, TableConfig};
 use crate::db::{pg_select_expr, quote, Column, Db, DbKind, TableSchema};
-use crate::value::ColumnType;
+use crate::value::{ColumnType, Value};
 
 /// A BLOB column's positions.
 #[derive(Debug, Clone)]
@@ -40,6 +40,10 @@ pub struct TableLayout {
     pub joins: String,
     /// Per-table quarantine threshold.
     pub quarantine_threshold: Option<u64>,
+    /// The column holding the patient key when it is a plain integer or text column of the
+    /// table itself: its text is then taken from the value read, instead of selecting
+    /// `CAST(... AS TEXT)` (which costs the source a conversion per row).
+    pub patient_column: Option<usize>,
 }
 
 impl TableLayout {
@@ -76,6 +80,12 @@ impl TableLayout {
             patient_expr,
             joins,
             quarantine_threshold: table.quarantine_threshold,
+            patient_column: table.patient_key.as_deref().and_then(pos).filter(|&i| {
+                matches!(
+                    schema.columns[i].col_type,
+                    ColumnType::Int | ColumnType::Text
+                )
+            }),
             schema,
         }
     }
@@ -89,8 +99,18 @@ impl TableLayout {
     /// patient key.
     pub fn fetch_types(&self) -> Vec<ColumnType> {
         let mut t: Vec<ColumnType> = self.columns().iter().map(|c| c.col_type).collect();
-        t.push(ColumnType::Text);
+        if self.patient_column.is_none() {
+            t.push(ColumnType::Text);
+        }
         t
+    }
+
+    /// Takes a fetched row's patient key as text, leaving the row's own columns.
+    pub fn take_patient(&self, values: &mut Vec<Value>) -> Option<String> {
+        match self.patient_column {
+            Some(i) => values[i].as_key_text(),
+            None => values.pop().and_then(Value::into_key_text),
+        }
     }
 
     fn patient_text(&self) -> String {
@@ -112,12 +132,17 @@ impl TableLayout {
             .map(|c| {
                 let e = format!("t0.{}", quote(&c.name));
                 match db.kind() {
+                    // Integers, floats and text of any width arrive in binary as they are;
+                    // other types are converted by the server.
+                    DbKind::Postgres if arrives_as_is(c) => e,
                     DbKind::Postgres => pg_select_expr(&e, c.col_type),
                     DbKind::Sqlite => e,
                 }
             })
             .collect();
-        cols.push(self.patient_text());
+        if self.patient_column.is_none() {
+            cols.push(self.patient_text());
+        }
         let mut order = vec![self.patient_text()];
         if let Some(d) = self.record_date {
             order.push(format!("t0.{}", quote(&self.columns()[d].name)));
@@ -158,6 +183,17 @@ impl TableLayout {
             self.joins
         );
         Some((sql, vec![ColumnType::Text, col.col_type]))
+    }
+}
+
+/// Whether a PostgreSQL column's binary form is what the decoder reads for its type without a
+/// cast (`character(n)` is cast to drop its padding, as text always was).
+fn arrives_as_is(c: &Column) -> bool {
+    match c.col_type {
+        ColumnType::Int => matches!(c.decl_type.as_str(), "smallint" | "integer" | "bigint"),
+        ColumnType::Float => matches!(c.decl_type.as_str(), "real" | "double precision"),
+        ColumnType::Text => c.decl_type == "text" || c.decl_type.starts_with("character varying"),
+        _ => false,
     }
 }
 

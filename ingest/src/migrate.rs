@@ -389,7 +389,7 @@ impl Migration {
         };
         let mut values = row?;
         drop(rows);
-        let patient = values.pop().and_then(Value::into_key_text);
+        let patient = layout.take_patient(&mut values);
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
         if let Some((col, reason)) = coerce_row(&mut values, &types) {
             return Err(IngestError::Run(format!(
@@ -810,7 +810,7 @@ impl Migration {
             let mut values = row?;
             tally.report.source_rows += 1;
             let ordinal = (range.index, tally.report.source_rows);
-            let patient = values.pop().and_then(Value::into_key_text);
+            let patient = layout.take_patient(&mut values);
             let size = values.iter().map(Value::size).sum::<usize>() as u64;
             if let Some((col, reason)) = coerce_row(&mut values, &types) {
                 quarantine(

@@ -242,8 +242,16 @@ fn fixed<const N: usize>(field: &[u8]) -> std::result::Result<[u8; N], &'static 
 /// text, so that coercion names them instead of inventing a date.
 fn decode_field(field: &[u8], t: ColumnType) -> std::result::Result<Value, &'static str> {
     Ok(match t {
-        ColumnType::Int => Value::Int(i64::from_be_bytes(fixed(field)?)),
-        ColumnType::Float => Value::Float(f64::from_be_bytes(fixed(field)?)),
+        // smallint, integer or bigint, by width (selected without a cast).
+        ColumnType::Int => Value::Int(match field.len() {
+            2 => i16::from_be_bytes(fixed(field)?).into(),
+            4 => i32::from_be_bytes(fixed(field)?).into(),
+            _ => i64::from_be_bytes(fixed(field)?),
+        }),
+        ColumnType::Float => Value::Float(match field.len() {
+            4 => f32::from_be_bytes(fixed(field)?).into(),
+            _ => f64::from_be_bytes(fixed(field)?),
+        }),
         ColumnType::Bool => Value::Bool(fixed::<1>(field)?[0] != 0),
         ColumnType::Text | ColumnType::Other => Value::Text(
             std::str::from_utf8(field)

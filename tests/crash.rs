@@ -69,6 +69,18 @@ async fn create_source(url: &str) {
     db.close().await;
 }
 
+/// The body of `GET /metrics` at `addr`, if it answers.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response.split_once("\r\n\r\n")?.1.to_string())
+}
+
 /// Ranges checkpointed so far (0 before the checkpoint table exists).
 async fn checkpointed(operational: &str) -> u64 {
     let db = Db::connect(operational, false).await.unwrap();
@@ -159,9 +171,16 @@ blobs = [{{ column = "content", content_type = "application/pdf" }}]
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut kills = 0;
     let mut progress = Vec::new();
+    let mut scraped = None;
     while kills < 5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let metrics = format!("127.0.0.1:{port}");
         let mut child = std::process::Command::new(strata)
-            .args(["migrate", "--config", "strata.toml"])
+            .args(["migrate", "--config", "strata.toml", "--metrics", &metrics])
             .current_dir(dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -184,7 +203,10 @@ blobs = [{{ column = "content", content_type = "application/pdf" }}]
                 Some(d) if std::time::Instant::now() >= d => break,
                 Some(_) => {}
                 None if checkpointed(&operational).await > before => {
-                    deadline = Some(std::time::Instant::now() + extra)
+                    deadline = Some(std::time::Instant::now() + extra);
+                    if scraped.is_none() {
+                        scraped = scrape(&metrics);
+                    }
                 }
                 None => {}
             }
@@ -196,12 +218,25 @@ blobs = [{{ column = "content", content_type = "application/pdf" }}]
         progress.push(checkpointed(&operational).await);
     }
     eprintln!("ranges checkpointed after each kill: {progress:?}");
+    // While it ran, the run's progress was on /metrics.
+    let scraped = scraped.expect("/metrics answered while migrate ran");
+    assert!(
+        scraped.contains("# TYPE strata_migrate_rows_read_total counter")
+            && scraped.contains("strata_migrate_ranges_done{table=\""),
+        "{scraped}"
+    );
     assert!(
         progress[4] > 0,
         "kills land while ranges are being checkpointed: {progress:?}"
     );
     let out = std::process::Command::new(strata)
-        .args(["migrate", "--config", "strata.toml"])
+        .args([
+            "migrate",
+            "--config",
+            "strata.toml",
+            "--report",
+            "report.json",
+        ])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -257,6 +292,18 @@ blobs = [{{ column = "content", content_type = "application/pdf" }}]
             "{table}: source = operational {op:?} + archive {ar:?} + quarantine {q:?}"
         );
         found.insert(table, (op.rows, ar.rows, q.rows));
+    }
+    // The run report (written as JSON too) tells the same story.
+    let report: strata_ingest::RunReport =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+    for t in &report.tables {
+        let (op, ar, q) = found[t.table.as_str()];
+        assert_eq!(
+            (t.operational_rows, t.archive_rows, t.quarantined_rows),
+            (op, ar, q),
+            "{}",
+            t.table
+        );
     }
     // The data exercises every place: both tiers for each table, quarantine for observations.
     for (table, (op, ar, _)) in &found {

@@ -2,6 +2,7 @@
 
 mod config;
 mod demo;
+mod watch;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -93,6 +94,12 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics while the run lasts.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Serve the archive API.
     Serve {
@@ -492,9 +499,19 @@ async fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("{} integrity problem(s)", report.problems.len())
             }
         }
-        Command::Migrate { config, json } => {
+        Command::Migrate {
+            config,
+            json,
+            report: report_file,
+            metrics,
+        } => {
             let loaded = config::load(&config)?;
             let mut migration = Migration::prepare(loaded.migration, today()).await?;
+            let _metrics = match &metrics {
+                Some(addr) => Some(watch::serve_metrics(addr, migration.progress()).await?),
+                None => None,
+            };
+            let watcher = watch::show(migration.progress());
             let report = migration
                 .run(&mut |t| {
                     if !json {
@@ -508,7 +525,13 @@ async fn run(cli: Cli) -> Result<()> {
                         )
                     }
                 })
-                .await?;
+                .await;
+            watcher.abort();
+            let report = report?;
+            if let Some(path) = report_file {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -574,13 +597,17 @@ async fn run(cli: Cli) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Readable logs on a terminal, one JSON object per line otherwise (for log collectors).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+        .unwrap_or_else(|_| "warn,strata::watch=info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        logs.init();
+    } else {
+        logs.json().init();
+    }
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

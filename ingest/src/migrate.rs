@@ -18,6 +18,7 @@ use crate::error::{IngestError, Result};
 use crate::facts::{local_date, patient_facts, PatientTable};
 use crate::layout::TableLayout;
 use crate::load::{Load, TargetTx};
+use crate::progress::{RunProgress, TableProgress, PROGRESS_EVERY};
 use crate::ranges::{plan_ranges, KeyRange, RangePlan};
 use crate::report::{RunReport, TableReport, Tally};
 use crate::target_check::TargetChecks;
@@ -27,7 +28,7 @@ use chrono::NaiveDate;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
 use strata_cutoff_policies::{
@@ -36,6 +37,7 @@ use strata_cutoff_policies::{
 
 /// A prepared migration: source connected, config, policy and holds checked against its schema.
 pub struct Migration {
+    progress: RunProgress,
     config: MigrationConfig,
     source: Db,
     control: Control,
@@ -218,7 +220,13 @@ impl Migration {
             policy_config,
             policy,
             layouts,
+            progress: RunProgress::default(),
         })
+    }
+
+    /// The run's live progress (shared: clone it before [`Migration::run`] to watch).
+    pub fn progress(&self) -> RunProgress {
+        self.progress.clone()
     }
 
     /// The compiled policy.
@@ -507,6 +515,9 @@ impl Migration {
                 Some((s, Some(done))) if s == "done" => {
                     let table: TableReport = serde_json::from_str(&done)
                         .map_err(|e| IngestError::Run(format!("control database: {e}")))?;
+                    let p = self.progress.table(&layout.name);
+                    p.rows.store(table.source_rows, Ordering::Relaxed);
+                    p.done.store(1, Ordering::Relaxed);
                     on_table(&table);
                     report.tables.push(table);
                     continue;
@@ -542,9 +553,16 @@ impl Migration {
                 )
                 .await?;
             let done = checkpoints(&target, &run.run_id, &layout.name).await?;
-            let quarantined = Arc::new(AtomicU64::new(
-                done.iter().map(|c| c.tally.report.quarantined_rows).sum(),
-            ));
+            let table_progress = self.progress.table(&layout.name);
+            let sum = |f: fn(&TableReport) -> u64| done.iter().map(|c| f(&c.tally.report)).sum();
+            let p = &table_progress;
+            p.quarantined
+                .store(sum(|r| r.quarantined_rows), Ordering::Relaxed);
+            p.rows.store(sum(|r| r.source_rows), Ordering::Relaxed);
+            p.expected_rows
+                .store(plan.estimated_rows, Ordering::Relaxed);
+            p.ranges.store(plan.ranges.len() as u64, Ordering::Relaxed);
+            p.ranges_done.store(done.len() as u64, Ordering::Relaxed);
             let todo: Vec<&KeyRange> = plan
                 .ranges
                 .iter()
@@ -563,7 +581,7 @@ impl Migration {
                 run_id: &run.run_id,
                 snapshot: snapshot_id.as_deref(),
                 facts: &facts,
-                quarantined: &quarantined,
+                progress: &table_progress,
             };
             let mut copies = futures::stream::iter(todo)
                 .map(|range| self.copy_range(layout, range, &ctx))
@@ -593,6 +611,7 @@ impl Migration {
             control
                 .set_table_status(&run.run_id, &layout.name, "done", Some(&json))
                 .await?;
+            table_progress.done.store(1, Ordering::Relaxed);
             on_table(&table);
             report.tables.push(table);
         }
@@ -674,7 +693,7 @@ impl Migration {
             blobs: BlobStore::new(ctx.store.clone(), ctx.keys.clone()),
             pending: PendingBlobs::default(),
             quarantine: Vec::new(),
-            quarantined: ctx.quarantined.clone(),
+            progress: ctx.progress.clone(),
             destroyed: Destroyed::default(),
             checks: ctx.checks,
             seen_keys: (ctx.unique_keys_unchecked && !layout.key.is_empty())
@@ -726,6 +745,7 @@ impl Migration {
         )
         .await?;
         tx.commit().await?;
+        ctx.progress.ranges_done.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             table = %layout.name,
             range = range.index,
@@ -806,12 +826,23 @@ impl Migration {
         let ordered = writers.is_some() && self.policy.may_archive(&layout.name);
         let sql = layout.select_where(&self.source, range.filter.as_deref(), ordered);
         let mut rows = self.source.fetch_in(sql, layout.fetch_types(), snapshot);
+        let progress = self.progress.table(&layout.name);
+        let (mut unreported_rows, mut unreported_bytes) = (0, 0);
         while let Some(row) = rows.next().await {
             let mut values = row?;
             tally.report.source_rows += 1;
             let ordinal = (range.index, tally.report.source_rows);
             let patient = layout.take_patient(&mut values);
             let size = values.iter().map(Value::size).sum::<usize>() as u64;
+            unreported_rows += 1;
+            unreported_bytes += size;
+            if unreported_rows == PROGRESS_EVERY {
+                progress.rows.fetch_add(unreported_rows, Ordering::Relaxed);
+                progress
+                    .bytes
+                    .fetch_add(unreported_bytes, Ordering::Relaxed);
+                (unreported_rows, unreported_bytes) = (0, 0);
+            }
             if let Some((col, reason)) = coerce_row(&mut values, &types) {
                 quarantine(
                     layout,
@@ -908,6 +939,10 @@ impl Migration {
                 }
             }
         }
+        progress.rows.fetch_add(unreported_rows, Ordering::Relaxed);
+        progress
+            .bytes
+            .fetch_add(unreported_bytes, Ordering::Relaxed);
         let Some(mut w) = writers else {
             return Ok(RangeOutcome {
                 tally,
@@ -958,7 +993,7 @@ fn quarantine(
             tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
             w.quarantine
                 .push(Quarantined::new(layout, key, col, reason, values));
-            w.quarantined.fetch_add(1, Ordering::SeqCst) + 1
+            w.progress.quarantined.fetch_add(1, Ordering::SeqCst) + 1
         }
         None => tally.report.quarantined_rows,
     };
@@ -1124,8 +1159,9 @@ struct Writers<'c> {
     pending: PendingBlobs,
     /// The range's quarantined rows, inserted with its checkpoint.
     quarantine: Vec<Quarantined>,
-    /// Rows quarantined in the table so far, by every range (for the threshold).
-    quarantined: Arc<AtomicU64>,
+    /// The table's progress; its quarantined rows, counted by every range, are what the
+    /// threshold is checked against.
+    progress: Arc<TableProgress>,
     destroyed: Destroyed,
     checks: &'c TargetChecks,
     /// Hashes of the keys seen in this range, when the source does not enforce them.
@@ -1174,7 +1210,7 @@ struct RangeContext<'a> {
     run_id: &'a str,
     snapshot: Option<&'a str>,
     facts: &'a HashMap<String, PatientFacts>,
-    quarantined: &'a Arc<AtomicU64>,
+    progress: &'a Arc<TableProgress>,
 }
 
 /// What reading a range produced.

@@ -26,6 +26,9 @@ pub(crate) struct RangePlan {
     pub ranges: Vec<KeyRange>,
     /// Whether the ranges select the same rows under any snapshot (key ranges).
     pub stable: bool,
+    /// The source's estimate of the table's rows when it was planned.
+    #[serde(default)]
+    pub estimated_rows: u64,
 }
 
 impl RangePlan {
@@ -36,6 +39,7 @@ impl RangePlan {
                 filter: None,
             }],
             stable: true,
+            estimated_rows: 0,
         }
     }
 }
@@ -92,7 +96,10 @@ pub(crate) async fn plan_ranges(
     };
     let n = rows.div_ceil(rows_per_range.max(1)).clamp(1, 10_000);
     if n == 1 {
-        return Ok(RangePlan::whole());
+        return Ok(RangePlan {
+            estimated_rows: rows,
+            ..RangePlan::whole()
+        });
     }
     let (column, bounds, stable): (String, Vec<String>, bool) = if let Some(k) = key {
         let Some(bounds) = int_bounds(source, &k, &table, n).await? else {
@@ -119,7 +126,10 @@ pub(crate) async fn plan_ranges(
             }
         }
     };
-    Ok(split(&column, &bounds, stable))
+    Ok(RangePlan {
+        estimated_rows: rows,
+        ..split(&column, &bounds, stable)
+    })
 }
 
 /// `n - 1` equal-width bounds between the smallest and largest value of an integer column;
@@ -173,7 +183,11 @@ fn split(column: &str, bounds: &[String], stable: bool) -> RangePlan {
             filter: Some(filter),
         });
     }
-    RangePlan { ranges, stable }
+    RangePlan {
+        ranges,
+        stable,
+        estimated_rows: 0,
+    }
 }
 
 #[cfg(test)]

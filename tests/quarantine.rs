@@ -60,10 +60,10 @@ async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arri
     // A table with a text key, read in rowid ranges of 100 rows: its two rows with the same key
     // are loaded by different ranges; the second moves to quarantine before the key is built.
     db.execute(
-        "CREATE TABLE codes (code TEXT, label TEXT); \
+        "CREATE TABLE codes (code TEXT, label TEXT, loinc TEXT); \
          WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300) \
-         INSERT INTO codes SELECT 'K' || i, 'label ' || i FROM n; \
-         INSERT INTO codes VALUES ('K5', 'again');",
+         INSERT INTO codes SELECT 'K' || i, 'label ' || i, CASE WHEN i = 9 THEN '2345-6' ELSE '2345-7' END FROM n; \
+         INSERT INTO codes VALUES ('K5', 'again', '718-7');",
     )
     .await
     .unwrap();
@@ -98,12 +98,40 @@ async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arri
     .unwrap();
 
     let config = load_config(&dir.path().join("strata.toml"));
-    let report = Migration::prepare(config, as_of())
+    let mut migration = Migration::prepare(config, as_of()).await.unwrap();
+
+    // Before the run, `check` counts in the data what the designed table would refuse, and
+    // `profile` describes the columns.
+    let findings: Vec<String> = migration
+        .check()
         .await
         .unwrap()
-        .run(&mut |_| {})
-        .await
-        .unwrap();
+        .iter()
+        .map(|f| f.to_line())
+        .collect();
+    for expected in [
+        "warning results.code: would be truncated: longer than the column allows: these rows will be quarantined (1 rows)",
+        "warning results.amount: numeric value too large for the column: these rows will be quarantined (1 rows)",
+        "warning results.patient_id: NULL in a NOT NULL column: these rows will be quarantined (1 rows)",
+        "warning results.taken_at: not a valid timestamp: these rows will be quarantined (1 rows)",
+        "info    codes: no operational table yet: it will be created from the source's columns (types mapped to the target engine's)",
+    ] {
+        assert!(findings.iter().any(|f| f == expected), "{expected}\n{findings:#?}");
+    }
+    let profiles = migration.profile(as_of()).await.unwrap();
+    let codes = profiles.iter().find(|p| p.table == "codes").unwrap();
+    assert_eq!((codes.rows, codes.duplicate_keys), (301, 1));
+    let loinc = codes.columns.iter().find(|c| c.column == "loinc").unwrap();
+    assert_eq!(loinc.invalid_codes, Some(("LOINC".into(), 1)));
+    assert_eq!(loinc.distinct, 3);
+    let results = profiles.iter().find(|p| p.table == "results").unwrap();
+    let column = |name: &str| results.columns.iter().find(|c| c.column == name).unwrap();
+    assert_eq!(column("patient_id").nulls, 1);
+    assert_eq!(column("taken_at").unreadable, 1);
+    assert_eq!(column("visits").max.as_deref(), Some("9999999999"));
+    assert_eq!(results.duplicate_keys, 1);
+
+    let report = migration.run(&mut |_| {}).await.unwrap();
     let codes = &report.tables[0];
     assert_eq!(
         (

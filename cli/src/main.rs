@@ -63,6 +63,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare each source table with the operational table it will load: what would be
+    /// truncated, rounded or refused, counted in the data. Moves nothing.
+    Check {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Profile each configured table: null rate, distinct values, range, duplicate keys,
+    /// implausible dates, invalid LOINC, ICD-10-CM and NPI codes. Moves nothing.
+    Profile {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Explain how the policy decides one record: its facts and each rule.
     Explain {
         #[arg(long, default_value = "strata.toml")]
@@ -320,6 +338,40 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(path) => std::fs::write(&path, draft)
                     .with_context(|| format!("cannot write {}", path.display()))?,
                 None => print!("{draft}"),
+            }
+            Ok(())
+        }
+        Command::Check { config, json } => {
+            let loaded = config::load(&config)?;
+            let migration = Migration::prepare(loaded.migration, today()).await?;
+            let findings = migration.check().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&findings)?);
+            } else if findings.is_empty() {
+                println!("every table fits its operational table");
+            } else {
+                for f in &findings {
+                    println!("{}", f.to_line());
+                }
+            }
+            if findings
+                .iter()
+                .any(|f| f.severity == strata_ingest::Severity::Error)
+            {
+                anyhow::bail!("the operational schema cannot take the source as configured");
+            }
+            Ok(())
+        }
+        Command::Profile { config, json } => {
+            let loaded = config::load(&config)?;
+            let migration = Migration::prepare(loaded.migration, today()).await?;
+            let profiles = migration.profile(today()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&profiles)?);
+            } else {
+                for p in &profiles {
+                    println!("{}", p.to_text());
+                }
             }
             Ok(())
         }

@@ -224,6 +224,16 @@ impl Migration {
         })
     }
 
+    /// The source database.
+    pub(crate) fn source(&self) -> &Db {
+        &self.source
+    }
+
+    /// The configuration.
+    pub(crate) fn config(&self) -> &MigrationConfig {
+        &self.config
+    }
+
     /// The run's live progress (shared: clone it before [`Migration::run`] to watch).
     pub fn progress(&self) -> RunProgress {
         self.progress.clone()
@@ -1265,7 +1275,10 @@ impl Quarantined {
 
 /// Coerces every value to its column's type in place; on failure returns the column and the
 /// reason and leaves the row as read.
-fn coerce_row(values: &mut [Value], types: &[ColumnType]) -> Option<(usize, &'static str)> {
+pub(crate) fn coerce_row(
+    values: &mut [Value],
+    types: &[ColumnType],
+) -> Option<(usize, &'static str)> {
     for (i, (v, t)) in values.iter_mut().zip(types).enumerate() {
         if already(v, *t) {
             continue;

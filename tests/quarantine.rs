@@ -8,6 +8,30 @@ use strata_ingest::{ColumnType, Db, Migration, Value};
 
 const GOOD_ROWS: i64 = 500;
 
+/// A SQLite legacy database in `dir` made by `sql`; returns its URL.
+async fn legacy_sqlite(dir: &std::path::Path, sql: &str) -> String {
+    let source = format!("sqlite://{}", dir.join("legacy.db").display());
+    let db = Db::connect(&format!("{source}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(sql).await.unwrap();
+    db.close().await;
+    source
+}
+
+/// Writes `strata.toml`, a policy pinning `tables` to the operational tier, and a KEK.
+fn write_files(dir: &std::path::Path, config: &str, tables: &[&str]) {
+    std::fs::write(dir.join("strata.toml"), config).unwrap();
+    let mut policy =
+        "version = \"q\"\n[defaults]\narchive_after = \"1y\"\npatient_inactive_after = \"1y\"\n"
+            .to_string();
+    for t in tables {
+        policy.push_str(&format!("[tables.{t}]\ntier = \"operational\"\n"));
+    }
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    std::fs::write(dir.join("kek.hex"), strata_archive::Kek::generate_hex()).unwrap();
+}
+
 /// (id, what is wrong with it, the reason expected in quarantine, the column named)
 const PLANTED: [(i64, &str, &str, &str); 9] = [
     (1001, "a date that is not a date", "not a valid timestamp", "taken_at"),
@@ -78,24 +102,14 @@ async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arri
         )
         .await
         .unwrap();
-    std::fs::write(
-        dir.path().join("strata.toml"),
-        format!(
+    write_files(
+        dir.path(),
+        &format!(
             "[source]\nurl = \"{source}\"\n[operational]\nurl = \"{operational}\"\n[archive]\nlocation = \"archive\"\nkek_id = \"k\"\nkek_file = \"kek.hex\"\n[policy]\nfile = \"policy.toml\"\n\
              [run]\nrows_per_range = 100\n[tables.codes]\nprimary_key = [\"code\"]\n[tables.results]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken_at\"\n"
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("policy.toml"),
-        "version = \"q\"\n[defaults]\narchive_after = \"1y\"\npatient_inactive_after = \"1y\"\n[tables.results]\ntier = \"operational\"\n[tables.codes]\ntier = \"operational\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("kek.hex"),
-        strata_archive::Kek::generate_hex(),
-    )
-    .unwrap();
+        &["results", "codes"],
+    );
 
     let config = load_config(&dir.path().join("strata.toml"));
     let mut migration = Migration::prepare(config, as_of()).await.unwrap();
@@ -222,5 +236,110 @@ async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arri
         .await
         .unwrap();
     assert!(kept[0][0].as_key_text().unwrap().contains("TOO-LONG-CODE"));
+    target.close().await;
+}
+
+#[tokio::test]
+async fn declared_mappings_rename_map_values_default_nulls_and_parse_local_dates() {
+    let dir = TestDir::new();
+    let source = legacy_sqlite(
+        dir.path(),
+        "CREATE TABLE visits (id INTEGER PRIMARY KEY, pat INTEGER, st TEXT, seen TIMESTAMP, ward TEXT);
+         INSERT INTO visits VALUES (1, 10, 'A', '31/01/2015 08:30', 'icu');
+         INSERT INTO visits VALUES (2, 11, 'I', '01/02/2015 17:05', NULL);
+         INSERT INTO visits VALUES (3, 12, 'X', '2015-02-03', 'icu');",
+    )
+    .await;
+    let operational = create_pg_database("strata_mapping_op").await;
+    write_files(
+        dir.path(),
+        &format!(
+            r#"
+[source]
+url = "{source}"
+[operational]
+url = "{operational}"
+[archive]
+location = "archive"
+kek_id = "k"
+kek_file = "kek.hex"
+[policy]
+file = "policy.toml"
+[tables.visits]
+primary_key = ["id"]
+patient_key = "pat"
+record_date = "seen"
+[tables.visits.columns.st]
+rename = "status"
+values = {{ A = "active", I = "inactive" }}
+[tables.visits.columns.seen]
+rename = "seen_at"
+date_format = "%d/%m/%Y %H:%M"
+[tables.visits.columns.ward]
+default = "general"
+"#
+        ),
+        &["visits"],
+    );
+    let config = load_config(&dir.path().join("strata.toml"));
+    let report = Migration::prepare(config, as_of())
+        .await
+        .unwrap()
+        .run(&mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            report.tables[0].operational_rows,
+            report.tables[0].quarantined_rows
+        ),
+        (2, 1)
+    );
+    let target = Db::connect(&operational, false).await.unwrap();
+    let rows = target
+        .fetch_all(
+            "SELECT id, status, seen_at::text, ward FROM visits ORDER BY id".into(),
+            vec![
+                ColumnType::Int,
+                ColumnType::Text,
+                ColumnType::Text,
+                ColumnType::Text,
+            ],
+        )
+        .await
+        .unwrap();
+    let t = |s: &str| Value::Text(s.into());
+    assert_eq!(
+        rows,
+        [
+            vec![
+                Value::Int(1),
+                t("active"),
+                t("2015-01-31 08:30:00"),
+                t("icu")
+            ],
+            vec![
+                Value::Int(2),
+                t("inactive"),
+                t("2015-02-01 17:05:00"),
+                t("general")
+            ],
+        ]
+    );
+    let q = target
+        .fetch_all(
+            "SELECT row_key, column_name, reason FROM _strata_quarantine".into(),
+            vec![ColumnType::Text; 3],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        q,
+        [vec![
+            t("id=3"),
+            t("seen"),
+            t("does not match the column's date format")
+        ]]
+    );
     target.close().await;
 }

@@ -48,6 +48,7 @@ pub fn archive_schema(layout: &TableLayout) -> SchemaRef {
         Field::new(KEY_COLUMN, DataType::Utf8, false),
     ];
     for (i, c) in layout.columns().iter().enumerate() {
+        let name = &layout.target_names[i];
         if layout.blobs.iter().any(|b| b.column == i) {
             let types = [
                 DataType::Utf8,
@@ -56,10 +57,10 @@ pub fn archive_schema(layout: &TableLayout) -> SchemaRef {
                 DataType::Utf8,
             ];
             for (suffix, t) in BLOB_REF_SUFFIXES.iter().zip(types) {
-                fields.push(Field::new(format!("{}{suffix}", c.name), t, true));
+                fields.push(Field::new(format!("{name}{suffix}"), t, true));
             }
         } else {
-            fields.push(Field::new(&c.name, arrow_type(c.col_type), true));
+            fields.push(Field::new(name, arrow_type(c.col_type), true));
         }
     }
     Arc::new(Schema::new(fields))

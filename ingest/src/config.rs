@@ -118,6 +118,10 @@ pub struct TableConfig {
     /// BLOB columns stored as encrypted objects in the archive.
     #[serde(default)]
     pub blobs: Vec<BlobColumnConfig>,
+    /// How columns are mapped on the way: renamed, their values mapped, NULLs defaulted, dates
+    /// parsed with an explicit format and time zone. By source column name.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnMapping>,
     /// For a CSV source: column types by column name (INTEGER, REAL, DATE, TIMESTAMP, TEXT, or
     /// any SQLite type name) instead of inferring them from the values.
     #[serde(default)]
@@ -125,6 +129,32 @@ pub struct TableConfig {
     /// Stop the run when more rows than this are quarantined in this table. By default, no limit.
     #[serde(default)]
     pub quarantine_threshold: Option<u64>,
+}
+
+/// `[tables.T.columns.C]`: what happens to one column's values between source and tiers.
+/// Applied in this order: `values`, `default`, `date_format`; then the value is read as the
+/// column's type like any other (a value that still does not fit is quarantined).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnMapping {
+    /// The column's name in the operational table and the archive.
+    #[serde(default)]
+    pub rename: Option<String>,
+    /// Value map for codes and statuses (`{ A = "active", I = "inactive" }`), compared as
+    /// text; values not listed pass unchanged.
+    #[serde(default)]
+    pub values: BTreeMap<String, String>,
+    /// The value a NULL becomes (as text, read as the column's type).
+    #[serde(default)]
+    pub default: Option<String>,
+    /// The format text dates and times are written in (chrono's `strftime` syntax, e.g.
+    /// `%d/%m/%Y %H:%M`); a value that does not match is quarantined.
+    #[serde(default)]
+    pub date_format: Option<String>,
+    /// The time zone those local times are in (`UTC` or an offset such as `+01:00`), for a
+    /// timestamp-with-time-zone column. By default, UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 /// "This table's patient is the patient of the `via` row that `foreign_key` points to."
@@ -267,10 +297,22 @@ impl MigrationConfig {
             if let Some(c) = &t.record_date {
                 check("record_date", c);
             }
+            for c in t.columns.keys() {
+                check("columns", c);
+            }
             for b in &t.blobs {
                 check("blobs.column", &b.column);
                 if let Some(c) = &b.content_type_column {
                     check("blobs.content_type_column", c);
+                }
+            }
+            for (c, m) in &t.columns {
+                if let Some(tz) = &m.timezone {
+                    if crate::mapping::parse_offset(tz).is_none() {
+                        problems.push(format!(
+                            "[tables.{name}.columns.{c}] timezone: {tz:?} is not UTC or an offset like +01:00"
+                        ));
+                    }
                 }
             }
             if t.patient_key.is_some() && t.patient.is_some() {

@@ -264,7 +264,7 @@ impl Migration {
             }
             let target_schema = target.table_schema(&layout.name).await?;
             for t in &target_schema.columns {
-                if layout.schema.column(&t.name).is_none() && !t.nullable {
+                if !layout.target_names.contains(&t.name) && !t.nullable {
                     findings.push(finding(
                         Severity::Error,
                         Some(&t.name),
@@ -274,8 +274,8 @@ impl Migration {
                 }
             }
             let mut targets: Vec<Column> = Vec::new();
-            for c in layout.columns() {
-                let Some(t) = target_schema.column(&c.name) else {
+            for (c, name) in layout.columns().iter().zip(&layout.target_names) {
+                let Some(t) = target_schema.column(name) else {
                     findings.push(finding(
                         Severity::Error,
                         Some(&c.name),
@@ -313,7 +313,10 @@ impl Migration {
                 let mut values = row?;
                 layout.take_patient(&mut values);
                 values.truncate(types.len());
-                if let Some((col, reason)) = crate::migrate::coerce_row(&mut values, &types) {
+                if let Some((col, reason)) = layout
+                    .map_row(&mut values)
+                    .or_else(|| crate::migrate::coerce_row(&mut values, &types))
+                {
                     *unreadable[col].entry(reason).or_default() += 1;
                     continue;
                 }

@@ -44,6 +44,10 @@ pub struct TableLayout {
     /// table itself: its text is then taken from the value read, instead of selecting
     /// `CAST(... AS TEXT)` (which costs the source a conversion per row).
     pub patient_column: Option<usize>,
+    /// Per column, its declared mapping (None when it maps nothing).
+    pub maps: Vec<Option<crate::mapping::ColumnMap>>,
+    /// Per column, its name in the operational table and the archive (renamed or not).
+    pub target_names: Vec<String>,
 }
 
 impl TableLayout {
@@ -57,6 +61,11 @@ impl TableLayout {
     ) -> Self {
         let pos = |c: &str| schema.columns.iter().position(|col| col.name == c);
         let (patient_expr, joins) = patient_expr(config, name);
+        let mappings: Vec<Option<&crate::config::ColumnMapping>> = schema
+            .columns
+            .iter()
+            .map(|c| table.columns.get(&c.name))
+            .collect();
         TableLayout {
             name: name.to_string(),
             key: table.primary_key.iter().filter_map(|c| pos(c)).collect(),
@@ -80,6 +89,22 @@ impl TableLayout {
             patient_expr,
             joins,
             quarantine_threshold: table.quarantine_threshold,
+            maps: mappings
+                .iter()
+                .map(|m| {
+                    m.map(crate::mapping::ColumnMap::new)
+                        .filter(|m| !m.is_identity())
+                })
+                .collect(),
+            target_names: schema
+                .columns
+                .iter()
+                .zip(&mappings)
+                .map(|(c, m)| {
+                    m.and_then(|m| m.rename.clone())
+                        .unwrap_or_else(|| c.name.clone())
+                })
+                .collect(),
             patient_column: table.patient_key.as_deref().and_then(pos).filter(|&i| {
                 matches!(
                     schema.columns[i].col_type,
@@ -103,6 +128,48 @@ impl TableLayout {
             t.push(ColumnType::Text);
         }
         t
+    }
+
+    /// The table as the operational database and the archive name it: columns and primary
+    /// key renamed as configured.
+    pub fn target_schema(&self) -> TableSchema {
+        let rename = |name: &str| {
+            self.columns()
+                .iter()
+                .position(|c| c.name == name)
+                .map_or(name.to_string(), |i| self.target_names[i].clone())
+        };
+        TableSchema {
+            name: self.name.clone(),
+            columns: self
+                .columns()
+                .iter()
+                .zip(&self.target_names)
+                .map(|(c, n)| Column {
+                    name: n.clone(),
+                    ..c.clone()
+                })
+                .collect(),
+            primary_key: self.schema.primary_key.iter().map(|k| rename(k)).collect(),
+            foreign_keys: Vec::new(),
+        }
+    }
+
+    /// Applies the declared mappings to a row read (its own columns only); on failure, the
+    /// column and the reason.
+    pub fn map_row(&self, values: &mut [Value]) -> Option<(usize, &'static str)> {
+        for (i, (v, m)) in values.iter_mut().zip(&self.maps).enumerate() {
+            if let Some(m) = m {
+                match m.apply(
+                    std::mem::replace(v, Value::Null),
+                    self.columns()[i].col_type,
+                ) {
+                    Ok(mapped) => *v = mapped,
+                    Err(reason) => return Some((i, reason)),
+                }
+            }
+        }
+        None
     }
 
     /// Takes a fetched row's patient key as text, leaving the row's own columns.

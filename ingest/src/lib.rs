@@ -26,6 +26,7 @@ mod init;
 mod inspect;
 mod layout;
 mod load;
+mod mapping;
 mod migrate;
 mod pg_copy;
 mod progress;
@@ -35,7 +36,8 @@ mod target_check;
 mod value;
 
 pub use config::{
-    BlobColumnConfig, DatabaseConfig, MigrationConfig, PatientVia, PolicyFileConfig, TableConfig,
+    BlobColumnConfig, ColumnMapping, DatabaseConfig, MigrationConfig, PatientVia, PolicyFileConfig,
+    TableConfig,
 };
 pub use control::{Control, DestructionRecord, HoldRecord, RunRecord};
 pub use db::{quote, redact, Column, Db, DbKind, TableSchema};

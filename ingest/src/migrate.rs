@@ -409,7 +409,10 @@ impl Migration {
         drop(rows);
         let patient = layout.take_patient(&mut values);
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
-        if let Some((col, reason)) = coerce_row(&mut values, &types) {
+        if let Some((col, reason)) = layout
+            .map_row(&mut values)
+            .or_else(|| coerce_row(&mut values, &types))
+        {
             return Err(IngestError::Run(format!(
                 "{table} {key}: column {}: {reason}: the row goes to quarantine",
                 layout.columns()[col].name
@@ -553,7 +556,8 @@ impl Migration {
                 None => plan_ranges(&self.source, layout, self.config.run.rows_per_range).await?,
             };
             let target_columns =
-                prepare_target_table(&self.source, &target, &layout.schema, started).await?;
+                prepare_target_table(&self.source, &target, &layout.target_schema(), started)
+                    .await?;
             control
                 .set_table_status(
                     &run.run_id,
@@ -672,7 +676,7 @@ impl Migration {
         let blob_columns = layout
             .blobs
             .iter()
-            .map(|b| layout.columns()[b.column].name.clone())
+            .map(|b| layout.target_names[b.column].clone())
             .collect();
         let archive = TableWriter::new(
             ctx.store.clone(),
@@ -687,7 +691,7 @@ impl Migration {
             TableWriterOptions {
                 // A one-column key is distinct; columns of a composite key are not.
                 distinct_columns: match layout.key[..] {
-                    [k] => vec![layout.columns()[k].name.clone()],
+                    [k] => vec![layout.target_names[k].clone()],
                     _ => Vec::new(),
                 },
                 ..Default::default()
@@ -799,7 +803,7 @@ impl Migration {
         } else {
             quarantine_duplicate_keys(target, layout, run_id).await?
         };
-        add_primary_key(target, &layout.schema, target_columns).await?;
+        add_primary_key(target, &layout.target_schema(), target_columns).await?;
         let mut tally = Tally::new(&layout.name);
         let mut destroyed = Destroyed::default();
         let mut manifests = Vec::new();
@@ -853,7 +857,10 @@ impl Migration {
                     .fetch_add(unreported_bytes, Ordering::Relaxed);
                 (unreported_rows, unreported_bytes) = (0, 0);
             }
-            if let Some((col, reason)) = coerce_row(&mut values, &types) {
+            if let Some((col, reason)) = layout
+                .map_row(&mut values)
+                .or_else(|| coerce_row(&mut values, &types))
+            {
                 quarantine(
                     layout,
                     &mut tally,
@@ -1533,13 +1540,13 @@ async fn quarantine_duplicate_keys(target: &Db, layout: &TableLayout, run_id: &s
     let keys: Vec<String> = layout
         .key
         .iter()
-        .map(|&k| quote(&layout.columns()[k].name))
+        .map(|&k| quote(&layout.target_names[k]))
         .collect();
     let key_text = layout
         .key
         .iter()
         .map(|&k| {
-            let name = &layout.columns()[k].name;
+            let name = &layout.target_names[k];
             format!(
                 "{} || COALESCE(t.{}::text, 'NULL')",
                 lit(&format!("{name}=")),
@@ -1560,7 +1567,7 @@ async fn quarantine_duplicate_keys(target: &Db, layout: &TableLayout, run_id: &s
             k = keys.join(", "),
             run = lit(run_id),
             name = lit(&layout.name),
-            first = lit(&layout.columns()[layout.key[0]].name),
+            first = lit(&layout.target_names[layout.key[0]]),
             reason = lit(CROSS_RANGE_DUPLICATE),
         ))
         .await?;

@@ -240,14 +240,20 @@ async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arri
 }
 
 #[tokio::test]
-async fn declared_mappings_rename_map_values_default_nulls_and_parse_local_dates() {
+async fn declared_mappings_rename_map_values_default_nulls_parse_local_dates_convert_units_and_compute(
+) {
     let dir = TestDir::new();
     let source = legacy_sqlite(
         dir.path(),
         "CREATE TABLE visits (id INTEGER PRIMARY KEY, pat INTEGER, st TEXT, seen TIMESTAMP, ward TEXT);
          INSERT INTO visits VALUES (1, 10, 'A', '31/01/2015 08:30', 'icu');
          INSERT INTO visits VALUES (2, 11, 'I', '01/02/2015 17:05', NULL);
-         INSERT INTO visits VALUES (3, 12, 'X', '2015-02-03', 'icu');",
+         INSERT INTO visits VALUES (3, 12, 'X', '2015-02-03', 'icu');
+         CREATE TABLE labs (id INTEGER PRIMARY KEY, pat INTEGER, loinc TEXT, val REAL, unit TEXT);
+         INSERT INTO labs VALUES (1, 10, '2345-7', 100.0, 'mg/dL');
+         INSERT INTO labs VALUES (2, 10, '718-7', 13.5, 'g/dL');
+         INSERT INTO labs VALUES (3, 11, '2345-7', 6.1, 'mmol/L');
+         INSERT INTO labs VALUES (4, 11, '1234-5', 42.0, 'mg/dL');",
     )
     .await;
     let operational = create_pg_database("strata_mapping_op").await;
@@ -277,9 +283,16 @@ rename = "seen_at"
 date_format = "%d/%m/%Y %H:%M"
 [tables.visits.columns.ward]
 default = "general"
+[tables.labs]
+primary_key = ["id"]
+patient_key = "pat"
+[tables.labs.columns.val]
+convert_units = {{ unit_column = "unit", code_column = "loinc", to = "SI" }}
+[tables.labs.computed.tag]
+expr = "loinc || '@' || pat"
 "#
         ),
-        &["visits"],
+        &["visits", "labs"],
     );
     let config = load_config(&dir.path().join("strata.toml"));
     let report = Migration::prepare(config, as_of())
@@ -288,13 +301,8 @@ default = "general"
         .run(&mut |_| {})
         .await
         .unwrap();
-    assert_eq!(
-        (
-            report.tables[0].operational_rows,
-            report.tables[0].quarantined_rows
-        ),
-        (2, 1)
-    );
+    let visits = report.tables.iter().find(|t| t.table == "visits").unwrap();
+    assert_eq!((visits.operational_rows, visits.quarantined_rows), (2, 1));
     let target = Db::connect(&operational, false).await.unwrap();
     let rows = target
         .fetch_all(
@@ -340,6 +348,23 @@ default = "general"
             t("seen"),
             t("does not match the column's date format")
         ]]
+    );
+    // Lab values in SI units where Strata knows the analyte, and a computed column.
+    let labs = target
+        .fetch_all(
+            "SELECT val::text, unit, tag FROM labs ORDER BY id".into(),
+            vec![ColumnType::Text; 3],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        labs,
+        [
+            vec![t("5.55"), t("mmol/L"), t("2345-7@10")],
+            vec![t("135"), t("g/L"), t("718-7@10")],
+            vec![t("6.1"), t("mmol/L"), t("2345-7@11")],
+            vec![t("42"), t("mg/dL"), t("1234-5@11")],
+        ]
     );
     target.close().await;
 }

@@ -122,6 +122,11 @@ pub struct TableConfig {
     /// parsed with an explicit format and time zone. By source column name.
     #[serde(default)]
     pub columns: BTreeMap<String, ColumnMapping>,
+    /// Computed columns, by name: a SQL expression over the table's columns (evaluated by the
+    /// source when it is read) and the column's type. They go to the operational table and the
+    /// archive like any other column.
+    #[serde(default)]
+    pub computed: BTreeMap<String, ComputedColumn>,
     /// For a CSV source: column types by column name (INTEGER, REAL, DATE, TIMESTAMP, TEXT, or
     /// any SQLite type name) instead of inferring them from the values.
     #[serde(default)]
@@ -129,6 +134,38 @@ pub struct TableConfig {
     /// Stop the run when more rows than this are quarantined in this table. By default, no limit.
     #[serde(default)]
     pub quarantine_threshold: Option<u64>,
+}
+
+/// `[tables.T.computed.NAME]`: a column computed from the row.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputedColumn {
+    /// A SQL expression in the source's dialect, e.g. `first_name || ' ' || last_name`.
+    pub expr: String,
+    /// text, integer, real, boolean, date, timestamp or timestamptz. By default, text.
+    #[serde(default = "default_computed_type", rename = "type")]
+    pub type_name: String,
+}
+
+fn default_computed_type() -> String {
+    "text".into()
+}
+
+impl ComputedColumn {
+    /// The column type, if the name is one Strata knows.
+    pub fn column_type(&self) -> Option<crate::ColumnType> {
+        use crate::ColumnType as T;
+        Some(match self.type_name.to_ascii_lowercase().as_str() {
+            "text" => T::Text,
+            "integer" | "bigint" | "int" => T::Int,
+            "real" | "double" | "float" => T::Float,
+            "boolean" | "bool" => T::Bool,
+            "date" => T::Date,
+            "timestamp" => T::Timestamp,
+            "timestamptz" => T::TimestampTz,
+            _ => return None,
+        })
+    }
 }
 
 /// `[tables.T.columns.C]`: what happens to one column's values between source and tiers.
@@ -155,6 +192,30 @@ pub struct ColumnMapping {
     /// timestamp-with-time-zone column. By default, UTC.
     #[serde(default)]
     pub timezone: Option<String>,
+    /// Converts lab values between conventional and SI units for the analytes Strata knows
+    /// (by LOINC code: glucose, cholesterol, triglycerides, creatinine, urea nitrogen,
+    /// hemoglobin), rewriting the unit column too.
+    #[serde(default)]
+    pub convert_units: Option<UnitConversionConfig>,
+}
+
+/// `convert_units = { unit_column = "unit", code_column = "loinc_code", to = "SI" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitConversionConfig {
+    /// The column holding each value's unit (rewritten when the value is converted).
+    pub unit_column: String,
+    /// The column holding the analyte's LOINC code.
+    pub code_column: String,
+    /// `SI` (mg/dL to mmol/L and the like) or `conventional` (the reverse).
+    pub to: String,
+    /// Decimal places kept after conversion. By default, 2.
+    #[serde(default = "default_decimals")]
+    pub decimals: u32,
+}
+
+fn default_decimals() -> u32 {
+    2
 }
 
 /// "This table's patient is the patient of the `via` row that `foreign_key` points to."
@@ -300,13 +361,37 @@ impl MigrationConfig {
             for c in t.columns.keys() {
                 check("columns", c);
             }
+
             for b in &t.blobs {
                 check("blobs.column", &b.column);
                 if let Some(c) = &b.content_type_column {
                     check("blobs.content_type_column", c);
                 }
             }
+            for (c, computed) in &t.computed {
+                if computed.column_type().is_none() {
+                    problems.push(format!(
+                        "[tables.{name}.computed.{c}] type: {:?} is not text, integer, real, boolean, date, timestamp or timestamptz",
+                        computed.type_name
+                    ));
+                }
+            }
             for (c, m) in &t.columns {
+                if let Some(u) = &m.convert_units {
+                    for col in [&u.unit_column, &u.code_column] {
+                        if schema.column(col).is_none() {
+                            problems.push(format!(
+                                "[tables.{name}.columns.{c}] convert_units: no column {col:?} in {name}"
+                            ));
+                        }
+                    }
+                    if !matches!(u.to.as_str(), "SI" | "conventional") {
+                        problems.push(format!(
+                            "[tables.{name}.columns.{c}] convert_units.to: {:?} is not SI or conventional",
+                            u.to
+                        ));
+                    }
+                }
                 if let Some(tz) = &m.timezone {
                     if crate::mapping::parse_offset(tz).is_none() {
                         problems.push(format!(

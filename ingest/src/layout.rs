@@ -48,6 +48,8 @@ pub struct TableLayout {
     pub maps: Vec<Option<crate::mapping::ColumnMap>>,
     /// Per column, its name in the operational table and the archive (renamed or not).
     pub target_names: Vec<String>,
+    /// Per column, the SQL expression of a computed column (None for the table's own).
+    pub computed: Vec<Option<String>>,
 }
 
 impl TableLayout {
@@ -92,9 +94,25 @@ impl TableLayout {
             maps: mappings
                 .iter()
                 .map(|m| {
-                    m.map(crate::mapping::ColumnMap::new)
-                        .filter(|m| !m.is_identity())
+                    m.map(|m| {
+                        let mut map = crate::mapping::ColumnMap::new(m);
+                        map.convert = m.convert_units.as_ref().and_then(|u| {
+                            Some(crate::mapping::UnitConversion {
+                                unit: pos(&u.unit_column)?,
+                                code: pos(&u.code_column)?,
+                                to_si: u.to == "SI",
+                                decimals: u.decimals,
+                            })
+                        });
+                        map
+                    })
+                    .filter(|m| !m.is_identity())
                 })
+                .collect(),
+            computed: schema
+                .columns
+                .iter()
+                .map(|c| table.computed.get(&c.name).map(|e| e.expr.clone()))
                 .collect(),
             target_names: schema
                 .columns
@@ -158,15 +176,15 @@ impl TableLayout {
     /// Applies the declared mappings to a row read (its own columns only); on failure, the
     /// column and the reason.
     pub fn map_row(&self, values: &mut [Value]) -> Option<(usize, &'static str)> {
-        for (i, (v, m)) in values.iter_mut().zip(&self.maps).enumerate() {
-            if let Some(m) = m {
-                match m.apply(
-                    std::mem::replace(v, Value::Null),
-                    self.columns()[i].col_type,
-                ) {
-                    Ok(mapped) => *v = mapped,
-                    Err(reason) => return Some((i, reason)),
-                }
+        for (i, m) in self.maps.iter().enumerate() {
+            let Some(m) = m else { continue };
+            let v = std::mem::replace(&mut values[i], Value::Null);
+            match m.apply(v, self.columns()[i].col_type) {
+                Ok(mapped) => values[i] = mapped,
+                Err(reason) => return Some((i, reason)),
+            }
+            if let Some(convert) = &m.convert {
+                convert.apply(values, i);
             }
         }
         None
@@ -196,12 +214,16 @@ impl TableLayout {
         let mut cols: Vec<String> = self
             .columns()
             .iter()
-            .map(|c| {
-                let e = format!("t0.{}", quote(&c.name));
+            .zip(&self.computed)
+            .map(|(c, computed)| {
+                let e = match computed {
+                    Some(expr) => format!("({expr})"),
+                    None => format!("t0.{}", quote(&c.name)),
+                };
                 match db.kind() {
                     // Integers, floats and text of any width arrive in binary as they are;
                     // other types are converted by the server.
-                    DbKind::Postgres if arrives_as_is(c) => e,
+                    DbKind::Postgres if computed.is_none() && arrives_as_is(c) => e,
                     DbKind::Postgres => pg_select_expr(&e, c.col_type),
                     DbKind::Sqlite => e,
                 }

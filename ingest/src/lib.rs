@@ -36,8 +36,8 @@ mod target_check;
 mod value;
 
 pub use config::{
-    BlobColumnConfig, ColumnMapping, DatabaseConfig, MigrationConfig, PatientVia, PolicyFileConfig,
-    TableConfig,
+    BlobColumnConfig, ColumnMapping, ComputedColumn, DatabaseConfig, MigrationConfig, PatientVia,
+    PolicyFileConfig, TableConfig, UnitConversionConfig,
 };
 pub use control::{Control, DestructionRecord, HoldRecord, RunRecord};
 pub use db::{quote, redact, Column, Db, DbKind, TableSchema};

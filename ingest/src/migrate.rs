@@ -82,9 +82,26 @@ async fn source_schemas(
 ) -> Result<BTreeMap<String, TableSchema>> {
     let existing = source.table_names().await?;
     let mut schemas = BTreeMap::new();
-    for name in config.tables.keys() {
+    for (name, table) in &config.tables {
         if existing.contains(name) {
-            schemas.insert(name.clone(), source.table_schema(name).await?);
+            let mut schema = source.table_schema(name).await?;
+            // Computed columns follow the table's own (a name the table has already is
+            // reported by validation and skipped here).
+            for (c, computed) in &table.computed {
+                let Some(col_type) = computed.column_type() else {
+                    continue;
+                };
+                if schema.column(c).is_some() {
+                    continue;
+                }
+                schema.columns.push(Column {
+                    name: c.clone(),
+                    decl_type: col_type.default_decl(source.kind()).to_string(),
+                    col_type,
+                    nullable: true,
+                });
+            }
+            schemas.insert(name.clone(), schema);
         }
     }
     Ok(schemas)

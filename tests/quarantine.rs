@@ -283,6 +283,7 @@ rename = "seen_at"
 date_format = "%d/%m/%Y %H:%M"
 [tables.visits.columns.ward]
 default = "general"
+type = "varchar(10)"
 [tables.labs]
 primary_key = ["id"]
 patient_key = "pat"
@@ -349,6 +350,15 @@ expr = "loinc || '@' || pat"
             t("does not match the column's date format")
         ]]
     );
+    // The cast column has its declared type.
+    let ward = target
+        .fetch_all(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'visits'::regclass AND attname = 'ward'".into(),
+            vec![ColumnType::Text],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ward[0][0], t("character varying(10)"));
     // Lab values in SI units where Strata knows the analyte, and a computed column.
     let labs = target
         .fetch_all(

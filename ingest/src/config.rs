@@ -177,6 +177,10 @@ pub struct ColumnMapping {
     /// The column's name in the operational table and the archive.
     #[serde(default)]
     pub rename: Option<String>,
+    /// The column's declared type in an operational table Strata creates (a cast, e.g.
+    /// `varchar(20)` or `numeric(10,2)`); values that would not fit are quarantined.
+    #[serde(default, rename = "type")]
+    pub cast: Option<String>,
     /// Value map for codes and statuses (`{ A = "active", I = "inactive" }`), compared as
     /// text; values not listed pass unchanged.
     #[serde(default)]

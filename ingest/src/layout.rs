@@ -50,6 +50,8 @@ pub struct TableLayout {
     pub target_names: Vec<String>,
     /// Per column, the SQL expression of a computed column (None for the table's own).
     pub computed: Vec<Option<String>>,
+    /// Per column, the declared type a created operational table gives it, when cast.
+    pub casts: Vec<Option<String>>,
 }
 
 impl TableLayout {
@@ -109,6 +111,10 @@ impl TableLayout {
                     .filter(|m| !m.is_identity())
                 })
                 .collect(),
+            casts: mappings
+                .iter()
+                .map(|m| m.and_then(|m| m.cast.clone()))
+                .collect(),
             computed: schema
                 .columns
                 .iter()
@@ -163,8 +169,10 @@ impl TableLayout {
                 .columns()
                 .iter()
                 .zip(&self.target_names)
-                .map(|(c, n)| Column {
+                .zip(&self.casts)
+                .map(|((c, n), cast)| Column {
                     name: n.clone(),
+                    decl_type: cast.clone().unwrap_or_else(|| c.decl_type.clone()),
                     ..c.clone()
                 })
                 .collect(),

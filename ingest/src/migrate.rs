@@ -572,9 +572,14 @@ impl Migration {
                 Some(p) => p,
                 None => plan_ranges(&self.source, layout, self.config.run.rows_per_range).await?,
             };
-            let target_columns =
-                prepare_target_table(&self.source, &target, &layout.target_schema(), started)
-                    .await?;
+            let target_columns = prepare_target_table(
+                &self.source,
+                &target,
+                &layout.target_schema(),
+                &layout.casts,
+                started,
+            )
+            .await?;
             control
                 .set_table_status(
                     &run.run_id,
@@ -1451,13 +1456,18 @@ async fn prepare_target_table(
     source: &Db,
     target: &Db,
     schema: &TableSchema,
+    casts: &[Option<String>],
     resuming: bool,
 ) -> Result<Vec<Column>> {
     let columns: Vec<Column> = schema
         .columns
         .iter()
-        .map(|c| Column {
-            decl_type: target_decl(source.kind(), target.kind(), c),
+        .zip(casts)
+        .map(|(c, cast)| Column {
+            decl_type: match cast {
+                Some(cast) => cast.clone(),
+                None => target_decl(source.kind(), target.kind(), c),
+            },
             ..c.clone()
         })
         .collect();

@@ -457,6 +457,13 @@ impl Db {
         if rows.is_empty() {
             return Ok(());
         }
+        if let Db::Sqlite(p, _) = self {
+            let mut conn = p
+                .acquire()
+                .await
+                .map_err(|e| IngestError::sql("insert", e))?;
+            return crate::load::insert_sqlite(&mut conn, table, columns, rows).await;
+        }
         let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
         let mut sql = format!(
             "INSERT INTO {} ({}) VALUES ",
@@ -471,10 +478,7 @@ impl Db {
                 if j > 0 {
                     sql.push_str(", ");
                 }
-                match self {
-                    Db::Postgres(_) => sql.push_str(&format!("CAST(${n} AS {})", c.decl_type)),
-                    Db::Sqlite(..) => sql.push('?'),
-                }
+                sql.push_str(&format!("CAST(${n} AS {})", c.decl_type));
             }
             sql.push(')');
         }

@@ -308,7 +308,8 @@ impl Load<'_> {
     }
 }
 
-async fn insert_sqlite(
+/// Inserts rows into a SQLite table in one statement.
+pub(crate) async fn insert_sqlite(
     conn: &mut sqlx::SqliteConnection,
     table: &str,
     columns: &[Column],

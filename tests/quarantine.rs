@@ -378,3 +378,58 @@ expr = "loinc || '@' || pat"
     );
     target.close().await;
 }
+
+#[tokio::test]
+async fn a_sqlite_target_quarantines_a_key_loaded_twice_by_different_ranges() {
+    let dir = TestDir::new();
+    let source = legacy_sqlite(
+        dir.path(),
+        "CREATE TABLE codes (code TEXT, label TEXT); \
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300) \
+         INSERT INTO codes SELECT 'K' || i, 'label ' || i FROM n; \
+         INSERT INTO codes VALUES ('K5', 'again');",
+    )
+    .await;
+    let operational = format!("sqlite://{}", dir.path().join("operational.db").display());
+    write_files(
+        dir.path(),
+        &format!(
+            "[source]\nurl = \"{source}\"\n[operational]\nurl = \"{operational}\"\n[archive]\nlocation = \"archive\"\nkek_id = \"k\"\nkek_file = \"kek.hex\"\n[policy]\nfile = \"policy.toml\"\n\
+             [run]\nrows_per_range = 100\n[tables.codes]\nprimary_key = [\"code\"]\n"
+        ),
+        &["codes"],
+    );
+    let report = Migration::prepare(load_config(&dir.path().join("strata.toml")), as_of())
+        .await
+        .unwrap()
+        .run(&mut |_| {})
+        .await
+        .unwrap();
+    let codes = &report.tables[0];
+    assert_eq!(
+        (
+            codes.source_rows,
+            codes.operational_rows,
+            codes.quarantined_rows
+        ),
+        (301, 300, 1)
+    );
+    let target = Db::connect(&operational, false).await.unwrap();
+    let q = target
+        .fetch_all(
+            "SELECT row_key, reason FROM _strata_quarantine".into(),
+            vec![ColumnType::Text; 2],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        q,
+        [vec![
+            Value::Text("code=K5".into()),
+            Value::Text(
+                "rejected by the operational database: UNIQUE constraint failed: codes.code".into()
+            )
+        ]]
+    );
+    target.close().await;
+}

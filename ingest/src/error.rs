@@ -58,16 +58,18 @@ pub enum IngestError {
 }
 
 impl IngestError {
-    /// Whether the database refused data (SQLSTATE class 22, data exception, or 23, integrity
-    /// constraint violation), as opposed to failing for another reason.
+    /// Whether the database refused data (a constraint violation, or for PostgreSQL SQLSTATE
+    /// class 22, data exception, or 23), as opposed to failing for another reason.
     pub(crate) fn is_data_rejected(&self) -> bool {
-        match self {
-            IngestError::Sql { source, .. } => source
-                .as_database_error()
-                .and_then(|e| e.code())
-                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
-            _ => false,
-        }
+        let IngestError::Sql { source, .. } = self else {
+            return false;
+        };
+        let Some(e) = source.as_database_error() else {
+            return false;
+        };
+        e.kind() != sqlx::error::ErrorKind::Other
+            || e.code()
+                .is_some_and(|c| c.len() == 5 && (c.starts_with("22") || c.starts_with("23")))
     }
 
     pub(crate) fn sql(context: &str, source: sqlx::Error) -> Self {

@@ -154,15 +154,9 @@ impl TableLayout {
         t
     }
 
-    /// The table as the operational database and the archive name it: columns and primary
-    /// key renamed as configured.
+    /// The table as the operational database and the archive name it: columns renamed and
+    /// cast as configured, and the configured primary key (which the source may not declare).
     pub fn target_schema(&self) -> TableSchema {
-        let rename = |name: &str| {
-            self.columns()
-                .iter()
-                .position(|c| c.name == name)
-                .map_or(name.to_string(), |i| self.target_names[i].clone())
-        };
         TableSchema {
             name: self.name.clone(),
             columns: self
@@ -176,7 +170,11 @@ impl TableLayout {
                     ..c.clone()
                 })
                 .collect(),
-            primary_key: self.schema.primary_key.iter().map(|k| rename(k)).collect(),
+            primary_key: self
+                .key
+                .iter()
+                .map(|&k| self.target_names[k].clone())
+                .collect(),
             foreign_keys: Vec::new(),
         }
     }

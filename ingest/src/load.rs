@@ -94,8 +94,8 @@ impl TargetTx {
         }
     }
 
-    /// Starts loading `table`'s operational rows on this transaction. `row_by_row` (PostgreSQL)
-    /// inserts each row under a savepoint, so that a row the database rejects is handed back
+    /// Starts loading `table`'s operational rows on this transaction. `row_by_row` inserts
+    /// each row under a savepoint, so that a row the database rejects is handed back
     /// instead of failing the load: slow, for a range whose COPY was rejected.
     pub async fn load<'c>(
         &'c mut self,
@@ -137,11 +137,19 @@ impl TargetTx {
                     table: table.to_string(),
                 })
             }
-            TargetTx::Sqlite(c) => Ok(Load::Insert {
-                conn: c,
-                table: table.to_string(),
-                columns: columns.to_vec(),
-                rows: Vec::new(),
+            TargetTx::Sqlite(c) => Ok(if row_by_row {
+                Load::RowByRow {
+                    conn: RowConn::Sqlite(c),
+                    sql: insert_one(table, columns, |_| "?".into()),
+                    types: columns.iter().map(|c| c.col_type).collect(),
+                }
+            } else {
+                Load::Insert {
+                    conn: c,
+                    table: table.to_string(),
+                    columns: columns.to_vec(),
+                    rows: Vec::new(),
+                }
             }),
         }
     }
@@ -161,9 +169,9 @@ pub(crate) enum Load<'c> {
         buf: Vec<u8>,
         table: String,
     },
-    /// PostgreSQL INSERTs, each under a savepoint.
+    /// INSERTs, each under a savepoint.
     RowByRow {
-        conn: &'c mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        conn: RowConn<'c>,
         sql: String,
         types: Vec<crate::value::ColumnType>,
     },
@@ -182,21 +190,65 @@ impl<'c> Load<'c> {
         table: &str,
         columns: &[Column],
     ) -> Self {
-        let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
-        let values: Vec<String> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("CAST(${} AS {})", i + 1, c.decl_type))
-            .collect();
         Load::RowByRow {
-            conn,
-            sql: format!(
-                "INSERT INTO {} ({}) VALUES ({})",
-                quote(table),
-                names.join(", "),
-                values.join(", ")
-            ),
+            conn: RowConn::Postgres(conn),
+            sql: insert_one(table, columns, |i| {
+                format!("CAST(${} AS {})", i + 1, columns[i].decl_type)
+            }),
             types: columns.iter().map(|c| c.col_type).collect(),
+        }
+    }
+}
+
+/// `INSERT INTO table (columns) VALUES (placeholders)` for one row.
+fn insert_one(table: &str, columns: &[Column], placeholder: impl Fn(usize) -> String) -> String {
+    let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+    let values: Vec<String> = (0..columns.len()).map(placeholder).collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES ({})",
+        quote(table),
+        names.join(", "),
+        values.join(", ")
+    )
+}
+
+/// The connection a row-by-row load inserts on.
+pub(crate) enum RowConn<'c> {
+    Postgres(&'c mut sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Sqlite(&'c mut sqlx::pool::PoolConnection<sqlx::Sqlite>),
+}
+
+impl RowConn<'_> {
+    async fn execute(&mut self, sql: &str) -> std::result::Result<(), sqlx::Error> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            RowConn::Postgres(c) => sqlx::raw_sql(sql).execute(&mut ***c).await.map(|_| ()),
+            RowConn::Sqlite(c) => sqlx::raw_sql(sql).execute(&mut ***c).await.map(|_| ()),
+        }
+    }
+
+    async fn insert(
+        &mut self,
+        sql: &str,
+        row: &[Value],
+        types: &[crate::value::ColumnType],
+    ) -> std::result::Result<(), sqlx::Error> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            RowConn::Postgres(c) => {
+                let mut q = sqlx::query(sql);
+                for (v, t) in row.iter().zip(types) {
+                    q = crate::db::bind_pg(q, v, *t);
+                }
+                q.execute(&mut ***c).await.map(|_| ())
+            }
+            RowConn::Sqlite(c) => {
+                let mut q = sqlx::query(sql);
+                for v in row {
+                    q = crate::db::bind_sqlite(q, v);
+                }
+                q.execute(&mut ***c).await.map(|_| ())
+            }
         }
     }
 }
@@ -209,29 +261,18 @@ impl Load<'_> {
         match self {
             Load::RowByRow { conn, sql, types } => {
                 let e = |e| IngestError::sql("insert", e);
-                sqlx::raw_sql("SAVEPOINT strata_row")
-                    .execute(&mut ***conn)
-                    .await
-                    .map_err(e)?;
-                let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
-                for (v, t) in row.iter().zip(types.iter()) {
-                    q = crate::db::bind_pg(q, v, *t);
-                }
-                let inserted = q.execute(&mut ***conn).await;
-                match inserted {
-                    Ok(_) => {
-                        sqlx::raw_sql("RELEASE SAVEPOINT strata_row")
-                            .execute(&mut ***conn)
-                            .await
-                            .map_err(e)?;
-                    }
+                conn.execute("SAVEPOINT strata_row").await.map_err(e)?;
+                match conn.insert(sql, &row, types).await {
+                    Ok(()) => conn
+                        .execute("RELEASE SAVEPOINT strata_row")
+                        .await
+                        .map_err(e)?,
                     Err(err) => {
                         let rejected = IngestError::sql("insert", err);
                         if !rejected.is_data_rejected() {
                             return Err(rejected);
                         }
-                        sqlx::raw_sql("ROLLBACK TO SAVEPOINT strata_row")
-                            .execute(&mut ***conn)
+                        conn.execute("ROLLBACK TO SAVEPOINT strata_row")
                             .await
                             .map_err(e)?;
                         let message = match &rejected {

@@ -673,10 +673,24 @@ impl Migration {
         range: &KeyRange,
         ctx: &RangeContext<'_>,
     ) -> Result<()> {
-        match self.copy_range_once(layout, range, ctx, false).await {
+        let attempt = Arc::new(TableProgress::default());
+        match self
+            .copy_range_once(layout, range, ctx, false, &attempt)
+            .await
+        {
             Err(e) if e.is_data_rejected() => {
                 tracing::warn!(table = %layout.name, range = range.index, error = %e, "the operational database rejected a row; copying the range again row by row");
-                self.copy_range_once(layout, range, ctx, true).await
+                // What the failed attempt counted is counted again by the next one.
+                let p = ctx.progress;
+                for (total, counted) in [
+                    (&p.rows, &attempt.rows),
+                    (&p.bytes, &attempt.bytes),
+                    (&p.quarantined, &attempt.quarantined),
+                ] {
+                    total.fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+                self.copy_range_once(layout, range, ctx, true, &Arc::default())
+                    .await
             }
             other => other,
         }
@@ -688,6 +702,7 @@ impl Migration {
         range: &KeyRange,
         ctx: &RangeContext<'_>,
         row_by_row: bool,
+        attempt: &Arc<TableProgress>,
     ) -> Result<()> {
         let started = std::time::Instant::now();
         // A manifest left by an attempt that never reached its checkpoint is replaced.
@@ -730,6 +745,7 @@ impl Migration {
             pending: PendingBlobs::default(),
             quarantine: Vec::new(),
             progress: ctx.progress.clone(),
+            attempt: attempt.clone(),
             destroyed: Destroyed::default(),
             checks: ctx.checks,
             seen_keys: (ctx.unique_keys_unchecked && !layout.key.is_empty())
@@ -873,10 +889,12 @@ impl Migration {
             unreported_rows += 1;
             unreported_bytes += size;
             if unreported_rows == PROGRESS_EVERY {
-                progress.rows.fetch_add(unreported_rows, Ordering::Relaxed);
-                progress
-                    .bytes
-                    .fetch_add(unreported_bytes, Ordering::Relaxed);
+                report_progress(
+                    &progress,
+                    writers.as_ref(),
+                    unreported_rows,
+                    unreported_bytes,
+                );
                 (unreported_rows, unreported_bytes) = (0, 0);
             }
             if let Some((col, reason)) = layout
@@ -978,10 +996,12 @@ impl Migration {
                 }
             }
         }
-        progress.rows.fetch_add(unreported_rows, Ordering::Relaxed);
-        progress
-            .bytes
-            .fetch_add(unreported_bytes, Ordering::Relaxed);
+        report_progress(
+            &progress,
+            writers.as_ref(),
+            unreported_rows,
+            unreported_bytes,
+        );
         let Some(mut w) = writers else {
             return Ok(RangeOutcome {
                 tally,
@@ -1014,6 +1034,14 @@ impl Migration {
     }
 }
 
+/// Adds rows and bytes read to the table's progress (and to the attempt's, when writing).
+fn report_progress(progress: &TableProgress, writers: Option<&Writers<'_>>, rows: u64, bytes: u64) {
+    for p in std::iter::once(progress).chain(writers.map(|w| w.attempt.as_ref())) {
+        p.rows.fetch_add(rows, Ordering::Relaxed);
+        p.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
 /// Counts a row as quarantined; with writers, keeps it for the range's quarantine rows. Fails
 /// when the table's threshold is passed (counted over all its ranges when writing).
 fn quarantine(
@@ -1032,6 +1060,7 @@ fn quarantine(
             tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
             w.quarantine
                 .push(Quarantined::new(layout, key, col, reason, values));
+            w.attempt.quarantined.fetch_add(1, Ordering::Relaxed);
             w.progress.quarantined.fetch_add(1, Ordering::SeqCst) + 1
         }
         None => tally.report.quarantined_rows,
@@ -1201,6 +1230,8 @@ struct Writers<'c> {
     /// The table's progress; its quarantined rows, counted by every range, are what the
     /// threshold is checked against.
     progress: Arc<TableProgress>,
+    /// What this attempt at the range added to `progress`.
+    attempt: Arc<TableProgress>,
     destroyed: Destroyed,
     checks: &'c TargetChecks,
     /// Hashes of the keys seen in this range, when the source does not enforce them.

@@ -7,7 +7,6 @@ use crate::db::{Column, Db, DbKind};
 use crate::error::Result;
 use crate::layout::TableLayout;
 use crate::migrate::Migration;
-use crate::ranges::KeyRange;
 use crate::report::PatientSketch;
 use crate::target_check::TargetChecks;
 use crate::value::{ColumnType, Value};
@@ -303,11 +302,7 @@ impl Migration {
                 vec![std::collections::BTreeMap::<&'static str, u64>::new(); targets.len()];
             let mut unreadable =
                 vec![std::collections::BTreeMap::<&'static str, u64>::new(); targets.len()];
-            let whole = KeyRange {
-                index: 0,
-                filter: None,
-            };
-            let sql = layout.select_where(self.source(), whole.filter.as_deref(), false);
+            let sql = layout.select_where(self.source(), None, false);
             let mut rows = self.source().fetch(sql, layout.fetch_types());
             while let Some(row) = rows.next().await {
                 let mut values = row?;
@@ -455,7 +450,6 @@ async fn profile_table(
             } else {
                 sketches[i].estimate()
             },
-            // Bytes are profiled by presence only.
             min: mins[i].as_ref().and_then(Value::as_key_text),
             max: maxs[i].as_ref().and_then(Value::as_key_text),
             unreadable: unreadable[i],

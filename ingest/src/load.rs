@@ -81,6 +81,32 @@ impl TargetTx {
         .map_err(|e| IngestError::sql("execute", e))
     }
 
+    /// Inserts one row with its values bound by type.
+    async fn insert_row(
+        &mut self,
+        sql: &str,
+        row: &[Value],
+        types: &[crate::value::ColumnType],
+    ) -> std::result::Result<(), sqlx::Error> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            TargetTx::Postgres(c) => {
+                let mut q = sqlx::query(sql);
+                for (v, t) in row.iter().zip(types) {
+                    q = crate::db::bind_pg(q, v, *t);
+                }
+                q.execute(&mut **c).await.map(|_| ())
+            }
+            TargetTx::Sqlite(c) => {
+                let mut q = sqlx::query(sql);
+                for v in row {
+                    q = crate::db::bind_sqlite(q, v);
+                }
+                q.execute(&mut **c).await.map(|_| ())
+            }
+        }
+    }
+
     /// Commits.
     pub async fn commit(mut self) -> Result<()> {
         self.execute("COMMIT").await
@@ -103,11 +129,21 @@ impl TargetTx {
         columns: &[Column],
         row_by_row: bool,
     ) -> Result<Load<'c>> {
+        if row_by_row {
+            let sql = match self {
+                TargetTx::Postgres(_) => insert_one(table, columns, |i| {
+                    format!("CAST(${} AS {})", i + 1, columns[i].decl_type)
+                }),
+                TargetTx::Sqlite(_) => insert_one(table, columns, |_| "?".into()),
+            };
+            return Ok(Load::RowByRow {
+                tx: self,
+                sql,
+                types: columns.iter().map(|c| c.col_type).collect(),
+            });
+        }
         match self {
             TargetTx::Postgres(c) => {
-                if row_by_row {
-                    return Ok(Load::row_by_row(c, table, columns));
-                }
                 let conn: &'c mut PgConnection = c;
                 let encoding = CopyEncoding::for_columns(columns);
                 let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
@@ -137,19 +173,11 @@ impl TargetTx {
                     table: table.to_string(),
                 })
             }
-            TargetTx::Sqlite(c) => Ok(if row_by_row {
-                Load::RowByRow {
-                    conn: RowConn::Sqlite(c),
-                    sql: insert_one(table, columns, |_| "?".into()),
-                    types: columns.iter().map(|c| c.col_type).collect(),
-                }
-            } else {
-                Load::Insert {
-                    conn: c,
-                    table: table.to_string(),
-                    columns: columns.to_vec(),
-                    rows: Vec::new(),
-                }
+            TargetTx::Sqlite(c) => Ok(Load::Insert {
+                conn: c,
+                table: table.to_string(),
+                columns: columns.to_vec(),
+                rows: Vec::new(),
             }),
         }
     }
@@ -171,7 +199,7 @@ pub(crate) enum Load<'c> {
     },
     /// INSERTs, each under a savepoint.
     RowByRow {
-        conn: RowConn<'c>,
+        tx: &'c mut TargetTx,
         sql: String,
         types: Vec<crate::value::ColumnType>,
     },
@@ -182,22 +210,6 @@ pub(crate) enum Load<'c> {
         columns: Vec<Column>,
         rows: Vec<Vec<Value>>,
     },
-}
-
-impl<'c> Load<'c> {
-    fn row_by_row(
-        conn: &'c mut sqlx::pool::PoolConnection<sqlx::Postgres>,
-        table: &str,
-        columns: &[Column],
-    ) -> Self {
-        Load::RowByRow {
-            conn: RowConn::Postgres(conn),
-            sql: insert_one(table, columns, |i| {
-                format!("CAST(${} AS {})", i + 1, columns[i].decl_type)
-            }),
-            types: columns.iter().map(|c| c.col_type).collect(),
-        }
-    }
 }
 
 /// `INSERT INTO table (columns) VALUES (placeholders)` for one row.
@@ -212,69 +224,22 @@ fn insert_one(table: &str, columns: &[Column], placeholder: impl Fn(usize) -> St
     )
 }
 
-/// The connection a row-by-row load inserts on.
-pub(crate) enum RowConn<'c> {
-    Postgres(&'c mut sqlx::pool::PoolConnection<sqlx::Postgres>),
-    Sqlite(&'c mut sqlx::pool::PoolConnection<sqlx::Sqlite>),
-}
-
-impl RowConn<'_> {
-    async fn execute(&mut self, sql: &str) -> std::result::Result<(), sqlx::Error> {
-        let sql = AssertSqlSafe(sql.to_string());
-        match self {
-            RowConn::Postgres(c) => sqlx::raw_sql(sql).execute(&mut ***c).await.map(|_| ()),
-            RowConn::Sqlite(c) => sqlx::raw_sql(sql).execute(&mut ***c).await.map(|_| ()),
-        }
-    }
-
-    async fn insert(
-        &mut self,
-        sql: &str,
-        row: &[Value],
-        types: &[crate::value::ColumnType],
-    ) -> std::result::Result<(), sqlx::Error> {
-        let sql = AssertSqlSafe(sql.to_string());
-        match self {
-            RowConn::Postgres(c) => {
-                let mut q = sqlx::query(sql);
-                for (v, t) in row.iter().zip(types) {
-                    q = crate::db::bind_pg(q, v, *t);
-                }
-                q.execute(&mut ***c).await.map(|_| ())
-            }
-            RowConn::Sqlite(c) => {
-                let mut q = sqlx::query(sql);
-                for v in row {
-                    q = crate::db::bind_sqlite(q, v);
-                }
-                q.execute(&mut ***c).await.map(|_| ())
-            }
-        }
-    }
-}
-
 impl Load<'_> {
     /// Adds one row (values already coerced to the columns' types). Row by row, a row the
     /// database rejects comes back with the database's message (which names the constraint,
     /// never the values).
     pub async fn write(&mut self, row: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
         match self {
-            Load::RowByRow { conn, sql, types } => {
-                let e = |e| IngestError::sql("insert", e);
-                conn.execute("SAVEPOINT strata_row").await.map_err(e)?;
-                match conn.insert(sql, &row, types).await {
-                    Ok(()) => conn
-                        .execute("RELEASE SAVEPOINT strata_row")
-                        .await
-                        .map_err(e)?,
+            Load::RowByRow { tx, sql, types } => {
+                tx.execute("SAVEPOINT strata_row").await?;
+                match tx.insert_row(sql, &row, types).await {
+                    Ok(()) => tx.execute("RELEASE SAVEPOINT strata_row").await?,
                     Err(err) => {
                         let rejected = IngestError::sql("insert", err);
                         if !rejected.is_data_rejected() {
                             return Err(rejected);
                         }
-                        conn.execute("ROLLBACK TO SAVEPOINT strata_row")
-                            .await
-                            .map_err(e)?;
+                        tx.execute("ROLLBACK TO SAVEPOINT strata_row").await?;
                         let message = match &rejected {
                             IngestError::Sql { source, .. } => source
                                 .as_database_error()

@@ -626,9 +626,7 @@ impl Migration {
                 done?;
             }
             drop(copies);
-            let (table, destroyed) = self
-                .finish_table(layout, &target, &target_columns, &run.run_id)
-                .await?;
+            let (table, destroyed) = self.finish_table(layout, &target, &run.run_id).await?;
             if table.purged_rows > 0 {
                 control
                     .record_destruction(&DestructionRecord {
@@ -833,7 +831,6 @@ impl Migration {
         &self,
         layout: &TableLayout,
         target: &Db,
-        target_columns: &[Column],
         run_id: &str,
     ) -> Result<(TableReport, Destroyed)> {
         let duplicates = if self.source_enforces_key(layout) {
@@ -841,7 +838,7 @@ impl Migration {
         } else {
             quarantine_duplicate_keys(target, layout, run_id).await?
         };
-        add_primary_key(target, &layout.target_schema(), target_columns).await?;
+        add_primary_key(target, &layout.target_schema()).await?;
         let mut tally = Tally::new(&layout.name);
         let mut destroyed = Destroyed::default();
         let mut manifests = Vec::new();
@@ -1651,7 +1648,7 @@ async fn quarantine_duplicate_keys(target: &Db, layout: &TableLayout, run_id: &s
 }
 
 /// Adds the source's primary key to a loaded PostgreSQL table that has none yet.
-async fn add_primary_key(target: &Db, schema: &TableSchema, _columns: &[Column]) -> Result<()> {
+async fn add_primary_key(target: &Db, schema: &TableSchema) -> Result<()> {
     if target.kind() != DbKind::Postgres || schema.primary_key.is_empty() {
         return Ok(());
     }

@@ -105,10 +105,18 @@ impl TargetChecks {
 }
 
 fn numeric_problem(v: &Value, precision: u32, scale: u32) -> Option<&'static str> {
+    // Texts (numerics read from PostgreSQL) are checked in place: this runs for every value.
+    let formatted;
     let text = match v {
-        Value::Text(t) => t.trim().to_string(),
-        Value::Int(i) => i.to_string(),
-        Value::Float(f) if f.is_finite() => format!("{f}"),
+        Value::Text(t) => t.trim(),
+        Value::Int(i) => {
+            formatted = i.to_string();
+            formatted.as_str()
+        }
+        Value::Float(f) if f.is_finite() => {
+            formatted = format!("{f}");
+            formatted.as_str()
+        }
         _ => return None,
     };
     let digits = text.trim_start_matches(['-', '+']);

@@ -12,7 +12,6 @@ use crate::manifest::TableManifest;
 use crate::reader::ArchiveReader;
 use crate::writer::{TableWriter, TableWriterOptions};
 use arrow::array::RecordBatch;
-use arrow::compute::{concat_batches, lexsort_to_indices, take_record_batch, SortColumn};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -69,25 +68,6 @@ pub async fn compact_table(
     let Some(schema) = batches.first().map(|b| b.schema()) else {
         return Ok(report);
     };
-    let all = concat_batches(&schema, &batches)?;
-    let order = lexsort_to_indices(
-        &[
-            SortColumn {
-                values: all.column(0).clone(),
-                options: None,
-            },
-            SortColumn {
-                values: all.column(1).clone(),
-                options: None,
-            },
-            SortColumn {
-                values: all.column(2).clone(),
-                options: None,
-            },
-        ],
-        None,
-    )?;
-    let sorted = take_record_batch(&all, &order)?;
     let run_id = format!(
         "compact-{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
@@ -103,13 +83,7 @@ pub async fn compact_table(
         .map(|m| TableManifest::path(&m.table, &m.run_id))
         .collect();
     let mut writer = TableWriter::new(store, keys, manifest, schema, options)?;
-    let step = 8192;
-    let mut offset = 0;
-    while offset < sorted.num_rows() {
-        let len = step.min(sorted.num_rows() - offset);
-        writer.write(&sorted.slice(offset, len)).await?;
-        offset += len;
-    }
+    writer.write_in_order(&batches).await?;
     report.rows_after = writer.rows();
     let published = writer.finish().await?;
     report.files_after = published.files.len();

@@ -302,7 +302,7 @@ impl Migration {
                 vec![std::collections::BTreeMap::<&'static str, u64>::new(); targets.len()];
             let mut unreadable =
                 vec![std::collections::BTreeMap::<&'static str, u64>::new(); targets.len()];
-            let sql = layout.select_where(self.source(), None, false);
+            let sql = layout.select_where(self.source(), None);
             let mut rows = self.source().fetch(sql, layout.fetch_types());
             while let Some(row) = rows.next().await {
                 let mut values = row?;
@@ -383,7 +383,7 @@ async fn profile_table(
     let mut keys: HashSet<u64> = HashSet::new();
     let (mut rows, mut duplicates) = (0u64, 0u64);
     let floor = NaiveDate::from_ymd_opt(1900, 1, 2).expect("valid date");
-    let sql = layout.select_where(source, None, false);
+    let sql = layout.select_where(source, None);
     let mut stream = source.fetch(sql, layout.fetch_types());
     while let Some(row) = stream.next().await {
         let mut values = row?;

@@ -144,7 +144,7 @@ impl TableLayout {
         &self.schema.columns
     }
 
-    /// The types `Db::fetch` decodes for [`TableLayout::select_sql`]: the columns, then the
+    /// The types `Db::fetch` decodes for [`TableLayout::select_where`]: the columns, then the
     /// patient key.
     pub fn fetch_types(&self) -> Vec<ColumnType> {
         let mut t: Vec<ColumnType> = self.columns().iter().map(|c| c.col_type).collect();
@@ -208,15 +208,10 @@ impl TableLayout {
         format!("CAST({} AS TEXT)", self.patient_expr)
     }
 
-    /// SELECT of every column plus the patient key, ordered by patient key then
-    /// record date (the archive's order).
-    pub fn select_sql(&self, db: &Db) -> String {
-        self.select_where(db, None, true)
-    }
-
-    /// [`TableLayout::select_sql`] restricted by a condition on `t0`, ordered or not (a plan
-    /// needs no order, and sorting a large table costs as much as reading it).
-    pub fn select_where(&self, db: &Db, filter: Option<&str>, ordered: bool) -> String {
+    /// SELECT of every column plus the patient key, restricted by a condition on `t0`. Rows
+    /// come in whatever order is cheapest: the archive writer sorts archived rows itself
+    /// (an `ORDER BY` would cost the source as much as the read).
+    pub fn select_where(&self, db: &Db, filter: Option<&str>) -> String {
         let mut cols: Vec<String> = self
             .columns()
             .iter()
@@ -238,24 +233,12 @@ impl TableLayout {
         if self.patient_column.is_none() {
             cols.push(self.patient_text());
         }
-        let mut order = vec![self.patient_text()];
-        if let Some(d) = self.record_date {
-            order.push(format!("t0.{}", quote(&self.columns()[d].name)));
-        }
-        for &k in &self.key {
-            order.push(format!("t0.{}", quote(&self.columns()[k].name)));
-        }
         format!(
-            "SELECT {} FROM {} AS t0{}{}{}",
+            "SELECT {} FROM {} AS t0{}{}",
             cols.join(", "),
             quote(&self.name),
             self.joins,
             filter.map(|f| format!(" WHERE {f}")).unwrap_or_default(),
-            if ordered {
-                format!(" ORDER BY {}", order.join(", "))
-            } else {
-                String::new()
-            }
         )
     }
 

@@ -10,7 +10,7 @@
 //! not checkpointed, and nothing is lost or duplicated. Purged rows leave only a destruction
 //! record: counts, key range, checksum.
 
-use crate::archive_rows::{archive_schema, to_record_batch, ArchivedRow};
+use crate::archive_rows::{archive_schema, ArchiveRun, ArchivedRow};
 use crate::config::MigrationConfig;
 use crate::control::{Control, DestructionRecord, RunRecord};
 use crate::db::{quote, Column, Db, DbKind, TableSchema};
@@ -65,6 +65,9 @@ const QUARANTINE_TABLE: &str = "_strata_quarantine";
 /// Per range of each table, what was done; committed with the range's rows.
 const CHECKPOINT_TABLE: &str = "_strata_checkpoints";
 const ARCHIVE_BATCH_ROWS: usize = 8192;
+/// Archived rows of a range are sorted and written as a file whenever they hold this much
+/// memory (and at the range's end): with ~80 bytes a row packed, about 400,000 rows a file.
+const ARCHIVE_RUN_BYTES: usize = 32 << 20;
 
 /// The policy text, parsed.
 pub fn read_policy(config: &MigrationConfig) -> Result<PolicyConfig> {
@@ -414,7 +417,7 @@ impl Migration {
             .collect::<Vec<_>>()
             .join(" AND ");
         let mut rows = self.source.fetch(
-            layout.select_where(&self.source, Some(&filter), false),
+            layout.select_where(&self.source, Some(&filter)),
             layout.fetch_types(),
         );
         let Some(row) = rows.next().await else {
@@ -619,13 +622,7 @@ impl Migration {
                 facts: &facts,
                 progress: &table_progress,
             };
-            let mut copies = futures::stream::iter(todo)
-                .map(|range| self.copy_range(layout, range, &ctx))
-                .buffer_unordered(workers);
-            while let Some(done) = copies.next().await {
-                done?;
-            }
-            drop(copies);
+            self.copy_ranges(layout, todo, &ctx, workers).await?;
             let (table, destroyed) = self.finish_table(layout, &target, &run.run_id).await?;
             if table.purged_rows > 0 {
                 control
@@ -658,6 +655,64 @@ impl Migration {
         drop(snapshot);
         target.close().await;
         Ok(report)
+    }
+
+    /// Copies ranges on `workers` threads of their own, so that decoding, deciding and encoding
+    /// rows use every core (futures polled by one task would share one thread). Each thread
+    /// drives its ranges on the runtime's reactor; after a range fails, no new range starts.
+    /// On a current-thread runtime (some tests), ranges interleave on that thread instead.
+    async fn copy_ranges(
+        &self,
+        layout: &TableLayout,
+        ranges: Vec<&KeyRange>,
+        ctx: &RangeContext<'_>,
+        workers: usize,
+    ) -> Result<()> {
+        let handle = tokio::runtime::Handle::current();
+        if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+            let mut copies = futures::stream::iter(ranges)
+                .map(|range| self.copy_range(layout, range, ctx))
+                .buffer_unordered(workers);
+            while let Some(done) = copies.next().await {
+                done?;
+            }
+            return Ok(());
+        }
+        let queue = std::sync::Mutex::new(ranges.into_iter());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let worker = || -> Result<()> {
+            while !failed.load(Ordering::Relaxed) {
+                let Some(range) = queue.lock().expect("range queue").next() else {
+                    break;
+                };
+                if let Err(e) = handle.block_on(self.copy_range(layout, range, ctx)) {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        };
+        tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..workers.max(1))
+                    .map(|i| {
+                        std::thread::Builder::new()
+                            .name(format!("strata-range-{i}"))
+                            .spawn_scoped(scope, worker)
+                            .expect("a range thread starts")
+                    })
+                    .collect();
+                let mut outcome = Ok(());
+                for t in threads {
+                    match t.join() {
+                        Ok(Err(e)) if outcome.is_ok() => outcome = Err(e),
+                        Ok(_) => {}
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+                outcome
+            })
+        })
     }
 
     /// Copies one range: reads and decides its rows, writes its archive files and manifest,
@@ -739,6 +794,7 @@ impl Migration {
         let writers = Writers {
             load,
             archive,
+            run: ArchiveRun::new(ARCHIVE_RUN_BYTES),
             blobs: BlobStore::new(ctx.store.clone(), ctx.keys.clone()),
             pending: PendingBlobs::default(),
             quarantine: Vec::new(),
@@ -870,10 +926,7 @@ impl Migration {
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
         let mut archived: Vec<ArchivedRow> = Vec::new();
         let schema = archive_schema(layout);
-        // Archived rows must arrive sorted by patient; a plan, or a table the policy never
-        // archives, is read in whatever order is cheapest.
-        let ordered = writers.is_some() && self.policy.may_archive(&layout.name);
-        let sql = layout.select_where(&self.source, range.filter.as_deref(), ordered);
+        let sql = layout.select_where(&self.source, range.filter.as_deref());
         let mut rows = self.source.fetch_in(sql, layout.fetch_types(), snapshot);
         let progress = self.progress.table(&layout.name);
         let (mut unreported_rows, mut unreported_bytes) = (0, 0);
@@ -972,23 +1025,26 @@ impl Migration {
                     } else {
                         row_key(layout, &values, (0, 0))
                     };
-                    let row = ArchivedRow {
-                        key,
-                        patient: patient.clone().unwrap_or_default(),
-                        date,
-                        values,
-                        blobs: Vec::new(),
-                    };
-                    w.pending.push(row, stores, blob_bytes);
-                    w.pending.settle(&mut archived, false).await?;
-                    if archived.len() >= ARCHIVE_BATCH_ROWS {
-                        w.archive
-                            .write(
-                                &to_record_batch(layout, &schema, &archived)
-                                    .map_err(strata_archive::ArchiveError::from)?,
-                            )
-                            .await?;
-                        archived.clear();
+                    let patient = patient.as_deref().unwrap_or_default();
+                    if layout.blobs.is_empty() {
+                        w.run.push(layout, patient, date, &key, &values, &[]);
+                    } else {
+                        let row = ArchivedRow {
+                            key,
+                            patient: patient.to_string(),
+                            date,
+                            values,
+                            blobs: Vec::new(),
+                        };
+                        w.pending.push(row, stores, blob_bytes);
+                        w.pending.settle(&mut archived, false).await?;
+                        for r in archived.drain(..) {
+                            w.run
+                                .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
+                        }
+                    }
+                    if w.run.is_full() {
+                        w.write_run(layout, &schema).await?;
                     }
                 }
             }
@@ -1007,16 +1063,13 @@ impl Migration {
                 quarantine: Vec::new(),
             });
         };
-        w.load.finish().await?;
         w.pending.settle(&mut archived, true).await?;
-        if !archived.is_empty() {
-            w.archive
-                .write(
-                    &to_record_batch(layout, &schema, &archived)
-                        .map_err(strata_archive::ArchiveError::from)?,
-                )
-                .await?;
+        for r in archived.drain(..) {
+            w.run
+                .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
         }
+        w.write_run(layout, &schema).await?;
+        w.load.finish().await?;
         let manifest = if w.archive.rows() > 0 {
             Some(w.archive.finish().await?)
         } else {
@@ -1220,6 +1273,8 @@ impl PendingBlobs {
 struct Writers<'c> {
     load: Load<'c>,
     archive: TableWriter,
+    /// Archived rows waiting to be sorted into a file.
+    run: ArchiveRun,
     blobs: BlobStore,
     pending: PendingBlobs,
     /// The range's quarantined rows, inserted with its checkpoint.
@@ -1236,6 +1291,24 @@ struct Writers<'c> {
 }
 
 impl Writers<'_> {
+    /// Sorts the held archived rows and writes them as a file of their own.
+    async fn write_run(
+        &mut self,
+        layout: &TableLayout,
+        schema: &arrow::datatypes::SchemaRef,
+    ) -> Result<()> {
+        if self.run.is_empty() {
+            return Ok(());
+        }
+        let mut sorted = self.run.drain_sorted(layout, schema, ARCHIVE_BATCH_ROWS);
+        while let Some(batch) = sorted.next_batch() {
+            let batch = batch.map_err(strata_archive::ArchiveError::from)?;
+            self.archive.write(&batch).await?;
+        }
+        self.archive.end_file().await?;
+        Ok(())
+    }
+
     /// A problem that keeps the row out of every tier: a NULL or repeated primary key (when
     /// the source does not enforce its key), or, for a row bound for the operational
     /// database, a value the target would reject or change.

@@ -67,7 +67,7 @@ const CHECKPOINT_TABLE: &str = "_strata_checkpoints";
 const ARCHIVE_BATCH_ROWS: usize = 8192;
 /// Archived rows of a range are sorted and written as a file whenever they hold this much
 /// memory (and at the range's end): with ~80 bytes a row packed, about 400,000 rows a file.
-const ARCHIVE_RUN_BYTES: usize = 32 << 20;
+const ARCHIVE_RUN_BYTES: usize = 24 << 20;
 
 /// The policy text, parsed.
 pub fn read_policy(config: &MigrationConfig) -> Result<PolicyConfig> {
@@ -1219,7 +1219,7 @@ impl Destroyed {
 }
 
 /// BLOBs stored concurrently, at most this many bytes of content at a time...
-const BLOB_BYTES_IN_FLIGHT: usize = 64 << 20;
+const BLOB_BYTES_IN_FLIGHT: usize = 32 << 20;
 /// ...and at most this many objects.
 const BLOBS_IN_FLIGHT: usize = 8;
 

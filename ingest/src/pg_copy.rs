@@ -19,7 +19,7 @@ const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 /// Rows are handed over in chunks of at most this many rows...
 pub(crate) const CHUNK_ROWS: usize = 2048;
 /// ...or bytes...
-pub(crate) const CHUNK_BYTES: usize = 8 << 20;
+pub(crate) const CHUNK_BYTES: usize = 4 << 20;
 /// ...with at most this many chunks in flight.
 pub(crate) const CHUNKS_IN_FLIGHT: usize = 4;
 

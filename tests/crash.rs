@@ -146,20 +146,14 @@ record_date = "created_at"
 blobs = [{{ column = "content", content_type = "application/pdf" }}]
 "#
     );
-    std::fs::write(dir.path().join("strata.toml"), config).unwrap();
-    std::fs::write(
-        dir.path().join("policy.toml"),
-        format!(
+    write_run_files(
+        dir.path(),
+        &config,
+        &format!(
             "version = \"crash-1\"\nas_of = \"{}\"\n[defaults]\narchive_after = \"6y\"\npatient_inactive_after = \"20y\"\nkeep_chart_together = \"8y\"\n",
             as_of()
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("kek.hex"),
-        strata_archive::Kek::generate_hex(),
-    )
-    .unwrap();
+    );
 
     let strata = env!("CARGO_BIN_EXE_strata");
     // A fixed seed keeps CI reproducible; STRATA_CRASH_SEED explores other moments.

@@ -122,6 +122,13 @@ pub fn write_config(
     dir.join("strata.toml")
 }
 
+/// Writes a hand-written strata.toml and policy, plus a fresh KEK (`kek.hex`), into `dir`.
+pub fn write_run_files(dir: &Path, config: &str, policy: &str) {
+    std::fs::write(dir.join("strata.toml"), config).unwrap();
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    std::fs::write(dir.join("kek.hex"), strata_archive::Kek::generate_hex()).unwrap();
+}
+
 /// The example policy with a fixed `as_of`.
 pub fn example_policy() -> String {
     include_str!("../deploy/policy.toml").replace(

@@ -61,6 +61,15 @@ pub struct RunConfig {
     /// parallel and checkpointed one by one. By default, 1,000,000.
     #[serde(default = "default_rows_per_range")]
     pub rows_per_range: u64,
+    /// BLOBs (`bytea`, PostgreSQL sources) larger than this many bytes are not read with their
+    /// row but streamed from the source in pieces of 1 MiB, straight into the archive, so that
+    /// no BLOB is ever held whole. By default, 8 MiB.
+    #[serde(default = "default_inline_blob_bytes")]
+    pub inline_blob_bytes: u64,
+}
+
+fn default_inline_blob_bytes() -> u64 {
+    8 << 20
 }
 
 fn default_rows_per_range() -> u64 {
@@ -72,6 +81,7 @@ impl Default for RunConfig {
         RunConfig {
             workers: None,
             rows_per_range: default_rows_per_range(),
+            inline_blob_bytes: default_inline_blob_bytes(),
         }
     }
 }

@@ -663,3 +663,150 @@ fn decode_sqlite(row: &SqliteRow, n: usize) -> Result<Vec<Value>> {
     }
     Ok(out)
 }
+
+/// Size of the pieces in which [`Db::blob_pieces`] reads a long BLOB.
+pub const BLOB_PIECE_BYTES: u64 = 1 << 20;
+
+/// What [`Db::blob_pieces`] carries from one piece to the next.
+struct PieceReader {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    offset: u64,
+    sha256: sha2::Sha256,
+    done: bool,
+}
+
+impl Db {
+    /// Streams one `bytea` value of a PostgreSQL source in pieces of [`BLOB_PIECE_BYTES`]: the
+    /// value of `column` in the row at `ctid` of `table`, read in `snapshot` (the one its row
+    /// came from) on a connection of its own. After the last piece the source computes the
+    /// value's SHA-256, which must equal the pieces' (a BLOB is never stored truncated or
+    /// reassembled wrong); a mismatch, a missing row or a short read ends the stream with an
+    /// error naming the table and the row's position, never a value.
+    pub fn blob_pieces(
+        &self,
+        table: &str,
+        column: &str,
+        ctid: &str,
+        length: u64,
+        snapshot: Option<String>,
+    ) -> Result<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>> {
+        use sha2::Digest;
+        let Db::Postgres(pool) = self else {
+            return Err(IngestError::Run(
+                "BLOBs are streamed in pieces from PostgreSQL sources only".into(),
+            ));
+        };
+        if !ctid
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"(),".contains(&b))
+        {
+            return Err(IngestError::Run(format!(
+                "{table}: unexpected ctid {ctid:?}"
+            )));
+        }
+        let pool = pool.clone();
+        let at = format!("FROM {} WHERE ctid = '{ctid}'::tid", quote(table));
+        let what = format!("{table} row at ctid {ctid}");
+        let column = quote(column);
+        let failed = move |what: &str, detail: String| {
+            std::io::Error::other(format!("reading the BLOB of {what}: {detail}"))
+        };
+        let start = PieceReader {
+            conn: None,
+            offset: 0,
+            sha256: sha2::Sha256::new(),
+            done: false,
+        };
+        Ok(futures::stream::unfold(start, move |mut r| {
+            let (pool, snapshot, at, what, column) = (
+                pool.clone(),
+                snapshot.clone(),
+                at.clone(),
+                what.clone(),
+                column.clone(),
+            );
+            async move {
+                if r.done {
+                    return None;
+                }
+                // An error ends the stream (and closes the connection with `r`).
+                let end = |e: std::io::Error| Some((Err(e), PieceReader::ended()));
+                if r.conn.is_none() {
+                    match piece_connection(&pool, snapshot.as_deref()).await {
+                        Ok(c) => r.conn = Some(c),
+                        Err(e) => return end(failed(&what, e.to_string())),
+                    }
+                }
+                let conn = r.conn.as_mut().expect("connected above");
+                if r.offset >= length {
+                    let sql = format!("SELECT encode(sha256({column}), 'hex') {at}");
+                    let source: std::result::Result<Option<Option<String>>, _> =
+                        sqlx::query_scalar(AssertSqlSafe(sql))
+                            .fetch_optional(&mut **conn)
+                            .await;
+                    let read = hex::encode(std::mem::take(&mut r.sha256).finalize());
+                    return match source {
+                        Ok(Some(Some(s))) if s == read => None,
+                        Ok(_) => end(failed(
+                            &what,
+                            "its SHA-256 differs from the source's".into(),
+                        )),
+                        Err(e) => end(failed(&what, e.to_string())),
+                    };
+                }
+                let sql = format!(
+                    "SELECT substring({column} FROM {} FOR {BLOB_PIECE_BYTES}) {at}",
+                    r.offset + 1
+                );
+                let piece: std::result::Result<Option<Option<Vec<u8>>>, _> =
+                    sqlx::query_scalar(AssertSqlSafe(sql))
+                        .fetch_optional(&mut **conn)
+                        .await;
+                match piece {
+                    Ok(Some(Some(bytes))) if !bytes.is_empty() => {
+                        r.offset += bytes.len() as u64;
+                        r.sha256.update(&bytes);
+                        Some((Ok(bytes::Bytes::from(bytes)), r))
+                    }
+                    Ok(_) => end(failed(
+                        &what,
+                        format!("the source ended at byte {} of {length}", r.offset),
+                    )),
+                    Err(e) => end(failed(&what, e.to_string())),
+                }
+            }
+        })
+        .boxed())
+    }
+}
+
+impl PieceReader {
+    fn ended() -> Self {
+        PieceReader {
+            conn: None,
+            offset: 0,
+            sha256: Default::default(),
+            done: true,
+        }
+    }
+}
+
+/// A connection for reading BLOB pieces, in `snapshot` when given; closed (not returned to
+/// the pool) when dropped, since its transaction stays open.
+async fn piece_connection(
+    pool: &sqlx::PgPool,
+    snapshot: Option<&str>,
+) -> std::result::Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    if let Some(id) = snapshot {
+        let setup = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            id.replace('\'', "")
+        );
+        sqlx::raw_sql(AssertSqlSafe(setup))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(conn)
+}

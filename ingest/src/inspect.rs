@@ -302,8 +302,8 @@ impl Migration {
                 vec![std::collections::BTreeMap::<&'static str, u64>::new(); targets.len()];
             let mut unreadable =
                 vec![std::collections::BTreeMap::<&'static str, u64>::new(); targets.len()];
-            let sql = layout.select_where(self.source(), None);
-            let mut rows = self.source().fetch(sql, layout.fetch_types());
+            let sql = layout.select_where(self.source(), None, &[], 0);
+            let mut rows = self.source().fetch(sql, layout.fetch_types(&[]));
             while let Some(row) = rows.next().await {
                 let mut values = row?;
                 layout.take_patient(&mut values);
@@ -383,8 +383,8 @@ async fn profile_table(
     let mut keys: HashSet<u64> = HashSet::new();
     let (mut rows, mut duplicates) = (0u64, 0u64);
     let floor = NaiveDate::from_ymd_opt(1900, 1, 2).expect("valid date");
-    let sql = layout.select_where(source, None);
-    let mut stream = source.fetch(sql, layout.fetch_types());
+    let sql = layout.select_where(source, None, &[], 0);
+    let mut stream = source.fetch(sql, layout.fetch_types(&[]));
     while let Some(row) = stream.next().await {
         let mut values = row?;
         layout.take_patient(&mut values);

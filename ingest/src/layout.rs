@@ -16,6 +16,15 @@ pub struct BlobLayout {
     pub content_type: String,
 }
 
+/// What a row read with streamed BLOBs carries besides its values.
+#[derive(Debug, Clone)]
+pub struct StreamedBlobs {
+    /// The row's `ctid` in the source snapshot, which locates it for the pieces.
+    pub ctid: String,
+    /// Per BLOB of the layout: its length, for those that can be streamed.
+    pub lengths: Vec<Option<u64>>,
+}
+
 /// A table ready to be read.
 #[derive(Debug, Clone)]
 pub struct TableLayout {
@@ -145,10 +154,14 @@ impl TableLayout {
     }
 
     /// The types `Db::fetch` decodes for [`TableLayout::select_where`]: the columns, then the
-    /// patient key.
-    pub fn fetch_types(&self) -> Vec<ColumnType> {
+    /// patient key, then what `streamed` BLOBs add.
+    pub fn fetch_types(&self, streamed: &[usize]) -> Vec<ColumnType> {
         let mut t: Vec<ColumnType> = self.columns().iter().map(|c| c.col_type).collect();
         if self.patient_column.is_none() {
+            t.push(ColumnType::Text);
+        }
+        if !streamed.is_empty() {
+            t.extend(streamed.iter().map(|_| ColumnType::Int));
             t.push(ColumnType::Text);
         }
         t
@@ -196,6 +209,47 @@ impl TableLayout {
         None
     }
 
+    /// The BLOB columns (indexes into `blobs`) that a PostgreSQL source can stream in pieces:
+    /// `bytea` columns read as they are.
+    pub fn streamable_blobs(&self, db: &Db) -> Vec<usize> {
+        if db.kind() != DbKind::Postgres {
+            return Vec::new();
+        }
+        self.blobs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                self.computed[b.column].is_none()
+                    && self.columns()[b.column].col_type == ColumnType::Bytes
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Takes the trailing columns that [`TableLayout::select_where`] adds for `streamed`
+    /// BLOBs: the row's `ctid` and the length of each such BLOB, whose value was left out when
+    /// longer than the inline limit.
+    pub fn take_streamed(
+        &self,
+        values: &mut Vec<Value>,
+        streamed: &[usize],
+    ) -> Option<StreamedBlobs> {
+        if streamed.is_empty() {
+            return None;
+        }
+        let ctid = values
+            .pop()
+            .and_then(Value::into_key_text)
+            .unwrap_or_default();
+        let mut lengths = vec![None; self.blobs.len()];
+        for &b in streamed.iter().rev() {
+            if let Some(Value::Int(n)) = values.pop() {
+                lengths[b] = Some(n as u64);
+            }
+        }
+        Some(StreamedBlobs { ctid, lengths })
+    }
+
     /// Takes a fetched row's patient key as text, leaving the row's own columns.
     pub fn take_patient(&self, values: &mut Vec<Value>) -> Option<String> {
         match self.patient_column {
@@ -211,15 +265,31 @@ impl TableLayout {
     /// SELECT of every column plus the patient key, restricted by a condition on `t0`. Rows
     /// come in whatever order is cheapest: the archive writer sorts archived rows itself
     /// (an `ORDER BY` would cost the source as much as the read).
-    pub fn select_where(&self, db: &Db, filter: Option<&str>) -> String {
+    ///
+    /// With `streamed` BLOBs (from [`TableLayout::streamable_blobs`]), each of those columns
+    /// is NULL when longer than `inline_max` bytes, and the row ends with their lengths and
+    /// its `ctid` ([`TableLayout::take_streamed`]) so that the long ones can be read in pieces.
+    pub fn select_where(
+        &self,
+        db: &Db,
+        filter: Option<&str>,
+        streamed: &[usize],
+        inline_max: u64,
+    ) -> String {
+        let column = |i: usize| format!("t0.{}", quote(&self.columns()[i].name));
         let mut cols: Vec<String> = self
             .columns()
             .iter()
             .zip(&self.computed)
-            .map(|(c, computed)| {
+            .enumerate()
+            .map(|(i, (c, computed))| {
                 let e = match computed {
                     Some(expr) => format!("({expr})"),
-                    None => format!("t0.{}", quote(&c.name)),
+                    None if streamed.iter().any(|&b| self.blobs[b].column == i) => format!(
+                        "CASE WHEN octet_length({0}) <= {inline_max} THEN {0} END",
+                        column(i)
+                    ),
+                    None => column(i),
                 };
                 match db.kind() {
                     // Integers, floats and text of any width arrive in binary as they are;
@@ -232,6 +302,15 @@ impl TableLayout {
             .collect();
         if self.patient_column.is_none() {
             cols.push(self.patient_text());
+        }
+        if !streamed.is_empty() {
+            for &b in streamed {
+                cols.push(format!(
+                    "octet_length({})::bigint",
+                    column(self.blobs[b].column)
+                ));
+            }
+            cols.push("t0.ctid::text".into());
         }
         format!(
             "SELECT {} FROM {} AS t0{}{}",

@@ -13,7 +13,7 @@
 use crate::archive_rows::{archive_schema, ArchiveRun, ArchivedRow};
 use crate::config::MigrationConfig;
 use crate::control::{Control, DestructionRecord, RunRecord};
-use crate::db::{quote, Column, Db, DbKind, TableSchema};
+use crate::db::{quote, Column, Db, DbKind, TableSchema, BLOB_PIECE_BYTES};
 use crate::error::{IngestError, Result};
 use crate::facts::{local_date, patient_facts, PatientTable};
 use crate::layout::TableLayout;
@@ -417,8 +417,8 @@ impl Migration {
             .collect::<Vec<_>>()
             .join(" AND ");
         let mut rows = self.source.fetch(
-            layout.select_where(&self.source, Some(&filter)),
-            layout.fetch_types(),
+            layout.select_where(&self.source, Some(&filter), &[], 0),
+            layout.fetch_types(&[]),
         );
         let Some(row) = rows.next().await else {
             return Err(IngestError::Run(format!(
@@ -926,16 +926,34 @@ impl Migration {
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
         let mut archived: Vec<ArchivedRow> = Vec::new();
         let schema = archive_schema(layout);
-        let sql = layout.select_where(&self.source, range.filter.as_deref());
-        let mut rows = self.source.fetch_in(sql, layout.fetch_types(), snapshot);
+        // When writing, BLOBs longer than the inline limit are left out of the rows and
+        // streamed from the source in pieces (a plan only counts them).
+        let streamed = match writers {
+            Some(_) => layout.streamable_blobs(&self.source),
+            None => Vec::new(),
+        };
+        let inline_max = self.config.run.inline_blob_bytes;
+        let sql = layout.select_where(&self.source, range.filter.as_deref(), &streamed, inline_max);
+        let mut rows = self
+            .source
+            .fetch_in(sql, layout.fetch_types(&streamed), snapshot);
         let progress = self.progress.table(&layout.name);
         let (mut unreported_rows, mut unreported_bytes) = (0, 0);
         while let Some(row) = rows.next().await {
             let mut values = row?;
             tally.report.source_rows += 1;
             let ordinal = (range.index, tally.report.source_rows);
+            let long_blobs = layout.take_streamed(&mut values, &streamed);
+            // The length of BLOB `b` when it was left out of the row to be streamed.
+            let long = |b: usize| {
+                long_blobs
+                    .as_ref()
+                    .and_then(|s| s.lengths[b])
+                    .filter(|&n| n > inline_max)
+            };
             let patient = layout.take_patient(&mut values);
-            let size = values.iter().map(Value::size).sum::<usize>() as u64;
+            let size = values.iter().map(Value::size).sum::<usize>() as u64
+                + (0..layout.blobs.len()).filter_map(long).sum::<u64>();
             unreported_rows += 1;
             unreported_bytes += size;
             if unreported_rows == PROGRESS_EVERY {
@@ -968,6 +986,30 @@ impl Migration {
             let decision = self
                 .policy
                 .decide(&layout.name, &record, &layout.policy_column_names);
+            if decision.tier == Tier::Operational {
+                // The operational database takes a value whole: long BLOBs are read whole here.
+                for (b, blob) in layout.blobs.iter().enumerate() {
+                    if let (Some(n), Some(s)) = (long(b), &long_blobs) {
+                        let name = &layout.columns()[blob.column].name;
+                        let mut pieces = self.source.blob_pieces(
+                            &layout.name,
+                            name,
+                            &s.ctid,
+                            n,
+                            snapshot.map(str::to_string),
+                        )?;
+                        let mut content = Vec::with_capacity(n as usize);
+                        while let Some(piece) = pieces.next().await {
+                            content.extend_from_slice(
+                                &piece.map_err(|e| {
+                                    IngestError::Run(format!("{}: {e}", layout.name))
+                                })?,
+                            );
+                        }
+                        values[blob.column] = Value::Bytes(content);
+                    }
+                }
+            }
             if let Some(w) = writers.as_mut() {
                 if let Some((col, reason)) = w.problem(layout, &values, decision.tier) {
                     quarantine(layout, &mut tally, Some(w), &values, ordinal, col, reason)?;
@@ -1002,23 +1044,40 @@ impl Migration {
                     };
                     let mut stores = Vec::with_capacity(layout.blobs.len());
                     let mut blob_bytes = 0;
-                    for b in &layout.blobs {
+                    for (i, b) in layout.blobs.iter().enumerate() {
                         let content = std::mem::replace(&mut values[b.column], Value::Null);
-                        let Value::Bytes(content) = content else {
-                            stores.push(None);
-                            continue;
-                        };
                         let content_type = b
                             .content_type_column
                             .and_then(|i| values[i].as_key_text())
                             .unwrap_or_else(|| b.content_type.clone());
-                        tally.report.blobs += 1;
-                        tally.report.blob_bytes += content.len() as u64;
-                        blob_bytes += content.len();
                         let blobs = w.blobs.clone();
-                        stores.push(Some(tokio::spawn(async move {
-                            blobs.put(&content, &content_type).await
-                        })));
+                        match (content, long(i), &long_blobs) {
+                            (Value::Bytes(content), _, _) => {
+                                tally.report.blobs += 1;
+                                tally.report.blob_bytes += content.len() as u64;
+                                blob_bytes += content.len();
+                                stores.push(Some(tokio::spawn(async move {
+                                    blobs.put(&content, &content_type).await
+                                })));
+                            }
+                            (Value::Null, Some(n), Some(s)) => {
+                                tally.report.blobs += 1;
+                                tally.report.blob_bytes += n;
+                                // What a streamed BLOB holds in memory at a time.
+                                blob_bytes += BLOB_PIECE_BYTES as usize;
+                                let pieces = self.source.blob_pieces(
+                                    &layout.name,
+                                    &layout.columns()[b.column].name,
+                                    &s.ctid,
+                                    n,
+                                    snapshot.map(str::to_string),
+                                )?;
+                                stores.push(Some(tokio::spawn(async move {
+                                    blobs.put_stream(pieces, &content_type).await
+                                })));
+                            }
+                            _ => stores.push(None),
+                        }
                     }
                     let key = if layout.key.is_empty() {
                         hex::encode(row_digest(&values))

@@ -77,7 +77,7 @@ pub async fn round_trip(blobs: &BlobStore, fhir_stride: usize) -> usize {
         .collect();
     let seg = strata_archive::BLOB_SEGMENT_SIZE as u64;
     for (name, ct, bytes) in &docs {
-        let r = blobs.put(bytes, ct).await.unwrap();
+        let r = blobs.put(bytes.as_slice(), ct).await.unwrap();
         assert_eq!(r.sha256, hex::encode(Sha256::digest(bytes)), "{name}");
         let whole = blobs.get(&r).await.unwrap();
         assert_eq!(hex::encode(Sha256::digest(&whole)), r.sha256, "{name}");

@@ -21,7 +21,7 @@
 
 use crate::error::{ArchiveError, Result};
 use crate::keys::KeyRing;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -89,8 +89,12 @@ impl BlobStore {
     /// The content is in memory already, so its id is known before anything is written:
     /// content stored before costs one `HEAD`, new content one `PUT` straight to its place
     /// (no temporary object to rename, which object stores implement as copy and delete).
-    pub async fn put(&self, content: &[u8], content_type: &str) -> Result<BlobRef> {
-        let digest = Sha256::digest(content);
+    ///
+    /// The content is encrypted in place, segment by segment, and written as the segments and
+    /// their tags in order (the object is one buffer plus the tags, never a second copy).
+    pub async fn put(&self, content: impl Into<Vec<u8>>, content_type: &str) -> Result<BlobRef> {
+        let mut content: Vec<u8> = content.into();
+        let digest = Sha256::digest(&content);
         let object = self.object_id(&digest)?;
         let reference = BlobRef {
             object: object.clone(),
@@ -107,29 +111,33 @@ impl BlobStore {
         let mut salt = [0u8; SALT_LEN];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
         let cipher = self.cipher(&salt)?;
-        let segments = content.len().div_ceil(BLOB_SEGMENT_SIZE).max(1);
-        let mut sealed =
-            Vec::with_capacity(HEADER_LEN + content.len() + segments * TAG_LEN + BINDING_LEN);
-        sealed.extend_from_slice(&header(&salt));
-        for (index, segment) in content
-            .chunks(BLOB_SEGMENT_SIZE)
-            .chain(content.is_empty().then_some(&[][..]))
-            .enumerate()
-        {
-            let last = index + 1 == segments;
-            let ct = cipher
-                .encrypt(
-                    &nonce(index as u64, last),
-                    Payload {
-                        msg: segment,
-                        aad: &salt,
-                    },
+        let length = content.len();
+        let segments = length.div_ceil(BLOB_SEGMENT_SIZE).max(1);
+        let mut tags = Vec::with_capacity(segments * TAG_LEN);
+        for index in 0..segments {
+            let start = index * BLOB_SEGMENT_SIZE;
+            let end = (start + BLOB_SEGMENT_SIZE).min(length);
+            let tag = cipher
+                .encrypt_inout_detached(
+                    &nonce(index as u64, index + 1 == segments),
+                    &salt,
+                    (&mut content[start..end]).into(),
                 )
                 .expect("segment encrypts");
-            sealed.extend_from_slice(&ct);
+            tags.extend_from_slice(&tag);
         }
-        sealed.extend_from_slice(&self.binding(&object, &salt)?);
-        self.store.put(&path, PutPayload::from(sealed)).await?;
+        let (sealed, tags) = (Bytes::from(content), Bytes::from(tags));
+        let mut parts = Vec::with_capacity(2 * segments + 2);
+        parts.push(Bytes::copy_from_slice(&header(&salt)));
+        for index in 0..segments {
+            let start = index * BLOB_SEGMENT_SIZE;
+            parts.push(sealed.slice(start..(start + BLOB_SEGMENT_SIZE).min(length)));
+            parts.push(tags.slice(index * TAG_LEN..(index + 1) * TAG_LEN));
+        }
+        parts.push(Bytes::copy_from_slice(&self.binding(&object, &salt)?));
+        self.store
+            .put(&path, parts.into_iter().collect::<PutPayload>())
+            .await?;
         Ok(reference)
     }
 
@@ -416,13 +424,13 @@ mod tests {
         ] {
             let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let r = blobs
-                .put(&content, "application/octet-stream")
+                .put(content.as_slice(), "application/octet-stream")
                 .await
                 .unwrap();
             assert_eq!(
                 r,
                 blobs
-                    .put(&content, "application/octet-stream")
+                    .put(content.as_slice(), "application/octet-stream")
                     .await
                     .unwrap()
             );
@@ -446,7 +454,10 @@ mod tests {
             .unwrap();
         // Another document of the same size, so only the key binding can tell them apart.
         let different: Vec<u8> = content.iter().map(|b| b ^ 0xff).collect();
-        let other = blobs.put(&different, "application/dicom").await.unwrap();
+        let other = blobs
+            .put(different.as_slice(), "application/dicom")
+            .await
+            .unwrap();
         assert_eq!(
             blobs.get(&streamed).await.unwrap().as_ref(),
             content.as_slice()
@@ -454,7 +465,7 @@ mod tests {
         // Same content, one object (and no temporary objects left).
         assert_eq!(
             blobs
-                .put(&content, "application/dicom")
+                .put(content.as_slice(), "application/dicom")
                 .await
                 .unwrap()
                 .object,
@@ -510,7 +521,10 @@ mod tests {
         let content: Vec<u8> = (0..3 * BLOB_SEGMENT_SIZE + 123)
             .map(|i| (i * 7 % 253) as u8)
             .collect();
-        let r = blobs.put(&content, "application/dicom").await.unwrap();
+        let r = blobs
+            .put(content.as_slice(), "application/dicom")
+            .await
+            .unwrap();
         let n = content.len() as u64;
         let seg = BLOB_SEGMENT_SIZE as u64;
         for range in [
@@ -538,7 +552,7 @@ mod tests {
     async fn detects_flips_and_truncation() {
         let (mem, blobs) = store().await;
         let content = vec![7u8; 2 * BLOB_SEGMENT_SIZE + 10];
-        let r = blobs.put(&content, "text/plain").await.unwrap();
+        let r = blobs.put(content.as_slice(), "text/plain").await.unwrap();
         let path = Path::from(BlobStore::object_path(&r.object));
         let good = mem
             .get(&path)

@@ -1057,7 +1057,7 @@ impl Migration {
                                 tally.report.blob_bytes += content.len() as u64;
                                 blob_bytes += content.len();
                                 stores.push(Some(tokio::spawn(async move {
-                                    blobs.put(&content, &content_type).await
+                                    blobs.put(content, &content_type).await
                                 })));
                             }
                             (Value::Null, Some(n), Some(s)) => {

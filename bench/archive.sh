@@ -11,7 +11,7 @@
 # Each part is its own `strata migrate` (wall time from process start to end, so start-up
 # counts against Strata). Prints rows/s or MB/s, the ratios, and each part's peak RSS. Not a
 # test: run it by hand.
-#   ROWS=5000000 DOCS=2000 bench/archive.sh
+#   ROWS=5000000 DOCS=2000 RUNS=3 bench/archive.sh   (medians of RUNS rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-5000000}
@@ -68,9 +68,10 @@ printf 'version = "bench-blobs"\nas_of = "2026-11-25"\n[defaults]\narchive_after
 python3 -c 'import secrets; print(secrets.token_hex(32))' > "$WORK/kek.hex"
 
 now() { date +%s.%N; }
-echo "baseline: COPY csv | pyarrow | zstd Parquet ..."
-t0=$(now)
-psql source -c "COPY observations TO STDOUT (FORMAT csv)" | "$PY" -c '
+# Each timer runs one measurement and prints its wall seconds.
+rows_baseline() {
+  local t0; t0=$(now)
+  psql source -c "COPY observations TO STDOUT (FORMAT csv)" | "$PY" -c '
 import sys, pyarrow as pa, pyarrow.csv as pc, pyarrow.parquet as pq
 names = ["id","patient_id","encounter_id","code","value_num","unit","value_text","observed_at","status"]
 reader = pc.open_csv(sys.stdin.buffer, read_options=pc.ReadOptions(column_names=names, block_size=1 << 24))
@@ -78,17 +79,18 @@ with pq.ParquetWriter(sys.argv[1], reader.schema, compression="zstd", compressio
     for batch in reader:
         w.write_batch(batch)
 ' "$WORK/baseline.parquet"
-t1=$(now)
-BASE_ROWS_S=$(echo "$t1 - $t0" | bc)
-
-echo "baseline (a): COPY binary of the documents into one file ..."
-t0=$(now); psql source -c "COPY documents TO STDOUT (FORMAT binary)" > "$WORK/documents.copy"; t1=$(now)
-BASE_DOCS_S=$(echo "$t1 - $t0" | bc)
-rm -f "$WORK/documents.copy"
-
-echo "baseline (b): the same bytes, one plain file per document ..."
-t0=$(now)
-psql source -c "COPY documents (id, content) TO STDOUT (FORMAT binary)" | "$PY" -c '
+  echo "$(now) - $t0" | bc
+  rm -f "$WORK/baseline.parquet"
+}
+blobs_one_file() {
+  local t0; t0=$(now)
+  psql source -c "COPY documents TO STDOUT (FORMAT binary)" > "$WORK/documents.copy"
+  echo "$(now) - $t0" | bc
+  rm -f "$WORK/documents.copy"
+}
+blobs_per_document() {
+  local t0; t0=$(now)
+  psql source -c "COPY documents (id, content) TO STDOUT (FORMAT binary)" | "$PY" -c '
 import os, struct, sys
 src, out = sys.stdin.buffer, sys.argv[1]
 src.read(19)  # signature, flags, header extension length
@@ -108,27 +110,38 @@ while True:
     with open(os.path.join(d, doc_id), "wb") as f:
         f.write(content)
 ' "$WORK/plain"
-t1=$(now)
-BASE_OBJECTS_S=$(echo "$t1 - $t0" | bc)
-rm -rf "$WORK/plain"
-
-# Runs `strata migrate --config $1`; sets TOOK (wall seconds, process start to end) and RSS (KiB).
+  echo "$(now) - $t0" | bc
+  rm -rf "$WORK/plain"
+}
+# `strata migrate --config $1` on a fresh archive and control database; prints wall seconds
+# (process start to end) and peak RSS in KiB.
 strata_migrate() {
   local t0 t1
+  rm -rf "$WORK/archive" "$WORK"/strata-control.db*
   t0=$(now)
-  (cd "$WORK" && /usr/bin/time -v "$STRATA" migrate --config "$1" > migrate.txt 2> time.txt) || { cat "$WORK/time.txt"; exit 1; }
+  (cd "$WORK" && /usr/bin/time -v "$STRATA" migrate --config "$1" > migrate.txt 2> time.txt) || { cat "$WORK/time.txt" >&2; exit 1; }
   t1=$(now)
-  TOOK=$(echo "$t1 - $t0" | bc)
-  RSS=$(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")
-  cat "$WORK/migrate.txt"
+  grep -q "archive" "$WORK/migrate.txt" || { cat "$WORK/migrate.txt" >&2; exit 1; }
+  echo "$(echo "$t1 - $t0" | bc) $(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")"
 }
-echo "strata migrate: the observations ..."
-strata_migrate rows.toml
-OBS_S=$TOOK; OBS_RSS=$RSS
-echo "strata migrate: the documents ..."
-strata_migrate blobs.toml
-DOC_S=$TOOK; DOC_RSS=$RSS
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+
+RUNS=${RUNS:-3}
+declare -a BR BA BB SR SB RR RB
+for run in $(seq 1 "$RUNS"); do
+  echo "round $run of $RUNS: baselines, then strata (rows, then BLOBs) ..."
+  BR+=("$(rows_baseline)")
+  BA+=("$(blobs_one_file)")
+  BB+=("$(blobs_per_document)")
+  read -r t rss < <(strata_migrate rows.toml); SR+=("$t"); RR+=("$rss")
+  read -r t rss < <(strata_migrate blobs.toml); SB+=("$t"); RB+=("$rss")
+  echo "  pyarrow ${BR[-1]} s, strata rows ${SR[-1]} s | COPY one file ${BA[-1]} s, per document ${BB[-1]} s, strata BLOBs ${SB[-1]} s"
+done
+BASE_ROWS_S=$(median "${BR[@]}"); BASE_DOCS_S=$(median "${BA[@]}"); BASE_OBJECTS_S=$(median "${BB[@]}")
+OBS_S=$(median "${SR[@]}"); DOC_S=$(median "${SB[@]}")
+OBS_RSS=$(printf '%s\n' "${RR[@]}" | sort -n | tail -1); DOC_RSS=$(printf '%s\n' "${RB[@]}" | sort -n | tail -1)
 echo
+echo "medians of $RUNS runs (peak RSS: the largest)"
 printf 'rows:  strata %.0f rows/s (%.1f s) | baseline pyarrow %.0f rows/s (%.1f s) | ratio %.2f\n' \
   "$(echo "$ROWS / $OBS_S" | bc -l)" "$OBS_S" "$(echo "$ROWS / $BASE_ROWS_S" | bc -l)" "$BASE_ROWS_S" "$(echo "$BASE_ROWS_S / $OBS_S" | bc -l)"
 printf 'BLOBs: strata %.1f MB/s (%.1f s) | (a) COPY to one file %.1f MB/s (%.1f s), ratio %.2f | (b) one plain file per document %.1f MB/s (%.1f s), ratio %.2f | %d bytes\n' \

@@ -58,6 +58,17 @@ pub const RECORD_DATE_COLUMN: &str = "_strata_record_date";
 /// supersedes the earlier copy with the same key: readers return the newest.
 pub const KEY_COLUMN: &str = "_strata_key";
 
+/// The first 8 bytes of a patient key as a big-endian number (zero-padded): comparing these
+/// orders patient keys as their bytes do, up to the eighth, so sorting into the archive's
+/// order can settle most comparisons without touching the keys.
+pub fn patient_sort_prefix(patient: &str) -> u64 {
+    let mut prefix = [0u8; 8];
+    let p = patient.as_bytes();
+    let n = p.len().min(8);
+    prefix[..n].copy_from_slice(&p[..n]);
+    u64::from_be_bytes(prefix)
+}
+
 /// The suffixes of the four columns that replace a BLOB column `c` in archived rows:
 /// `c__object` (object id), `c__length`, `c__sha256`, `c__content_type`.
 pub const BLOB_REF_SUFFIXES: [&str; 4] = ["__object", "__length", "__sha256", "__content_type"];

@@ -161,11 +161,8 @@ pub(crate) fn archive_order(batches: &[RecordBatch]) -> Vec<(usize, usize)> {
         Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
     for (b, (patients, _, _)) in columns.iter().enumerate() {
         for r in 0..patients.len() {
-            let mut prefix = [0u8; 8];
-            let p = patients.value(r).as_bytes();
-            let n = p.len().min(8);
-            prefix[..n].copy_from_slice(&p[..n]);
-            order.push((u64::from_be_bytes(prefix), b as u32, r as u32));
+            let prefix = crate::patient_sort_prefix(patients.value(r));
+            order.push((prefix, b as u32, r as u32));
         }
     }
     order.sort_unstable_by(|&(pa, ba, ra), &(pb, bb, rb)| {

@@ -187,10 +187,8 @@ impl ArchiveRun {
             self.arena.reserve_exact(self.limit + (1 << 20));
         }
         let offset = u32::try_from(self.arena.len()).expect("a run stays under 4 GiB");
-        let mut prefix = [0u8; 8];
-        let n = patient.len().min(8);
-        prefix[..n].copy_from_slice(&patient.as_bytes()[..n]);
-        self.rows.push((u64::from_be_bytes(prefix), offset));
+        self.rows
+            .push((strata_archive::patient_sort_prefix(patient), offset));
         let out = &mut self.arena;
         put_bytes(out, patient.as_bytes());
         match date {

@@ -665,7 +665,7 @@ fn decode_sqlite(row: &SqliteRow, n: usize) -> Result<Vec<Value>> {
 }
 
 /// Size of the pieces in which [`Db::blob_pieces`] reads a long BLOB.
-pub const BLOB_PIECE_BYTES: u64 = 1 << 20;
+const BLOB_PIECE_BYTES: u64 = 1 << 20;
 
 /// What [`Db::blob_pieces`] carries from one piece to the next.
 struct PieceReader {

@@ -13,7 +13,7 @@
 use crate::archive_rows::{archive_schema, ArchiveRun, ArchivedRow};
 use crate::config::MigrationConfig;
 use crate::control::{Control, DestructionRecord, RunRecord};
-use crate::db::{quote, Column, Db, DbKind, TableSchema, BLOB_PIECE_BYTES};
+use crate::db::{quote, Column, Db, DbKind, TableSchema};
 use crate::error::{IngestError, Result};
 use crate::facts::{local_date, patient_facts, PatientTable};
 use crate::layout::TableLayout;
@@ -1064,8 +1064,10 @@ impl Migration {
                             (Value::Null, Some(n), Some(s)) => {
                                 tally.report.blobs += 1;
                                 tally.report.blob_bytes += n;
-                                // What a streamed BLOB holds in memory at a time.
-                                blob_bytes += BLOB_PIECE_BYTES as usize;
+                                // A streamed BLOB holds little memory but a source connection
+                                // while it streams: counting it as the whole budget keeps at
+                                // most two in flight per range, well within the source pool.
+                                blob_bytes += BLOB_BYTES_IN_FLIGHT;
                                 let pieces = self.source.blob_pieces(
                                     &layout.name,
                                     &layout.columns()[b.column].name,

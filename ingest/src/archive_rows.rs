@@ -155,19 +155,15 @@ impl ArchiveRun {
         }
     }
 
-    /// Whether the run should be drained before the next row.
+    /// Whether the run should be drained before the next row: the memory it holds (packed rows
+    /// and sort entries) has reached its limit.
     pub fn is_full(&self) -> bool {
-        self.bytes() >= self.limit
+        self.arena.len() + self.rows.len() * std::mem::size_of::<(u64, u32)>() >= self.limit
     }
 
     /// True when no row is held.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
-    }
-
-    /// Memory held, in bytes.
-    pub fn bytes(&self) -> usize {
-        self.arena.len() + self.rows.len() * std::mem::size_of::<(u64, u32)>()
     }
 
     /// Adds a row; `values` coerced to the layout's column types (a value of another type is

@@ -9,8 +9,11 @@
 #     per document, laid out as Strata lays out objects (the same job without hashing and
 #     encryption: what the encryption costs).
 # Each part is its own `strata migrate` (wall time from process start to end, so start-up
-# counts against Strata). Prints rows/s or MB/s, the ratios, and each part's peak RSS. Not a
-# test: run it by hand.
+# counts against Strata). No measurement pays for another's files: outputs are kept until the
+# end (on ext4 without a journal, creating a file walks past every inode deleted in the last
+# minute; with the previous output deleted just before it, a third of Strata's BLOB run went
+# there), and the page cache is written back (`sync`) before each measurement. Prints rows/s
+# or MB/s, the ratios, and each part's peak RSS. Not a test: run it by hand.
 #   ROWS=5000000 DOCS=2000 RUNS=3 bench/archive.sh   (medians of RUNS rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +71,9 @@ printf 'version = "bench-blobs"\nas_of = "2026-11-25"\n[defaults]\narchive_after
 python3 -c 'import secrets; print(secrets.token_hex(32))' > "$WORK/kek.hex"
 
 now() { date +%s.%N; }
+# Moves a measurement's output aside (deleted with $WORK at the end), then writes back the page
+# cache, so that the next measurement starts from the same state.
+keep() { mkdir -p "$WORK/kept"; mv "$1" "$(mktemp -d "$WORK/kept/XXXXXX")/"; sync; }
 # Each timer runs one measurement and prints its wall seconds.
 rows_baseline() {
   local t0; t0=$(now)
@@ -80,13 +86,13 @@ with pq.ParquetWriter(sys.argv[1], reader.schema, compression="zstd", compressio
         w.write_batch(batch)
 ' "$WORK/baseline.parquet"
   echo "$(now) - $t0" | bc
-  rm -f "$WORK/baseline.parquet"
+  keep "$WORK/baseline.parquet"
 }
 blobs_one_file() {
   local t0; t0=$(now)
   psql source -c "COPY documents TO STDOUT (FORMAT binary)" > "$WORK/documents.copy"
   echo "$(now) - $t0" | bc
-  rm -f "$WORK/documents.copy"
+  keep "$WORK/documents.copy"
 }
 blobs_per_document() {
   local t0; t0=$(now)
@@ -111,23 +117,25 @@ while True:
         f.write(content)
 ' "$WORK/plain"
   echo "$(now) - $t0" | bc
-  rm -rf "$WORK/plain"
+  keep "$WORK/plain"
 }
 # `strata migrate --config $1` on a fresh archive and control database; prints wall seconds
 # (process start to end) and peak RSS in KiB.
 strata_migrate() {
   local t0 t1
-  rm -rf "$WORK/archive" "$WORK"/strata-control.db*
+  rm -f "$WORK"/strata-control.db*
   t0=$(now)
   (cd "$WORK" && /usr/bin/time -v "$STRATA" migrate --config "$1" > migrate.txt 2> time.txt) || { cat "$WORK/time.txt" >&2; exit 1; }
   t1=$(now)
   grep -q "archive" "$WORK/migrate.txt" || { cat "$WORK/migrate.txt" >&2; exit 1; }
+  keep "$WORK/archive"
   echo "$(echo "$t1 - $t0" | bc) $(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")"
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 
 RUNS=${RUNS:-3}
 declare -a BR BA BB SR SB RR RB
+sync
 for run in $(seq 1 "$RUNS"); do
   echo "round $run of $RUNS: baselines, then strata (rows, then BLOBs) ..."
   BR+=("$(rows_baseline)")

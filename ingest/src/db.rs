@@ -42,6 +42,23 @@ pub struct SourceSnapshot {
     _holder: sqlx::pool::PoolConnection<sqlx::Postgres>,
 }
 
+/// How a selected field is read from the source: as its column type, or as the text
+/// PostgreSQL prints for a `numeric` sent in binary (printing it costs the server more than
+/// sending it: ~0.3 CPU-s per 5M values here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadAs {
+    /// Decoded as the column type.
+    Type(ColumnType),
+    /// A PostgreSQL `numeric` in binary, read as its text form ([`Value::Text`]).
+    NumericText,
+}
+
+impl From<ColumnType> for ReadAs {
+    fn from(t: ColumnType) -> Self {
+        ReadAs::Type(t)
+    }
+}
+
 /// One column of a table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Column {
@@ -290,7 +307,7 @@ impl Db {
     }
 
     /// Runs a query whose result columns have the given types, streaming the rows.
-    pub fn fetch<'a>(&'a self, sql: String, types: Vec<ColumnType>) -> RowStream<'a> {
+    pub fn fetch<'a>(&'a self, sql: String, types: Vec<impl Into<ReadAs>>) -> RowStream<'a> {
         self.fetch_in(sql, types, None)
     }
 
@@ -299,9 +316,10 @@ impl Db {
     pub fn fetch_in<'a>(
         &'a self,
         sql: String,
-        types: Vec<ColumnType>,
+        types: Vec<impl Into<ReadAs>>,
         snapshot: Option<&str>,
     ) -> RowStream<'a> {
+        let types: Vec<ReadAs> = types.into_iter().map(Into::into).collect();
         if let Db::Sqlite(_, Some(path)) = self {
             return sqlite_reader(path.clone(), sql, types.len());
         }

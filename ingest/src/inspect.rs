@@ -303,7 +303,9 @@ impl Migration {
             let mut unreadable =
                 vec![std::collections::BTreeMap::<&'static str, u64>::new(); targets.len()];
             let sql = layout.select_where(self.source(), None, &[], 0);
-            let mut rows = self.source().fetch(sql, layout.fetch_types(&[]));
+            let mut rows = self
+                .source()
+                .fetch(sql, layout.fetch_types(self.source(), &[]));
             while let Some(row) = rows.next().await {
                 let mut values = row?;
                 layout.take_patient(&mut values);
@@ -384,7 +386,7 @@ async fn profile_table(
     let (mut rows, mut duplicates) = (0u64, 0u64);
     let floor = NaiveDate::from_ymd_opt(1900, 1, 2).expect("valid date");
     let sql = layout.select_where(source, None, &[], 0);
-    let mut stream = source.fetch(sql, layout.fetch_types(&[]));
+    let mut stream = source.fetch(sql, layout.fetch_types(source, &[]));
     while let Some(row) = stream.next().await {
         let mut values = row?;
         layout.take_patient(&mut values);

@@ -2,7 +2,7 @@
 //! positions in each row the policy and the archive need.
 
 use crate::config::{MigrationConfig, TableConfig};
-use crate::db::{pg_select_expr, quote, Column, Db, DbKind, TableSchema};
+use crate::db::{pg_select_expr, quote, Column, Db, DbKind, ReadAs, TableSchema};
 use crate::value::{ColumnType, Value};
 
 /// A BLOB column's positions.
@@ -153,16 +153,27 @@ impl TableLayout {
         &self.schema.columns
     }
 
-    /// The types `Db::fetch` decodes for [`TableLayout::select_where`]: the columns, then the
-    /// patient key, then what `streamed` BLOBs add.
-    pub fn fetch_types(&self, streamed: &[usize]) -> Vec<ColumnType> {
-        let mut t: Vec<ColumnType> = self.columns().iter().map(|c| c.col_type).collect();
+    /// How `Db::fetch` reads the fields of [`TableLayout::select_where`] from `db`: the columns,
+    /// then the patient key, then what `streamed` BLOBs add.
+    pub fn fetch_types(&self, db: &Db, streamed: &[usize]) -> Vec<ReadAs> {
+        let mut t: Vec<ReadAs> = self
+            .columns()
+            .iter()
+            .zip(&self.computed)
+            .map(|(c, computed)| {
+                if computed.is_none() && numeric_in_binary(db, c) {
+                    ReadAs::NumericText
+                } else {
+                    ReadAs::Type(c.col_type)
+                }
+            })
+            .collect();
         if self.patient_column.is_none() {
-            t.push(ColumnType::Text);
+            t.push(ColumnType::Text.into());
         }
         if !streamed.is_empty() {
-            t.extend(streamed.iter().map(|_| ColumnType::Int));
-            t.push(ColumnType::Text);
+            t.extend(streamed.iter().map(|_| ReadAs::Type(ColumnType::Int)));
+            t.push(ColumnType::Text.into());
         }
         t
     }
@@ -292,9 +303,13 @@ impl TableLayout {
                     None => column(i),
                 };
                 match db.kind() {
-                    // Integers, floats and text of any width arrive in binary as they are;
-                    // other types are converted by the server.
-                    DbKind::Postgres if computed.is_none() && arrives_as_is(c) => e,
+                    // Integers, floats, text of any width and numerics arrive in binary as
+                    // they are; other types are converted by the server.
+                    DbKind::Postgres
+                        if computed.is_none() && (arrives_as_is(c) || numeric_in_binary(db, c)) =>
+                    {
+                        e
+                    }
                     DbKind::Postgres => pg_select_expr(&e, c.col_type),
                     DbKind::Sqlite => e,
                 }
@@ -345,6 +360,14 @@ impl TableLayout {
 
 /// Whether a PostgreSQL column's binary form is what the decoder reads for its type without a
 /// cast (`character(n)` is cast to drop its padding, as text always was).
+/// A PostgreSQL `numeric` column: read in binary and printed by Strata as PostgreSQL prints it
+/// (see [`ReadAs::NumericText`]).
+fn numeric_in_binary(db: &Db, c: &Column) -> bool {
+    db.kind() == DbKind::Postgres
+        && c.col_type == ColumnType::Other
+        && c.decl_type.split('(').next() == Some("numeric")
+}
+
 fn arrives_as_is(c: &Column) -> bool {
     match c.col_type {
         ColumnType::Int => matches!(c.decl_type.as_str(), "smallint" | "integer" | "bigint"),

@@ -40,7 +40,7 @@ pub use config::{
     PolicyFileConfig, TableConfig, UnitConversionConfig,
 };
 pub use control::{Control, DestructionRecord, HoldRecord, RunRecord};
-pub use db::{quote, redact, Column, Db, DbKind, TableSchema};
+pub use db::{quote, redact, Column, Db, DbKind, ReadAs, TableSchema};
 pub use error::{IngestError, Result};
 pub use init::{draft_config, guess_tables, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile};

@@ -489,7 +489,7 @@ fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
 
 /// `numeric`'s binary form from its text: digit groups of base 10,000, the weight of the
 /// first group, sign and display scale. Returns false when the text is not a plain decimal.
-fn encode_numeric(buf: &mut Vec<u8>, text: &str) -> bool {
+pub(crate) fn encode_numeric(buf: &mut Vec<u8>, text: &str) -> bool {
     let t = text.trim();
     let special = match t {
         "NaN" => Some(0xC000u16),

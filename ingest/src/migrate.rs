@@ -419,7 +419,7 @@ impl Migration {
             .join(" AND ");
         let mut rows = self.source.fetch(
             layout.select_where(&self.source, Some(&filter), &[], 0),
-            layout.fetch_types(&[]),
+            layout.fetch_types(&self.source, &[]),
         );
         let Some(row) = rows.next().await else {
             return Err(IngestError::Run(format!(
@@ -935,9 +935,9 @@ impl Migration {
         };
         let inline_max = self.config.run.inline_blob_bytes;
         let sql = layout.select_where(&self.source, range.filter.as_deref(), &streamed, inline_max);
-        let mut rows = self
-            .source
-            .fetch_in(sql, layout.fetch_types(&streamed), snapshot);
+        let mut rows =
+            self.source
+                .fetch_in(sql, layout.fetch_types(&self.source, &streamed), snapshot);
         let progress = self.progress.table(&layout.name);
         let (mut unreported_rows, mut unreported_bytes) = (0, 0);
         while let Some(row) = rows.next().await {

@@ -9,6 +9,7 @@
 //! field count (-1 ends the data) and per field a 32-bit length (-1 for NULL) and the value in
 //! the type's binary send format. See the `COPY` page of the PostgreSQL manual.
 
+use crate::db::ReadAs;
 use crate::error::{IngestError, Result};
 use crate::value::{ColumnType, Value};
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime};
@@ -32,7 +33,7 @@ pub(crate) type Chunk = Result<Vec<Vec<Value>>>;
 pub(crate) fn copy_out(
     pool: sqlx::PgPool,
     select: String,
-    types: Vec<ColumnType>,
+    types: Vec<ReadAs>,
     snapshot: Option<String>,
 ) -> tokio::sync::mpsc::Receiver<Chunk> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
@@ -118,7 +119,7 @@ pub(crate) fn copy_out(
 
 /// Decodes a binary COPY stream fed in arbitrary pieces.
 pub(crate) struct Decoder {
-    types: Vec<ColumnType>,
+    types: Vec<ReadAs>,
     pending: Vec<u8>,
     header_done: bool,
     finished: bool,
@@ -129,9 +130,9 @@ fn bad(detail: String) -> IngestError {
 }
 
 impl Decoder {
-    pub(crate) fn new(types: Vec<ColumnType>) -> Self {
+    pub(crate) fn new(types: Vec<impl Into<ReadAs>>) -> Self {
         Decoder {
-            types,
+            types: types.into_iter().map(Into::into).collect(),
             pending: Vec::new(),
             header_done: false,
             finished: false,
@@ -240,7 +241,11 @@ fn fixed<const N: usize>(field: &[u8]) -> std::result::Result<[u8; N], &'static 
 
 /// One field in its type's binary send format. `infinity` dates and timestamps come back as
 /// text, so that coercion names them instead of inventing a date.
-fn decode_field(field: &[u8], t: ColumnType) -> std::result::Result<Value, &'static str> {
+fn decode_field(field: &[u8], t: ReadAs) -> std::result::Result<Value, &'static str> {
+    let t = match t {
+        ReadAs::Type(t) => t,
+        ReadAs::NumericText => return numeric_text(field).map(Value::Text),
+    };
     Ok(match t {
         // smallint, integer or bigint, by width (selected without a cast).
         ColumnType::Int => Value::Int(match field.len() {
@@ -285,6 +290,76 @@ fn decode_field(field: &[u8], t: ColumnType) -> std::result::Result<Value, &'sta
             }
         }
     })
+}
+
+/// A `numeric` in binary (`numeric_send`: digit count, weight of the first base-10,000
+/// digit, sign, display scale, digits) printed exactly as PostgreSQL's `numeric_out` prints it.
+fn numeric_text(field: &[u8]) -> std::result::Result<String, &'static str> {
+    const NEGATIVE: u16 = 0x4000;
+    if field.len() < 8 {
+        return Err("numeric shorter than its header");
+    }
+    let word = |i: usize| u16::from_be_bytes([field[2 * i], field[2 * i + 1]]);
+    let (ndigits, weight, sign, dscale) = (
+        word(0) as usize,
+        word(1) as i16 as i32,
+        word(2),
+        word(3) as i32,
+    );
+    match sign {
+        0xC000 => return Ok("NaN".into()),
+        0xD000 => return Ok("Infinity".into()),
+        0xF000 => return Ok("-Infinity".into()),
+        0 | NEGATIVE => {}
+        _ => return Err("invalid numeric sign"),
+    }
+    if field.len() != 8 + 2 * ndigits {
+        return Err("numeric length does not match its digit count");
+    }
+    let digit = |d: i32| -> u16 {
+        if d >= 0 && (d as usize) < ndigits {
+            word(4 + d as usize)
+        } else {
+            0
+        }
+    };
+    if (0..ndigits as i32).any(|d| digit(d) > 9999) {
+        return Err("numeric digit out of range");
+    }
+    let mut out = String::with_capacity(4 * (weight.max(0) as usize + 1) + dscale as usize + 2);
+    if sign == NEGATIVE {
+        out.push('-');
+    }
+    // Four decimal digits of a group, or (`trim`) without its leading zeros.
+    let push4 = |out: &mut String, n: u16, trim: bool| {
+        for div in [1000, 100, 10, 1] {
+            if !trim || n >= div || div == 1 {
+                out.push(char::from(b'0' + (n / div % 10) as u8));
+            }
+        }
+    };
+    // The integer part: "0" when there is none, the first group without leading zeros.
+    let mut d = 0;
+    if weight < 0 {
+        out.push('0');
+        d = weight + 1;
+    } else {
+        while d <= weight {
+            push4(&mut out, digit(d), d == 0);
+            d += 1;
+        }
+    }
+    // The fraction: exactly `dscale` digits.
+    if dscale > 0 {
+        out.push('.');
+        let end = out.len() + dscale as usize;
+        while out.len() < end {
+            push4(&mut out, digit(d), false);
+            d += 1;
+        }
+        out.truncate(end);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -391,5 +466,59 @@ mod tests {
         let mut out = Vec::new();
         d.feed(&data, &mut out).unwrap();
         assert!(!d.finished);
+    }
+
+    /// The binary numeric as `encode_numeric` (the load path) writes it, without its length.
+    fn numeric_field(text: &str) -> Vec<u8> {
+        let mut buf = Vec::new();
+        assert!(crate::load::encode_numeric(&mut buf, text), "{text}");
+        buf.split_off(4)
+    }
+
+    #[test]
+    fn numerics_print_as_postgres_prints_them() {
+        for text in [
+            "0",
+            "0.0000",
+            "-1.5",
+            "1",
+            "10000",
+            "9999.9999",
+            "12345678901234567890.123456789",
+            "0.000012",
+            "-0.00000000000000000001",
+            "100000000.00010000",
+            "42.0",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+        ] {
+            assert_eq!(numeric_text(&numeric_field(text)).unwrap(), text);
+        }
+        // Corrupt fields are errors, never numbers.
+        let mut f = numeric_field("123.45");
+        f.truncate(9);
+        assert!(numeric_text(&f).is_err());
+        let mut f = numeric_field("1.5");
+        f[8..10].copy_from_slice(&10_000u16.to_be_bytes());
+        assert!(numeric_text(&f).is_err());
+        assert!(numeric_text(&[0, 0, 0, 0, 0x12, 0x34, 0, 0]).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any decimal in PostgreSQL's printed form comes back unchanged.
+        #[test]
+        fn printed_numerics_round_trip(
+            negative: bool,
+            int in "(0|[1-9][0-9]{0,30})",
+            frac in "([0-9]{1,30})?",
+        ) {
+            let text = format!(
+                "{}{int}{}{frac}",
+                if negative && (int != "0" || frac.bytes().any(|b| b != b'0')) { "-" } else { "" },
+                if frac.is_empty() { "" } else { "." },
+            );
+            proptest::prop_assert_eq!(numeric_text(&numeric_field(&text)).unwrap(), text);
+        }
     }
 }

@@ -779,7 +779,9 @@ impl Policy {
         extra_columns: &[String],
     ) -> (Decision, Vec<String>) {
         let mut steps = Vec::new();
-        let d = self.evaluate(table, facts, extra_columns, &mut |s| steps.push(s));
+        let d = self.evaluate(table, facts, extra_columns, &mut |s| {
+            steps.push(s.to_string())
+        });
         (d, steps)
     }
 
@@ -788,7 +790,8 @@ impl Policy {
         table: &str,
         facts: &RecordFacts<'_>,
         extra: &[String],
-        trace: &mut dyn FnMut(String),
+        // Steps are formatted only by `explain`: deciding a row builds no strings.
+        trace: &mut dyn FnMut(fmt::Arguments<'_>),
     ) -> Decision {
         let rules = self.rules(table);
         let holds = self.holds_on(table, facts, extra);
@@ -796,15 +799,15 @@ impl Policy {
         let decision = |tier, reason| Decision { tier, reason, held };
         if held {
             let ids: Vec<&str> = holds.iter().map(|h| h.id.as_str()).collect();
-            trace(format!(
+            trace(format_args!(
                 "legal hold: covered by {}: never purged",
                 ids.join(", ")
             ));
         } else {
-            trace("legal hold: none covers this record".into());
+            trace(format_args!("legal hold: none covers this record"));
         }
         if let Some(tier) = rules.pinned {
-            trace(format!(
+            trace(format_args!(
                 "table rule: every record of {table} is pinned to {tier}"
             ));
             return decision(tier, Reason::TablePinned);
@@ -816,32 +819,34 @@ impl Policy {
                 .unwrap_or_else(|| "<null>".into())
                 .to_ascii_lowercase();
             if values.contains(&v) {
-                trace(format!(
+                trace(format_args!(
                     "clinically current: status {v:?} is one of {values:?}: stays operational"
                 ));
                 return decision(Tier::Operational, Reason::ClinicallyCurrent);
             }
-            trace(format!(
+            trace(format_args!(
                 "clinically current: status {v:?} is not one of {values:?}"
             ));
         }
         let date = match facts.record_date {
             DateFact::Missing => {
-                trace(format!(
+                trace(format_args!(
                     "record date: missing: goes to {} and is flagged",
                     self.undated
                 ));
                 return decision(self.undated, Reason::DateMissing);
             }
             DateFact::Placeholder => {
-                trace(format!(
+                trace(format_args!(
                     "record date: a placeholder before 1901: goes to {} and is flagged",
                     self.undated
                 ));
                 return decision(self.undated, Reason::DatePlaceholder);
             }
             DateFact::Future => {
-                trace("record date: after as_of: stays operational and is flagged".into());
+                trace(format_args!(
+                    "record date: after as_of: stays operational and is flagged"
+                ));
                 return decision(Tier::Operational, Reason::DateInFuture);
             }
             DateFact::Valid(d) => d,
@@ -851,21 +856,23 @@ impl Policy {
         };
         match self.retention_end(rules, date, &facts.patient_facts) {
             Some(end) if end < now && held => {
-                trace(format!(
+                trace(format_args!(
                     "retention: ended {end}, but a legal hold keeps it: archived, not purged"
                 ));
                 return decision(Tier::Archive, Reason::LegalHold);
             }
             Some(end) if end < now => {
-                trace(format!("retention: ended {end} (before {now}): purged"));
+                trace(format_args!(
+                    "retention: ended {end} (before {now}): purged"
+                ));
                 return decision(Tier::Purge, Reason::RetentionExpired);
             }
-            Some(end) => trace(format!("retention: runs until {end}")),
-            None => trace("retention: permanent or no retention rule".into()),
+            Some(end) => trace(format_args!("retention: runs until {end}")),
+            None => trace(format_args!("retention: permanent or no retention rule")),
         }
         let cutoff = rules.archive_after.before(now);
         if date > cutoff {
-            trace(format!("age: record date {date} is after the archive cutoff {cutoff} ({} before {now}): stays operational", rules.archive_after));
+            trace(format_args!("age: record date {date} is after the archive cutoff {cutoff} ({} before {now}): stays operational", rules.archive_after));
             return decision(Tier::Operational, Reason::RecordRecent);
         }
         let inactive_since = rules.inactive_after.before(now);
@@ -875,7 +882,7 @@ impl Policy {
             .is_some_and(|last| last > inactive_since);
         if active {
             let within_chart = rules.keep_chart.is_none_or(|w| date > w.before(now));
-            trace(format!(
+            trace(format_args!(
                 "activity: patient's last activity {} is after {inactive_since}: active",
                 facts
                     .patient_facts
@@ -883,25 +890,36 @@ impl Policy {
                     .expect("active has a date")
             ));
             if within_chart {
-                trace(
-                    "chart: an active patient's chart is kept together: stays operational".into(),
-                );
+                trace(format_args!(
+                    "chart: an active patient's chart is kept together: stays operational"
+                ));
                 return decision(Tier::Operational, Reason::PatientActive);
             }
-            trace("chart: the record is older than the kept chart window".into());
+            trace(format_args!(
+                "chart: the record is older than the kept chart window"
+            ));
         } else {
-            trace(format!(
+            trace(format_args!(
                 "activity: patient's last activity {} is not after {inactive_since}: inactive",
-                facts
-                    .patient_facts
-                    .last_activity
-                    .map_or("unknown".into(), |d| d.to_string())
+                DateOrUnknown(facts.patient_facts.last_activity)
             ));
         }
-        trace(format!(
+        trace(format_args!(
             "age: record date {date} is not after the archive cutoff {cutoff}: archived"
         ));
         decision(Tier::Archive, Reason::AgedOut)
+    }
+}
+
+/// A date, or "unknown", for explanations.
+struct DateOrUnknown(Option<NaiveDate>);
+
+impl fmt::Display for DateOrUnknown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(d) => d.fmt(f),
+            None => f.write_str("unknown"),
+        }
     }
 }
 

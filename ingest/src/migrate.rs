@@ -935,178 +935,185 @@ impl Migration {
         };
         let inline_max = self.config.run.inline_blob_bytes;
         let sql = layout.select_where(&self.source, range.filter.as_deref(), &streamed, inline_max);
-        let mut rows =
+        let mut chunks =
             self.source
-                .fetch_in(sql, layout.fetch_types(&self.source, &streamed), snapshot);
+                .fetch_chunks_in(sql, layout.fetch_types(&self.source, &streamed), snapshot);
         let progress = self.progress.table(&layout.name);
         let (mut unreported_rows, mut unreported_bytes) = (0, 0);
-        while let Some(row) = rows.next().await {
-            let mut values = row?;
-            tally.report.source_rows += 1;
-            let ordinal = (range.index, tally.report.source_rows);
-            let long_blobs = layout.take_streamed(&mut values, &streamed);
-            // The length of BLOB `b` when it was left out of the row to be streamed.
-            let long = |b: usize| {
-                long_blobs
-                    .as_ref()
-                    .and_then(|s| s.lengths[b])
-                    .filter(|&n| n > inline_max)
-            };
-            let patient = layout.take_patient(&mut values);
-            let size = values.iter().map(Value::size).sum::<usize>() as u64
-                + (0..layout.blobs.len()).filter_map(long).sum::<u64>();
-            unreported_rows += 1;
-            unreported_bytes += size;
-            if unreported_rows == PROGRESS_EVERY {
-                report_progress(
-                    &progress,
-                    writers.as_ref(),
-                    unreported_rows,
-                    unreported_bytes,
-                );
-                (unreported_rows, unreported_bytes) = (0, 0);
-            }
-            if let Some((col, reason)) = layout
-                .map_row(&mut values)
-                .or_else(|| coerce_row(&mut values, &types))
-            {
-                quarantine(
-                    layout,
-                    &mut tally,
-                    writers.as_mut(),
-                    &values,
-                    ordinal,
-                    col,
-                    reason,
-                )?;
-                continue;
-            }
-            let row = self.row_facts(layout, &values, patient.as_deref(), facts);
-            let date = row.date;
-            let record = row.record(&self.policy, patient.as_deref());
-            let decision = self
-                .policy
-                .decide(&layout.name, &record, &layout.policy_column_names);
-            if decision.tier == Tier::Operational {
-                // The operational database takes a value whole: long BLOBs are read whole here.
-                for (b, blob) in layout.blobs.iter().enumerate() {
-                    if let (Some(n), Some(s)) = (long(b), &long_blobs) {
-                        let name = &layout.columns()[blob.column].name;
-                        let mut pieces = self.source.blob_pieces(
-                            &layout.name,
-                            name,
-                            &s.ctid,
-                            n,
-                            snapshot.map(str::to_string),
-                        )?;
-                        let mut content = Vec::with_capacity(n as usize);
-                        while let Some(piece) = pieces.next().await {
-                            content.extend_from_slice(
-                                &piece.map_err(|e| {
-                                    IngestError::Run(format!("{}: {e}", layout.name))
-                                })?,
-                            );
-                        }
-                        values[blob.column] = Value::Bytes(content);
-                    }
+        while let Some(chunk) = chunks.next().await {
+            for mut values in chunk? {
+                tally.report.source_rows += 1;
+                let ordinal = (range.index, tally.report.source_rows);
+                let long_blobs = layout.take_streamed(&mut values, &streamed);
+                // The length of BLOB `b` when it was left out of the row to be streamed.
+                let long = |b: usize| {
+                    long_blobs
+                        .as_ref()
+                        .and_then(|s| s.lengths[b])
+                        .filter(|&n| n > inline_max)
+                };
+                let patient = layout.take_patient(&mut values);
+                let size = values.iter().map(Value::size).sum::<usize>() as u64
+                    + (0..layout.blobs.len()).filter_map(long).sum::<u64>();
+                unreported_rows += 1;
+                unreported_bytes += size;
+                if unreported_rows == PROGRESS_EVERY {
+                    report_progress(
+                        &progress,
+                        writers.as_ref(),
+                        unreported_rows,
+                        unreported_bytes,
+                    );
+                    (unreported_rows, unreported_bytes) = (0, 0);
                 }
-            }
-            if let Some(w) = writers.as_mut() {
-                if let Some((col, reason)) = w.problem(layout, &values, decision.tier) {
-                    quarantine(layout, &mut tally, Some(w), &values, ordinal, col, reason)?;
+                if let Some((col, reason)) = layout
+                    .map_row(&mut values)
+                    .or_else(|| coerce_row(&mut values, &types))
+                {
+                    quarantine(
+                        layout,
+                        &mut tally,
+                        writers.as_mut(),
+                        &values,
+                        ordinal,
+                        col,
+                        reason,
+                    )?;
                     continue;
                 }
-            }
-            tally.count(&decision, patient.as_deref(), size);
-            match decision.tier {
-                Tier::Purge => {
-                    if let Some(w) = writers.as_mut() {
-                        w.destroyed.add(layout, &values, ordinal);
-                    }
-                }
-                Tier::Operational => {
-                    if let Some(w) = writers.as_mut() {
-                        if let Some((values, reason)) = w.load.write(values).await? {
-                            // Counted as operational above; it is quarantined instead.
-                            tally.report.operational_rows -= 1;
-                            quarantine(layout, &mut tally, Some(w), &values, ordinal, 0, &reason)?;
-                        }
-                    }
-                }
-                Tier::Archive => {
-                    let Some(w) = writers.as_mut() else {
-                        for b in &layout.blobs {
-                            if let Value::Bytes(content) = &values[b.column] {
-                                tally.report.blobs += 1;
-                                tally.report.blob_bytes += content.len() as u64;
+                let row = self.row_facts(layout, &values, patient.as_deref(), facts);
+                let date = row.date;
+                let record = row.record(&self.policy, patient.as_deref());
+                let decision =
+                    self.policy
+                        .decide(&layout.name, &record, &layout.policy_column_names);
+                if decision.tier == Tier::Operational {
+                    // The operational database takes a value whole: long BLOBs are read whole here.
+                    for (b, blob) in layout.blobs.iter().enumerate() {
+                        if let (Some(n), Some(s)) = (long(b), &long_blobs) {
+                            let name = &layout.columns()[blob.column].name;
+                            let mut pieces = self.source.blob_pieces(
+                                &layout.name,
+                                name,
+                                &s.ctid,
+                                n,
+                                snapshot.map(str::to_string),
+                            )?;
+                            let mut content = Vec::with_capacity(n as usize);
+                            while let Some(piece) = pieces.next().await {
+                                content.extend_from_slice(&piece.map_err(|e| {
+                                    IngestError::Run(format!("{}: {e}", layout.name))
+                                })?);
                             }
+                            values[blob.column] = Value::Bytes(content);
                         }
+                    }
+                }
+                if let Some(w) = writers.as_mut() {
+                    if let Some((col, reason)) = w.problem(layout, &values, decision.tier) {
+                        quarantine(layout, &mut tally, Some(w), &values, ordinal, col, reason)?;
                         continue;
-                    };
-                    let mut stores = Vec::with_capacity(layout.blobs.len());
-                    let mut blob_bytes = 0;
-                    for (i, b) in layout.blobs.iter().enumerate() {
-                        let content = std::mem::replace(&mut values[b.column], Value::Null);
-                        let content_type = b
-                            .content_type_column
-                            .and_then(|i| values[i].as_key_text())
-                            .unwrap_or_else(|| b.content_type.clone());
-                        let blobs = w.blobs.clone();
-                        match (content, long(i), &long_blobs) {
-                            (Value::Bytes(content), _, _) => {
-                                tally.report.blobs += 1;
-                                tally.report.blob_bytes += content.len() as u64;
-                                blob_bytes += content.len();
-                                stores.push(Some(tokio::spawn(async move {
-                                    blobs.put(content, &content_type).await
-                                })));
-                            }
-                            (Value::Null, Some(n), Some(s)) => {
-                                tally.report.blobs += 1;
-                                tally.report.blob_bytes += n;
-                                // A streamed BLOB holds little memory but a source connection
-                                // while it streams: counting it as the whole budget keeps at
-                                // most two in flight per range, well within the source pool.
-                                blob_bytes += BLOB_BYTES_IN_FLIGHT;
-                                let pieces = self.source.blob_pieces(
-                                    &layout.name,
-                                    &layout.columns()[b.column].name,
-                                    &s.ctid,
-                                    n,
-                                    snapshot.map(str::to_string),
+                    }
+                }
+                tally.count(&decision, patient.as_deref(), size);
+                match decision.tier {
+                    Tier::Purge => {
+                        if let Some(w) = writers.as_mut() {
+                            w.destroyed.add(layout, &values, ordinal);
+                        }
+                    }
+                    Tier::Operational => {
+                        if let Some(w) = writers.as_mut() {
+                            if let Some((values, reason)) = w.load.write(values).await? {
+                                // Counted as operational above; it is quarantined instead.
+                                tally.report.operational_rows -= 1;
+                                quarantine(
+                                    layout,
+                                    &mut tally,
+                                    Some(w),
+                                    &values,
+                                    ordinal,
+                                    0,
+                                    &reason,
                                 )?;
-                                stores.push(Some(tokio::spawn(async move {
-                                    blobs.put_stream(pieces, &content_type).await
-                                })));
                             }
-                            _ => stores.push(None),
                         }
                     }
-                    let key = if layout.key.is_empty() {
-                        hex::encode(row_digest(&values))
-                    } else {
-                        row_key(layout, &values, (0, 0))
-                    };
-                    let patient = patient.as_deref().unwrap_or_default();
-                    if layout.blobs.is_empty() {
-                        w.run.push(layout, patient, date, &key, &values, &[]);
-                    } else {
-                        let row = ArchivedRow {
-                            key,
-                            patient: patient.to_string(),
-                            date,
-                            values,
-                            blobs: Vec::new(),
+                    Tier::Archive => {
+                        let Some(w) = writers.as_mut() else {
+                            for b in &layout.blobs {
+                                if let Value::Bytes(content) = &values[b.column] {
+                                    tally.report.blobs += 1;
+                                    tally.report.blob_bytes += content.len() as u64;
+                                }
+                            }
+                            continue;
                         };
-                        w.pending.push(row, stores, blob_bytes);
-                        w.pending.settle(&mut archived, false).await?;
-                        for r in archived.drain(..) {
-                            w.run
-                                .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
+                        let mut stores = Vec::with_capacity(layout.blobs.len());
+                        let mut blob_bytes = 0;
+                        for (i, b) in layout.blobs.iter().enumerate() {
+                            let content = std::mem::replace(&mut values[b.column], Value::Null);
+                            let content_type = b
+                                .content_type_column
+                                .and_then(|i| values[i].as_key_text())
+                                .unwrap_or_else(|| b.content_type.clone());
+                            let blobs = w.blobs.clone();
+                            match (content, long(i), &long_blobs) {
+                                (Value::Bytes(content), _, _) => {
+                                    tally.report.blobs += 1;
+                                    tally.report.blob_bytes += content.len() as u64;
+                                    blob_bytes += content.len();
+                                    stores.push(Some(tokio::spawn(async move {
+                                        blobs.put(content, &content_type).await
+                                    })));
+                                }
+                                (Value::Null, Some(n), Some(s)) => {
+                                    tally.report.blobs += 1;
+                                    tally.report.blob_bytes += n;
+                                    // A streamed BLOB holds little memory but a source connection
+                                    // while it streams: counting it as the whole budget keeps at
+                                    // most two in flight per range, well within the source pool.
+                                    blob_bytes += BLOB_BYTES_IN_FLIGHT;
+                                    let pieces = self.source.blob_pieces(
+                                        &layout.name,
+                                        &layout.columns()[b.column].name,
+                                        &s.ctid,
+                                        n,
+                                        snapshot.map(str::to_string),
+                                    )?;
+                                    stores.push(Some(tokio::spawn(async move {
+                                        blobs.put_stream(pieces, &content_type).await
+                                    })));
+                                }
+                                _ => stores.push(None),
+                            }
                         }
-                    }
-                    if w.run.is_full() {
-                        w.write_run(layout, &schema).await?;
+                        let key = if layout.key.is_empty() {
+                            hex::encode(row_digest(&values))
+                        } else {
+                            row_key(layout, &values, (0, 0))
+                        };
+                        let patient = patient.as_deref().unwrap_or_default();
+                        if layout.blobs.is_empty() {
+                            w.run.push(layout, patient, date, &key, &values, &[]);
+                        } else {
+                            let row = ArchivedRow {
+                                key,
+                                patient: patient.to_string(),
+                                date,
+                                values,
+                                blobs: Vec::new(),
+                            };
+                            w.pending.push(row, stores, blob_bytes);
+                            w.pending.settle(&mut archived, false).await?;
+                            for r in archived.drain(..) {
+                                w.run
+                                    .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
+                            }
+                        }
+                        if w.run.is_full() {
+                            w.write_run(layout, &schema).await?;
+                        }
                     }
                 }
             }

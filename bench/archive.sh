@@ -11,9 +11,13 @@
 # Each part is its own `strata migrate` (wall time from process start to end, so start-up
 # counts against Strata). No measurement pays for another's files: outputs are kept until the
 # end (on ext4 without a journal, creating a file walks past every inode deleted in the last
-# minute; with the previous output deleted just before it, a third of Strata's BLOB run went
-# there), and the page cache is written back (`sync`) before each measurement. Prints rows/s
-# or MB/s, the ratios, and each part's peak RSS. Not a test: run it by hand.
+# minutes; with the previous output deleted just before it, a third of Strata's BLOB run went
+# there), and each is written back and evicted from the page cache before the next
+# measurement (kept in the cache, they slowed later writers by up to 3x). The BLOB part runs
+# twice: on disk, and on tmpfs (/dev/shm), where neither side pays for a file system or a disk
+# and the ratio is the software's cost alone (outputs there are deleted after each
+# measurement). Prints rows/s or MB/s, the ratios, and each part's peak RSS. Not a test: run
+# it by hand.
 #   ROWS=5000000 DOCS=2000 RUNS=3 bench/archive.sh   (medians of RUNS rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +31,9 @@ if ! "$PY" -c 'import pyarrow' 2>/dev/null; then
 fi
 . scripts/lib/pg.sh
 WORK=$(mktemp -d /tmp/strata-bench-archive.XXXXXX)
-trap 'stop_pg; rm -rf "$WORK"' EXIT
+SHM=$(mktemp -d /dev/shm/strata-bench-archive.XXXXXX)
+mkdir "$WORK/kept"
+trap 'stop_pg; rm -rf "$WORK" "$SHM"' EXIT
 psql() { command psql -q -X -v ON_ERROR_STOP=1 "postgres://postgres@127.0.0.1:$PGPORT/$1" "${@:2}"; }
 psql postgres -c "CREATE DATABASE source" -c "CREATE DATABASE target"
 
@@ -66,14 +72,32 @@ TOML
 # One migrate per part, so that each has its own wall time and peak RSS.
 { cat "$WORK/strata.toml"; printf '[policy]\nfile = "rows-policy.toml"\n[tables.observations]\nprimary_key = ["id"]\npatient_key = "patient_id"\nrecord_date = "observed_at"\n'; } > "$WORK/rows.toml"
 { cat "$WORK/strata.toml"; printf '[policy]\nfile = "blobs-policy.toml"\n[tables.documents]\nprimary_key = ["id"]\npatient_key = "patient_id"\nrecord_date = "created_at"\nblobs = [{ column = "content", content_type_column = "mime_type" }]\n'; } > "$WORK/blobs.toml"
+sed "s|^location = .*|location = \"$SHM/archive\"|" "$WORK/blobs.toml" > "$WORK/blobs-tmpfs.toml"
 printf 'version = "bench-rows"\nas_of = "2026-11-25"\n[defaults]\narchive_after = "1y"\npatient_inactive_after = "1y"\n[tables.observations]\ntier = "archive"\n' > "$WORK/rows-policy.toml"
 printf 'version = "bench-blobs"\nas_of = "2026-11-25"\n[defaults]\narchive_after = "1y"\npatient_inactive_after = "1y"\n[tables.documents]\ntier = "archive"\n' > "$WORK/blobs-policy.toml"
 python3 -c 'import secrets; print(secrets.token_hex(32))' > "$WORK/kek.hex"
 
 now() { date +%s.%N; }
-# Moves a measurement's output aside (deleted with $WORK at the end), then writes back the page
-# cache, so that the next measurement starts from the same state.
-keep() { mkdir -p "$WORK/kept"; mv "$1" "$(mktemp -d "$WORK/kept/XXXXXX")/"; sync; }
+# Moves a measurement's output aside (deleted with $WORK at the end), writes it back and
+# evicts it from the page cache, so that the next measurement starts from the same state: no
+# deleted inodes to walk past, no memory filled by earlier outputs. Outputs on tmpfs are
+# deleted instead (there they are the memory; tmpfs has no inodes to remember).
+keep() {
+  case "$1" in
+    "$SHM"/*) rm -rf "$1"; return ;;
+  esac
+  local to; to=$(mktemp -d "$WORK/kept/XXXXXX")
+  mv "$1" "$to/"
+  sync
+  python3 -c '
+import os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for name in files:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+' "$to"
+}
 # Each timer runs one measurement and prints its wall seconds.
 rows_baseline() {
   local t0; t0=$(now)
@@ -88,11 +112,12 @@ with pq.ParquetWriter(sys.argv[1], reader.schema, compression="zstd", compressio
   echo "$(now) - $t0" | bc
   keep "$WORK/baseline.parquet"
 }
+# The BLOB timers write into the directory $1 ($WORK: disk, $SHM: tmpfs).
 blobs_one_file() {
   local t0; t0=$(now)
-  psql source -c "COPY documents TO STDOUT (FORMAT binary)" > "$WORK/documents.copy"
+  psql source -c "COPY documents TO STDOUT (FORMAT binary)" > "$1/documents.copy"
   echo "$(now) - $t0" | bc
-  keep "$WORK/documents.copy"
+  keep "$1/documents.copy"
 }
 blobs_per_document() {
   local t0; t0=$(now)
@@ -115,12 +140,12 @@ while True:
         made.add(d)
     with open(os.path.join(d, doc_id), "wb") as f:
         f.write(content)
-' "$WORK/plain"
+' "$1/plain"
   echo "$(now) - $t0" | bc
-  keep "$WORK/plain"
+  keep "$1/plain"
 }
-# `strata migrate --config $1` on a fresh archive and control database; prints wall seconds
-# (process start to end) and peak RSS in KiB.
+# `strata migrate --config $1` on a fresh archive (in the directory $2) and control database;
+# prints wall seconds (process start to end) and peak RSS in KiB.
 strata_migrate() {
   local t0 t1
   rm -f "$WORK"/strata-control.db*
@@ -128,33 +153,40 @@ strata_migrate() {
   (cd "$WORK" && /usr/bin/time -v "$STRATA" migrate --config "$1" > migrate.txt 2> time.txt) || { cat "$WORK/time.txt" >&2; exit 1; }
   t1=$(now)
   grep -q "archive" "$WORK/migrate.txt" || { cat "$WORK/migrate.txt" >&2; exit 1; }
-  keep "$WORK/archive"
+  keep "$2/archive"
   echo "$(echo "$t1 - $t0" | bc) $(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")"
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 
 RUNS=${RUNS:-3}
-declare -a BR BA BB SR SB RR RB
+declare -a BR BA BB SR SB RR RB TA TB TS
 sync
 for run in $(seq 1 "$RUNS"); do
-  echo "round $run of $RUNS: baselines, then strata (rows, then BLOBs) ..."
+  echo "round $run of $RUNS: baselines, then strata (rows, then BLOBs); BLOBs again on tmpfs ..."
   BR+=("$(rows_baseline)")
-  BA+=("$(blobs_one_file)")
-  BB+=("$(blobs_per_document)")
-  read -r t rss < <(strata_migrate rows.toml); SR+=("$t"); RR+=("$rss")
-  read -r t rss < <(strata_migrate blobs.toml); SB+=("$t"); RB+=("$rss")
-  echo "  pyarrow ${BR[-1]} s, strata rows ${SR[-1]} s | COPY one file ${BA[-1]} s, per document ${BB[-1]} s, strata BLOBs ${SB[-1]} s"
+  BA+=("$(blobs_one_file "$WORK")")
+  BB+=("$(blobs_per_document "$WORK")")
+  read -r t rss < <(strata_migrate rows.toml "$WORK"); SR+=("$t"); RR+=("$rss")
+  read -r t rss < <(strata_migrate blobs.toml "$WORK"); SB+=("$t"); RB+=("$rss")
+  TA+=("$(blobs_one_file "$SHM")")
+  TB+=("$(blobs_per_document "$SHM")")
+  read -r t rss < <(strata_migrate blobs-tmpfs.toml "$SHM"); TS+=("$t"); RB+=("$rss")
+  echo "  pyarrow ${BR[-1]} s, strata rows ${SR[-1]} s | disk: COPY one file ${BA[-1]} s, per document ${BB[-1]} s, strata BLOBs ${SB[-1]} s | tmpfs: ${TA[-1]} s, ${TB[-1]} s, strata ${TS[-1]} s"
 done
-BASE_ROWS_S=$(median "${BR[@]}"); BASE_DOCS_S=$(median "${BA[@]}"); BASE_OBJECTS_S=$(median "${BB[@]}")
-OBS_S=$(median "${SR[@]}"); DOC_S=$(median "${SB[@]}")
+BASE_ROWS_S=$(median "${BR[@]}"); OBS_S=$(median "${SR[@]}")
 OBS_RSS=$(printf '%s\n' "${RR[@]}" | sort -n | tail -1); DOC_RSS=$(printf '%s\n' "${RB[@]}" | sort -n | tail -1)
 echo
 echo "medians of $RUNS runs (peak RSS: the largest)"
 printf 'rows:  strata %.0f rows/s (%.1f s) | baseline pyarrow %.0f rows/s (%.1f s) | ratio %.2f\n' \
   "$(echo "$ROWS / $OBS_S" | bc -l)" "$OBS_S" "$(echo "$ROWS / $BASE_ROWS_S" | bc -l)" "$BASE_ROWS_S" "$(echo "$BASE_ROWS_S / $OBS_S" | bc -l)"
-printf 'BLOBs: strata %.1f MB/s (%.1f s) | (a) COPY to one file %.1f MB/s (%.1f s), ratio %.2f | (b) one plain file per document %.1f MB/s (%.1f s), ratio %.2f | %d bytes\n' \
-  "$(echo "$DOC_BYTES / $DOC_S / 1000000" | bc -l)" "$DOC_S" \
-  "$(echo "$DOC_BYTES / $BASE_DOCS_S / 1000000" | bc -l)" "$BASE_DOCS_S" "$(echo "$BASE_DOCS_S / $DOC_S" | bc -l)" \
-  "$(echo "$DOC_BYTES / $BASE_OBJECTS_S / 1000000" | bc -l)" "$BASE_OBJECTS_S" "$(echo "$BASE_OBJECTS_S / $DOC_S" | bc -l)" \
-  "$DOC_BYTES"
+# blobs_line LABEL STRATA_S ONE_FILE_S PER_DOCUMENT_S
+blobs_line() {
+  printf 'BLOBs, %s: strata %.1f MB/s (%.1f s) | (a) COPY to one file %.1f MB/s (%.1f s), ratio %.2f | (b) one plain file per document %.1f MB/s (%.1f s), ratio %.2f\n' "$1" \
+    "$(echo "$DOC_BYTES / $2 / 1000000" | bc -l)" "$2" \
+    "$(echo "$DOC_BYTES / $3 / 1000000" | bc -l)" "$3" "$(echo "$3 / $2" | bc -l)" \
+    "$(echo "$DOC_BYTES / $4 / 1000000" | bc -l)" "$4" "$(echo "$4 / $2" | bc -l)"
+}
+blobs_line "disk " "$(median "${SB[@]}")" "$(median "${BA[@]}")" "$(median "${BB[@]}")"
+blobs_line "tmpfs" "$(median "${TS[@]}")" "$(median "${TA[@]}")" "$(median "${TB[@]}")"
+echo "($DOC_BYTES bytes of BLOBs)"
 printf 'peak RSS of strata migrate: rows %d MiB, BLOBs %d MiB\n' $((OBS_RSS / 1024)) $((DOC_RSS / 1024))

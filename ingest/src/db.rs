@@ -669,7 +669,7 @@ fn sqlite_reader(path: Arc<PathBuf>, sql: String, n: usize) -> ChunkStream<'stat
     chunks(rx)
 }
 
-/// The rows of chunks arriving from a reader task, one by one.
+/// The chunks of rows arriving from a reader task.
 fn chunks(rx: tokio::sync::mpsc::Receiver<crate::pg_copy::Chunk>) -> ChunkStream<'static> {
     Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|c| (c, rx))

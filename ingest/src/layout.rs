@@ -358,8 +358,6 @@ impl TableLayout {
     }
 }
 
-/// Whether a PostgreSQL column's binary form is what the decoder reads for its type without a
-/// cast (`character(n)` is cast to drop its padding, as text always was).
 /// A PostgreSQL `numeric` column: read in binary and printed by Strata as PostgreSQL prints it
 /// (see [`ReadAs::NumericText`]).
 fn numeric_in_binary(db: &Db, c: &Column) -> bool {
@@ -368,6 +366,8 @@ fn numeric_in_binary(db: &Db, c: &Column) -> bool {
         && c.decl_type.split('(').next() == Some("numeric")
 }
 
+/// Whether a PostgreSQL column's binary form is what the decoder reads for its type without a
+/// cast (`character(n)` is cast to drop its padding, as text always was).
 fn arrives_as_is(c: &Column) -> bool {
     match c.col_type {
         ColumnType::Int => matches!(c.decl_type.as_str(), "smallint" | "integer" | "bigint"),

@@ -90,39 +90,15 @@ impl BlobStore {
     /// content stored before costs one `HEAD`, new content one `PUT` straight to its place
     /// (no temporary object to rename, which object stores implement as copy and delete).
     ///
-    /// The content is hashed and encrypted in place in one pass, segment by segment, and
-    /// written as the segments and their tags in order (the object is one buffer plus the
-    /// tags, never a second copy).
+    /// The content is encrypted in place, segment by segment, and written as the segments and
+    /// their tags in order (the object is one buffer plus the tags, never a second copy).
     pub async fn put(&self, content: impl Into<Vec<u8>>, content_type: &str) -> Result<BlobRef> {
         let mut content: Vec<u8> = content.into();
-        // Each segment is hashed, then encrypted while it is still in the cache (a pass for
-        // each took ~10 % longer): the segments' nonces and associated data do not depend on
-        // the object id. For content stored before, the encryption is wasted.
-        let mut salt = [0u8; SALT_LEN];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
-        let cipher = self.cipher(&salt)?;
-        let length = content.len();
-        let segments = length.div_ceil(BLOB_SEGMENT_SIZE).max(1);
-        let mut tags = Vec::with_capacity(segments * TAG_LEN);
-        let mut sha = Sha256::new();
-        for index in 0..segments {
-            let start = index * BLOB_SEGMENT_SIZE;
-            let end = (start + BLOB_SEGMENT_SIZE).min(length);
-            sha.update(&content[start..end]);
-            let tag = cipher
-                .encrypt_inout_detached(
-                    &nonce(index as u64, index + 1 == segments),
-                    &salt,
-                    (&mut content[start..end]).into(),
-                )
-                .expect("segment encrypts");
-            tags.extend_from_slice(&tag);
-        }
-        let digest = sha.finalize();
+        let digest = Sha256::digest(&content);
         let object = self.object_id(&digest)?;
         let reference = BlobRef {
             object: object.clone(),
-            length: length as u64,
+            length: content.len() as u64,
             sha256: hex::encode(digest),
             content_type: content_type.to_string(),
         };
@@ -131,6 +107,24 @@ impl BlobStore {
             Ok(_) => return Ok(reference),
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
+        }
+        let mut salt = [0u8; SALT_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
+        let cipher = self.cipher(&salt)?;
+        let length = content.len();
+        let segments = length.div_ceil(BLOB_SEGMENT_SIZE).max(1);
+        let mut tags = Vec::with_capacity(segments * TAG_LEN);
+        for index in 0..segments {
+            let start = index * BLOB_SEGMENT_SIZE;
+            let end = (start + BLOB_SEGMENT_SIZE).min(length);
+            let tag = cipher
+                .encrypt_inout_detached(
+                    &nonce(index as u64, index + 1 == segments),
+                    &salt,
+                    (&mut content[start..end]).into(),
+                )
+                .expect("segment encrypts");
+            tags.extend_from_slice(&tag);
         }
         let (sealed, tags) = (Bytes::from(content), Bytes::from(tags));
         let mut parts = Vec::with_capacity(2 * segments + 2);

@@ -183,17 +183,7 @@ async fn long_blobs_stream_from_postgres_in_pieces() {
     write_run_files(
         dir.path(),
         &format!(
-            r#"
-[source]
-url = "{reader}"
-[operational]
-url = "{operational}"
-[archive]
-location = "archive"
-kek_id = "stream-test"
-kek_file = "kek.hex"
-[policy]
-file = "policy.toml"
+            r#"{}
 [run]
 inline_blob_bytes = 1000000
 [tables.scans]
@@ -206,7 +196,8 @@ primary_key = ["id"]
 patient_key = "patient_id"
 record_date = "written"
 blobs = [{{ column = "content", content_type = "text/plain" }}]
-"#
+"#,
+            run_config(&reader, &operational)
         ),
         &format!(
             "version = \"1\"\nas_of = \"{}\"\n[defaults]\narchive_after = \"1y\"\npatient_inactive_after = \"1y\"\n[tables.scans]\ntier = \"archive\"\n[tables.letters]\ntier = \"operational\"\n",

@@ -118,17 +118,7 @@ async fn kill_9_at_five_random_moments_loses_and_duplicates_nothing() {
     create_source(&source).await;
     let reader = read_only_url(&source).await;
     let config = format!(
-        r#"
-[source]
-url = "{reader}"
-[operational]
-url = "{operational}"
-[archive]
-location = "archive"
-kek_id = "crash-test"
-kek_file = "kek.hex"
-[policy]
-file = "policy.toml"
+        r#"{}
 [run]
 workers = 2
 rows_per_range = 20000
@@ -144,7 +134,8 @@ primary_key = ["id"]
 patient_key = "patient_id"
 record_date = "created_at"
 blobs = [{{ column = "content", content_type = "application/pdf" }}]
-"#
+"#,
+        run_config(&reader, &operational)
     );
     write_run_files(
         dir.path(),

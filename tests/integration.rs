@@ -486,11 +486,9 @@ async fn numerics_arrive_exactly_as_postgres_prints_them() {
     write_run_files(
         dir.path(),
         &format!(
-            "[source]\nurl = \"{reader}\"\n[operational]\nurl = \"{operational}\"\n\
-             [archive]\nlocation = \"archive\"\nkek_id = \"numeric-test\"\nkek_file = \"kek.hex\"\n\
-             [policy]\nfile = \"policy.toml\"\n\
-             [tables.archived]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken\"\n\
-             [tables.kept]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken\"\n"
+            "{}[tables.archived]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken\"\n\
+             [tables.kept]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken\"\n",
+            run_config(&reader, &operational)
         ),
         &format!(
             "version = \"1\"\nas_of = \"{}\"\n[defaults]\narchive_after = \"1y\"\npatient_inactive_after = \"1y\"\n\

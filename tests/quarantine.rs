@@ -105,8 +105,8 @@ async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arri
     write_files(
         dir.path(),
         &format!(
-            "[source]\nurl = \"{source}\"\n[operational]\nurl = \"{operational}\"\n[archive]\nlocation = \"archive\"\nkek_id = \"k\"\nkek_file = \"kek.hex\"\n[policy]\nfile = \"policy.toml\"\n\
-             [run]\nrows_per_range = 100\n[tables.codes]\nprimary_key = [\"code\"]\n[tables.results]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken_at\"\n"
+            "{}[run]\nrows_per_range = 100\n[tables.codes]\nprimary_key = [\"code\"]\n[tables.results]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken_at\"\n",
+            run_config(&source, &operational)
         ),
         &["results", "codes"],
     );
@@ -260,17 +260,7 @@ async fn declared_mappings_rename_map_values_default_nulls_parse_local_dates_con
     write_files(
         dir.path(),
         &format!(
-            r#"
-[source]
-url = "{source}"
-[operational]
-url = "{operational}"
-[archive]
-location = "archive"
-kek_id = "k"
-kek_file = "kek.hex"
-[policy]
-file = "policy.toml"
+            r#"{}
 [tables.visits]
 primary_key = ["id"]
 patient_key = "pat"
@@ -291,7 +281,8 @@ patient_key = "pat"
 convert_units = {{ unit_column = "unit", code_column = "loinc", to = "SI" }}
 [tables.labs.computed.tag]
 expr = "loinc || '@' || pat"
-"#
+"#,
+            run_config(&source, &operational)
         ),
         &["visits", "labs"],
     );
@@ -394,8 +385,8 @@ async fn a_sqlite_target_quarantines_a_key_loaded_twice_by_different_ranges() {
     write_files(
         dir.path(),
         &format!(
-            "[source]\nurl = \"{source}\"\n[operational]\nurl = \"{operational}\"\n[archive]\nlocation = \"archive\"\nkek_id = \"k\"\nkek_file = \"kek.hex\"\n[policy]\nfile = \"policy.toml\"\n\
-             [run]\nrows_per_range = 100\n[tables.codes]\nprimary_key = [\"code\"]\n"
+            "{}[run]\nrows_per_range = 100\n[tables.codes]\nprimary_key = [\"code\"]\n",
+            run_config(&source, &operational)
         ),
         &["codes"],
     );

@@ -122,6 +122,17 @@ pub fn write_config(
     dir.join("strata.toml")
 }
 
+/// The head of a hand-written strata.toml: source, operational database, an archive in
+/// `archive/` under the KEK of `kek.hex`, and the policy in `policy.toml` (see
+/// [`write_run_files`]). Tests append their `[run]` and `[tables.*]` sections.
+pub fn run_config(source: &str, operational: &str) -> String {
+    format!(
+        "[source]\nurl = \"{source}\"\n[operational]\nurl = \"{operational}\"\n\
+         [archive]\nlocation = \"archive\"\nkek_id = \"test-kek\"\nkek_file = \"kek.hex\"\n\
+         [policy]\nfile = \"policy.toml\"\n"
+    )
+}
+
 /// Writes a hand-written strata.toml and policy, plus a fresh KEK (`kek.hex`), into `dir`.
 pub fn write_run_files(dir: &Path, config: &str, policy: &str) {
     std::fs::write(dir.join("strata.toml"), config).unwrap();

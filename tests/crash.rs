@@ -235,7 +235,7 @@ blobs = [{{ column = "content", content_type = "application/pdf" }}]
     let target = Db::connect(&operational, false).await.unwrap();
     let config = load_config(&dir.path().join("strata.toml"));
     let archive = open_archive(&config.archive, &config.base_dir).await;
-    let control = strata_ingest::Control::open(&config.control_url().unwrap())
+    let control = strata_control::Control::open(&config.control_url().unwrap())
         .await
         .unwrap();
     let runs = control.latest_run().await.unwrap().unwrap();

@@ -1381,7 +1381,7 @@ async fn the_catalog_is_mirrored_in_the_control_database_and_rebuilt_from_the_ar
         .map(|(t, ms)| (t.clone(), ms.iter().map(|m| m.files.len() as u64).sum()))
         .collect();
     let control_path = dir.path().join("control.db");
-    let control = strata_ingest::Control::open(&format!("sqlite://{}", control_path.display()))
+    let control = strata_control::Control::open(&format!("sqlite://{}", control_path.display()))
         .await
         .unwrap();
     assert_eq!(control.mirrored_files().await.unwrap(), expected);
@@ -1399,7 +1399,7 @@ async fn the_catalog_is_mirrored_in_the_control_database_and_rebuilt_from_the_ar
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let control = strata_ingest::Control::open(&format!("sqlite://{}", control_path.display()))
+    let control = strata_control::Control::open(&format!("sqlite://{}", control_path.display()))
         .await
         .unwrap();
     assert_eq!(control.mirrored_files().await.unwrap(), expected);

@@ -5,8 +5,9 @@
 use crate::support::*;
 use chrono::{Datelike, NaiveDate};
 use std::collections::{BTreeMap, BTreeSet};
+use strata_control::Control;
 use strata_cutoff_policies::HoldScope;
-use strata_ingest::{ColumnType, Control, Db, Migration, Value};
+use strata_ingest::{ColumnType, Db, Migration, Value};
 
 const POLICY: &str = r#"
 version = "worked-examples-1"

@@ -181,7 +181,7 @@ pub async fn tier_counts(config: &MigrationConfig) -> BTreeMap<String, Counts> {
         .await
         .unwrap();
     let archive = open_archive(&config.archive, &config.base_dir).await;
-    let control = strata_ingest::Control::open(&config.control_url().unwrap())
+    let control = strata_control::Control::open(&config.control_url().unwrap())
         .await
         .unwrap();
     let destroyed = control.destroyed_rows().await.unwrap();

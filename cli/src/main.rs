@@ -262,8 +262,8 @@ impl From<RoleArg> for Role {
 }
 
 async fn hold(command: HoldCommand) -> Result<()> {
+    use strata_control::Control;
     use strata_cutoff_policies::HoldScope;
-    use strata_ingest::Control;
     let open =
         |config: &PathBuf| -> Result<String> { Ok(config::load(config)?.migration.control_url()?) };
     match command {
@@ -481,7 +481,7 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             let archive = ArchiveReader::open(store, keys).await?;
-            strata_ingest::Control::open(&loaded.migration.control_url()?)
+            strata_control::Control::open(&loaded.migration.control_url()?)
                 .await?
                 .rebuild_catalog(archive.catalog())
                 .await?;
@@ -507,7 +507,7 @@ async fn run(cli: Cli) -> Result<()> {
             let loaded = config::load(&config)?;
             let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
             let archive = ArchiveReader::open(store, keys).await?;
-            let control = strata_ingest::Control::open(&loaded.migration.control_url()?).await?;
+            let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
             let files = control.rebuild_catalog(archive.catalog()).await?;
             println!("catalog mirror rebuilt from the archive's manifests: {files} files");
             Ok(())
@@ -519,7 +519,7 @@ async fn run(cli: Cli) -> Result<()> {
             let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
             let r = strata_archive::rotate_keys(store.clone(), &keys).await?;
             let archive = ArchiveReader::open(store, keys).await?;
-            let control = strata_ingest::Control::open(&loaded.migration.control_url()?).await?;
+            let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
             control.rebuild_catalog(archive.catalog()).await?;
             println!(
                 "every data key is now wrapped by KEK {}: the archive key, {} Parquet key objects and {} manifests rewritten; no data object was rewritten (BLOB keys derive from the archive key)",

@@ -39,6 +39,9 @@ pub enum IngestError {
     /// The archive failed.
     #[error(transparent)]
     Archive(#[from] strata_archive::ArchiveError),
+    /// The control database failed.
+    #[error(transparent)]
+    Control(#[from] strata_control::ControlError),
     /// Too many rows of a table were quarantined.
     #[error("table {table}: {quarantined} rows quarantined, over the threshold of {threshold}; run stopped")]
     QuarantineThreshold {

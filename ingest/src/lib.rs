@@ -17,7 +17,6 @@
 
 mod archive_rows;
 mod config;
-mod control;
 mod csv_source;
 mod db;
 mod error;
@@ -39,7 +38,6 @@ pub use config::{
     BlobColumnConfig, ColumnMapping, ComputedColumn, DatabaseConfig, MigrationConfig, PatientVia,
     PolicyFileConfig, TableConfig, UnitConversionConfig,
 };
-pub use control::{Control, DestructionRecord, HoldRecord, RunRecord};
 pub use db::{quote, redact, Column, Db, DbKind, ReadAs, TableSchema};
 pub use error::{IngestError, Result};
 pub use init::{draft_config, guess_tables, TableGuess};

@@ -12,7 +12,6 @@
 
 use crate::archive_rows::{archive_schema, ArchiveRun, ArchivedRow};
 use crate::config::MigrationConfig;
-use crate::control::{Control, DestructionRecord, RunRecord};
 use crate::db::{quote, Column, Db, DbKind, TableSchema};
 use crate::error::{IngestError, Result};
 use crate::facts::{local_date, patient_facts, PatientTable};
@@ -31,6 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
+use strata_control::{Control, DestructionRecord, RunRecord};
 use strata_cutoff_policies::{
     DateFact, Decision, LegalHold, PatientFacts, Policy, PolicyConfig, RecordFacts, Tier,
 };
@@ -337,7 +337,8 @@ impl Migration {
                 &author,
                 &self.policy_config.text,
             )
-            .await
+            .await?;
+        Ok(())
     }
 
     /// Reads every table and reports where each row would go. Moves nothing; records the policy

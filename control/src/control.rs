@@ -1,12 +1,14 @@
-//! Strata's control database: runs and per-table progress, so a stopped run resumes.
+//! Runs and per-table progress (so a stopped run resumes), policy versions, plans, legal
+//! holds, destruction records and the mirror of the archive's catalog.
 //!
-//! It is a separate database (SQLite beside the config in the demo, PostgreSQL in production)
-//! so that it survives the operational database being rebuilt, and so later stages (change
-//! sync, cutover, reconciliation) can record their state beside the bulk copy's.
+//! The control database is separate from the operational one (SQLite beside the config in the
+//! demo, PostgreSQL in production) so that it survives the operational database being rebuilt,
+//! and so that later stages (change sync, cutover, reconciliation) record their state beside
+//! the bulk copy's.
 
-use crate::db::Db;
-use crate::error::Result;
-use crate::value::{ColumnType, Value};
+use crate::db::{Col, ControlDb, Param};
+use crate::error::{ControlError, Result};
+use std::collections::BTreeMap;
 use strata_cutoff_policies::HoldScope;
 
 const SCHEMA: &str = "
@@ -125,6 +127,21 @@ pub struct DestructionRecord {
     pub policy_hash: String,
 }
 
+/// A stored policy version.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PolicyVersion {
+    /// SHA-256 of the policy text.
+    pub policy_hash: String,
+    /// The version the policy names.
+    pub version: String,
+    /// Who stored it.
+    pub author: String,
+    /// When (RFC 3339).
+    pub stored_at: String,
+    /// The policy file's text.
+    pub policy_text: String,
+}
+
 /// A run as recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
@@ -143,7 +160,7 @@ pub struct RunRecord {
 /// The control database.
 #[derive(Debug, Clone)]
 pub struct Control {
-    db: Db,
+    pub(crate) db: ControlDb,
 }
 
 fn now() -> String {
@@ -151,58 +168,49 @@ fn now() -> String {
 }
 
 impl Control {
-    /// Opens (and creates) the control database.
+    /// Opens (and creates) the control database: `postgres://...` or `sqlite://path`.
     pub async fn open(url: &str) -> Result<Self> {
-        let db = Db::connect(url, false).await?;
+        let db = ControlDb::connect(url).await?;
         db.execute(SCHEMA).await?;
+        db.execute(crate::audit::SCHEMA).await?;
         Ok(Control { db })
-    }
-
-    fn p(&self, n: usize) -> String {
-        self.db.placeholder(n)
     }
 
     /// The most recent run.
     pub async fn latest_run(&self) -> Result<Option<RunRecord>> {
         let rows = self
             .db
-            .fetch_all(
-                "SELECT run_id, status, policy_version, policy_hash, as_of FROM strata_runs ORDER BY started_at DESC, run_id DESC LIMIT 1".into(),
-                vec![ColumnType::Text; 5],
+            .fetch(
+                "SELECT run_id, status, policy_version, policy_hash, as_of FROM strata_runs ORDER BY started_at DESC, run_id DESC LIMIT 1",
+                &[],
+                &[Col::Text; 5],
             )
             .await?;
-        Ok(rows.into_iter().next().map(|r| {
-            let t: Vec<String> = r
-                .iter()
-                .map(|v| v.as_key_text().unwrap_or_default())
-                .collect();
-            RunRecord {
-                run_id: t[0].clone(),
-                status: t[1].clone(),
-                policy_version: t[2].clone(),
-                policy_hash: t[3].clone(),
-                as_of: t[4].clone(),
-            }
+        Ok(rows.into_iter().next().map(|r| RunRecord {
+            run_id: r[0].text(),
+            status: r[1].text(),
+            policy_version: r[2].text(),
+            policy_hash: r[3].text(),
+            as_of: r[4].text(),
         }))
     }
 
     /// Records a new run.
     pub async fn start_run(&self, run: &RunRecord) -> Result<()> {
         let sql = format!(
-            "INSERT INTO strata_runs (run_id, started_at, status, policy_version, policy_hash, as_of) VALUES ({}, {}, {}, {}, {}, {})",
-            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5), self.p(6)
+            "INSERT INTO strata_runs (run_id, started_at, status, policy_version, policy_hash, as_of) VALUES ({})",
+            self.db.ps(6)
         );
-        let v = |s: &str| Value::Text(s.to_string());
         self.db
             .execute_with(
                 &sql,
                 &[
-                    v(&run.run_id),
-                    v(&now()),
-                    v(&run.status),
-                    v(&run.policy_version),
-                    v(&run.policy_hash),
-                    v(&run.as_of),
+                    (&run.run_id).into(),
+                    now().into(),
+                    (&run.status).into(),
+                    (&run.policy_version).into(),
+                    (&run.policy_hash).into(),
+                    (&run.as_of).into(),
                 ],
             )
             .await
@@ -213,19 +221,27 @@ impl Control {
     pub async fn finish_run(&self, run_id: &str, report: &str) -> Result<()> {
         let sql = format!(
             "UPDATE strata_runs SET status = 'done', finished_at = {}, report = {} WHERE run_id = {}",
-            self.p(1), self.p(2), self.p(3)
+            self.db.p(1),
+            self.db.p(2),
+            self.db.p(3)
         );
         self.db
-            .execute_with(
-                &sql,
-                &[
-                    Value::Text(now()),
-                    Value::Text(report.into()),
-                    Value::Text(run_id.into()),
-                ],
-            )
+            .execute_with(&sql, &[now().into(), report.into(), run_id.into()])
             .await
             .map(|_| ())
+    }
+
+    /// The report (JSON) of the most recent finished run, with its id.
+    pub async fn last_finished_run_report(&self) -> Result<Option<(String, String)>> {
+        let rows = self
+            .db
+            .fetch(
+                "SELECT run_id, report FROM strata_runs WHERE status = 'done' AND report IS NOT NULL ORDER BY finished_at DESC, run_id DESC LIMIT 1",
+                &[],
+                &[Col::Text; 2],
+            )
+            .await?;
+        Ok(rows.into_iter().next().map(|r| (r[0].text(), r[1].text())))
     }
 
     /// A table's status and report within a run.
@@ -235,18 +251,18 @@ impl Control {
         table: &str,
     ) -> Result<Option<(String, Option<String>)>> {
         let sql = format!(
-            "SELECT status, report FROM strata_table_runs WHERE run_id = '{}' AND table_name = '{}'",
-            run_id.replace('\'', "''"),
-            table.replace('\'', "''")
+            "SELECT status, report FROM strata_table_runs WHERE run_id = {} AND table_name = {}",
+            self.db.p(1),
+            self.db.p(2)
         );
         let rows = self
             .db
-            .fetch_all(sql, vec![ColumnType::Text, ColumnType::Text])
+            .fetch(&sql, &[run_id.into(), table.into()], &[Col::Text; 2])
             .await?;
         Ok(rows
             .into_iter()
             .next()
-            .map(|r| (r[0].as_key_text().unwrap_or_default(), r[1].as_key_text())))
+            .map(|r| (r[0].text(), r[1].opt_text())))
     }
 
     /// Sets a table's status (and report) within a run.
@@ -259,29 +275,26 @@ impl Control {
     ) -> Result<()> {
         let del = format!(
             "DELETE FROM strata_table_runs WHERE run_id = {} AND table_name = {}",
-            self.p(1),
-            self.p(2)
+            self.db.p(1),
+            self.db.p(2)
         );
         self.db
-            .execute_with(
-                &del,
-                &[Value::Text(run_id.into()), Value::Text(table.into())],
-            )
+            .execute_with(&del, &[run_id.into(), table.into()])
             .await?;
         let ins = format!(
-            "INSERT INTO strata_table_runs (run_id, table_name, status, report, updated_at) VALUES ({}, {}, {}, {}, {})",
-            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5)
+            "INSERT INTO strata_table_runs (run_id, table_name, status, report, updated_at) VALUES ({})",
+            self.db.ps(5)
         );
-        let report = report.map(|r| Value::Text(r.into())).unwrap_or(Value::Null);
+        let report = report.map_or(Param::NullText, Param::from);
         self.db
             .execute_with(
                 &ins,
                 &[
-                    Value::Text(run_id.into()),
-                    Value::Text(table.into()),
-                    Value::Text(status.into()),
+                    run_id.into(),
+                    table.into(),
+                    status.into(),
                     report,
-                    Value::Text(now()),
+                    now().into(),
                 ],
             )
             .await
@@ -296,63 +309,100 @@ impl Control {
         author: &str,
         text: &str,
     ) -> Result<()> {
-        let exists = self
+        let sql = format!(
+            "SELECT policy_hash FROM strata_policy_versions WHERE policy_hash = {}",
+            self.db.p(1)
+        );
+        if !self
             .db
-            .fetch_all(
-                format!(
-                    "SELECT 1 FROM strata_policy_versions WHERE policy_hash = '{}'",
-                    hash.replace('\'', "''")
-                ),
-                vec![ColumnType::Int],
-            )
-            .await?;
-        if !exists.is_empty() {
+            .fetch(&sql, &[hash.into()], &[Col::Text])
+            .await?
+            .is_empty()
+        {
             return Ok(());
         }
         let sql = format!(
-            "INSERT INTO strata_policy_versions (policy_hash, version, author, stored_at, policy_text) VALUES ({}, {}, {}, {}, {})",
-            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5)
+            "INSERT INTO strata_policy_versions (policy_hash, version, author, stored_at, policy_text) VALUES ({})",
+            self.db.ps(5)
         );
-        let t = |s: &str| Value::Text(s.to_string());
         self.db
-            .execute_with(&sql, &[t(hash), t(version), t(author), t(&now()), t(text)])
+            .execute_with(
+                &sql,
+                &[
+                    hash.into(),
+                    version.into(),
+                    author.into(),
+                    now().into(),
+                    text.into(),
+                ],
+            )
             .await
             .map(|_| ())
     }
 
+    /// Every stored policy version, newest first.
+    pub async fn policy_versions(&self) -> Result<Vec<PolicyVersion>> {
+        let rows = self
+            .db
+            .fetch(
+                "SELECT policy_hash, version, author, stored_at, policy_text FROM strata_policy_versions ORDER BY stored_at DESC, policy_hash",
+                &[],
+                &[Col::Text; 5],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| PolicyVersion {
+                policy_hash: r[0].text(),
+                version: r[1].text(),
+                author: r[2].text(),
+                stored_at: r[3].text(),
+                policy_text: r[4].text(),
+            })
+            .collect())
+    }
+
     /// Saves a plan's report; returns the previous plan's, if any.
     pub async fn save_plan(&self, policy_hash: &str, report: &str) -> Result<Option<String>> {
-        let previous = self
-            .db
-            .fetch_all(
-                "SELECT report FROM strata_plans ORDER BY created_at DESC, plan_id DESC LIMIT 1"
-                    .into(),
-                vec![ColumnType::Text],
-            )
-            .await?
-            .into_iter()
-            .next()
-            .and_then(|r| r[0].as_key_text());
+        let previous = self.latest_plan().await?.map(|(_, _, report)| report);
         let sql = format!(
-            "INSERT INTO strata_plans (plan_id, created_at, policy_hash, report) VALUES ({}, {}, {}, {})",
-            self.p(1), self.p(2), self.p(3), self.p(4)
+            "INSERT INTO strata_plans (plan_id, created_at, policy_hash, report) VALUES ({})",
+            self.db.ps(4)
         );
         let id = format!(
             "plan-{}-{:04x}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
             rand::random::<u16>()
         );
-        let t = |s: &str| Value::Text(s.to_string());
         self.db
-            .execute_with(&sql, &[t(&id), t(&now()), t(policy_hash), t(report)])
+            .execute_with(
+                &sql,
+                &[id.into(), now().into(), policy_hash.into(), report.into()],
+            )
             .await?;
         Ok(previous)
+    }
+
+    /// The most recent plan: its id, creation time and report (JSON).
+    pub async fn latest_plan(&self) -> Result<Option<(String, String, String)>> {
+        let rows = self
+            .db
+            .fetch(
+                "SELECT plan_id, created_at, report FROM strata_plans ORDER BY created_at DESC, plan_id DESC LIMIT 1",
+                &[],
+                &[Col::Text; 3],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|r| (r[0].text(), r[1].text(), r[2].text())))
     }
 
     /// Places a legal hold; returns its id.
     pub async fn place_hold(&self, scope: &HoldScope, reason: &str, by: &str) -> Result<String> {
         if reason.trim().is_empty() || by.trim().is_empty() {
-            return Err(crate::IngestError::Run(
+            return Err(ControlError::Invalid(
                 "a legal hold needs who places it and why".into(),
             ));
         }
@@ -370,25 +420,23 @@ impl Control {
                 value,
             } => ("filter", None, Some(table), Some(column), Some(value)),
         };
-        let opt = |v: Option<&String>| v.map(|s| Value::Text(s.clone())).unwrap_or(Value::Null);
         let sql = format!(
-            "INSERT INTO strata_holds (hold_id, scope, patient, table_name, column_name, value, reason, placed_by, placed_at) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {})",
-            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5), self.p(6), self.p(7), self.p(8), self.p(9)
+            "INSERT INTO strata_holds (hold_id, scope, patient, table_name, column_name, value, reason, placed_by, placed_at) VALUES ({})",
+            self.db.ps(9)
         );
-        let t = |s: &str| Value::Text(s.to_string());
         self.db
             .execute_with(
                 &sql,
                 &[
-                    t(&id),
-                    t(kind),
-                    opt(patient),
-                    opt(table),
-                    opt(column),
-                    opt(value),
-                    t(reason),
-                    t(by),
-                    t(&now()),
+                    (&id).into(),
+                    kind.into(),
+                    patient.into(),
+                    table.into(),
+                    column.into(),
+                    value.into(),
+                    reason.into(),
+                    by.into(),
+                    now().into(),
                 ],
             )
             .await?;
@@ -398,21 +446,26 @@ impl Control {
     /// Releases a hold, recording who and why.
     pub async fn release_hold(&self, hold_id: &str, reason: &str, by: &str) -> Result<()> {
         if reason.trim().is_empty() || by.trim().is_empty() {
-            return Err(crate::IngestError::Run(
+            return Err(ControlError::Invalid(
                 "releasing a legal hold needs who releases it and why".into(),
             ));
         }
         let sql = format!(
             "UPDATE strata_holds SET released_by = {}, released_at = {}, release_reason = {} WHERE hold_id = {} AND released_at IS NULL",
-            self.p(1), self.p(2), self.p(3), self.p(4)
+            self.db.p(1),
+            self.db.p(2),
+            self.db.p(3),
+            self.db.p(4)
         );
-        let t = |s: &str| Value::Text(s.to_string());
         let n = self
             .db
-            .execute_with(&sql, &[t(by), t(&now()), t(reason), t(hold_id)])
+            .execute_with(
+                &sql,
+                &[by.into(), now().into(), reason.into(), hold_id.into()],
+            )
             .await?;
         if n == 0 {
-            return Err(crate::IngestError::Run(format!(
+            return Err(ControlError::Invalid(format!(
                 "no active legal hold {hold_id}"
             )));
         }
@@ -423,16 +476,16 @@ impl Control {
     pub async fn holds(&self) -> Result<Vec<HoldRecord>> {
         let rows = self
             .db
-            .fetch_all(
-                "SELECT hold_id, scope, patient, table_name, column_name, value, reason, placed_by, placed_at, released_by, released_at, release_reason FROM strata_holds ORDER BY placed_at, hold_id".into(),
-                vec![ColumnType::Text; 12],
+            .fetch(
+                "SELECT hold_id, scope, patient, table_name, column_name, value, reason, placed_by, placed_at, released_by, released_at, release_reason FROM strata_holds ORDER BY placed_at, hold_id",
+                &[],
+                &[Col::Text; 12],
             )
             .await?;
         Ok(rows
             .into_iter()
             .map(|r| {
-                let t: Vec<Option<String>> = r.iter().map(|v| v.as_key_text()).collect();
-                let s = |i: usize| t[i].clone().unwrap_or_default();
+                let s = |i: usize| r[i].text();
                 let scope = match s(1).as_str() {
                     "patient" => HoldScope::Patient(s(2)),
                     "table" => HoldScope::Table(s(3)),
@@ -448,7 +501,7 @@ impl Control {
                     reason: s(6),
                     placed_by: s(7),
                     placed_at: s(8),
-                    released: t[10].as_ref().map(|at| (s(9), at.clone(), s(11))),
+                    released: r[10].opt_text().map(|at| (s(9), at, s(11))),
                 }
             })
             .collect())
@@ -458,62 +511,78 @@ impl Control {
     pub async fn record_destruction(&self, d: &DestructionRecord) -> Result<()> {
         let del = format!(
             "DELETE FROM strata_destructions WHERE run_id = {} AND table_name = {}",
-            self.p(1),
-            self.p(2)
+            self.db.p(1),
+            self.db.p(2)
         );
         self.db
-            .execute_with(
-                &del,
-                &[Value::Text(d.run_id.clone()), Value::Text(d.table.clone())],
-            )
+            .execute_with(&del, &[(&d.run_id).into(), (&d.table).into()])
             .await?;
         let sql = format!(
-            "INSERT INTO strata_destructions (run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {})",
-            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5), self.p(6), self.p(7), self.p(8), self.p(9)
+            "INSERT INTO strata_destructions (run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at) VALUES ({})",
+            self.db.ps(9)
         );
-        let t = |s: &str| Value::Text(s.to_string());
-        let opt = |v: &Option<String>| {
-            v.as_ref()
-                .map(|s| Value::Text(s.clone()))
-                .unwrap_or(Value::Null)
-        };
         self.db
             .execute_with(
                 &sql,
                 &[
-                    t(&d.run_id),
-                    t(&d.table),
-                    Value::Int(d.rows as i64),
-                    opt(&d.key_min),
-                    opt(&d.key_max),
-                    t(&d.key_checksum),
-                    t(&d.policy_version),
-                    t(&d.policy_hash),
-                    t(&now()),
+                    (&d.run_id).into(),
+                    (&d.table).into(),
+                    (d.rows as i64).into(),
+                    d.key_min.as_ref().into(),
+                    d.key_max.as_ref().into(),
+                    (&d.key_checksum).into(),
+                    (&d.policy_version).into(),
+                    (&d.policy_hash).into(),
+                    now().into(),
                 ],
             )
             .await
             .map(|_| ())
     }
 
+    /// Every destruction record, oldest first, with when it was made.
+    pub async fn destructions(&self) -> Result<Vec<(DestructionRecord, String)>> {
+        let rows = self
+            .db
+            .fetch(
+                "SELECT run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at FROM strata_destructions ORDER BY destroyed_at, run_id, table_name",
+                &[],
+                &{
+                    let mut types = [Col::Text; 9];
+                    types[2] = Col::Int;
+                    types
+                },
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    DestructionRecord {
+                        run_id: r[0].text(),
+                        table: r[1].text(),
+                        rows: r[2].int().unwrap_or(0) as u64,
+                        key_min: r[3].opt_text(),
+                        key_max: r[4].opt_text(),
+                        key_checksum: r[5].text(),
+                        policy_version: r[6].text(),
+                        policy_hash: r[7].text(),
+                    },
+                    r[8].text(),
+                )
+            })
+            .collect())
+    }
+
     /// Records the source snapshot a run (or a resumption of it) copies from. Change sync starts
     /// at the run's earliest WAL position.
     pub async fn record_snapshot(&self, run_id: &str, wal_lsn: &str) -> Result<()> {
         let sql = format!(
-            "INSERT INTO strata_run_snapshots (run_id, wal_lsn, taken_at) VALUES ({}, {}, {})",
-            self.p(1),
-            self.p(2),
-            self.p(3)
+            "INSERT INTO strata_run_snapshots (run_id, wal_lsn, taken_at) VALUES ({})",
+            self.db.ps(3)
         );
         self.db
-            .execute_with(
-                &sql,
-                &[
-                    Value::Text(run_id.into()),
-                    Value::Text(wal_lsn.into()),
-                    Value::Text(chrono::Utc::now().to_rfc3339()),
-                ],
-            )
+            .execute_with(&sql, &[run_id.into(), wal_lsn.into(), now().into()])
             .await
             .map(|_| ())
     }
@@ -521,15 +590,15 @@ impl Control {
     /// The WAL positions of a run's snapshots, oldest first.
     pub async fn run_snapshots(&self, run_id: &str) -> Result<Vec<String>> {
         let sql = format!(
-            "SELECT wal_lsn FROM strata_run_snapshots WHERE run_id = '{}' ORDER BY taken_at",
-            run_id.replace('\'', "''")
+            "SELECT wal_lsn FROM strata_run_snapshots WHERE run_id = {} ORDER BY taken_at",
+            self.db.p(1)
         );
         Ok(self
             .db
-            .fetch_all(sql, vec![ColumnType::Text])
+            .fetch(&sql, &[run_id.into()], &[Col::Text])
             .await?
             .into_iter()
-            .filter_map(|r| r.into_iter().next().and_then(Value::into_key_text))
+            .filter_map(|r| r[0].opt_text())
             .collect())
     }
 
@@ -543,15 +612,15 @@ impl Control {
     ) -> Result<()> {
         let del = format!(
             "DELETE FROM strata_archive_files WHERE table_name = {} AND run_id LIKE {}",
-            self.p(1),
-            self.p(2)
+            self.db.p(1),
+            self.db.p(2)
         );
         self.db
             .execute_with(
                 &del,
                 &[
-                    Value::Text(table.into()),
-                    Value::Text(format!("{}-%", run_id.replace(['%', '_'], ""))),
+                    table.into(),
+                    format!("{}-%", run_id.replace(['%', '_'], "")).into(),
                 ],
             )
             .await?;
@@ -567,34 +636,30 @@ impl Control {
     pub async fn mirror_manifest(&self, m: &strata_archive::TableManifest) -> Result<()> {
         let del = format!(
             "DELETE FROM strata_archive_files WHERE table_name = {} AND run_id = {}",
-            self.p(1),
-            self.p(2)
+            self.db.p(1),
+            self.db.p(2)
         );
         self.db
-            .execute_with(
-                &del,
-                &[Value::Text(m.table.clone()), Value::Text(m.run_id.clone())],
-            )
+            .execute_with(&del, &[(&m.table).into(), (&m.run_id).into()])
             .await?;
         let sql = format!(
-            "INSERT INTO strata_archive_files (table_name, run_id, path, rows_in_file, bytes, sha256, min_patient, max_patient, kek_id) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {})",
-            self.p(1), self.p(2), self.p(3), self.p(4), self.p(5), self.p(6), self.p(7), self.p(8), self.p(9)
+            "INSERT INTO strata_archive_files (table_name, run_id, path, rows_in_file, bytes, sha256, min_patient, max_patient, kek_id) VALUES ({})",
+            self.db.ps(9)
         );
-        let t = |s: &str| Value::Text(s.to_string());
         for f in &m.files {
             self.db
                 .execute_with(
                     &sql,
                     &[
-                        t(&m.table),
-                        t(&m.run_id),
-                        t(&f.path),
-                        Value::Int(f.rows as i64),
-                        Value::Int(f.bytes as i64),
-                        t(&f.sha256),
-                        t(&f.min_patient),
-                        t(&f.max_patient),
-                        t(&f.kek_id),
+                        (&m.table).into(),
+                        (&m.run_id).into(),
+                        (&f.path).into(),
+                        (f.rows as i64).into(),
+                        (f.bytes as i64).into(),
+                        (&f.sha256).into(),
+                        (&f.min_patient).into(),
+                        (&f.max_patient).into(),
+                        (&f.kek_id).into(),
                     ],
                 )
                 .await?;
@@ -615,28 +680,30 @@ impl Control {
     }
 
     /// Files in the catalog mirror per table.
-    pub async fn mirrored_files(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+    pub async fn mirrored_files(&self) -> Result<BTreeMap<String, u64>> {
         self.per_table("SELECT table_name, CAST(COUNT(*) AS BIGINT) FROM strata_archive_files GROUP BY table_name").await
     }
 
     /// Rows destroyed per table over all runs.
-    pub async fn destroyed_rows(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+    pub async fn destroyed_rows(&self) -> Result<BTreeMap<String, u64>> {
         self.per_table("SELECT table_name, CAST(SUM(rows_destroyed) AS BIGINT) FROM strata_destructions GROUP BY table_name").await
     }
 
     /// Runs a `SELECT table_name, <bigint>` query into a map.
-    async fn per_table(&self, sql: &str) -> Result<std::collections::BTreeMap<String, u64>> {
-        let rows = self
-            .db
-            .fetch_all(sql.into(), vec![ColumnType::Text, ColumnType::Int])
-            .await?;
+    async fn per_table(&self, sql: &str) -> Result<BTreeMap<String, u64>> {
+        let rows = self.db.fetch(sql, &[], &[Col::Text, Col::Int]).await?;
         Ok(rows
             .into_iter()
-            .filter_map(|r| match (r[0].as_key_text(), &r[1]) {
-                (Some(table), Value::Int(n)) => Some((table, *n as u64)),
-                _ => None,
-            })
+            .filter_map(|r| Some((r[0].opt_text()?, r[1].int()? as u64)))
             .collect())
+    }
+
+    /// Whether the database answers (for readiness checks).
+    pub async fn ping(&self) -> Result<()> {
+        self.db
+            .fetch("SELECT 1", &[], &[Col::Int])
+            .await
+            .map(|_| ())
     }
 
     /// Closes the connection.

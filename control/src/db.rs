@@ -1,0 +1,245 @@
+//! The connection behind the control database: PostgreSQL in production, SQLite beside the
+//! config in the demo. Only what the control tables need: statements with bound text and
+//! integer parameters, and rows read back as text or integers.
+
+use crate::error::{ControlError, Result};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Row};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A bound parameter. NULLs carry their type: PostgreSQL caches prepared statements by text,
+/// and a parameter must keep one type across executions.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Param {
+    Text(String),
+    Int(i64),
+    NullText,
+}
+
+impl From<&str> for Param {
+    fn from(s: &str) -> Self {
+        Param::Text(s.to_string())
+    }
+}
+
+impl From<String> for Param {
+    fn from(s: String) -> Self {
+        Param::Text(s)
+    }
+}
+
+impl From<&String> for Param {
+    fn from(s: &String) -> Self {
+        Param::Text(s.clone())
+    }
+}
+
+impl From<i64> for Param {
+    fn from(i: i64) -> Self {
+        Param::Int(i)
+    }
+}
+
+impl From<Option<&String>> for Param {
+    fn from(s: Option<&String>) -> Self {
+        s.map_or(Param::NullText, |s| Param::Text(s.clone()))
+    }
+}
+
+/// How a result column is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Col {
+    Text,
+    Int,
+}
+
+/// A value read back.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cell {
+    Text(Option<String>),
+    Int(Option<i64>),
+}
+
+impl Cell {
+    /// The text, or "" for NULL or an integer.
+    pub(crate) fn text(&self) -> String {
+        self.opt_text().unwrap_or_default()
+    }
+
+    pub(crate) fn opt_text(&self) -> Option<String> {
+        match self {
+            Cell::Text(t) => t.clone(),
+            Cell::Int(_) => None,
+        }
+    }
+
+    pub(crate) fn int(&self) -> Option<i64> {
+        match self {
+            Cell::Int(i) => *i,
+            Cell::Text(_) => None,
+        }
+    }
+}
+
+/// A pool to the control database.
+#[derive(Debug, Clone)]
+pub(crate) enum ControlDb {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// `url` without its password.
+pub(crate) fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Binds `params` to a query of either engine.
+macro_rules! bind_all {
+    ($q:expr, $params:expr) => {{
+        let mut q = $q;
+        for p in $params {
+            q = match p {
+                Param::Text(s) => q.bind(s.clone()),
+                Param::Int(i) => q.bind(*i),
+                Param::NullText => q.bind(None::<String>),
+            };
+        }
+        q
+    }};
+}
+
+/// Reads rows of either engine as `cols`.
+macro_rules! read_rows {
+    ($rows:expr, $cols:expr) => {
+        $rows
+            .iter()
+            .map(|row| {
+                $cols
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| match c {
+                        Col::Text => row.try_get::<Option<String>, _>(i).map(Cell::Text),
+                        Col::Int => row.try_get::<Option<i64>, _>(i).map(Cell::Int),
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+    };
+}
+
+impl ControlDb {
+    /// Connects to `postgres://...` or `sqlite://path` (created if missing).
+    pub(crate) async fn connect(url: &str) -> Result<Self> {
+        let conn_err = |e: sqlx::Error| ControlError::Connect {
+            url: redact(url),
+            detail: e.to_string(),
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)
+                .map_err(conn_err)?
+                .options([("timezone", "UTC")])
+                // Statements carry patient keys: never log them.
+                .disable_statement_logging();
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .connect_with(options)
+                .await
+                .map_err(conn_err)?;
+            Ok(ControlDb::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(conn_err)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(30))
+                .disable_statement_logging();
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .map_err(conn_err)?;
+            Ok(ControlDb::Sqlite(pool))
+        } else {
+            Err(ControlError::Connect {
+                url: redact(url),
+                detail: "expected a postgres:// or sqlite:// URL".into(),
+            })
+        }
+    }
+
+    /// Placeholder number `n` (1-based) in this engine's syntax.
+    pub(crate) fn p(&self, n: usize) -> String {
+        match self {
+            ControlDb::Postgres(_) => format!("${n}"),
+            ControlDb::Sqlite(_) => format!("?{n}"),
+        }
+    }
+
+    /// `n` placeholders, comma-separated, starting at 1.
+    pub(crate) fn ps(&self, n: usize) -> String {
+        (1..=n).map(|i| self.p(i)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Runs statements without parameters or results (DDL; several allowed).
+    pub(crate) async fn execute(&self, sql: &str) -> Result<()> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            ControlDb::Postgres(p) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
+            ControlDb::Sqlite(p) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
+        }
+        .map_err(|e| ControlError::sql("execute", e))
+    }
+
+    /// Runs one statement with bound parameters; returns the rows affected.
+    pub(crate) async fn execute_with(&self, sql: &str, params: &[Param]) -> Result<u64> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            ControlDb::Postgres(pool) => bind_all!(sqlx::query(sql), params)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+            ControlDb::Sqlite(pool) => bind_all!(sqlx::query(sql), params)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+        }
+        .map_err(|e| ControlError::sql("execute", e))
+    }
+
+    /// Runs a query with bound parameters and reads every row as `cols`.
+    pub(crate) async fn fetch(
+        &self,
+        sql: &str,
+        params: &[Param],
+        cols: &[Col],
+    ) -> Result<Vec<Vec<Cell>>> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            ControlDb::Postgres(pool) => {
+                let rows = bind_all!(sqlx::query(sql), params).fetch_all(pool).await;
+                rows.and_then(|rows| read_rows!(rows, cols))
+            }
+            ControlDb::Sqlite(pool) => {
+                let rows = bind_all!(sqlx::query(sql), params).fetch_all(pool).await;
+                rows.and_then(|rows| read_rows!(rows, cols))
+            }
+        }
+        .map_err(|e| ControlError::sql("query", e))
+    }
+
+    /// Closes the pool.
+    pub(crate) async fn close(&self) {
+        match self {
+            ControlDb::Postgres(p) => p.close().await,
+            ControlDb::Sqlite(p) => p.close().await,
+        }
+    }
+}

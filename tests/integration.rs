@@ -1,6 +1,7 @@
 //! Workspace-level tests: Strata end to end on real parts (SQLite files, a real PostgreSQL
 //! server started by `scripts/test`, the encrypted archive on disk, the API router).
 
+mod api;
 mod blobs;
 mod crash;
 mod policies;
@@ -12,7 +13,6 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use std::path::Path;
-use strata_archive_api::{AppState, Auth, Role};
 use strata_ingest::{Db, Migration, Value};
 use support::*;
 use tower::ServiceExt;
@@ -232,197 +232,6 @@ async fn archive_files_need_the_key_and_blobs_round_trip() {
         }
     }
     assert!(checked > 0, "no archived documents to check");
-}
-
-async fn api_get(app: &axum::Router, uri: &str, token: Option<&str>) -> (StatusCode, Vec<u8>) {
-    let mut req = Request::get(uri);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    (
-        status,
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-}
-
-#[tokio::test]
-async fn api_requires_a_valid_token_and_serves_history_and_documents() {
-    let (dir, _source, archive) = migrated_sqlite(0.05).await;
-    let auth_config = strata_archive_api::AuthConfig {
-        issuer: "strata-test".into(),
-        audience: "strata".into(),
-        hs256_secret_env: None,
-        hs256_secret_file: Some("jwt-secret".into()),
-    };
-    let auth = Auth::from_config(&auth_config, dir.path()).unwrap();
-    let app = strata_archive_api::router(AppState {
-        archive: archive.clone(),
-        auth: auth.clone(),
-    });
-
-    // A patient with an archived document.
-    let file = &archive.catalog().tables["documents"][0].files[0];
-    let batch = &archive.read_file(file).await.unwrap()[0];
-    use arrow::array::AsArray;
-    let patient = batch.column(0).as_string::<i32>().value(0).to_string();
-    let uri = format!("/v1/patients/{patient}/history");
-
-    let clinician = auth.issue_dev_token("dr-a", &[Role::Clinician], 600);
-    let researcher = auth.issue_dev_token("res-b", &[Role::Researcher], 600);
-    let forged = {
-        std::fs::write(
-            dir.path().join("other-secret"),
-            strata_archive::Kek::generate_hex(),
-        )
-        .unwrap();
-        let mut c = auth_config.clone();
-        c.hs256_secret_file = Some("other-secret".into());
-        Auth::from_config(&c, dir.path())
-            .unwrap()
-            .issue_dev_token("dr-a", &[Role::Clinician], 600)
-    };
-    let expired = {
-        let now = chrono::Utc::now().timestamp() as u64;
-        let claims = strata_archive_api::Claims {
-            sub: "dr-a".into(),
-            iss: "strata-test".into(),
-            aud: "strata".into(),
-            exp: now - 3600,
-            nbf: None,
-            roles: vec![Role::Clinician],
-        };
-        let secret = std::fs::read_to_string(dir.path().join("jwt-secret")).unwrap();
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes()),
-        )
-        .unwrap()
-    };
-    let wrong_audience = {
-        let mut c = auth_config.clone();
-        c.audience = "someone-else".into();
-        Auth::from_config(&c, dir.path())
-            .unwrap()
-            .issue_dev_token("dr-a", &[Role::Clinician], 600)
-    };
-
-    assert_eq!(api_get(&app, &uri, None).await.0, StatusCode::UNAUTHORIZED);
-    for bad in ["not-a-jwt", &forged, &wrong_audience, &expired] {
-        assert_eq!(
-            api_get(&app, &uri, Some(bad)).await.0,
-            StatusCode::UNAUTHORIZED,
-            "{bad}"
-        );
-    }
-    assert_eq!(
-        api_get(&app, &uri, Some(&researcher)).await.0,
-        StatusCode::FORBIDDEN
-    );
-
-    let (status, body) = api_get(&app, &uri, Some(&clinician)).await;
-    assert_eq!(status, StatusCode::OK);
-    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let records = json["records"].as_array().unwrap();
-    let expected: usize = {
-        let mut n = 0;
-        for table in archive.catalog().tables.keys() {
-            n += archive
-                .patient_rows(table, &patient)
-                .await
-                .unwrap()
-                .iter()
-                .map(|b| b.num_rows())
-                .sum::<usize>();
-        }
-        n
-    };
-    assert_eq!(records.len(), expected);
-    let dates: Vec<&str> = records
-        .iter()
-        .filter_map(|r| r["record_date"].as_str())
-        .collect();
-    assert!(
-        dates.windows(2).all(|w| w[0] >= w[1]),
-        "history is newest first"
-    );
-    let doc = records
-        .iter()
-        .flat_map(|r| r["documents"].as_array().unwrap())
-        .next()
-        .expect("a document link");
-    let (status, bytes) = api_get(&app, doc["href"].as_str().unwrap(), Some(&clinician)).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(bytes.len() as u64, doc["length"].as_u64().unwrap());
-    assert_eq!(
-        hex::encode(Sha256::digest(&bytes)),
-        doc["sha256"].as_str().unwrap()
-    );
-
-    // Range reads: a slice, a suffix, and an unsatisfiable range.
-    let href = doc["href"].as_str().unwrap();
-    let ranged = |range: &'static str| {
-        let app = app.clone();
-        let clinician = clinician.clone();
-        async move {
-            let req = Request::get(href)
-                .header("authorization", format!("Bearer {clinician}"))
-                .header("range", range);
-            let resp = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
-            let status = resp.status();
-            let content_range = resp
-                .headers()
-                .get("content-range")
-                .map(|v| v.to_str().unwrap().to_string());
-            (
-                status,
-                content_range,
-                resp.into_body()
-                    .collect()
-                    .await
-                    .unwrap()
-                    .to_bytes()
-                    .to_vec(),
-            )
-        }
-    };
-    let (status, content_range, part) = ranged("bytes=10-99").await;
-    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
-    assert_eq!(
-        content_range.unwrap(),
-        format!("bytes 10-99/{}", bytes.len())
-    );
-    assert_eq!(part, bytes[10..100]);
-    let (status, _, part) = ranged("bytes=-5").await;
-    assert_eq!(
-        (status, part.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &bytes[bytes.len() - 5..])
-    );
-    assert_eq!(
-        ranged("bytes=999999999-").await.0,
-        StatusCode::RANGE_NOT_SATISFIABLE
-    );
-
-    // The same document through another patient is not found.
-    let other = format!(
-        "/v1/patients/{patient}-not/documents/{}",
-        doc["id"].as_str().unwrap()
-    );
-    assert_eq!(
-        api_get(&app, &other, Some(&clinician)).await.0,
-        StatusCode::NOT_FOUND
-    );
 }
 
 #[tokio::test]

@@ -109,6 +109,8 @@ pub fn write_config(
         issuer = "strata-test"
         audience = "strata"
         hs256_secret_file = "jwt-secret"
+        [api.audit]
+        key_file = "audit.key"
         "#
     ))
     .unwrap();
@@ -119,6 +121,7 @@ pub fn write_config(
     std::fs::write(dir.join("policy.toml"), policy).unwrap();
     std::fs::write(dir.join("kek.hex"), strata_archive::Kek::generate_hex()).unwrap();
     std::fs::write(dir.join("jwt-secret"), strata_archive::Kek::generate_hex()).unwrap();
+    std::fs::write(dir.join("audit.key"), strata_archive::Kek::generate_hex()).unwrap();
     dir.join("strata.toml")
 }
 

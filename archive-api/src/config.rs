@@ -1,19 +1,49 @@
 //! The `[api]` section of `strata.toml`.
+//!
+//! ```toml
+//! [api]
+//! listen = "0.0.0.0:8443"
+//! tls_cert_file = "tls/cert.pem"      # PEM chain; with tls_key_file, serves HTTPS
+//! tls_key_file = "tls/key.pem"
+//! # plain_http = true                 # development only, and only on a loopback address
+//! [api.auth]
+//! issuer = "https://idp.example.org"
+//! audience = "strata-archive"
+//! public_key_files = ["idp-rs256.pem"] # RS256 (RSA) or ES256 (P-256) public keys, PEM
+//! # jwks_file = "jwks.json"           # or a JSON Web Key Set
+//! # hs256_secret_file = "jwt-secret"  # development only
+//! [api.audit]
+//! key_file = "audit.key"              # 64+ hex digits, keys the audit log's hash chain
+//! [api.limits]
+//! requests_per_minute = 600           # per user
+//! ```
 
 use serde::Deserialize;
 
-/// How the API listens and authenticates.
+/// How the API listens, authenticates, audits and limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// Address to listen on. By default, 127.0.0.1:8443.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Serve plain HTTP. Allowed only on a loopback address (development). By default, false.
+    /// TLS certificate chain, PEM (relative to the config file).
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    /// TLS private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
+    /// Serve plain HTTP instead of TLS. Allowed only on a loopback address (development).
+    /// By default, false.
     #[serde(default)]
     pub plain_http: bool,
     /// Token verification.
     pub auth: AuthConfig,
+    /// The audit log's key.
+    pub audit: AuditConfig,
+    /// Per-user rate limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 fn default_listen() -> String {
@@ -26,12 +56,67 @@ fn default_listen() -> String {
 pub struct AuthConfig {
     /// Required `iss` claim.
     pub issuer: String,
-    /// Required `aud` claim.
+    /// Required `aud` claim (a token's `aud` may be a list that contains it).
     pub audience: String,
+    /// PEM public keys of the identity provider: RSA keys verify RS256, P-256 keys ES256. A key
+    /// file's name without extension is its key id (`kid`).
+    #[serde(default)]
+    pub public_key_files: Vec<String>,
+    /// A JSON Web Key Set file (RSA and P-256 keys; `kid` from each key).
+    #[serde(default)]
+    pub jwks_file: Option<String>,
     /// Environment variable holding an HS256 secret (development only).
     #[serde(default)]
     pub hs256_secret_env: Option<String>,
     /// File holding an HS256 secret (development only; relative to the config file).
     #[serde(default)]
     pub hs256_secret_file: Option<String>,
+    /// Clock skew allowed for `exp` and `nbf`, in seconds. By default, 30.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+/// Where the audit log's key comes from: exactly one of the two.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A file holding the key as hex (relative to the config file).
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// An environment variable holding the key as hex.
+    #[serde(default)]
+    pub key_env: Option<String>,
+}
+
+/// Per-user request limits (a token bucket per token subject).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Sustained requests per minute per user. By default, 1,200.
+    #[serde(default = "default_per_minute")]
+    pub requests_per_minute: u32,
+    /// Requests a user may make at once above the sustained rate. By default, 100.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+fn default_per_minute() -> u32 {
+    1200
+}
+
+fn default_burst() -> u32 {
+    100
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            requests_per_minute: default_per_minute(),
+            burst: default_burst(),
+        }
+    }
 }

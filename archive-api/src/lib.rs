@@ -5,18 +5,24 @@
 //! archive. Errors returned to clients never carry paths, keys, SQL or internal messages; the
 //! detail is logged (by table and key only, never row values).
 //!
-//! Routes: `GET /healthz`, `GET /v1/patients/{patient}/history`,
-//! `GET /v1/patients/{patient}/documents/{document}` (with HTTP `Range`: only the encrypted
-//! segments that hold the range are read and decrypted).
+//! Every `/v1` request is authenticated (bearer JWT), authorized by role (and for patient data,
+//! by purpose of use and the clinician's scope, with break-the-glass), rate-limited per user and
+//! appended to the control database's hash-chained audit log before its response leaves.
+//! Served over TLS (rustls); plain HTTP only on loopback, when the config asks for it.
 #![deny(missing_docs)]
 
+mod access;
+mod audit;
 mod auth;
 mod config;
 mod error;
 mod history;
+mod limits;
+mod metrics;
 mod routes;
 
+pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
 pub use auth::{Auth, Claims, Principal, Role};
-pub use config::{ApiConfig, AuthConfig};
+pub use config::{ApiConfig, AuditConfig, AuthConfig, LimitsConfig};
 pub use error::ApiError;
-pub use routes::{router, serve, AppState};
+pub use routes::{audit_key, router, serve, AppState};

@@ -1,19 +1,32 @@
-//! The router: routes, the auth layer, and the server.
+//! The router: routes, their roles, the layers, and the server.
+//!
+//! Layers, outermost first: trace, timeout, metrics, audit (every `/v1` request is recorded
+//! before its response leaves), authentication, per-user rate limit. Handlers are thin: they
+//! check the caller's role (and for patient data, the grounds: [`crate::access`]), read through
+//! the archive reader or the control database, and note for the audit log what they returned.
 
+use crate::access::patient_access;
+use crate::audit::{noted, record, AuditNote};
 use crate::auth::{require_token, Auth, Principal, Role};
 use crate::config::ApiConfig;
 use crate::error::ApiError;
 use crate::history::{find_document, patient_history, HistoryRecord};
+use crate::limits::{limit, RateLimiter};
+use crate::metrics::{track, Metrics};
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::header;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{middleware, Extension, Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use std::net::SocketAddr;
+use std::path::Path as FsPath;
 use std::time::Duration;
 use strata_archive::ArchiveReader;
+use strata_control::{AuditKey, AuditLog, AuditQuery, Control, Outcome};
+use strata_cutoff_policies::HoldScope;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -24,6 +37,47 @@ pub struct AppState {
     pub archive: ArchiveReader,
     /// Token verification.
     pub auth: Auth,
+    /// Strata's control database: holds, policies, reports.
+    pub control: Control,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// Per-user rate limits.
+    pub limiter: RateLimiter,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    /// The state for `config`: opens the audit log (its key from the config) on `control`.
+    pub fn new(
+        archive: ArchiveReader,
+        control: Control,
+        config: &ApiConfig,
+        base: &FsPath,
+    ) -> Result<Self, String> {
+        let auth = Auth::from_config(&config.auth, base)?;
+        let key = audit_key(config, base)?;
+        Ok(AppState {
+            archive,
+            auth,
+            audit: AuditLog::open(&control, key),
+            control,
+            limiter: RateLimiter::new(&config.limits),
+            metrics: Metrics::default(),
+        })
+    }
+}
+
+/// The audit log's key, from `[api.audit]` (`base` resolves a relative key file).
+pub fn audit_key(config: &ApiConfig, base: &FsPath) -> Result<AuditKey, String> {
+    let hex = match (&config.audit.key_file, &config.audit.key_env) {
+        (Some(file), None) => std::fs::read_to_string(base.join(file))
+            .map_err(|e| format!("[api.audit]: cannot read {file}: {e}"))?,
+        (None, Some(var)) => std::env::var(var)
+            .map_err(|_| format!("[api.audit]: environment variable {var} is not set"))?,
+        _ => return Err("[api.audit]: set exactly one of key_file and key_env".into()),
+    };
+    AuditKey::from_hex(&hex).map_err(|e| format!("[api.audit]: {e}"))
 }
 
 #[derive(Serialize)]
@@ -32,19 +86,29 @@ struct History {
     records: Vec<HistoryRecord>,
 }
 
-const CLINICAL: &[Role] = &[Role::Clinician, Role::Admin];
+const RECORDS: &[Role] = &[Role::RecordsManager, Role::Admin];
+const AUDIT: &[Role] = &[Role::Auditor, Role::Admin];
 
 async fn history(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(patient): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    principal.require(CLINICAL)?;
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let access = patient_access(&principal, &headers, &patient)?;
     let records = patient_history(&state.archive, &patient).await?;
-    tracing::info!(user = %principal.user, patient = %patient, records = records.len(), "history read");
-    Ok(Json(
-        serde_json::to_value(History { patient, records })
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
+    let mut per_table = std::collections::BTreeMap::<&str, u64>::new();
+    for r in &records {
+        *per_table.entry(r.table.as_str()).or_default() += 1;
+    }
+    let detail = json!({ "records": records.len(), "tables": per_table });
+    let body = Json(History { patient, records });
+    Ok(noted(
+        body,
+        AuditNote {
+            access: Some(access),
+            detail,
+        },
     ))
 }
 
@@ -89,26 +153,30 @@ async fn document(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((patient, document)): Path<(String, String)>,
-    headers: axum::http::HeaderMap,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    principal.require(CLINICAL)?;
+    let access = patient_access(&principal, &headers, &patient)?;
     let reference = find_document(&state.archive, &patient, &document)
         .await?
         .ok_or(ApiError::NotFound)?;
     let range = match parse_range(headers.get(header::RANGE), reference.length) {
         Ok(r) => r,
         Err(()) => {
-            return Ok((
-                axum::http::StatusCode::RANGE_NOT_SATISFIABLE,
-                [(
-                    header::CONTENT_RANGE,
-                    format!("bytes */{}", reference.length),
-                )],
-            )
-                .into_response())
+            return Ok(noted(
+                (
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(
+                        header::CONTENT_RANGE,
+                        format!("bytes */{}", reference.length),
+                    )],
+                ),
+                AuditNote {
+                    access: Some(access),
+                    detail: json!({ "object": reference.object }),
+                },
+            ))
         }
     };
-    tracing::info!(user = %principal.user, patient = %patient, document = %reference.object, "document read");
     let mut response = match &range {
         Some(r) => {
             let bytes = state
@@ -116,8 +184,7 @@ async fn document(
                 .blobs()
                 .get_range(&reference, r.clone())
                 .await?;
-            let mut resp =
-                (axum::http::StatusCode::PARTIAL_CONTENT, Body::from(bytes)).into_response();
+            let mut resp = (StatusCode::PARTIAL_CONTENT, Body::from(bytes)).into_response();
             let content_range = format!("bytes {}-{}/{}", r.start, r.end - 1, reference.length);
             resp.headers_mut()
                 .insert(header::CONTENT_RANGE, content_range.parse().expect("ascii"));
@@ -125,7 +192,7 @@ async fn document(
         }
         None => Body::from(state.archive.blobs().get(&reference).await?).into_response(),
     };
-    let len = range.map_or(reference.length, |r| r.end - r.start);
+    let len = range.as_ref().map_or(reference.length, |r| r.end - r.start);
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -143,11 +210,354 @@ async fn document(
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
     );
-    Ok(response)
+    let detail = match &range {
+        Some(r) => json!({ "object": reference.object, "bytes": len, "range": [r.start, r.end] }),
+        None => json!({ "object": reference.object, "bytes": len }),
+    };
+    Ok(noted(
+        response,
+        AuditNote {
+            access: Some(access),
+            detail,
+        },
+    ))
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    /// The cursor: entries after this number.
+    after: Option<i64>,
+    limit: Option<i64>,
+    user: Option<String>,
+    patient: Option<String>,
+    outcome: Option<Outcome>,
+    since: Option<String>,
+    until: Option<String>,
+    /// Only reads that broke the glass (the review list).
+    #[serde(default)]
+    break_glass: bool,
+}
+
+/// A response with what to note for the audit log (requests that read no patient data).
+fn reply(body: impl IntoResponse, detail: serde_json::Value) -> Response {
+    noted(
+        body,
+        AuditNote {
+            access: None,
+            detail,
+        },
+    )
+}
+
+/// A page of entries with the cursor of the next.
+fn page<T: Serialize>(entries: Vec<T>, next: Option<i64>) -> serde_json::Value {
+    json!({ "entries": entries, "next": next })
+}
+
+async fn audit_list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Query(p): Query<AuditParams>,
+) -> Result<Response, ApiError> {
+    principal.require(AUDIT)?;
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let q = AuditQuery {
+        after_seq: p.after,
+        limit: Some(limit),
+        user: p.user,
+        patient: p.patient,
+        outcome: p.outcome,
+        since: p.since,
+        until: p.until,
+        break_glass_only: p.break_glass,
+    };
+    let entries = state.audit.list(&q).await?;
+    let next = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(|e| e.seq))
+        .flatten();
+    let detail = json!({ "entries": entries.len() });
+    Ok(reply(Json(page(entries, next)), detail))
+}
+
+async fn audit_verify(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    principal.require(AUDIT)?;
+    let report = state.audit.verify().await?;
+    let detail = json!({ "entries": report.entries, "problems": report.problems.len() });
+    Ok(reply(
+        Json(json!({
+            "ok": report.ok(),
+            "entries": report.entries,
+            "head": report.head_seq,
+            "problems": report.problems,
+        })),
+        detail,
+    ))
+}
+
+/// Query of the accounting of disclosures.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisclosureParams {
+    after: Option<i64>,
+    limit: Option<i64>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// The accounting of disclosures: every read of the patient's data that was served — when,
+/// by whom, for what purpose, what, and whether the glass was broken.
+async fn disclosures(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(patient): Path<String>,
+    Query(p): Query<DisclosureParams>,
+) -> Result<Response, ApiError> {
+    principal.require(AUDIT)?;
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = state
+        .audit
+        .list(&AuditQuery {
+            after_seq: p.after,
+            limit: Some(limit),
+            patient: Some(patient.clone()),
+            outcome: Some(Outcome::Allowed),
+            since: p.since,
+            until: p.until,
+            ..Default::default()
+        })
+        .await?;
+    let next = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(|e| e.seq))
+        .flatten();
+    let disclosures: Vec<_> = entries
+        .iter()
+        .filter(|e| {
+            e.entry.action.contains("/v1/patients/{patient}/")
+                && !e.entry.action.ends_with("/disclosures")
+        })
+        .map(|e| {
+            json!({
+                "at": e.at,
+                "user": e.entry.user,
+                "roles": e.entry.roles,
+                "purpose": e.entry.purpose,
+                "action": e.entry.action,
+                "detail": e.entry.detail,
+                "break_glass": e.entry.break_glass,
+                "audit_entry": e.seq,
+            })
+        })
+        .collect();
+    let detail = json!({ "disclosures": disclosures.len() });
+    Ok(reply(
+        Json(json!({ "patient": patient, "disclosures": disclosures, "next": next })),
+        detail,
+    ))
+}
+
+async fn policies(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    principal.require(RECORDS)?;
+    let versions = state.control.policy_versions().await?;
+    let detail = json!({ "versions": versions.len() });
+    Ok(reply(Json(json!({ "versions": versions })), detail))
+}
+
+async fn plan(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    principal.require(RECORDS)?;
+    let (plan_id, created_at, report) = state
+        .control
+        .latest_plan()
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let report: serde_json::Value = serde_json::from_str(&report)
+        .map_err(|e| ApiError::Internal(format!("stored plan: {e}")))?;
+    let detail = json!({ "plan": plan_id });
+    Ok(reply(
+        Json(json!({ "plan_id": plan_id, "created_at": created_at, "report": report })),
+        detail,
+    ))
+}
+
+async fn last_run_report(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    principal.require(RECORDS)?;
+    let (run_id, report) = state
+        .control
+        .last_finished_run_report()
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let report: serde_json::Value = serde_json::from_str(&report)
+        .map_err(|e| ApiError::Internal(format!("stored report: {e}")))?;
+    let detail = json!({ "run": run_id });
+    Ok(reply(Json(report), detail))
+}
+
+async fn destruction_report(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    principal.require(RECORDS)?;
+    let records: Vec<_> = state
+        .control
+        .destructions()
+        .await?
+        .into_iter()
+        .map(|(d, at)| json!({ "record": d, "destroyed_at": at }))
+        .collect();
+    let detail = json!({ "records": records.len() });
+    Ok(reply(Json(json!({ "destructions": records })), detail))
+}
+
+async fn holds(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    principal.require(RECORDS)?;
+    let holds = state.control.holds().await?;
+    let detail = json!({ "holds": holds.len() });
+    Ok(reply(Json(json!({ "holds": holds })), detail))
+}
+
+/// Body of `POST /v1/holds`: one of `patient`, `table`, or `table` + `column` + `value`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewHold {
+    patient: Option<String>,
+    table: Option<String>,
+    column: Option<String>,
+    value: Option<String>,
+    reason: String,
+}
+
+fn nonblank(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.trim().is_empty())
+}
+
+async fn place_hold(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Json<NewHold>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    principal.require(RECORDS)?;
+    let Json(h) = body.map_err(|_| {
+        ApiError::BadRequest("the body must be JSON: {\"patient\" | \"table\" [, \"column\", \"value\"], \"reason\"}".into())
+    })?;
+    let scope = match (
+        nonblank(h.patient),
+        nonblank(h.table),
+        nonblank(h.column),
+        h.value,
+    ) {
+        (Some(p), None, None, None) => HoldScope::Patient(p),
+        (None, Some(t), None, None) => HoldScope::Table(t),
+        (None, Some(table), Some(column), Some(value)) => HoldScope::Filter {
+            table,
+            column,
+            value,
+        },
+        _ => {
+            return Err(ApiError::BadRequest(
+                "name a patient, a table, or a table with a column and a value".into(),
+            ))
+        }
+    };
+    if h.reason.trim().is_empty() {
+        return Err(ApiError::BadRequest("a legal hold needs a reason".into()));
+    }
+    let patient = match &scope {
+        HoldScope::Patient(p) => Some(p.clone()),
+        _ => None,
+    };
+    let id = state
+        .control
+        .place_hold(&scope, &h.reason, &principal.user)
+        .await?;
+    let detail = json!({ "hold": id, "patient": patient });
+    Ok(reply(
+        (
+            StatusCode::CREATED,
+            Json(json!({ "hold_id": id, "scope": scope })),
+        ),
+        detail,
+    ))
+}
+
+/// Body of `DELETE /v1/holds/{hold}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Release {
+    reason: String,
+}
+
+async fn release_hold(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(hold): Path<String>,
+    body: Result<Json<Release>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    principal.require(RECORDS)?;
+    let Json(r) =
+        body.map_err(|_| ApiError::BadRequest("the body must be JSON: {\"reason\"}".into()))?;
+    if r.reason.trim().is_empty() {
+        return Err(ApiError::BadRequest(
+            "releasing a legal hold needs a reason".into(),
+        ));
+    }
+    let active = state
+        .control
+        .holds()
+        .await?
+        .into_iter()
+        .any(|h| h.hold_id == hold && h.released.is_none());
+    if !active {
+        return Err(ApiError::NotFound);
+    }
+    state
+        .control
+        .release_hold(&hold, &r.reason, &principal.user)
+        .await?;
+    let detail = json!({ "hold": hold });
+    Ok(reply(Json(json!({ "released": hold })), detail))
 }
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// Ready when the control database answers (the archive's catalog was read at start).
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.control.ping().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready: control database");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "control database unavailable",
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// The API's routes with their layers.
@@ -155,25 +565,67 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/patients/{patient}/history", get(history))
         .route("/v1/patients/{patient}/documents/{document}", get(document))
+        .route("/v1/patients/{patient}/disclosures", get(disclosures))
+        .route("/v1/audit", get(audit_list))
+        .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/policies", get(policies))
+        .route("/v1/plan", get(plan))
+        .route("/v1/holds", get(holds).post(place_hold))
+        .route("/v1/holds/{hold}", delete(release_hold))
+        .route("/v1/reports/last-run", get(last_run_report))
+        .route("/v1/reports/destructions", get(destruction_report))
+        .route_layer(middleware::from_fn_with_state(state.limiter.clone(), limit))
         .route_layer(middleware::from_fn_with_state(
             state.auth.clone(),
             require_token,
-        ))
-        .with_state(state);
+        ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), track))
+        .with_state(state)
         .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
+            StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(30),
         ))
         .layer(TraceLayer::new_for_http())
 }
 
-/// Serves until `shutdown` resolves. Plain HTTP is refused unless configured and on loopback.
+/// TLS settings from the certificate chain and key files (PEM).
+fn tls_config(cert: &FsPath, key: &FsPath) -> Result<rustls::ServerConfig, std::io::Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| std::io::Error::other(format!("[api] {what}: {e}"));
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("tls_cert_file", &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("tls_cert_file", &e))?;
+    if certs.is_empty() {
+        return Err(bad("tls_cert_file", &"no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("tls_key_file", &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("TLS", &e))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| bad("TLS certificate and key", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Serves until `shutdown` resolves: HTTPS with the configured certificate, or plain HTTP when
+/// the config asks for it on a loopback address. Returns the bound address.
 pub async fn serve(
     config: &ApiConfig,
+    base: &FsPath,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<SocketAddr, std::io::Error> {
@@ -183,22 +635,47 @@ pub async fn serve(
             config.listen
         ))
     })?;
-    if !config.plain_http {
-        return Err(std::io::Error::other("[api]: TLS serving is not available in this version; set plain_http = true with a loopback listen address for development"));
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    if config.plain_http {
+        if !addr.ip().is_loopback() {
+            return Err(std::io::Error::other(
+                "[api]: plain HTTP is allowed only on a loopback address",
+            ));
+        }
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "server stopped");
+            }
+        });
+        return Ok(bound);
     }
-    if !addr.ip().is_loopback() {
+    let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
         return Err(std::io::Error::other(
-            "[api]: plain HTTP is allowed only on a loopback address",
+            "[api]: set tls_cert_file and tls_key_file (or, for development on loopback, plain_http = true)",
         ));
-    }
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    };
+    let tls = tls_config(&base.join(cert), &base.join(key))?;
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
-    let app = router(state);
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        shutdown.await;
+        stopper.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    let server = axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(std::sync::Arc::new(tls)),
+    )?
+    .handle(handle);
+    tokio::spawn(async move {
+        if let Err(e) = server.serve(app).await {
             tracing::error!(error = %e, "server stopped");
         }
     });

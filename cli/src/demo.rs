@@ -4,7 +4,7 @@ use crate::config;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use strata_archive::{ArchiveReader, Kek};
-use strata_archive_api::{AppState, Auth, Role};
+use strata_archive_api::{AppState, Role};
 use strata_ingest::Migration;
 
 const MARKER: &str = ".strata-demo";
@@ -35,11 +35,14 @@ fn demo_config_text() -> Result<String> {
         file = "policy.toml"
         [api]
         listen = "127.0.0.1:8443"
-        plain_http = true
+        tls_cert_file = "tls/cert.pem"
+        tls_key_file = "tls/key.pem"
         [api.auth]
         issuer = "strata-demo"
         audience = "strata"
         hs256_secret_file = "jwt-secret"
+        [api.audit]
+        key_file = "audit.key"
         "#,
     )?;
     for (k, v) in demo {
@@ -78,6 +81,14 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     };
     secret_file("kek.hex", Kek::generate_hex())?;
     secret_file("jwt-secret", Kek::generate_hex())?;
+    secret_file("audit.key", Kek::generate_hex())?;
+    // A self-signed certificate for the loopback address: the demo serves HTTPS as production
+    // does (curl --cacert tls/cert.pem).
+    let tls = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .context("cannot make the demo's TLS certificate")?;
+    std::fs::create_dir_all(dir.join("tls"))?;
+    std::fs::write(dir.join("tls/cert.pem"), tls.cert.pem())?;
+    secret_file("tls/key.pem", tls.signing_key.serialize_pem())?;
     std::fs::write(dir.join("strata.toml"), demo_config_text()?)?;
     std::fs::write(
         dir.join("policy.toml"),
@@ -160,18 +171,25 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     println!("3/4 opening the archive ...");
     let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
     let archive = ArchiveReader::open(store, keys).await?;
-    let auth = Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
-    let token = auth.issue_dev_token("demo-clinician", &[Role::Clinician], 24 * 3600);
+    let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
+    let sample = sample_patient(&archive).await?;
     if !options.serve {
         return Ok(());
     }
     api.listen = format!("127.0.0.1:{}", options.port);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let state = AppState {
-        archive: archive.clone(),
-        auth,
+    let state =
+        AppState::new(archive, control, &api, &loaded.base_dir).map_err(anyhow::Error::msg)?;
+    let in_care: Vec<String> = sample.iter().map(|(p, _)| p.clone()).collect();
+    let token = |user: &str, role: Role, patients: &[String]| {
+        state
+            .auth
+            .issue_dev_token(user, &[role], patients, 24 * 3600)
+            .context("the demo config has an HS256 secret")
     };
-    let addr = match strata_archive_api::serve(&api, state.clone(), async {
+    let clinician = token("demo-clinician", Role::Clinician, &in_care)?;
+    let auditor = token("demo-auditor", Role::Auditor, &[])?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = match strata_archive_api::serve(&api, &loaded.base_dir, state, async {
         let _ = stop_rx.await;
     })
     .await
@@ -179,18 +197,27 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         Ok(a) => a,
         Err(e) => bail!("cannot serve on {}: {e} (try --port)", api.listen),
     };
-    println!("4/4 archive API listening on http://{addr}\n");
-    println!("Development token (clinician, 24 h):\n{token}\n");
-    let base = format!("http://{addr}");
-    if let Some((patient, doc)) = sample_patient(&archive).await? {
+    println!(
+        "4/4 archive API listening on https://{addr} (certificate: {})\n",
+        dir.join("tls/cert.pem").display()
+    );
+    println!("Development tokens (24 h):");
+    println!(
+        "  clinician, in whose care is patient {}:\n    CLINICIAN={clinician}",
+        in_care.first().map_or("-", String::as_str)
+    );
+    println!("  auditor:\n    AUDITOR={auditor}\n");
+    let base = format!("https://{addr}");
+    let curl = format!("curl -s --cacert {}", dir.join("tls/cert.pem").display());
+    if let Some((patient, doc)) = sample {
         println!("Try:");
-        println!(
-            "  curl -s -H \"Authorization: Bearer {token}\" {base}/v1/patients/{patient}/history"
-        );
+        println!("  {curl} -H \"Authorization: Bearer $CLINICIAN\" -H 'X-Purpose-Of-Use: TREAT' {base}/v1/patients/{patient}/history");
         if let Some(doc) = doc {
-            println!("  curl -s -o document.bin -D - -H \"Authorization: Bearer {token}\" {base}/v1/patients/{patient}/documents/{doc}");
+            println!("  {curl} -o document.bin -D - -H \"Authorization: Bearer $CLINICIAN\" -H 'X-Purpose-Of-Use: TREAT' {base}/v1/patients/{patient}/documents/{doc}");
         }
-        println!("  curl -s -i {base}/v1/patients/{patient}/history    # no token: 401");
+        println!("  {curl} -i {base}/v1/patients/{patient}/history    # no token: 401");
+        println!("  {curl} -H \"Authorization: Bearer $AUDITOR\" {base}/v1/patients/{patient}/disclosures");
+        println!("  {curl} -H \"Authorization: Bearer $AUDITOR\" {base}/v1/audit/verify");
     }
     println!("\nCtrl-C stops the demo.");
     tokio::signal::ctrl_c().await?;

@@ -148,8 +148,26 @@ enum Command {
         user: String,
         #[arg(long = "role", value_enum, required = true)]
         roles: Vec<RoleArg>,
+        /// A patient in the user's care (repeat for several): a clinician reads others only by
+        /// breaking the glass.
+        #[arg(long = "patient")]
+        patients: Vec<String>,
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
+    },
+    /// The API's audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the audit log's hash chain; name every edited, inserted or deleted entry.
+    Verify {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
     },
 }
 
@@ -600,14 +618,16 @@ async fn run(cli: Cli) -> Result<()> {
             let api = loaded.api.context("the config has no [api] section")?;
             let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
             let archive = ArchiveReader::open(store, keys).await?;
-            let auth =
-                Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
+            let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
+            let state = AppState::new(archive, control, &api, &loaded.base_dir)
+                .map_err(anyhow::Error::msg)?;
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let addr = strata_archive_api::serve(&api, AppState { archive, auth }, async {
+            let addr = strata_archive_api::serve(&api, &loaded.base_dir, state, async {
                 let _ = rx.await;
             })
             .await?;
-            eprintln!("archive API listening on http://{addr}");
+            let scheme = if api.plain_http { "http" } else { "https" };
+            eprintln!("archive API listening on {scheme}://{addr}");
             tokio::signal::ctrl_c().await?;
             let _ = tx.send(());
             Ok(())
@@ -634,6 +654,7 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             user,
             roles,
+            patients,
             ttl_secs,
         } => {
             let loaded = config::load(&config)?;
@@ -641,7 +662,31 @@ async fn run(cli: Cli) -> Result<()> {
             let auth =
                 Auth::from_config(&api.auth, &loaded.base_dir).map_err(anyhow::Error::msg)?;
             let roles: Vec<Role> = roles.into_iter().map(Role::from).collect();
-            println!("{}", auth.issue_dev_token(&user, &roles, ttl_secs));
+            let token = auth
+                .issue_dev_token(&user, &roles, &patients, ttl_secs)
+                .context("development tokens need an HS256 secret in [api.auth]; in production the identity provider issues tokens")?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { config },
+        } => {
+            let loaded = config::load(&config)?;
+            let api = loaded.api.context("the config has no [api] section")?;
+            let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
+            let key = strata_archive_api::audit_key(&api, &loaded.base_dir)
+                .map_err(anyhow::Error::msg)?;
+            let report = strata_control::AuditLog::open(&control, key)
+                .verify()
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.ok() {
+                anyhow::bail!(
+                    "the audit log is not intact: {} problem(s), first at entry {}",
+                    report.problems.len(),
+                    report.problems[0].seq
+                );
+            }
             Ok(())
         }
     }

@@ -226,6 +226,8 @@ pub struct AuditQuery {
     pub since: Option<String>,
     /// Only before this time.
     pub until: Option<String>,
+    /// Only reads that broke the glass (the review list).
+    pub break_glass_only: bool,
 }
 
 struct Pending {
@@ -446,6 +448,9 @@ impl AuditLog {
         add("outcome", "=", q.outcome.map(|o| o.as_str().to_string()));
         add("at", ">=", q.since.clone());
         add("at", "<", q.until.clone());
+        if q.break_glass_only {
+            conditions.push("break_glass IS NOT NULL".into());
+        }
         let limit = q.limit.unwrap_or(100).clamp(1, 1000);
         let sql = format!(
             "SELECT {COLUMNS} FROM strata_audit WHERE {} ORDER BY seq LIMIT {limit}",

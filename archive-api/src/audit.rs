@@ -1,0 +1,108 @@
+//! The audit layer: every `/v1` request, allowed or not, is appended to the control database's
+//! hash-chained audit log before its response leaves (fail closed: when the log cannot be
+//! written, the client gets 503 instead of the data).
+//!
+//! An entry holds who (token subject and roles), the stated purpose of use, the patient key
+//! from the path, the route (its template, never the raw path), the status and outcome, the
+//! reason when the glass was broken, and what handlers noted of what they returned (counts and
+//! object ids: never row values).
+
+use crate::access::{stated_purpose, PatientAccess};
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::routes::AppState;
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::net::SocketAddr;
+use strata_control::{AuditEntry, Outcome};
+
+/// What a handler notes for the audit log, put in its response's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct AuditNote {
+    /// The grounds of a patient read.
+    pub access: Option<PatientAccess>,
+    /// What was returned or asked: counts, object ids, filters.
+    pub detail: serde_json::Value,
+}
+
+/// Adds `note` to a response for the audit layer.
+pub fn noted(response: impl IntoResponse, note: AuditNote) -> Response {
+    let mut response = response.into_response();
+    response.extensions_mut().insert(note);
+    response
+}
+
+/// Routes not audited: probes and metrics, which carry no data and no caller.
+fn unaudited(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+}
+
+/// The audit middleware.
+pub async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(no route)", |m| m.as_str())
+        .to_string();
+    if unaudited(&route) {
+        return next.run(request).await;
+    }
+    let action = format!("{} {route}", request.method());
+    let (mut parts, body) = request.into_parts();
+    let patient = RawPathParams::from_request_parts(&mut parts, &state)
+        .await
+        .ok()
+        .and_then(|p| {
+            p.iter()
+                .find(|(name, _)| *name == "patient")
+                .map(|(_, v)| v.chars().take(200).collect::<String>())
+        });
+    let request = Request::from_parts(parts, body);
+    let purpose = stated_purpose(request.headers());
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let response = next.run(request).await;
+    let principal = response.extensions().get::<Principal>();
+    let note = response.extensions().get::<AuditNote>();
+    let status = response.status();
+    let outcome = if status.is_success() || status.is_redirection() {
+        Outcome::Allowed
+    } else if matches!(status.as_u16(), 401 | 403 | 429) {
+        Outcome::Denied
+    } else {
+        Outcome::Failed
+    };
+    let break_glass = note
+        .and_then(|n| n.access.as_ref())
+        .and_then(|a| a.break_glass.clone());
+    let entry = AuditEntry {
+        user: principal.map_or("-".into(), |p| p.user.clone()),
+        roles: principal.map_or(String::new(), Principal::role_names),
+        purpose: note
+            .and_then(|n| n.access.as_ref())
+            .map(|a| a.purpose.clone())
+            .or(purpose),
+        patient,
+        action,
+        status: status.as_u16(),
+        outcome,
+        break_glass,
+        detail: note.map_or(serde_json::Value::Null, |n| n.detail.clone()),
+        client,
+    };
+    let flagged = entry.break_glass.is_some();
+    match state.audit.append(entry).await {
+        Ok(_) => {
+            state.metrics.audited(flagged);
+            response
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "request not served: the audit log is unavailable");
+            state.metrics.audit_failed();
+            ApiError::Unavailable.into_response()
+        }
+    }
+}

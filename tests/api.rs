@@ -1,0 +1,834 @@
+//! The archive API on a migrated archive: tokens from an identity provider's keys (RS256 from a
+//! PEM file, ES256 from a JWKS), the authorization matrix, break-the-glass, the audit log and
+//! the accounting of disclosures, rate limits, and HTTPS with curl as the client.
+
+use super::*;
+use arrow::array::AsArray;
+use axum::http::Method;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value as Json};
+use strata_archive_api::{ApiConfig, AppState, Role};
+use strata_control::{AuditQuery, Control, Outcome};
+
+/// The identity provider's signing keys (the API gets only the public halves).
+pub struct Idp {
+    rsa: EncodingKey,
+    ec: EncodingKey,
+    /// A key the API does not know (forged tokens).
+    stranger: EncodingKey,
+    /// The RSA public key's PEM (for the algorithm-confusion token).
+    rsa_public_pem: String,
+}
+
+/// An API over a migrated archive, with what the tests need to call it.
+pub struct Fixture {
+    pub dir: TestDir,
+    pub app: axum::Router,
+    pub archive: strata_archive::ArchiveReader,
+    pub control: Control,
+    pub idp: Idp,
+    /// A patient with an archived document, and the document's id.
+    pub patient: String,
+    pub document: String,
+    /// Another archived patient.
+    pub other: String,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Writes the IdP's public keys (an RSA PEM file, a P-256 key in a JWKS) into `dir`.
+fn make_idp(dir: &Path) -> Idp {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let mut rng = rand_core::OsRng;
+    let rsa_key = rsa::RsaPrivateKey::new(&mut rng, 2048).unwrap();
+    let rsa_public_pem = rsa_key
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
+    std::fs::write(dir.join("idp-rs.pem"), &rsa_public_pem).unwrap();
+    let ec_key = p256::SecretKey::random(&mut rng);
+    let point = ec_key.public_key().to_encoded_point(false);
+    let jwks = json!({ "keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "ec-1", "use": "sig", "alg": "ES256",
+        "x": b64url(point.x().unwrap()), "y": b64url(point.y().unwrap()),
+    }]});
+    std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
+    let stranger = p256::SecretKey::random(&mut rng);
+    Idp {
+        rsa: EncodingKey::from_rsa_pem(rsa_key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes())
+            .unwrap(),
+        ec: EncodingKey::from_ec_pem(ec_key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes())
+            .unwrap(),
+        stranger: EncodingKey::from_ec_pem(
+            stranger.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
+        )
+        .unwrap(),
+        rsa_public_pem,
+    }
+}
+
+pub const ISSUER: &str = "https://idp.test";
+pub const AUDIENCE: &str = "strata-archive";
+
+/// The `[api]` section the tests serve with (`extra` is appended, e.g. limits).
+pub fn api_config(extra: &str) -> ApiConfig {
+    toml::from_str(&format!(
+        r#"
+        listen = "127.0.0.1:0"
+        plain_http = true
+        [auth]
+        issuer = "{ISSUER}"
+        audience = "{AUDIENCE}"
+        public_key_files = ["idp-rs.pem"]
+        jwks_file = "jwks.json"
+        [audit]
+        key_file = "audit.key"
+        {extra}
+        "#
+    ))
+    .unwrap()
+}
+
+impl Idp {
+    /// A token with `claims` (iss, aud, exp, nbf added unless given), signed with ES256
+    /// (`kid` ec-1) or, with `rsa`, RS256.
+    pub fn token(&self, claims: Json, rsa: bool) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let mut c = json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now + 600, "nbf": now - 5 });
+        for (k, v) in claims.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        if rsa {
+            jsonwebtoken::encode(&Header::new(Algorithm::RS256), &c, &self.rsa).unwrap()
+        } else {
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = Some("ec-1".into());
+            jsonwebtoken::encode(&h, &c, &self.ec).unwrap()
+        }
+    }
+
+    /// A valid token for `user` with `role` and `patients` in their care.
+    pub fn user(&self, user: &str, role: Role, patients: &[&str]) -> String {
+        self.token(
+            json!({ "sub": user, "roles": [role], "patients": patients }),
+            false,
+        )
+    }
+}
+
+/// Migrates a small SQLite EHR, stores a plan, and builds the API over it.
+pub async fn fixture(extra_config: &str) -> Fixture {
+    let (dir, _source, archive) = migrated_sqlite(0.05).await;
+    let config = load_config(&dir.path().join("strata.toml"));
+    Migration::prepare(config.clone(), as_of())
+        .await
+        .unwrap()
+        .plan()
+        .await
+        .unwrap();
+    let idp = make_idp(dir.path());
+    let control = Control::open(&config.control_url().unwrap()).await.unwrap();
+    let state = AppState::new(
+        archive.clone(),
+        control.clone(),
+        &api_config(extra_config),
+        dir.path(),
+    )
+    .unwrap();
+    let app = strata_archive_api::router(state);
+
+    let file = &archive.catalog().tables["documents"][0].files[0];
+    let batch = &archive.read_file(file).await.unwrap()[0];
+    let patient = batch.column(0).as_string::<i32>().value(0).to_string();
+    let document = batch
+        .column_by_name("content__object")
+        .unwrap()
+        .as_string::<i32>()
+        .value(0)
+        .to_string();
+    let mut other = None;
+    'files: for m in archive.catalog().tables.values().flatten() {
+        for f in &m.files {
+            for b in archive.read_file(f).await.unwrap() {
+                let ps = b.column(0).as_string::<i32>();
+                if let Some(p) = ps.iter().flatten().find(|p| *p != patient) {
+                    other = Some(p.to_string());
+                    break 'files;
+                }
+            }
+        }
+    }
+    Fixture {
+        dir,
+        app,
+        archive,
+        control,
+        idp,
+        patient,
+        document,
+        other: other.expect("a second archived patient"),
+    }
+}
+
+/// Sends a request; returns status, headers and body.
+pub async fn call(
+    app: &axum::Router,
+    method: Method,
+    uri: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Json>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = match body {
+        Some(b) => req
+            .header("content-type", "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes().to_vec(),
+    )
+}
+
+const TREAT: (&str, &str) = ("x-purpose-of-use", "TREAT");
+
+#[tokio::test]
+async fn history_and_documents_for_a_clinician_in_whose_care_the_patient_is() {
+    let f = fixture("").await;
+    let clinician = f.idp.user("dr-a", Role::Clinician, &[&f.patient]);
+    let uri = format!("/v1/patients/{}/history", f.patient);
+    let (status, _, body) = call(&f.app, Method::GET, &uri, Some(&clinician), &[TREAT], None).await;
+    assert_eq!(status, StatusCode::OK);
+    let json: Json = serde_json::from_slice(&body).unwrap();
+    let records = json["records"].as_array().unwrap();
+    let mut expected = 0;
+    for table in f.archive.catalog().tables.keys() {
+        expected += f
+            .archive
+            .patient_rows(table, &f.patient)
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>();
+    }
+    assert_eq!(records.len(), expected);
+    let dates: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["record_date"].as_str())
+        .collect();
+    assert!(
+        dates.windows(2).all(|w| w[0] >= w[1]),
+        "history is newest first"
+    );
+    let doc = records
+        .iter()
+        .flat_map(|r| r["documents"].as_array().unwrap())
+        .next()
+        .expect("a document link");
+    let href = doc["href"].as_str().unwrap();
+    let (status, _, bytes) =
+        call(&f.app, Method::GET, href, Some(&clinician), &[TREAT], None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(bytes.len() as u64, doc["length"].as_u64().unwrap());
+    assert_eq!(
+        hex::encode(Sha256::digest(&bytes)),
+        doc["sha256"].as_str().unwrap()
+    );
+
+    // Range reads: a slice, a suffix, and an unsatisfiable range.
+    let ranged = |range: &'static str| {
+        let (app, clinician) = (f.app.clone(), clinician.clone());
+        async move {
+            let (status, headers, body) = call(
+                &app,
+                Method::GET,
+                href,
+                Some(&clinician),
+                &[TREAT, ("range", range)],
+                None,
+            )
+            .await;
+            let content_range = headers
+                .get("content-range")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, content_range, body)
+        }
+    };
+    let (status, content_range, part) = ranged("bytes=10-99").await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        content_range.unwrap(),
+        format!("bytes 10-99/{}", bytes.len())
+    );
+    assert_eq!(part, bytes[10..100]);
+    let (status, _, part) = ranged("bytes=-5").await;
+    assert_eq!(
+        (status, part.as_slice()),
+        (StatusCode::PARTIAL_CONTENT, &bytes[bytes.len() - 5..])
+    );
+    assert_eq!(
+        ranged("bytes=999999999-").await.0,
+        StatusCode::RANGE_NOT_SATISFIABLE
+    );
+
+    // The same document through another patient (in the clinician's care) is not found.
+    let other = f.idp.user("dr-a", Role::Clinician, &[&f.other]);
+    let uri = format!(
+        "/v1/patients/{}/documents/{}",
+        f.other,
+        doc["id"].as_str().unwrap()
+    );
+    let (status, _, _) = call(&f.app, Method::GET, &uri, Some(&other), &[TREAT], None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // RS256 tokens (the PEM key) verify too.
+    let rs = f.idp.token(
+        json!({ "sub": "dr-r", "roles": ["clinician"], "patients": [f.patient] }),
+        true,
+    );
+    let uri = format!("/v1/patients/{}/history", f.patient);
+    assert_eq!(
+        call(&f.app, Method::GET, &uri, Some(&rs), &[TREAT], None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+/// The roles in the order of the matrix's columns.
+const ROLES: [Role; 5] = [
+    Role::Clinician,
+    Role::Researcher,
+    Role::RecordsManager,
+    Role::Auditor,
+    Role::Admin,
+];
+
+/// Every endpoint × every role × own/other patient, with the status each cell must return;
+/// then every endpoint with each kind of bad token. Zero leaks: a refused request's body is an
+/// error message only, and every request is in the audit log with its outcome.
+#[tokio::test]
+async fn authorization_matrix() {
+    let f = fixture("").await;
+    let (own, other, doc) = (f.patient.as_str(), f.other.as_str(), f.document.as_str());
+    // {p}: the patient of the row; {doc}: the document (of `own`); {hold}: a fresh active hold.
+    // Columns: clinician, researcher, records_manager, auditor, admin.
+    #[rustfmt::skip]
+    let matrix: &[(&str, &str, &str, [u16; 5])] = &[
+        ("GET", "/v1/patients/{p}/history", "own",          [200, 403, 403, 403, 403]),
+        ("GET", "/v1/patients/{p}/history", "other",        [403, 403, 403, 403, 403]),
+        ("GET", "/v1/patients/{p}/documents/{doc}", "own",  [200, 403, 403, 403, 403]),
+        ("GET", "/v1/patients/{p}/documents/{doc}", "other",[403, 403, 403, 403, 403]),
+        ("GET", "/v1/patients/{p}/disclosures", "own",      [403, 403, 403, 200, 200]),
+        ("GET", "/v1/patients/{p}/disclosures", "other",    [403, 403, 403, 200, 200]),
+        ("GET", "/v1/audit", "-",                           [403, 403, 403, 200, 200]),
+        ("GET", "/v1/audit/verify", "-",                    [403, 403, 403, 200, 200]),
+        ("GET", "/v1/policies", "-",                        [403, 403, 200, 403, 200]),
+        ("GET", "/v1/plan", "-",                            [403, 403, 200, 403, 200]),
+        ("GET", "/v1/holds", "-",                           [403, 403, 200, 403, 200]),
+        ("POST", "/v1/holds", "own",                        [403, 403, 201, 403, 201]),
+        ("DELETE", "/v1/holds/{hold}", "-",                 [403, 403, 200, 403, 200]),
+        ("GET", "/v1/reports/last-run", "-",                [403, 403, 200, 403, 200]),
+        ("GET", "/v1/reports/destructions", "-",            [403, 403, 200, 403, 200]),
+        ("GET", "/v1/no-such-endpoint", "-",                [404, 404, 404, 404, 404]),
+    ];
+    let mut requests = 0u64;
+    let mut denied = 0u64;
+    let uri_of = |template: &str, patient: &str, hold: &str| {
+        template
+            .replace("{p}", patient)
+            .replace("{doc}", doc)
+            .replace("{hold}", hold)
+    };
+    let assert_no_leak = |status: StatusCode, body: &[u8], what: &str| {
+        if !status.is_success() {
+            let json: Json =
+                serde_json::from_slice(body).unwrap_or_else(|_| panic!("{what}: body is not JSON"));
+            let keys: Vec<_> = json.as_object().unwrap().keys().collect();
+            assert_eq!(
+                keys,
+                ["error"],
+                "{what}: a refusal carries only an error message"
+            );
+            let text = String::from_utf8_lossy(body);
+            assert!(
+                !text.contains(own) && !text.contains(other),
+                "{what}: {text}"
+            );
+        }
+    };
+    for (method, template, which, expected) in matrix {
+        let patient = if *which == "other" { other } else { own };
+        for (role, want) in ROLES.iter().zip(expected) {
+            // A clinician's care covers `own` only.
+            let token = f
+                .idp
+                .user(&format!("{}-user", role.as_str()), *role, &[own]);
+            let hold = f
+                .control
+                .place_hold(
+                    &strata_cutoff_policies::HoldScope::Patient(own.into()),
+                    "matrix",
+                    "setup",
+                )
+                .await
+                .unwrap();
+            let body = match *method {
+                "POST" => Some(json!({ "patient": patient, "reason": "litigation 2026-17" })),
+                "DELETE" => Some(json!({ "reason": "litigation settled" })),
+                _ => None,
+            };
+            let uri = uri_of(template, patient, &hold);
+            let (status, _, bytes) = call(
+                &f.app,
+                Method::from_bytes(method.as_bytes()).unwrap(),
+                &uri,
+                Some(&token),
+                &[TREAT],
+                body,
+            )
+            .await;
+            let what = format!("{method} {template} ({which}) as {}", role.as_str());
+            assert_eq!(status.as_u16(), *want, "{what}");
+            assert_no_leak(status, &bytes, &what);
+            requests += 1;
+            denied += u64::from(matches!(status.as_u16(), 401 | 403));
+        }
+    }
+
+    // Bad tokens, on every endpoint, carrying the admin and clinician roles.
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({ "sub": "mallory", "roles": ["admin", "clinician"], "patients": [own] });
+    let with = |extra: Json| {
+        let mut c = claims.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let es256 = |c: &Json, key: &EncodingKey| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("ec-1".into());
+        jsonwebtoken::encode(&h, c, key).unwrap()
+    };
+    let base = json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now + 600 });
+    let full = |extra: Json| {
+        let mut c = with(base.clone());
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let alg_none = {
+        let header = b64url(br#"{"alg":"none","typ":"JWT"}"#);
+        let payload = b64url(full(json!({})).to_string().as_bytes());
+        format!("{header}.{payload}.")
+    };
+    let bad_tokens: Vec<(&str, Option<String>)> = vec![
+        ("missing", None),
+        ("not a JWT", Some("not-a-jwt".into())),
+        (
+            "expired",
+            Some(es256(&full(json!({ "exp": now - 3600 })), &f.idp.ec)),
+        ),
+        (
+            "not yet valid",
+            Some(es256(&full(json!({ "nbf": now + 3600 })), &f.idp.ec)),
+        ),
+        (
+            "wrong audience",
+            Some(es256(&full(json!({ "aud": "someone-else" })), &f.idp.ec)),
+        ),
+        (
+            "wrong issuer",
+            Some(es256(
+                &full(json!({ "iss": "https://evil.test" })),
+                &f.idp.ec,
+            )),
+        ),
+        (
+            "no subject",
+            Some(es256(
+                &{
+                    let mut c = full(json!({}));
+                    c.as_object_mut().unwrap().remove("sub");
+                    c
+                },
+                &f.idp.ec,
+            )),
+        ),
+        (
+            "forged (unknown key)",
+            Some(es256(&full(json!({})), &f.idp.stranger)),
+        ),
+        (
+            "HS256 keyed with the RSA public key (algorithm confusion)",
+            Some(
+                jsonwebtoken::encode(
+                    &Header::new(Algorithm::HS256),
+                    &full(json!({})),
+                    &EncodingKey::from_secret(f.idp.rsa_public_pem.as_bytes()),
+                )
+                .unwrap(),
+            ),
+        ),
+        ("alg none", Some(alg_none)),
+    ];
+    for (method, template, which, _) in matrix.iter().filter(|r| !r.1.contains("no-such")) {
+        let patient = if *which == "other" { other } else { own };
+        for (fault, token) in &bad_tokens {
+            let uri = uri_of(template, patient, "hold-x");
+            let body = (*method != "GET").then(|| json!({ "patient": own, "reason": "x" }));
+            let (status, headers, bytes) = call(
+                &f.app,
+                Method::from_bytes(method.as_bytes()).unwrap(),
+                &uri,
+                token.as_deref(),
+                &[TREAT],
+                body,
+            )
+            .await;
+            let what = format!("{method} {template} with a token {fault}");
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+            assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer", "{what}");
+            assert_no_leak(status, &bytes, &what);
+            requests += 1;
+            denied += 1;
+        }
+    }
+
+    // Every request is in the audit log, refusals as denied; the chain is intact.
+    let auditor = f.idp.user("aud-1", Role::Auditor, &[]);
+    let mut entries = Vec::new();
+    let mut after = 0;
+    loop {
+        let uri = format!("/v1/audit?after={after}&limit=1000");
+        let (status, _, body) = call(&f.app, Method::GET, &uri, Some(&auditor), &[], None).await;
+        assert_eq!(status, StatusCode::OK);
+        let page: Json = serde_json::from_slice(&body).unwrap();
+        entries.extend(page["entries"].as_array().unwrap().clone());
+        match page["next"].as_i64() {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    // The listing's own requests are audited too: those before the last page.
+    let listings = entries
+        .iter()
+        .filter(|e| e["action"] == "GET /v1/audit" && e["user"] == "aud-1")
+        .count() as u64;
+    assert_eq!(entries.len() as u64, requests + listings);
+    let refused = entries.iter().filter(|e| e["outcome"] == "denied").count() as u64;
+    assert_eq!(refused, denied);
+    let history = entries
+        .iter()
+        .find(|e| e["action"] == "GET /v1/patients/{patient}/history" && e["outcome"] == "allowed")
+        .unwrap();
+    assert_eq!(history["patient"], own);
+    assert_eq!(history["purpose"], "TREAT");
+    assert_eq!(history["user"], "clinician-user");
+    assert!(history["detail"]["records"].as_u64().unwrap() > 0);
+    let report = strata_control::AuditLog::open(
+        &f.control,
+        strata_control::AuditKey::from_hex(
+            &std::fs::read_to_string(f.dir.path().join("audit.key")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .verify()
+    .await
+    .unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// A clinician reads a patient outside their care by giving a reason: allowed, flagged in the
+/// log, on the auditors' review list and in the patient's accounting of disclosures.
+#[tokio::test]
+async fn break_the_glass_is_allowed_flagged_and_listed_for_review() {
+    let f = fixture("").await;
+    let clinician = f.idp.user("dr-b", Role::Clinician, &[&f.patient]);
+    let auditor = f.idp.user("aud-1", Role::Auditor, &[]);
+    let uri = format!("/v1/patients/{}/history", f.other);
+    let reason = "unconscious patient in the emergency department";
+    let btg = [
+        ("x-purpose-of-use", "ETREAT"),
+        ("x-break-glass-reason", reason),
+    ];
+    assert_eq!(
+        call(&f.app, Method::GET, &uri, Some(&clinician), &[TREAT], None)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(
+            &f.app,
+            Method::GET,
+            &uri,
+            Some(&clinician),
+            &[
+                ("x-purpose-of-use", "ETREAT"),
+                ("x-break-glass-reason", "because")
+            ],
+            None
+        )
+        .await
+        .0,
+        StatusCode::BAD_REQUEST,
+        "a reason too short to review"
+    );
+    assert_eq!(
+        call(&f.app, Method::GET, &uri, Some(&clinician), &[], None)
+            .await
+            .0,
+        StatusCode::BAD_REQUEST,
+        "no purpose of use"
+    );
+    let (status, _, _) = call(&f.app, Method::GET, &uri, Some(&clinician), &btg, None).await;
+    assert_eq!(status, StatusCode::OK);
+    // An in-care read is not flagged.
+    let own = format!("/v1/patients/{}/history", f.patient);
+    assert_eq!(
+        call(&f.app, Method::GET, &own, Some(&clinician), &[TREAT], None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    let (_, _, body) = call(
+        &f.app,
+        Method::GET,
+        "/v1/audit?break_glass=true",
+        Some(&auditor),
+        &[],
+        None,
+    )
+    .await;
+    let review: Json = serde_json::from_slice(&body).unwrap();
+    let review = review["entries"].as_array().unwrap();
+    assert_eq!(review.len(), 1, "{review:?}");
+    assert_eq!(review[0]["break_glass"], reason);
+    assert_eq!(review[0]["patient"], f.other.as_str());
+    assert_eq!(review[0]["user"], "dr-b");
+    assert_eq!(review[0]["purpose"], "ETREAT");
+
+    let uri = format!("/v1/patients/{}/disclosures", f.other);
+    let (_, _, body) = call(&f.app, Method::GET, &uri, Some(&auditor), &[], None).await;
+    let d: Json = serde_json::from_slice(&body).unwrap();
+    let d = d["disclosures"].as_array().unwrap();
+    assert_eq!(d.len(), 1, "only the served read is a disclosure: {d:?}");
+    assert_eq!(d[0]["user"], "dr-b");
+    assert_eq!(d[0]["break_glass"], reason);
+
+    // The log lists the refused attempts as denied or failed, never as disclosures.
+    let log = strata_control::AuditLog::open(
+        &f.control,
+        strata_control::AuditKey::from_hex(
+            &std::fs::read_to_string(f.dir.path().join("audit.key")).unwrap(),
+        )
+        .unwrap(),
+    );
+    let about_other = log
+        .list(&AuditQuery {
+            patient: Some(f.other.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let outcomes: Vec<Outcome> = about_other
+        .iter()
+        .filter(|e| e.entry.action.ends_with("/history"))
+        .map(|e| e.entry.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Denied,
+            Outcome::Failed,
+            Outcome::Failed,
+            Outcome::Allowed
+        ]
+    );
+}
+
+/// A user's burst is served, the next request is refused with 429 and Retry-After (and
+/// audited as denied); other users are not affected.
+#[tokio::test]
+async fn rate_limits_are_per_user() {
+    let f = fixture("[limits]\nrequests_per_minute = 6\nburst = 3").await;
+    let a = f.idp.user("rm-a", Role::RecordsManager, &[]);
+    let b = f.idp.user("rm-b", Role::RecordsManager, &[]);
+    for _ in 0..3 {
+        assert_eq!(
+            call(&f.app, Method::GET, "/v1/holds", Some(&a), &[], None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    let (status, headers, _) = call(&f.app, Method::GET, "/v1/holds", Some(&a), &[], None).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers.get("retry-after").unwrap(), "10");
+    assert_eq!(
+        call(&f.app, Method::GET, "/v1/holds", Some(&b), &[], None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+/// `strata serve` over HTTPS with the configured certificate, curl as the client; plain HTTP is
+/// refused off loopback; `strata audit verify` passes, then names an edited entry.
+#[tokio::test]
+async fn https_with_curl_and_audit_verify_from_the_command_line() {
+    let f = fixture("").await;
+    let dir = f.dir.path();
+    let tls =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), tls.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), tls.signing_key.serialize_pem()).unwrap();
+    // The run's config without its development [api] section; ours follows.
+    let mut base_config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dir.join("strata.toml")).unwrap()).unwrap();
+    base_config.remove("api");
+    let base_config = toml::to_string(&base_config).unwrap();
+    let api = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n\
+         [api.auth]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_file = \"jwks.json\"\n\
+         [api.audit]\nkey_file = \"audit.key\"\n"
+    );
+    std::fs::write(dir.join("serve.toml"), format!("{base_config}\n{api}")).unwrap();
+    std::fs::write(
+        dir.join("plain.toml"),
+        format!(
+            "{base_config}\n{}",
+            api.replace("127.0.0.1:0", "0.0.0.0:0")
+                .replace("tls_cert_file", "plain_http = true\n#")
+        ),
+    )
+    .unwrap();
+    let strata = env!("CARGO_BIN_EXE_strata");
+
+    let out = std::process::Command::new(strata)
+        .args(["serve", "--config"])
+        .arg(dir.join("plain.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("plain HTTP is allowed only on a loopback address"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut child = tokio::process::Command::new(strata)
+        .args(["serve", "--config"])
+        .arg(dir.join("serve.toml"))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("serve starts")
+            .unwrap()
+            .expect("serve prints its address");
+        if let Some(a) = line.split("listening on https://").nth(1) {
+            break a.trim().to_string();
+        }
+    };
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-S", "--max-time", "20", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+        (
+            code.to_string(),
+            body.to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let cacert = dir.join("cert.pem").display().to_string();
+    let (code, body, _) = curl(&["--cacert", &cacert, &format!("https://{addr}/healthz")]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "ok"));
+    let token = f.idp.user("dr-c", Role::Clinician, &[&f.patient]);
+    let (code, body, _) = curl(&[
+        "--cacert",
+        &cacert,
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        "X-Purpose-Of-Use: TREAT",
+        &format!("https://{addr}/v1/patients/{}/history", f.patient),
+    ]);
+    assert_eq!(code, "200", "{body}");
+    assert!(!serde_json::from_str::<Json>(&body).unwrap()["records"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Without the CA the certificate is refused; plain HTTP gets no answer.
+    let (code, _, err) = curl(&[&format!("https://{addr}/healthz")]);
+    assert_eq!(code, "000", "{err}");
+    let (code, _, _) = curl(&[&format!("http://{addr}/healthz")]);
+    assert_ne!(code, "200");
+    child.kill().await.unwrap();
+
+    let verify = || {
+        std::process::Command::new(strata)
+            .args(["audit", "verify", "--config"])
+            .arg(dir.join("serve.toml"))
+            .output()
+            .unwrap()
+    };
+    let out = verify();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["entries"], 1,
+        "the one audited request (healthz is not audited)"
+    );
+    let control_db = dir.join("control.db");
+    let conn = sqlx::SqlitePool::connect(&format!("sqlite://{}", control_db.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE strata_audit SET user_id = 'someone-else' WHERE seq = 1")
+        .execute(&conn)
+        .await
+        .unwrap();
+    conn.close().await;
+    let out = verify();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("first at entry 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -74,9 +74,11 @@ fn make_idp(dir: &Path) -> Idp {
 pub const ISSUER: &str = "https://idp.test";
 pub const AUDIENCE: &str = "strata-archive";
 
-/// The `[api]` section the tests serve with (`extra` is appended, e.g. limits).
+/// The `[api]` section the tests serve with (`extra` is appended, e.g. limits), with the FHIR
+/// mapping of `deploy/strata.toml`.
 pub fn api_config(extra: &str) -> ApiConfig {
-    toml::from_str(&format!(
+    let deploy: toml::Table = toml::from_str(include_str!("../deploy/strata.toml")).unwrap();
+    let mut api: toml::Table = toml::from_str(&format!(
         r#"
         listen = "127.0.0.1:0"
         plain_http = true
@@ -90,7 +92,9 @@ pub fn api_config(extra: &str) -> ApiConfig {
         {extra}
         "#
     ))
-    .unwrap()
+    .unwrap();
+    api.insert("fhir".into(), deploy["api"]["fhir"].clone());
+    api.try_into().unwrap()
 }
 
 impl Idp {
@@ -831,4 +835,206 @@ async fn https_with_curl_and_audit_verify_from_the_command_line() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Validates a FHIR Bundle with fhir.resources (Python); returns its resource counts.
+fn validate_fhir(bundle: &Json) -> std::collections::BTreeMap<String, u64> {
+    use std::io::Write;
+    let python = std::env::var("STRATA_TEST_PYTHON")
+        .expect("STRATA_TEST_PYTHON is not set: run the suite with ./scripts/test");
+    let mut child = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/validate_fhir.py"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(bundle.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "not a valid FHIR R4 Bundle: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Cursor paging walks the whole history once, in order; date and table filters narrow it;
+/// the FHIR Bundle is valid R4 (fhir.resources), holds the mapped tables' records, and pages
+/// by its `next` link.
+#[tokio::test]
+async fn history_pages_filters_and_fhir_bundles() {
+    let f = fixture("").await;
+    let clinician = f.idp.user("dr-d", Role::Clinician, &[&f.patient]);
+    let get = |uri: String, accept: Option<&'static str>| {
+        let (app, token) = (f.app.clone(), clinician.clone());
+        async move {
+            let mut headers = vec![TREAT];
+            if let Some(a) = accept {
+                headers.push(("accept", a));
+            }
+            let (status, h, body) =
+                call(&app, Method::GET, &uri, Some(&token), &headers, None).await;
+            let content_type = h
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            (
+                status,
+                content_type,
+                serde_json::from_slice::<Json>(&body).unwrap(),
+            )
+        }
+    };
+    let base = format!("/v1/patients/{}/history", f.patient);
+    let (status, _, all) = get(format!("{base}?limit=1000"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let all = all["records"].as_array().unwrap().clone();
+    assert!(all.len() > 10, "a patient with some history: {}", all.len());
+    let ids = |records: &[Json]| {
+        records
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}/{}",
+                    r["table"].as_str().unwrap(),
+                    r["key"].as_str().unwrap()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+
+    // Pages of 7, by cursor: every record once, in the same order.
+    let mut paged = Vec::new();
+    let mut uri = format!("{base}?limit=7");
+    loop {
+        let (status, _, page) = get(uri.clone(), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(page["total"], all.len());
+        let records = page["records"].as_array().unwrap();
+        assert!(records.len() <= 7);
+        paged.extend(records.iter().cloned());
+        match page["next"].as_str() {
+            Some(c) => uri = format!("{base}?limit=7&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(ids(&paged), ids(&all));
+
+    // Filters.
+    let dated: Vec<&str> = all
+        .iter()
+        .filter_map(|r| r["record_date"].as_str())
+        .collect();
+    let (newest, oldest) = (dated[0], dated[dated.len() - 1]);
+    let middle = dated[dated.len() / 2];
+    let (_, _, page) = get(format!("{base}?from={middle}&to={newest}&limit=1000"), None).await;
+    let expected: Vec<Json> = all
+        .iter()
+        .filter(|r| {
+            r["record_date"]
+                .as_str()
+                .is_some_and(|d| d >= middle && d <= newest)
+        })
+        .cloned()
+        .collect();
+    assert_eq!(ids(page["records"].as_array().unwrap()), ids(&expected));
+    assert!(oldest < middle || expected.len() == dated.len());
+    let (_, _, page) = get(
+        format!("{base}?table=lab_results,encounters&limit=1000"),
+        None,
+    )
+    .await;
+    let expected: Vec<Json> = all
+        .iter()
+        .filter(|r| r["table"] == "lab_results" || r["table"] == "encounters")
+        .cloned()
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(ids(page["records"].as_array().unwrap()), ids(&expected));
+    for bad in [
+        "from=2020-13-01",
+        "cursor=bm90IGEgY3Vyc29y",
+        "limit=x",
+        "colour=red",
+        "format=xml",
+    ] {
+        let (status, _, body) = get(format!("{base}?{bad}"), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+
+    // FHIR: by Accept and by ?format=fhir; valid R4; the mapped tables' records.
+    let mapped = [
+        "encounters",
+        "diagnoses",
+        "medications",
+        "allergies",
+        "lab_results",
+        "clinical_notes",
+        "documents",
+    ];
+    let expected = all
+        .iter()
+        .filter(|r| mapped.contains(&r["table"].as_str().unwrap()))
+        .count();
+    let (status, content_type, bundle) =
+        get(format!("{base}?limit=1000"), Some("application/fhir+json")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, "application/fhir+json");
+    assert_eq!(bundle["resourceType"], "Bundle");
+    assert_eq!(bundle["total"], expected);
+    let counts = validate_fhir(&bundle);
+    assert_eq!(
+        counts.values().sum::<u64>() as usize,
+        expected,
+        "{counts:?}"
+    );
+    let labs = all.iter().filter(|r| r["table"] == "lab_results").count() as u64;
+    assert_eq!(counts.get("Observation").copied().unwrap_or(0), labs);
+    let documents = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["resource"]["content"][0]["attachment"]["url"].as_str())
+        .collect::<Vec<_>>();
+    assert!(
+        documents.iter().any(|u| u.ends_with(&f.document)),
+        "the document is a DocumentReference pointing at the document endpoint"
+    );
+    let (_, _, only) = get(
+        format!("{base}?format=fhir&type=Observation&limit=1000"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        validate_fhir(&only),
+        [("Observation".to_string(), labs)].into()
+    );
+    // FHIR pages follow the Bundle's next link.
+    let mut seen = 0;
+    let mut uri = format!("{base}?format=fhir&limit=5");
+    loop {
+        let (_, _, page) = get(uri, None).await;
+        validate_fhir(&page);
+        seen += page["entry"].as_array().unwrap().len();
+        let next = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+        match next {
+            Some(n) => uri = n,
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
 }

@@ -161,7 +161,7 @@ async fn long_blobs_stream_from_postgres_in_pieces() {
     let dir = TestDir::new();
     let source = create_pg_database("strata_blob_stream_src").await;
     let operational = create_pg_database("strata_blob_stream_op").await;
-    const BIG: i64 = 96 << 20;
+    const BIG: i64 = 128 << 20;
     let db = strata_ingest::Db::connect(&source, false).await.unwrap();
     db.execute(&format!(
         "CREATE TABLE scans (id bigint PRIMARY KEY, patient_id bigint NOT NULL, taken date, content bytea);

@@ -114,8 +114,12 @@ pub fn write_config(
         "#
     ))
     .unwrap();
+    let fhir = table.get("api").and_then(|a| a.get("fhir")).cloned();
     for (k, v) in parts {
         table.insert(k, v);
+    }
+    if let (Some(fhir), Some(toml::Value::Table(api))) = (fhir, table.get_mut("api")) {
+        api.insert("fhir".into(), fhir);
     }
     std::fs::write(dir.join("strata.toml"), toml::to_string(&table).unwrap()).unwrap();
     std::fs::write(dir.join("policy.toml"), policy).unwrap();

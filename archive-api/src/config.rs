@@ -16,6 +16,12 @@
 //! key_file = "audit.key"              # 64+ hex digits, keys the audit log's hash chain
 //! [api.limits]
 //! requests_per_minute = 600           # per user
+//! [api.fhir.lab_results]              # FHIR R4 resource type of an archived table
+//! resource = "Observation"
+//! code = "loinc_code"
+//! system = "http://loinc.org"
+//! value = "value_num"
+//! unit = "unit"
 //! ```
 
 use serde::Deserialize;
@@ -44,6 +50,41 @@ pub struct ApiConfig {
     /// Per-user rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// FHIR R4 resource types of archived tables, by table (`[api.fhir.<table>]`): tables not
+    /// named here are left out of FHIR answers.
+    #[serde(default)]
+    pub fhir: std::collections::BTreeMap<String, FhirTable>,
+}
+
+/// How one table's records become FHIR resources.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FhirTable {
+    /// Encounter, Condition, MedicationStatement, AllergyIntolerance, Observation, Procedure or
+    /// DocumentReference.
+    pub resource: String,
+    /// The column holding the record's code (the resource's `code`, `medication` or `class`).
+    #[serde(default)]
+    pub code: Option<String>,
+    /// The code system's URI (e.g. `http://loinc.org`).
+    #[serde(default)]
+    pub system: Option<String>,
+    /// The column holding the code's display text.
+    #[serde(default)]
+    pub display: Option<String>,
+    /// The column holding the record's status, mapped onto the resource's status codes when its
+    /// value is one of them.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Observation: the column holding the numeric value.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Observation: the column holding the value's unit.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// DocumentReference: a text column carried inline as the attachment (a note's body).
+    #[serde(default)]
+    pub text: Option<String>,
 }
 
 fn default_listen() -> String {

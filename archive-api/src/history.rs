@@ -17,6 +17,8 @@ use strata_archive::{
 pub struct HistoryRecord {
     /// The source table.
     pub table: String,
+    /// The record's key in its table (`col=value`, as archived).
+    pub key: String,
     /// The record's date (YYYY-MM-DD), if it has one.
     pub record_date: Option<String>,
     /// The record's columns.
@@ -88,12 +90,20 @@ pub async fn patient_history(
             records.extend(batch_records(table, &batch, &blob_columns, patient));
         }
     }
-    records.sort_by(|a, b| {
-        b.record_date
-            .cmp(&a.record_date)
-            .then_with(|| a.table.cmp(&b.table))
-    });
+    records.sort_by(history_order);
     Ok(records)
+}
+
+/// The order of a history: newest first (records without a date last), then by table and key.
+pub fn history_order(a: &HistoryRecord, b: &HistoryRecord) -> std::cmp::Ordering {
+    match (&a.record_date, &b.record_date) {
+        (Some(x), Some(y)) => y.cmp(x),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    }
+    .then_with(|| a.table.cmp(&b.table))
+    .then_with(|| a.key.cmp(&b.key))
 }
 
 fn batch_records(
@@ -107,9 +117,14 @@ fn batch_records(
     for row in 0..batch.num_rows() {
         let mut data = Map::new();
         let mut record_date = None;
+        let mut key = String::new();
         for (i, field) in schema.fields().iter().enumerate() {
             let name = field.name();
-            if name == PATIENT_COLUMN || name == KEY_COLUMN {
+            if name == PATIENT_COLUMN {
+                continue;
+            }
+            if name == KEY_COLUMN {
+                key = batch.column(i).as_string::<i32>().value(row).to_string();
                 continue;
             }
             let v = cell(batch.column(i).as_ref(), row);
@@ -139,6 +154,7 @@ fn batch_records(
             .collect();
         out.push(HistoryRecord {
             table: table.to_string(),
+            key,
             record_date,
             data,
             documents,
@@ -172,4 +188,152 @@ pub async fn find_document(
         }
     }
     Ok(None)
+}
+
+/// What part of a history to return (the query of `GET /v1/patients/{p}/history`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct HistoryQuery {
+    /// Records dated on or after this day.
+    pub from: Option<chrono::NaiveDate>,
+    /// Records dated on or before this day.
+    pub to: Option<chrono::NaiveDate>,
+    /// Only these tables (empty: all).
+    pub tables: Vec<String>,
+    /// At most this many records.
+    pub limit: usize,
+    /// Continue after this record (the cursor of the previous page).
+    pub after: Option<Cursor>,
+}
+
+/// A position in a history's order: the last record of a page.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
+pub struct Cursor(Option<String>, String, String);
+
+impl Cursor {
+    /// The cursor after `r`.
+    pub fn after(r: &HistoryRecord) -> Self {
+        Cursor(r.record_date.clone(), r.table.clone(), r.key.clone())
+    }
+
+    /// Opaque text for a URL.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(self).expect("a cursor serializes"))
+    }
+
+    /// Reads [`Cursor::encode`]'s text.
+    pub fn decode(text: &str) -> Option<Self> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn as_record(&self) -> HistoryRecord {
+        HistoryRecord {
+            table: self.1.clone(),
+            key: self.2.clone(),
+            record_date: self.0.clone(),
+            data: Map::new(),
+            documents: Vec::new(),
+        }
+    }
+}
+
+/// The page of `records` (in [`history_order`]) that `q` asks for: the page, how many records
+/// match the filters in all, and the cursor of the next page if there is one.
+pub fn select_page(
+    records: Vec<HistoryRecord>,
+    q: &HistoryQuery,
+) -> (Vec<HistoryRecord>, usize, Option<Cursor>) {
+    let (from, to) = (q.from.map(|d| d.to_string()), q.to.map(|d| d.to_string()));
+    let dated = from.is_some() || to.is_some();
+    let matching: Vec<HistoryRecord> = records
+        .into_iter()
+        .filter(|r| q.tables.is_empty() || q.tables.contains(&r.table))
+        .filter(|r| match (&r.record_date, dated) {
+            (_, false) => true,
+            (None, true) => false,
+            (Some(d), true) => {
+                from.as_ref().is_none_or(|f| d >= f) && to.as_ref().is_none_or(|t| d <= t)
+            }
+        })
+        .collect();
+    let total = matching.len();
+    let start = match &q.after {
+        Some(c) => {
+            let pivot = c.as_record();
+            matching.partition_point(|r| history_order(r, &pivot) != std::cmp::Ordering::Greater)
+        }
+        None => 0,
+    };
+    let page: Vec<HistoryRecord> = matching.into_iter().skip(start).take(q.limit + 1).collect();
+    let more = page.len() > q.limit;
+    let page: Vec<HistoryRecord> = page.into_iter().take(q.limit).collect();
+    let next = more.then(|| Cursor::after(page.last().expect("a full page")));
+    (page, total, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(date: Option<&str>, table: &str, key: &str) -> HistoryRecord {
+        HistoryRecord {
+            table: table.into(),
+            key: key.into(),
+            record_date: date.map(str::to_string),
+            data: Map::new(),
+            documents: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn pages_follow_the_order_and_filters_without_gaps_or_repeats() {
+        let mut all = vec![
+            rec(Some("2020-01-01"), "labs", "id=1"),
+            rec(Some("2021-06-30"), "labs", "id=2"),
+            rec(Some("2021-06-30"), "encounters", "id=9"),
+            rec(None, "notes", "id=3"),
+            rec(Some("2019-12-31"), "labs", "id=4"),
+            rec(Some("2021-06-30"), "labs", "id=10"),
+        ];
+        all.sort_by(history_order);
+        let keys: Vec<&str> = all.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["id=9", "id=10", "id=2", "id=1", "id=4", "id=3"]);
+
+        let mut seen = Vec::new();
+        let mut q = HistoryQuery {
+            limit: 2,
+            ..Default::default()
+        };
+        loop {
+            let (page, total, next) = select_page(all.clone(), &q);
+            assert_eq!(total, 6);
+            seen.extend(page.iter().map(|r| r.key.clone()));
+            match next {
+                Some(c) => q.after = Some(Cursor::decode(&c.encode()).unwrap()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, keys);
+
+        let q = HistoryQuery {
+            from: Some("2020-01-01".parse().unwrap()),
+            to: Some("2021-06-30".parse().unwrap()),
+            tables: vec!["labs".into()],
+            limit: 10,
+            after: None,
+        };
+        let (page, total, next) = select_page(all, &q);
+        assert_eq!(total, 3, "dated labs in range; undated records drop out");
+        assert_eq!(
+            page.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            ["id=10", "id=2", "id=1"]
+        );
+        assert!(next.is_none());
+        assert!(Cursor::decode("not a cursor").is_none());
+    }
 }

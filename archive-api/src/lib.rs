@@ -16,6 +16,7 @@ mod audit;
 mod auth;
 mod config;
 mod error;
+mod fhir;
 mod history;
 mod limits;
 mod metrics;
@@ -23,6 +24,6 @@ mod routes;
 
 pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
 pub use auth::{Auth, Claims, Principal, Role};
-pub use config::{ApiConfig, AuditConfig, AuthConfig, LimitsConfig};
+pub use config::{ApiConfig, AuditConfig, AuthConfig, FhirTable, LimitsConfig};
 pub use error::ApiError;
 pub use routes::{audit_key, router, serve, AppState};

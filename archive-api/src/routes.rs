@@ -10,7 +10,9 @@ use crate::audit::{noted, record, AuditNote};
 use crate::auth::{require_token, Auth, Principal, Role};
 use crate::config::ApiConfig;
 use crate::error::ApiError;
-use crate::history::{find_document, patient_history, HistoryRecord};
+use crate::history::{
+    find_document, patient_history, select_page, Cursor, HistoryQuery, HistoryRecord,
+};
 use crate::limits::{limit, RateLimiter};
 use crate::metrics::{track, Metrics};
 use axum::body::Body;
@@ -45,6 +47,8 @@ pub struct AppState {
     pub limiter: RateLimiter,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// FHIR resource types of tables.
+    pub fhir: std::sync::Arc<std::collections::BTreeMap<String, crate::config::FhirTable>>,
 }
 
 impl AppState {
@@ -57,7 +61,9 @@ impl AppState {
     ) -> Result<Self, String> {
         let auth = Auth::from_config(&config.auth, base)?;
         let key = audit_key(config, base)?;
+        crate::fhir::check(&config.fhir)?;
         Ok(AppState {
+            fhir: std::sync::Arc::new(config.fhir.clone()),
             archive,
             auth,
             audit: AuditLog::open(&control, key),
@@ -83,26 +89,165 @@ pub fn audit_key(config: &ApiConfig, base: &FsPath) -> Result<AuditKey, String> 
 #[derive(Serialize)]
 struct History {
     patient: String,
+    /// Records matching the filters, over all pages.
+    total: usize,
     records: Vec<HistoryRecord>,
+    /// The cursor of the next page, if there is one.
+    next: Option<String>,
 }
 
 const RECORDS: &[Role] = &[Role::RecordsManager, Role::Admin];
 const AUDIT: &[Role] = &[Role::Auditor, Role::Admin];
 
+/// Query of `GET /v1/patients/{patient}/history`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryParams {
+    /// Records dated on or after this day (YYYY-MM-DD).
+    from: Option<String>,
+    /// Records dated on or before this day.
+    to: Option<String>,
+    /// Tables, comma-separated.
+    table: Option<String>,
+    /// FHIR resource types, comma-separated (the tables mapped to them).
+    #[serde(rename = "type")]
+    resource_type: Option<String>,
+    /// Records per page: 1 to 1,000; 100 by default.
+    limit: Option<usize>,
+    /// The `next` of the previous page.
+    cursor: Option<String>,
+    /// `json` (default) or `fhir`.
+    format: Option<String>,
+}
+
+fn bad(what: &str) -> ApiError {
+    ApiError::BadRequest(what.to_string())
+}
+
+fn day(text: &Option<String>, name: &str) -> Result<Option<chrono::NaiveDate>, ApiError> {
+    text.as_deref()
+        .map(|t| {
+            chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d")
+                .map_err(|_| bad(&format!("{name} must be a date, YYYY-MM-DD")))
+        })
+        .transpose()
+}
+
+fn list(text: &Option<String>) -> Vec<String> {
+    text.as_deref()
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The query string of `uri` with `cursor` replaced.
+fn with_cursor(uri: &axum::http::Uri, cursor: Option<&str>) -> String {
+    let mut pairs: Vec<String> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("cursor="))
+        .map(str::to_string)
+        .collect();
+    if let Some(c) = cursor {
+        pairs.push(format!("cursor={c}"));
+    }
+    if pairs.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), pairs.join("&"))
+    }
+}
+
 async fn history(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(patient): Path<String>,
+    params: Result<Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let access = patient_access(&principal, &headers, &patient)?;
-    let records = patient_history(&state.archive, &patient).await?;
+    let Query(p) = params.map_err(|_| {
+        bad("unknown or malformed query parameter: from, to, table, type, limit, cursor, format")
+    })?;
+    let fhir = match p.format.as_deref() {
+        Some("fhir") => true,
+        Some("json") => false,
+        Some(_) => return Err(bad("format is json or fhir")),
+        None => headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("application/fhir+json")),
+    };
+    let mut tables = list(&p.table);
+    let types = list(&p.resource_type);
+    if !types.is_empty() || fhir {
+        // FHIR answers hold mapped tables only; a type filter names tables through the mapping.
+        let mapped: Vec<String> = state
+            .fhir
+            .iter()
+            .filter(|(_, t)| types.is_empty() || types.contains(&t.resource))
+            .map(|(table, _)| table.clone())
+            .collect();
+        tables = if tables.is_empty() {
+            mapped
+        } else {
+            tables.into_iter().filter(|t| mapped.contains(t)).collect()
+        };
+        if tables.is_empty() {
+            // Nothing can match; keep the filter non-empty so that nothing does.
+            tables.push(String::new());
+        }
+    }
+    let query = HistoryQuery {
+        from: day(&p.from, "from")?,
+        to: day(&p.to, "to")?,
+        tables,
+        limit: p.limit.unwrap_or(100).clamp(1, 1000),
+        after: p
+            .cursor
+            .as_deref()
+            .map(|c| Cursor::decode(c).ok_or_else(|| bad("cursor is not one this API gave")))
+            .transpose()?,
+    };
+    let all = patient_history(&state.archive, &patient).await?;
+    let (records, total, next) = select_page(all, &query);
     let mut per_table = std::collections::BTreeMap::<&str, u64>::new();
     for r in &records {
         *per_table.entry(r.table.as_str()).or_default() += 1;
     }
-    let detail = json!({ "records": records.len(), "tables": per_table });
-    let body = Json(History { patient, records });
+    let detail = json!({
+        "records": records.len(),
+        "tables": per_table,
+        "format": if fhir { "fhir" } else { "json" },
+    });
+    let next = next.map(|c| c.encode());
+    let body = if fhir {
+        let mut links = vec![("self", with_cursor(&uri, p.cursor.as_deref()))];
+        if let Some(n) = &next {
+            links.push(("next", with_cursor(&uri, Some(n))));
+        }
+        let bundle = crate::fhir::bundle(&patient, &records, total, &links, &state.fhir);
+        (
+            [(header::CONTENT_TYPE, "application/fhir+json")],
+            Json(bundle),
+        )
+            .into_response()
+    } else {
+        Json(History {
+            patient,
+            total,
+            records,
+            next,
+        })
+        .into_response()
+    };
     Ok(noted(
         body,
         AuditNote {

@@ -45,8 +45,13 @@ fn demo_config_text() -> Result<String> {
         key_file = "audit.key"
         "#,
     )?;
+    // The example's FHIR mapping stays; the rest of its [api] is replaced by the demo's.
+    let fhir = table.get("api").and_then(|a| a.get("fhir")).cloned();
     for (k, v) in demo {
         table.insert(k, v);
+    }
+    if let (Some(fhir), Some(toml::Value::Table(api))) = (fhir, table.get_mut("api")) {
+        api.insert("fhir".into(), fhir);
     }
     Ok(format!(
         "# Written by `strata demo`: everything embedded and local. Development keys only.\n{}",

@@ -406,10 +406,12 @@ impl Control {
                 "a legal hold needs who places it and why".into(),
             ));
         }
+        // 64 random bits: holds placed in the same second (by a script, or through the API)
+        // must not collide.
         let id = format!(
-            "hold-{}-{:04x}",
+            "hold-{}-{:016x}",
             chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
-            rand::random::<u16>()
+            rand::random::<u64>()
         );
         let (kind, patient, table, column, value) = match scope {
             HoldScope::Patient(p) => ("patient", Some(p), None, None, None),

@@ -51,6 +51,13 @@ pub struct FileEntry {
     pub bytes: u64,
     /// SHA-256 of the whole file, hex.
     pub sha256: String,
+    /// SHA-256 of the file's footer (its encrypted metadata, length and magic), hex. A reader
+    /// that reads only some pages checks this instead of the whole file: the footer names the
+    /// file's key and per-file AAD, and AES-GCM authenticates every page against them, so a
+    /// replaced, swapped or altered file still fails. Empty in manifests written before it was
+    /// recorded (those files are checked whole).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub footer_sha256: String,
     /// Smallest patient key in the file (text order).
     pub min_patient: String,
     /// Largest patient key in the file (text order).

@@ -11,8 +11,15 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
+    RowSelector,
+};
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
 use parquet::encryption::decrypt::FileDecryptionProperties;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::page_index::column_index::ColumnIndexMetaData;
 use parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -142,6 +149,103 @@ pub struct ArchiveReader {
     store: Arc<dyn ObjectStore>,
     keys: KeyRing,
     catalog: Arc<Catalog>,
+    /// Files opened for selective reads: footer checked, metadata and page indexes decrypted.
+    opened: Arc<std::sync::Mutex<std::collections::HashMap<String, ArrowReaderMetadata>>>,
+}
+
+/// Byte ranges of one archived file, for the async Parquet reader (whose metadata comes from
+/// [`ArchiveReader::opened`], already checked).
+struct FileRanges {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    metadata: Arc<ParquetMetaData>,
+}
+
+impl AsyncFileReader for FileRanges {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> futures::future::BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        Box::pin(async move {
+            self.store
+                .get_range(&self.path, range)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<std::ops::Range<u64>>,
+    ) -> futures::future::BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        Box::pin(async move {
+            self.store
+                .get_ranges(&self.path, &ranges)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a ArrowReaderOptions>,
+    ) -> futures::future::BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        let metadata = self.metadata.clone();
+        Box::pin(async move { Ok(metadata) })
+    }
+}
+
+/// Files whose metadata is kept open at most; past it the cache starts over.
+const MAX_OPENED_FILES: usize = 4096;
+/// Bytes read from a file's end at first, hoping for the footer and page indexes in one read.
+const FIRST_SUFFIX_BYTES: u64 = 256 << 10;
+
+/// Whether `patient` may lie in [min, max] (bounds absent: it may).
+fn may_hold(min: Option<&[u8]>, max: Option<&[u8]>, patient: &[u8]) -> bool {
+    min.is_none_or(|m| m <= patient) && max.is_none_or(|m| patient <= m)
+}
+
+/// The row groups of `metadata` whose patient-key statistics may hold `patient`, and within
+/// them the rows of the pages whose page-index bounds may (all rows of a group without one).
+fn patient_selection(metadata: &ParquetMetaData, patient: &str) -> (Vec<usize>, RowSelection) {
+    let needle = patient.as_bytes();
+    let mut groups = Vec::new();
+    let mut selectors = Vec::new();
+    for (i, rg) in metadata.row_groups().iter().enumerate() {
+        let fits = match rg.column(0).statistics() {
+            Some(Statistics::ByteArray(s)) => may_hold(
+                s.min_opt().map(|v| v.data()),
+                s.max_opt().map(|v| v.data()),
+                needle,
+            ),
+            _ => true,
+        };
+        if !fits {
+            continue;
+        }
+        groups.push(i);
+        let rows = rg.num_rows() as usize;
+        let page_index = metadata.page_index_for_row_group(i);
+        let pages = page_index.column_index(0).zip(page_index.offset_index(0));
+        let Some((ColumnIndexMetaData::BYTE_ARRAY(index), offsets)) = pages else {
+            selectors.push(RowSelector::select(rows));
+            continue;
+        };
+        let locations = offsets.page_locations();
+        for (p, loc) in locations.iter().enumerate() {
+            let start = loc.first_row_index as usize;
+            let end = locations
+                .get(p + 1)
+                .map_or(rows, |next| next.first_row_index as usize);
+            let keep = may_hold(index.min_value(p), index.max_value(p), needle);
+            selectors.push(if keep {
+                RowSelector::select(end - start)
+            } else {
+                RowSelector::skip(end - start)
+            });
+        }
+    }
+    (groups, RowSelection::from(selectors))
 }
 
 impl ArchiveReader {
@@ -185,6 +289,7 @@ impl ArchiveReader {
             store,
             keys,
             catalog: Arc::new(catalog),
+            opened: Arc::default(),
         })
     }
 
@@ -224,6 +329,18 @@ impl ArchiveReader {
         entry: &FileEntry,
         bytes: Bytes,
     ) -> Result<ParquetRecordBatchReaderBuilder<Bytes>> {
+        let decryption = self.decryption(entry).await?;
+        let options = ArrowReaderOptions::new().with_file_decryption_properties(decryption);
+        ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options).map_err(|e| {
+            ArchiveError::Integrity {
+                object: entry.path.clone(),
+                detail: format!("cannot decrypt or decode: {e}"),
+            }
+        })
+    }
+
+    /// The decryption properties of a file: its data key, unwrapped from its key material.
+    async fn decryption(&self, entry: &FileEntry) -> Result<Arc<FileDecryptionProperties>> {
         let material_path = crate::keys::key_material_path(&entry.path);
         let integrity = |object: &str, detail: String| ArchiveError::Integrity {
             object: object.to_string(),
@@ -249,11 +366,161 @@ impl ArchiveReader {
             keys: self.keys.clone(),
             materials,
         };
-        let decryption =
-            FileDecryptionProperties::with_key_retriever(Arc::new(retriever)).build()?;
-        let options = ArrowReaderOptions::new().with_file_decryption_properties(decryption);
-        ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options)
-            .map_err(|e| integrity(&entry.path, format!("cannot decrypt or decode: {e}")))
+        Ok(FileDecryptionProperties::with_key_retriever(Arc::new(retriever)).build()?)
+    }
+
+    /// Opens a file for selective reads, once: reads its end, checks the footer against the
+    /// manifest's digest, and decrypts its metadata and page indexes. None for a file whose
+    /// manifest has no footer digest (it is read and checked whole).
+    async fn opened(&self, entry: &FileEntry) -> Result<Option<ArrowReaderMetadata>> {
+        if entry.footer_sha256.is_empty() {
+            return Ok(None);
+        }
+        if let Some(m) = self.opened.lock().expect("cache lock").get(&entry.path) {
+            return Ok(Some(m.clone()));
+        }
+        let integrity = |detail: String| ArchiveError::Integrity {
+            object: entry.path.clone(),
+            detail,
+        };
+        let path = Path::from(entry.path.as_str());
+        let size = entry.bytes;
+        let decryption = self.decryption(entry).await?;
+        let mut suffix = FIRST_SUFFIX_BYTES.min(size);
+        let metadata = loop {
+            let tail = match self.store.get_range(&path, size - suffix..size).await {
+                Ok(b) => b,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(integrity("file is missing".into()))
+                }
+                Err(e) => return Err(integrity(format!("cannot read its end: {e}"))),
+            };
+            let n = tail.len();
+            if n < 8 || &tail[n - 4..] != b"PARE" {
+                return Err(integrity(
+                    "not an encrypted Parquet file of this size".into(),
+                ));
+            }
+            let footer =
+                u32::from_le_bytes(tail[n - 8..n - 4].try_into().expect("4 bytes")) as u64 + 8;
+            if footer > size {
+                return Err(integrity(
+                    "truncated: its footer is longer than the file".into(),
+                ));
+            }
+            if footer > n as u64 {
+                suffix = footer;
+                continue;
+            }
+            if hex::encode(Sha256::digest(&tail[n - footer as usize..])) != entry.footer_sha256 {
+                return Err(integrity(
+                    "its footer differs from the manifest (file replaced or altered)".into(),
+                ));
+            }
+            let mut reader = ParquetMetaDataReader::new()
+                .with_page_index_policy(PageIndexPolicy::Optional)
+                .with_decryption_properties(Some(decryption.clone()));
+            match reader.try_parse_sized(&tail, size) {
+                Ok(()) => break reader.finish()?,
+                Err(ParquetError::NeedMoreData(more))
+                    if more as u64 > suffix && more as u64 <= size =>
+                {
+                    suffix = more as u64
+                }
+                Err(e) => return Err(integrity(format!("cannot decrypt or decode: {e}"))),
+            }
+        };
+        let metadata = ArrowReaderMetadata::try_new(
+            Arc::new(metadata),
+            ArrowReaderOptions::new().with_file_decryption_properties(decryption),
+        )
+        .map_err(|e| integrity(format!("cannot decode: {e}")))?;
+        let mut opened = self.opened.lock().expect("cache lock");
+        if opened.len() >= MAX_OPENED_FILES {
+            opened.clear();
+        }
+        opened.insert(entry.path.clone(), metadata.clone());
+        Ok(Some(metadata))
+    }
+
+    /// One patient's rows of one file: read selectively when the manifest has the file's footer
+    /// digest, else read whole and checked against the manifest's digest.
+    async fn file_patient_rows(
+        &self,
+        entry: &FileEntry,
+        patient: &str,
+    ) -> Result<Vec<RecordBatch>> {
+        if let Some(metadata) = self.opened(entry).await? {
+            return self.patient_rows_selective(entry, metadata, patient).await;
+        }
+        let needle = Scalar::new(StringArray::from(vec![patient]));
+        let bytes = self.fetch_verified(entry).await?;
+        let builder = self.builder(entry, bytes).await?;
+        let groups: Vec<usize> = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .enumerate()
+            .filter(|(_, rg)| match rg.column(0).statistics() {
+                Some(Statistics::ByteArray(s)) => may_hold(
+                    s.min_opt().map(|v| v.data()),
+                    s.max_opt().map(|v| v.data()),
+                    patient.as_bytes(),
+                ),
+                _ => true,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mut out = Vec::new();
+        if groups.is_empty() {
+            return Ok(out);
+        }
+        for batch in builder.with_row_groups(groups).build()? {
+            let batch = batch?;
+            let rows = filter_record_batch(&batch, &eq(batch.column(0), &needle)?)?;
+            if rows.num_rows() > 0 {
+                out.push(rows);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One patient's rows of a file opened for selective reads: only the row groups and pages
+    /// whose bounds may hold the patient are fetched and decrypted.
+    async fn patient_rows_selective(
+        &self,
+        entry: &FileEntry,
+        metadata: ArrowReaderMetadata,
+        patient: &str,
+    ) -> Result<Vec<RecordBatch>> {
+        let (groups, selection) = patient_selection(metadata.metadata(), patient);
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let integrity = |e: ParquetError| ArchiveError::Integrity {
+            object: entry.path.clone(),
+            detail: format!("cannot decrypt or decode: {e}"),
+        };
+        let input = FileRanges {
+            store: self.store.clone(),
+            path: Path::from(entry.path.as_str()),
+            metadata: metadata.metadata().clone(),
+        };
+        let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(input, metadata)
+            .with_row_groups(groups)
+            .with_row_selection(selection)
+            .build()
+            .map_err(integrity)?;
+        let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(integrity)?;
+        let needle = Scalar::new(StringArray::from(vec![patient]));
+        let mut out = Vec::new();
+        for batch in batches {
+            let rows = filter_record_batch(&batch, &eq(batch.column(0), &needle)?)?;
+            if rows.num_rows() > 0 {
+                out.push(rows);
+            }
+        }
+        Ok(out)
     }
 
     /// Reads and decrypts a whole file, after checking it against the manifest.
@@ -353,37 +620,8 @@ impl ArchiveReader {
     /// archived more than once (a correction), only its newest copy is returned.
     pub async fn patient_rows(&self, table: &str, patient: &str) -> Result<Vec<RecordBatch>> {
         let mut out = Vec::new();
-        let needle = Scalar::new(StringArray::from(vec![patient]));
         for entry in self.catalog.files_for_patient(table, patient) {
-            let bytes = self.fetch_verified(entry).await?;
-            let builder = self.builder(entry, bytes).await?;
-            let groups: Vec<usize> = builder
-                .metadata()
-                .row_groups()
-                .iter()
-                .enumerate()
-                .filter(|(_, rg)| match rg.column(0).statistics() {
-                    Some(Statistics::ByteArray(s)) => match (s.min_opt(), s.max_opt()) {
-                        (Some(min), Some(max)) => {
-                            min.data() <= patient.as_bytes() && patient.as_bytes() <= max.data()
-                        }
-                        _ => true,
-                    },
-                    _ => true,
-                })
-                .map(|(i, _)| i)
-                .collect();
-            if groups.is_empty() {
-                continue;
-            }
-            for batch in builder.with_row_groups(groups).build()? {
-                let batch = batch?;
-                let mask = eq(batch.column(0), &needle)?;
-                let rows = filter_record_batch(&batch, &mask)?;
-                if rows.num_rows() > 0 {
-                    out.push(rows);
-                }
-            }
+            out.extend(self.file_patient_rows(entry, patient).await?);
         }
         if self.catalog.tables.get(table).is_some_and(|m| m.len() > 1) {
             out = newest_only(out)?;
@@ -492,6 +730,7 @@ mod tests {
             store: store.clone(),
             keys: other,
             catalog: reader.catalog.clone(),
+            opened: Arc::default(),
         };
         let err = stranger.read_file(entry).await.unwrap_err();
         assert!(
@@ -510,5 +749,161 @@ mod tests {
             reader.read_file(entry).await,
             Err(ArchiveError::Integrity { .. })
         ));
+    }
+
+    /// One patient's rows come from the pages that hold them (the rest of the file is not
+    /// read), the same rows as a whole-file read; and the selective path still fails closed on
+    /// a flipped byte in a page it reads, a file replaced by another one (with its key
+    /// material), and a truncated file.
+    #[tokio::test]
+    async fn selective_reads_match_whole_reads_and_fail_closed() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), [])
+            .for_archive(store.as_ref(), true)
+            .await
+            .unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(PATIENT_COLUMN, DataType::Utf8, false),
+            Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
+            Field::new(KEY_COLUMN, DataType::Utf8, false),
+            Field::new("id", DataType::Int64, false),
+        ]));
+        let mut w = TableWriter::new(
+            store.clone(),
+            keys.clone(),
+            TableManifest::new("labs", "r1", "p1", vec![]),
+            schema.clone(),
+            TableWriterOptions {
+                rows_per_file: 60_000,
+                row_group_rows: 20_000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // 120,000 rows over 3,000 patients, sorted: two files of three row groups each.
+        let patients: Vec<String> = (0..120_000).map(|i| format!("p{:05}", i / 40)).collect();
+        for (n, chunk) in patients.chunks(10_000).enumerate() {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            w.write(&batch(&schema, &refs, n as i64 * 10_000))
+                .await
+                .unwrap();
+        }
+        let manifest = w.finish().await.unwrap();
+        assert_eq!(manifest.files.len(), 2);
+        assert!(manifest.files.iter().all(|f| f.footer_sha256.len() == 64));
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        for p in ["p00000", "p01234", "p01499", "p01500", "p02999"] {
+            let rows = reader.patient_rows("labs", p).await.unwrap();
+            assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 40, "{p}");
+            let whole: usize = {
+                let mut n = 0;
+                for f in &manifest.files {
+                    for b in reader.read_file(f).await.unwrap() {
+                        let ps = arrow::array::AsArray::as_string::<i32>(b.column(0));
+                        n += ps.iter().filter(|v| *v == Some(p)).count();
+                    }
+                }
+                n
+            };
+            assert_eq!(whole, 40);
+        }
+        let entry = manifest.files[0].clone();
+        let metadata = reader.opened(&entry).await.unwrap().unwrap();
+        let (groups, selection) = patient_selection(metadata.metadata(), "p01234");
+        assert_eq!(
+            groups.len(),
+            1,
+            "one row group of the file can hold the patient"
+        );
+        let selected: usize = selection
+            .iter()
+            .filter(|s| !s.skip)
+            .map(|s| s.row_count)
+            .sum();
+        assert!(
+            selected < 20_000,
+            "only some pages are read: {selected} rows"
+        );
+
+        let path = Path::from(entry.path.as_str());
+        let original = store.get(&path).await.unwrap().bytes().await.unwrap();
+        let fresh = || async {
+            ArchiveReader::open(store.clone(), keys.clone())
+                .await
+                .unwrap()
+        };
+        let integrity = |r: Result<Vec<RecordBatch>>| match r {
+            Err(ArchiveError::Integrity { object, .. }) => assert_eq!(object, entry.path),
+            other => panic!("expected an integrity error, got {other:?}"),
+        };
+        // A flipped byte in the first page of the patient column of the first row group.
+        let loc = metadata
+            .metadata()
+            .page_index_for_row_group(0)
+            .offset_index(0)
+            .unwrap()
+            .page_locations()[0]
+            .clone();
+        let mut bytes = original.to_vec();
+        bytes[loc.offset as usize + loc.compressed_page_size as usize - 5] ^= 1;
+        store.put(&path, bytes.into()).await.unwrap();
+        integrity(fresh().await.patient_rows("labs", "p00000").await);
+        // Another file (and its key material) in its place.
+        let other = &manifest.files[1];
+        let other_bytes = store
+            .get(&Path::from(other.path.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let material = |p: &str| Path::from(crate::keys::key_material_path(p));
+        let own_material = store
+            .get(&material(&entry.path))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let other_material = store
+            .get(&material(&other.path))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        store.put(&path, other_bytes.clone().into()).await.unwrap();
+        store
+            .put(&material(&entry.path), other_material.into())
+            .await
+            .unwrap();
+        let mut swapped = manifest.files[0].clone();
+        swapped.bytes = other_bytes.len() as u64;
+        let r = fresh().await;
+        integrity(r.file_patient_rows(&swapped, "p00000").await);
+        store
+            .put(&material(&entry.path), own_material.into())
+            .await
+            .unwrap();
+        // Truncated.
+        store
+            .put(&path, original.slice(..original.len() - 100).into())
+            .await
+            .unwrap();
+        integrity(fresh().await.patient_rows("labs", "p00000").await);
+        store.put(&path, original.into()).await.unwrap();
+        assert_eq!(
+            fresh()
+                .await
+                .patient_rows("labs", "p00000")
+                .await
+                .unwrap()
+                .iter()
+                .map(|b| b.num_rows())
+                .sum::<usize>(),
+            40
+        );
     }
 }

@@ -23,6 +23,9 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
+/// Rows per data page at most (see [`TableWriter`]'s page index).
+pub(crate) const PAGE_ROWS: usize = 8192;
+
 /// Rows handed to the Parquet writer at a time when writing sorted rows.
 pub(crate) const WRITE_BATCH_ROWS: usize = 8192;
 
@@ -60,6 +63,27 @@ struct HashingUpload {
     upload: BufWriter,
     sha256: Sha256,
     bytes: u64,
+    /// The last bytes written (up to [`TAIL_BYTES`]): after the file is finished they hold its
+    /// footer, whose digest goes into the manifest.
+    tail: Vec<u8>,
+}
+
+/// Bytes kept of a file's end, to digest its footer.
+const TAIL_BYTES: usize = 1 << 20;
+
+impl HashingUpload {
+    /// SHA-256 (hex) of the footer: the footer metadata, its length and the magic, which the
+    /// file ends with. None when it is longer than the tail kept (readers then check the whole
+    /// file instead).
+    fn footer_sha256(&self) -> Option<String> {
+        let n = self.tail.len();
+        if n < 8 {
+            return None;
+        }
+        let len = u32::from_le_bytes(self.tail[n - 8..n - 4].try_into().expect("4 bytes")) as usize;
+        let footer = self.tail.get(n.checked_sub(len + 8)?..)?;
+        Some(hex::encode(Sha256::digest(footer)))
+    }
 }
 
 impl AsyncFileWriter for HashingUpload {
@@ -67,6 +91,14 @@ impl AsyncFileWriter for HashingUpload {
         Box::pin(async move {
             self.sha256.update(&bs);
             self.bytes += bs.len() as u64;
+            if bs.len() >= TAIL_BYTES {
+                self.tail.clear();
+                self.tail.extend_from_slice(&bs[bs.len() - TAIL_BYTES..]);
+            } else {
+                let excess = (self.tail.len() + bs.len()).saturating_sub(TAIL_BYTES);
+                self.tail.drain(..excess);
+                self.tail.extend_from_slice(&bs);
+            }
             self.upload
                 .put(bs)
                 .await
@@ -233,6 +265,9 @@ impl TableWriter {
                 self.options.zstd_level,
             )?))
             .set_max_row_group_row_count(Some(self.options.row_group_rows))
+            // Pages of at most this many rows: one patient's read fetches and decrypts the pages
+            // that hold their rows (the page index says which), not whole row groups.
+            .set_data_page_row_count_limit(PAGE_ROWS)
             .set_statistics_enabled(EnabledStatistics::Page)
             .set_column_bloom_filter_enabled(patient, true)
             .with_file_encryption_properties(encryption);
@@ -256,6 +291,7 @@ impl TableWriter {
                 .with_max_concurrency(2),
             sha256: Sha256::new(),
             bytes: 0,
+            tail: Vec::new(),
         };
         Ok(OpenFile {
             writer: AsyncArrowWriter::try_new(upload, self.schema.clone(), Some(props))?,
@@ -319,10 +355,12 @@ impl TableWriter {
         let mut writer = file.writer;
         writer.finish().await?;
         let upload = writer.into_inner();
+        let footer_sha256 = upload.footer_sha256().unwrap_or_default();
         let entry = FileEntry {
             path: file.path.clone(),
             rows: file.rows,
             bytes: upload.bytes,
+            footer_sha256,
             sha256: hex::encode(upload.sha256.finalize()),
             min_patient: file.min_patient.unwrap_or_default(),
             max_patient: file.max_patient.unwrap_or_default(),

@@ -1038,3 +1038,82 @@ async fn history_pages_filters_and_fhir_bundles() {
     }
     assert_eq!(seen, expected);
 }
+
+/// A document whose stored object was altered: the transfer is cut short (never completed with
+/// bad bytes), and the audit log gets a failed entry for it beside the allowed one.
+#[tokio::test]
+async fn a_tampered_document_stream_fails_closed_and_is_audited() {
+    let f = fixture("").await;
+    let clinician = f.idp.user("dr-e", Role::Clinician, &[&f.patient]);
+    let uri = format!("/v1/patients/{}/documents/{}", f.patient, f.document);
+    let object = f
+        .dir
+        .path()
+        .join("archive")
+        .join(strata_archive::BlobStore::object_path(&f.document));
+    let original = std::fs::read(&object).unwrap();
+    let mut bad = original.clone();
+    let at = bad.len() - 40; // in the last segment, before the binding
+    bad[at] ^= 1;
+    std::fs::write(&object, &bad).unwrap();
+    let req = Request::get(&uri)
+        .header("authorization", format!("Bearer {clinician}"))
+        .header("x-purpose-of-use", "TREAT")
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    let declared: usize = resp.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    match resp.into_body().collect().await {
+        Ok(body) => panic!(
+            "a tampered document was served whole ({} of {declared} bytes)",
+            body.to_bytes().len()
+        ),
+        Err(e) => assert!(e.to_string().contains("integrity"), "{e}"),
+    }
+    std::fs::write(&object, &original).unwrap();
+    // The failure entry is appended by a spawned task: give it a moment.
+    let log = strata_control::AuditLog::open(
+        &f.control,
+        strata_control::AuditKey::from_hex(
+            &std::fs::read_to_string(f.dir.path().join("audit.key")).unwrap(),
+        )
+        .unwrap(),
+    );
+    let mut outcomes = Vec::new();
+    for _ in 0..50 {
+        outcomes = log
+            .list(&AuditQuery {
+                patient: Some(f.patient.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                (
+                    e.entry.outcome,
+                    e.entry.detail["integrity"].as_str().map(str::to_string),
+                )
+            })
+            .collect();
+        if outcomes.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        outcomes,
+        [
+            (Outcome::Allowed, None),
+            (Outcome::Failed, Some("stream stopped".to_string()))
+        ]
+    );
+    // Intact again, it streams whole.
+    let (status, _, bytes) =
+        call(&f.app, Method::GET, &uri, Some(&clinician), &[TREAT], None).await;
+    assert_eq!((status, bytes.len()), (StatusCode::OK, declared));
+}

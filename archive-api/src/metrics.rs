@@ -31,6 +31,7 @@ pub struct Metrics {
     audit_entries: Arc<AtomicU64>,
     break_glass: Arc<AtomicU64>,
     audit_failures: Arc<AtomicU64>,
+    stopped_streams: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -45,6 +46,11 @@ impl Metrics {
     /// Counts an audit entry that could not be written.
     pub fn audit_failed(&self) {
         self.audit_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a document stream stopped by an integrity failure.
+    pub fn stream_stopped(&self) {
+        self.stopped_streams.fetch_add(1, Ordering::Relaxed);
     }
 
     fn observe(&self, route: &str, status: u16, seconds: f64) {

@@ -322,20 +322,50 @@ async fn document(
             ))
         }
     };
+    // Streamed a few segments at a time, each authenticated before it is sent. If the object
+    // fails mid-way, the transfer is cut short (the client sees fewer bytes than
+    // Content-Length) and a second audit entry records the failure.
+    let wanted = range.clone().unwrap_or(0..reference.length);
+    let stream = state
+        .archive
+        .blobs()
+        .stream_range(&reference, wanted)
+        .await?;
+    let (audit, metrics) = (state.audit.clone(), state.metrics.clone());
+    let failure = strata_control::AuditEntry {
+        user: principal.user.clone(),
+        roles: principal.role_names(),
+        purpose: Some(access.purpose.clone()),
+        patient: Some(patient.clone()),
+        action: "GET /v1/patients/{patient}/documents/{document}".into(),
+        status: 500,
+        outcome: Outcome::Failed,
+        break_glass: access.break_glass.clone(),
+        detail: json!({ "object": reference.object, "integrity": "stream stopped" }),
+        client: None,
+    };
+    let stream = futures::StreamExt::map(stream, move |piece| {
+        piece.map_err(|e| {
+            tracing::error!(error = %e, "document stream stopped: integrity");
+            let (audit, entry) = (audit.clone(), failure.clone());
+            metrics.stream_stopped();
+            tokio::spawn(async move {
+                if let Err(e) = audit.append(entry).await {
+                    tracing::error!(error = %e, "audit entry of a stopped stream not written");
+                }
+            });
+            std::io::Error::other("archived data failed its integrity check")
+        })
+    });
     let mut response = match &range {
         Some(r) => {
-            let bytes = state
-                .archive
-                .blobs()
-                .get_range(&reference, r.clone())
-                .await?;
-            let mut resp = (StatusCode::PARTIAL_CONTENT, Body::from(bytes)).into_response();
+            let mut resp = (StatusCode::PARTIAL_CONTENT, Body::from_stream(stream)).into_response();
             let content_range = format!("bytes {}-{}/{}", r.start, r.end - 1, reference.length);
             resp.headers_mut()
                 .insert(header::CONTENT_RANGE, content_range.parse().expect("ascii"));
             resp
         }
-        None => Body::from(state.archive.blobs().get(&reference).await?).into_response(),
+        None => Body::from_stream(stream).into_response(),
     };
     let len = range.as_ref().map_or(reference.length, |r| r.end - r.start);
     let h = response.headers_mut();

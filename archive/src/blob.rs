@@ -266,63 +266,38 @@ impl BlobStore {
     /// Reads, decrypts and verifies a BLOB against its reference. Any mismatch is an
     /// [`ArchiveError::Integrity`] naming the object; no partial data is returned.
     pub async fn get(&self, reference: &BlobRef) -> Result<Bytes> {
-        let path_text = Self::object_path(&reference.object);
-        let integrity = |detail: &str| ArchiveError::Integrity {
-            object: path_text.clone(),
-            detail: detail.to_string(),
-        };
-        let raw = match self.store.get(&Path::from(path_text.as_str())).await {
-            Ok(r) => r.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(integrity("object is missing"))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let (segment_size, salt, body) =
-            parse_header(&raw).ok_or_else(|| integrity("malformed header"))?;
-        let Some(split) = body.len().checked_sub(BINDING_LEN) else {
-            return Err(integrity("object is truncated"));
-        };
-        let (body, binding) = body.split_at(split);
-        self.check_binding(&reference.object, salt, binding)?;
-        let cipher = self.cipher(salt)?;
-        let stride = segment_size + TAG_LEN;
-        let segments = body.len().div_ceil(stride).max(1);
-        let mut plain = Vec::with_capacity(body.len());
-        for i in 0..segments {
-            let start = i * stride;
-            let end = (start + stride).min(body.len());
-            let pt = cipher
-                .decrypt(
-                    &nonce(i as u64, i + 1 == segments),
-                    Payload {
-                        msg: &body[start..end],
-                        aad: salt,
-                    },
-                )
-                .map_err(|_| integrity(&format!("segment {i} fails authentication")))?;
-            plain.extend_from_slice(&pt);
-        }
-        if plain.len() as u64 != reference.length {
-            return Err(integrity("length differs from the catalogued length"));
-        }
-        if hex::encode(Sha256::digest(&plain)) != reference.sha256 {
-            return Err(integrity("SHA-256 differs from the catalogued digest"));
-        }
-        Ok(Bytes::from(plain))
+        self.get_range(reference, 0..reference.length).await
     }
-}
 
-impl BlobStore {
-    /// Reads bytes `range` of a BLOB, fetching and decrypting only the segments that hold them.
-    /// Each segment is authenticated (its index, whether it is the last, and the object id are
-    /// bound in), and the object's size must match the catalogued length, so a range read fails
-    /// closed exactly like a whole read; only the whole-object SHA-256 is left to full reads.
+    /// Reads bytes `range` of a BLOB, fetching and decrypting only the segments that hold them
+    /// (see [`BlobStore::stream_range`]), collected.
     pub async fn get_range(
         &self,
         reference: &BlobRef,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes> {
+        let mut stream = std::pin::pin!(self.stream_range(reference, range).await?);
+        let mut plain = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+            plain.extend_from_slice(&chunk?);
+        }
+        Ok(Bytes::from(plain))
+    }
+
+    /// Streams bytes `range` of a BLOB, fetching and decrypting a few segments at a time: memory
+    /// stays at [`SEGMENTS_PER_FETCH`] segments whatever the document's size.
+    ///
+    /// Before the first byte: the object must exist, its size must match the catalogued length
+    /// and its binding must name this id. Then every segment is authenticated before any of its
+    /// bytes is yielded (its index, whether it is the last, and the object's salt are bound in),
+    /// so only authentic bytes of this object, at their position, are ever handed out. A whole
+    /// read (`0..length`) also checks the catalogued SHA-256 at the end. Any failure is an
+    /// [`ArchiveError::Integrity`] naming the object, and ends the stream.
+    pub async fn stream_range(
+        &self,
+        reference: &BlobRef,
+        range: std::ops::Range<u64>,
+    ) -> Result<impl futures::Stream<Item = Result<Bytes>> + Send + 'static> {
         let path_text = Self::object_path(&reference.object);
         let integrity = |detail: &str| ArchiveError::Integrity {
             object: path_text.clone(),
@@ -351,42 +326,109 @@ impl BlobStore {
             .await?;
         let (segment_size, salt, _) =
             parse_header(&head).ok_or_else(|| integrity("malformed header"))?;
-        let header_len = HEADER_LEN as u64;
+        let salt = salt.to_vec();
         let seg = segment_size as u64;
-        let stride = seg + TAG_LEN as u64;
         let segments = reference.length.div_ceil(seg).max(1);
-        let sealed_len = header_len + reference.length + segments * TAG_LEN as u64;
+        let sealed_len = HEADER_LEN as u64 + reference.length + segments * TAG_LEN as u64;
         if size != sealed_len + BINDING_LEN as u64 {
             return Err(integrity("size differs from the catalogued length"));
         }
-        if range.is_empty() {
-            return Ok(Bytes::new());
-        }
         let binding = self.store.get_range(&path, sealed_len..size).await?;
-        self.check_binding(&reference.object, salt, &binding)?;
-        let cipher = self.cipher(salt)?;
-        let (first, last) = (range.start / seg, (range.end - 1) / seg);
-        let start = header_len + first * stride;
-        let end = (header_len + (last + 1) * stride).min(sealed_len);
-        let body = self.store.get_range(&path, start..end).await?;
-        let mut plain = Vec::with_capacity((range.end - range.start) as usize);
+        self.check_binding(&reference.object, &salt, &binding)?;
+        let whole = range.start == 0 && range.end == reference.length;
+        let state = SegmentReader {
+            store: self.store.clone(),
+            path,
+            path_text,
+            cipher: self.cipher(&salt)?,
+            salt,
+            seg,
+            segments,
+            sealed_len,
+            // An empty range reads no segment, except the whole of an empty object: its one
+            // (empty) segment is still authenticated.
+            next: if range.is_empty() && !whole {
+                segments
+            } else {
+                range.start / seg
+            },
+            last: range.end.saturating_sub(1) / seg,
+            range,
+            digest: whole.then(|| (Sha256::new(), reference.sha256.clone())),
+        };
+        Ok(futures::stream::try_unfold(state, |mut s| async move {
+            let chunk = s.next_chunk().await?;
+            Ok(chunk.map(|c| (c, s)))
+        }))
+    }
+}
+
+/// Segments fetched and decrypted per read of a streamed BLOB (1 MiB of plaintext).
+pub const SEGMENTS_PER_FETCH: u64 = 16;
+
+/// The state of [`BlobStore::stream_range`].
+struct SegmentReader {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    path_text: String,
+    cipher: Aes256Gcm,
+    salt: Vec<u8>,
+    seg: u64,
+    segments: u64,
+    sealed_len: u64,
+    /// The next segment to read, and the last one the range needs.
+    next: u64,
+    last: u64,
+    range: std::ops::Range<u64>,
+    /// For a whole read: the running digest and the catalogued one.
+    digest: Option<(Sha256, String)>,
+}
+
+impl SegmentReader {
+    /// The next piece of plaintext, or None after the range's last byte.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        let integrity = |detail: String| ArchiveError::Integrity {
+            object: self.path_text.clone(),
+            detail,
+        };
+        if self.next > self.last || self.next >= self.segments {
+            if let Some((digest, expected)) = self.digest.take() {
+                if hex::encode(digest.finalize()) != expected {
+                    return Err(integrity(
+                        "SHA-256 differs from the catalogued digest".into(),
+                    ));
+                }
+            }
+            return Ok(None);
+        }
+        let stride = self.seg + TAG_LEN as u64;
+        let upto = (self.next + SEGMENTS_PER_FETCH - 1).min(self.last);
+        let start = HEADER_LEN as u64 + self.next * stride;
+        let end = (HEADER_LEN as u64 + (upto + 1) * stride).min(self.sealed_len);
+        let body = self.store.get_range(&self.path, start..end).await?;
+        let mut plain = Vec::with_capacity(body.len());
         for (n, chunk) in body.chunks(stride as usize).enumerate() {
-            let i = first + n as u64;
-            let pt = cipher
+            let i = self.next + n as u64;
+            let pt = self
+                .cipher
                 .decrypt(
-                    &nonce(i, i + 1 == segments),
+                    &nonce(i, i + 1 == self.segments),
                     Payload {
                         msg: chunk,
-                        aad: salt,
+                        aad: &self.salt,
                     },
                 )
-                .map_err(|_| integrity(&format!("segment {i} fails authentication")))?;
-            let seg_start = i * seg;
-            let from = range.start.saturating_sub(seg_start) as usize;
-            let to = ((range.end - seg_start) as usize).min(pt.len());
-            plain.extend_from_slice(&pt[from..to]);
+                .map_err(|_| integrity(format!("segment {i} fails authentication")))?;
+            let seg_start = i * self.seg;
+            let from = self.range.start.saturating_sub(seg_start) as usize;
+            let to = ((self.range.end - seg_start) as usize).min(pt.len());
+            plain.extend_from_slice(&pt[from.min(to)..to]);
         }
-        Ok(Bytes::from(plain))
+        self.next = upto + 1;
+        if let Some((digest, _)) = &mut self.digest {
+            digest.update(&plain);
+        }
+        Ok(Some(Bytes::from(plain)))
     }
 }
 
@@ -574,5 +616,57 @@ mod tests {
             let err = blobs.get_range(&r, last..last + 5).await.unwrap_err();
             assert!(matches!(err, ArchiveError::Integrity { .. }), "{err}");
         }
+    }
+
+    /// A document streams in pieces of at most SEGMENTS_PER_FETCH segments; a flipped byte in
+    /// one segment ends the stream with an integrity error before any byte of that segment.
+    #[tokio::test]
+    async fn streams_in_pieces_and_stops_at_a_bad_segment() {
+        let (mem, blobs) = store().await;
+        let content: Vec<u8> = (0..5 * 1024 * 1024 + 123)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let r = blobs
+            .put(content.clone(), "application/dicom")
+            .await
+            .unwrap();
+        let stream = blobs.stream_range(&r, 0..r.length).await.unwrap();
+        let pieces: Vec<Bytes> = futures::TryStreamExt::try_collect(stream).await.unwrap();
+        let piece = BLOB_SEGMENT_SIZE * SEGMENTS_PER_FETCH as usize;
+        assert_eq!(pieces.len(), content.len().div_ceil(piece));
+        assert!(pieces.iter().all(|p| p.len() <= piece));
+        assert_eq!(pieces.concat(), content);
+
+        let path = Path::from(BlobStore::object_path(&r.object));
+        let mut raw = mem
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let bad_segment = 40;
+        raw[HEADER_LEN + bad_segment * (BLOB_SEGMENT_SIZE + TAG_LEN) + 7] ^= 1;
+        mem.put(&path, raw.into()).await.unwrap();
+        let mut stream = std::pin::pin!(blobs.stream_range(&r, 0..r.length).await.unwrap());
+        let mut good = 0;
+        let err = loop {
+            match futures::StreamExt::next(&mut stream).await.unwrap() {
+                Ok(p) => good += p.len(),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, ArchiveError::Integrity { .. }), "{err}");
+        assert!(err.to_string().contains("segment 40"), "{err}");
+        assert_eq!(
+            good,
+            2 * piece,
+            "the pieces before the bad one, nothing of it"
+        );
+        assert!(
+            blobs.get_range(&r, 0..1000).await.is_ok(),
+            "ranges before it still read"
+        );
     }
 }

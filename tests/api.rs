@@ -1117,3 +1117,111 @@ async fn a_tampered_document_stream_fails_closed_and_is_audited() {
         call(&f.app, Method::GET, &uri, Some(&clinician), &[TREAT], None).await;
     assert_eq!((status, bytes.len()), (StatusCode::OK, declared));
 }
+
+/// Starts `strata serve` over HTTPS on the fixture's archive with `[api]` extras; returns the
+/// child, the base URL and the CA file.
+async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, String, String) {
+    let dir = f.dir.path();
+    let tls =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), tls.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), tls.signing_key.serialize_pem()).unwrap();
+    let mut config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dir.join("strata.toml")).unwrap()).unwrap();
+    let mut api: toml::Table = toml::from_str(&format!(
+        "listen = \"127.0.0.1:0\"\ntls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n\
+         [auth]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_file = \"jwks.json\"\n\
+         public_key_files = [\"idp-rs.pem\"]\n[audit]\nkey_file = \"audit.key\"\n{extra}"
+    ))
+    .unwrap();
+    api.insert("fhir".into(), config["api"]["fhir"].clone());
+    config.insert("api".into(), api.into());
+    std::fs::write(dir.join("serve.toml"), toml::to_string(&config).unwrap()).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["serve", "--config"])
+        .arg(dir.join("serve.toml"))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("serve starts")
+            .unwrap()
+            .expect("serve prints its address");
+        if let Some(a) = line.split("listening on https://").nth(1) {
+            break a.trim().to_string();
+        }
+    };
+    // Keep draining the server's log so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (
+        child,
+        format!("https://{addr}"),
+        dir.join("cert.pem").display().to_string(),
+    )
+}
+
+/// The OpenAPI document the API serves is the one kept in the repo, and schemathesis (PyPI),
+/// fuzzing every operation from it with a token that holds every role, gets no 5xx.
+#[tokio::test]
+async fn openapi_document_is_kept_and_fuzzing_finds_no_server_error() {
+    let f = fixture("").await;
+    let (status, _, served) = call(&f.app, Method::GET, "/openapi.json", None, &[], None).await;
+    assert_eq!(status, StatusCode::OK);
+    let served: Json = serde_json::from_slice(&served).unwrap();
+    let kept: Json = serde_json::from_str(include_str!("../docs/openapi.json")).unwrap();
+    assert!(
+        served == kept,
+        "docs/openapi.json is out of date: run `cargo run -- openapi > docs/openapi.json`"
+    );
+
+    let (mut server, base, ca) = serve_https(
+        &f,
+        "[limits]\nrequests_per_minute = 1000000\nburst = 100000",
+    )
+    .await;
+    let token = f.idp.token(
+        json!({ "sub": "fuzzer", "roles": ["clinician", "researcher", "records_manager", "auditor", "admin"],
+                "patients": [f.patient] }),
+        false,
+    );
+    let python = std::env::var("STRATA_TEST_PYTHON")
+        .expect("STRATA_TEST_PYTHON is not set: run the suite with ./scripts/test");
+    let schemathesis = std::path::Path::new(&python).with_file_name("schemathesis");
+    let out = tokio::process::Command::new(schemathesis)
+        .arg("run")
+        .arg(format!("{base}/openapi.json"))
+        .args([
+            "--tls-verify",
+            &ca,
+            "-c",
+            "not_a_server_error",
+            "-n",
+            "40",
+            "--seed",
+            "20261126",
+        ])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap();
+    server.kill().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tested = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Tested: "))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    assert!(tested >= 15, "every operation was tested:\n{text}");
+    assert!(text.contains("passed"), "{text}");
+}

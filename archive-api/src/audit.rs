@@ -33,9 +33,10 @@ pub fn noted(response: impl IntoResponse, note: AuditNote) -> Response {
     response
 }
 
-/// Routes not audited: probes and metrics, which carry no data and no caller.
+/// Routes not audited: probes, metrics and the API's description, which carry no data and no
+/// caller.
 fn unaudited(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics")
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/openapi.json")
 }
 
 /// The audit middleware.

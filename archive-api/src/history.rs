@@ -13,7 +13,7 @@ use strata_archive::{
 };
 
 /// One archived record.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HistoryRecord {
     /// The source table.
     pub table: String,
@@ -22,13 +22,14 @@ pub struct HistoryRecord {
     /// The record's date (YYYY-MM-DD), if it has one.
     pub record_date: Option<String>,
     /// The record's columns.
+    #[schema(value_type = Object)]
     pub data: Map<String, Value>,
     /// Documents (BLOBs) attached to the record.
     pub documents: Vec<DocumentLink>,
 }
 
 /// A document attached to a record.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DocumentLink {
     /// The source column.
     pub column: String,
@@ -83,12 +84,32 @@ pub async fn patient_history(
     archive: &ArchiveReader,
     patient: &str,
 ) -> Result<Vec<HistoryRecord>, ApiError> {
+    // The tables are read on tasks of their own: decrypting and decoding their pages is CPU
+    // work, and the runtime's threads share it.
+    let reads: Vec<_> = archive
+        .catalog()
+        .tables
+        .keys()
+        .map(|table| {
+            let (archive, table, patient) = (archive.clone(), table.clone(), patient.to_string());
+            tokio::spawn(async move {
+                let blob_columns = archive.catalog().blob_columns(&table);
+                let batches = archive.patient_rows(&table, &patient).await?;
+                Ok::<_, strata_archive::ArchiveError>(
+                    batches
+                        .iter()
+                        .flat_map(|b| batch_records(&table, b, &blob_columns, &patient))
+                        .collect::<Vec<_>>(),
+                )
+            })
+        })
+        .collect();
     let mut records = Vec::new();
-    for table in archive.catalog().tables.keys() {
-        let blob_columns = archive.catalog().blob_columns(table);
-        for batch in archive.patient_rows(table, patient).await? {
-            records.extend(batch_records(table, &batch, &blob_columns, patient));
-        }
+    for read in reads {
+        let table_records = read
+            .await
+            .map_err(|e| ApiError::Internal(format!("history read task: {e}")))??;
+        records.extend(table_records);
     }
     records.sort_by(history_order);
     Ok(records)

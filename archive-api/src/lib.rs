@@ -26,4 +26,4 @@ pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
 pub use auth::{Auth, Claims, Principal, Role};
 pub use config::{ApiConfig, AuditConfig, AuthConfig, FhirTable, LimitsConfig};
 pub use error::ApiError;
-pub use routes::{audit_key, router, serve, AppState};
+pub use routes::{audit_key, router, serve, ApiDoc, AppState, ErrorBody};

@@ -86,7 +86,8 @@ pub fn audit_key(config: &ApiConfig, base: &FsPath) -> Result<AuditKey, String> 
     AuditKey::from_hex(&hex).map_err(|e| format!("[api.audit]: {e}"))
 }
 
-#[derive(Serialize)]
+/// A page of a patient's history.
+#[derive(Serialize, utoipa::ToSchema)]
 struct History {
     patient: String,
     /// Records matching the filters, over all pages.
@@ -100,12 +101,15 @@ const RECORDS: &[Role] = &[Role::RecordsManager, Role::Admin];
 const AUDIT: &[Role] = &[Role::Auditor, Role::Admin];
 
 /// Query of `GET /v1/patients/{patient}/history`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct HistoryParams {
     /// Records dated on or after this day (YYYY-MM-DD).
+    #[param(format = Date)]
     from: Option<String>,
     /// Records dated on or before this day.
+    #[param(format = Date)]
     to: Option<String>,
     /// Tables, comma-separated.
     table: Option<String>,
@@ -164,6 +168,14 @@ fn with_cursor(uri: &axum::http::Uri, cursor: Option<&str>) -> String {
     }
 }
 
+#[utoipa::path(get, path = "/v1/patients/{patient}/history", tag = "clinician",
+    params(("patient" = String, Path, description = "The patient key"), HistoryParams, ("X-Purpose-Of-Use" = PurposeOfUse, Header, description = "Purpose of use (HL7 PurposeOfUse)"), ("X-Break-Glass-Reason" = Option<String>, Header, min_length = 10, max_length = 500, description = "Reason to read a patient outside the caller's care (10+ characters); the read is flagged for review"),
+        ("Accept" = Option<String>, Header, description = "application/fhir+json for a FHIR R4 Bundle")),
+    responses(
+        (status = 200, description = "The history, newest first (JSON), or a FHIR R4 searchset Bundle",
+            content((History = "application/json"), (Object = "application/fhir+json"))),
+        (status = 400, description = "Bad query, missing purpose of use, or a reason too short", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn history(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -294,6 +306,16 @@ fn parse_range(
     Ok(Some(range))
 }
 
+#[utoipa::path(get, path = "/v1/patients/{patient}/documents/{document}", tag = "clinician",
+    params(("patient" = String, Path, description = "The patient key"), ("document" = String, Path, description = "The document id from the history"),
+        ("X-Purpose-Of-Use" = PurposeOfUse, Header, description = "Purpose of use (HL7 PurposeOfUse)"), ("X-Break-Glass-Reason" = Option<String>, Header, min_length = 10, max_length = 500, description = "Reason to read a patient outside the caller's care (10+ characters); the read is flagged for review"), ("Range" = Option<String>, Header, description = "One range: bytes=a-b, bytes=a- or bytes=-n")),
+    responses(
+        (status = 200, description = "The document, streamed and verified", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "Missing purpose of use, or a reason too short", body = ErrorBody),
+        (status = 404, description = "No such document for this patient", body = ErrorBody),
+        (status = 416, description = "Range not satisfiable"),
+        (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn document(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -399,14 +421,17 @@ async fn document(
 }
 
 /// Query of `GET /v1/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
     /// The cursor: entries after this number.
     after: Option<i64>,
     limit: Option<i64>,
     user: Option<String>,
     patient: Option<String>,
+    /// allowed, denied or failed.
+    #[param(value_type = Option<String>)]
     outcome: Option<Outcome>,
     since: Option<String>,
     until: Option<String>,
@@ -431,6 +456,9 @@ fn page<T: Serialize>(entries: Vec<T>, next: Option<i64>) -> serde_json::Value {
     json!({ "entries": entries, "next": next })
 }
 
+#[utoipa::path(get, path = "/v1/audit", tag = "auditor", params(AuditParams),
+    responses((status = 200, description = "Entries oldest first, with the cursor of the next page", body = Object),
+        (status = 400, description = "Bad query", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn audit_list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -456,6 +484,8 @@ async fn audit_list(
     Ok(reply(Json(page(entries, next)), detail))
 }
 
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "auditor",
+    responses((status = 200, description = "Whether the hash chain is intact, and every break with its entry", body = Object), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn audit_verify(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -475,8 +505,9 @@ async fn audit_verify(
 }
 
 /// Query of the accounting of disclosures.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DisclosureParams {
     after: Option<i64>,
     limit: Option<i64>,
@@ -486,6 +517,9 @@ struct DisclosureParams {
 
 /// The accounting of disclosures: every read of the patient's data that was served — when,
 /// by whom, for what purpose, what, and whether the glass was broken.
+#[utoipa::path(get, path = "/v1/patients/{patient}/disclosures", tag = "auditor", params(("patient" = String, Path, description = "The patient key"), DisclosureParams),
+    responses((status = 200, description = "Accounting of disclosures: every served read of the patient's data", body = Object),
+        (status = 400, description = "Bad query", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn disclosures(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -535,6 +569,8 @@ async fn disclosures(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/policies", tag = "records manager",
+    responses((status = 200, description = "Every stored policy version, newest first", body = Object), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn policies(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -545,6 +581,9 @@ async fn policies(
     Ok(reply(Json(json!({ "versions": versions })), detail))
 }
 
+#[utoipa::path(get, path = "/v1/plan", tag = "records manager",
+    responses((status = 200, description = "The latest plan: rows per table per tier", body = Object),
+        (status = 404, description = "No plan yet", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn plan(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -564,6 +603,9 @@ async fn plan(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/reports/last-run", tag = "records manager",
+    responses((status = 200, description = "The last finished run's report", body = Object),
+        (status = 404, description = "No finished run yet", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn last_run_report(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -580,6 +622,8 @@ async fn last_run_report(
     Ok(reply(Json(report), detail))
 }
 
+#[utoipa::path(get, path = "/v1/reports/destructions", tag = "records manager",
+    responses((status = 200, description = "Destruction records: counts, key ranges, checksums", body = Object), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn destruction_report(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -596,6 +640,8 @@ async fn destruction_report(
     Ok(reply(Json(json!({ "destructions": records })), detail))
 }
 
+#[utoipa::path(get, path = "/v1/holds", tag = "records manager",
+    responses((status = 200, description = "Every legal hold, placed and released", body = Object), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn holds(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -607,7 +653,7 @@ async fn holds(
 }
 
 /// Body of `POST /v1/holds`: one of `patient`, `table`, or `table` + `column` + `value`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewHold {
     patient: Option<String>,
@@ -621,6 +667,9 @@ fn nonblank(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.trim().is_empty())
 }
 
+#[utoipa::path(post, path = "/v1/holds", tag = "records manager", request_body = NewHold,
+    responses((status = 201, description = "The hold's id and scope", body = Object),
+        (status = 400, description = "Bad body", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn place_hold(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -671,12 +720,17 @@ async fn place_hold(
 }
 
 /// Body of `DELETE /v1/holds/{hold}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Release {
     reason: String,
 }
 
+#[utoipa::path(delete, path = "/v1/holds/{hold}", tag = "records manager",
+    params(("hold" = String, Path, description = "The hold's id")), request_body = Release,
+    responses((status = 200, description = "Released", body = Object),
+        (status = 400, description = "Bad body", body = ErrorBody),
+        (status = 404, description = "No active hold with this id", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
 async fn release_hold(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -708,11 +762,15 @@ async fn release_hold(
     Ok(reply(Json(json!({ "released": hold })), detail))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "The process answers", body = String)))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
 /// Ready when the control database answers (the archive's catalog was read at start).
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    responses((status = 200, description = "Ready", body = String), (status = 503, description = "The control database does not answer", body = String)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.control.ping().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
@@ -727,12 +785,79 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// Purposes of use accepted for reading a patient (HL7 v3 PurposeOfUse; see
+/// [`crate::access::PURPOSES`]). For the OpenAPI document only.
+#[derive(utoipa::ToSchema)]
+#[allow(clippy::upper_case_acronyms, dead_code)]
+enum PurposeOfUse {
+    TREAT,
+    ETREAT,
+    CAREMGT,
+    COC,
+    HPAYMT,
+    HOPERAT,
+    PATRQT,
+    LEGAL,
+    PUBHLTH,
+    RECORDMGT,
+}
+
+/// An error as clients see it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong (never paths, keys, SQL or internal detail).
+    pub error: String,
+}
+
+/// Adds the bearer-token scheme.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .build(),
+                ),
+            );
+    }
+}
+
+/// The API's OpenAPI document (served at `/openapi.json`, kept in `docs/openapi.json`).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Strata archive API", version = "1",
+        description = "Read-only access to the encrypted archive: patient history and documents for clinicians, policies, holds and reports for records managers, the audit log for auditors. Every /v1 request is authenticated, authorized and audited."),
+    paths(history, document, disclosures, audit_list, audit_verify, policies, plan, holds,
+        place_hold, release_hold, last_run_report, destruction_report, healthz, readyz, metrics,
+        openapi_json),
+    components(schemas(ErrorBody, PurposeOfUse, History, HistoryRecord, crate::history::DocumentLink, NewHold, Release)),
+    modifiers(&BearerScheme),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", security(()),
+    responses((status = 200, description = "This document", body = Object)))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
 /// The API's routes with their layers.
@@ -758,6 +883,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
         .merge(v1)
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), record))
@@ -820,6 +946,10 @@ pub async fn serve(
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
         tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
@@ -844,15 +974,36 @@ pub async fn serve(
         shutdown.await;
         stopper.graceful_shutdown(Some(Duration::from_secs(10)));
     });
-    let server = axum_server::from_tcp_rustls(
-        listener,
+    // TCP_NODELAY: without it, a response written in more than one segment waits out the
+    // client's delayed ACK (40 ms a request here).
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
         axum_server::tls_rustls::RustlsConfig::from_config(std::sync::Arc::new(tls)),
-    )?
-    .handle(handle);
+    )
+    .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    let server = axum_server::from_tcp(listener)?
+        .acceptor(acceptor)
+        .handle(handle);
     tokio::spawn(async move {
         if let Err(e) = server.serve(app).await {
             tracing::error!(error = %e, "server stopped");
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_purposes_are_the_accepted_ones() {
+        let doc = serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi()).unwrap();
+        let listed: Vec<&str> = doc["components"]["schemas"]["PurposeOfUse"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(listed, crate::access::PURPOSES);
+    }
 }

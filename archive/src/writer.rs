@@ -24,7 +24,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 /// Rows per data page at most (see [`TableWriter`]'s page index).
-pub(crate) const PAGE_ROWS: usize = 8192;
+pub(crate) const PAGE_ROWS: usize = 1024;
 
 /// Rows handed to the Parquet writer at a time when writing sorted rows.
 pub(crate) const WRITE_BATCH_ROWS: usize = 8192;

@@ -155,6 +155,8 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
     },
+    /// Print the archive API's OpenAPI document (the one `strata serve` serves at /openapi.json).
+    Openapi,
     /// The API's audit log.
     Audit {
         #[command(subcommand)]
@@ -666,6 +668,15 @@ async fn run(cli: Cli) -> Result<()> {
                 .issue_dev_token(&user, &roles, &patients, ttl_secs)
                 .context("development tokens need an HS256 secret in [api.auth]; in production the identity provider issues tokens")?;
             println!("{token}");
+            Ok(())
+        }
+        Command::Openapi => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &<strata_archive_api::ApiDoc as utoipa::OpenApi>::openapi()
+                )?
+            );
             Ok(())
         }
         Command::Audit {

@@ -1225,3 +1225,89 @@ async fn openapi_document_is_kept_and_fuzzing_finds_no_server_error() {
     assert!(tested >= 15, "every operation was tested:\n{text}");
     assert!(text.contains("passed"), "{text}");
 }
+
+/// A bounded load test on loopback: 200 concurrent clients (each a clinician with their own
+/// token and connection) ask for histories and documents over HTTPS for 60 seconds
+/// (STRATA_LOAD_SECONDS), under the default rate limits: zero errors, and every request is in
+/// the audit log.
+#[tokio::test]
+async fn load_200_clients_for_60_seconds_without_an_error() {
+    let seconds: u64 = std::env::var("STRATA_LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let f = fixture("").await;
+    let (mut server, base, ca) = serve_https(&f, "").await;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let uris = [
+        format!("{base}/v1/patients/{}/history", f.patient),
+        format!(
+            "{base}/v1/patients/{}/history?format=fhir&limit=20",
+            f.patient
+        ),
+        format!("{base}/v1/patients/{}/documents/{}", f.patient, f.document),
+    ];
+    let mut tasks = Vec::new();
+    for c in 0..200 {
+        let client = reqwest::Client::builder()
+            .tls_certs_merge([ca.clone()])
+            .build()
+            .unwrap();
+        let token = f
+            .idp
+            .user(&format!("load-{c}"), Role::Clinician, &[&f.patient]);
+        let uris = uris.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut errors) = (0u64, Vec::new());
+            let mut i = c;
+            while std::time::Instant::now() < deadline {
+                let resp = client
+                    .get(&uris[i % uris.len()])
+                    .bearer_auth(&token)
+                    .header("x-purpose-of-use", "TREAT")
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status().is_success() => match r.bytes().await {
+                        Ok(_) => ok += 1,
+                        Err(e) => errors.push(format!("body: {e}")),
+                    },
+                    Ok(r) => errors.push(format!("status {}", r.status())),
+                    Err(e) => errors.push(format!("request: {e}")),
+                }
+                i += 1;
+            }
+            (ok, errors)
+        }));
+    }
+    let (mut ok, mut errors) = (0u64, Vec::new());
+    for t in tasks {
+        let (o, e) = t.await.unwrap();
+        ok += o;
+        errors.extend(e);
+    }
+    server.kill().await.unwrap();
+    eprintln!(
+        "load: {ok} requests in {seconds} s ({:.0}/s), {} errors",
+        ok as f64 / seconds as f64,
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors, e.g. {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ok >= 200, "every client was served");
+    let log = strata_control::AuditLog::open(
+        &f.control,
+        strata_control::AuditKey::from_hex(
+            &std::fs::read_to_string(f.dir.path().join("audit.key")).unwrap(),
+        )
+        .unwrap(),
+    );
+    let report = log.verify().await.unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.entries, ok, "one audit entry per request");
+}

@@ -162,8 +162,19 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
-/// The fields an entry's hash covers, in a fixed order, as JSON text.
-fn canonical(seq: i64, at: &str, e: &AuditEntry, detail: &str, prev_hash: &str) -> String {
+/// The fields an entry's hash covers, in a fixed order, as JSON text: the values as stored
+/// (verification hashes the stored text, so that an edit the types would hide, an unknown
+/// outcome or an out-of-range status, still breaks the hash).
+#[allow(clippy::too_many_arguments)]
+fn canonical(
+    seq: i64,
+    at: &str,
+    e: &AuditEntry,
+    status: i64,
+    outcome: &str,
+    detail: &str,
+    prev_hash: &str,
+) -> String {
     serde_json::json!([
         seq,
         at,
@@ -172,8 +183,8 @@ fn canonical(seq: i64, at: &str, e: &AuditEntry, detail: &str, prev_hash: &str) 
         e.purpose,
         e.patient,
         e.action,
-        e.status,
-        e.outcome.as_str(),
+        status,
+        outcome,
         e.break_glass,
         detail,
         e.client,
@@ -268,7 +279,15 @@ macro_rules! append_in_transaction {
             seq += 1;
             let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
             let detail = e.detail.to_string();
-            let hash = $key.mac(&canonical(seq, &at, e, &detail, &prev));
+            let hash = $key.mac(&canonical(
+                seq,
+                &at,
+                e,
+                i64::from(e.status),
+                e.outcome.as_str(),
+                &detail,
+                &prev,
+            ));
             sqlx::query(sqlx::AssertSqlSafe(insert.clone()))
                 .bind(seq)
                 .bind(at)
@@ -493,12 +512,13 @@ impl AuditLog {
                         problem: format!("{missing} (deleted)"),
                     });
                 }
-                let detail = r[10].text();
                 let own = self.key.mac(&canonical(
                     rec.seq,
                     &rec.at,
                     &rec.entry,
-                    &detail,
+                    r[7].int().unwrap_or(-1),
+                    &r[8].text(),
+                    &r[10].text(),
                     &rec.prev_hash,
                 ));
                 if own != rec.hash {

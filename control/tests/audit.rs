@@ -131,6 +131,21 @@ async fn tampering_is_named(pg: bool) {
     assert_eq!(problems[0].seq, 7);
     assert!(problems[0].problem.contains("edited"), "{problems:?}");
 
+    // Edits the types would hide: an unknown outcome, an out-of-range status.
+    let (_d, log, url) = filled(pg).await.unwrap();
+    raw(
+        &url,
+        "UPDATE strata_audit SET outcome = 'whatever' WHERE seq = 3",
+    )
+    .await;
+    raw(&url, "UPDATE strata_audit SET status = 65736 WHERE seq = 5").await;
+    let problems = log.verify().await.unwrap().problems;
+    assert_eq!(
+        problems.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        [3, 5],
+        "{problems:?}"
+    );
+
     // Deleted from the middle.
     let (_d, log, url) = filled(pg).await.unwrap();
     raw(&url, "DELETE FROM strata_audit WHERE seq = 12").await;

@@ -3,7 +3,7 @@
 //! the accounting of disclosures, rate limits, and HTTPS with curl as the client.
 
 use super::*;
-use arrow::array::AsArray;
+use arrow::array::{Array, AsArray};
 use axum::http::Method;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value as Json};
@@ -89,6 +89,16 @@ pub fn api_config(extra: &str) -> ApiConfig {
         jwks_file = "jwks.json"
         [audit]
         key_file = "audit.key"
+        [exports]
+        location = "exports"
+        pseudonym_key_file = "pseudonym.key"
+        [exports.profiles.limited]
+        identifiers = ["patient_id", "encounter_id", "mrn"]
+        remove = ["given_name", "family_name", "postal_code", "body", "title", "provider_npi", "author_npi"]
+        [exports.profiles.years]
+        tables = ["lab_results", "diagnoses"]
+        identifiers = ["encounter_id"]
+        dates = "year"
         {extra}
         "#
     ))
@@ -135,6 +145,11 @@ pub async fn fixture(extra_config: &str) -> Fixture {
         .await
         .unwrap();
     let idp = make_idp(dir.path());
+    std::fs::write(
+        dir.path().join("pseudonym.key"),
+        strata_archive::Kek::generate_hex(),
+    )
+    .unwrap();
     let control = Control::open(&config.control_url().unwrap()).await.unwrap();
     let state = AppState::new(
         archive.clone(),
@@ -351,15 +366,26 @@ async fn authorization_matrix() {
         ("DELETE", "/v1/holds/{hold}", "-",                 [403, 403, 200, 403, 200]),
         ("GET", "/v1/reports/last-run", "-",                [403, 403, 200, 403, 200]),
         ("GET", "/v1/reports/destructions", "-",            [403, 403, 200, 403, 200]),
+        ("POST", "/v1/exports", "-",                        [403, 202, 403, 403, 403]),
+        ("GET", "/v1/exports/{export}", "-",                [403, 200, 403, 403, 403]),
+        ("GET", "/v1/exports/{export}/files/manifest.json", "-", [403, 200, 403, 403, 403]),
         ("GET", "/v1/no-such-endpoint", "-",                [404, 404, 404, 404, 404]),
     ];
-    let mut requests = 0u64;
+    // An export of the matrix's researcher, finished, for the export rows.
+    let (record, mut requests) = finished_export(
+        &f,
+        &f.idp.user("researcher-user", Role::Researcher, &[own]),
+        json!({ "profile": "limited", "tables": ["diagnoses"] }),
+    )
+    .await;
+    let export = record["export_id"].as_str().unwrap().to_string();
     let mut denied = 0u64;
     let uri_of = |template: &str, patient: &str, hold: &str| {
         template
             .replace("{p}", patient)
             .replace("{doc}", doc)
             .replace("{hold}", hold)
+            .replace("{export}", &export)
     };
     let assert_no_leak = |status: StatusCode, body: &[u8], what: &str| {
         if !status.is_success() {
@@ -394,9 +420,12 @@ async fn authorization_matrix() {
                 )
                 .await
                 .unwrap();
-            let body = match *method {
-                "POST" => Some(json!({ "patient": patient, "reason": "litigation 2026-17" })),
-                "DELETE" => Some(json!({ "reason": "litigation settled" })),
+            let body = match (*method, *template) {
+                ("POST", "/v1/exports") => {
+                    Some(json!({ "profile": "limited", "tables": ["lab_results"] }))
+                }
+                ("POST", _) => Some(json!({ "patient": patient, "reason": "litigation 2026-17" })),
+                ("DELETE", _) => Some(json!({ "reason": "litigation settled" })),
                 _ => None,
             };
             let uri = uri_of(template, patient, &hold);
@@ -1131,7 +1160,9 @@ async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, String
     let mut api: toml::Table = toml::from_str(&format!(
         "listen = \"127.0.0.1:0\"\ntls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n\
          [auth]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_file = \"jwks.json\"\n\
-         public_key_files = [\"idp-rs.pem\"]\n[audit]\nkey_file = \"audit.key\"\n{extra}"
+         public_key_files = [\"idp-rs.pem\"]\n[audit]\nkey_file = \"audit.key\"\n\
+         [exports]\npseudonym_key_file = \"pseudonym.key\"\n[exports.profiles.limited]\n\
+         identifiers = [\"patient_id\", \"encounter_id\"]\n{extra}"
     ))
     .unwrap();
     api.insert("fhir".into(), config["api"]["fhir"].clone());
@@ -1310,4 +1341,257 @@ async fn load_200_clients_for_60_seconds_without_an_error() {
     let report = log.verify().await.unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(report.entries, ok, "one audit entry per request");
+}
+
+/// Starts an export through the API and polls it until it ends; returns its record and the
+/// number of requests made (each is audited).
+async fn finished_export(f: &Fixture, token: &str, body: Json) -> (Json, u64) {
+    let (status, _, bytes) = call(
+        &f.app,
+        Method::POST,
+        "/v1/exports",
+        Some(token),
+        &[],
+        Some(body),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let id = serde_json::from_slice::<Json>(&bytes).unwrap()["export_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut requests = 1;
+    loop {
+        let (status, _, bytes) = call(
+            &f.app,
+            Method::GET,
+            &format!("/v1/exports/{id}"),
+            Some(token),
+            &[],
+            None,
+        )
+        .await;
+        requests += 1;
+        assert_eq!(status, StatusCode::OK);
+        let record: Json = serde_json::from_slice(&bytes).unwrap();
+        if record["status"] != "running" {
+            assert_eq!(record["status"], "done", "{record}");
+            return (record, requests);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A researcher's export: the cohort's rows (date range, code list, newest copies), identifiers
+/// replaced by keyed pseudonyms consistent across tables, removed columns absent, files whose
+/// SHA-256 matches the manifest; nobody else sees it; a year-only profile keeps only years.
+#[tokio::test]
+async fn researcher_exports_are_deidentified_cohorts_with_a_manifest() {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let f = fixture("").await;
+    let researcher = f.idp.user("res-1", Role::Researcher, &[]);
+    // The cohort: diagnoses and lab results from 2015 on, lab results of two LOINC codes only.
+    let labs = f.archive.catalog().tables["lab_results"].clone();
+    let mut codes = std::collections::BTreeMap::<String, u64>::new();
+    for m in &labs {
+        for file in &m.files {
+            for b in f.archive.read_file(file).await.unwrap() {
+                let c = arrow::compute::cast(
+                    b.column_by_name("loinc_code").unwrap(),
+                    &arrow::datatypes::DataType::Utf8,
+                )
+                .unwrap();
+                for v in c.as_string::<i32>().iter().flatten() {
+                    *codes.entry(v.to_string()).or_default() += 1;
+                }
+            }
+        }
+    }
+    let mut common: Vec<(&String, &u64)> = codes.iter().collect();
+    common.sort_by(|a, b| b.1.cmp(a.1));
+    let wanted: Vec<String> = common.iter().take(2).map(|(c, _)| (*c).clone()).collect();
+    let (record, _) = finished_export(
+        &f,
+        &researcher,
+        json!({ "profile": "limited", "tables": ["diagnoses", "lab_results"], "from": "2015-01-01",
+                "codes": { "lab_results": { "loinc_code": wanted } } }),
+    )
+    .await;
+    let id = record["export_id"].as_str().unwrap();
+    let files = record["manifest"]["files"].as_array().unwrap().clone();
+    assert_eq!(files.len(), 2);
+
+    // What the archive holds for the cohort, and its patients.
+    let cohort = |table: &str| {
+        let f = &f;
+        let wanted = wanted.clone();
+        let table = table.to_string();
+        async move {
+            let mut n = 0u64;
+            let mut patients = std::collections::BTreeSet::new();
+            for m in &f.archive.catalog().tables[&table] {
+                for file in &m.files {
+                    for b in f.archive.read_file(file).await.unwrap() {
+                        let dates = b.column(1).as_primitive::<arrow::datatypes::Date32Type>();
+                        let codes = (table == "lab_results").then(|| {
+                            arrow::compute::cast(
+                                b.column_by_name("loinc_code").unwrap(),
+                                &arrow::datatypes::DataType::Utf8,
+                            )
+                            .unwrap()
+                        });
+                        for i in 0..b.num_rows() {
+                            let dated = dates.is_valid(i) && dates.value(i) >= 16436; // 2015-01-01
+                            let coded = codes.as_ref().is_none_or(|c| {
+                                c.is_valid(i)
+                                    && wanted.iter().any(|w| w == c.as_string::<i32>().value(i))
+                            });
+                            if dated && coded {
+                                n += 1;
+                                patients
+                                    .insert(b.column(0).as_string::<i32>().value(i).to_string());
+                            }
+                        }
+                    }
+                }
+            }
+            (n, patients)
+        }
+    };
+    let mut pseudonyms_by_table = Vec::new();
+    for file in &files {
+        let table = file["table"].as_str().unwrap();
+        let name = file["file"].as_str().unwrap();
+        let (status, _, bytes) = call(
+            &f.app,
+            Method::GET,
+            &format!("/v1/exports/{id}/files/{name}"),
+            Some(&researcher),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            file["sha256"].as_str().unwrap()
+        );
+        let batches: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .unwrap()
+            .build()
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let (expected, patients) = cohort(table).await;
+        assert!(expected > 0, "{table}: an empty cohort proves nothing");
+        assert_eq!(
+            (rows as u64, file["rows"].as_u64().unwrap()),
+            (expected, expected),
+            "{table}"
+        );
+        let schema = batches[0].schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(&names[..2], ["patient_pseudonym", "record_date"]);
+        for absent in [
+            "_strata_patient",
+            "_strata_key",
+            "description_body",
+            "provider_npi",
+            "body",
+        ] {
+            assert!(
+                !names.contains(&absent),
+                "{table}: {absent} left: {names:?}"
+            );
+        }
+        let mut pseudonyms = std::collections::BTreeSet::new();
+        for b in &batches {
+            for p in b.column(0).as_string::<i32>().iter().flatten() {
+                assert_eq!(p.len(), 32);
+                assert!(!patients.contains(p));
+                pseudonyms.insert(p.to_string());
+            }
+            if let Some(enc) = b.column_by_name("encounter_id") {
+                assert_eq!(
+                    enc.data_type(),
+                    &arrow::datatypes::DataType::Utf8,
+                    "encounter ids are pseudonyms"
+                );
+            }
+        }
+        assert_eq!(
+            pseudonyms.len(),
+            patients.len(),
+            "{table}: one pseudonym per patient"
+        );
+        pseudonyms_by_table.push(pseudonyms);
+    }
+    // The same patients carry the same pseudonyms in both tables.
+    assert!(!pseudonyms_by_table[0].is_disjoint(&pseudonyms_by_table[1]));
+
+    // Nobody else sees it; the profile's rules hold.
+    let other = f.idp.user("res-2", Role::Researcher, &[]);
+    assert_eq!(
+        call(
+            &f.app,
+            Method::GET,
+            &format!("/v1/exports/{id}"),
+            Some(&other),
+            &[],
+            None
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    for bad in [
+        json!({ "profile": "nope", "tables": ["diagnoses"] }),
+        json!({ "profile": "years", "tables": ["encounters"] }),
+        json!({ "profile": "limited", "tables": ["diagnoses"], "from": "2015-13-01" }),
+    ] {
+        assert_eq!(
+            call(
+                &f.app,
+                Method::POST,
+                "/v1/exports",
+                Some(&researcher),
+                &[],
+                Some(bad.clone())
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST,
+            "{bad}"
+        );
+    }
+    let (record, _) = finished_export(
+        &f,
+        &researcher,
+        json!({ "profile": "years", "tables": ["diagnoses"] }),
+    )
+    .await;
+    let id = record["export_id"].as_str().unwrap();
+    let (_, _, bytes) = call(
+        &f.app,
+        Method::GET,
+        &format!("/v1/exports/{id}/files/diagnoses.parquet"),
+        Some(&researcher),
+        &[],
+        None,
+    )
+    .await;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+    let names: Vec<String> = reader
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(&names[..2], ["patient_pseudonym", "record_year"]);
 }

@@ -50,10 +50,58 @@ pub struct ApiConfig {
     /// Per-user rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Researchers' exports: where they go, how identifiers are replaced, and the profiles.
+    #[serde(default)]
+    pub exports: Option<ExportsConfig>,
     /// FHIR R4 resource types of archived tables, by table (`[api.fhir.<table>]`): tables not
     /// named here are left out of FHIR answers.
     #[serde(default)]
     pub fhir: std::collections::BTreeMap<String, FhirTable>,
+}
+
+/// `[api.exports]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportsConfig {
+    /// Directory (relative to the config file) or `s3://bucket/prefix` for export files; never
+    /// the archive. By default, `exports`.
+    #[serde(default = "default_exports_location")]
+    pub location: String,
+    /// A file holding the pseudonym key as hex (64+ digits).
+    #[serde(default)]
+    pub pseudonym_key_file: Option<String>,
+    /// An environment variable holding the pseudonym key as hex.
+    #[serde(default)]
+    pub pseudonym_key_env: Option<String>,
+    /// Export profiles by name (`[api.exports.profiles.<name>]`).
+    #[serde(default)]
+    pub profiles: std::collections::BTreeMap<String, ExportProfile>,
+}
+
+fn default_exports_location() -> String {
+    "exports".into()
+}
+
+/// What an export profile lets out, and how.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportProfile {
+    /// Tables it may export (empty: every archived table).
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Columns never exported (names, addresses, free text, contact details, ...).
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Columns whose values are replaced by keyed pseudonyms (MRNs, encounter ids, ...).
+    #[serde(default)]
+    pub identifiers: Vec<String>,
+    /// Record dates: `keep` (default) or `year` (only the year leaves).
+    #[serde(default = "default_dates")]
+    pub dates: String,
+}
+
+fn default_dates() -> String {
+    "keep".into()
 }
 
 /// How one table's records become FHIR resources.

@@ -16,6 +16,7 @@ mod audit;
 mod auth;
 mod config;
 mod error;
+mod exports;
 mod fhir;
 mod history;
 mod limits;
@@ -24,6 +25,9 @@ mod routes;
 
 pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
 pub use auth::{Auth, Claims, Principal, Role};
-pub use config::{ApiConfig, AuditConfig, AuthConfig, FhirTable, LimitsConfig};
+pub use config::{
+    ApiConfig, AuditConfig, AuthConfig, ExportProfile, ExportsConfig, FhirTable, LimitsConfig,
+};
 pub use error::ApiError;
+pub use exports::{ExportRequest, Exporter};
 pub use routes::{audit_key, router, serve, ApiDoc, AppState, ErrorBody};

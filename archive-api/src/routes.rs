@@ -10,6 +10,7 @@ use crate::audit::{noted, record, AuditNote};
 use crate::auth::{require_token, Auth, Principal, Role};
 use crate::config::ApiConfig;
 use crate::error::ApiError;
+use crate::exports::ExportRequest;
 use crate::history::{
     find_document, patient_history, select_page, Cursor, HistoryQuery, HistoryRecord,
 };
@@ -49,6 +50,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// FHIR resource types of tables.
     pub fhir: std::sync::Arc<std::collections::BTreeMap<String, crate::config::FhirTable>>,
+    /// Researchers' exports, when `[api.exports]` is configured.
+    pub exporter: Option<crate::exports::Exporter>,
 }
 
 impl AppState {
@@ -62,7 +65,13 @@ impl AppState {
         let auth = Auth::from_config(&config.auth, base)?;
         let key = audit_key(config, base)?;
         crate::fhir::check(&config.fhir)?;
+        let exporter = config
+            .exports
+            .as_ref()
+            .map(|e| crate::exports::Exporter::from_config(e, base))
+            .transpose()?;
         Ok(AppState {
+            exporter,
             fhir: std::sync::Arc::new(config.fhir.clone()),
             archive,
             auth,
@@ -175,7 +184,7 @@ fn with_cursor(uri: &axum::http::Uri, cursor: Option<&str>) -> String {
         (status = 200, description = "The history, newest first (JSON), or a FHIR R4 searchset Bundle",
             content((History = "application/json"), (Object = "application/fhir+json"))),
         (status = 400, description = "Bad query, missing purpose of use, or a reason too short", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+        Refusals))]
 async fn history(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -315,7 +324,7 @@ fn parse_range(
         (status = 400, description = "Missing purpose of use, or a reason too short", body = ErrorBody),
         (status = 404, description = "No such document for this patient", body = ErrorBody),
         (status = 416, description = "Range not satisfiable"),
-        (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+        Refusals))]
 async fn document(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -458,7 +467,7 @@ fn page<T: Serialize>(entries: Vec<T>, next: Option<i64>) -> serde_json::Value {
 
 #[utoipa::path(get, path = "/v1/audit", tag = "auditor", params(AuditParams),
     responses((status = 200, description = "Entries oldest first, with the cursor of the next page", body = Object),
-        (status = 400, description = "Bad query", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+        (status = 400, description = "Bad query", body = ErrorBody), Refusals))]
 async fn audit_list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -485,7 +494,7 @@ async fn audit_list(
 }
 
 #[utoipa::path(get, path = "/v1/audit/verify", tag = "auditor",
-    responses((status = 200, description = "Whether the hash chain is intact, and every break with its entry", body = Object), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+    responses((status = 200, description = "Whether the hash chain is intact, and every break with its entry", body = Object), Refusals))]
 async fn audit_verify(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -519,7 +528,7 @@ struct DisclosureParams {
 /// by whom, for what purpose, what, and whether the glass was broken.
 #[utoipa::path(get, path = "/v1/patients/{patient}/disclosures", tag = "auditor", params(("patient" = String, Path, description = "The patient key"), DisclosureParams),
     responses((status = 200, description = "Accounting of disclosures: every served read of the patient's data", body = Object),
-        (status = 400, description = "Bad query", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+        (status = 400, description = "Bad query", body = ErrorBody), Refusals))]
 async fn disclosures(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -570,7 +579,7 @@ async fn disclosures(
 }
 
 #[utoipa::path(get, path = "/v1/policies", tag = "records manager",
-    responses((status = 200, description = "Every stored policy version, newest first", body = Object), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+    responses((status = 200, description = "Every stored policy version, newest first", body = Object), Refusals))]
 async fn policies(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -583,7 +592,7 @@ async fn policies(
 
 #[utoipa::path(get, path = "/v1/plan", tag = "records manager",
     responses((status = 200, description = "The latest plan: rows per table per tier", body = Object),
-        (status = 404, description = "No plan yet", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+        (status = 404, description = "No plan yet", body = ErrorBody), Refusals))]
 async fn plan(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -605,7 +614,7 @@ async fn plan(
 
 #[utoipa::path(get, path = "/v1/reports/last-run", tag = "records manager",
     responses((status = 200, description = "The last finished run's report", body = Object),
-        (status = 404, description = "No finished run yet", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+        (status = 404, description = "No finished run yet", body = ErrorBody), Refusals))]
 async fn last_run_report(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -623,7 +632,7 @@ async fn last_run_report(
 }
 
 #[utoipa::path(get, path = "/v1/reports/destructions", tag = "records manager",
-    responses((status = 200, description = "Destruction records: counts, key ranges, checksums", body = Object), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+    responses((status = 200, description = "Destruction records: counts, key ranges, checksums", body = Object), Refusals))]
 async fn destruction_report(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -641,7 +650,7 @@ async fn destruction_report(
 }
 
 #[utoipa::path(get, path = "/v1/holds", tag = "records manager",
-    responses((status = 200, description = "Every legal hold, placed and released", body = Object), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+    responses((status = 200, description = "Every legal hold, placed and released", body = Object), Refusals))]
 async fn holds(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -669,7 +678,7 @@ fn nonblank(s: Option<String>) -> Option<String> {
 
 #[utoipa::path(post, path = "/v1/holds", tag = "records manager", request_body = NewHold,
     responses((status = 201, description = "The hold's id and scope", body = Object),
-        (status = 400, description = "Bad body", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+        (status = 400, description = "Bad body", body = ErrorBody), Refusals))]
 async fn place_hold(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -730,7 +739,7 @@ struct Release {
     params(("hold" = String, Path, description = "The hold's id")), request_body = Release,
     responses((status = 200, description = "Released", body = Object),
         (status = 400, description = "Bad body", body = ErrorBody),
-        (status = 404, description = "No active hold with this id", body = ErrorBody), (status = 401, description = "No valid bearer token", body = ErrorBody), (status = 403, description = "Role or scope does not allow it", body = ErrorBody), (status = 429, description = "Rate limit spent (Retry-After)", body = ErrorBody), (status = 503, description = "The audit log cannot record the request", body = ErrorBody)))]
+        (status = 404, description = "No active hold with this id", body = ErrorBody), Refusals))]
 async fn release_hold(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -760,6 +769,117 @@ async fn release_hold(
         .await?;
     let detail = json!({ "hold": hold });
     Ok(reply(Json(json!({ "released": hold })), detail))
+}
+
+fn exporter(state: &AppState) -> Result<&crate::exports::Exporter, ApiError> {
+    state
+        .exporter
+        .as_ref()
+        .ok_or_else(|| ApiError::BadRequest("exports are not configured on this server".into()))
+}
+
+#[utoipa::path(post, path = "/v1/exports", tag = "researcher", request_body = ExportRequest,
+    responses((status = 202, description = "The export job: its id and status", body = Object),
+        (status = 400, description = "Unknown profile, table or date", body = ErrorBody), Refusals))]
+async fn start_export(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Json<ExportRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    principal.require(&[Role::Researcher])?;
+    let exporter = exporter(&state)?.clone();
+    let Json(request) = body.map_err(|_| {
+        bad("the body must be JSON: {\"profile\", \"tables\" [, \"columns\", \"from\", \"to\", \"codes\"]}")
+    })?;
+    exporter.check(&request, &state.archive)?;
+    let id = state
+        .control
+        .start_export(
+            &principal.user,
+            &request.profile,
+            &serde_json::to_value(&request).expect("a request serializes"),
+        )
+        .await?;
+    let (archive, control, job) = (state.archive.clone(), state.control.clone(), id.clone());
+    let detail = json!({ "export": id, "profile": request.profile, "tables": request.tables });
+    tokio::spawn(async move {
+        let outcome = exporter.run(&archive, &job, &request).await;
+        if let Err(e) = &outcome {
+            tracing::error!(export = %job, error = %e, "export failed");
+        }
+        let outcome = outcome.as_ref().map_err(String::as_str);
+        if let Err(e) = control.finish_export(&job, outcome).await {
+            tracing::error!(export = %job, error = %e, "export status not recorded");
+        }
+    });
+    Ok(reply(
+        (
+            StatusCode::ACCEPTED,
+            Json(
+                json!({ "export_id": id, "status": "running", "href": format!("/v1/exports/{id}") }),
+            ),
+        ),
+        detail,
+    ))
+}
+
+/// The caller's own export (another's is not found).
+async fn own_export(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<strata_control::ExportRecord, ApiError> {
+    principal.require(&[Role::Researcher])?;
+    state
+        .control
+        .export(id)
+        .await?
+        .filter(|e| e.requested_by == principal.user)
+        .ok_or(ApiError::NotFound)
+}
+
+#[utoipa::path(get, path = "/v1/exports/{export}", tag = "researcher",
+    params(("export" = String, Path, description = "The export's id")),
+    responses((status = 200, description = "Status, and when done the manifest (files, rows, SHA-256)", body = Object),
+        (status = 404, description = "No such export of the caller's", body = ErrorBody), Refusals))]
+async fn export_status(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let record = own_export(&state, &principal, &id).await?;
+    let detail = json!({ "export": id, "status": record.status });
+    Ok(reply(Json(record), detail))
+}
+
+#[utoipa::path(get, path = "/v1/exports/{export}/files/{file}", tag = "researcher",
+    params(("export" = String, Path, description = "The export's id"),
+        ("file" = String, Path, description = "A file named in the manifest, or manifest.json")),
+    responses((status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "No such file of a finished export of the caller's", body = ErrorBody), Refusals))]
+async fn export_file(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((id, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let record = own_export(&state, &principal, &id).await?;
+    if record.status != "done" {
+        return Err(ApiError::NotFound);
+    }
+    let stream = exporter(&state)?.file(&id, &file).await?;
+    let detail = json!({ "export": id, "file": file });
+    let content_type = if file.ends_with(".json") {
+        "application/json"
+    } else {
+        "application/vnd.apache.parquet"
+    };
+    Ok(reply(
+        (
+            [(header::CONTENT_TYPE, content_type)],
+            Body::from_stream(stream),
+        ),
+        detail,
+    ))
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
@@ -812,6 +932,24 @@ enum PurposeOfUse {
     RECORDMGT,
 }
 
+/// The refusals every `/v1` operation may answer with (for the OpenAPI document).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum Refusals {
+    /// No valid bearer token.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The role or the scope does not allow it.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// The caller's rate limit is spent (see Retry-After).
+    #[response(status = 429)]
+    TooManyRequests(ErrorBody),
+    /// The audit log cannot record the request, so it is not served.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
 /// An error as clients see it.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
@@ -846,9 +984,10 @@ impl utoipa::Modify for BearerScheme {
     info(title = "Strata archive API", version = "1",
         description = "Read-only access to the encrypted archive: patient history and documents for clinicians, policies, holds and reports for records managers, the audit log for auditors. Every /v1 request is authenticated, authorized and audited."),
     paths(history, document, disclosures, audit_list, audit_verify, policies, plan, holds,
-        place_hold, release_hold, last_run_report, destruction_report, healthz, readyz, metrics,
+        place_hold, release_hold, last_run_report, destruction_report, start_export, export_status,
+        export_file, healthz, readyz, metrics,
         openapi_json),
-    components(schemas(ErrorBody, PurposeOfUse, History, HistoryRecord, crate::history::DocumentLink, NewHold, Release)),
+    components(schemas(ErrorBody, PurposeOfUse, ExportRequest, History, HistoryRecord, crate::history::DocumentLink, NewHold, Release)),
     modifiers(&BearerScheme),
     security(("bearer" = []))
 )]
@@ -872,6 +1011,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/plan", get(plan))
         .route("/v1/holds", get(holds).post(place_hold))
         .route("/v1/holds/{hold}", delete(release_hold))
+        .route("/v1/exports", axum::routing::post(start_export))
+        .route("/v1/exports/{export}", get(export_status))
+        .route("/v1/exports/{export}/files/{file}", get(export_file))
         .route("/v1/reports/last-run", get(last_run_report))
         .route("/v1/reports/destructions", get(destruction_report))
         .route_layer(middleware::from_fn_with_state(state.limiter.clone(), limit))

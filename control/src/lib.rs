@@ -15,5 +15,5 @@ pub use audit::{
     AuditEntry, AuditKey, AuditLog, AuditProblem, AuditQuery, AuditRecord, AuditVerifyReport,
     Outcome,
 };
-pub use control::{Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord};
+pub use control::{Control, DestructionRecord, ExportRecord, HoldRecord, PolicyVersion, RunRecord};
 pub use error::{ControlError, Result};

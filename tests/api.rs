@@ -117,7 +117,10 @@ impl Idp {
             c[k] = v.clone();
         }
         if rsa {
-            jsonwebtoken::encode(&Header::new(Algorithm::RS256), &c, &self.rsa).unwrap()
+            // The IdP names its key; the API's PEM key verifies whatever the name.
+            let mut h = Header::new(Algorithm::RS256);
+            h.kid = Some("idp-2026-11".into());
+            jsonwebtoken::encode(&h, &c, &self.rsa).unwrap()
         } else {
             let mut h = Header::new(Algorithm::ES256);
             h.kid = Some("ec-1".into());

@@ -188,11 +188,9 @@ impl Auth {
         for file in &config.public_key_files {
             let (algorithm, key) =
                 pem_key(&read(file)?).map_err(|e| format!("[api.auth] {file}: {e}"))?;
-            let kid = Path::new(file)
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned());
+            // A PEM file names no key id: it verifies tokens whatever their `kid`.
             keys.push(VerifyKey {
-                kid,
+                kid: None,
                 algorithm,
                 key,
             });

@@ -147,8 +147,8 @@ pub struct AuthConfig {
     pub issuer: String,
     /// Required `aud` claim (a token's `aud` may be a list that contains it).
     pub audience: String,
-    /// PEM public keys of the identity provider: RSA keys verify RS256, P-256 keys ES256. A key
-    /// file's name without extension is its key id (`kid`).
+    /// PEM public keys of the identity provider: RSA keys verify RS256, P-256 keys ES256,
+    /// whatever `kid` a token names (a JWKS names its keys).
     #[serde(default)]
     pub public_key_files: Vec<String>,
     /// A JSON Web Key Set file (RSA and P-256 keys; `kid` from each key).

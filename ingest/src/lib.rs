@@ -6,7 +6,7 @@
 //! ([`MigrationConfig`]); nothing here knows a schema. Rows whose values cannot be read as their
 //! column's type are quarantined with the table, key, column and reason, and the run goes on.
 //!
-//! The flow for one table: `SELECT` ordered by patient key → coerce → policy decision (with
+//! The flow for one table: key ranges read in parallel → coerce → policy decision (with
 //! patient facts computed once and the legal holds in force) → operational batch insert | Arrow
 //! batch to the archive writer (BLOBs to encrypted objects) | purge (a destruction record with
 //! counts, key range and checksum) | quarantine. [`Migration::plan`] runs the same path without

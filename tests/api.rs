@@ -736,32 +736,17 @@ async fn rate_limits_are_per_user() {
 async fn https_with_curl_and_audit_verify_from_the_command_line() {
     let f = fixture("").await;
     let dir = f.dir.path();
-    let tls =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    std::fs::write(dir.join("cert.pem"), tls.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), tls.signing_key.serialize_pem()).unwrap();
-    // The run's config without its development [api] section; ours follows.
-    let mut base_config: toml::Table =
-        toml::from_str(&std::fs::read_to_string(dir.join("strata.toml")).unwrap()).unwrap();
-    base_config.remove("api");
-    let base_config = toml::to_string(&base_config).unwrap();
-    let api = format!(
-        "[api]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n\
-         [api.auth]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_file = \"jwks.json\"\n\
-         [api.audit]\nkey_file = \"audit.key\"\n"
-    );
-    std::fs::write(dir.join("serve.toml"), format!("{base_config}\n{api}")).unwrap();
-    std::fs::write(
-        dir.join("plain.toml"),
-        format!(
-            "{base_config}\n{}",
-            api.replace("127.0.0.1:0", "0.0.0.0:0")
-                .replace("tls_cert_file", "plain_http = true\n#")
-        ),
-    )
-    .unwrap();
+    let (mut child, base, cacert) = serve_https(&f, "").await;
+    let addr = base.trim_start_matches("https://").to_string();
     let strata = env!("CARGO_BIN_EXE_strata");
 
+    // Plain HTTP off loopback is refused.
+    let serve = std::fs::read_to_string(dir.join("serve.toml")).unwrap();
+    let mut plain: toml::Table = toml::from_str(&serve).unwrap();
+    let api = plain["api"].as_table_mut().unwrap();
+    api.insert("listen".into(), "0.0.0.0:0".into());
+    api.insert("plain_http".into(), true.into());
+    std::fs::write(dir.join("plain.toml"), toml::to_string(&plain).unwrap()).unwrap();
     let out = std::process::Command::new(strata)
         .args(["serve", "--config"])
         .arg(dir.join("plain.toml"))
@@ -775,25 +760,6 @@ async fn https_with_curl_and_audit_verify_from_the_command_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let mut child = tokio::process::Command::new(strata)
-        .args(["serve", "--config"])
-        .arg(dir.join("serve.toml"))
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("serve starts")
-            .unwrap()
-            .expect("serve prints its address");
-        if let Some(a) = line.split("listening on https://").nth(1) {
-            break a.trim().to_string();
-        }
-    };
     let curl = |args: &[&str]| {
         let out = std::process::Command::new("curl")
             .args(["-s", "-S", "--max-time", "20", "-w", "\n%{http_code}"])
@@ -808,7 +774,6 @@ async fn https_with_curl_and_audit_verify_from_the_command_line() {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    let cacert = dir.join("cert.pem").display().to_string();
     let (code, body, _) = curl(&["--cacert", &cacert, &format!("https://{addr}/healthz")]);
     assert_eq!((code.as_str(), body.as_str()), ("200", "ok"));
     let token = f.idp.user("dr-c", Role::Clinician, &[&f.patient]);

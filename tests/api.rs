@@ -1206,6 +1206,8 @@ async fn openapi_document_is_kept_and_fuzzing_finds_no_server_error() {
         ])
         .args(["-H", &format!("Authorization: Bearer {token}")])
         .env("NO_COLOR", "1")
+        // Its cache of found examples goes beside the test's files, not into the checkout.
+        .current_dir(f.dir.path())
         .output()
         .await
         .unwrap();

@@ -456,21 +456,8 @@ impl ArchiveReader {
         let needle = Scalar::new(StringArray::from(vec![patient]));
         let bytes = self.fetch_verified(entry).await?;
         let builder = self.builder(entry, bytes).await?;
-        let groups: Vec<usize> = builder
-            .metadata()
-            .row_groups()
-            .iter()
-            .enumerate()
-            .filter(|(_, rg)| match rg.column(0).statistics() {
-                Some(Statistics::ByteArray(s)) => may_hold(
-                    s.min_opt().map(|v| v.data()),
-                    s.max_opt().map(|v| v.data()),
-                    patient.as_bytes(),
-                ),
-                _ => true,
-            })
-            .map(|(i, _)| i)
-            .collect();
+        // Row groups by their statistics (the whole file is in memory: no page selection).
+        let (groups, _) = patient_selection(builder.metadata(), patient);
         let mut out = Vec::new();
         if groups.is_empty() {
             return Ok(out);
@@ -656,8 +643,9 @@ mod tests {
         RecordBatch::try_new(schema.clone(), cols).unwrap()
     }
 
-    #[tokio::test]
-    async fn writes_encrypted_files_and_reads_one_patient() {
+    /// An empty in-memory archive, and the schema of its `labs` table (the three archive columns
+    /// and an id).
+    async fn labs_archive() -> (Arc<dyn ObjectStore>, KeyRing, Arc<Schema>) {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), [])
             .for_archive(store.as_ref(), true)
@@ -669,6 +657,12 @@ mod tests {
             Field::new(KEY_COLUMN, DataType::Utf8, false),
             Field::new("id", DataType::Int64, false),
         ]));
+        (store, keys, schema)
+    }
+
+    #[tokio::test]
+    async fn writes_encrypted_files_and_reads_one_patient() {
+        let (store, keys, schema) = labs_archive().await;
         let options = TableWriterOptions {
             rows_per_file: 4,
             row_group_rows: 2,
@@ -757,17 +751,7 @@ mod tests {
     /// material), and a truncated file.
     #[tokio::test]
     async fn selective_reads_match_whole_reads_and_fail_closed() {
-        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), [])
-            .for_archive(store.as_ref(), true)
-            .await
-            .unwrap();
-        let schema = Arc::new(Schema::new(vec![
-            Field::new(PATIENT_COLUMN, DataType::Utf8, false),
-            Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
-            Field::new(KEY_COLUMN, DataType::Utf8, false),
-            Field::new("id", DataType::Int64, false),
-        ]));
+        let (store, keys, schema) = labs_archive().await;
         let mut w = TableWriter::new(
             store.clone(),
             keys.clone(),

@@ -1,0 +1,693 @@
+//! The scanner: reads what an export is about to release and names every column where it
+//! finds an identifier, so that the export fails instead of leaving (fail closed: a profile or
+//! a class that is wrong is caught here, not by the researcher).
+//!
+//! Rules:
+//! - a column whose value equals the row's own patient key, or its record key, in more than 1 %
+//!   of the rows (and at least 3);
+//! - a full date or timestamp where the profile lets out only years;
+//! - text that looks like a US social security number, a telephone number, an e-mail address, a
+//!   URL or an IP address, in any text column;
+//! - medical-record-number-like values (`\b[A-Z]{0,3}\d{6,10}\b`) in text, except in columns of
+//!   class `code`, in Strata's own pseudonyms, and in `value` columns whose text is a number.
+//!
+//! Findings name the file, the column and the rule with a count, never a value.
+
+use crate::class::Class;
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+use regex::{Regex, RegexSet};
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+/// A rule of the scanner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// Values equal to the row's own patient key.
+    PatientKeyCopy,
+    /// Values equal to the row's own record key.
+    RecordKeyCopy,
+    /// Full dates or timestamps where only years may leave.
+    FullDate,
+    /// US social security numbers.
+    Ssn,
+    /// Telephone or fax numbers.
+    Phone,
+    /// E-mail addresses.
+    Email,
+    /// Web addresses.
+    Url,
+    /// IP addresses.
+    Ip,
+    /// Medical-record-number-like values.
+    Mrn,
+}
+
+impl Rule {
+    /// What the rule found, for a finding's message.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Rule::PatientKeyCopy => "equal to the row's own patient key",
+            Rule::RecordKeyCopy => "equal to the row's own record key",
+            Rule::FullDate => "are full dates where the profile lets out only years",
+            Rule::Ssn => "look like US social security numbers",
+            Rule::Phone => "look like telephone numbers",
+            Rule::Email => "look like e-mail addresses",
+            Rule::Url => "look like web addresses",
+            Rule::Ip => "look like IP addresses",
+            Rule::Mrn => "look like medical record numbers",
+        }
+    }
+}
+
+/// What the scanner knows of an exported column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanColumn {
+    /// Its name in the export.
+    pub name: String,
+    /// Its class, if known.
+    pub class: Option<Class>,
+    /// Whether its values are Strata's own pseudonyms.
+    pub pseudonym: bool,
+}
+
+/// One thing the scanner found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    /// The exported file.
+    pub file: String,
+    /// The column (or, in FHIR output, the element's path).
+    pub column: String,
+    /// The rule.
+    pub rule: Rule,
+    /// How many values matched.
+    pub matches: u64,
+    /// Of how many values scanned in the column.
+    pub values: u64,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}, column {}: {} of {} values {} (rule {})",
+            self.file,
+            self.column,
+            self.matches,
+            self.values,
+            self.rule.describe(),
+            serde_json::to_value(self.rule)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        )
+    }
+}
+
+const TEXT_RULES: [Rule; 8] = [
+    Rule::Ssn,
+    Rule::Phone,
+    Rule::Email,
+    Rule::Url,
+    Rule::Ip,
+    Rule::Mrn,
+    Rule::FullDate,
+    Rule::FullDate,
+];
+
+struct Patterns {
+    set: RegexSet,
+    ip: Regex,
+    compact_date: Regex,
+}
+
+fn patterns() -> &'static Patterns {
+    static P: OnceLock<Patterns> = OnceLock::new();
+    P.get_or_init(|| {
+        let month = "(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\\.?";
+        let day = "(?:0?[1-9]|[12][0-9]|3[01])";
+        let mon = "(?:0?[1-9]|1[0-2])";
+        let ip = r"\b(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}\b|(?i:\b(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}\b|(?:\b[0-9a-f]{1,4})?(?::[0-9a-f]{1,4})*::(?:[0-9a-f]{1,4}:)*[0-9a-f]{1,4}\b)";
+        let set = RegexSet::new([
+            // SSN
+            r"\b[0-9]{3}[- ][0-9]{2}[- ][0-9]{4}\b".to_string(),
+            // Phone / fax
+            r"(?:\+?1[-. ]?)?(?:\([0-9]{3}\)[-. ]?|\b[0-9]{3}[-. ])[0-9]{3}[-. ][0-9]{4}\b".to_string(),
+            // E-mail
+            r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}".to_string(),
+            // URL
+            r"(?i)\b(?:https?|ftp)://[^\s]+|\bwww\.[a-z0-9-]+\.[a-z]{2,}".to_string(),
+            // IP
+            ip.to_string(),
+            // MRN
+            r"\b[A-Z]{0,3}[0-9]{6,10}\b".to_string(),
+            // Full dates: ISO, and day/month numbers with a year.
+            // (Dots only with a four-digit year: 10.20.30 is more likely a version or an address.)
+            format!(r"\b(?:1[89]|20)[0-9]{{2}}[-/.]{mon}[-/.]{day}\b|\b(?:{mon}[/-]{day}|{day}[/-]{mon})[/-](?:[0-9]{{4}}|[0-9]{{2}})\b|\b(?:{mon}\.{day}|{day}\.{mon})\.[0-9]{{4}}\b"),
+            // Full dates with a month's name.
+            format!(r"(?i)\b{month}\s+{day}(?:st|nd|rd|th)?,?\s+[0-9]{{4}}\b|\b{day}(?:st|nd|rd|th)?\s+{month},?\s+[0-9]{{4}}\b"),
+        ])
+        .expect("the scanner's patterns compile");
+        Patterns {
+            set,
+            ip: Regex::new(ip).expect("compiles"),
+            compact_date: Regex::new(
+                r"\b(?:18|19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])\b",
+            )
+            .expect("compiles"),
+        }
+    })
+}
+
+/// Whether an IPv4-looking match stands on its own (not a piece of a longer dotted number
+/// such as an OID `1.2.840.10008.1.2`).
+fn standalone_ip(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    patterns().ip.find_iter(text).any(|m| {
+        if m.as_str().contains(':') {
+            return true;
+        }
+        let before = m.start().checked_sub(1).map(|i| bytes[i]);
+        let after = bytes.get(m.end()).copied();
+        let after2 = bytes.get(m.end() + 1).copied();
+        before != Some(b'.') && !(after == Some(b'.') && after2.is_some_and(|b| b.is_ascii_digit()))
+    })
+}
+
+/// What kind of text a value is scanned as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TextKind {
+    /// The MRN rule (and the compact YYYYMMDD date) do not apply: codes and pseudonyms.
+    no_mrn: bool,
+    /// Numbers are not identifiers: measured values.
+    numbers_are_values: bool,
+    /// Configured URIs (FHIR `system`, `url`) are not web addresses of anyone.
+    uri: bool,
+}
+
+impl TextKind {
+    fn of(column: &ScanColumn) -> Self {
+        TextKind {
+            no_mrn: column.pseudonym || column.class == Some(Class::Code),
+            numbers_are_values: column.class == Some(Class::Value),
+            uri: false,
+        }
+    }
+}
+
+/// The rules `text` breaks.
+fn text_rules(text: &str, kind: TextKind, years_only: bool) -> Vec<Rule> {
+    let bytes = text.as_bytes();
+    if bytes.len() < 6 {
+        return Vec::new();
+    }
+    let digits = bytes.iter().any(|b| b.is_ascii_digit());
+    if !digits && !text.contains('@') && !text.contains("://") && !text.contains("www.") {
+        // Without digits only an e-mail address or a URL (or a month's name with... digits).
+        return Vec::new();
+    }
+    if kind.numbers_are_values && text.trim().parse::<f64>().is_ok() {
+        return Vec::new();
+    }
+    let p = patterns();
+    let mut out = Vec::new();
+    for i in p.set.matches(text).iter() {
+        let rule = TEXT_RULES[i];
+        let skip = match rule {
+            Rule::Mrn => kind.no_mrn,
+            Rule::FullDate => !years_only,
+            Rule::Url => kind.uri,
+            Rule::Ip => !standalone_ip(text),
+            _ => false,
+        };
+        if !skip && !out.contains(&rule) {
+            out.push(rule);
+        }
+    }
+    if years_only && !kind.no_mrn && !out.contains(&Rule::FullDate) && p.compact_date.is_match(text)
+    {
+        out.push(Rule::FullDate);
+    }
+    out
+}
+
+/// The identifier patterns `text` matches, read as free text where only years of dates may
+/// leave (for proposing a column's class from its values).
+pub fn patterns_in(text: &str) -> Vec<Rule> {
+    let kind = TextKind {
+        no_mrn: false,
+        numbers_are_values: false,
+        uri: false,
+    };
+    text_rules(text, kind, true)
+}
+
+/// A value as the key rule compares it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cell<'a> {
+    Text(&'a str),
+    Int(i64),
+    None,
+}
+
+impl Cell<'_> {
+    fn matches(self, other: Cell<'_>) -> bool {
+        match (self, other) {
+            (Cell::None, _) | (_, Cell::None) => false,
+            (Cell::Text(a), Cell::Text(b)) => !a.is_empty() && a == b,
+            (Cell::Int(a), Cell::Int(b)) => a == b,
+            (Cell::Text(t), Cell::Int(i)) | (Cell::Int(i), Cell::Text(t)) => {
+                t.parse::<i64>().is_ok_and(|v| v == i)
+            }
+        }
+    }
+}
+
+fn cell(array: &dyn Array, row: usize) -> Cell<'_> {
+    if array.is_null(row) {
+        return Cell::None;
+    }
+    match array.data_type() {
+        DataType::Utf8 => Cell::Text(array.as_string::<i32>().value(row)),
+        DataType::LargeUtf8 => Cell::Text(array.as_string::<i64>().value(row)),
+        DataType::Int64 => Cell::Int(
+            array
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(row),
+        ),
+        DataType::Int32 => Cell::Int(
+            array
+                .as_primitive::<arrow::datatypes::Int32Type>()
+                .value(row) as i64,
+        ),
+        DataType::Float64 => {
+            let v = array
+                .as_primitive::<arrow::datatypes::Float64Type>()
+                .value(row);
+            if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                Cell::Int(v as i64)
+            } else {
+                Cell::None
+            }
+        }
+        _ => Cell::None,
+    }
+}
+
+/// Scans exported rows; collects what it finds per file and column.
+#[derive(Debug, Default)]
+pub struct Scanner {
+    years_only: bool,
+    /// Matches per (file, column, rule).
+    hits: BTreeMap<(String, String, Rule), u64>,
+    /// Values scanned per (file, column).
+    values: BTreeMap<(String, String), u64>,
+}
+
+impl Scanner {
+    /// A scanner for a profile that lets out only years of dates (`years_only`) or full dates.
+    pub fn new(years_only: bool) -> Self {
+        Scanner {
+            years_only,
+            ..Default::default()
+        }
+    }
+
+    fn hit(&mut self, file: &str, column: &str, rule: Rule, n: u64) {
+        if n > 0 {
+            *self
+                .hits
+                .entry((file.to_string(), column.to_string(), rule))
+                .or_default() += n;
+        }
+    }
+
+    fn counted(&mut self, file: &str, column: &str, n: u64) {
+        *self
+            .values
+            .entry((file.to_string(), column.to_string()))
+            .or_default() += n;
+    }
+
+    /// Scans a batch of an exported file: every text value against the identifier patterns,
+    /// and typed dates where only years may leave.
+    pub fn batch(&mut self, file: &str, batch: &RecordBatch, columns: &[ScanColumn]) {
+        for (array, column) in batch.columns().iter().zip(columns) {
+            let non_null = (array.len() - array.null_count()) as u64;
+            self.counted(file, &column.name, array.len() as u64);
+            match array.data_type() {
+                DataType::Date32 | DataType::Date64 | DataType::Timestamp(..)
+                    if self.years_only =>
+                {
+                    self.hit(file, &column.name, Rule::FullDate, non_null);
+                }
+                DataType::Utf8 | DataType::LargeUtf8 => {
+                    let text =
+                        arrow::compute::cast(array, &DataType::Utf8).expect("text casts to text");
+                    let kind = TextKind::of(column);
+                    let mut last: Option<(&str, Vec<Rule>)> = None;
+                    let mut counts: BTreeMap<Rule, u64> = BTreeMap::new();
+                    for v in text.as_string::<i32>().iter().flatten() {
+                        let rules = match &last {
+                            Some((prev, rules)) if *prev == v => rules.clone(),
+                            _ => {
+                                let rules = text_rules(v, kind, self.years_only);
+                                last = Some((v, rules.clone()));
+                                rules
+                            }
+                        };
+                        for r in rules {
+                            *counts.entry(r).or_default() += 1;
+                        }
+                    }
+                    for (rule, n) in counts {
+                        self.hit(file, &column.name, rule, n);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Compares an exported batch with the keys of the archived rows it came from (same rows,
+    /// same order): `patients` the patient keys, `record_keys` the record's key columns.
+    pub fn key_copies(
+        &mut self,
+        file: &str,
+        batch: &RecordBatch,
+        columns: &[ScanColumn],
+        patients: &ArrayRef,
+        record_keys: &[ArrayRef],
+    ) {
+        for (array, column) in batch.columns().iter().zip(columns) {
+            if column.pseudonym {
+                continue;
+            }
+            let (mut to_patient, mut to_record) = (0, 0);
+            for row in 0..batch.num_rows() {
+                let v = cell(array.as_ref(), row);
+                if v == Cell::None {
+                    continue;
+                }
+                if v.matches(cell(patients.as_ref(), row)) {
+                    to_patient += 1;
+                } else if record_keys.iter().any(|k| v.matches(cell(k.as_ref(), row))) {
+                    to_record += 1;
+                }
+            }
+            self.hit(file, &column.name, Rule::PatientKeyCopy, to_patient);
+            self.hit(file, &column.name, Rule::RecordKeyCopy, to_record);
+        }
+    }
+
+    /// Scans one FHIR resource (a line of NDJSON): every string element against the patterns
+    /// (its path is the column), and, when the keys of the record it came from are given,
+    /// every element against them.
+    pub fn resource(&mut self, file: &str, resource: &Json, keys: Option<(&str, &[String])>) {
+        let kind = resource
+            .get("resourceType")
+            .and_then(Json::as_str)
+            .unwrap_or("Resource")
+            .to_string();
+        let mut leaves = Vec::new();
+        leaves_of(resource, &mut kind.clone(), "", &mut leaves);
+        let mut seen = std::collections::BTreeSet::new();
+        for (path, key, value) in &leaves {
+            if seen.insert(path.clone()) {
+                self.counted(file, path, 1);
+            }
+            let pseudonym = key == "id" || key == "reference";
+            if let (Some((patient, records)), false) = (keys, pseudonym) {
+                let v = match value {
+                    Json::String(s) => Cell::Text(s),
+                    Json::Number(n) => n.as_i64().map_or(Cell::None, Cell::Int),
+                    _ => Cell::None,
+                };
+                if v.matches(Cell::Text(patient)) {
+                    self.hit(file, path, Rule::PatientKeyCopy, 1);
+                } else if records.iter().any(|r| v.matches(Cell::Text(r))) {
+                    self.hit(file, path, Rule::RecordKeyCopy, 1);
+                }
+            }
+            let Json::String(text) = value else { continue };
+            let text_kind = TextKind {
+                no_mrn: pseudonym || key == "code",
+                numbers_are_values: false,
+                uri: key == "system" || key == "url",
+            };
+            for rule in text_rules(text, text_kind, self.years_only) {
+                self.hit(file, path, rule, 1);
+            }
+        }
+    }
+
+    /// What was found: every pattern match, and key copies in more than 1 % of a column's
+    /// values (at least 3).
+    pub fn findings(&self) -> Vec<Finding> {
+        self.hits
+            .iter()
+            .filter_map(|((file, column, rule), n)| {
+                let values = self
+                    .values
+                    .get(&(file.clone(), column.clone()))
+                    .copied()
+                    .unwrap_or(*n);
+                let keyed = matches!(rule, Rule::PatientKeyCopy | Rule::RecordKeyCopy);
+                if keyed && (*n < 3 || n * 100 <= values) {
+                    return None;
+                }
+                Some(Finding {
+                    file: file.clone(),
+                    column: column.clone(),
+                    rule: *rule,
+                    matches: *n,
+                    values,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Every scalar leaf of a JSON value: (path without array indices, its key, the value).
+fn leaves_of(value: &Json, path: &mut String, key: &str, out: &mut Vec<(String, String, Json)>) {
+    match value {
+        Json::Object(map) => {
+            for (k, v) in map {
+                let len = path.len();
+                path.push('.');
+                path.push_str(k);
+                leaves_of(v, path, k, out);
+                path.truncate(len);
+            }
+        }
+        Json::Array(items) => {
+            for v in items {
+                leaves_of(v, path, key, out);
+            }
+        }
+        Json::Null => {}
+        scalar => out.push((path.clone(), key.to_string(), scalar.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Date32Array, Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    fn column(name: &str, class: Class) -> ScanColumn {
+        ScanColumn {
+            name: name.into(),
+            class: Some(class),
+            pseudonym: false,
+        }
+    }
+
+    fn rules(text: &str, class: Class) -> Vec<Rule> {
+        text_rules(text, TextKind::of(&column("c", class)), true)
+    }
+
+    #[test]
+    fn every_identifier_pattern_is_found_and_codes_values_and_oids_are_not() {
+        assert_eq!(
+            rules("SSN 123-45-6789 on file", Class::Category),
+            [Rule::Ssn]
+        );
+        assert_eq!(rules("call (201) 555-0143", Class::Category), [Rule::Phone]);
+        assert_eq!(rules("call 201-555-0143", Class::Category), [Rule::Phone]);
+        assert_eq!(
+            rules("mail ann.lee@example.org", Class::Category),
+            [Rule::Email]
+        );
+        assert_eq!(
+            rules("see https://portal.example.org/p/1", Class::Category),
+            [Rule::Url]
+        );
+        assert_eq!(rules("see www.example.org", Class::Category), [Rule::Url]);
+        assert_eq!(rules("from 10.20.30.40 today", Class::Category), [Rule::Ip]);
+        assert_eq!(
+            rules("from fe80::1ff:fe23:4567:890a", Class::Category),
+            [Rule::Ip]
+        );
+        assert_eq!(
+            rules("MRN MR4471234 admitted", Class::Category),
+            [Rule::Mrn]
+        );
+        assert_eq!(rules("seen 2019-03-04", Class::Category), [Rule::FullDate]);
+        assert_eq!(rules("seen 03/04/2019", Class::Category), [Rule::FullDate]);
+        assert_eq!(rules("seen 25.12.2019", Class::Category), [Rule::FullDate]);
+        assert_eq!(rules("seen 12-25-19", Class::Category), [Rule::FullDate]);
+        assert_eq!(
+            rules("seen March 4, 2019", Class::Category),
+            [Rule::FullDate]
+        );
+        assert_eq!(rules("seen 4 Mar 2019", Class::Category), [Rule::FullDate]);
+        // Eight digits are a compact date and, to the MRN rule, a number like a record's.
+        assert_eq!(
+            rules("seen 20190304", Class::Category),
+            [Rule::Mrn, Rule::FullDate]
+        );
+        assert_eq!(rules("seen 20190304", Class::Code), Vec::<Rule>::new());
+        // Full dates are fine where the profile keeps them.
+        assert!(text_rules(
+            "seen 2019-03-04",
+            TextKind::of(&column("c", Class::Category)),
+            false
+        )
+        .is_empty());
+        // Codes of the terminologies, numbers, OIDs and short text are not identifiers.
+        for (code, class) in [
+            ("44054006", Class::Code),
+            ("2345-7", Class::Code),
+            ("E11.9", Class::Code),
+            ("0069-3150-83", Class::Code),
+            ("1.2.840.10008.5.1.4", Class::Code),
+            ("1.2.840.10008.5.1.4", Class::Category),
+            ("123456.78", Class::Value),
+            ("mmol/L", Class::Unit),
+            ("Type 2 diabetes mellitus", Class::Category),
+            ("2019", Class::Category),
+            ("12:30:45", Class::Category),
+            ("version 10.20.30", Class::Category),
+            ("BP 120/80/60", Class::Category),
+        ] {
+            assert_eq!(rules(code, class), Vec::<Rule>::new(), "{code}");
+        }
+        // An MRN in a code column is exempt; in a value column only when it is not a number.
+        assert!(rules("4471234", Class::Code).is_empty());
+        assert!(rules("4471234", Class::Value).is_empty());
+        assert_eq!(rules("MR4471234", Class::Value), [Rule::Mrn]);
+    }
+
+    #[test]
+    fn key_copies_count_only_above_one_percent_and_three_rows() {
+        let n = 200;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("leak", DataType::Int64, true),
+            Field::new("few", DataType::Utf8, true),
+            Field::new("note", DataType::Utf8, true),
+            Field::new("when", DataType::Date32, true),
+        ]));
+        let patients: ArrayRef = Arc::new(StringArray::from(
+            (0..n).map(|i| format!("{}", 1000 + i)).collect::<Vec<_>>(),
+        ));
+        let keys: ArrayRef = Arc::new(Int64Array::from((0..n as i64).collect::<Vec<_>>()));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(
+                    (0..n as i64).map(|i| 1000 + i).collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|i| if i < 2 { format!("{i}") } else { "x".into() })
+                        .collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|i| {
+                            if i == 7 {
+                                "call 201-555-0143".to_string()
+                            } else {
+                                "ok".into()
+                            }
+                        })
+                        .collect::<Vec<_>>(),
+                )),
+                Arc::new(Date32Array::from(vec![Some(1); n])),
+            ],
+        )
+        .unwrap();
+        let columns = vec![
+            column("leak", Class::Value),
+            column("few", Class::Category),
+            column("note", Class::FreeText),
+            column("when", Class::Date),
+        ];
+        let mut s = Scanner::new(true);
+        s.key_copies("t.parquet", &batch, &columns, &patients, &[keys]);
+        s.batch("t.parquet", &batch, &columns);
+        let found: Vec<(String, Rule, u64)> = s
+            .findings()
+            .into_iter()
+            .map(|f| (f.column, f.rule, f.matches))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("leak".to_string(), Rule::PatientKeyCopy, 200),
+                ("note".to_string(), Rule::Phone, 1),
+                ("when".to_string(), Rule::FullDate, 200),
+            ],
+            "two record-key copies in 200 rows are below the threshold"
+        );
+        let text = s.findings()[1].to_string();
+        assert!(
+            text.contains("column note") && !text.contains("555"),
+            "{text}"
+        );
+        let mut lenient = Scanner::new(false);
+        lenient.batch("t.parquet", &batch, &columns);
+        assert_eq!(lenient.findings().len(), 1, "dates may leave in full");
+    }
+
+    #[test]
+    fn fhir_resources_are_scanned_by_element() {
+        let mut s = Scanner::new(true);
+        let good = serde_json::json!({
+            "resourceType": "Observation", "id": "20190304aa", "status": "final",
+            "subject": { "reference": "Patient/0123456789abcdef0123456789abcdef" },
+            "code": { "coding": [{ "system": "http://loinc.org", "code": "2345-7", "display": "Glucose" }] },
+            "effectiveDateTime": "2019",
+            "valueQuantity": { "value": 5.4, "unit": "mmol/L" }
+        });
+        s.resource(
+            "Observation.ndjson",
+            &good,
+            Some(("p-17", &["4711".to_string()])),
+        );
+        assert!(s.findings().is_empty(), "{:?}", s.findings());
+        let bad = serde_json::json!({
+            "resourceType": "Observation", "status": "final",
+            "note": [{ "text": "ring 201-555-0143" }],
+            "effectiveDateTime": "2019-03-04"
+        });
+        s.resource("Observation.ndjson", &bad, None);
+        let found: Vec<(String, Rule)> = s
+            .findings()
+            .into_iter()
+            .map(|f| (f.column, f.rule))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("Observation.effectiveDateTime".to_string(), Rule::FullDate),
+                ("Observation.note.text".to_string(), Rule::Phone),
+            ]
+        );
+    }
+}

@@ -118,6 +118,28 @@ impl TableManifest {
         format!("manifests/{table}/{run_id}.json")
     }
 
+    /// The run (or compaction) that wrote the manifest: its writer id without the range and
+    /// attempt a bulk migration adds (`{run}-r{range}-{attempt}`). A record archived again by a
+    /// later run supersedes its copies of earlier runs; rows of the same run never supersede
+    /// one another (two identical rows are two records).
+    pub fn run(&self) -> &str {
+        let id = self.run_id.as_str();
+        let mut parts = id.rsplitn(3, '-');
+        let (attempt, range, run) = (parts.next(), parts.next(), parts.next());
+        match (attempt, range, run) {
+            (Some(a), Some(r), Some(run))
+                if a.len() == 4
+                    && a.bytes().all(|b| b.is_ascii_hexdigit())
+                    && r.len() > 1
+                    && r.starts_with('r')
+                    && r[1..].bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                run
+            }
+            _ => id,
+        }
+    }
+
     /// Total rows over all files.
     pub fn rows(&self) -> u64 {
         self.files.iter().map(|f| f.rows).sum()
@@ -149,4 +171,23 @@ pub async fn withdraw_manifests(
         }
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifests_run_drops_the_range_and_attempt() {
+        let m = |id: &str| TableManifest::new("t", id, "p", vec![]);
+        assert_eq!(
+            m("run-20261128T1200Z-r00003-0a1f").run(),
+            "run-20261128T1200Z"
+        );
+        assert_eq!(
+            m("compact-20261128T120000.000001Z").run(),
+            "compact-20261128T120000.000001Z"
+        );
+        assert_eq!(m("r1").run(), "r1");
+    }
 }

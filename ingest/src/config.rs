@@ -155,6 +155,9 @@ pub struct ComputedColumn {
     /// text, integer, real, boolean, date, timestamp or timestamptz. By default, text.
     #[serde(default = "default_computed_type", rename = "type")]
     pub type_name: String,
+    /// What the column holds, for researchers' exports (see `ColumnMapping::class`).
+    #[serde(default)]
+    pub class: Option<String>,
 }
 
 fn default_computed_type() -> String {
@@ -211,6 +214,19 @@ pub struct ColumnMapping {
     /// hemoglobin), rewriting the unit column too.
     #[serde(default)]
     pub convert_units: Option<UnitConversionConfig>,
+    /// What the column holds, for researchers' exports: `name`, `address`, `city`, `county`,
+    /// `zip`, `state`, `phone`, `fax`, `email`, `ssn`, `mrn`, `health_plan`, `account`,
+    /// `license`, `vehicle`, `device`, `url`, `ip`, `biometric`, `photo`, `unique_id`,
+    /// `birth_date`, `death_date`, `age`, `free_text`, `code`, `value`, `unit`, `category`,
+    /// `sex`, `record_key`, `patient_key` or `date`. Keys, BLOBs, the record date and date
+    /// columns are classed by Strata. A column with no class never leaves in an export
+    /// (docs/exports.md).
+    #[serde(default)]
+    pub class: Option<String>,
+    /// For a `record_key` column that points to another table's records: that table (its
+    /// pseudonyms then match the other table's keys).
+    #[serde(default)]
+    pub references: Option<String>,
 }
 
 /// `convert_units = { unit_column = "unit", code_column = "loinc_code", to = "SI" }`.
@@ -442,6 +458,9 @@ impl MigrationConfig {
                     ));
                 }
             }
+        }
+        if let Err(classes) = self.classification(None) {
+            problems.extend(classes);
         }
         problems
     }

@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 mod archive_rows;
+mod classes;
 mod config;
 mod csv_source;
 mod db;

@@ -3,7 +3,7 @@
 //! the accounting of disclosures, rate limits, and HTTPS with curl as the client.
 
 use super::*;
-use arrow::array::{Array, AsArray};
+use arrow::array::AsArray;
 use axum::http::Method;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value as Json};
@@ -24,6 +24,7 @@ pub struct Idp {
 pub struct Fixture {
     pub dir: TestDir,
     pub app: axum::Router,
+    pub state: AppState,
     pub archive: strata_archive::ArchiveReader,
     pub control: Control,
     pub idp: Idp,
@@ -40,7 +41,7 @@ fn b64url(bytes: &[u8]) -> String {
 }
 
 /// Writes the IdP's public keys (an RSA PEM file, a P-256 key in a JWKS) into `dir`.
-fn make_idp(dir: &Path) -> Idp {
+pub fn make_idp(dir: &Path) -> Idp {
     use p256::elliptic_curve::sec1::ToEncodedPoint;
     use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
     let mut rng = rand_core::OsRng;
@@ -92,13 +93,10 @@ pub fn api_config(extra: &str) -> ApiConfig {
         [exports]
         location = "exports"
         pseudonym_key_file = "pseudonym.key"
-        [exports.profiles.limited]
-        identifiers = ["patient_id", "encounter_id", "mrn"]
-        remove = ["given_name", "family_name", "postal_code", "body", "title", "provider_npi", "author_npi"]
-        [exports.profiles.years]
+        [exports.profiles.registry]
+        based_on = "safe_harbor"
         tables = ["lab_results", "diagnoses"]
-        identifiers = ["encounter_id"]
-        dates = "year"
+        classes = {{ category = "drop" }}
         {extra}
         "#
     ))
@@ -139,7 +137,18 @@ impl Idp {
 
 /// Migrates a small SQLite EHR, stores a plan, and builds the API over it.
 pub async fn fixture(extra_config: &str) -> Fixture {
+    fixture_with(api_config(extra_config)).await
+}
+
+/// [`fixture`] with an `[api]` section of the caller's.
+pub async fn fixture_with(api: ApiConfig) -> Fixture {
+    fixture_prepared(api, |_| {}).await
+}
+
+/// [`fixture_with`], with `prepare` writing files the API needs into the directory first.
+pub async fn fixture_prepared(api: ApiConfig, prepare: impl FnOnce(&Path)) -> Fixture {
     let (dir, _source, archive) = migrated_sqlite(0.05).await;
+    prepare(dir.path());
     let config = load_config(&dir.path().join("strata.toml"));
     Migration::prepare(config.clone(), as_of())
         .await
@@ -154,14 +163,16 @@ pub async fn fixture(extra_config: &str) -> Fixture {
     )
     .unwrap();
     let control = Control::open(&config.control_url().unwrap()).await.unwrap();
+    let policy = strata_ingest::read_policy(&config).unwrap();
     let state = AppState::new(
         archive.clone(),
         control.clone(),
-        &api_config(extra_config),
+        &api,
         dir.path(),
+        config.classification(policy.patients.as_ref()).unwrap(),
     )
     .unwrap();
-    let app = strata_archive_api::router(state);
+    let app = strata_archive_api::router(state.clone());
 
     let file = &archive.catalog().tables["documents"][0].files[0];
     let batch = &archive.read_file(file).await.unwrap()[0];
@@ -187,6 +198,7 @@ pub async fn fixture(extra_config: &str) -> Fixture {
     Fixture {
         dir,
         app,
+        state,
         archive,
         control,
         idp,
@@ -372,13 +384,15 @@ async fn authorization_matrix() {
         ("POST", "/v1/exports", "-",                        [403, 202, 403, 403, 403]),
         ("GET", "/v1/exports/{export}", "-",                [403, 200, 403, 403, 403]),
         ("GET", "/v1/exports/{export}/files/manifest.json", "-", [403, 200, 403, 403, 403]),
+        ("POST", "/v1/groups", "-",                         [403, 201, 201, 403, 201]),
+        ("GET", "/v1/groups", "-",                          [403, 200, 200, 403, 200]),
         ("GET", "/v1/no-such-endpoint", "-",                [404, 404, 404, 404, 404]),
     ];
     // An export of the matrix's researcher, finished, for the export rows.
     let (record, mut requests) = finished_export(
-        &f,
+        &f.app,
         &f.idp.user("researcher-user", Role::Researcher, &[own]),
-        json!({ "profile": "limited", "tables": ["diagnoses"] }),
+        json!({ "profile": "safe_harbor", "tables": ["diagnoses"] }),
     )
     .await;
     let export = record["export_id"].as_str().unwrap().to_string();
@@ -425,7 +439,10 @@ async fn authorization_matrix() {
                 .unwrap();
             let body = match (*method, *template) {
                 ("POST", "/v1/exports") => {
-                    Some(json!({ "profile": "limited", "tables": ["lab_results"] }))
+                    Some(json!({ "profile": "safe_harbor", "tables": ["lab_results"] }))
+                }
+                ("POST", "/v1/groups") => {
+                    Some(json!({ "name": "matrix cohort", "criteria": { "table": "diagnoses" } }))
                 }
                 ("POST", _) => Some(json!({ "patient": patient, "reason": "litigation 2026-17" })),
                 ("DELETE", _) => Some(json!({ "reason": "litigation settled" })),
@@ -570,7 +587,17 @@ async fn authorization_matrix() {
         .iter()
         .filter(|e| e["action"] == "GET /v1/audit" && e["user"] == "aud-1")
         .count() as u64;
-    assert_eq!(entries.len() as u64, requests + listings);
+    // Export jobs write entries of their own when they release (or fail).
+    let jobs = entries
+        .iter()
+        .filter(|e| {
+            e["action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("EXPORT "))
+        })
+        .count() as u64;
+    assert!(jobs >= 1, "the finished export's release is audited");
+    assert_eq!(entries.len() as u64, requests + listings + jobs);
     let refused = entries.iter().filter(|e| e["outcome"] == "denied").count() as u64;
     assert_eq!(refused, denied);
     let history = entries
@@ -1117,7 +1144,7 @@ async fn a_tampered_document_stream_fails_closed_and_is_audited() {
 
 /// Starts `strata serve` over HTTPS on the fixture's archive with `[api]` extras; returns the
 /// child, the base URL and the CA file.
-async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, String, String) {
+pub async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, String, String) {
     let dir = f.dir.path();
     let tls =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
@@ -1129,8 +1156,7 @@ async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, String
         "listen = \"127.0.0.1:0\"\ntls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n\
          [auth]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_file = \"jwks.json\"\n\
          public_key_files = [\"idp-rs.pem\"]\n[audit]\nkey_file = \"audit.key\"\n\
-         [exports]\npseudonym_key_file = \"pseudonym.key\"\n[exports.profiles.limited]\n\
-         identifiers = [\"patient_id\", \"encounter_id\"]\n{extra}"
+         [exports]\npseudonym_key_file = \"pseudonym.key\"\n{extra}"
     ))
     .unwrap();
     api.insert("fhir".into(), config["api"]["fhir"].clone());
@@ -1313,11 +1339,19 @@ async fn load_200_clients_for_60_seconds_without_an_error() {
     assert_eq!(report.entries, ok, "one audit entry per request");
 }
 
-/// Starts an export through the API and polls it until it ends; returns its record and the
+/// Starts an export through the API and polls it until it is done; returns its record and the
 /// number of requests made (each is audited).
-async fn finished_export(f: &Fixture, token: &str, body: Json) -> (Json, u64) {
+pub async fn finished_export(app: &axum::Router, token: &str, body: Json) -> (Json, u64) {
+    let (record, requests) = ended_export(app, token, body).await;
+    assert_eq!(record["status"], "done", "{record}");
+    (record, requests)
+}
+
+/// Starts an export through the API and polls it until it ends (done, failed...); returns its
+/// record and the number of requests made.
+pub async fn ended_export(app: &axum::Router, token: &str, body: Json) -> (Json, u64) {
     let (status, _, bytes) = call(
-        &f.app,
+        app,
         Method::POST,
         "/v1/exports",
         Some(token),
@@ -1338,7 +1372,7 @@ async fn finished_export(f: &Fixture, token: &str, body: Json) -> (Json, u64) {
     let mut requests = 1;
     loop {
         let (status, _, bytes) = call(
-            &f.app,
+            app,
             Method::GET,
             &format!("/v1/exports/{id}"),
             Some(token),
@@ -1350,218 +1384,8 @@ async fn finished_export(f: &Fixture, token: &str, body: Json) -> (Json, u64) {
         assert_eq!(status, StatusCode::OK);
         let record: Json = serde_json::from_slice(&bytes).unwrap();
         if record["status"] != "running" {
-            assert_eq!(record["status"], "done", "{record}");
             return (record, requests);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-}
-
-/// A researcher's export: the cohort's rows (date range, code list, newest copies), identifiers
-/// replaced by keyed pseudonyms consistent across tables, removed columns absent, files whose
-/// SHA-256 matches the manifest; nobody else sees it; a year-only profile keeps only years.
-#[tokio::test]
-async fn researcher_exports_are_deidentified_cohorts_with_a_manifest() {
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let f = fixture("").await;
-    let researcher = f.idp.user("res-1", Role::Researcher, &[]);
-    // The cohort: diagnoses and lab results from 2015 on, lab results of two LOINC codes only.
-    let labs = f.archive.catalog().tables["lab_results"].clone();
-    let mut codes = std::collections::BTreeMap::<String, u64>::new();
-    for m in &labs {
-        for file in &m.files {
-            for b in f.archive.read_file(file).await.unwrap() {
-                let c = arrow::compute::cast(
-                    b.column_by_name("loinc_code").unwrap(),
-                    &arrow::datatypes::DataType::Utf8,
-                )
-                .unwrap();
-                for v in c.as_string::<i32>().iter().flatten() {
-                    *codes.entry(v.to_string()).or_default() += 1;
-                }
-            }
-        }
-    }
-    let mut common: Vec<(&String, &u64)> = codes.iter().collect();
-    common.sort_by(|a, b| b.1.cmp(a.1));
-    let wanted: Vec<String> = common.iter().take(2).map(|(c, _)| (*c).clone()).collect();
-    let (record, _) = finished_export(
-        &f,
-        &researcher,
-        json!({ "profile": "limited", "tables": ["diagnoses", "lab_results"], "from": "2015-01-01",
-                "codes": { "lab_results": { "loinc_code": wanted } } }),
-    )
-    .await;
-    let id = record["export_id"].as_str().unwrap();
-    let files = record["manifest"]["files"].as_array().unwrap().clone();
-    assert_eq!(files.len(), 2);
-
-    // What the archive holds for the cohort, and its patients.
-    let cohort = |table: &str| {
-        let f = &f;
-        let wanted = wanted.clone();
-        let table = table.to_string();
-        async move {
-            let mut n = 0u64;
-            let mut patients = std::collections::BTreeSet::new();
-            for m in &f.archive.catalog().tables[&table] {
-                for file in &m.files {
-                    for b in f.archive.read_file(file).await.unwrap() {
-                        let dates = b.column(1).as_primitive::<arrow::datatypes::Date32Type>();
-                        let codes = (table == "lab_results").then(|| {
-                            arrow::compute::cast(
-                                b.column_by_name("loinc_code").unwrap(),
-                                &arrow::datatypes::DataType::Utf8,
-                            )
-                            .unwrap()
-                        });
-                        for i in 0..b.num_rows() {
-                            let dated = dates.is_valid(i) && dates.value(i) >= 16436; // 2015-01-01
-                            let coded = codes.as_ref().is_none_or(|c| {
-                                c.is_valid(i)
-                                    && wanted.iter().any(|w| w == c.as_string::<i32>().value(i))
-                            });
-                            if dated && coded {
-                                n += 1;
-                                patients
-                                    .insert(b.column(0).as_string::<i32>().value(i).to_string());
-                            }
-                        }
-                    }
-                }
-            }
-            (n, patients)
-        }
-    };
-    let mut pseudonyms_by_table = Vec::new();
-    for file in &files {
-        let table = file["table"].as_str().unwrap();
-        let name = file["file"].as_str().unwrap();
-        let (status, _, bytes) = call(
-            &f.app,
-            Method::GET,
-            &format!("/v1/exports/{id}/files/{name}"),
-            Some(&researcher),
-            &[],
-            None,
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(
-            hex::encode(Sha256::digest(&bytes)),
-            file["sha256"].as_str().unwrap()
-        );
-        let batches: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-            .unwrap()
-            .build()
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-        let (expected, patients) = cohort(table).await;
-        assert!(expected > 0, "{table}: an empty cohort proves nothing");
-        assert_eq!(
-            (rows as u64, file["rows"].as_u64().unwrap()),
-            (expected, expected),
-            "{table}"
-        );
-        let schema = batches[0].schema();
-        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        assert_eq!(&names[..2], ["patient_pseudonym", "record_date"]);
-        for absent in [
-            "_strata_patient",
-            "_strata_key",
-            "description_body",
-            "provider_npi",
-            "body",
-        ] {
-            assert!(
-                !names.contains(&absent),
-                "{table}: {absent} left: {names:?}"
-            );
-        }
-        let mut pseudonyms = std::collections::BTreeSet::new();
-        for b in &batches {
-            for p in b.column(0).as_string::<i32>().iter().flatten() {
-                assert_eq!(p.len(), 32);
-                assert!(!patients.contains(p));
-                pseudonyms.insert(p.to_string());
-            }
-            if let Some(enc) = b.column_by_name("encounter_id") {
-                assert_eq!(
-                    enc.data_type(),
-                    &arrow::datatypes::DataType::Utf8,
-                    "encounter ids are pseudonyms"
-                );
-            }
-        }
-        assert_eq!(
-            pseudonyms.len(),
-            patients.len(),
-            "{table}: one pseudonym per patient"
-        );
-        pseudonyms_by_table.push(pseudonyms);
-    }
-    // The same patients carry the same pseudonyms in both tables.
-    assert!(!pseudonyms_by_table[0].is_disjoint(&pseudonyms_by_table[1]));
-
-    // Nobody else sees it; the profile's rules hold.
-    let other = f.idp.user("res-2", Role::Researcher, &[]);
-    assert_eq!(
-        call(
-            &f.app,
-            Method::GET,
-            &format!("/v1/exports/{id}"),
-            Some(&other),
-            &[],
-            None
-        )
-        .await
-        .0,
-        StatusCode::NOT_FOUND
-    );
-    for bad in [
-        json!({ "profile": "nope", "tables": ["diagnoses"] }),
-        json!({ "profile": "years", "tables": ["encounters"] }),
-        json!({ "profile": "limited", "tables": ["diagnoses"], "from": "2015-13-01" }),
-    ] {
-        assert_eq!(
-            call(
-                &f.app,
-                Method::POST,
-                "/v1/exports",
-                Some(&researcher),
-                &[],
-                Some(bad.clone())
-            )
-            .await
-            .0,
-            StatusCode::BAD_REQUEST,
-            "{bad}"
-        );
-    }
-    let (record, _) = finished_export(
-        &f,
-        &researcher,
-        json!({ "profile": "years", "tables": ["diagnoses"] }),
-    )
-    .await;
-    let id = record["export_id"].as_str().unwrap();
-    let (_, _, bytes) = call(
-        &f.app,
-        Method::GET,
-        &format!("/v1/exports/{id}/files/diagnoses.parquet"),
-        Some(&researcher),
-        &[],
-        None,
-    )
-    .await;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
-    let names: Vec<String> = reader
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    assert_eq!(&names[..2], ["patient_pseudonym", "record_year"]);
 }

@@ -3,7 +3,9 @@
 
 mod api;
 mod blobs;
+mod bulk;
 mod crash;
+mod exports;
 mod policies;
 mod quarantine;
 mod support;

@@ -104,6 +104,7 @@ mod tests {
             user: "dr-a".into(),
             roles: vec![Role::Clinician],
             patients: patients.iter().map(|p| p.to_string()).collect(),
+            scopes: Vec::new(),
         }
     }
 
@@ -171,6 +172,7 @@ mod tests {
                 user: "u".into(),
                 roles: vec![role],
                 patients: vec!["P1".into()],
+                scopes: Vec::new(),
             };
             let h = headers(&[
                 (PURPOSE_HEADER, "TREAT"),

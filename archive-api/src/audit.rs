@@ -33,10 +33,18 @@ pub fn noted(response: impl IntoResponse, note: AuditNote) -> Response {
     response
 }
 
-/// Routes not audited: probes, metrics and the API's description, which carry no data and no
-/// caller.
+/// Routes not audited: probes, metrics and the API's and the token endpoint's descriptions,
+/// which carry no data and no caller.
 fn unaudited(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/openapi.json")
+    matches!(
+        path,
+        "/healthz"
+            | "/readyz"
+            | "/metrics"
+            | "/openapi.json"
+            | "/.well-known/smart-configuration"
+            | "/fhir/.well-known/smart-configuration"
+    )
 }
 
 /// The audit middleware.

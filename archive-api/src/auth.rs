@@ -35,6 +35,10 @@ pub enum Role {
     /// What records managers and auditors may do; not patient data (separation of duties: a
     /// patient is read by a clinician, with a purpose).
     Admin,
+    /// A system client (SMART Backend Services) with a token from Strata's own token endpoint:
+    /// de-identified FHIR Bulk Data exports within its scopes, nothing else. Never taken from
+    /// an identity provider's token.
+    System,
 }
 
 impl Role {
@@ -46,6 +50,7 @@ impl Role {
             Role::RecordsManager => "records_manager",
             Role::Auditor => "auditor",
             Role::Admin => "admin",
+            Role::System => "system",
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct Principal {
     pub roles: Vec<Role>,
     /// Patients in the caller's care.
     pub patients: Vec<String>,
+    /// A system client's granted scopes (SMART `system/...`); empty for users.
+    pub scopes: Vec<String>,
 }
 
 impl Principal {
@@ -126,12 +133,14 @@ struct VerifyKey {
     key: DecodingKey,
 }
 
-/// Verifies tokens.
+/// Verifies tokens: the identity provider's, and the access tokens Strata's own token endpoint
+/// issues to system clients.
 #[derive(Clone)]
 pub struct Auth {
     keys: Arc<Vec<VerifyKey>>,
     config: AuthConfig,
     dev_secret: Option<Arc<Vec<u8>>>,
+    system: Option<crate::smart::Smart>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -239,7 +248,14 @@ impl Auth {
             keys: Arc::new(keys),
             config: config.clone(),
             dev_secret,
+            system: None,
         })
+    }
+
+    /// Also accepts the access tokens `smart` issues to system clients.
+    pub fn with_system_tokens(mut self, smart: crate::smart::Smart) -> Self {
+        self.system = Some(smart);
+        self
     }
 
     fn validation(&self, algorithm: Algorithm) -> Validation {
@@ -254,8 +270,12 @@ impl Auth {
     }
 
     /// Verifies a token: its header's algorithm must be that of a configured key (with the
-    /// same `kid`, when both name one), and its signature and claims must check out.
+    /// same `kid`, when both name one), and its signature and claims must check out. A token
+    /// Strata issued to a system client is checked against its own key.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        if let Some(principal) = self.system.as_ref().and_then(|s| s.verify_access(token)) {
+            return Ok(principal);
+        }
         let header = decode_header(token).map_err(|_| ApiError::Unauthorized)?;
         let candidates = self.keys.iter().filter(|k| {
             k.algorithm == header.alg
@@ -274,6 +294,7 @@ impl Auth {
                         .filter_map(|r| {
                             serde_json::from_value(serde_json::Value::String(r.clone())).ok()
                         })
+                        .filter(|r| *r != Role::System)
                         .collect();
                     let mut patients = c.patients;
                     patients.extend(c.patient);
@@ -281,6 +302,7 @@ impl Auth {
                         user: c.sub,
                         roles,
                         patients,
+                        scopes: Vec::new(),
                     });
                 }
                 // Another key may have signed it; any other failure is final.

@@ -57,9 +57,94 @@ pub struct ApiConfig {
     /// named here are left out of FHIR answers.
     #[serde(default)]
     pub fhir: std::collections::BTreeMap<String, FhirTable>,
+    /// How clients reach this server (`https://strata.hospital.example`): the base of FHIR Bulk
+    /// Data file URLs and of the token endpoint that client assertions are addressed to. By
+    /// default, taken from each request's `Host` header.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// SMART Backend Services: system clients that export de-identified data through FHIR Bulk
+    /// Data, each with its public keys and the profile its exports follow.
+    #[serde(default)]
+    pub smart: Option<SmartConfig>,
 }
 
-/// `[api.exports]`.
+/// `[api.smart]`: Strata's token endpoint for system clients (SMART Backend Services).
+///
+/// ```toml
+/// [api.smart]
+/// token_key_env = "STRATA_SMART_TOKEN_KEY"   # hex; signs the access tokens Strata issues
+/// [api.smart.clients.research-etl]
+/// jwks_file = "clients/research-etl.jwks.json"  # RS384 (RSA) or ES384 (P-384) public keys
+/// profile = "safe_harbor"
+/// study = "cardio-2026"
+/// scopes = ["system/*.read"]
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmartConfig {
+    /// A file holding the key (64+ hex digits) that signs the access tokens Strata issues.
+    /// Replicas of the API share it. By default, a random key per start (tokens do not
+    /// survive a restart; clients ask for new ones).
+    #[serde(default)]
+    pub token_key_file: Option<String>,
+    /// An environment variable holding that key.
+    #[serde(default)]
+    pub token_key_env: Option<String>,
+    /// Seconds an access token is valid. By default, 300.
+    #[serde(default = "default_access_token_secs")]
+    pub access_token_secs: u64,
+    /// Registered clients by client id (`[api.smart.clients.<id>]`).
+    #[serde(default)]
+    pub clients: std::collections::BTreeMap<String, SmartClient>,
+}
+
+fn default_access_token_secs() -> u64 {
+    300
+}
+
+/// A registered system client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmartClient {
+    /// The client's public keys, a JSON Web Key Set (relative to the config file): RSA keys
+    /// verify RS384 assertions, P-384 keys ES384.
+    pub jwks_file: String,
+    /// The export profile its exports follow. By default, `safe_harbor`.
+    #[serde(default = "default_client_profile")]
+    pub profile: String,
+    /// The study whose pseudonym key applies. By default, the site's key.
+    #[serde(default)]
+    pub study: Option<String>,
+    /// The data use agreement its exports are made under (required by a profile that needs
+    /// one, such as `limited_data_set`).
+    #[serde(default)]
+    pub data_use_agreement: Option<String>,
+    /// Scopes it may be granted. By default, `system/*.read`.
+    #[serde(default = "default_client_scopes")]
+    pub scopes: Vec<String>,
+}
+
+fn default_client_profile() -> String {
+    strata_deidentify::SAFE_HARBOR.into()
+}
+
+fn default_client_scopes() -> Vec<String> {
+    vec!["system/*.read".into()]
+}
+
+/// `[api.exports]`: researchers' exports.
+///
+/// ```toml
+/// [api.exports]
+/// location = "exports"                 # or s3://bucket/prefix; never the archive
+/// pseudonym_key_file = "pseudonym.key" # 64+ hex digits (or pseudonym_key_env)
+/// expire_after_secs = 604800           # files deleted 7 days after the export finished
+/// [api.exports.studies.cardio-2026]    # a study's own key (else derived from the site's)
+/// pseudonym_key_env = "CARDIO_PSEUDONYM_KEY"
+/// [api.exports.profiles.registry]      # the site's own profiles (see docs/exports.md)
+/// based_on = "safe_harbor"
+/// classes = { category = "drop" }
+/// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportsConfig {
@@ -73,35 +158,67 @@ pub struct ExportsConfig {
     /// An environment variable holding the pseudonym key as hex.
     #[serde(default)]
     pub pseudonym_key_env: Option<String>,
-    /// Export profiles by name (`[api.exports.profiles.<name>]`).
+    /// Seconds after an export finished when its files are deleted. By default, 7 days.
+    #[serde(default = "default_expire_after_secs")]
+    pub expire_after_secs: u64,
+    /// A site's list of three-digit ZIP codes released as `000` (one per line), instead of the
+    /// one shipped (HHS guidance, 2000 Census).
     #[serde(default)]
-    pub profiles: std::collections::BTreeMap<String, ExportProfile>,
+    pub restricted_zip3_file: Option<String>,
+    /// Studies with keys of their own (`[api.exports.studies.<name>]`); another study's key is
+    /// derived from the site's key and the study's name.
+    #[serde(default)]
+    pub studies: std::collections::BTreeMap<String, StudyKey>,
+    /// The site's own export profiles by name (`[api.exports.profiles.<name>]`); the built-in
+    /// `safe_harbor` and `limited_data_set` need none.
+    #[serde(default)]
+    pub profiles: std::collections::BTreeMap<String, strata_deidentify::ProfileConfig>,
+}
+
+/// A study's own pseudonym key: exactly one of the two.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyKey {
+    /// A file holding the key as hex (64+ digits).
+    #[serde(default)]
+    pub pseudonym_key_file: Option<String>,
+    /// An environment variable holding the key as hex.
+    #[serde(default)]
+    pub pseudonym_key_env: Option<String>,
 }
 
 fn default_exports_location() -> String {
     "exports".into()
 }
 
-/// What an export profile lets out, and how.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ExportProfile {
-    /// Tables it may export (empty: every archived table).
-    #[serde(default)]
-    pub tables: Vec<String>,
-    /// Columns never exported (names, addresses, free text, contact details, ...).
-    #[serde(default)]
-    pub remove: Vec<String>,
-    /// Columns whose values are replaced by keyed pseudonyms (MRNs, encounter ids, ...).
-    #[serde(default)]
-    pub identifiers: Vec<String>,
-    /// Record dates: `keep` (default) or `year` (only the year leaves).
-    #[serde(default = "default_dates")]
-    pub dates: String,
+fn default_expire_after_secs() -> u64 {
+    7 * 24 * 3600
 }
 
-fn default_dates() -> String {
-    "keep".into()
+/// A key given as hex in a file (`<what>_file`) or an environment variable (`<what>_env`),
+/// exactly one, at least 32 bytes.
+pub(crate) fn hex_key(
+    file: Option<&String>,
+    env: Option<&String>,
+    base: &std::path::Path,
+    at: &str,
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    let text = match (file, env) {
+        (Some(file), None) => std::fs::read_to_string(base.join(file))
+            .map_err(|e| format!("{at}: cannot read {file}: {e}"))?,
+        (None, Some(var)) => std::env::var(var)
+            .map_err(|_| format!("{at}: environment variable {var} is not set"))?,
+        _ => {
+            return Err(format!(
+                "{at}: set exactly one of {what}_file and {what}_env"
+            ))
+        }
+    };
+    hex::decode(text.trim())
+        .ok()
+        .filter(|k| k.len() >= 32)
+        .ok_or_else(|| format!("{at}: the key must be 64 or more hex digits"))
 }
 
 /// How one table's records become FHIR resources.

@@ -14,6 +14,9 @@ pub enum ApiError {
     /// Authenticated, but the role does not allow this.
     #[error("not allowed for this role")]
     Forbidden,
+    /// A system client's scopes do not cover what it asked for; the message says what does.
+    #[error("{0}")]
+    Scope(String),
     /// A clinician asked for a patient outside their care without breaking the glass.
     #[error("this patient is not in your care: state a reason in X-Break-Glass-Reason to read the record anyway (the access is flagged for review)")]
     OutsideScope,
@@ -63,7 +66,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden | ApiError::OutsideScope => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::OutsideScope | ApiError::Scope(_) => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,

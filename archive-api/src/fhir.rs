@@ -156,10 +156,35 @@ fn codeable(t: &FhirTable, data: &Map<String, Value>) -> Option<Value> {
     Some(Value::Object(concept))
 }
 
+/// Who a resource is and whose: its id, the identifier that traces it back (clinicians' answers
+/// only), and the patient it belongs to.
+pub(crate) struct Identity {
+    /// The resource's id.
+    pub id: String,
+    /// `(system, value)` of its identifier, if it may carry one.
+    pub identifier: Option<(String, String)>,
+    /// The patient's id (a key for clinicians, a pseudonym in exports).
+    pub patient: String,
+}
+
 /// One record as a resource (None for a table without a mapping).
 fn resource(
     record: &HistoryRecord,
     patient: &str,
+    mapping: &BTreeMap<String, FhirTable>,
+) -> Option<Value> {
+    let identity = Identity {
+        id: resource_id(&record.table, &record.key),
+        identifier: Some((format!("urn:strata:{}", record.table), record.key.clone())),
+        patient: patient.to_string(),
+    };
+    resource_as(record, &identity, mapping)
+}
+
+/// One record as a resource with the given identity (None for a table without a mapping).
+pub(crate) fn resource_as(
+    record: &HistoryRecord,
+    identity: &Identity,
     mapping: &BTreeMap<String, FhirTable>,
 ) -> Option<Value> {
     let t = mapping.get(&record.table)?;
@@ -167,12 +192,14 @@ fn resource(
     let kind = t.resource.as_str();
     let mut r = Map::new();
     r.insert("resourceType".into(), json!(kind));
-    r.insert("id".into(), json!(resource_id(&record.table, &record.key)));
-    r.insert(
-        "identifier".into(),
-        json!([{ "system": format!("urn:strata:{}", record.table), "value": record.key }]),
-    );
-    let subject = json!({ "reference": format!("Patient/{patient}") });
+    r.insert("id".into(), json!(identity.id));
+    if let Some((system, value)) = &identity.identifier {
+        r.insert(
+            "identifier".into(),
+            json!([{ "system": system, "value": value }]),
+        );
+    }
+    let subject = json!({ "reference": format!("Patient/{}", identity.patient) });
     let (codes, fallback) = statuses(kind);
     let status = t
         .status

@@ -45,12 +45,17 @@ pub struct DocumentLink {
     pub sha256: String,
 }
 
-fn cell(array: &dyn Array, row: usize) -> Value {
+/// A value of an archived column as JSON.
+pub(crate) fn cell(array: &dyn Array, row: usize) -> Value {
     if array.is_null(row) {
         return Value::Null;
     }
     match array.data_type() {
         DataType::Int64 => array.as_primitive::<Int64Type>().value(row).into(),
+        DataType::Int32 => array
+            .as_primitive::<arrow::datatypes::Int32Type>()
+            .value(row)
+            .into(),
         DataType::Float64 => array.as_primitive::<Float64Type>().value(row).into(),
         DataType::Boolean => array.as_boolean().value(row).into(),
         DataType::Utf8 => array.as_string::<i32>().value(row).into(),

@@ -5,15 +5,22 @@
 //! archive. Errors returned to clients never carry paths, keys, SQL or internal messages; the
 //! detail is logged (by table and key only, never row values).
 //!
-//! Every `/v1` request is authenticated (bearer JWT), authorized by role (and for patient data,
-//! by purpose of use and the clinician's scope, with break-the-glass), rate-limited per user and
-//! appended to the control database's hash-chained audit log before its response leaves.
-//! Served over TLS (rustls); plain HTTP only on loopback, when the config asks for it.
+//! Every `/v1` and `/fhir` request is authenticated (bearer JWT), authorized by role (and for
+//! patient data, by purpose of use and the clinician's scope, with break-the-glass),
+//! rate-limited per user and appended to the control database's hash-chained audit log before
+//! its response leaves. Served over TLS (rustls); plain HTTP only on loopback, when the config
+//! asks for it.
+//!
+//! Researchers' exports (`/v1/exports`, and FHIR Bulk Data `$export` under `/fhir`) leave only
+//! what their profile lets out of each column's class, pass a scanner for identifiers before
+//! they are released, and run as jobs that survive a restart. System clients get their tokens
+//! from Strata's own SMART Backend Services token endpoint (`/auth/token`).
 #![deny(missing_docs)]
 
 mod access;
 mod audit;
 mod auth;
+mod bulk;
 mod config;
 mod error;
 mod exports;
@@ -22,12 +29,15 @@ mod history;
 mod limits;
 mod metrics;
 mod routes;
+mod smart;
 
 pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
 pub use auth::{Auth, Claims, Principal, Role};
 pub use config::{
-    ApiConfig, AuditConfig, AuthConfig, ExportProfile, ExportsConfig, FhirTable, LimitsConfig,
+    ApiConfig, AuditConfig, AuthConfig, ExportsConfig, FhirTable, LimitsConfig, SmartClient,
+    SmartConfig, StudyKey,
 };
 pub use error::ApiError;
-pub use exports::{ExportRequest, Exporter};
+pub use exports::{start_background, ExportRequest, Exporter, JobSpec};
 pub use routes::{audit_key, router, serve, ApiDoc, AppState, ErrorBody};
+pub use smart::Smart;

@@ -10,6 +10,7 @@ use crate::audit::{noted, record, AuditNote};
 use crate::auth::{require_token, Auth, Principal, Role};
 use crate::config::ApiConfig;
 use crate::error::ApiError;
+use crate::exports::routes as export_routes;
 use crate::exports::ExportRequest;
 use crate::history::{
     find_document, patient_history, select_page, Cursor, HistoryQuery, HistoryRecord,
@@ -52,26 +53,49 @@ pub struct AppState {
     pub fhir: std::sync::Arc<std::collections::BTreeMap<String, crate::config::FhirTable>>,
     /// Researchers' exports, when `[api.exports]` is configured.
     pub exporter: Option<crate::exports::Exporter>,
+    /// The token endpoint for system clients, when `[api.smart]` is configured.
+    pub smart: Option<crate::smart::Smart>,
+    /// `[api] public_url`.
+    pub public_url: Option<String>,
+    /// Whether the server speaks plain HTTP (for URLs made from a request's host).
+    pub plain_http: bool,
+    /// The operational database's URL (read for `Patient` resources when the patients table
+    /// stays operational), if known.
+    pub operational: Option<String>,
 }
 
 impl AppState {
-    /// The state for `config`: opens the audit log (its key from the config) on `control`.
+    /// The state for `config`: opens the audit log (its key from the config) on `control`;
+    /// exports follow `classification` (the archived columns' classes).
     pub fn new(
         archive: ArchiveReader,
         control: Control,
         config: &ApiConfig,
         base: &FsPath,
+        classification: strata_deidentify::Classification,
     ) -> Result<Self, String> {
-        let auth = Auth::from_config(&config.auth, base)?;
+        let smart = config
+            .smart
+            .as_ref()
+            .map(|s| crate::smart::Smart::from_config(s, base))
+            .transpose()?;
+        let mut auth = Auth::from_config(&config.auth, base)?;
+        if let Some(smart) = &smart {
+            auth = auth.with_system_tokens(smart.clone());
+        }
         let key = audit_key(config, base)?;
         crate::fhir::check(&config.fhir)?;
         let exporter = config
             .exports
             .as_ref()
-            .map(|e| crate::exports::Exporter::from_config(e, base))
+            .map(|e| crate::exports::Exporter::from_config(e, base, classification))
             .transpose()?;
         Ok(AppState {
             exporter,
+            smart,
+            public_url: config.public_url.clone(),
+            plain_http: config.plain_http,
+            operational: None,
             fhir: std::sync::Arc::new(config.fhir.clone()),
             archive,
             auth,
@@ -80,6 +104,15 @@ impl AppState {
             limiter: RateLimiter::new(&config.limits),
             metrics: Metrics::default(),
         })
+    }
+}
+
+impl AppState {
+    /// Reads the patients table of the operational database at `url` too (for FHIR `Patient`
+    /// resources when the patients table stays operational).
+    pub fn with_operational_database(mut self, url: String) -> Self {
+        self.operational = Some(url);
+        self
     }
 }
 
@@ -771,117 +804,6 @@ async fn release_hold(
     Ok(reply(Json(json!({ "released": hold })), detail))
 }
 
-fn exporter(state: &AppState) -> Result<&crate::exports::Exporter, ApiError> {
-    state
-        .exporter
-        .as_ref()
-        .ok_or_else(|| ApiError::BadRequest("exports are not configured on this server".into()))
-}
-
-#[utoipa::path(post, path = "/v1/exports", tag = "researcher", request_body = ExportRequest,
-    responses((status = 202, description = "The export job: its id and status", body = Object),
-        (status = 400, description = "Unknown profile, table or date", body = ErrorBody), Refusals))]
-async fn start_export(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    body: Result<Json<ExportRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Response, ApiError> {
-    principal.require(&[Role::Researcher])?;
-    let exporter = exporter(&state)?.clone();
-    let Json(request) = body.map_err(|_| {
-        bad("the body must be JSON: {\"profile\", \"tables\" [, \"columns\", \"from\", \"to\", \"codes\"]}")
-    })?;
-    exporter.check(&request, &state.archive)?;
-    let id = state
-        .control
-        .start_export(
-            &principal.user,
-            &request.profile,
-            &serde_json::to_value(&request).expect("a request serializes"),
-        )
-        .await?;
-    let (archive, control, job) = (state.archive.clone(), state.control.clone(), id.clone());
-    let detail = json!({ "export": id, "profile": request.profile, "tables": request.tables });
-    tokio::spawn(async move {
-        let outcome = exporter.run(&archive, &job, &request).await;
-        if let Err(e) = &outcome {
-            tracing::error!(export = %job, error = %e, "export failed");
-        }
-        let outcome = outcome.as_ref().map_err(String::as_str);
-        if let Err(e) = control.finish_export(&job, outcome).await {
-            tracing::error!(export = %job, error = %e, "export status not recorded");
-        }
-    });
-    Ok(reply(
-        (
-            StatusCode::ACCEPTED,
-            Json(
-                json!({ "export_id": id, "status": "running", "href": format!("/v1/exports/{id}") }),
-            ),
-        ),
-        detail,
-    ))
-}
-
-/// The caller's own export (another's is not found).
-async fn own_export(
-    state: &AppState,
-    principal: &Principal,
-    id: &str,
-) -> Result<strata_control::ExportRecord, ApiError> {
-    principal.require(&[Role::Researcher])?;
-    state
-        .control
-        .export(id)
-        .await?
-        .filter(|e| e.requested_by == principal.user)
-        .ok_or(ApiError::NotFound)
-}
-
-#[utoipa::path(get, path = "/v1/exports/{export}", tag = "researcher",
-    params(("export" = String, Path, description = "The export's id")),
-    responses((status = 200, description = "Status, and when done the manifest (files, rows, SHA-256)", body = Object),
-        (status = 404, description = "No such export of the caller's", body = ErrorBody), Refusals))]
-async fn export_status(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let record = own_export(&state, &principal, &id).await?;
-    let detail = json!({ "export": id, "status": record.status });
-    Ok(reply(Json(record), detail))
-}
-
-#[utoipa::path(get, path = "/v1/exports/{export}/files/{file}", tag = "researcher",
-    params(("export" = String, Path, description = "The export's id"),
-        ("file" = String, Path, description = "A file named in the manifest, or manifest.json")),
-    responses((status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 404, description = "No such file of a finished export of the caller's", body = ErrorBody), Refusals))]
-async fn export_file(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path((id, file)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    let record = own_export(&state, &principal, &id).await?;
-    if record.status != "done" {
-        return Err(ApiError::NotFound);
-    }
-    let stream = exporter(&state)?.file(&id, &file).await?;
-    let detail = json!({ "export": id, "file": file });
-    let content_type = if file.ends_with(".json") {
-        "application/json"
-    } else {
-        "application/vnd.apache.parquet"
-    };
-    Ok(reply(
-        (
-            [(header::CONTENT_TYPE, content_type)],
-            Body::from_stream(stream),
-        ),
-        detail,
-    ))
-}
-
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
     responses((status = 200, description = "The process answers", body = String)))]
 async fn healthz() -> &'static str {
@@ -935,7 +857,7 @@ enum PurposeOfUse {
 /// The refusals every `/v1` operation may answer with (for the OpenAPI document).
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
-enum Refusals {
+pub(crate) enum Refusals {
     /// No valid bearer token.
     #[response(status = 401)]
     Unauthorized(ErrorBody),
@@ -982,10 +904,13 @@ impl utoipa::Modify for BearerScheme {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Strata archive API", version = "1",
-        description = "Read-only access to the encrypted archive: patient history and documents for clinicians, policies, holds and reports for records managers, the audit log for auditors. Every /v1 request is authenticated, authorized and audited."),
+        description = "Read-only access to the encrypted archive: patient history and documents for clinicians, policies, holds and reports for records managers, the audit log for auditors, de-identified exports for researchers (Parquet, and FHIR Bulk Data with SMART Backend Services for system clients). Every /v1 and /fhir request is authenticated, authorized and audited."),
     paths(history, document, disclosures, audit_list, audit_verify, policies, plan, holds,
-        place_hold, release_hold, last_run_report, destruction_report, start_export, export_status,
-        export_file, healthz, readyz, metrics,
+        place_hold, release_hold, last_run_report, destruction_report, export_routes::start_export,
+        export_routes::export_status, export_routes::export_file, export_routes::create_group,
+        export_routes::list_groups, crate::bulk::export_system, crate::bulk::export_patients,
+        crate::bulk::export_group, crate::bulk::status, crate::bulk::cancel, crate::bulk::file,
+        crate::smart::configuration, crate::smart::token, healthz, readyz, metrics,
         openapi_json),
     components(schemas(ErrorBody, PurposeOfUse, ExportRequest, History, HistoryRecord, crate::history::DocumentLink, NewHold, Release)),
     modifiers(&BearerScheme),
@@ -1011,9 +936,30 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/plan", get(plan))
         .route("/v1/holds", get(holds).post(place_hold))
         .route("/v1/holds/{hold}", delete(release_hold))
-        .route("/v1/exports", axum::routing::post(start_export))
-        .route("/v1/exports/{export}", get(export_status))
-        .route("/v1/exports/{export}/files/{file}", get(export_file))
+        .route(
+            "/v1/exports",
+            axum::routing::post(export_routes::start_export),
+        )
+        .route("/v1/exports/{export}", get(export_routes::export_status))
+        .route(
+            "/v1/exports/{export}/files/{file}",
+            get(export_routes::export_file),
+        )
+        .route(
+            "/v1/groups",
+            get(export_routes::list_groups).post(export_routes::create_group),
+        )
+        .route("/fhir/$export", get(crate::bulk::export_system))
+        .route("/fhir/Patient/$export", get(crate::bulk::export_patients))
+        .route(
+            "/fhir/Group/{group}/$export",
+            get(crate::bulk::export_group),
+        )
+        .route(
+            "/fhir/bulkstatus/{export}",
+            get(crate::bulk::status).delete(crate::bulk::cancel),
+        )
+        .route("/fhir/bulkfiles/{export}/{file}", get(crate::bulk::file))
         .route("/v1/reports/last-run", get(last_run_report))
         .route("/v1/reports/destructions", get(destruction_report))
         .route_layer(middleware::from_fn_with_state(state.limiter.clone(), limit))
@@ -1026,6 +972,15 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .route(
+            "/.well-known/smart-configuration",
+            get(crate::smart::configuration),
+        )
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(crate::smart::configuration),
+        )
+        .route("/auth/token", axum::routing::post(crate::smart::token))
         .merge(v1)
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), record))
@@ -1065,7 +1020,8 @@ fn tls_config(cert: &FsPath, key: &FsPath) -> Result<rustls::ServerConfig, std::
 }
 
 /// Serves until `shutdown` resolves: HTTPS with the configured certificate, or plain HTTP when
-/// the config asks for it on a loopback address. Returns the bound address.
+/// the config asks for it on a loopback address, with export jobs resumed and expired exports
+/// deleted beside it. Returns the bound address.
 pub async fn serve(
     config: &ApiConfig,
     base: &FsPath,
@@ -1078,6 +1034,7 @@ pub async fn serve(
             config.listen
         ))
     })?;
+    crate::exports::start_background(&state).await;
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     if config.plain_http {
         if !addr.ip().is_loopback() {

@@ -12,6 +12,17 @@ pub struct LoadedConfig {
     pub base_dir: PathBuf,
 }
 
+impl LoadedConfig {
+    /// The classes of the archived columns (from the tables and the policy's patients table),
+    /// which researchers' exports follow.
+    pub fn classification(&self) -> Result<strata_deidentify::Classification> {
+        let policy = strata_ingest::read_policy(&self.migration)?;
+        self.migration
+            .classification(policy.patients.as_ref())
+            .map_err(|problems| anyhow::anyhow!("{}", problems.join("\n")))
+    }
+}
+
 pub fn load(path: &Path) -> Result<LoadedConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;

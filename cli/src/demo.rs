@@ -43,6 +43,9 @@ fn demo_config_text() -> Result<String> {
         hs256_secret_file = "jwt-secret"
         [api.audit]
         key_file = "audit.key"
+        [api.exports]
+        location = "exports"
+        pseudonym_key_file = "pseudonym.key"
         "#,
     )?;
     // The example's FHIR mapping stays; the rest of its [api] is replaced by the demo's.
@@ -87,6 +90,7 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     secret_file("kek.hex", Kek::generate_hex())?;
     secret_file("jwt-secret", Kek::generate_hex())?;
     secret_file("audit.key", Kek::generate_hex())?;
+    secret_file("pseudonym.key", Kek::generate_hex())?;
     // A self-signed certificate for the loopback address: the demo serves HTTPS as production
     // does (curl --cacert tls/cert.pem).
     let tls = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
@@ -182,8 +186,14 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         return Ok(());
     }
     api.listen = format!("127.0.0.1:{}", options.port);
-    let state =
-        AppState::new(archive, control, &api, &loaded.base_dir).map_err(anyhow::Error::msg)?;
+    let state = AppState::new(
+        archive,
+        control,
+        &api,
+        &loaded.base_dir,
+        loaded.classification()?,
+    )
+    .map_err(anyhow::Error::msg)?;
     let in_care: Vec<String> = sample.iter().map(|(p, _)| p.clone()).collect();
     let token = |user: &str, role: Role, patients: &[String]| {
         state
@@ -193,6 +203,7 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     };
     let clinician = token("demo-clinician", Role::Clinician, &in_care)?;
     let auditor = token("demo-auditor", Role::Auditor, &[])?;
+    let researcher = token("demo-researcher", Role::Researcher, &[])?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let addr = match strata_archive_api::serve(&api, &loaded.base_dir, state, async {
         let _ = stop_rx.await;
@@ -211,7 +222,8 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         "  clinician, in whose care is patient {}:\n    CLINICIAN={clinician}",
         in_care.first().map_or("-", String::as_str)
     );
-    println!("  auditor:\n    AUDITOR={auditor}\n");
+    println!("  auditor:\n    AUDITOR={auditor}");
+    println!("  researcher:\n    RESEARCHER={researcher}\n");
     let base = format!("https://{addr}");
     let curl = format!("curl -s --cacert {}", dir.join("tls/cert.pem").display());
     if let Some((patient, doc)) = sample {
@@ -223,6 +235,7 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         println!("  {curl} -i {base}/v1/patients/{patient}/history    # no token: 401");
         println!("  {curl} -H \"Authorization: Bearer $AUDITOR\" {base}/v1/patients/{patient}/disclosures");
         println!("  {curl} -H \"Authorization: Bearer $AUDITOR\" {base}/v1/audit/verify");
+        println!("  {curl} -H \"Authorization: Bearer $RESEARCHER\" -H 'Content-Type: application/json' -d '{{\"profile\": \"safe_harbor\", \"tables\": [\"lab_results\", \"diagnoses\"]}}' {base}/v1/exports    # then GET the href it answers");
     }
     println!("\nCtrl-C stops the demo.");
     tokio::signal::ctrl_c().await?;

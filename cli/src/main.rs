@@ -2,6 +2,7 @@
 
 mod config;
 mod demo;
+mod exports;
 mod watch;
 
 use anyhow::{Context, Result};
@@ -161,6 +162,25 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Researchers' exports.
+    Exports {
+        #[command(subcommand)]
+        command: ExportsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportsCommand {
+    /// List what each export profile lets out, class by class and, for every archived table,
+    /// column by column (with what is removed and why), and what a site's profile lets out
+    /// beyond safe_harbor.
+    Check {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Only this profile.
+        #[arg(long)]
+        profile: Option<String>,
     },
 }
 
@@ -617,12 +637,20 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve { config } => {
             let loaded = config::load(&config)?;
-            let api = loaded.api.context("the config has no [api] section")?;
+            let api = loaded
+                .api
+                .clone()
+                .context("the config has no [api] section")?;
+            let classes = loaded.classification()?;
             let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
             let archive = ArchiveReader::open(store, keys).await?;
             let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
-            let state = AppState::new(archive, control, &api, &loaded.base_dir)
-                .map_err(anyhow::Error::msg)?;
+            let operational = loaded
+                .migration
+                .resolve_url(&loaded.migration.operational.url)?;
+            let state = AppState::new(archive, control, &api, &loaded.base_dir, classes)
+                .map_err(anyhow::Error::msg)?
+                .with_operational_database(operational);
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let addr = strata_archive_api::serve(&api, &loaded.base_dir, state, async {
                 let _ = rx.await;
@@ -677,6 +705,13 @@ async fn run(cli: Cli) -> Result<()> {
                     &<strata_archive_api::ApiDoc as utoipa::OpenApi>::openapi()
                 )?
             );
+            Ok(())
+        }
+        Command::Exports {
+            command: ExportsCommand::Check { config, profile },
+        } => {
+            let loaded = config::load(&config)?;
+            print!("{}", exports::check(&loaded, profile.as_deref()).await?);
             Ok(())
         }
         Command::Audit {

@@ -74,17 +74,6 @@ CREATE TABLE IF NOT EXISTS strata_run_snapshots (
     wal_lsn TEXT NOT NULL,
     taken_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS strata_exports (
-    export_id TEXT PRIMARY KEY,
-    requested_by TEXT NOT NULL,
-    profile TEXT NOT NULL,
-    request TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    finished_at TEXT,
-    manifest TEXT,
-    error TEXT
-);
 CREATE TABLE IF NOT EXISTS strata_destructions (
     run_id TEXT NOT NULL,
     table_name TEXT NOT NULL,
@@ -153,29 +142,6 @@ pub struct PolicyVersion {
     pub policy_text: String,
 }
 
-/// A researcher's export job as recorded.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct ExportRecord {
-    /// Its id.
-    pub export_id: String,
-    /// Who asked for it (token subject).
-    pub requested_by: String,
-    /// The export profile it follows.
-    pub profile: String,
-    /// The request (JSON).
-    pub request: serde_json::Value,
-    /// `running`, `done` or `failed`.
-    pub status: String,
-    /// When it was asked for (RFC 3339).
-    pub created_at: String,
-    /// When it ended.
-    pub finished_at: Option<String>,
-    /// Its manifest when done (JSON: files, rows, SHA-256).
-    pub manifest: Option<serde_json::Value>,
-    /// Why it failed (no row values).
-    pub error: Option<String>,
-}
-
 /// A run as recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
@@ -197,7 +163,7 @@ pub struct Control {
     pub(crate) db: ControlDb,
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339()
 }
 
@@ -207,7 +173,9 @@ impl Control {
         let db = ControlDb::connect(url).await?;
         db.execute(SCHEMA).await?;
         db.execute(crate::audit::SCHEMA).await?;
-        Ok(Control { db })
+        let control = Control { db };
+        control.open_exports().await?;
+        Ok(control)
     }
 
     /// The most recent run.
@@ -732,95 +700,6 @@ impl Control {
             .into_iter()
             .filter_map(|r| Some((r[0].opt_text()?, r[1].int()? as u64)))
             .collect())
-    }
-
-    /// Records a new export job (status `running`); returns its id.
-    pub async fn start_export(
-        &self,
-        requested_by: &str,
-        profile: &str,
-        request: &serde_json::Value,
-    ) -> Result<String> {
-        let id = format!(
-            "export-{}-{:016x}",
-            chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
-            rand::random::<u64>()
-        );
-        let sql = format!(
-            "INSERT INTO strata_exports (export_id, requested_by, profile, request, status, created_at) VALUES ({})",
-            self.db.ps(6)
-        );
-        self.db
-            .execute_with(
-                &sql,
-                &[
-                    (&id).into(),
-                    requested_by.into(),
-                    profile.into(),
-                    request.to_string().into(),
-                    "running".into(),
-                    now().into(),
-                ],
-            )
-            .await?;
-        Ok(id)
-    }
-
-    /// Ends an export job: `done` with its manifest, or `failed` with the reason.
-    pub async fn finish_export(
-        &self,
-        export_id: &str,
-        outcome: std::result::Result<&serde_json::Value, &str>,
-    ) -> Result<()> {
-        let sql = format!(
-            "UPDATE strata_exports SET status = {}, finished_at = {}, manifest = {}, error = {} WHERE export_id = {}",
-            self.db.p(1),
-            self.db.p(2),
-            self.db.p(3),
-            self.db.p(4),
-            self.db.p(5)
-        );
-        let (status, manifest, error) = match outcome {
-            Ok(m) => ("done", Param::Text(m.to_string()), Param::NullText),
-            Err(e) => ("failed", Param::NullText, Param::Text(e.to_string())),
-        };
-        self.db
-            .execute_with(
-                &sql,
-                &[
-                    status.into(),
-                    now().into(),
-                    manifest,
-                    error,
-                    export_id.into(),
-                ],
-            )
-            .await
-            .map(|_| ())
-    }
-
-    /// An export job by id.
-    pub async fn export(&self, export_id: &str) -> Result<Option<ExportRecord>> {
-        let sql = format!(
-            "SELECT export_id, requested_by, profile, request, status, created_at, finished_at, manifest, error FROM strata_exports WHERE export_id = {}",
-            self.db.p(1)
-        );
-        let rows = self
-            .db
-            .fetch(&sql, &[export_id.into()], &[Col::Text; 9])
-            .await?;
-        let json = |t: Option<String>| t.and_then(|t| serde_json::from_str(&t).ok());
-        Ok(rows.into_iter().next().map(|r| ExportRecord {
-            export_id: r[0].text(),
-            requested_by: r[1].text(),
-            profile: r[2].text(),
-            request: json(r[3].opt_text()).unwrap_or(serde_json::Value::Null),
-            status: r[4].text(),
-            created_at: r[5].text(),
-            finished_at: r[6].opt_text(),
-            manifest: json(r[7].opt_text()),
-            error: r[8].opt_text(),
-        }))
     }
 
     /// Whether the database answers (for readiness checks).

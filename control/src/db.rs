@@ -235,6 +235,22 @@ impl ControlDb {
         .map_err(|e| ControlError::sql("query", e))
     }
 
+    /// The columns of table `table` (for adding the ones a newer Strata needs).
+    pub(crate) async fn columns_of(&self, table: &str) -> Result<Vec<String>> {
+        let sql = match self {
+            ControlDb::Postgres(_) => {
+                "SELECT column_name::text FROM information_schema.columns WHERE table_name = $1"
+            }
+            ControlDb::Sqlite(_) => "SELECT name FROM pragma_table_info(?1)",
+        };
+        Ok(self
+            .fetch(sql, &[table.into()], &[Col::Text])
+            .await?
+            .into_iter()
+            .filter_map(|r| r[0].opt_text())
+            .collect())
+    }
+
     /// Closes the pool.
     pub(crate) async fn close(&self) {
         match self {

@@ -1,7 +1,8 @@
 //! Strata's control database: the state Strata keeps about its own work, apart from the data.
 //!
 //! Runs and their per-table progress (so a stopped run resumes), policy versions, plans, legal
-//! holds, destruction records, the mirror of the archive's catalog ([`Control`]), and the
+//! holds, destruction records, the mirror of the archive's catalog, researchers' export jobs and
+//! cohorts ([`Control`]), and the
 //! hash-chained audit log of the archive API ([`AuditLog`]). Ingest, the API and the `strata`
 //! command share it; PostgreSQL in production, SQLite beside the config in the demo.
 #![deny(missing_docs)]
@@ -10,10 +11,12 @@ mod audit;
 mod control;
 mod db;
 mod error;
+mod exports;
 
 pub use audit::{
     AuditEntry, AuditKey, AuditLog, AuditProblem, AuditQuery, AuditRecord, AuditVerifyReport,
     Outcome,
 };
-pub use control::{Control, DestructionRecord, ExportRecord, HoldRecord, PolicyVersion, RunRecord};
+pub use control::{Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord};
 pub use error::{ControlError, Result};
+pub use exports::{ExportRecord, GroupRecord};

@@ -1,0 +1,226 @@
+//! Which archived rows a job exports: the record dates, code lists and group of its request,
+//! and of a record archived again by a later run (a correction) only the newest copy.
+//!
+//! A table's files are read run by run, newest run first, each file a row group at a time (no
+//! file is held whole). A row is left out when a newer run archived a record with the same key;
+//! rows of the same run never supersede one another (two identical rows of a keyless table are
+//! two records). Only the keys of runs newer than the oldest are held, as 128-bit digests:
+//! memory grows with the corrections, not with the archive.
+
+use crate::exports::spec::JobSpec;
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::{DataType, Date32Type};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use strata_archive::{ArchiveReader, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
+use strata_deidentify::TablePlan;
+
+/// The row filters of a job for one table.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Cohort {
+    from: Option<i32>,
+    to: Option<i32>,
+    codes: Vec<(String, HashSet<String>)>,
+    members: Option<Arc<HashSet<String>>>,
+}
+
+impl Cohort {
+    /// The filters of `spec` for `table`; `members`: the group's patients, if any.
+    pub fn new(spec: &JobSpec, table: &str, members: Option<Arc<HashSet<String>>>) -> Self {
+        Cohort {
+            from: spec.from.map(Date32Type::from_naive_date),
+            to: spec.to.map(Date32Type::from_naive_date),
+            codes: spec
+                .codes
+                .get(table)
+                .into_iter()
+                .flatten()
+                .map(|(c, codes)| (c.clone(), codes.iter().cloned().collect()))
+                .collect(),
+            members,
+        }
+    }
+
+    /// The columns the filters read.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.codes.iter().map(|(c, _)| c.as_str())
+    }
+
+    /// Rows in the cohort, of a batch in the table's merged schema.
+    fn keep(&self, batch: &RecordBatch) -> Result<Vec<bool>, String> {
+        let n = batch.num_rows();
+        let dates = batch
+            .column_by_name(RECORD_DATE_COLUMN)
+            .ok_or("no record date column")?
+            .as_primitive::<Date32Type>();
+        let mut keep: Vec<bool> = (0..n)
+            .map(|i| match (self.from, self.to) {
+                (None, None) => true,
+                _ if dates.is_null(i) => false,
+                _ => {
+                    let d = dates.value(i);
+                    self.from.is_none_or(|f| d >= f) && self.to.is_none_or(|t| d <= t)
+                }
+            })
+            .collect();
+        for (column, codes) in &self.codes {
+            let values = batch
+                .column_by_name(column)
+                .ok_or_else(|| format!("no column {column:?} for a code list"))?;
+            let values = cast(values, &DataType::Utf8).map_err(|e| e.to_string())?;
+            let values = values.as_string::<i32>();
+            for (i, k) in keep.iter_mut().enumerate() {
+                *k = *k && !values.is_null(i) && codes.contains(values.value(i));
+            }
+        }
+        if let Some(members) = &self.members {
+            let patients = batch
+                .column_by_name(PATIENT_COLUMN)
+                .ok_or("no patient column")?
+                .as_string::<i32>();
+            for (i, k) in keep.iter_mut().enumerate() {
+                *k = *k && members.contains(patients.value(i));
+            }
+        }
+        Ok(keep)
+    }
+}
+
+fn key_digest(key: &str) -> u128 {
+    u128::from_be_bytes(
+        Sha256::digest(key.as_bytes())[..16]
+            .try_into()
+            .expect("16 bytes"),
+    )
+}
+
+/// A table's archived rows in a job's cohort, newest run first, conformed to the table's
+/// merged schema.
+pub(crate) struct TableRows {
+    archive: ArchiveReader,
+    /// Files per run, newest run first.
+    runs: Vec<Vec<FileEntry>>,
+    run: usize,
+    file: usize,
+    current: Option<BoxStream<'static, strata_archive::Result<RecordBatch>>>,
+    /// Keys archived by runs newer than the one being read.
+    newer: HashSet<u128>,
+    /// Keys of the run being read (kept only when an older run follows).
+    this_run: Vec<u128>,
+    projection: Vec<String>,
+    /// Rows read and rows kept.
+    pub read: u64,
+}
+
+impl TableRows {
+    /// The files of `table` (of manifests created at or after `since`, RFC 3339, when given),
+    /// grouped by run, newest first.
+    pub fn new(archive: &ArchiveReader, table: &str, since: Option<&str>) -> Self {
+        let mut by_run: BTreeMap<String, (String, Vec<FileEntry>)> = BTreeMap::new();
+        for m in archive.catalog().tables.get(table).into_iter().flatten() {
+            if since.is_some_and(|s| m.created_at.as_str() < s) {
+                continue;
+            }
+            let entry = by_run
+                .entry(m.run().to_string())
+                .or_insert_with(|| (m.created_at.clone(), Vec::new()));
+            entry.0 = entry.0.clone().max(m.created_at.clone());
+            entry.1.extend(m.files.iter().cloned());
+        }
+        let mut runs: Vec<(String, Vec<FileEntry>)> = by_run.into_values().collect();
+        runs.sort_by(|a, b| b.0.cmp(&a.0));
+        TableRows {
+            archive: archive.clone(),
+            runs: runs.into_iter().map(|(_, files)| files).collect(),
+            run: 0,
+            file: 0,
+            current: None,
+            newer: HashSet::new(),
+            this_run: Vec::new(),
+            projection: Vec::new(),
+            read: 0,
+        }
+    }
+
+    /// Every file, for reading their schemas.
+    pub fn files(&self) -> impl Iterator<Item = &FileEntry> {
+        self.runs.iter().flatten()
+    }
+
+    /// Reads only these columns (besides Strata's own).
+    pub fn project(&mut self, columns: impl IntoIterator<Item = String>) {
+        self.projection = [PATIENT_COLUMN, RECORD_DATE_COLUMN, KEY_COLUMN]
+            .into_iter()
+            .map(str::to_string)
+            .chain(columns)
+            .collect();
+    }
+
+    /// The next batch of rows in the cohort (conformed to `plan`'s schema), or None at the end.
+    pub async fn next(
+        &mut self,
+        plan: &TablePlan,
+        cohort: &Cohort,
+    ) -> Result<Option<RecordBatch>, String> {
+        loop {
+            if let Some(stream) = &mut self.current {
+                match stream.next().await {
+                    Some(batch) => {
+                        let batch = plan
+                            .conform(&batch.map_err(|e| e.to_string())?)
+                            .map_err(|e| e.to_string())?;
+                        self.read += batch.num_rows() as u64;
+                        let mut keep = cohort.keep(&batch)?;
+                        let older_follow = self.run + 1 < self.runs.len();
+                        if older_follow || !self.newer.is_empty() {
+                            let keys = batch
+                                .column_by_name(KEY_COLUMN)
+                                .ok_or("no record key column")?
+                                .as_string::<i32>();
+                            for (i, k) in keep.iter_mut().enumerate() {
+                                let digest = key_digest(keys.value(i));
+                                if self.newer.contains(&digest) {
+                                    *k = false;
+                                }
+                                if older_follow {
+                                    self.this_run.push(digest);
+                                }
+                            }
+                        }
+                        let kept = filter_record_batch(&batch, &BooleanArray::from(keep))
+                            .map_err(|e| e.to_string())?;
+                        if kept.num_rows() > 0 {
+                            return Ok(Some(kept));
+                        }
+                        continue;
+                    }
+                    None => self.current = None,
+                }
+            }
+            let Some(files) = self.runs.get(self.run) else {
+                return Ok(None);
+            };
+            match files.get(self.file) {
+                Some(entry) => {
+                    self.file += 1;
+                    let columns = (!self.projection.is_empty()).then_some(&self.projection[..]);
+                    self.current = Some(
+                        self.archive
+                            .file_batches(entry, columns)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                None => {
+                    self.newer.extend(self.this_run.drain(..));
+                    self.run += 1;
+                    self.file = 0;
+                }
+            }
+        }
+    }
+}

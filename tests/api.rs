@@ -93,6 +93,10 @@ pub fn api_config(extra: &str) -> ApiConfig {
         [exports]
         location = "exports"
         pseudonym_key_file = "pseudonym.key"
+        [exports.studies.cardio-2026]
+        [exports.studies.closed-study]
+        researchers = ["someone-else"]
+        [exports.studies.bulk-study]
         [exports.profiles.registry]
         based_on = "safe_harbor"
         tables = ["lab_results", "diagnoses"]
@@ -1152,11 +1156,19 @@ pub async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, St
     std::fs::write(dir.join("key.pem"), tls.signing_key.serialize_pem()).unwrap();
     let mut config: toml::Table =
         toml::from_str(&std::fs::read_to_string(dir.join("strata.toml")).unwrap()).unwrap();
+    // A port chosen first: the server's public URL names it (system clients address their
+    // assertions to it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut api: toml::Table = toml::from_str(&format!(
-        "listen = \"127.0.0.1:0\"\ntls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n\
+        "listen = \"127.0.0.1:{port}\"\npublic_url = \"https://127.0.0.1:{port}\"\n\
+         tls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n\
          [auth]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_file = \"jwks.json\"\n\
          public_key_files = [\"idp-rs.pem\"]\n[audit]\nkey_file = \"audit.key\"\n\
-         [exports]\npseudonym_key_file = \"pseudonym.key\"\n{extra}"
+         [exports]\npseudonym_key_file = \"pseudonym.key\"\n[exports.studies.bulk-study]\n{extra}"
     ))
     .unwrap();
     api.insert("fhir".into(), config["api"]["fhir"].clone());

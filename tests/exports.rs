@@ -16,6 +16,12 @@ use strata_archive_api::{AppState, Role};
 use strata_deidentify::PseudonymKey;
 use strata_ingest::ColumnType;
 
+/// The fixture's site pseudonym key.
+fn site_key(f: &crate::api::Fixture) -> PseudonymKey {
+    let hex_key = std::fs::read_to_string(f.dir.path().join("pseudonym.key")).unwrap();
+    PseudonymKey::new(&hex::decode(hex_key.trim()).unwrap())
+}
+
 /// Downloads an export's file.
 async fn download(app: &axum::Router, token: &str, id: &str, name: &str) -> Vec<u8> {
     let (status, _, bytes) = call(
@@ -510,7 +516,7 @@ async fn every_planted_identifier_is_dropped_by_the_profile_or_fails_the_job() {
             "safe_harbor",
             "equal to the row's own record key",
         ),
-        ("seen_on", "safe_harbor", "full dates"),
+        ("seen_on", "safe_harbor", "dates more precise than a year"),
         ("contact", "safe_harbor", "social security numbers"),
         ("callback", "safe_harbor", "telephone numbers"),
         ("mail", "safe_harbor", "e-mail addresses"),
@@ -658,14 +664,7 @@ async fn a_safe_harbor_export_of_the_demo_has_known_contents() {
         .any(|n| n.starts_with("content")));
 
     // Sampled lab results, as archived, under their pseudonyms.
-    let key = PseudonymKey::new(
-        &hex::decode(
-            std::fs::read_to_string(f.dir.path().join("pseudonym.key"))
-                .unwrap()
-                .trim(),
-        )
-        .unwrap(),
-    );
+    let key = site_key(&f).for_profile("safe_harbor");
     let labs = texts(&exported["lab_results"]);
     let by_id: BTreeMap<&str, usize> = labs["id"]
         .iter()
@@ -727,6 +726,52 @@ async fn a_safe_harbor_export_of_the_demo_has_known_contents() {
         study.is_disjoint(&first),
         "another study's pseudonyms cannot be linked"
     );
+    // What a request may not ask for: rows chosen by a column that does not leave as it is,
+    // day bounds where only years leave, a study not configured or closed to the researcher.
+    for (body, want, why) in [
+        (
+            json!({ "profile": "safe_harbor", "tables": ["clinical_notes"], "codes": { "clinical_notes": { "body": ["x"] } } }),
+            400,
+            "as it is",
+        ),
+        (
+            json!({ "profile": "safe_harbor", "tables": ["lab_results"], "codes": { "lab_results": { "id": ["1"] } } }),
+            400,
+            "as it is",
+        ),
+        (
+            json!({ "profile": "safe_harbor", "tables": ["lab_results"], "from": "2015-03-04" }),
+            400,
+            "only years",
+        ),
+        (
+            json!({ "profile": "safe_harbor", "tables": ["lab_results"], "study": "no-such-study" }),
+            400,
+            "no study",
+        ),
+        (
+            json!({ "profile": "safe_harbor", "tables": ["lab_results"], "study": "closed-study" }),
+            403,
+            "",
+        ),
+    ] {
+        let (status, _, bytes) = call(
+            &f.app,
+            Method::POST,
+            "/v1/exports",
+            Some(&researcher),
+            &[],
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status.as_u16(), want, "{body}");
+        assert!(
+            String::from_utf8_lossy(&bytes).contains(why),
+            "{body}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    finished_export(&f.app, &researcher, json!({ "profile": "safe_harbor", "tables": ["lab_results"], "from": "2015-01-01", "to": "2020-12-31" })).await;
     assert_eq!(study, texts(&again(json!({ "profile": "safe_harbor", "tables": ["lab_results"], "study": "cardio-2026" })).await)["patient_pseudonym"].iter().flatten().cloned().collect::<BTreeSet<_>>());
 }
 
@@ -751,14 +796,7 @@ async fn a_limited_data_set_shifts_each_patients_dates_alike_under_an_agreement(
         "profile": "limited_data_set", "tables": ["lab_results", "diagnoses"], "data_use_agreement": "DUA-2026-017" })).await;
     assert_eq!(record["manifest"]["data_use_agreement"], "DUA-2026-017");
     let id = record["export_id"].as_str().unwrap();
-    let key = PseudonymKey::new(
-        &hex::decode(
-            std::fs::read_to_string(f.dir.path().join("pseudonym.key"))
-                .unwrap()
-                .trim(),
-        )
-        .unwrap(),
-    );
+    let key = site_key(&f).for_profile("limited_data_set");
     // Per patient pseudonym: the shift of every exported record date against its archived date.
     let mut shifts: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
     for table in ["lab_results", "diagnoses"] {
@@ -820,7 +858,7 @@ async fn a_limited_data_set_shifts_each_patients_dates_alike_under_an_agreement(
 #[tokio::test]
 async fn export_jobs_resume_after_a_restart_expire_and_follow_groups() {
     let mut api = api_config("");
-    api.exports.as_mut().unwrap().expire_after_secs = 1;
+    api.exports.as_mut().unwrap().expire_after_secs = 3;
     let f = fixture_with(api).await;
     let researcher = f.idp.user("res-1", Role::Researcher, &[]);
     let request: strata_archive_api::ExportRequest =
@@ -838,8 +876,25 @@ async fn export_jobs_resume_after_a_restart_expire_and_follow_groups() {
         .start_export("res-1", "parquet", "safe_harbor", &spec)
         .await
         .unwrap();
-    f.control.retry_export(&tired).await.unwrap();
-    f.control.retry_export(&tired).await.unwrap();
+    // Their server stopped: no heartbeat for a long time; the second was run three times.
+    let config = load_config(&f.dir.path().join("strata.toml"));
+    let control_db = Db::connect(&config.control_url().unwrap(), false)
+        .await
+        .unwrap();
+    control_db
+        .execute(&format!(
+            "UPDATE strata_exports SET heartbeat_at = '2000-01-01T00:00:00.000000Z' WHERE export_id IN ('{fresh}', '{tired}');
+             UPDATE strata_exports SET attempts = 3 WHERE export_id = '{tired}'"
+        ))
+        .await
+        .unwrap();
+    control_db.close().await;
+    // A job whose server is alive (a fresh heartbeat) is left alone.
+    let alive = f
+        .control
+        .start_export("res-1", "parquet", "safe_harbor", &spec)
+        .await
+        .unwrap();
     strata_archive_api::start_background(&f.state).await;
     let record = loop {
         let r = f.control.export(&fresh).await.unwrap().unwrap();
@@ -855,7 +910,24 @@ async fn export_jobs_resume_after_a_restart_expire_and_follow_groups() {
     );
     let tired = f.control.export(&tired).await.unwrap().unwrap();
     assert_eq!(tired.status, "failed");
-    assert!(tired.error.unwrap().contains("interrupted"));
+    assert!(tired.error.as_deref().unwrap().contains("interrupted"));
+    let alive = f.control.export(&alive).await.unwrap().unwrap();
+    assert_eq!((alive.status.as_str(), alive.attempts), ("running", 1));
+    let gave_up = f
+        .state
+        .audit
+        .list(&strata_control::AuditQuery {
+            outcome: Some(strata_control::Outcome::Failed),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        gave_up
+            .iter()
+            .any(|e| e.entry.detail["export"] == tired.export_id.as_str()),
+        "giving up is audited"
+    );
     let file = f
         .dir
         .path()
@@ -949,11 +1021,36 @@ async fn export_jobs_resume_after_a_restart_expire_and_follow_groups() {
         .flatten()
         .cloned()
         .collect();
-    assert!(
-        !patients.is_empty() && patients.len() as u64 <= size,
-        "{} of {size}",
-        patients.len()
-    );
+    // Exactly the lab results' patients who have the diagnosis.
+    let archived_patients = |table: &str, code: Option<&str>| {
+        let (f, table, code) = (&f, table.to_string(), code.map(str::to_string));
+        async move {
+            let mut out = BTreeSet::new();
+            for m in &f.archive.catalog().tables[&table] {
+                for file in &m.files {
+                    for b in f.archive.read_file(file).await.unwrap() {
+                        let t = texts(std::slice::from_ref(&b));
+                        for (i, p) in t["_strata_patient"].iter().enumerate() {
+                            if code.is_none() || t["icd10_code"][i] == code {
+                                out.insert(p.clone().unwrap());
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        }
+    };
+    let members = archived_patients("diagnoses", Some(&code)).await;
+    assert_eq!(members.len() as u64, size);
+    let key = site_key(&f).for_profile("safe_harbor");
+    let expected: BTreeSet<String> = archived_patients("lab_results", None)
+        .await
+        .intersection(&members)
+        .map(|p| key.pseudonym("patient", p))
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(patients, expected);
 }
 
 /// The deny-list profiles of before are refused with what to write instead.

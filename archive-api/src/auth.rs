@@ -286,6 +286,10 @@ impl Auth {
         });
         for k in candidates {
             match decode::<ReadClaims>(token, &k.key, &self.validation(k.algorithm)) {
+                // `system:` names Strata's own system clients; no user may take it.
+                Ok(data) if data.claims.sub.starts_with("system:") => {
+                    return Err(ApiError::Unauthorized)
+                }
                 Ok(data) => {
                     let c = data.claims;
                     let roles = c

@@ -408,7 +408,7 @@ async fn kickoff(
             return Err(ApiError::NotFound);
         }
     }
-    exporter.check(&spec, state).await?;
+    exporter.check(&spec, &principal.user, state).await?;
     let running = state
         .control
         .exports_with_status("running")
@@ -599,7 +599,8 @@ pub(crate) async fn file(
 ) -> Response {
     let result = async {
         let record = own_job(&state, &principal, &id).await?;
-        if record.status != "done" || !file.ends_with(".ndjson") {
+        let expired = crate::exports::expired(&record, chrono::Utc::now());
+        if record.status != "done" || expired || !file.ends_with(".ndjson") {
             return Err(ApiError::NotFound);
         }
         let stream = exporter(&state)?.file(&id, &file).await?;

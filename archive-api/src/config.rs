@@ -139,8 +139,9 @@ fn default_client_scopes() -> Vec<String> {
 /// location = "exports"                 # or s3://bucket/prefix; never the archive
 /// pseudonym_key_file = "pseudonym.key" # 64+ hex digits (or pseudonym_key_env)
 /// expire_after_secs = 604800           # files deleted 7 days after the export finished
-/// [api.exports.studies.cardio-2026]    # a study's own key (else derived from the site's)
+/// [api.exports.studies.cardio-2026]    # a study: its own key (or one derived from the site's)
 /// pseudonym_key_env = "CARDIO_PSEUDONYM_KEY"
+/// researchers = ["alice", "bob"]       # who may export under it (by default, any researcher)
 /// [api.exports.profiles.registry]      # the site's own profiles (see docs/exports.md)
 /// based_on = "safe_harbor"
 /// classes = { category = "drop" }
@@ -165,8 +166,9 @@ pub struct ExportsConfig {
     /// one shipped (HHS guidance, 2000 Census).
     #[serde(default)]
     pub restricted_zip3_file: Option<String>,
-    /// Studies with keys of their own (`[api.exports.studies.<name>]`); another study's key is
-    /// derived from the site's key and the study's name.
+    /// The studies exports may name (`[api.exports.studies.<name>]`), each with its own
+    /// pseudonym key (given, or derived from the site's key and the study's name) and, if
+    /// listed, the researchers who may use it. A request naming another study is refused.
     #[serde(default)]
     pub studies: std::collections::BTreeMap<String, StudyKey>,
     /// The site's own export profiles by name (`[api.exports.profiles.<name>]`); the built-in
@@ -175,16 +177,21 @@ pub struct ExportsConfig {
     pub profiles: std::collections::BTreeMap<String, strata_deidentify::ProfileConfig>,
 }
 
-/// A study's own pseudonym key: exactly one of the two.
-#[derive(Debug, Clone, Deserialize)]
+/// A study (`[api.exports.studies.<name>]`): who may export under it, and its pseudonym key.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudyKey {
-    /// A file holding the key as hex (64+ digits).
+    /// A file holding the study's pseudonym key as hex (64+ digits). By default (no file and
+    /// no variable), the key is derived from the site's key and the study's name.
     #[serde(default)]
     pub pseudonym_key_file: Option<String>,
-    /// An environment variable holding the key as hex.
+    /// An environment variable holding the study's key as hex.
     #[serde(default)]
     pub pseudonym_key_env: Option<String>,
+    /// The researchers (token subjects) who may export under the study. By default, any
+    /// researcher.
+    #[serde(default)]
+    pub researchers: Vec<String>,
 }
 
 fn default_exports_location() -> String {

@@ -150,7 +150,9 @@ fn codeable(t: &FhirTable, data: &Map<String, Value>) -> Option<Value> {
     if code.is_some() {
         concept.insert("coding".into(), json!([coding]));
     }
-    if let Some(text) = display.or(code) {
+    // The display text only: a code alone is in the coding (an unlabelled code as text would
+    // read as a number to anyone scanning text).
+    if let Some(text) = display {
         concept.insert("text".into(), json!(text));
     }
     Some(Value::Object(concept))

@@ -79,6 +79,11 @@ impl AppState {
             .as_ref()
             .map(|s| crate::smart::Smart::from_config(s, base))
             .transpose()?;
+        if smart.is_some() && config.public_url.is_none() {
+            // Assertions are addressed to the token endpoint: its address is the server's, not
+            // what a request's Host header says.
+            return Err("[api] public_url is needed with [api.smart]: the address clients reach the token endpoint at".into());
+        }
         let mut auth = Auth::from_config(&config.auth, base)?;
         if let Some(smart) = &smart {
             auth = auth.with_system_tokens(smart.clone());
@@ -90,6 +95,15 @@ impl AppState {
             .as_ref()
             .map(|e| crate::exports::Exporter::from_config(e, base, classification))
             .transpose()?;
+        if let (Some(smart), Some(exporter)) = (&config.smart, &exporter) {
+            for (id, c) in &smart.clients {
+                if c.study.as_ref().is_some_and(|s| !exporter.has_study(s)) {
+                    return Err(format!(
+                        "[api.smart.clients.{id}] study: configure it in [api.exports.studies]"
+                    ));
+                }
+            }
+        }
         Ok(AppState {
             exporter,
             smart,

@@ -31,7 +31,7 @@ const AUDIENCE: &str = "strata:fhir-bulk-data";
 /// The longest an assertion may live, in seconds (SMART: "no more than five minutes").
 const MAX_ASSERTION_SECS: i64 = 300;
 /// Clock skew allowed for assertions, in seconds.
-const LEEWAY_SECS: u64 = 30;
+const LEEWAY_SECS: u64 = 5;
 /// The assertion type SMART Backend Services uses.
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -223,12 +223,16 @@ impl Smart {
     }
 }
 
-/// The client id of a registered system principal (`system:<id>`).
+/// The client id of a system principal (one whose token Strata's token endpoint issued).
 pub(crate) fn client_id(principal: &Principal) -> Option<&str> {
+    if !principal.roles.contains(&Role::System) {
+        return None;
+    }
     principal.user.strip_prefix("system:")
 }
 
-/// The base URL clients reach this server at: `[api] public_url`, or the request's host.
+/// The base URL clients reach this server at: `[api] public_url`, or (development, without
+/// system clients) the request's host.
 pub(crate) fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     if let Some(url) = &state.public_url {
         return url.trim_end_matches('/').to_string();

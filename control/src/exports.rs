@@ -3,8 +3,9 @@
 //!
 //! A job is `running` until it ends `done` (with its manifest and the time its files expire),
 //! `failed` (with the reason, never row values), `cancelled` or, once its files are deleted,
-//! `expired`. A job still `running` when the server starts again was interrupted: the server
-//! runs it again (its `attempts` counting up) or marks it failed.
+//! `expired`. The server running a job beats its heartbeat; a job `running` whose heartbeat
+//! stopped was interrupted (its server stopped): the first server to claim it runs it again
+//! (its `attempts` counting up) or marks it failed — one claim wins, whatever the replicas.
 
 use crate::control::{now, Control};
 use crate::db::{Col, Param};
@@ -39,12 +40,18 @@ CREATE TABLE IF NOT EXISTS strata_client_assertions (
 ";
 
 /// Columns added to `strata_exports` after it was first created (added when missing).
-const EXPORT_COLUMNS: [(&str, &str); 4] = [
+const EXPORT_COLUMNS: [(&str, &str); 5] = [
     ("kind", "TEXT"),
     ("progress", "TEXT"),
     ("expires_at", "TEXT"),
     ("attempts", "BIGINT"),
+    ("heartbeat_at", "TEXT"),
 ];
+
+/// A heartbeat's time: fixed width, so that times compare as text.
+pub(crate) fn beat_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
 
 const EXPORT_FIELDS: &str = "export_id, requested_by, profile, request, status, created_at, finished_at, manifest, error, kind, progress, expires_at, CAST(COALESCE(attempts, 1) AS BIGINT)";
 
@@ -134,8 +141,8 @@ impl Control {
             rand::random::<u64>()
         );
         let sql = format!(
-            "INSERT INTO strata_exports (export_id, requested_by, profile, request, status, created_at, kind, attempts) VALUES ({})",
-            self.db.ps(8)
+            "INSERT INTO strata_exports (export_id, requested_by, profile, request, status, created_at, kind, attempts, heartbeat_at) VALUES ({})",
+            self.db.ps(9)
         );
         self.db
             .execute_with(
@@ -149,10 +156,55 @@ impl Control {
                     now().into(),
                     kind.into(),
                     Param::Int(1),
+                    beat_time(chrono::Utc::now()).into(),
                 ],
             )
             .await?;
         Ok(id)
+    }
+
+    /// Beats a running job's heartbeat; returns its status (a job cancelled meanwhile stops).
+    pub async fn beat_export(&self, export_id: &str) -> Result<Option<String>> {
+        let sql = format!(
+            "UPDATE strata_exports SET heartbeat_at = {} WHERE export_id = {} AND status = 'running'",
+            self.db.p(1),
+            self.db.p(2)
+        );
+        self.db
+            .execute_with(
+                &sql,
+                &[beat_time(chrono::Utc::now()).into(), export_id.into()],
+            )
+            .await?;
+        Ok(self.export(export_id).await?.map(|e| e.status))
+    }
+
+    /// Claims a running job whose heartbeat is older than `stale_before` (its server stopped):
+    /// beats it and counts one more attempt. True for the one caller whose claim wins.
+    pub async fn claim_export(
+        &self,
+        export_id: &str,
+        stale_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        let sql = format!(
+            "UPDATE strata_exports SET heartbeat_at = {}, attempts = COALESCE(attempts, 1) + 1, progress = NULL \
+             WHERE export_id = {} AND status = 'running' AND (heartbeat_at IS NULL OR heartbeat_at < {})",
+            self.db.p(1),
+            self.db.p(2),
+            self.db.p(3)
+        );
+        let n = self
+            .db
+            .execute_with(
+                &sql,
+                &[
+                    beat_time(chrono::Utc::now()).into(),
+                    export_id.into(),
+                    beat_time(stale_before).into(),
+                ],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     /// Ends a running export job: `done` with its manifest and the time its files expire, or
@@ -244,16 +296,6 @@ impl Control {
             )
             .await?;
         Ok(n == 1)
-    }
-
-    /// Counts one more attempt of a running job (a restart runs it again); returns the attempts.
-    pub async fn retry_export(&self, export_id: &str) -> Result<i64> {
-        let sql = format!(
-            "UPDATE strata_exports SET attempts = COALESCE(attempts, 1) + 1, progress = NULL WHERE export_id = {}",
-            self.db.p(1)
-        );
-        self.db.execute_with(&sql, &[export_id.into()]).await?;
-        Ok(self.export(export_id).await?.map_or(0, |e| e.attempts))
     }
 
     /// An export job by id.

@@ -41,6 +41,13 @@ impl PseudonymKey {
         PseudonymKey::new(&self.digest(&[b"strata study key v1:", study.as_bytes()]))
     }
 
+    /// The key of exports under profile `profile`: exports under two profiles cannot be linked
+    /// by their pseudonyms (a Safe Harbor export's real years to a limited data set's shifted
+    /// dates, say).
+    pub fn for_profile(&self, profile: &str) -> PseudonymKey {
+        PseudonymKey::new(&self.digest(&[b"strata profile key v1:", profile.as_bytes()]))
+    }
+
     /// The pseudonym of `value` in `domain` (32 hex digits): HMAC-SHA-256 of `domain:value`,
     /// cut to 128 bits.
     pub fn pseudonym(&self, domain: &str, value: &str) -> String {
@@ -75,6 +82,10 @@ mod tests {
         assert_ne!(p, other.pseudonym("patient", "17"));
         assert_ne!(p, k.pseudonym("encounters", "17"));
         assert_ne!(p, k.for_study("a").pseudonym("patient", "17"));
+        assert_ne!(
+            k.for_profile("safe_harbor").pseudonym("patient", "17"),
+            k.for_profile("limited_data_set").pseudonym("patient", "17")
+        );
         assert_ne!(
             k.for_study("a").pseudonym("patient", "17"),
             k.for_study("b").pseudonym("patient", "17")

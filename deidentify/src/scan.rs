@@ -29,7 +29,7 @@ pub enum Rule {
     PatientKeyCopy,
     /// Values equal to the row's own record key.
     RecordKeyCopy,
-    /// Full dates or timestamps where only years may leave.
+    /// Dates more precise than a year (a day, or a month) where only years may leave.
     FullDate,
     /// US social security numbers.
     Ssn,
@@ -51,7 +51,9 @@ impl Rule {
         match self {
             Rule::PatientKeyCopy => "equal to the row's own patient key",
             Rule::RecordKeyCopy => "equal to the row's own record key",
-            Rule::FullDate => "are full dates where the profile lets out only years",
+            Rule::FullDate => {
+                "are dates more precise than a year where the profile lets out only years"
+            }
             Rule::Ssn => "look like US social security numbers",
             Rule::Phone => "look like telephone numbers",
             Rule::Email => "look like e-mail addresses",
@@ -106,7 +108,7 @@ impl std::fmt::Display for Finding {
     }
 }
 
-const TEXT_RULES: [Rule; 8] = [
+const TEXT_RULES: [Rule; 10] = [
     Rule::Ssn,
     Rule::Phone,
     Rule::Email,
@@ -115,12 +117,16 @@ const TEXT_RULES: [Rule; 8] = [
     Rule::Mrn,
     Rule::FullDate,
     Rule::FullDate,
+    Rule::FullDate,
+    Rule::FullDate,
 ];
 
 struct Patterns {
     set: RegexSet,
     ip: Regex,
     compact_date: Regex,
+    /// An MRN with a letter prefix (in a measured value, a bare number is a value).
+    lettered_mrn: Regex,
 }
 
 fn patterns() -> &'static Patterns {
@@ -148,6 +154,10 @@ fn patterns() -> &'static Patterns {
             format!(r"\b(?:1[89]|20)[0-9]{{2}}[-/.]{mon}[-/.]{day}\b|\b(?:{mon}[/-]{day}|{day}[/-]{mon})[/-](?:[0-9]{{4}}|[0-9]{{2}})\b|\b(?:{mon}\.{day}|{day}\.{mon})\.[0-9]{{4}}\b"),
             // Full dates with a month's name.
             format!(r"(?i)\b{month}\s+{day}(?:st|nd|rd|th)?,?\s+[0-9]{{4}}\b|\b{day}(?:st|nd|rd|th)?\s+{month},?\s+[0-9]{{4}}\b"),
+            // A month and a year (a month is a date element too): 03/2019, March 2019.
+            format!(r"\b{mon}[/-](?:19|20)[0-9]{{2}}\b|(?i:\b{month},?\s+(?:19|20)[0-9]{{2}}\b)"),
+            // SAS-style dates: 04MAR2019, 4mar19.
+            r"(?i)\b[0-3]?[0-9](?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)(?:19|20)?[0-9]{2}\b".to_string(),
         ])
         .expect("the scanner's patterns compile");
         Patterns {
@@ -157,6 +167,7 @@ fn patterns() -> &'static Patterns {
                 r"\b(?:18|19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])\b",
             )
             .expect("compiles"),
+            lettered_mrn: Regex::new(r"\b[A-Z]{1,3}[0-9]{6,10}\b").expect("compiles"),
         }
     })
 }
@@ -216,7 +227,7 @@ fn text_rules(text: &str, kind: TextKind, years_only: bool) -> Vec<Rule> {
     for i in p.set.matches(text).iter() {
         let rule = TEXT_RULES[i];
         let skip = match rule {
-            Rule::Mrn => kind.no_mrn,
+            Rule::Mrn => kind.no_mrn || (kind.numbers_are_values && !p.lettered_mrn.is_match(text)),
             Rule::FullDate => !years_only,
             Rule::Url => kind.uri,
             Rule::Ip => !standalone_ip(text),
@@ -304,7 +315,13 @@ pub struct Scanner {
     hits: BTreeMap<(String, String, Rule), u64>,
     /// Values scanned per (file, column).
     values: BTreeMap<(String, String), u64>,
+    /// Per column, the rules of values seen (columns of codes, units and statuses repeat a few
+    /// thousand values: each is matched once).
+    known: std::collections::HashMap<String, std::collections::HashMap<String, Vec<Rule>>>,
 }
+
+/// Distinct values remembered per column.
+const KNOWN_VALUES: usize = 8192;
 
 impl Scanner {
     /// A scanner for a profile that lets out only years of dates (`years_only`) or full dates.
@@ -347,14 +364,17 @@ impl Scanner {
                     let text =
                         arrow::compute::cast(array, &DataType::Utf8).expect("text casts to text");
                     let kind = TextKind::of(column);
-                    let mut last: Option<(&str, Vec<Rule>)> = None;
+                    let years_only = self.years_only;
+                    let known = self.known.entry(column.name.clone()).or_default();
                     let mut counts: BTreeMap<Rule, u64> = BTreeMap::new();
                     for v in text.as_string::<i32>().iter().flatten() {
-                        let rules = match &last {
-                            Some((prev, rules)) if *prev == v => rules.clone(),
-                            _ => {
-                                let rules = text_rules(v, kind, self.years_only);
-                                last = Some((v, rules.clone()));
+                        let rules = match known.get(v) {
+                            Some(rules) => rules.clone(),
+                            None => {
+                                let rules = text_rules(v, kind, years_only);
+                                if known.len() < KNOWN_VALUES {
+                                    known.insert(v.to_string(), rules.clone());
+                                }
                                 rules
                             }
                         };
@@ -422,7 +442,13 @@ impl Scanner {
             if let (Some((patient, records)), false) = (keys, pseudonym) {
                 let v = match value {
                     Json::String(s) => Cell::Text(s),
-                    Json::Number(n) => n.as_i64().map_or(Cell::None, Cell::Int),
+                    Json::Number(n) => match (n.as_i64(), n.as_f64()) {
+                        (Some(i), _) => Cell::Int(i),
+                        (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                            Cell::Int(f as i64)
+                        }
+                        _ => Cell::None,
+                    },
                     _ => Cell::None,
                 };
                 if v.matches(Cell::Text(patient)) {
@@ -440,6 +466,16 @@ impl Scanner {
             for rule in text_rules(text, text_kind, self.years_only) {
                 self.hit(file, path, rule, 1);
             }
+        }
+    }
+
+    /// Adds what another scanner (of another part of the same export) counted.
+    pub fn merge(&mut self, other: Scanner) {
+        for (k, n) in other.hits {
+            *self.hits.entry(k).or_default() += n;
+        }
+        for (k, n) in other.values {
+            *self.values.entry(k).or_default() += n;
         }
     }
 
@@ -546,6 +582,12 @@ mod tests {
             [Rule::FullDate]
         );
         assert_eq!(rules("seen 4 Mar 2019", Class::Category), [Rule::FullDate]);
+        assert_eq!(rules("seen 03/2019", Class::Category), [Rule::FullDate]);
+        assert_eq!(
+            rules("seen in March 2019", Class::Category),
+            [Rule::FullDate]
+        );
+        assert_eq!(rules("seen 04MAR2019", Class::Category), [Rule::FullDate]);
         // Eight digits are a compact date and, to the MRN rule, a number like a record's.
         assert_eq!(
             rules("seen 20190304", Class::Category),
@@ -581,6 +623,8 @@ mod tests {
         assert!(rules("4471234", Class::Code).is_empty());
         assert!(rules("4471234", Class::Value).is_empty());
         assert_eq!(rules("MR4471234", Class::Value), [Rule::Mrn]);
+        // A measured value with a comparator is not a record number.
+        assert!(rules(">100000 CFU/mL", Class::Value).is_empty());
     }
 
     #[test]

@@ -201,12 +201,20 @@ impl TablePlan {
                 .map(|c| Field::new(&c.name, c.data_type.clone(), true))
                 .collect::<Vec<_>>(),
         ));
-        let record_keys = classes
+        // The record's keys: its primary key, the foreign keys to other records, and its
+        // archive key (what the scanner's record-key rule compares with).
+        let mut record_keys: Vec<usize> = classes
             .primary_key
             .iter()
             .filter_map(|k| schema.index_of(k).ok())
+            .chain(schema.fields().iter().enumerate().filter_map(|(i, f)| {
+                (classes.columns.get(f.name()).map(|c| c.class) == Some(Class::RecordKey))
+                    .then_some(i)
+            }))
             .chain(schema.index_of(KEY_COLUMN).ok())
             .collect();
+        record_keys.sort_unstable();
+        record_keys.dedup();
         Ok(TablePlan {
             table: table.to_string(),
             columns,

@@ -170,6 +170,7 @@ pub fn class_from_name(column: &str, patient_table: bool) -> Option<Class> {
         "full_name",
         "patient_name",
     ]) || (patient_table && any(&["name", "first", "last", "middle", "prefix", "suffix"]))
+        || person_name(column)
     {
         Name
     } else if part(&["account"]) || has("acct") {
@@ -268,6 +269,40 @@ pub fn class_from_name(column: &str, patient_table: bool) -> Option<Class> {
     } else {
         return None;
     })
+}
+
+/// Words that make a `*_name` column a person's name (a relative's, a provider's...).
+const PERSON_WORDS: [&str; 24] = [
+    "guarantor",
+    "kin",
+    "contact",
+    "provider",
+    "physician",
+    "doctor",
+    "nurse",
+    "patient",
+    "mother",
+    "father",
+    "spouse",
+    "emergency",
+    "caregiver",
+    "author",
+    "user",
+    "staff",
+    "clinician",
+    "surgeon",
+    "attending",
+    "referring",
+    "relative",
+    "guardian",
+    "parent",
+    "subscriber",
+];
+
+/// Whether a `*_name` column names a person.
+fn person_name(column: &str) -> bool {
+    let n = lower(column);
+    n.ends_with("name") && PERSON_WORDS.iter().any(|w| n.contains(w))
 }
 
 /// The class a text column's values suggest: an identifier pattern in most of them, or long
@@ -408,6 +443,31 @@ async fn propose_classes(
             ColumnType::Date | ColumnType::Timestamp | ColumnType::TimestampTz
         );
         match class_from_name(&c.name, patient_table) {
+            // A "category" whose values are long or nearly all different is prose or names:
+            // proposed as free text (which never leaves under the built-in profiles).
+            Some(Class::Category) if c.col_type == ColumnType::Text => {
+                let sample = sample(db, table, &c.name).await?;
+                let distinct: std::collections::HashSet<&String> = sample.iter().collect();
+                let long = !sample.is_empty()
+                    && sample.iter().map(|v| v.chars().count()).sum::<usize>() / sample.len() > 40;
+                let varied = sample.len() >= 20 && distinct.len() * 5 > sample.len() * 4;
+                if long || varied {
+                    g.classes.push((
+                        c.name.clone(),
+                        Class::FreeText,
+                        None,
+                        "its values are long or nearly all different (prose or names?)",
+                    ));
+                } else {
+                    g.classes.push((
+                        c.name.clone(),
+                        Class::Category,
+                        None,
+                        "proposed from the column name",
+                    ));
+                }
+                continue;
+            }
             // A dated column is a date anyway; only birth and death dates are worth naming.
             Some(class) if !dated || class.is_date() => {
                 g.classes
@@ -418,20 +478,7 @@ async fn propose_classes(
             _ => {}
         }
         if c.col_type == ColumnType::Text {
-            let sql = format!(
-                "SELECT {c} FROM {t} WHERE {c} IS NOT NULL LIMIT 100",
-                c = quote(&c.name),
-                t = quote(table)
-            );
-            let sample: Vec<String> = db
-                .fetch_all(sql, vec![ColumnType::Text])
-                .await?
-                .into_iter()
-                .filter_map(|r| match r.into_iter().next() {
-                    Some(Value::Text(t)) => Some(t),
-                    _ => None,
-                })
-                .collect();
+            let sample = sample(db, table, &c.name).await?;
             if let Some(class) = class_from_values(&sample) {
                 g.classes
                     .push((c.name.clone(), class, None, "proposed from its values"));
@@ -441,6 +488,24 @@ async fn propose_classes(
         g.unclassified.push(c.name.clone());
     }
     Ok(())
+}
+
+/// Up to 100 non-null values of a text column.
+async fn sample(db: &Db, table: &str, column: &str) -> Result<Vec<String>> {
+    let sql = format!(
+        "SELECT {c} FROM {t} WHERE {c} IS NOT NULL LIMIT 100",
+        c = quote(column),
+        t = quote(table)
+    );
+    Ok(db
+        .fetch_all(sql, vec![ColumnType::Text])
+        .await?
+        .into_iter()
+        .filter_map(|r| match r.into_iter().next() {
+            Some(Value::Text(t)) => Some(t),
+            _ => None,
+        })
+        .collect())
 }
 
 /// A TOML key: bare when it can be.
@@ -573,6 +638,8 @@ mod tests {
             ("value_as_number", false, Some(Class::Value)),
             ("unit_source_value", false, Some(Class::Unit)),
             ("test_name", false, Some(Class::Category)),
+            ("guarantor_name", false, Some(Class::Name)),
+            ("next_of_kin_name", false, Some(Class::Name)),
             ("anchor_age", false, Some(Class::Age)),
             ("dosage", false, Some(Class::Value)),
             ("provider_npi", false, Some(Class::UniqueId)),

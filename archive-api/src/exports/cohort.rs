@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use strata_archive::{ArchiveReader, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
-use strata_deidentify::TablePlan;
+use strata_deidentify::{PseudonymKey, TablePlan};
 
 /// The row filters of a job for one table.
 #[derive(Debug, Clone, Default)]
@@ -26,11 +26,20 @@ pub(crate) struct Cohort {
     to: Option<i32>,
     codes: Vec<(String, HashSet<String>)>,
     members: Option<Arc<HashSet<String>>>,
+    /// The key of the profile's date shifts: the bounds then apply to shifted dates (the
+    /// dates as they leave), so that they tell nothing of the real ones.
+    shift: Option<PseudonymKey>,
 }
 
 impl Cohort {
-    /// The filters of `spec` for `table`; `members`: the group's patients, if any.
-    pub fn new(spec: &JobSpec, table: &str, members: Option<Arc<HashSet<String>>>) -> Self {
+    /// The filters of `spec` for `table`; `members`: the group's patients, if any; `shift`:
+    /// the key of the profile's date shifts, if it shifts dates.
+    pub fn new(
+        spec: &JobSpec,
+        table: &str,
+        members: Option<Arc<HashSet<String>>>,
+        shift: Option<PseudonymKey>,
+    ) -> Self {
         Cohort {
             from: spec.from.map(Date32Type::from_naive_date),
             to: spec.to.map(Date32Type::from_naive_date),
@@ -42,6 +51,7 @@ impl Cohort {
                 .map(|(c, codes)| (c.clone(), codes.iter().cloned().collect()))
                 .collect(),
             members,
+            shift,
         }
     }
 
@@ -57,12 +67,26 @@ impl Cohort {
             .column_by_name(RECORD_DATE_COLUMN)
             .ok_or("no record date column")?
             .as_primitive::<Date32Type>();
+        let patients = batch
+            .column_by_name(PATIENT_COLUMN)
+            .ok_or("no patient column")?
+            .as_string::<i32>();
+        let mut last_shift: Option<(&str, i32)> = None;
         let mut keep: Vec<bool> = (0..n)
             .map(|i| match (self.from, self.to) {
                 (None, None) => true,
                 _ if dates.is_null(i) => false,
                 _ => {
-                    let d = dates.value(i);
+                    let mut d = dates.value(i);
+                    if let Some(key) = &self.shift {
+                        let p = patients.value(i);
+                        let days = match last_shift {
+                            Some((q, s)) if q == p => s,
+                            _ => key.shift_days(p),
+                        };
+                        last_shift = Some((p, days));
+                        d += days;
+                    }
                     self.from.is_none_or(|f| d >= f) && self.to.is_none_or(|t| d <= t)
                 }
             })
@@ -78,10 +102,6 @@ impl Cohort {
             }
         }
         if let Some(members) = &self.members {
-            let patients = batch
-                .column_by_name(PATIENT_COLUMN)
-                .ok_or("no patient column")?
-                .as_string::<i32>();
             for (i, k) in keep.iter_mut().enumerate() {
                 *k = *k && members.contains(patients.value(i));
             }

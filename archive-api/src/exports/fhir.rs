@@ -8,14 +8,13 @@
 use super::cohort::Cohort;
 use super::output::NdjsonOut;
 use super::patients::operational_patients;
-use super::{Exporter, Failure, JobSpec};
+use super::{shifted, Exporter, Failure, JobSpec, Watch};
 use crate::fhir::{resource_as, Identity};
 use crate::history::{cell, HistoryRecord};
 use crate::routes::AppState;
 use arrow::array::{Array, AsArray, RecordBatch};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use strata_archive::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use strata_deidentify::{Action, Class, ExportContext, Profile, Scanner, TablePlan};
@@ -58,7 +57,7 @@ pub(crate) async fn files(
     ctx: &ExportContext,
     members: Option<Arc<HashSet<String>>>,
     scanner: &mut Scanner,
-    cancel: &AtomicBool,
+    watch: &mut Watch<'_>,
 ) -> Result<Vec<Value>, Failure> {
     let fhir = spec
         .fhir
@@ -70,9 +69,13 @@ pub(crate) async fn files(
             profile.name
         )));
     }
-    let mut outs: BTreeMap<String, NdjsonOut> = BTreeMap::new();
-    // With `_since`, only the patients of the resources exported get a Patient resource.
-    let mut seen: Option<HashSet<String>> = fhir.since.as_ref().map(|_| HashSet::new());
+    let mut outs = Outputs {
+        store: &exporter.store,
+        id,
+        files: BTreeMap::new(),
+    };
+    // The patients of the resources exported: they get a Patient resource.
+    let mut seen: HashSet<String> = HashSet::new();
     let steps = spec.tables.len() + 1;
     for (n, table) in spec.tables.iter().enumerate() {
         let _ = state
@@ -86,21 +89,16 @@ pub(crate) async fn files(
         else {
             continue;
         };
-        let cohort = Cohort::new(spec, table, members.clone());
+        let cohort = Cohort::new(spec, table, members.clone(), shifted(profile, ctx));
         rows.project(
             plan.input_columns()
                 .into_iter()
                 .chain(cohort.columns().map(str::to_string)),
         );
         let file = format!("{}.ndjson", mapping.resource);
-        let out = outs
-            .entry(mapping.resource.clone())
-            .or_insert_with(|| NdjsonOut::new(&exporter.store, &format!("{id}/{file}")));
         let domain = format!("{table}:record");
         while let Some(batch) = rows.next(&plan, &cohort).await? {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Failure::Cancelled);
-            }
+            watch.check().await?;
             let exported = plan.apply(&batch, ctx).map_err(|e| e.to_string())?;
             let (patients, keys) = plan.row_keys(&batch);
             let strata_keys = batch
@@ -138,10 +136,8 @@ pub(crate) async fn files(
                 };
                 let (patient, record_keys) = row_keys(patients.as_ref(), &keys, row);
                 scanner.resource(&file, &resource, Some((&patient, &record_keys)));
-                out.line(&resource).await?;
-                if let Some(seen) = &mut seen {
-                    seen.insert(patient);
-                }
+                outs.line(&mapping.resource, &resource).await?;
+                seen.insert(patient);
             }
         }
     }
@@ -150,40 +146,96 @@ pub(crate) async fn files(
             .control
             .export_progress(id, &format!("{steps} of {steps}: Patient"))
             .await;
-        let out = outs
-            .entry("Patient".into())
-            .or_insert_with(|| NdjsonOut::new(&exporter.store, &format!("{id}/Patient.ndjson")));
+        if spec.tables.is_empty() {
+            // Patients only: those with archived records the profile may export.
+            seen =
+                archived_patients(exporter, state, spec, profile, members.as_ref(), watch).await?;
+        }
         patients(
-            exporter,
-            state,
-            spec,
-            profile,
-            ctx,
-            members,
-            seen.as_ref(),
-            scanner,
-            out,
-            cancel,
+            exporter, state, spec, profile, ctx, &seen, scanner, &mut outs, watch,
         )
         .await?;
     }
-    let mut files = Vec::new();
-    for (kind, out) in outs {
-        let count = out.lines;
-        let written = out.finish().await?;
-        files.push(json!({
-            "type": kind,
-            "file": format!("{kind}.ndjson"),
-            "count": count,
-            "bytes": written.bytes,
-            "sha256": written.sha256,
-        }));
-    }
-    Ok(files)
+    outs.finish().await
 }
 
-/// `Patient` resources of the patients in scope (a group's, those seen, or all), from the
-/// patients table's archived rows and its operational rows (each patient once).
+/// The job's NDJSON files, one per resource type, each started at its first line (a type
+/// with no resource has no file).
+struct Outputs<'a> {
+    store: &'a Arc<dyn object_store::ObjectStore>,
+    id: &'a str,
+    files: BTreeMap<String, NdjsonOut>,
+}
+
+impl Outputs<'_> {
+    async fn line(&mut self, kind: &str, resource: &Value) -> Result<(), Failure> {
+        let (store, id) = (self.store, self.id);
+        let out = self
+            .files
+            .entry(kind.to_string())
+            .or_insert_with(|| NdjsonOut::new(store, &format!("{id}/{kind}.ndjson")));
+        Ok(out.line(resource).await?)
+    }
+
+    /// Ends every file; returns their entries.
+    async fn finish(self) -> Result<Vec<Value>, Failure> {
+        let mut files = Vec::new();
+        for (kind, out) in self.files {
+            let count = out.lines;
+            let written = out.finish().await?;
+            files.push(json!({
+                "type": kind,
+                "file": format!("{kind}.ndjson"),
+                "count": count,
+                "bytes": written.bytes,
+                "sha256": written.sha256,
+            }));
+        }
+        Ok(files)
+    }
+}
+
+/// The patients with an archived record in a table the job may export (of its group, if any).
+async fn archived_patients(
+    exporter: &Exporter,
+    state: &AppState,
+    spec: &JobSpec,
+    profile: &Profile,
+    members: Option<&Arc<HashSet<String>>>,
+    watch: &mut Watch<'_>,
+) -> Result<HashSet<String>, Failure> {
+    let mut found = HashSet::new();
+    for (table, mapping) in state.fhir.iter() {
+        if mapping.resource == "DocumentReference"
+            || (!profile.tables.is_empty() && !profile.tables.contains(table))
+        {
+            continue;
+        }
+        let Some((plan, mut rows)) = exporter.plan(&state.archive, table, spec, profile).await?
+        else {
+            continue;
+        };
+        rows.project(std::iter::empty());
+        let cohort = Cohort::new(spec, table, members.cloned(), None);
+        while let Some(batch) = rows.next(&plan, &cohort).await? {
+            watch.check().await?;
+            let keys = batch
+                .column_by_name(PATIENT_COLUMN)
+                .ok_or("no patient column")?
+                .as_string::<i32>();
+            found.extend(
+                keys.iter()
+                    .flatten()
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string),
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// `Patient` resources of `scope` (patient keys), from the patients table's archived rows and
+/// its operational rows (each patient once).
 #[allow(clippy::too_many_arguments)]
 async fn patients(
     exporter: &Exporter,
@@ -191,19 +243,15 @@ async fn patients(
     spec: &JobSpec,
     profile: &Profile,
     ctx: &ExportContext,
-    members: Option<Arc<HashSet<String>>>,
-    seen: Option<&HashSet<String>>,
+    scope: &HashSet<String>,
     scanner: &mut Scanner,
-    out: &mut NdjsonOut,
-    cancel: &AtomicBool,
+    outs: &mut Outputs<'_>,
+    watch: &mut Watch<'_>,
 ) -> Result<(), Failure> {
     let Some(table) = exporter.classification().patients.clone() else {
         return Ok(());
     };
     let classes = exporter.classification().table(&table.table);
-    let in_scope = |key: &str| {
-        members.as_ref().is_none_or(|m| m.contains(key)) && seen.is_none_or(|s| s.contains(key))
-    };
     let mut done: HashSet<String> = HashSet::new();
     let mut emit = |plan: &TablePlan,
                     source: &RecordBatch,
@@ -217,7 +265,7 @@ async fn patients(
         let mut resources = Vec::new();
         for row in 0..exported.num_rows() {
             let key = keys.value(row);
-            if key.is_empty() || !in_scope(key) || !done.insert(key.to_string()) {
+            if !scope.contains(key) || !done.insert(key.to_string()) {
                 continue;
             }
             let resource = patient_resource(plan, &exported, row);
@@ -241,11 +289,9 @@ async fn patients(
         let cohort = Cohort::default();
         rows.project(plan.input_columns());
         while let Some(batch) = rows.next(&plan, &cohort).await? {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Failure::Cancelled);
-            }
+            watch.check().await?;
             for r in emit(&plan, &batch, scanner)? {
-                out.line(&r).await?;
+                outs.line("Patient", &r).await?;
             }
         }
     }
@@ -272,11 +318,9 @@ async fn patients(
         let plan = TablePlan::new(&table.table, schema, &classes, profile, None)
             .map_err(Failure::Internal)?;
         while let Some(batch) = batches.recv().await {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Failure::Cancelled);
-            }
+            watch.check().await?;
             for r in emit(&plan, &batch?, scanner)? {
-                out.line(&r).await?;
+                outs.line("Patient", &r).await?;
             }
         }
     }

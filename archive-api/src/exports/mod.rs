@@ -25,6 +25,7 @@ pub(crate) mod spec;
 use crate::config::{hex_key, ExportsConfig};
 use crate::error::ApiError;
 use crate::routes::AppState;
+use chrono::Datelike;
 use cohort::{Cohort, TableRows};
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -37,14 +38,52 @@ use std::sync::{Arc, Mutex};
 use strata_archive::ArchiveReader;
 use strata_control::{AuditEntry, Outcome};
 use strata_deidentify::{
-    merge_schemas, Classification, ExportContext, Finding, Profile, PseudonymKey, RestrictedZip3,
-    Scanner, TablePlan,
+    merge_schemas, Action, Class, Classification, ExportContext, Finding, Profile, PseudonymKey,
+    RestrictedZip3, Scanner, TablePlan,
 };
 
 pub use spec::{CodeToken, ExportRequest, FhirSpec, Format, JobSpec};
 
 /// Runs of an interrupted job before it is marked failed.
 const MAX_ATTEMPTS: i64 = 3;
+/// How often a running job beats its heartbeat (and learns it was cancelled elsewhere).
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A running job whose heartbeat is older than this was interrupted: its server stopped.
+const LEASE_SECS: i64 = 60;
+/// How often interrupted jobs are looked for.
+const RESUME_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A running job's hold on its record: its local cancel flag, and the heartbeat that tells
+/// other servers it is alive and tells it when it was cancelled through another server.
+pub(crate) struct Watch<'a> {
+    id: &'a str,
+    control: &'a strata_control::Control,
+    cancelled: Arc<AtomicBool>,
+    last: std::time::Instant,
+}
+
+impl Watch<'_> {
+    /// Fails with `Cancelled` once the job was cancelled; beats the heartbeat now and then.
+    pub(crate) async fn check(&mut self) -> Result<(), Failure> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(Failure::Cancelled);
+        }
+        if self.last.elapsed() >= HEARTBEAT {
+            self.last = std::time::Instant::now();
+            self.still_running().await?;
+        }
+        Ok(())
+    }
+
+    /// Beats the heartbeat; fails with `Cancelled` unless the job is still running.
+    async fn still_running(&self) -> Result<(), Failure> {
+        match self.control.beat_export(self.id).await {
+            Ok(Some(s)) if s == "running" => Ok(()),
+            Ok(_) => Err(Failure::Cancelled),
+            Err(e) => Err(Failure::Internal(e.to_string())),
+        }
+    }
+}
 
 /// Why a job did not finish.
 #[derive(Debug)]
@@ -97,7 +136,7 @@ impl From<&str> for Failure {
 pub struct Exporter {
     store: Arc<dyn ObjectStore>,
     key: PseudonymKey,
-    studies: Arc<BTreeMap<String, PseudonymKey>>,
+    studies: Arc<BTreeMap<String, (PseudonymKey, Vec<String>)>>,
     profiles: Arc<BTreeMap<String, Profile>>,
     classes: Arc<Classification>,
     zip3: Arc<RestrictedZip3>,
@@ -133,18 +172,20 @@ impl Exporter {
         .ok();
         let mut studies = BTreeMap::new();
         for (name, s) in &config.studies {
-            match hex_key(
-                s.pseudonym_key_file.as_ref(),
-                s.pseudonym_key_env.as_ref(),
-                base,
-                &format!("[api.exports.studies.{name}]"),
-                "pseudonym_key",
-            ) {
-                Ok(k) => {
-                    studies.insert(name.clone(), PseudonymKey::new(&k));
-                }
-                Err(e) => problems.push(e),
-            }
+            let own = if s.pseudonym_key_file.is_none() && s.pseudonym_key_env.is_none() {
+                None
+            } else {
+                hex_key(
+                    s.pseudonym_key_file.as_ref(),
+                    s.pseudonym_key_env.as_ref(),
+                    base,
+                    &format!("[api.exports.studies.{name}]"),
+                    "pseudonym_key",
+                )
+                .map_err(|e| problems.push(e))
+                .ok()
+            };
+            studies.insert(name.clone(), (own, s.researchers.clone()));
         }
         let mut profiles: BTreeMap<String, Profile> =
             [Profile::safe_harbor(), Profile::limited_data_set()]
@@ -181,8 +222,19 @@ impl Exporter {
         match (key, store) {
             (Some(key), Some(store)) if problems.is_empty() => Ok(Exporter {
                 store,
+                studies: Arc::new(
+                    studies
+                        .into_iter()
+                        .map(|(name, (own, researchers))| {
+                            let key = match own {
+                                Some(k) => PseudonymKey::new(&k),
+                                None => PseudonymKey::new(&key).for_study(&name),
+                            };
+                            (name, (key, researchers))
+                        })
+                        .collect(),
+                ),
                 key: PseudonymKey::new(&key),
-                studies: Arc::new(studies),
                 profiles: Arc::new(profiles),
                 classes: Arc::new(classes),
                 zip3: Arc::new(zip3),
@@ -215,19 +267,39 @@ impl Exporter {
         &self.classes
     }
 
-    fn context(&self, study: Option<&str>) -> ExportContext {
-        let key = match study {
-            None => self.key.clone(),
-            Some(s) => self
-                .studies
-                .get(s)
-                .cloned()
-                .unwrap_or_else(|| self.key.for_study(s)),
-        };
+    /// The pseudonym key of a job: its study's (or the site's), then its profile's, so that
+    /// exports of two studies, or under two profiles, cannot be linked by their pseudonyms.
+    fn context(&self, study: Option<&str>, profile: &str) -> ExportContext {
+        let base = study
+            .and_then(|s| self.studies.get(s))
+            .map_or(&self.key, |(k, _)| k);
         ExportContext {
-            key,
+            key: base.for_profile(profile),
             as_of: chrono::Utc::now().date_naive(),
             zip3: self.zip3.clone(),
+        }
+    }
+
+    /// Whether `study` is configured.
+    pub(crate) fn has_study(&self, study: &str) -> bool {
+        self.studies.contains_key(study)
+    }
+
+    /// Whether `user` may export under `study` (a system client: the study its registration
+    /// names).
+    fn may_use_study(&self, study: &str, user: &str) -> Result<(), ApiError> {
+        match self.studies.get(study) {
+            None => Err(ApiError::BadRequest(format!(
+                "no study {study:?}: studies are configured in [api.exports.studies]"
+            ))),
+            Some((_, researchers))
+                if !researchers.is_empty()
+                    && !user.starts_with("system:")
+                    && !researchers.iter().any(|r| r == user) =>
+            {
+                Err(ApiError::Forbidden)
+            }
+            Some(_) => Ok(()),
         }
     }
 
@@ -260,9 +332,14 @@ impl Exporter {
         Ok(Some((plan, rows)))
     }
 
-    /// Checks a job before it starts: profile, agreement, tables, columns, code lists and group.
-    /// Errors say what to change.
-    pub(crate) async fn check(&self, spec: &JobSpec, state: &AppState) -> Result<(), ApiError> {
+    /// Checks a job of `user`'s before it starts: profile, agreement, study, tables, columns,
+    /// date bounds, code lists and group. Errors say what to change.
+    pub(crate) async fn check(
+        &self,
+        spec: &JobSpec,
+        user: &str,
+        state: &AppState,
+    ) -> Result<(), ApiError> {
         let profile = self.profile(&spec.profile)?;
         if profile.requires_dua && spec.data_use_agreement.is_none() {
             return Err(ApiError::BadRequest(format!(
@@ -270,8 +347,22 @@ impl Exporter {
                 profile.name
             )));
         }
-        if spec.tables.is_empty() {
+        if let Some(study) = &spec.study {
+            self.may_use_study(study, user)?;
+        }
+        if spec.tables.is_empty() && spec.format == Format::Parquet {
             return Err(ApiError::BadRequest("name at least one table".into()));
+        }
+        // Date bounds finer than the dates that leave would tell what the export hides.
+        if profile.years_only() {
+            let whole = spec.from.is_none_or(|d| (d.month(), d.day()) == (1, 1))
+                && spec.to.is_none_or(|d| (d.month(), d.day()) == (12, 31));
+            if !whole {
+                return Err(ApiError::BadRequest(format!(
+                    "profile {} lets out only years of dates: from must be a year's first day and to its last (YYYY-01-01, YYYY-12-31)",
+                    profile.name
+                )));
+            }
         }
         let catalog = state.archive.catalog();
         for t in spec
@@ -302,14 +393,35 @@ impl Exporter {
                 Err(e) => return Err(ApiError::Internal(format!("{e:?}"))),
             };
             if let Some((plan, _)) = plan {
+                // Rows are chosen only by values the export lets out as they are: choosing them
+                // by anything else (a social security number, a patient key) would tie it to
+                // a pseudonym.
                 for column in spec.codes.get(table).into_iter().flat_map(|c| c.keys()) {
-                    if plan.input_schema().field_with_name(column).is_err() {
+                    let kept = plan
+                        .columns
+                        .iter()
+                        .any(|c| &c.source == column && c.action == Action::Keep);
+                    if !kept {
                         return Err(ApiError::BadRequest(format!(
-                            "table {table} has no column {column:?} for a code list"
+                            "a code list needs a column the profile lets out as it is: column {column:?} of {table} is not one"
                         )));
                     }
                 }
             }
+        }
+        let patients_table = self.classes.patients.as_ref().map(|p| p.table.as_str());
+        let wants_patients = spec
+            .fhir
+            .as_ref()
+            .is_some_and(|f| f.types.iter().any(|t| t == "Patient"));
+        if wants_patients
+            && !profile.tables.is_empty()
+            && !patients_table.is_some_and(|t| profile.tables.iter().any(|p| p == t))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "profile {} does not export the patients table: leave Patient out of _type",
+                profile.name
+            )));
         }
         if let Some(g) = &spec.group {
             if state.control.groups(Some(g)).await?.is_empty() {
@@ -340,14 +452,25 @@ impl Exporter {
     }
 
     fn spawn(&self, state: AppState, id: String, user: String, spec: JobSpec) {
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancelled = Arc::new(AtomicBool::new(false));
         self.cancels
             .lock()
             .expect("cancel flags")
-            .insert(id.clone(), cancel.clone());
+            .insert(id.clone(), cancelled.clone());
         let exporter = self.clone();
         tokio::spawn(async move {
-            let outcome = exporter.run(&state, &id, &spec, &cancel).await;
+            let mut watch = Watch {
+                id: &id,
+                control: &state.control,
+                cancelled,
+                last: std::time::Instant::now(),
+            };
+            let outcome = exporter.run(&state, &id, &spec, &mut watch).await;
+            // Released only while still running here (not cancelled through another server).
+            let outcome = match outcome {
+                Ok(m) => watch.still_running().await.map(|()| m),
+                Err(e) => Err(e),
+            };
             exporter.end(&state, &id, &user, &spec, outcome).await;
             exporter.cancels.lock().expect("cancel flags").remove(&id);
         });
@@ -383,7 +506,7 @@ impl Exporter {
         state: &AppState,
         id: &str,
         spec: &JobSpec,
-        cancel: &AtomicBool,
+        watch: &mut Watch<'_>,
     ) -> Result<Value, Failure> {
         let profile = self
             .profiles
@@ -393,7 +516,7 @@ impl Exporter {
             })?
             .clone();
         let members = self.members(state, spec).await?;
-        let ctx = self.context(spec.study.as_deref());
+        let ctx = self.context(spec.study.as_deref(), &profile.name);
         let mut scanner = Scanner::new(profile.years_only());
         let files = match spec.format {
             Format::Parquet => {
@@ -405,7 +528,7 @@ impl Exporter {
                     &ctx,
                     members,
                     &mut scanner,
-                    cancel,
+                    watch,
                 )
                 .await?
             }
@@ -419,7 +542,7 @@ impl Exporter {
                     &ctx,
                     members,
                     &mut scanner,
-                    cancel,
+                    watch,
                 )
                 .await?
             }
@@ -467,7 +590,7 @@ impl Exporter {
         ctx: &ExportContext,
         members: Option<Arc<HashSet<String>>>,
         scanner: &mut Scanner,
-        cancel: &AtomicBool,
+        watch: &mut Watch<'_>,
     ) -> Result<Vec<Value>, Failure> {
         let mut files = Vec::new();
         for (n, table) in spec.tables.iter().enumerate() {
@@ -482,7 +605,7 @@ impl Exporter {
             else {
                 continue;
             };
-            let cohort = Cohort::new(spec, table, members.clone());
+            let cohort = Cohort::new(spec, table, members.clone(), shifted(profile, ctx));
             rows.project(
                 plan.input_columns()
                     .into_iter()
@@ -494,9 +617,7 @@ impl Exporter {
             let columns = plan.scan_columns();
             let mut exported = 0u64;
             while let Some(batch) = rows.next(&plan, &cohort).await? {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(Failure::Cancelled);
-                }
+                watch.check().await?;
                 let out_batch = plan.apply(&batch, ctx).map_err(|e| e.to_string())?;
                 let (patients, keys) = plan.row_keys(&batch);
                 scanner.key_copies(&name, &out_batch, &columns, &patients, &keys);
@@ -520,17 +641,15 @@ impl Exporter {
         Ok(files)
     }
 
-    /// Records how a job ended: released (audited first: no audit entry, no release), failed
-    /// (files deleted, the reason audited) or cancelled (files deleted).
-    async fn end(
-        &self,
-        state: &AppState,
-        id: &str,
+    /// The audit entry of a job's end.
+    fn entry(
         user: &str,
         spec: &JobSpec,
-        outcome: Result<Value, Failure>,
-    ) {
-        let audit = |status: u16, outcome: Outcome, detail: Value| AuditEntry {
+        status: u16,
+        outcome: Outcome,
+        detail: Value,
+    ) -> AuditEntry {
+        AuditEntry {
             user: user.to_string(),
             roles: spec.roles.clone(),
             purpose: None,
@@ -541,7 +660,19 @@ impl Exporter {
             break_glass: None,
             detail,
             client: None,
-        };
+        }
+    }
+
+    /// Records how a job ended: released (audited first: no audit entry, no release), failed
+    /// (files deleted, the reason audited) or cancelled (files deleted).
+    async fn end(
+        &self,
+        state: &AppState,
+        id: &str,
+        user: &str,
+        spec: &JobSpec,
+        outcome: Result<Value, Failure>,
+    ) {
         let failure = match outcome {
             Ok(manifest) => {
                 let released = json!({
@@ -554,11 +685,8 @@ impl Exporter {
                         "file": f["file"], "rows": f["rows"], "sha256": f["sha256"],
                     })).collect::<Vec<_>>()),
                 });
-                match state
-                    .audit
-                    .append(audit(200, Outcome::Allowed, released))
-                    .await
-                {
+                let entry = Self::entry(user, spec, 200, Outcome::Allowed, released);
+                match state.audit.append(entry).await {
                     Ok(_) => {
                         let expires = (chrono::Utc::now() + self.expire_after).to_rfc3339();
                         match state
@@ -577,27 +705,45 @@ impl Exporter {
             Err(Failure::Cancelled) => None,
             Err(f) => Some(f),
         };
-        if let Err(e) = self.delete_files(id).await {
-            tracing::error!(export = %id, error = %e, "export files not deleted");
+        // Files of an export another server released are never touched.
+        let released = matches!(
+            state.control.export(id).await.map(|r| r.map(|r| r.status)),
+            Ok(Some(s)) if s == "done"
+        );
+        if !released {
+            if let Err(e) = self.delete_files(id).await {
+                tracing::error!(export = %id, error = %e, "export files not deleted");
+            }
         }
         let Some(failure) = failure else { return };
         if let Failure::Internal(detail) = &failure {
             tracing::error!(export = %id, %detail, "export failed");
         }
+        self.fail(state, id, user, spec, &failure).await;
+    }
+
+    /// Marks a job failed, with its reason in the audit log.
+    async fn fail(
+        &self,
+        state: &AppState,
+        id: &str,
+        user: &str,
+        spec: &JobSpec,
+        failure: &Failure,
+    ) {
         let reason = failure.reason();
         let status = match failure {
             Failure::Identifiers(_) | Failure::Request(_) => 422,
             _ => 500,
         };
-        if let Err(e) = state
-            .audit
-            .append(audit(
-                status,
-                Outcome::Failed,
-                json!({ "export": id, "reason": reason }),
-            ))
-            .await
-        {
+        let entry = Self::entry(
+            user,
+            spec,
+            status,
+            Outcome::Failed,
+            json!({ "export": id, "reason": reason }),
+        );
+        if let Err(e) = state.audit.append(entry).await {
             tracing::error!(export = %id, error = %e, "audit entry of a failed export not written");
         }
         if let Err(e) = state.control.finish_export(id, Err(&reason)).await {
@@ -615,54 +761,67 @@ impl Exporter {
         Ok(())
     }
 
-    /// Runs again the jobs a stopped server left running (up to three attempts in all), or
-    /// marks them failed.
+    /// Runs again the jobs whose server stopped (their heartbeat is older than the lease): each
+    /// claimed by one server only, up to three attempts in all, then marked failed.
     pub async fn resume(&self, state: &AppState) -> Result<usize, ApiError> {
         let mut resumed = 0;
+        let stale_before = chrono::Utc::now() - chrono::Duration::seconds(LEASE_SECS);
         for job in state.control.exports_with_status("running").await? {
             let id = job.export_id.clone();
             if self.cancels.lock().expect("cancel flags").contains_key(&id) {
                 continue; // running here
             }
+            if !state.control.claim_export(&id, stale_before).await? {
+                continue; // alive elsewhere, or claimed by another server
+            }
             if let Err(e) = self.delete_files(&id).await {
                 tracing::error!(export = %id, error = %e, "partial export files not deleted");
             }
-            let attempts = state.control.retry_export(&id).await?;
+            let attempts = job.attempts + 1;
             let spec: Option<JobSpec> = serde_json::from_value(job.request.clone()).ok();
             match spec {
                 Some(spec) if attempts <= MAX_ATTEMPTS => {
-                    tracing::warn!(export = %id, attempts, "export interrupted by a restart: running it again");
+                    tracing::warn!(export = %id, attempts, "export interrupted: running it again");
                     self.spawn(state.clone(), id, job.requested_by.clone(), spec);
                     resumed += 1;
                 }
-                _ => {
+                Some(spec) => {
                     let reason = format!(
-                        "interrupted by restarts of the server {} times; not run again: ask for it anew",
+                        "interrupted {} times (its server stopped); not run again: ask for it anew",
                         attempts - 1
                     );
-                    state.control.finish_export(&id, Err(&reason)).await?;
+                    let failure = Failure::Request(reason);
+                    self.fail(state, &id, &job.requested_by, &spec, &failure)
+                        .await;
+                }
+                None => {
+                    state
+                        .control
+                        .finish_export(&id, Err("interrupted; its request cannot be read again"))
+                        .await?;
                 }
             }
         }
         Ok(resumed)
     }
 
-    /// Deletes the files of exports that expired; returns how many.
+    /// Deletes the files of exports that expired; returns how many (one that cannot be deleted
+    /// now is tried again at the next sweep).
     pub async fn expire(&self, state: &AppState) -> Result<usize, ApiError> {
         let now = chrono::Utc::now();
         let mut n = 0;
         for job in state.control.exports_with_status("done").await? {
-            let due = job
-                .expires_at
-                .as_deref()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .is_some_and(|t| t <= now);
-            if due {
-                self.delete_files(&job.export_id)
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
-                state.control.expire_export(&job.export_id).await?;
-                n += 1;
+            if !expired(&job, now) {
+                continue;
+            }
+            match self.delete_files(&job.export_id).await {
+                Ok(()) => {
+                    state.control.expire_export(&job.export_id).await?;
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::error!(export = %job.export_id, error = %e, "expired export not deleted")
+                }
             }
         }
         Ok(n)
@@ -677,10 +836,10 @@ impl Exporter {
         Ok(state.control.expire_export(id).await?)
     }
 
-    /// How often expired exports are looked for.
+    /// How often interrupted jobs and expired exports are looked for.
     pub fn sweep_interval(&self) -> std::time::Duration {
         let secs = (self.expire_after.num_seconds() / 4).clamp(1, 300);
-        std::time::Duration::from_secs(secs as u64)
+        std::time::Duration::from_secs(secs as u64).min(RESUME_EVERY)
     }
 
     /// Streams a file of an export.
@@ -700,8 +859,26 @@ impl Exporter {
     }
 }
 
-/// Resumes interrupted export jobs and deletes expired exports from time to time: what
-/// `strata serve` runs beside the API.
+/// Whether a finished job's files have expired (they are not served from then on, even before
+/// the sweep deletes them).
+pub(crate) fn expired(
+    job: &strata_control::ExportRecord,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    job.expires_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_some_and(|t| t <= now)
+}
+
+/// The key of a profile's date shifts, when it shifts dates: date bounds then apply to the
+/// dates as they leave.
+pub(crate) fn shifted(profile: &Profile, ctx: &ExportContext) -> Option<PseudonymKey> {
+    (profile.action(Class::Date) == Action::Shift).then(|| ctx.key.clone())
+}
+
+/// Resumes interrupted export jobs (now, and whenever one's server stops beating its
+/// heartbeat) and deletes expired exports: what `strata serve` runs beside the API.
 pub async fn start_background(state: &AppState) {
     let Some(exporter) = state.exporter.clone() else {
         return;
@@ -716,6 +893,9 @@ pub async fn start_background(state: &AppState) {
                 tracing::error!(error = %e, "expired exports not deleted");
             }
             tokio::time::sleep(exporter.sweep_interval()).await;
+            if let Err(e) = exporter.resume(&state).await {
+                tracing::error!(error = %e, "interrupted exports not resumed");
+            }
         }
     });
 }

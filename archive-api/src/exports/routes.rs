@@ -11,10 +11,12 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use chrono::Datelike;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeSet;
 use strata_archive::PATIENT_COLUMN;
+use strata_deidentify::Class;
 
 /// A response with what to note for the audit log.
 fn reply(body: impl IntoResponse, detail: serde_json::Value) -> Response {
@@ -55,7 +57,7 @@ pub(crate) async fn start_export(
         ApiError::BadRequest("the body must be JSON: {\"profile\", \"tables\" [, \"columns\", \"from\", \"to\", \"codes\", \"study\", \"data_use_agreement\", \"group\"]}".into())
     })?;
     let spec = request.job(principal.role_names())?;
-    exporter.check(&spec, &state).await?;
+    exporter.check(&spec, &principal.user, &state).await?;
     let detail = json!({ "profile": spec.profile, "tables": spec.tables, "study": spec.study,
         "data_use_agreement": spec.data_use_agreement, "group": spec.group });
     let id = exporter.start(&state, &principal.user, spec).await?;
@@ -115,7 +117,8 @@ pub(crate) async fn export_file(
 ) -> Result<Response, ApiError> {
     principal.require(&[Role::Researcher])?;
     let record = own_export(&state, &principal, &id).await?;
-    if record.status != "done" || record.kind != "parquet" {
+    let expired = crate::exports::expired(&record, chrono::Utc::now());
+    if record.status != "done" || record.kind != "parquet" || expired {
         return Err(ApiError::NotFound);
     }
     let stream = exporter(&state)?.file(&id, &file).await?;
@@ -191,7 +194,11 @@ impl From<strata_control::GroupRecord> for GroupSummary {
 const GROUP_ROLES: &[Role] = &[Role::Researcher, Role::RecordsManager, Role::Admin];
 
 /// The patients with an archived record matching `criteria`.
-async fn patients_matching(state: &AppState, c: &Criteria) -> Result<Vec<String>, ApiError> {
+async fn patients_matching(
+    state: &AppState,
+    c: &Criteria,
+    records_manager: bool,
+) -> Result<Vec<String>, ApiError> {
     let request = ExportRequest {
         profile: String::new(),
         tables: vec![c.table.clone()],
@@ -204,6 +211,14 @@ async fn patients_matching(state: &AppState, c: &Criteria) -> Result<Vec<String>
         group: None,
     };
     let spec = request.job(String::new())?;
+    let whole = spec.from.is_none_or(|d| (d.month(), d.day()) == (1, 1))
+        && spec.to.is_none_or(|d| (d.month(), d.day()) == (12, 31));
+    if !whole && !records_manager {
+        return Err(ApiError::BadRequest(
+            "a researcher's cohort is bounded by whole years: from YYYY-01-01, to YYYY-12-31"
+                .into(),
+        ));
+    }
     let Some(manifests) = state.archive.catalog().tables.get(&c.table) else {
         return Err(ApiError::BadRequest(format!(
             "no archived table {:?}",
@@ -215,10 +230,24 @@ async fn patients_matching(state: &AppState, c: &Criteria) -> Result<Vec<String>
         schemas.push(state.archive.file_schema(f).await?);
     }
     let merged = strata_deidentify::merge_schemas(&schemas).map_err(ApiError::Internal)?;
+    // Patients are chosen by codes and categories only: choosing them by an identifier would
+    // tell whose records the cohort holds.
+    let classes = state
+        .exporter
+        .as_ref()
+        .map(|e| e.classification().table(&c.table))
+        .unwrap_or_default();
     for column in c.codes.keys() {
-        if merged.field_with_name(column).is_err() {
+        let Ok(field) = merged.field_with_name(column) else {
             return Err(ApiError::BadRequest(format!(
                 "table {} has no column {column:?}",
+                c.table
+            )));
+        };
+        let class = classes.class_of(column, field.data_type()).map(|c| c.class);
+        if !matches!(class, Some(Class::Code | Class::Category)) {
+            return Err(ApiError::BadRequest(format!(
+                "a cohort's criteria name columns of class code or category: {column:?} of {} is not one",
                 c.table
             )));
         }
@@ -234,7 +263,7 @@ async fn patients_matching(state: &AppState, c: &Criteria) -> Result<Vec<String>
         None,
     )
     .map_err(ApiError::Internal)?;
-    let cohort = Cohort::new(&spec, &c.table, None);
+    let cohort = Cohort::new(&spec, &c.table, None, None);
     let mut rows = TableRows::new(&state.archive, &c.table, None);
     rows.project(cohort.columns().map(str::to_string));
     let mut patients = BTreeSet::new();
@@ -271,13 +300,12 @@ pub(crate) async fn create_group(
         ApiError::BadRequest("the body must be JSON: {\"name\", \"patients\": [...] | \"criteria\": {\"table\", \"codes\", \"from\", \"to\"}}".into())
     })?;
     let name = crate::exports::spec::reference(&g.name, "name")?;
+    let records_manager = principal
+        .roles
+        .iter()
+        .any(|r| matches!(r, Role::RecordsManager | Role::Admin));
     let (members, criteria) = match (g.patients, g.criteria) {
-        (Some(_), _)
-            if !principal
-                .roles
-                .iter()
-                .any(|r| matches!(r, Role::RecordsManager | Role::Admin)) =>
-        {
+        (Some(_), _) if !records_manager => {
             return Err(ApiError::BadRequest(
                 "researchers make cohorts from criteria; only records managers list patients"
                     .into(),
@@ -287,7 +315,10 @@ pub(crate) async fn create_group(
             let n = p.len();
             (p, json!({ "patients_listed": n }))
         }
-        (None, Some(c)) => (patients_matching(&state, &c).await?, json!(c)),
+        (None, Some(c)) => (
+            patients_matching(&state, &c, records_manager).await?,
+            json!(c),
+        ),
         _ => {
             return Err(ApiError::BadRequest(
                 "give either patients or criteria".into(),

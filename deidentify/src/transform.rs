@@ -318,9 +318,11 @@ impl TablePlan {
                     let text = cast(input, &DataType::Utf8)?;
                     pseudonyms(&ctx.key, &c.domain, text.as_string::<i32>(), false)
                 }
-                Action::Year if c.class == Class::BirthDate => birth_years(input, ctx.as_of)?,
+                Action::Year if c.class == Class::BirthDate => {
+                    birth_years(&naive(input), ctx.as_of)?
+                }
                 Action::Year => cast(
-                    &date_part(input.as_ref(), DatePart::Year)?,
+                    &date_part(naive(input).as_ref(), DatePart::Year)?,
                     &DataType::Int32,
                 )?,
                 Action::Shift => {
@@ -380,6 +382,44 @@ fn pseudonyms(key: &PseudonymKey, domain: &str, values: &StringArray, patient: b
     Arc::new(out)
 }
 
+/// A timestamp column without its time zone's name: archived timestamps hold UTC instants,
+/// and arrow's calendar kernels read only offsets, not names such as "UTC" (without chrono-tz).
+fn naive(input: &ArrayRef) -> ArrayRef {
+    use arrow::datatypes::{
+        TimestampMicrosecondType as Us, TimestampMillisecondType as Ms,
+        TimestampNanosecondType as Ns, TimestampSecondType as S,
+    };
+    match input.data_type() {
+        DataType::Timestamp(unit, Some(_)) => match unit {
+            TimeUnit::Second => Arc::new(
+                input
+                    .as_primitive::<S>()
+                    .clone()
+                    .with_timezone_opt(None::<String>),
+            ),
+            TimeUnit::Millisecond => Arc::new(
+                input
+                    .as_primitive::<Ms>()
+                    .clone()
+                    .with_timezone_opt(None::<String>),
+            ),
+            TimeUnit::Microsecond => Arc::new(
+                input
+                    .as_primitive::<Us>()
+                    .clone()
+                    .with_timezone_opt(None::<String>),
+            ),
+            TimeUnit::Nanosecond => Arc::new(
+                input
+                    .as_primitive::<Ns>()
+                    .clone()
+                    .with_timezone_opt(None::<String>),
+            ),
+        },
+        _ => input.clone(),
+    }
+}
+
 /// Years of birth, `90+` for anyone aged 90 or over on `as_of`.
 fn birth_years(input: &ArrayRef, as_of: NaiveDate) -> Result<ArrayRef, ArrowError> {
     let dates = cast(input, &DataType::Date32)?;
@@ -437,8 +477,8 @@ fn shift(input: &ArrayRef, days: &[i32]) -> Result<ArrayRef, ArrowError> {
     match input.data_type() {
         DataType::Timestamp(_, tz) => {
             let ts = cast(
-                input,
-                &DataType::Timestamp(TimeUnit::Microsecond, tz.clone()),
+                &naive(input),
+                &DataType::Timestamp(TimeUnit::Microsecond, None),
             )?;
             let ts = ts.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
             let shifted: TimestampMicrosecondArray = ts
@@ -505,7 +545,7 @@ mod tests {
             Field::new("added_later", DataType::Utf8, true),
             Field::new(
                 "seen_at",
-                DataType::Timestamp(TimeUnit::Microsecond, None),
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
                 true,
             ),
         ]));
@@ -537,11 +577,14 @@ mod tests {
                 Arc::new(Float64Array::from(vec![Some(96.0), Some(89.0), Some(36.5)])),
                 Arc::new(StringArray::from(vec!["E11.9", "I10", "I10"])),
                 Arc::new(StringArray::from(vec!["x", "y", "z"])),
-                Arc::new(TimestampMicrosecondArray::from(vec![
-                    Some(1_600_000_000_000_000),
-                    None,
-                    Some(0),
-                ])),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![
+                        Some(1_600_000_000_000_000),
+                        None,
+                        Some(0),
+                    ])
+                    .with_timezone("UTC"),
+                ),
             ],
         )
         .unwrap()

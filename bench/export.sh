@@ -147,9 +147,10 @@ CURL=(curl -s --cacert cert.pem -H "Authorization: Bearer $RESEARCHER")
 
 # One Strata export ($1: parquet or fhir) on a fresh server: prints "seconds peak_rss_kib rows".
 strata_export() {
-  STRATA_LOG=${STRATA_LOG:-warn} "$STRATA" serve --config strata.toml 2>> serve.log &
+  log=serve-$1-$(date +%s%N).log
+  STRATA_LOG=${STRATA_LOG:-warn} "$STRATA" serve --config strata.toml 2> "$log" &
   SERVER=$!
-  for _ in $(seq 100); do grep -q "listening on" serve.log && break; sleep 0.1; done
+  for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
   if [ "$1" = parquet ]; then
     id=$("${CURL[@]}" -H 'Content-Type: application/json' \
       -d '{"profile": "safe_harbor", "tables": ["lab_results"]}' "$BASE/v1/exports" |

@@ -375,7 +375,7 @@ async fn kickoff(
         tables.push(table.clone());
     }
     let transaction_time = chrono::Utc::now().to_rfc3339();
-    let base = base_url(state, headers);
+    let base = base_url(state, headers, uri);
     let spec = JobSpec {
         format: Format::Fhir,
         profile,
@@ -397,7 +397,7 @@ async fn kickoff(
             types: types.clone(),
             since,
             code_filters: filters,
-            request: format!("{base}{uri}"),
+            request: format!("{base}{}", uri.path_and_query().map_or("/", |p| p.as_str())),
             transaction_time,
             patient_level: level != Level::System,
         }),
@@ -476,6 +476,7 @@ pub(crate) async fn status(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    uri: Uri,
 ) -> Response {
     let record = match own_job(&state, &principal, &id).await {
         Ok(r) => r,
@@ -495,7 +496,7 @@ pub(crate) async fn status(
                 .into_response()
         }
         "done" => {
-            let base = base_url(&state, &headers);
+            let base = base_url(&state, &headers, &uri);
             let manifest = record.manifest.unwrap_or_default();
             let fhir = record.request.get("fhir").cloned().unwrap_or_default();
             let output: Vec<_> = manifest["files"]

@@ -13,7 +13,7 @@ use crate::auth::{Principal, Role};
 use crate::config::{hex_key, SmartClient, SmartConfig};
 use crate::routes::AppState;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
@@ -232,14 +232,15 @@ pub(crate) fn client_id(principal: &Principal) -> Option<&str> {
 }
 
 /// The base URL clients reach this server at: `[api] public_url`, or (development, without
-/// system clients) the request's host.
-pub(crate) fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+/// system clients) the request's host (HTTP/1.1 `Host`, or HTTP/2's authority).
+pub(crate) fn base_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
     if let Some(url) = &state.public_url {
         return url.trim_end_matches('/').to_string();
     }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("localhost");
     let scheme = if state.plain_http { "http" } else { "https" };
     format!("{scheme}://{host}")
@@ -258,8 +259,12 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
 /// `GET /.well-known/smart-configuration`: where the token endpoint is and what it accepts.
 #[utoipa::path(get, path = "/.well-known/smart-configuration", tag = "bulk data", security(()),
     responses((status = 200, description = "SMART configuration: token_endpoint, token_endpoint_auth_methods_supported (private_key_jwt), signing algorithms (RS384, ES384), scopes", body = Object)))]
-pub(crate) async fn configuration(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let base = base_url(&state, &headers);
+pub(crate) async fn configuration(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let base = base_url(&state, &headers, &uri);
     Json(json!({
         "issuer": base,
         "token_endpoint": format!("{base}/auth/token"),
@@ -295,6 +300,7 @@ pub(crate) struct TokenRequest {
 pub(crate) async fn token(
     State(state): State<AppState>,
     headers: HeaderMap,
+    uri: Uri,
     form: Result<Form<HashMap<String, String>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let refused = |error: &str, description: &str| {
@@ -359,7 +365,7 @@ pub(crate) async fn token(
             "the assertion's issuer is not a registered client",
         );
     };
-    let token_url = format!("{}/auth/token", base_url(&state, &headers));
+    let token_url = format!("{}/auth/token", base_url(&state, &headers, &uri));
     let mut verified = None;
     for (kid, algorithm, key) in &client.keys {
         if *algorithm != header.alg || (header.kid.is_some() && kid.is_some() && header.kid != *kid)

@@ -18,7 +18,7 @@ use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 use regex::{Regex, RegexSet};
 use serde_json::Value as Json;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 /// A rule of the scanner.
@@ -209,14 +209,19 @@ impl TextKind {
 }
 
 /// The rules `text` breaks.
-fn text_rules(text: &str, kind: TextKind, years_only: bool) -> Vec<Rule> {
+/// Whether `text` could match a pattern at all: every identifier pattern needs six characters
+/// and a digit, but an e-mail address or a URL (a cheap test before the automaton).
+fn may_match(text: &str) -> bool {
     let bytes = text.as_bytes();
-    if bytes.len() < 6 {
-        return Vec::new();
-    }
-    let digits = bytes.iter().any(|b| b.is_ascii_digit());
-    if !digits && !text.contains('@') && !text.contains("://") && !text.contains("www.") {
-        // Without digits only an e-mail address or a URL (or a month's name with... digits).
+    bytes.len() >= 6
+        && (bytes.iter().any(|b| b.is_ascii_digit())
+            || text.contains('@')
+            || text.contains("://")
+            || text.contains("www."))
+}
+
+fn text_rules(text: &str, kind: TextKind, years_only: bool) -> Vec<Rule> {
+    if !may_match(text) {
         return Vec::new();
     }
     if kind.numbers_are_values && text.trim().parse::<f64>().is_ok() {
@@ -307,21 +312,220 @@ fn cell(array: &dyn Array, row: usize) -> Cell<'_> {
     }
 }
 
+/// What the scanner counted of one column of one file.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    /// Values scanned.
+    values: u64,
+    /// Matches per rule (by [`Rule::index`]).
+    hits: [u64; Rule::ALL.len()],
+}
+
+impl Rule {
+    /// Every rule.
+    pub const ALL: [Rule; 9] = [
+        Rule::PatientKeyCopy,
+        Rule::RecordKeyCopy,
+        Rule::FullDate,
+        Rule::Ssn,
+        Rule::Phone,
+        Rule::Email,
+        Rule::Url,
+        Rule::Ip,
+        Rule::Mrn,
+    ];
+
+    fn index(self) -> usize {
+        Rule::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("every rule is listed")
+    }
+}
+
+/// Whether `text` is one of Strata's pseudonyms (32 hex digits), or a reference to one: a
+/// keyed hash, which cannot equal a key or match an identifier's pattern.
+fn is_pseudonym(text: &str) -> bool {
+    let hex = text.rsplit('/').next().unwrap_or(text);
+    hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// FNV-1a: the scanner looks a column up for every value of a FHIR resource, and its keys
+/// are short and never chosen by a client (SipHash's resistance is not needed, its cost is).
+#[derive(Debug, Default, Clone, Copy)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
+/// Per column, the rules of values seen (columns of codes, units and statuses repeat a few
+/// thousand values: each is matched once).
+type Known = FastMap<String, FastMap<String, Vec<Rule>>>;
+
 /// Scans exported rows; collects what it finds per file and column.
 #[derive(Debug, Default)]
 pub struct Scanner {
     years_only: bool,
-    /// Matches per (file, column, rule).
-    hits: BTreeMap<(String, String, Rule), u64>,
-    /// Values scanned per (file, column).
-    values: BTreeMap<(String, String), u64>,
-    /// Per column, the rules of values seen (columns of codes, units and statuses repeat a few
-    /// thousand values: each is matched once).
-    known: std::collections::HashMap<String, std::collections::HashMap<String, Vec<Rule>>>,
+    /// Per file, per column, what was counted.
+    counts: FastMap<String, FastMap<String, Counts>>,
+    known: Known,
+    /// Per file of FHIR resources, per resource type, the tree of its elements' counts.
+    resources: FastMap<String, FastMap<String, Node>>,
+}
+
+/// The counts of `column` in `columns` (made at first use; found without allocating after).
+fn counts_of<'a>(columns: &'a mut FastMap<String, Counts>, column: &str) -> &'a mut Counts {
+    if !columns.contains_key(column) {
+        columns.insert(column.to_string(), Counts::default());
+    }
+    columns.get_mut(column).expect("inserted above")
+}
+
+/// The rules `text` of `column` breaks, remembered per column.
+fn known_rules(
+    known: &mut Known,
+    column: &str,
+    text: &str,
+    kind: TextKind,
+    years_only: bool,
+) -> Vec<Rule> {
+    if !may_match(text) {
+        return Vec::new();
+    }
+    if let Some(rules) = known.get(column).and_then(|k| k.get(text)) {
+        return rules.clone();
+    }
+    let rules = text_rules(text, kind, years_only);
+    if !known.contains_key(column) {
+        known.insert(column.to_string(), FastMap::default());
+    }
+    let of_column = known.get_mut(column).expect("inserted above");
+    if of_column.len() < KNOWN_VALUES {
+        of_column.insert(text.to_string(), rules.clone());
+    }
+    rules
 }
 
 /// Distinct values remembered per column.
 const KNOWN_VALUES: usize = 8192;
+
+/// The counts of a FHIR resource's elements, as a tree mirroring the resources' structure:
+/// a walk looks up each element by its own short name, not by its whole path.
+#[derive(Debug, Default)]
+struct Node {
+    counts: Counts,
+    children: FastMap<String, Node>,
+    /// The rules of the element's values seen.
+    known: FastMap<String, Vec<Rule>>,
+}
+
+impl Node {
+    fn child(&mut self, key: &str) -> &mut Node {
+        if !self.children.contains_key(key) {
+            self.children.insert(key.to_string(), Node::default());
+        }
+        self.children.get_mut(key).expect("inserted above")
+    }
+
+    /// Every element's counts, by path.
+    fn flatten(&self, path: &str, out: &mut Vec<(String, Counts)>) {
+        if self.counts.values > 0 {
+            out.push((path.to_string(), self.counts));
+        }
+        for (k, child) in &self.children {
+            child.flatten(&format!("{path}.{k}"), out);
+        }
+    }
+}
+
+/// A walk over one FHIR resource's elements.
+struct Walk<'a> {
+    years_only: bool,
+    keys: Option<(&'a str, &'a [String])>,
+}
+
+impl Walk<'_> {
+    fn visit(&self, node: &mut Node, value: &Json, key: &str) {
+        match value {
+            Json::Object(map) => {
+                for (k, v) in map {
+                    self.visit(node.child(k), v, k);
+                }
+            }
+            Json::Array(items) => {
+                for v in items {
+                    self.visit(node, v, key);
+                }
+            }
+            Json::Null => {}
+            scalar => self.leaf(node, key, scalar),
+        }
+    }
+
+    fn leaf(&self, node: &mut Node, key: &str, value: &Json) {
+        node.counts.values += 1;
+        let pseudonym = matches!(value, Json::String(t) if (key == "id" || key == "reference") && is_pseudonym(t));
+        if pseudonym {
+            return;
+        }
+        if let Some((patient, records)) = self.keys {
+            let v = match value {
+                Json::String(s) => Cell::Text(s),
+                Json::Number(n) => match (n.as_i64(), n.as_f64()) {
+                    (Some(i), _) => Cell::Int(i),
+                    (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Cell::Int(f as i64),
+                    _ => Cell::None,
+                },
+                _ => Cell::None,
+            };
+            if v.matches(Cell::Text(patient)) {
+                node.counts.hits[Rule::PatientKeyCopy.index()] += 1;
+            } else if records.iter().any(|r| v.matches(Cell::Text(r))) {
+                node.counts.hits[Rule::RecordKeyCopy.index()] += 1;
+            }
+        }
+        let Json::String(text) = value else { return };
+        if !may_match(text) {
+            return;
+        }
+        let rules = match node.known.get(text.as_str()) {
+            Some(r) => r.clone(),
+            None => {
+                let kind = TextKind {
+                    no_mrn: key == "code" || key == "id" || key == "reference",
+                    numbers_are_values: false,
+                    uri: key == "system" || key == "url",
+                };
+                let r = text_rules(text, kind, self.years_only);
+                if node.known.len() < KNOWN_VALUES {
+                    node.known.insert(text.clone(), r.clone());
+                }
+                r
+            }
+        };
+        for rule in rules {
+            node.counts.hits[rule.index()] += 1;
+        }
+    }
+}
 
 impl Scanner {
     /// A scanner for a profile that lets out only years of dates (`years_only`) or full dates.
@@ -332,61 +536,60 @@ impl Scanner {
         }
     }
 
-    fn hit(&mut self, file: &str, column: &str, rule: Rule, n: u64) {
-        if n > 0 {
-            *self
-                .hits
-                .entry((file.to_string(), column.to_string(), rule))
-                .or_default() += n;
+    /// The counts of `file`'s columns.
+    fn file(&mut self, file: &str) -> &mut FastMap<String, Counts> {
+        if !self.counts.contains_key(file) {
+            self.counts.insert(file.to_string(), FastMap::default());
         }
+        self.counts.get_mut(file).expect("inserted above")
     }
 
-    fn counted(&mut self, file: &str, column: &str, n: u64) {
-        *self
-            .values
-            .entry((file.to_string(), column.to_string()))
-            .or_default() += n;
+    /// The counts of `column` in `file`.
+    fn counts(&mut self, file: &str, column: &str) -> &mut Counts {
+        counts_of(self.file(file), column)
     }
 
-    /// Scans a batch of an exported file: every text value against the identifier patterns,
-    /// and typed dates where only years may leave.
+    /// The rules `text` of `column` breaks (remembered per column).
+    fn rules_of(&mut self, column: &str, text: &str, kind: TextKind) -> Vec<Rule> {
+        known_rules(&mut self.known, column, text, kind, self.years_only)
+    }
+
+    /// Scans a batch of an exported file: every text value (and every integer of a column
+    /// that is not a measured value or a code) against the identifier patterns, and typed
+    /// dates where only years may leave.
     pub fn batch(&mut self, file: &str, batch: &RecordBatch, columns: &[ScanColumn]) {
         for (array, column) in batch.columns().iter().zip(columns) {
             let non_null = (array.len() - array.null_count()) as u64;
-            self.counted(file, &column.name, array.len() as u64);
-            match array.data_type() {
+            self.counts(file, &column.name).values += array.len() as u64;
+            let scanned_as_text = match array.data_type() {
                 DataType::Date32 | DataType::Date64 | DataType::Timestamp(..)
                     if self.years_only =>
                 {
-                    self.hit(file, &column.name, Rule::FullDate, non_null);
+                    self.counts(file, &column.name).hits[Rule::FullDate.index()] += non_null;
+                    false
                 }
-                DataType::Utf8 | DataType::LargeUtf8 => {
-                    let text =
-                        arrow::compute::cast(array, &DataType::Utf8).expect("text casts to text");
-                    let kind = TextKind::of(column);
-                    let years_only = self.years_only;
-                    let known = self.known.entry(column.name.clone()).or_default();
-                    let mut counts: BTreeMap<Rule, u64> = BTreeMap::new();
-                    for v in text.as_string::<i32>().iter().flatten() {
-                        let rules = match known.get(v) {
-                            Some(rules) => rules.clone(),
-                            None => {
-                                let rules = text_rules(v, kind, years_only);
-                                if known.len() < KNOWN_VALUES {
-                                    known.insert(v.to_string(), rules.clone());
-                                }
-                                rules
-                            }
-                        };
-                        for r in rules {
-                            *counts.entry(r).or_default() += 1;
-                        }
-                    }
-                    for (rule, n) in counts {
-                        self.hit(file, &column.name, rule, n);
-                    }
+                DataType::Utf8 | DataType::LargeUtf8 => true,
+                // An integer of a category or free-form column can be a record number or a
+                // compact date: scanned as its digits.
+                DataType::Int64 | DataType::Int32 => {
+                    !column.pseudonym && !matches!(column.class, Some(Class::Value | Class::Code))
                 }
-                _ => {}
+                _ => false,
+            };
+            if !scanned_as_text || column.pseudonym {
+                continue;
+            }
+            let kind = TextKind::of(column);
+            let text = arrow::compute::cast(array, &DataType::Utf8).expect("casts to text");
+            let mut hits = [0u64; Rule::ALL.len()];
+            for v in text.as_string::<i32>().iter().flatten() {
+                for r in self.rules_of(&column.name, v, kind) {
+                    hits[r.index()] += 1;
+                }
+            }
+            let counts = self.counts(file, &column.name);
+            for (total, n) in counts.hits.iter_mut().zip(hits) {
+                *total += n;
             }
         }
     }
@@ -417,114 +620,96 @@ impl Scanner {
                     to_record += 1;
                 }
             }
-            self.hit(file, &column.name, Rule::PatientKeyCopy, to_patient);
-            self.hit(file, &column.name, Rule::RecordKeyCopy, to_record);
+            let counts = self.counts(file, &column.name);
+            counts.hits[Rule::PatientKeyCopy.index()] += to_patient;
+            counts.hits[Rule::RecordKeyCopy.index()] += to_record;
         }
     }
 
     /// Scans one FHIR resource (a line of NDJSON): every string element against the patterns
     /// (its path is the column), and, when the keys of the record it came from are given,
-    /// every element against them.
+    /// every element against them. Strata's pseudonyms (ids, references) are passed over.
     pub fn resource(&mut self, file: &str, resource: &Json, keys: Option<(&str, &[String])>) {
         let kind = resource
             .get("resourceType")
             .and_then(Json::as_str)
-            .unwrap_or("Resource")
-            .to_string();
-        let mut leaves = Vec::new();
-        leaves_of(resource, &mut kind.clone(), "", &mut leaves);
-        let mut seen = std::collections::BTreeSet::new();
-        for (path, key, value) in &leaves {
-            if seen.insert(path.clone()) {
-                self.counted(file, path, 1);
-            }
-            let pseudonym = key == "id" || key == "reference";
-            if let (Some((patient, records)), false) = (keys, pseudonym) {
-                let v = match value {
-                    Json::String(s) => Cell::Text(s),
-                    Json::Number(n) => match (n.as_i64(), n.as_f64()) {
-                        (Some(i), _) => Cell::Int(i),
-                        (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
-                            Cell::Int(f as i64)
-                        }
-                        _ => Cell::None,
-                    },
-                    _ => Cell::None,
-                };
-                if v.matches(Cell::Text(patient)) {
-                    self.hit(file, path, Rule::PatientKeyCopy, 1);
-                } else if records.iter().any(|r| v.matches(Cell::Text(r))) {
-                    self.hit(file, path, Rule::RecordKeyCopy, 1);
-                }
-            }
-            let Json::String(text) = value else { continue };
-            let text_kind = TextKind {
-                no_mrn: pseudonym || key == "code",
-                numbers_are_values: false,
-                uri: key == "system" || key == "url",
-            };
-            for rule in text_rules(text, text_kind, self.years_only) {
-                self.hit(file, path, rule, 1);
+            .unwrap_or("Resource");
+        if !self.resources.contains_key(file) {
+            self.resources.insert(file.to_string(), FastMap::default());
+        }
+        let of_file = self.resources.get_mut(file).expect("inserted above");
+        if !of_file.contains_key(kind) {
+            of_file.insert(kind.to_string(), Node::default());
+        }
+        let root = of_file.get_mut(kind).expect("inserted above");
+        let walk = Walk {
+            years_only: self.years_only,
+            keys,
+        };
+        walk.visit(root, resource, "");
+    }
+
+    /// Every column's counts of every file, resources' elements flattened to their paths.
+    fn all_counts(&self) -> Vec<(String, String, Counts)> {
+        let mut out = Vec::new();
+        for (file, columns) in &self.counts {
+            for (column, c) in columns {
+                out.push((file.clone(), column.clone(), *c));
             }
         }
+        for (file, kinds) in &self.resources {
+            for (kind, root) in kinds {
+                let mut paths = Vec::new();
+                root.flatten(kind, &mut paths);
+                out.extend(paths.into_iter().map(|(p, c)| (file.clone(), p, c)));
+            }
+        }
+        out
     }
 
     /// Adds what another scanner (of another part of the same export) counted.
     pub fn merge(&mut self, other: Scanner) {
-        for (k, n) in other.hits {
-            *self.hits.entry(k).or_default() += n;
-        }
-        for (k, n) in other.values {
-            *self.values.entry(k).or_default() += n;
+        for (file, column, c) in other.all_counts() {
+            let mine = self.counts(&file, &column);
+            mine.values += c.values;
+            for (total, n) in mine.hits.iter_mut().zip(c.hits) {
+                *total += n;
+            }
         }
     }
 
-    /// What was found: every pattern match, and key copies in more than 1 % of a column's
-    /// values (at least 3).
+    /// What was found, by file, column and rule: every pattern match, and key copies in more
+    /// than 1 % of a column's values (at least 3).
     pub fn findings(&self) -> Vec<Finding> {
-        self.hits
-            .iter()
-            .filter_map(|((file, column, rule), n)| {
-                let values = self
-                    .values
-                    .get(&(file.clone(), column.clone()))
-                    .copied()
-                    .unwrap_or(*n);
-                let keyed = matches!(rule, Rule::PatientKeyCopy | Rule::RecordKeyCopy);
-                if keyed && (*n < 3 || n * 100 <= values) {
-                    return None;
+        // A path counted both ways (merged and walked) adds up.
+        let mut totals: std::collections::BTreeMap<(String, String), Counts> = Default::default();
+        for (file, column, c) in self.all_counts() {
+            let t = totals.entry((file, column)).or_default();
+            t.values += c.values;
+            for (total, n) in t.hits.iter_mut().zip(c.hits) {
+                *total += n;
+            }
+        }
+        let mut out = Vec::new();
+        for ((file, column), c) in totals {
+            for (rule, n) in Rule::ALL.iter().zip(c.hits) {
+                if n == 0 {
+                    continue;
                 }
-                Some(Finding {
+                let keyed = matches!(rule, Rule::PatientKeyCopy | Rule::RecordKeyCopy);
+                if keyed && (n < 3 || n * 100 <= c.values) {
+                    continue;
+                }
+                out.push(Finding {
                     file: file.clone(),
                     column: column.clone(),
                     rule: *rule,
-                    matches: *n,
-                    values,
-                })
-            })
-            .collect()
-    }
-}
-
-/// Every scalar leaf of a JSON value: (path without array indices, its key, the value).
-fn leaves_of(value: &Json, path: &mut String, key: &str, out: &mut Vec<(String, String, Json)>) {
-    match value {
-        Json::Object(map) => {
-            for (k, v) in map {
-                let len = path.len();
-                path.push('.');
-                path.push_str(k);
-                leaves_of(v, path, k, out);
-                path.truncate(len);
+                    matches: n,
+                    values: c.values.max(n),
+                });
             }
         }
-        Json::Array(items) => {
-            for v in items {
-                leaves_of(v, path, key, out);
-            }
-        }
-        Json::Null => {}
-        scalar => out.push((path.clone(), key.to_string(), scalar.clone())),
+        out
     }
 }
 

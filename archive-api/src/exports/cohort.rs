@@ -244,3 +244,64 @@ impl TableRows {
         }
     }
 }
+
+/// Threads that de-identify and scan one table's rows.
+const WORKERS: usize = 2;
+
+/// Runs one table's export in stages on threads of their own: the archived rows are read
+/// (decrypted, decoded, filtered) on a task, then de-identified, scanned and shaped by
+/// `WORKERS` threads (`work`, each with a scanner of its own), and what they make is received
+/// in order of completion. The scanners come back when the workers end. Every channel is
+/// bounded: memory does not grow with the table.
+pub(crate) fn fan_out<T: Send + 'static>(
+    mut rows: TableRows,
+    plan: Arc<TablePlan>,
+    cohort: Cohort,
+    years_only: bool,
+    work: impl Fn(&RecordBatch, &mut strata_deidentify::Scanner) -> Result<T, String>
+        + Send
+        + Sync
+        + 'static,
+) -> (
+    tokio::sync::mpsc::Receiver<Result<T, String>>,
+    Vec<tokio::task::JoinHandle<strata_deidentify::Scanner>>,
+) {
+    use tokio::sync::mpsc::channel;
+    let (out_tx, out_rx) = channel(WORKERS * 2);
+    let work = Arc::new(work);
+    let mut inputs = Vec::new();
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (tx, mut rx) = channel::<Result<RecordBatch, String>>(2);
+        inputs.push(tx);
+        let (out, work) = (out_tx.clone(), work.clone());
+        workers.push(tokio::task::spawn_blocking(move || {
+            let mut scanner = strata_deidentify::Scanner::new(years_only);
+            while let Some(batch) = rx.blocking_recv() {
+                let made = batch.and_then(|b| work(&b, &mut scanner));
+                if out.blocking_send(made).is_err() {
+                    break;
+                }
+            }
+            scanner
+        }));
+    }
+    drop(out_tx);
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let next = rows.next(&plan, &cohort).await;
+            let stop = !matches!(next, Ok(Some(_)));
+            let item = match next {
+                Ok(Some(b)) => Ok(b),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            if inputs[n % WORKERS].send(item).await.is_err() || stop {
+                break;
+            }
+            n += 1;
+        }
+    });
+    (out_rx, workers)
+}

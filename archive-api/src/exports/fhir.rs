@@ -5,15 +5,17 @@
 //! patients table wherever it lives (archived rows, and the operational database): the
 //! classes the profile lets out (year of birth, sex, ZIP3, state...), never a name.
 
-use super::cohort::Cohort;
+use super::cohort::{fan_out, Cohort};
 use super::output::NdjsonOut;
 use super::patients::operational_patients;
 use super::{shifted, Exporter, Failure, JobSpec, Watch};
-use crate::fhir::{resource_as, Identity};
-use crate::history::{cell, HistoryRecord};
+use crate::fhir::{resource_of, Fields, Identity};
+use crate::history::cell;
 use crate::routes::AppState;
 use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type};
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use strata_archive::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
@@ -30,20 +32,6 @@ fn text(v: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
     }
-}
-
-/// A source row's keys as text: the patient key and the record's keys, for the scanner.
-fn row_keys(
-    patients: &dyn Array,
-    keys: &[arrow::array::ArrayRef],
-    row: usize,
-) -> (String, Vec<String>) {
-    let patient = text(&cell(patients, row)).unwrap_or_default();
-    let keys = keys
-        .iter()
-        .filter_map(|k| text(&cell(k.as_ref(), row)))
-        .collect();
-    (patient, keys)
 }
 
 /// Every resource type of a FHIR job. Returns the files' entries.
@@ -82,63 +70,41 @@ pub(crate) async fn files(
             .control
             .export_progress(id, &format!("{} of {steps}: {table}", n + 1))
             .await;
-        let Some(mapping) = state.fhir.get(table) else {
+        let Some(mapping) = state.fhir.get(table).cloned() else {
             continue;
         };
-        let Some((plan, mut rows)) = exporter.plan(&state.archive, table, spec, profile).await?
+        let Some((plan, rows)) =
+            resource_plan(exporter, state, table, spec, profile, &mapping).await?
         else {
             continue;
         };
+        let mut rows = rows;
         let cohort = Cohort::new(spec, table, members.clone(), shifted(profile, ctx));
         rows.project(
             plan.input_columns()
                 .into_iter()
                 .chain(cohort.columns().map(str::to_string)),
         );
-        let file = format!("{}.ndjson", mapping.resource);
-        let domain = format!("{table}:record");
-        while let Some(batch) = rows.next(&plan, &cohort).await? {
+        let plan = Arc::new(plan);
+        let shape = Shape {
+            plan: plan.clone(),
+            ctx: ctx.clone(),
+            fhir: state.fhir.clone(),
+            table: table.clone(),
+            domain: format!("{table}:record"),
+            file: format!("{}.ndjson", mapping.resource),
+        };
+        let (mut made, workers) = fan_out(rows, plan, cohort, profile.years_only(), move |b, s| {
+            shape.resources(b, s)
+        });
+        while let Some(batch) = made.recv().await {
             watch.check().await?;
-            let exported = plan.apply(&batch, ctx).map_err(|e| e.to_string())?;
-            let (patients, keys) = plan.row_keys(&batch);
-            let strata_keys = batch
-                .column_by_name(KEY_COLUMN)
-                .ok_or("no record key column")?
-                .as_string::<i32>();
-            for row in 0..exported.num_rows() {
-                let mut data = Map::new();
-                let (mut date, mut subject) = (None, None);
-                for (i, c) in plan.columns.iter().enumerate() {
-                    let v = cell(exported.column(i).as_ref(), row);
-                    match c.source.as_str() {
-                        PATIENT_COLUMN => subject = text(&v),
-                        RECORD_DATE_COLUMN => date = text(&v),
-                        _ => {
-                            data.insert(c.source.clone(), v);
-                        }
-                    }
-                }
-                let Some(subject) = subject else { continue };
-                let record = HistoryRecord {
-                    table: table.clone(),
-                    key: String::new(),
-                    record_date: date,
-                    data,
-                    documents: Vec::new(),
-                };
-                let identity = Identity {
-                    id: ctx.key.pseudonym(&domain, strata_keys.value(row)),
-                    identifier: None,
-                    patient: subject,
-                };
-                let Some(resource) = resource_as(&record, &identity, &state.fhir) else {
-                    continue;
-                };
-                let (patient, record_keys) = row_keys(patients.as_ref(), &keys, row);
-                scanner.resource(&file, &resource, Some((&patient, &record_keys)));
-                outs.line(&mapping.resource, &resource).await?;
-                seen.insert(patient);
-            }
+            let (bytes, lines, patients) = batch?;
+            outs.lines(&mapping.resource, &bytes, lines).await?;
+            seen.extend(patients);
+        }
+        for w in workers {
+            scanner.merge(w.await.map_err(|e| e.to_string())?);
         }
     }
     if fhir.types.iter().any(|t| t == "Patient") {
@@ -168,6 +134,20 @@ struct Outputs<'a> {
 }
 
 impl Outputs<'_> {
+    fn file(&mut self, kind: &str) -> &mut NdjsonOut {
+        let (store, id) = (self.store, self.id);
+        self.files
+            .entry(kind.to_string())
+            .or_insert_with(|| NdjsonOut::new(store, &format!("{id}/{kind}.ndjson")))
+    }
+
+    async fn lines(&mut self, kind: &str, bytes: &[u8], n: u64) -> Result<(), Failure> {
+        if n == 0 {
+            return Ok(());
+        }
+        Ok(self.file(kind).lines(bytes, n).await?)
+    }
+
     async fn line(&mut self, kind: &str, resource: &Value) -> Result<(), Failure> {
         let (store, id) = (self.store, self.id);
         let out = self
@@ -192,6 +172,152 @@ impl Outputs<'_> {
             }));
         }
         Ok(files)
+    }
+}
+
+/// The plan of a table's resources: only the columns its `[api.fhir]` mapping uses that the
+/// profile lets out (no pseudonym is computed that no resource carries).
+async fn resource_plan(
+    exporter: &Exporter,
+    state: &AppState,
+    table: &str,
+    spec: &JobSpec,
+    profile: &Profile,
+    mapping: &crate::config::FhirTable,
+) -> Result<Option<(TablePlan, super::cohort::TableRows)>, Failure> {
+    let Some((full, rows)) = exporter.plan(&state.archive, table, spec, profile).await? else {
+        return Ok(None);
+    };
+    let used: Vec<&String> = [
+        &mapping.code,
+        &mapping.display,
+        &mapping.status,
+        &mapping.value,
+        &mapping.unit,
+        &mapping.text,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let wanted: Vec<String> = full
+        .columns
+        .iter()
+        .filter(|c| used.contains(&&c.source))
+        .map(|c| c.source.clone())
+        .collect();
+    let classes = exporter.classification().table(table);
+    let plan = TablePlan::new(table, full.input_schema(), &classes, profile, Some(&wanted))
+        .map_err(Failure::Internal)?;
+    Ok(Some((plan, rows)))
+}
+
+/// What a worker needs to turn a table's rows into resources.
+struct Shape {
+    plan: Arc<TablePlan>,
+    ctx: ExportContext,
+    fhir: Arc<BTreeMap<String, crate::config::FhirTable>>,
+    table: String,
+    /// The pseudonym domain of resource ids.
+    domain: String,
+    file: String,
+}
+
+impl Shape {
+    /// A batch of archived rows as NDJSON lines, their values scanned: the bytes, how many
+    /// lines, and the patients they refer to.
+    fn resources(
+        &self,
+        batch: &RecordBatch,
+        scanner: &mut Scanner,
+    ) -> Result<(Vec<u8>, u64, Vec<String>), String> {
+        let plan = &self.plan;
+        let Some(mapping) = self.fhir.get(&self.table) else {
+            return Ok((Vec::new(), 0, Vec::new()));
+        };
+        let exported = plan.apply(batch, &self.ctx).map_err(|e| e.to_string())?;
+        let (patients, keys) = plan.row_keys(batch);
+        let strata_keys = batch
+            .column_by_name(KEY_COLUMN)
+            .ok_or("no record key column")?
+            .as_string::<i32>();
+        let index = |source: &str| plan.columns.iter().position(|c| c.source == source);
+        let (subjects, dates) = (index(PATIENT_COLUMN), index(RECORD_DATE_COLUMN));
+        let mut bytes = Vec::with_capacity(exported.num_rows() * 400);
+        let mut lines = 0;
+        let mut seen = Vec::new();
+        for row in 0..exported.num_rows() {
+            let fields = RowFields {
+                plan,
+                batch: &exported,
+                row,
+            };
+            let Some(subject) = subjects.and_then(|i| fields.at(i)) else {
+                continue;
+            };
+            let date = dates.and_then(|i| fields.at(i));
+            let identity = Identity {
+                id: self.ctx.key.pseudonym(&self.domain, strata_keys.value(row)),
+                identifier: None,
+                patient: subject.into_owned(),
+            };
+            let Some(resource) = resource_of(mapping, &fields, &identity, date.as_deref(), &[])
+            else {
+                continue;
+            };
+            serde_json::to_writer(&mut bytes, &resource).map_err(|e| e.to_string())?;
+            bytes.push(b'\n');
+            lines += 1;
+            seen.push(text(&cell(patients.as_ref(), row)).unwrap_or_default());
+        }
+        // The resources carry the values of these columns and Strata's own pseudonyms and
+        // constants (types, code systems): scanning the columns scans every value that came
+        // from a record, once per value rather than once per element.
+        let columns = plan.scan_columns();
+        scanner.key_copies(&self.file, &exported, &columns, &patients, &keys);
+        scanner.batch(&self.file, &exported, &columns);
+        Ok((bytes, lines, seen))
+    }
+}
+
+/// A de-identified row's values, read in place by source column.
+struct RowFields<'a> {
+    plan: &'a TablePlan,
+    batch: &'a RecordBatch,
+    row: usize,
+}
+
+impl RowFields<'_> {
+    /// The text of the row's value in output column `i` (dates as YYYY-MM-DD, years as digits).
+    fn at(&self, i: usize) -> Option<Cow<'_, str>> {
+        let array = self.batch.column(i);
+        if array.is_null(self.row) {
+            return None;
+        }
+        Some(match array.data_type() {
+            DataType::Utf8 => Cow::Borrowed(array.as_string::<i32>().value(self.row)),
+            _ => Cow::Owned(text(&cell(array.as_ref(), self.row))?),
+        })
+    }
+}
+
+impl Fields for RowFields<'_> {
+    fn text(&self, column: &str) -> Option<Cow<'_, str>> {
+        let i = self.plan.columns.iter().position(|c| c.source == column)?;
+        self.at(i)
+    }
+
+    fn number(&self, column: &str) -> Option<f64> {
+        let i = self.plan.columns.iter().position(|c| c.source == column)?;
+        let array = self.batch.column(i);
+        if array.is_null(self.row) {
+            return None;
+        }
+        match array.data_type() {
+            DataType::Float64 => Some(array.as_primitive::<Float64Type>().value(self.row)),
+            DataType::Int64 => Some(array.as_primitive::<Int64Type>().value(self.row) as f64),
+            DataType::Int32 => Some(array.as_primitive::<Int32Type>().value(self.row) as f64),
+            _ => self.at(i)?.parse().ok(),
+        }
     }
 }
 

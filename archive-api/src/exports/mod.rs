@@ -26,7 +26,7 @@ use crate::config::{hex_key, ExportsConfig};
 use crate::error::ApiError;
 use crate::routes::AppState;
 use chrono::Datelike;
-use cohort::{Cohort, TableRows};
+use cohort::{fan_out, Cohort, TableRows};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -614,16 +614,33 @@ impl Exporter {
             let name = format!("{table}.parquet");
             let mut out =
                 ParquetOut::new(&self.store, &format!("{id}/{name}"), plan.output_schema())?;
+            let plan = Arc::new(plan);
+            let (worker_plan, worker_ctx, file) = (plan.clone(), ctx.clone(), name.clone());
             let columns = plan.scan_columns();
+            let (mut made, workers) = fan_out(
+                rows,
+                plan.clone(),
+                cohort,
+                profile.years_only(),
+                move |batch, scanner| {
+                    let out = worker_plan
+                        .apply(batch, &worker_ctx)
+                        .map_err(|e| e.to_string())?;
+                    let (patients, keys) = worker_plan.row_keys(batch);
+                    scanner.key_copies(&file, &out, &columns, &patients, &keys);
+                    scanner.batch(&file, &out, &columns);
+                    Ok(out)
+                },
+            );
             let mut exported = 0u64;
-            while let Some(batch) = rows.next(&plan, &cohort).await? {
+            while let Some(out_batch) = made.recv().await {
                 watch.check().await?;
-                let out_batch = plan.apply(&batch, ctx).map_err(|e| e.to_string())?;
-                let (patients, keys) = plan.row_keys(&batch);
-                scanner.key_copies(&name, &out_batch, &columns, &patients, &keys);
-                scanner.batch(&name, &out_batch, &columns);
+                let out_batch = out_batch?;
                 out.write(&out_batch).await?;
                 exported += out_batch.num_rows() as u64;
+            }
+            for w in workers {
+                scanner.merge(w.await.map_err(|e| e.to_string())?);
             }
             let written = out.finish().await?;
             files.push(json!({

@@ -139,6 +139,20 @@ impl NdjsonOut {
         Ok(())
     }
 
+    /// Appends `n` lines already serialized (each ending with a newline).
+    pub async fn lines(&mut self, bytes: &[u8], n: u64) -> Result<(), String> {
+        self.buffer.extend_from_slice(bytes);
+        self.lines += n;
+        if self.buffer.len() >= 1 << 20 {
+            self.out
+                .write_all(&self.buffer)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.buffer.clear();
+        }
+        Ok(())
+    }
+
     /// Ends the file.
     pub async fn finish(mut self) -> Result<Written, String> {
         self.out

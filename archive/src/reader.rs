@@ -370,14 +370,44 @@ impl ArchiveReader {
     }
 
     /// Opens a file for selective reads, once: reads its end, checks the footer against the
-    /// manifest's digest, and decrypts its metadata and page indexes. None for a file whose
-    /// manifest has no footer digest (it is read and checked whole).
+    /// manifest's digest, and decrypts its metadata and page indexes (kept for the next
+    /// lookup). None for a file whose manifest has no footer digest (it is read and checked
+    /// whole).
     async fn opened(&self, entry: &FileEntry) -> Result<Option<ArrowReaderMetadata>> {
-        if entry.footer_sha256.is_empty() {
-            return Ok(None);
-        }
         if let Some(m) = self.opened.lock().expect("cache lock").get(&entry.path) {
             return Ok(Some(m.clone()));
+        }
+        let Some(metadata) = self.open_footer(entry, PageIndexPolicy::Optional).await? else {
+            return Ok(None);
+        };
+        let mut opened = self.opened.lock().expect("cache lock");
+        if opened.len() >= MAX_OPENED_FILES {
+            opened.clear();
+        }
+        opened.insert(entry.path.clone(), metadata.clone());
+        Ok(Some(metadata))
+    }
+
+    /// Opens a file to read it through: its footer checked and metadata decrypted, without
+    /// page indexes (every page is read) and not kept (an export reads each file once; what
+    /// it opens must not stay in memory). The kept metadata of a file already opened for
+    /// lookups serves too.
+    async fn opened_once(&self, entry: &FileEntry) -> Result<Option<ArrowReaderMetadata>> {
+        if let Some(m) = self.opened.lock().expect("cache lock").get(&entry.path) {
+            return Ok(Some(m.clone()));
+        }
+        self.open_footer(entry, PageIndexPolicy::Skip).await
+    }
+
+    /// Reads a file's end, checks its footer against the manifest's digest and decrypts its
+    /// metadata (and page indexes, as `page_index` says).
+    async fn open_footer(
+        &self,
+        entry: &FileEntry,
+        page_index: PageIndexPolicy,
+    ) -> Result<Option<ArrowReaderMetadata>> {
+        if entry.footer_sha256.is_empty() {
+            return Ok(None);
         }
         let integrity = |detail: String| ArchiveError::Integrity {
             object: entry.path.clone(),
@@ -418,7 +448,7 @@ impl ArchiveReader {
                 ));
             }
             let mut reader = ParquetMetaDataReader::new()
-                .with_page_index_policy(PageIndexPolicy::Optional)
+                .with_page_index_policy(page_index)
                 .with_decryption_properties(Some(decryption.clone()));
             match reader.try_parse_sized(&tail, size) {
                 Ok(()) => break reader.finish()?,
@@ -435,11 +465,6 @@ impl ArchiveReader {
             ArrowReaderOptions::new().with_file_decryption_properties(decryption),
         )
         .map_err(|e| integrity(format!("cannot decode: {e}")))?;
-        let mut opened = self.opened.lock().expect("cache lock");
-        if opened.len() >= MAX_OPENED_FILES {
-            opened.clear();
-        }
-        opened.insert(entry.path.clone(), metadata.clone());
         Ok(Some(metadata))
     }
 
@@ -512,7 +537,7 @@ impl ArchiveReader {
 
     /// The Arrow schema of a file's rows (from its footer, checked against the manifest).
     pub async fn file_schema(&self, entry: &FileEntry) -> Result<arrow::datatypes::SchemaRef> {
-        match self.opened(entry).await? {
+        match self.opened_once(entry).await? {
             Some(metadata) => Ok(metadata.schema().clone()),
             None => {
                 let bytes = self.fetch_verified(entry).await?;
@@ -532,7 +557,7 @@ impl ArchiveReader {
         columns: Option<&[String]>,
     ) -> Result<futures::stream::BoxStream<'static, Result<RecordBatch>>> {
         use futures::StreamExt;
-        let Some(metadata) = self.opened(entry).await? else {
+        let Some(metadata) = self.opened_once(entry).await? else {
             let batches = self.read_file(entry).await?;
             let batches = match columns {
                 Some(names) => batches

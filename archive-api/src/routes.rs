@@ -497,7 +497,7 @@ struct AuditParams {
 }
 
 /// A response with what to note for the audit log (requests that read no patient data).
-fn reply(body: impl IntoResponse, detail: serde_json::Value) -> Response {
+pub(crate) fn reply(body: impl IntoResponse, detail: serde_json::Value) -> Response {
     noted(
         body,
         AuditNote {

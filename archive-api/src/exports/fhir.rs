@@ -8,7 +8,7 @@
 use super::cohort::{fan_out, Cohort};
 use super::output::NdjsonOut;
 use super::patients::operational_patients;
-use super::{shifted, Exporter, Failure, JobSpec, Watch};
+use super::{shifted, Exporter, Failure, JobSpec, Run, Watch};
 use crate::fhir::{resource_of, Fields, Identity};
 use crate::history::cell;
 use crate::routes::AppState;
@@ -35,18 +35,20 @@ fn text(v: &Value) -> Option<String> {
 }
 
 /// Every resource type of a FHIR job. Returns the files' entries.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn files(
-    exporter: &Exporter,
-    state: &AppState,
-    id: &str,
-    spec: &JobSpec,
-    profile: &Profile,
-    ctx: &ExportContext,
-    members: Option<Arc<HashSet<String>>>,
+    run: &Run<'_>,
     scanner: &mut Scanner,
     watch: &mut Watch<'_>,
 ) -> Result<Vec<Value>, Failure> {
+    let Run {
+        exporter,
+        state,
+        id,
+        spec,
+        profile,
+        ctx,
+        ref members,
+    } = *run;
     let fhir = spec
         .fhir
         .as_ref()
@@ -114,13 +116,9 @@ pub(crate) async fn files(
             .await;
         if spec.tables.is_empty() {
             // Patients only: those with archived records the profile may export.
-            seen =
-                archived_patients(exporter, state, spec, profile, members.as_ref(), watch).await?;
+            seen = archived_patients(run, watch).await?;
         }
-        patients(
-            exporter, state, spec, profile, ctx, &seen, scanner, &mut outs, watch,
-        )
-        .await?;
+        patients(run, &seen, scanner, &mut outs, watch).await?;
     }
     outs.finish().await
 }
@@ -323,13 +321,17 @@ impl Fields for RowFields<'_> {
 
 /// The patients with an archived record in a table the job may export (of its group, if any).
 async fn archived_patients(
-    exporter: &Exporter,
-    state: &AppState,
-    spec: &JobSpec,
-    profile: &Profile,
-    members: Option<&Arc<HashSet<String>>>,
+    run: &Run<'_>,
     watch: &mut Watch<'_>,
 ) -> Result<HashSet<String>, Failure> {
+    let Run {
+        exporter,
+        state,
+        spec,
+        profile,
+        ref members,
+        ..
+    } = *run;
     let mut found = HashSet::new();
     for (table, mapping) in state.fhir.iter() {
         if mapping.resource == "DocumentReference"
@@ -342,7 +344,7 @@ async fn archived_patients(
             continue;
         };
         rows.project(std::iter::empty());
-        let cohort = Cohort::new(spec, table, members.cloned(), None);
+        let cohort = Cohort::new(spec, table, members.clone(), None);
         while let Some(batch) = rows.next(&plan, &cohort).await? {
             watch.check().await?;
             let keys = batch
@@ -362,18 +364,21 @@ async fn archived_patients(
 
 /// `Patient` resources of `scope` (patient keys), from the patients table's archived rows and
 /// its operational rows (each patient once).
-#[allow(clippy::too_many_arguments)]
 async fn patients(
-    exporter: &Exporter,
-    state: &AppState,
-    spec: &JobSpec,
-    profile: &Profile,
-    ctx: &ExportContext,
+    run: &Run<'_>,
     scope: &HashSet<String>,
     scanner: &mut Scanner,
     outs: &mut Outputs<'_>,
     watch: &mut Watch<'_>,
 ) -> Result<(), Failure> {
+    let Run {
+        exporter,
+        state,
+        spec,
+        profile,
+        ctx,
+        ..
+    } = *run;
     let Some(table) = exporter.classification().patients.clone() else {
         return Ok(());
     };

@@ -18,6 +18,7 @@
 mod cohort;
 mod fhir;
 mod output;
+mod parquet;
 mod patients;
 pub(crate) mod routes;
 pub(crate) mod spec;
@@ -26,11 +27,10 @@ use crate::config::{hex_key, ExportsConfig};
 use crate::error::ApiError;
 use crate::routes::AppState;
 use chrono::Datelike;
-use cohort::{fan_out, Cohort, TableRows};
+use cohort::TableRows;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use output::ParquetOut;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -518,34 +518,18 @@ impl Exporter {
         let members = self.members(state, spec).await?;
         let ctx = self.context(spec.study.as_deref(), &profile.name);
         let mut scanner = Scanner::new(profile.years_only());
+        let run = Run {
+            exporter: self,
+            state,
+            id,
+            spec,
+            profile: &profile,
+            ctx: &ctx,
+            members,
+        };
         let files = match spec.format {
-            Format::Parquet => {
-                self.parquet_files(
-                    state,
-                    id,
-                    spec,
-                    &profile,
-                    &ctx,
-                    members,
-                    &mut scanner,
-                    watch,
-                )
-                .await?
-            }
-            Format::Fhir => {
-                fhir::files(
-                    self,
-                    state,
-                    id,
-                    spec,
-                    &profile,
-                    &ctx,
-                    members,
-                    &mut scanner,
-                    watch,
-                )
-                .await?
-            }
+            Format::Parquet => run.parquet_files(&mut scanner, watch).await?,
+            Format::Fhir => fhir::files(&run, &mut scanner, watch).await?,
         };
         let findings = scanner.findings();
         if !findings.is_empty() {
@@ -577,85 +561,6 @@ impl Exporter {
                 .map_err(|e| e.to_string())?;
         }
         Ok(manifest)
-    }
-
-    /// Every table of a Parquet job: `<id>/<table>.parquet`. Returns the files' entries.
-    #[allow(clippy::too_many_arguments)]
-    async fn parquet_files(
-        &self,
-        state: &AppState,
-        id: &str,
-        spec: &JobSpec,
-        profile: &Profile,
-        ctx: &ExportContext,
-        members: Option<Arc<HashSet<String>>>,
-        scanner: &mut Scanner,
-        watch: &mut Watch<'_>,
-    ) -> Result<Vec<Value>, Failure> {
-        let mut files = Vec::new();
-        for (n, table) in spec.tables.iter().enumerate() {
-            let _ = state
-                .control
-                .export_progress(
-                    id,
-                    &format!("table {} of {}: {table}", n + 1, spec.tables.len()),
-                )
-                .await;
-            let Some((plan, mut rows)) = self.plan(&state.archive, table, spec, profile).await?
-            else {
-                continue;
-            };
-            let cohort = Cohort::new(spec, table, members.clone(), shifted(profile, ctx));
-            rows.project(
-                plan.input_columns()
-                    .into_iter()
-                    .chain(cohort.columns().map(str::to_string)),
-            );
-            let name = format!("{table}.parquet");
-            let mut out =
-                ParquetOut::new(&self.store, &format!("{id}/{name}"), plan.output_schema())?;
-            let plan = Arc::new(plan);
-            let (worker_plan, worker_ctx, file) = (plan.clone(), ctx.clone(), name.clone());
-            let columns = plan.scan_columns();
-            let (mut made, workers) = fan_out(
-                rows,
-                plan.clone(),
-                cohort,
-                profile.years_only(),
-                move |batch, scanner| {
-                    let out = worker_plan
-                        .apply(batch, &worker_ctx)
-                        .map_err(|e| e.to_string())?;
-                    let (patients, keys) = worker_plan.row_keys(batch);
-                    scanner.key_copies(&file, &out, &columns, &patients, &keys);
-                    scanner.batch(&file, &out, &columns);
-                    Ok(out)
-                },
-            );
-            let mut exported = 0u64;
-            while let Some(out_batch) = made.recv().await {
-                watch.check().await?;
-                let out_batch = out_batch?;
-                out.write(&out_batch).await?;
-                exported += out_batch.num_rows() as u64;
-            }
-            for w in workers {
-                scanner.merge(w.await.map_err(|e| e.to_string())?);
-            }
-            let written = out.finish().await?;
-            files.push(json!({
-                "table": table,
-                "file": name,
-                "rows": exported,
-                "bytes": written.bytes,
-                "sha256": written.sha256,
-                "columns": plan.columns.iter().map(|c| json!({
-                    "name": c.name, "source": c.source, "class": c.class, "action": c.action,
-                })).collect::<Vec<_>>(),
-                "removed": plan.removed.iter().map(|(c, why)| json!({ "column": c, "reason": why })).collect::<Vec<_>>(),
-            }));
-        }
-        Ok(files)
     }
 
     /// The audit entry of a job's end.
@@ -874,6 +779,18 @@ impl Exporter {
             Err(e) => Err(ApiError::Internal(e.to_string())),
         }
     }
+}
+
+/// One run of a job: what each of its stages reads.
+pub(crate) struct Run<'a> {
+    exporter: &'a Exporter,
+    state: &'a AppState,
+    id: &'a str,
+    spec: &'a JobSpec,
+    profile: &'a Profile,
+    ctx: &'a ExportContext,
+    /// The patients of the job's group, if it names one.
+    members: Option<Arc<HashSet<String>>>,
 }
 
 /// Whether a finished job's files have expired (they are not served from then on, even before

@@ -126,17 +126,9 @@ impl NdjsonOut {
 
     /// Appends one line.
     pub async fn line(&mut self, value: &serde_json::Value) -> Result<(), String> {
-        serde_json::to_writer(&mut self.buffer, value).map_err(|e| e.to_string())?;
-        self.buffer.push(b'\n');
-        self.lines += 1;
-        if self.buffer.len() >= 1 << 20 {
-            self.out
-                .write_all(&self.buffer)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.buffer.clear();
-        }
-        Ok(())
+        let mut line = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        self.lines(&line, 1).await
     }
 
     /// Appends `n` lines already serialized (each ending with a newline).

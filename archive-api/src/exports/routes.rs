@@ -1,15 +1,14 @@
 //! `/v1/exports` (a researcher's Parquet exports) and `/v1/groups` (cohorts), as handlers.
 
-use crate::audit::{noted, AuditNote};
 use crate::auth::{Principal, Role};
 use crate::error::ApiError;
 use crate::exports::cohort::{Cohort, TableRows};
 use crate::exports::{ExportRequest, Exporter};
-use crate::routes::{AppState, ErrorBody, Refusals};
+use crate::routes::{reply, AppState, ErrorBody, Refusals};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::Datelike;
 use serde::{Deserialize, Serialize};
@@ -17,17 +16,6 @@ use serde_json::json;
 use std::collections::BTreeSet;
 use strata_archive::PATIENT_COLUMN;
 use strata_deidentify::Class;
-
-/// A response with what to note for the audit log.
-fn reply(body: impl IntoResponse, detail: serde_json::Value) -> Response {
-    noted(
-        body,
-        AuditNote {
-            access: None,
-            detail,
-        },
-    )
-}
 
 pub(crate) fn exporter(state: &AppState) -> Result<&Exporter, ApiError> {
     state.exporter.as_ref().ok_or_else(|| {

@@ -416,17 +416,7 @@ async fn bulk_data_refuses_what_the_specifications_refuse() {
         .strip_prefix("http://localhost")
         .unwrap()
         .to_string();
-    let manifest = loop {
-        let (status, headers, body) =
-            call(&f.app, Method::GET, &path, Some(&etl_token), &[], None).await;
-        if status == StatusCode::ACCEPTED {
-            assert!(headers.contains_key("retry-after") && headers.contains_key("x-progress"));
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        }
-        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-        break serde_json::from_slice::<Json>(&body).unwrap();
-    };
+    let manifest = polled(&f.app, &etl_token, &path).await;
     assert_eq!(manifest["requiresAccessToken"], true);
     let file = manifest["output"][0]["url"]
         .as_str()
@@ -452,6 +442,61 @@ async fn bulk_data_refuses_what_the_specifications_refuse() {
     assert_eq!(status, StatusCode::ACCEPTED);
     let (status, _, _) = call(&f.app, Method::GET, &file, Some(&etl_token), &[], None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// Polls a Bulk Data status URL until the export is done; returns its manifest.
+async fn polled(app: &axum::Router, token: &str, path: &str) -> Json {
+    loop {
+        let (status, headers, body) = call(app, Method::GET, path, Some(token), &[], None).await;
+        if status == StatusCode::ACCEPTED {
+            assert!(headers.contains_key("retry-after") && headers.contains_key("x-progress"));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        }
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        return serde_json::from_slice::<Json>(&body).unwrap();
+    }
+}
+
+/// `_since` keeps the resources of records archived at or after the instant: none after today,
+/// all of them since long ago.
+#[tokio::test]
+async fn since_keeps_the_records_archived_from_then_on() {
+    let mut keys = None;
+    let mut api = api_config(SMART);
+    api.public_url = Some("http://localhost".into());
+    let f = fixture_prepared(api, |dir| keys = Some(clients(dir))).await;
+    let (etl, _, _) = keys.unwrap();
+    let token = access_token(&f, &etl, "system/Observation.read").await;
+    let mut counts = Vec::new();
+    for since in ["2999-01-01T00:00:00Z", "2000-01-01T00:00:00Z"] {
+        let uri = format!("/fhir/$export?_type=Observation&_since={since}");
+        let (status, headers, body) =
+            call(&f.app, Method::GET, &uri, Some(&token), &ASYNC, None).await;
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        let location = headers["content-location"].to_str().unwrap().to_string();
+        let manifest = polled(
+            &f.app,
+            &token,
+            location.strip_prefix("http://localhost").unwrap(),
+        )
+        .await;
+        counts.push(
+            manifest["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["count"].as_u64().unwrap())
+                .sum::<u64>(),
+        );
+    }
+    let archived: u64 = f.archive.catalog().rows_per_table()["lab_results"];
+    assert_eq!(counts, [0, archived]);
 }
 
 /// A Bulk Data export of the demo archive through a client written from the specifications:

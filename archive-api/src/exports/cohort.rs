@@ -141,9 +141,13 @@ impl TableRows {
     /// grouped by run, newest first.
     pub fn new(archive: &ArchiveReader, table: &str, since: Option<&str>) -> Self {
         let mut by_run: BTreeMap<String, (String, Vec<FileEntry>)> = BTreeMap::new();
+        let since = since.and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
         for m in archive.catalog().tables.get(table).into_iter().flatten() {
-            if since.is_some_and(|s| m.created_at.as_str() < s) {
-                continue;
+            let created = chrono::DateTime::parse_from_rfc3339(&m.created_at).ok();
+            if let (Some(since), Some(created)) = (since, created) {
+                if created < since {
+                    continue;
+                }
             }
             let entry = by_run
                 .entry(m.run().to_string())

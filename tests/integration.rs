@@ -2,6 +2,7 @@
 //! server started by `scripts/test`, the encrypted archive on disk, the API router).
 
 mod api;
+mod archive_accounting;
 mod blobs;
 mod bulk;
 mod crash;

@@ -4,6 +4,7 @@
 
 use crate::support::*;
 use chrono::{Datelike, NaiveDate};
+use sha2::Digest;
 use std::collections::{BTreeMap, BTreeSet};
 use strata_control::Control;
 use strata_cutoff_policies::HoldScope;
@@ -209,4 +210,23 @@ async fn worked_examples_adults_minors_master_index_and_a_legal_hold() {
     // Destruction records carry counts, key range and checksum, and no values.
     let destroyed = control.destroyed_rows().await.unwrap();
     assert_eq!(destroyed["encounters"], purged.len() as u64);
+    // The checksum is recomputed from the destroyed keys alone: the sum of their SHA-256
+    // digests modulo 2^256.
+    let mut sum = [0u8; 32];
+    for id in &purged {
+        let digest: [u8; 32] = sha2::Sha256::digest(format!("id={id}").as_bytes()).into();
+        let mut carry = 0u16;
+        for i in (0..32).rev() {
+            let s = sum[i] as u16 + digest[i] as u16 + carry;
+            sum[i] = s as u8;
+            carry = s >> 8;
+        }
+    }
+    let records = control.destructions().await.unwrap();
+    let record = &records
+        .iter()
+        .find(|(d, _)| d.table == "encounters")
+        .unwrap()
+        .0;
+    assert_eq!(record.key_checksum, format!("sum256:{}", hex::encode(sum)));
 }

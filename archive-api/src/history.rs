@@ -17,7 +17,9 @@ use strata_archive::{
 pub struct HistoryRecord {
     /// The source table.
     pub table: String,
-    /// The record's key in its table (`col=value`, as archived).
+    /// The record's name in its table: its key as archived (`col=value` of its primary key, or
+    /// a digest of its values for a table without one); identical rows of a table without a
+    /// primary key are distinct records, named `digest`, `digest#2`, `digest#3`, ...
     pub key: String,
     /// The record's date (YYYY-MM-DD), if it has one.
     pub record_date: Option<String>,
@@ -117,7 +119,29 @@ pub async fn patient_history(
         records.extend(table_records);
     }
     records.sort_by(history_order);
+    if name_apart(&mut records) {
+        records.sort_by(history_order);
+    }
     Ok(records)
+}
+
+/// Gives records that share a table and key names of their own: identical rows of a table
+/// without a primary key (named by a digest of their values) are distinct records, and each
+/// needs its own name for page cursors and FHIR ids. The first keeps the key, the next become
+/// `key#2`, `key#3`, ... (in history order). Whether any record was renamed.
+fn name_apart(records: &mut [HistoryRecord]) -> bool {
+    let mut seen: std::collections::HashMap<(String, String), usize> =
+        std::collections::HashMap::new();
+    let mut renamed = false;
+    for r in records.iter_mut() {
+        let n = seen.entry((r.table.clone(), r.key.clone())).or_default();
+        *n += 1;
+        if *n > 1 {
+            r.key = format!("{}#{n}", r.key);
+            renamed = true;
+        }
+    }
+    renamed
 }
 
 /// The order of a history: newest first (records without a date last), then by table and key.
@@ -314,6 +338,50 @@ mod tests {
             data: Map::new(),
             documents: Vec::new(),
         }
+    }
+
+    #[test]
+    fn identical_records_get_names_of_their_own_and_page_apart() {
+        let mut all = vec![
+            rec(Some("2020-01-01"), "supplies", "9f1c"),
+            rec(Some("2020-01-01"), "supplies", "9f1c"),
+            rec(Some("2020-01-01"), "supplies", "9f1c"),
+            rec(Some("2020-01-01"), "labs", "9f1c"),
+        ];
+        all.sort_by(history_order);
+        assert!(name_apart(&mut all));
+        all.sort_by(history_order);
+        let keys: Vec<(&str, &str)> = all
+            .iter()
+            .map(|r| (r.table.as_str(), r.key.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("labs", "9f1c"),
+                ("supplies", "9f1c"),
+                ("supplies", "9f1c#2"),
+                ("supplies", "9f1c#3")
+            ]
+        );
+        let mut q = HistoryQuery {
+            limit: 1,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let (page, _, next) = select_page(all.clone(), &q);
+            seen.extend(page.iter().map(|r| r.key.clone()));
+            match next {
+                Some(c) => q.after = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            4,
+            "every identical record on a page of its own: {seen:?}"
+        );
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Compaction and garbage collection.
 //!
-//! `compact` rewrites all of a table's current files (applying corrections: the newest copy of
-//! each record wins) into new large files sorted by patient key, and publishes one manifest that
-//! supersedes the old ones; that single write is the catalog switch. Nothing is deleted then:
+//! `compact` rewrites all of a table's current files (applying corrections: a record archived
+//! again by a later run keeps only that run's copies; rows of one run are never merged, since
+//! identical rows are distinct records) into new large files sorted by patient key, and
+//! publishes one manifest that supersedes the old ones; that single write is the catalog
+//! switch. The manifest accounts for every row it replaced: the rows of each run manifest, and
+//! how many superseded copies it left out. Nothing is deleted then:
 //! `gc` deletes files and manifests that a newer manifest superseded more than a grace period
 //! ago, so readers that opened the old catalog can finish.
 
@@ -28,7 +31,7 @@ pub struct CompactionReport {
     pub files_before: usize,
     /// Files after.
     pub files_after: usize,
-    /// Rows before (all copies) and after (newest copy of each record).
+    /// Rows before (all copies) and after (without copies superseded by a later run).
     pub rows_before: u64,
     /// Rows after.
     pub rows_after: u64,
@@ -58,16 +61,22 @@ pub async fn compact_table(
     let Some(last) = manifests.last() else {
         return Ok(report);
     };
-    let mut batches: Vec<RecordBatch> = Vec::new();
-    for entry in manifests.iter().flat_map(|m| &m.files) {
-        report.files_before += 1;
-        batches.extend(reader.read_file(entry).await?);
+    // Each batch carries the rank of its run: a correction supersedes copies of earlier runs
+    // only, never rows of its own run (identical rows of a keyless table are distinct records).
+    let mut batches: Vec<(usize, RecordBatch)> = Vec::new();
+    for (rank, run) in crate::reader::runs_of(&manifests).into_iter().enumerate() {
+        for entry in run.iter().flat_map(|m| &m.files) {
+            report.files_before += 1;
+            let read = reader.read_file(entry).await?;
+            batches.extend(read.into_iter().map(|b| (rank, b)));
+        }
     }
-    report.rows_before = batches.iter().map(|b| b.num_rows() as u64).sum();
-    let batches = crate::reader::newest_only(batches)?;
-    let Some(schema) = batches.first().map(|b| b.schema()) else {
+    report.rows_before = batches.iter().map(|(_, b)| b.num_rows() as u64).sum();
+    let kept = crate::reader::newest_only(batches)?;
+    let Some(schema) = kept.first().map(|b| b.schema()) else {
         return Ok(report);
     };
+    let kept_rows: u64 = kept.iter().map(|b| b.num_rows() as u64).sum();
     let run_id = format!(
         "compact-{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
@@ -78,24 +87,50 @@ pub async fn compact_table(
         &last.policy_version,
         last.blob_columns.clone(),
     );
-    manifest.supersedes = manifests
-        .iter()
-        .map(|m| TableManifest::path(&m.table, &m.run_id))
-        .collect();
+    // The accounting carries over from the compactions replaced, so that it stays whole after
+    // `gc` deletes them.
+    let mut supersedes = std::collections::BTreeSet::new();
+    for m in &manifests {
+        let path = TableManifest::path(&m.table, &m.run_id);
+        if m.replaced_rows.is_empty() {
+            manifest.replaced_rows.insert(path.clone(), m.rows());
+        }
+        manifest
+            .replaced_rows
+            .extend(m.replaced_rows.iter().map(|(p, n)| (p.clone(), *n)));
+        manifest.superseded_copies += m.superseded_copies;
+        supersedes.insert(path);
+        supersedes.extend(m.supersedes.iter().cloned());
+    }
+    manifest.superseded_copies += report.rows_before - kept_rows;
+    manifest.supersedes = supersedes.into_iter().collect();
     let mut writer = TableWriter::new(store, keys, manifest, schema, options)?;
-    writer.write_in_order(&batches).await?;
+    writer.write_in_order(&kept).await?;
     report.rows_after = writer.rows();
+    if report.rows_after != kept_rows {
+        return Err(ArchiveError::Integrity {
+            object: TableManifest::path(table, &run_id),
+            detail: format!(
+                "compaction wrote {} rows of {kept_rows}: nothing was published",
+                report.rows_after
+            ),
+        });
+    }
     let published = writer.finish().await?;
     report.files_after = published.files.len();
     Ok(report)
 }
 
 /// Deletes manifests that another manifest superseded at least `grace` ago, with their files and
-/// key material. Returns the objects deleted.
+/// key material; with `orphans`, also the Parquet files (and key material) that no manifest
+/// names and that were written at least `grace` ago: those of an attempt that never reached its
+/// checkpoint. Pass `orphans` only when no run is in progress (a range's files are written
+/// before its manifest). Returns the objects deleted.
 pub async fn gc(
     store: Arc<dyn ObjectStore>,
     keys: KeyRing,
     grace: chrono::Duration,
+    orphans: bool,
 ) -> Result<Vec<String>> {
     let keys = keys.for_archive(store.as_ref(), false).await?;
     let metas: Vec<_> = store
@@ -142,5 +177,226 @@ pub async fn gc(
             deleted.push(old_path.clone());
         }
     }
+    if orphans {
+        let named: std::collections::HashSet<&str> = manifests
+            .iter()
+            .flat_map(|(_, m)| m.files.iter().map(|f| f.path.as_str()))
+            .collect();
+        let listed: Vec<_> = store
+            .list(Some(&Path::from("tables")))
+            .try_collect()
+            .await?;
+        for meta in listed {
+            let path = meta.location.to_string();
+            let data = crate::keys::data_file_of(&path);
+            if named.contains(data.as_str())
+                || now.signed_duration_since(meta.last_modified) < grace
+            {
+                continue;
+            }
+            match store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted.push(path),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Kek;
+    use crate::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
+    use arrow::array::{ArrayRef, AsArray, Date32Array, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use object_store::memory::InMemory;
+
+    /// A keyless table's rows: (patient, record key, value). Identical rows share their key.
+    fn rows(schema: &Arc<Schema>, rows: &[(&str, &str, i64)]) -> RecordBatch {
+        let n = rows.len();
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Date32Array::from(vec![Some(10_000); n])),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+        ];
+        RecordBatch::try_new(schema.clone(), cols).unwrap()
+    }
+
+    async fn publish(
+        store: &Arc<dyn ObjectStore>,
+        keys: &KeyRing,
+        schema: &Arc<Schema>,
+        writer_id: &str,
+        batch: RecordBatch,
+    ) -> TableManifest {
+        let mut w = TableWriter::new(
+            store.clone(),
+            keys.clone(),
+            TableManifest::new("supplies", writer_id, "p1", vec![]),
+            schema.clone(),
+            TableWriterOptions::default(),
+        )
+        .unwrap();
+        w.write(&batch).await.unwrap();
+        w.finish().await.unwrap()
+    }
+
+    /// One patient's rows as sorted (key, value) pairs.
+    async fn read(
+        store: &Arc<dyn ObjectStore>,
+        keys: &KeyRing,
+        patient: &str,
+    ) -> Vec<(String, i64)> {
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let mut out: Vec<(String, i64)> = Vec::new();
+        for b in reader.patient_rows("supplies", patient).await.unwrap() {
+            let k = b.column(2).as_string::<i32>();
+            let v = b.column(3).as_primitive::<Int64Type>();
+            out.extend((0..b.num_rows()).map(|i| (k.value(i).to_string(), v.value(i))));
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn identical_rows_survive_corrections_compaction_and_gc() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), [])
+            .for_archive(store.as_ref(), true)
+            .await
+            .unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(PATIENT_COLUMN, DataType::Utf8, false),
+            Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
+            Field::new(KEY_COLUMN, DataType::Utf8, false),
+            Field::new("quantity", DataType::Int64, false),
+        ]));
+        // Run 1 archives three identical deliveries (two in one range, one in another) and two
+        // other records; run 2 corrects record "e".
+        let run1 = [("a", "d", 1), ("a", "d", 1), ("a", "e", 2), ("b", "f", 3)];
+        publish(
+            &store,
+            &keys,
+            &schema,
+            "run-1-r00000-0a01",
+            rows(&schema, &run1),
+        )
+        .await;
+        publish(
+            &store,
+            &keys,
+            &schema,
+            "run-1-r00001-0a02",
+            rows(&schema, &[("a", "d", 1)]),
+        )
+        .await;
+        publish(
+            &store,
+            &keys,
+            &schema,
+            "run-2-r00000-0b01",
+            rows(&schema, &[("a", "e", 20)]),
+        )
+        .await;
+        let expected_a = vec![
+            ("d".to_string(), 1),
+            ("d".to_string(), 1),
+            ("d".to_string(), 1),
+            ("e".to_string(), 20),
+        ];
+        assert_eq!(
+            read(&store, &keys, "a").await,
+            expected_a,
+            "before compaction"
+        );
+
+        let r = compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (r.rows_before, r.rows_after),
+            (6, 5),
+            "only the corrected copy goes: {r:?}"
+        );
+        assert_eq!(
+            read(&store, &keys, "a").await,
+            expected_a,
+            "after compaction"
+        );
+
+        // A correction of "f" after the compaction supersedes the compacted copy only.
+        publish(
+            &store,
+            &keys,
+            &schema,
+            "run-3-r00000-0c01",
+            rows(&schema, &[("b", "f", 30)]),
+        )
+        .await;
+        assert_eq!(read(&store, &keys, "b").await, vec![("f".to_string(), 30)]);
+        let r = compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.rows_before, r.rows_after), (6, 5));
+        // A file an interrupted attempt left, which no manifest names.
+        let orphan = Path::from("tables/supplies/run-9-r00000-0f0f-000.parquet");
+        store.put(&orphan, b"PAR1".to_vec().into()).await.unwrap();
+        let superseded = gc(store.clone(), keys.clone(), chrono::Duration::zero(), false)
+            .await
+            .unwrap();
+        assert!(!superseded.is_empty());
+        assert!(
+            !superseded.contains(&orphan.to_string()),
+            "kept while a run may be writing it"
+        );
+        let deleted = gc(store.clone(), keys.clone(), chrono::Duration::zero(), true)
+            .await
+            .unwrap();
+        assert_eq!(deleted, vec![orphan.to_string()]);
+        assert_eq!(read(&store, &keys, "a").await, expected_a, "after gc");
+        assert_eq!(read(&store, &keys, "b").await, vec![("f".to_string(), 30)]);
+
+        // The last compaction accounts for every row the runs archived, after gc too.
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let live = &reader.catalog().tables["supplies"];
+        assert_eq!(live.len(), 1);
+        let m = &live[0];
+        let replaced: Vec<(&str, u64)> = m
+            .replaced_rows
+            .iter()
+            .map(|(p, n)| (p.as_str(), *n))
+            .collect();
+        assert_eq!(
+            replaced,
+            vec![
+                ("manifests/supplies/run-1-r00000-0a01.json", 4),
+                ("manifests/supplies/run-1-r00001-0a02.json", 1),
+                ("manifests/supplies/run-2-r00000-0b01.json", 1),
+                ("manifests/supplies/run-3-r00000-0c01.json", 1),
+            ]
+        );
+        assert_eq!(m.superseded_copies, 2);
+        assert_eq!(m.rows(), 7 - 2);
+        assert_eq!(
+            m.supersedes.len(),
+            5,
+            "four run manifests and the first compaction"
+        );
+    }
 }

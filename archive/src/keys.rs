@@ -308,6 +308,20 @@ pub(crate) fn key_material_path(file_path: &str) -> String {
     }
 }
 
+/// The data file an object belongs to: itself, or for a key-material object
+/// ([`key_material_path`]) the file whose key it holds.
+pub(crate) fn data_file_of(object: &str) -> String {
+    object
+        .rsplit_once('/')
+        .and_then(|(dir, name)| {
+            let name = name
+                .strip_prefix("_KEY_MATERIAL_FOR_")?
+                .strip_suffix(".json")?;
+            Some(format!("{dir}/{name}"))
+        })
+        .unwrap_or_else(|| object.to_string())
+}
+
 /// Gives the parquet crate one file's data key, from its external key material.
 pub(crate) struct ParquetKeyRetriever {
     pub keys: KeyRing,

@@ -26,9 +26,20 @@ pub struct TableManifest {
     /// The data files, sorted by patient key range.
     pub files: Vec<FileEntry>,
     /// Manifests this one replaces (a compaction): once it is written, readers ignore them. Their
-    /// files stay until a retention-safe `gc`.
+    /// files stay until a retention-safe `gc`. A compaction lists, besides the manifests it
+    /// read, every manifest those replaced, so that the list stays complete after `gc`.
     #[serde(default)]
     pub supersedes: Vec<String>,
+    /// Of a compaction: the rows of every run manifest it replaces (directly or through an
+    /// earlier compaction), by path. With `superseded_copies` it accounts for every row the
+    /// runs archived: `archive verify` checks both against the control database's ledger.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub replaced_rows: std::collections::BTreeMap<String, u64>,
+    /// Of a compaction: the copies it left out because a later run archived the same record
+    /// again (a correction), over it and the compactions it replaces. The only rows a
+    /// compaction may drop: `rows()` equals the sum of `replaced_rows` minus these.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub superseded_copies: u64,
     /// The KEK current when the manifest was sealed (for information: the seal's key is derived
     /// from the archive key, which KEK rotations do not change).
     #[serde(default)]
@@ -37,6 +48,10 @@ pub struct TableManifest {
     /// key, hex: an edited manifest is detected.
     #[serde(default)]
     pub mac: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One encrypted Parquet file.
@@ -78,6 +93,8 @@ impl TableManifest {
             blob_columns,
             files: Vec::new(),
             supersedes: Vec::new(),
+            replaced_rows: Default::default(),
+            superseded_copies: 0,
             sealed_by: String::new(),
             mac: String::new(),
         }
@@ -123,21 +140,7 @@ impl TableManifest {
     /// later run supersedes its copies of earlier runs; rows of the same run never supersede
     /// one another (two identical rows are two records).
     pub fn run(&self) -> &str {
-        let id = self.run_id.as_str();
-        let mut parts = id.rsplitn(3, '-');
-        let (attempt, range, run) = (parts.next(), parts.next(), parts.next());
-        match (attempt, range, run) {
-            (Some(a), Some(r), Some(run))
-                if a.len() == 4
-                    && a.bytes().all(|b| b.is_ascii_hexdigit())
-                    && r.len() > 1
-                    && r.starts_with('r')
-                    && r[1..].bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                run
-            }
-            _ => id,
-        }
+        run_of_writer(&self.run_id)
     }
 
     /// Total rows over all files.
@@ -146,9 +149,29 @@ impl TableManifest {
     }
 }
 
+/// The run of a manifest's writer id: the id without the range and attempt a bulk migration
+/// adds (`{run}-r{range}-{attempt}`); any other id is a run of its own (a compaction).
+pub fn run_of_writer(id: &str) -> &str {
+    let mut parts = id.rsplitn(3, '-');
+    let (attempt, range, run) = (parts.next(), parts.next(), parts.next());
+    match (attempt, range, run) {
+        (Some(a), Some(r), Some(run))
+            if a.len() == 4
+                && a.bytes().all(|b| b.is_ascii_hexdigit())
+                && r.len() > 1
+                && r.starts_with('r')
+                && r[1..].bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            run
+        }
+        _ => id,
+    }
+}
+
 /// Deletes `table`'s manifests whose writer id starts with `prefix`: the manifests of an
 /// attempt that did not finish (a range copied again after a crash). Their files are then named
-/// by no manifest, so they are not part of the archive, and `gc` removes them. Returns how many
+/// by no manifest, so they are not part of the archive, and `gc` removes them (when no run is
+/// in progress). Returns how many
 /// manifests were deleted.
 pub async fn withdraw_manifests(
     store: &dyn object_store::ObjectStore,

@@ -34,20 +34,6 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Files of `table` whose patient-key range may hold `patient`.
-    pub fn files_for_patient<'a>(
-        &'a self,
-        table: &str,
-        patient: &'a str,
-    ) -> impl Iterator<Item = &'a FileEntry> + 'a {
-        self.tables
-            .get(table)
-            .into_iter()
-            .flatten()
-            .flat_map(|m| m.files.iter())
-            .filter(move |f| f.min_patient.as_str() <= patient && patient <= f.max_patient.as_str())
-    }
-
     /// The BLOB columns recorded for `table`.
     pub fn blob_columns(&self, table: &str) -> Vec<String> {
         let mut cols: Vec<String> = self
@@ -71,25 +57,49 @@ impl Catalog {
     }
 }
 
-/// Keeps, of every record key, only its newest copy: `batches` are in archive order (oldest
-/// manifest first), so the last occurrence of a key wins.
-pub(crate) fn newest_only(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
-    use arrow::array::{AsArray, BooleanArray};
-    let mut seen = std::collections::HashSet::new();
-    let mut masks: Vec<BooleanArray> = Vec::with_capacity(batches.len());
-    for batch in batches.iter().rev() {
-        let keys = batch.column(2).as_string::<i32>();
-        let mut keep: Vec<bool> = (0..batch.num_rows())
-            .rev()
-            .map(|i| seen.insert(keys.value(i).to_string()))
-            .collect();
-        keep.reverse();
-        masks.push(BooleanArray::from(keep));
+/// Groups manifests by the run that wrote them (see [`TableManifest::run`]), oldest run first:
+/// runs are ordered by their newest manifest's creation time (then by run id), so a run resumed
+/// after an interruption counts as one run, and a compaction counts as a run newer than every
+/// manifest it replaced.
+pub fn runs_of<'a>(
+    manifests: impl IntoIterator<Item = &'a TableManifest>,
+) -> Vec<Vec<&'a TableManifest>> {
+    let mut by_run: BTreeMap<&str, (&str, Vec<&TableManifest>)> = BTreeMap::new();
+    for m in manifests {
+        let entry = by_run.entry(m.run()).or_insert((&m.created_at, Vec::new()));
+        entry.0 = entry.0.max(m.created_at.as_str());
+        entry.1.push(m);
     }
-    masks.reverse();
+    let mut runs: Vec<(&str, &str, Vec<&TableManifest>)> = by_run
+        .into_iter()
+        .map(|(run, (newest, ms))| (newest, run, ms))
+        .collect();
+    runs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    runs.into_iter().map(|(_, _, ms)| ms).collect()
+}
+
+/// Keeps, of every record key, only the copies of the newest run that archived it. `batches`
+/// carry the rank of their run (higher is newer, see [`runs_of`]): a record archived again by a
+/// later run (a correction) supersedes its copies of earlier runs, while rows of the same run
+/// never supersede one another, so two identical rows of a keyless table (which share a key,
+/// a digest of their values) both stay: they are two records.
+pub(crate) fn newest_only(batches: Vec<(usize, RecordBatch)>) -> Result<Vec<RecordBatch>> {
+    use arrow::array::{AsArray, BooleanArray};
+    let mut newest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (rank, batch) in &batches {
+        for key in batch.column(2).as_string::<i32>().iter().flatten() {
+            let r = newest.entry(key).or_insert(*rank);
+            *r = (*r).max(*rank);
+        }
+    }
     let mut out = Vec::with_capacity(batches.len());
-    for (batch, mask) in batches.iter().zip(&masks) {
-        let kept = filter_record_batch(batch, mask)?;
+    for (rank, batch) in &batches {
+        let keys = batch.column(2).as_string::<i32>();
+        let keep: BooleanArray = keys
+            .iter()
+            .map(|k| Some(k.is_none_or(|k| newest[k] == *rank)))
+            .collect();
+        let kept = filter_record_batch(batch, &keep)?;
         if kept.num_rows() > 0 {
             out.push(kept);
         }
@@ -687,13 +697,7 @@ impl ArchiveReader {
         for meta in listed {
             let path = meta.location.to_string();
             let unpublished = if path.starts_with("tables/") {
-                let data = path.rsplit_once('/').and_then(|(dir, name)| {
-                    let name = name
-                        .strip_prefix("_KEY_MATERIAL_FOR_")?
-                        .strip_suffix(".json")?;
-                    Some(format!("{dir}/{name}"))
-                });
-                !published.contains(data.as_ref().unwrap_or(&path))
+                !published.contains(&crate::keys::data_file_of(&path))
             } else if let Some(id) = path
                 .strip_prefix("blobs/")
                 .and_then(|p| p.split('/').nth(1))
@@ -711,16 +715,24 @@ impl ArchiveReader {
 
     /// One patient's archived rows of `table`: opens only the files whose key range can hold
     /// the patient, and in them only the row groups whose statistics can. When a record was
-    /// archived more than once (a correction), only its newest copy is returned.
+    /// archived again by a later run (a correction), only the copies of the newest run that
+    /// archived it are returned (see [`runs_of`]).
     pub async fn patient_rows(&self, table: &str, patient: &str) -> Result<Vec<RecordBatch>> {
+        let runs = runs_of(self.catalog.tables.get(table).into_iter().flatten());
         let mut out = Vec::new();
-        for entry in self.catalog.files_for_patient(table, patient) {
-            out.extend(self.file_patient_rows(entry, patient).await?);
+        for (rank, run) in runs.iter().enumerate() {
+            for entry in run.iter().flat_map(|m| &m.files) {
+                if entry.min_patient.as_str() <= patient && patient <= entry.max_patient.as_str() {
+                    let batches = self.file_patient_rows(entry, patient).await?;
+                    out.extend(batches.into_iter().map(|b| (rank, b)));
+                }
+            }
         }
-        if self.catalog.tables.get(table).is_some_and(|m| m.len() > 1) {
-            out = newest_only(out)?;
+        if runs.len() > 1 {
+            newest_only(out)
+        } else {
+            Ok(out.into_iter().map(|(_, b)| b).collect())
         }
-        Ok(out)
     }
 }
 

@@ -1,5 +1,6 @@
 //! `strata`: the command line that ties ingest, policy, archive and API together.
 
+mod archive;
 mod config;
 mod demo;
 mod exports;
@@ -99,7 +100,7 @@ enum Command {
     /// Archive tools.
     Archive {
         #[command(subcommand)]
-        command: ArchiveCommand,
+        command: archive::ArchiveCommand,
     },
     /// Legal holds: records under a hold are never purged.
     Hold {
@@ -199,44 +200,6 @@ enum PolicyCommand {
     Check {
         /// The policy file (by default, the one strata.toml names).
         file: Option<PathBuf>,
-        #[arg(long, default_value = "strata.toml")]
-        config: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum ArchiveCommand {
-    /// Check the whole archive against its manifests (sizes, digests, decryption, row counts,
-    /// BLOB lengths and digests). Exits non-zero when anything does not match.
-    Verify {
-        #[arg(long, default_value = "strata.toml")]
-        config: PathBuf,
-    },
-    /// Rewrite a table's archived files (newest copy of each record, sorted by patient) into large
-    /// files under one manifest that supersedes the old ones. Deletes nothing.
-    Compact {
-        #[arg(long, default_value = "strata.toml")]
-        config: PathBuf,
-        /// The table (by default, every table with more than one manifest).
-        #[arg(long)]
-        table: Option<String>,
-    },
-    /// Delete files and manifests superseded by a compaction at least --grace-hours ago.
-    Gc {
-        #[arg(long, default_value = "strata.toml")]
-        config: PathBuf,
-        /// How long superseded files stay readable for readers that opened the old catalog.
-        #[arg(long, default_value_t = 168)]
-        grace_hours: i64,
-    },
-    /// Rebuild the control database's mirror of the archive catalog from the archive's manifests.
-    SyncCatalog {
-        #[arg(long, default_value = "strata.toml")]
-        config: PathBuf,
-    },
-    /// Re-wrap every data key with the config's current KEK (`kek_id`), keeping the old one in
-    /// `previous_keks` until this has finished. Data objects are not rewritten.
-    RotateKey {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
     },
@@ -491,106 +454,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Hold { command } => hold(command).await,
-        Command::Archive {
-            command: ArchiveCommand::Compact { config, table },
-        } => {
-            let loaded = config::load(&config)?;
-            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-            let archive = ArchiveReader::open(store.clone(), keys.clone()).await?;
-            let tables: Vec<String> = match table {
-                Some(t) => vec![t],
-                None => archive
-                    .catalog()
-                    .tables
-                    .iter()
-                    .filter(|(_, m)| m.len() > 1)
-                    .map(|(t, _)| t.clone())
-                    .collect(),
-            };
-            for t in tables {
-                let r = strata_archive::compact_table(
-                    store.clone(),
-                    keys.clone(),
-                    &t,
-                    Default::default(),
-                )
-                .await?;
-                println!(
-                    "{t}: {} manifests, {} files, {} rows -> 1 manifest, {} files, {} rows",
-                    r.manifests, r.files_before, r.rows_before, r.files_after, r.rows_after
-                );
-            }
-            let archive = ArchiveReader::open(store, keys).await?;
-            strata_control::Control::open(&loaded.migration.control_url()?)
-                .await?
-                .rebuild_catalog(archive.catalog())
-                .await?;
-            Ok(())
-        }
-        Command::Archive {
-            command:
-                ArchiveCommand::Gc {
-                    config,
-                    grace_hours,
-                },
-        } => {
-            let loaded = config::load(&config)?;
-            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-            let deleted =
-                strata_archive::gc(store, keys, chrono::Duration::hours(grace_hours)).await?;
-            println!("deleted {} superseded objects", deleted.len());
-            Ok(())
-        }
-        Command::Archive {
-            command: ArchiveCommand::SyncCatalog { config },
-        } => {
-            let loaded = config::load(&config)?;
-            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-            let archive = ArchiveReader::open(store, keys).await?;
-            let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
-            let files = control.rebuild_catalog(archive.catalog()).await?;
-            println!("catalog mirror rebuilt from the archive's manifests: {files} files");
-            Ok(())
-        }
-        Command::Archive {
-            command: ArchiveCommand::RotateKey { config },
-        } => {
-            let loaded = config::load(&config)?;
-            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-            let r = strata_archive::rotate_keys(store.clone(), &keys).await?;
-            let archive = ArchiveReader::open(store, keys).await?;
-            let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
-            control.rebuild_catalog(archive.catalog()).await?;
-            println!(
-                "every data key is now wrapped by KEK {}: the archive key, {} Parquet key objects and {} manifests rewritten; no data object was rewritten (BLOB keys derive from the archive key)",
-                r.kek_id, r.parquet_keys, r.manifests
-            );
-            Ok(())
-        }
-        Command::Archive {
-            command: ArchiveCommand::Verify { config },
-        } => {
-            let loaded = config::load(&config)?;
-            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-            let archive = ArchiveReader::open(store, keys).await?;
-            let report = archive.verify().await?;
-            println!(
-                "checked {} files ({} rows) and {} BLOBs ({} bytes)",
-                report.files, report.rows, report.blobs, report.blob_bytes
-            );
-            for path in &report.unpublished {
-                println!("not in any manifest (ignored): {path}");
-            }
-            for (object, detail) in &report.problems {
-                eprintln!("integrity error in {object}: {detail}");
-            }
-            if report.problems.is_empty() {
-                println!("archive verified: no problems");
-                Ok(())
-            } else {
-                anyhow::bail!("{} integrity problem(s)", report.problems.len())
-            }
-        }
+        Command::Archive { command } => archive::run(command).await,
         Command::Migrate {
             config,
             json,
@@ -645,6 +509,20 @@ async fn run(cli: Cli) -> Result<()> {
             let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
             let archive = ArchiveReader::open(store, keys).await?;
             let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
+            // A history missing a run's records must not be served as if it were whole.
+            let check = control.check_catalog(archive.catalog()).await?;
+            for w in &check.warnings {
+                tracing::warn!(warning = %w, "archive catalog");
+            }
+            if !check.errors.is_empty() {
+                for e in &check.errors {
+                    eprintln!("missing: {e}");
+                }
+                anyhow::bail!(
+                    "the archive lacks what the control database recorded ({} problem(s)): not serving it; see `strata archive verify`",
+                    check.errors.len()
+                );
+            }
             let operational = loaded
                 .migration
                 .resolve_url(&loaded.migration.operational.url)?;

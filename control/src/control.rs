@@ -1,5 +1,5 @@
 //! Runs and per-table progress (so a stopped run resumes), policy versions, plans, legal
-//! holds, destruction records and the mirror of the archive's catalog.
+//! holds and destruction records.
 //!
 //! The control database is separate from the operational one (SQLite beside the config in the
 //! demo, PostgreSQL in production) so that it survives the operational database being rebuilt,
@@ -57,18 +57,6 @@ CREATE TABLE IF NOT EXISTS strata_holds (
     released_at TEXT,
     release_reason TEXT
 );
-CREATE TABLE IF NOT EXISTS strata_archive_files (
-    table_name TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    path TEXT PRIMARY KEY,
-    rows_in_file BIGINT NOT NULL,
-    bytes BIGINT NOT NULL,
-    sha256 TEXT NOT NULL,
-    min_patient TEXT NOT NULL,
-    max_patient TEXT NOT NULL,
-    kek_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS strata_archive_files_patients ON strata_archive_files (table_name, min_patient, max_patient);
 CREATE TABLE IF NOT EXISTS strata_run_snapshots (
     run_id TEXT NOT NULL,
     wal_lsn TEXT NOT NULL,
@@ -118,8 +106,10 @@ pub struct DestructionRecord {
     pub key_min: Option<String>,
     /// Largest primary key.
     pub key_max: Option<String>,
-    /// XOR of the SHA-256 of every destroyed row's key (of its values, for keyless tables), hex:
-    /// order-independent, so it can be recomputed from the source to prove what was destroyed.
+    /// The sum modulo 2^256 of the SHA-256 of every destroyed row's key (of its values, for
+    /// keyless tables), as `sum256:` and 64 hex digits: order-independent, so it can be
+    /// recomputed from the source to prove what was destroyed, and two identical rows count
+    /// twice. Records of earlier versions hold a bare hex XOR of the digests instead.
     pub key_checksum: String,
     /// The policy version that destroyed them.
     pub policy_version: String,
@@ -172,6 +162,7 @@ impl Control {
     pub async fn open(url: &str) -> Result<Self> {
         let db = ControlDb::connect(url).await?;
         db.execute(SCHEMA).await?;
+        db.execute(crate::archive_catalog::SCHEMA).await?;
         db.execute(crate::audit::SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
@@ -606,95 +597,13 @@ impl Control {
             .collect())
     }
 
-    /// Mirrors the manifests of a table written by one run's ranges (writer ids `{run}-r...`),
-    /// replacing what was mirrored for them before.
-    pub async fn mirror_table_manifests(
-        &self,
-        table: &str,
-        run_id: &str,
-        manifests: &[strata_archive::TableManifest],
-    ) -> Result<()> {
-        let del = format!(
-            "DELETE FROM strata_archive_files WHERE table_name = {} AND run_id LIKE {}",
-            self.db.p(1),
-            self.db.p(2)
-        );
-        self.db
-            .execute_with(
-                &del,
-                &[
-                    table.into(),
-                    format!("{}-%", run_id.replace(['%', '_'], "")).into(),
-                ],
-            )
-            .await?;
-        for m in manifests {
-            self.mirror_manifest(m).await?;
-        }
-        Ok(())
-    }
-
-    /// Mirrors a published manifest into the control database's catalog (`strata_archive_files`),
-    /// replacing the rows of the same table and run. The archive's own manifests stay the source
-    /// of truth: the mirror can be rebuilt from them ([`Control::rebuild_catalog`]).
-    pub async fn mirror_manifest(&self, m: &strata_archive::TableManifest) -> Result<()> {
-        let del = format!(
-            "DELETE FROM strata_archive_files WHERE table_name = {} AND run_id = {}",
-            self.db.p(1),
-            self.db.p(2)
-        );
-        self.db
-            .execute_with(&del, &[(&m.table).into(), (&m.run_id).into()])
-            .await?;
-        let sql = format!(
-            "INSERT INTO strata_archive_files (table_name, run_id, path, rows_in_file, bytes, sha256, min_patient, max_patient, kek_id) VALUES ({})",
-            self.db.ps(9)
-        );
-        for f in &m.files {
-            self.db
-                .execute_with(
-                    &sql,
-                    &[
-                        (&m.table).into(),
-                        (&m.run_id).into(),
-                        (&f.path).into(),
-                        (f.rows as i64).into(),
-                        (f.bytes as i64).into(),
-                        (&f.sha256).into(),
-                        (&f.min_patient).into(),
-                        (&f.max_patient).into(),
-                        (&f.kek_id).into(),
-                    ],
-                )
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Rebuilds the catalog mirror from the archive's manifests (after the control database
-    /// was lost or restored from an older backup). Returns the files mirrored.
-    pub async fn rebuild_catalog(&self, catalog: &strata_archive::Catalog) -> Result<u64> {
-        self.db.execute("DELETE FROM strata_archive_files").await?;
-        let mut files = 0;
-        for m in catalog.tables.values().flatten() {
-            self.mirror_manifest(m).await?;
-            files += m.files.len() as u64;
-        }
-        Ok(files)
-    }
-
-    /// Files in the catalog mirror per table.
-    pub async fn mirrored_files(&self) -> Result<BTreeMap<String, u64>> {
-        self.per_table("SELECT table_name, CAST(COUNT(*) AS BIGINT) FROM strata_archive_files GROUP BY table_name").await
-    }
-
     /// Rows destroyed per table over all runs.
     pub async fn destroyed_rows(&self) -> Result<BTreeMap<String, u64>> {
         self.per_table("SELECT table_name, CAST(SUM(rows_destroyed) AS BIGINT) FROM strata_destructions GROUP BY table_name").await
     }
 
     /// Runs a `SELECT table_name, <bigint>` query into a map.
-    async fn per_table(&self, sql: &str) -> Result<BTreeMap<String, u64>> {
+    pub(crate) async fn per_table(&self, sql: &str) -> Result<BTreeMap<String, u64>> {
         let rows = self.db.fetch(sql, &[], &[Col::Text, Col::Int]).await?;
         Ok(rows
             .into_iter()

@@ -1,18 +1,21 @@
 //! Strata's control database: the state Strata keeps about its own work, apart from the data.
 //!
 //! Runs and their per-table progress (so a stopped run resumes), policy versions, plans, legal
-//! holds, destruction records, the mirror of the archive's catalog, researchers' export jobs and
-//! cohorts ([`Control`]), and the
+//! holds, destruction records, researchers' export jobs and cohorts ([`Control`]); what it knows
+//! of the archive (the ledger of what runs archived and the mirror of the catalog, held against
+//! the archive's manifests by [`cross_check`]); and the
 //! hash-chained audit log of the archive API ([`AuditLog`]). Ingest, the API and the `strata`
 //! command share it; PostgreSQL in production, SQLite beside the config in the demo.
 #![deny(missing_docs)]
 
+mod archive_catalog;
 mod audit;
 mod control;
 mod db;
 mod error;
 mod exports;
 
+pub use archive_catalog::{cross_check, CatalogCheck, LedgerEntry, MirroredFile, TableAccount};
 pub use audit::{
     AuditEntry, AuditKey, AuditLog, AuditProblem, AuditQuery, AuditRecord, AuditVerifyReport,
     Outcome,

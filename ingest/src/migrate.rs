@@ -377,7 +377,8 @@ impl Migration {
     }
 
     /// Explains one record's tier. `key` is the primary key value, or `col=value,...` for a
-    /// composite key.
+    /// composite key; for a table without a primary key, the record's name in the archive (a
+    /// digest of its values, `digest#2` for the second of identical rows, as the API shows).
     pub async fn explain(&self, table: &str, key: &str) -> Result<Explanation> {
         let layout = self
             .layouts
@@ -385,9 +386,7 @@ impl Migration {
             .find(|l| l.name == table)
             .ok_or_else(|| IngestError::Run(format!("table {table} is not configured")))?;
         if layout.key.is_empty() {
-            return Err(IngestError::Run(format!(
-                "table {table} has no primary key in strata.toml: its rows cannot be named"
-            )));
+            return self.explain_keyless(layout, key).await;
         }
         let parts: Vec<(String, String)> = if layout.key.len() == 1 && !key.contains('=') {
             vec![(
@@ -440,8 +439,84 @@ impl Migration {
                 layout.columns()[col].name
             )));
         }
+        self.explain_row(layout, key, &values, patient, Vec::new())
+            .await
+    }
+
+    /// Explains a record of a table without a primary key, named by the digest of its values
+    /// (as archived): reads the table until it has seen every row with that digest. Identical
+    /// rows are distinct records decided alike; the explanation says how many there are.
+    async fn explain_keyless(&self, layout: &TableLayout, key: &str) -> Result<Explanation> {
+        let table = &layout.name;
+        let (digest, nth) = match key.split_once('#') {
+            Some((d, n)) => (d, n.parse::<u64>().ok().filter(|&n| n >= 1)),
+            None => (key, Some(1)),
+        };
+        let (Some(nth), true) = (
+            nth,
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+        ) else {
+            return Err(IngestError::Run(format!(
+                "table {table} has no primary key: name a record by its key in the archive (64 hex digits, as the API shows it, `#2` for the second of identical rows), not {key:?}"
+            )));
+        };
+        let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
+        let mut rows = self.source.fetch(
+            layout.select_where(&self.source, None, &[], 0),
+            layout.fetch_types(&self.source, &[]),
+        );
+        let mut found = None;
+        let mut identical = 0u64;
+        while let Some(row) = rows.next().await {
+            let mut values = row?;
+            let patient = layout.take_patient(&mut values);
+            if layout
+                .map_row(&mut values)
+                .or_else(|| coerce_row(&mut values, &types))
+                .is_some()
+            {
+                continue;
+            }
+            // Archived rows are named without their BLOBs' content (stored apart).
+            for b in &layout.blobs {
+                values[b.column] = Value::Null;
+            }
+            if hex::encode(row_digest(&values)).eq_ignore_ascii_case(digest) {
+                identical += 1;
+                if found.is_none() {
+                    found = Some((values, patient));
+                }
+            }
+        }
+        drop(rows);
+        let Some((values, patient)) = found.filter(|_| nth <= identical) else {
+            return Err(IngestError::Run(format!(
+                "no row of {table} is named {key} ({identical} row(s) with that digest)"
+            )));
+        };
+        let note = if identical > 1 {
+            vec![format!(
+                "identical rows: {identical} (distinct records, decided alike; named {digest}, {digest}#2, ... {digest}#{identical})"
+            )]
+        } else {
+            Vec::new()
+        };
+        self.explain_row(layout, key, &values, patient, note).await
+    }
+
+    /// The explanation of a record whose values (mapped and coerced) are `values`; `extra`
+    /// facts are added to the policy's.
+    async fn explain_row(
+        &self,
+        layout: &TableLayout,
+        key: &str,
+        values: &[Value],
+        patient: Option<String>,
+        extra: Vec<String>,
+    ) -> Result<Explanation> {
+        let table = layout.name.as_str();
         let facts = self.patient_facts().await?;
-        let row = self.row_facts(layout, &values, patient.as_deref(), &facts);
+        let row = self.row_facts(layout, values, patient.as_deref(), &facts);
         let (date, pf, policy_values) = (row.date, row.patient, &row.columns);
         let record = row.record(&self.policy, patient.as_deref());
         let (decision, steps) = self
@@ -470,6 +545,7 @@ impl Migration {
         for (name, v) in layout.policy_column_names.iter().zip(policy_values) {
             lines.push(format!("{name}: {}", v.as_deref().unwrap_or("NULL")));
         }
+        lines.extend(extra);
         Ok(Explanation {
             table: table.into(),
             key: key.into(),
@@ -632,9 +708,9 @@ impl Migration {
                         run_id: run.run_id.clone(),
                         table: layout.name.clone(),
                         rows: destroyed.rows,
+                        key_checksum: destroyed.checksum_text(),
                         key_min: destroyed.key_min,
                         key_max: destroyed.key_max,
-                        key_checksum: hex::encode(destroyed.checksum),
                         policy_version: self.policy.version().into(),
                         policy_hash: self.policy.hash().into(),
                     })
@@ -883,7 +959,8 @@ impl Migration {
     }
 
     /// After every range of a table is checkpointed: adds the primary key if the table was
-    /// loaded without it, mirrors the ranges' manifests in the control database, and sums the
+    /// loaded without it, mirrors the ranges' manifests in the control database and records
+    /// them in its ledger (what `archive verify` holds the archive against), and sums the
     /// ranges into the table's report.
     async fn finish_table(
         &self,
@@ -907,6 +984,9 @@ impl Migration {
         }
         self.control
             .mirror_table_manifests(&layout.name, run_id, &manifests)
+            .await?;
+        self.control
+            .record_archived(&layout.name, run_id, &manifests)
             .await?;
         // Rows loaded by different ranges with the same key were moved to quarantine.
         tally.report.operational_rows -= duplicates;
@@ -1240,7 +1320,8 @@ impl Migration {
     }
 }
 
-/// What a table's purged rows leave behind: count, key range, order-independent checksum.
+/// What a table's purged rows leave behind: count, key range, and the sum of the rows' digests
+/// (an order-independent checksum in which identical rows count each).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Destroyed {
     rows: u64,
@@ -1263,9 +1344,7 @@ impl Destroyed {
                 self.key_max = Some(key);
             }
         }
-        for (c, d) in self.checksum.iter_mut().zip(other.checksum) {
-            *c ^= d;
-        }
+        add_256(&mut self.checksum, &other.checksum);
     }
 
     fn add(&mut self, layout: &TableLayout, values: &[Value], ordinal: (usize, u64)) {
@@ -1282,9 +1361,25 @@ impl Destroyed {
             }
             Sha256::digest(key.as_bytes()).into()
         };
-        for (c, d) in self.checksum.iter_mut().zip(digest) {
-            *c ^= d;
-        }
+        add_256(&mut self.checksum, &digest);
+    }
+
+    /// The checksum as recorded: `sum256:` and the hex of the sum (a bare hex checksum is the
+    /// XOR that earlier versions recorded, in which two identical rows cancel out).
+    fn checksum_text(&self) -> String {
+        format!("sum256:{}", hex::encode(self.checksum))
+    }
+}
+
+/// Adds `b` to `a`, both 256-bit big-endian numbers, modulo 2^256: the destruction checksum is
+/// the sum of the rows' digests, which is order-independent (ranges finish in any order) and,
+/// unlike an XOR, counts two identical rows twice.
+fn add_256(a: &mut [u8; 32], b: &[u8; 32]) {
+    let mut carry = 0u16;
+    for i in (0..32).rev() {
+        let sum = a[i] as u16 + b[i] as u16 + carry;
+        a[i] = sum as u8;
+        carry = sum >> 8;
     }
 }
 
@@ -1806,4 +1901,39 @@ async fn add_primary_key(target: &Db, schema: &TableSchema) -> Result<()> {
             primary_key_clause(schema)
         ))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_rows_count_twice_in_the_destruction_checksum() {
+        let row = vec![Value::Int(7), Value::Text("gauze".into())];
+        let (mut once, mut twice) = (Destroyed::default(), Destroyed::default());
+        let digest = row_digest(&row);
+        add_256(&mut once.checksum, &digest);
+        add_256(&mut twice.checksum, &digest);
+        add_256(&mut twice.checksum, &digest);
+        assert_ne!(twice.checksum, [0; 32], "an XOR would cancel out");
+        assert_ne!(twice.checksum, once.checksum);
+        // Order-independent, and ranges merge into the same sum.
+        let other = Sha256::digest(b"id=9").into();
+        let mut a = Destroyed::default();
+        add_256(&mut a.checksum, &other);
+        a.merge(twice);
+        let mut b = Destroyed::default();
+        add_256(&mut b.checksum, &digest);
+        add_256(&mut b.checksum, &other);
+        add_256(&mut b.checksum, &digest);
+        assert_eq!(a.checksum, b.checksum);
+        assert!(a.checksum_text().starts_with("sum256:"));
+        // Carries cross bytes: 0x..ff + 1 = 0x..100.
+        let mut x = [0u8; 32];
+        x[31] = 0xff;
+        let mut one = [0u8; 32];
+        one[31] = 1;
+        add_256(&mut x, &one);
+        assert_eq!((x[30], x[31]), (1, 0));
+    }
 }

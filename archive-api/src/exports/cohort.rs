@@ -14,7 +14,7 @@ use arrow::datatypes::{DataType, Date32Type};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use strata_archive::{ArchiveReader, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use strata_deidentify::{PseudonymKey, TablePlan};
@@ -140,26 +140,20 @@ impl TableRows {
     /// The files of `table` (of manifests created at or after `since`, RFC 3339, when given),
     /// grouped by run, newest first.
     pub fn new(archive: &ArchiveReader, table: &str, since: Option<&str>) -> Self {
-        let mut by_run: BTreeMap<String, (String, Vec<FileEntry>)> = BTreeMap::new();
         let since = since.and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
-        for m in archive.catalog().tables.get(table).into_iter().flatten() {
+        let manifests = archive.catalog().tables.get(table).into_iter().flatten();
+        let manifests = manifests.filter(|m| {
             let created = chrono::DateTime::parse_from_rfc3339(&m.created_at).ok();
-            if let (Some(since), Some(created)) = (since, created) {
-                if created < since {
-                    continue;
-                }
-            }
-            let entry = by_run
-                .entry(m.run().to_string())
-                .or_insert_with(|| (m.created_at.clone(), Vec::new()));
-            entry.0 = entry.0.clone().max(m.created_at.clone());
-            entry.1.extend(m.files.iter().cloned());
-        }
-        let mut runs: Vec<(String, Vec<FileEntry>)> = by_run.into_values().collect();
-        runs.sort_by(|a, b| b.0.cmp(&a.0));
+            !matches!((since, created), (Some(since), Some(created)) if created < since)
+        });
+        let runs: Vec<Vec<FileEntry>> = strata_archive::runs_of(manifests)
+            .into_iter()
+            .rev()
+            .map(|run| run.iter().flat_map(|m| m.files.iter().cloned()).collect())
+            .collect();
         TableRows {
             archive: archive.clone(),
-            runs: runs.into_iter().map(|(_, files)| files).collect(),
+            runs,
             run: 0,
             file: 0,
             current: None,

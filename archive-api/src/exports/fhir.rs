@@ -16,7 +16,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type};
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use strata_archive::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use strata_deidentify::{Action, Class, ExportContext, Profile, Scanner, TablePlan};
@@ -95,6 +95,7 @@ pub(crate) async fn files(
             table: table.clone(),
             domain: format!("{table}:record"),
             file: format!("{}.ndjson", mapping.resource),
+            names: Arc::default(),
         };
         let (mut made, workers) = fan_out(rows, plan, cohort, profile.years_only(), move |b, s| {
             shape.resources(b, s)
@@ -218,6 +219,42 @@ struct Shape {
     /// The pseudonym domain of resource ids.
     domain: String,
     file: String,
+    /// Identical records met so far (shared by the table's workers).
+    names: Arc<std::sync::Mutex<RecordNames>>,
+}
+
+/// Names identical rows of a table without a primary key apart, as the history does: they share
+/// their key (a digest of their values) but are distinct records, so each needs a resource id
+/// of its own. The first keeps the key's pseudonym, the next get `key#2`, `key#3`, ... Holds 8
+/// bytes per keyless record (the key's first 64 bits; a clash only names a record `#2` that
+/// needed no suffix, and the ids stay distinct); keyed records (`col=value`) are not held.
+#[derive(Default)]
+struct RecordNames {
+    first: HashSet<u64>,
+    more: HashMap<u64, u32>,
+}
+
+impl RecordNames {
+    /// The name of the next record with `key`.
+    fn name<'k>(&mut self, key: &'k str) -> Cow<'k, str> {
+        if key.contains('=') {
+            return key.into();
+        }
+        let short = key
+            .get(..16)
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or_else(|| {
+                use std::hash::{BuildHasher, BuildHasherDefault};
+                BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                    .hash_one(key)
+            });
+        if self.first.insert(short) {
+            return key.into();
+        }
+        let n = self.more.entry(short).or_insert(1);
+        *n += 1;
+        format!("{key}#{n}").into()
+    }
 }
 
 impl Shape {
@@ -243,6 +280,7 @@ impl Shape {
         let mut bytes = Vec::with_capacity(exported.num_rows() * 400);
         let mut lines = 0;
         let mut seen = Vec::new();
+        let mut names = self.names.lock().map_err(|_| "a worker failed")?;
         for row in 0..exported.num_rows() {
             let fields = RowFields {
                 plan,
@@ -254,7 +292,10 @@ impl Shape {
             };
             let date = dates.and_then(|i| fields.at(i));
             let identity = Identity {
-                id: self.ctx.key.pseudonym(&self.domain, strata_keys.value(row)),
+                id: self
+                    .ctx
+                    .key
+                    .pseudonym(&self.domain, &names.name(strata_keys.value(row))),
                 identifier: None,
                 patient: subject.into_owned(),
             };

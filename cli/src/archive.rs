@@ -1,0 +1,231 @@
+//! `strata archive ...`: verify, compact, gc, sync-catalog and rotate-key.
+//!
+//! Each command opens the archive and the control database named by a config. `verify` holds
+//! the archive against the control database as well as against its own manifests: what the
+//! runs recorded must still be there.
+
+use crate::config;
+use anyhow::Result;
+use clap::Subcommand;
+use std::path::PathBuf;
+use strata_archive::ArchiveReader;
+use strata_control::Control;
+
+#[derive(Subcommand)]
+pub enum ArchiveCommand {
+    /// Check the whole archive: every file and BLOB against its manifest (sizes, digests,
+    /// decryption, row counts), and the manifests against what the runs recorded in the control
+    /// database (no manifest, run or row missing). Exits non-zero when anything does not match.
+    Verify {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
+    /// Rewrite a table's archived files into large files sorted by patient, under one manifest
+    /// that supersedes the old ones: a record archived again by a later run keeps only that
+    /// run's copies; identical rows of one run all stay. Deletes nothing.
+    Compact {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// The table (by default, every table with more than one manifest).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Delete files and manifests superseded by a compaction at least --grace-hours ago, and
+    /// files no manifest names (left by an interrupted attempt) written that long ago, unless a
+    /// run is in progress. Do not run it with a short grace while a compaction is writing.
+    Gc {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// How long superseded files stay readable for readers that opened the old catalog.
+        #[arg(long, default_value_t = 168)]
+        grace_hours: i64,
+    },
+    /// After the control database was lost or restored from an older backup: rebuild its
+    /// mirror of the archive catalog from the archive's manifests, and record in its ledger the
+    /// manifests it lacks. Manifests the ledger records and the archive lacks stay an error.
+    SyncCatalog {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Remove from the ledger the manifests the archive lacks (each is printed with its
+        /// rows): an operator accepting that they are lost, e.g. after restoring the archive
+        /// from an older backup.
+        #[arg(long)]
+        forget_missing: bool,
+    },
+    /// Re-wrap every data key with the config's current KEK (`kek_id`), keeping the old one in
+    /// `previous_keks` until this has finished. Data objects are not rewritten.
+    RotateKey {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
+}
+
+/// Runs one `strata archive` command.
+pub async fn run(command: ArchiveCommand) -> Result<()> {
+    match command {
+        ArchiveCommand::Verify { config } => verify(&config).await,
+        ArchiveCommand::Compact { config, table } => compact(&config, table).await,
+        ArchiveCommand::Gc {
+            config,
+            grace_hours,
+        } => {
+            let loaded = config::load(&config)?;
+            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+            let control = Control::open(&loaded.migration.control_url()?).await?;
+            // A running range writes its files before its manifest: they are not orphans.
+            let running = control.running_runs().await?;
+            if let Some(run) = running.iter().next() {
+                println!("run {run} is in progress: files no manifest names are kept");
+            }
+            let deleted = strata_archive::gc(
+                store,
+                keys,
+                chrono::Duration::hours(grace_hours),
+                running.is_empty(),
+            )
+            .await?;
+            println!(
+                "deleted {} objects (superseded, or left by an interrupted attempt)",
+                deleted.len()
+            );
+            Ok(())
+        }
+        ArchiveCommand::SyncCatalog {
+            config,
+            forget_missing,
+        } => sync_catalog(&config, forget_missing).await,
+        ArchiveCommand::RotateKey { config } => {
+            let loaded = config::load(&config)?;
+            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+            let r = strata_archive::rotate_keys(store.clone(), &keys).await?;
+            let archive = ArchiveReader::open(store, keys).await?;
+            let control = Control::open(&loaded.migration.control_url()?).await?;
+            control.rebuild_catalog(archive.catalog()).await?;
+            println!(
+                "every data key is now wrapped by KEK {}: the archive key, {} Parquet key objects and {} manifests rewritten; no data object was rewritten (BLOB keys derive from the archive key)",
+                r.kek_id, r.parquet_keys, r.manifests
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn verify(config: &std::path::Path) -> Result<()> {
+    let loaded = config::load(config)?;
+    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+    let archive = ArchiveReader::open(store, keys).await?;
+    let control = Control::open(&loaded.migration.control_url()?).await?;
+    let catalog = control.check_catalog(archive.catalog()).await?;
+    let report = archive.verify().await?;
+    println!(
+        "checked {} files ({} rows) and {} BLOBs ({} bytes)",
+        report.files, report.rows, report.blobs, report.blob_bytes
+    );
+    for (table, a) in &catalog.tables {
+        println!(
+            "{table}: the runs archived {} rows; the archive holds {} ({} superseded copies left out by compaction)",
+            a.recorded, a.held, a.superseded
+        );
+    }
+    let mut warnings = catalog.warnings.clone();
+    if !report.unpublished.is_empty() {
+        warnings.push(format!(
+            "{} object(s) no manifest refers to (left by an interrupted attempt), e.g. {}",
+            report.unpublished.len(),
+            report.unpublished[0]
+        ));
+    }
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    for e in &catalog.errors {
+        eprintln!("missing: {e}");
+    }
+    for (object, detail) in &report.problems {
+        eprintln!("integrity error in {object}: {detail}");
+    }
+    let errors = catalog.errors.len() + report.problems.len();
+    if errors == 0 {
+        println!(
+            "archive verified: no problems ({} warning(s))",
+            warnings.len()
+        );
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{errors} problem(s): {} missing, {} integrity",
+            catalog.errors.len(),
+            report.problems.len()
+        )
+    }
+}
+
+async fn compact(config: &std::path::Path, table: Option<String>) -> Result<()> {
+    let loaded = config::load(config)?;
+    let control = Control::open(&loaded.migration.control_url()?).await?;
+    // A run's rows must not be merged with the copies they supersede before the run ends: a
+    // compaction would make its first ranges one run and its last ranges another.
+    if let Some(run) = control.running_runs().await?.into_iter().next() {
+        anyhow::bail!(
+            "run {run} is in progress: compact after it has finished (or `strata migrate --abandon` it)"
+        );
+    }
+    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+    let archive = ArchiveReader::open(store.clone(), keys.clone()).await?;
+    let tables: Vec<String> = match table {
+        Some(t) => vec![t],
+        None => archive
+            .catalog()
+            .tables
+            .iter()
+            .filter(|(_, m)| m.len() > 1)
+            .map(|(t, _)| t.clone())
+            .collect(),
+    };
+    for t in tables {
+        let r = strata_archive::compact_table(store.clone(), keys.clone(), &t, Default::default())
+            .await?;
+        println!(
+            "{t}: {} manifests, {} files, {} rows -> 1 manifest, {} files, {} rows ({} superseded copies left out)",
+            r.manifests,
+            r.files_before,
+            r.rows_before,
+            r.files_after,
+            r.rows_after,
+            r.rows_before - r.rows_after
+        );
+    }
+    let archive = ArchiveReader::open(store, keys).await?;
+    control.rebuild_catalog(archive.catalog()).await?;
+    Ok(())
+}
+
+async fn sync_catalog(config: &std::path::Path, forget_missing: bool) -> Result<()> {
+    let loaded = config::load(config)?;
+    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
+    let archive = ArchiveReader::open(store, keys).await?;
+    let control = Control::open(&loaded.migration.control_url()?).await?;
+    let (files, added, missing) = control
+        .sync_catalog(archive.catalog(), forget_missing)
+        .await?;
+    println!("catalog mirror rebuilt from the archive's manifests: {files} files");
+    println!("ledger: {added} manifest(s) recorded from the archive");
+    for e in &missing {
+        let what = if forget_missing {
+            "forgotten"
+        } else {
+            "missing"
+        };
+        eprintln!(
+            "{what}: table {}: manifest {} of run {} ({} rows archived)",
+            e.table, e.manifest, e.run_id, e.rows
+        );
+    }
+    if !missing.is_empty() && !forget_missing {
+        anyhow::bail!(
+            "the ledger records {} manifest(s) the archive lacks: restore them, or accept the loss with --forget-missing",
+            missing.len()
+        );
+    }
+    Ok(())
+}

@@ -70,6 +70,19 @@ struct ReadClaims {
     patient: Option<String>,
 }
 
+/// The audit log's user for a request that named no one (no token, or one that failed).
+pub(crate) const NO_USER: &str = "-";
+
+/// Whether `sub` may name a user: not blank, not [`NO_USER`], not one of Strata's own system
+/// clients (`system:`), and without control characters (it goes into the audit log as is).
+fn is_user_subject(sub: &str) -> bool {
+    let trimmed = sub.trim();
+    !trimmed.is_empty()
+        && trimmed != NO_USER
+        && !sub.starts_with("system:")
+        && !sub.chars().any(char::is_control)
+}
+
 /// Claims of a development token (see [`Auth::issue_dev_token`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -286,8 +299,9 @@ impl Auth {
         });
         for k in candidates {
             match decode::<ReadClaims>(token, &k.key, &self.validation(k.algorithm)) {
-                // `system:` names Strata's own system clients; no user may take it.
-                Ok(data) if data.claims.sub.starts_with("system:") => {
+                // `system:` names Strata's own system clients; no user may take it. A subject
+                // must name someone: not empty, not the audit log's mark of no user.
+                Ok(data) if !is_user_subject(&data.claims.sub) => {
                     return Err(ApiError::Unauthorized)
                 }
                 Ok(data) => {

@@ -531,6 +531,19 @@ async fn authorization_matrix() {
                 &f.idp.ec,
             )),
         ),
+        // A subject must name someone: "-" is how the audit log marks no user.
+        (
+            "with an empty subject",
+            Some(es256(&full(json!({ "sub": "" })), &f.idp.ec)),
+        ),
+        (
+            "with a blank subject",
+            Some(es256(&full(json!({ "sub": "  " })), &f.idp.ec)),
+        ),
+        (
+            "whose subject is the audit log's mark of no user",
+            Some(es256(&full(json!({ "sub": "-" })), &f.idp.ec)),
+        ),
         (
             "forged (unknown key)",
             Some(es256(&full(json!({})), &f.idp.stranger)),
@@ -633,7 +646,8 @@ async fn break_the_glass_is_allowed_flagged_and_listed_for_review() {
     let clinician = f.idp.user("dr-b", Role::Clinician, &[&f.patient]);
     let auditor = f.idp.user("aud-1", Role::Auditor, &[]);
     let uri = format!("/v1/patients/{}/history", f.other);
-    let reason = "unconscious patient in the emergency department";
+    // Clinicians do not all write English: a reason in UTF-8 is read as given.
+    let reason = "Patientin bewusstlos – Notaufnahme";
     let btg = [
         ("x-purpose-of-use", "ETREAT"),
         ("x-break-glass-reason", reason),
@@ -1146,8 +1160,8 @@ async fn a_tampered_document_stream_fails_closed_and_is_audited() {
     assert_eq!((status, bytes.len()), (StatusCode::OK, declared));
 }
 
-/// Starts `strata serve` over HTTPS on the fixture's archive with `[api]` extras; returns the
-/// child, the base URL and the CA file.
+/// Starts `strata serve` over HTTPS on the fixture, with `extra` added to its `[api]` section;
+/// returns the server, its base URL and the CA certificate's path.
 pub async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, String, String) {
     let dir = f.dir.path();
     let tls =
@@ -1168,9 +1182,18 @@ pub async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, St
          tls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n\
          [auth]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_file = \"jwks.json\"\n\
          public_key_files = [\"idp-rs.pem\"]\n[audit]\nkey_file = \"audit.key\"\n\
-         [exports]\npseudonym_key_file = \"pseudonym.key\"\n[exports.studies.bulk-study]\n{extra}"
+         [exports]\npseudonym_key_file = \"pseudonym.key\"\n[exports.studies.bulk-study]\n"
     ))
     .unwrap();
+    // `extra`: more of `[api]` (its keys, or tables such as `[limits]`).
+    for (key, value) in toml::from_str::<toml::Table>(extra).unwrap() {
+        match (api.get_mut(&key), value) {
+            (Some(toml::Value::Table(have)), toml::Value::Table(more)) => have.extend(more),
+            (_, value) => {
+                api.insert(key, value);
+            }
+        }
+    }
     api.insert("fhir".into(), config["api"]["fhir"].clone());
     config.insert("api".into(), api.into());
     std::fs::write(dir.join("serve.toml"), toml::to_string(&config).unwrap()).unwrap();
@@ -1189,17 +1212,218 @@ pub async fn serve_https(f: &Fixture, extra: &str) -> (tokio::process::Child, St
             .expect("serve starts")
             .unwrap()
             .expect("serve prints its address");
-        if let Some(a) = line.split("listening on https://").nth(1) {
-            break a.trim().to_string();
+        // https://…, or http://… when `extra` asks for plain_http.
+        if let Some(url) = line.split("listening on ").nth(1) {
+            break url.trim().to_string();
         }
     };
     // Keep draining the server's log so that it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (
-        child,
-        format!("https://{addr}"),
-        dir.join("cert.pem").display().to_string(),
+    (child, addr, dir.join("cert.pem").display().to_string())
+}
+
+/// Sends `request` over a new connection from the loopback address `from` to `addr`; returns
+/// what came back until the server closed the connection (or 10 s passed).
+async fn raw_http(addr: &str, from: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the server closed a connection, waiting at most `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A rejection counter of `/metrics`.
+fn rejected(metrics: &str, reason: &str) -> u64 {
+    let prefix = format!("strata_api_rejected_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {reason} counter in:\n{metrics}"))
+}
+
+/// Slow and greedy clients, on the real server: a request head dribbled a line at a time
+/// (slowloris) is cut off; a client address gets only so many connections, a trusted proxy is
+/// not capped and only its X-Forwarded-For names the client; a request with a valid token
+/// whose body never arrives gets 408 and is audited under its user, as is a valid token on an
+/// unknown route; heads too large and malformed HTTP are counted in /metrics, not audited.
+#[tokio::test]
+async fn slow_and_greedy_clients_are_cut_off_counted_and_every_token_audited() {
+    use tokio::io::AsyncWriteExt;
+    let f = fixture("").await;
+    let (mut server, base, _) = serve_https(
+        &f,
+        "plain_http = true\ntrusted_proxies = [\"127.0.0.2\"]\n[limits]\n\
+         header_read_timeout_secs = 2\nrequest_timeout_secs = 2\nconnections_per_client = 4",
     )
+    .await;
+    let addr = base.strip_prefix("http://").unwrap().to_string();
+    let connect = |from: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            socket.connect(addr.parse().unwrap()).await.unwrap()
+        }
+    };
+    let second = std::time::Duration::from_secs(1);
+
+    // Slowloris: one header line a second never makes a head; cut off after 2 s.
+    let mut slow = connect("127.0.0.1").await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: strata\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut cut_off = false;
+    while started.elapsed() < std::time::Duration::from_secs(15) {
+        let _ = slow.write_all(b"X-Slow: 1\r\n").await;
+        if closed_within(&mut slow, second).await {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "a head dribbled for 15 s is still being read");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    // Four connections per address; the fifth is closed as it comes. A trusted proxy is not
+    // capped.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect("127.0.0.1").await);
+    }
+    let mut fifth = connect("127.0.0.1").await;
+    assert!(closed_within(&mut fifth, second).await, "over the cap");
+    let mut proxied = Vec::new();
+    for _ in 0..6 {
+        proxied.push(connect("127.0.0.2").await);
+    }
+    for p in &mut proxied {
+        assert!(!closed_within(p, std::time::Duration::from_millis(100)).await);
+    }
+    drop((held, proxied));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    // X-Forwarded-For names the client from the proxy only.
+    let clinician = f.idp.user("dr-xff", Role::Clinician, &[&f.patient]);
+    let history = |xff: &str| {
+        format!(
+            "GET /v1/patients/{}/history HTTP/1.1\r\nHost: strata\r\nAuthorization: Bearer {clinician}\r\n\
+             X-Purpose-Of-Use: TREAT\r\nX-Forwarded-For: {xff}\r\nConnection: close\r\n\r\n",
+            f.patient
+        )
+    };
+    let via_proxy = raw_http(&addr, "127.0.0.2", history("203.0.113.9").as_bytes()).await;
+    assert!(via_proxy.starts_with("HTTP/1.1 200"), "{via_proxy:.200}");
+    let spoofed = raw_http(&addr, "127.0.0.1", history("203.0.113.66").as_bytes()).await;
+    assert!(spoofed.starts_with("HTTP/1.1 200"), "{spoofed:.200}");
+
+    // A body that never arrives: 408 after 2 s, audited under the token's user.
+    let researcher = f.idp.user("res-slow", Role::Researcher, &[]);
+    let slow_body = format!(
+        "POST /v1/exports HTTP/1.1\r\nHost: strata\r\nAuthorization: Bearer {researcher}\r\n\
+         Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{{\"profile\":"
+    );
+    let answer = raw_http(&addr, "127.0.0.1", slow_body.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:.200}");
+    // A valid token on a route that does not exist is audited under its user too.
+    let unknown = format!(
+        "GET /v1/no-such-thing HTTP/1.1\r\nHost: strata\r\nAuthorization: Bearer {researcher}\r\nConnection: close\r\n\r\n"
+    );
+    assert!(raw_http(&addr, "127.0.0.1", unknown.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 404"));
+
+    // Refused before any user is known: counted, not audited.
+    let huge = format!(
+        "GET /v1/audit HTTP/1.1\r\nHost: strata\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let answer = raw_http(&addr, "127.0.0.1", huge.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.200}");
+    let long_uri = format!(
+        "GET /v1/{} HTTP/1.1\r\nHost: strata\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let answer = raw_http(&addr, "127.0.0.1", long_uri.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer:.200}");
+    let answer = raw_http(&addr, "127.0.0.1", b"HELLO STRATA\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:.200}");
+
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    server.kill().await.unwrap();
+    assert!(rejected(&metrics, "header_timeout") >= 1, "{metrics}");
+    assert!(rejected(&metrics, "connection_limit") >= 1, "{metrics}");
+    assert!(rejected(&metrics, "head_too_large") >= 2, "{metrics}");
+    assert!(rejected(&metrics, "malformed_http") >= 1, "{metrics}");
+
+    let log = strata_control::AuditLog::open(
+        &f.control,
+        strata_control::AuditKey::from_hex(
+            &std::fs::read_to_string(f.dir.path().join("audit.key")).unwrap(),
+        )
+        .unwrap(),
+    );
+    let entries = log
+        .list(&AuditQuery {
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let entries: Vec<_> = entries.into_iter().map(|e| e.entry).collect();
+    let client_of = |user: &str| {
+        entries
+            .iter()
+            .filter(|e| e.user == user)
+            .map(|e| e.client.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        client_of("dr-xff"),
+        ["203.0.113.9", "127.0.0.1"],
+        "X-Forwarded-For from the trusted proxy only"
+    );
+    let timed_out = entries
+        .iter()
+        .find(|e| e.status == 408)
+        .expect("the timed-out request is audited");
+    assert_eq!(
+        (timed_out.user.as_str(), timed_out.action.as_str()),
+        ("res-slow", "POST /v1/exports")
+    );
+    assert!(entries
+        .iter()
+        .any(|e| e.user == "res-slow" && e.status == 404));
+    assert!(
+        entries
+            .iter()
+            .all(|e| !matches!(e.status, 400 | 414 | 431) || e.user != "-"),
+        "refusals before any user is known are not audited: {entries:?}"
+    );
+    assert_eq!(entries.len(), 4, "{entries:?}");
+    assert!(log.verify().await.unwrap().ok());
 }
 
 /// The OpenAPI document the API serves is the one kept in the repo, and schemathesis (PyPI),

@@ -56,10 +56,45 @@ pub fn stated_purpose(headers: &HeaderMap) -> Option<String> {
         .map(|k| k.to_string())
 }
 
-/// The break-the-glass reason, if given (trimmed, cut to 500 characters).
+/// The break-the-glass reason, if given (trimmed, control characters made spaces, cut to 500
+/// characters). Clinicians do not all write English: the header may carry UTF-8 (or, from an
+/// old client, ISO-8859-1), an RFC 8187 value (`UTF-8''Patientin%20bewusstlos`), or
+/// percent-encoded UTF-8 as a browser's `encodeURIComponent` makes it (a literal `%` followed
+/// by two hex digits is then written `%25`).
 pub fn break_glass_reason(headers: &HeaderMap) -> Option<String> {
-    let r = headers.get(BREAK_GLASS_HEADER)?.to_str().ok()?.trim();
+    let raw = headers.get(BREAK_GLASS_HEADER)?.as_bytes();
+    let text = match std::str::from_utf8(raw) {
+        Ok(t) => t.to_string(),
+        Err(_) => raw.iter().map(|&b| char::from(b)).collect(),
+    };
+    let text = match text.get(..7) {
+        Some(charset) if charset.eq_ignore_ascii_case("utf-8''") => {
+            percent_decoded(&text[7..]).unwrap_or(text)
+        }
+        _ if has_percent_escape(&text) => percent_decoded(&text).unwrap_or(text),
+        _ => text,
+    };
+    let r: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let r = r.trim();
     (!r.is_empty()).then(|| r.chars().take(MAX_REASON_CHARS).collect())
+}
+
+/// Whether `text` holds a `%` followed by two hex digits.
+fn has_percent_escape(text: &str) -> bool {
+    text.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
+}
+
+/// `text` with its percent escapes decoded, if that makes UTF-8.
+fn percent_decoded(text: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(|t| t.into_owned())
 }
 
 /// Decides whether `principal` may read `patient`: 403 for another role, 400 without a valid
@@ -157,6 +192,56 @@ mod tests {
                 .break_glass
                 .as_deref(),
             Some("unconscious patient in the emergency department")
+        );
+    }
+
+    #[test]
+    fn reasons_in_any_language_are_read() {
+        let c = clinician(&[]);
+        let reason = "Patientin bewusstlos – Notaufnahme";
+        let raw = |bytes: &[u8]| {
+            let mut h = headers(&[(PURPOSE_HEADER, "ETREAT")]);
+            h.insert(
+                BREAK_GLASS_HEADER,
+                axum::http::HeaderValue::from_bytes(bytes).unwrap(),
+            );
+            h
+        };
+        let given = |h: &HeaderMap| patient_access(&c, h, "P9").ok().and_then(|a| a.break_glass);
+        let expected = Some(reason.to_string());
+        assert_eq!(given(&raw(reason.as_bytes())), expected, "UTF-8");
+        let encoded = "Patientin%20bewusstlos%20%E2%80%93%20Notaufnahme";
+        assert_eq!(given(&raw(encoded.as_bytes())), expected, "percent-encoded");
+        assert_eq!(
+            given(&raw(format!("UTF-8''{encoded}").as_bytes())),
+            expected,
+            "RFC 8187"
+        );
+        assert_eq!(
+            given(&raw(b"Bewu\xdftlos in der Notaufnahme")),
+            Some(String::from("Bewußtlos in der Notaufnahme")),
+            "ISO-8859-1"
+        );
+        assert_eq!(
+            given(&raw("患者意识不清，急诊抢救中".as_bytes())),
+            Some(String::from("患者意识不清，急诊抢救中"))
+        );
+        assert!(
+            matches!(
+                patient_access(&c, &raw("意识不清".as_bytes()), "P9"),
+                Err(ApiError::BadRequest(_))
+            ),
+            "characters count, not bytes: four are too few"
+        );
+        assert_eq!(
+            given(&raw(b"50% dose given, patient unresponsive")),
+            Some(String::from("50% dose given, patient unresponsive")),
+            "a percent sign alone is text"
+        );
+        assert_eq!(
+            given(&raw(b"line%0Abreak%09and tab in the reason")),
+            Some(String::from("line break and tab in the reason")),
+            "control characters become spaces"
         );
     }
 

@@ -2,16 +2,20 @@
 //! hash-chained audit log before its response leaves (fail closed: when the log cannot be
 //! written, the client gets 503 instead of the data).
 //!
-//! An entry holds who (token subject and roles), the stated purpose of use, the patient key
+//! Every request that carries a valid token leaves an entry, also when it times out (the
+//! timeout runs inside authentication), is refused, or its client goes away. An entry holds
+//! who (token subject and roles), the stated purpose of use, the patient key
 //! from the path, the route (its template, never the raw path), the status and outcome, the
 //! reason when the glass was broken, and what handlers noted of what they returned (counts and
 //! object ids: never row values).
 
 use crate::access::{stated_purpose, PatientAccess};
-use crate::auth::Principal;
+use crate::auth::{Principal, NO_USER};
 use crate::error::ApiError;
 use crate::routes::AppState;
+use crate::server::ClientAddress;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
@@ -47,7 +51,8 @@ fn unaudited(path: &str) -> bool {
     )
 }
 
-/// The audit middleware.
+/// The audit middleware. The request is served and recorded in a task of its own: a client
+/// that goes away mid-request does not cancel its entry.
 pub async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
@@ -57,6 +62,22 @@ pub async fn record(State(state): State<AppState>, request: Request, next: Next)
     if unaudited(&route) {
         return next.run(request).await;
     }
+    match tokio::spawn(serve_and_record(state, route, request, next)).await {
+        Ok(response) => response,
+        Err(e) => {
+            // A handler panicked (its message may hold anything: not logged).
+            tracing::error!(panicked = e.is_panic(), "a request's task ended abnormally");
+            ApiError::Internal("request task ended".into()).into_response()
+        }
+    }
+}
+
+async fn serve_and_record(
+    state: AppState,
+    route: String,
+    request: Request,
+    next: Next,
+) -> Response {
     let action = format!("{} {route}", request.method());
     let (mut parts, body) = request.into_parts();
     let patient = RawPathParams::from_request_parts(&mut parts, &state)
@@ -71,10 +92,32 @@ pub async fn record(State(state): State<AppState>, request: Request, next: Next)
     let purpose = stated_purpose(request.headers());
     let client = request
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string());
+        .get::<ClientAddress>()
+        .map(|c| c.0)
+        .or_else(|| {
+            request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip())
+        })
+        .map(|ip| ip.to_string());
+    // A route outside authentication (an unknown path, a wrong method) still names the user
+    // whose valid token the request carried.
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_string());
     let response = next.run(request).await;
-    let principal = response.extensions().get::<Principal>();
+    let principal = response
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .or_else(|| bearer.and_then(|t| state.auth.verify(&t).ok()));
     let note = response.extensions().get::<AuditNote>();
     let status = response.status();
     let outcome = if status.is_success() || status.is_redirection() {
@@ -88,8 +131,12 @@ pub async fn record(State(state): State<AppState>, request: Request, next: Next)
         .and_then(|n| n.access.as_ref())
         .and_then(|a| a.break_glass.clone());
     let entry = AuditEntry {
-        user: principal.map_or("-".into(), |p| p.user.clone()),
-        roles: principal.map_or(String::new(), Principal::role_names),
+        user: principal
+            .as_ref()
+            .map_or(NO_USER.into(), |p| p.user.clone()),
+        roles: principal
+            .as_ref()
+            .map_or(String::new(), Principal::role_names),
         purpose: note
             .and_then(|n| n.access.as_ref())
             .map(|a| a.purpose.clone())

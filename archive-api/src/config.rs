@@ -14,8 +14,12 @@
 //! # hs256_secret_file = "jwt-secret"  # development only
 //! [api.audit]
 //! key_file = "audit.key"              # 64+ hex digits, keys the audit log's hash chain
+//! # trusted_proxies = ["10.0.0.0/24"] # reverse proxies: X-Forwarded-For read from them only
 //! [api.limits]
 //! requests_per_minute = 600           # per user
+//! # header_read_timeout_secs = 10     # a request's head; also closes idle keep-alives
+//! # request_timeout_secs = 30         # a whole request, body included: 408
+//! # connections_per_client = 256      # per client address (proxies above are not capped)
 //! [api.fhir.lab_results]              # FHIR R4 resource type of an archived table
 //! resource = "Observation"
 //! code = "loinc_code"
@@ -47,9 +51,14 @@ pub struct ApiConfig {
     pub auth: AuthConfig,
     /// The audit log's key.
     pub audit: AuditConfig,
-    /// Per-user rate limits.
+    /// What one user or client may hold.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Reverse proxies in front of the API (addresses or networks, `10.0.0.0/24`): they are
+    /// not capped as one client, and their `X-Forwarded-For` names the client in the audit log.
+    /// `X-Forwarded-For` from anyone else is ignored. By default, none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Researchers' exports: where they go, how identifiers are replaced, and the profiles.
     #[serde(default)]
     pub exports: Option<ExportsConfig>,
@@ -305,7 +314,8 @@ pub struct AuditConfig {
     pub key_env: Option<String>,
 }
 
-/// Per-user request limits (a token bucket per token subject).
+/// What one user or client may hold: requests per user (a token bucket per token subject),
+/// time to send a request, connections per client address, concurrent archive reads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -315,6 +325,30 @@ pub struct LimitsConfig {
     /// Requests a user may make at once above the sustained rate. By default, 100.
     #[serde(default = "default_burst")]
     pub burst: u32,
+    /// Seconds a client has to send a request's head (request line and headers); a
+    /// keep-alive connection idle as long is closed. By default, 10.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request has, body included, until its response starts: past it, 408 (audited
+    /// under the token's user). By default, 30.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// Connections open at once per client address; more are closed as they come (counted in
+    /// `/metrics`). `[api] trusted_proxies` are not capped. By default, 256.
+    #[serde(default = "default_connections_per_client")]
+    pub connections_per_client: usize,
+}
+
+fn default_header_read_timeout() -> u64 {
+    10
+}
+
+fn default_request_timeout() -> u64 {
+    30
+}
+
+fn default_connections_per_client() -> usize {
+    256
 }
 
 fn default_per_minute() -> u32 {
@@ -330,6 +364,9 @@ impl Default for LimitsConfig {
         LimitsConfig {
             requests_per_minute: default_per_minute(),
             burst: default_burst(),
+            header_read_timeout_secs: default_header_read_timeout(),
+            request_timeout_secs: default_request_timeout(),
+            connections_per_client: default_connections_per_client(),
         }
     }
 }

@@ -29,6 +29,7 @@ mod history;
 mod limits;
 mod metrics;
 mod routes;
+mod server;
 mod smart;
 
 pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
@@ -39,5 +40,7 @@ pub use config::{
 };
 pub use error::ApiError;
 pub use exports::{start_background, ExportRequest, Exporter, JobSpec};
-pub use routes::{audit_key, router, serve, ApiDoc, AppState, ErrorBody};
+pub use metrics::Rejection;
+pub use routes::{audit_key, router, ApiDoc, AppState, ErrorBody};
+pub use server::{serve, ClientAddress, TrustedProxies};
 pub use smart::Smart;

@@ -77,6 +77,7 @@ mod tests {
         let l = RateLimiter::new(&LimitsConfig {
             requests_per_minute: 60,
             burst: 3,
+            ..LimitsConfig::default()
         });
         assert!((0..3).all(|_| l.take("a").is_ok()));
         assert_eq!(l.take("a"), Err(1));

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the API (`GET /metrics`, text format 0.0.4): requests by route and
-//! status, latency histograms by route, audit entries, breaks of the glass, audit failures.
-//! Labels carry route templates only, never patient keys.
+//! status, latency histograms by route, audit entries, breaks of the glass, audit failures,
+//! and what the server refused before any user was known (by reason: these are counted, not
+//! audited). Labels carry route templates only, never patient keys.
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
@@ -23,9 +24,45 @@ struct Histogram {
     count: u64,
 }
 
+/// Why the server refused a connection or request before any user was known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// A client address already had as many connections open as it may.
+    ConnectionLimit,
+    /// The TLS handshake failed or took too long.
+    TlsHandshake,
+    /// A request head too large: 431, or 414 for a long URI.
+    HeadTooLarge,
+    /// Not HTTP, or malformed HTTP.
+    MalformedHttp,
+    /// A request head that did not arrive in time (or a keep-alive connection idle as long).
+    HeaderTimeout,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 5] = [
+        Rejection::ConnectionLimit,
+        Rejection::TlsHandshake,
+        Rejection::HeadTooLarge,
+        Rejection::MalformedHttp,
+        Rejection::HeaderTimeout,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Rejection::ConnectionLimit => "connection_limit",
+            Rejection::TlsHandshake => "tls_handshake",
+            Rejection::HeadTooLarge => "head_too_large",
+            Rejection::MalformedHttp => "malformed_http",
+            Rejection::HeaderTimeout => "header_timeout",
+        }
+    }
+}
+
 /// The API's counters.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
+    rejected: Arc<[AtomicU64; Rejection::ALL.len()]>,
     requests: Arc<Mutex<BTreeMap<(String, u16), u64>>>,
     latency: Arc<Mutex<BTreeMap<String, Histogram>>>,
     audit_entries: Arc<AtomicU64>,
@@ -46,6 +83,15 @@ impl Metrics {
     /// Counts an audit entry that could not be written.
     pub fn audit_failed(&self) {
         self.audit_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a refusal before any user was known.
+    pub fn rejected(&self, why: Rejection) {
+        let i = Rejection::ALL
+            .iter()
+            .position(|r| *r == why)
+            .expect("listed");
+        self.rejected[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a document stream stopped by an integrity failure.
@@ -123,6 +169,15 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 v.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP strata_api_rejected_total Connections and requests refused before any user was known (not audited), by reason.\n# TYPE strata_api_rejected_total counter\n");
+        for (why, n) in Rejection::ALL.iter().zip(self.rejected.iter()) {
+            let _ = writeln!(
+                out,
+                "strata_api_rejected_total{{reason=\"{}\"}} {}",
+                why.label(),
+                n.load(Ordering::Relaxed)
             );
         }
         out

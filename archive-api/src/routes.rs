@@ -1,7 +1,8 @@
 //! The router: routes, their roles, the layers, and the server.
 //!
-//! Layers, outermost first: trace, timeout, metrics, audit (every `/v1` request is recorded
-//! before its response leaves), authentication, per-user rate limit. Handlers are thin: they
+//! Layers, outermost first: trace, metrics, audit (every `/v1` request is recorded before its
+//! response leaves), authentication, per-user rate limit, timeout (inside authentication, so
+//! that a request with a valid token that times out is audited under its user). Handlers are thin: they
 //! check the caller's role (and for patient data, the grounds: [`crate::access`]), read through
 //! the archive reader or the control database, and note for the audit log what they returned.
 
@@ -25,7 +26,6 @@ use axum::routing::{delete, get};
 use axum::{middleware, Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::net::SocketAddr;
 use std::path::Path as FsPath;
 use std::time::Duration;
 use strata_archive::ArchiveReader;
@@ -62,6 +62,8 @@ pub struct AppState {
     /// The operational database's URL (read for `Patient` resources when the patients table
     /// stays operational), if known.
     pub operational: Option<String>,
+    /// Time a request has, body included, to its response's head (`[api.limits]`).
+    pub request_timeout: Duration,
 }
 
 impl AppState {
@@ -117,6 +119,7 @@ impl AppState {
             control,
             limiter: RateLimiter::new(&config.limits),
             metrics: Metrics::default(),
+            request_timeout: Duration::from_secs(config.limits.request_timeout_secs.max(1)),
         })
     }
 }
@@ -940,6 +943,8 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 
 /// The API's routes with their layers.
 pub fn router(state: AppState) -> Router {
+    let timeout =
+        TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.request_timeout);
     let v1 = Router::new()
         .route("/v1/patients/{patient}/history", get(history))
         .route("/v1/patients/{patient}/documents/{document}", get(document))
@@ -976,6 +981,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fhir/bulkfiles/{export}/{file}", get(crate::bulk::file))
         .route("/v1/reports/last-run", get(last_run_report))
         .route("/v1/reports/destructions", get(destruction_report))
+        .route_layer(timeout)
         .route_layer(middleware::from_fn_with_state(state.limiter.clone(), limit))
         .route_layer(middleware::from_fn_with_state(
             state.auth.clone(),
@@ -995,113 +1001,13 @@ pub fn router(state: AppState) -> Router {
             get(crate::smart::configuration),
         )
         .route("/auth/token", axum::routing::post(crate::smart::token))
+        .route_layer(timeout)
         .merge(v1)
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(middleware::from_fn_with_state(state.metrics.clone(), track))
         .with_state(state)
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(30),
-        ))
         .layer(TraceLayer::new_for_http())
-}
-
-/// TLS settings from the certificate chain and key files (PEM).
-fn tls_config(cert: &FsPath, key: &FsPath) -> Result<rustls::ServerConfig, std::io::Error> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad =
-        |what: &str, e: &dyn std::fmt::Display| std::io::Error::other(format!("[api] {what}: {e}"));
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad("tls_cert_file", &e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("tls_cert_file", &e))?;
-    if certs.is_empty() {
-        return Err(bad("tls_cert_file", &"no certificate in the file"));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("tls_key_file", &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad("TLS", &e))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| bad("TLS certificate and key", &e))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
-}
-
-/// Serves until `shutdown` resolves: HTTPS with the configured certificate, or plain HTTP when
-/// the config asks for it on a loopback address, with export jobs resumed and expired exports
-/// deleted beside it. Returns the bound address.
-pub async fn serve(
-    config: &ApiConfig,
-    base: &FsPath,
-    state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<SocketAddr, std::io::Error> {
-    let addr: SocketAddr = config.listen.parse().map_err(|_| {
-        std::io::Error::other(format!(
-            "[api] listen: {:?} is not an address:port",
-            config.listen
-        ))
-    })?;
-    crate::exports::start_background(&state).await;
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    if config.plain_http {
-        if !addr.ip().is_loopback() {
-            return Err(std::io::Error::other(
-                "[api]: plain HTTP is allowed only on a loopback address",
-            ));
-        }
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
-        tokio::spawn(async move {
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "server stopped");
-            }
-        });
-        return Ok(bound);
-    }
-    let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
-        return Err(std::io::Error::other(
-            "[api]: set tls_cert_file and tls_key_file (or, for development on loopback, plain_http = true)",
-        ));
-    };
-    let tls = tls_config(&base.join(cert), &base.join(key))?;
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    let bound = listener.local_addr()?;
-    let handle = axum_server::Handle::new();
-    let stopper = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stopper.graceful_shutdown(Some(Duration::from_secs(10)));
-    });
-    // TCP_NODELAY: without it, a response written in more than one segment waits out the
-    // client's delayed ACK (40 ms a request here).
-    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
-        axum_server::tls_rustls::RustlsConfig::from_config(std::sync::Arc::new(tls)),
-    )
-    .acceptor(axum_server::accept::NoDelayAcceptor::new());
-    let server = axum_server::from_tcp(listener)?
-        .acceptor(acceptor)
-        .handle(handle);
-    tokio::spawn(async move {
-        if let Err(e) = server.serve(app).await {
-            tracing::error!(error = %e, "server stopped");
-        }
-    });
-    Ok(bound)
 }
 
 #[cfg(test)]

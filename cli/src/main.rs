@@ -619,8 +619,10 @@ async fn run(cli: Cli) -> Result<()> {
 #[tokio::main]
 async fn main() -> ExitCode {
     // Readable logs on a terminal, one JSON object per line otherwise (for log collectors).
+    // rustls warns of what clients do (an IP address sent as a server name, a connection
+    // closed without close_notify) on every such connection: noise to an operator, left out.
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-        .unwrap_or_else(|_| "warn,strata::watch=info".into());
+        .unwrap_or_else(|_| "warn,strata::watch=info,rustls=error".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -756,6 +756,163 @@ async fn an_interrupted_run_resumes_without_losing_or_duplicating_rows() {
     assert_report_matches(&resumed, &counts);
 }
 
+/// A start that fails (here, on a missing key) records no run; a run left behind (here, one
+/// cut short, whose policy has changed since) is rolled back by `strata migrate --abandon`,
+/// and the next migrate starts afresh under the new policy, archiving every row once.
+#[tokio::test]
+async fn a_failed_start_pins_nothing_and_a_run_can_be_abandoned() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.03).await;
+    write_sqlite_config(dir.path(), &source, &example_policy());
+    let config = ["migrate", "--config", "strata.toml"];
+    let key = std::fs::read(dir.path().join("kek.hex")).unwrap();
+    std::fs::remove_file(dir.path().join("kek.hex")).unwrap();
+    let out = strata(&config, dir.path());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("kek.hex"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let control = strata_control::Control::open(&format!(
+        "sqlite://{}",
+        dir.path().join("control.db").display()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(control.latest_run().await.unwrap(), None, "no run recorded");
+    std::fs::write(dir.path().join("kek.hex"), &key).unwrap();
+
+    // A run cut short after archiving, then a changed policy: refused, with the way out.
+    let out = strata(&config, dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = control.latest_run().await.unwrap().unwrap();
+    let db = Db::connect(
+        &format!("sqlite://{}", dir.path().join("control.db").display()),
+        false,
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE strata_runs SET status = 'running'")
+        .await
+        .unwrap();
+    db.close().await;
+    let policy = example_policy().replace("archive_after = \"3y\"", "archive_after = \"4y\"");
+    assert_ne!(policy, example_policy());
+    std::fs::write(dir.path().join("policy.toml"), &policy).unwrap();
+    let out = strata(&config, dir.path());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("--abandon"),
+        "{said}"
+    );
+
+    let out = strata(
+        &["migrate", "--config", "strata.toml", "--abandon"],
+        dir.path(),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!("run {} abandoned", first.run_id)),
+        "{said}"
+    );
+    assert_eq!(
+        control.latest_run().await.unwrap().unwrap().status,
+        "abandoned"
+    );
+    let counts = tier_counts(&load_config(&dir.path().join("strata.toml"))).await;
+    assert!(
+        counts
+            .values()
+            .all(|c| c.operational == 0 && c.archive == 0),
+        "rolled back: {counts:?}"
+    );
+    let (ok, said) = verify_archive(dir.path());
+    assert!(ok, "nothing of the abandoned run is missing: {said}");
+
+    let out = strata(&config, dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = control.latest_run().await.unwrap().unwrap();
+    assert_ne!(second.run_id, first.run_id);
+    assert_eq!(second.status, "done");
+    let counts = tier_counts(&load_config(&dir.path().join("strata.toml"))).await;
+    assert_tiers_add_up(&counts);
+    let (ok, said) = verify_archive(dir.path());
+    assert!(ok, "{said}");
+    let out = strata(
+        &["migrate", "--config", "strata.toml", "--abandon"],
+        dir.path(),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to abandon"));
+}
+
+/// Errors a user can act on: a refused connection says so (not "pool timed out"), a server's
+/// refusal comes without PostgreSQL's source line ("at line 334"), an archive path that is a
+/// file says that.
+#[tokio::test]
+async fn connection_and_archive_errors_say_what_is_wrong() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.01).await;
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cases = [
+        (
+            format!("postgres://strata@127.0.0.1:{refused}/op"),
+            format!("127.0.0.1:{refused}/op: connection refused"),
+        ),
+        (
+            {
+                let admin = pg_admin_url();
+                format!(
+                    "{}/strata_no_such_database",
+                    &admin[..admin.rfind('/').unwrap()]
+                )
+            },
+            "database \"strata_no_such_database\" does not exist".to_string(),
+        ),
+    ];
+    for (operational, expected) in cases {
+        write_config(
+            dir.path(),
+            &source,
+            &operational,
+            "sqlite://control.db",
+            &example_policy(),
+        );
+        let started = std::time::Instant::now();
+        let out = strata(&["migrate", "--config", "strata.toml"], dir.path());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(said.contains(&expected), "{said}");
+        assert!(
+            !said.contains("pool timed out") && !said.contains(" at line "),
+            "{said}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+    write_sqlite_config(dir.path(), &source, &example_policy());
+    std::fs::write(dir.path().join("archive"), "not a directory").unwrap();
+    let out = strata(&["migrate", "--config", "strata.toml"], dir.path());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("is a file, not a directory"), "{said}");
+    assert!(!said.contains("os error"), "{said}");
+}
+
 fn strata(args: &[&str], dir: &Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
         .args(args)

@@ -120,6 +120,11 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics while the run lasts.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Roll back the run in progress instead (a failed start, or a run whose policy has
+        /// changed since): its operational rows are deleted, its archive manifests withdrawn
+        /// (files left for `strata archive gc`); the next migrate starts a new run.
+        #[arg(long, conflicts_with_all = ["json", "report", "metrics"])]
+        abandon: bool,
     },
     /// Serve the archive API.
     Serve {
@@ -460,8 +465,18 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             report: report_file,
             metrics,
+            abandon,
         } => {
             let loaded = config::load(&config)?;
+            if abandon {
+                match Migration::abandon(&loaded.migration).await? {
+                    Some(run) => println!(
+                        "run {run} abandoned: its operational rows deleted, its archive manifests withdrawn (their files go with `strata archive gc`); the next `strata migrate` starts a new run"
+                    ),
+                    None => println!("no run in progress: nothing to abandon"),
+                }
+                return Ok(());
+            }
             let mut migration = Migration::prepare(loaded.migration, today()).await?;
             let _metrics = match &metrics {
                 Some(addr) => Some(watch::serve_metrics(addr, migration.progress()).await?),

@@ -224,6 +224,49 @@ impl Control {
             .map(|_| ())
     }
 
+    /// The tables a run recorded a status for (those it started loading).
+    pub async fn run_tables(&self, run_id: &str) -> Result<Vec<String>> {
+        let sql = format!(
+            "SELECT table_name FROM strata_table_runs WHERE run_id = {} ORDER BY table_name",
+            self.db.p(1)
+        );
+        let rows = self.db.fetch(&sql, &[run_id.into()], &[Col::Text]).await?;
+        Ok(rows.into_iter().map(|r| r[0].text()).collect())
+    }
+
+    /// Marks a run `abandoned` after forgetting what it recorded: its tables' statuses, what
+    /// it archived (ledger and catalog mirror) and its destructions. Its tables must have been
+    /// rolled back first (the operational rows and archive manifests are not this database's).
+    /// The status changes last, so an abandon cut short can be run again.
+    pub async fn abandon_run(&self, run_id: &str) -> Result<()> {
+        // The archive's records name a run's writers (`{run}-r{range}-{id}`) as well as the run.
+        let writers = format!("{run_id}-r%");
+        for table in [
+            "strata_archive_ledger",
+            "strata_archive_files",
+            "strata_destructions",
+            "strata_table_runs",
+        ] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE run_id = {} OR run_id LIKE {}",
+                self.db.p(1),
+                self.db.p(2)
+            );
+            self.db
+                .execute_with(&sql, &[run_id.into(), (&writers).into()])
+                .await?;
+        }
+        let sql = format!(
+            "UPDATE strata_runs SET status = 'abandoned', finished_at = {} WHERE run_id = {}",
+            self.db.p(1),
+            self.db.p(2)
+        );
+        self.db
+            .execute_with(&sql, &[now().into(), run_id.into()])
+            .await
+            .map(|_| ())
+    }
+
     /// The report (JSON) of the most recent finished run, with its id.
     pub async fn last_finished_run_report(&self) -> Result<Option<(String, String)>> {
         let rows = self

@@ -135,12 +135,40 @@ macro_rules! read_rows {
     };
 }
 
+/// Why a connection failed, in words a user can act on: the server's own message (without
+/// PostgreSQL's source line, "at line 334"), or the network's ("connection refused") where a
+/// pool would only say it timed out.
+pub fn connection_problem(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_string(),
+        sqlx::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                "connection refused (is the server running and listening there?)".into()
+            }
+            std::io::ErrorKind::TimedOut => "timed out".into(),
+            _ => io.to_string(),
+        },
+        sqlx::Error::PoolTimedOut => "timed out waiting for the server to answer".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Opens and closes one connection to PostgreSQL, so that a refused connection or a bad
+/// password is reported as such: a pool retries until it times out and says only that.
+pub async fn reach_postgres(options: &PgConnectOptions) -> std::result::Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect_with(options)
+        .await?
+        .close()
+        .await
+}
+
 impl ControlDb {
     /// Connects to `postgres://...` or `sqlite://path` (created if missing).
     pub(crate) async fn connect(url: &str) -> Result<Self> {
         let conn_err = |e: sqlx::Error| ControlError::Connect {
             url: redact(url),
-            detail: e.to_string(),
+            detail: connection_problem(&e),
         };
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)
@@ -148,6 +176,7 @@ impl ControlDb {
                 .options([("timezone", "UTC")])
                 // Statements carry patient keys: never log them.
                 .disable_statement_logging();
+            reach_postgres(&options).await.map_err(conn_err)?;
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .connect_with(options)

@@ -13,7 +13,7 @@ pub enum ControlError {
         detail: String,
     },
     /// A statement failed.
-    #[error("control database {context}: {source}")]
+    #[error("control database {context}: {}", crate::db::connection_problem(.source))]
     Sql {
         /// What was being done.
         context: String,

@@ -21,5 +21,6 @@ pub use audit::{
     Outcome,
 };
 pub use control::{Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord};
+pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};

@@ -116,7 +116,7 @@ impl Db {
         }
         let conn_err = |e: sqlx::Error| IngestError::Connect {
             url: redact(url),
-            detail: e.to_string(),
+            detail: strata_control::connection_problem(&e),
         };
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut options = PgConnectOptions::from_str(url)
@@ -127,6 +127,9 @@ impl Db {
             if read_only {
                 options = options.options([("default_transaction_read_only", "on")]);
             }
+            strata_control::reach_postgres(&options)
+                .await
+                .map_err(conn_err)?;
             let pool = PgPoolOptions::new()
                 .max_connections(MAX_CONNECTIONS)
                 .connect_with(options)

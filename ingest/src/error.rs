@@ -13,7 +13,7 @@ pub enum IngestError {
         detail: String,
     },
     /// A SQL statement failed.
-    #[error("SQL {context} failed: {source}")]
+    #[error("SQL {context} failed: {}", strata_control::connection_problem(.source))]
     Sql {
         /// What was being done.
         context: String,

@@ -555,6 +555,38 @@ impl Migration {
         })
     }
 
+    /// Abandons the running run, if there is one, and returns its id: each table it touched
+    /// is rolled back (its operational rows, quarantine and checkpoints deleted, its archive
+    /// manifests withdrawn: their files are orphans until `strata archive gc`), what it
+    /// recorded of the archive and of destructions is forgotten, and the run is marked
+    /// `abandoned`. The next `migrate` starts a new run, under the policy as it is then.
+    /// Needs neither the source nor the archive's keys: a run that failed on either is
+    /// abandoned all the same.
+    pub async fn abandon(config: &MigrationConfig) -> Result<Option<String>> {
+        let control = Control::open(&config.control_url()?).await?;
+        let Some(run) = control
+            .latest_run()
+            .await?
+            .filter(|r| r.status == "running")
+        else {
+            return Ok(None);
+        };
+        let target = Db::connect(&config.resolve_url(&config.operational.url)?, false).await?;
+        ensure_bookkeeping_tables(&target).await?;
+        let store = strata_archive::open_store(&config.archive.location(&config.base_dir)?)?;
+        let existing = target.table_names().await?;
+        for table in control.run_tables(&run.run_id).await? {
+            if existing.contains(&table) {
+                restart_table(&target, &store, &run.run_id, &table).await?;
+            } else {
+                strata_archive::withdraw_manifests(store.as_ref(), &table, &run.run_id).await?;
+            }
+        }
+        control.abandon_run(&run.run_id).await?;
+        tracing::info!(run_id = %run.run_id, "run abandoned");
+        Ok(Some(run.run_id))
+    }
+
     /// Runs (or resumes) the migration. `on_table` is called as each table finishes.
     ///
     /// Each table is split into ranges (see `ranges`), copied by `workers` parallel workers
@@ -567,11 +599,21 @@ impl Migration {
         on_table: &mut (dyn FnMut(&TableReport) + Send),
     ) -> Result<RunReport> {
         let control = self.control.clone();
+        // Everything a run needs is checked before a run is recorded: a start that fails on a
+        // missing key or an unreachable database leaves nothing to resume or abandon.
+        let target = Db::connect(
+            &self.config.resolve_url(&self.config.operational.url)?,
+            false,
+        )
+        .await?;
+        let (store, keys) = self.config.archive.open(&self.config.base_dir)?;
+        let keys = keys.for_archive(store.as_ref(), true).await?;
+        ensure_bookkeeping_tables(&target).await?;
         let run = match control.latest_run().await? {
             Some(run) if run.status == "running" => {
                 if run.policy_hash != self.policy.hash() {
                     return Err(IngestError::Run(format!(
-                        "run {} was started with policy version {} (hash {}); the policy file has changed since. Restore it to resume the run.",
+                        "run {} was started with policy version {} (hash {}); the policy file has changed since. Restore it to resume the run, or roll the run back with `strata migrate --abandon`.",
                         run.run_id, run.policy_version, run.policy_hash
                     )));
                 }
@@ -599,14 +641,6 @@ impl Migration {
                 run
             }
         };
-        let target = Db::connect(
-            &self.config.resolve_url(&self.config.operational.url)?,
-            false,
-        )
-        .await?;
-        ensure_bookkeeping_tables(&target).await?;
-        let (store, keys) = self.config.archive.open(&self.config.base_dir)?;
-        let keys = keys.for_archive(store.as_ref(), true).await?;
         let snapshot = self.source.export_snapshot().await?;
         if let Some(s) = &snapshot {
             control.record_snapshot(&run.run_id, &s.wal_lsn).await?;

@@ -69,6 +69,11 @@ pub fn open_store(location: &ArchiveLocation) -> Result<Arc<dyn ObjectStore>> {
     };
     match location {
         ArchiveLocation::Local(path) => {
+            if path.exists() && !path.is_dir() {
+                return Err(err(
+                    "is a file, not a directory: name a directory (created if missing)".into(),
+                ));
+            }
             std::fs::create_dir_all(path).map_err(|e| err(e.to_string()))?;
             let store = LocalFileSystem::new_with_prefix(path)?.with_automatic_cleanup(true);
             Ok(Arc::new(store))

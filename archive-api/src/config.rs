@@ -20,6 +20,7 @@
 //! # header_read_timeout_secs = 10     # a request's head; also closes idle keep-alives
 //! # request_timeout_secs = 30         # a whole request, body included: 408
 //! # connections_per_client = 256      # per client address (proxies above are not capped)
+//! # archive_reads = 4                 # patient reads at once (default: twice the CPU count)
 //! [api.fhir.lab_results]              # FHIR R4 resource type of an archived table
 //! resource = "Observation"
 //! code = "loinc_code"
@@ -337,6 +338,22 @@ pub struct LimitsConfig {
     /// `/metrics`). `[api] trusted_proxies` are not capped. By default, 256.
     #[serde(default = "default_connections_per_client")]
     pub connections_per_client: usize,
+    /// Patient reads of the archive (histories, document lookups) at once; more wait their
+    /// turn. Bounds the memory reads hold, whatever the number of users. By default, twice
+    /// the CPU count.
+    #[serde(default)]
+    pub archive_reads: Option<usize>,
+}
+
+impl LimitsConfig {
+    /// `archive_reads`, or its default.
+    pub fn archive_reads(&self) -> usize {
+        self.archive_reads
+            .unwrap_or_else(|| {
+                2 * std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+            })
+            .max(1)
+    }
 }
 
 fn default_header_read_timeout() -> u64 {
@@ -367,6 +384,7 @@ impl Default for LimitsConfig {
             header_read_timeout_secs: default_header_read_timeout(),
             request_timeout_secs: default_request_timeout(),
             connections_per_client: default_connections_per_client(),
+            archive_reads: None,
         }
     }
 }

@@ -64,6 +64,10 @@ pub struct AppState {
     pub operational: Option<String>,
     /// Time a request has, body included, to its response's head (`[api.limits]`).
     pub request_timeout: Duration,
+    /// Patient reads of the archive at once (`[api.limits] archive_reads`): a read holds the
+    /// pages it decrypts and decodes, so this bounds the memory reads hold whatever the number
+    /// of users; the others wait their turn (asynchronously, holding nothing).
+    pub archive_reads: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -120,6 +124,9 @@ impl AppState {
             limiter: RateLimiter::new(&config.limits),
             metrics: Metrics::default(),
             request_timeout: Duration::from_secs(config.limits.request_timeout_secs.max(1)),
+            archive_reads: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                config.limits.archive_reads(),
+            )),
         })
     }
 }
@@ -287,7 +294,10 @@ async fn history(
             .map(|c| Cursor::decode(c).ok_or_else(|| bad("cursor is not one this API gave")))
             .transpose()?,
     };
-    let all = patient_history(&state.archive, &patient).await?;
+    let all = {
+        let _reading = state.archive_reads.acquire().await;
+        patient_history(&state.archive, &patient).await?
+    };
     let (records, total, next) = select_page(all, &query);
     let mut per_table = std::collections::BTreeMap::<&str, u64>::new();
     for r in &records {
@@ -382,9 +392,11 @@ async fn document(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let access = patient_access(&principal, &headers, &patient)?;
-    let reference = find_document(&state.archive, &patient, &document)
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let reference = {
+        let _reading = state.archive_reads.acquire().await;
+        find_document(&state.archive, &patient, &document).await?
+    }
+    .ok_or(ApiError::NotFound)?;
     let range = match parse_range(headers.get(header::RANGE), reference.length) {
         Ok(r) => r,
         Err(()) => {

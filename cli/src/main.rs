@@ -631,8 +631,30 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Threads `strata serve` keeps for blocking work (reads of a local archive, which the
+/// object store does on blocking threads). Each thread costs its allocator's heap (~4 MiB
+/// here): without a cap, a burst of readers grew the pool, and the memory with it, with the
+/// number of users. Other commands keep tokio's default, since a migration's long-lived
+/// source readers live on blocking threads and must not starve its archive writes.
+const SERVE_BLOCKING_THREADS: usize = 8;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
+        runtime.max_blocking_threads(SERVE_BLOCKING_THREADS);
+    }
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(start(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn start(cli: Cli) -> ExitCode {
     // Readable logs on a terminal, one JSON object per line otherwise (for log collectors).
     // rustls warns of what clients do (an IP address sent as a server name, a connection
     // closed without close_notify) on every such connection: noise to an operator, left out.
@@ -646,7 +668,7 @@ async fn main() -> ExitCode {
     } else {
         logs.json().init();
     }
-    match run(Cli::parse()).await {
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

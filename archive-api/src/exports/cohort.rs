@@ -262,7 +262,7 @@ pub(crate) fn fan_out<T: Send + 'static>(
         + 'static,
 ) -> (
     tokio::sync::mpsc::Receiver<Result<T, String>>,
-    Vec<tokio::task::JoinHandle<strata_deidentify::Scanner>>,
+    Vec<tokio::sync::oneshot::Receiver<strata_deidentify::Scanner>>,
 ) {
     use tokio::sync::mpsc::channel;
     let (out_tx, out_rx) = channel(WORKERS * 2);
@@ -273,7 +273,11 @@ pub(crate) fn fan_out<T: Send + 'static>(
         let (tx, mut rx) = channel::<Result<RecordBatch, String>>(2);
         inputs.push(tx);
         let (out, work) = (out_tx.clone(), work.clone());
-        workers.push(tokio::task::spawn_blocking(move || {
+        // Threads of their own, not the runtime's blocking pool: they live as long as the
+        // table's export and wait on reads that need that pool (`strata serve` caps it).
+        let (done, scanned) = tokio::sync::oneshot::channel();
+        workers.push(scanned);
+        std::thread::spawn(move || {
             let mut scanner = strata_deidentify::Scanner::new(years_only);
             while let Some(batch) = rx.blocking_recv() {
                 let made = batch.and_then(|b| work(&b, &mut scanner));
@@ -281,8 +285,8 @@ pub(crate) fn fan_out<T: Send + 'static>(
                     break;
                 }
             }
-            scanner
-        }));
+            let _ = done.send(scanner);
+        });
     }
     drop(out_tx);
     tokio::spawn(async move {

@@ -21,6 +21,7 @@
 //! # request_timeout_secs = 30         # a whole request, body included: 408
 //! # connections_per_client = 256      # per client address (proxies above are not capped)
 //! # archive_reads = 4                 # patient reads at once (default: twice the CPU count)
+//! # history_cache_mib = 64            # histories read lately, kept in memory (0: none)
 //! [api.fhir.lab_results]              # FHIR R4 resource type of an archived table
 //! resource = "Observation"
 //! code = "loinc_code"
@@ -343,6 +344,15 @@ pub struct LimitsConfig {
     /// the CPU count.
     #[serde(default)]
     pub archive_reads: Option<usize>,
+    /// MiB of patients' histories kept in memory, the least recently read leaving first: the
+    /// requests of one chart (its pages, its FHIR form) read the archive once. 0 keeps none.
+    /// By default, 64.
+    #[serde(default = "default_history_cache_mib")]
+    pub history_cache_mib: usize,
+}
+
+fn default_history_cache_mib() -> usize {
+    64
 }
 
 impl LimitsConfig {
@@ -385,6 +395,7 @@ impl Default for LimitsConfig {
             request_timeout_secs: default_request_timeout(),
             connections_per_client: default_connections_per_client(),
             archive_reads: None,
+            history_cache_mib: default_history_cache_mib(),
         }
     }
 }

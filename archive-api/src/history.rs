@@ -7,6 +7,7 @@ use arrow::datatypes::{
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
+use std::sync::{Arc, Mutex};
 use strata_archive::{
     blob_ref, ArchiveReader, BlobRef, BLOB_REF_SUFFIXES, KEY_COLUMN, PATIENT_COLUMN,
     RECORD_DATE_COLUMN,
@@ -292,16 +293,70 @@ impl Cursor {
     }
 }
 
+/// Patients' histories read lately, kept up to a number of bytes, the least recently used
+/// leaving first. A clinician opening a chart asks for it several times (pages, the FHIR
+/// form, the documents' links): one archive read serves them all. The archive a server reads
+/// does not change under it (its catalog is loaded at start), so what is kept stays true; it
+/// lives in memory only, like the answers it was read for.
+#[derive(Clone)]
+pub struct HistoryCache {
+    capacity: usize,
+    kept: Arc<Mutex<Kept>>,
+}
+
+#[derive(Default)]
+struct Kept {
+    histories: hashlink::LinkedHashMap<String, (Arc<Vec<HistoryRecord>>, usize)>,
+    bytes: usize,
+}
+
+impl HistoryCache {
+    /// A cache of at most `capacity` bytes (0: nothing is kept).
+    pub fn new(capacity: usize) -> Self {
+        HistoryCache {
+            capacity,
+            kept: Arc::default(),
+        }
+    }
+
+    /// `patient`'s history, if kept.
+    pub fn get(&self, patient: &str) -> Option<Arc<Vec<HistoryRecord>>> {
+        let mut kept = self.kept.lock().expect("history cache lock");
+        kept.histories.to_back(patient).map(|(h, _)| h.clone())
+    }
+
+    /// Keeps `patient`'s history, making room by dropping the least recently used.
+    pub fn put(&self, patient: &str, history: Arc<Vec<HistoryRecord>>) {
+        // Its size, roughly: the JSON it makes, plus the maps and strings that hold it.
+        let bytes = 2 * serde_json::to_vec(history.as_slice()).map_or(0, |j| j.len()) + 256;
+        // No history takes more than an eighth: one huge chart does not empty the cache.
+        if bytes > self.capacity / 8 {
+            return;
+        }
+        let mut kept = self.kept.lock().expect("history cache lock");
+        if let Some((_, old)) = kept.histories.insert(patient.to_string(), (history, bytes)) {
+            kept.bytes -= old;
+        }
+        kept.bytes += bytes;
+        while kept.bytes > self.capacity {
+            match kept.histories.pop_front() {
+                Some((_, (_, b))) => kept.bytes -= b,
+                None => break,
+            }
+        }
+    }
+}
+
 /// The page of `records` (in [`history_order`]) that `q` asks for: the page, how many records
 /// match the filters in all, and the cursor of the next page if there is one.
 pub fn select_page(
-    records: Vec<HistoryRecord>,
+    records: &[HistoryRecord],
     q: &HistoryQuery,
 ) -> (Vec<HistoryRecord>, usize, Option<Cursor>) {
     let (from, to) = (q.from.map(|d| d.to_string()), q.to.map(|d| d.to_string()));
     let dated = from.is_some() || to.is_some();
-    let matching: Vec<HistoryRecord> = records
-        .into_iter()
+    let matching: Vec<&HistoryRecord> = records
+        .iter()
         .filter(|r| q.tables.is_empty() || q.tables.contains(&r.table))
         .filter(|r| match (&r.record_date, dated) {
             (_, false) => true,
@@ -319,9 +374,13 @@ pub fn select_page(
         }
         None => 0,
     };
-    let page: Vec<HistoryRecord> = matching.into_iter().skip(start).take(q.limit + 1).collect();
-    let more = page.len() > q.limit;
-    let page: Vec<HistoryRecord> = page.into_iter().take(q.limit).collect();
+    let more = matching.len() > start + q.limit;
+    let page: Vec<HistoryRecord> = matching
+        .into_iter()
+        .skip(start)
+        .take(q.limit)
+        .cloned()
+        .collect();
     let next = more.then(|| Cursor::after(page.last().expect("a full page")));
     (page, total, next)
 }
@@ -329,6 +388,40 @@ pub fn select_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_keeps_recent_histories_within_its_bytes() {
+        let history = |n: usize| {
+            Arc::new(
+                (0..n)
+                    .map(|i| rec(Some("2020-01-01"), "t", &format!("k{i}")))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let one = 2 * serde_json::to_vec(history(10).as_slice()).unwrap().len() + 256;
+        // Room for eight: a history takes at most an eighth of the cache.
+        let cache = HistoryCache::new(8 * one + one / 2);
+        let patients = ["a", "b", "c", "d", "e", "f", "g", "h"];
+        for p in patients {
+            cache.put(p, history(10));
+        }
+        assert!(cache.get("a").is_some(), "a is now the most recent");
+        cache.put("i", history(10));
+        assert!(cache.get("b").is_none(), "the least recently read left");
+        assert!(patients
+            .iter()
+            .chain(&["i"])
+            .filter(|p| **p != "b")
+            .all(|p| cache.get(p).is_some()));
+        cache.put("huge", history(1000));
+        assert!(
+            cache.get("huge").is_none(),
+            "one history never fills the cache"
+        );
+        let none = HistoryCache::new(0);
+        none.put("a", history(1));
+        assert!(none.get("a").is_none());
+    }
 
     fn rec(date: Option<&str>, table: &str, key: &str) -> HistoryRecord {
         HistoryRecord {
@@ -370,7 +463,7 @@ mod tests {
         };
         let mut seen = Vec::new();
         loop {
-            let (page, _, next) = select_page(all.clone(), &q);
+            let (page, _, next) = select_page(&all, &q);
             seen.extend(page.iter().map(|r| r.key.clone()));
             match next {
                 Some(c) => q.after = Some(c),
@@ -404,7 +497,7 @@ mod tests {
             ..Default::default()
         };
         loop {
-            let (page, total, next) = select_page(all.clone(), &q);
+            let (page, total, next) = select_page(&all, &q);
             assert_eq!(total, 6);
             seen.extend(page.iter().map(|r| r.key.clone()));
             match next {
@@ -421,7 +514,7 @@ mod tests {
             limit: 10,
             after: None,
         };
-        let (page, total, next) = select_page(all, &q);
+        let (page, total, next) = select_page(&all, &q);
         assert_eq!(total, 3, "dated labs in range; undated records drop out");
         assert_eq!(
             page.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),

@@ -41,6 +41,6 @@ pub use config::{
 pub use error::ApiError;
 pub use exports::{start_background, ExportRequest, Exporter, JobSpec};
 pub use metrics::Rejection;
-pub use routes::{audit_key, router, ApiDoc, AppState, ErrorBody};
-pub use server::{serve, ClientAddress, TrustedProxies};
+pub use routes::{audit_key, ceiling_router, router, ApiDoc, AppState, ErrorBody};
+pub use server::{serve, serve_router, ClientAddress, TrustedProxies};
 pub use smart::Smart;

@@ -231,6 +231,19 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<SocketAddr, std::io::Error> {
+    let app = router(state.clone());
+    serve_router(config, base, state, app, shutdown).await
+}
+
+/// [`serve`] with another router over the same state (the benchmark's ceiling,
+/// [`crate::ceiling_router`]).
+pub async fn serve_router(
+    config: &ApiConfig,
+    base: &FsPath,
+    state: AppState,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<SocketAddr, std::io::Error> {
     let addr: SocketAddr = config.listen.parse().map_err(|_| {
         std::io::Error::other(format!(
             "[api] listen: {:?} is not an address:port",
@@ -269,7 +282,7 @@ pub async fn serve(
     let metrics = state.metrics.clone();
     crate::exports::start_background(&state).await;
     let connections = Connections {
-        app: router(state),
+        app,
         http: Arc::new(http),
         trusted,
         metrics: metrics.clone(),

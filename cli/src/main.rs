@@ -130,6 +130,11 @@ enum Command {
     Serve {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
+        /// Benchmarks only: answer every history request with a precomputed body of this many
+        /// bytes, through the same TLS, HTTP, token, rate-limit and audit path, without
+        /// reading the archive (the ceiling bench/api-users.sh compares Strata with).
+        #[arg(long, value_name = "BYTES", hide = true)]
+        benchmark_ceiling: Option<usize>,
     },
     /// Generate a synthetic legacy EHR database.
     Generate {
@@ -514,7 +519,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve { config } => {
+        Command::Serve {
+            config,
+            benchmark_ceiling,
+        } => {
             let loaded = config::load(&config)?;
             let api = loaded
                 .api
@@ -545,10 +553,21 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(anyhow::Error::msg)?
                 .with_operational_database(operational);
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let addr = strata_archive_api::serve(&api, &loaded.base_dir, state, async {
+            let stopped = async {
                 let _ = rx.await;
-            })
-            .await?;
+            };
+            let addr = match benchmark_ceiling {
+                None => strata_archive_api::serve(&api, &loaded.base_dir, state, stopped).await?,
+                Some(bytes) => {
+                    let body = ceiling_body(bytes);
+                    let app = strata_archive_api::ceiling_router(state.clone(), body);
+                    eprintln!(
+                        "benchmark ceiling: every history is a precomputed {bytes}-byte body"
+                    );
+                    strata_archive_api::serve_router(&api, &loaded.base_dir, state, app, stopped)
+                        .await?
+                }
+            };
             let scheme = if api.plain_http { "http" } else { "https" };
             eprintln!("archive API listening on {scheme}://{addr}");
             tokio::signal::ctrl_c().await?;
@@ -637,6 +656,13 @@ async fn run(cli: Cli) -> Result<()> {
 /// number of users. Other commands keep tokio's default, since a migration's long-lived
 /// source readers live on blocking threads and must not starve its archive writes.
 const SERVE_BLOCKING_THREADS: usize = 8;
+
+/// A JSON body of `bytes` bytes (at least the braces around an empty record list).
+fn ceiling_body(bytes: usize) -> bytes::Bytes {
+    let head = r#"{"patient":"ceiling","total":0,"records":[],"padding":""#;
+    let pad = bytes.saturating_sub(head.len() + 2);
+    bytes::Bytes::from(format!("{head}{}\"}}", "x".repeat(pad)))
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -9,7 +9,8 @@
 #  - DuckDB (PyPI) answers the same question (every table's rows of the patient) over
 #    unencrypted copies of the same Parquet files (decrypted by pyarrow through its KMS
 #    client), for the same patients, with 1 and with 32 threads.
-# Prints the figures and the ratios. Not a test: run it by hand.
+# Prints the figures and the ratios. Not a test: run it by hand. (Many users against a
+# PostgreSQL control database, with a same-run ceiling: bench/api-users.sh.)
 #   ROWS=20000000 PATIENTS=100000 REQUESTS=1000 bench/api.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1301,6 +1301,9 @@ async fn slow_and_greedy_clients_are_cut_off_counted_and_every_token_audited() {
     }
     assert!(cut_off, "a head dribbled for 15 s is still being read");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // A connection that sends nothing at all is closed as well.
+    let mut silent = connect("127.0.0.1").await;
+    assert!(closed_within(&mut silent, std::time::Duration::from_secs(4)).await);
 
     // Four connections per address; the fifth is closed as it comes. A trusted proxy is not
     // capped.
@@ -1373,7 +1376,7 @@ async fn slow_and_greedy_clients_are_cut_off_counted_and_every_token_audited() {
         .await
         .unwrap();
     server.kill().await.unwrap();
-    assert!(rejected(&metrics, "header_timeout") >= 1, "{metrics}");
+    assert!(rejected(&metrics, "header_timeout") >= 2, "{metrics}");
     assert!(rejected(&metrics, "connection_limit") >= 1, "{metrics}");
     assert!(rejected(&metrics, "head_too_large") >= 2, "{metrics}");
     assert!(rejected(&metrics, "malformed_http") >= 1, "{metrics}");

@@ -811,6 +811,18 @@ async fn a_failed_start_pins_nothing_and_a_run_can_be_abandoned() {
         "{said}"
     );
 
+    // Not while a migrate of this configuration runs (here, this test holds its lock).
+    let held = strata_ingest::RunLock::take(dir.path()).unwrap();
+    let out = strata(
+        &["migrate", "--config", "strata.toml", "--abandon"],
+        dir.path(),
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("is running"),
+        "{said}"
+    );
+    drop(held);
     let out = strata(
         &["migrate", "--config", "strata.toml", "--abandon"],
         dir.path(),

@@ -56,8 +56,8 @@ pub fn stated_purpose(headers: &HeaderMap) -> Option<String> {
         .map(|k| k.to_string())
 }
 
-/// The break-the-glass reason, if given (trimmed, control characters made spaces, cut to 500
-/// characters). Clinicians do not all write English: the header may carry UTF-8 (or, from an
+/// The break-the-glass reason, if given (trimmed, control and invisible formatting characters
+/// made spaces, cut to 500 characters). Clinicians do not all write English: the header may carry UTF-8 (or, from an
 /// old client, ISO-8859-1), an RFC 8187 value (`UTF-8''Patientin%20bewusstlos`), or
 /// percent-encoded UTF-8 as a browser's `encodeURIComponent` makes it (a literal `%` followed
 /// by two hex digits is then written `%25`).
@@ -76,10 +76,18 @@ pub fn break_glass_reason(headers: &HeaderMap) -> Option<String> {
     };
     let r: String = text
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| if is_hidden(c) { ' ' } else { c })
         .collect();
     let r = r.trim();
     (!r.is_empty()).then(|| r.chars().take(MAX_REASON_CHARS).collect())
+}
+
+/// Whether `c` is a control character or an invisible formatting one (zero-width, bidi
+/// overrides and isolates, byte-order mark): text that reaches the audit log must read there
+/// as what it is.
+pub(crate) fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// Whether `text` holds a `%` followed by two hex digits.
@@ -237,6 +245,11 @@ mod tests {
             given(&raw(b"50% dose given, patient unresponsive")),
             Some(String::from("50% dose given, patient unresponsive")),
             "a percent sign alone is text"
+        );
+        assert_eq!(
+            given(&raw("bidi \u{202E}override\u{202C} hidden".as_bytes())),
+            Some(String::from("bidi  override  hidden")),
+            "invisible formatting characters too"
         );
         assert_eq!(
             given(&raw(b"line%0Abreak%09and tab in the reason")),

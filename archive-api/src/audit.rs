@@ -18,6 +18,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, R
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::FutureExt;
 use std::net::SocketAddr;
 use strata_control::{AuditEntry, Outcome};
 
@@ -112,7 +113,18 @@ async fn serve_and_record(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(|t| t.trim().to_string());
-    let response = next.run(request).await;
+    // A handler that panics still leaves its entry (a 500; the panic's message may hold
+    // anything and is not logged).
+    let response = match std::panic::AssertUnwindSafe(next.run(request))
+        .catch_unwind()
+        .await
+    {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::error!(route = %route, "a handler panicked");
+            ApiError::Internal("handler panicked".into()).into_response()
+        }
+    };
     let principal = response
         .extensions()
         .get::<Principal>()

@@ -74,13 +74,14 @@ struct ReadClaims {
 pub(crate) const NO_USER: &str = "-";
 
 /// Whether `sub` may name a user: not blank, not [`NO_USER`], not one of Strata's own system
-/// clients (`system:`), and without control characters (it goes into the audit log as is).
+/// clients (`system:`), and without control or invisible formatting characters (it goes into
+/// the audit log as is, and must read there as what it is).
 fn is_user_subject(sub: &str) -> bool {
     let trimmed = sub.trim();
     !trimmed.is_empty()
         && trimmed != NO_USER
-        && !sub.starts_with("system:")
-        && !sub.chars().any(char::is_control)
+        && !trimmed.starts_with("system:")
+        && !sub.chars().any(crate::access::is_hidden)
 }
 
 /// Claims of a development token (see [`Auth::issue_dev_token`]).

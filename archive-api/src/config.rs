@@ -6,6 +6,7 @@
 //! tls_cert_file = "tls/cert.pem"      # PEM chain; with tls_key_file, serves HTTPS
 //! tls_key_file = "tls/key.pem"
 //! # plain_http = true                 # development only, and only on a loopback address
+//! # trusted_proxies = ["10.0.0.0/24"] # reverse proxies: X-Forwarded-For read from them only
 //! [api.auth]
 //! issuer = "https://idp.example.org"
 //! audience = "strata-archive"
@@ -14,7 +15,6 @@
 //! # hs256_secret_file = "jwt-secret"  # development only
 //! [api.audit]
 //! key_file = "audit.key"              # 64+ hex digits, keys the audit log's hash chain
-//! # trusted_proxies = ["10.0.0.0/24"] # reverse proxies: X-Forwarded-For read from them only
 //! [api.limits]
 //! requests_per_minute = 600           # per user
 //! # header_read_timeout_secs = 10     # a request's head; also closes idle keep-alives

@@ -42,5 +42,5 @@ pub use error::ApiError;
 pub use exports::{start_background, ExportRequest, Exporter, JobSpec};
 pub use metrics::Rejection;
 pub use routes::{audit_key, ceiling_router, router, ApiDoc, AppState, ErrorBody};
-pub use server::{serve, serve_router, ClientAddress, TrustedProxies};
+pub use server::{serve, serve_router, ClientAddress, Serving, TrustedProxies};
 pub use smart::Smart;

@@ -3,7 +3,8 @@
 //!
 //! What a client may hold (`[api.limits]`, see docs/operations.md):
 //! - a request's head must arrive within `header_read_timeout_secs` — a connection dribbling
-//!   header lines (slowloris) is closed, and so is a keep-alive connection idle that long;
+//!   header lines (slowloris) or sending nothing is closed, and so is an HTTP/1 keep-alive
+//!   connection idle that long (an HTTP/2 one stays while its pings are answered);
 //! - the whole request, body included, within `request_timeout_secs` (the router's timeout: a
 //!   request with a valid token that times out is audited like any other);
 //! - at most `connections_per_client` connections per client address, except from
@@ -67,6 +68,7 @@ impl TrustedProxies {
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         self.0.iter().any(|n| n.contains(&ip))
     }
 
@@ -78,18 +80,22 @@ impl TrustedProxies {
         if !self.trusts(peer) {
             return peer;
         }
-        let hops: Vec<&str> = headers
+        // Split as bytes: a client's own entry may hold anything, and must not hide the
+        // entries proxies appended after it.
+        let hops: Vec<&[u8]> = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .collect();
         let mut client = peer;
         for hop in hops.iter().rev() {
-            let Some(ip) = forwarded_ip(hop.trim()) else {
+            let Some(ip) = std::str::from_utf8(hop)
+                .ok()
+                .and_then(|h| forwarded_ip(h.trim()))
+            else {
                 break;
             };
-            client = ip;
+            client = ip.to_canonical();
             if !self.trusts(ip) {
                 break;
             }
@@ -189,6 +195,8 @@ struct Connections {
     http: Arc<Builder<TokioExecutor>>,
     trusted: TrustedProxies,
     metrics: Metrics,
+    /// Time from the connection's start (after TLS) to its first request's head.
+    first_request_timeout: Duration,
 }
 
 impl Connections {
@@ -199,15 +207,37 @@ impl Connections {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (app, trusted) = (self.app, self.trusted);
+        // The first request's head must come in time whatever the protocol: hyper's header
+        // timeout covers HTTP/1 only, and not the bytes read to tell HTTP/1 from HTTP/2.
+        let (first_tx, mut first_rx) = tokio::sync::oneshot::channel::<()>();
+        let first_tx = Arc::new(Mutex::new(Some(first_tx)));
         let service =
             hyper::service::service_fn(move |mut request: axum::http::Request<Incoming>| {
+                if let Some(first) = first_tx.lock().expect("first request lock").take() {
+                    let _ = first.send(());
+                }
                 let client = trusted.client_of(peer.ip(), request.headers());
                 request.extensions_mut().insert(ClientAddress(client));
                 let mut app = app.clone();
                 async move { app.call(request).await }
             });
-        let connection = self.http.serve_connection(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(connection).await {
+        let connection = watcher.watch(self.http.serve_connection(TokioIo::new(io), service));
+        tokio::pin!(connection);
+        let deadline = tokio::time::sleep(self.first_request_timeout);
+        tokio::pin!(deadline);
+        let mut waiting = true;
+        let ended = loop {
+            tokio::select! {
+                ended = &mut connection => break ended,
+                _ = &mut deadline, if waiting => {
+                    // Dropping the connection closes it.
+                    self.metrics.rejected(Rejection::HeaderTimeout);
+                    return;
+                }
+                _ = &mut first_rx, if waiting => waiting = false,
+            }
+        };
+        if let Err(e) = ended {
             let Some(e) = e.downcast_ref::<hyper::Error>() else {
                 return;
             };
@@ -222,15 +252,31 @@ impl Connections {
     }
 }
 
+/// A server [`serve`] started: where it listens, and its end.
+#[derive(Debug)]
+pub struct Serving {
+    /// The bound address.
+    pub addr: SocketAddr,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Waits until the server has stopped: its shutdown future resolved, it stopped accepting,
+    /// and its connections finished their requests (or the grace period passed).
+    pub async fn stopped(self) {
+        let _ = self.done.await;
+    }
+}
+
 /// Serves until `shutdown` resolves: HTTPS with the configured certificate, or plain HTTP when
 /// the config asks for it on a loopback address, with export jobs resumed and expired exports
-/// deleted beside it. Returns the bound address.
+/// deleted beside it.
 pub async fn serve(
     config: &ApiConfig,
     base: &FsPath,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<SocketAddr, std::io::Error> {
+) -> Result<Serving, std::io::Error> {
     let app = router(state.clone());
     serve_router(config, base, state, app, shutdown).await
 }
@@ -243,7 +289,7 @@ pub async fn serve_router(
     state: AppState,
     app: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<SocketAddr, std::io::Error> {
+) -> Result<Serving, std::io::Error> {
     let addr: SocketAddr = config.listen.parse().map_err(|_| {
         std::io::Error::other(format!(
             "[api] listen: {:?} is not an address:port",
@@ -268,12 +314,18 @@ pub async fn serve_router(
         Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
     };
     let limits = &config.limits;
+    let head_time = Duration::from_secs(limits.header_read_timeout_secs.max(1));
     let mut http = Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs.max(1)))
+        .header_read_timeout(head_time)
         .max_buf_size(MAX_HEAD_BYTES);
-    http.http2().timer(TokioTimer::new());
+    // HTTP/2: pings find peers that went away; an idle but live connection stays, within the
+    // per-client cap.
+    http.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let cap = ConnectionCap {
         per_client: limits.connections_per_client.max(1),
         trusted: trusted.clone(),
@@ -286,10 +338,11 @@ pub async fn serve_router(
         http: Arc::new(http),
         trusted,
         metrics: metrics.clone(),
+        first_request_timeout: head_time,
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    tokio::spawn(async move {
+    let done = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -305,6 +358,8 @@ pub async fn serve_router(
                 },
                 _ = &mut shutdown => break,
             };
+            // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let Some(counted) = cap.admit(peer.ip()) else {
                 metrics.rejected(Rejection::ConnectionLimit);
                 continue;
@@ -335,7 +390,7 @@ pub async fn serve_router(
             tracing::warn!("connections still open after the shutdown grace period: closed");
         }
     });
-    Ok(bound)
+    Ok(Serving { addr: bound, done })
 }
 
 #[cfg(test)]
@@ -375,6 +430,24 @@ mod tests {
             "2001:db8::1".parse::<IpAddr>().unwrap()
         );
         assert_eq!(trusted.client_of(proxy, &HeaderMap::new()), proxy);
+        // A client's own entry with bytes that are not text does not hide the proxy's.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            axum::http::HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.20").unwrap(),
+        );
+        assert_eq!(
+            trusted.client_of(proxy, &h),
+            "198.51.100.20".parse::<IpAddr>().unwrap()
+        );
+        // An IPv4 proxy seen through a dual-stack listener is still trusted.
+        assert_eq!(
+            trusted.client_of(
+                "::ffff:10.0.0.5".parse().unwrap(),
+                &forwarded("198.51.100.20")
+            ),
+            "198.51.100.20".parse::<IpAddr>().unwrap()
+        );
         assert!(TrustedProxies::parse(&["10.0.0.300".into()])
             .unwrap_err()
             .contains("10.0.0.300"));

@@ -205,14 +205,15 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     let auditor = token("demo-auditor", Role::Auditor, &[])?;
     let researcher = token("demo-researcher", Role::Researcher, &[])?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let addr = match strata_archive_api::serve(&api, &loaded.base_dir, state, async {
+    let serving = match strata_archive_api::serve(&api, &loaded.base_dir, state, async {
         let _ = stop_rx.await;
     })
     .await
     {
-        Ok(a) => a,
+        Ok(s) => s,
         Err(e) => bail!("cannot serve on {}: {e} (try --port)", api.listen),
     };
+    let addr = serving.addr;
     println!(
         "4/4 archive API listening on https://{addr} (certificate: {})\n",
         dir.join("tls/cert.pem").display()
@@ -238,8 +239,9 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         println!("  {curl} -H \"Authorization: Bearer $RESEARCHER\" -H 'Content-Type: application/json' -d '{{\"profile\": \"safe_harbor\", \"tables\": [\"lab_results\", \"diagnoses\"]}}' {base}/v1/exports    # then GET the href it answers");
     }
     println!("\nCtrl-C stops the demo.");
-    tokio::signal::ctrl_c().await?;
+    crate::stop_signal().await?;
     let _ = stop_tx.send(());
+    serving.stopped().await;
     println!("stopped.");
     Ok(())
 }

@@ -556,9 +556,14 @@ async fn run(cli: Cli) -> Result<()> {
             let stopped = async {
                 let _ = rx.await;
             };
-            let addr = match benchmark_ceiling {
+            let serving = match benchmark_ceiling {
                 None => strata_archive_api::serve(&api, &loaded.base_dir, state, stopped).await?,
                 Some(bytes) => {
+                    let listen: std::net::SocketAddr = api.listen.parse()?;
+                    anyhow::ensure!(
+                        listen.ip().is_loopback(),
+                        "--benchmark-ceiling answers every history with an empty one: it serves on a loopback address only"
+                    );
                     let body = ceiling_body(bytes);
                     let app = strata_archive_api::ceiling_router(state.clone(), body);
                     eprintln!(
@@ -569,9 +574,11 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             };
             let scheme = if api.plain_http { "http" } else { "https" };
-            eprintln!("archive API listening on {scheme}://{addr}");
-            tokio::signal::ctrl_c().await?;
+            eprintln!("archive API listening on {scheme}://{}", serving.addr);
+            stop_signal().await?;
+            // Requests in flight finish (and are audited) before the process ends.
             let _ = tx.send(());
+            serving.stopped().await;
             Ok(())
         }
         Command::Generate {
@@ -654,8 +661,18 @@ async fn run(cli: Cli) -> Result<()> {
 /// object store does on blocking threads). Each thread costs its allocator's heap (~4 MiB
 /// here): without a cap, a burst of readers grew the pool, and the memory with it, with the
 /// number of users. Other commands keep tokio's default, since a migration's long-lived
-/// source readers live on blocking threads and must not starve its archive writes.
+/// source readers live on blocking threads and must not starve its archive writes; the
+/// demo's migration (SQLite into SQLite, one worker: one reader) fits within the cap.
 const SERVE_BLOCKING_THREADS: usize = 8;
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and Kubernetes send).
+pub(crate) async fn stop_signal() -> std::io::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        stopped = tokio::signal::ctrl_c() => stopped,
+        _ = terminate.recv() => Ok(()),
+    }
+}
 
 /// A JSON body of `bytes` bytes (at least the braces around an empty record list).
 fn ceiling_body(bytes: usize) -> bytes::Bytes {

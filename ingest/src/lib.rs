@@ -32,6 +32,7 @@ mod pg_copy;
 mod progress;
 mod ranges;
 mod report;
+mod run_lock;
 mod target_check;
 mod value;
 
@@ -47,4 +48,5 @@ pub use layout::TableLayout;
 pub use migrate::{check_policy, read_policy, Explanation, Migration};
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport};
+pub use run_lock::RunLock;
 pub use value::{parse_date, parse_timestamp, ColumnType, Value};

@@ -563,6 +563,8 @@ impl Migration {
     /// Needs neither the source nor the archive's keys: a run that failed on either is
     /// abandoned all the same.
     pub async fn abandon(config: &MigrationConfig) -> Result<Option<String>> {
+        // Not while the run goes on in another process.
+        let _running = crate::RunLock::take(&config.base_dir)?;
         let control = Control::open(&config.control_url()?).await?;
         let Some(run) = control
             .latest_run()
@@ -598,6 +600,7 @@ impl Migration {
         &mut self,
         on_table: &mut (dyn FnMut(&TableReport) + Send),
     ) -> Result<RunReport> {
+        let _running = crate::RunLock::take(&self.config.base_dir)?;
         let control = self.control.clone();
         // Everything a run needs is checked before a run is recorded: a start that fails on a
         // missing key or an unreachable database leaves nothing to resume or abandon.

@@ -280,8 +280,15 @@ impl Shape {
         let mut bytes = Vec::with_capacity(exported.num_rows() * 400);
         let mut lines = 0;
         let mut seen = Vec::new();
-        let mut names = self.names.lock().map_err(|_| "a worker failed")?;
-        for row in 0..exported.num_rows() {
+        // The records' names first, the lock held only for that: the workers shape their
+        // batches side by side.
+        let names: Vec<Cow<str>> = {
+            let mut names = self.names.lock().map_err(|_| "a worker failed")?;
+            (0..exported.num_rows())
+                .map(|row| names.name(strata_keys.value(row)))
+                .collect()
+        };
+        for (row, name) in names.iter().enumerate() {
             let fields = RowFields {
                 plan,
                 batch: &exported,
@@ -292,10 +299,7 @@ impl Shape {
             };
             let date = dates.and_then(|i| fields.at(i));
             let identity = Identity {
-                id: self
-                    .ctx
-                    .key
-                    .pseudonym(&self.domain, &names.name(strata_keys.value(row))),
+                id: self.ctx.key.pseudonym(&self.domain, name),
                 identifier: None,
                 patient: subject.into_owned(),
             };

@@ -1271,7 +1271,8 @@ async fn slow_and_greedy_clients_are_cut_off_counted_and_every_token_audited() {
     let (mut server, base, _) = serve_https(
         &f,
         "plain_http = true\ntrusted_proxies = [\"127.0.0.2\"]\n[limits]\n\
-         header_read_timeout_secs = 2\nrequest_timeout_secs = 2\nconnections_per_client = 4",
+         header_read_timeout_secs = 2\nrequest_timeout_secs = 2\nconnections_per_client = 4\n\
+         anonymous_requests_per_minute = 1\nanonymous_burst = 3",
     )
     .await;
     let addr = base.strip_prefix("http://").unwrap().to_string();
@@ -1353,6 +1354,16 @@ async fn slow_and_greedy_clients_are_cut_off_counted_and_every_token_audited() {
         .await
         .starts_with("HTTP/1.1 404"));
 
+    // Requests that name no one are audited up to their address's rate, then get 429 and
+    // are counted, not audited.
+    let anonymous = b"GET /v1/audit HTTP/1.1\r\nHost: strata\r\nConnection: close\r\n\r\n";
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let answer = raw_http(&addr, "127.0.0.1", anonymous).await;
+        statuses.push(answer.get(9..12).unwrap_or("").to_string());
+    }
+    assert_eq!(statuses, ["401", "401", "401", "429", "429", "429"]);
+
     // Refused before any user is known: counted, not audited.
     let huge = format!(
         "GET /v1/audit HTTP/1.1\r\nHost: strata\r\nX-Padding: {}\r\n\r\n",
@@ -1380,6 +1391,7 @@ async fn slow_and_greedy_clients_are_cut_off_counted_and_every_token_audited() {
     assert!(rejected(&metrics, "connection_limit") >= 1, "{metrics}");
     assert!(rejected(&metrics, "head_too_large") >= 2, "{metrics}");
     assert!(rejected(&metrics, "malformed_http") >= 1, "{metrics}");
+    assert_eq!(rejected(&metrics, "anonymous_over_rate"), 3, "{metrics}");
 
     let log = strata_control::AuditLog::open(
         &f.control,
@@ -1425,7 +1437,15 @@ async fn slow_and_greedy_clients_are_cut_off_counted_and_every_token_audited() {
             .all(|e| !matches!(e.status, 400 | 414 | 431) || e.user != "-"),
         "refusals before any user is known are not audited: {entries:?}"
     );
-    assert_eq!(entries.len(), 4, "{entries:?}");
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.user == "-" && e.status == 401)
+            .count(),
+        3,
+        "anonymous requests under the rate are audited"
+    );
+    assert_eq!(entries.len(), 7, "{entries:?}");
     assert!(log.verify().await.unwrap().ok());
 }
 

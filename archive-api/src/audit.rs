@@ -12,6 +12,7 @@
 use crate::access::{stated_purpose, PatientAccess};
 use crate::auth::{Principal, NO_USER};
 use crate::error::ApiError;
+use crate::metrics::Rejection;
 use crate::routes::AppState;
 use crate::server::ClientAddress;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
@@ -130,6 +131,14 @@ async fn serve_and_record(
         .get::<Principal>()
         .cloned()
         .or_else(|| bearer.and_then(|t| state.auth.verify(&t).ok()));
+    // Requests that name no one are audited up to their address's rate; past it they get 429
+    // and are counted, not audited: an anonymous flood must not grow the log.
+    if let (None, Some(address)) = (&principal, &client) {
+        if let Err(wait) = state.anonymous.take(address) {
+            state.metrics.rejected(Rejection::AnonymousOverRate);
+            return ApiError::TooManyRequests(wait).into_response();
+        }
+    }
     let note = response.extensions().get::<AuditNote>();
     let status = response.status();
     let outcome = if status.is_success() || status.is_redirection() {

@@ -22,6 +22,7 @@
 //! # connections_per_client = 256      # per client address (proxies above are not capped)
 //! # archive_reads = 4                 # patient reads at once (default: twice the CPU count)
 //! # history_cache_mib = 64            # histories read lately, kept in memory (0: none)
+//! # anonymous_requests_per_minute = 120 # audited per address without a valid token; then 429
 //! [api.fhir.lab_results]              # FHIR R4 resource type of an archived table
 //! resource = "Observation"
 //! code = "loinc_code"
@@ -349,6 +350,22 @@ pub struct LimitsConfig {
     /// By default, 64.
     #[serde(default = "default_history_cache_mib")]
     pub history_cache_mib: usize,
+    /// Requests without a valid token audited per minute per client address; past the rate
+    /// (and `anonymous_burst`) they get 429 and are counted in `/metrics`, not audited. By
+    /// default, 120.
+    #[serde(default = "default_anonymous_per_minute")]
+    pub anonymous_requests_per_minute: u32,
+    /// Requests without a valid token a client address may make at once. By default, 60.
+    #[serde(default = "default_anonymous_burst")]
+    pub anonymous_burst: u32,
+}
+
+fn default_anonymous_per_minute() -> u32 {
+    120
+}
+
+fn default_anonymous_burst() -> u32 {
+    60
 }
 
 fn default_history_cache_mib() -> usize {
@@ -396,6 +413,8 @@ impl Default for LimitsConfig {
             connections_per_client: default_connections_per_client(),
             archive_reads: None,
             history_cache_mib: default_history_cache_mib(),
+            anonymous_requests_per_minute: default_anonymous_per_minute(),
+            anonymous_burst: default_anonymous_burst(),
         }
     }
 }

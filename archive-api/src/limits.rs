@@ -23,11 +23,16 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// A limiter for `config`.
+    /// A limiter of users' requests for `config`.
     pub fn new(config: &LimitsConfig) -> Self {
+        Self::per_minute(config.requests_per_minute, config.burst)
+    }
+
+    /// A limiter of `per_minute` requests a key, `burst` at once.
+    pub fn per_minute(per_minute: u32, burst: u32) -> Self {
         RateLimiter {
-            per_second: f64::from(config.requests_per_minute.max(1)) / 60.0,
-            burst: f64::from(config.burst.max(1)),
+            per_second: f64::from(per_minute.max(1)) / 60.0,
+            burst: f64::from(burst.max(1)),
             buckets: Arc::default(),
         }
     }

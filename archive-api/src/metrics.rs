@@ -37,15 +37,18 @@ pub enum Rejection {
     MalformedHttp,
     /// A request head that did not arrive in time (or a keep-alive connection idle as long).
     HeaderTimeout,
+    /// A request without a valid token over its client address's rate (429, not audited).
+    AnonymousOverRate,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 5] = [
+    const ALL: [Rejection; 6] = [
         Rejection::ConnectionLimit,
         Rejection::TlsHandshake,
         Rejection::HeadTooLarge,
         Rejection::MalformedHttp,
         Rejection::HeaderTimeout,
+        Rejection::AnonymousOverRate,
     ];
 
     fn label(self) -> &'static str {
@@ -55,6 +58,7 @@ impl Rejection {
             Rejection::HeadTooLarge => "head_too_large",
             Rejection::MalformedHttp => "malformed_http",
             Rejection::HeaderTimeout => "header_timeout",
+            Rejection::AnonymousOverRate => "anonymous_over_rate",
         }
     }
 }

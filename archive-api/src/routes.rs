@@ -47,6 +47,8 @@ pub struct AppState {
     pub audit: AuditLog,
     /// Per-user rate limits.
     pub limiter: RateLimiter,
+    /// Per-address rate of requests that name no one (no valid token).
+    pub anonymous: RateLimiter,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     /// FHIR resource types of tables.
@@ -124,6 +126,10 @@ impl AppState {
             audit: AuditLog::open(&control, key),
             control,
             limiter: RateLimiter::new(&config.limits),
+            anonymous: RateLimiter::per_minute(
+                config.limits.anonymous_requests_per_minute,
+                config.limits.anonymous_burst,
+            ),
             metrics: Metrics::default(),
             request_timeout: Duration::from_secs(config.limits.request_timeout_secs.max(1)),
             archive_reads: std::sync::Arc::new(tokio::sync::Semaphore::new(

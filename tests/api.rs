@@ -1512,8 +1512,8 @@ async fn openapi_document_is_kept_and_fuzzing_finds_no_server_error() {
     assert!(text.contains("passed"), "{text}");
 }
 
-/// Reads a field of /proc/PID/status in KiB (VmRSS, VmHWM).
-fn proc_kib(pid: u32, field: &str) -> u64 {
+/// A number of /proc/PID/status: VmRSS and VmHWM in KiB, Threads.
+fn proc_field(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
@@ -1585,12 +1585,21 @@ async fn soak_100_users_20k_requests_in_bounded_memory_all_audited() {
             errors
         }));
     }
-    // RSS once the first 2,000 requests are answered, and the highest seen.
+    // RSS once the first 2,000 requests are answered; the most threads the server ran (each
+    // holds an allocator heap: before the cap, a burst of readers grew the blocking pool to
+    // 50-70 threads and the memory with it).
     let mut after_2k = None;
-    while after_2k.is_none() {
-        if answered.load(std::sync::atomic::Ordering::Relaxed) >= 2_000.min(total) {
-            after_2k = Some(proc_kib(pid, "VmRSS"));
+    let mut threads = 0;
+    let mut trajectory = Vec::new();
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let done = answered.load(std::sync::atomic::Ordering::Relaxed);
+        if after_2k.is_none() && done >= 2_000.min(total) {
+            after_2k = Some(proc_field(pid, "VmRSS"));
         }
+        if done / 2_000 > trajectory.len() as u64 {
+            trajectory.push(proc_field(pid, "VmRSS") / 1024);
+        }
+        threads = threads.max(proc_field(pid, "Threads"));
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let mut errors = Vec::new();
@@ -1598,11 +1607,11 @@ async fn soak_100_users_20k_requests_in_bounded_memory_all_audited() {
         errors.extend(t.await.unwrap());
     }
     let seconds = started.elapsed().as_secs_f64();
-    let (end, peak) = (proc_kib(pid, "VmRSS"), proc_kib(pid, "VmHWM"));
+    let (end, peak) = (proc_field(pid, "VmRSS"), proc_field(pid, "VmHWM"));
     let after_2k = after_2k.unwrap();
     server.kill().await.unwrap();
     eprintln!(
-        "soak: {total} requests from 100 users in {seconds:.0} s ({:.0}/s), {} errors; RSS after 2k {} MiB, end {} MiB, peak {} MiB",
+        "soak: {total} requests from 100 users in {seconds:.0} s ({:.0}/s), {} errors; RSS after 2k {} MiB, end {} MiB, peak {} MiB; {threads} threads at most; RSS each 2k requests {trajectory:?} MiB",
         total as f64 / seconds,
         errors.len(),
         after_2k / 1024,
@@ -1616,6 +1625,13 @@ async fn soak_100_users_20k_requests_in_bounded_memory_all_audited() {
         &errors[..errors.len().min(5)]
     );
     assert!(peak < 512 * 1024, "peak RSS {peak} KiB");
+    // A runtime worker per core, at most four blocking threads, the main thread, SQLite's
+    // and a few to spare.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    assert!(
+        threads <= cores + 4 + 6,
+        "the server ran {threads} threads on {cores} cores"
+    );
     assert!(
         end * 10 <= after_2k * 11,
         "RSS grew from {after_2k} KiB after 2k requests to {end} KiB"

@@ -10,13 +10,12 @@
 //! object ids: never row values).
 
 use crate::access::{stated_purpose, PatientAccess};
-use crate::auth::{Principal, NO_USER};
+use crate::auth::{bearer_token, Principal, NO_USER};
 use crate::error::ApiError;
 use crate::metrics::Rejection;
 use crate::routes::AppState;
 use crate::server::ClientAddress;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::FutureExt;
@@ -105,15 +104,7 @@ async fn serve_and_record(
         .map(|ip| ip.to_string());
     // A route outside authentication (an unknown path, a wrong method) still names the user
     // whose valid token the request carried.
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_string());
+    let bearer = bearer_token(request.headers()).map(str::to_string);
     // A handler that panics still leaves its entry (a 500; the panic's message may hold
     // anything and is not logged).
     let response = match std::panic::AssertUnwindSafe(next.run(request))

@@ -361,6 +361,15 @@ impl Auth {
     }
 }
 
+/// The bearer token of a request's `Authorization` header, if it has one.
+pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
 /// The auth layer: every `/v1` request needs a valid bearer token. The caller goes into the
 /// request's extensions for handlers, and into the response's for the audit layer.
 pub async fn require_token(
@@ -368,16 +377,8 @@ pub async fn require_token(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .ok_or(ApiError::Unauthorized)?;
-    let principal = auth.verify(token.trim())?;
+    let token = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;
+    let principal = auth.verify(token)?;
     request.extensions_mut().insert(principal.clone());
     let mut response = next.run(request).await;
     response.extensions_mut().insert(principal);

@@ -662,8 +662,9 @@ async fn run(cli: Cli) -> Result<()> {
 /// here): without a cap, a burst of readers grew the pool, and the memory with it, with the
 /// number of users. Other commands keep tokio's default, since a migration's long-lived
 /// source readers live on blocking threads and must not starve its archive writes; the
-/// demo's migration (SQLite into SQLite, one worker: one reader) fits within the cap.
-const SERVE_BLOCKING_THREADS: usize = 8;
+/// demo's migration (SQLite into SQLite, one worker: one reader) fits within the cap. Four
+/// serve 100 users as fast as eight did (docs/benchmarks.md), in ~20 MiB less.
+const SERVE_BLOCKING_THREADS: usize = 4;
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and Kubernetes send).
 pub(crate) async fn stop_signal() -> std::io::Result<()> {

@@ -578,11 +578,10 @@ impl Migration {
         let store = strata_archive::open_store(&config.archive.location(&config.base_dir)?)?;
         let existing = target.table_names().await?;
         for table in control.run_tables(&run.run_id).await? {
-            if existing.contains(&table) {
-                restart_table(&target, &store, &run.run_id, &table).await?;
-            } else {
-                strata_archive::withdraw_manifests(store.as_ref(), &table, &run.run_id).await?;
-            }
+            // A table dropped from the operational database since still has its quarantined
+            // rows (with their values) and checkpoints to forget.
+            forget_table(&target, &run.run_id, &table, existing.contains(&table)).await?;
+            strata_archive::withdraw_manifests(store.as_ref(), &table, &run.run_id).await?;
         }
         control.abandon_run(&run.run_id).await?;
         tracing::info!(run_id = %run.run_id, "run abandoned");
@@ -1723,8 +1722,18 @@ async fn restart_table(
     run_id: &str,
     table: &str,
 ) -> Result<()> {
+    forget_table(target, run_id, table, true).await?;
+    strata_archive::withdraw_manifests(store.as_ref(), table, run_id).await?;
+    Ok(())
+}
+
+/// Deletes a run's quarantined rows and checkpoints of `table` in the operational database,
+/// and (`rows`) the table's rows, in one transaction.
+async fn forget_table(target: &Db, run_id: &str, table: &str, rows: bool) -> Result<()> {
     let mut tx = TargetTx::begin(target).await?;
-    tx.execute(&format!("DELETE FROM {}", quote(table))).await?;
+    if rows {
+        tx.execute(&format!("DELETE FROM {}", quote(table))).await?;
+    }
     for t in [QUARANTINE_TABLE, CHECKPOINT_TABLE] {
         let sql = format!(
             "DELETE FROM {t} WHERE run_id = {} AND table_name = {}",
@@ -1734,9 +1743,7 @@ async fn restart_table(
         tx.execute_with(&sql, &[run_id.to_string(), table.to_string()])
             .await?;
     }
-    tx.commit().await?;
-    strata_archive::withdraw_manifests(store.as_ref(), table, run_id).await?;
-    Ok(())
+    tx.commit().await
 }
 
 /// The declared type of a column in the target engine: the source's own when the engines are

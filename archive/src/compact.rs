@@ -264,17 +264,15 @@ mod tests {
 
     #[tokio::test]
     async fn identical_rows_survive_corrections_compaction_and_gc() {
-        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), [])
-            .for_archive(store.as_ref(), true)
-            .await
-            .unwrap();
-        let schema = Arc::new(Schema::new(vec![
-            Field::new(PATIENT_COLUMN, DataType::Utf8, false),
-            Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
-            Field::new(KEY_COLUMN, DataType::Utf8, false),
-            Field::new("quantity", DataType::Int64, false),
-        ]));
+        let (store, keys, schema) = crate::test_support::test_archive("quantity").await;
+        let compact = || {
+            compact_table(
+                store.clone(),
+                keys.clone(),
+                "supplies",
+                TableWriterOptions::default(),
+            )
+        };
         // Run 1 archives three identical deliveries (two in one range, one in another) and two
         // other records; run 2 corrects record "e".
         let run1 = [("a", "d", 1), ("a", "d", 1), ("a", "e", 2), ("b", "f", 3)];
@@ -314,14 +312,7 @@ mod tests {
             "before compaction"
         );
 
-        let r = compact_table(
-            store.clone(),
-            keys.clone(),
-            "supplies",
-            TableWriterOptions::default(),
-        )
-        .await
-        .unwrap();
+        let r = compact().await.unwrap();
         assert_eq!(
             (r.rows_before, r.rows_after),
             (6, 5),
@@ -343,14 +334,7 @@ mod tests {
         )
         .await;
         assert_eq!(read(&store, &keys, "b").await, vec![("f".to_string(), 30)]);
-        let r = compact_table(
-            store.clone(),
-            keys.clone(),
-            "supplies",
-            TableWriterOptions::default(),
-        )
-        .await
-        .unwrap();
+        let r = compact().await.unwrap();
         assert_eq!((r.rows_before, r.rows_after), (6, 5));
         // A file an interrupted attempt left, which no manifest names.
         let orphan = Path::from("tables/supplies/run-9-r00000-0f0f-000.parquet");

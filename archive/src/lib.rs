@@ -33,6 +33,8 @@ mod manifest;
 mod reader;
 mod rotate;
 mod store;
+#[cfg(test)]
+mod test_support;
 mod writer;
 
 pub use blob::{BlobRef, BlobStore, BLOB_SEGMENT_SIZE};

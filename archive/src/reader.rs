@@ -765,18 +765,7 @@ mod tests {
     /// An empty in-memory archive, and the schema of its `labs` table (the three archive columns
     /// and an id).
     async fn labs_archive() -> (Arc<dyn ObjectStore>, KeyRing, Arc<Schema>) {
-        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let keys = KeyRing::new(Kek::from_hex("k1", &Kek::generate_hex()).unwrap(), [])
-            .for_archive(store.as_ref(), true)
-            .await
-            .unwrap();
-        let schema = Arc::new(Schema::new(vec![
-            Field::new(PATIENT_COLUMN, DataType::Utf8, false),
-            Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
-            Field::new(KEY_COLUMN, DataType::Utf8, false),
-            Field::new("id", DataType::Int64, false),
-        ]));
-        (store, keys, schema)
+        crate::test_support::test_archive("id").await
     }
 
     #[tokio::test]

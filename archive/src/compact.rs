@@ -206,11 +206,8 @@ pub async fn gc(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::Kek;
-    use crate::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
     use arrow::array::{ArrayRef, AsArray, Date32Array, Int64Array, StringArray};
-    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
-    use object_store::memory::InMemory;
+    use arrow::datatypes::{Int64Type, Schema};
 
     /// A keyless table's rows: (patient, record key, value). Identical rows share their key.
     fn rows(schema: &Arc<Schema>, rows: &[(&str, &str, i64)]) -> RecordBatch {

@@ -742,10 +742,8 @@ mod tests {
     use crate::keys::Kek;
     use crate::manifest::TableManifest;
     use crate::writer::{TableWriter, TableWriterOptions};
-    use crate::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
     use arrow::array::{ArrayRef, Date32Array, Int64Array};
-    use arrow::datatypes::{DataType, Field, Schema};
-    use object_store::memory::InMemory;
+    use arrow::datatypes::Schema;
     use object_store::PutPayload;
 
     fn batch(schema: &Arc<Schema>, patients: &[&str], start: i64) -> RecordBatch {

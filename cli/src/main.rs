@@ -4,6 +4,7 @@ mod archive;
 mod config;
 mod demo;
 mod exports;
+mod malloc_tuning;
 mod watch;
 
 use anyhow::{Context, Result};
@@ -683,6 +684,7 @@ fn ceiling_body(bytes: usize) -> bytes::Bytes {
 }
 
 fn main() -> ExitCode {
+    malloc_tuning::tune();
     let cli = Cli::parse();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();

@@ -12,10 +12,11 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
-    RowSelector,
+    ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    RowFilter, RowSelection, RowSelector,
 };
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
+use parquet::arrow::ProjectionMask;
 use parquet::encryption::decrypt::FileDecryptionProperties;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
@@ -528,12 +529,26 @@ impl ArchiveReader {
             path: Path::from(entry.path.as_str()),
             metadata: metadata.metadata().clone(),
         };
+        // The page index narrows the read to the patient column's pages that may hold the
+        // patient; this filter then decodes that column and keeps exactly the patient's rows,
+        // so of the other columns only the pages holding those rows are fetched, decrypted and
+        // decoded (a wide column's pages hold a few dozen rows: the writer's `PAGE_BYTES`), and
+        // a file without the patient costs one column.
+        let patient_column =
+            ProjectionMask::leaves(metadata.metadata().file_metadata().schema_descr(), [0]);
+        let needle = Scalar::new(StringArray::from(vec![patient]));
+        let filter = RowFilter::new(vec![Box::new(ArrowPredicateFn::new(
+            patient_column,
+            move |batch: RecordBatch| eq(batch.column(0), &needle),
+        ))]);
         let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(input, metadata)
             .with_row_groups(groups)
             .with_row_selection(selection)
+            .with_row_filter(filter)
             .build()
             .map_err(integrity)?;
         let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(integrity)?;
+        // Checked again: another patient's row must never come out of here.
         let needle = Scalar::new(StringArray::from(vec![patient]));
         let mut out = Vec::new();
         for batch in batches {

@@ -26,6 +26,17 @@ use tokio::io::AsyncWriteExt;
 /// Rows per data page at most (see [`TableWriter`]'s page index).
 pub(crate) const PAGE_ROWS: usize = 1024;
 
+/// Encoded bytes per data page, roughly: the writer closes a page past this size. One patient's
+/// read decompresses, decrypts and decodes every page that holds one of their rows, so a page
+/// of a wide column (note texts, keys) holds a few dozen rows where one of a narrow column
+/// (codes, dates) holds [`PAGE_ROWS`]. 4 KiB against 1 MiB by default: cold history reads
+/// ~2× faster, files ~15 % larger (docs/benchmarks.md, `bench/api-users.sh`).
+const PAGE_BYTES: usize = 4 << 10;
+
+/// Rows the Parquet writer encodes between two checks of the page limits: pages overshoot
+/// [`PAGE_BYTES`] by at most this many rows.
+const PAGE_CHECK_ROWS: usize = 32;
+
 /// Rows handed to the Parquet writer at a time when writing sorted rows.
 pub(crate) const WRITE_BATCH_ROWS: usize = 8192;
 
@@ -265,9 +276,11 @@ impl TableWriter {
                 self.options.zstd_level,
             )?))
             .set_max_row_group_row_count(Some(self.options.row_group_rows))
-            // Pages of at most this many rows: one patient's read fetches and decrypts the pages
-            // that hold their rows (the page index says which), not whole row groups.
+            // Small pages: one patient's read fetches and decrypts the pages that hold their
+            // rows (the page index says which), not whole row groups.
             .set_data_page_row_count_limit(PAGE_ROWS)
+            .set_data_page_size_limit(PAGE_BYTES)
+            .set_write_batch_size(PAGE_CHECK_ROWS)
             .set_statistics_enabled(EnabledStatistics::Page)
             .set_column_bloom_filter_enabled(patient, true)
             .with_file_encryption_properties(encryption);

@@ -7,7 +7,8 @@
 //! top of a thread's heap gives the pages back (`madvise`) and the next context faults them in
 //! again: page faults and trimming took ~15 % of `strata serve`'s CPU on cold history reads.
 //! Keeping up to [`TRIM_THRESHOLD`] of freed memory per heap, and serving blocks below
-//! [`MMAP_THRESHOLD`] from the heaps, removes that churn (cold reads ~20 % faster, docs/benchmarks.md).
+//! [`MMAP_THRESHOLD`] from the heaps, removes that churn: cold reads ~17 % faster
+//! (docs/benchmarks.md).
 //! What it can keep is bounded: only C code allocates there, a few contexts per reading thread.
 
 /// Freed memory a glibc heap keeps before giving it back to the system.

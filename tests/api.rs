@@ -1698,3 +1698,128 @@ pub async fn ended_export(app: &axum::Router, token: &str, body: Json) -> (Json,
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A running `strata serve` follows the archive: a record corrected by a new run is served
+/// within seconds, without a restart; after a compaction and a gc with no grace, histories
+/// still read, the same records; and a server that never re-reads its catalog on a timer
+/// (`catalog_refresh_secs = 0`) recovers by itself when a file it knew is gone (issue #15).
+#[tokio::test]
+async fn a_running_server_follows_new_runs_compactions_and_gcs() {
+    let f = fixture("").await;
+    let dir = f.dir.path();
+    let file = &f.archive.catalog().tables["lab_results"][0].files[0];
+    let batch = &f.archive.read_file(file).await.unwrap()[0];
+    let patient = batch.column(0).as_string::<i32>().value(0).to_string();
+    let id = batch
+        .column_by_name("id")
+        .unwrap()
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0);
+    let token = f.idp.user("dr-live", Role::Clinician, &[&patient]);
+    // The patient's lab results as (id, value) through a server (its certificate, PEM).
+    let labs = |base: String, ca: Vec<u8>| {
+        let (token, patient) = (token.clone(), patient.clone());
+        async move {
+            let ca = reqwest::Certificate::from_pem(&ca).unwrap();
+            let client = reqwest::Client::builder()
+                .tls_certs_merge([ca])
+                .build()
+                .unwrap();
+            let response = client
+                .get(format!(
+                    "{base}/v1/patients/{patient}/history?table=lab_results&limit=1000"
+                ))
+                .bearer_auth(&token)
+                .header("x-purpose-of-use", "TREAT")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let json: Json = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+            let mut labs: Vec<(i64, Option<f64>)> = json["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r["data"]["id"].as_i64().unwrap(),
+                        r["data"]["value_num"].as_f64(),
+                    )
+                })
+                .collect();
+            labs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            labs
+        }
+    };
+    let (mut following, base, ca) = serve_https(&f, "catalog_refresh_secs = 1").await;
+    let ca = std::fs::read(ca).unwrap();
+    let before = labs(base.clone(), ca.clone()).await;
+    assert!(before.iter().any(|(i, _)| *i == id), "{before:?}");
+
+    // A correction in the source, archived by a second run (new operational and control
+    // databases, the same archive) while the server runs.
+    let db = Db::connect(
+        &format!("sqlite://{}", dir.join("legacy.db").display()),
+        false,
+    )
+    .await
+    .unwrap();
+    db.execute(&format!(
+        "UPDATE lab_results SET value_num = 4242.5 WHERE id = {id}"
+    ))
+    .await
+    .unwrap();
+    db.close().await;
+    let config_path = dir.join("strata.toml");
+    let text = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("operational.db", "operational-2.db")
+        .replace("control.db", "control-2.db");
+    std::fs::write(&config_path, text).unwrap();
+    migrate(&config_path).await;
+    let mut expected = before.clone();
+    for lab in &mut expected {
+        if lab.0 == id {
+            lab.1 = Some(4242.5);
+        }
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let now = labs(base.clone(), ca.clone()).await;
+        if now == expected {
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "the new run is not served: {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // A server that re-reads its catalog only when it must, started now.
+    let (mut lazy, lazy_base, lazy_ca) = serve_https(
+        &f,
+        "catalog_refresh_secs = 0\n[limits]\nhistory_cache_mib = 0",
+    )
+    .await;
+    let lazy_ca = std::fs::read(lazy_ca).unwrap();
+    assert_eq!(labs(lazy_base.clone(), lazy_ca.clone()).await, expected);
+
+    // Compaction, then a gc with no grace: the files both servers read are deleted.
+    for args in [
+        &["archive", "compact", "--table", "lab_results"][..],
+        &["archive", "gc", "--grace-hours", "0"][..],
+    ] {
+        let out = strata(args, dir);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!dir.join("archive").join(&file.path).exists(), "gc deleted");
+    assert_eq!(labs(lazy_base, lazy_ca).await, expected, "read again once");
+    assert_eq!(labs(base, ca).await, expected);
+    following.kill().await.unwrap();
+    lazy.kill().await.unwrap();
+}

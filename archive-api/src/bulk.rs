@@ -352,7 +352,7 @@ async fn kickoff(
         if !types.contains(&mapping.resource) || mapping.resource == "DocumentReference" {
             continue;
         }
-        if !state.archive.catalog().tables.contains_key(table) {
+        if !state.archive.view().catalog().tables.contains_key(table) {
             continue;
         }
         if let Some(tokens) = filters.get(&mapping.resource) {

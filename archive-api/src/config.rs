@@ -7,6 +7,7 @@
 //! tls_key_file = "tls/key.pem"
 //! # plain_http = true                 # development only, and only on a loopback address
 //! # trusted_proxies = ["10.0.0.0/24"] # reverse proxies: X-Forwarded-For read from them only
+//! # catalog_refresh_secs = 5          # new runs, compactions and gcs show within this time
 //! [api.auth]
 //! issuer = "https://idp.example.org"
 //! audience = "strata-archive"
@@ -78,6 +79,12 @@ pub struct ApiConfig {
     /// Data, each with its public keys and the profile its exports follow.
     #[serde(default)]
     pub smart: Option<SmartConfig>,
+    /// Seconds between two reads of the archive's manifests: a new run, a compaction or a gc
+    /// shows within this time (0: never re-read; the catalog of the start is served). A read
+    /// that finds a file gone re-reads the manifests at once. Keep `strata archive gc
+    /// --grace-hours` far above it. By default, 5.
+    #[serde(default = "default_catalog_refresh_secs")]
+    pub catalog_refresh_secs: u64,
 }
 
 /// `[api.smart]`: Strata's token endpoint for system clients (SMART Backend Services).
@@ -366,6 +373,10 @@ fn default_anonymous_per_minute() -> u32 {
 
 fn default_anonymous_burst() -> u32 {
     60
+}
+
+fn default_catalog_refresh_secs() -> u64 {
+    5
 }
 
 fn default_history_cache_mib() -> usize {

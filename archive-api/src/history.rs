@@ -9,8 +9,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex};
 use strata_archive::{
-    blob_ref, ArchiveReader, BlobRef, BLOB_REF_SUFFIXES, KEY_COLUMN, PATIENT_COLUMN,
-    RECORD_DATE_COLUMN,
+    blob_ref, ArchiveError, ArchiveReader, BlobRef, LiveArchive, BLOB_REF_SUFFIXES, KEY_COLUMN,
+    PATIENT_COLUMN, RECORD_DATE_COLUMN,
 };
 
 /// One archived record.
@@ -87,11 +87,34 @@ pub(crate) fn cell(array: &dyn Array, row: usize) -> Value {
     }
 }
 
-/// Reads one patient's records from every archived table.
+/// Reads one patient's records from every archived table, through the archive's current
+/// view; returns them with the generation of the catalog they were read through. A file gone
+/// since that view was taken (a gc after a compaction) means the catalog has moved on: it is
+/// re-read and the history read again, once.
 pub async fn patient_history(
+    archive: &LiveArchive,
+    patient: &str,
+) -> Result<(Vec<HistoryRecord>, u64), ApiError> {
+    let view = archive.view();
+    let records = match read_history(&view, patient).await {
+        Err(e) if e.is_missing_file() => {
+            archive.refresh().await?;
+            let view = archive.view();
+            return Ok((
+                read_history(&view, patient).await?,
+                view.catalog().generation(),
+            ));
+        }
+        other => other?,
+    };
+    Ok((records, view.catalog().generation()))
+}
+
+/// [`patient_history`] through one view.
+async fn read_history(
     archive: &ArchiveReader,
     patient: &str,
-) -> Result<Vec<HistoryRecord>, ApiError> {
+) -> Result<Vec<HistoryRecord>, ArchiveError> {
     // The tables are read on tasks of their own: decrypting and decoding their pages is CPU
     // work, and the runtime's threads share it.
     let reads: Vec<_> = archive
@@ -103,7 +126,7 @@ pub async fn patient_history(
             tokio::spawn(async move {
                 let blob_columns = archive.catalog().blob_columns(&table);
                 let batches = archive.patient_rows(&table, &patient).await?;
-                Ok::<_, strata_archive::ArchiveError>(
+                Ok::<_, ArchiveError>(
                     batches
                         .iter()
                         .flat_map(|b| batch_records(&table, b, &blob_columns, &patient))
@@ -114,9 +137,9 @@ pub async fn patient_history(
         .collect();
     let mut records = Vec::new();
     for read in reads {
-        let table_records = read
-            .await
-            .map_err(|e| ApiError::Internal(format!("history read task: {e}")))??;
+        let table_records = read.await.map_err(|e| {
+            ArchiveError::Io(std::io::Error::other(format!("history read task: {e}")))
+        })??;
         records.extend(table_records);
     }
     records.sort_by(history_order);
@@ -215,12 +238,28 @@ fn batch_records(
 }
 
 /// Finds the reference of `document` among the patient's archived rows: a document is served
-/// only through a patient whose record points to it.
+/// only through a patient whose record points to it. Read again once through a re-read
+/// catalog when a file is gone, as [`patient_history`] is.
 pub async fn find_document(
-    archive: &ArchiveReader,
+    archive: &LiveArchive,
     patient: &str,
     document: &str,
 ) -> Result<Option<BlobRef>, ApiError> {
+    match find_in(&archive.view(), patient, document).await {
+        Err(e) if e.is_missing_file() => {
+            archive.refresh().await?;
+            Ok(find_in(&archive.view(), patient, document).await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// [`find_document`] through one view.
+async fn find_in(
+    archive: &ArchiveReader,
+    patient: &str,
+    document: &str,
+) -> Result<Option<BlobRef>, ArchiveError> {
     for table in archive.catalog().tables.keys() {
         let blob_columns = archive.catalog().blob_columns(table);
         if blob_columns.is_empty() {
@@ -295,9 +334,9 @@ impl Cursor {
 
 /// Patients' histories read lately, kept up to a number of bytes, the least recently used
 /// leaving first. A clinician opening a chart asks for it several times (pages, the FHIR
-/// form, the documents' links): one archive read serves them all. The archive a server reads
-/// does not change under it (its catalog is loaded at start), so what is kept stays true; it
-/// lives in memory only, like the answers it was read for.
+/// form, the documents' links): one archive read serves them all. A history is kept with the
+/// generation of the catalog it was read through and served only while that catalog is the
+/// current one; it lives in memory only, like the answers it was read for.
 #[derive(Clone)]
 pub struct HistoryCache {
     capacity: usize,
@@ -306,7 +345,8 @@ pub struct HistoryCache {
 
 #[derive(Default)]
 struct Kept {
-    histories: hashlink::LinkedHashMap<String, (Arc<Vec<HistoryRecord>>, usize)>,
+    /// By patient: the history, the catalog generation it was read through, its size.
+    histories: hashlink::LinkedHashMap<String, (Arc<Vec<HistoryRecord>>, u64, usize)>,
     bytes: usize,
 }
 
@@ -319,14 +359,25 @@ impl HistoryCache {
         }
     }
 
-    /// `patient`'s history, if kept.
-    pub fn get(&self, patient: &str) -> Option<Arc<Vec<HistoryRecord>>> {
+    /// `patient`'s history, if kept and read through the catalog of `generation` (the
+    /// archive's current one: a history read before a new run, a compaction or a gc is not
+    /// served after it).
+    pub fn get(&self, patient: &str, generation: u64) -> Option<Arc<Vec<HistoryRecord>>> {
         let mut kept = self.kept.lock().expect("history cache lock");
-        kept.histories.to_back(patient).map(|(h, _)| h.clone())
+        match kept.histories.to_back(patient) {
+            Some((h, g, _)) if *g == generation => Some(h.clone()),
+            Some(_) => {
+                let (_, _, bytes) = kept.histories.remove(patient).expect("just found");
+                kept.bytes -= bytes;
+                None
+            }
+            None => None,
+        }
     }
 
-    /// Keeps `patient`'s history, making room by dropping the least recently used.
-    pub fn put(&self, patient: &str, history: Arc<Vec<HistoryRecord>>) {
+    /// Keeps `patient`'s history, read through the catalog of `generation`, making room by
+    /// dropping the least recently used.
+    pub fn put(&self, patient: &str, generation: u64, history: Arc<Vec<HistoryRecord>>) {
         // Its size, roughly: the JSON it makes, plus the maps and strings that hold it.
         let bytes = 2 * serde_json::to_vec(history.as_slice()).map_or(0, |j| j.len()) + 256;
         // No history takes more than an eighth: one huge chart does not empty the cache.
@@ -334,13 +385,16 @@ impl HistoryCache {
             return;
         }
         let mut kept = self.kept.lock().expect("history cache lock");
-        if let Some((_, old)) = kept.histories.insert(patient.to_string(), (history, bytes)) {
+        if let Some((_, _, old)) = kept
+            .histories
+            .insert(patient.to_string(), (history, generation, bytes))
+        {
             kept.bytes -= old;
         }
         kept.bytes += bytes;
         while kept.bytes > self.capacity {
             match kept.histories.pop_front() {
-                Some((_, (_, b))) => kept.bytes -= b,
+                Some((_, (_, _, b))) => kept.bytes -= b,
                 None => break,
             }
         }
@@ -403,24 +457,33 @@ mod tests {
         let cache = HistoryCache::new(8 * one + one / 2);
         let patients = ["a", "b", "c", "d", "e", "f", "g", "h"];
         for p in patients {
-            cache.put(p, history(10));
+            cache.put(p, 0, history(10));
         }
-        assert!(cache.get("a").is_some(), "a is now the most recent");
-        cache.put("i", history(10));
-        assert!(cache.get("b").is_none(), "the least recently read left");
+        assert!(cache.get("a", 0).is_some(), "a is now the most recent");
+        cache.put("i", 0, history(10));
+        assert!(cache.get("b", 0).is_none(), "the least recently read left");
         assert!(patients
             .iter()
             .chain(&["i"])
             .filter(|p| **p != "b")
-            .all(|p| cache.get(p).is_some()));
-        cache.put("huge", history(1000));
+            .all(|p| cache.get(p, 0).is_some()));
+        cache.put("huge", 0, history(1000));
         assert!(
-            cache.get("huge").is_none(),
+            cache.get("huge", 0).is_none(),
             "one history never fills the cache"
         );
         let none = HistoryCache::new(0);
-        none.put("a", history(1));
-        assert!(none.get("a").is_none());
+        none.put("a", 0, history(1));
+        assert!(none.get("a", 0).is_none());
+        // A history read through an older catalog is not served once the archive moved on.
+        cache.put("j", 0, history(10));
+        assert!(
+            cache.get("j", 1).is_none(),
+            "read before the catalog changed"
+        );
+        assert!(cache.get("j", 0).is_none(), "and dropped");
+        cache.put("j", 1, history(10));
+        assert!(cache.get("j", 1).is_some());
     }
 
     fn rec(date: Option<&str>, table: &str, key: &str) -> HistoryRecord {

@@ -37,8 +37,8 @@ use tower_http::trace::TraceLayer;
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    /// The archive, read-only.
-    pub archive: ArchiveReader,
+    /// The archive, read-only, its catalog kept up to date (`[api] catalog_refresh_secs`).
+    pub archive: std::sync::Arc<strata_archive::LiveArchive>,
     /// Token verification.
     pub auth: Auth,
     /// Strata's control database: holds, policies, reports.
@@ -121,7 +121,7 @@ impl AppState {
             plain_http: config.plain_http,
             operational: None,
             fhir: std::sync::Arc::new(config.fhir.clone()),
-            archive,
+            archive: std::sync::Arc::new(strata_archive::LiveArchive::new(archive)),
             auth,
             audit: AuditLog::open(&control, key),
             control,
@@ -303,12 +303,13 @@ async fn history(
             .map(|c| Cursor::decode(c).ok_or_else(|| bad("cursor is not one this API gave")))
             .transpose()?,
     };
-    let all = match state.histories.get(&patient) {
+    let all = match state.histories.get(&patient, state.archive.generation()) {
         Some(all) => all,
         None => {
             let _reading = state.archive_reads.acquire().await;
-            let all = std::sync::Arc::new(patient_history(&state.archive, &patient).await?);
-            state.histories.put(&patient, all.clone());
+            let (all, generation) = patient_history(&state.archive, &patient).await?;
+            let all = std::sync::Arc::new(all);
+            state.histories.put(&patient, generation, all.clone());
             all
         }
     };
@@ -435,6 +436,7 @@ async fn document(
     let wanted = range.clone().unwrap_or(0..reference.length);
     let stream = state
         .archive
+        .view()
         .blobs()
         .stream_range(&reference, wanted)
         .await?;
@@ -853,7 +855,8 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when the control database answers (the archive's catalog was read at start).
+/// Ready when the control database answers (the archive's catalog was read at start and is
+/// re-read as it changes).
 #[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
     responses((status = 200, description = "Ready", body = String), (status = 503, description = "The control database does not answer", body = String)))]
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -333,6 +333,7 @@ pub async fn serve_router(
     };
     let metrics = state.metrics.clone();
     crate::exports::start_background(&state).await;
+    follow_the_archive(&state, config.catalog_refresh_secs);
     let connections = Connections {
         app,
         http: Arc::new(http),
@@ -391,6 +392,42 @@ pub async fn serve_router(
         }
     });
     Ok(Serving { addr: bound, done })
+}
+
+/// Re-reads the archive's manifests every `secs` seconds (0: never) while the server's state
+/// lives, so that new runs, compactions and gcs are served without a restart (see
+/// [`strata_archive::LiveArchive`]). A failed refresh keeps the catalog served so far.
+fn follow_the_archive(state: &AppState, secs: u64) {
+    if secs == 0 {
+        return;
+    }
+    let archive = Arc::downgrade(&state.archive);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(secs));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let Some(archive) = archive.upgrade() else {
+                return;
+            };
+            match archive.refresh().await {
+                Ok(Some(refreshed)) => {
+                    tracing::info!(
+                        generation = refreshed.generation,
+                        "archive catalog changed: serving it"
+                    );
+                    for manifest in &refreshed.vanished {
+                        tracing::error!(%manifest, "an archive manifest is gone and no compaction replaced it: its records are no longer served; run `strata archive verify`");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-read the archive's manifests; serving the catalog read before")
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]

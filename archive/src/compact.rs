@@ -64,7 +64,7 @@ pub async fn compact_table(
     // Each batch carries the rank of its run: a correction supersedes copies of earlier runs
     // only, never rows of its own run (identical rows of a keyless table are distinct records).
     let mut batches: Vec<(usize, RecordBatch)> = Vec::new();
-    for (rank, run) in crate::reader::runs_of(&manifests).into_iter().enumerate() {
+    for (rank, run) in crate::catalog::runs_of(&manifests).into_iter().enumerate() {
         for entry in run.iter().flat_map(|m| &m.files) {
             report.files_before += 1;
             let read = reader.read_file(entry).await?;

@@ -45,5 +45,17 @@ pub enum ArchiveError {
     Io(#[from] std::io::Error),
 }
 
+/// The detail of an [`ArchiveError::Integrity`] for a file that a manifest names and the store
+/// lacks (deleted by a gc after a compaction, or by hand).
+pub(crate) const MISSING_FILE: &str = "file is missing";
+
+impl ArchiveError {
+    /// Whether a file the catalog names is gone from the store. A reader whose catalog is older
+    /// than a compaction and its gc meets this; a fresher catalog does not name the file.
+    pub fn is_missing_file(&self) -> bool {
+        matches!(self, ArchiveError::Integrity { detail, .. } if detail == MISSING_FILE)
+    }
+}
+
 /// Result with [`ArchiveError`].
 pub type Result<T, E = ArchiveError> = std::result::Result<T, E>;

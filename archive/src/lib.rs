@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 mod blob;
+mod catalog;
 mod compact;
 mod config;
 mod error;
@@ -38,12 +39,13 @@ mod test_support;
 mod writer;
 
 pub use blob::{BlobRef, BlobStore, BLOB_SEGMENT_SIZE};
+pub use catalog::{runs_of, Catalog, LiveArchive, Refreshed};
 pub use compact::{compact_table, gc, CompactionReport};
 pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing, KeyService, LocalKeks};
 pub use manifest::{run_of_writer, withdraw_manifests, FileEntry, TableManifest, MANIFEST_FORMAT};
-pub use reader::{blob_ref, blob_refs, runs_of, ArchiveReader, Catalog, VerifyReport};
+pub use reader::{blob_ref, blob_refs, ArchiveReader, VerifyReport};
 pub use rotate::{rotate_keys, RotationReport};
 pub use store::{open_store, ArchiveLocation};
 pub use writer::{TableWriter, TableWriterOptions};

@@ -1,9 +1,10 @@
 //! Reads the archive: its catalog, whole files, and one patient's rows.
 
 use crate::blob::{BlobRef, BlobStore};
+use crate::catalog::{runs_of, Catalog, Listed};
 use crate::error::{ArchiveError, Result};
 use crate::keys::{KeyRing, ParquetKeyRetriever};
-use crate::manifest::{FileEntry, TableManifest};
+use crate::manifest::FileEntry;
 use arrow::array::{RecordBatch, Scalar, StringArray};
 use arrow::compute::filter_record_batch;
 use arrow::compute::kernels::cmp::eq;
@@ -23,61 +24,7 @@ use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataR
 use parquet::file::page_index::column_index::ColumnIndexMetaData;
 use parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use std::sync::Arc;
-
-/// Every published manifest, by table.
-#[derive(Debug, Clone, Default)]
-pub struct Catalog {
-    /// Manifests per table, oldest first (by creation time): later ones supersede earlier ones
-    /// record by record.
-    pub tables: BTreeMap<String, Vec<TableManifest>>,
-}
-
-impl Catalog {
-    /// The BLOB columns recorded for `table`.
-    pub fn blob_columns(&self, table: &str) -> Vec<String> {
-        let mut cols: Vec<String> = self
-            .tables
-            .get(table)
-            .into_iter()
-            .flatten()
-            .flat_map(|m| m.blob_columns.iter().cloned())
-            .collect();
-        cols.sort();
-        cols.dedup();
-        cols
-    }
-
-    /// Archived rows per table.
-    pub fn rows_per_table(&self) -> BTreeMap<String, u64> {
-        self.tables
-            .iter()
-            .map(|(t, ms)| (t.clone(), ms.iter().map(|m| m.rows()).sum()))
-            .collect()
-    }
-}
-
-/// Groups manifests by the run that wrote them (see [`TableManifest::run`]), oldest run first:
-/// runs are ordered by their newest manifest's creation time (then by run id), so a run resumed
-/// after an interruption counts as one run, and a compaction counts as a run newer than every
-/// manifest it replaced.
-pub fn runs_of<'a>(
-    manifests: impl IntoIterator<Item = &'a TableManifest>,
-) -> Vec<Vec<&'a TableManifest>> {
-    let mut by_run: BTreeMap<&str, (&str, Vec<&TableManifest>)> = BTreeMap::new();
-    for m in manifests {
-        let entry = by_run.entry(m.run()).or_insert((&m.created_at, Vec::new()));
-        entry.0 = entry.0.max(m.created_at.as_str());
-        entry.1.push(m);
-    }
-    let mut runs: Vec<(&str, &str, Vec<&TableManifest>)> = by_run
-        .into_iter()
-        .map(|(run, (newest, ms))| (newest, run, ms))
-        .collect();
-    runs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    runs.into_iter().map(|(_, _, ms)| ms).collect()
-}
 
 /// Keeps, of every record key, only the copies of the newest run that archived it. `batches`
 /// carry the rank of their run (higher is newer, see [`runs_of`]): a record archived again by a
@@ -211,6 +158,21 @@ const MAX_OPENED_FILES: usize = 4096;
 /// Bytes read from a file's end at first, hoping for the footer and page indexes in one read.
 const FIRST_SUFFIX_BYTES: u64 = 256 << 10;
 
+/// The error for a file whose pages could not be read: gone from the store (a read through a
+/// catalog older than a gc: [`ArchiveError::is_missing_file`]), or not decrypted or decoded.
+fn decode_error(object: &str, e: ParquetError) -> ArchiveError {
+    let gone = matches!(&e, ParquetError::External(inner)
+        if matches!(inner.downcast_ref::<object_store::Error>(), Some(object_store::Error::NotFound { .. })));
+    ArchiveError::Integrity {
+        object: object.to_string(),
+        detail: if gone {
+            crate::error::MISSING_FILE.to_string()
+        } else {
+            format!("cannot decrypt or decode: {e}")
+        },
+    }
+}
+
 /// Whether `patient` may lie in [min, max] (bounds absent: it may).
 fn may_hold(min: Option<&[u8]>, max: Option<&[u8]>, patient: &[u8]) -> bool {
     min.is_none_or(|m| m <= patient) && max.is_none_or(|m| patient <= m)
@@ -263,39 +225,7 @@ impl ArchiveReader {
     /// Opens an archive and loads its catalog from the manifests.
     pub async fn open(store: Arc<dyn ObjectStore>, keys: KeyRing) -> Result<Self> {
         let keys = keys.for_archive(store.as_ref(), false).await?;
-        let mut catalog = Catalog::default();
-        let mut metas: Vec<_> = store
-            .list(Some(&Path::from("manifests")))
-            .try_collect()
-            .await?;
-        metas.sort_by(|a, b| a.location.cmp(&b.location));
-        for meta in metas {
-            let object = meta.location.to_string();
-            let bytes = store.get(&meta.location).await?.bytes().await?;
-            let manifest: TableManifest =
-                serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Manifest {
-                    object: object.clone(),
-                    detail: e.to_string(),
-                })?;
-            manifest.check_seal(&keys, &object)?;
-            catalog
-                .tables
-                .entry(manifest.table.clone())
-                .or_default()
-                .push(manifest);
-        }
-        // A compaction's manifest replaces the ones it lists: the switch happens the moment it is
-        // written (a single object put), so a reader sees either the old set or the new one.
-        let superseded: std::collections::HashSet<String> = catalog
-            .tables
-            .values()
-            .flatten()
-            .flat_map(|m| m.supersedes.iter().cloned())
-            .collect();
-        for manifests in catalog.tables.values_mut() {
-            manifests.retain(|m| !superseded.contains(&TableManifest::path(&m.table, &m.run_id)));
-            manifests.sort_by(|a, b| (&a.created_at, &a.run_id).cmp(&(&b.created_at, &b.run_id)));
-        }
+        let (catalog, _) = Catalog::load(store.as_ref(), &keys, &Listed::new()).await?;
         Ok(ArchiveReader {
             store,
             keys,
@@ -304,7 +234,21 @@ impl ArchiveReader {
         })
     }
 
-    /// The catalog loaded at open.
+    /// A view of the same archive with `catalog` (what [`crate::LiveArchive`] swaps in): files
+    /// already opened stay open (a file never changes under its name).
+    pub(crate) fn with_catalog(&self, catalog: Catalog) -> Self {
+        ArchiveReader {
+            catalog: Arc::new(catalog),
+            ..self.clone()
+        }
+    }
+
+    /// The store and keys, for [`Catalog::load`].
+    pub(crate) fn parts(&self) -> (&dyn ObjectStore, &KeyRing) {
+        (self.store.as_ref(), &self.keys)
+    }
+
+    /// The catalog this view reads.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }
@@ -322,7 +266,7 @@ impl ArchiveReader {
         let bytes = match self.store.get(&Path::from(entry.path.as_str())).await {
             Ok(r) => r.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(integrity("file is missing".into()))
+                return Err(integrity(crate::error::MISSING_FILE.into()))
             }
             Err(e) => return Err(e.into()),
         };
@@ -432,7 +376,7 @@ impl ArchiveReader {
             let tail = match self.store.get_range(&path, size - suffix..size).await {
                 Ok(b) => b,
                 Err(object_store::Error::NotFound { .. }) => {
-                    return Err(integrity("file is missing".into()))
+                    return Err(integrity(crate::error::MISSING_FILE.into()))
                 }
                 Err(e) => return Err(integrity(format!("cannot read its end: {e}"))),
             };
@@ -520,10 +464,7 @@ impl ArchiveReader {
         if groups.is_empty() {
             return Ok(Vec::new());
         }
-        let integrity = |e: ParquetError| ArchiveError::Integrity {
-            object: entry.path.clone(),
-            detail: format!("cannot decrypt or decode: {e}"),
-        };
+        let integrity = |e: ParquetError| decode_error(&entry.path, e);
         let input = FileRanges {
             store: self.store.clone(),
             path: Path::from(entry.path.as_str()),
@@ -624,21 +565,12 @@ impl ArchiveReader {
             builder = builder.with_projection(mask);
         }
         let object = entry.path.clone();
-        let stream =
-            builder
-                .with_batch_size(8192)
-                .build()
-                .map_err(|e| ArchiveError::Integrity {
-                    object: object.clone(),
-                    detail: format!("cannot decrypt or decode: {e}"),
-                })?;
+        let stream = builder
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| decode_error(&object, e))?;
         Ok(stream
-            .map(move |b| {
-                b.map_err(|e| ArchiveError::Integrity {
-                    object: object.clone(),
-                    detail: format!("cannot decrypt or decode: {e}"),
-                })
-            })
+            .map(move |b| b.map_err(|e| decode_error(&object, e)))
             .boxed())
     }
 

@@ -184,7 +184,10 @@ async fn resource_plan(
     profile: &Profile,
     mapping: &crate::config::FhirTable,
 ) -> Result<Option<(TablePlan, super::cohort::TableRows)>, Failure> {
-    let Some((full, rows)) = exporter.plan(&state.archive, table, spec, profile).await? else {
+    let Some((full, rows)) = exporter
+        .plan(&state.archive.view(), table, spec, profile)
+        .await?
+    else {
         return Ok(None);
     };
     let used: Vec<&String> = [
@@ -384,7 +387,9 @@ async fn archived_patients(
         {
             continue;
         }
-        let Some((plan, mut rows)) = exporter.plan(&state.archive, table, spec, profile).await?
+        let Some((plan, mut rows)) = exporter
+            .plan(&state.archive.view(), table, spec, profile)
+            .await?
         else {
             continue;
         };
@@ -459,7 +464,7 @@ async fn patients(
         ..spec.clone()
     };
     if let Some((plan, mut rows)) = exporter
-        .plan(&state.archive, &table.table, &patient_spec, profile)
+        .plan(&state.archive.view(), &table.table, &patient_spec, profile)
         .await?
     {
         let cohort = Cohort::default();

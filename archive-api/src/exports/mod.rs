@@ -364,7 +364,8 @@ impl Exporter {
                 )));
             }
         }
-        let catalog = state.archive.catalog();
+        let archive = state.archive.view();
+        let catalog = archive.catalog();
         for t in spec
             .tables
             .iter()
@@ -387,7 +388,7 @@ impl Exporter {
             }
         }
         for table in &spec.tables {
-            let plan = match self.plan(&state.archive, table, spec, profile).await {
+            let plan = match self.plan(&archive, table, spec, profile).await {
                 Ok(plan) => plan,
                 Err(Failure::Request(r)) => return Err(ApiError::BadRequest(r)),
                 Err(e) => return Err(ApiError::Internal(format!("{e:?}"))),

@@ -35,8 +35,9 @@ impl Run<'_> {
                     &format!("table {} of {}: {table}", n + 1, spec.tables.len()),
                 )
                 .await;
-            let Some((plan, mut rows)) =
-                exporter.plan(&state.archive, table, spec, profile).await?
+            let Some((plan, mut rows)) = exporter
+                .plan(&state.archive.view(), table, spec, profile)
+                .await?
             else {
                 continue;
             };

@@ -207,7 +207,8 @@ async fn patients_matching(
                 .into(),
         ));
     }
-    let Some(manifests) = state.archive.catalog().tables.get(&c.table) else {
+    let archive = state.archive.view();
+    let Some(manifests) = archive.catalog().tables.get(&c.table) else {
         return Err(ApiError::BadRequest(format!(
             "no archived table {:?}",
             c.table
@@ -215,7 +216,7 @@ async fn patients_matching(
     };
     let mut schemas = Vec::new();
     for f in manifests.iter().flat_map(|m| &m.files) {
-        schemas.push(state.archive.file_schema(f).await?);
+        schemas.push(archive.file_schema(f).await?);
     }
     let merged = strata_deidentify::merge_schemas(&schemas).map_err(ApiError::Internal)?;
     // Patients are chosen by codes and categories only: choosing them by an identifier would
@@ -252,7 +253,7 @@ async fn patients_matching(
     )
     .map_err(ApiError::Internal)?;
     let cohort = Cohort::new(&spec, &c.table, None, None);
-    let mut rows = TableRows::new(&state.archive, &c.table, None);
+    let mut rows = TableRows::new(&archive, &c.table, None);
     rows.project(cohort.columns().map(str::to_string));
     let mut patients = BTreeSet::new();
     while let Some(batch) = rows

@@ -15,6 +15,7 @@ mod explain;
 mod naming;
 mod range;
 mod route;
+mod sinks;
 mod target;
 
 pub(crate) use route::coerce_row;
@@ -31,6 +32,7 @@ use crate::target_check::TargetChecks;
 use chrono::NaiveDate;
 use destroyed::Destroyed;
 use range::RangeContext;
+use sinks::Counting;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use strata_control::{Control, DestructionRecord, RunRecord};
@@ -355,7 +357,7 @@ impl Migration {
                 filter: None,
             };
             let outcome = self
-                .process_range(layout, &whole, &facts, None, None)
+                .route_range(layout, &whole, &facts, None, Counting)
                 .await?;
             report.tables.push(outcome.tally.finish());
             tracing::info!(table = %layout.name, seconds = started.elapsed().as_secs_f64(), "table planned");

@@ -2,21 +2,20 @@
 //! then commit the range's operational rows, quarantined rows and checkpoint together.
 
 use super::destroyed::Destroyed;
-use super::naming::{row_digest, row_key};
 use super::route::{Route, Router};
+use super::sinks::{LongBlobs, PendingBlobs, RangeOutcome, RangeSink, Writers};
 use super::target::{CHECKPOINT_TABLE, QUARANTINE_TABLE};
 use super::Migration;
-use crate::archive_rows::{archive_schema, ArchiveRun, ArchivedRow};
+use crate::archive_rows::{archive_schema, ArchiveRun};
 use crate::db::{Column, Db};
 use crate::error::{IngestError, Result};
 use crate::layout::TableLayout;
-use crate::load::{Load, TargetTx};
+use crate::load::TargetTx;
 use crate::progress::{TableProgress, PROGRESS_EVERY};
 use crate::ranges::KeyRange;
 use crate::report::Tally;
 use crate::target_check::TargetChecks;
 use crate::value::Value;
-use base64::Engine;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -24,7 +23,6 @@ use std::sync::Arc;
 use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
 use strata_cutoff_policies::{PatientFacts, Tier};
 
-const ARCHIVE_BATCH_ROWS: usize = 8192;
 /// Archived rows of a range are sorted and written as a file whenever they hold this much
 /// memory (and at the range's end): about 200,000 rows a file for the benchmark's 9 columns
 /// (~110 bytes a row packed, plus its sort entry).
@@ -166,6 +164,10 @@ impl Migration {
             .load(&layout.name, ctx.target_columns, row_by_row)
             .await?;
         let writers = Writers {
+            source: &self.source,
+            snapshot: ctx.snapshot,
+            schema: archive_schema(layout),
+            archived: Vec::new(),
             load,
             archive,
             run: ArchiveRun::new(ARCHIVE_RUN_BYTES),
@@ -180,7 +182,7 @@ impl Migration {
                 .then(std::collections::HashSet::new),
         };
         let outcome = self
-            .process_range(layout, range, ctx.facts, ctx.snapshot, Some(writers))
+            .route_range(layout, range, ctx.facts, ctx.snapshot, writers)
             .await?;
         for q in &outcome.quarantine {
             let p = |n| tx.placeholder(n);
@@ -236,25 +238,24 @@ impl Migration {
         Ok(())
     }
 
-    /// Reads one range of a table and decides every row; with `writers`, also writes each row
-    /// to its tier (operational rows to the range's load, archived rows to its files).
-    pub(super) async fn process_range(
+    /// Reads one range of a table, routes every row and hands it to `sink` by its tier: the
+    /// one path of a plan ([`Counting`]) and of a run ([`Writers`]).
+    pub(super) async fn route_range(
         &self,
         layout: &TableLayout,
         range: &KeyRange,
         facts: &HashMap<String, PatientFacts>,
         snapshot: Option<&str>,
-        mut writers: Option<Writers<'_>>,
+        mut sink: impl RangeSink,
     ) -> Result<RangeOutcome> {
         let mut tally = Tally::new(&layout.name);
         let router = Router::new(&self.policy, layout, facts);
-        let mut archived: Vec<ArchivedRow> = Vec::new();
-        let schema = archive_schema(layout);
-        // When writing, BLOBs longer than the inline limit are left out of the rows and
-        // streamed from the source in pieces (a plan only counts them).
-        let streamed = match writers {
-            Some(_) => layout.streamable_blobs(&self.source),
-            None => Vec::new(),
+        // A run leaves BLOBs longer than the inline limit out of the rows and streams them from
+        // the source in pieces; a plan reads them inline and counts them.
+        let streamed = if sink.streams_blobs() {
+            layout.streamable_blobs(&self.source)
+        } else {
+            Vec::new()
         };
         let inline_max = self.config.run.inline_blob_bytes;
         let sql = layout.select_where(&self.source, range.filter.as_deref(), &streamed, inline_max);
@@ -267,240 +268,101 @@ impl Migration {
             for mut values in chunk? {
                 tally.report.source_rows += 1;
                 let ordinal = (range.index, tally.report.source_rows);
-                let long_blobs = layout.take_streamed(&mut values, &streamed);
-                // The length of BLOB `b` when it was left out of the row to be streamed.
-                let long = |b: usize| {
-                    long_blobs
-                        .as_ref()
-                        .and_then(|s| s.lengths[b])
-                        .filter(|&n| n > inline_max)
+                let streamed_blobs = layout.take_streamed(&mut values, &streamed);
+                let long = LongBlobs {
+                    streamed: streamed_blobs.as_ref(),
+                    inline_max,
                 };
                 let patient = layout.take_patient(&mut values);
                 let size = values.iter().map(Value::size).sum::<usize>() as u64
-                    + (0..layout.blobs.len()).filter_map(long).sum::<u64>();
+                    + (0..layout.blobs.len())
+                        .filter_map(|b| long.length(b))
+                        .sum::<u64>();
                 unreported_rows += 1;
                 unreported_bytes += size;
                 if unreported_rows == PROGRESS_EVERY {
-                    report_progress(
-                        &progress,
-                        writers.as_ref(),
-                        unreported_rows,
-                        unreported_bytes,
-                    );
+                    report_read(&progress, &sink, unreported_rows, unreported_bytes);
                     (unreported_rows, unreported_bytes) = (0, 0);
                 }
                 let (decision, date) = match router.route(&mut values, patient.as_deref()) {
                     Route::Quarantine { column, reason } => {
                         quarantine(
-                            layout,
-                            &mut tally,
-                            writers.as_mut(),
-                            &values,
-                            ordinal,
-                            column,
-                            reason,
+                            layout, &mut tally, &mut sink, &values, ordinal, column, reason,
                         )?;
                         continue;
                     }
                     Route::Decided { decision, date } => (decision, date),
                 };
-                if decision.tier == Tier::Operational {
-                    // The operational database takes a value whole: long BLOBs are read whole here.
-                    for (b, blob) in layout.blobs.iter().enumerate() {
-                        if let (Some(n), Some(s)) = (long(b), &long_blobs) {
-                            let name = &layout.columns()[blob.column].name;
-                            let mut pieces = self.source.blob_pieces(
-                                &layout.name,
-                                name,
-                                &s.ctid,
-                                n,
-                                snapshot.map(str::to_string),
-                            )?;
-                            let mut content = Vec::with_capacity(n as usize);
-                            while let Some(piece) = pieces.next().await {
-                                content.extend_from_slice(&piece.map_err(|e| {
-                                    IngestError::Run(format!("{}: {e}", layout.name))
-                                })?);
-                            }
-                            values[blob.column] = Value::Bytes(content);
-                        }
-                    }
-                }
-                if let Some(w) = writers.as_mut() {
-                    if let Some((col, reason)) = w.problem(layout, &values, decision.tier) {
-                        quarantine(layout, &mut tally, Some(w), &values, ordinal, col, reason)?;
-                        continue;
-                    }
+                if let Some((column, reason)) = sink
+                    .problem(layout, &mut values, decision.tier, &long)
+                    .await?
+                {
+                    quarantine(
+                        layout, &mut tally, &mut sink, &values, ordinal, column, reason,
+                    )?;
+                    continue;
                 }
                 tally.count(&decision, patient.as_deref(), size);
                 match decision.tier {
-                    Tier::Purge => {
-                        if let Some(w) = writers.as_mut() {
-                            w.destroyed.add(layout, &values, ordinal);
-                        }
-                    }
+                    Tier::Purge => sink.purge(layout, &values, ordinal),
                     Tier::Operational => {
-                        if let Some(w) = writers.as_mut() {
-                            if let Some((values, reason)) = w.load.write(values).await? {
-                                // Counted as operational above; it is quarantined instead.
-                                tally.report.operational_rows -= 1;
-                                quarantine(
-                                    layout,
-                                    &mut tally,
-                                    Some(w),
-                                    &values,
-                                    ordinal,
-                                    0,
-                                    &reason,
-                                )?;
-                            }
+                        if let Some((values, reason)) = sink.operational(values).await? {
+                            // Counted as operational above; it is quarantined instead.
+                            tally.report.operational_rows -= 1;
+                            quarantine(
+                                layout, &mut tally, &mut sink, &values, ordinal, 0, &reason,
+                            )?;
                         }
                     }
                     Tier::Archive => {
-                        let Some(w) = writers.as_mut() else {
-                            for b in &layout.blobs {
-                                if let Value::Bytes(content) = &values[b.column] {
-                                    tally.report.blobs += 1;
-                                    tally.report.blob_bytes += content.len() as u64;
-                                }
-                            }
-                            continue;
-                        };
-                        let mut stores = Vec::with_capacity(layout.blobs.len());
-                        let mut blob_bytes = 0;
-                        for (i, b) in layout.blobs.iter().enumerate() {
-                            let content = std::mem::replace(&mut values[b.column], Value::Null);
-                            let content_type = b
-                                .content_type_column
-                                .and_then(|i| values[i].as_key_text())
-                                .unwrap_or_else(|| b.content_type.clone());
-                            let blobs = w.blobs.clone();
-                            match (content, long(i), &long_blobs) {
-                                (Value::Bytes(content), _, _) => {
-                                    tally.report.blobs += 1;
-                                    tally.report.blob_bytes += content.len() as u64;
-                                    blob_bytes += content.len();
-                                    stores.push(Some(tokio::spawn(async move {
-                                        blobs.put(content, &content_type).await
-                                    })));
-                                }
-                                (Value::Null, Some(n), Some(s)) => {
-                                    tally.report.blobs += 1;
-                                    tally.report.blob_bytes += n;
-                                    // A streamed BLOB holds little memory but a source connection
-                                    // while it streams: counting it as the whole budget keeps at
-                                    // most two in flight per range, well within the source pool.
-                                    blob_bytes += BLOB_BYTES_IN_FLIGHT;
-                                    let pieces = self.source.blob_pieces(
-                                        &layout.name,
-                                        &layout.columns()[b.column].name,
-                                        &s.ctid,
-                                        n,
-                                        snapshot.map(str::to_string),
-                                    )?;
-                                    stores.push(Some(tokio::spawn(async move {
-                                        blobs.put_stream(pieces, &content_type).await
-                                    })));
-                                }
-                                _ => stores.push(None),
-                            }
-                        }
-                        let key = if layout.key.is_empty() {
-                            hex::encode(row_digest(&values))
-                        } else {
-                            row_key(layout, &values, (0, 0))
-                        };
-                        let patient = patient.as_deref().unwrap_or_default();
-                        if layout.blobs.is_empty() {
-                            w.run.push(layout, patient, date, &key, &values, &[]);
-                        } else {
-                            let row = ArchivedRow {
-                                key,
-                                patient: patient.to_string(),
-                                date,
-                                values,
-                                blobs: Vec::new(),
+                        for (b, blob) in layout.blobs.iter().enumerate() {
+                            let bytes = match &values[blob.column] {
+                                Value::Bytes(content) => Some(content.len() as u64),
+                                _ => long.length(b),
                             };
-                            w.pending.push(row, stores, blob_bytes);
-                            w.pending.settle(&mut archived, false).await?;
-                            for r in archived.drain(..) {
-                                w.run
-                                    .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
+                            if let Some(bytes) = bytes {
+                                tally.report.blobs += 1;
+                                tally.report.blob_bytes += bytes;
                             }
                         }
-                        if w.run.is_full() {
-                            w.write_run(layout, &schema).await?;
-                        }
+                        sink.archive(layout, patient.as_deref(), date, values, &long)
+                            .await?;
                     }
                 }
             }
         }
-        report_progress(
-            &progress,
-            writers.as_ref(),
-            unreported_rows,
-            unreported_bytes,
-        );
-        let Some(mut w) = writers else {
-            return Ok(RangeOutcome {
-                tally,
-                destroyed: Destroyed::default(),
-                manifest: None,
-                quarantine: Vec::new(),
-            });
-        };
-        w.pending.settle(&mut archived, true).await?;
-        for r in archived.drain(..) {
-            w.run
-                .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
-        }
-        w.write_run(layout, &schema).await?;
-        w.load.finish().await?;
-        let manifest = if w.archive.rows() > 0 {
-            Some(w.archive.finish().await?)
-        } else {
-            None
-        };
-        Ok(RangeOutcome {
-            tally,
-            destroyed: w.destroyed,
-            manifest,
-            quarantine: w.quarantine,
-        })
+        report_read(&progress, &sink, unreported_rows, unreported_bytes);
+        sink.finish(layout, tally).await
     }
 }
 
-/// Adds rows and bytes read to the table's progress (and to the attempt's, when writing).
-fn report_progress(progress: &TableProgress, writers: Option<&Writers<'_>>, rows: u64, bytes: u64) {
-    for p in std::iter::once(progress).chain(writers.map(|w| w.attempt.as_ref())) {
-        p.rows.fetch_add(rows, Ordering::Relaxed);
-        p.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
+/// Adds rows and bytes read to the table's progress and to the sink's.
+fn report_read(progress: &TableProgress, sink: &impl RangeSink, rows: u64, bytes: u64) {
+    progress.rows.fetch_add(rows, Ordering::Relaxed);
+    progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+    sink.read(rows, bytes);
 }
 
-/// Counts a row as quarantined; with writers, keeps it for the range's quarantine rows. Fails
-/// when the table's threshold is passed (counted over all its ranges when writing).
+/// Counts a row as quarantined and hands it to `sink`. Fails when the table's threshold is
+/// passed (counted over all its ranges when writing).
 fn quarantine(
     layout: &TableLayout,
     tally: &mut Tally,
-    writers: Option<&mut Writers<'_>>,
+    sink: &mut impl RangeSink,
     values: &[Value],
     ordinal: (usize, u64),
-    col: usize,
+    column: usize,
     reason: &str,
 ) -> Result<()> {
     tally.report.quarantined_rows += 1;
-    let total = match writers {
-        Some(w) => {
-            let key = row_key(layout, values, ordinal);
-            tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[col].name, reason, "row quarantined");
-            w.quarantine
-                .push(Quarantined::new(layout, key, col, reason, values));
-            w.attempt.quarantined.fetch_add(1, Ordering::Relaxed);
-            w.progress.quarantined.fetch_add(1, Ordering::SeqCst) + 1
-        }
-        None => tally.report.quarantined_rows,
-    };
+    let total = sink.quarantine(
+        layout,
+        values,
+        ordinal,
+        column,
+        reason,
+        tally.report.quarantined_rows,
+    );
     match layout.quarantine_threshold {
         Some(limit) if total > limit => Err(IngestError::QuarantineThreshold {
             table: layout.name.clone(),
@@ -508,126 +370,6 @@ fn quarantine(
             threshold: limit,
         }),
         _ => Ok(()),
-    }
-}
-
-/// BLOBs stored concurrently, at most this many bytes of content at a time...
-const BLOB_BYTES_IN_FLIGHT: usize = 32 << 20;
-/// ...and at most this many objects.
-const BLOBS_IN_FLIGHT: usize = 8;
-
-/// Archived rows waiting for their BLOBs. Each BLOB is encrypted and stored by its own task, so
-/// hashing, encryption and object writes overlap with reading the next rows and with each
-/// other; rows leave in the order they came, each with its BLOB references.
-#[derive(Default)]
-struct PendingBlobs {
-    rows: std::collections::VecDeque<(ArchivedRow, Vec<Option<BlobTask>>, usize)>,
-    bytes: usize,
-    objects: usize,
-}
-
-type BlobTask = tokio::task::JoinHandle<strata_archive::Result<strata_archive::BlobRef>>;
-
-impl PendingBlobs {
-    fn push(&mut self, row: ArchivedRow, stores: Vec<Option<BlobTask>>, bytes: usize) {
-        self.bytes += bytes;
-        self.objects += stores.iter().flatten().count();
-        self.rows.push_back((row, stores, bytes));
-    }
-
-    /// Moves rows whose BLOBs are stored to `out`, waiting for the oldest while too much is in
-    /// flight (or, with `all`, until none is).
-    async fn settle(&mut self, out: &mut Vec<ArchivedRow>, all: bool) -> Result<()> {
-        while let Some((_, stores, _)) = self.rows.front() {
-            let busy = all || self.bytes > BLOB_BYTES_IN_FLIGHT || self.objects > BLOBS_IN_FLIGHT;
-            if !busy && stores.iter().flatten().any(|t| !t.is_finished()) {
-                break;
-            }
-            let (mut row, stores, bytes) = self.rows.pop_front().expect("front exists");
-            for store in stores {
-                row.blobs.push(match store {
-                    None => None,
-                    Some(task) => {
-                        self.objects -= 1;
-                        Some(task.await.map_err(|e| {
-                            IngestError::Run(format!("storing a BLOB of {} failed: {e}", row.key))
-                        })??)
-                    }
-                });
-            }
-            self.bytes -= bytes;
-            out.push(row);
-        }
-        Ok(())
-    }
-}
-
-/// Where a range's rows go while it is copied.
-pub(super) struct Writers<'c> {
-    load: Load<'c>,
-    archive: TableWriter,
-    /// Archived rows waiting to be sorted into a file.
-    run: ArchiveRun,
-    blobs: BlobStore,
-    pending: PendingBlobs,
-    /// The range's quarantined rows, inserted with its checkpoint.
-    quarantine: Vec<Quarantined>,
-    /// The table's progress; its quarantined rows, counted by every range, are what the
-    /// threshold is checked against.
-    progress: Arc<TableProgress>,
-    /// What this attempt at the range added to `progress`.
-    attempt: Arc<TableProgress>,
-    destroyed: Destroyed,
-    checks: &'c TargetChecks,
-    /// Hashes of the keys seen in this range, when the source does not enforce them.
-    seen_keys: Option<std::collections::HashSet<u64>>,
-}
-
-impl Writers<'_> {
-    /// Sorts the held archived rows and writes them as a file of their own.
-    async fn write_run(
-        &mut self,
-        layout: &TableLayout,
-        schema: &arrow::datatypes::SchemaRef,
-    ) -> Result<()> {
-        if self.run.is_empty() {
-            return Ok(());
-        }
-        let mut sorted = self.run.drain_sorted(layout, schema, ARCHIVE_BATCH_ROWS);
-        while let Some(batch) = sorted.next_batch() {
-            let batch = batch.map_err(strata_archive::ArchiveError::from)?;
-            self.archive.write(&batch).await?;
-        }
-        self.archive.end_file().await?;
-        Ok(())
-    }
-
-    /// A problem that keeps the row out of every tier: a NULL or repeated primary key (when
-    /// the source does not enforce its key), or, for a row bound for the operational
-    /// database, a value the target would reject or change.
-    fn problem(
-        &mut self,
-        layout: &TableLayout,
-        values: &[Value],
-        tier: Tier,
-    ) -> Option<(usize, &'static str)> {
-        if let Some(seen) = self.seen_keys.as_mut() {
-            if let Some(&k) = layout.key.iter().find(|&&k| values[k].is_null()) {
-                return Some((k, "NULL primary key"));
-            }
-            use std::hash::{Hash, Hasher};
-            let mut h = std::hash::DefaultHasher::new();
-            for &k in &layout.key {
-                format!("{:?}", values[k]).hash(&mut h);
-            }
-            if !seen.insert(h.finish()) {
-                return Some((layout.key[0], "duplicate primary key"));
-            }
-        }
-        if tier == Tier::Operational {
-            return self.checks.check(values);
-        }
-        None
     }
 }
 
@@ -646,14 +388,6 @@ pub(super) struct RangeContext<'a> {
     pub(super) progress: &'a Arc<TableProgress>,
 }
 
-/// What reading a range produced.
-pub(super) struct RangeOutcome {
-    pub(super) tally: Tally,
-    pub(super) destroyed: Destroyed,
-    pub(super) manifest: Option<TableManifest>,
-    pub(super) quarantine: Vec<Quarantined>,
-}
-
 /// A range's record in the operational database, committed with its rows.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Checkpoint {
@@ -661,37 +395,4 @@ pub(super) struct Checkpoint {
     pub(super) tally: Tally,
     pub(super) destroyed: Destroyed,
     pub(super) manifest: Option<TableManifest>,
-}
-
-/// A quarantined row: where it is, what is wrong, and its values (kept in the operational
-/// database's quarantine table for review, never logged).
-pub(super) struct Quarantined {
-    key: String,
-    column: String,
-    reason: String,
-    data: String,
-}
-
-impl Quarantined {
-    fn new(layout: &TableLayout, key: String, col: usize, reason: &str, values: &[Value]) -> Self {
-        let data: serde_json::Map<String, serde_json::Value> = layout
-            .columns()
-            .iter()
-            .zip(values)
-            .map(|(c, v)| {
-                let j = match v {
-                    Value::Null => serde_json::Value::Null,
-                    Value::Bytes(b) => base64::engine::general_purpose::STANDARD.encode(b).into(),
-                    other => other.as_key_text().unwrap_or_default().into(),
-                };
-                (c.name.clone(), j)
-            })
-            .collect();
-        Quarantined {
-            key,
-            column: layout.columns()[col].name.clone(),
-            reason: reason.to_string(),
-            data: serde_json::Value::Object(data).to_string(),
-        }
-    }
 }

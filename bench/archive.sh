@@ -19,6 +19,9 @@
 # measurement). Prints rows/s or MB/s, the ratios, and each part's peak RSS. Not a test: run
 # it by hand.
 #   ROWS=5000000 DOCS=2000 RUNS=3 bench/archive.sh   (medians of RUNS rounds)
+# PARENT=path/to/another/strata: each round also runs the rows and BLOB (disk) parts with that
+# build, alternating with this one, and prints this build's speed against it (for a change that
+# must cost nothing: build the parent commit's binary first and pass it here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-5000000}
@@ -144,13 +147,14 @@ while True:
   echo "$(now) - $t0" | bc
   keep "$1/plain"
 }
-# `strata migrate --config $1` on a fresh archive (in the directory $2) and control database;
-# prints wall seconds (process start to end) and peak RSS in KiB.
+# `strata migrate --config $1` on a fresh archive (in the directory $2) and control database,
+# with the binary $3 (default: this build); prints wall seconds (process start to end) and peak
+# RSS in KiB.
 strata_migrate() {
   local t0 t1
   rm -f "$WORK"/strata-control.db*
   t0=$(now)
-  (cd "$WORK" && /usr/bin/time -v "$STRATA" migrate --config "$1" > migrate.txt 2> time.txt) || { cat "$WORK/time.txt" >&2; exit 1; }
+  (cd "$WORK" && /usr/bin/time -v "${3:-$STRATA}" migrate --config "$1" > migrate.txt 2> time.txt) || { cat "$WORK/time.txt" >&2; exit 1; }
   t1=$(now)
   grep -q "archive" "$WORK/migrate.txt" || { cat "$WORK/migrate.txt" >&2; exit 1; }
   keep "$2/archive"
@@ -159,15 +163,25 @@ strata_migrate() {
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 
 RUNS=${RUNS:-3}
-declare -a BR BA BB SR SB RR RB TA TB TS
+declare -a BR BA BB SR SB RR RB TA TB TS PR PB
 sync
 for run in $(seq 1 "$RUNS"); do
   echo "round $run of $RUNS: baselines, then strata (rows, then BLOBs); BLOBs again on tmpfs ..."
   BR+=("$(rows_baseline)")
   BA+=("$(blobs_one_file "$WORK")")
   BB+=("$(blobs_per_document "$WORK")")
+  if [ -n "${PARENT:-}" ] && [ $((run % 2)) = 1 ]; then
+    read -r t _ < <(strata_migrate rows.toml "$WORK" "$PARENT"); PR+=("$t")
+  fi
   read -r t rss < <(strata_migrate rows.toml "$WORK"); SR+=("$t"); RR+=("$rss")
+  if [ -n "${PARENT:-}" ] && [ $((run % 2)) = 0 ]; then
+    read -r t _ < <(strata_migrate rows.toml "$WORK" "$PARENT"); PR+=("$t")
+  fi
   read -r t rss < <(strata_migrate blobs.toml "$WORK"); SB+=("$t"); RB+=("$rss")
+  if [ -n "${PARENT:-}" ]; then
+    read -r t _ < <(strata_migrate blobs.toml "$WORK" "$PARENT"); PB+=("$t")
+    echo "  parent build: rows ${PR[-1]} s, BLOBs ${PB[-1]} s"
+  fi
   TA+=("$(blobs_one_file "$SHM")")
   TB+=("$(blobs_per_document "$SHM")")
   read -r t rss < <(strata_migrate blobs-tmpfs.toml "$SHM"); TS+=("$t"); RB+=("$rss")
@@ -190,3 +204,8 @@ blobs_line "disk " "$(median "${SB[@]}")" "$(median "${BA[@]}")" "$(median "${BB
 blobs_line "tmpfs" "$(median "${TS[@]}")" "$(median "${TA[@]}")" "$(median "${TB[@]}")"
 echo "($DOC_BYTES bytes of BLOBs)"
 printf 'peak RSS of strata migrate: rows %d MiB, BLOBs %d MiB\n' $((OBS_RSS / 1024)) $((DOC_RSS / 1024))
+if [ -n "${PARENT:-}" ]; then
+  printf 'against the parent build (%s): rows %.2f (%.1f s against %.1f s), BLOBs on disk %.2f (%.1f s against %.1f s): above 1 is faster\n' "$PARENT" \
+    "$(echo "$(median "${PR[@]}") / $OBS_S" | bc -l)" "$OBS_S" "$(median "${PR[@]}")" \
+    "$(echo "$(median "${PB[@]}") / $(median "${SB[@]}")" | bc -l)" "$(median "${SB[@]}")" "$(median "${PB[@]}")"
+fi

@@ -293,10 +293,10 @@ impl Migration {
                     }
                     Route::Decided { decision, date } => (decision, date),
                 };
-                if let Some((column, reason)) = sink
-                    .problem(layout, &mut values, decision.tier, &long)
-                    .await?
-                {
+                if decision.tier == Tier::Operational && long.streamed.is_some() {
+                    sink.read_long_blobs(layout, &mut values, &long).await?;
+                }
+                if let Some((column, reason)) = sink.problem(layout, &values, decision.tier) {
                     quarantine(
                         layout, &mut tally, &mut sink, &values, ordinal, column, reason,
                     )?;

@@ -53,15 +53,22 @@ pub(super) trait RangeSink {
     /// Rows and bytes read, for this sink's own progress (the table's is counted by the caller).
     fn read(&self, rows: u64, bytes: u64);
 
-    /// A problem that keeps a routed row out of every tier, found by this sink; a row bound for
-    /// the operational database has its long BLOBs read in first.
-    async fn problem(
+    /// Reads a row's long BLOBs whole into `values`: the operational database takes a value in
+    /// one piece (called for rows bound there that have some).
+    async fn read_long_blobs(
         &mut self,
         layout: &TableLayout,
         values: &mut [Value],
-        tier: Tier,
         long: &LongBlobs<'_>,
-    ) -> Result<Option<(usize, &'static str)>>;
+    ) -> Result<()>;
+
+    /// A problem that keeps a routed row out of every tier, found by this sink.
+    fn problem(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        tier: Tier,
+    ) -> Option<(usize, &'static str)>;
 
     /// Keeps a quarantined row (`in_range`: the range's quarantined rows so far, this one
     /// included); returns the count to hold against the table's threshold.
@@ -105,14 +112,22 @@ impl RangeSink for Counting {
 
     fn read(&self, _rows: u64, _bytes: u64) {}
 
-    async fn problem(
+    async fn read_long_blobs(
         &mut self,
         _layout: &TableLayout,
         _values: &mut [Value],
-        _tier: Tier,
         _long: &LongBlobs<'_>,
-    ) -> Result<Option<(usize, &'static str)>> {
-        Ok(None)
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn problem(
+        &mut self,
+        _layout: &TableLayout,
+        _values: &[Value],
+        _tier: Tier,
+    ) -> Option<(usize, &'static str)> {
+        None
     }
 
     fn quarantine(
@@ -278,9 +293,8 @@ impl Writers<'_> {
         None
     }
 
-    /// Reads the row's long BLOBs whole from the source (the operational database takes a
-    /// value whole).
-    async fn read_long_blobs(
+    /// Reads the row's long BLOBs whole from the source.
+    async fn read_whole(
         &self,
         layout: &TableLayout,
         values: &mut [Value],
@@ -320,17 +334,22 @@ impl RangeSink for Writers<'_> {
         self.attempt.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    async fn problem(
+    async fn read_long_blobs(
         &mut self,
         layout: &TableLayout,
         values: &mut [Value],
-        tier: Tier,
         long: &LongBlobs<'_>,
-    ) -> Result<Option<(usize, &'static str)>> {
-        if tier == Tier::Operational {
-            self.read_long_blobs(layout, values, long).await?;
-        }
-        Ok(self.check(layout, values, tier))
+    ) -> Result<()> {
+        self.read_whole(layout, values, long).await
+    }
+
+    fn problem(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        tier: Tier,
+    ) -> Option<(usize, &'static str)> {
+        self.check(layout, values, tier)
     }
 
     fn quarantine(

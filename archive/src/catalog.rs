@@ -43,29 +43,7 @@ impl Catalog {
         keys: &KeyRing,
         known: &Listed,
     ) -> Result<(Catalog, bool)> {
-        let mut metas: Vec<_> = store
-            .list(Some(&Path::from("manifests")))
-            .try_collect()
-            .await?;
-        metas.sort_by(|a, b| a.location.cmp(&b.location));
-        let mut listed = Listed::with_capacity(metas.len());
-        for meta in metas {
-            let object = meta.location.to_string();
-            let manifest = match known.get(&object) {
-                Some(m) => m.clone(),
-                None => {
-                    let bytes = store.get(&meta.location).await?.bytes().await?;
-                    let manifest: TableManifest =
-                        serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Manifest {
-                            object: object.clone(),
-                            detail: e.to_string(),
-                        })?;
-                    manifest.check_seal(keys, &object)?;
-                    manifest
-                }
-            };
-            listed.insert(object, manifest);
-        }
+        let listed = list_manifests(store, keys, known).await?;
         let changed = listed.len() != known.len() || listed.keys().any(|k| !known.contains_key(k));
         let mut catalog = Catalog::default();
         for manifest in listed.values() {
@@ -129,6 +107,38 @@ pub fn runs_of<'a>(
         .collect();
     runs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     runs.into_iter().map(|(_, _, ms)| ms).collect()
+}
+
+/// Every manifest in `store` by object path: those in `known` reused as they are (a manifest
+/// never changes under its name), the others read and their seals checked.
+pub(crate) async fn list_manifests(
+    store: &dyn ObjectStore,
+    keys: &KeyRing,
+    known: &Listed,
+) -> Result<Listed> {
+    let metas: Vec<_> = store
+        .list(Some(&Path::from("manifests")))
+        .try_collect()
+        .await?;
+    let mut listed = Listed::with_capacity(metas.len());
+    for meta in metas {
+        let object = meta.location.to_string();
+        let manifest = match known.get(&object) {
+            Some(m) => m.clone(),
+            None => {
+                let bytes = store.get(&meta.location).await?.bytes().await?;
+                let manifest: TableManifest =
+                    serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Manifest {
+                        object: object.clone(),
+                        detail: e.to_string(),
+                    })?;
+                manifest.check_seal(keys, &object)?;
+                manifest
+            }
+        };
+        listed.insert(object, manifest);
+    }
+    Ok(listed)
 }
 
 /// The manifest paths that a compaction's manifest in `listed` supersedes.

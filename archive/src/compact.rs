@@ -133,22 +133,12 @@ pub async fn gc(
     orphans: bool,
 ) -> Result<Vec<String>> {
     let keys = keys.for_archive(store.as_ref(), false).await?;
-    let metas: Vec<_> = store
-        .list(Some(&Path::from("manifests")))
-        .try_collect()
-        .await?;
-    let mut manifests = Vec::new();
-    for meta in metas {
-        let path = meta.location.to_string();
-        let bytes = store.get(&meta.location).await?.bytes().await?;
-        let m: TableManifest =
-            serde_json::from_slice(&bytes).map_err(|e| ArchiveError::Manifest {
-                object: path.clone(),
-                detail: e.to_string(),
-            })?;
-        m.check_seal(&keys, &path)?;
-        manifests.push((path, m));
-    }
+    let mut manifests: Vec<(String, TableManifest)> =
+        crate::catalog::list_manifests(store.as_ref(), &keys, &crate::catalog::Listed::new())
+            .await?
+            .into_iter()
+            .collect();
+    manifests.sort_by(|a, b| a.0.cmp(&b.0));
     let now = chrono::Utc::now();
     let mut deleted = Vec::new();
     for (_, newer) in &manifests {

@@ -30,8 +30,8 @@ pub(crate) const PAGE_ROWS: usize = 1024;
 /// read decompresses, decrypts and decodes every page that holds one of their rows, so a page
 /// of a wide column (note texts, keys) holds a few dozen rows where one of a narrow column
 /// (codes, dates) holds [`PAGE_ROWS`]. With the reader's row filter on the patient column,
-/// cold history reads ~1.5× as fast as with 1,024-row pages, for files ~13 % larger
-/// (docs/benchmarks.md).
+/// cold history reads about 1.5× as fast as with 1,024-row pages (chained from alternating
+/// pairs of builds, not one pair), for files ~13 % larger (docs/benchmarks.md).
 const PAGE_BYTES: usize = 4 << 10;
 
 /// Rows the Parquet writer encodes between two checks of the page limits: pages overshoot

@@ -688,6 +688,18 @@ fn demo_command_migrates_and_plan_reports() {
     );
     let report: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     assert_eq!(report["plan"]["tables"].as_array().unwrap().len(), 9);
+    // The plan routes and checks every row as the demo's run did: it predicts the run exactly.
+    let ran = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let control = strata_control::Control::open(&format!(
+            "sqlite://{}",
+            demo.join("strata-control.db").display()
+        ))
+        .await
+        .unwrap();
+        control.last_finished_run_report().await.unwrap().unwrap().1
+    });
+    let ran: serde_json::Value = serde_json::from_str(&ran).unwrap();
+    assert_eq!(report["plan"]["tables"], ran["tables"]);
     // Running the demo again replaces its own directory; a foreign directory is refused.
     let again = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
         .args(["demo", "--no-serve", "--scale", "0.01", "--dir"])

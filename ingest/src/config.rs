@@ -303,6 +303,20 @@ impl MigrationConfig {
         Ok(config)
     }
 
+    /// The operational database's engine, by its URL's scheme.
+    pub fn operational_kind(&self) -> Result<crate::DbKind, crate::IngestError> {
+        let url = self.resolve_url(&self.operational.url)?;
+        if url.starts_with("sqlite:") {
+            Ok(crate::DbKind::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(crate::DbKind::Postgres)
+        } else {
+            Err(crate::IngestError::Config {
+                problems: vec!["[operational] url: not a postgres:// or sqlite:// URL".into()],
+            })
+        }
+    }
+
     /// A database URL with `${VAR}` expanded and a relative SQLite path resolved.
     pub fn resolve_url(&self, url: &str) -> Result<String, crate::IngestError> {
         let url = expand_env(url).map_err(|p| crate::IngestError::Config { problems: vec![p] })?;

@@ -23,7 +23,9 @@ pub struct TableReport {
     pub held_rows: u64,
     /// Rows whose date is missing or implausible: to review.
     pub flagged_rows: u64,
-    /// Rows per deciding rule.
+    /// Rows per deciding rule. A row whose key another range loaded too is counted here (and
+    /// in `bytes` and `patients`) as the operational row it was until the table's end moved
+    /// it to quarantine.
     pub reasons: BTreeMap<String, u64>,
     /// Source bytes per tier, values as read: texts and bytes by length, others by width.
     pub bytes: BTreeMap<String, u64>,

@@ -32,14 +32,14 @@ use crate::target_check::TargetChecks;
 use chrono::NaiveDate;
 use destroyed::Destroyed;
 use range::RangeContext;
-use sinks::Counting;
+use sinks::{Counting, RowChecks};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use strata_control::{Control, DestructionRecord, RunRecord};
 use strata_cutoff_policies::{Decision, LegalHold, PatientFacts, Policy, PolicyConfig};
 use target::{
     add_primary_key, checkpoints, ensure_bookkeeping_tables, forget_table, prepare_target_table,
-    quarantine_duplicate_keys, restart_table,
+    quarantine_duplicate_keys, restart_table, target_columns,
 };
 
 /// A prepared migration: source connected, config, policy and holds checked against its schema.
@@ -349,6 +349,8 @@ impl Migration {
             seconds = started.elapsed().as_secs_f64(),
             "patient facts computed"
         );
+        let target = self.operational_if_it_exists().await?;
+        let target_kind = self.config.operational_kind()?;
         let mut report = self.report_header("");
         for layout in &self.layouts {
             let started = std::time::Instant::now();
@@ -356,11 +358,23 @@ impl Migration {
                 index: 0,
                 filter: None,
             };
-            let outcome = self
-                .route_range(layout, &whole, &facts, None, Counting)
-                .await?;
+            let (columns, _) = target_columns(
+                self.source.kind(),
+                (target_kind, target.as_ref()),
+                &layout.target_schema(),
+                &layout.casts,
+            )
+            .await?;
+            let checks = TargetChecks::new(&columns, target_kind);
+            let sink = Counting {
+                checks: RowChecks::new(layout, &checks, !self.source_enforces_key(layout)),
+            };
+            let outcome = self.route_range(layout, &whole, &facts, None, sink).await?;
             report.tables.push(outcome.tally.finish());
             tracing::info!(table = %layout.name, seconds = started.elapsed().as_secs_f64(), "table planned");
+        }
+        if let Some(target) = target {
+            target.close().await;
         }
         self.store_policy_version().await?;
         let previous = self
@@ -372,6 +386,17 @@ impl Migration {
             .await?
             .and_then(|p| serde_json::from_str(&p).ok());
         Ok((report, previous))
+    }
+
+    /// The operational database, read-only, for a plan to read its tables' declarations; None
+    /// when it is a SQLite file not created yet (the run creates it).
+    async fn operational_if_it_exists(&self) -> Result<Option<Db>> {
+        let url = self.config.resolve_url(&self.config.operational.url)?;
+        match Db::connect(&url, true).await {
+            Ok(db) => Ok(Some(db)),
+            Err(_) if self.config.operational_kind()? == DbKind::Sqlite => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Abandons the running run, if there is one, and returns its id: each table it touched

@@ -3,7 +3,7 @@
 
 use super::destroyed::Destroyed;
 use super::route::{Route, Router};
-use super::sinks::{LongBlobs, PendingBlobs, RangeOutcome, RangeSink, Writers};
+use super::sinks::{LongBlobs, PendingBlobs, RangeOutcome, RangeSink, RowChecks, Writers};
 use super::target::{CHECKPOINT_TABLE, QUARANTINE_TABLE};
 use super::Migration;
 use crate::archive_rows::{archive_schema, ArchiveRun};
@@ -177,9 +177,7 @@ impl Migration {
             progress: ctx.progress.clone(),
             attempt: attempt.clone(),
             destroyed: Destroyed::default(),
-            checks: ctx.checks,
-            seen_keys: (ctx.unique_keys_unchecked && !layout.key.is_empty())
-                .then(std::collections::HashSet::new),
+            checks: RowChecks::new(layout, ctx.checks, ctx.unique_keys_unchecked),
         };
         let outcome = self
             .route_range(layout, range, ctx.facts, ctx.snapshot, writers)
@@ -302,19 +300,20 @@ impl Migration {
                     )?;
                     continue;
                 }
-                tally.count(&decision, patient.as_deref(), size);
                 match decision.tier {
-                    Tier::Purge => sink.purge(layout, &values, ordinal),
-                    Tier::Operational => {
-                        if let Some((values, reason)) = sink.operational(values).await? {
-                            // Counted as operational above; it is quarantined instead.
-                            tally.report.operational_rows -= 1;
-                            quarantine(
-                                layout, &mut tally, &mut sink, &values, ordinal, 0, &reason,
-                            )?;
-                        }
+                    Tier::Purge => {
+                        tally.count(&decision, patient.as_deref(), size);
+                        sink.purge(layout, &values, ordinal);
                     }
+                    Tier::Operational => match sink.operational(values).await? {
+                        // The database refused it: counted as quarantined, not operational.
+                        Some((values, reason)) => {
+                            quarantine(layout, &mut tally, &mut sink, &values, ordinal, 0, &reason)?
+                        }
+                        None => tally.count(&decision, patient.as_deref(), size),
+                    },
                     Tier::Archive => {
+                        tally.count(&decision, patient.as_deref(), size);
                         for (b, blob) in layout.blobs.iter().enumerate() {
                             let bytes = match &values[blob.column] {
                                 Value::Bytes(content) => Some(content.len() as u64),

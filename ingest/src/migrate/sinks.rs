@@ -102,10 +102,69 @@ pub(super) trait RangeSink {
     async fn finish(self, layout: &TableLayout, tally: Tally) -> Result<RangeOutcome>;
 }
 
-/// The sink of a plan: the caller's tally is all it keeps.
-pub(super) struct Counting;
+/// What a sink checks that the route stage cannot: a key repeated across rows (when the source
+/// does not enforce it) and a value the operational table would refuse or change. A plan and a
+/// run check the same way, so that a plan counts what a run will quarantine.
+pub(super) struct RowChecks<'c> {
+    target: &'c TargetChecks,
+    /// Hashes of the keys seen so far, when the source does not enforce them.
+    seen_keys: Option<std::collections::HashSet<u64>>,
+}
 
-impl RangeSink for Counting {
+impl<'c> RowChecks<'c> {
+    /// Checks against `target`; keys too when `keys_unchecked` (the source does not enforce
+    /// `layout`'s key).
+    pub(super) fn new(
+        layout: &TableLayout,
+        target: &'c TargetChecks,
+        keys_unchecked: bool,
+    ) -> Self {
+        RowChecks {
+            target,
+            seen_keys: (keys_unchecked && !layout.key.is_empty())
+                .then(std::collections::HashSet::new),
+        }
+    }
+
+    /// A problem that keeps the row out of every tier: a NULL or repeated primary key (when
+    /// the source does not enforce its key), or, for a row bound for the operational
+    /// database, a value the target would reject or change.
+    fn check(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        tier: Tier,
+    ) -> Option<(usize, &'static str)> {
+        if let Some(seen) = self.seen_keys.as_mut() {
+            if let Some(&k) = layout.key.iter().find(|&&k| values[k].is_null()) {
+                return Some((k, "NULL primary key"));
+            }
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            for &k in &layout.key {
+                format!("{:?}", values[k]).hash(&mut h);
+            }
+            if !seen.insert(h.finish()) {
+                return Some((layout.key[0], "duplicate primary key"));
+            }
+        }
+        if tier == Tier::Operational {
+            return self.target.check(values);
+        }
+        None
+    }
+}
+
+/// The sink of a plan: it checks rows as a run's writers do and keeps only the caller's tally.
+/// A plan reads a table as one range, so a key repeated anywhere in it is found here, where a
+/// run finds it in the range or, across ranges, before the table gets its key. What only the
+/// operational database knows (a CHECK constraint, a foreign key, a trigger of a table designed
+/// beforehand) is found by loading, not by a plan.
+pub(super) struct Counting<'c> {
+    pub(super) checks: RowChecks<'c>,
+}
+
+impl RangeSink for Counting<'_> {
     fn streams_blobs(&self) -> bool {
         false
     }
@@ -123,11 +182,11 @@ impl RangeSink for Counting {
 
     fn problem(
         &mut self,
-        _layout: &TableLayout,
-        _values: &[Value],
-        _tier: Tier,
+        layout: &TableLayout,
+        values: &[Value],
+        tier: Tier,
     ) -> Option<(usize, &'static str)> {
-        None
+        self.checks.check(layout, values, tier)
     }
 
     fn quarantine(
@@ -239,9 +298,7 @@ pub(super) struct Writers<'c> {
     /// What this attempt at the range added to `progress`.
     pub(super) attempt: Arc<TableProgress>,
     pub(super) destroyed: Destroyed,
-    pub(super) checks: &'c TargetChecks,
-    /// Hashes of the keys seen in this range, when the source does not enforce them.
-    pub(super) seen_keys: Option<std::collections::HashSet<u64>>,
+    pub(super) checks: RowChecks<'c>,
     /// The archive files' schema.
     pub(super) schema: arrow::datatypes::SchemaRef,
     /// Archived rows whose BLOBs are stored, on their way to `run`.
@@ -263,34 +320,6 @@ impl Writers<'_> {
         }
         self.archive.end_file().await?;
         Ok(())
-    }
-
-    /// A problem that keeps the row out of every tier: a NULL or repeated primary key (when
-    /// the source does not enforce its key), or, for a row bound for the operational
-    /// database, a value the target would reject or change.
-    fn check(
-        &mut self,
-        layout: &TableLayout,
-        values: &[Value],
-        tier: Tier,
-    ) -> Option<(usize, &'static str)> {
-        if let Some(seen) = self.seen_keys.as_mut() {
-            if let Some(&k) = layout.key.iter().find(|&&k| values[k].is_null()) {
-                return Some((k, "NULL primary key"));
-            }
-            use std::hash::{Hash, Hasher};
-            let mut h = std::hash::DefaultHasher::new();
-            for &k in &layout.key {
-                format!("{:?}", values[k]).hash(&mut h);
-            }
-            if !seen.insert(h.finish()) {
-                return Some((layout.key[0], "duplicate primary key"));
-            }
-        }
-        if tier == Tier::Operational {
-            return self.checks.check(values);
-        }
-        None
     }
 
     /// Reads the row's long BLOBs whole from the source.
@@ -349,7 +378,7 @@ impl RangeSink for Writers<'_> {
         values: &[Value],
         tier: Tier,
     ) -> Option<(usize, &'static str)> {
-        self.check(layout, values, tier)
+        self.checks.check(layout, values, tier)
     }
 
     fn quarantine(

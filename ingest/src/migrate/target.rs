@@ -93,7 +93,66 @@ fn target_decl(from: DbKind, to: DbKind, c: &Column) -> String {
     }
 }
 
-/// Makes the operational table ready to load and returns its columns as loads declare them.
+/// The columns a load into the operational table declares: the existing table's own
+/// declarations (what checks and COPY must meet), or, for a table Strata will create, the
+/// source's mapped to the target engine (or the configured casts). Creates nothing, so a plan
+/// checks rows against exactly what a run will load into. An existing table that lacks a
+/// column is a configuration problem. `target` is None when the operational database does
+/// not exist yet (a SQLite file a run will create); the bool says whether the table exists.
+pub(super) async fn target_columns(
+    source: DbKind,
+    target: (DbKind, Option<&Db>),
+    schema: &TableSchema,
+    casts: &[Option<String>],
+) -> Result<(Vec<Column>, bool)> {
+    let columns: Vec<Column> = schema
+        .columns
+        .iter()
+        .zip(casts)
+        .map(|(c, cast)| Column {
+            decl_type: match cast {
+                Some(cast) => cast.clone(),
+                None => target_decl(source, target.0, c),
+            },
+            ..c.clone()
+        })
+        .collect();
+    let Some(target) = target.1 else {
+        return Ok((columns, false));
+    };
+    if !target.table_names().await?.contains(&schema.name) {
+        return Ok((columns, false));
+    }
+    let existing = target.table_schema(&schema.name).await?;
+    let mut missing = Vec::new();
+    let columns: Vec<Column> = columns
+        .into_iter()
+        .map(|c| match existing.column(&c.name) {
+            Some(t) => Column {
+                decl_type: t.decl_type.clone(),
+                nullable: t.nullable,
+                ..c
+            },
+            None => {
+                missing.push(c.name.clone());
+                c
+            }
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(IngestError::Config {
+            problems: vec![format!(
+                "operational table {} has no column {}",
+                schema.name,
+                missing.join(", ")
+            )],
+        });
+    }
+    Ok((columns, true))
+}
+
+/// Makes the operational table ready to load and returns its columns as loads declare them
+/// ([`target_columns`]).
 ///
 /// A table Strata creates in PostgreSQL gets its primary key after the load (building an index
 /// once is cheaper than maintaining it row by row: ~25 % here); SQLite cannot add one later, so
@@ -106,46 +165,9 @@ pub(super) async fn prepare_target_table(
     casts: &[Option<String>],
     resuming: bool,
 ) -> Result<Vec<Column>> {
-    let columns: Vec<Column> = schema
-        .columns
-        .iter()
-        .zip(casts)
-        .map(|(c, cast)| Column {
-            decl_type: match cast {
-                Some(cast) => cast.clone(),
-                None => target_decl(source.kind(), target.kind(), c),
-            },
-            ..c.clone()
-        })
-        .collect();
-    let exists = target.table_names().await?.contains(&schema.name);
+    let (columns, exists) =
+        target_columns(source.kind(), (target.kind(), Some(target)), schema, casts).await?;
     if exists {
-        // Load with the target's own declarations: they are what checks and COPY must meet.
-        let existing = target.table_schema(&schema.name).await?;
-        let mut missing = Vec::new();
-        let columns: Vec<Column> = columns
-            .into_iter()
-            .map(|c| match existing.column(&c.name) {
-                Some(t) => Column {
-                    decl_type: t.decl_type.clone(),
-                    nullable: t.nullable,
-                    ..c
-                },
-                None => {
-                    missing.push(c.name.clone());
-                    c
-                }
-            })
-            .collect();
-        if !missing.is_empty() {
-            return Err(IngestError::Config {
-                problems: vec![format!(
-                    "operational table {} has no column {}",
-                    schema.name,
-                    missing.join(", ")
-                )],
-            });
-        }
         if !resuming {
             let rows = target
                 .fetch_all(

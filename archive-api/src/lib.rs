@@ -31,6 +31,7 @@ mod metrics;
 mod routes;
 mod server;
 mod smart;
+mod state;
 
 pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
 pub use auth::{Auth, Claims, Principal, Role};
@@ -41,6 +42,7 @@ pub use config::{
 pub use error::ApiError;
 pub use exports::{start_background, ExportRequest, Exporter, JobSpec};
 pub use metrics::Rejection;
-pub use routes::{audit_key, ceiling_router, router, ApiDoc, AppState, ErrorBody};
+pub use routes::{ceiling_router, router, ApiDoc, ErrorBody};
 pub use server::{serve, serve_router, ClientAddress, Serving, TrustedProxies};
 pub use smart::Smart;
+pub use state::{audit_key, AppState};

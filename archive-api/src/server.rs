@@ -17,7 +17,8 @@
 //! counted in `/metrics` and not audited: an anonymous flood must not grow the audit log.
 
 use crate::metrics::{Metrics, Rejection};
-use crate::routes::{router, AppState};
+use crate::routes::router;
+use crate::state::AppState;
 use crate::ApiConfig;
 use axum::http::HeaderMap;
 use hyper::body::Incoming;

@@ -11,7 +11,7 @@
 
 use crate::auth::{Principal, Role};
 use crate::config::{hex_key, SmartClient, SmartConfig};
-use crate::routes::AppState;
+use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};

@@ -11,7 +11,7 @@ use super::patients::operational_patients;
 use super::{shifted, Exporter, Failure, JobSpec, Run, Watch};
 use crate::fhir::{resource_of, Fields, Identity};
 use crate::history::cell;
-use crate::routes::AppState;
+use crate::state::AppState;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type};
 use serde_json::{json, Map, Value};

@@ -25,7 +25,7 @@ pub(crate) mod spec;
 
 use crate::config::{hex_key, ExportsConfig};
 use crate::error::ApiError;
-use crate::routes::AppState;
+use crate::state::AppState;
 use chrono::Datelike;
 use cohort::TableRows;
 use futures::TryStreamExt;

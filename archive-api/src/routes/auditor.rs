@@ -1,0 +1,146 @@
+//! The auditor's routes: the hash-chained audit log, its verification, and a patient's
+//! accounting of disclosures. Only auditors and administrators reach them (a route layer).
+
+use super::{page, reply, ApiQuery, ErrorBody, QueryShape, Refusals};
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+use strata_control::{AuditQuery, Outcome};
+
+impl QueryShape for AuditParams {
+    const PARAMETERS: &'static str =
+        "after, limit, user, patient, outcome, since, until, break_glass";
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct AuditParams {
+    /// The cursor: entries after this number.
+    after: Option<i64>,
+    limit: Option<i64>,
+    user: Option<String>,
+    patient: Option<String>,
+    /// allowed, denied or failed.
+    #[param(value_type = Option<String>)]
+    outcome: Option<Outcome>,
+    since: Option<String>,
+    until: Option<String>,
+    /// Only reads that broke the glass (the review list).
+    #[serde(default)]
+    break_glass: bool,
+}
+
+#[utoipa::path(get, path = "/v1/audit", tag = "auditor", params(AuditParams),
+    responses((status = 200, description = "Entries oldest first, with the cursor of the next page", body = Object),
+        (status = 400, description = "Bad query", body = ErrorBody), Refusals))]
+pub(super) async fn audit_list(
+    State(state): State<AppState>,
+    ApiQuery(p): ApiQuery<AuditParams>,
+) -> Result<Response, ApiError> {
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let q = AuditQuery {
+        after_seq: p.after,
+        limit: Some(limit),
+        user: p.user,
+        patient: p.patient,
+        outcome: p.outcome,
+        since: p.since,
+        until: p.until,
+        break_glass_only: p.break_glass,
+    };
+    let entries = state.audit.list(&q).await?;
+    let next = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(|e| e.seq))
+        .flatten();
+    let detail = json!({ "entries": entries.len() });
+    Ok(reply(Json(page(entries, next)), detail))
+}
+
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "auditor",
+    responses((status = 200, description = "Whether the hash chain is intact, and every break with its entry", body = Object), Refusals))]
+pub(super) async fn audit_verify(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let report = state.audit.verify().await?;
+    let detail = json!({ "entries": report.entries, "problems": report.problems.len() });
+    Ok(reply(
+        Json(json!({
+            "ok": report.ok(),
+            "entries": report.entries,
+            "head": report.head_seq,
+            "problems": report.problems,
+        })),
+        detail,
+    ))
+}
+
+impl QueryShape for DisclosureParams {
+    const PARAMETERS: &'static str = "after, limit, since, until";
+}
+
+/// Query of the accounting of disclosures.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct DisclosureParams {
+    after: Option<i64>,
+    limit: Option<i64>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// The accounting of disclosures: every read of the patient's data that was served — when,
+/// by whom, for what purpose, what, and whether the glass was broken.
+#[utoipa::path(get, path = "/v1/patients/{patient}/disclosures", tag = "auditor", params(("patient" = String, Path, description = "The patient key"), DisclosureParams),
+    responses((status = 200, description = "Accounting of disclosures: every served read of the patient's data", body = Object),
+        (status = 400, description = "Bad query", body = ErrorBody), Refusals))]
+pub(super) async fn disclosures(
+    State(state): State<AppState>,
+    Path(patient): Path<String>,
+    ApiQuery(p): ApiQuery<DisclosureParams>,
+) -> Result<Response, ApiError> {
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = state
+        .audit
+        .list(&AuditQuery {
+            after_seq: p.after,
+            limit: Some(limit),
+            patient: Some(patient.clone()),
+            outcome: Some(Outcome::Allowed),
+            since: p.since,
+            until: p.until,
+            ..Default::default()
+        })
+        .await?;
+    let next = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(|e| e.seq))
+        .flatten();
+    let disclosures: Vec<_> = entries
+        .iter()
+        .filter(|e| {
+            e.entry.action.contains("/v1/patients/{patient}/")
+                && !e.entry.action.ends_with("/disclosures")
+        })
+        .map(|e| {
+            json!({
+                "at": e.at,
+                "user": e.entry.user,
+                "roles": e.entry.roles,
+                "purpose": e.entry.purpose,
+                "action": e.entry.action,
+                "detail": e.entry.detail,
+                "break_glass": e.entry.break_glass,
+                "audit_entry": e.seq,
+            })
+        })
+        .collect();
+    let detail = json!({ "disclosures": disclosures.len() });
+    Ok(reply(
+        Json(json!({ "patient": patient, "disclosures": disclosures, "next": next })),
+        detail,
+    ))
+}

@@ -1,0 +1,253 @@
+//! The router: routes grouped by audience, the roles each group admits, the layers, and the
+//! extractors handlers share.
+//!
+//! Layers, outermost first: trace, metrics, audit (every `/v1` request is recorded before its
+//! response leaves), authentication, per-user rate limit, timeout (inside authentication, so
+//! that a request with a valid token that times out is audited under its user), and for the
+//! routes of each audience, its roles. Handlers are thin: they read
+//! through the archive reader or the control database and note for the audit log what they
+//! returned; for patient data they check the caller's grounds ([`crate::access`]) first.
+//!
+//! Each audience's routes are in a file of their own: [`clinical`], [`records`], [`auditor`],
+//! [`operations`]; researchers' exports in [`crate::exports`], FHIR Bulk Data in
+//! [`crate::bulk`], the SMART token endpoint in [`crate::smart`].
+
+mod auditor;
+mod clinical;
+mod extract;
+mod openapi;
+mod operations;
+mod records;
+
+pub(crate) use extract::{ApiJson, ApiQuery, BodyShape, QueryShape};
+pub use openapi::{ApiDoc, ErrorBody};
+pub(crate) use openapi::{PurposeOfUse, Refusals};
+
+use crate::access::patient_access;
+use crate::audit::{noted, record, AuditNote};
+use crate::auth::{require_token, Principal, Role};
+use crate::error::ApiError;
+use crate::exports::routes as export_routes;
+use crate::limits::limit;
+use crate::metrics::track;
+use crate::state::AppState;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Extension, Router};
+use serde::Serialize;
+use serde_json::json;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+/// Who reaches the clinician's routes (whose grounds for each patient are checked then).
+const CLINICAL: &[Role] = &[Role::Clinician];
+/// Who reaches the records manager's routes.
+const RECORDS: &[Role] = &[Role::RecordsManager, Role::Admin];
+/// Who reaches researchers' exports.
+const RESEARCH: &[Role] = &[Role::Researcher];
+/// Who reaches cohorts (a records manager lists patients; a researcher only criteria).
+const GROUPS: &[Role] = &[Role::Researcher, Role::RecordsManager, Role::Admin];
+/// Who reaches FHIR Bulk Data exports.
+const BULK: &[Role] = &[Role::Researcher, Role::System];
+/// Who reaches the auditor's routes.
+const AUDIT: &[Role] = &[Role::Auditor, Role::Admin];
+
+/// A route layer: only a caller with one of `roles` goes on (403 otherwise, audited as
+/// denied by the audit layer outside). Runs after authentication put the caller in the
+/// request, before the handler reads its body or query.
+async fn require_role(
+    State(roles): State<&'static [Role]>,
+    Extension(principal): Extension<Principal>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    principal.require(roles)?;
+    Ok(next.run(request).await)
+}
+
+/// `routes`, reached only by callers with one of `roles`.
+fn only(roles: &'static [Role], routes: Router<AppState>) -> Router<AppState> {
+    routes.route_layer(middleware::from_fn_with_state(roles, require_role))
+}
+
+pub(crate) fn bad(what: &str) -> ApiError {
+    ApiError::BadRequest(what.to_string())
+}
+
+pub(crate) fn day(
+    text: &Option<String>,
+    name: &str,
+) -> Result<Option<chrono::NaiveDate>, ApiError> {
+    text.as_deref()
+        .map(|t| {
+            chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d")
+                .map_err(|_| bad(&format!("{name} must be a date, YYYY-MM-DD")))
+        })
+        .transpose()
+}
+
+pub(crate) fn list(text: &Option<String>) -> Vec<String> {
+    text.as_deref()
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A response with what to note for the audit log (requests that read no patient data).
+pub(crate) fn reply(body: impl IntoResponse, detail: serde_json::Value) -> Response {
+    noted(
+        body,
+        AuditNote {
+            access: None,
+            detail,
+        },
+    )
+}
+
+/// A page of entries with the cursor of the next.
+pub(crate) fn page<T: Serialize>(entries: Vec<T>, next: Option<i64>) -> serde_json::Value {
+    json!({ "entries": entries, "next": next })
+}
+
+/// The API's routes with their layers.
+pub fn router(state: AppState) -> Router {
+    let clinical = only(
+        CLINICAL,
+        Router::new()
+            .route("/v1/patients/{patient}/history", get(clinical::history))
+            .route(
+                "/v1/patients/{patient}/documents/{document}",
+                get(clinical::document),
+            ),
+    );
+    let auditor = only(
+        AUDIT,
+        Router::new()
+            .route(
+                "/v1/patients/{patient}/disclosures",
+                get(auditor::disclosures),
+            )
+            .route("/v1/audit", get(auditor::audit_list))
+            .route("/v1/audit/verify", get(auditor::audit_verify)),
+    );
+    let records = only(
+        RECORDS,
+        Router::new()
+            .route("/v1/policies", get(records::policies))
+            .route("/v1/plan", get(records::plan))
+            .route("/v1/holds", get(records::holds).post(records::place_hold))
+            .route("/v1/holds/{hold}", delete(records::release_hold))
+            .route("/v1/reports/last-run", get(records::last_run_report))
+            .route("/v1/reports/destructions", get(records::destruction_report)),
+    );
+    let exports = only(
+        RESEARCH,
+        Router::new()
+            .route(
+                "/v1/exports",
+                axum::routing::post(export_routes::start_export),
+            )
+            .route("/v1/exports/{export}", get(export_routes::export_status))
+            .route(
+                "/v1/exports/{export}/files/{file}",
+                get(export_routes::export_file),
+            ),
+    );
+    let groups = only(
+        GROUPS,
+        Router::new().route(
+            "/v1/groups",
+            get(export_routes::list_groups).post(export_routes::create_group),
+        ),
+    );
+    let bulk = only(
+        BULK,
+        Router::new()
+            .route("/fhir/$export", get(crate::bulk::export_system))
+            .route("/fhir/Patient/$export", get(crate::bulk::export_patients))
+            .route(
+                "/fhir/Group/{group}/$export",
+                get(crate::bulk::export_group),
+            )
+            .route(
+                "/fhir/bulkstatus/{export}",
+                get(crate::bulk::status).delete(crate::bulk::cancel),
+            )
+            .route("/fhir/bulkfiles/{export}/{file}", get(crate::bulk::file)),
+    );
+    let v1 = clinical
+        .merge(auditor)
+        .merge(records)
+        .merge(exports)
+        .merge(groups)
+        .merge(bulk);
+    with_layers(state, v1)
+}
+
+/// The same server path as [`router`] (TLS, HTTP, token check, rate limit, audit) around one
+/// route, `GET /v1/patients/{patient}/history`, that checks the caller's grounds as the real
+/// one does and answers `body` without reading the archive: the ceiling a benchmark measures
+/// Strata's histories against (`strata serve --benchmark-ceiling BYTES`).
+pub fn ceiling_router(state: AppState, body: bytes::Bytes) -> Router {
+    let answer = move |Extension(principal): Extension<Principal>,
+                       Path(patient): Path<String>,
+                       headers: HeaderMap| {
+        let body = body.clone();
+        async move {
+            let access = patient_access(&principal, &headers, &patient)?;
+            let note = AuditNote {
+                access: Some(access),
+                detail: json!({ "records": 0, "ceiling": true }),
+            };
+            Ok::<_, ApiError>(noted(
+                ([(header::CONTENT_TYPE, "application/json")], body),
+                note,
+            ))
+        }
+    };
+    let v1 = Router::new().route("/v1/patients/{patient}/history", get(answer));
+    with_layers(state, v1)
+}
+
+/// `v1` (the routes that need a token) and the public routes, with the layers every request
+/// goes through.
+fn with_layers(state: AppState, v1: Router<AppState>) -> Router {
+    let timeout =
+        TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.request_timeout);
+    let v1 = v1
+        .route_layer(timeout)
+        .route_layer(middleware::from_fn_with_state(state.limiter.clone(), limit))
+        .route_layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(operations::healthz))
+        .route("/readyz", get(operations::readyz))
+        .route("/metrics", get(operations::metrics))
+        .route("/openapi.json", get(operations::openapi_json))
+        .route(
+            "/.well-known/smart-configuration",
+            get(crate::smart::configuration),
+        )
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(crate::smart::configuration),
+        )
+        .route("/auth/token", axum::routing::post(crate::smart::token))
+        .route_layer(timeout)
+        .merge(v1)
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), track))
+        .with_state(state)
+        .layer(TraceLayer::new_for_http())
+}

@@ -1,0 +1,191 @@
+//! The records manager's routes: policy versions, the latest plan, run and destruction
+//! reports, and legal holds. Only records managers and administrators reach them (a route
+//! layer).
+
+use super::{reply, ApiJson, BodyShape, ErrorBody, Refusals};
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::json;
+use strata_cutoff_policies::HoldScope;
+
+#[utoipa::path(get, path = "/v1/policies", tag = "records manager",
+    responses((status = 200, description = "Every stored policy version, newest first", body = Object), Refusals))]
+pub(super) async fn policies(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let versions = state.control.policy_versions().await?;
+    let detail = json!({ "versions": versions.len() });
+    Ok(reply(Json(json!({ "versions": versions })), detail))
+}
+
+#[utoipa::path(get, path = "/v1/plan", tag = "records manager",
+    responses((status = 200, description = "The latest plan: rows per table per tier", body = Object),
+        (status = 404, description = "No plan yet", body = ErrorBody), Refusals))]
+pub(super) async fn plan(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let (plan_id, created_at, report) = state
+        .control
+        .latest_plan()
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let report: serde_json::Value = serde_json::from_str(&report)
+        .map_err(|e| ApiError::Internal(format!("stored plan: {e}")))?;
+    let detail = json!({ "plan": plan_id });
+    Ok(reply(
+        Json(json!({ "plan_id": plan_id, "created_at": created_at, "report": report })),
+        detail,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/reports/last-run", tag = "records manager",
+    responses((status = 200, description = "The last finished run's report", body = Object),
+        (status = 404, description = "No finished run yet", body = ErrorBody), Refusals))]
+pub(super) async fn last_run_report(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let (run_id, report) = state
+        .control
+        .last_finished_run_report()
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let report: serde_json::Value = serde_json::from_str(&report)
+        .map_err(|e| ApiError::Internal(format!("stored report: {e}")))?;
+    let detail = json!({ "run": run_id });
+    Ok(reply(Json(report), detail))
+}
+
+#[utoipa::path(get, path = "/v1/reports/destructions", tag = "records manager",
+    responses((status = 200, description = "Destruction records: counts, key ranges, checksums", body = Object), Refusals))]
+pub(super) async fn destruction_report(
+    State(state): State<AppState>,
+) -> Result<Response, ApiError> {
+    let records: Vec<_> = state
+        .control
+        .destructions()
+        .await?
+        .into_iter()
+        .map(|(d, at)| json!({ "record": d, "destroyed_at": at }))
+        .collect();
+    let detail = json!({ "records": records.len() });
+    Ok(reply(Json(json!({ "destructions": records })), detail))
+}
+
+#[utoipa::path(get, path = "/v1/holds", tag = "records manager",
+    responses((status = 200, description = "Every legal hold, placed and released", body = Object), Refusals))]
+pub(super) async fn holds(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let holds = state.control.holds().await?;
+    let detail = json!({ "holds": holds.len() });
+    Ok(reply(Json(json!({ "holds": holds })), detail))
+}
+
+/// Body of `POST /v1/holds`: one of `patient`, `table`, or `table` + `column` + `value`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewHold {
+    patient: Option<String>,
+    table: Option<String>,
+    column: Option<String>,
+    value: Option<String>,
+    reason: String,
+}
+
+fn nonblank(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.trim().is_empty())
+}
+
+#[utoipa::path(post, path = "/v1/holds", tag = "records manager", request_body = NewHold,
+    responses((status = 201, description = "The hold's id and scope", body = Object),
+        (status = 400, description = "Bad body", body = ErrorBody), Refusals))]
+pub(super) async fn place_hold(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiJson(h): ApiJson<NewHold>,
+) -> Result<Response, ApiError> {
+    let scope = match (
+        nonblank(h.patient),
+        nonblank(h.table),
+        nonblank(h.column),
+        h.value,
+    ) {
+        (Some(p), None, None, None) => HoldScope::Patient(p),
+        (None, Some(t), None, None) => HoldScope::Table(t),
+        (None, Some(table), Some(column), Some(value)) => HoldScope::Filter {
+            table,
+            column,
+            value,
+        },
+        _ => {
+            return Err(ApiError::BadRequest(
+                "name a patient, a table, or a table with a column and a value".into(),
+            ))
+        }
+    };
+    if h.reason.trim().is_empty() {
+        return Err(ApiError::BadRequest("a legal hold needs a reason".into()));
+    }
+    let patient = match &scope {
+        HoldScope::Patient(p) => Some(p.clone()),
+        _ => None,
+    };
+    let id = state
+        .control
+        .place_hold(&scope, &h.reason, &principal.user)
+        .await?;
+    let detail = json!({ "hold": id, "patient": patient });
+    Ok(reply(
+        (
+            StatusCode::CREATED,
+            Json(json!({ "hold_id": id, "scope": scope })),
+        ),
+        detail,
+    ))
+}
+
+impl BodyShape for NewHold {
+    const SHAPE: &'static str = "{\"patient\" | \"table\" [, \"column\", \"value\"], \"reason\"}";
+}
+
+/// Body of `DELETE /v1/holds/{hold}`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Release {
+    reason: String,
+}
+
+#[utoipa::path(delete, path = "/v1/holds/{hold}", tag = "records manager",
+    params(("hold" = String, Path, description = "The hold's id")), request_body = Release,
+    responses((status = 200, description = "Released", body = Object),
+        (status = 400, description = "Bad body", body = ErrorBody),
+        (status = 404, description = "No active hold with this id", body = ErrorBody), Refusals))]
+pub(super) async fn release_hold(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(hold): Path<String>,
+    ApiJson(r): ApiJson<Release>,
+) -> Result<Response, ApiError> {
+    if r.reason.trim().is_empty() {
+        return Err(ApiError::BadRequest(
+            "releasing a legal hold needs a reason".into(),
+        ));
+    }
+    let active = state
+        .control
+        .holds()
+        .await?
+        .into_iter()
+        .any(|h| h.hold_id == hold && h.released.is_none());
+    if !active {
+        return Err(ApiError::NotFound);
+    }
+    state
+        .control
+        .release_hold(&hold, &r.reason, &principal.user)
+        .await?;
+    let detail = json!({ "hold": hold });
+    Ok(reply(Json(json!({ "released": hold })), detail))
+}
+
+impl BodyShape for Release {
+    const SHAPE: &'static str = "{\"reason\"}";
+}

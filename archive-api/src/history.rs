@@ -1,17 +1,11 @@
 //! A patient's archived history as JSON: every table's rows for the patient, newest first.
 
 use crate::error::ApiError;
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{
-    DataType, Date32Type, Float64Type, Int64Type, TimeUnit, TimestampMicrosecondType,
-};
+use arrow::array::RecordBatch;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex};
-use strata_archive::{
-    blob_ref, ArchiveError, ArchiveReader, BlobRef, LiveArchive, BLOB_REF_SUFFIXES, KEY_COLUMN,
-    PATIENT_COLUMN, RECORD_DATE_COLUMN,
-};
+use strata_archive::{ArchiveError, ArchiveReader, ArchivedBatch, BlobRef, LiveArchive};
 
 /// One archived record.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -46,45 +40,6 @@ pub struct DocumentLink {
     pub length: u64,
     /// SHA-256, hex.
     pub sha256: String,
-}
-
-/// A value of an archived column as JSON.
-pub(crate) fn cell(array: &dyn Array, row: usize) -> Value {
-    if array.is_null(row) {
-        return Value::Null;
-    }
-    match array.data_type() {
-        DataType::Int64 => array.as_primitive::<Int64Type>().value(row).into(),
-        DataType::Int32 => array
-            .as_primitive::<arrow::datatypes::Int32Type>()
-            .value(row)
-            .into(),
-        DataType::Float64 => array.as_primitive::<Float64Type>().value(row).into(),
-        DataType::Boolean => array.as_boolean().value(row).into(),
-        DataType::Utf8 => array.as_string::<i32>().value(row).into(),
-        DataType::Date32 => {
-            Date32Type::to_naive_date_opt(array.as_primitive::<Date32Type>().value(row))
-                .map(|d| d.to_string().into())
-                .unwrap_or(Value::Null)
-        }
-        DataType::Timestamp(TimeUnit::Microsecond, tz) => {
-            let micros = array.as_primitive::<TimestampMicrosecondType>().value(row);
-            match chrono::DateTime::from_timestamp_micros(micros) {
-                Some(t) if tz.is_some() => t.to_rfc3339().into(),
-                Some(t) => t
-                    .naive_utc()
-                    .format("%Y-%m-%dT%H:%M:%S%.f")
-                    .to_string()
-                    .into(),
-                None => Value::Null,
-            }
-        }
-        DataType::Binary => Value::String(format!(
-            "<{} bytes>",
-            array.as_binary::<i32>().value(row).len()
-        )),
-        _ => Value::Null,
-    }
 }
 
 /// Reads one patient's records from every archived table, through the archive's current
@@ -186,55 +141,29 @@ fn batch_records(
     blob_columns: &[String],
     patient: &str,
 ) -> Vec<HistoryRecord> {
-    let schema = batch.schema();
-    let mut out = Vec::with_capacity(batch.num_rows());
-    for row in 0..batch.num_rows() {
-        let mut data = Map::new();
-        let mut record_date = None;
-        let mut key = String::new();
-        for (i, field) in schema.fields().iter().enumerate() {
-            let name = field.name();
-            if name == PATIENT_COLUMN {
-                continue;
-            }
-            if name == KEY_COLUMN {
-                key = batch.column(i).as_string::<i32>().value(row).to_string();
-                continue;
-            }
-            let v = cell(batch.column(i).as_ref(), row);
-            if name == RECORD_DATE_COLUMN {
-                record_date = v.as_str().map(str::to_string);
-                continue;
-            }
-            if blob_columns
-                .iter()
-                .any(|b| BLOB_REF_SUFFIXES.iter().any(|s| name == &format!("{b}{s}")))
-            {
-                continue;
-            }
-            data.insert(name.clone(), v);
-        }
-        let documents = blob_columns
-            .iter()
-            .filter_map(|b| Some((b.clone(), blob_ref(batch, b, row)?)))
-            .map(|(column, r)| DocumentLink {
-                href: format!("/v1/patients/{patient}/documents/{}", r.object),
-                id: r.object,
-                column,
-                content_type: r.content_type,
-                length: r.length,
-                sha256: r.sha256,
-            })
-            .collect();
-        out.push(HistoryRecord {
+    let batch = ArchivedBatch::new(batch, blob_columns);
+    (0..batch.num_rows())
+        .map(|row| HistoryRecord {
             table: table.to_string(),
-            key,
-            record_date,
-            data,
-            documents,
-        });
-    }
-    out
+            key: batch.key(row).unwrap_or_default().to_string(),
+            record_date: batch.record_date(row).map(|d| d.to_string()),
+            data: batch
+                .data(row)
+                .map(|(name, v)| (name.to_string(), v.to_json()))
+                .collect(),
+            documents: batch
+                .blobs(row)
+                .map(|(column, r)| DocumentLink {
+                    href: format!("/v1/patients/{patient}/documents/{}", r.object),
+                    id: r.object,
+                    column: column.to_string(),
+                    content_type: r.content_type,
+                    length: r.length,
+                    sha256: r.sha256,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// Finds the reference of `document` among the patient's archived rows: a document is served
@@ -266,14 +195,12 @@ async fn find_in(
             continue;
         }
         for batch in archive.patient_rows(table, patient).await? {
-            for row in 0..batch.num_rows() {
-                for b in &blob_columns {
-                    if let Some(r) = blob_ref(&batch, b, row) {
-                        if r.object == document {
-                            return Ok(Some(r));
-                        }
-                    }
-                }
+            let batch = ArchivedBatch::new(&batch, &blob_columns);
+            let found = (0..batch.num_rows())
+                .flat_map(|row| batch.blobs(row))
+                .find(|(_, r)| r.object == document);
+            if let Some((_, r)) = found {
+                return Ok(Some(r));
             }
         }
     }

@@ -116,14 +116,12 @@ async fn sample_patient(archive: &ArchiveReader) -> Result<Option<(String, Optio
         }
         if let Some(file) = manifests.iter().flat_map(|m| m.files.first()).next() {
             for batch in archive.read_file(file).await? {
-                use arrow::array::AsArray;
+                let batch = strata_archive::ArchivedBatch::new(&batch, &blobs);
                 if batch.num_rows() == 0 {
                     continue;
                 }
-                let patient = batch.column(0).as_string::<i32>().value(0).to_string();
-                let doc = batch
-                    .column_by_name(&format!("{}__object", blobs[0]))
-                    .map(|c| c.as_string::<i32>().value(0).to_string());
+                let patient = batch.patient(0).unwrap_or_default().to_string();
+                let doc = batch.blobs(0).next().map(|(_, r)| r.object);
                 return Ok(Some((patient, doc)));
             }
         }

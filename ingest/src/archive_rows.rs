@@ -1,5 +1,5 @@
-//! Turns archived rows into Arrow record batches in the archive's layout: patient key, record
-//! date, then the source columns, each BLOB column replaced by its four reference columns.
+//! Turns archived rows into Arrow record batches in the archive's layout (which the archive
+//! crate owns: [`strata_archive::table_schema`]), sorted as the archive keeps them.
 
 use crate::layout::TableLayout;
 use crate::value::{ColumnType, Value};
@@ -7,10 +7,10 @@ use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float64Builder, Int64Builder,
     RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::SchemaRef;
 use chrono::NaiveDate;
 use std::sync::Arc;
-use strata_archive::{BlobRef, BLOB_REF_SUFFIXES, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
+use strata_archive::{table_schema, ArchivedColumn, BlobRef, ValueType};
 
 /// One row bound for the archive.
 #[derive(Debug, Clone)]
@@ -27,43 +27,32 @@ pub struct ArchivedRow {
     pub blobs: Vec<Option<BlobRef>>,
 }
 
-fn arrow_type(t: ColumnType) -> DataType {
+/// The type a column of `t` is archived as.
+fn archived_type(t: ColumnType) -> ValueType {
     match t {
-        ColumnType::Int => DataType::Int64,
-        ColumnType::Float => DataType::Float64,
-        ColumnType::Bool => DataType::Boolean,
-        ColumnType::Bytes => DataType::Binary,
-        ColumnType::Date => DataType::Date32,
-        ColumnType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
-        ColumnType::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        ColumnType::Text | ColumnType::Other => DataType::Utf8,
+        ColumnType::Int => ValueType::Int,
+        ColumnType::Float => ValueType::Float,
+        ColumnType::Bool => ValueType::Bool,
+        ColumnType::Bytes => ValueType::Bytes,
+        ColumnType::Date => ValueType::Date,
+        ColumnType::Timestamp => ValueType::Timestamp,
+        ColumnType::TimestampTz => ValueType::TimestampUtc,
+        ColumnType::Text | ColumnType::Other => ValueType::Text,
     }
 }
 
-/// The archive schema of a table.
+/// The archive schema of a table (the layout is the archive crate's: [`table_schema`]).
 pub fn archive_schema(layout: &TableLayout) -> SchemaRef {
-    let mut fields = vec![
-        Field::new(PATIENT_COLUMN, DataType::Utf8, false),
-        Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
-        Field::new(KEY_COLUMN, DataType::Utf8, false),
-    ];
-    for (i, c) in layout.columns().iter().enumerate() {
-        let name = &layout.target_names[i];
-        if layout.blobs.iter().any(|b| b.column == i) {
-            let types = [
-                DataType::Utf8,
-                DataType::Int64,
-                DataType::Utf8,
-                DataType::Utf8,
-            ];
-            for (suffix, t) in BLOB_REF_SUFFIXES.iter().zip(types) {
-                fields.push(Field::new(format!("{name}{suffix}"), t, true));
-            }
-        } else {
-            fields.push(Field::new(name, arrow_type(c.col_type), true));
-        }
-    }
-    Arc::new(Schema::new(fields))
+    let columns: Vec<ArchivedColumn> = layout
+        .columns()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ArchivedColumn {
+            name: layout.target_names[i].clone(),
+            value: (!layout.blobs.iter().any(|b| b.column == i)).then(|| archived_type(c.col_type)),
+        })
+        .collect();
+    table_schema(&columns)
 }
 
 const EPOCH: NaiveDate = match NaiveDate::from_ymd_opt(1970, 1, 1) {

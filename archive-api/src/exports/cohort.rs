@@ -16,7 +16,9 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::sync::Arc;
-use strata_archive::{ArchiveReader, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
+use strata_archive::{
+    ArchiveReader, ArchivedBatch, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN,
+};
 use strata_deidentify::{PseudonymKey, TablePlan};
 
 /// The row filters of a job for one table.
@@ -63,23 +65,16 @@ impl Cohort {
     /// Rows in the cohort, of a batch in the table's merged schema.
     fn keep(&self, batch: &RecordBatch) -> Result<Vec<bool>, String> {
         let n = batch.num_rows();
-        let dates = batch
-            .column_by_name(RECORD_DATE_COLUMN)
-            .ok_or("no record date column")?
-            .as_primitive::<Date32Type>();
-        let patients = batch
-            .column_by_name(PATIENT_COLUMN)
-            .ok_or("no patient column")?
-            .as_string::<i32>();
+        let archived = ArchivedBatch::new(batch, &[]);
+        let patients: Vec<&str> = archived.patients().ok_or("no patient column")?.collect();
         let mut last_shift: Option<(&str, i32)> = None;
         let mut keep: Vec<bool> = (0..n)
-            .map(|i| match (self.from, self.to) {
-                (None, None) => true,
-                _ if dates.is_null(i) => false,
-                _ => {
-                    let mut d = dates.value(i);
+            .map(|i| match (self.from, self.to, archived.record_days(i)) {
+                (None, None, _) => true,
+                (_, _, None) => false,
+                (_, _, Some(mut d)) => {
                     if let Some(key) = &self.shift {
-                        let p = patients.value(i);
+                        let p = patients[i];
                         let days = match last_shift {
                             Some((q, s)) if q == p => s,
                             _ => key.shift_days(p),
@@ -103,7 +98,7 @@ impl Cohort {
         }
         if let Some(members) = &self.members {
             for (i, k) in keep.iter_mut().enumerate() {
-                *k = *k && members.contains(patients.value(i));
+                *k = *k && members.contains(patients[i]);
             }
         }
         Ok(keep)
@@ -195,12 +190,10 @@ impl TableRows {
                         let mut keep = cohort.keep(&batch)?;
                         let older_follow = self.run + 1 < self.runs.len();
                         if older_follow || !self.newer.is_empty() {
-                            let keys = batch
-                                .column_by_name(KEY_COLUMN)
-                                .ok_or("no record key column")?
-                                .as_string::<i32>();
-                            for (i, k) in keep.iter_mut().enumerate() {
-                                let digest = key_digest(keys.value(i));
+                            let archived = ArchivedBatch::new(&batch, &[]);
+                            let keys = archived.keys().ok_or("no record key column")?;
+                            for (k, key) in keep.iter_mut().zip(keys) {
+                                let digest = key_digest(key);
                                 if self.newer.contains(&digest) {
                                     *k = false;
                                 }

@@ -10,15 +10,13 @@ use super::output::NdjsonOut;
 use super::patients::operational_patients;
 use super::{shifted, Exporter, Failure, JobSpec, Run, Watch};
 use crate::fhir::{resource_of, Fields, Identity};
-use crate::history::cell;
 use crate::state::AppState;
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type};
+use arrow::array::RecordBatch;
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use strata_archive::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
+use strata_archive::{cell, ArchivedBatch, Cell, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use strata_deidentify::{Action, Class, ExportContext, Profile, Scanner, TablePlan};
 
 /// The extension marking a patient aged 90 or over, whose year of birth does not leave.
@@ -274,10 +272,8 @@ impl Shape {
         };
         let exported = plan.apply(batch, &self.ctx).map_err(|e| e.to_string())?;
         let (patients, keys) = plan.row_keys(batch);
-        let strata_keys = batch
-            .column_by_name(KEY_COLUMN)
-            .ok_or("no record key column")?
-            .as_string::<i32>();
+        let archived = ArchivedBatch::new(batch, &[]);
+        let strata_keys: Vec<&str> = archived.keys().ok_or("no record key column")?.collect();
         let index = |source: &str| plan.columns.iter().position(|c| c.source == source);
         let (subjects, dates) = (index(PATIENT_COLUMN), index(RECORD_DATE_COLUMN));
         let mut bytes = Vec::with_capacity(exported.num_rows() * 400);
@@ -288,7 +284,7 @@ impl Shape {
         let names: Vec<Cow<str>> = {
             let mut names = self.names.lock().map_err(|_| "a worker failed")?;
             (0..exported.num_rows())
-                .map(|row| names.name(strata_keys.value(row)))
+                .map(|row| names.name(strata_keys[row]))
                 .collect()
         };
         for (row, name) in names.iter().enumerate() {
@@ -313,7 +309,7 @@ impl Shape {
             serde_json::to_writer(&mut bytes, &resource).map_err(|e| e.to_string())?;
             bytes.push(b'\n');
             lines += 1;
-            seen.push(text(&cell(patients.as_ref(), row)).unwrap_or_default());
+            seen.push(text(&cell(patients.as_ref(), row).to_json()).unwrap_or_default());
         }
         // The resources carry the values of these columns and Strata's own pseudonyms and
         // constants (types, code systems): scanning the columns scans every value that came
@@ -335,14 +331,11 @@ struct RowFields<'a> {
 impl RowFields<'_> {
     /// The text of the row's value in output column `i` (dates as YYYY-MM-DD, years as digits).
     fn at(&self, i: usize) -> Option<Cow<'_, str>> {
-        let array = self.batch.column(i);
-        if array.is_null(self.row) {
-            return None;
+        match cell(self.batch.column(i).as_ref(), self.row) {
+            Cell::Null => None,
+            Cell::Text(t) => Some(Cow::Borrowed(t)),
+            other => text(&other.to_json()).map(Cow::Owned),
         }
-        Some(match array.data_type() {
-            DataType::Utf8 => Cow::Borrowed(array.as_string::<i32>().value(self.row)),
-            _ => Cow::Owned(text(&cell(array.as_ref(), self.row))?),
-        })
     }
 }
 
@@ -354,16 +347,9 @@ impl Fields for RowFields<'_> {
 
     fn number(&self, column: &str) -> Option<f64> {
         let i = self.plan.columns.iter().position(|c| c.source == column)?;
-        let array = self.batch.column(i);
-        if array.is_null(self.row) {
-            return None;
-        }
-        match array.data_type() {
-            DataType::Float64 => Some(array.as_primitive::<Float64Type>().value(self.row)),
-            DataType::Int64 => Some(array.as_primitive::<Int64Type>().value(self.row) as f64),
-            DataType::Int32 => Some(array.as_primitive::<Int32Type>().value(self.row) as f64),
-            _ => self.at(i)?.parse().ok(),
-        }
+        cell(self.batch.column(i).as_ref(), self.row)
+            .as_f64()
+            .or_else(|| self.at(i)?.parse().ok())
     }
 }
 
@@ -397,13 +383,11 @@ async fn archived_patients(
         let cohort = Cohort::new(spec, table, members.clone(), None);
         while let Some(batch) = rows.next(&plan, &cohort).await? {
             watch.check().await?;
-            let keys = batch
-                .column_by_name(PATIENT_COLUMN)
-                .ok_or("no patient column")?
-                .as_string::<i32>();
+            let archived = ArchivedBatch::new(&batch, &[]);
             found.extend(
-                keys.iter()
-                    .flatten()
+                archived
+                    .patients()
+                    .ok_or("no patient column")?
                     .filter(|k| !k.is_empty())
                     .map(str::to_string),
             );
@@ -439,13 +423,10 @@ async fn patients(
                     scanner: &mut Scanner|
      -> Result<Vec<Value>, Failure> {
         let exported = plan.apply(source, ctx).map_err(|e| e.to_string())?;
-        let keys = source
-            .column_by_name(PATIENT_COLUMN)
-            .ok_or("no patient column")?
-            .as_string::<i32>();
+        let archived = ArchivedBatch::new(source, &[]);
+        let keys = archived.patients().ok_or("no patient column")?;
         let mut resources = Vec::new();
-        for row in 0..exported.num_rows() {
-            let key = keys.value(row);
+        for (row, key) in keys.enumerate().take(exported.num_rows()) {
             if !scope.contains(key) || !done.insert(key.to_string()) {
                 continue;
             }
@@ -525,7 +506,7 @@ fn patient_resource(plan: &TablePlan, exported: &RecordBatch, row: usize) -> Val
     r.insert("resourceType".into(), json!("Patient"));
     let mut address = Map::new();
     for (i, c) in plan.columns.iter().enumerate() {
-        let Some(v) = text(&cell(exported.column(i).as_ref(), row)) else {
+        let Some(v) = text(&cell(exported.column(i).as_ref(), row).to_json()) else {
             continue;
         };
         match c.class {

@@ -15,7 +15,6 @@ use chrono::Datelike;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeSet;
-use strata_archive::PATIENT_COLUMN;
 use strata_deidentify::Class;
 
 pub(crate) fn exporter(state: &AppState) -> Result<&Exporter, ApiError> {
@@ -254,17 +253,11 @@ async fn patients_matching(
         .await
         .map_err(ApiError::Internal)?
     {
-        use arrow::array::AsArray;
-        let keys = batch
-            .column_by_name(PATIENT_COLUMN)
-            .ok_or_else(|| ApiError::Internal("no patient column".into()))?
-            .as_string::<i32>();
-        patients.extend(
-            keys.iter()
-                .flatten()
-                .filter(|p| !p.is_empty())
-                .map(str::to_string),
-        );
+        let archived = strata_archive::ArchivedBatch::new(&batch, &[]);
+        let keys = archived
+            .patients()
+            .ok_or_else(|| ApiError::Internal("no patient column".into()))?;
+        patients.extend(keys.filter(|p| !p.is_empty()).map(str::to_string));
     }
     Ok(patients.into_iter().collect())
 }

@@ -1,0 +1,364 @@
+//! The row layout of an archived table's files, owned here so that a format change touches one
+//! crate: the meta columns (patient key, record date, record key), then the source's columns in
+//! order, each BLOB column replaced by its four reference columns. Writers build a table's
+//! schema with [`table_schema`]; readers decode a batch with [`ArchivedBatch`], so that no
+//! other crate looks for columns by name or downcasts Arrow arrays of archived rows.
+
+use crate::{BlobRef, BLOB_REF_SUFFIXES, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
+use arrow::array::{Array, AsArray, Date32Array, RecordBatch, StringArray};
+use arrow::datatypes::{
+    DataType, Date32Type, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit,
+    TimestampMicrosecondType,
+};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use std::sync::Arc;
+
+/// The type a source column is archived as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    /// 64-bit integer.
+    Int,
+    /// 64-bit float.
+    Float,
+    /// Boolean.
+    Bool,
+    /// Bytes kept in the row (not a BLOB column).
+    Bytes,
+    /// A calendar day.
+    Date,
+    /// A timestamp without time zone, microseconds.
+    Timestamp,
+    /// A timestamp in UTC, microseconds.
+    TimestampUtc,
+    /// UTF-8 text (also what any other type is archived as).
+    Text,
+}
+
+impl ValueType {
+    fn arrow(self) -> DataType {
+        match self {
+            ValueType::Int => DataType::Int64,
+            ValueType::Float => DataType::Float64,
+            ValueType::Bool => DataType::Boolean,
+            ValueType::Bytes => DataType::Binary,
+            ValueType::Date => DataType::Date32,
+            ValueType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+            ValueType::TimestampUtc => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            }
+            ValueType::Text => DataType::Utf8,
+        }
+    }
+}
+
+/// One source column of an archived table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedColumn {
+    /// Its name in the archive (the operational name).
+    pub name: String,
+    /// Its type, or None for a BLOB column (stored as objects, referenced from the row).
+    pub value: Option<ValueType>,
+}
+
+/// The schema of a table's archive files, for its source `columns` in order.
+pub fn table_schema(columns: &[ArchivedColumn]) -> SchemaRef {
+    let mut fields = vec![
+        Field::new(PATIENT_COLUMN, DataType::Utf8, false),
+        Field::new(RECORD_DATE_COLUMN, DataType::Date32, true),
+        Field::new(KEY_COLUMN, DataType::Utf8, false),
+    ];
+    for c in columns {
+        match c.value {
+            Some(t) => fields.push(Field::new(&c.name, t.arrow(), true)),
+            None => {
+                let types = [
+                    DataType::Utf8,
+                    DataType::Int64,
+                    DataType::Utf8,
+                    DataType::Utf8,
+                ];
+                for (suffix, t) in BLOB_REF_SUFFIXES.iter().zip(types) {
+                    fields.push(Field::new(format!("{}{suffix}", c.name), t, true));
+                }
+            }
+        }
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// One archived value, borrowed from its batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cell<'a> {
+    /// NULL (or a type this version does not read).
+    Null,
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// Text.
+    Text(&'a str),
+    /// Bytes kept in the row.
+    Bytes(&'a [u8]),
+    /// A day.
+    Date(NaiveDate),
+    /// A timestamp without time zone.
+    Timestamp(NaiveDateTime),
+    /// A timestamp in UTC.
+    TimestampUtc(DateTime<Utc>),
+}
+
+impl Cell<'_> {
+    /// The value as JSON: numbers and booleans as such, days as `YYYY-MM-DD`, timestamps in
+    /// ISO 8601 (RFC 3339 in UTC), bytes as their length only (`<n bytes>`).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match *self {
+            Cell::Null => Value::Null,
+            Cell::Int(i) => i.into(),
+            Cell::Float(f) => f.into(),
+            Cell::Bool(b) => b.into(),
+            Cell::Text(t) => t.into(),
+            Cell::Bytes(b) => format!("<{} bytes>", b.len()).into(),
+            Cell::Date(d) => d.to_string().into(),
+            Cell::Timestamp(t) => t.format("%Y-%m-%dT%H:%M:%S%.f").to_string().into(),
+            Cell::TimestampUtc(t) => t.to_rfc3339().into(),
+        }
+    }
+
+    /// The value as a number, for a numeric value.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Cell::Int(i) => Some(i as f64),
+            Cell::Float(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// The value in row `row` of an archived column.
+pub fn cell(array: &dyn Array, row: usize) -> Cell<'_> {
+    if array.is_null(row) {
+        return Cell::Null;
+    }
+    match array.data_type() {
+        DataType::Int64 => Cell::Int(array.as_primitive::<Int64Type>().value(row)),
+        DataType::Int32 => Cell::Int(array.as_primitive::<Int32Type>().value(row).into()),
+        DataType::Float64 => Cell::Float(array.as_primitive::<Float64Type>().value(row)),
+        DataType::Boolean => Cell::Bool(array.as_boolean().value(row)),
+        DataType::Utf8 => Cell::Text(array.as_string::<i32>().value(row)),
+        DataType::Binary => Cell::Bytes(array.as_binary::<i32>().value(row)),
+        DataType::Date32 => {
+            Date32Type::to_naive_date_opt(array.as_primitive::<Date32Type>().value(row))
+                .map_or(Cell::Null, Cell::Date)
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+            let micros = array.as_primitive::<TimestampMicrosecondType>().value(row);
+            match DateTime::from_timestamp_micros(micros) {
+                Some(t) if tz.is_some() => Cell::TimestampUtc(t),
+                Some(t) => Cell::Timestamp(t.naive_utc()),
+                None => Cell::Null,
+            }
+        }
+        _ => Cell::Null,
+    }
+}
+
+/// A batch read from a table's archive files (all columns or a projection), decoded by the
+/// layout: its meta columns typed, its data columns apart from BLOB references.
+pub struct ArchivedBatch<'a> {
+    batch: &'a RecordBatch,
+    patients: Option<&'a StringArray>,
+    keys: Option<&'a StringArray>,
+    dates: Option<&'a Date32Array>,
+    /// Data columns: index in the batch and name.
+    data: Vec<(usize, &'a str)>,
+    blob_columns: &'a [String],
+}
+
+impl<'a> ArchivedBatch<'a> {
+    /// Decodes `batch` of a table whose BLOB columns are `blob_columns` (its manifest's).
+    pub fn new(batch: &'a RecordBatch, blob_columns: &'a [String]) -> Self {
+        let schema = batch.schema_ref();
+        let text = |name: &str| {
+            schema
+                .index_of(name)
+                .ok()
+                .and_then(|i| batch.column(i).as_string_opt::<i32>())
+        };
+        let is_blob_ref = |name: &str| {
+            blob_columns.iter().any(|b| {
+                name.strip_prefix(b.as_str())
+                    .is_some_and(|rest| BLOB_REF_SUFFIXES.contains(&rest))
+            })
+        };
+        let data = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i, f.name().as_str()))
+            .filter(|(_, n)| {
+                ![PATIENT_COLUMN, RECORD_DATE_COLUMN, KEY_COLUMN].contains(n) && !is_blob_ref(n)
+            })
+            .collect();
+        ArchivedBatch {
+            batch,
+            patients: text(PATIENT_COLUMN),
+            keys: text(KEY_COLUMN),
+            dates: schema
+                .index_of(RECORD_DATE_COLUMN)
+                .ok()
+                .and_then(|i| batch.column(i).as_primitive_opt::<Date32Type>()),
+            data,
+            blob_columns,
+        }
+    }
+
+    /// Rows in the batch.
+    pub fn num_rows(&self) -> usize {
+        self.batch.num_rows()
+    }
+
+    /// The row's patient key ("" for a record without one; None when not read).
+    pub fn patient(&self, row: usize) -> Option<&'a str> {
+        self.patients.map(|p| p.value(row))
+    }
+
+    /// The row's record key (None when not read).
+    pub fn key(&self, row: usize) -> Option<&'a str> {
+        self.keys.map(|k| k.value(row))
+    }
+
+    /// Every row's patient key, in order; None when the batch has no patient column.
+    pub fn patients(&self) -> Option<impl Iterator<Item = &'a str> + 'a> {
+        self.patients.map(|p| (0..p.len()).map(move |r| p.value(r)))
+    }
+
+    /// Every row's record key, in order; None when the batch has no key column.
+    pub fn keys(&self) -> Option<impl Iterator<Item = &'a str> + 'a> {
+        self.keys.map(|k| (0..k.len()).map(move |r| k.value(r)))
+    }
+
+    /// The row's record date, if it has one (and it was read).
+    pub fn record_date(&self, row: usize) -> Option<NaiveDate> {
+        self.record_days(row)
+            .and_then(Date32Type::to_naive_date_opt)
+    }
+
+    /// The row's record date as the archive stores it, days since 1970-01-01 (for filters
+    /// that compare many rows' dates).
+    pub fn record_days(&self, row: usize) -> Option<i32> {
+        self.dates.filter(|d| !d.is_null(row)).map(|d| d.value(row))
+    }
+
+    /// The data columns' names, in the file's order (BLOB columns only by their references).
+    pub fn data_columns(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.data.iter().map(|(_, n)| *n)
+    }
+
+    /// The data columns' values in a row, with their names, in the file's order.
+    pub fn data(&self, row: usize) -> impl Iterator<Item = (&'a str, Cell<'a>)> + '_ {
+        self.data
+            .iter()
+            .map(move |&(i, n)| (n, cell(self.batch.column(i).as_ref(), row)))
+    }
+
+    /// The value of data column `name` in a row: None when the batch has no such column.
+    pub fn value(&self, name: &str, row: usize) -> Option<Cell<'a>> {
+        self.data
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|&(i, _)| cell(self.batch.column(i).as_ref(), row))
+    }
+
+    /// The row's BLOB references, with their columns, in the manifest's order.
+    pub fn blobs(&self, row: usize) -> impl Iterator<Item = (&'a str, BlobRef)> + '_ {
+        self.blob_columns
+            .iter()
+            .filter_map(move |b| Some((b.as_str(), crate::blob_ref(self.batch, b, row)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, Date32Array, Int64Array, StringArray, TimestampMicrosecondArray};
+
+    #[test]
+    fn a_batch_decodes_by_its_layout() {
+        let columns = [
+            ArchivedColumn {
+                name: "value".into(),
+                value: Some(ValueType::Int),
+            },
+            ArchivedColumn {
+                name: "scan".into(),
+                value: None,
+            },
+            ArchivedColumn {
+                name: "taken".into(),
+                value: Some(ValueType::TimestampUtc),
+            },
+        ];
+        let schema = table_schema(&columns);
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                PATIENT_COLUMN,
+                RECORD_DATE_COLUMN,
+                KEY_COLUMN,
+                "value",
+                "scan__object",
+                "scan__length",
+                "scan__sha256",
+                "scan__content_type",
+                "taken"
+            ]
+        );
+        let text = |v: Vec<Option<&str>>| Arc::new(StringArray::from(v)) as ArrayRef;
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                text(vec![Some("p1"), Some("")]),
+                Arc::new(Date32Array::from(vec![Some(0), None])),
+                text(vec![Some("id=1"), Some("id=2")]),
+                Arc::new(Int64Array::from(vec![Some(7), None])),
+                text(vec![Some("obj"), None]),
+                Arc::new(Int64Array::from(vec![Some(3), None])),
+                text(vec![Some("ab"), None]),
+                text(vec![Some("image/png"), None]),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![Some(1_000_000), None])
+                        .with_timezone("UTC"),
+                ),
+            ],
+        )
+        .unwrap();
+        let blob_columns = vec!["scan".to_string()];
+        let b = ArchivedBatch::new(&batch, &blob_columns);
+        assert_eq!(b.num_rows(), 2);
+        assert_eq!(b.patients().unwrap().collect::<Vec<_>>(), ["p1", ""]);
+        assert_eq!(b.keys().unwrap().collect::<Vec<_>>(), ["id=1", "id=2"]);
+        assert_eq!((b.patient(0), b.key(1)), (Some("p1"), Some("id=2")));
+        assert_eq!(b.record_date(0), NaiveDate::from_ymd_opt(1970, 1, 1));
+        assert_eq!(b.record_date(1), None);
+        assert_eq!(b.data_columns().collect::<Vec<_>>(), ["value", "taken"]);
+        let row: Vec<(&str, serde_json::Value)> =
+            b.data(0).map(|(n, c)| (n, c.to_json())).collect();
+        assert_eq!(
+            row,
+            [
+                ("value", 7.into()),
+                ("taken", "1970-01-01T00:00:01+00:00".into())
+            ]
+        );
+        assert_eq!(b.value("value", 1), Some(Cell::Null));
+        assert_eq!(b.value("nope", 0), None);
+        let blobs: Vec<_> = b.blobs(0).collect();
+        assert_eq!(blobs.len(), 1);
+        assert_eq!((blobs[0].0, blobs[0].1.length), ("scan", 3));
+        assert_eq!(b.blobs(1).count(), 0);
+    }
+}

@@ -696,9 +696,13 @@ fn demo_command_migrates_and_plan_reports() {
         ))
         .await
         .unwrap();
-        control.last_finished_run_report().await.unwrap().unwrap().1
+        control
+            .last_finished_run_report::<serde_json::Value>()
+            .await
+            .unwrap()
+            .unwrap()
+            .1
     });
-    let ran: serde_json::Value = serde_json::from_str(&ran).unwrap();
     assert_eq!(report["plan"]["tables"], ran["tables"]);
     // Running the demo again replaces its own directory; a foreign directory is refused.
     let again = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))

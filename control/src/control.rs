@@ -6,10 +6,48 @@
 //! and so that later stages (change sync, cutover, reconciliation) record their state beside
 //! the bulk copy's.
 
-use crate::db::{Col, ControlDb, Param};
+use crate::db::{Col, ControlDb};
 use crate::error::{ControlError, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::collections::BTreeMap;
 use strata_cutoff_policies::HoldScope;
+
+const TABLE_RUNNING: &str = "running";
+const TABLE_DONE: &str = "done";
+
+/// Where a table stands within a run. `P` is the range plan's type, `R` the report's (the
+/// control database stores them as JSON; their types are the caller's).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableState<P, R> {
+    /// Being copied by this range plan (a resumed run copies the ranges without a checkpoint).
+    Running {
+        /// The table's range plan.
+        plan: P,
+    },
+    /// Copied.
+    Done {
+        /// The table's report.
+        report: R,
+    },
+}
+
+/// A plan as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPlan<R> {
+    /// Its id.
+    pub plan_id: String,
+    /// When it was made (RFC 3339).
+    pub created_at: String,
+    /// Its report.
+    pub report: R,
+}
+
+/// Reads stored JSON of `what`.
+fn parse<T: DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json)
+        .map_err(|e| ControlError::Invalid(format!("control database: {what}: {e}")))
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS strata_runs (
@@ -211,7 +249,9 @@ impl Control {
     }
 
     /// Marks a run done with its report.
-    pub async fn finish_run(&self, run_id: &str, report: &str) -> Result<()> {
+    pub async fn finish_run(&self, run_id: &str, report: &impl Serialize) -> Result<()> {
+        let report = serde_json::to_string(report)
+            .map_err(|e| ControlError::Invalid(format!("run {run_id}: report: {e}")))?;
         let sql = format!(
             "UPDATE strata_runs SET status = 'done', finished_at = {}, report = {} WHERE run_id = {}",
             self.db.p(1),
@@ -219,7 +259,7 @@ impl Control {
             self.db.p(3)
         );
         self.db
-            .execute_with(&sql, &[now().into(), report.into(), run_id.into()])
+            .execute_with(&sql, &[now().into(), report.as_str().into(), run_id.into()])
             .await
             .map(|_| ())
     }
@@ -268,7 +308,9 @@ impl Control {
     }
 
     /// The report (JSON) of the most recent finished run, with its id.
-    pub async fn last_finished_run_report(&self) -> Result<Option<(String, String)>> {
+    pub async fn last_finished_run_report<R: DeserializeOwned>(
+        &self,
+    ) -> Result<Option<(String, R)>> {
         let rows = self
             .db
             .fetch(
@@ -277,15 +319,19 @@ impl Control {
                 &[Col::Text; 2],
             )
             .await?;
-        Ok(rows.into_iter().next().map(|r| (r[0].text(), r[1].text())))
+        rows.into_iter()
+            .next()
+            .map(|r| Ok((r[0].text(), parse(&r[1].text(), "the last run's report")?)))
+            .transpose()
     }
 
-    /// A table's status and report within a run.
-    pub async fn table_status(
+    /// Where a table stands within a run: None when the run has not started it (or recorded no
+    /// plan to resume by). `P` is the range plan's type, `R` the report's.
+    pub async fn table_state<P: DeserializeOwned, R: DeserializeOwned>(
         &self,
         run_id: &str,
         table: &str,
-    ) -> Result<Option<(String, Option<String>)>> {
+    ) -> Result<Option<TableState<P, R>>> {
         let sql = format!(
             "SELECT status, report FROM strata_table_runs WHERE run_id = {} AND table_name = {}",
             self.db.p(1),
@@ -295,41 +341,53 @@ impl Control {
             .db
             .fetch(&sql, &[run_id.into(), table.into()], &[Col::Text; 2])
             .await?;
-        Ok(rows
-            .into_iter()
-            .next()
-            .map(|r| (r[0].text(), r[1].opt_text())))
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        let bad = |what: &str| {
+            ControlError::Invalid(format!(
+                "control database: table {table} of run {run_id}: {what}"
+            ))
+        };
+        let json = row[1].opt_text();
+        match (row[0].text().as_str(), json) {
+            (TABLE_RUNNING, None) => Ok(None),
+            (TABLE_RUNNING, Some(plan)) => Ok(Some(TableState::Running {
+                plan: serde_json::from_str(&plan).map_err(|e| bad(&format!("range plan: {e}")))?,
+            })),
+            (TABLE_DONE, Some(report)) => Ok(Some(TableState::Done {
+                report: serde_json::from_str(&report).map_err(|e| bad(&format!("report: {e}")))?,
+            })),
+            (status, _) => Err(bad(&format!("status {status:?}"))),
+        }
     }
 
-    /// Sets a table's status (and report) within a run.
-    pub async fn set_table_status(
+    /// Records where a table stands within a run, in one statement (the state it replaces and
+    /// the new one are never both or neither recorded).
+    pub async fn set_table_state<P: Serialize, R: Serialize>(
         &self,
         run_id: &str,
         table: &str,
-        status: &str,
-        report: Option<&str>,
+        state: &TableState<P, R>,
     ) -> Result<()> {
-        let del = format!(
-            "DELETE FROM strata_table_runs WHERE run_id = {} AND table_name = {}",
-            self.db.p(1),
-            self.db.p(2)
-        );
-        self.db
-            .execute_with(&del, &[run_id.into(), table.into()])
-            .await?;
-        let ins = format!(
-            "INSERT INTO strata_table_runs (run_id, table_name, status, report, updated_at) VALUES ({})",
+        let (status, json) = match state {
+            TableState::Running { plan } => (TABLE_RUNNING, serde_json::to_string(plan)),
+            TableState::Done { report } => (TABLE_DONE, serde_json::to_string(report)),
+        };
+        let json = json.map_err(|e| ControlError::Invalid(format!("table {table}: {e}")))?;
+        let sql = format!(
+            "INSERT INTO strata_table_runs (run_id, table_name, status, report, updated_at) VALUES ({}) \
+             ON CONFLICT (run_id, table_name) DO UPDATE SET status = excluded.status, report = excluded.report, updated_at = excluded.updated_at",
             self.db.ps(5)
         );
-        let report = report.map_or(Param::NullText, Param::from);
         self.db
             .execute_with(
-                &ins,
+                &sql,
                 &[
                     run_id.into(),
                     table.into(),
                     status.into(),
-                    report,
+                    json.into(),
                     now().into(),
                 ],
             )
@@ -399,8 +457,20 @@ impl Control {
     }
 
     /// Saves a plan's report; returns the previous plan's, if any.
-    pub async fn save_plan(&self, policy_hash: &str, report: &str) -> Result<Option<String>> {
-        let previous = self.latest_plan().await?.map(|(_, _, report)| report);
+    pub async fn save_plan<R: Serialize + DeserializeOwned>(
+        &self,
+        policy_hash: &str,
+        report: &R,
+    ) -> Result<Option<R>> {
+        // A previous plan this version cannot read (an older report format) is not compared.
+        let previous = self
+            .latest_plan::<R>()
+            .await
+            .ok()
+            .flatten()
+            .map(|p| p.report);
+        let report = serde_json::to_string(report)
+            .map_err(|e| ControlError::Invalid(format!("plan: {e}")))?;
         let sql = format!(
             "INSERT INTO strata_plans (plan_id, created_at, policy_hash, report) VALUES ({})",
             self.db.ps(4)
@@ -413,14 +483,19 @@ impl Control {
         self.db
             .execute_with(
                 &sql,
-                &[id.into(), now().into(), policy_hash.into(), report.into()],
+                &[
+                    id.into(),
+                    now().into(),
+                    policy_hash.into(),
+                    report.as_str().into(),
+                ],
             )
             .await?;
         Ok(previous)
     }
 
-    /// The most recent plan: its id, creation time and report (JSON).
-    pub async fn latest_plan(&self) -> Result<Option<(String, String, String)>> {
+    /// The most recent plan.
+    pub async fn latest_plan<R: DeserializeOwned>(&self) -> Result<Option<StoredPlan<R>>> {
         let rows = self
             .db
             .fetch(
@@ -429,10 +504,16 @@ impl Control {
                 &[Col::Text; 3],
             )
             .await?;
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .next()
-            .map(|r| (r[0].text(), r[1].text(), r[2].text())))
+            .map(|r| {
+                Ok(StoredPlan {
+                    plan_id: r[0].text(),
+                    created_at: r[1].text(),
+                    report: parse(&r[2].text(), "the latest plan")?,
+                })
+            })
+            .transpose()
     }
 
     /// Places a legal hold; returns its id.

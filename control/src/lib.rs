@@ -20,7 +20,9 @@ pub use audit::{
     AuditEntry, AuditKey, AuditLog, AuditProblem, AuditQuery, AuditRecord, AuditVerifyReport,
     Outcome,
 };
-pub use control::{Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord};
+pub use control::{
+    Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord, StoredPlan, TableState,
+};
 pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};

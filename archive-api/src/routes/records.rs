@@ -26,16 +26,16 @@ pub(super) async fn policies(State(state): State<AppState>) -> Result<Response, 
     responses((status = 200, description = "The latest plan: rows per table per tier", body = Object),
         (status = 404, description = "No plan yet", body = ErrorBody), Refusals))]
 pub(super) async fn plan(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let (plan_id, created_at, report) = state
+    let plan = state
         .control
-        .latest_plan()
+        .latest_plan::<serde_json::Value>()
         .await?
         .ok_or(ApiError::NotFound)?;
-    let report: serde_json::Value = serde_json::from_str(&report)
-        .map_err(|e| ApiError::Internal(format!("stored plan: {e}")))?;
-    let detail = json!({ "plan": plan_id });
+    let detail = json!({ "plan": plan.plan_id });
     Ok(reply(
-        Json(json!({ "plan_id": plan_id, "created_at": created_at, "report": report })),
+        Json(
+            json!({ "plan_id": plan.plan_id, "created_at": plan.created_at, "report": plan.report }),
+        ),
         detail,
     ))
 }
@@ -46,11 +46,9 @@ pub(super) async fn plan(State(state): State<AppState>) -> Result<Response, ApiE
 pub(super) async fn last_run_report(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (run_id, report) = state
         .control
-        .last_finished_run_report()
+        .last_finished_run_report::<serde_json::Value>()
         .await?
         .ok_or(ApiError::NotFound)?;
-    let report: serde_json::Value = serde_json::from_str(&report)
-        .map_err(|e| ApiError::Internal(format!("stored report: {e}")))?;
     let detail = json!({ "run": run_id });
     Ok(reply(Json(report), detail))
 }

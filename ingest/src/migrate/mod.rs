@@ -35,7 +35,10 @@ use range::RangeContext;
 use sinks::{Counting, RowChecks};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use strata_control::{Control, DestructionRecord, RunRecord};
+use strata_control::{Control, DestructionRecord, RunRecord, TableState};
+
+/// A table's state within a run: its range plan while it is copied, its report when done.
+type TableRun = TableState<RangePlan, TableReport>;
 use strata_cutoff_policies::{Decision, LegalHold, PatientFacts, Policy, PolicyConfig};
 use target::{
     add_primary_key, checkpoints, ensure_bookkeeping_tables, forget_table, prepare_target_table,
@@ -377,14 +380,7 @@ impl Migration {
             target.close().await;
         }
         self.store_policy_version().await?;
-        let previous = self
-            .control
-            .save_plan(
-                self.policy.hash(),
-                &serde_json::to_string(&report).expect("report serializes"),
-            )
-            .await?
-            .and_then(|p| serde_json::from_str(&p).ok());
+        let previous = self.control.save_plan(self.policy.hash(), &report).await?;
         Ok((report, previous))
     }
 
@@ -501,11 +497,9 @@ impl Migration {
         };
         let mut report = self.report_header(&run.run_id);
         for layout in &self.layouts {
-            let status = control.table_status(&run.run_id, &layout.name).await?;
-            let plan = match status {
-                Some((s, Some(done))) if s == "done" => {
-                    let table: TableReport = serde_json::from_str(&done)
-                        .map_err(|e| IngestError::Run(format!("control database: {e}")))?;
+            let state: Option<TableRun> = control.table_state(&run.run_id, &layout.name).await?;
+            let plan = match state {
+                Some(TableState::Done { report: table }) => {
                     let p = self.progress.table(&layout.name);
                     p.rows.store(table.source_rows, Ordering::Relaxed);
                     p.done.store(1, Ordering::Relaxed);
@@ -513,9 +507,7 @@ impl Migration {
                     report.tables.push(table);
                     continue;
                 }
-                Some((_, Some(plan))) => {
-                    let plan: RangePlan = serde_json::from_str(&plan)
-                        .map_err(|e| IngestError::Run(format!("control database: {e}")))?;
+                Some(TableState::Running { plan }) => {
                     if plan.stable {
                         Some(plan)
                     } else {
@@ -526,7 +518,7 @@ impl Migration {
                         None
                     }
                 }
-                _ => None,
+                None => None,
             };
             let started = plan.is_some();
             let plan = match plan {
@@ -541,13 +533,9 @@ impl Migration {
                 started,
             )
             .await?;
+            let running = TableRun::Running { plan: plan.clone() };
             control
-                .set_table_status(
-                    &run.run_id,
-                    &layout.name,
-                    "running",
-                    Some(&serde_json::to_string(&plan).expect("plan serializes")),
-                )
+                .set_table_state(&run.run_id, &layout.name, &running)
                 .await?;
             let done = checkpoints(&target, &run.run_id, &layout.name).await?;
             let table_progress = self.progress.table(&layout.name);
@@ -596,20 +584,17 @@ impl Migration {
                     })
                     .await?;
             }
-            let json = serde_json::to_string(&table).expect("report serializes");
+            let done = TableRun::Done {
+                report: table.clone(),
+            };
             control
-                .set_table_status(&run.run_id, &layout.name, "done", Some(&json))
+                .set_table_state(&run.run_id, &layout.name, &done)
                 .await?;
             table_progress.done.store(1, Ordering::Relaxed);
             on_table(&table);
             report.tables.push(table);
         }
-        control
-            .finish_run(
-                &run.run_id,
-                &serde_json::to_string(&report).expect("report serializes"),
-            )
-            .await?;
+        control.finish_run(&run.run_id, &report).await?;
         drop(snapshot);
         target.close().await;
         Ok(report)

@@ -223,22 +223,15 @@ impl Auth {
                 .map_err(|_| format!("[api.auth] {file}: not UTF-8"))?;
             keys.extend(jwks_keys(&text).map_err(|e| format!("[api.auth] {file}: {e}"))?);
         }
-        let secret = match (&config.hs256_secret_env, &config.hs256_secret_file) {
-            (Some(var), None) => Some(
-                std::env::var(var)
-                    .map_err(|_| format!("[api.auth]: environment variable {var} is not set"))?,
-            ),
-            (None, Some(file)) => Some(
-                String::from_utf8(read(file)?)
-                    .map_err(|_| format!("[api.auth] {file}: not UTF-8"))?,
-            ),
-            (None, None) => None,
-            _ => {
-                return Err(
-                    "[api.auth]: set at most one of hs256_secret_env and hs256_secret_file".into(),
-                )
-            }
-        };
+        let at = "[api.auth]";
+        let secret = strata_archive::SecretSource::optional(
+            config.hs256_secret_file.as_deref(),
+            config.hs256_secret_env.as_deref(),
+            at,
+            ("hs256_secret_file", "hs256_secret_env"),
+        )?
+        .map(|source| source.read(base, at))
+        .transpose()?;
         let dev_secret = match secret {
             Some(s) => {
                 let s = s.trim().as_bytes().to_vec();

@@ -230,17 +230,13 @@ pub(crate) fn hex_key(
     at: &str,
     what: &str,
 ) -> Result<Vec<u8>, String> {
-    let text = match (file, env) {
-        (Some(file), None) => std::fs::read_to_string(base.join(file))
-            .map_err(|e| format!("{at}: cannot read {file}: {e}"))?,
-        (None, Some(var)) => std::env::var(var)
-            .map_err(|_| format!("{at}: environment variable {var} is not set"))?,
-        _ => {
-            return Err(format!(
-                "{at}: set exactly one of {what}_file and {what}_env"
-            ))
-        }
-    };
+    let text = strata_archive::SecretSource::required(
+        file.map(String::as_str),
+        env.map(String::as_str),
+        at,
+        (&format!("{what}_file"), &format!("{what}_env")),
+    )?
+    .read(base, at)?;
     hex::decode(text.trim())
         .ok()
         .filter(|k| k.len() >= 32)

@@ -7,7 +7,7 @@ use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use std::path::Path as FsPath;
 use std::time::Duration;
-use strata_archive::ArchiveReader;
+use strata_archive::{ArchiveReader, SecretSource};
 use strata_control::{AuditKey, AuditLog, Control};
 
 /// Shared state of the handlers.
@@ -127,12 +127,13 @@ impl AppState {
 
 /// The audit log's key, from `[api.audit]` (`base` resolves a relative key file).
 pub fn audit_key(config: &ApiConfig, base: &FsPath) -> Result<AuditKey, String> {
-    let hex = match (&config.audit.key_file, &config.audit.key_env) {
-        (Some(file), None) => std::fs::read_to_string(base.join(file))
-            .map_err(|e| format!("[api.audit]: cannot read {file}: {e}"))?,
-        (None, Some(var)) => std::env::var(var)
-            .map_err(|_| format!("[api.audit]: environment variable {var} is not set"))?,
-        _ => return Err("[api.audit]: set exactly one of key_file and key_env".into()),
-    };
+    let at = "[api.audit]";
+    let hex = SecretSource::required(
+        config.audit.key_file.as_deref(),
+        config.audit.key_env.as_deref(),
+        at,
+        ("key_file", "key_env"),
+    )?
+    .read(base, at)?;
     AuditKey::from_hex(&hex).map_err(|e| format!("[api.audit]: {e}"))
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{ArchiveError, Result};
 use crate::keys::{Kek, KeyRing};
+use crate::secret::SecretSource;
 use crate::store::{open_store, ArchiveLocation};
 use object_store::ObjectStore;
 use serde::Deserialize;
@@ -42,18 +43,10 @@ pub struct PreviousKek {
 }
 
 fn load_kek(id: &str, file: Option<&str>, env: Option<&str>, base: &Path) -> Result<Kek> {
-    let hex_key = match (file, env) {
-        (Some(f), None) => std::fs::read_to_string(base.join(f))
-            .map_err(|e| ArchiveError::Key(format!("KEK {id:?}: cannot read key file {f}: {e}")))?,
-        (None, Some(v)) => std::env::var(v).map_err(|_| {
-            ArchiveError::Key(format!("KEK {id:?}: environment variable {v} is not set"))
-        })?,
-        _ => {
-            return Err(ArchiveError::Key(format!(
-                "KEK {id:?}: set exactly one of a key file or an environment variable"
-            )))
-        }
-    };
+    let at = format!("KEK {id:?}");
+    let hex_key = SecretSource::required(file, env, &at, ("a key file", "an environment variable"))
+        .and_then(|source| source.read(base, &at))
+        .map_err(ArchiveError::Key)?;
     Kek::from_hex(id, &hex_key)
 }
 

@@ -34,6 +34,7 @@ mod layout;
 mod manifest;
 mod reader;
 mod rotate;
+mod secret;
 mod store;
 #[cfg(test)]
 mod test_support;
@@ -49,6 +50,7 @@ pub use layout::{cell, table_schema, ArchivedBatch, ArchivedColumn, Cell, ValueT
 pub use manifest::{run_of_writer, withdraw_manifests, FileEntry, TableManifest, MANIFEST_FORMAT};
 pub use reader::{blob_ref, blob_refs, ArchiveReader, VerifyReport};
 pub use rotate::{rotate_keys, RotationReport};
+pub use secret::SecretSource;
 pub use store::{open_store, ArchiveLocation};
 pub use writer::{TableWriter, TableWriterOptions};
 

@@ -272,6 +272,14 @@ impl<'a> ArchivedBatch<'a> {
             .map(|&(i, _)| cell(self.batch.column(i).as_ref(), row))
     }
 
+    /// Every row's value of data column `name`, in order: None when the batch has no such
+    /// column.
+    pub fn values(&self, name: &str) -> Option<impl Iterator<Item = Cell<'a>> + 'a> {
+        let &(i, _) = self.data.iter().find(|(_, n)| *n == name)?;
+        let column = self.batch.column(i);
+        Some((0..self.batch.num_rows()).map(move |row| cell(column.as_ref(), row)))
+    }
+
     /// The row's BLOB references, with their columns, in the manifest's order.
     pub fn blobs(&self, row: usize) -> impl Iterator<Item = (&'a str, BlobRef)> + '_ {
         self.blob_columns
@@ -356,6 +364,11 @@ mod tests {
         );
         assert_eq!(b.value("value", 1), Some(Cell::Null));
         assert_eq!(b.value("nope", 0), None);
+        assert_eq!(
+            b.values("value").unwrap().collect::<Vec<_>>(),
+            [Cell::Int(7), Cell::Null]
+        );
+        assert!(b.values("nope").is_none());
         let blobs: Vec<_> = b.blobs(0).collect();
         assert_eq!(blobs.len(), 1);
         assert_eq!((blobs[0].0, blobs[0].1.length), ("scan", 3));

@@ -8,16 +8,16 @@
 //! memory grows with the corrections, not with the archive.
 
 use crate::exports::spec::JobSpec;
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use arrow::compute::{cast, filter_record_batch};
-use arrow::datatypes::{DataType, Date32Type};
+use arrow::array::{BooleanArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::Date32Type;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::sync::Arc;
 use strata_archive::{
-    ArchiveReader, ArchivedBatch, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN,
+    ArchiveReader, ArchivedBatch, Cell, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN,
 };
 use strata_deidentify::{PseudonymKey, TablePlan};
 
@@ -87,13 +87,16 @@ impl Cohort {
             })
             .collect();
         for (column, codes) in &self.codes {
-            let values = batch
-                .column_by_name(column)
+            let values = archived
+                .values(column)
                 .ok_or_else(|| format!("no column {column:?} for a code list"))?;
-            let values = cast(values, &DataType::Utf8).map_err(|e| e.to_string())?;
-            let values = values.as_string::<i32>();
-            for (i, k) in keep.iter_mut().enumerate() {
-                *k = *k && !values.is_null(i) && codes.contains(values.value(i));
+            for (k, v) in keep.iter_mut().zip(values) {
+                *k = *k
+                    && match v {
+                        Cell::Null => false,
+                        Cell::Text(t) => codes.contains(t),
+                        other => codes.contains(&other.to_json().to_string()),
+                    };
             }
         }
         if let Some(members) = &self.members {

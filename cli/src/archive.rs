@@ -1,15 +1,14 @@
 //! `strata archive ...`: verify, compact, gc, sync-catalog and rotate-key.
 //!
-//! Each command opens the archive and the control database named by a config. `verify` holds
+//! Each command opens the archive and the control database named by a config, once, through
+//! its [`Context`]. `verify` holds
 //! the archive against the control database as well as against its own manifests: what the
 //! runs recorded must still be there.
 
-use crate::config;
+use crate::context::Context;
 use anyhow::Result;
 use clap::Subcommand;
 use std::path::PathBuf;
-use strata_archive::ArchiveReader;
-use strata_control::Control;
 
 #[derive(Subcommand)]
 pub enum ArchiveCommand {
@@ -63,15 +62,15 @@ pub enum ArchiveCommand {
 /// Runs one `strata archive` command.
 pub async fn run(command: ArchiveCommand) -> Result<()> {
     match command {
-        ArchiveCommand::Verify { config } => verify(&config).await,
-        ArchiveCommand::Compact { config, table } => compact(&config, table).await,
+        ArchiveCommand::Verify { config } => verify(&Context::load(&config)?).await,
+        ArchiveCommand::Compact { config, table } => compact(&Context::load(&config)?, table).await,
         ArchiveCommand::Gc {
             config,
             grace_hours,
         } => {
-            let loaded = config::load(&config)?;
-            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-            let control = Control::open(&loaded.migration.control_url()?).await?;
+            let ctx = Context::load(&config)?;
+            let (store, keys) = ctx.archive_store()?.clone();
+            let control = ctx.control().await?;
             // A running range writes its files before its manifest: they are not orphans.
             let running = control.running_runs().await?;
             if let Some(run) = running.iter().next() {
@@ -93,14 +92,16 @@ pub async fn run(command: ArchiveCommand) -> Result<()> {
         ArchiveCommand::SyncCatalog {
             config,
             forget_missing,
-        } => sync_catalog(&config, forget_missing).await,
+        } => sync_catalog(&Context::load(&config)?, forget_missing).await,
         ArchiveCommand::RotateKey { config } => {
-            let loaded = config::load(&config)?;
-            let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-            let r = strata_archive::rotate_keys(store.clone(), &keys).await?;
-            let archive = ArchiveReader::open(store, keys).await?;
-            let control = Control::open(&loaded.migration.control_url()?).await?;
-            control.rebuild_catalog(archive.catalog()).await?;
+            let ctx = Context::load(&config)?;
+            let (store, keys) = ctx.archive_store()?;
+            let r = strata_archive::rotate_keys(store.clone(), keys).await?;
+            let archive = ctx.archive().await?;
+            ctx.control()
+                .await?
+                .rebuild_catalog(archive.catalog())
+                .await?;
             println!(
                 "every data key is now wrapped by KEK {}: the archive key, {} Parquet key objects and {} manifests rewritten; no data object was rewritten (BLOB keys derive from the archive key)",
                 r.kek_id, r.parquet_keys, r.manifests
@@ -110,12 +111,13 @@ pub async fn run(command: ArchiveCommand) -> Result<()> {
     }
 }
 
-async fn verify(config: &std::path::Path) -> Result<()> {
-    let loaded = config::load(config)?;
-    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-    let archive = ArchiveReader::open(store, keys).await?;
-    let control = Control::open(&loaded.migration.control_url()?).await?;
-    let catalog = control.check_catalog(archive.catalog()).await?;
+async fn verify(ctx: &Context) -> Result<()> {
+    let archive = ctx.archive().await?;
+    let catalog = ctx
+        .control()
+        .await?
+        .check_catalog(archive.catalog())
+        .await?;
     let report = archive.verify().await?;
     println!(
         "checked {} files ({} rows) and {} BLOBs ({} bytes)",
@@ -160,9 +162,8 @@ async fn verify(config: &std::path::Path) -> Result<()> {
     }
 }
 
-async fn compact(config: &std::path::Path, table: Option<String>) -> Result<()> {
-    let loaded = config::load(config)?;
-    let control = Control::open(&loaded.migration.control_url()?).await?;
+async fn compact(ctx: &Context, table: Option<String>) -> Result<()> {
+    let control = ctx.control().await?;
     // A run's rows must not be merged with the copies they supersede before the run ends: a
     // compaction would make its first ranges one run and its last ranges another.
     if let Some(run) = control.running_runs().await?.into_iter().next() {
@@ -170,8 +171,8 @@ async fn compact(config: &std::path::Path, table: Option<String>) -> Result<()> 
             "run {run} is in progress: compact after it has finished (or `strata migrate --abandon` it)"
         );
     }
-    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-    let archive = ArchiveReader::open(store.clone(), keys.clone()).await?;
+    let (store, keys) = ctx.archive_store()?;
+    let archive = ctx.archive().await?;
     let tables: Vec<String> = match table {
         Some(t) => vec![t],
         None => archive
@@ -195,17 +196,16 @@ async fn compact(config: &std::path::Path, table: Option<String>) -> Result<()> 
             r.rows_before - r.rows_after
         );
     }
-    let archive = ArchiveReader::open(store, keys).await?;
+    let archive = ctx.archive().await?;
     control.rebuild_catalog(archive.catalog()).await?;
     Ok(())
 }
 
-async fn sync_catalog(config: &std::path::Path, forget_missing: bool) -> Result<()> {
-    let loaded = config::load(config)?;
-    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-    let archive = ArchiveReader::open(store, keys).await?;
-    let control = Control::open(&loaded.migration.control_url()?).await?;
-    let (files, added, missing) = control
+async fn sync_catalog(ctx: &Context, forget_missing: bool) -> Result<()> {
+    let archive = ctx.archive().await?;
+    let (files, added, missing) = ctx
+        .control()
+        .await?
         .sync_catalog(archive.catalog(), forget_missing)
         .await?;
     println!("catalog mirror rebuilt from the archive's manifests: {files} files");

@@ -1,7 +1,7 @@
 //! `strata demo`: a legacy EHR generated in SQLite, migrated, archived and served, in one command.
 
-use crate::config;
-use anyhow::{bail, Context, Result};
+use crate::context::Context;
+use anyhow::{bail, Context as _, Result};
 use std::path::{Path, PathBuf};
 use strata_archive::{ArchiveReader, Kek};
 use strata_archive_api::{AppState, Role};
@@ -156,13 +156,15 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         source.display()
     );
 
-    let loaded = config::load(&dir.join("strata.toml"))?;
-    let mut api = loaded.api.clone().context("demo config has [api]")?;
+    let ctx = Context::load(&dir.join("strata.toml"))?;
+    let loaded = &ctx.config;
+    let mut api = ctx.api()?.clone();
     println!(
         "2/4 applying the cutoff policy {} and migrating ...",
         dir.join("policy.toml").display()
     );
-    let mut migration = Migration::prepare(loaded.migration.clone(), today).await?;
+    let control = ctx.control().await?.clone();
+    let mut migration = Migration::prepare_with(loaded.migration.clone(), control, today).await?;
     let report = migration.run(&mut |_| {}).await?;
     println!("\n{}", report.to_text());
     println!(
@@ -176,9 +178,8 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     );
 
     println!("3/4 opening the archive ...");
-    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-    let archive = ArchiveReader::open(store, keys).await?;
-    let control = strata_control::Control::open(&loaded.migration.control_url()?).await?;
+    let archive = ctx.archive().await?;
+    let control = ctx.control().await?.clone();
     let sample = sample_patient(&archive).await?;
     if !options.serve {
         return Ok(());
@@ -237,7 +238,7 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         println!("  {curl} -H \"Authorization: Bearer $RESEARCHER\" -H 'Content-Type: application/json' -d '{{\"profile\": \"safe_harbor\", \"tables\": [\"lab_results\", \"diagnoses\"]}}' {base}/v1/exports    # then GET the href it answers");
     }
     println!("\nCtrl-C stops the demo.");
-    crate::stop_signal().await?;
+    crate::serve::stop_signal().await?;
     let _ = stop_tx.send(());
     serving.stopped().await;
     println!("stopped.");

@@ -1,14 +1,14 @@
 //! `strata exports check`: what each export profile lets out, class by class and, for every
 //! archived table, column by column — and what a site's profile lets out beyond Safe Harbor.
 
-use crate::config::LoadedConfig;
-use anyhow::{Context, Result};
+use crate::context::Context;
+use anyhow::{Context as _, Result};
 use std::fmt::Write;
-use strata_archive::ArchiveReader;
 use strata_deidentify::{merge_schemas, Classification, Profile, TablePlan};
 
 /// The report for `profile` (or every profile): printed text.
-pub async fn check(loaded: &LoadedConfig, only: Option<&str>) -> Result<String> {
+pub async fn check(ctx: &Context, only: Option<&str>) -> Result<String> {
+    let loaded = &ctx.config;
     let classes: Classification = loaded.classification()?;
     let mut profiles: Vec<Profile> = vec![Profile::safe_harbor(), Profile::limited_data_set()];
     if let Some(exports) = loaded.api.as_ref().and_then(|a| a.exports.as_ref()) {
@@ -25,10 +25,7 @@ pub async fn check(loaded: &LoadedConfig, only: Option<&str>) -> Result<String> 
             anyhow::bail!("no export profile {name:?}");
         }
     }
-    let (store, keys) = loaded.migration.archive.open(&loaded.base_dir)?;
-    let archive = ArchiveReader::open(store, keys)
-        .await
-        .context("opening the archive")?;
+    let archive = ctx.archive().await.context("opening the archive")?;
     // Each table's archived schema, merged over its files.
     let mut schemas = Vec::new();
     for (table, manifests) in &archive.catalog().tables {

@@ -186,9 +186,19 @@ impl Migration {
     /// tables, and checks the config, the policy and the legal holds in force against them.
     /// `today` is "now" unless the policy fixes `as_of`.
     pub async fn prepare(config: MigrationConfig, today: NaiveDate) -> Result<Self> {
+        let control = Control::open(&config.control_url()?).await?;
+        Self::prepare_with(config, control, today).await
+    }
+
+    /// [`Migration::prepare`] with the control database already open (the CLI opens it once
+    /// per command).
+    pub async fn prepare_with(
+        config: MigrationConfig,
+        control: Control,
+        today: NaiveDate,
+    ) -> Result<Self> {
         let policy_config = read_policy(&config)?;
         let source = config.connect_source().await?;
-        let control = Control::open(&config.control_url()?).await?;
         if !config.source.allow_writable_role {
             let tables: Vec<String> = config.tables.keys().cloned().collect();
             let writable = source.write_privileges(&tables).await?;

@@ -1,0 +1,205 @@
+//! The migration's commands: `check`, `profile`, `plan`, `explain`, `policy check` and
+//! `migrate` (with `--abandon`), each through one [`Context`].
+
+use crate::context::Context;
+use crate::watch;
+use anyhow::{Context as _, Result};
+use clap::Subcommand;
+use std::path::PathBuf;
+use strata_ingest::Migration;
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file against the config and the source schema; lists every problem.
+    Check {
+        /// The policy file (by default, the one strata.toml names).
+        file: Option<PathBuf>,
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+    },
+}
+
+/// The migration of `ctx`'s config, its control database the context's.
+async fn prepare(ctx: &Context) -> Result<Migration> {
+    Ok(Migration::prepare_with(
+        ctx.config.migration.clone(),
+        ctx.control().await?.clone(),
+        crate::today(),
+    )
+    .await?)
+}
+
+/// `strata check`.
+pub async fn check(ctx: &Context, json: bool) -> Result<()> {
+    let migration = prepare(ctx).await?;
+    let findings = migration.check().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&findings)?);
+    } else if findings.is_empty() {
+        println!("every table fits its operational table");
+    } else {
+        for f in &findings {
+            println!("{}", f.to_line());
+        }
+    }
+    if findings
+        .iter()
+        .any(|f| f.severity == strata_ingest::Severity::Error)
+    {
+        anyhow::bail!("the operational schema cannot take the source as configured");
+    }
+    Ok(())
+}
+
+/// `strata profile`.
+pub async fn profile(ctx: &Context, json: bool) -> Result<()> {
+    let migration = prepare(ctx).await?;
+    let profiles = migration.profile(crate::today()).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&profiles)?);
+    } else {
+        for p in &profiles {
+            println!("{}", p.to_text());
+        }
+    }
+    Ok(())
+}
+
+/// `strata plan`.
+pub async fn plan(ctx: &Context, json: bool) -> Result<()> {
+    let migration = prepare(ctx).await?;
+    let (report, previous) = migration.plan().await?;
+    if json {
+        let out = serde_json::json!({ "plan": report, "previous": previous });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "plan under policy {} (as of {}): nothing is moved\n",
+            report.policy_version, report.as_of
+        );
+        print!("{}", report.to_text());
+        if !report.holds.is_empty() {
+            println!("\nlegal holds in force: {}", report.holds.join(", "));
+        }
+        if let Some(previous) = previous {
+            print!("\n{}", report.diff(&previous));
+        }
+    }
+    Ok(())
+}
+
+/// `strata explain`.
+pub async fn explain(ctx: &Context, table: &str, key: &str) -> Result<()> {
+    let migration = prepare(ctx).await?;
+    let e = migration.explain(table, key).await?;
+    let held = if e.decision.held {
+        ", under legal hold"
+    } else {
+        ""
+    };
+    println!(
+        "{} {}: {} ({}{held})\n",
+        e.table,
+        e.key,
+        e.decision.tier,
+        e.decision.reason.as_str()
+    );
+    println!("facts:");
+    for f in &e.facts {
+        println!("  {f}");
+    }
+    println!("rules, in precedence order:");
+    for s in &e.steps {
+        println!("  {s}");
+    }
+    Ok(())
+}
+
+/// `strata policy check`.
+pub async fn policy_check(ctx: &Context, file: Option<PathBuf>) -> Result<()> {
+    let mut migration = ctx.config.migration.clone();
+    if let Some(file) = file {
+        let full = std::fs::canonicalize(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        migration.policy.file = full.display().to_string();
+    }
+    let policy = strata_ingest::read_policy(&migration)?;
+    let problems = strata_ingest::check_policy(&migration, &policy).await?;
+    if problems.is_empty() {
+        println!(
+            "{}: policy {} is valid for {} tables",
+            migration.policy_path().display(),
+            policy.version,
+            migration.tables.len()
+        );
+        Ok(())
+    } else {
+        for p in &problems {
+            eprintln!("{}: {p}", migration.policy_path().display());
+        }
+        anyhow::bail!("{} problem(s): nothing was run", problems.len())
+    }
+}
+
+/// What `strata migrate` was asked for.
+pub struct MigrateOptions {
+    /// Print the report as JSON.
+    pub json: bool,
+    /// Also write the report as JSON here.
+    pub report_file: Option<PathBuf>,
+    /// Serve Prometheus metrics here while the run lasts.
+    pub metrics: Option<String>,
+    /// Roll back the run in progress instead.
+    pub abandon: bool,
+}
+
+/// `strata migrate`.
+pub async fn migrate(ctx: &Context, options: MigrateOptions) -> Result<()> {
+    let MigrateOptions {
+        json,
+        report_file,
+        metrics,
+        abandon,
+    } = options;
+    if abandon {
+        match Migration::abandon(&ctx.config.migration).await? {
+            Some(run) => println!(
+                "run {run} abandoned: its operational rows deleted, its archive manifests withdrawn (their files go with `strata archive gc`); the next `strata migrate` starts a new run"
+            ),
+            None => println!("no run in progress: nothing to abandon"),
+        }
+        return Ok(());
+    }
+    let mut migration = prepare(ctx).await?;
+    let _metrics = match &metrics {
+        Some(addr) => Some(watch::serve_metrics(addr, migration.progress()).await?),
+        None => None,
+    };
+    let watcher = watch::show(migration.progress());
+    let report = migration
+        .run(&mut |t| {
+            if !json {
+                eprintln!(
+                    "{}: {} rows ({} operational, {} archive, {} quarantined)",
+                    t.table, t.source_rows, t.operational_rows, t.archive_rows, t.quarantined_rows
+                )
+            }
+        })
+        .await;
+    watcher.abort();
+    let report = report?;
+    if let Some(path) = report_file {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "run {} under policy {} (as of {})\n",
+            report.run_id, report.policy_version, report.as_of
+        );
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}

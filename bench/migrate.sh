@@ -6,8 +6,11 @@
 #  (b) the same into a table without one, then ADD PRIMARY KEY;
 #  (c) pgloader, if installed;
 #  (d) strata migrate of the same table to the operational tier (policy pins it there).
-# Prints rows/s per method (median of RUNS), Strata's ratios to (a), (b), (c), and its peak RSS.
-# Not a test: run it by hand.   ROWS=5000000 RUNS=3 [RANGE_ROWS=1000000] bench/migrate.sh
+#  (e) with PARENT=<another strata binary>, that build's strata migrate too, in the same runs,
+#      the two builds taking turns at going first (a change measured against its parent).
+# Prints rows/s per method (median of RUNS), Strata's ratios to (a), (b), (c), (e), and its peak
+# RSS. Not a test: run it by hand.
+#   ROWS=5000000 RUNS=3 [RANGE_ROWS=1000000] [PARENT=/path/to/strata] bench/migrate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-5000000}
@@ -87,19 +90,24 @@ for run in $(seq "$RUNS"); do
       echo "pgloader failed:"; tail -5 "$WORK/pgloader.log"
     fi
   fi
-  reset_target; rm -rf "$WORK/archive" "$WORK"/strata-control.db*
-  t0=$(now)
-  (cd "$WORK" && /usr/bin/time -v "$STRATA" migrate --config strata.toml > migrate.txt 2> time.txt) || { cat "$WORK/time.txt"; exit 1; }
-  t1=$(now); TIMES[d]+="$(echo "$t1 - $t0" | bc) "
-  RSS=$(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")
-  RSS_MAX=$(( ${RSS_MAX:-0} > RSS ? ${RSS_MAX:-0} : RSS ))
-  test "$(psql target -At -c 'SELECT count(*) FROM observations')" = "$ROWS" || { echo "strata moved the wrong number of rows"; exit 1; }
+  builds=(d); [ -n "${PARENT:-}" ] && { [ $((run % 2)) = 1 ] && builds=(d e) || builds=(e d); }
+  for k in "${builds[@]}"; do
+    bin=$STRATA; [ "$k" = e ] && bin=$PARENT
+    reset_target; rm -rf "$WORK/archive" "$WORK"/strata-control.db*
+    t0=$(now)
+    (cd "$WORK" && /usr/bin/time -v "$bin" migrate --config strata.toml > migrate.txt 2> time.txt) || { cat "$WORK/time.txt"; exit 1; }
+    t1=$(now); TIMES[$k]+="$(echo "$t1 - $t0" | bc) "
+    test "$(psql target -At -c 'SELECT count(*) FROM observations')" = "$ROWS" || { echo "$bin moved the wrong number of rows"; exit 1; }
+    [ "$k" = d ] || continue
+    RSS=$(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")
+    RSS_MAX=$(( ${RSS_MAX:-0} > RSS ? ${RSS_MAX:-0} : RSS ))
+  done
 done
 cat "$WORK/migrate.txt" | tail -4
 echo
-label() { case $1 in a) echo "(a) COPY binary pipe, PK present";; b) echo "(b) COPY binary pipe, then ADD PRIMARY KEY";; c) echo "(c) pgloader";; d) echo "(d) strata migrate";; esac; }
+label() { case $1 in a) echo "(a) COPY binary pipe, PK present";; b) echo "(b) COPY binary pipe, then ADD PRIMARY KEY";; c) echo "(c) pgloader";; d) echo "(d) strata migrate";; e) echo "(e) PARENT's strata migrate";; esac; }
 S=$(echo "${TIMES[d]}" | tr ' ' '\n' | grep . | median)
-for k in a b c d; do
+for k in a b c d e; do
   [ -n "${TIMES[$k]:-}" ] || continue
   m=$(echo "${TIMES[$k]}" | tr ' ' '\n' | grep . | median)
   printf '%-44s %10.0f rows/s  (%.1f s median of %d: %s)' "$(label $k)" "$(echo "$ROWS / $m" | bc -l)" "$m" "$RUNS" "${TIMES[$k]% }"

@@ -92,7 +92,7 @@ impl AuditKey {
 }
 
 /// What happened to a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Served.
@@ -122,7 +122,7 @@ impl Outcome {
 }
 
 /// One request, as the API describes it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// The caller (the token's subject), or `-` when there was no valid token.
     pub user: String,
@@ -140,14 +140,16 @@ pub struct AuditEntry {
     pub outcome: Outcome,
     /// The reason given to break the glass (a clinician reading outside their scope).
     pub break_glass: Option<String>,
-    /// What was returned or asked: counts, object ids, filters (JSON; never row values).
+    /// What was returned or asked: counts, object ids, filters (JSON; never row values; null
+    /// when the request named nothing).
+    #[schema(value_type = Option<Object>)]
     pub detail: serde_json::Value,
     /// The client's address.
     pub client: Option<String>,
 }
 
 /// An entry as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     /// Its number: 1, 2, 3, ... without gaps.
     pub seq: i64,
@@ -194,7 +196,7 @@ fn canonical(
 }
 
 /// A break in the chain, naming the entry.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditProblem {
     /// The entry concerned.
     pub seq: i64,

@@ -115,11 +115,13 @@ CREATE TABLE IF NOT EXISTS strata_destructions (
 ";
 
 /// A legal hold as recorded: what it covers, who placed it and why, and its release if any.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct HoldRecord {
     /// The hold's id.
     pub hold_id: String,
-    /// What it covers.
+    /// What it covers: `{"patient": key}`, `{"table": name}`, or `{"filter": {"table",
+    /// "column", "value"}}`.
+    #[schema(value_type = Object)]
     pub scope: HoldScope,
     /// Why it was placed.
     pub reason: String,
@@ -128,11 +130,12 @@ pub struct HoldRecord {
     /// When (RFC 3339).
     pub placed_at: String,
     /// Who released it, when and why.
+    #[schema(value_type = Option<Vec<String>>, min_items = 3, max_items = 3)]
     pub released: Option<(String, String, String)>,
 }
 
 /// What a destruction record says: no PHI, only counts, key range and a checksum.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct DestructionRecord {
     /// The run that destroyed the rows.
     pub run_id: String,
@@ -156,7 +159,7 @@ pub struct DestructionRecord {
 }
 
 /// A stored policy version.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct PolicyVersion {
     /// SHA-256 of the policy text.
     pub policy_hash: String,

@@ -56,7 +56,7 @@ pub(crate) fn beat_time(t: chrono::DateTime<chrono::Utc>) -> String {
 const EXPORT_FIELDS: &str = "export_id, requested_by, profile, request, status, created_at, finished_at, manifest, error, kind, progress, expires_at, CAST(COALESCE(attempts, 1) AS BIGINT)";
 
 /// A researcher's export job as recorded.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct ExportRecord {
     /// Its id.
     pub export_id: String,
@@ -65,6 +65,7 @@ pub struct ExportRecord {
     /// The export profile it follows.
     pub profile: String,
     /// The request (JSON).
+    #[schema(value_type = Object)]
     pub request: serde_json::Value,
     /// `running`, `done`, `failed`, `cancelled` or `expired`.
     pub status: String,
@@ -73,6 +74,7 @@ pub struct ExportRecord {
     /// When it ended.
     pub finished_at: Option<String>,
     /// Its manifest when done (JSON: files, rows, SHA-256).
+    #[schema(value_type = Option<Object>)]
     pub manifest: Option<serde_json::Value>,
     /// Why it failed (no row values).
     pub error: Option<String>,

@@ -76,7 +76,7 @@ pub(crate) async fn own_export(
 
 #[utoipa::path(get, path = "/v1/exports/{export}", tag = "researcher",
     params(("export" = String, Path, description = "The export's id")),
-    responses((status = 200, description = "Status (running, done, failed, cancelled, expired), progress, and when done the manifest (files, rows, SHA-256, columns and their classes) and when its files expire", body = Object),
+    responses((status = 200, description = "Status (running, done, failed, cancelled, expired), progress, and when done the manifest (files, rows, SHA-256, columns and their classes) and when its files expire", body = strata_control::ExportRecord),
         (status = 404, description = "No such export of the caller's", body = ErrorBody), Refusals))]
 pub(crate) async fn export_status(
     State(state): State<AppState>,

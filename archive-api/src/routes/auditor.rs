@@ -1,15 +1,15 @@
 //! The auditor's routes: the hash-chained audit log, its verification, and a patient's
 //! accounting of disclosures. Only auditors and administrators reach them (a route layer).
 
-use super::{page, reply, ApiQuery, ErrorBody, QueryShape, Refusals};
+use super::{reply, ApiQuery, ErrorBody, QueryShape, Refusals};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use strata_control::{AuditQuery, Outcome};
+use strata_control::{AuditProblem, AuditQuery, AuditRecord, Outcome};
 
 impl QueryShape for AuditParams {
     const PARAMETERS: &'static str =
@@ -36,8 +36,17 @@ pub(super) struct AuditParams {
     break_glass: bool,
 }
 
+/// A page of the audit log.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AuditPage {
+    /// Oldest first.
+    entries: Vec<AuditRecord>,
+    /// The `after` of the next page, when this one is full.
+    next: Option<i64>,
+}
+
 #[utoipa::path(get, path = "/v1/audit", tag = "auditor", params(AuditParams),
-    responses((status = 200, description = "Entries oldest first, with the cursor of the next page", body = Object),
+    responses((status = 200, description = "Entries oldest first, with the cursor of the next page", body = AuditPage),
         (status = 400, description = "Bad query", body = ErrorBody), Refusals))]
 pub(super) async fn audit_list(
     State(state): State<AppState>,
@@ -59,21 +68,34 @@ pub(super) async fn audit_list(
         .then(|| entries.last().map(|e| e.seq))
         .flatten();
     let detail = json!({ "entries": entries.len() });
-    Ok(reply(Json(page(entries, next)), detail))
+    Ok(reply(Json(AuditPage { entries, next }), detail))
+}
+
+/// What a walk of the hash chain found.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AuditVerification {
+    /// Whether the chain is intact.
+    ok: bool,
+    /// Entries checked.
+    entries: u64,
+    /// The newest entry's number as the head records it.
+    head: i64,
+    /// Every break, oldest first.
+    problems: Vec<AuditProblem>,
 }
 
 #[utoipa::path(get, path = "/v1/audit/verify", tag = "auditor",
-    responses((status = 200, description = "Whether the hash chain is intact, and every break with its entry", body = Object), Refusals))]
+    responses((status = 200, description = "Whether the hash chain is intact, and every break with its entry", body = AuditVerification), Refusals))]
 pub(super) async fn audit_verify(State(state): State<AppState>) -> Result<Response, ApiError> {
     let report = state.audit.verify().await?;
     let detail = json!({ "entries": report.entries, "problems": report.problems.len() });
     Ok(reply(
-        Json(json!({
-            "ok": report.ok(),
-            "entries": report.entries,
-            "head": report.head_seq,
-            "problems": report.problems,
-        })),
+        Json(AuditVerification {
+            ok: report.ok(),
+            entries: report.entries,
+            head: report.head_seq,
+            problems: report.problems,
+        }),
         detail,
     ))
 }
@@ -93,10 +115,42 @@ pub(super) struct DisclosureParams {
     until: Option<String>,
 }
 
+/// A patient's accounting of disclosures (a page of it).
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Disclosures {
+    patient: String,
+    /// Oldest first.
+    disclosures: Vec<Disclosure>,
+    /// The `after` of the next page, when this one is full.
+    next: Option<i64>,
+}
+
+/// One served read of the patient's data.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Disclosure {
+    /// When (RFC 3339, UTC).
+    at: String,
+    /// Who.
+    user: String,
+    /// Their roles, comma-separated.
+    roles: String,
+    /// The purpose of use they stated.
+    purpose: Option<String>,
+    /// Method and route.
+    action: String,
+    /// What was returned (counts, object ids; never row values).
+    #[schema(value_type = Option<Object>)]
+    detail: serde_json::Value,
+    /// The reason given to break the glass, if it was broken.
+    break_glass: Option<String>,
+    /// The audit entry's number.
+    audit_entry: i64,
+}
+
 /// The accounting of disclosures: every read of the patient's data that was served — when,
 /// by whom, for what purpose, what, and whether the glass was broken.
 #[utoipa::path(get, path = "/v1/patients/{patient}/disclosures", tag = "auditor", params(("patient" = String, Path, description = "The patient key"), DisclosureParams),
-    responses((status = 200, description = "Accounting of disclosures: every served read of the patient's data", body = Object),
+    responses((status = 200, description = "Accounting of disclosures: every served read of the patient's data", body = Disclosures),
         (status = 400, description = "Bad query", body = ErrorBody), Refusals))]
 pub(super) async fn disclosures(
     State(state): State<AppState>,
@@ -119,28 +173,30 @@ pub(super) async fn disclosures(
     let next = (entries.len() as i64 == limit)
         .then(|| entries.last().map(|e| e.seq))
         .flatten();
-    let disclosures: Vec<_> = entries
-        .iter()
+    let disclosures: Vec<Disclosure> = entries
+        .into_iter()
         .filter(|e| {
             e.entry.action.contains("/v1/patients/{patient}/")
                 && !e.entry.action.ends_with("/disclosures")
         })
-        .map(|e| {
-            json!({
-                "at": e.at,
-                "user": e.entry.user,
-                "roles": e.entry.roles,
-                "purpose": e.entry.purpose,
-                "action": e.entry.action,
-                "detail": e.entry.detail,
-                "break_glass": e.entry.break_glass,
-                "audit_entry": e.seq,
-            })
+        .map(|e| Disclosure {
+            at: e.at,
+            user: e.entry.user,
+            roles: e.entry.roles,
+            purpose: e.entry.purpose,
+            action: e.entry.action,
+            detail: e.entry.detail,
+            break_glass: e.entry.break_glass,
+            audit_entry: e.seq,
         })
         .collect();
     let detail = json!({ "disclosures": disclosures.len() });
     Ok(reply(
-        Json(json!({ "patient": patient, "disclosures": disclosures, "next": next })),
+        Json(Disclosures {
+            patient,
+            disclosures,
+            next,
+        }),
         detail,
     ))
 }

@@ -37,7 +37,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Extension, Router};
-use serde::Serialize;
 use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -110,11 +109,6 @@ pub(crate) fn reply(body: impl IntoResponse, detail: serde_json::Value) -> Respo
             detail,
         },
     )
-}
-
-/// A page of entries with the cursor of the next.
-pub(crate) fn page<T: Serialize>(entries: Vec<T>, next: Option<i64>) -> serde_json::Value {
-    json!({ "entries": entries, "next": next })
 }
 
 /// The API's routes with their layers.

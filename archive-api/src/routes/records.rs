@@ -10,20 +10,39 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Json};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use strata_control::{DestructionRecord, HoldRecord, PolicyVersion};
 use strata_cutoff_policies::HoldScope;
 
+/// Every stored policy version.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct PolicyVersions {
+    /// Newest first.
+    versions: Vec<PolicyVersion>,
+}
+
 #[utoipa::path(get, path = "/v1/policies", tag = "records manager",
-    responses((status = 200, description = "Every stored policy version, newest first", body = Object), Refusals))]
+    responses((status = 200, description = "Every stored policy version, newest first", body = PolicyVersions), Refusals))]
 pub(super) async fn policies(State(state): State<AppState>) -> Result<Response, ApiError> {
     let versions = state.control.policy_versions().await?;
     let detail = json!({ "versions": versions.len() });
-    Ok(reply(Json(json!({ "versions": versions })), detail))
+    Ok(reply(Json(PolicyVersions { versions }), detail))
+}
+
+/// The latest plan.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Plan {
+    plan_id: String,
+    /// When it was made (RFC 3339).
+    created_at: String,
+    /// Rows, bytes and patients per table per tier, as `strata plan --json` prints it.
+    #[schema(value_type = Object)]
+    report: serde_json::Value,
 }
 
 #[utoipa::path(get, path = "/v1/plan", tag = "records manager",
-    responses((status = 200, description = "The latest plan: rows per table per tier", body = Object),
+    responses((status = 200, description = "The latest plan: rows per table per tier", body = Plan),
         (status = 404, description = "No plan yet", body = ErrorBody), Refusals))]
 pub(super) async fn plan(State(state): State<AppState>) -> Result<Response, ApiError> {
     let plan = state
@@ -33,9 +52,11 @@ pub(super) async fn plan(State(state): State<AppState>) -> Result<Response, ApiE
         .ok_or(ApiError::NotFound)?;
     let detail = json!({ "plan": plan.plan_id });
     Ok(reply(
-        Json(
-            json!({ "plan_id": plan.plan_id, "created_at": plan.created_at, "report": plan.report }),
-        ),
+        Json(Plan {
+            plan_id: plan.plan_id,
+            created_at: plan.created_at,
+            report: plan.report,
+        }),
         detail,
     ))
 }
@@ -53,28 +74,67 @@ pub(super) async fn last_run_report(State(state): State<AppState>) -> Result<Res
     Ok(reply(Json(report), detail))
 }
 
+/// Every destruction record.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Destructions {
+    destructions: Vec<Destruction>,
+}
+
+/// One table's rows destroyed by one run.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Destruction {
+    record: DestructionRecord,
+    /// When it was recorded (RFC 3339).
+    destroyed_at: String,
+}
+
 #[utoipa::path(get, path = "/v1/reports/destructions", tag = "records manager",
-    responses((status = 200, description = "Destruction records: counts, key ranges, checksums", body = Object), Refusals))]
+    responses((status = 200, description = "Destruction records: counts, key ranges, checksums", body = Destructions), Refusals))]
 pub(super) async fn destruction_report(
     State(state): State<AppState>,
 ) -> Result<Response, ApiError> {
-    let records: Vec<_> = state
+    let destructions: Vec<Destruction> = state
         .control
         .destructions()
         .await?
         .into_iter()
-        .map(|(d, at)| json!({ "record": d, "destroyed_at": at }))
+        .map(|(record, destroyed_at)| Destruction {
+            record,
+            destroyed_at,
+        })
         .collect();
-    let detail = json!({ "records": records.len() });
-    Ok(reply(Json(json!({ "destructions": records })), detail))
+    let detail = json!({ "records": destructions.len() });
+    Ok(reply(Json(Destructions { destructions }), detail))
+}
+
+/// Every legal hold.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Holds {
+    holds: Vec<HoldRecord>,
 }
 
 #[utoipa::path(get, path = "/v1/holds", tag = "records manager",
-    responses((status = 200, description = "Every legal hold, placed and released", body = Object), Refusals))]
+    responses((status = 200, description = "Every legal hold, placed and released", body = Holds), Refusals))]
 pub(super) async fn holds(State(state): State<AppState>) -> Result<Response, ApiError> {
     let holds = state.control.holds().await?;
     let detail = json!({ "holds": holds.len() });
-    Ok(reply(Json(json!({ "holds": holds })), detail))
+    Ok(reply(Json(Holds { holds }), detail))
+}
+
+/// A hold placed.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct PlacedHold {
+    hold_id: String,
+    /// What it covers (as in [`HoldRecord`]).
+    #[schema(value_type = Object)]
+    scope: HoldScope,
+}
+
+/// A hold released.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ReleasedHold {
+    /// The hold's id.
+    released: String,
 }
 
 /// Body of `POST /v1/holds`: one of `patient`, `table`, or `table` + `column` + `value`.
@@ -93,7 +153,7 @@ fn nonblank(s: Option<String>) -> Option<String> {
 }
 
 #[utoipa::path(post, path = "/v1/holds", tag = "records manager", request_body = NewHold,
-    responses((status = 201, description = "The hold's id and scope", body = Object),
+    responses((status = 201, description = "The hold's id and scope", body = PlacedHold),
         (status = 400, description = "Bad body", body = ErrorBody), Refusals))]
 pub(super) async fn place_hold(
     State(state): State<AppState>,
@@ -132,10 +192,7 @@ pub(super) async fn place_hold(
         .await?;
     let detail = json!({ "hold": id, "patient": patient });
     Ok(reply(
-        (
-            StatusCode::CREATED,
-            Json(json!({ "hold_id": id, "scope": scope })),
-        ),
+        (StatusCode::CREATED, Json(PlacedHold { hold_id: id, scope })),
         detail,
     ))
 }
@@ -153,7 +210,7 @@ pub(super) struct Release {
 
 #[utoipa::path(delete, path = "/v1/holds/{hold}", tag = "records manager",
     params(("hold" = String, Path, description = "The hold's id")), request_body = Release,
-    responses((status = 200, description = "Released", body = Object),
+    responses((status = 200, description = "Released", body = ReleasedHold),
         (status = 400, description = "Bad body", body = ErrorBody),
         (status = 404, description = "No active hold with this id", body = ErrorBody), Refusals))]
 pub(super) async fn release_hold(
@@ -181,7 +238,7 @@ pub(super) async fn release_hold(
         .release_hold(&hold, &r.reason, &principal.user)
         .await?;
     let detail = json!({ "hold": hold });
-    Ok(reply(Json(json!({ "released": hold })), detail))
+    Ok(reply(Json(ReleasedHold { released: hold }), detail))
 }
 
 impl BodyShape for Release {

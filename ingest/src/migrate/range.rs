@@ -236,18 +236,16 @@ impl Migration {
         Ok(())
     }
 
-    /// Reads one range of a table, routes every row and hands it to `sink` by its tier: the
-    /// one path of a plan ([`Counting`]) and of a run ([`Writers`]).
+    /// Reads one range of a table from the source, routes every row and hands it to `sink` by
+    /// its tier: the one path of a plan ([`Counting`]) and of a run ([`Writers`]).
     pub(super) async fn route_range(
         &self,
         layout: &TableLayout,
         range: &KeyRange,
         facts: &HashMap<String, PatientFacts>,
         snapshot: Option<&str>,
-        mut sink: impl RangeSink,
+        sink: impl RangeSink,
     ) -> Result<RangeOutcome> {
-        let mut tally = Tally::new(&layout.name);
-        let router = Router::new(&self.policy, layout, facts);
         // A run leaves BLOBs longer than the inline limit out of the rows and streams them from
         // the source in pieces; a plan reads them inline and counts them.
         let streamed = if sink.streams_blobs() {
@@ -257,16 +255,39 @@ impl Migration {
         };
         let inline_max = self.config.run.inline_blob_bytes;
         let sql = layout.select_where(&self.source, range.filter.as_deref(), &streamed, inline_max);
-        let mut chunks =
+        let chunks =
             self.source
                 .fetch_chunks_in(sql, layout.fetch_types(&self.source, &streamed), snapshot);
+        let rows = SourceRows {
+            chunks,
+            index: range.index,
+            streamed: &streamed,
+        };
+        self.route_rows(layout, rows, facts, sink).await
+    }
+
+    /// Routes every row of `rows` and hands it to `sink` by its tier. Any source of rows in the
+    /// table's source column order feeds this (bulk copy's ranges today; change sync's decoded
+    /// tuples and tiering's rows read back later): deciding, quarantining, counting and
+    /// writing are the same whatever moved the record.
+    pub(super) async fn route_rows(
+        &self,
+        layout: &TableLayout,
+        mut rows: SourceRows<'_>,
+        facts: &HashMap<String, PatientFacts>,
+        mut sink: impl RangeSink,
+    ) -> Result<RangeOutcome> {
+        let mut tally = Tally::new(&layout.name);
+        let router = Router::new(&self.policy, layout, facts);
+        let streamed = rows.streamed;
+        let inline_max = self.config.run.inline_blob_bytes;
         let progress = self.progress.table(&layout.name);
         let (mut unreported_rows, mut unreported_bytes) = (0, 0);
-        while let Some(chunk) = chunks.next().await {
+        while let Some(chunk) = rows.chunks.next().await {
             for mut values in chunk? {
                 tally.report.source_rows += 1;
-                let ordinal = (range.index, tally.report.source_rows);
-                let streamed_blobs = layout.take_streamed(&mut values, &streamed);
+                let ordinal = (rows.index, tally.report.source_rows);
+                let streamed_blobs = layout.take_streamed(&mut values, streamed);
                 let long = LongBlobs {
                     streamed: streamed_blobs.as_ref(),
                     inline_max,
@@ -370,6 +391,17 @@ fn quarantine(
         }),
         _ => Ok(()),
     }
+}
+
+/// Rows of one table as a source yields them: chunks of rows in the table's source column
+/// order, each row's BLOBs in `streamed` left out (to be streamed from the source apart).
+pub(super) struct SourceRows<'a> {
+    /// The rows.
+    pub(super) chunks: crate::db::ChunkStream<'a>,
+    /// The batch's number (a range's index), which names keyless rows with their position.
+    pub(super) index: usize,
+    /// The BLOB columns left out of the rows.
+    pub(super) streamed: &'a [usize],
 }
 
 /// What every range of a table shares.

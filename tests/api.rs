@@ -658,6 +658,20 @@ async fn break_the_glass_is_allowed_flagged_and_listed_for_review() {
             .0,
         StatusCode::FORBIDDEN
     );
+    // Grounds come before the query: outside their care, a bad query is still a refusal.
+    assert_eq!(
+        call(
+            &f.app,
+            Method::GET,
+            &format!("{uri}?limit=many"),
+            Some(&clinician),
+            &[TREAT],
+            None
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
     assert_eq!(
         call(
             &f.app,
@@ -741,6 +755,7 @@ async fn break_the_glass_is_allowed_flagged_and_listed_for_review() {
     assert_eq!(
         outcomes,
         [
+            Outcome::Denied,
             Outcome::Denied,
             Outcome::Failed,
             Outcome::Failed,

@@ -331,7 +331,7 @@ async fn bulk_data_refuses_what_the_specifications_refuse() {
     let idp_system = f
         .idp
         .token(json!({ "sub": "mallory", "roles": ["system"] }), false);
-    let (status, _, _) = call(
+    let (status, headers, body) = call(
         &f.app,
         Method::GET,
         "/fhir/$export",
@@ -345,6 +345,11 @@ async fn bulk_data_refuses_what_the_specifications_refuse() {
         StatusCode::FORBIDDEN,
         "an identity provider cannot make a system client"
     );
+    // Bulk Data answers in FHIR, its role refusals too.
+    assert_eq!(headers["content-type"], "application/fhir+json");
+    let outcome: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "forbidden");
     let (status, _, _) = call(
         &f.app,
         Method::GET,

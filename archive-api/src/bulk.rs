@@ -16,7 +16,7 @@
 //! profile and study, within their `system/...` scopes. One running export per caller.
 
 use crate::audit::{noted, AuditNote};
-use crate::auth::Principal;
+use crate::auth::{Principal, Role};
 use crate::error::ApiError;
 use crate::exports::routes::exporter;
 use crate::exports::{CodeToken, FhirSpec, Format, JobSpec};
@@ -51,6 +51,22 @@ fn outcome(status: StatusCode, code: &str, text: &str) -> Response {
         })),
     )
         .into_response()
+}
+
+/// Who reaches FHIR Bulk Data exports.
+const BULK_ROLES: &[Role] = &[Role::Researcher, Role::System];
+
+/// The route layer of every Bulk Data route: only researchers and system clients go on, and a
+/// refusal is an `OperationOutcome`, as every answer of these routes is.
+pub(crate) async fn require_bulk_role(
+    Extension(principal): Extension<Principal>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match principal.require(BULK_ROLES) {
+        Ok(()) => next.run(request).await,
+        Err(e) => error_outcome(e),
+    }
 }
 
 /// An API error as an `OperationOutcome` (same status, same client-safe text).

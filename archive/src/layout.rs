@@ -127,6 +127,23 @@ impl Cell<'_> {
         }
     }
 
+    /// The value as text, as Arrow's cast to UTF-8 shows it (for comparing with codes): text
+    /// as is, bytes when they are UTF-8, numbers, booleans, days and timestamps as
+    /// [`Cell::to_json`] writes them, unquoted; None for NULL.
+    pub fn to_text(&self) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
+        match *self {
+            Cell::Null => None,
+            Cell::Text(t) => Some(Cow::Borrowed(t)),
+            Cell::Bytes(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
+            other => match other.to_json() {
+                serde_json::Value::String(s) => Some(Cow::Owned(s)),
+                serde_json::Value::Null => None,
+                v => Some(Cow::Owned(v.to_string())),
+            },
+        }
+    }
+
     /// The value as a number, for a numeric value.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
@@ -363,6 +380,15 @@ mod tests {
             ]
         );
         assert_eq!(b.value("value", 1), Some(Cell::Null));
+        let text = |c: Cell| c.to_text().map(|t| t.into_owned());
+        assert_eq!(text(Cell::Int(42)), Some("42".into()));
+        assert_eq!(text(Cell::Bool(true)), Some("true".into()));
+        assert_eq!(
+            text(Cell::Date(NaiveDate::from_ymd_opt(2020, 1, 2).unwrap())),
+            Some("2020-01-02".into())
+        );
+        assert_eq!(text(Cell::Bytes(b"718-7")), Some("718-7".into()));
+        assert_eq!(text(Cell::Null), None);
         assert_eq!(b.value("nope", 0), None);
         assert_eq!(
             b.values("value").unwrap().collect::<Vec<_>>(),

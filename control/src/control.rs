@@ -465,13 +465,13 @@ impl Control {
         policy_hash: &str,
         report: &R,
     ) -> Result<Option<R>> {
-        // A previous plan this version cannot read (an older report format) is not compared.
-        let previous = self
-            .latest_plan::<R>()
-            .await
-            .ok()
-            .flatten()
-            .map(|p| p.report);
+        // A previous plan this version cannot read (an older report format) is not compared;
+        // a database that does not answer is an error.
+        let previous = match self.latest_plan::<R>().await {
+            Ok(plan) => plan.map(|p| p.report),
+            Err(ControlError::Invalid(_)) => None,
+            Err(e) => return Err(e),
+        };
         let report = serde_json::to_string(report)
             .map_err(|e| ControlError::Invalid(format!("plan: {e}")))?;
         let sql = format!(

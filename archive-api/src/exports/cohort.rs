@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::sync::Arc;
 use strata_archive::{
-    ArchiveReader, ArchivedBatch, Cell, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN,
+    ArchiveReader, ArchivedBatch, FileEntry, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN,
 };
 use strata_deidentify::{PseudonymKey, TablePlan};
 
@@ -91,12 +91,7 @@ impl Cohort {
                 .values(column)
                 .ok_or_else(|| format!("no column {column:?} for a code list"))?;
             for (k, v) in keep.iter_mut().zip(values) {
-                *k = *k
-                    && match v {
-                        Cell::Null => false,
-                        Cell::Text(t) => codes.contains(t),
-                        other => codes.contains(&other.to_json().to_string()),
-                    };
+                *k = *k && v.to_text().is_some_and(|t| codes.contains(t.as_ref()));
             }
         }
         if let Some(members) = &self.members {

@@ -90,11 +90,14 @@ pub(super) async fn history(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(patient): Path<String>,
-    ApiQuery(p): ApiQuery<HistoryParams>,
+    query: Result<ApiQuery<HistoryParams>, ApiError>,
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // The caller's grounds for this patient come first: a refusal is a refusal, whatever the
+    // query says.
     let access = patient_access(&principal, &headers, &patient)?;
+    let ApiQuery(p) = query?;
     let fhir = match p.format.as_deref() {
         Some("fhir") => true,
         Some("json") => false,

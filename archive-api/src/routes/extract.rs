@@ -1,6 +1,6 @@
 //! Extractors that refuse a bad body or query with the API's own error (a JSON `ErrorBody`,
-//! 400), never axum's plain-text rejection, and never with the caller's values in the message:
-//! a body names patients, and the message goes to the audit log.
+//! 400), never axum's plain-text rejection, and never with the caller's values in the message
+//! (a body names patients): the message says what shape was expected.
 
 use crate::error::ApiError;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};

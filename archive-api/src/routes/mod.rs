@@ -49,8 +49,6 @@ const RECORDS: &[Role] = &[Role::RecordsManager, Role::Admin];
 const RESEARCH: &[Role] = &[Role::Researcher];
 /// Who reaches cohorts (a records manager lists patients; a researcher only criteria).
 const GROUPS: &[Role] = &[Role::Researcher, Role::RecordsManager, Role::Admin];
-/// Who reaches FHIR Bulk Data exports.
-const BULK: &[Role] = &[Role::Researcher, Role::System];
 /// Who reaches the auditor's routes.
 const AUDIT: &[Role] = &[Role::Auditor, Role::Admin];
 
@@ -162,21 +160,20 @@ pub fn router(state: AppState) -> Router {
             get(export_routes::list_groups).post(export_routes::create_group),
         ),
     );
-    let bulk = only(
-        BULK,
-        Router::new()
-            .route("/fhir/$export", get(crate::bulk::export_system))
-            .route("/fhir/Patient/$export", get(crate::bulk::export_patients))
-            .route(
-                "/fhir/Group/{group}/$export",
-                get(crate::bulk::export_group),
-            )
-            .route(
-                "/fhir/bulkstatus/{export}",
-                get(crate::bulk::status).delete(crate::bulk::cancel),
-            )
-            .route("/fhir/bulkfiles/{export}/{file}", get(crate::bulk::file)),
-    );
+    // Bulk Data answers in FHIR: its own role layer refuses with an OperationOutcome.
+    let bulk = Router::new()
+        .route("/fhir/$export", get(crate::bulk::export_system))
+        .route("/fhir/Patient/$export", get(crate::bulk::export_patients))
+        .route(
+            "/fhir/Group/{group}/$export",
+            get(crate::bulk::export_group),
+        )
+        .route(
+            "/fhir/bulkstatus/{export}",
+            get(crate::bulk::status).delete(crate::bulk::cancel),
+        )
+        .route("/fhir/bulkfiles/{export}/{file}", get(crate::bulk::file))
+        .route_layer(middleware::from_fn(crate::bulk::require_bulk_role));
     let v1 = clinical
         .merge(auditor)
         .merge(records)

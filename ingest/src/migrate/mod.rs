@@ -36,14 +36,14 @@ use sinks::{Counting, RowChecks};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use strata_control::{Control, DestructionRecord, RunRecord, TableState};
-
-/// A table's state within a run: its range plan while it is copied, its report when done.
-type TableRun = TableState<RangePlan, TableReport>;
 use strata_cutoff_policies::{Decision, LegalHold, PatientFacts, Policy, PolicyConfig};
 use target::{
     add_primary_key, checkpoints, ensure_bookkeeping_tables, forget_table, prepare_target_table,
     quarantine_duplicate_keys, restart_table, target_columns,
 };
+
+/// A table's state within a run: its range plan while it is copied, its report when done.
+type TableRun = TableState<RangePlan, TableReport>;
 
 /// A prepared migration: source connected, config, policy and holds checked against its schema.
 pub struct Migration {
@@ -186,6 +186,8 @@ impl Migration {
     /// tables, and checks the config, the policy and the legal holds in force against them.
     /// `today` is "now" unless the policy fixes `as_of`.
     pub async fn prepare(config: MigrationConfig, today: NaiveDate) -> Result<Self> {
+        // A policy that does not read is reported before any database is opened.
+        read_policy(&config)?;
         let control = Control::open(&config.control_url()?).await?;
         Self::prepare_with(config, control, today).await
     }
@@ -398,11 +400,13 @@ impl Migration {
     /// when it is a SQLite file not created yet (the run creates it).
     async fn operational_if_it_exists(&self) -> Result<Option<Db>> {
         let url = self.config.resolve_url(&self.config.operational.url)?;
-        match Db::connect(&url, true).await {
-            Ok(db) => Ok(Some(db)),
-            Err(_) if self.config.operational_kind()? == DbKind::Sqlite => Ok(None),
-            Err(e) => Err(e),
+        if let Some(rest) = url.strip_prefix("sqlite://") {
+            let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+            if !std::path::Path::new(path).exists() {
+                return Ok(None);
+            }
         }
+        Db::connect(&url, true).await.map(Some)
     }
 
     /// Abandons the running run, if there is one, and returns its id: each table it touched

@@ -156,10 +156,13 @@ impl<'c> RowChecks<'c> {
 }
 
 /// The sink of a plan: it checks rows as a run's writers do and keeps only the caller's tally.
-/// A plan reads a table as one range, so a key repeated anywhere in it is found here, where a
-/// run finds it in the range or, across ranges, before the table gets its key. What only the
-/// operational database knows (a CHECK constraint, a foreign key, a trigger of a table designed
-/// beforehand) is found by loading, not by a plan.
+/// A plan reads a table as one range, so a key repeated anywhere in it is found here; a run
+/// finds one within a range, and across ranges among operational rows, before the table gets
+/// its key (archived or purged rows whose key the source does not enforce, repeated in two
+/// ranges, stay two records in a run: the plan counts the second as quarantined). The hashes
+/// of such a table's keys are held for the whole table (8 bytes and the set's overhead a row).
+/// What only the operational database knows (a CHECK constraint, a foreign key, a trigger of
+/// a table designed beforehand) is found by loading, not by a plan.
 pub(super) struct Counting<'c> {
     pub(super) checks: RowChecks<'c>,
 }

@@ -4,9 +4,12 @@
 # in the same run, a plain full scan of the same tables (Python's sqlite3 reading every row) as
 # the baseline, with the ratio. Not a test: run it by hand.
 #   SCALE=53 bench/plan.sh      # ~5M rows (the default); SCALE=5 for a quick look
+#   PARENT=path/to/another/strata RUNS=3 bench/plan.sh   # also that build's plan, the two
+#                                # taking turns at going first; medians of RUNS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${SCALE:-53}
+RUNS=${RUNS:-1}
 AS_OF=2026-11-25
 cargo build --release --quiet
 STRATA=$PWD/target/release/strata
@@ -40,13 +43,34 @@ print(n, time.perf_counter() - t)
 PY
 read -r BASE_ROWS BASE_S < "$WORK/baseline.txt"
 
-t0=$(date +%s.%N)
-(cd "$WORK" && /usr/bin/time -v "$STRATA" plan --config strata.toml > plan.txt 2> time.txt)
-t1=$(date +%s.%N)
-PLAN_S=$(echo "$t1 - $t0" | bc)
-RSS=$(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+TIMES=""; PARENT_TIMES=""; RSS=0
+for run in $(seq "$RUNS"); do
+  builds=(new); [ -n "${PARENT:-}" ] && { [ $((run % 2)) = 1 ] && builds=(new parent) || builds=(parent new); }
+  for b in "${builds[@]}"; do
+    bin=$STRATA; [ "$b" = parent ] && bin=$PARENT
+    rm -f "$WORK"/strata-control.db*
+    t0=$(date +%s.%N)
+    (cd "$WORK" && /usr/bin/time -v "$bin" plan --config strata.toml > plan-$b.txt 2> time.txt)
+    t1=$(date +%s.%N)
+    if [ "$b" = new ]; then
+      TIMES+="$(echo "$t1 - $t0" | bc) "
+      r=$(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt")
+      RSS=$(( RSS > r ? RSS : r ))
+    else
+      PARENT_TIMES+="$(echo "$t1 - $t0" | bc) "
+    fi
+  done
+done
+PLAN_S=$(echo "$TIMES" | tr ' ' '\n' | grep . | median)
+mv "$WORK/plan-new.txt" "$WORK/plan.txt"
 cat "$WORK/plan.txt"
 echo
 printf 'plan:      %d rows in %.2f s = %.0f rows/s, peak RSS %d MiB\n' "$ROWS" "$PLAN_S" "$(echo "$ROWS / $PLAN_S" | bc -l)" $((RSS / 1024))
 printf 'baseline:  %d rows in %.2f s = %.0f rows/s (python sqlite3 full scan, same run)\n' "$BASE_ROWS" "$BASE_S" "$(echo "$BASE_ROWS / $BASE_S" | bc -l)"
 printf 'ratio:     plan rows/s / full-scan rows/s = %.2f\n' "$(echo "($ROWS / $PLAN_S) / ($BASE_ROWS / $BASE_S)" | bc -l)"
+if [ -n "${PARENT:-}" ]; then
+  P=$(echo "$PARENT_TIMES" | tr ' ' '\n' | grep . | median)
+  printf 'parent:    %.2f s median (%s); this build %.2f s (%s): ratio %.2f (above 1 is faster)\n' "$P" "${PARENT_TIMES% }" "$PLAN_S" "${TIMES% }" "$(echo "$P / $PLAN_S" | bc -l)"
+  diff <(grep -v "^plan under" "$WORK/plan.txt") <(grep -v "^plan under" "$WORK/plan-parent.txt") > "$WORK/plans.diff" || { echo "the two builds' plans differ:"; cat "$WORK/plans.diff"; }
+fi

@@ -1541,9 +1541,9 @@ fn proc_field(pid: u32, field: &str) -> u64 {
 /// A bounded soak test on loopback: 100 clinicians, each with a token and a connection of
 /// their own, ask for histories, documents and FHIR bundles over HTTPS until 20,000
 /// (STRATA_SOAK_REQUESTS) have been answered, under the default limits. Zero errors (a 429
-/// or 503 counts as one); the server's peak RSS stays under 512 MiB and its RSS at the end has
-/// not grown more than 10 % past what it was after the first 2,000 requests; every request is
-/// in the audit log and the chain verifies.
+/// or 503 counts as one); the server's peak RSS stays under 512 MiB and its RSS does not grow
+/// through the last third of the run (5 % past the middle third's highest); every request is in
+/// the audit log and the chain verifies.
 #[tokio::test]
 async fn soak_100_users_20k_requests_in_bounded_memory_all_audited() {
     let total: u64 = std::env::var("STRATA_SOAK_REQUESTS")
@@ -1648,9 +1648,18 @@ async fn soak_100_users_20k_requests_in_bounded_memory_all_audited() {
         threads <= cores + 4 + 6,
         "the server ran {threads} threads on {cores} cores"
     );
+    // No leak: the RSS of the run's last third stays within 5 % of the highest of its middle
+    // third. (Not the RSS after 2k requests: the allocator takes memory in steps of 6-9 MiB as
+    // threads come to serve, at any point of the run, and the process settles at 75-80 MiB;
+    // a leak grows on through the last third. 5 % of ~77 MiB over ~6,700 requests is ~600
+    // bytes a request.)
+    assert!(trajectory.len() >= 3, "too few requests to see a trend");
+    let third = trajectory.len() / 3;
+    let middle = *trajectory[third..2 * third].iter().max().unwrap();
+    let last = *trajectory[2 * third..].iter().max().unwrap();
     assert!(
-        end * 10 <= after_2k * 11,
-        "RSS grew from {after_2k} KiB after 2k requests to {end} KiB"
+        last * 100 <= middle * 105,
+        "RSS grew from {middle} MiB (the middle third's highest) to {last} MiB in the last third: {trajectory:?} MiB each 2k requests"
     );
     let log = strata_control::AuditLog::open(
         &f.control,

@@ -1,5 +1,6 @@
-//! What a command works with: the config it was given, and the control database and archive
-//! it names, each opened at most once and only when the command asks for it.
+//! What a command works with: the config it was given, the control database it names (opened
+//! once, when first asked for) and the archive's store and keys (read once); a reader of the
+//! archive is opened on its catalog as it stands whenever the command asks.
 
 use crate::config::{self, LoadedConfig};
 use anyhow::{Context as _, Result};

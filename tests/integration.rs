@@ -659,6 +659,22 @@ async fn bad_config_is_rejected_naming_table_and_column() {
     assert!(msg.contains("[tables.billing]: no such table"), "{msg}");
 }
 
+/// `strata ... | head`: a reader that stops early ends the command quietly, without a panic or
+/// a backtrace (here the reader is gone before the command writes).
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("openapi")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn demo_command_migrates_and_plan_reports() {
     let dir = TestDir::new();

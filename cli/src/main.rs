@@ -1,6 +1,7 @@
 //! `strata`: the command line that ties ingest, policy, archive and API together.
 
 mod archive;
+mod closed_pipe;
 mod config;
 mod context;
 mod demo;
@@ -316,6 +317,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     malloc_tuning::tune();
+    closed_pipe::install();
     let cli = Cli::parse();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();

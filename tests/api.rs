@@ -1075,6 +1075,31 @@ async fn history_pages_filters_and_fhir_bundles() {
         validate_fhir(&only),
         [("Observation".to_string(), labs)].into()
     );
+    // A FHIR answer for a table without a mapping, or a type nothing maps to, is refused and
+    // says why: an empty Bundle would say the patient has no such records.
+    let (status, _, refused) = get(
+        format!("{base}?format=fhir&table=billing_lines,lab_results"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("no FHIR mapping for table billing_lines"),
+        "{refused}"
+    );
+    let (status, _, refused) = get(format!("{base}?type=Immunization"), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    // Tables mapped to other types than the one asked for: an empty answer, not every table.
+    let (status, _, none) = get(
+        format!("{base}?format=fhir&table=lab_results&type=Condition"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(none["total"], 0, "{none}");
     // FHIR pages follow the Bundle's next link.
     let mut seen = 0;
     let mut uri = format!("{base}?format=fhir&limit=5");

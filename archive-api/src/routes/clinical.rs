@@ -59,6 +59,59 @@ pub(super) struct HistoryParams {
     format: Option<String>,
 }
 
+/// The tables a FHIR answer (or a `type` filter) reads: the mapped ones, of the requested
+/// types, among the requested tables. A request that names a table without a mapping or a type
+/// no table maps to, or a FHIR answer when nothing is mapped, is refused, naming what is
+/// missing: an empty Bundle would say the patient has no such records.
+fn fhir_tables(
+    mappings: &std::collections::BTreeMap<String, crate::config::FhirTable>,
+    tables: Vec<String>,
+    types: &[String],
+    fhir: bool,
+) -> Result<Vec<String>, ApiError> {
+    let unmapped: Vec<&str> = tables
+        .iter()
+        .filter(|t| !mappings.contains_key(*t))
+        .map(String::as_str)
+        .collect();
+    if !unmapped.is_empty() {
+        return Err(bad(&format!(
+            "no FHIR mapping for table {} ([api.fhir] in strata.toml): ask for format=json",
+            unmapped.join(", ")
+        )));
+    }
+    let unknown: Vec<&str> = types
+        .iter()
+        .filter(|ty| !mappings.values().any(|m| &m.resource == *ty))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(bad(&format!(
+            "no table is mapped to FHIR type {}",
+            unknown.join(", ")
+        )));
+    }
+    if fhir && mappings.is_empty() {
+        return Err(bad(
+            "no table has a FHIR mapping ([api.fhir] in strata.toml): ask for format=json",
+        ));
+    }
+    let mut chosen: Vec<String> = mappings
+        .iter()
+        .filter(|(table, m)| {
+            (types.is_empty() || types.contains(&m.resource))
+                && (tables.is_empty() || tables.contains(table))
+        })
+        .map(|(table, _)| table.clone())
+        .collect();
+    if chosen.is_empty() {
+        // The tables asked for are mapped to other types: nothing matches (an empty filter
+        // would mean every table).
+        chosen.push(String::new());
+    }
+    Ok(chosen)
+}
+
 /// The query string of `uri` with `cursor` replaced.
 fn with_cursor(uri: &axum::http::Uri, cursor: Option<&str>) -> String {
     let mut pairs: Vec<String> = uri
@@ -84,7 +137,7 @@ fn with_cursor(uri: &axum::http::Uri, cursor: Option<&str>) -> String {
     responses(
         (status = 200, description = "The history, newest first (JSON), or a FHIR R4 searchset Bundle",
             content((History = "application/json"), (Object = "application/fhir+json"))),
-        (status = 400, description = "Bad query, missing purpose of use, or a reason too short", body = ErrorBody),
+        (status = 400, description = "Bad query (a table without a FHIR mapping or a type no table maps to, for a FHIR answer), missing purpose of use, or a reason too short", body = ErrorBody),
         Refusals))]
 pub(super) async fn history(
     State(state): State<AppState>,
@@ -110,22 +163,7 @@ pub(super) async fn history(
     let mut tables = list(&p.table);
     let types = list(&p.resource_type);
     if !types.is_empty() || fhir {
-        // FHIR answers hold mapped tables only; a type filter names tables through the mapping.
-        let mapped: Vec<String> = state
-            .fhir
-            .iter()
-            .filter(|(_, t)| types.is_empty() || types.contains(&t.resource))
-            .map(|(table, _)| table.clone())
-            .collect();
-        tables = if tables.is_empty() {
-            mapped
-        } else {
-            tables.into_iter().filter(|t| mapped.contains(t)).collect()
-        };
-        if tables.is_empty() {
-            // Nothing can match; keep the filter non-empty so that nothing does.
-            tables.push(String::new());
-        }
+        tables = fhir_tables(&state.fhir, tables, &types, fhir)?;
     }
     let query = HistoryQuery {
         from: day(&p.from, "from")?,

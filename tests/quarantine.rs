@@ -132,7 +132,7 @@ async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arri
     ] {
         assert!(findings.iter().any(|f| f == expected), "{expected}\n{findings:#?}");
     }
-    let profiles = migration.profile(as_of()).await.unwrap();
+    let profiles = migration.profile().await.unwrap();
     let codes = profiles.iter().find(|p| p.table == "codes").unwrap();
     assert_eq!((codes.rows, codes.duplicate_keys), (301, 1));
     let loinc = codes.columns.iter().find(|c| c.column == "loinc").unwrap();
@@ -449,4 +449,54 @@ async fn a_sqlite_target_quarantines_a_key_loaded_twice_by_different_ranges() {
         ]]
     );
     target.close().await;
+}
+
+/// `strata profile` judges dates against the policy's `as_of` (a research database shifted into
+/// the 22nd century is not all "odd dates"), counts distinct values exactly up to
+/// `EXACT_DISTINCT` and never more than there are values, and marks an estimate as one.
+#[tokio::test]
+async fn profile_judges_dates_by_the_policys_as_of_and_counts_distinct_values_honestly() {
+    let dir = TestDir::new();
+    let source = legacy_sqlite(
+        dir.path(),
+        "CREATE TABLE visits (id INTEGER PRIMARY KEY, seen DATE, ward TEXT); \
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12000) \
+         INSERT INTO visits SELECT i, date('2187-01-01', '+' || (i % 700) || ' days'), 'W' || (i % 2694) FROM n; \
+         INSERT INTO visits VALUES (20001, '1850-01-01', NULL), (20002, '2190-06-01', NULL);",
+    )
+    .await;
+    let operational = create_pg_database("strata_profile_op").await;
+    write_run_files(
+        dir.path(),
+        &format!(
+            "{}[tables.visits]\nprimary_key = [\"id\"]\nrecord_date = \"seen\"\n",
+            run_config(&source, &operational)
+        ),
+        "version = \"p\"\nas_of = \"2189-12-31\"\n[defaults]\narchive_after = \"1y\"\npatient_inactive_after = \"1y\"\n[tables.visits]\ntier = \"operational\"\n",
+    );
+    let config = load_config(&dir.path().join("strata.toml"));
+    let migration = Migration::prepare(config, as_of()).await.unwrap();
+    let profiles = migration.profile().await.unwrap();
+    let column = |name: &str| {
+        profiles[0]
+            .columns
+            .iter()
+            .find(|c| c.column == name)
+            .unwrap()
+            .clone()
+    };
+    // Only the placeholder before 1900 and the date after the policy's as_of are odd.
+    assert_eq!(column("seen").suspicious_dates, 2);
+    // 2,694 wards: counted exactly (an estimate said 2,698 of 2,694 rows once).
+    let ward = column("ward");
+    assert_eq!((ward.distinct, ward.distinct_estimated), (2694, false));
+    // 12,002 ids: more than counted exactly; an estimate, never more than the values.
+    let id = column("id");
+    assert!(id.distinct_estimated);
+    assert!(
+        id.distinct <= 12_002 && id.distinct > 11_500,
+        "{}",
+        id.distinct
+    );
+    assert!(profiles[0].to_text().contains(&format!("≈{}", id.distinct)));
 }

@@ -54,7 +54,7 @@ pub async fn check(ctx: &Context, json: bool) -> Result<()> {
 /// `strata profile`.
 pub async fn profile(ctx: &Context, json: bool) -> Result<()> {
     let migration = prepare(ctx).await?;
-    let profiles = migration.profile(crate::today()).await?;
+    let profiles = migration.profile().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&profiles)?);
     } else {

@@ -47,6 +47,6 @@ pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile};
 pub use layout::TableLayout;
 pub use migrate::{check_policy, read_policy, Explanation, Migration};
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
-pub use report::{RunReport, TableReport};
+pub use report::{RunReport, TableReport, EXACT_PATIENTS};
 pub use run_lock::RunLock;
 pub use value::{parse_date, parse_timestamp, ColumnType, Value};

@@ -29,9 +29,12 @@ pub struct TableReport {
     pub reasons: BTreeMap<String, u64>,
     /// Source bytes per tier, values as read: texts and bytes by length, others by width.
     pub bytes: BTreeMap<String, u64>,
-    /// Distinct patients with rows in each tier (exact for small counts, within ~2 % for
-    /// large ones).
+    /// Distinct patients with rows in each tier: exact up to [`EXACT_PATIENTS`], estimated
+    /// (within ~2 %) above, those tiers then listed in `patients_estimated`.
     pub patients: BTreeMap<String, u64>,
+    /// The tiers whose `patients` is an estimate.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub patients_estimated: std::collections::BTreeSet<String>,
     /// BLOBs stored in the archive.
     pub blobs: u64,
     /// Their total plaintext bytes.
@@ -107,18 +110,27 @@ impl Tally {
 
     pub fn finish(mut self) -> TableReport {
         for (tier, sketch) in self.patients {
+            if !sketch.is_exact() {
+                self.report.patients_estimated.insert(tier.clone());
+            }
             self.report.patients.insert(tier, sketch.estimate());
         }
         self.report
     }
 }
 
-/// A HyperLogLog sketch of distinct patient keys (4,096 registers: exact for small counts,
-/// within ~2 % for large ones), so that the ranges of a table, counted by different workers
-/// and possibly different processes, add up to the table's distinct patients.
+/// Distinct patients are counted exactly up to this many per tier and table; estimated above.
+pub const EXACT_PATIENTS: usize = 10_000;
+
+/// Distinct patient keys: the keys' 64-bit hashes while there are at most [`EXACT_PATIENTS`]
+/// (an exact count), and a HyperLogLog sketch (4,096 registers, within ~2 %) for more. Both
+/// merge, so that the ranges of a table, counted by different workers and possibly different
+/// processes, add up to the table's distinct patients.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PatientSketch {
     registers: Vec<u8>,
+    /// The keys' hashes, while they are few enough to count; None once they were not.
+    exact: Option<std::collections::BTreeSet<u64>>,
 }
 
 const SKETCH_BITS: u32 = 12;
@@ -127,6 +139,7 @@ impl Default for PatientSketch {
     fn default() -> Self {
         PatientSketch {
             registers: vec![0; 1 << SKETCH_BITS],
+            exact: Some(Default::default()),
         }
     }
 }
@@ -144,15 +157,36 @@ impl PatientSketch {
         if self.registers[index] < rank {
             self.registers[index] = rank;
         }
+        if let Some(exact) = self.exact.as_mut() {
+            exact.insert(hash);
+            if exact.len() > EXACT_PATIENTS {
+                self.exact = None;
+            }
+        }
     }
 
     pub fn merge(&mut self, other: &PatientSketch) {
         for (a, b) in self.registers.iter_mut().zip(&other.registers) {
             *a = (*a).max(*b);
         }
+        self.exact = match (self.exact.take(), &other.exact) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b);
+                (a.len() <= EXACT_PATIENTS).then_some(a)
+            }
+            _ => None,
+        };
+    }
+
+    /// Whether [`PatientSketch::estimate`] is an exact count.
+    pub fn is_exact(&self) -> bool {
+        self.exact.is_some()
     }
 
     pub fn estimate(&self) -> u64 {
+        if let Some(exact) = &self.exact {
+            return exact.len() as u64;
+        }
         let m = self.registers.len() as f64;
         let zeros = self.registers.iter().filter(|r| **r == 0).count();
         let sum: f64 = self.registers.iter().map(|r| (-(*r as f64)).exp2()).sum();
@@ -166,17 +200,39 @@ impl PatientSketch {
     }
 }
 
+/// A sketch as checkpoints keep it: the registers (base64), and the hashes while exact. A
+/// checkpoint written before exact counts holds the registers alone, and reads as an estimate.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum StoredSketch {
+    Registers(String),
+    Exact { registers: String, exact: Vec<u64> },
+}
+
 impl Serialize for PatientSketch {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use base64::Engine;
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.registers))
+        let registers = base64::engine::general_purpose::STANDARD.encode(&self.registers);
+        match &self.exact {
+            None => StoredSketch::Registers(registers),
+            Some(exact) => StoredSketch::Exact {
+                registers,
+                exact: exact.iter().copied().collect(),
+            },
+        }
+        .serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for PatientSketch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use base64::Engine;
-        let text = String::deserialize(d)?;
+        let (text, exact) = match StoredSketch::deserialize(d)? {
+            StoredSketch::Registers(text) => (text, None),
+            StoredSketch::Exact { registers, exact } => {
+                (registers, Some(exact.into_iter().collect()))
+            }
+        };
         let registers = base64::engine::general_purpose::STANDARD
             .decode(text)
             .map_err(serde::de::Error::custom)?;
@@ -185,7 +241,7 @@ impl<'de> Deserialize<'de> for PatientSketch {
                 "a patient sketch has 4096 registers",
             ));
         }
-        Ok(PatientSketch { registers })
+        Ok(PatientSketch { registers, exact })
     }
 }
 
@@ -315,10 +371,49 @@ mod tests {
         a.merge(&b);
         let e = a.estimate() as f64;
         assert!((e - 100_000.0).abs() / 100_000.0 < 0.03, "{e}");
+        assert!(!a.is_exact());
         let mut small = PatientSketch::default();
         for i in 0..50 {
             small.add(&format!("p{}", i % 25));
         }
         assert_eq!(small.estimate(), 25);
+    }
+
+    /// Patients per tier are exact up to EXACT_PATIENTS, across ranges and checkpoints (a
+    /// sketch alone counted 113 patients of 111); above, an estimate says it is one.
+    #[test]
+    fn patient_counts_are_exact_up_to_the_limit_and_marked_above() {
+        for n in [111, 1_999, EXACT_PATIENTS] {
+            let (mut a, mut b) = (PatientSketch::default(), PatientSketch::default());
+            for i in 0..n {
+                // Two ranges that share some patients.
+                if i % 3 != 0 {
+                    a.add(&format!("patient-{i}"));
+                }
+                if i % 3 == 0 || i % 2 == 0 {
+                    b.add(&format!("patient-{i}"));
+                }
+            }
+            // Through a checkpoint and back.
+            let b: PatientSketch =
+                serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+            a.merge(&b);
+            assert_eq!((a.estimate(), a.is_exact()), (n as u64, true), "{n}");
+        }
+        let mut tally = Tally::new("t");
+        let mut big = PatientSketch::default();
+        for i in 0..=EXACT_PATIENTS {
+            big.add(&format!("patient-{i}"));
+        }
+        tally.patients.insert("archive".into(), big);
+        let report = tally.finish();
+        assert!(report.patients_estimated.contains("archive"));
+        // A checkpoint of an earlier version (registers only) reads as an estimate.
+        let old: PatientSketch = serde_json::from_str(&format!(
+            "\"{}\"",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 4096])
+        ))
+        .unwrap();
+        assert!(!old.is_exact());
     }
 }

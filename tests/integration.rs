@@ -659,6 +659,27 @@ async fn bad_config_is_rejected_naming_table_and_column() {
     assert!(msg.contains("[tables.billing]: no such table"), "{msg}");
 }
 
+/// `check` and `plan` move nothing and create nothing: an operational SQLite database that does
+/// not exist yet stays uncreated (every table is one the run will create).
+#[tokio::test]
+async fn check_and_plan_create_no_operational_database() {
+    let dir = TestDir::new();
+    let source = generate_sqlite(dir.path(), 0.01).await;
+    let config_path = write_sqlite_config(dir.path(), &source, &example_policy());
+    let migration = Migration::prepare(load_config(&config_path), as_of())
+        .await
+        .unwrap();
+    let findings = migration.check().await.unwrap();
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.message.starts_with("no operational table yet")),
+        "{findings:?}"
+    );
+    migration.plan().await.unwrap();
+    assert!(!dir.path().join("operational.db").exists());
+}
+
 /// `strata ... | head`: a reader that stops early ends the command quietly, without a panic or
 /// a backtrace (here the reader is gone before the command writes).
 #[test]

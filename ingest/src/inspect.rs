@@ -240,13 +240,15 @@ impl Migration {
 
     /// Compares each configured table with the operational table it will load. Counts, in
     /// the source, the rows the load would quarantine.
+    /// Reads the operational database without writing to it: a SQLite file not created yet
+    /// stays uncreated (every table is then one the run will create).
     pub async fn check(&self) -> Result<Vec<Finding>> {
-        let target = Db::connect(
-            &self.config().resolve_url(&self.config().operational.url)?,
-            false,
-        )
-        .await?;
-        let existing = target.table_names().await?;
+        let target = self.operational_if_it_exists().await?;
+        let target_kind = self.config().operational_kind()?;
+        let existing = match &target {
+            Some(target) => target.table_names().await?,
+            None => Vec::new(),
+        };
         let mut findings = Vec::new();
         for layout in self.layouts() {
             let finding = |severity, column: Option<&str>, message: String, rows| Finding {
@@ -262,7 +264,7 @@ impl Migration {
                     None,
                     format!(
                         "no operational table yet: it will be created from the source's columns{}",
-                        if self.source().kind() == target.kind() {
+                        if self.source().kind() == target_kind {
                             String::new()
                         } else {
                             " (types mapped to the target engine's)".into()
@@ -272,6 +274,9 @@ impl Migration {
                 ));
                 continue;
             }
+            let Some(target) = target.as_ref() else {
+                continue;
+            };
             let target_schema = target.table_schema(&layout.name).await?;
             for t in &target_schema.columns {
                 if !layout.target_names.contains(&t.name) && !t.nullable {
@@ -343,7 +348,9 @@ impl Migration {
                 }
             }
         }
-        target.close().await;
+        if let Some(target) = target {
+            target.close().await;
+        }
         findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
         Ok(findings)
     }

@@ -398,7 +398,7 @@ impl Migration {
 
     /// The operational database, read-only, for a plan to read its tables' declarations; None
     /// when it is a SQLite file not created yet (the run creates it).
-    async fn operational_if_it_exists(&self) -> Result<Option<Db>> {
+    pub(crate) async fn operational_if_it_exists(&self) -> Result<Option<Db>> {
         let url = self.config.resolve_url(&self.config.operational.url)?;
         if let Some(rest) = url.strip_prefix("sqlite://") {
             let path = rest.split_once('?').map_or(rest, |(p, _)| p);

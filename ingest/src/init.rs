@@ -524,6 +524,26 @@ fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+/// The environment variable a drafted config reads the source's password from.
+const SOURCE_PASSWORD_VAR: &str = "STRATA_SOURCE_PASSWORD";
+
+/// The source URL as a config keeps it: a password never in the file, but read from
+/// [`SOURCE_PASSWORD_VAR`] when the config is loaded (`${VAR}`), with a note saying so.
+fn config_url(url: &str) -> (String, String) {
+    const PLACEHOLDER: &str = "STRATAPASSWORDPLACEHOLDER";
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some(PLACEHOLDER));
+            (
+                u.to_string()
+                    .replace(PLACEHOLDER, &format!("${{{SOURCE_PASSWORD_VAR}}}")),
+                format!("  # REVIEW: export {SOURCE_PASSWORD_VAR}, percent-encoded (the password is never written here)"),
+            )
+        }
+        _ => (url.to_string(), String::new()),
+    }
+}
+
 /// Drafts `strata.toml` for a source URL.
 pub async fn draft_config(source_url: &str) -> Result<String> {
     let db = Db::connect(source_url, true).await?;
@@ -534,11 +554,8 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
         s,
         "# Drafted by `strata init`. Lines marked REVIEW are guesses: check each one."
     );
-    let _ = writeln!(
-        s,
-        "[source]\nurl = {}\n",
-        toml_str(&crate::db::redact(source_url))
-    );
+    let (url, note) = config_url(source_url);
+    let _ = writeln!(s, "[source]\nurl = {}{note}\n", toml_str(&url));
     let _ = writeln!(s, "[operational]\nurl = \"sqlite://operational.db\"  # REVIEW: the new operational database\n");
     let _ = writeln!(s, "[archive]\nlocation = \"archive\"\nkek_id = \"kek-1\"\nkek_env = \"STRATA_KEK\"  # 64 hex characters\n");
     let _ = writeln!(s, "[policy]\nfile = \"policy.toml\"\n");
@@ -657,5 +674,18 @@ mod tests {
         let notes = vec!["Patient seen for follow-up of hypertension; counselled on diet and exercise, return in three months.".to_string()];
         assert_eq!(class_from_values(&notes), Some(Class::FreeText));
         assert_eq!(class_from_values(&["active".to_string()]), None);
+    }
+
+    #[test]
+    fn a_drafted_config_reads_the_source_password_from_the_environment() {
+        let (url, note) = super::config_url("postgres://etl:s3cr%3Et@db.example:5432/ehr");
+        assert_eq!(
+            url,
+            "postgres://etl:${STRATA_SOURCE_PASSWORD}@db.example:5432/ehr"
+        );
+        assert!(note.contains("STRATA_SOURCE_PASSWORD"));
+        assert!(!url.contains("s3cr") && !url.contains("***"));
+        let (url, note) = super::config_url("sqlite://legacy.db");
+        assert_eq!((url.as_str(), note.as_str()), ("sqlite://legacy.db", ""));
     }
 }

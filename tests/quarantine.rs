@@ -500,3 +500,46 @@ async fn profile_judges_dates_by_the_policys_as_of_and_counts_distinct_values_ho
     );
     assert!(profiles[0].to_text().contains(&format!("≈{}", id.distinct)));
 }
+
+/// Quarantined rows are logged once per table, column and reason with their count, not a line
+/// per row (the rows, keys and values are in the quarantine table, never in the log).
+#[tokio::test]
+async fn quarantined_rows_are_summarised_in_the_log_one_line_per_reason() {
+    let dir = TestDir::new();
+    let source = legacy_sqlite(
+        dir.path(),
+        "CREATE TABLE visits (id INTEGER PRIMARY KEY, seen TIMESTAMP); \
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) \
+         INSERT INTO visits SELECT i, CASE WHEN i % 3 = 0 THEN 'soon-ish ' || i ELSE '2015-03-01 10:00:00' END FROM n;",
+    )
+    .await;
+    let operational = format!("sqlite://{}", dir.path().join("operational.db").display());
+    write_files(
+        dir.path(),
+        &format!(
+            "{}[tables.visits]\nprimary_key = [\"id\"]\nrecord_date = \"seen\"\n",
+            run_config(&source, &operational)
+        ),
+        &["visits"],
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["migrate", "--config"])
+        .arg(dir.path().join("strata.toml"))
+        .env("STRATA_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("quarantined (see"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("\"rows\":33"), "{}", lines[0]);
+    assert!(lines[0].contains("not a valid timestamp"), "{}", lines[0]);
+    // No row's key or value reaches the log.
+    assert!(
+        !stderr.contains("id=3") && !stderr.contains("soon-ish"),
+        "{stderr}"
+    );
+}

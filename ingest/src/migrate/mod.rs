@@ -39,7 +39,7 @@ use strata_control::{Control, DestructionRecord, RunRecord, TableState};
 use strata_cutoff_policies::{Decision, LegalHold, PatientFacts, Policy, PolicyConfig};
 use target::{
     add_primary_key, checkpoints, ensure_bookkeeping_tables, forget_table, prepare_target_table,
-    quarantine_duplicate_keys, restart_table, target_columns,
+    quarantine_duplicate_keys, quarantine_summary, restart_table, target_columns,
 };
 
 /// A table's state within a run: its range plan while it is copied, its report when done.
@@ -648,6 +648,9 @@ impl Migration {
             quarantine_duplicate_keys(target, layout, run_id).await?
         };
         add_primary_key(target, &layout.target_schema()).await?;
+        for (column, reason, rows) in quarantine_summary(target, run_id, &layout.name).await? {
+            tracing::warn!(table = %layout.name, %column, %reason, rows, "rows quarantined (see _strata_quarantine)");
+        }
         let mut tally = Tally::new(&layout.name);
         let mut destroyed = Destroyed::default();
         let mut manifests = Vec::new();

@@ -393,8 +393,9 @@ impl RangeSink for Writers<'_> {
         reason: &str,
         _in_range: u64,
     ) -> u64 {
+        // Logged once per table and reason when the table ends (`quarantine_summary`), not
+        // per row: the rows, with their keys, are in the quarantine table.
         let key = row_key(layout, values, ordinal);
-        tracing::warn!(table = %layout.name, key = %key, column = %layout.columns()[column].name, reason, "row quarantined");
         self.quarantine
             .push(Quarantined::new(layout, key, column, reason, values));
         self.attempt.quarantined.fetch_add(1, Ordering::Relaxed);

@@ -292,6 +292,37 @@ pub(super) async fn quarantine_duplicate_keys(
     )
 }
 
+/// A run's quarantined rows of `table`, per column and reason: what the table's end logs, a
+/// line each (the rows themselves, with their keys and values, stay in the quarantine table).
+pub(super) async fn quarantine_summary(
+    target: &Db,
+    run_id: &str,
+    table: &str,
+) -> Result<Vec<(String, String, u64)>> {
+    let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let sql = format!(
+        "SELECT column_name, reason, COUNT(*) FROM {QUARANTINE_TABLE} WHERE run_id = {} AND table_name = {} GROUP BY column_name, reason ORDER BY column_name, reason",
+        lit(run_id),
+        lit(table)
+    );
+    Ok(target
+        .fetch_all(
+            sql,
+            vec![ColumnType::Text, ColumnType::Text, ColumnType::Int],
+        )
+        .await?
+        .into_iter()
+        .map(|r| {
+            let text = |v: &Value| v.as_key_text().unwrap_or_default();
+            let n = match r[2] {
+                Value::Int(n) => n as u64,
+                _ => 0,
+            };
+            (text(&r[0]), text(&r[1]), n)
+        })
+        .collect())
+}
+
 /// Adds the source's primary key to a loaded PostgreSQL table that has none yet.
 pub(super) async fn add_primary_key(target: &Db, schema: &TableSchema) -> Result<()> {
     if target.kind() != DbKind::Postgres || schema.primary_key.is_empty() {

@@ -659,6 +659,43 @@ async fn bad_config_is_rejected_naming_table_and_column() {
     assert!(msg.contains("[tables.billing]: no such table"), "{msg}");
 }
 
+/// `strata init` on a research database's conventions, without declared foreign keys: patients
+/// keyed by `subject_id` beside a surrogate `row_id` primary key in every table. Every clinical
+/// table gets `subject_id` as its patient key, and so does the patients table (not `row_id`).
+#[tokio::test]
+async fn init_finds_subject_id_patients_behind_surrogate_row_ids() {
+    let dir = TestDir::new();
+    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
+    let db = Db::connect(&format!("{url}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(
+        "CREATE TABLE patients (row_id INTEGER PRIMARY KEY, subject_id INTEGER NOT NULL, gender TEXT, dob TIMESTAMP);
+         CREATE TABLE admissions (row_id INTEGER PRIMARY KEY, subject_id INTEGER NOT NULL, hadm_id INTEGER, admittime TIMESTAMP);
+         CREATE TABLE labevents (row_id INTEGER PRIMARY KEY, subject_id INTEGER NOT NULL, charttime TIMESTAMP, valuenum REAL);
+         INSERT INTO patients VALUES (1, 10006, 'F', '2094-03-05 00:00:00');
+         INSERT INTO admissions VALUES (1, 10006, 142345, '2164-10-23 21:09:00');
+         INSERT INTO labevents VALUES (1, 10006, '2164-10-24 02:00:00', 7.4);",
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    let draft = strata_ingest::draft_config(&url).await.unwrap();
+    let block = |table: &str| {
+        let start = draft.find(&format!("[tables.{table}]")).unwrap();
+        let rest = &draft[start + 1..];
+        rest[..rest.find("\n[").unwrap_or(rest.len())].to_string()
+    };
+    for table in ["patients", "admissions", "labevents"] {
+        assert!(
+            block(table).contains("patient_key = \"subject_id\""),
+            "{table}:\n{}",
+            block(table)
+        );
+    }
+    assert!(!draft.contains("no patient key found"), "{draft}");
+}
+
 /// `check` and `plan` move nothing and create nothing: an operational SQLite database that does
 /// not exist yet stays uncreated (every table is one the run will create).
 #[tokio::test]

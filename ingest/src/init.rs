@@ -7,14 +7,20 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use strata_deidentify::{patterns_in, Class, Rule};
 
-const PATIENT_NAMES: [&str; 7] = [
+/// Names the field gives a patient column (OMOP's `person_id`, MIMIC's `subject_id`, ...).
+const PATIENT_NAMES: &[&str] = &[
     "patient_id",
     "patientid",
     "patient",
     "pat_id",
+    "pt_id",
     "person_id",
+    "subject_id",
     "patient_key",
     "patient_uuid",
+    "patient_nbr",
+    "mrn",
+    "medical_record_number",
 ];
 const DATE_PREFERENCE: [&str; 12] = [
     "date",
@@ -361,14 +367,12 @@ pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, Tabl
             primary_key,
             ..Default::default()
         };
-        if is_patient_table(&name) {
-            g.patient_key = g.primary_key.0.first().cloned();
-        } else if let Some(c) = schema
-            .columns
-            .iter()
-            .find(|c| PATIENT_NAMES.contains(&lower(&c.name).as_str()))
-        {
-            g.patient_key = Some(c.name.clone());
+        if !is_patient_table(&name) {
+            g.patient_key = schema
+                .columns
+                .iter()
+                .find(|c| PATIENT_NAMES.contains(&lower(&c.name).as_str()))
+                .map(|c| c.name.clone());
         }
         g.record_date = guess_date(&schema);
         for c in schema
@@ -387,6 +391,29 @@ pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, Tabl
             g.blobs.push((c.name.clone(), ct));
         }
         out.insert(name, (schema, g));
+    }
+    // The patients table's key is the column the clinical tables share (`subject_id`) when it
+    // has one, not a surrogate key (`row_id`) nothing else references; else its primary key.
+    let mut shared: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, g) in out.values() {
+        if let Some(p) = &g.patient_key {
+            *shared.entry(lower(p)).or_default() += 1;
+        }
+    }
+    let most_shared = shared
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(name, _)| name);
+    for (name, (schema, g)) in out.iter_mut() {
+        if !is_patient_table(name) {
+            continue;
+        }
+        g.patient_key = schema
+            .columns
+            .iter()
+            .find(|c| Some(lower(&c.name)) == most_shared)
+            .map(|c| c.name.clone())
+            .or_else(|| g.primary_key.0.first().cloned());
     }
     // Tables without a patient column reach the patient through a foreign key to one that has it.
     let has_patient: Vec<String> = out
@@ -574,9 +601,13 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
         let _ = writeln!(s, "primary_key = [{}]{note}", pk.join(", "));
         match (&g.patient_key, &g.patient_via) {
             (Some(p), _) => {
+                let sharing = tables
+                    .values()
+                    .filter(|(_, other)| other.patient_key.as_deref() == Some(p))
+                    .count();
                 let _ = writeln!(
                     s,
-                    "patient_key = {}  # REVIEW: guessed from the column name",
+                    "patient_key = {}  # REVIEW: guessed from the column name ({sharing} tables have it)",
                     toml_str(p)
                 );
             }

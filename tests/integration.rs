@@ -526,6 +526,27 @@ async fn synthea_csv_directory_migrates_directly() {
     assert_eq!(types["ZIP"], "TEXT");
     assert_eq!(types["BIRTHDATE"], "DATE");
     assert_eq!(types["LAT"], "REAL");
+    // Synthea writes instants (`2023-01-27T16:17:47Z`): they stay instants, staged as
+    // TIMESTAMPTZ and archived as UTC timestamps, never as local times without a zone.
+    let start: Vec<Vec<Value>> = db
+        .fetch_all(
+            "SELECT column_type FROM _strata_csv_columns WHERE table_name = 'encounters' AND column_name = 'START'".into(),
+            vec![strata_ingest::ColumnType::Text],
+        )
+        .await
+        .unwrap();
+    assert_eq!(start[0][0], Value::Text("TIMESTAMPTZ".into()));
+    let config = load_config(&dir.path().join("strata.toml"));
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let encounters = archive.catalog().tables["encounters"][0].files[0].clone();
+    let schema = archive.file_schema(&encounters).await.unwrap();
+    assert_eq!(
+        schema.field_with_name("START").unwrap().data_type(),
+        &arrow::datatypes::DataType::Timestamp(
+            arrow::datatypes::TimeUnit::Microsecond,
+            Some("UTC".into())
+        )
+    );
 }
 
 /// `strata init` drafts a config for the Synthea tables at `source`; with a hand-written policy

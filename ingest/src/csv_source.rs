@@ -9,8 +9,9 @@
 //!
 //! Types are inferred from every value of a column unless `[tables.T] column_types` names them:
 //! INTEGER when every value is an integer without a leading zero (so ZIP codes and other
-//! codes keep their zeros), REAL for decimals, DATE for `YYYY-MM-DD`, TIMESTAMP for ISO
-//! date-times, TEXT otherwise. An empty field is NULL. A value that does not fit a type the
+//! codes keep their zeros), REAL for decimals, DATE for `YYYY-MM-DD`, TIMESTAMPTZ for ISO
+//! date-times that all carry `Z` or an offset (instants), TIMESTAMP for other ISO date-times,
+//! TEXT otherwise. An empty field is NULL. A value that does not fit a type the
 //! config names is staged as it is, and quarantined by the migration with its reason. Text that
 //! is not UTF-8 is staged as bytes, and quarantined as such. The inferred types are logged and
 //! kept in the staging file's `_strata_csv_columns` table.
@@ -96,6 +97,8 @@ enum Inferred {
     Integer,
     Real,
     Date,
+    /// Date-times that all carry `Z` or an offset: instants.
+    TimestampTz,
     Timestamp,
     Text,
 }
@@ -108,13 +111,19 @@ impl Inferred {
             Integer => is_integer(value),
             Real => is_integer(value) || is_decimal(value),
             Date => value.len() == 10 && parse_date(value).is_some(),
+            TimestampTz => {
+                value.len() > 10 && chrono::DateTime::parse_from_rfc3339(value.trim()).is_ok()
+            }
             Timestamp => value.len() > 10 && parse_timestamp(value).is_some(),
         };
         let order: &[Inferred] = match self {
-            Empty => &[Integer, Real, Date, Timestamp, Text],
+            Empty => &[Integer, Real, Date, TimestampTz, Timestamp, Text],
             Integer => &[Integer, Real, Text],
             Real => &[Real, Text],
             Date => &[Date, Text],
+            // A date-time without an offset among instants: which zone it meant is unknown,
+            // so the column is kept as written.
+            TimestampTz => &[TimestampTz, Text],
             Timestamp => &[Timestamp, Text],
             Text => &[Text],
         };
@@ -126,6 +135,7 @@ impl Inferred {
             Inferred::Integer => "INTEGER",
             Inferred::Real => "REAL",
             Inferred::Date => "DATE",
+            Inferred::TimestampTz => "TIMESTAMPTZ",
             Inferred::Timestamp => "TIMESTAMP",
             Inferred::Empty | Inferred::Text => "TEXT",
         }
@@ -281,7 +291,17 @@ mod tests {
         assert_eq!(infer(&["02155", "10001"]), "TEXT");
         assert_eq!(infer(&["1", "2.5"]), "REAL");
         assert_eq!(infer(&["2014-10-06", "1999-01-31"]), "DATE");
-        assert_eq!(infer(&["2019-02-17T05:07:38Z"]), "TIMESTAMP");
+        // An instant keeps its time zone (Synthea writes `2019-02-17T05:07:38Z`).
+        assert_eq!(infer(&["2019-02-17T05:07:38Z"]), "TIMESTAMPTZ");
+        assert_eq!(
+            infer(&["2019-02-17T05:07:38+01:00", "2019-02-18T00:00:00Z"]),
+            "TIMESTAMPTZ"
+        );
+        assert_eq!(
+            infer(&["2019-02-17T05:07:38Z", "2019-02-17 05:07:38"]),
+            "TEXT"
+        );
+        assert_eq!(infer(&["2019-02-17 05:07:38"]), "TIMESTAMP");
         assert_eq!(infer(&["2014-10-06", "soon"]), "TEXT");
         assert_eq!(infer(&["999-17-5017"]), "TEXT");
     }

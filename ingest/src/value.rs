@@ -49,6 +49,9 @@ impl ColumnType {
         let d = decl.to_ascii_uppercase();
         if d.contains("INT") {
             ColumnType::Int
+        } else if d.contains("TIMESTAMPTZ") || d.contains("WITH TIME ZONE") {
+            // SQLite keeps any declared type: one that says "with time zone" holds instants.
+            ColumnType::TimestampTz
         } else if d.contains("TIMESTAMP") || d.contains("DATETIME") {
             ColumnType::Timestamp
         } else if d.contains("DATE") {
@@ -85,7 +88,8 @@ impl ColumnType {
             (Sqlite, ColumnType::Bool) => "BOOLEAN",
             (Sqlite, ColumnType::Bytes) => "BLOB",
             (Sqlite, ColumnType::Date) => "DATE",
-            (Sqlite, ColumnType::Timestamp | ColumnType::TimestampTz) => "TIMESTAMP",
+            (Sqlite, ColumnType::Timestamp) => "TIMESTAMP",
+            (Sqlite, ColumnType::TimestampTz) => "TIMESTAMPTZ",
             (Sqlite, ColumnType::Text | ColumnType::Other) => "TEXT",
         }
     }

@@ -738,6 +738,19 @@ async fn check_and_plan_create_no_operational_database() {
     assert!(!dir.path().join("operational.db").exists());
 }
 
+/// `strata init --help` names every kind of source it reads, CSV exports included.
+#[test]
+fn init_help_names_every_kind_of_source() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["init", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for scheme in ["postgres://", "sqlite://", "csv://"] {
+        assert!(help.contains(scheme), "{help}");
+    }
+}
+
 /// `strata ... | head`: a reader that stops early ends the command quietly, without a panic or
 /// a backtrace (here the reader is gone before the command writes).
 #[test]

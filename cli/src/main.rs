@@ -53,7 +53,8 @@ enum Command {
     },
     /// Introspect a source database and print a draft strata.toml.
     Init {
-        /// postgres://... or sqlite://path
+        /// The legacy database: postgres://user@host/db (a password from ${VAR}), sqlite://path,
+        /// or csv://dir (a directory of CSV exports, one table per file, e.g. Synthea's)
         #[arg(long)]
         source: String,
         /// Write the draft here instead of standard output.

@@ -7,6 +7,7 @@ mod blobs;
 mod bulk;
 mod crash;
 mod exports;
+mod legacy_schemas;
 mod policies;
 mod quarantine;
 mod support;

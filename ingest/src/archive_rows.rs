@@ -460,7 +460,14 @@ mod tests {
             primary_key: vec!["id".into()],
             foreign_keys: Vec::new(),
         };
-        TableLayout::new(&config, "notes", &config.tables["notes"], schema, &[])
+        TableLayout::new(
+            &config,
+            "notes",
+            &config.tables["notes"],
+            schema,
+            &Default::default(),
+            &[],
+        )
     }
 
     #[test]

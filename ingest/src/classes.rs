@@ -7,7 +7,7 @@
 //! contradicts the config (a primary key declared `code`) is a problem, not a silent override:
 //! what follows from the config always wins.
 
-use crate::config::{MigrationConfig, TableConfig};
+use crate::config::{MigrationConfig, RecordDateConfig, TableConfig};
 use std::collections::BTreeMap;
 use strata_cutoff_policies::PatientFactsConfig;
 use strata_deidentify::{Class, Classification, ColumnClass, PatientsTable, TableClasses};
@@ -56,12 +56,32 @@ impl MigrationConfig {
                     format!("it reaches the patient through {}", via.via),
                 );
             }
-            if let Some(c) = &table.record_date {
-                derive(
+            match &table.record_date {
+                Some(RecordDateConfig::Column(c)) => derive(
                     c,
                     ColumnClass::of(Class::Date),
                     "it is the record date".into(),
-                );
+                ),
+                Some(RecordDateConfig::Period { start, end }) => {
+                    for c in [start, end] {
+                        derive(
+                            c,
+                            ColumnClass::of(Class::Date),
+                            "it dates the record (a period)".into(),
+                        );
+                    }
+                }
+                Some(RecordDateConfig::Via {
+                    via, foreign_key, ..
+                }) => derive(
+                    foreign_key,
+                    ColumnClass {
+                        class: Class::RecordKey,
+                        domain: Some(via.clone()),
+                    },
+                    format!("it reaches the record date through {via}"),
+                ),
+                None => {}
             }
             if let Some(p) = patients.filter(|p| &p.table == name) {
                 if let Some(c) = &p.birth_date {

@@ -122,9 +122,10 @@ pub struct TableConfig {
     /// How to reach the patient through a parent table, when the table has no patient column.
     #[serde(default)]
     pub patient: Option<PatientVia>,
-    /// The column that dates a record for the policy.
+    /// What dates a record for the policy: a column of the table, a parent's date, or a
+    /// period ([`RecordDateConfig`]).
     #[serde(default)]
-    pub record_date: Option<String>,
+    pub record_date: Option<RecordDateConfig>,
     /// BLOB columns stored as encrypted objects in the archive.
     #[serde(default)]
     pub blobs: Vec<BlobColumnConfig>,
@@ -256,6 +257,113 @@ pub struct PatientVia {
     pub via: String,
     /// The column of this table that holds the parent's key.
     pub foreign_key: String,
+}
+
+/// `record_date`: what dates a record for the policy.
+///
+/// ```toml
+/// record_date = "charttime"                                      # a column of the table
+/// record_date = { via = "admissions", foreign_key = "hadm_id", column = "admittime" }
+/// record_date = { via = "admissions", foreign_key = "hadm_id" }  # the parent's record date
+/// record_date = { start = "period_start", end = "period_end" }   # a period
+/// ```
+///
+/// A parent's date is read in the same query as the row (a join, in the same snapshot), never
+/// row by row; without `column` it is the parent's own record date, which may itself come
+/// through its parent (chains). The parent's row is the one whose `parent_key` (by default
+/// the parent's column named like `foreign_key`, else its primary key) equals `foreign_key`;
+/// when that column is not the parent's declared primary key, the latest of the matching
+/// rows' dates is taken, so that a repeated id never multiplies a row. A period counts by its end; a period with no end is
+/// open, so the record is current: active up to the policy's `as_of`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "toml::Value")]
+pub enum RecordDateConfig {
+    /// A column of the table.
+    Column(String),
+    /// A date of the parent row that `foreign_key` points to.
+    Via {
+        /// The parent table (configured, with a single-column primary key).
+        via: String,
+        /// The column of this table holding the parent's key.
+        foreign_key: String,
+        /// The parent's column that `foreign_key` matches: by default the parent's column of
+        /// the same name when it has one (`hadm_id` = `hadm_id`), else its primary key.
+        parent_key: Option<String>,
+        /// The parent's column; by default, the parent's record date.
+        column: Option<String>,
+    },
+    /// A period: dated by its end, current while open.
+    Period {
+        /// The column where the period starts.
+        start: String,
+        /// The column where it ends (NULL while it lasts).
+        end: String,
+    },
+}
+
+impl TryFrom<toml::Value> for RecordDateConfig {
+    type Error = String;
+
+    fn try_from(value: toml::Value) -> Result<Self, String> {
+        const SHAPES: &str = "write a column name, { via = \"parent\", foreign_key = \"column\", column = \"parent's date column\" } or { start = \"column\", end = \"column\" }";
+        let table = match value {
+            toml::Value::String(column) => return Ok(RecordDateConfig::Column(column)),
+            toml::Value::Table(t) => t,
+            other => return Err(format!("record_date: a {}; {SHAPES}", other.type_str())),
+        };
+        let mut fields = BTreeMap::new();
+        for (k, v) in table {
+            if !matches!(
+                k.as_str(),
+                "via" | "foreign_key" | "parent_key" | "column" | "start" | "end"
+            ) {
+                return Err(format!("record_date: unknown field {k:?}; {SHAPES}"));
+            }
+            let toml::Value::String(v) = v else {
+                return Err(format!("record_date.{k}: not a string"));
+            };
+            fields.insert(k, v);
+        }
+        let mut take = |k: &str| fields.remove(k);
+        let parent_key = take("parent_key");
+        match (
+            take("via"),
+            take("foreign_key"),
+            take("column"),
+            take("start"),
+            take("end"),
+        ) {
+            (Some(via), Some(foreign_key), column, None, None) => Ok(RecordDateConfig::Via {
+                via,
+                foreign_key,
+                parent_key,
+                column,
+            }),
+            (None, None, None, Some(start), Some(end)) => {
+                Ok(RecordDateConfig::Period { start, end })
+            }
+            _ => Err(format!("record_date: {SHAPES}")),
+        }
+    }
+}
+
+impl RecordDateConfig {
+    /// The table's own columns it reads (the foreign key of a parent's date).
+    pub fn own_columns(&self) -> Vec<&str> {
+        match self {
+            RecordDateConfig::Column(c) => vec![c],
+            RecordDateConfig::Via { foreign_key, .. } => vec![foreign_key],
+            RecordDateConfig::Period { start, end } => vec![start, end],
+        }
+    }
+
+    /// The one column of the table that holds the date, when there is one.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            RecordDateConfig::Column(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// A BLOB column.
@@ -399,8 +507,16 @@ impl MigrationConfig {
             if let Some(c) = &t.patient_key {
                 check("patient_key", c);
             }
-            if let Some(c) = &t.record_date {
-                check("record_date", c);
+            match &t.record_date {
+                Some(RecordDateConfig::Column(c)) => check("record_date", c),
+                Some(RecordDateConfig::Period { start, end }) => {
+                    check("record_date.start", start);
+                    check("record_date.end", end);
+                }
+                Some(RecordDateConfig::Via { foreign_key, .. }) => {
+                    check("record_date.foreign_key", foreign_key)
+                }
+                None => {}
             }
             for c in t.columns.keys() {
                 check("columns", c);
@@ -473,8 +589,82 @@ impl MigrationConfig {
                 }
             }
         }
+        for name in self.tables.keys() {
+            problems.extend(self.parent_date_problems(name, schemas));
+        }
         if let Err(classes) = self.classification(None) {
             problems.extend(classes);
+        }
+        problems
+    }
+
+    /// What is wrong with a `record_date = { via = ... }` of `table`: the parent, its key, its
+    /// column or its own record date; a loop of parents.
+    fn parent_date_problems(
+        &self,
+        table: &str,
+        schemas: &BTreeMap<String, TableSchema>,
+    ) -> Vec<String> {
+        let Some(RecordDateConfig::Via {
+            via,
+            foreign_key,
+            parent_key,
+            column,
+        }) = self.tables.get(table).and_then(|t| t.record_date.as_ref())
+        else {
+            return Vec::new();
+        };
+        let at = format!("[tables.{table}] record_date.via");
+        let Some(parent) = self.tables.get(via) else {
+            return vec![format!("{at}: table {via:?} is not configured")];
+        };
+        let mut problems = Vec::new();
+        let parent_schema = schemas.get(via);
+        match parent_key {
+            Some(k) if parent_schema.is_some_and(|s| s.column(k).is_none()) => {
+                problems.push(format!(
+                    "[tables.{table}] record_date.parent_key: no column {k:?} in {via}"
+                ))
+            }
+            Some(_) => {}
+            None if parent_schema.is_some_and(|s| s.column(foreign_key).is_some()) => {}
+            None if parent.primary_key.len() != 1 => problems.push(format!(
+                "{at}: {via:?} has no column {foreign_key:?}; name the parent's key (parent_key = \"...\") or give {via} a single-column primary_key"
+            )),
+            None => {}
+        }
+        match (column, &parent.record_date) {
+            (Some(c), _) => {
+                if schemas.get(via).is_some_and(|s| s.column(c).is_none()) {
+                    problems.push(format!(
+                        "[tables.{table}] record_date.column: no column {c:?} in {via}"
+                    ));
+                }
+            }
+            (None, None) => problems.push(format!(
+                "{at}: table {via:?} has no record_date; name the parent's column (column = \"...\")"
+            )),
+            (None, Some(RecordDateConfig::Period { .. })) => problems.push(format!(
+                "{at}: table {via:?} is dated by a period; name the parent's column to date by (column = \"...\")"
+            )),
+            (None, Some(_)) => {
+                // The parent's own date: follow the chain to see it ends.
+                let mut current = via.as_str();
+                for _ in 0..self.tables.len() {
+                    match self.tables.get(current).and_then(|t| t.record_date.as_ref()) {
+                        Some(RecordDateConfig::Via {
+                            via, column: None, ..
+                        }) if via == table => {
+                            problems.push(format!("{at}: the chain of parents loops"));
+                            break;
+                        }
+                        Some(RecordDateConfig::Via {
+                            via, column: None, ..
+                        }) => current = via,
+                        _ => break,
+                    }
+                }
+            }
         }
         problems
     }

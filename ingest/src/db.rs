@@ -531,7 +531,7 @@ impl Db {
             .await
             .map(|_| ())
             .map_err(|e| match e {
-                IngestError::Sql { source, .. } => {
+                IngestError::Sql { cause: source, .. } => {
                     IngestError::sql(&format!("insert into {table}"), source)
                 }
                 other => other,

@@ -13,13 +13,13 @@ pub enum IngestError {
         detail: String,
     },
     /// A SQL statement failed.
-    #[error("SQL {context} failed: {}", strata_control::connection_problem(.source))]
+    #[error("SQL {context} failed: {}", strata_control::connection_problem(.cause))]
     Sql {
         /// What was being done.
         context: String,
-        /// The driver's error.
-        #[source]
-        source: sqlx::Error,
+        /// The driver's error (its message is in this one's: not chained as a source, so that
+        /// it is printed once).
+        cause: sqlx::Error,
     },
     /// Reading a SQLite source failed.
     #[error("SQLite read failed: {detail}")]
@@ -64,10 +64,10 @@ impl IngestError {
     /// Whether the database refused data (a constraint violation, or for PostgreSQL SQLSTATE
     /// class 22, data exception, or 23), as opposed to failing for another reason.
     pub(crate) fn is_data_rejected(&self) -> bool {
-        let IngestError::Sql { source, .. } = self else {
+        let IngestError::Sql { cause, .. } = self else {
             return false;
         };
-        let Some(e) = source.as_database_error() else {
+        let Some(e) = cause.as_database_error() else {
             return false;
         };
         e.kind() != sqlx::error::ErrorKind::Other
@@ -78,10 +78,32 @@ impl IngestError {
     pub(crate) fn sql(context: &str, source: sqlx::Error) -> Self {
         IngestError::Sql {
             context: context.to_string(),
-            source,
+            cause: source,
         }
     }
 }
 
 /// Result with [`IngestError`].
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed statement's message is printed once, even by a reporter that prints every
+    /// error of the chain (`{:#}`).
+    #[test]
+    fn a_database_message_is_printed_once() {
+        let e = IngestError::sql(
+            "plan",
+            sqlx::Error::Protocol("column t0.adm_time does not exist".into()),
+        );
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        assert_eq!(text.matches("adm_time").count(), 1, "{text}");
+    }
+}

@@ -49,8 +49,11 @@ pub async fn patient_facts(
         let mut rows = source.fetch_in(sql, types, snapshot);
         while let Some(row) = rows.next().await {
             let row = row?;
-            let (Some(patient), Some(date)) = (row[0].as_key_text(), local_date(policy, &row[1]))
-            else {
+            // A period table's third field says the patient has an open period.
+            let open = matches!(row.get(2), Some(Value::Int(1)));
+            let ended = local_date(policy, &row[1]);
+            let date = if open { Some(as_of) } else { ended };
+            let (Some(patient), Some(date)) = (row[0].as_key_text(), date) else {
                 continue;
             };
             if policy.date_fact(Some(date)) != DateFact::Valid(date) {

@@ -324,8 +324,7 @@ impl Migration {
                 .fetch(sql, layout.fetch_types(self.source(), &[]));
             while let Some(row) = rows.next().await {
                 let mut values = row?;
-                layout.take_patient(&mut values);
-                values.truncate(types.len());
+                layout.take_extras(&mut values);
                 if let Some((col, reason)) = layout
                     .map_row(&mut values)
                     .or_else(|| crate::migrate::coerce_row(&mut values, &types))
@@ -412,8 +411,7 @@ async fn profile_table(
     let mut stream = source.fetch(sql, layout.fetch_types(source, &[]));
     while let Some(row) = stream.next().await {
         let mut values = row?;
-        layout.take_patient(&mut values);
-        values.truncate(n);
+        layout.take_extras(&mut values);
         rows += 1;
         if !layout.key.is_empty() {
             use std::hash::{Hash, Hasher};

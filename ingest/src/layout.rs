@@ -1,9 +1,11 @@
 //! How one configured table is read: its SELECT, where the patient key comes from, and which
 //! positions in each row the policy and the archive need.
 
-use crate::config::{MigrationConfig, TableConfig};
+use crate::config::{MigrationConfig, RecordDateConfig, TableConfig};
 use crate::db::{pg_select_expr, quote, Column, Db, DbKind, ReadAs, TableSchema};
+use crate::mapping::ColumnMap;
 use crate::value::{ColumnType, Value};
+use std::collections::BTreeMap;
 
 /// A BLOB column's positions.
 #[derive(Debug, Clone)]
@@ -25,6 +27,57 @@ pub struct StreamedBlobs {
     pub lengths: Vec<Option<u64>>,
 }
 
+/// Where a row's record date is read.
+#[derive(Debug, Clone)]
+pub enum RecordDate {
+    /// The table has none.
+    None,
+    /// A point in time.
+    Point(DateField),
+    /// A period: dated by its end, current (dated `as_of`) while its end is NULL.
+    Period {
+        /// Where it starts.
+        start: DateField,
+        /// Where it ends.
+        end: DateField,
+    },
+}
+
+/// One date a row's record date is read from.
+#[derive(Debug, Clone)]
+pub enum DateField {
+    /// A column of the row, mapped and coerced with it.
+    Column(usize),
+    /// The `field`-th date read through a parent, after the row's columns
+    /// ([`TableLayout::take_extras`]): read as the parent's column's type and mapped by its
+    /// mapping.
+    Parent {
+        /// Its position among the parents' dates.
+        field: usize,
+        /// The parent column's type.
+        col_type: ColumnType,
+        /// The parent column's mapping, if it maps anything.
+        map: Option<Box<ColumnMap>>,
+    },
+}
+
+/// What a row read carries besides its own columns.
+#[derive(Debug, Default)]
+pub struct RowExtras {
+    /// The patient key as text.
+    pub patient: Option<String>,
+    /// The dates read through parents, in the order of [`DateField::Parent`]'s `field`.
+    pub parent_dates: Vec<Value>,
+}
+
+/// A parent's date as SQL: its expression over the table's alias `t0` and the joins it needs.
+struct ParentDate {
+    expr: String,
+    joins: String,
+    col_type: ColumnType,
+    map: Option<Box<ColumnMap>>,
+}
+
 /// A table ready to be read.
 #[derive(Debug, Clone)]
 pub struct TableLayout {
@@ -34,8 +87,12 @@ pub struct TableLayout {
     pub schema: TableSchema,
     /// Positions of the primary key columns.
     pub key: Vec<usize>,
-    /// Position of the record date column.
-    pub record_date: Option<usize>,
+    /// Where the record date is read.
+    pub record_date: RecordDate,
+    /// The SQL expressions of the dates read through parents (selected after the columns).
+    pub parent_dates: Vec<String>,
+    /// The joins those dates need.
+    pub date_joins: String,
     /// Positions of the columns the policy reads (`current_when`, hold filters), in the order
     /// the policy expects them.
     pub policy_columns: Vec<Option<usize>>,
@@ -64,16 +121,43 @@ pub struct TableLayout {
 }
 
 impl TableLayout {
-    /// Resolves a configured table against its schema (the config is validated already).
+    /// Resolves a configured table against its schema (the config is validated already);
+    /// `schemas` holds the other tables' schemas, for dates read through parents.
     pub fn new(
         config: &MigrationConfig,
         name: &str,
         table: &TableConfig,
         schema: TableSchema,
+        schemas: &BTreeMap<String, TableSchema>,
         policy_columns: &[String],
     ) -> Self {
         let pos = |c: &str| schema.columns.iter().position(|col| col.name == c);
         let (patient_expr, joins) = patient_expr(config, name);
+        let mut parent_dates = Vec::new();
+        let mut date_joins = String::new();
+        let field = |c: &str| pos(c).map(DateField::Column);
+        let record_date = match &table.record_date {
+            None => RecordDate::None,
+            Some(RecordDateConfig::Column(c)) => {
+                field(c).map_or(RecordDate::None, RecordDate::Point)
+            }
+            Some(RecordDateConfig::Period { start, end }) => match (field(start), field(end)) {
+                (Some(start), Some(end)) => RecordDate::Period { start, end },
+                _ => RecordDate::None,
+            },
+            Some(RecordDateConfig::Via { .. }) => match parent_date(config, schemas, name, 1) {
+                Some(p) => {
+                    parent_dates.push(p.expr);
+                    date_joins = p.joins;
+                    RecordDate::Point(DateField::Parent {
+                        field: 0,
+                        col_type: p.col_type,
+                        map: p.map,
+                    })
+                }
+                None => RecordDate::None,
+            },
+        };
         let mappings: Vec<Option<&crate::config::ColumnMapping>> = schema
             .columns
             .iter()
@@ -82,7 +166,9 @@ impl TableLayout {
         TableLayout {
             name: name.to_string(),
             key: table.primary_key.iter().filter_map(|c| pos(c)).collect(),
-            record_date: table.record_date.as_deref().and_then(pos),
+            record_date,
+            parent_dates,
+            date_joins,
             policy_columns: policy_columns.iter().map(|c| pos(c)).collect(),
             policy_column_names: policy_columns.to_vec(),
             blobs: table
@@ -168,6 +254,9 @@ impl TableLayout {
                 }
             })
             .collect();
+        if let RecordDate::Point(DateField::Parent { col_type, .. }) = &self.record_date {
+            t.push(ReadAs::Type(*col_type));
+        }
         if self.patient_column.is_none() {
             t.push(ColumnType::Text.into());
         }
@@ -261,11 +350,17 @@ impl TableLayout {
         Some(StreamedBlobs { ctid, lengths })
     }
 
-    /// Takes a fetched row's patient key as text, leaving the row's own columns.
-    pub fn take_patient(&self, values: &mut Vec<Value>) -> Option<String> {
-        match self.patient_column {
+    /// Takes what a fetched row carries after its own columns (after
+    /// [`TableLayout::take_streamed`]): the patient key as text and the parents' dates.
+    pub fn take_extras(&self, values: &mut Vec<Value>) -> RowExtras {
+        let patient = match self.patient_column {
             Some(i) => values[i].as_key_text(),
             None => values.pop().and_then(Value::into_key_text),
+        };
+        let parent_dates = values.split_off(self.columns().len().min(values.len()));
+        RowExtras {
+            patient,
+            parent_dates,
         }
     }
 
@@ -315,6 +410,12 @@ impl TableLayout {
                 }
             })
             .collect();
+        for (expr, field) in self.parent_dates.iter().zip(self.parent_date_types()) {
+            cols.push(match db.kind() {
+                DbKind::Postgres => pg_select_expr(expr, field),
+                DbKind::Sqlite => expr.clone(),
+            });
+        }
         if self.patient_column.is_none() {
             cols.push(self.patient_text());
         }
@@ -328,34 +429,168 @@ impl TableLayout {
             cols.push("t0.ctid::text".into());
         }
         format!(
-            "SELECT {} FROM {} AS t0{}{}",
+            "SELECT {} FROM {} AS t0{}{}{}",
             cols.join(", "),
             quote(&self.name),
             self.joins,
+            self.date_joins,
             filter.map(|f| format!(" WHERE {f}")).unwrap_or_default(),
         )
     }
 
+    /// The types of the dates read through parents.
+    fn parent_date_types(&self) -> Vec<ColumnType> {
+        match &self.record_date {
+            RecordDate::Point(DateField::Parent { col_type, .. }) => vec![*col_type],
+            _ => Vec::new(),
+        }
+    }
+
+    /// A date field's SQL expression and type.
+    fn date_sql(&self, f: &DateField) -> (String, ColumnType) {
+        match f {
+            DateField::Column(i) => {
+                let c = &self.columns()[*i];
+                match &self.computed[*i] {
+                    Some(expr) => (format!("({expr})"), c.col_type),
+                    None => (format!("t0.{}", quote(&c.name)), c.col_type),
+                }
+            }
+            DateField::Parent {
+                field, col_type, ..
+            } => (self.parent_dates[*field].clone(), *col_type),
+        }
+    }
+
     /// Per patient, the latest record date before `before` (YYYY-MM-DD), if the table has both.
+    /// For a period table, a third field is 1 when the patient has an open period (which
+    /// makes them active up to `as_of`).
     pub fn last_activity_sql(&self, db: &Db, before: &str) -> Option<(String, Vec<ColumnType>)> {
-        let d = self.record_date?;
         if self.patient_expr == "NULL" {
             return None;
         }
-        let col = &self.columns()[d];
-        let date = format!("t0.{}", quote(&col.name));
-        let max = match db.kind() {
-            DbKind::Postgres => pg_select_expr(&format!("MAX({date})"), col.col_type),
-            DbKind::Sqlite => format!("MAX({date})"),
+        let select = |e: String, t: ColumnType| match db.kind() {
+            DbKind::Postgres => pg_select_expr(&e, t),
+            DbKind::Sqlite => e,
         };
-        let sql = format!(
-            "SELECT {}, {max} FROM {} AS t0{} WHERE {date} < '{before}' GROUP BY 1",
-            self.patient_text(),
+        let from = format!(
+            "FROM {} AS t0{}{}",
             quote(&self.name),
-            self.joins
+            self.joins,
+            self.date_joins
         );
-        Some((sql, vec![ColumnType::Text, col.col_type]))
+        let patient = self.patient_text();
+        Some(match &self.record_date {
+            RecordDate::None => return None,
+            RecordDate::Point(f) => {
+                let (date, t) = self.date_sql(f);
+                let max = select(format!("MAX({date})"), t);
+                (
+                    format!("SELECT {patient}, {max} {from} WHERE {date} < '{before}' GROUP BY 1"),
+                    vec![ColumnType::Text, t],
+                )
+            }
+            RecordDate::Period { start, end } => {
+                let (start, _) = self.date_sql(start);
+                let (end, t) = self.date_sql(end);
+                let ended = format!("{end} < '{before}'");
+                let open = format!("{end} IS NULL AND {start} < '{before}'");
+                let max = select(format!("MAX(CASE WHEN {ended} THEN {end} END)"), t);
+                let any_open = select(
+                    format!("MAX(CASE WHEN {open} THEN 1 ELSE 0 END)"),
+                    ColumnType::Int,
+                );
+                (
+                    format!(
+                        "SELECT {patient}, {max}, {any_open} {from} WHERE ({ended}) OR ({open}) GROUP BY 1"
+                    ),
+                    vec![ColumnType::Text, t, ColumnType::Int],
+                )
+            }
+        })
     }
+}
+
+/// The point record date of `table` read through its `record_date = { via = ... }` parent, as
+/// SQL over `t0`: the parent is joined as a subquery (aliased `sd{depth}`, its own parents
+/// deeper), grouped by its key when the source does not declare that key unique, so that a
+/// join never multiplies rows.
+fn parent_date(
+    config: &MigrationConfig,
+    schemas: &BTreeMap<String, TableSchema>,
+    table: &str,
+    depth: usize,
+) -> Option<ParentDate> {
+    let RecordDateConfig::Via {
+        via,
+        foreign_key,
+        parent_key,
+        column,
+    } = config.tables.get(table)?.record_date.as_ref()?
+    else {
+        return None;
+    };
+    if depth > config.tables.len() {
+        return None; // a loop (refused by validation)
+    }
+    let parent = config.tables.get(via)?;
+    let schema = schemas.get(via)?;
+    let own = |c: &str| -> Option<ParentDate> {
+        let col = schema.column(c)?;
+        Some(ParentDate {
+            expr: format!("t0.{}", quote(c)),
+            joins: String::new(),
+            col_type: col.col_type,
+            map: parent
+                .columns
+                .get(c)
+                .map(ColumnMap::new)
+                .filter(|m| !m.is_identity())
+                .map(Box::new),
+        })
+    };
+    let date = match (column, &parent.record_date) {
+        (Some(c), _) => own(c)?,
+        (None, Some(RecordDateConfig::Column(c))) => own(c)?,
+        (None, Some(RecordDateConfig::Via { .. })) => parent_date(config, schemas, via, depth + 1)?,
+        _ => return None,
+    };
+    let key = match parent_key {
+        Some(k) => k.clone(),
+        None if schema.column(foreign_key).is_some() => foreign_key.clone(),
+        None => match parent.primary_key.as_slice() {
+            [k] => k.clone(),
+            _ => return None,
+        },
+    };
+    let unique = schema.primary_key == [key.clone()];
+    let alias = format!("sd{depth}");
+    let subquery = if unique {
+        format!(
+            "SELECT t0.{k} AS k, {d} AS d FROM {p} AS t0{j}",
+            k = quote(&key),
+            d = date.expr,
+            p = quote(via),
+            j = date.joins
+        )
+    } else {
+        format!(
+            "SELECT t0.{k} AS k, MAX({d}) AS d FROM {p} AS t0{j} GROUP BY t0.{k}",
+            k = quote(&key),
+            d = date.expr,
+            p = quote(via),
+            j = date.joins
+        )
+    };
+    Some(ParentDate {
+        expr: format!("{alias}.d"),
+        joins: format!(
+            " LEFT JOIN ({subquery}) AS {alias} ON t0.{} = {alias}.k",
+            quote(foreign_key)
+        ),
+        col_type: date.col_type,
+        map: date.map,
+    })
 }
 
 /// A PostgreSQL `numeric` column: read in binary and printed by Strata as PostgreSQL prints it

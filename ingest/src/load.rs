@@ -241,7 +241,7 @@ impl Load<'_> {
                         }
                         tx.execute("ROLLBACK TO SAVEPOINT strata_row").await?;
                         let message = match &rejected {
-                            IngestError::Sql { source, .. } => source
+                            IngestError::Sql { cause: source, .. } => source
                                 .as_database_error()
                                 .map(|d| d.message().to_string())
                                 .unwrap_or_default(),

@@ -5,7 +5,7 @@ use super::route::Router;
 use super::{Explanation, Migration};
 use crate::db::quote;
 use crate::error::{IngestError, Result};
-use crate::layout::TableLayout;
+use crate::layout::{RowExtras, TableLayout};
 use crate::value::Value;
 use chrono::NaiveDate;
 use futures::StreamExt;
@@ -65,7 +65,7 @@ impl Migration {
         };
         let mut values = row?;
         drop(rows);
-        let patient = layout.take_patient(&mut values);
+        let extras = layout.take_extras(&mut values);
         let facts = HashMap::new(); // preparing a row needs no patient facts
         if let Some((col, reason)) = Router::new(&self.policy, layout, &facts).prepare(&mut values)
         {
@@ -74,7 +74,7 @@ impl Migration {
                 layout.columns()[col].name
             )));
         }
-        self.explain_row(layout, key, &values, patient, Vec::new())
+        self.explain_row(layout, key, &values, extras, Vec::new())
             .await
     }
 
@@ -105,7 +105,7 @@ impl Migration {
         let mut identical = 0u64;
         while let Some(row) = rows.next().await {
             let mut values = row?;
-            let patient = layout.take_patient(&mut values);
+            let extras = layout.take_extras(&mut values);
             if router.prepare(&mut values).is_some() {
                 continue;
             }
@@ -116,12 +116,12 @@ impl Migration {
             if hex::encode(row_digest(&values)).eq_ignore_ascii_case(digest) {
                 identical += 1;
                 if found.is_none() {
-                    found = Some((values, patient));
+                    found = Some((values, extras));
                 }
             }
         }
         drop(rows);
-        let Some((values, patient)) = found.filter(|_| nth <= identical) else {
+        let Some((values, extras)) = found.filter(|_| nth <= identical) else {
             return Err(IngestError::Run(format!(
                 "no row of {table} is named {key} ({identical} row(s) with that digest)"
             )));
@@ -133,7 +133,7 @@ impl Migration {
         } else {
             Vec::new()
         };
-        self.explain_row(layout, key, &values, patient, note).await
+        self.explain_row(layout, key, &values, extras, note).await
     }
 
     /// The explanation of a record whose values (mapped and coerced) are `values`; `extra`
@@ -143,12 +143,13 @@ impl Migration {
         layout: &TableLayout,
         key: &str,
         values: &[Value],
-        patient: Option<String>,
+        extras: RowExtras,
         extra: Vec<String>,
     ) -> Result<Explanation> {
         let table = layout.name.as_str();
         let facts = self.patient_facts().await?;
-        let row = Router::new(&self.policy, layout, &facts).facts(values, patient.as_deref());
+        let row = Router::new(&self.policy, layout, &facts).facts(values, &extras);
+        let patient = extras.patient;
         let (date, pf, policy_values) = (row.date, row.patient, &row.columns);
         let record = row.record(&self.policy, patient.as_deref());
         let (decision, steps) = self

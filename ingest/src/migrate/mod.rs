@@ -244,7 +244,7 @@ impl Migration {
             .iter()
             .map(|(name, t)| {
                 let needed = policy_config.columns_needed(name, &holds);
-                TableLayout::new(&config, name, t, schemas[name].clone(), &needed)
+                TableLayout::new(&config, name, t, schemas[name].clone(), &schemas, &needed)
             })
             .collect();
         Ok(Migration {

@@ -292,7 +292,8 @@ impl Migration {
                     streamed: streamed_blobs.as_ref(),
                     inline_max,
                 };
-                let patient = layout.take_patient(&mut values);
+                let extras = layout.take_extras(&mut values);
+                let patient = extras.patient.as_deref();
                 let size = values.iter().map(Value::size).sum::<usize>() as u64
                     + (0..layout.blobs.len())
                         .filter_map(|b| long.length(b))
@@ -303,7 +304,7 @@ impl Migration {
                     report_read(&progress, &sink, unreported_rows, unreported_bytes);
                     (unreported_rows, unreported_bytes) = (0, 0);
                 }
-                let (decision, date) = match router.route(&mut values, patient.as_deref()) {
+                let (decision, date) = match router.route(&mut values, &extras) {
                     Route::Quarantine { column, reason } => {
                         quarantine(
                             layout, &mut tally, &mut sink, &values, ordinal, column, reason,
@@ -323,7 +324,7 @@ impl Migration {
                 }
                 match decision.tier {
                     Tier::Purge => {
-                        tally.count(&decision, patient.as_deref(), size);
+                        tally.count(&decision, patient, size);
                         sink.purge(layout, &values, ordinal);
                     }
                     Tier::Operational => match sink.operational(values).await? {
@@ -331,10 +332,10 @@ impl Migration {
                         Some((values, reason)) => {
                             quarantine(layout, &mut tally, &mut sink, &values, ordinal, 0, &reason)?
                         }
-                        None => tally.count(&decision, patient.as_deref(), size),
+                        None => tally.count(&decision, patient, size),
                     },
                     Tier::Archive => {
-                        tally.count(&decision, patient.as_deref(), size);
+                        tally.count(&decision, patient, size);
                         for (b, blob) in layout.blobs.iter().enumerate() {
                             let bytes = match &values[blob.column] {
                                 Value::Bytes(content) => Some(content.len() as u64),
@@ -345,8 +346,7 @@ impl Migration {
                                 tally.report.blob_bytes += bytes;
                             }
                         }
-                        sink.archive(layout, patient.as_deref(), date, values, &long)
-                            .await?;
+                        sink.archive(layout, patient, date, values, &long).await?;
                     }
                 }
             }

@@ -5,7 +5,7 @@
 //! Checks across rows (repeated keys) and what a target would refuse belong to the sinks.
 
 use crate::facts::local_date;
-use crate::layout::TableLayout;
+use crate::layout::{DateField, RecordDate, RowExtras, TableLayout};
 use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
 use std::collections::HashMap;
@@ -48,11 +48,12 @@ impl<'a> Router<'a> {
 
     /// Maps and coerces `values` in place, then lets the policy decide. On a quarantine the
     /// values are left as read from the column that failed on.
-    pub(super) fn route(&self, values: &mut [Value], patient: Option<&str>) -> Route {
+    pub(super) fn route(&self, values: &mut [Value], extras: &RowExtras) -> Route {
         if let Some((column, reason)) = self.prepare(values) {
             return Route::Quarantine { column, reason };
         }
-        let row = self.facts(values, patient);
+        let patient = extras.patient.as_deref();
+        let row = self.facts(values, extras);
         let record = row.record(self.policy, patient);
         let decision =
             self.policy
@@ -71,12 +72,10 @@ impl<'a> Router<'a> {
     }
 
     /// What the policy needs of a prepared row.
-    pub(super) fn facts(&self, values: &[Value], patient: Option<&str>) -> RowFacts {
+    pub(super) fn facts(&self, values: &[Value], extras: &RowExtras) -> RowFacts {
+        let patient = extras.patient.as_deref();
         RowFacts {
-            date: self
-                .layout
-                .record_date
-                .and_then(|i| local_date(self.policy, &values[i])),
+            date: self.record_date(values, &extras.parent_dates),
             columns: self
                 .layout
                 .policy_columns
@@ -86,6 +85,49 @@ impl<'a> Router<'a> {
             patient: patient
                 .and_then(|p| self.facts.get(p).copied())
                 .unwrap_or_default(),
+        }
+    }
+}
+
+impl Router<'_> {
+    /// A prepared row's record date in the policy's time zone: a period's end, or `as_of`
+    /// while the period is open (no end, a start).
+    fn record_date(&self, values: &[Value], parents: &[Value]) -> Option<NaiveDate> {
+        match &self.layout.record_date {
+            RecordDate::None => None,
+            RecordDate::Point(f) => self.date(f, values, parents),
+            RecordDate::Period { start, end } => {
+                let open = self.value(end, values, parents).is_null()
+                    && !self.value(start, values, parents).is_null();
+                if open {
+                    self.policy.as_of()
+                } else {
+                    self.date(end, values, parents)
+                }
+            }
+        }
+    }
+
+    fn value<'v>(&self, f: &DateField, values: &'v [Value], parents: &'v [Value]) -> &'v Value {
+        match f {
+            DateField::Column(i) => &values[*i],
+            DateField::Parent { field, .. } => parents.get(*field).unwrap_or(&Value::Null),
+        }
+    }
+
+    fn date(&self, f: &DateField, values: &[Value], parents: &[Value]) -> Option<NaiveDate> {
+        let v = self.value(f, values, parents);
+        match f {
+            DateField::Column(_) => local_date(self.policy, v),
+            // Mapped and read as the parent's column is (an unreadable date is a missing one:
+            // the parent's own row is quarantined for it).
+            DateField::Parent { col_type, map, .. } => {
+                let v = match map {
+                    Some(m) => m.apply(v.clone(), *col_type).ok()?,
+                    None => v.clone(),
+                };
+                local_date(self.policy, &v.coerce(*col_type).ok()?)
+            }
         }
     }
 }

@@ -1,0 +1,355 @@
+//! `strata init`: introspect a source and draft a `strata.toml` with guesses marked for review.
+
+mod classes;
+
+use classes::propose_classes;
+
+use crate::db::{quote, Db, TableSchema};
+use crate::error::Result;
+use crate::value::{ColumnType, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use strata_deidentify::Class;
+
+/// Names the field gives a patient column (OMOP's `person_id`, MIMIC's `subject_id`, ...).
+const PATIENT_NAMES: &[&str] = &[
+    "patient_id",
+    "patientid",
+    "patient",
+    "pat_id",
+    "pt_id",
+    "person_id",
+    "subject_id",
+    "patient_key",
+    "patient_uuid",
+    "patient_nbr",
+    "mrn",
+    "medical_record_number",
+];
+const DATE_PREFERENCE: [&str; 12] = [
+    "date",
+    "start",
+    "started_at",
+    "observed_at",
+    "recorded_at",
+    "created_at",
+    "written_at",
+    "billed_on",
+    "recorded_on",
+    "started_on",
+    "service_date",
+    "servicedate",
+];
+
+fn lower(s: &str) -> String {
+    s.to_ascii_lowercase()
+}
+
+fn is_patient_table(name: &str) -> bool {
+    matches!(
+        lower(name).as_str(),
+        "patient" | "patients" | "person" | "persons" | "people"
+    )
+}
+
+/// The guesses for one table.
+#[derive(Debug, Clone, Default)]
+pub struct TableGuess {
+    /// Primary key and how it was found.
+    pub primary_key: (Vec<String>, &'static str),
+    /// Patient key column.
+    pub patient_key: Option<String>,
+    /// Parent table and foreign key to reach the patient.
+    pub patient_via: Option<(String, String)>,
+    /// Record date column.
+    pub record_date: Option<String>,
+    /// BLOB columns with a content-type column if one was found.
+    pub blobs: Vec<(String, Option<String>)>,
+    /// Proposed classes of the other columns (for researchers' exports): column, class, the
+    /// table a foreign record key references, and what it was proposed from.
+    pub classes: Vec<(String, Class, Option<String>, &'static str)>,
+    /// Columns without a proposed class.
+    pub unclassified: Vec<String>,
+}
+
+async fn is_unique(db: &Db, table: &str, column: &str) -> Result<bool> {
+    let sql = format!(
+        "SELECT COUNT(*) - COUNT(DISTINCT {c}), COUNT(*) - COUNT({c}) FROM {t}",
+        c = quote(column),
+        t = quote(table)
+    );
+    let rows = db
+        .fetch_all(sql, vec![ColumnType::Int, ColumnType::Int])
+        .await?;
+    Ok(rows
+        .first()
+        .is_some_and(|r| r[0] == Value::Int(0) && r[1] == Value::Int(0)))
+}
+
+fn guess_date(schema: &TableSchema) -> Option<String> {
+    let typed = |c: &&crate::db::Column| {
+        matches!(
+            c.col_type,
+            ColumnType::Date | ColumnType::Timestamp | ColumnType::TimestampTz
+        )
+    };
+    let skip = |n: &str| {
+        n.contains("birth")
+            || n.contains("death")
+            || n.contains("deceased")
+            || n.contains("stop")
+            || n.starts_with("end")
+    };
+    for pref in DATE_PREFERENCE {
+        if let Some(c) = schema.columns.iter().find(|c| lower(&c.name) == pref) {
+            return Some(c.name.clone());
+        }
+    }
+    schema
+        .columns
+        .iter()
+        .filter(|c| !skip(&lower(&c.name)))
+        .find(|c| {
+            typed(c)
+                || lower(&c.name).ends_with("_at")
+                || lower(&c.name).ends_with("_on")
+                || lower(&c.name).ends_with("date")
+        })
+        .map(|c| c.name.clone())
+}
+
+/// Introspects every table of the source and guesses its settings.
+pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, TableGuess)>> {
+    let mut out = BTreeMap::new();
+    for name in db.table_names().await? {
+        let schema = db.table_schema(&name).await?;
+        let primary_key = if !schema.primary_key.is_empty() {
+            (schema.primary_key.clone(), "declared")
+        } else if let Some(id) = schema.columns.iter().find(|c| lower(&c.name) == "id") {
+            if is_unique(db, &name, &id.name).await? {
+                (
+                    vec![id.name.clone()],
+                    "guessed: column id is unique and not null",
+                )
+            } else {
+                (vec![], "guessed: no declared key and no unique id column")
+            }
+        } else {
+            (vec![], "guessed: no declared key and no unique id column")
+        };
+        let mut g = TableGuess {
+            primary_key,
+            ..Default::default()
+        };
+        if !is_patient_table(&name) {
+            g.patient_key = schema
+                .columns
+                .iter()
+                .find(|c| PATIENT_NAMES.contains(&lower(&c.name).as_str()))
+                .map(|c| c.name.clone());
+        }
+        g.record_date = guess_date(&schema);
+        for c in schema
+            .columns
+            .iter()
+            .filter(|c| c.col_type == ColumnType::Bytes)
+        {
+            let ct = schema
+                .columns
+                .iter()
+                .find(|m| {
+                    ["mime_type", "content_type", "mimetype", "contenttype"]
+                        .contains(&lower(&m.name).as_str())
+                })
+                .map(|m| m.name.clone());
+            g.blobs.push((c.name.clone(), ct));
+        }
+        out.insert(name, (schema, g));
+    }
+    // The patients table's key is the column the clinical tables share (`subject_id`) when it
+    // has one, not a surrogate key (`row_id`) nothing else references; else its primary key.
+    let mut shared: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, g) in out.values() {
+        if let Some(p) = &g.patient_key {
+            *shared.entry(lower(p)).or_default() += 1;
+        }
+    }
+    let most_shared = shared
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(name, _)| name);
+    for (name, (schema, g)) in out.iter_mut() {
+        if !is_patient_table(name) {
+            continue;
+        }
+        g.patient_key = schema
+            .columns
+            .iter()
+            .find(|c| Some(lower(&c.name)) == most_shared)
+            .map(|c| c.name.clone())
+            .or_else(|| g.primary_key.0.first().cloned());
+    }
+    // Tables without a patient column reach the patient through a foreign key to one that has it.
+    let has_patient: Vec<String> = out
+        .iter()
+        .filter(|(_, (_, g))| g.patient_key.is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for (_, (schema, g)) in out.iter_mut() {
+        if g.patient_key.is_some() {
+            continue;
+        }
+        g.patient_via = schema
+            .foreign_keys
+            .iter()
+            .find(|(_, t, _)| has_patient.contains(t))
+            .map(|(c, t, _)| (t.clone(), c.clone()));
+    }
+    for (name, (schema, g)) in out.iter_mut() {
+        propose_classes(db, name, schema, g).await?;
+    }
+    Ok(out)
+}
+
+/// A TOML key: bare when it can be.
+fn toml_key(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        s.to_string()
+    } else {
+        toml_str(s)
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The environment variable a drafted config reads the source's password from.
+const SOURCE_PASSWORD_VAR: &str = "STRATA_SOURCE_PASSWORD";
+
+/// The source URL as a config keeps it: a password never in the file, but read from
+/// [`SOURCE_PASSWORD_VAR`] when the config is loaded (`${VAR}`), with a note saying so.
+fn config_url(url: &str) -> (String, String) {
+    const PLACEHOLDER: &str = "STRATAPASSWORDPLACEHOLDER";
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some(PLACEHOLDER));
+            (
+                u.to_string()
+                    .replace(PLACEHOLDER, &format!("${{{SOURCE_PASSWORD_VAR}}}")),
+                format!("  # REVIEW: export {SOURCE_PASSWORD_VAR}, percent-encoded (the password is never written here)"),
+            )
+        }
+        _ => (url.to_string(), String::new()),
+    }
+}
+
+/// Drafts `strata.toml` for a source URL.
+pub async fn draft_config(source_url: &str) -> Result<String> {
+    let db = Db::connect(source_url, true).await?;
+    let tables = guess_tables(&db).await?;
+    db.close().await;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Drafted by `strata init`. Lines marked REVIEW are guesses: check each one."
+    );
+    let (url, note) = config_url(source_url);
+    let _ = writeln!(s, "[source]\nurl = {}{note}\n", toml_str(&url));
+    let _ = writeln!(s, "[operational]\nurl = \"sqlite://operational.db\"  # REVIEW: the new operational database\n");
+    let _ = writeln!(s, "[archive]\nlocation = \"archive\"\nkek_id = \"kek-1\"\nkek_env = \"STRATA_KEK\"  # 64 hex characters\n");
+    let _ = writeln!(s, "[policy]\nfile = \"policy.toml\"\n");
+    for (name, (_, g)) in &tables {
+        let bare = name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let key = if bare { name.clone() } else { toml_str(name) };
+        let _ = writeln!(s, "[tables.{key}]");
+        let pk: Vec<String> = g.primary_key.0.iter().map(|c| toml_str(c)).collect();
+        let note = if g.primary_key.1 == "declared" {
+            String::new()
+        } else {
+            format!("  # REVIEW: {}", g.primary_key.1)
+        };
+        let _ = writeln!(s, "primary_key = [{}]{note}", pk.join(", "));
+        match (&g.patient_key, &g.patient_via) {
+            (Some(p), _) => {
+                let sharing = tables
+                    .values()
+                    .filter(|(_, other)| other.patient_key.as_deref() == Some(p))
+                    .count();
+                let _ = writeln!(
+                    s,
+                    "patient_key = {}  # REVIEW: guessed from the column name ({sharing} tables have it)",
+                    toml_str(p)
+                );
+            }
+            (None, Some((via, fk))) => {
+                let _ = writeln!(s, "patient = {{ via = {}, foreign_key = {} }}  # REVIEW: guessed from a foreign key", toml_str(via), toml_str(fk));
+            }
+            (None, None) => {
+                let _ = writeln!(s, "# REVIEW: no patient key found (reference data?)");
+            }
+        }
+        match &g.record_date {
+            Some(d) => {
+                let _ = writeln!(s, "record_date = {}  # REVIEW: guessed", toml_str(d));
+            }
+            None => {
+                let _ = writeln!(s, "# REVIEW: no record date found");
+            }
+        }
+        for (col, ct) in &g.blobs {
+            let ct = ct
+                .as_ref()
+                .map(|c| format!(", content_type_column = {}", toml_str(c)))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "blobs = [{{ column = {}{ct} }}]  # REVIEW: binary column",
+                toml_str(col)
+            );
+        }
+        for (col, class, references, why) in &g.classes {
+            let line = match references {
+                Some(t) => format!(
+                    "columns.{} = {{ class = \"{class}\", references = {} }}",
+                    toml_key(col),
+                    toml_str(t)
+                ),
+                None => format!("columns.{}.class = \"{class}\"", toml_key(col)),
+            };
+            let _ = writeln!(s, "{line}  # REVIEW: {why}");
+        }
+        if !g.unclassified.is_empty() {
+            let _ = writeln!(
+                s,
+                "# REVIEW: no class, so never in an export: {}",
+                g.unclassified.join(", ")
+            );
+        }
+        s.push('\n');
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drafted_config_reads_the_source_password_from_the_environment() {
+        let (url, note) = super::config_url("postgres://etl:s3cr%3Et@db.example:5432/ehr");
+        assert_eq!(
+            url,
+            "postgres://etl:${STRATA_SOURCE_PASSWORD}@db.example:5432/ehr"
+        );
+        assert!(note.contains("STRATA_SOURCE_PASSWORD"));
+        assert!(!url.contains("s3cr") && !url.contains("***"));
+        let (url, note) = super::config_url("sqlite://legacy.db");
+        assert_eq!((url.as_str(), note.as_str()), ("sqlite://legacy.db", ""));
+    }
+}

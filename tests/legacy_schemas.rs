@@ -230,3 +230,256 @@ record_date = { start = "intime", end = "outtime" }
         "{err}"
     );
 }
+
+/// A research database as they are loaded in practice: surrogate `row_id` primary keys,
+/// patients by `subject_id`, child tables that carry only an admission's id, a period table,
+/// lab ids reused across patients, unconstrained numerics, dates shifted into the 22nd
+/// century, and no foreign key declared. 40 subjects; subject s is active when s % 3 = 0 (a
+/// recent admission) or s % 5 = 1 (an open observation period).
+const RESEARCH_DB: &str = "
+CREATE TABLE patients (row_id int PRIMARY KEY, subject_id int NOT NULL, gender text, dob timestamp, dod timestamp);
+CREATE TABLE admissions (row_id int PRIMARY KEY, subject_id int NOT NULL, hadm_id int NOT NULL,
+  admittime timestamp, dischtime timestamp, admission_type text);
+CREATE TABLE icustays (row_id int PRIMARY KEY, subject_id int, hadm_id int, icustay_id int,
+  intime timestamp, outtime timestamp, los numeric);
+CREATE TABLE diagnoses_icd (row_id int PRIMARY KEY, subject_id int, hadm_id int, seq_num int, icd9_code text);
+CREATE TABLE procedures_icd (row_id int PRIMARY KEY, subject_id int, hadm_id int, seq_num int, icd9_code text);
+CREATE TABLE drgcodes (row_id int PRIMARY KEY, subject_id int, hadm_id int, drg_code text);
+CREATE TABLE labevents (row_id int, subject_id int, hadm_id int, itemid int, charttime timestamp,
+  value text, valuenum numeric, valueuom text);
+CREATE TABLE observation_period (observation_period_id int PRIMARY KEY, subject_id int,
+  observation_period_start_date date, observation_period_end_date date);
+INSERT INTO patients SELECT 1000 + s, s, CASE WHEN s % 2 = 0 THEN 'F' ELSE 'M' END,
+  timestamp '2100-01-01' + s * interval '100 days', NULL FROM generate_series(1, 40) s;
+INSERT INTO admissions SELECT 100 + s * 2 + k, s, s * 10 + k, t, t + interval '5 days', 'EMERGENCY'
+  FROM generate_series(1, 40) s, generate_series(0, 1) k,
+  LATERAL (SELECT CASE WHEN s % 3 = 0 AND k = 1 THEN timestamp '2179-01-10 08:00'
+    ELSE timestamp '2150-01-10 08:00' + (s % 20) * interval '1 year' + k * interval '40 days' END AS t) a;
+INSERT INTO icustays SELECT 500 + a.row_id, subject_id, hadm_id, hadm_id * 10, admittime + interval '1 day',
+  admittime + interval '3 days', (subject_id * 0.1234 + hadm_id % 10)::numeric FROM admissions a;
+INSERT INTO diagnoses_icd SELECT 2000 + a.row_id * 3 + j, subject_id, hadm_id, j + 1,
+  (ARRAY['4019', '25000', '4280'])[j + 1] FROM admissions a, generate_series(0, 2) j;
+INSERT INTO diagnoses_icd VALUES (9999, 7, NULL, 1, '7999');
+INSERT INTO procedures_icd SELECT 3000 + a.row_id, subject_id, hadm_id, 1, '3893' FROM admissions a;
+INSERT INTO drgcodes SELECT 4000 + a.row_id, subject_id, hadm_id, '127' FROM admissions a;
+INSERT INTO labevents SELECT (a.row_id % 11) * 3 + j, subject_id, hadm_id, 50912 + j,
+  admittime + j * interval '1 hour', (j * 1.5 + subject_id * 0.01)::text,
+  (j * 1.5 + subject_id * 0.01)::numeric, 'mg/dL' FROM admissions a, generate_series(0, 2) j;
+INSERT INTO observation_period SELECT 7000 + s, s, date '2140-01-01',
+  CASE WHEN s % 5 = 1 THEN NULL ELSE (SELECT MAX(admittime)::date + 10 FROM admissions WHERE subject_id = s) END
+  FROM generate_series(1, 40) s;
+";
+
+/// Per subject and table, the rows the policy below archives, computed with SQL on the source
+/// alone: a record is dated by its own column, its admission's (the latest, should an id
+/// repeat) or its period's end (as_of while open); a patient's last activity is their latest
+/// date; records older than 3 years of patients inactive for 2 are archived.
+const EXPECTED_ARCHIVED: &str = "
+WITH parent AS (SELECT hadm_id, MAX(admittime) AS d FROM admissions GROUP BY hadm_id),
+dated AS (
+  SELECT 'admissions' AS t, subject_id, admittime::date AS d FROM admissions
+  UNION ALL SELECT 'icustays', subject_id, intime::date FROM icustays
+  UNION ALL SELECT 'diagnoses_icd', x.subject_id, p.d::date FROM diagnoses_icd x LEFT JOIN parent p USING (hadm_id)
+  UNION ALL SELECT 'procedures_icd', x.subject_id, p.d::date FROM procedures_icd x LEFT JOIN parent p USING (hadm_id)
+  UNION ALL SELECT 'drgcodes', x.subject_id, p.d::date FROM drgcodes x LEFT JOIN parent p USING (hadm_id)
+  UNION ALL SELECT 'labevents', subject_id, charttime::date FROM labevents
+  UNION ALL SELECT 'observation_period', subject_id,
+    COALESCE(observation_period_end_date, date '2180-06-30') FROM observation_period),
+last AS (SELECT subject_id, MAX(d) AS last FROM dated WHERE d <= date '2180-06-30' GROUP BY subject_id)
+SELECT dated.subject_id::text, t, COUNT(*) FROM dated JOIN last USING (subject_id)
+WHERE d < date '2177-06-30' AND last < date '2178-06-30' GROUP BY 1, 2";
+
+/// The policy a records manager writes for it: demographics stay; the rest by age and activity.
+const RESEARCH_POLICY: &str = r#"
+version = "research-1"
+as_of = "2180-06-30"
+[patients]
+table = "patients"
+birth_date = "dob"
+deceased_date = "dod"
+[defaults]
+archive_after = "3y"
+patient_inactive_after = "2y"
+retention = "100y"
+[tables.patients]
+tier = "operational"
+"#;
+
+/// The acceptance of "any legacy schema": on the research database above, `strata init` drafts a
+/// config whose patient keys, keys and dates need no edit (it was written by hand nowhere
+/// below); `plan` predicts the run exactly; and for every patient, the archived records the API
+/// serves per table are exactly those SQL on the source says the policy archives. The drafted
+/// `[api]` serves as written, with `strata token`.
+#[tokio::test]
+async fn a_research_database_migrates_as_init_drafted_it() {
+    let url = create_pg_database("research").await;
+    let db = Db::connect(&url, false).await.unwrap();
+    db.execute(RESEARCH_DB).await.unwrap();
+    db.close().await;
+    let reader = read_only_url(&url).await;
+    let draft = strata_ingest::draft_config(&reader).await.unwrap();
+    let drafted: toml::Table = toml::from_str(&draft).unwrap();
+    let table = |t: &str| drafted["tables"][t].clone();
+    for t in [
+        "admissions",
+        "icustays",
+        "diagnoses_icd",
+        "procedures_icd",
+        "drgcodes",
+        "labevents",
+        "observation_period",
+        "patients",
+    ] {
+        assert_eq!(table(t)["patient_key"].as_str(), Some("subject_id"), "{t}");
+    }
+    for t in ["diagnoses_icd", "procedures_icd", "drgcodes"] {
+        assert_eq!(
+            table(t)["record_date"].to_string(),
+            r#"{ column = "admittime", foreign_key = "hadm_id", via = "admissions" }"#,
+            "{t}"
+        );
+    }
+    assert_eq!(
+        table("observation_period")["record_date"].to_string(),
+        r#"{ end = "observation_period_end_date", start = "observation_period_start_date" }"#
+    );
+    assert_eq!(
+        table("admissions")["record_date"].as_str(),
+        Some("admittime")
+    );
+    assert!(table("patients").get("record_date").is_none(), "{draft}");
+    // Lab ids repeat across patients: the key proposed is the id with the patient's.
+    assert_eq!(
+        table("labevents")["primary_key"].to_string(),
+        r#"["row_id", "subject_id"]"#
+    );
+    assert!(draft.contains("(row_id, subject_id) is unique"), "{draft}");
+    assert!(!draft.contains("no patient key found"), "{draft}");
+    assert!(!draft.contains("no record date found"), "{draft}");
+
+    // Only where things go changes: the KEK from a file, the API on a free port.
+    let dir = TestDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = draft
+        .replace("kek_env = \"STRATA_KEK\"", "kek_file = \"kek.hex\"")
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"));
+    write_run_files(dir.path(), &config, RESEARCH_POLICY);
+    let config = load_config(&dir.path().join("strata.toml"));
+    let mut migration = Migration::prepare(config.clone(), as_of()).await.unwrap();
+    let (plan, _) = migration.plan().await.unwrap();
+    let run = migration.run(&mut |_| {}).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&plan.tables).unwrap(),
+        serde_json::to_value(&run.tables).unwrap()
+    );
+    let counts = tier_counts(&config).await;
+    assert_tiers_add_up(&counts);
+    assert_report_matches(&run, &counts);
+    assert!(run.tables.iter().all(|t| t.quarantined_rows == 0));
+
+    // What SQL on the source says is archived, per subject and table.
+    let source = Db::connect(&url, true).await.unwrap();
+    let mut expected = std::collections::BTreeMap::<(String, String), u64>::new();
+    for row in source
+        .fetch_all(
+            EXPECTED_ARCHIVED.into(),
+            vec![
+                strata_ingest::ColumnType::Text,
+                strata_ingest::ColumnType::Text,
+                strata_ingest::ColumnType::Int,
+            ],
+        )
+        .await
+        .unwrap()
+    {
+        let n = match row[2] {
+            strata_ingest::Value::Int(n) => n as u64,
+            _ => unreachable!(),
+        };
+        expected.insert(
+            (row[0].as_key_text().unwrap(), row[1].as_key_text().unwrap()),
+            n,
+        );
+    }
+    source.close().await;
+    for t in &run.tables {
+        let sql: u64 = expected
+            .iter()
+            .filter(|((_, table), _)| *table == t.table)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(t.archive_rows, sql, "{}", t.table);
+    }
+    assert!(expected.len() > 50, "{expected:?}");
+
+    // What the API serves, with the drafted [api] and a development token.
+    let secrets = [
+        ("STRATA_JWT_SECRET", strata_archive::Kek::generate_hex()),
+        ("STRATA_AUDIT_KEY", strata_archive::Kek::generate_hex()),
+    ];
+    let config_path = dir.path().join("strata.toml");
+    let mut token = std::process::Command::new(env!("CARGO_BIN_EXE_strata"));
+    token
+        .args(["token", "--user", "dr-a", "--role", "clinician", "--config"])
+        .arg(&config_path)
+        .envs(secrets.clone());
+    for s in 1..=40 {
+        token.args(["--patient", &s.to_string()]);
+    }
+    let token = token.output().unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .envs(secrets)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("serve starts")
+            .unwrap()
+            .expect("serve prints its address");
+        if let Some(url) = line.split("listening on ").nth(1) {
+            break url.trim().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let client = reqwest::Client::new();
+    let mut served = std::collections::BTreeMap::<(String, String), u64>::new();
+    for s in 1..=40 {
+        let body = client
+            .get(format!("{base}/v1/patients/{s}/history?limit=1000"))
+            .bearer_auth(&token)
+            .header("X-Purpose-Of-Use", "TREAT")
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let history: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        for r in history["records"].as_array().unwrap() {
+            *served
+                .entry((s.to_string(), r["table"].as_str().unwrap().to_string()))
+                .or_default() += 1;
+        }
+    }
+    server.kill().await.unwrap();
+    assert_eq!(served, expected);
+}

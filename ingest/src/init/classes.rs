@@ -252,7 +252,9 @@ pub(super) async fn propose_classes(
         let own = g.primary_key.0.contains(&c.name)
             || g.patient_key.as_deref() == Some(c.name.as_str())
             || g.patient_via.as_ref().is_some_and(|(_, fk)| fk == &c.name)
-            || g.record_date.as_deref() == Some(c.name.as_str())
+            || g.record_date
+                .as_ref()
+                .is_some_and(|(d, _)| d.own_columns().contains(&c.name.as_str()))
             || g.blobs.iter().any(|(b, _)| b == &c.name);
         if own {
             continue;

@@ -1,12 +1,15 @@
 //! `strata init`: introspect a source and draft a `strata.toml` with guesses marked for review.
 
 mod classes;
+mod conventions;
 
+use crate::config::RecordDateConfig;
 use classes::propose_classes;
+use conventions::{guess_date, guess_key, guess_parent_dates, guess_period};
 
-use crate::db::{quote, Db, TableSchema};
+use crate::db::{Db, TableSchema};
 use crate::error::Result;
-use crate::value::{ColumnType, Value};
+use crate::value::ColumnType;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use strata_deidentify::Class;
@@ -26,21 +29,6 @@ const PATIENT_NAMES: &[&str] = &[
     "mrn",
     "medical_record_number",
 ];
-const DATE_PREFERENCE: [&str; 12] = [
-    "date",
-    "start",
-    "started_at",
-    "observed_at",
-    "recorded_at",
-    "created_at",
-    "written_at",
-    "billed_on",
-    "recorded_on",
-    "started_on",
-    "service_date",
-    "servicedate",
-];
-
 fn lower(s: &str) -> String {
     s.to_ascii_lowercase()
 }
@@ -55,14 +43,14 @@ fn is_patient_table(name: &str) -> bool {
 /// The guesses for one table.
 #[derive(Debug, Clone, Default)]
 pub struct TableGuess {
-    /// Primary key and how it was found.
-    pub primary_key: (Vec<String>, &'static str),
+    /// Primary key and how it was found (`declared`, or the evidence for the guess).
+    pub primary_key: (Vec<String>, String),
     /// Patient key column.
     pub patient_key: Option<String>,
     /// Parent table and foreign key to reach the patient.
     pub patient_via: Option<(String, String)>,
-    /// Record date column.
-    pub record_date: Option<String>,
+    /// What dates a record, and the evidence when it is not a column of the table.
+    pub record_date: Option<(RecordDateConfig, String)>,
     /// BLOB columns with a content-type column if one was found.
     pub blobs: Vec<(String, Option<String>)>,
     /// Proposed classes of the other columns (for researchers' exports): column, class, the
@@ -72,83 +60,35 @@ pub struct TableGuess {
     pub unclassified: Vec<String>,
 }
 
-async fn is_unique(db: &Db, table: &str, column: &str) -> Result<bool> {
-    let sql = format!(
-        "SELECT COUNT(*) - COUNT(DISTINCT {c}), COUNT(*) - COUNT({c}) FROM {t}",
-        c = quote(column),
-        t = quote(table)
-    );
-    let rows = db
-        .fetch_all(sql, vec![ColumnType::Int, ColumnType::Int])
-        .await?;
-    Ok(rows
-        .first()
-        .is_some_and(|r| r[0] == Value::Int(0) && r[1] == Value::Int(0)))
-}
-
-fn guess_date(schema: &TableSchema) -> Option<String> {
-    let typed = |c: &&crate::db::Column| {
-        matches!(
-            c.col_type,
-            ColumnType::Date | ColumnType::Timestamp | ColumnType::TimestampTz
-        )
-    };
-    let skip = |n: &str| {
-        n.contains("birth")
-            || n.contains("death")
-            || n.contains("deceased")
-            || n.contains("stop")
-            || n.starts_with("end")
-    };
-    for pref in DATE_PREFERENCE {
-        if let Some(c) = schema.columns.iter().find(|c| lower(&c.name) == pref) {
-            return Some(c.name.clone());
-        }
-    }
-    schema
-        .columns
-        .iter()
-        .filter(|c| !skip(&lower(&c.name)))
-        .find(|c| {
-            typed(c)
-                || lower(&c.name).ends_with("_at")
-                || lower(&c.name).ends_with("_on")
-                || lower(&c.name).ends_with("date")
-        })
-        .map(|c| c.name.clone())
-}
-
 /// Introspects every table of the source and guesses its settings.
 pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, TableGuess)>> {
     let mut out = BTreeMap::new();
     for name in db.table_names().await? {
         let schema = db.table_schema(&name).await?;
-        let primary_key = if !schema.primary_key.is_empty() {
-            (schema.primary_key.clone(), "declared")
-        } else if let Some(id) = schema.columns.iter().find(|c| lower(&c.name) == "id") {
-            if is_unique(db, &name, &id.name).await? {
-                (
-                    vec![id.name.clone()],
-                    "guessed: column id is unique and not null",
-                )
-            } else {
-                (vec![], "guessed: no declared key and no unique id column")
-            }
-        } else {
-            (vec![], "guessed: no declared key and no unique id column")
-        };
-        let mut g = TableGuess {
-            primary_key,
-            ..Default::default()
-        };
+        let mut g = TableGuess::default();
         if !is_patient_table(&name) {
+            // By the field's names, else by a declared foreign key to the patients table.
             g.patient_key = schema
                 .columns
                 .iter()
                 .find(|c| PATIENT_NAMES.contains(&lower(&c.name).as_str()))
-                .map(|c| c.name.clone());
+                .map(|c| c.name.clone())
+                .or_else(|| {
+                    schema
+                        .foreign_keys
+                        .iter()
+                        .find(|(_, to, _)| is_patient_table(to))
+                        .map(|(fk, _, _)| fk.clone())
+                });
         }
-        g.record_date = guess_date(&schema);
+        g.primary_key = guess_key(db, &name, &schema, g.patient_key.as_deref()).await?;
+        g.record_date = match guess_period(&name, &schema) {
+            Some(period) => Some((
+                period,
+                "a period table: dated by its end, current while open".into(),
+            )),
+            None => guess_date(&schema).map(|c| (RecordDateConfig::Column(c), String::new())),
+        };
         for c in schema
             .columns
             .iter()
@@ -205,10 +145,40 @@ pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, Tabl
             .find(|(_, t, _)| has_patient.contains(t))
             .map(|(c, t, _)| (t.clone(), c.clone()));
     }
+    guess_parent_dates(db, &mut out).await?;
     for (name, (schema, g)) in out.iter_mut() {
         propose_classes(db, name, schema, g).await?;
     }
     Ok(out)
+}
+
+/// A record date as the config writes it.
+fn record_date_toml(d: &RecordDateConfig) -> String {
+    match d {
+        RecordDateConfig::Column(c) => toml_str(c),
+        RecordDateConfig::Period { start, end } => {
+            format!("{{ start = {}, end = {} }}", toml_str(start), toml_str(end))
+        }
+        RecordDateConfig::Via {
+            via,
+            foreign_key,
+            parent_key,
+            column,
+        } => {
+            let mut s = format!(
+                "{{ via = {}, foreign_key = {}",
+                toml_str(via),
+                toml_str(foreign_key)
+            );
+            if let Some(k) = parent_key {
+                s.push_str(&format!(", parent_key = {}", toml_str(k)));
+            }
+            if let Some(c) = column {
+                s.push_str(&format!(", column = {}", toml_str(c)));
+            }
+            s + " }"
+        }
+    }
 }
 
 /// A TOML key: bare when it can be.
@@ -226,6 +196,20 @@ fn toml_key(s: &str) -> String {
 fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
+
+/// The archive API's settings a drafted config starts with: enough for `strata serve` and
+/// `strata token` on this machine, every development-only setting marked for review.
+const API_SECTION: &str = r#"[api]
+listen = "127.0.0.1:8443"
+plain_http = true  # REVIEW: development only (loopback); set tls_cert_file and tls_key_file
+[api.auth]
+issuer = "strata-dev"  # REVIEW: your identity provider's issuer
+audience = "strata"  # REVIEW: the audience its tokens name
+hs256_secret_env = "STRATA_JWT_SECRET"  # REVIEW: development only (`strata token`); set jwks_file or public_key_files
+[api.audit]
+key_env = "STRATA_AUDIT_KEY"  # 64 hex characters; keep it apart from the archive's KEK
+
+"#;
 
 /// The environment variable a drafted config reads the source's password from.
 const SOURCE_PASSWORD_VAR: &str = "STRATA_SOURCE_PASSWORD";
@@ -262,6 +246,7 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
     let _ = writeln!(s, "[operational]\nurl = \"sqlite://operational.db\"  # REVIEW: the new operational database\n");
     let _ = writeln!(s, "[archive]\nlocation = \"archive\"\nkek_id = \"kek-1\"\nkek_env = \"STRATA_KEK\"  # 64 hex characters\n");
     let _ = writeln!(s, "[policy]\nfile = \"policy.toml\"\n");
+    s.push_str(API_SECTION);
     for (name, (_, g)) in &tables {
         let bare = name
             .chars()
@@ -295,8 +280,15 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
             }
         }
         match &g.record_date {
-            Some(d) => {
-                let _ = writeln!(s, "record_date = {}  # REVIEW: guessed", toml_str(d));
+            Some((d, why)) => {
+                let why = if why.is_empty() { "guessed" } else { why };
+                let _ = writeln!(s, "record_date = {}  # REVIEW: {why}", record_date_toml(d));
+            }
+            None if is_patient_table(name) => {
+                let _ = writeln!(
+                    s,
+                    "# the patients table: birth and death dates are no record date; pin it in the policy (tier = \"operational\")"
+                );
             }
             None => {
                 let _ = writeln!(s, "# REVIEW: no record date found");

@@ -370,6 +370,7 @@ async fn a_research_database_migrates_as_init_drafted_it() {
     write_run_files(dir.path(), &config, RESEARCH_POLICY);
     let config = load_config(&dir.path().join("strata.toml"));
     let mut migration = Migration::prepare(config.clone(), as_of()).await.unwrap();
+    assert_eq!(migration.warnings(), Vec::<String>::new());
     let (plan, _) = migration.plan().await.unwrap();
     let run = migration.run(&mut |_| {}).await.unwrap();
     assert_eq!(
@@ -482,4 +483,80 @@ async fn a_research_database_migrates_as_init_drafted_it() {
     }
     server.kill().await.unwrap();
     assert_eq!(served, expected);
+}
+
+/// The configs that looked valid and silently lost patients: a table whose rows can be
+/// archived with no patient key (no history would ever show them), and a patients table keyed
+/// by its surrogate `row_id` while every other table names patients by `subject_id`.
+/// `policy check` and `plan` say so, naming the table and what to set.
+#[tokio::test]
+async fn configs_that_would_hide_archived_rows_from_the_patient_api_are_warned_about() {
+    let dir = TestDir::new();
+    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
+    let db = Db::connect(&format!("{url}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(
+        "CREATE TABLE patients (row_id INTEGER PRIMARY KEY, subject_id INTEGER, dob DATE);
+         CREATE TABLE admissions (row_id INTEGER PRIMARY KEY, subject_id INTEGER, admittime TIMESTAMP);
+         CREATE TABLE labevents (row_id INTEGER PRIMARY KEY, subject_id INTEGER, charttime TIMESTAMP);
+         CREATE TABLE d_items (itemid INTEGER PRIMARY KEY, label TEXT);
+         INSERT INTO patients VALUES (1, 10006, '2094-03-05');
+         INSERT INTO admissions VALUES (1, 10006, '2150-10-23 21:09:00');
+         INSERT INTO labevents VALUES (1, 10006, '2150-10-24 02:00:00');
+         INSERT INTO d_items VALUES (50912, 'Creatinine');",
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    let config = run_config(&url, "sqlite://operational.db")
+        + r#"
+[tables.patients]
+primary_key = ["row_id"]
+patient_key = "row_id"
+[tables.admissions]
+primary_key = ["row_id"]
+record_date = "admittime"
+[tables.labevents]
+primary_key = ["row_id"]
+patient_key = "subject_id"
+record_date = "charttime"
+[tables.d_items]
+primary_key = ["itemid"]
+"#;
+    let policy = ICU_POLICY.replace(
+        "[defaults]",
+        "[patients]\ntable = \"patients\"\nbirth_date = \"dob\"\n[tables.patients]\ntier = \"operational\"\n[tables.d_items]\ntier = \"operational\"\n[defaults]",
+    );
+    write_run_files(dir.path(), &config, &policy);
+    let strata = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(args)
+            .arg("--config")
+            .arg(dir.path().join("strata.toml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    };
+    for args in [&["policy", "check"][..], &["plan"]] {
+        let warned = strata(args);
+        assert!(
+            warned.contains("warning: [tables.admissions]: no patient_key"),
+            "{args:?}: {warned}"
+        );
+        assert!(
+            warned.contains(
+                r#"warning: [tables.patients] patient_key = "row_id", but the other tables name their patient by "subject_id" (1 of them)"#
+            ),
+            "{args:?}: {warned}"
+        );
+        // Reference data pinned operational and tables with a patient are fine.
+        assert!(!warned.contains("d_items"), "{warned}");
+        assert!(!warned.contains("[tables.labevents]"), "{warned}");
+    }
 }

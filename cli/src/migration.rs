@@ -21,12 +21,16 @@ pub enum PolicyCommand {
 
 /// The migration of `ctx`'s config, its control database the context's.
 async fn prepare(ctx: &Context) -> Result<Migration> {
-    Ok(Migration::prepare_with(
+    let migration = Migration::prepare_with(
         ctx.config.migration.clone(),
         ctx.control().await?.clone(),
         crate::today(),
     )
-    .await?)
+    .await?;
+    for w in migration.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(migration)
 }
 
 /// `strata check`.
@@ -124,7 +128,11 @@ pub async fn policy_check(ctx: &Context, file: Option<PathBuf>) -> Result<()> {
         migration.policy.file = full.display().to_string();
     }
     let policy = strata_ingest::read_policy(&migration)?;
-    let problems = strata_ingest::check_policy(&migration, &policy).await?;
+    let strata_ingest::PolicyCheck { problems, warnings } =
+        strata_ingest::check_policy(&migration, &policy).await?;
+    for w in warnings {
+        eprintln!("{}: warning: {w}", migration.policy_path().display());
+    }
     if problems.is_empty() {
         println!(
             "{}: policy {} is valid for {} tables",

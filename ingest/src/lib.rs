@@ -35,18 +35,20 @@ mod report;
 mod run_lock;
 mod target_check;
 mod value;
+mod warnings;
 
 pub use config::{
     BlobColumnConfig, ColumnMapping, ComputedColumn, DatabaseConfig, MigrationConfig, PatientVia,
-    PolicyFileConfig, TableConfig, UnitConversionConfig,
+    PolicyFileConfig, RecordDateConfig, TableConfig, UnitConversionConfig,
 };
 pub use db::{quote, redact, Column, Db, DbKind, ReadAs, TableSchema};
 pub use error::{IngestError, Result};
 pub use init::{draft_config, guess_tables, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile};
 pub use layout::TableLayout;
-pub use migrate::{check_policy, read_policy, Explanation, Migration};
+pub use migrate::{check_policy, read_policy, Explanation, Migration, PolicyCheck};
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, EXACT_PATIENTS};
 pub use run_lock::RunLock;
 pub use value::{parse_date, parse_timestamp, ColumnType, Value};
+pub use warnings::config_warnings;

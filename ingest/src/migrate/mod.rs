@@ -114,7 +114,7 @@ async fn source_schemas(
 
 /// Checks a policy against a config and its source: every problem, with the policy's line
 /// numbers. Empty when the policy can run.
-pub async fn check_policy(config: &MigrationConfig, policy: &PolicyConfig) -> Result<Vec<String>> {
+pub async fn check_policy(config: &MigrationConfig, policy: &PolicyConfig) -> Result<PolicyCheck> {
     let source = config.connect_source().await?;
     let schemas = source_schemas(config, &source).await?;
     source.close().await;
@@ -135,7 +135,19 @@ pub async fn check_policy(config: &MigrationConfig, policy: &PolicyConfig) -> Re
             ));
         }
     }
-    Ok(problems)
+    Ok(PolicyCheck {
+        problems,
+        warnings: crate::config_warnings(config, policy, &schemas),
+    })
+}
+
+/// What `strata policy check` found.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyCheck {
+    /// What makes the config or policy invalid: nothing runs.
+    pub problems: Vec<String>,
+    /// What they allow but probably do not mean ([`crate::config_warnings`]).
+    pub warnings: Vec<String>,
 }
 
 fn schema_columns(schemas: &BTreeMap<String, TableSchema>) -> Vec<(String, Vec<String>)> {
@@ -276,6 +288,17 @@ impl Migration {
     /// The compiled policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// What the config and policy allow but probably do not mean
+    /// ([`crate::config_warnings`]).
+    pub fn warnings(&self) -> Vec<String> {
+        let schemas = self
+            .layouts
+            .iter()
+            .map(|l| (l.name.clone(), l.schema.clone()))
+            .collect();
+        crate::config_warnings(&self.config, &self.policy_config, &schemas)
     }
 
     /// The tables as read.

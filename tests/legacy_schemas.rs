@@ -560,3 +560,56 @@ primary_key = ["itemid"]
         assert!(!warned.contains("[tables.labevents]"), "{warned}");
     }
 }
+
+/// Ids reused across patients under a declared key: `profile` counts the repeats and proposes
+/// the key with the patient's column, which is unique; `plan` counts the rows `migrate` will
+/// quarantine for it, per column and reason, says why, and the run does exactly that.
+#[tokio::test]
+async fn a_key_reused_across_patients_is_counted_explained_and_a_unique_one_proposed() {
+    let dir = TestDir::new();
+    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
+    let db = Db::connect(&format!("{url}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(
+        "CREATE TABLE labevents (row_id INTEGER, subject_id INTEGER, charttime TIMESTAMP, valuenum REAL);
+         INSERT INTO labevents VALUES (1, 1, '2150-01-01 10:00:00', 1.0), (2, 1, '2150-01-01 11:00:00', 2.0),
+           (1, 2, '2179-01-01 10:00:00', 3.0), (2, 2, '2179-01-01 11:00:00', 4.0), (3, 2, '2179-01-01 12:00:00', 5.0);",
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    let config = run_config(&url, "sqlite://operational.db")
+        + "[tables.labevents]\nprimary_key = [\"row_id\"]\npatient_key = \"subject_id\"\nrecord_date = \"charttime\"\n";
+    write_run_files(dir.path(), &config, ICU_POLICY);
+    let config = load_config(&dir.path().join("strata.toml"));
+    let mut migration = Migration::prepare(config, as_of()).await.unwrap();
+    let profile = migration.profile().await.unwrap();
+    assert_eq!(profile[0].duplicate_keys, 2);
+    assert_eq!(
+        profile[0].proposed_key,
+        Some(vec!["row_id".to_string(), "subject_id".to_string()])
+    );
+    assert!(profile[0]
+        .to_text()
+        .contains(r#"primary_key = ["row_id", "subject_id"] is unique"#));
+    let (plan, _) = migration.plan().await.unwrap();
+    let reasons =
+        std::collections::BTreeMap::from([("row_id: duplicate primary key".to_string(), 2)]);
+    assert_eq!(plan.tables[0].quarantine_reasons, reasons);
+    let text = plan.to_text();
+    assert!(
+        text.contains("quarantine: labevents.row_id: duplicate primary key: 2 rows"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`strata profile` proposes one that is"),
+        "{text}"
+    );
+    let run = migration.run(&mut |_| {}).await.unwrap();
+    assert_eq!(run.tables[0].quarantine_reasons, reasons);
+    assert_eq!(
+        serde_json::to_value(&plan.tables).unwrap(),
+        serde_json::to_value(&run.tables).unwrap()
+    );
+}

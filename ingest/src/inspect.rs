@@ -98,6 +98,10 @@ pub struct TableProfile {
     pub rows: u64,
     /// Rows whose configured primary key repeats an earlier row's.
     pub duplicate_keys: u64,
+    /// When the key repeats but never with the same patient (ids reused across patients, as
+    /// research databases do): the key with the patient's column, which is unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposed_key: Option<Vec<String>>,
     /// Per column.
     pub columns: Vec<ColumnProfile>,
 }
@@ -117,6 +121,15 @@ impl TableProfile {
             "odd dates",
             "bad codes"
         );
+        if let Some(key) = &self.proposed_key {
+            s.push_str(&format!(
+                "  the key repeats, but never for the same patient: primary_key = [{}] is unique\n",
+                key.iter()
+                    .map(|c| format!("{c:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         for c in &self.columns {
             let pct = if self.rows == 0 {
                 0.0
@@ -405,13 +418,14 @@ async fn profile_table(
         .collect();
     let mut invalid = vec![0u64; n];
     let mut keys: HashSet<u64> = HashSet::new();
-    let (mut rows, mut duplicates) = (0u64, 0u64);
+    let mut with_patient: HashSet<u64> = HashSet::new();
+    let (mut rows, mut duplicates, mut duplicates_with_patient) = (0u64, 0u64, 0u64);
     let floor = NaiveDate::from_ymd_opt(1900, 1, 2).expect("valid date");
     let sql = layout.select_where(source, None, &[], 0);
     let mut stream = source.fetch(sql, layout.fetch_types(source, &[]));
     while let Some(row) = stream.next().await {
         let mut values = row?;
-        layout.take_extras(&mut values);
+        let extras = layout.take_extras(&mut values);
         rows += 1;
         if !layout.key.is_empty() {
             use std::hash::{Hash, Hasher};
@@ -421,6 +435,10 @@ async fn profile_table(
             }
             if !keys.insert(h.finish()) {
                 duplicates += 1;
+            }
+            extras.patient.hash(&mut h);
+            if !with_patient.insert(h.finish()) {
+                duplicates_with_patient += 1;
             }
         }
         for (i, v) in values.into_iter().enumerate() {
@@ -493,6 +511,17 @@ async fn profile_table(
         table: layout.name.clone(),
         rows,
         duplicate_keys: duplicates,
+        proposed_key: layout
+            .patient_column
+            .filter(|p| duplicates > 0 && duplicates_with_patient == 0 && !layout.key.contains(p))
+            .map(|p| {
+                layout
+                    .key
+                    .iter()
+                    .chain([&p])
+                    .map(|&i| layout.columns()[i].name.clone())
+                    .collect()
+            }),
         columns,
     })
 }

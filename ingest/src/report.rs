@@ -19,6 +19,9 @@ pub struct TableReport {
     pub purged_rows: u64,
     /// Rows quarantined (unreadable values), with their reasons in the quarantine table.
     pub quarantined_rows: u64,
+    /// Quarantined rows per column and reason (`column: reason`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quarantine_reasons: BTreeMap<String, u64>,
     /// Rows covered by a legal hold (counted in their tier too).
     pub held_rows: u64,
     /// Rows whose date is missing or implausible: to review.
@@ -85,6 +88,16 @@ impl Tally {
         }
     }
 
+    /// Counts `rows` quarantined for `reason` in `column`.
+    pub fn quarantine(&mut self, column: &str, reason: &str, rows: u64) {
+        self.report.quarantined_rows += rows;
+        bump(
+            &mut self.report.quarantine_reasons,
+            &format!("{column}: {reason}"),
+            rows,
+        );
+    }
+
     /// Adds another range's tally of the same table.
     pub fn merge(&mut self, other: Tally) {
         let (r, o) = (&mut self.report, other.report);
@@ -99,6 +112,9 @@ impl Tally {
         r.blob_bytes += o.blob_bytes;
         for (k, v) in o.reasons {
             bump(&mut r.reasons, &k, v);
+        }
+        for (k, v) in o.quarantine_reasons {
+            bump(&mut r.quarantine_reasons, &k, v);
         }
         for (k, v) in o.bytes {
             bump(&mut r.bytes, &k, v);
@@ -312,6 +328,17 @@ impl RunReport {
                 t.quarantined_rows,
                 t.flagged_rows
             ));
+        }
+        for t in &self.tables {
+            for (reason, rows) in &t.quarantine_reasons {
+                s.push_str(&format!("quarantine: {}.{reason}: {rows} rows\n", t.table));
+                if reason.ends_with(": duplicate primary key") {
+                    s.push_str(&format!(
+                        "  the key of {} is not unique in the source: `strata profile` proposes one that is\n",
+                        t.table
+                    ));
+                }
+            }
         }
         s
     }

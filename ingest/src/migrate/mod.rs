@@ -690,7 +690,10 @@ impl Migration {
             .await?;
         // Rows loaded by different ranges with the same key were moved to quarantine.
         tally.report.operational_rows -= duplicates;
-        tally.report.quarantined_rows += duplicates;
+        if duplicates > 0 {
+            let key = &layout.columns()[layout.key[0]].name;
+            tally.quarantine(key, "duplicate primary key", duplicates);
+        }
         Ok((tally.finish(), destroyed))
     }
 }

@@ -374,7 +374,7 @@ fn quarantine(
     column: usize,
     reason: &str,
 ) -> Result<()> {
-    tally.report.quarantined_rows += 1;
+    tally.quarantine(&layout.columns()[column].name, reason, 1);
     let total = sink.quarantine(
         layout,
         values,

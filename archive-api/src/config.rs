@@ -247,12 +247,37 @@ pub(crate) fn hex_key(
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FhirTable {
-    /// Encounter, Condition, MedicationStatement, AllergyIntolerance, Observation, Procedure or
+    /// The resource type: Patient, Encounter, Condition, Observation, Procedure,
+    /// MedicationStatement, MedicationRequest, AllergyIntolerance, Immunization, CarePlan,
+    /// Device, ImagingStudy, SupplyDelivery, Coverage, DiagnosticReport, ServiceRequest or
     /// DocumentReference.
     pub resource: String,
-    /// The column holding the record's code (the resource's `code`, `medication` or `class`).
+    /// The column holding the record's code: the resource's `code` (Encounter: `type`;
+    /// medications: `medication`; Immunization: `vaccineCode`; CarePlan: `category`; Device,
+    /// Coverage: `type`; ImagingStudy: `procedureCode`; SupplyDelivery: the supplied item).
     #[serde(default)]
     pub code: Option<String>,
+    /// Encounter: the column holding its class (`inpatient`, `emergency`, `AMB`, ...; the
+    /// words Strata knows become v3 ActCode codes).
+    #[serde(default)]
+    pub class: Option<String>,
+    /// The column holding when the record starts, as an instant (Encounter, CarePlan and
+    /// Coverage: `period.start`; others: their date). By default, the record date (a day).
+    #[serde(default)]
+    pub start: Option<String>,
+    /// The column holding when it ends (Encounter, CarePlan, Coverage: `period.end`).
+    #[serde(default)]
+    pub end: Option<String>,
+    /// The offset (`UTC`, `-05:00`) of the local times in `start` and `end` when they carry
+    /// none: FHIR times need one, so without it a local time is given as its day.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Patient: the column holding the sex or gender (`M`/`F`/`male`/`female`/...).
+    #[serde(default)]
+    pub gender: Option<String>,
+    /// Patient: the column holding the birth date.
+    #[serde(default)]
+    pub birth_date: Option<String>,
     /// The code system's URI (e.g. `http://loinc.org`).
     #[serde(default)]
     pub system: Option<String>,

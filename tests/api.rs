@@ -895,7 +895,7 @@ async fn https_with_curl_and_audit_verify_from_the_command_line() {
 }
 
 /// Validates a FHIR Bundle with fhir.resources (Python); returns its resource counts.
-fn validate_fhir(bundle: &Json) -> std::collections::BTreeMap<String, u64> {
+pub fn validate_fhir(bundle: &Json) -> std::collections::BTreeMap<String, u64> {
     use std::io::Write;
     let python = std::env::var("STRATA_TEST_PYTHON")
         .expect("STRATA_TEST_PYTHON is not set: run the suite with ./scripts/test");

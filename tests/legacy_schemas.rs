@@ -613,3 +613,243 @@ async fn a_key_reused_across_patients_is_counted_explained_and_a_unique_one_prop
         serde_json::to_value(&run.tables).unwrap()
     );
 }
+
+/// Serves `config` with `strata serve` (with `env`) and returns the server and its base URL.
+async fn serve(
+    config: &std::path::Path,
+    env: &[(&str, String)],
+) -> (tokio::process::Child, String) {
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .envs(env.iter().cloned())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("serve starts")
+            .unwrap()
+            .expect("serve prints its address");
+        if let Some(url) = line.split("listening on ").nth(1) {
+            break url.trim().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (server, base)
+}
+
+/// The Synthea CSV sample read directly (`csv://`), as `strata init` drafted it, with only a
+/// policy written: timestamps keep their instant, and every archived record of a clinical
+/// table is served as FHIR (valid R4 by fhir.resources) besides JSON, one resource per record,
+/// of the type its table holds; Encounter periods carry start and end instants.
+#[tokio::test]
+async fn synthea_as_init_drafted_it_serves_every_archived_record_as_fhir() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/synthea-nj27")
+        .canonicalize()
+        .unwrap();
+    let dir = TestDir::new();
+    let draft = strata_ingest::draft_config(&format!("csv://{}", data.display()))
+        .await
+        .unwrap();
+    let drafted: toml::Table = toml::from_str(&draft).unwrap();
+    let fhir = drafted["api"]["fhir"].as_table().unwrap();
+    let mapped: std::collections::BTreeMap<&str, &str> = fhir
+        .iter()
+        .map(|(t, m)| (t.as_str(), m["resource"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        mapped,
+        std::collections::BTreeMap::from([
+            ("allergies", "AllergyIntolerance"),
+            ("careplans", "CarePlan"),
+            ("conditions", "Condition"),
+            ("devices", "Device"),
+            ("encounters", "Encounter"),
+            ("imaging_studies", "ImagingStudy"),
+            ("immunizations", "Immunization"),
+            ("medications", "MedicationRequest"),
+            ("observations", "Observation"),
+            ("patients", "Patient"),
+            ("payer_transitions", "Coverage"),
+            ("procedures", "Procedure"),
+            ("supplies", "SupplyDelivery"),
+        ])
+    );
+    assert_eq!(fhir["encounters"]["class"].as_str(), Some("ENCOUNTERCLASS"));
+    assert_eq!(fhir["encounters"]["code"].as_str(), Some("CODE"));
+    assert_eq!(fhir["encounters"]["end"].as_str(), Some("STOP"));
+    assert_eq!(
+        fhir["observations"]["system"].as_str(),
+        Some("http://loinc.org")
+    );
+    assert_eq!(fhir["observations"]["value"].as_str(), Some("VALUE"));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = draft
+        .replace("kek_env = \"STRATA_KEK\"", "kek_file = \"kek.hex\"")
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"));
+    // The policy: reference data stays operational; adults' old records of inactive patients
+    // are archived; ongoing conditions, medications and allergies stay.
+    let policy = r#"
+version = "synthea-1"
+as_of = "2024-06-30"
+[defaults]
+archive_after = "5y"
+patient_inactive_after = "2y"
+[tables.patients]
+tier = "operational"
+[tables.organizations]
+tier = "operational"
+[tables.providers]
+tier = "operational"
+[tables.payers]
+tier = "operational"
+[tables.conditions]
+current_when = { column = "STOP", values = ["<null>"] }
+[tables.medications]
+current_when = { column = "STOP", values = ["<null>"] }
+[tables.allergies]
+current_when = { column = "STOP", values = ["<null>"] }
+"#;
+    write_run_files(dir.path(), &config, policy);
+    let config_path = dir.path().join("strata.toml");
+    let mut migration = Migration::prepare(load_config(&config_path), as_of())
+        .await
+        .unwrap();
+    assert_eq!(migration.warnings(), Vec::<String>::new());
+    let run = migration.run(&mut |_| {}).await.unwrap();
+    assert_tiers_add_up(&tier_counts(&load_config(&config_path)).await);
+    let archived: std::collections::BTreeMap<&str, u64> = run
+        .tables
+        .iter()
+        .filter(|t| t.archive_rows > 0)
+        .map(|t| (t.table.as_str(), t.archive_rows))
+        .collect();
+    assert!(archived.len() >= 8, "{archived:?}");
+
+    let secrets = [
+        ("STRATA_JWT_SECRET", strata_archive::Kek::generate_hex()),
+        ("STRATA_AUDIT_KEY", strata_archive::Kek::generate_hex()),
+    ];
+    let token = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "token",
+            "--user",
+            "him-1",
+            "--role",
+            "clinician",
+            "--config",
+        ])
+        .arg(&config_path)
+        .envs(secrets.clone())
+        .output()
+        .unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let (mut server, base) = serve(&config_path, &secrets).await;
+    let client = reqwest::Client::new();
+    let get = |uri: String| {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            let body = client
+                .get(uri)
+                .bearer_auth(&token)
+                .header("X-Purpose-Of-Use", "TREAT")
+                // Every patient here is someone else's: read as a release of information.
+                .header(
+                    "X-Break-Glass-Reason",
+                    "release of information request 2024-117",
+                )
+                .send()
+                .await
+                .unwrap()
+                .error_for_status()
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    // Every patient of the sample.
+    let patients: Vec<String> = csv::Reader::from_path(data.join("patients.csv"))
+        .unwrap()
+        .records()
+        .map(|r| r.unwrap()[0].to_string())
+        .collect();
+    assert!(patients.len() > 20);
+    let (mut json_by_table, mut fhir_by_type) = (
+        std::collections::BTreeMap::<String, u64>::new(),
+        std::collections::BTreeMap::<String, u64>::new(),
+    );
+    let mut entries = Vec::new();
+    for p in &patients {
+        let history = get(format!("{base}/v1/patients/{p}/history?limit=1000")).await;
+        for r in history["records"].as_array().unwrap() {
+            let table = r["table"].as_str().unwrap();
+            if mapped.contains_key(table) {
+                *json_by_table.entry(mapped[table].to_string()).or_default() += 1;
+            }
+            // Instants stay instants in JSON too.
+            if table == "encounters" {
+                let start = r["data"]["START"].as_str().unwrap();
+                assert!(start.ends_with("+00:00") || start.ends_with('Z'), "{start}");
+            }
+        }
+        let bundle = get(format!(
+            "{base}/v1/patients/{p}/history?limit=1000&format=fhir"
+        ))
+        .await;
+        for e in bundle["entry"].as_array().unwrap() {
+            let resource = &e["resource"];
+            *fhir_by_type
+                .entry(resource["resourceType"].as_str().unwrap().to_string())
+                .or_default() += 1;
+            if resource["resourceType"] == "Encounter" {
+                let period = &resource["period"];
+                for end in ["start", "end"] {
+                    let t = period[end].as_str().unwrap();
+                    assert!(
+                        t.len() > 10 && (t.ends_with('Z') || t.ends_with("+00:00")),
+                        "{period}"
+                    );
+                }
+                assert!(
+                    resource["class"]["code"].is_string()
+                        && resource["type"][0]["coding"][0]["code"].is_string(),
+                    "{resource}"
+                );
+            }
+            entries.push(e.clone());
+        }
+    }
+    server.kill().await.unwrap();
+    assert_eq!(fhir_by_type, json_by_table);
+    // Every archived record of a mapped table, once: 8 resource types here.
+    for (table, rows) in &archived {
+        if let Some(kind) = mapped.get(table) {
+            assert_eq!(fhir_by_type.get(*kind), Some(rows), "{table}");
+        }
+    }
+    assert!(fhir_by_type.len() >= 8, "{fhir_by_type:?}");
+    let counts = crate::api::validate_fhir(&serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": entries.iter().map(|e| serde_json::json!({ "resource": e["resource"] })).collect::<Vec<_>>(),
+    }));
+    assert_eq!(counts, fhir_by_type);
+}

@@ -2,10 +2,12 @@
 
 mod classes;
 mod conventions;
+mod fhir;
 
 use crate::config::RecordDateConfig;
 use classes::propose_classes;
 use conventions::{guess_date, guess_key, guess_parent_dates, guess_period};
+pub use fhir::FhirGuess;
 
 use crate::db::{Db, TableSchema};
 use crate::error::Result;
@@ -58,6 +60,8 @@ pub struct TableGuess {
     pub classes: Vec<(String, Class, Option<String>, &'static str)>,
     /// Columns without a proposed class.
     pub unclassified: Vec<String>,
+    /// The FHIR mapping proposed for the table, when its shape is recognised.
+    pub fhir: Option<FhirGuess>,
 }
 
 /// Introspects every table of the source and guesses its settings.
@@ -148,6 +152,7 @@ pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, Tabl
     guess_parent_dates(db, &mut out).await?;
     for (name, (schema, g)) in out.iter_mut() {
         propose_classes(db, name, schema, g).await?;
+        g.fhir = fhir::guess_fhir(name, schema, g);
     }
     Ok(out)
 }
@@ -322,6 +327,19 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
                 "# REVIEW: no class, so never in an export: {}",
                 g.unclassified.join(", ")
             );
+        }
+        s.push('\n');
+    }
+    for (name, (_, g)) in &tables {
+        let Some(f) = &g.fhir else { continue };
+        let _ = writeln!(
+            s,
+            "[api.fhir.{}]  # REVIEW: recognised from the table's name and columns\nresource = \"{}\"",
+            toml_key(name),
+            f.resource
+        );
+        for (setting, value) in &f.settings {
+            let _ = writeln!(s, "{setting} = {}", toml_str(value));
         }
         s.push('\n');
     }

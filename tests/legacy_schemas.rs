@@ -853,3 +853,313 @@ current_when = { column = "STOP", values = ["<null>"] }
     }));
     assert_eq!(counts, fhir_by_type);
 }
+
+/// Clinical, health-system and vocabulary tables of the OMOP CDM 5.4 as its published table
+/// definitions give them (columns, types, NULLs), without the primary and foreign keys the
+/// CDM ships separately (many loads skip them), and synthetic data for 30 persons: person s
+/// is active when s % 3 = 0 (a visit in 2024). Written here from the CDM 5.4 specification.
+const OMOP_DB: &str = "
+CREATE TABLE person (person_id integer NOT NULL, gender_concept_id integer NOT NULL,
+  year_of_birth integer NOT NULL, month_of_birth integer, day_of_birth integer,
+  birth_datetime timestamp, race_concept_id integer NOT NULL, ethnicity_concept_id integer NOT NULL,
+  location_id integer, provider_id integer, care_site_id integer, person_source_value varchar(50),
+  gender_source_value varchar(50), gender_source_concept_id integer, race_source_value varchar(50),
+  race_source_concept_id integer, ethnicity_source_value varchar(50), ethnicity_source_concept_id integer);
+CREATE TABLE observation_period (observation_period_id integer NOT NULL, person_id integer NOT NULL,
+  observation_period_start_date date NOT NULL, observation_period_end_date date NOT NULL,
+  period_type_concept_id integer NOT NULL);
+CREATE TABLE visit_occurrence (visit_occurrence_id integer NOT NULL, person_id integer NOT NULL,
+  visit_concept_id integer NOT NULL, visit_start_date date NOT NULL, visit_start_datetime timestamp,
+  visit_end_date date NOT NULL, visit_end_datetime timestamp, visit_type_concept_id integer NOT NULL,
+  provider_id integer, care_site_id integer, visit_source_value varchar(50), visit_source_concept_id integer,
+  admitted_from_concept_id integer, admitted_from_source_value varchar(50), discharged_to_concept_id integer,
+  discharged_to_source_value varchar(50), preceding_visit_occurrence_id integer);
+CREATE TABLE condition_occurrence (condition_occurrence_id integer NOT NULL, person_id integer NOT NULL,
+  condition_concept_id integer NOT NULL, condition_start_date date NOT NULL, condition_start_datetime timestamp,
+  condition_end_date date, condition_end_datetime timestamp, condition_type_concept_id integer NOT NULL,
+  condition_status_concept_id integer, stop_reason varchar(20), provider_id integer, visit_occurrence_id integer,
+  visit_detail_id integer, condition_source_value varchar(50), condition_source_concept_id integer,
+  condition_status_source_value varchar(50));
+CREATE TABLE drug_exposure (drug_exposure_id integer NOT NULL, person_id integer NOT NULL,
+  drug_concept_id integer NOT NULL, drug_exposure_start_date date NOT NULL, drug_exposure_start_datetime timestamp,
+  drug_exposure_end_date date NOT NULL, drug_exposure_end_datetime timestamp, verbatim_end_date date,
+  drug_type_concept_id integer NOT NULL, stop_reason varchar(20), refills integer, quantity numeric,
+  days_supply integer, sig text, route_concept_id integer, lot_number varchar(50), provider_id integer,
+  visit_occurrence_id integer, visit_detail_id integer, drug_source_value varchar(50),
+  drug_source_concept_id integer, route_source_value varchar(50), dose_unit_source_value varchar(50));
+CREATE TABLE procedure_occurrence (procedure_occurrence_id integer NOT NULL, person_id integer NOT NULL,
+  procedure_concept_id integer NOT NULL, procedure_date date NOT NULL, procedure_datetime timestamp,
+  procedure_end_date date, procedure_end_datetime timestamp, procedure_type_concept_id integer NOT NULL,
+  modifier_concept_id integer, quantity integer, provider_id integer, visit_occurrence_id integer,
+  visit_detail_id integer, procedure_source_value varchar(50), procedure_source_concept_id integer,
+  modifier_source_value varchar(50));
+CREATE TABLE measurement (measurement_id integer NOT NULL, person_id integer NOT NULL,
+  measurement_concept_id integer NOT NULL, measurement_date date NOT NULL, measurement_datetime timestamp,
+  measurement_time varchar(10), measurement_type_concept_id integer NOT NULL, operator_concept_id integer,
+  value_as_number numeric, value_as_concept_id integer, unit_concept_id integer, range_low numeric,
+  range_high numeric, provider_id integer, visit_occurrence_id integer, visit_detail_id integer,
+  measurement_source_value varchar(50), measurement_source_concept_id integer, unit_source_value varchar(50),
+  unit_source_concept_id integer, value_source_value varchar(50), measurement_event_id integer,
+  meas_event_field_concept_id integer);
+CREATE TABLE death (person_id integer NOT NULL, death_date date NOT NULL, death_datetime timestamp,
+  death_type_concept_id integer, cause_concept_id integer, cause_source_value varchar(50),
+  cause_source_concept_id integer);
+CREATE TABLE note (note_id integer NOT NULL, person_id integer NOT NULL, note_date date NOT NULL,
+  note_datetime timestamp, note_type_concept_id integer NOT NULL, note_class_concept_id integer NOT NULL,
+  note_title varchar(250), note_text text NOT NULL, encoding_concept_id integer NOT NULL,
+  language_concept_id integer NOT NULL, provider_id integer, visit_occurrence_id integer,
+  visit_detail_id integer, note_source_value varchar(50), note_event_id integer,
+  note_event_field_concept_id integer);
+CREATE TABLE payer_plan_period (payer_plan_period_id integer NOT NULL, person_id integer NOT NULL,
+  payer_plan_period_start_date date NOT NULL, payer_plan_period_end_date date NOT NULL,
+  payer_concept_id integer, payer_source_value varchar(50), payer_source_concept_id integer,
+  plan_concept_id integer, plan_source_value varchar(50), plan_source_concept_id integer,
+  sponsor_concept_id integer, sponsor_source_value varchar(50), sponsor_source_concept_id integer,
+  family_source_value varchar(50), stop_reason_concept_id integer, stop_reason_source_value varchar(50),
+  stop_reason_source_concept_id integer);
+CREATE TABLE location (location_id integer NOT NULL, address_1 varchar(50), address_2 varchar(50),
+  city varchar(50), state varchar(2), zip varchar(9), county varchar(20), location_source_value varchar(50),
+  country_concept_id integer, country_source_value varchar(80), latitude numeric, longitude numeric);
+CREATE TABLE care_site (care_site_id integer NOT NULL, care_site_name varchar(255),
+  place_of_service_concept_id integer, location_id integer, care_site_source_value varchar(50),
+  place_of_service_source_value varchar(50));
+CREATE TABLE concept (concept_id integer NOT NULL, concept_name varchar(255) NOT NULL,
+  domain_id varchar(20) NOT NULL, vocabulary_id varchar(20) NOT NULL, concept_class_id varchar(20) NOT NULL,
+  standard_concept varchar(1), concept_code varchar(50) NOT NULL, valid_start_date date NOT NULL,
+  valid_end_date date NOT NULL, invalid_reason varchar(1));
+CREATE TABLE cdm_source (cdm_source_name varchar(255) NOT NULL, cdm_source_abbreviation varchar(25) NOT NULL,
+  cdm_holder varchar(255) NOT NULL, source_description text, source_documentation_reference varchar(255),
+  cdm_etl_reference varchar(255), source_release_date date NOT NULL, cdm_release_date date NOT NULL,
+  cdm_version varchar(10), cdm_version_concept_id integer NOT NULL, vocabulary_version varchar(20) NOT NULL);
+
+INSERT INTO location VALUES (1, '1 Main St', NULL, 'Springfield', 'MA', '01101', 'Hampden', 'L1', 42046, 'US', 42.1, -72.5);
+INSERT INTO care_site VALUES (1, 'General Hospital', 8717, 1, 'GH', 'inpatient');
+INSERT INTO concept VALUES (9201, 'Inpatient Visit', 'Visit', 'Visit', 'Visit', 'S', 'IP', '1970-01-01', '2099-12-31', NULL),
+  (320128, 'Essential hypertension', 'Condition', 'SNOMED', 'Clinical Finding', 'S', '59621000', '1970-01-01', '2099-12-31', NULL);
+INSERT INTO cdm_source VALUES ('Test CDM', 'TCDM', 'Strata tests', NULL, NULL, NULL, '2024-06-01', '2024-06-01', '5.4', 756265, 'v5.0');
+INSERT INTO person SELECT s, CASE WHEN s % 2 = 0 THEN 8532 ELSE 8507 END, 1950 + s, 1, 1,
+  make_timestamp(1950 + s, 1, 1, 0, 0, 0), 8527, 38003564, 1, NULL, 1, 'P' || s, NULL, NULL, NULL, NULL, NULL, NULL
+  FROM generate_series(1, 30) s;
+INSERT INTO visit_occurrence SELECT s * 10 + k, s, 9201, d, d + time '09:30', d + 3, d + 3 + time '11:00',
+  44818517, NULL, 1, 'V' || (s * 10 + k), NULL, NULL, NULL, NULL, NULL, NULL
+  FROM generate_series(1, 30) s, generate_series(0, 1) k,
+  LATERAL (SELECT CASE WHEN s % 3 = 0 AND k = 1 THEN date '2024-01-15'
+    ELSE date '2012-03-01' + (s % 8) * 365 + k * 40 END AS d) v;
+INSERT INTO condition_occurrence SELECT visit_occurrence_id * 10 + j, person_id, 320128, visit_start_date,
+  NULL, NULL, NULL, 32817, NULL, NULL, NULL, visit_occurrence_id, NULL, 'I10', NULL, NULL
+  FROM visit_occurrence, generate_series(0, 1) j;
+INSERT INTO drug_exposure SELECT visit_occurrence_id, person_id, 1308216, visit_start_date, NULL,
+  visit_start_date + 30, NULL, NULL, 38000177, NULL, 2, (person_id * 0.5)::numeric, 30, NULL, NULL, NULL,
+  NULL, visit_occurrence_id, NULL, '197361', NULL, NULL, NULL FROM visit_occurrence;
+INSERT INTO procedure_occurrence SELECT visit_occurrence_id, person_id, 4163872, visit_start_date, NULL,
+  NULL, NULL, 38000275, NULL, 1, NULL, visit_occurrence_id, NULL, '99213', NULL, NULL FROM visit_occurrence;
+INSERT INTO measurement SELECT visit_occurrence_id * 10 + j, person_id, 3004410, visit_start_date, NULL, NULL,
+  44818702, NULL, (5.1 + j * 0.25 + person_id * 0.01)::numeric, NULL, 8554, 4.0, 5.6, NULL, visit_occurrence_id,
+  NULL, '4548-4', NULL, '%', NULL, NULL, NULL, NULL FROM visit_occurrence, generate_series(0, 2) j;
+INSERT INTO death SELECT s, date '2017-05-01' + s, NULL, 32817, NULL, NULL, NULL FROM generate_series(1, 30) s
+  WHERE s % 7 = 0 AND s % 3 <> 0;
+INSERT INTO note SELECT visit_occurrence_id, person_id, visit_start_date, NULL, 44814637, 44814646,
+  'Discharge summary', 'Synthetic note for visit ' || visit_occurrence_id, 32678, 4180186, NULL,
+  visit_occurrence_id, NULL, NULL, NULL, NULL FROM visit_occurrence;
+INSERT INTO observation_period SELECT s, s, date '2010-01-01',
+  (SELECT MAX(visit_end_date) FROM visit_occurrence v WHERE v.person_id = s), 44814724 FROM generate_series(1, 30) s;
+INSERT INTO payer_plan_period SELECT s, s, date '2010-01-01', date '2016-12-31', NULL, 'Medicare', NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM generate_series(1, 30) s;
+";
+
+/// Per person and table, the rows the policy below archives, with SQL on the source: records
+/// dated by their table's date (periods by their end), persons' last activity their latest
+/// date; records older than 3 years of persons inactive for 2.
+const OMOP_EXPECTED: &str = "
+WITH dated AS (
+  SELECT 'visit_occurrence' AS t, person_id, visit_start_date AS d FROM visit_occurrence
+  UNION ALL SELECT 'condition_occurrence', person_id, condition_start_date FROM condition_occurrence
+  UNION ALL SELECT 'drug_exposure', person_id, drug_exposure_start_date FROM drug_exposure
+  UNION ALL SELECT 'procedure_occurrence', person_id, procedure_date FROM procedure_occurrence
+  UNION ALL SELECT 'measurement', person_id, measurement_date FROM measurement
+  UNION ALL SELECT 'death', person_id, death_date FROM death
+  UNION ALL SELECT 'note', person_id, note_date FROM note
+  UNION ALL SELECT 'observation_period', person_id, observation_period_end_date FROM observation_period
+  UNION ALL SELECT 'payer_plan_period', person_id, payer_plan_period_end_date FROM payer_plan_period),
+last AS (SELECT person_id, MAX(d) AS last FROM dated WHERE d <= date '2024-06-30' GROUP BY person_id)
+SELECT dated.person_id::text, t, COUNT(*) FROM dated JOIN last USING (person_id)
+WHERE d < date '2021-06-30' AND last < date '2022-06-30' GROUP BY 1, 2";
+
+/// The same acceptance on an OMOP CDM 5.4 database: `strata init` keys every table by its
+/// `<table>_id` (none is declared), names persons by `person_id`, dates each table (periods by
+/// their end), and maps the clinical tables to FHIR; only a policy is written (vocabulary and
+/// health-system tables pinned); plan = run; every person's archived rows per table in the
+/// API equal SQL on the source, and their FHIR resources are valid R4.
+#[tokio::test]
+async fn an_omop_cdm_database_migrates_as_init_drafted_it() {
+    let url = create_pg_database("omop").await;
+    let db = Db::connect(&url, false).await.unwrap();
+    db.execute(OMOP_DB).await.unwrap();
+    db.close().await;
+    let reader = read_only_url(&url).await;
+    let draft = strata_ingest::draft_config(&reader).await.unwrap();
+    let drafted: toml::Table = toml::from_str(&draft).unwrap();
+    let table = |t: &str| drafted["tables"][t].clone();
+    for t in [
+        "observation_period",
+        "visit_occurrence",
+        "condition_occurrence",
+        "drug_exposure",
+        "procedure_occurrence",
+        "measurement",
+        "note",
+        "payer_plan_period",
+    ] {
+        assert_eq!(table(t)["patient_key"].as_str(), Some("person_id"), "{t}");
+        assert_eq!(
+            table(t)["primary_key"].to_string(),
+            format!("[\"{t}_id\"]"),
+            "{t}"
+        );
+    }
+    assert_eq!(table("person")["patient_key"].as_str(), Some("person_id"));
+    assert_eq!(
+        table("visit_occurrence")["record_date"].as_str(),
+        Some("visit_start_date")
+    );
+    assert_eq!(table("death")["record_date"].as_str(), Some("death_date"));
+    assert_eq!(
+        table("payer_plan_period")["record_date"].to_string(),
+        r#"{ end = "payer_plan_period_end_date", start = "payer_plan_period_start_date" }"#
+    );
+    assert!(draft.contains(
+        "tables without patients (reference data?): care_site, cdm_source, concept, location"
+    ));
+    let fhir = drafted["api"]["fhir"].as_table().unwrap();
+    assert_eq!(
+        fhir["visit_occurrence"]["resource"].as_str(),
+        Some("Encounter")
+    );
+    assert_eq!(
+        fhir["measurement"]["value"].as_str(),
+        Some("value_as_number")
+    );
+    assert_eq!(fhir["note"]["text"].as_str(), Some("note_text"));
+
+    let dir = TestDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = draft
+        .replace("kek_env = \"STRATA_KEK\"", "kek_file = \"kek.hex\"")
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"));
+    let mut policy = String::from(
+        "version = \"omop-1\"\nas_of = \"2024-06-30\"\n[patients]\ntable = \"person\"\nbirth_date = \"birth_datetime\"\n\
+         [defaults]\narchive_after = \"3y\"\npatient_inactive_after = \"2y\"\nretention = \"100y\"\n",
+    );
+    for t in ["person", "location", "care_site", "concept", "cdm_source"] {
+        policy.push_str(&format!("[tables.{t}]\ntier = \"operational\"\n"));
+    }
+    write_run_files(dir.path(), &config, &policy);
+    let config_path = dir.path().join("strata.toml");
+    let config = load_config(&config_path);
+    let mut migration = Migration::prepare(config.clone(), as_of()).await.unwrap();
+    assert_eq!(migration.warnings(), Vec::<String>::new());
+    let (plan, _) = migration.plan().await.unwrap();
+    let run = migration.run(&mut |_| {}).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&plan.tables).unwrap(),
+        serde_json::to_value(&run.tables).unwrap()
+    );
+    assert_tiers_add_up(&tier_counts(&config).await);
+    assert!(run.tables.iter().all(|t| t.quarantined_rows == 0));
+
+    let source = Db::connect(&url, true).await.unwrap();
+    let mut expected = std::collections::BTreeMap::<(String, String), u64>::new();
+    for row in source
+        .fetch_all(
+            OMOP_EXPECTED.into(),
+            vec![
+                strata_ingest::ColumnType::Text,
+                strata_ingest::ColumnType::Text,
+                strata_ingest::ColumnType::Int,
+            ],
+        )
+        .await
+        .unwrap()
+    {
+        let strata_ingest::Value::Int(n) = row[2] else {
+            unreachable!()
+        };
+        expected.insert(
+            (row[0].as_key_text().unwrap(), row[1].as_key_text().unwrap()),
+            n as u64,
+        );
+    }
+    source.close().await;
+    assert!(expected.len() > 100, "{expected:?}");
+
+    let secrets = [
+        ("STRATA_JWT_SECRET", strata_archive::Kek::generate_hex()),
+        ("STRATA_AUDIT_KEY", strata_archive::Kek::generate_hex()),
+    ];
+    let mut token = std::process::Command::new(env!("CARGO_BIN_EXE_strata"));
+    token
+        .args(["token", "--user", "dr-o", "--role", "clinician", "--config"])
+        .arg(&config_path)
+        .envs(secrets.clone());
+    for s in 1..=30 {
+        token.args(["--patient", &s.to_string()]);
+    }
+    let token = token.output().unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let (mut server, base) = serve(&config_path, &secrets).await;
+    let client = reqwest::Client::new();
+    let mut served = std::collections::BTreeMap::<(String, String), u64>::new();
+    let mut entries = Vec::new();
+    for s in 1..=30 {
+        for format in ["json", "fhir"] {
+            let body = client
+                .get(format!(
+                    "{base}/v1/patients/{s}/history?limit=1000&format={format}"
+                ))
+                .bearer_auth(&token)
+                .header("X-Purpose-Of-Use", "TREAT")
+                .send()
+                .await
+                .unwrap()
+                .error_for_status()
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            if format == "json" {
+                for r in page["records"].as_array().unwrap() {
+                    *served
+                        .entry((s.to_string(), r["table"].as_str().unwrap().to_string()))
+                        .or_default() += 1;
+                }
+            } else {
+                entries.extend(page["entry"].as_array().unwrap().iter().cloned());
+            }
+        }
+    }
+    server.kill().await.unwrap();
+    assert_eq!(served, expected);
+    // Every archived record of a mapped table is a resource (death has no FHIR mapping).
+    let mapped_rows: u64 = expected
+        .iter()
+        .filter(|((_, t), _)| fhir.contains_key(t.as_str()))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(entries.len() as u64, mapped_rows);
+    let counts = crate::api::validate_fhir(&serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": entries.iter().map(|e| serde_json::json!({ "resource": e["resource"] })).collect::<Vec<_>>(),
+    }));
+    assert!(counts.len() >= 6, "{counts:?}");
+}

@@ -131,21 +131,27 @@ fn not_a_record_date(name: &str) -> bool {
 }
 
 /// The column that dates a record: a preferred name, else the first date-typed or date-named
-/// column that is not a birth or death date or an end.
-pub(super) fn guess_date(schema: &TableSchema) -> Option<String> {
+/// column that is not a birth or death date or an end; outside the patients table, a death
+/// date when it is the only date (OMOP's `death`).
+pub(super) fn guess_date(table: &str, schema: &TableSchema) -> Option<String> {
     for pref in DATE_PREFERENCE {
         if let Some(c) = schema.columns.iter().find(|c| lower(&c.name) == pref) {
             return Some(c.name.clone());
         }
     }
-    schema
-        .columns
-        .iter()
-        .filter(|c| !not_a_record_date(&c.name))
-        .find(|c| {
-            let n = lower(&c.name);
-            is_date(c.col_type) || n.ends_with("_at") || n.ends_with("_on") || n.ends_with("date")
-        })
+    let dated = |c: &&crate::db::Column| {
+        let n = lower(&c.name);
+        is_date(c.col_type) || n.ends_with("_at") || n.ends_with("_on") || n.ends_with("date")
+    };
+    let death = |c: &&crate::db::Column| {
+        !super::is_patient_table(table)
+            && super::classes::class_from_name(&c.name, false)
+                == Some(strata_deidentify::Class::DeathDate)
+    };
+    let columns = || schema.columns.iter().filter(dated);
+    columns()
+        .find(|c| !not_a_record_date(&c.name))
+        .or_else(|| columns().find(death))
         .map(|c| c.name.clone())
 }
 

@@ -176,6 +176,11 @@ pub(super) fn guess_fhir(table: &str, schema: &TableSchema, g: &TableGuess) -> O
             settings.push(("unit", c));
         }
     }
+    if resource == "DocumentReference" {
+        if let Some(c) = named(&["note_text", "text", "body", "note", "content"]) {
+            settings.push(("text", c));
+        }
+    }
     if let Some(c) = named(&["status"]) {
         settings.push(("status", c));
     }

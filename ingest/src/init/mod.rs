@@ -91,7 +91,9 @@ pub async fn guess_tables(db: &Db) -> Result<BTreeMap<String, (TableSchema, Tabl
                 period,
                 "a period table: dated by its end, current while open".into(),
             )),
-            None => guess_date(&schema).map(|c| (RecordDateConfig::Column(c), String::new())),
+            None => {
+                guess_date(&name, &schema).map(|c| (RecordDateConfig::Column(c), String::new()))
+            }
         };
         for c in schema
             .columns
@@ -251,6 +253,19 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
     let _ = writeln!(s, "[operational]\nurl = \"sqlite://operational.db\"  # REVIEW: the new operational database\n");
     let _ = writeln!(s, "[archive]\nlocation = \"archive\"\nkek_id = \"kek-1\"\nkek_env = \"STRATA_KEK\"  # 64 hex characters\n");
     let _ = writeln!(s, "[policy]\nfile = \"policy.toml\"\n");
+    let reference: Vec<&str> = tables
+        .iter()
+        .filter(|(_, (_, g))| g.patient_key.is_none() && g.patient_via.is_none())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !reference.is_empty() {
+        let _ = writeln!(
+            s,
+            "# REVIEW: tables without patients (reference data?): {}.\n# Pin them in the policy so that none is archived out of every patient's reach:\n#   [tables.{}]\n#   tier = \"operational\"\n",
+            reference.join(", "),
+            reference[0]
+        );
+    }
     s.push_str(API_SECTION);
     for (name, (_, g)) in &tables {
         let bare = name

@@ -271,7 +271,10 @@ async fn postgres_to_postgres_every_row_lands_in_exactly_one_tier() {
 
 /// `numeric` columns are read from PostgreSQL in binary and printed by Strata: every value
 /// (scales, signs, NaN, infinities, values far beyond 64 bits) arrives in the archive and in
-/// the operational database exactly as PostgreSQL prints it.
+/// the operational database exactly as PostgreSQL prints it. In the archive a `numeric(p,s)`
+/// is a Parquet DECIMAL(p,s) and an unconstrained `numeric` its exact text marked as a
+/// decimal; the API serves each as a JSON number when a double holds it exactly, else as its
+/// text. A NaN, which DECIMAL cannot hold, is quarantined from the archive (planned so).
 #[tokio::test]
 async fn numerics_arrive_exactly_as_postgres_prints_them() {
     use strata_ingest::ColumnType;
@@ -295,6 +298,9 @@ async fn numerics_arrive_exactly_as_postgres_prints_them() {
         .await
         .unwrap();
     }
+    db.execute("INSERT INTO archived VALUES (9999, 1, DATE '2001-01-01', 1, 'NaN')")
+        .await
+        .unwrap();
     let reader = read_only_url(&source).await;
     write_run_files(
         dir.path(),
@@ -309,17 +315,23 @@ async fn numerics_arrive_exactly_as_postgres_prints_them() {
             as_of()
         ),
     );
-    let report = migrate(&dir.path().join("strata.toml")).await;
-    assert_eq!(
-        report
-            .tables
-            .iter()
-            .map(|t| t.quarantined_rows)
-            .sum::<u64>(),
-        0
-    );
+    let mut migration = Migration::prepare(load_config(&dir.path().join("strata.toml")), as_of())
+        .await
+        .unwrap();
+    let (plan, _) = migration.plan().await.unwrap();
+    let report = migration.run(&mut |_| {}).await.unwrap();
+    let nan = std::collections::BTreeMap::from([(
+        "price: not a decimal the archive's DECIMAL column can hold exactly (NaN?)".to_string(),
+        1,
+    )]);
+    for r in [&plan, &report] {
+        assert_eq!(r.table("archived").unwrap().quarantine_reasons, nan);
+        assert_eq!(r.table("kept").unwrap().quarantined_rows, 0);
+    }
     async fn printed(db: &Db, table: &str) -> Vec<Vec<Value>> {
-        let sql = format!("SELECT id, amount::text, price::text FROM {table} ORDER BY id");
+        let sql = format!(
+            "SELECT id, amount::text, price::text FROM {table} WHERE id <> 9999 ORDER BY id"
+        );
         let types = vec![ColumnType::Int, ColumnType::Text, ColumnType::Text];
         db.fetch_all(sql, types).await.unwrap()
     }
@@ -333,24 +345,44 @@ async fn numerics_arrive_exactly_as_postgres_prints_them() {
     for m in &archive.catalog().tables["archived"] {
         for f in &m.files {
             for batch in archive.read_file(f).await.unwrap() {
-                use arrow::array::{Array, AsArray};
-                let ids = batch.column_by_name("id").unwrap();
-                let ids = ids.as_primitive::<arrow::datatypes::Int64Type>();
-                let text = |name: &str, row: usize| {
-                    let c = batch
-                        .column_by_name(name)
-                        .unwrap()
-                        .as_string::<i32>()
-                        .clone();
-                    (!c.is_null(row)).then(|| c.value(row).to_string())
-                };
-                for row in 0..batch.num_rows() {
-                    let as_value = |t: Option<String>| t.map_or(Value::Null, Value::Text);
-                    archived.push(vec![
-                        Value::Int(ids.value(row)),
-                        as_value(text("amount", row)),
-                        as_value(text("price", row)),
-                    ]);
+                let schema = batch.schema();
+                assert_eq!(
+                    schema.field_with_name("price").unwrap().data_type(),
+                    &arrow::datatypes::DataType::Decimal128(12, 4)
+                );
+                let amount = schema.field_with_name("amount").unwrap();
+                assert_eq!(amount.data_type(), &arrow::datatypes::DataType::Utf8);
+                assert_eq!(
+                    amount.metadata().get("strata:type").map(String::as_str),
+                    Some("decimal")
+                );
+                let b = strata_archive::ArchivedBatch::new(&batch, &[]);
+                for row in 0..b.num_rows() {
+                    let text = |name: &str| {
+                        b.value(name, row)
+                            .unwrap()
+                            .to_text()
+                            .map_or(Value::Null, |t| Value::Text(t.into_owned()))
+                    };
+                    let id = match b.value("id", row).unwrap() {
+                        strata_archive::Cell::Int(i) => i,
+                        other => panic!("{other:?}"),
+                    };
+                    // JSON: a number when a double holds the value exactly, else the text.
+                    let json = b.value("amount", row).unwrap().to_json();
+                    match &text("amount") {
+                        Value::Text(t)
+                            if ["NaN", "Infinity", "-Infinity"].contains(&t.as_str()) =>
+                        {
+                            assert_eq!(json, serde_json::json!(t))
+                        }
+                        Value::Text(t) if t == "12345678901234567890.123456789" => {
+                            assert_eq!(json, serde_json::json!(t))
+                        }
+                        Value::Text(t) if t == "-1.5" => assert_eq!(json, serde_json::json!(-1.5)),
+                        _ => {}
+                    }
+                    archived.push(vec![Value::Int(id), text("amount"), text("price")]);
                 }
             }
         }
@@ -539,6 +571,65 @@ async fn synthea_csv_directory_migrates_directly() {
     assert_eq!(start[0][0], Value::Text("TIMESTAMPTZ".into()));
     let config = load_config(&dir.path().join("strata.toml"));
     let archive = open_archive(&config.archive, &config.base_dir).await;
+    // Amounts keep the digits they were written with (`0.00`, `136.00`), in the operational
+    // database and in the archive (as DECIMAL) alike.
+    let cost: Vec<Vec<Value>> = db
+        .fetch_all(
+            "SELECT column_type FROM _strata_csv_columns WHERE table_name = 'encounters' AND column_name = 'PAYER_COVERAGE'".into(),
+            vec![strata_ingest::ColumnType::Text],
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&cost[0][0], Value::Text(t) if t.starts_with("DECIMAL_TEXT(") && t.ends_with(",2)")),
+        "{cost:?}"
+    );
+    let mut written: Vec<String> = csv::Reader::from_path(data.join("encounters.csv"))
+        .unwrap()
+        .deserialize::<std::collections::HashMap<String, String>>()
+        .map(|r| r.unwrap()["PAYER_COVERAGE"].clone())
+        .collect();
+    let operational = Db::connect(
+        &format!("sqlite://{}", dir.path().join("operational.db").display()),
+        true,
+    )
+    .await
+    .unwrap();
+    let mut kept: Vec<String> = operational
+        .fetch_all(
+            "SELECT PAYER_COVERAGE FROM encounters".into(),
+            vec![strata_ingest::ColumnType::Text],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r[0].as_key_text().unwrap())
+        .collect();
+    for f in archive.catalog().tables["encounters"]
+        .iter()
+        .flat_map(|m| &m.files)
+    {
+        for batch in archive.read_file(f).await.unwrap() {
+            assert!(matches!(
+                batch
+                    .schema()
+                    .field_with_name("PAYER_COVERAGE")
+                    .unwrap()
+                    .data_type(),
+                arrow::datatypes::DataType::Decimal128(_, 2)
+            ));
+            let b = strata_archive::ArchivedBatch::new(&batch, &[]);
+            kept.extend(
+                b.values("PAYER_COVERAGE")
+                    .unwrap()
+                    .map(|c| c.to_text().unwrap().into_owned()),
+            );
+        }
+    }
+    written.sort();
+    kept.sort();
+    assert!(written.iter().any(|w| w.ends_with('0')));
+    assert_eq!(kept, written);
     let encounters = archive.catalog().tables["encounters"][0].files[0].clone();
     let schema = archive.file_schema(&encounters).await.unwrap();
     assert_eq!(

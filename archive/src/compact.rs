@@ -73,9 +73,14 @@ pub async fn compact_table(
     }
     report.rows_before = batches.iter().map(|(_, b)| b.num_rows() as u64).sum();
     let kept = crate::reader::newest_only(batches)?;
-    let Some(schema) = kept.first().map(|b| b.schema()) else {
+    // The newest run's layout: files an older version wrote are brought to it.
+    let Some(schema) = kept.last().map(|b| b.schema()) else {
         return Ok(report);
     };
+    let kept = kept
+        .iter()
+        .map(|b| conform(b, &schema))
+        .collect::<Result<Vec<_>>>()?;
     let kept_rows: u64 = kept.iter().map(|b| b.num_rows() as u64).sum();
     let run_id = format!(
         "compact-{}",
@@ -193,6 +198,32 @@ pub async fn gc(
     Ok(deleted)
 }
 
+/// `batch` in `schema`'s layout: its columns by name, cast where a later format changed a
+/// column's type (numerics older files kept as text are decimals now), NULL where it lacks a
+/// column. A value that does not convert fails the compaction instead of becoming NULL.
+fn conform(batch: &RecordBatch, schema: &arrow::datatypes::SchemaRef) -> Result<RecordBatch> {
+    if batch.schema_ref() == schema {
+        return Ok(batch.clone());
+    }
+    let options = arrow::compute::CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => arrow::compute::cast_with_options(c, f.data_type(), &options),
+            None => Ok(arrow::array::new_null_array(
+                f.data_type(),
+                batch.num_rows(),
+            )),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +278,136 @@ mod tests {
         }
         out.sort();
         out
+    }
+
+    /// Files written before numerics were archived as decimals (as text) compact with newer
+    /// ones into the newer layout, every value kept; a value that would not convert stops the
+    /// compaction rather than becoming NULL.
+    #[tokio::test]
+    async fn older_text_numerics_compact_into_decimals_without_losing_a_value() {
+        use crate::layout::{table_schema, ArchivedBatch, ArchivedColumn, Cell, ValueType};
+        let (store, keys, _) = crate::test_support::test_archive("quantity").await;
+        let layout = |value| {
+            table_schema(&[ArchivedColumn {
+                name: "amount".into(),
+                value: Some(value),
+            }])
+        };
+        let (old, new) = (
+            layout(ValueType::Text),
+            layout(ValueType::Decimal {
+                precision: 10,
+                scale: 2,
+            }),
+        );
+        let batch = |schema: &Arc<Schema>, key: &str, amount: ArrayRef| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(vec!["a"])),
+                    Arc::new(Date32Array::from(vec![Some(10_000)])),
+                    Arc::new(StringArray::from(vec![key])),
+                    amount,
+                ],
+            )
+            .unwrap()
+        };
+        let text = |t: &str| Arc::new(StringArray::from(vec![t])) as ArrayRef;
+        publish(
+            &store,
+            &keys,
+            &old,
+            "run-1-r00000-0a01",
+            batch(&old, "k1", text("136.00")),
+        )
+        .await;
+        let decimal = arrow::array::Decimal128Array::from(vec![750])
+            .with_precision_and_scale(10, 2)
+            .unwrap();
+        publish(
+            &store,
+            &keys,
+            &new,
+            "run-2-r00000-0b01",
+            batch(&new, "k2", Arc::new(decimal)),
+        )
+        .await;
+        compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+        )
+        .await
+        .unwrap();
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let mut amounts = Vec::new();
+        for b in reader.patient_rows("supplies", "a").await.unwrap() {
+            assert_eq!(
+                b.schema().field_with_name("amount").unwrap().data_type(),
+                &arrow::datatypes::DataType::Decimal128(10, 2)
+            );
+            let b = ArchivedBatch::new(&b, &[]);
+            amounts.extend((0..b.num_rows()).map(|r| {
+                b.value("amount", r)
+                    .unwrap()
+                    .to_text()
+                    .unwrap()
+                    .into_owned()
+            }));
+        }
+        assert_eq!(amounts, ["136.00", "7.50"]);
+        assert!(matches!(
+            ArchivedBatch::new(
+                &batch(
+                    &new,
+                    "k3",
+                    Arc::new(
+                        arrow::array::Decimal128Array::from(vec![1])
+                            .with_precision_and_scale(10, 2)
+                            .unwrap()
+                    )
+                ),
+                &[]
+            )
+            .value("amount", 0),
+            Some(Cell::Decimal { units: 1, scale: 2 })
+        ));
+        // "NaN" has no DECIMAL: compacting it into one fails, and loses nothing.
+        publish(
+            &store,
+            &keys,
+            &old,
+            "run-3-r00000-0c01",
+            batch(&old, "k4", text("NaN")),
+        )
+        .await;
+        publish(
+            &store,
+            &keys,
+            &new,
+            "run-4-r00000-0d01",
+            batch(
+                &new,
+                "k5",
+                Arc::new(
+                    arrow::array::Decimal128Array::from(vec![1])
+                        .with_precision_and_scale(10, 2)
+                        .unwrap(),
+                ),
+            ),
+        )
+        .await;
+        assert!(compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default()
+        )
+        .await
+        .is_err());
     }
 
     #[tokio::test]

@@ -7,8 +7,8 @@
 use crate::{BlobRef, BLOB_REF_SUFFIXES, KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use arrow::array::{Array, AsArray, Date32Array, RecordBatch, StringArray};
 use arrow::datatypes::{
-    DataType, Date32Type, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit,
-    TimestampMicrosecondType,
+    DataType, Date32Type, Decimal128Type, Field, Float64Type, Int32Type, Int64Type, Schema,
+    SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use std::sync::Arc;
@@ -32,7 +32,23 @@ pub enum ValueType {
     TimestampUtc,
     /// UTF-8 text (also what any other type is archived as).
     Text,
+    /// An exact decimal of at most `precision` digits, `scale` of them after the point
+    /// (PostgreSQL's `numeric(p,s)`): Parquet DECIMAL, `Decimal128` in Arrow.
+    Decimal {
+        /// Digits in all (at most 38).
+        precision: u8,
+        /// Digits after the point.
+        scale: i8,
+    },
+    /// An exact decimal of any size (an unconstrained `numeric`, NaN and infinities
+    /// included), kept as the text it was written as: UTF-8 whose field metadata
+    /// ([`DECIMAL_TEXT_METADATA`]) says it is a decimal.
+    DecimalText,
 }
+
+/// The field metadata that marks a text column as holding decimals:
+/// `"strata:type" = "decimal"`.
+pub const DECIMAL_TEXT_METADATA: (&str, &str) = ("strata:type", "decimal");
 
 impl ValueType {
     fn arrow(self) -> DataType {
@@ -46,7 +62,19 @@ impl ValueType {
             ValueType::TimestampUtc => {
                 DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
             }
-            ValueType::Text => DataType::Utf8,
+            ValueType::Text | ValueType::DecimalText => DataType::Utf8,
+            ValueType::Decimal { precision, scale } => DataType::Decimal128(precision, scale),
+        }
+    }
+
+    fn field(self, name: &str) -> Field {
+        let field = Field::new(name, self.arrow(), true);
+        match self {
+            ValueType::DecimalText => field.with_metadata(std::collections::HashMap::from([(
+                DECIMAL_TEXT_METADATA.0.to_string(),
+                DECIMAL_TEXT_METADATA.1.to_string(),
+            )])),
+            _ => field,
         }
     }
 }
@@ -69,7 +97,7 @@ pub fn table_schema(columns: &[ArchivedColumn]) -> SchemaRef {
     ];
     for c in columns {
         match c.value {
-            Some(t) => fields.push(Field::new(&c.name, t.arrow(), true)),
+            Some(t) => fields.push(t.field(&c.name)),
             None => {
                 let types = [
                     DataType::Utf8,
@@ -107,6 +135,71 @@ pub enum Cell<'a> {
     Timestamp(NaiveDateTime),
     /// A timestamp in UTC.
     TimestampUtc(DateTime<Utc>),
+    /// An exact decimal: `units` × 10^-`scale`.
+    Decimal {
+        /// The value in units of the last digit.
+        units: i128,
+        /// Digits after the point.
+        scale: i8,
+    },
+    /// An exact decimal kept as its text (`NaN` and `Infinity` too).
+    DecimalText(&'a str),
+}
+
+/// A decimal as text with exactly `scale` digits after the point (`136.00`).
+fn decimal_text(units: i128, scale: i8) -> String {
+    if scale <= 0 {
+        return (units * 10i128.pow(u32::from(scale.unsigned_abs()))).to_string();
+    }
+    let digits = units.unsigned_abs().to_string();
+    let scale = scale as usize;
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    let sign = if units < 0 { "-" } else { "" };
+    format!("{sign}{int}.{frac}")
+}
+
+/// A decimal's text reduced to a canonical form (no `+`, no leading zeros, no trailing zeros
+/// after the point, no `-0`), to compare two ways of writing one number.
+fn canonical_decimal(text: &str) -> Option<String> {
+    let t = text.trim();
+    let (negative, digits) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let zero = int == "0" && frac.is_empty();
+    let sign = if negative && !zero { "-" } else { "" };
+    Some(if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    })
+}
+
+/// A decimal as JSON: a number when a double holds exactly the value written (its shortest
+/// text is the same number), else the exact text as a string (so that no digit is lost).
+pub fn decimal_json(text: &str) -> serde_json::Value {
+    let exact = text
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite())
+        .filter(|f| {
+            canonical_decimal(text).is_some_and(|c| Some(c) == canonical_decimal(&f.to_string()))
+        });
+    match exact.and_then(serde_json::Number::from_f64) {
+        Some(n) => serde_json::Value::Number(n),
+        None => serde_json::Value::String(text.to_string()),
+    }
 }
 
 impl Cell<'_> {
@@ -124,6 +217,8 @@ impl Cell<'_> {
             Cell::Date(d) => d.to_string().into(),
             Cell::Timestamp(t) => t.format("%Y-%m-%dT%H:%M:%S%.f").to_string().into(),
             Cell::TimestampUtc(t) => t.to_rfc3339().into(),
+            Cell::Decimal { units, scale } => decimal_json(&decimal_text(units, scale)),
+            Cell::DecimalText(t) => decimal_json(t),
         }
     }
 
@@ -134,7 +229,8 @@ impl Cell<'_> {
         use std::borrow::Cow;
         match *self {
             Cell::Null => None,
-            Cell::Text(t) => Some(Cow::Borrowed(t)),
+            Cell::Text(t) | Cell::DecimalText(t) => Some(Cow::Borrowed(t)),
+            Cell::Decimal { units, scale } => Some(Cow::Owned(decimal_text(units, scale))),
             Cell::Bytes(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
             other => match other.to_json() {
                 serde_json::Value::String(s) => Some(Cow::Owned(s)),
@@ -149,6 +245,8 @@ impl Cell<'_> {
         match *self {
             Cell::Int(i) => Some(i as f64),
             Cell::Float(f) => Some(f),
+            Cell::Decimal { units, scale } => decimal_text(units, scale).parse().ok(),
+            Cell::DecimalText(t) => t.trim().parse().ok(),
             _ => None,
         }
     }
@@ -165,6 +263,10 @@ pub fn cell(array: &dyn Array, row: usize) -> Cell<'_> {
         DataType::Float64 => Cell::Float(array.as_primitive::<Float64Type>().value(row)),
         DataType::Boolean => Cell::Bool(array.as_boolean().value(row)),
         DataType::Utf8 => Cell::Text(array.as_string::<i32>().value(row)),
+        DataType::Decimal128(_, scale) => Cell::Decimal {
+            units: array.as_primitive::<Decimal128Type>().value(row),
+            scale: *scale,
+        },
         DataType::Binary => Cell::Bytes(array.as_binary::<i32>().value(row)),
         DataType::Date32 => {
             Date32Type::to_naive_date_opt(array.as_primitive::<Date32Type>().value(row))
@@ -182,6 +284,14 @@ pub fn cell(array: &dyn Array, row: usize) -> Cell<'_> {
     }
 }
 
+/// [`cell`], with the text of a column marked as holding decimals read as decimals.
+fn typed_cell(array: &dyn Array, row: usize, decimal_text: bool) -> Cell<'_> {
+    match cell(array, row) {
+        Cell::Text(t) if decimal_text => Cell::DecimalText(t),
+        other => other,
+    }
+}
+
 /// A batch read from a table's archive files (all columns or a projection), decoded by the
 /// layout: its meta columns typed, its data columns apart from BLOB references.
 pub struct ArchivedBatch<'a> {
@@ -189,8 +299,8 @@ pub struct ArchivedBatch<'a> {
     patients: Option<&'a StringArray>,
     keys: Option<&'a StringArray>,
     dates: Option<&'a Date32Array>,
-    /// Data columns: index in the batch and name.
-    data: Vec<(usize, &'a str)>,
+    /// Data columns: index in the batch, name, and whether it holds decimals as text.
+    data: Vec<(usize, &'a str, bool)>,
     blob_columns: &'a [String],
 }
 
@@ -214,8 +324,15 @@ impl<'a> ArchivedBatch<'a> {
             .fields()
             .iter()
             .enumerate()
-            .map(|(i, f)| (i, f.name().as_str()))
-            .filter(|(_, n)| {
+            .map(|(i, f)| {
+                let decimal = f
+                    .metadata()
+                    .get(DECIMAL_TEXT_METADATA.0)
+                    .map(String::as_str)
+                    == Some(DECIMAL_TEXT_METADATA.1);
+                (i, f.name().as_str(), decimal)
+            })
+            .filter(|(_, n, _)| {
                 ![PATIENT_COLUMN, RECORD_DATE_COLUMN, KEY_COLUMN].contains(n) && !is_blob_ref(n)
             })
             .collect();
@@ -271,30 +388,30 @@ impl<'a> ArchivedBatch<'a> {
 
     /// The data columns' names, in the file's order (BLOB columns only by their references).
     pub fn data_columns(&self) -> impl Iterator<Item = &'a str> + '_ {
-        self.data.iter().map(|(_, n)| *n)
+        self.data.iter().map(|(_, n, _)| *n)
     }
 
     /// The data columns' values in a row, with their names, in the file's order.
     pub fn data(&self, row: usize) -> impl Iterator<Item = (&'a str, Cell<'a>)> + '_ {
-        self.data
-            .iter()
-            .map(move |&(i, n)| (n, cell(self.batch.column(i).as_ref(), row)))
+        self.data.iter().map(move |&(i, n, decimal)| {
+            (n, typed_cell(self.batch.column(i).as_ref(), row, decimal))
+        })
     }
 
     /// The value of data column `name` in a row: None when the batch has no such column.
     pub fn value(&self, name: &str, row: usize) -> Option<Cell<'a>> {
         self.data
             .iter()
-            .find(|(_, n)| *n == name)
-            .map(|&(i, _)| cell(self.batch.column(i).as_ref(), row))
+            .find(|(_, n, _)| *n == name)
+            .map(|&(i, _, decimal)| typed_cell(self.batch.column(i).as_ref(), row, decimal))
     }
 
     /// Every row's value of data column `name`, in order: None when the batch has no such
     /// column.
     pub fn values(&self, name: &str) -> Option<impl Iterator<Item = Cell<'a>> + 'a> {
-        let &(i, _) = self.data.iter().find(|(_, n)| *n == name)?;
+        let &(i, _, decimal) = self.data.iter().find(|(_, n, _)| *n == name)?;
         let column = self.batch.column(i);
-        Some((0..self.batch.num_rows()).map(move |row| cell(column.as_ref(), row)))
+        Some((0..self.batch.num_rows()).map(move |row| typed_cell(column.as_ref(), row, decimal)))
     }
 
     /// The row's BLOB references, with their columns, in the manifest's order.
@@ -308,6 +425,44 @@ impl<'a> ArchivedBatch<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A decimal is a JSON number when a double holds exactly the value written, else its
+    /// exact text; its text keeps the digits it was written with.
+    #[test]
+    fn decimals_are_numbers_only_when_exact() {
+        assert_eq!(decimal_json("0.7146"), serde_json::json!(0.7146));
+        assert_eq!(decimal_json("136.00"), serde_json::json!(136.0));
+        assert_eq!(decimal_json("-0.50"), serde_json::json!(-0.5));
+        for exact_text in [
+            "12345678901234567890.123456789",
+            "0.1000000000000000055511151231257827",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+        ] {
+            assert_eq!(decimal_json(exact_text), serde_json::json!(exact_text));
+        }
+        let cell = Cell::Decimal {
+            units: 13600,
+            scale: 2,
+        };
+        assert_eq!(cell.to_text().unwrap(), "136.00");
+        assert_eq!(
+            Cell::Decimal {
+                units: -5,
+                scale: 3
+            }
+            .to_text()
+            .unwrap(),
+            "-0.005"
+        );
+        assert_eq!(Cell::Decimal { units: 7, scale: 0 }.to_text().unwrap(), "7");
+        assert_eq!(cell.as_f64(), Some(136.0));
+        assert_eq!(
+            Cell::DecimalText("0.7146").to_json(),
+            serde_json::json!(0.7146)
+        );
+    }
     use arrow::array::{ArrayRef, Date32Array, Int64Array, StringArray, TimestampMicrosecondArray};
 
     #[test]

@@ -46,7 +46,10 @@ pub use compact::{compact_table, gc, CompactionReport};
 pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing, KeyService, LocalKeks};
-pub use layout::{cell, table_schema, ArchivedBatch, ArchivedColumn, Cell, ValueType};
+pub use layout::{
+    cell, decimal_json, table_schema, ArchivedBatch, ArchivedColumn, Cell, ValueType,
+    DECIMAL_TEXT_METADATA,
+};
 pub use manifest::{run_of_writer, withdraw_manifests, FileEntry, TableManifest, MANIFEST_FORMAT};
 pub use reader::{blob_ref, blob_refs, ArchiveReader, VerifyReport};
 pub use rotate::{rotate_keys, RotationReport};

@@ -1,11 +1,11 @@
 //! Turns archived rows into Arrow record batches in the archive's layout (which the archive
 //! crate owns: [`strata_archive::table_schema`]), sorted as the archive keeps them.
 
-use crate::layout::TableLayout;
+use crate::layout::{Decimal, TableLayout};
 use crate::value::{ColumnType, Value};
 use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float64Builder, Int64Builder,
-    RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder,
+    Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::SchemaRef;
 use chrono::NaiveDate;
@@ -27,8 +27,15 @@ pub struct ArchivedRow {
     pub blobs: Vec<Option<BlobRef>>,
 }
 
-/// The type a column of `t` is archived as.
-fn archived_type(t: ColumnType) -> ValueType {
+/// The type a column of `t` is archived as: an exact decimal as a decimal.
+fn archived_type(t: ColumnType, decimal: Option<Decimal>) -> ValueType {
+    match decimal {
+        Some(Decimal::Fixed { precision, scale }) => {
+            return ValueType::Decimal { precision, scale }
+        }
+        Some(Decimal::Text) => return ValueType::DecimalText,
+        None => {}
+    }
     match t {
         ColumnType::Int => ValueType::Int,
         ColumnType::Float => ValueType::Float,
@@ -49,7 +56,8 @@ pub fn archive_schema(layout: &TableLayout) -> SchemaRef {
         .enumerate()
         .map(|(i, c)| ArchivedColumn {
             name: layout.target_names[i].clone(),
-            value: (!layout.blobs.iter().any(|b| b.column == i)).then(|| archived_type(c.col_type)),
+            value: (!layout.blobs.iter().any(|b| b.column == i))
+                .then(|| archived_type(c.col_type, layout.decimals[i])),
         })
         .collect();
     table_schema(&columns)
@@ -130,6 +138,7 @@ enum ColumnBuilder {
     Date(Date32Builder),
     Timestamp(TimestampMicrosecondBuilder),
     Text(StringBuilder),
+    Decimal(Decimal128Builder),
     Blob(StringBuilder, Int64Builder, StringBuilder, StringBuilder),
 }
 
@@ -193,6 +202,17 @@ impl ArchiveRun {
                         out.extend_from_slice(&(r.length as i64).to_le_bytes());
                         put_bytes(out, r.sha256.as_bytes());
                         put_bytes(out, r.content_type.as_bytes());
+                    }
+                    None => out.push(0),
+                }
+                continue;
+            }
+            if let Some(d @ Decimal::Fixed { .. }) = layout.decimals[i] {
+                // Checked before the row was routed here (`TableLayout::archive_problem`).
+                match d.units(&values[i]) {
+                    Some(units) => {
+                        out.push(1);
+                        out.extend_from_slice(&units.to_le_bytes());
                     }
                     None => out.push(0),
                 }
@@ -332,6 +352,13 @@ fn build_batch(
                     StringBuilder::with_capacity(n, n * 16),
                 );
             }
+            if let Some(Decimal::Fixed { precision, scale }) = layout.decimals[i] {
+                return ColumnBuilder::Decimal(
+                    Decimal128Builder::with_capacity(n)
+                        .with_precision_and_scale(precision, scale)
+                        .expect("a precision of 1 to 38 and a scale within it"),
+                );
+            }
             match c.col_type {
                 ColumnType::Int => ColumnBuilder::Int(Int64Builder::with_capacity(n)),
                 ColumnType::Float => ColumnBuilder::Float(Float64Builder::with_capacity(n)),
@@ -372,6 +399,10 @@ fn build_batch(
                 ColumnBuilder::Date(b) => b.append_option(present.then(|| cur.i32())),
                 ColumnBuilder::Timestamp(b) => b.append_option(present.then(|| cur.i64())),
                 ColumnBuilder::Text(b) => b.append_option(present.then(|| cur.text())),
+                ColumnBuilder::Decimal(b) => b.append_option(
+                    present
+                        .then(|| i128::from_le_bytes(cur.take(16).try_into().expect("16 bytes"))),
+                ),
                 ColumnBuilder::Blob(object, length, sha256, content_type) => {
                     if present {
                         object.append_value(cur.text());
@@ -402,6 +433,7 @@ fn build_batch(
             ColumnBuilder::Date(mut b) => arrays.push(Arc::new(b.finish())),
             ColumnBuilder::Timestamp(mut b) => arrays.push(Arc::new(b.finish())),
             ColumnBuilder::Text(mut b) => arrays.push(Arc::new(b.finish())),
+            ColumnBuilder::Decimal(mut b) => arrays.push(Arc::new(b.finish())),
             ColumnBuilder::Blob(mut o, mut l, mut s, mut c) => {
                 arrays.push(Arc::new(o.finish()));
                 arrays.push(Arc::new(l.finish()));

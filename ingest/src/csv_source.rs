@@ -9,7 +9,9 @@
 //!
 //! Types are inferred from every value of a column unless `[tables.T] column_types` names them:
 //! INTEGER when every value is an integer without a leading zero (so ZIP codes and other
-//! codes keep their zeros), REAL for decimals, DATE for `YYYY-MM-DD`, TIMESTAMPTZ for ISO
+//! codes keep their zeros), DECIMAL_TEXT(p,s) for decimals all written with the same number of
+//! digits after the point (amounts such as `136.00`: kept exactly as written, and archived as
+//! DECIMAL), REAL for other decimals, DATE for `YYYY-MM-DD`, TIMESTAMPTZ for ISO
 //! date-times that all carry `Z` or an offset (instants), TIMESTAMP for other ISO date-times,
 //! TEXT otherwise. An empty field is NULL. A value that does not fit a type the
 //! config names is staged as it is, and quarantined by the migration with its reason. Text that
@@ -95,6 +97,11 @@ fn stage_blocking(dir: &Path, staging_dir: &Path, types: &CsvTypes) -> Result<Pa
 enum Inferred {
     Empty,
     Integer,
+    /// Decimals all written with `scale` digits after the point, at most `digits` before it.
+    Decimal {
+        digits: usize,
+        scale: usize,
+    },
     Real,
     Date,
     /// Date-times that all carry `Z` or an offset: instants.
@@ -106,8 +113,25 @@ enum Inferred {
 impl Inferred {
     fn widen(self, value: &str) -> Self {
         use Inferred::*;
+        if let (Empty | Decimal { .. }, Some((int, frac))) = (self, decimal_parts(value)) {
+            match self {
+                Empty => {
+                    return Decimal {
+                        digits: int,
+                        scale: frac,
+                    }
+                }
+                Decimal { digits, scale } if scale == frac => {
+                    return Decimal {
+                        digits: digits.max(int),
+                        scale,
+                    }
+                }
+                _ => {}
+            }
+        }
         let fits = |t: Inferred| match t {
-            Empty | Text => true,
+            Empty | Text | Decimal { .. } => true,
             Integer => is_integer(value),
             Real => is_integer(value) || is_decimal(value),
             Date => value.len() == 10 && parse_date(value).is_some(),
@@ -119,6 +143,8 @@ impl Inferred {
         let order: &[Inferred] = match self {
             Empty => &[Integer, Real, Date, TimestampTz, Timestamp, Text],
             Integer => &[Integer, Real, Text],
+            // Another scale, or an integer among them: decimals as floats.
+            Decimal { .. } => &[Real, Text],
             Real => &[Real, Text],
             Date => &[Date, Text],
             // A date-time without an offset among instants: which zone it meant is unknown,
@@ -130,8 +156,21 @@ impl Inferred {
         order.iter().copied().find(|t| fits(*t)).unwrap_or(Text)
     }
 
-    fn decl(self) -> &'static str {
+    fn decl(self) -> String {
         match self {
+            Inferred::Decimal { digits, scale } if digits + scale <= 38 => format!(
+                "{}({},{scale})",
+                crate::layout::CSV_DECIMAL_DECL,
+                (digits + scale).max(1)
+            ),
+            Inferred::Decimal { .. } => crate::layout::CSV_DECIMAL_DECL.to_string(),
+            other => other.fixed_decl().to_string(),
+        }
+    }
+
+    fn fixed_decl(self) -> &'static str {
+        match self {
+            Inferred::Decimal { .. } => crate::layout::CSV_DECIMAL_DECL,
             Inferred::Integer => "INTEGER",
             Inferred::Real => "REAL",
             Inferred::Date => "DATE",
@@ -148,6 +187,16 @@ fn is_integer(v: &str) -> bool {
         && digits.len() <= 18
         && digits.bytes().all(|b| b.is_ascii_digit())
         && !(digits.len() > 1 && digits.starts_with('0'))
+}
+
+/// Digits before and after the point of a decimal such as `-136.00` (not an integer).
+fn decimal_parts(v: &str) -> Option<(usize, usize)> {
+    if !is_decimal(v) {
+        return None;
+    }
+    let digits = v.strip_prefix('-').unwrap_or(v);
+    let (int, frac) = digits.split_once('.')?;
+    Some((int.trim_start_matches('0').len(), frac.len()))
 }
 
 fn is_decimal(v: &str) -> bool {
@@ -205,7 +254,7 @@ fn stage_file(
         .zip(&inferred)
         .map(|(h, t)| match declared.and_then(|d| d.get(h)) {
             Some(d) => (d.clone(), false),
-            None => (t.decl().to_string(), true),
+            None => (t.decl(), true),
         })
         .collect();
     let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
@@ -290,6 +339,10 @@ mod tests {
         assert_eq!(infer(&["1", "-20", "300"]), "INTEGER");
         assert_eq!(infer(&["02155", "10001"]), "TEXT");
         assert_eq!(infer(&["1", "2.5"]), "REAL");
+        // Amounts keep the digits they were written with.
+        assert_eq!(infer(&["136.00", "7.49", "-0.50"]), "DECIMAL_TEXT(5,2)");
+        assert_eq!(infer(&["42.36877442769006", "-71.15"]), "REAL");
+        assert_eq!(infer(&["2.50", "3"]), "REAL");
         assert_eq!(infer(&["2014-10-06", "1999-01-31"]), "DATE");
         // An instant keeps its time zone (Synthea writes `2019-02-17T05:07:38Z`).
         assert_eq!(infer(&["2019-02-17T05:07:38Z"]), "TIMESTAMPTZ");

@@ -256,7 +256,10 @@ impl Migration {
             .iter()
             .map(|(name, t)| {
                 let needed = policy_config.columns_needed(name, &holds);
-                TableLayout::new(&config, name, t, schemas[name].clone(), &schemas, &needed)
+                let mut layout =
+                    TableLayout::new(&config, name, t, schemas[name].clone(), &schemas, &needed);
+                layout.read_decimals(source.kind());
+                layout
             })
             .collect();
         Ok(Migration {

@@ -148,10 +148,11 @@ impl<'c> RowChecks<'c> {
                 return Some((layout.key[0], "duplicate primary key"));
             }
         }
-        if tier == Tier::Operational {
-            return self.target.check(values);
+        match tier {
+            Tier::Operational => self.target.check(values),
+            Tier::Archive => layout.archive_problem(values),
+            Tier::Purge => None,
         }
-        None
     }
 }
 

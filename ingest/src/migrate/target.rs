@@ -83,13 +83,25 @@ pub(super) async fn forget_table(target: &Db, run_id: &str, table: &str, rows: b
     tx.commit().await
 }
 
+use crate::layout::{Decimal, CSV_DECIMAL_DECL};
+
 /// The declared type of a column in the target engine: the source's own when the engines are
 /// the same, else the target's type for the column's kind.
 fn target_decl(from: DbKind, to: DbKind, c: &Column) -> String {
     if from == to {
-        c.decl_type.clone()
-    } else {
-        c.col_type.default_decl(to).to_string()
+        return c.decl_type.clone();
+    }
+    // An exact decimal stays one: numeric in PostgreSQL, text that keeps its digits in SQLite.
+    match (crate::layout::Decimal::of(&c.decl_type, from), to) {
+        (Some(Decimal::Fixed { precision, scale }), DbKind::Postgres) => {
+            format!("numeric({precision},{scale})")
+        }
+        (Some(Decimal::Text), DbKind::Postgres) => "numeric".into(),
+        (Some(Decimal::Fixed { precision, scale }), DbKind::Sqlite) => {
+            format!("{CSV_DECIMAL_DECL}({precision},{scale})")
+        }
+        (Some(Decimal::Text), DbKind::Sqlite) => CSV_DECIMAL_DECL.into(),
+        (None, _) => c.col_type.default_decl(to).to_string(),
     }
 }
 

@@ -1167,3 +1167,68 @@ async fn an_omop_cdm_database_migrates_as_init_drafted_it() {
     }));
     assert!(counts.len() >= 6, "{counts:?}");
 }
+
+/// `strata init --output` drafts the policy beside the config: the patients table with its
+/// birth and death dates, the patients and the tables without patients pinned operational,
+/// ongoing problems, medications, allergies and care plans current, nothing destroyed. The
+/// pair passes `policy check` and `plan` as written, without a warning; a policy already there
+/// is never overwritten.
+#[test]
+fn init_drafts_a_policy_that_plans_as_written() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/synthea-nj27")
+        .canonicalize()
+        .unwrap();
+    let dir = TestDir::new();
+    let strata = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("STRATA_KEK", strata_archive::Kek::generate_hex())
+            .output()
+            .unwrap()
+    };
+    let source = format!("csv://{}", data.display());
+    let out = strata(&["init", "--source", &source, "--output", "strata.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let policy = std::fs::read_to_string(dir.path().join("policy.toml")).unwrap();
+    let parsed: toml::Table = toml::from_str(&policy).unwrap();
+    assert_eq!(parsed["patients"]["table"].as_str(), Some("patients"));
+    assert_eq!(parsed["patients"]["birth_date"].as_str(), Some("BIRTHDATE"));
+    assert_eq!(
+        parsed["patients"]["deceased_date"].as_str(),
+        Some("DEATHDATE")
+    );
+    for t in ["patients", "organizations", "providers", "payers"] {
+        assert_eq!(
+            parsed["tables"][t]["tier"].as_str(),
+            Some("operational"),
+            "{t}"
+        );
+    }
+    for t in ["conditions", "medications", "allergies", "careplans"] {
+        assert_eq!(
+            parsed["tables"][t]["current_when"]["column"].as_str(),
+            Some("STOP"),
+            "{t}"
+        );
+    }
+    assert!(parsed["defaults"].get("retention").is_none());
+    for args in [&["policy", "check"][..], &["plan"]] {
+        let out = strata(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(!stderr.contains("warning"), "{args:?}: {stderr}");
+    }
+    std::fs::write(dir.path().join("policy.toml"), "# mine\n").unwrap();
+    let out = strata(&["init", "--source", &source, "--output", "strata.toml"]);
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("policy.toml")).unwrap(),
+        "# mine\n"
+    );
+}

@@ -57,7 +57,8 @@ enum Command {
         /// or csv://dir (a directory of CSV exports, one table per file, e.g. Synthea's)
         #[arg(long)]
         source: String,
-        /// Write the draft here instead of standard output.
+        /// Write the draft here instead of standard output, and a draft policy.toml beside it
+        /// (unless one exists).
         #[arg(long)]
         output: Option<PathBuf>,
     },
@@ -221,11 +222,29 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Init { source, output } => {
-            let draft = strata_ingest::draft_config(&source).await?;
-            match output {
-                Some(path) => std::fs::write(&path, draft)
-                    .with_context(|| format!("cannot write {}", path.display()))?,
-                None => print!("{draft}"),
+            let draft = strata_ingest::draft(&source).await?;
+            let Some(path) = output else {
+                print!("{}", draft.config);
+                eprintln!("note: with --output FILE, a draft policy.toml is written beside it");
+                return Ok(());
+            };
+            std::fs::write(&path, &draft.config)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            // The policy the config names, beside it: never over a policy already there.
+            let policy = path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("policy.toml");
+            if policy.exists() {
+                eprintln!("{} exists: left as it is", policy.display());
+            } else {
+                std::fs::write(&policy, &draft.policy)
+                    .with_context(|| format!("cannot write {}", policy.display()))?;
+                eprintln!(
+                    "wrote {} and {}: review every line marked REVIEW",
+                    path.display(),
+                    policy.display()
+                );
             }
             Ok(())
         }

@@ -43,7 +43,7 @@ pub use config::{
 };
 pub use db::{quote, redact, Column, Db, DbKind, ReadAs, TableSchema};
 pub use error::{IngestError, Result};
-pub use init::{draft_config, guess_tables, TableGuess};
+pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile};
 pub use layout::TableLayout;
 pub use migrate::{check_policy, read_policy, Explanation, Migration, PolicyCheck};

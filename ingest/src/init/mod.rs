@@ -3,6 +3,7 @@
 mod classes;
 mod conventions;
 mod fhir;
+mod policy;
 
 use crate::config::RecordDateConfig;
 use classes::propose_classes;
@@ -238,11 +239,32 @@ fn config_url(url: &str) -> (String, String) {
     }
 }
 
+/// What `strata init` drafts: the config and, to write beside it, a policy.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// `strata.toml`.
+    pub config: String,
+    /// `policy.toml`, every rule to review.
+    pub policy: String,
+}
+
 /// Drafts `strata.toml` for a source URL.
 pub async fn draft_config(source_url: &str) -> Result<String> {
+    Ok(draft(source_url).await?.config)
+}
+
+/// Drafts `strata.toml` and a policy for a source URL.
+pub async fn draft(source_url: &str) -> Result<Draft> {
     let db = Db::connect(source_url, true).await?;
     let tables = guess_tables(&db).await?;
     db.close().await;
+    Ok(Draft {
+        config: config_text(source_url, &tables),
+        policy: policy::draft_policy(&tables),
+    })
+}
+
+fn config_text(source_url: &str, tables: &BTreeMap<String, (TableSchema, TableGuess)>) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -267,7 +289,7 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
         );
     }
     s.push_str(API_SECTION);
-    for (name, (_, g)) in &tables {
+    for (name, (_, g)) in tables {
         let bare = name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
@@ -345,7 +367,7 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
         }
         s.push('\n');
     }
-    for (name, (_, g)) in &tables {
+    for (name, (_, g)) in tables {
         let Some(f) = &g.fhir else { continue };
         let _ = writeln!(
             s,
@@ -358,7 +380,7 @@ pub async fn draft_config(source_url: &str) -> Result<String> {
         }
         s.push('\n');
     }
-    Ok(s)
+    s
 }
 
 #[cfg(test)]

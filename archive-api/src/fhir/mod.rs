@@ -100,19 +100,42 @@ fn resource(
 }
 
 /// The page of records as a `searchset` Bundle: `total` counts every match of the query,
-/// `links` are (relation, url) pairs such as self and next.
+/// `links` are (relation, url) pairs such as self and next. `unmapped` names the patient's
+/// archived records of tables without a FHIR mapping (table, records): an OperationOutcome
+/// entry says they are not in the Bundle, so that no one reads it as the whole chart.
 pub fn bundle(
     patient: &str,
     records: &[HistoryRecord],
     total: usize,
     links: &[(&str, String)],
     mapping: &BTreeMap<String, FhirTable>,
+    unmapped: &BTreeMap<&str, u64>,
 ) -> Value {
-    let entries: Vec<Value> = records
+    let mut entries: Vec<Value> = records
         .iter()
         .filter_map(|r| resource(r, patient, mapping))
         .map(|resource| json!({ "resource": resource, "search": { "mode": "match" } }))
         .collect();
+    if !unmapped.is_empty() {
+        let tables: Vec<String> = unmapped
+            .iter()
+            .map(|(t, n)| format!("{t} ({n} records)"))
+            .collect();
+        entries.push(json!({
+            "resource": {
+                "resourceType": "OperationOutcome",
+                "issue": [{
+                    "severity": "information",
+                    "code": "informational",
+                    "diagnostics": format!(
+                        "not in this Bundle: archived records of tables without a FHIR mapping: {} (ask for format=json)",
+                        tables.join(", ")
+                    ),
+                }],
+            },
+            "search": { "mode": "outcome" },
+        }));
+    }
     json!({
         "resourceType": "Bundle",
         "type": "searchset",

@@ -202,7 +202,14 @@ pub(super) async fn history(
         if let Some(n) = &next {
             links.push(("next", with_cursor(&uri, Some(n))));
         }
-        let bundle = crate::fhir::bundle(&patient, &records, total, &links, &state.fhir);
+        // Whole-chart requests say what the Bundle leaves out (on their first page).
+        let mut unmapped = std::collections::BTreeMap::<&str, u64>::new();
+        if p.table.is_none() && p.resource_type.is_none() && p.cursor.is_none() {
+            for r in all.iter().filter(|r| !state.fhir.contains_key(&r.table)) {
+                *unmapped.entry(r.table.as_str()).or_default() += 1;
+            }
+        }
+        let bundle = crate::fhir::bundle(&patient, &records, total, &links, &state.fhir, &unmapped);
         (
             [(header::CONTENT_TYPE, "application/fhir+json")],
             Json(bundle),

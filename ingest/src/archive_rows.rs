@@ -1,7 +1,8 @@
 //! Turns archived rows into Arrow record batches in the archive's layout (which the archive
 //! crate owns: [`strata_archive::table_schema`]), sorted as the archive keeps them.
 
-use crate::layout::{Decimal, TableLayout};
+use crate::decimal::Decimal;
+use crate::layout::TableLayout;
 use crate::value::{ColumnType, Value};
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder,

@@ -160,17 +160,17 @@ impl Inferred {
         match self {
             Inferred::Decimal { digits, scale } if digits + scale <= 38 => format!(
                 "{}({},{scale})",
-                crate::layout::CSV_DECIMAL_DECL,
+                crate::decimal::CSV_DECIMAL_DECL,
                 (digits + scale).max(1)
             ),
-            Inferred::Decimal { .. } => crate::layout::CSV_DECIMAL_DECL.to_string(),
+            Inferred::Decimal { .. } => crate::decimal::CSV_DECIMAL_DECL.to_string(),
             other => other.fixed_decl().to_string(),
         }
     }
 
     fn fixed_decl(self) -> &'static str {
         match self {
-            Inferred::Decimal { .. } => crate::layout::CSV_DECIMAL_DECL,
+            Inferred::Decimal { .. } => crate::decimal::CSV_DECIMAL_DECL,
             Inferred::Integer => "INTEGER",
             Inferred::Real => "REAL",
             Inferred::Date => "DATE",

@@ -20,6 +20,7 @@ mod classes;
 mod config;
 mod csv_source;
 mod db;
+mod decimal;
 mod error;
 mod facts;
 mod init;
@@ -42,6 +43,7 @@ pub use config::{
     PolicyFileConfig, RecordDateConfig, TableConfig, UnitConversionConfig,
 };
 pub use db::{quote, redact, Column, Db, DbKind, ReadAs, TableSchema};
+pub use decimal::{Decimal, CSV_DECIMAL_DECL};
 pub use error::{IngestError, Result};
 pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile};

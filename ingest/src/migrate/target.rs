@@ -83,7 +83,7 @@ pub(super) async fn forget_table(target: &Db, run_id: &str, table: &str, rows: b
     tx.commit().await
 }
 
-use crate::layout::{Decimal, CSV_DECIMAL_DECL};
+use crate::decimal::{Decimal, CSV_DECIMAL_DECL};
 
 /// The declared type of a column in the target engine: the source's own when the engines are
 /// the same, else the target's type for the column's kind.
@@ -92,7 +92,7 @@ fn target_decl(from: DbKind, to: DbKind, c: &Column) -> String {
         return c.decl_type.clone();
     }
     // An exact decimal stays one: numeric in PostgreSQL, text that keeps its digits in SQLite.
-    match (crate::layout::Decimal::of(&c.decl_type, from), to) {
+    match (Decimal::of(&c.decl_type, from), to) {
         (Some(Decimal::Fixed { precision, scale }), DbKind::Postgres) => {
             format!("numeric({precision},{scale})")
         }

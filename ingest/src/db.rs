@@ -716,7 +716,7 @@ struct PieceReader {
 }
 
 impl Db {
-    /// Streams one `bytea` value of a PostgreSQL source in pieces of [`BLOB_PIECE_BYTES`]: the
+    /// Streams one `bytea` value of a PostgreSQL source in pieces of 1 MiB: the
     /// value of `column` in the row at `ctid` of `table`, read in `snapshot` (the one its row
     /// came from) on a connection of its own. After the last piece the source computes the
     /// value's SHA-256, which must equal the pieces' (a BLOB is never stored truncated or

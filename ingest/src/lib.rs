@@ -46,7 +46,7 @@ pub use db::{quote, redact, Column, Db, DbKind, ReadAs, TableSchema};
 pub use decimal::{Decimal, CSV_DECIMAL_DECL};
 pub use error::{IngestError, Result};
 pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
-pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile};
+pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EXACT_DISTINCT};
 pub use layout::TableLayout;
 pub use migrate::{check_policy, read_policy, Explanation, Migration, PolicyCheck};
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};

@@ -648,9 +648,11 @@ async fn serve(
 }
 
 /// The Synthea CSV sample read directly (`csv://`), as `strata init` drafted it, with only a
-/// policy written: timestamps keep their instant, and every archived record of a clinical
-/// table is served as FHIR (valid R4 by fhir.resources) besides JSON, one resource per record,
-/// of the type its table holds; Encounter periods carry start and end instants.
+/// policy written: the plan predicts the run; every patient's archived records per table in
+/// the API are those the CSV files say the policy archives ([`synthea_archived`]); timestamps
+/// keep their instant; and every archived record of a clinical table is served as FHIR (valid
+/// R4 by fhir.resources) besides JSON, one resource per record, of the type its table holds;
+/// Encounter periods carry start and end instants.
 #[tokio::test]
 async fn synthea_as_init_drafted_it_serves_every_archived_record_as_fhir() {
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -731,8 +733,14 @@ current_when = { column = "STOP", values = ["<null>"] }
         .await
         .unwrap();
     assert_eq!(migration.warnings(), Vec::<String>::new());
+    let (plan, _) = migration.plan().await.unwrap();
     let run = migration.run(&mut |_| {}).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&plan.tables).unwrap(),
+        serde_json::to_value(&run.tables).unwrap()
+    );
     assert_tiers_add_up(&tier_counts(&load_config(&config_path)).await);
+    let expected = synthea_archived(&data, &drafted);
     let archived: std::collections::BTreeMap<&str, u64> = run
         .tables
         .iter()
@@ -802,10 +810,12 @@ current_when = { column = "STOP", values = ["<null>"] }
     );
     let mut entries = Vec::new();
     let mut outcomes = 0;
+    let mut served = std::collections::BTreeMap::<(String, String), u64>::new();
     for p in &patients {
         let history = get(format!("{base}/v1/patients/{p}/history?limit=1000")).await;
         for r in history["records"].as_array().unwrap() {
             let table = r["table"].as_str().unwrap();
+            *served.entry((p.clone(), table.to_string())).or_default() += 1;
             if mapped.contains_key(table) {
                 *json_by_table.entry(mapped[table].to_string()).or_default() += 1;
             }
@@ -850,6 +860,8 @@ current_when = { column = "STOP", values = ["<null>"] }
         }
     }
     server.kill().await.unwrap();
+    // Every patient's archived records per table are what the CSV files say.
+    assert_eq!(served, expected);
     assert_eq!(fhir_by_type, json_by_table);
     assert!(
         outcomes > 0,
@@ -1266,4 +1278,66 @@ fn init_drafts_a_policy_that_plans_as_written() {
         std::fs::read_to_string(dir.path().join("policy.toml")).unwrap(),
         "# mine\n"
     );
+}
+
+/// Per patient and table, the Synthea records the policy of
+/// [`synthea_as_init_drafted_it_serves_every_archived_record_as_fhir`] archives, computed from
+/// the CSV files alone (the csv crate) with the patient and date columns `init` drafted: a
+/// record is archived when its table is not pinned, it is not ongoing (conditions, medications
+/// and allergies without a STOP), its day (UTC) is a plausible one on or before 2019-06-30, and
+/// its patient's latest plausible day in any table is on or before 2022-06-30.
+fn synthea_archived(
+    data: &std::path::Path,
+    drafted: &toml::Table,
+) -> std::collections::BTreeMap<(String, String), u64> {
+    use chrono::NaiveDate;
+    let day = |s: &str| NaiveDate::parse_from_str(s.get(..10)?, "%Y-%m-%d").ok();
+    let (floor, as_of) = (
+        NaiveDate::from_ymd_opt(1901, 1, 1).unwrap(),
+        NaiveDate::from_ymd_opt(2024, 6, 30).unwrap(),
+    );
+    let plausible = |d: &Option<NaiveDate>| d.filter(|d| *d >= floor && *d <= as_of);
+    // (table, patient, day, ongoing) of every record with a patient.
+    let mut records = Vec::new();
+    for (table, t) in drafted["tables"].as_table().unwrap() {
+        let (Some(patient), Some(date)) = (
+            t.get("patient_key").and_then(|v| v.as_str()),
+            t.get("record_date").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        let mut reader = csv::Reader::from_path(data.join(format!("{table}.csv"))).unwrap();
+        for row in reader.deserialize::<std::collections::HashMap<String, String>>() {
+            let row = row.unwrap();
+            let ongoing = ["conditions", "medications", "allergies"].contains(&table.as_str())
+                && row["STOP"].is_empty();
+            records.push((
+                table.clone(),
+                row[patient].clone(),
+                day(&row[date]),
+                ongoing,
+            ));
+        }
+    }
+    let mut last = std::collections::HashMap::<String, NaiveDate>::new();
+    for (_, patient, d, _) in &records {
+        if let Some(d) = plausible(d) {
+            let l = last.entry(patient.clone()).or_insert(d);
+            *l = (*l).max(d);
+        }
+    }
+    let pinned = ["patients", "organizations", "providers", "payers"];
+    let (archive_cut, inactive_cut) = (
+        NaiveDate::from_ymd_opt(2019, 6, 30).unwrap(),
+        NaiveDate::from_ymd_opt(2022, 6, 30).unwrap(),
+    );
+    let mut archived = std::collections::BTreeMap::new();
+    for (table, patient, d, ongoing) in records {
+        let old = plausible(&d).is_some_and(|d| d <= archive_cut);
+        let inactive = last.get(&patient).is_none_or(|l| *l <= inactive_cut);
+        if !pinned.contains(&table.as_str()) && !ongoing && old && inactive {
+            *archived.entry((patient, table)).or_insert(0) += 1;
+        }
+    }
+    archived
 }

@@ -5,6 +5,17 @@
 use crate::support::*;
 use strata_ingest::{Db, Migration, RunReport};
 
+/// Creates the SQLite source `icu.db` in `dir` with `sql`; returns its URL.
+async fn sqlite_source(dir: &TestDir, sql: &str) -> String {
+    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
+    let db = Db::connect(&format!("{url}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(sql).await.unwrap();
+    db.close().await;
+    url
+}
+
 /// The policy of the research database below (dates shifted into the 22nd century).
 const ICU_POLICY: &str = r#"
 version = "icu-test-1"
@@ -39,11 +50,8 @@ fn tiers(report: &RunReport) -> Vec<(String, u64, u64, u64)> {
 #[tokio::test]
 async fn records_are_dated_through_their_parents_and_periods_by_their_end() {
     let dir = TestDir::new();
-    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
-    let db = Db::connect(&format!("{url}?mode=rwc"), false)
-        .await
-        .unwrap();
-    db.execute(
+    let url = sqlite_source(
+        &dir,
         "CREATE TABLE admissions (row_id INTEGER PRIMARY KEY, subject_id INTEGER, hadm_id INTEGER, admittime TIMESTAMP);
          CREATE TABLE diagnoses (row_id INTEGER PRIMARY KEY, subject_id INTEGER, hadm_id INTEGER, icd9_code TEXT);
          CREATE TABLE diagnosis_notes (row_id INTEGER PRIMARY KEY, subject_id INTEGER, diagnosis INTEGER, note TEXT);
@@ -62,9 +70,7 @@ async fn records_are_dated_through_their_parents_and_periods_by_their_end() {
          INSERT INTO observation_period VALUES (1, 1, '2150-01-01', '2151-12-31'), (2, 2, '2149-06-01', NULL),
                                                (3, 3, '2179-01-01', '2180-02-01');",
     )
-    .await
-    .unwrap();
-    db.close().await;
+    .await;
     let config = run_config(&url, "sqlite://operational.db")
         + r#"
 [tables.admissions]
@@ -160,18 +166,13 @@ record_date = { start = "start_date", end = "end_date" }
 #[tokio::test]
 async fn a_record_date_through_a_parent_is_checked_against_the_schema() {
     let dir = TestDir::new();
-    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
-    let db = Db::connect(&format!("{url}?mode=rwc"), false)
-        .await
-        .unwrap();
-    db.execute(
+    let url = sqlite_source(
+        &dir,
         "CREATE TABLE admissions (row_id INTEGER PRIMARY KEY, subject_id INTEGER, hadm_id INTEGER, admittime TIMESTAMP);
          CREATE TABLE stays (row_id INTEGER PRIMARY KEY, subject_id INTEGER, intime TIMESTAMP, outtime TIMESTAMP);
          CREATE TABLE diagnoses (row_id INTEGER PRIMARY KEY, subject_id INTEGER, hadm_id INTEGER, stay INTEGER);",
     )
-    .await
-    .unwrap();
-    db.close().await;
+    .await;
     let head = run_config(&url, "sqlite://operational.db")
         + r#"
 [tables.admissions]
@@ -438,27 +439,7 @@ async fn a_research_database_migrates_as_init_drafted_it() {
         String::from_utf8_lossy(&token.stderr)
     );
     let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .envs(secrets)
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(server.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("serve starts")
-            .unwrap()
-            .expect("serve prints its address");
-        if let Some(url) = line.split("listening on ").nth(1) {
-            break url.trim().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (mut server, base) = serve(&config_path, &secrets).await;
     let client = reqwest::Client::new();
     let mut served = std::collections::BTreeMap::<(String, String), u64>::new();
     for s in 1..=40 {
@@ -496,11 +477,8 @@ async fn a_research_database_migrates_as_init_drafted_it() {
 #[tokio::test]
 async fn configs_that_would_hide_archived_rows_from_the_patient_api_are_warned_about() {
     let dir = TestDir::new();
-    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
-    let db = Db::connect(&format!("{url}?mode=rwc"), false)
-        .await
-        .unwrap();
-    db.execute(
+    let url = sqlite_source(
+        &dir,
         "CREATE TABLE patients (row_id INTEGER PRIMARY KEY, subject_id INTEGER, dob DATE);
          CREATE TABLE admissions (row_id INTEGER PRIMARY KEY, subject_id INTEGER, admittime TIMESTAMP);
          CREATE TABLE labevents (row_id INTEGER PRIMARY KEY, subject_id INTEGER, charttime TIMESTAMP);
@@ -510,9 +488,7 @@ async fn configs_that_would_hide_archived_rows_from_the_patient_api_are_warned_a
          INSERT INTO labevents VALUES (1, 10006, '2150-10-24 02:00:00');
          INSERT INTO d_items VALUES (50912, 'Creatinine');",
     )
-    .await
-    .unwrap();
-    db.close().await;
+    .await;
     let config = run_config(&url, "sqlite://operational.db")
         + r#"
 [tables.patients]
@@ -571,18 +547,13 @@ primary_key = ["itemid"]
 #[tokio::test]
 async fn a_key_reused_across_patients_is_counted_explained_and_a_unique_one_proposed() {
     let dir = TestDir::new();
-    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
-    let db = Db::connect(&format!("{url}?mode=rwc"), false)
-        .await
-        .unwrap();
-    db.execute(
+    let url = sqlite_source(
+        &dir,
         "CREATE TABLE labevents (row_id INTEGER, subject_id INTEGER, charttime TIMESTAMP, valuenum REAL);
          INSERT INTO labevents VALUES (1, 1, '2150-01-01 10:00:00', 1.0), (2, 1, '2150-01-01 11:00:00', 2.0),
            (1, 2, '2179-01-01 10:00:00', 3.0), (2, 2, '2179-01-01 11:00:00', 4.0), (3, 2, '2179-01-01 12:00:00', 5.0);",
     )
-    .await
-    .unwrap();
-    db.close().await;
+    .await;
     let config = run_config(&url, "sqlite://operational.db")
         + "[tables.labevents]\nprimary_key = [\"row_id\"]\npatient_key = \"subject_id\"\nrecord_date = \"charttime\"\n";
     write_run_files(dir.path(), &config, ICU_POLICY);

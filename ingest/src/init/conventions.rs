@@ -155,6 +155,30 @@ pub(super) fn guess_date(table: &str, schema: &TableSchema) -> Option<String> {
         .map(|c| c.name.clone())
 }
 
+/// The column that ends a record: `STOP`, `end_date`, OMOP's `condition_end_date`, MIMIC's
+/// `dischtime` and `outtime`, Synthea's `END_YEAR`.
+pub(super) fn end_column(schema: &TableSchema) -> Option<String> {
+    schema
+        .columns
+        .iter()
+        .find(|c| {
+            let n = lower(&c.name);
+            matches!(
+                n.as_str(),
+                "stop"
+                    | "end"
+                    | "enddate"
+                    | "end_date"
+                    | "stop_date"
+                    | "end_year"
+                    | "dischtime"
+                    | "outtime"
+            ) || n.ends_with("_end_date")
+                || n.ends_with("_end_datetime")
+        })
+        .map(|c| c.name.clone())
+}
+
 /// A period table (its name says so: `observation_period`, `payer_plan_period`, enrolments)
 /// with a start and an end date column.
 pub(super) fn guess_period(table: &str, schema: &TableSchema) -> Option<RecordDateConfig> {

@@ -191,23 +191,7 @@ pub(super) fn guess_fhir(table: &str, schema: &TableSchema, g: &TableGuess) -> O
         }
         _ => (None, None),
     };
-    let end = end.or_else(|| {
-        schema
-            .columns
-            .iter()
-            .find(|c| {
-                let n = lower(&c.name);
-                n == "stop"
-                    || n == "end"
-                    || n == "end_year"
-                    || n == "dischtime"
-                    || n == "outtime"
-                    || n.ends_with("_end_date")
-                    || n.ends_with("_end_datetime")
-                    || n == "end_date"
-            })
-            .map(|c| c.name.clone())
-    });
+    let end = end.or_else(|| super::conventions::end_column(schema));
     if let Some(c) = start {
         settings.push(("start", c));
     }

@@ -5,7 +5,7 @@
 //! problems, medications, allergies and care plans (no end yet) clinically current.
 
 use super::classes::class_from_name;
-use super::{is_patient_table, lower, toml_str, TableGuess};
+use super::{is_patient_table, toml_str, TableGuess};
 use crate::db::TableSchema;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -70,7 +70,7 @@ pub(super) fn draft_policy(tables: &BTreeMap<String, (TableSchema, TableGuess)>)
             .fhir
             .as_ref()
             .filter(|f| ONGOING.contains(&f.resource))
-            .and_then(|_| end_column(schema))
+            .and_then(|_| super::conventions::end_column(schema))
         {
             let _ = writeln!(
                 s,
@@ -80,21 +80,4 @@ pub(super) fn draft_policy(tables: &BTreeMap<String, (TableSchema, TableGuess)>)
         }
     }
     s
-}
-
-/// The column that ends a record (`STOP`, `condition_end_date`, `enddate`...).
-fn end_column(schema: &TableSchema) -> Option<String> {
-    schema
-        .columns
-        .iter()
-        .find(|c| {
-            let n = lower(&c.name);
-            n == "stop"
-                || n == "end"
-                || n == "enddate"
-                || n == "end_date"
-                || n == "stop_date"
-                || n.ends_with("_end_date")
-        })
-        .map(|c| c.name.clone())
 }

@@ -11,6 +11,7 @@ mod legacy_schemas;
 mod policies;
 mod quarantine;
 mod support;
+mod verify;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

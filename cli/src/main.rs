@@ -80,6 +80,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prove the last run: per table, every source row is in exactly one place (operational,
+    /// archive, quarantine, purged), values included. Exit status: 0 proven, 1 mismatch, 2
+    /// could not verify.
+    Verify {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Profile each configured table: null rate, distinct values, range, duplicate keys,
     /// implausible dates, invalid LOINC, ICD-10-CM and NPI codes. Moves nothing.
     Profile {
@@ -249,6 +262,11 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { config, json } => migration::check(&Context::load(&config)?, json).await,
+        Command::Verify {
+            config,
+            json,
+            report,
+        } => migration::verify(&Context::load(&config)?, json, report).await,
         Command::Profile { config, json } => {
             migration::profile(&Context::load(&config)?, json).await
         }

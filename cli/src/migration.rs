@@ -33,6 +33,55 @@ async fn prepare(ctx: &Context) -> Result<Migration> {
     Ok(migration)
 }
 
+/// `strata verify`: exits 1 on a mismatch (2, through the caller, when it cannot verify).
+pub async fn verify(ctx: &Context, json: bool, report_file: Option<PathBuf>) -> Result<()> {
+    let control = ctx.control().await?.clone();
+    let Some((run_id, run)) = control
+        .last_finished_run_report::<strata_ingest::RunReport>()
+        .await?
+    else {
+        anyhow::bail!("no finished run to verify: run `strata migrate` first");
+    };
+    let as_of: chrono::NaiveDate = run
+        .as_of
+        .parse()
+        .with_context(|| format!("run {run_id}: as_of {:?}", run.as_of))?;
+    let migration = Migration::prepare_with(ctx.config.migration.clone(), control, as_of).await?;
+    // A run is proven under its own rules: the same policy text, the same holds.
+    let now = migration.report_header_for_verify();
+    anyhow::ensure!(
+        now.policy_hash == run.policy_hash && now.as_of == run.as_of,
+        "run {run_id} ran under policy {} (sha256 {}), as of {}; the policy file is now {} (sha256 {}): restore it to verify that run",
+        run.policy_version,
+        &run.policy_hash[..12.min(run.policy_hash.len())],
+        run.as_of,
+        now.policy_version,
+        &now.policy_hash[..12.min(now.policy_hash.len())]
+    );
+    anyhow::ensure!(
+        now.holds == run.holds,
+        "the legal holds in force changed since run {run_id} ({:?} then, {:?} now): its decisions cannot be replayed",
+        run.holds,
+        now.holds
+    );
+    let report = migration.verify(&run_id).await?;
+    if let Some(path) = report_file {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    if !report.proven() {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 /// `strata check`.
 pub async fn check(ctx: &Context, json: bool) -> Result<()> {
     let migration = prepare(ctx).await?;

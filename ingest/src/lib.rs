@@ -48,7 +48,10 @@ pub use error::{IngestError, Result};
 pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EXACT_DISTINCT};
 pub use layout::TableLayout;
-pub use migrate::{check_policy, read_policy, Explanation, Migration, PolicyCheck};
+pub use migrate::{
+    check_policy, read_policy, Explanation, Holding, Migration, PolicyCheck, TableProof,
+    VerifyReport,
+};
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, EXACT_PATIENTS};
 pub use run_lock::RunLock;

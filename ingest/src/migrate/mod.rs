@@ -10,6 +10,7 @@
 //! not checkpointed, and nothing is lost or duplicated. Purged rows leave only a destruction
 //! record: counts, key range, checksum.
 
+mod canonical;
 mod destroyed;
 mod explain;
 mod naming;
@@ -17,8 +18,10 @@ mod range;
 mod route;
 mod sinks;
 mod target;
+mod verify;
 
 pub(crate) use route::coerce_row;
+pub use verify::{Holding, TableProof, VerifyReport};
 
 use crate::config::MigrationConfig;
 use crate::db::{Column, Db, DbKind, TableSchema};
@@ -349,6 +352,12 @@ impl Migration {
             snapshot,
         )
         .await
+    }
+
+    /// What a run under this migration's policy, `as_of` and holds would record (its tables
+    /// empty): to compare with the run a verification proves.
+    pub fn report_header_for_verify(&self) -> RunReport {
+        self.report_header("")
     }
 
     fn report_header(&self, run_id: &str) -> RunReport {

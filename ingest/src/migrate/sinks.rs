@@ -129,7 +129,7 @@ impl<'c> RowChecks<'c> {
     /// A problem that keeps the row out of every tier: a NULL or repeated primary key (when
     /// the source does not enforce its key), or, for a row bound for the operational
     /// database, a value the target would reject or change.
-    fn check(
+    pub(super) fn check(
         &mut self,
         layout: &TableLayout,
         values: &[Value],

@@ -1,0 +1,431 @@
+//! `strata verify`: proves, per table and tier, that the source's rows are where the last run
+//! put them: **source = operational ⊎ archive ⊎ quarantine ⊎ purged**. The source is read and
+//! routed again exactly as a plan does (the same route stage, the same checks, the run's
+//! policy and `as_of`), and each row's canonical digest ([`super::canonical`]) is summed into
+//! the tier it belongs to; the operational tables and the archive's files are read back and
+//! summed alike. Equal counts and sums prove that each tier holds exactly its rows, values
+//! included; any difference (a changed value, a missing or extra row, a row in the wrong tier,
+//! a row in two places) changes a sum. Quarantine is proven by count, destructions by their
+//! records' key checksums (the same sum over the rows' key digests).
+
+use super::canonical::{row_of_archive, row_of_values, Sum};
+use super::destroyed::{add_256, Destroyed};
+use super::sinks::{LongBlobs, RangeOutcome, RangeSink, RowChecks};
+use super::target::{target_columns, QUARANTINE_TABLE};
+use super::Migration;
+use crate::db::{pg_select_expr, quote, Db, DbKind, ReadAs};
+use crate::error::{IngestError, Result};
+use crate::layout::TableLayout;
+use crate::ranges::KeyRange;
+use crate::report::Tally;
+use crate::target_check::TargetChecks;
+use crate::value::{ColumnType, Value};
+use chrono::NaiveDate;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use strata_cutoff_policies::Tier;
+
+/// What one place holds of a table: rows, and the order-independent sum of their digests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    /// Rows.
+    pub rows: u64,
+    /// `sum256:` and the sum's hex; None where only rows are compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+/// The proof for one table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TableProof {
+    /// The table.
+    pub table: String,
+    /// Rows read from the source.
+    pub source_rows: u64,
+    /// Per place (`operational`, `archive`, `quarantine`, `purged`): what the source says it
+    /// must hold.
+    pub expected: BTreeMap<String, Holding>,
+    /// Per place: what it holds.
+    pub found: BTreeMap<String, Holding>,
+    /// What does not match, one line per place (never a value).
+    pub mismatches: Vec<String>,
+}
+
+/// What `strata verify` proved.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// The run verified.
+    pub run_id: String,
+    /// Its policy version and `as_of`.
+    pub policy_version: String,
+    /// The day taken as "now" by the run.
+    pub as_of: String,
+    /// Strata's version.
+    pub strata_version: String,
+    /// When the verification started and ended (RFC 3339).
+    pub started: String,
+    /// When it ended.
+    pub finished: String,
+    /// Per table.
+    pub tables: Vec<TableProof>,
+}
+
+impl VerifyReport {
+    /// Whether every table is proven.
+    pub fn proven(&self) -> bool {
+        self.tables.iter().all(|t| t.mismatches.is_empty())
+    }
+
+    /// Readable text: per table, proven or what differs.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "run {} under policy {} (as of {}): {}\n",
+            self.run_id,
+            self.policy_version,
+            self.as_of,
+            if self.proven() {
+                "every source row is in exactly one place, values included"
+            } else {
+                "MISMATCH"
+            }
+        );
+        for t in &self.tables {
+            let held = |place: &str| t.found.get(place).map_or(0, |h| h.rows);
+            s.push_str(&format!(
+                "{:<24} {:>9} source = {} operational + {} archive + {} quarantine + {} purged: {}\n",
+                t.table,
+                t.source_rows,
+                held("operational"),
+                held("archive"),
+                held("quarantine"),
+                held("purged"),
+                if t.mismatches.is_empty() {
+                    "proven"
+                } else {
+                    "MISMATCH"
+                }
+            ));
+            for m in &t.mismatches {
+                s.push_str(&format!("  {m}\n"));
+            }
+        }
+        s
+    }
+}
+
+/// What the source says each tier of a table must hold.
+#[derive(Default)]
+struct Expected {
+    operational: Sum,
+    archive: Sum,
+    destroyed: Destroyed,
+}
+
+/// The sink of a verification: the plan's checks, and each row's digest summed into its tier.
+struct Verifying<'c> {
+    checks: RowChecks<'c>,
+    expected: &'c mut Expected,
+    layout: &'c TableLayout,
+}
+
+impl RangeSink for Verifying<'_> {
+    fn streams_blobs(&self) -> bool {
+        false
+    }
+
+    fn read(&self, _rows: u64, _bytes: u64) {}
+
+    async fn read_long_blobs(
+        &mut self,
+        _layout: &TableLayout,
+        _values: &mut [Value],
+        _long: &LongBlobs<'_>,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn problem(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        tier: Tier,
+    ) -> Option<(usize, &'static str)> {
+        self.checks.check(layout, values, tier)
+    }
+
+    fn quarantine(
+        &mut self,
+        _layout: &TableLayout,
+        _values: &[Value],
+        _ordinal: (usize, u64),
+        _column: usize,
+        _reason: &str,
+        in_range: u64,
+    ) -> u64 {
+        in_range
+    }
+
+    fn purge(&mut self, layout: &TableLayout, values: &[Value], ordinal: (usize, u64)) {
+        self.expected.destroyed.add(layout, values, ordinal);
+    }
+
+    async fn operational(&mut self, values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
+        self.expected
+            .operational
+            .add(&row_of_values(self.layout, &values));
+        Ok(None)
+    }
+
+    async fn archive(
+        &mut self,
+        layout: &TableLayout,
+        _patient: Option<&str>,
+        _date: Option<NaiveDate>,
+        values: Vec<Value>,
+        _long: &LongBlobs<'_>,
+    ) -> Result<()> {
+        self.expected.archive.add(&row_of_values(layout, &values));
+        Ok(())
+    }
+
+    async fn finish(self, _layout: &TableLayout, tally: Tally) -> Result<RangeOutcome> {
+        Ok(RangeOutcome {
+            tally,
+            destroyed: Destroyed::default(),
+            manifest: None,
+            quarantine: Vec::new(),
+        })
+    }
+}
+
+impl Migration {
+    /// Proves the last finished run (`run_id`) table by table: see the module's docs. The
+    /// migration must be prepared with that run's `as_of` and policy.
+    pub async fn verify(&self, run_id: &str) -> Result<VerifyReport> {
+        let started = chrono::Utc::now();
+        let facts = self.patient_facts().await?;
+        let url = self.config.resolve_url(&self.config.operational.url)?;
+        let target = Db::connect(&url, true).await?;
+        let target_kind = target.kind();
+        let (store, keys) = self
+            .config
+            .archive
+            .open(&self.config.base_dir)
+            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
+        let archive = strata_archive::ArchiveReader::open(store, keys)
+            .await
+            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
+        let destructions = self.control.destructions().await?;
+        let existing = target.table_names().await?;
+        let mut report = VerifyReport {
+            run_id: run_id.to_string(),
+            policy_version: self.policy.version().to_string(),
+            as_of: self.as_of().to_string(),
+            strata_version: env!("CARGO_PKG_VERSION").to_string(),
+            started: started.to_rfc3339(),
+            ..Default::default()
+        };
+        for layout in &self.layouts {
+            // What the source says.
+            let (columns, _) = target_columns(
+                self.source.kind(),
+                (target_kind, Some(&target)),
+                &layout.target_schema(),
+                &layout.casts,
+            )
+            .await?;
+            let checks = TargetChecks::new(&columns, target_kind);
+            let mut expected = Expected::default();
+            let sink = Verifying {
+                checks: RowChecks::new(layout, &checks, !self.source_enforces_key(layout)),
+                expected: &mut expected,
+                layout,
+            };
+            let whole = KeyRange {
+                index: 0,
+                filter: None,
+            };
+            let outcome = self.route_range(layout, &whole, &facts, None, sink).await?;
+            let tally = outcome.tally.report;
+
+            // What each place holds.
+            let operational = if existing.contains(&layout.name) {
+                operational_sum(&target, layout).await?
+            } else {
+                Sum::default()
+            };
+            let mut archived = Sum::default();
+            let mut unreadable = Vec::new();
+            for m in archive
+                .catalog()
+                .tables
+                .get(&layout.name)
+                .into_iter()
+                .flatten()
+            {
+                for f in &m.files {
+                    // A file the catalog lists but the store lacks (or cannot decrypt) is a
+                    // finding, not a failure to verify.
+                    let batches = match archive.read_file(f).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            unreadable
+                                .push(format!("archive: file {} cannot be read: {e}", f.path));
+                            continue;
+                        }
+                    };
+                    for b in &batches {
+                        let batch = strata_archive::ArchivedBatch::new(b, &m.blob_columns);
+                        for row in 0..batch.num_rows() {
+                            archived.add(&row_of_archive(layout, &batch, row));
+                        }
+                    }
+                }
+            }
+            // Strata's own tables are not among the tables listed: a run creates the
+            // quarantine table with the first operational table.
+            let quarantined = if !existing.is_empty() {
+                count(
+                    &target,
+                    &format!(
+                        "SELECT COUNT(*) FROM {QUARANTINE_TABLE} WHERE table_name = '{}'",
+                        layout.name.replace('\'', "''")
+                    ),
+                )
+                .await?
+            } else {
+                0
+            };
+            let (mut purged_rows, mut purged_sum, mut comparable) = (0, [0u8; 32], true);
+            for (d, _) in destructions.iter().filter(|(d, _)| d.table == layout.name) {
+                purged_rows += d.rows;
+                match d
+                    .key_checksum
+                    .strip_prefix("sum256:")
+                    .and_then(|h| hex::decode(h).ok())
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                {
+                    Some(sum) => add_256(&mut purged_sum, &sum),
+                    None => comparable = false,
+                }
+            }
+
+            let mut proof = TableProof {
+                table: layout.name.clone(),
+                source_rows: tally.source_rows,
+                ..Default::default()
+            };
+            proof.mismatches.extend(unreadable);
+            let mut place = |name: &str, want: Holding, got: Holding| {
+                if want != got {
+                    proof.mismatches.push(mismatch(name, &want, &got));
+                }
+                proof.expected.insert(name.to_string(), want);
+                proof.found.insert(name.to_string(), got);
+            };
+            let held = |s: &Sum| Holding {
+                rows: s.rows,
+                checksum: Some(s.text()),
+            };
+            place(
+                "operational",
+                held(&expected.operational),
+                held(&operational),
+            );
+            place("archive", held(&expected.archive), held(&archived));
+            let rows_only = |rows| Holding {
+                rows,
+                checksum: None,
+            };
+            place(
+                "quarantine",
+                rows_only(tally.quarantined_rows),
+                rows_only(quarantined),
+            );
+            let destroyed_sum = Sum {
+                rows: purged_rows,
+                sum: purged_sum,
+            };
+            let expected_destroyed = Sum {
+                rows: expected.destroyed.rows,
+                sum: expected.destroyed.checksum,
+            };
+            if comparable {
+                place("purged", held(&expected_destroyed), held(&destroyed_sum));
+            } else {
+                // Records of older versions XOR key digests: only their counts compare.
+                place(
+                    "purged",
+                    rows_only(expected_destroyed.rows),
+                    rows_only(destroyed_sum.rows),
+                );
+            }
+            report.tables.push(proof);
+        }
+        target.close().await;
+        report.finished = chrono::Utc::now().to_rfc3339();
+        Ok(report)
+    }
+}
+
+/// One place's mismatch as a line: rows, or the values of rows when the counts agree.
+fn mismatch(place: &str, want: &Holding, got: &Holding) -> String {
+    if want.rows != got.rows {
+        format!(
+            "{place}: {} rows expected, {} found ({})",
+            want.rows,
+            got.rows,
+            if got.rows > want.rows {
+                "extra rows"
+            } else {
+                "rows missing"
+            }
+        )
+    } else {
+        format!(
+            "{place}: {} rows as expected, but their values differ (checksum {} expected, {} found)",
+            want.rows,
+            want.checksum.as_deref().unwrap_or("-"),
+            got.checksum.as_deref().unwrap_or("-")
+        )
+    }
+}
+
+/// The sum of an operational table's rows, read back as the layout's column types.
+async fn operational_sum(target: &Db, layout: &TableLayout) -> Result<Sum> {
+    let columns: Vec<String> = layout
+        .target_names
+        .iter()
+        .zip(layout.columns())
+        .map(|(name, c)| match target.kind() {
+            DbKind::Postgres => pg_select_expr(&quote(name), c.col_type),
+            DbKind::Sqlite => quote(name),
+        })
+        .collect();
+    let sql = format!("SELECT {} FROM {}", columns.join(", "), quote(&layout.name));
+    let types: Vec<ReadAs> = layout
+        .columns()
+        .iter()
+        .map(|c| ReadAs::Type(c.col_type))
+        .collect();
+    let mut rows = target.fetch(sql, types);
+    let mut sum = Sum::default();
+    let column_types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
+    while let Some(row) = rows.next().await {
+        let mut values = row?;
+        // Read as the route stage coerces: what the database returns as another type (a
+        // SQLite integer in a REAL column) is compared as the column's type.
+        let _ = super::route::coerce_row(&mut values, &column_types);
+        sum.add(&row_of_values(layout, &values));
+    }
+    Ok(sum)
+}
+
+async fn count(db: &Db, sql: &str) -> Result<u64> {
+    let rows = db.fetch_all(sql.to_string(), vec![ColumnType::Int]).await?;
+    Ok(match rows.first().map(|r| &r[0]) {
+        Some(Value::Int(n)) => *n as u64,
+        _ => 0,
+    })
+}

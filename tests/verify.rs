@@ -1,0 +1,133 @@
+//! `strata verify`: a clean migration proves clean; each way a copy can go wrong after the run
+//! (a changed value, a missing or extra row, a row in two tiers, a missing archive file, a
+//! quarantined row deleted) is found, naming the table and the place, with exit status 1.
+
+use crate::support::*;
+use strata_ingest::Db;
+
+/// `strata verify` on `dir`'s config: exit status and standard output.
+fn verify(dir: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["verify", "--config"])
+        .arg(dir.join("strata.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+}
+
+/// Runs `sql` on the operational database of `dir`.
+async fn operational(dir: &std::path::Path, sql: &str) {
+    let db = Db::connect(
+        &format!("sqlite://{}", dir.join("operational.db").display()),
+        false,
+    )
+    .await
+    .unwrap();
+    db.execute(sql).await.unwrap();
+    db.close().await;
+}
+
+#[tokio::test]
+async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
+    let dir = TestDir::new();
+    let source = format!("sqlite://{}", dir.path().join("legacy.db").display());
+    generate(&source, 0.02, true).await;
+    // A row to quarantine: a date no one can read.
+    let db = Db::connect(&source, false).await.unwrap();
+    db.execute("UPDATE lab_results SET observed_at = 'not a date' WHERE id = (SELECT MIN(id) FROM lab_results)")
+        .await
+        .unwrap();
+    db.close().await;
+    let config_path = write_sqlite_config(dir.path(), &source, &example_policy());
+    let report = strata_ingest::Migration::prepare(load_config(&config_path), as_of())
+        .await
+        .unwrap()
+        .run(&mut |_| {})
+        .await
+        .unwrap();
+    assert!(report.tables.iter().any(|t| t.quarantined_rows > 0));
+    assert!(report.tables.iter().any(|t| t.purged_rows > 0));
+    let (status, out) = verify(dir.path());
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("every source row is in exactly one place"),
+        "{out}"
+    );
+
+    // Each mutation is made on a copy of the operational database, then undone.
+    let db = dir.path().join("operational.db");
+    let pristine = dir.path().join("operational.pristine");
+    std::fs::copy(&db, &pristine).unwrap();
+    let cases: [(&str, &str, &str, &str); 4] = [
+        (
+            "UPDATE lab_results SET status = 'amended' WHERE id = (SELECT MIN(id) FROM lab_results)",
+            "lab_results",
+            "operational: ",
+            "their values differ",
+        ),
+        (
+            "DELETE FROM encounters WHERE id = (SELECT MIN(id) FROM encounters)",
+            "encounters",
+            "operational: ",
+            "rows missing",
+        ),
+        (
+            // An archived (or purged) record copied into the operational database too.
+            &*format!(
+                "ATTACH DATABASE '{}' AS src; \
+                 INSERT INTO encounters SELECT * FROM src.encounters WHERE id NOT IN (SELECT id FROM encounters) LIMIT 1",
+                dir.path().join("legacy.db").display()
+            ),
+            "encounters",
+            "operational: ",
+            "extra rows",
+        ),
+        (
+            "DELETE FROM _strata_quarantine WHERE rowid = (SELECT MIN(rowid) FROM _strata_quarantine)",
+            "",
+            "quarantine: ",
+            "rows missing",
+        ),
+    ];
+    for (sql, table, place, what) in cases {
+        operational(dir.path(), sql).await;
+        let (status, out) = verify(dir.path());
+        assert_eq!(status, 1, "{sql}: {out}");
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(place) && l.contains(what))
+            .unwrap_or_else(|| panic!("{sql}: {out}"));
+        if !table.is_empty() {
+            let table_line = out
+                .lines()
+                .find(|l| l.starts_with(table))
+                .unwrap_or_else(|| panic!("{sql}: {out}"));
+            assert!(table_line.ends_with("MISMATCH"), "{out}");
+        }
+        assert!(!line.is_empty());
+        std::fs::copy(&pristine, &db).unwrap();
+    }
+    assert_eq!(verify(dir.path()).0, 0);
+
+    // A missing archive file is named.
+    let config = load_config(&config_path);
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let file = archive.catalog().tables["lab_results"][0].files[0]
+        .path
+        .clone();
+    let on_disk = dir.path().join("archive").join(&file);
+    std::fs::rename(&on_disk, dir.path().join("moved.parquet")).unwrap();
+    let (status, out) = verify(dir.path());
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains(&format!("archive: file {file} cannot be read")),
+        "{out}"
+    );
+    assert!(
+        out.contains("archive: ") && out.contains("rows missing"),
+        "{out}"
+    );
+}

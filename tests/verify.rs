@@ -112,6 +112,36 @@ async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
     }
     assert_eq!(verify(dir.path()).0, 0);
 
+    // A mismatch is narrowed down to its records: which key, what kind, which columns.
+    operational(
+        dir.path(),
+        "UPDATE lab_results SET status = 'amended', unit = 'x' WHERE id = (SELECT MIN(id) FROM lab_results); \
+         DELETE FROM encounters WHERE id = (SELECT MAX(id) FROM encounters)",
+    )
+    .await;
+    let target = Db::connect(&format!("sqlite://{}", db.display()), true).await.unwrap();
+    let ids = target
+        .fetch_all(
+            "SELECT (SELECT MIN(id) FROM lab_results)".into(),
+            vec![strata_ingest::ColumnType::Int],
+        )
+        .await
+        .unwrap();
+    target.close().await;
+    let lab = ids[0][0].as_key_text().unwrap();
+    let (status, out) = verify(dir.path());
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains(&format!("operational: changed id={lab} (unit, status)"))
+            || out.contains(&format!("operational: changed id={lab} (status, unit)")),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.trim_start().starts_with("operational: missing id=")),
+        "{out}"
+    );
+    std::fs::copy(&pristine, &db).unwrap();
+
     // A missing archive file is named.
     let config = load_config(&config_path);
     let archive = open_archive(&config.archive, &config.base_dir).await;

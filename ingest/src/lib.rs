@@ -49,8 +49,8 @@ pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EXACT_DISTINCT};
 pub use layout::TableLayout;
 pub use migrate::{
-    check_policy, read_policy, Explanation, Holding, Migration, PolicyCheck, TableProof,
-    VerifyReport,
+    check_policy, read_policy, Difference, Explanation, Holding, Migration, PolicyCheck,
+    TableProof, VerifyReport, LISTED_DIFFERENCES,
 };
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, EXACT_PATIENTS};

@@ -135,6 +135,64 @@ pub(super) fn row_of_archive(
     d.finish()
 }
 
+/// Per column of a row of `layout`, 8 bytes of its value's digest: what a mismatch is narrowed
+/// with (which record, which columns), never the values. From the source or the operational
+/// database (`values`), or from an archived batch.
+pub(super) fn columns_of_values(layout: &TableLayout, values: &[Value]) -> Vec<u64> {
+    (0..layout.columns().len())
+        .map(|i| {
+            let mut d = RowDigest::new();
+            if layout.blobs.iter().any(|b| b.column == i) {
+                match &values[i] {
+                    Value::Bytes(b) => d.blob(Some(&hex::encode(Sha256::digest(b)))),
+                    Value::Null => d.blob(None),
+                    other => d.blob(Some(&hex::encode(Sha256::digest(
+                        other.as_key_text().unwrap_or_default().as_bytes(),
+                    )))),
+                }
+            } else {
+                d.value(&values[i]);
+            }
+            short(d.finish())
+        })
+        .collect()
+}
+
+/// [`columns_of_values`] for row `row` of an archived batch.
+pub(super) fn columns_of_archive(
+    layout: &TableLayout,
+    batch: &ArchivedBatch<'_>,
+    row: usize,
+) -> Vec<u64> {
+    let blobs: Vec<(&str, String)> = batch
+        .blobs(row)
+        .map(|(column, r)| (column, r.sha256))
+        .collect();
+    layout
+        .target_names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut d = RowDigest::new();
+            if layout.blobs.iter().any(|b| b.column == i) {
+                d.blob(
+                    blobs
+                        .iter()
+                        .find(|(c, _)| c == name)
+                        .map(|(_, h)| h.as_str()),
+                );
+            } else {
+                d.cell(&batch.value(name, row).unwrap_or(Cell::Null));
+            }
+            short(d.finish())
+        })
+        .collect()
+}
+
+fn short(d: [u8; 32]) -> u64 {
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
 /// Rows and the sum (mod 2^256) of their digests: an order-independent checksum in which two
 /// identical rows count twice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

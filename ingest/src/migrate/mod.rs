@@ -21,7 +21,7 @@ mod target;
 mod verify;
 
 pub(crate) use route::coerce_row;
-pub use verify::{Holding, TableProof, VerifyReport};
+pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
 
 use crate::config::MigrationConfig;
 use crate::db::{Column, Db, DbKind, TableSchema};

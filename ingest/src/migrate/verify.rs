@@ -8,8 +8,9 @@
 //! a row in two places) changes a sum. Quarantine is proven by count, destructions by their
 //! records' key checksums (the same sum over the rows' key digests).
 
-use super::canonical::{row_of_archive, row_of_values, Sum};
+use super::canonical::{columns_of_archive, columns_of_values, row_of_archive, row_of_values, Sum};
 use super::destroyed::{add_256, Destroyed};
+use super::naming::row_key;
 use super::sinks::{LongBlobs, RangeOutcome, RangeSink, RowChecks};
 use super::target::{target_columns, QUARANTINE_TABLE};
 use super::Migration;
@@ -50,6 +51,36 @@ pub struct TableProof {
     pub found: BTreeMap<String, Holding>,
     /// What does not match, one line per place (never a value).
     pub mismatches: Vec<String>,
+    /// The records that differ, narrowed down where a place does not match: `missing`,
+    /// `extra` or `changed` (with the columns that differ), by record key, at most
+    /// [`LISTED_DIFFERENCES`] per place (then counted in `more_differences`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<Difference>,
+    /// Differences beyond those listed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub more_differences: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Differences listed per place and table; the rest are counted.
+pub const LISTED_DIFFERENCES: usize = 20;
+
+/// One record that differs between what the source says a place must hold and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Difference {
+    /// `operational` or `archive`.
+    pub place: String,
+    /// The record's key (`col=value` of its primary key; for a table without one, a digest of
+    /// its values, `#2` for the second of identical rows).
+    pub key: String,
+    /// `missing`, `extra` or `changed`.
+    pub kind: String,
+    /// For a changed record: the columns whose values differ (never the values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
 }
 
 /// What `strata verify` proved.
@@ -108,6 +139,17 @@ impl VerifyReport {
             ));
             for m in &t.mismatches {
                 s.push_str(&format!("  {m}\n"));
+            }
+            for d in &t.differences {
+                let columns = if d.columns.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", d.columns.join(", "))
+                };
+                s.push_str(&format!("    {}: {} {}{columns}\n", d.place, d.kind, d.key));
+            }
+            if t.more_differences > 0 {
+                s.push_str(&format!("    ... and {} more\n", t.more_differences));
             }
         }
         s
@@ -199,7 +241,245 @@ impl RangeSink for Verifying<'_> {
     }
 }
 
+/// A place's records by key: per column, 8 bytes of its value's digest.
+type Records = BTreeMap<String, Vec<u64>>;
+
+/// The record key verification narrows by: the primary key as the archive names records, or
+/// for a table without one a digest of its columns (`#2`, `#3` for identical rows).
+fn insert_record(
+    layout: &TableLayout,
+    records: &mut Records,
+    key: Option<String>,
+    columns: Vec<u64>,
+) {
+    let key = key.unwrap_or_else(|| {
+        let bytes: Vec<u8> = columns.iter().flat_map(|c| c.to_le_bytes()).collect();
+        let digest = hex::encode(
+            &sha2::Digest::finalize(sha2::Digest::chain_update(
+                <sha2::Sha256 as sha2::Digest>::new(),
+                &bytes,
+            ))[..8],
+        );
+        let mut key = digest.clone();
+        let mut n = 1;
+        while records.contains_key(&key) {
+            n += 1;
+            key = format!("{digest}#{n}");
+        }
+        key
+    });
+    debug_assert!(layout.columns().len() == columns.len());
+    records.insert(key, columns);
+}
+
+fn values_key(layout: &TableLayout, values: &[Value]) -> Option<String> {
+    (!layout.key.is_empty()).then(|| row_key(layout, values, (0, 0)))
+}
+
+/// The sink of a narrowing pass: the records the source says `tier` must hold, by key.
+struct Keyed<'c> {
+    checks: RowChecks<'c>,
+    tier: Tier,
+    records: &'c mut Records,
+    layout: &'c TableLayout,
+}
+
+impl RangeSink for Keyed<'_> {
+    fn streams_blobs(&self) -> bool {
+        false
+    }
+
+    fn read(&self, _rows: u64, _bytes: u64) {}
+
+    async fn read_long_blobs(
+        &mut self,
+        _layout: &TableLayout,
+        _values: &mut [Value],
+        _long: &LongBlobs<'_>,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn problem(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        tier: Tier,
+    ) -> Option<(usize, &'static str)> {
+        self.checks.check(layout, values, tier)
+    }
+
+    fn quarantine(
+        &mut self,
+        _layout: &TableLayout,
+        _values: &[Value],
+        _ordinal: (usize, u64),
+        _column: usize,
+        _reason: &str,
+        in_range: u64,
+    ) -> u64 {
+        in_range
+    }
+
+    fn purge(&mut self, _layout: &TableLayout, _values: &[Value], _ordinal: (usize, u64)) {}
+
+    async fn operational(&mut self, values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
+        if self.tier == Tier::Operational {
+            let key = values_key(self.layout, &values);
+            insert_record(
+                self.layout,
+                self.records,
+                key,
+                columns_of_values(self.layout, &values),
+            );
+        }
+        Ok(None)
+    }
+
+    async fn archive(
+        &mut self,
+        layout: &TableLayout,
+        _patient: Option<&str>,
+        _date: Option<NaiveDate>,
+        values: Vec<Value>,
+        _long: &LongBlobs<'_>,
+    ) -> Result<()> {
+        if self.tier == Tier::Archive {
+            let key = values_key(layout, &values);
+            insert_record(
+                layout,
+                self.records,
+                key,
+                columns_of_values(layout, &values),
+            );
+        }
+        Ok(())
+    }
+
+    async fn finish(self, _layout: &TableLayout, tally: Tally) -> Result<RangeOutcome> {
+        Ok(RangeOutcome {
+            tally,
+            destroyed: Destroyed::default(),
+            manifest: None,
+            quarantine: Vec::new(),
+        })
+    }
+}
+
+/// The differences between what `place` must hold and holds: missing, extra and changed
+/// records (the columns that differ), the first [`LISTED_DIFFERENCES`] listed, all counted.
+fn differences(
+    layout: &TableLayout,
+    place: &str,
+    expected: &Records,
+    found: &Records,
+) -> (Vec<Difference>, u64) {
+    let mut all = Vec::new();
+    for (key, want) in expected {
+        match found.get(key) {
+            None => all.push((key, "missing", Vec::new())),
+            Some(got) if got != want => {
+                let columns = want
+                    .iter()
+                    .zip(got)
+                    .enumerate()
+                    .filter(|(_, (a, b))| a != b)
+                    .map(|(i, _)| layout.target_names[i].clone())
+                    .collect();
+                all.push((key, "changed", columns));
+            }
+            Some(_) => {}
+        }
+    }
+    for key in found.keys().filter(|k| !expected.contains_key(*k)) {
+        all.push((key, "extra", Vec::new()));
+    }
+    let total = all.len() as u64;
+    let listed: Vec<Difference> = all
+        .into_iter()
+        .take(LISTED_DIFFERENCES)
+        .map(|(key, kind, columns)| Difference {
+            place: place.to_string(),
+            key: key.clone(),
+            kind: kind.to_string(),
+            columns,
+        })
+        .collect();
+    let more = total - listed.len() as u64;
+    (listed, more)
+}
+
 impl Migration {
+    /// Narrows a mismatch of `tier` in `layout`'s table down to its records: the source
+    /// routed again, keyed, against the place read again, keyed.
+    async fn narrow(
+        &self,
+        layout: &TableLayout,
+        tier: Tier,
+        facts: &std::collections::HashMap<String, strata_cutoff_policies::PatientFacts>,
+        checks: &TargetChecks,
+        target: &Db,
+        archive: &strata_archive::ArchiveReader,
+    ) -> Result<(Vec<Difference>, u64)> {
+        let mut expected = Records::new();
+        let sink = Keyed {
+            checks: RowChecks::new(layout, checks, !self.source_enforces_key(layout)),
+            tier,
+            records: &mut expected,
+            layout,
+        };
+        let whole = KeyRange {
+            index: 0,
+            filter: None,
+        };
+        self.route_range(layout, &whole, facts, None, sink).await?;
+        let mut found = Records::new();
+        let place = match tier {
+            Tier::Operational => {
+                let mut rows = target.fetch(operational_select(target, layout), read_types(layout));
+                let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
+                while let Some(row) = rows.next().await {
+                    let mut values = row?;
+                    let _ = super::route::coerce_row(&mut values, &types);
+                    let key = values_key(layout, &values);
+                    insert_record(layout, &mut found, key, columns_of_values(layout, &values));
+                }
+                "operational"
+            }
+            _ => {
+                for m in archive
+                    .catalog()
+                    .tables
+                    .get(&layout.name)
+                    .into_iter()
+                    .flatten()
+                {
+                    for f in &m.files {
+                        let Ok(batches) = archive.read_file(f).await else {
+                            continue; // named as unreadable already
+                        };
+                        for b in &batches {
+                            let batch = strata_archive::ArchivedBatch::new(b, &m.blob_columns);
+                            for row in 0..batch.num_rows() {
+                                let key = (!layout.key.is_empty())
+                                    .then(|| batch.key(row).map(str::to_string))
+                                    .flatten();
+                                insert_record(
+                                    layout,
+                                    &mut found,
+                                    key,
+                                    columns_of_archive(layout, &batch, row),
+                                );
+                            }
+                        }
+                    }
+                }
+                "archive"
+            }
+        };
+        Ok(differences(layout, place, &expected, &found))
+    }
+
     /// Proves the last finished run (`run_id`) table by table: see the module's docs. The
     /// migration must be prepared with that run's `as_of` and policy.
     pub async fn verify(&self, run_id: &str) -> Result<VerifyReport> {
@@ -361,6 +641,18 @@ impl Migration {
                     rows_only(destroyed_sum.rows),
                 );
             }
+            for (place, tier) in [
+                ("operational", Tier::Operational),
+                ("archive", Tier::Archive),
+            ] {
+                if proof.expected.get(place) != proof.found.get(place) {
+                    let (listed, more) = self
+                        .narrow(layout, tier, &facts, &checks, &target, &archive)
+                        .await?;
+                    proof.differences.extend(listed);
+                    proof.more_differences += more;
+                }
+            }
             report.tables.push(proof);
         }
         target.close().await;
@@ -392,8 +684,8 @@ fn mismatch(place: &str, want: &Holding, got: &Holding) -> String {
     }
 }
 
-/// The sum of an operational table's rows, read back as the layout's column types.
-async fn operational_sum(target: &Db, layout: &TableLayout) -> Result<Sum> {
+/// The SELECT that reads an operational table back in the layout's column order and types.
+fn operational_select(target: &Db, layout: &TableLayout) -> String {
     let columns: Vec<String> = layout
         .target_names
         .iter()
@@ -403,13 +695,20 @@ async fn operational_sum(target: &Db, layout: &TableLayout) -> Result<Sum> {
             DbKind::Sqlite => quote(name),
         })
         .collect();
-    let sql = format!("SELECT {} FROM {}", columns.join(", "), quote(&layout.name));
-    let types: Vec<ReadAs> = layout
+    format!("SELECT {} FROM {}", columns.join(", "), quote(&layout.name))
+}
+
+fn read_types(layout: &TableLayout) -> Vec<ReadAs> {
+    layout
         .columns()
         .iter()
         .map(|c| ReadAs::Type(c.col_type))
-        .collect();
-    let mut rows = target.fetch(sql, types);
+        .collect()
+}
+
+/// The sum of an operational table's rows, read back as the layout's column types.
+async fn operational_sum(target: &Db, layout: &TableLayout) -> Result<Sum> {
+    let mut rows = target.fetch(operational_select(target, layout), read_types(layout));
     let mut sum = Sum::default();
     let column_types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
     while let Some(row) = rows.next().await {

@@ -268,6 +268,9 @@ async fn postgres_to_postgres_every_row_lands_in_exactly_one_tier() {
         .decl_type
         .clone();
     assert_eq!(decl, "numeric(10,2)");
+    // And `strata verify` proves it, values included (PostgreSQL to PostgreSQL).
+    let (status, out) = strata_verify(&config_path);
+    assert_eq!(status, 0, "{out}");
 }
 
 /// `numeric` columns are read from PostgreSQL in binary and printed by Strata: every value
@@ -513,6 +516,20 @@ async fn synthea_in_postgres_migrates_with_a_config_from_init() {
     assert_eq!(tables.len(), 18);
     let reader = read_only_url(&source).await;
     synthea_migrates_with_a_config_from_init(&dir, &source, &reader, &operational).await;
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
+}
+
+/// A CSV directory to a PostgreSQL operational database, proven by `strata verify`.
+#[tokio::test]
+async fn synthea_csv_to_postgres_is_proven_by_verify() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea-nj27");
+    let dir = TestDir::new();
+    let source = format!("csv://{}", data.canonicalize().unwrap().display());
+    let operational = create_pg_database("strata_synthea_csv_op").await;
+    synthea_migrates_with_a_config_from_init(&dir, &source, &source, &operational).await;
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
 }
 
 /// The Synthea CSV exports migrate as they are, as a CSV source.

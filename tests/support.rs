@@ -287,3 +287,18 @@ pub fn write_sqlite_config(dir: &Path, source: &str, policy: &str) -> PathBuf {
         policy,
     )
 }
+
+/// `strata verify` on the config at `config`: exit status, and standard output then error.
+pub fn strata_verify(config: &Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["verify", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)),
+    )
+}

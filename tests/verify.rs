@@ -5,17 +5,9 @@
 use crate::support::*;
 use strata_ingest::Db;
 
-/// `strata verify` on `dir`'s config: exit status and standard output.
+/// `strata verify` on `dir`'s config.
 fn verify(dir: &std::path::Path) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["verify", "--config"])
-        .arg(dir.join("strata.toml"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+    strata_verify(&dir.join("strata.toml"))
 }
 
 /// Runs `sql` on the operational database of `dir`.
@@ -119,7 +111,9 @@ async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
          DELETE FROM encounters WHERE id = (SELECT MAX(id) FROM encounters)",
     )
     .await;
-    let target = Db::connect(&format!("sqlite://{}", db.display()), true).await.unwrap();
+    let target = Db::connect(&format!("sqlite://{}", db.display()), true)
+        .await
+        .unwrap();
     let ids = target
         .fetch_all(
             "SELECT (SELECT MIN(id) FROM lab_results)".into(),
@@ -137,7 +131,8 @@ async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
         "{out}"
     );
     assert!(
-        out.lines().any(|l| l.trim_start().starts_with("operational: missing id=")),
+        out.lines()
+            .any(|l| l.trim_start().starts_with("operational: missing id=")),
         "{out}"
     );
     std::fs::copy(&pristine, &db).unwrap();

@@ -156,3 +156,80 @@ async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
         "{out}"
     );
 }
+
+/// The mutations a count cannot see: values swapped between two rows (the same rows, the same
+/// multiset of values per column), and one of a pair of identical rows of a table without a
+/// key deleted.
+#[tokio::test]
+async fn verify_finds_swapped_values_and_a_lost_identical_row() {
+    let dir = TestDir::new();
+    let source = format!("sqlite://{}", dir.path().join("legacy.db").display());
+    let db = Db::connect(&format!("{source}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(
+        "CREATE TABLE visits (id INTEGER PRIMARY KEY, patient_id INTEGER, seen DATE, status TEXT);
+         INSERT INTO visits VALUES (1, 1, '2026-01-02', 'open'), (2, 1, '2026-01-03', 'closed'), (3, 2, '2010-01-01', 'closed');
+         CREATE TABLE supplies (patient_id INTEGER, supplied_on DATE, item TEXT);
+         INSERT INTO supplies VALUES (1, '2026-01-02', 'gauze'), (1, '2026-01-02', 'gauze'), (2, '2010-01-01', 'gauze');",
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    let config = run_config(&source, "sqlite://operational.db")
+        + "[tables.visits]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"seen\"\n\
+           [tables.supplies]\npatient_key = \"patient_id\"\nrecord_date = \"supplied_on\"\n";
+    write_run_files(
+        dir.path(),
+        &config,
+        &format!(
+            "version = \"1\"\nas_of = \"{}\"\n[defaults]\narchive_after = \"3y\"\npatient_inactive_after = \"2y\"\n",
+            as_of()
+        ),
+    );
+    strata_ingest::Migration::prepare(load_config(&dir.path().join("strata.toml")), as_of())
+        .await
+        .unwrap()
+        .run(&mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(verify(dir.path()).0, 0);
+    let db = dir.path().join("operational.db");
+    let pristine = dir.path().join("operational.pristine");
+    std::fs::copy(&db, &pristine).unwrap();
+
+    operational(
+        dir.path(),
+        "UPDATE visits SET status = CASE id WHEN 1 THEN 'closed' ELSE 'open' END WHERE id IN (1, 2)",
+    )
+    .await;
+    let (status, out) = verify(dir.path());
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains("operational: 2 rows as expected, but their values differ"),
+        "{out}"
+    );
+    assert!(out.contains("operational: changed id=1 (status)"), "{out}");
+    assert!(out.contains("operational: changed id=2 (status)"), "{out}");
+    std::fs::copy(&pristine, &db).unwrap();
+
+    operational(
+        dir.path(),
+        "DELETE FROM supplies WHERE rowid = (SELECT MIN(rowid) FROM supplies)",
+    )
+    .await;
+    let (status, out) = verify(dir.path());
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains("operational: 2 rows expected, 1 found (rows missing)"),
+        "{out}"
+    );
+    // The second of the two identical rows is the one missing.
+    assert!(
+        out.lines().any(|l| {
+            let l = l.trim();
+            l.starts_with("operational: missing ") && l.ends_with("#2")
+        }),
+        "{out}"
+    );
+}

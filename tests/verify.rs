@@ -233,3 +233,110 @@ async fn verify_finds_swapped_values_and_a_lost_identical_row() {
         "{out}"
     );
 }
+
+/// A verification report is evidence: signed with the configured Ed25519 key, checked offline
+/// against the configured public key only. An edited field, an added field and a report
+/// signed with another key are all refused.
+#[tokio::test]
+async fn a_signed_report_holds_only_as_signed_by_the_configured_key() {
+    let dir = TestDir::new();
+    let source = format!("sqlite://{}", dir.path().join("legacy.db").display());
+    let db = Db::connect(&format!("{source}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(
+        "CREATE TABLE visits (id INTEGER PRIMARY KEY, patient_id INTEGER, seen DATE);
+         INSERT INTO visits VALUES (1, 1, '2026-01-02'), (2, 2, '2010-01-01');",
+    )
+    .await
+    .unwrap();
+    db.close().await;
+    let strata = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    for key in ["verify.key", "other.key"] {
+        assert!(strata(&["verify", "--new-signing-key", key])
+            .status
+            .success());
+    }
+    let head = run_config(&source, "sqlite://operational.db")
+        + "[tables.visits]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"seen\"\n";
+    let config = |signing: &str| {
+        format!(
+            "{head}[verify]\nsigning_key_file = \"{signing}\"\npublic_key_file = \"verify.pub\"\n"
+        )
+    };
+    write_run_files(
+        dir.path(),
+        &config("verify.key"),
+        &format!(
+            "version = \"1\"\nas_of = \"{}\"\n[defaults]\narchive_after = \"3y\"\npatient_inactive_after = \"2y\"\n",
+            as_of()
+        ),
+    );
+    strata_ingest::Migration::prepare(load_config(&dir.path().join("strata.toml")), as_of())
+        .await
+        .unwrap()
+        .run(&mut |_| {})
+        .await
+        .unwrap();
+    let out = strata(&[
+        "verify",
+        "--config",
+        "strata.toml",
+        "--report",
+        "report.json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(dir.path().join("report.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["signature"]["algorithm"], "Ed25519");
+    let check = |file: &str, content: &str| {
+        std::fs::write(dir.path().join(file), content).unwrap();
+        let out = strata(&["verify", "--config", "strata.toml", "--check-report", file]);
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (status, out) = check("report.json", &text);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(out.contains("signature valid"), "{out}");
+    // An edited count.
+    let mut edited = report.clone();
+    edited["tables"][0]["found"]["archive"]["rows"] = serde_json::json!(2);
+    let (status, out) = check("edited.json", &edited.to_string());
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("NOT VALID"), "{out}");
+    // An added field.
+    let mut added = report.clone();
+    added["note"] = serde_json::json!("all fine");
+    let (status, out) = check("added.json", &added.to_string());
+    assert_ne!(status, Some(0), "{out}");
+    // The same report signed with another key (which it names as its own).
+    std::fs::write(dir.path().join("strata.toml"), config("other.key")).unwrap();
+    let out = strata(&[
+        "verify",
+        "--config",
+        "strata.toml",
+        "--report",
+        "other.json",
+    ]);
+    assert!(out.status.success());
+    std::fs::write(dir.path().join("strata.toml"), config("verify.key")).unwrap();
+    let other = std::fs::read_to_string(dir.path().join("other.json")).unwrap();
+    let (status, out) = check("other.json", &other);
+    assert_eq!(status, Some(1), "{out}");
+}

@@ -89,9 +89,17 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// Also write the report as JSON here.
+        /// Also write the report as JSON here (signed when [verify] names a signing key).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Instead, check a report written before: its signature against the public key
+        /// [verify] names (exit status 1 when it does not hold).
+        #[arg(long, conflicts_with_all = ["report", "new_signing_key"])]
+        check_report: Option<PathBuf>,
+        /// Instead, write a new Ed25519 signing key to this file (and its public key to
+        /// FILE.pub), for [verify] signing_key_file and public_key_file.
+        #[arg(long)]
+        new_signing_key: Option<PathBuf>,
     },
     /// Profile each configured table: null rate, distinct values, range, duplicate keys,
     /// implausible dates, invalid LOINC, ICD-10-CM and NPI codes. Moves nothing.
@@ -266,7 +274,13 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             json,
             report,
-        } => migration::verify(&Context::load(&config)?, json, report).await,
+            check_report,
+            new_signing_key,
+        } => match (check_report, new_signing_key) {
+            (_, Some(path)) => migration::new_signing_key(&path),
+            (Some(path), None) => migration::check_report(&Context::load(&config)?, &path),
+            (None, None) => migration::verify(&Context::load(&config)?, json, report).await,
+        },
         Command::Profile { config, json } => {
             migration::profile(&Context::load(&config)?, json).await
         }

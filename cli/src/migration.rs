@@ -64,7 +64,8 @@ pub async fn verify(ctx: &Context, json: bool, report_file: Option<PathBuf>) -> 
         run.holds,
         now.holds
     );
-    let report = migration.verify(&run_id).await?;
+    let mut report = migration.verify(&run_id).await?;
+    strata_ingest::sign_report(&ctx.config.migration, &mut report)?;
     if let Some(path) = report_file {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -79,6 +80,59 @@ pub async fn verify(ctx: &Context, json: bool, report_file: Option<PathBuf>) -> 
         let _ = std::io::stdout().flush();
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// `strata verify --check-report FILE`: exits 1 when the signature does not hold.
+pub fn check_report(ctx: &Context, path: &std::path::Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match strata_ingest::check_report(&ctx.config.migration, &text) {
+        Ok(report) => {
+            println!(
+                "{}: signature valid under the configured public key ({} tables, {})",
+                path.display(),
+                report.tables.len(),
+                if report.proven() {
+                    "proven"
+                } else {
+                    "with mismatches"
+                }
+            );
+            Ok(())
+        }
+        Err(strata_ingest::IngestError::Run(why)) => {
+            eprintln!("{}: NOT VALID: {why}", path.display());
+            std::process::exit(1);
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `strata verify --new-signing-key FILE`: FILE holds the seed (mode 0600), FILE.pub the
+/// public key.
+pub fn new_signing_key(path: &std::path::Path) -> Result<()> {
+    anyhow::ensure!(!path.exists(), "{} exists: not overwritten", path.display());
+    let (seed, public) = strata_ingest::new_signing_key();
+    let public_path = path.with_extension("pub");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        writeln!(f, "{seed}")?;
+    }
+    std::fs::write(&public_path, format!("{public}\n"))
+        .with_context(|| format!("cannot write {}", public_path.display()))?;
+    println!(
+        "[verify]\nsigning_key_file = {:?}\npublic_key_file = {:?}",
+        path.display().to_string(),
+        public_path.display().to_string()
+    );
     Ok(())
 }
 

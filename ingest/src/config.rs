@@ -31,6 +31,9 @@ pub struct MigrationConfig {
     pub run: RunConfig,
     /// Per-table settings, by source table name. Tables not listed are not migrated.
     pub tables: BTreeMap<String, TableConfig>,
+    /// How `strata verify` signs its reports and checks them.
+    #[serde(default)]
+    pub verify: Option<VerifyConfig>,
     /// The directory relative paths are resolved against (the config file's); set on load.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -98,6 +101,26 @@ impl RunConfig {
             })
             .clamp(1, 8)
     }
+}
+
+/// `[verify]`: the Ed25519 keys of verification reports, each as 64 hex digits in a file
+/// (relative to the config) or an environment variable. The signing key signs reports; the
+/// public key is the only one `strata verify --check-report` trusts.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// A file holding the signing key (its 32-byte seed).
+    #[serde(default)]
+    pub signing_key_file: Option<String>,
+    /// An environment variable holding it.
+    #[serde(default)]
+    pub signing_key_env: Option<String>,
+    /// A file holding the public key reports are checked against.
+    #[serde(default)]
+    pub public_key_file: Option<String>,
+    /// An environment variable holding it.
+    #[serde(default)]
+    pub public_key_env: Option<String>,
 }
 
 /// Which policy file to apply.

@@ -40,7 +40,7 @@ mod warnings;
 
 pub use config::{
     BlobColumnConfig, ColumnMapping, ComputedColumn, DatabaseConfig, MigrationConfig, PatientVia,
-    PolicyFileConfig, RecordDateConfig, TableConfig, UnitConversionConfig,
+    PolicyFileConfig, RecordDateConfig, TableConfig, UnitConversionConfig, VerifyConfig,
 };
 pub use db::{quote, redact, Column, Db, DbKind, ReadAs, TableSchema};
 pub use decimal::{Decimal, CSV_DECIMAL_DECL};
@@ -49,8 +49,8 @@ pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EXACT_DISTINCT};
 pub use layout::TableLayout;
 pub use migrate::{
-    check_policy, read_policy, Difference, Explanation, Holding, Migration, PolicyCheck,
-    TableProof, VerifyReport, LISTED_DIFFERENCES,
+    check_policy, check_report, new_signing_key, read_policy, sign_report, Difference, Explanation,
+    Holding, Migration, PolicyCheck, Signature, TableProof, VerifyReport, LISTED_DIFFERENCES,
 };
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, EXACT_PATIENTS};

@@ -12,6 +12,7 @@
 
 mod canonical;
 mod destroyed;
+mod evidence;
 mod explain;
 mod naming;
 mod range;
@@ -20,6 +21,7 @@ mod sinks;
 mod target;
 mod verify;
 
+pub use evidence::{check as check_report, new_signing_key, sign as sign_report, Signature};
 pub(crate) use route::coerce_row;
 pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
 

@@ -29,6 +29,7 @@ use strata_cutoff_policies::Tier;
 
 /// What one place holds of a table: rows, and the order-independent sum of their digests.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Holding {
     /// Rows.
     pub rows: u64,
@@ -39,6 +40,7 @@ pub struct Holding {
 
 /// The proof for one table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TableProof {
     /// The table.
     pub table: String,
@@ -70,6 +72,7 @@ pub const LISTED_DIFFERENCES: usize = 20;
 
 /// One record that differs between what the source says a place must hold and what it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Difference {
     /// `operational` or `archive`.
     pub place: String,
@@ -83,8 +86,10 @@ pub struct Difference {
     pub columns: Vec<String>,
 }
 
-/// What `strata verify` proved.
+/// What `strata verify` proved. Unknown fields are refused when a report is read back: a field
+/// added to a signed report is an edit.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VerifyReport {
     /// The run verified.
     pub run_id: String,
@@ -100,6 +105,9 @@ pub struct VerifyReport {
     pub finished: String,
     /// Per table.
     pub tables: Vec<TableProof>,
+    /// The Ed25519 signature over the rest, when a signing key is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<super::evidence::Signature>,
 }
 
 impl VerifyReport {

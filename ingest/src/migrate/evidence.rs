@@ -1,0 +1,121 @@
+//! A verification report as evidence: signed with Ed25519 over its canonical JSON (the report
+//! without its signature, fields in their fixed order), and checked offline against the
+//! public key the config names, never against a key the report carries.
+
+use super::verify::VerifyReport;
+use crate::config::MigrationConfig;
+use crate::error::{IngestError, Result};
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// A report's signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signature {
+    /// `Ed25519`.
+    pub algorithm: String,
+    /// The signer's public key (hex), for the reader's information: checking uses the
+    /// configured one.
+    pub public_key: String,
+    /// The signature (hex) over the report's canonical JSON without this field.
+    pub value: String,
+}
+
+fn config_problem(p: String) -> IngestError {
+    IngestError::Config { problems: vec![p] }
+}
+
+/// Reads a key of 32 bytes written as hex, from a file relative to the config or from an
+/// environment variable.
+fn hex_key(
+    config: &MigrationConfig,
+    file: Option<&str>,
+    env: Option<&str>,
+    what: &str,
+) -> Result<Option<[u8; 32]>> {
+    let text = match (file, env) {
+        (Some(f), _) => std::fs::read_to_string(config.base_dir.join(f))
+            .map_err(|e| config_problem(format!("[verify] {what}_file {f}: {e}")))?,
+        (None, Some(v)) => std::env::var(v)
+            .map_err(|_| config_problem(format!("[verify] {what}_env: {v} is not set")))?,
+        (None, None) => return Ok(None),
+    };
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(Some)
+        .ok_or_else(|| config_problem(format!("[verify] {what}: not 64 hex digits")))
+}
+
+/// The canonical bytes a signature covers: the report as JSON, without its signature.
+fn signed_bytes(report: &VerifyReport) -> Vec<u8> {
+    let mut unsigned = report.clone();
+    unsigned.signature = None;
+    serde_json::to_vec(&unsigned).expect("a report serializes")
+}
+
+/// Signs `report` with the configured signing key, if one is configured.
+pub fn sign(config: &MigrationConfig, report: &mut VerifyReport) -> Result<bool> {
+    let Some(v) = &config.verify else {
+        return Ok(false);
+    };
+    let Some(seed) = hex_key(
+        config,
+        v.signing_key_file.as_deref(),
+        v.signing_key_env.as_deref(),
+        "signing_key",
+    )?
+    else {
+        return Ok(false);
+    };
+    let key = SigningKey::from_bytes(&seed);
+    let signature = key.sign(&signed_bytes(report));
+    report.signature = Some(Signature {
+        algorithm: "Ed25519".into(),
+        public_key: hex::encode(key.verifying_key().to_bytes()),
+        value: hex::encode(signature.to_bytes()),
+    });
+    Ok(true)
+}
+
+/// Checks a report's text against the configured public key: Ok with the report when its
+/// signature is that key's over exactly its contents, else what is wrong.
+pub fn check(config: &MigrationConfig, text: &str) -> Result<VerifyReport> {
+    let public = config
+        .verify
+        .as_ref()
+        .map(|v| hex_key(config, v.public_key_file.as_deref(), v.public_key_env.as_deref(), "public_key"))
+        .transpose()?
+        .flatten()
+        .ok_or_else(|| config_problem("[verify] public_key_file or public_key_env: no public key to check reports against".into()))?;
+    let key = VerifyingKey::from_bytes(&public)
+        .map_err(|_| config_problem("[verify] public_key: not an Ed25519 public key".into()))?;
+    let report: VerifyReport = serde_json::from_str(text)
+        .map_err(|e| IngestError::Run(format!("not a verification report: {e}")))?;
+    let Some(signature) = &report.signature else {
+        return Err(IngestError::Run("the report is not signed".into()));
+    };
+    let value = hex::decode(&signature.value)
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        .map(|b| ed25519_dalek::Signature::from_bytes(&b))
+        .ok_or_else(|| IngestError::Run("the report's signature is malformed".into()))?;
+    key.verify(&signed_bytes(&report), &value).map_err(|_| {
+        IngestError::Run(
+            "the report's signature does not match its contents under the configured public key: it was edited, or signed with another key"
+                .into(),
+        )
+    })?;
+    Ok(report)
+}
+
+/// A new signing key: (the seed as hex, for `signing_key_file`; the public key as hex, for
+/// `public_key_file`).
+pub fn new_signing_key() -> (String, String) {
+    let seed: [u8; 32] = rand::random();
+    let key = SigningKey::from_bytes(&seed);
+    (
+        hex::encode(seed),
+        hex::encode(key.verifying_key().to_bytes()),
+    )
+}

@@ -104,6 +104,46 @@ async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
     }
     assert_eq!(verify(dir.path()).0, 0);
 
+    // Destruction records prove the values destroyed, not only the keys.
+    let control = Db::connect(
+        &format!("sqlite://{}", dir.path().join("control.db").display()),
+        false,
+    )
+    .await
+    .unwrap();
+    let sum = control
+        .fetch_all(
+            "SELECT value_checksum FROM strata_destructions WHERE table_name = 'lab_results'"
+                .into(),
+            vec![strata_ingest::ColumnType::Text],
+        )
+        .await
+        .unwrap()[0][0]
+        .as_key_text()
+        .unwrap();
+    assert!(sum.starts_with("sum256:"), "{sum}");
+    let forged = format!("sum256:{}", "0".repeat(64));
+    control
+        .execute(&format!(
+            "UPDATE strata_destructions SET value_checksum = '{forged}' WHERE table_name = 'lab_results'"
+        ))
+        .await
+        .unwrap();
+    let (status, out) = verify(dir.path());
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains("purged: ") && out.contains("their values differ"),
+        "{out}"
+    );
+    control
+        .execute(&format!(
+            "UPDATE strata_destructions SET value_checksum = '{sum}' WHERE table_name = 'lab_results'"
+        ))
+        .await
+        .unwrap();
+    control.close().await;
+    assert_eq!(verify(dir.path()).0, 0);
+
     // A mismatch is narrowed down to its records: which key, what kind, which columns.
     operational(
         dir.path(),

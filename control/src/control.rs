@@ -107,6 +107,7 @@ CREATE TABLE IF NOT EXISTS strata_destructions (
     key_min TEXT,
     key_max TEXT,
     key_checksum TEXT NOT NULL,
+    value_checksum TEXT,
     policy_version TEXT NOT NULL,
     policy_hash TEXT NOT NULL,
     destroyed_at TEXT NOT NULL,
@@ -152,6 +153,11 @@ pub struct DestructionRecord {
     /// recomputed from the source to prove what was destroyed, and two identical rows count
     /// twice. Records of earlier versions hold a bare hex XOR of the digests instead.
     pub key_checksum: String,
+    /// The sum modulo 2^256 of the canonical digests of every destroyed row's values (as
+    /// `strata verify` computes them from any side), as `sum256:` and 64 hex digits: proves
+    /// which values were destroyed, not only which keys. None for records of versions before
+    /// it (their rows compare by count and key checksum only).
+    pub value_checksum: Option<String>,
     /// The policy version that destroyed them.
     pub policy_version: String,
     /// Its hash.
@@ -207,6 +213,19 @@ impl Control {
         db.execute(crate::audit::SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
+        // Columns older versions lack.
+        if !control
+            .db
+            .columns_of("strata_destructions")
+            .await?
+            .iter()
+            .any(|c| c == "value_checksum")
+        {
+            control
+                .db
+                .execute("ALTER TABLE strata_destructions ADD COLUMN value_checksum TEXT")
+                .await?;
+        }
         Ok(control)
     }
 
@@ -640,8 +659,8 @@ impl Control {
             .execute_with(&del, &[(&d.run_id).into(), (&d.table).into()])
             .await?;
         let sql = format!(
-            "INSERT INTO strata_destructions (run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at) VALUES ({})",
-            self.db.ps(9)
+            "INSERT INTO strata_destructions (run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, value_checksum, policy_version, policy_hash, destroyed_at) VALUES ({})",
+            self.db.ps(10)
         );
         self.db
             .execute_with(
@@ -653,6 +672,7 @@ impl Control {
                     d.key_min.as_ref().into(),
                     d.key_max.as_ref().into(),
                     (&d.key_checksum).into(),
+                    d.value_checksum.as_ref().into(),
                     (&d.policy_version).into(),
                     (&d.policy_hash).into(),
                     now().into(),
@@ -667,10 +687,10 @@ impl Control {
         let rows = self
             .db
             .fetch(
-                "SELECT run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at FROM strata_destructions ORDER BY destroyed_at, run_id, table_name",
+                "SELECT run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at, value_checksum FROM strata_destructions ORDER BY destroyed_at, run_id, table_name",
                 &[],
                 &{
-                    let mut types = [Col::Text; 9];
+                    let mut types = [Col::Text; 10];
                     types[2] = Col::Int;
                     types
                 },
@@ -687,6 +707,7 @@ impl Control {
                         key_min: r[3].opt_text(),
                         key_max: r[4].opt_text(),
                         key_checksum: r[5].text(),
+                        value_checksum: r[9].opt_text(),
                         policy_version: r[6].text(),
                         policy_hash: r[7].text(),
                     },

@@ -5,14 +5,35 @@ use crate::layout::TableLayout;
 use crate::value::Value;
 use sha2::{Digest, Sha256};
 
-/// What a table's purged rows leave behind: count, key range, and the sum of the rows' digests
-/// (an order-independent checksum in which identical rows count each).
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+/// What a table's purged rows leave behind: count, key range, the sum of the rows' key digests
+/// and the sum of their canonical value digests (order-independent checksums in which
+/// identical rows count each).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct Destroyed {
     pub(super) rows: u64,
     pub(super) key_min: Option<String>,
     pub(super) key_max: Option<String>,
     pub(super) checksum: [u8; 32],
+    /// The sum of the rows' canonical digests ([`super::canonical`]).
+    #[serde(default)]
+    pub(super) values: [u8; 32],
+    /// Whether `values` covers every row: false for a range checkpointed by a version that
+    /// did not sum values (a run resumed across versions).
+    #[serde(default)]
+    pub(super) values_complete: bool,
+}
+
+impl Default for Destroyed {
+    fn default() -> Self {
+        Destroyed {
+            rows: 0,
+            key_min: None,
+            key_max: None,
+            checksum: [0; 32],
+            values: [0; 32],
+            values_complete: true,
+        }
+    }
 }
 
 impl Destroyed {
@@ -30,10 +51,16 @@ impl Destroyed {
             }
         }
         add_256(&mut self.checksum, &other.checksum);
+        add_256(&mut self.values, &other.values);
+        self.values_complete &= other.values_complete;
     }
 
     pub(super) fn add(&mut self, layout: &TableLayout, values: &[Value], ordinal: (usize, u64)) {
         self.rows += 1;
+        add_256(
+            &mut self.values,
+            &super::canonical::row_of_values(layout, values),
+        );
         let digest: [u8; 32] = if layout.key.is_empty() {
             row_digest(values)
         } else {
@@ -53,6 +80,12 @@ impl Destroyed {
     /// XOR that earlier versions recorded, in which two identical rows cancel out).
     pub(super) fn checksum_text(&self) -> String {
         format!("sum256:{}", hex::encode(self.checksum))
+    }
+
+    /// The value checksum as recorded (`sum256:` and hex), when it covers every row.
+    pub(super) fn value_checksum_text(&self) -> Option<String> {
+        self.values_complete
+            .then(|| format!("sum256:{}", hex::encode(self.values)))
     }
 }
 

@@ -628,6 +628,7 @@ impl Migration {
                         table: layout.name.clone(),
                         rows: destroyed.rows,
                         key_checksum: destroyed.checksum_text(),
+                        value_checksum: destroyed.value_checksum_text(),
                         key_min: destroyed.key_min,
                         key_max: destroyed.key_max,
                         policy_version: self.policy.version().into(),

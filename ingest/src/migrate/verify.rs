@@ -585,20 +585,38 @@ impl Migration {
             } else {
                 0
             };
-            let (mut purged_rows, mut purged_sum, mut comparable) = (0, [0u8; 32], true);
-            for (d, _) in destructions.iter().filter(|(d, _)| d.table == layout.name) {
-                purged_rows += d.rows;
-                match d
-                    .key_checksum
-                    .strip_prefix("sum256:")
+            // Destruction records: by the sum of the destroyed rows' values where every record
+            // has one, else by their key checksums, else (records of the oldest versions, an
+            // XOR) by count.
+            let sum256 = |text: Option<&str>| {
+                text.and_then(|t| t.strip_prefix("sum256:"))
                     .and_then(|h| hex::decode(h).ok())
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                {
-                    Some(sum) => add_256(&mut purged_sum, &sum),
-                    None => comparable = false,
-                }
-            }
-
+            };
+            let records: Vec<_> = destructions
+                .iter()
+                .filter(|(d, _)| d.table == layout.name)
+                .map(|(d, _)| d)
+                .collect();
+            let purged_rows: u64 = records.iter().map(|d| d.rows).sum();
+            let total = |sums: Vec<Option<[u8; 32]>>| {
+                sums.into_iter().try_fold([0u8; 32], |mut acc, s| {
+                    add_256(&mut acc, &s?);
+                    Some(acc)
+                })
+            };
+            let by_values = total(
+                records
+                    .iter()
+                    .map(|d| sum256(d.value_checksum.as_deref()))
+                    .collect(),
+            );
+            let by_keys = total(
+                records
+                    .iter()
+                    .map(|d| sum256(Some(&d.key_checksum)))
+                    .collect(),
+            );
             let mut proof = TableProof {
                 table: layout.name.clone(),
                 source_rows: tally.source_rows,
@@ -631,23 +649,23 @@ impl Migration {
                 rows_only(tally.quarantined_rows),
                 rows_only(quarantined),
             );
-            let destroyed_sum = Sum {
-                rows: purged_rows,
-                sum: purged_sum,
-            };
-            let expected_destroyed = Sum {
-                rows: expected.destroyed.rows,
-                sum: expected.destroyed.checksum,
-            };
-            if comparable {
-                place("purged", held(&expected_destroyed), held(&destroyed_sum));
-            } else {
-                // Records of older versions XOR key digests: only their counts compare.
-                place(
+            let sum = |rows, sum| Sum { rows, sum };
+            match (by_values, by_keys) {
+                (Some(values), _) => place(
                     "purged",
-                    rows_only(expected_destroyed.rows),
-                    rows_only(destroyed_sum.rows),
-                );
+                    held(&sum(expected.destroyed.rows, expected.destroyed.values)),
+                    held(&sum(purged_rows, values)),
+                ),
+                (None, Some(keys)) => place(
+                    "purged",
+                    held(&sum(expected.destroyed.rows, expected.destroyed.checksum)),
+                    held(&sum(purged_rows, keys)),
+                ),
+                (None, None) => place(
+                    "purged",
+                    rows_only(expected.destroyed.rows),
+                    rows_only(purged_rows),
+                ),
             }
             for (place, tier) in [
                 ("operational", Tier::Operational),

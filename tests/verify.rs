@@ -177,8 +177,69 @@ async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
     );
     std::fs::copy(&pristine, &db).unwrap();
 
-    // A missing archive file is named.
+    // A value changed in the archive: a file rewritten with the archive's own key, under a
+    // valid (sealed) manifest, one status changed.
     let config = load_config(&config_path);
+    let (store, keys) = config.archive.open(&config.base_dir).unwrap();
+    let keys = keys.for_archive(store.as_ref(), false).await.unwrap();
+    let reader = strata_archive::ArchiveReader::open(store.clone(), keys.clone())
+        .await
+        .unwrap();
+    let manifest = reader.catalog().tables["lab_results"][0].clone();
+    let mut batches = Vec::new();
+    for f in &manifest.files {
+        batches.extend(reader.read_file(f).await.unwrap());
+    }
+    let first = &batches[0];
+    let status = first.schema().index_of("status").unwrap();
+    let key = {
+        use arrow::array::AsArray;
+        first.column(2).as_string::<i32>().value(0).to_string()
+    };
+    let mut columns = first.columns().to_vec();
+    let mut statuses: Vec<Option<String>> = {
+        use arrow::array::AsArray;
+        columns[status]
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.map(str::to_string))
+            .collect()
+    };
+    statuses[0] = Some(format!(
+        "{}-edited",
+        statuses[0].clone().unwrap_or_default()
+    ));
+    columns[status] = std::sync::Arc::new(arrow::array::StringArray::from(statuses));
+    batches[0] = arrow::array::RecordBatch::try_new(first.schema(), columns).unwrap();
+    let mut writer = strata_archive::TableWriter::new(
+        store.clone(),
+        keys.clone(),
+        strata_archive::TableManifest::new(
+            "lab_results",
+            &manifest.run_id,
+            &manifest.policy_version,
+            manifest.blob_columns.clone(),
+        ),
+        batches[0].schema(),
+        strata_archive::TableWriterOptions::default(),
+    )
+    .unwrap();
+    for b in &batches {
+        writer.write(b).await.unwrap();
+    }
+    writer.finish().await.unwrap();
+    let (status, out) = verify(dir.path());
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains("archive: ") && out.contains("their values differ"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("archive: changed {key} (status)")),
+        "{out}"
+    );
+
+    // A missing archive file is named.
     let archive = open_archive(&config.archive, &config.base_dir).await;
     let file = archive.catalog().tables["lab_results"][0].files[0]
         .path

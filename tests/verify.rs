@@ -239,6 +239,49 @@ async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
         "{out}"
     );
 
+    // A BLOB altered in the store: found when BLOBs are read back (the default), not when the
+    // catalog's hashes are trusted.
+    let documents = reader.catalog().tables["documents"][0].clone();
+    let batch = reader
+        .read_file(&documents.files[0])
+        .await
+        .unwrap()
+        .remove(0);
+    let object = strata_archive::ArchivedBatch::new(&batch, &documents.blob_columns)
+        .blobs(0)
+        .next()
+        .expect("an archived document")
+        .1
+        .object;
+    let path = dir
+        .path()
+        .join("archive")
+        .join(strata_archive::BlobStore::object_path(&object));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let (status, out) = verify(dir.path());
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains("archive: the BLOB in column content of record"),
+        "{out}"
+    );
+    assert!(out.contains("(content)"), "{out}");
+    let trusted = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["verify", "--blobs", "trust-catalog", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let documents_line = String::from_utf8_lossy(&trusted.stdout)
+        .lines()
+        .find(|l| l.starts_with("documents"))
+        .unwrap()
+        .to_string();
+    assert!(documents_line.ends_with("proven"), "{documents_line}");
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
     // A missing archive file is named.
     let archive = open_archive(&config.archive, &config.base_dir).await;
     let file = archive.catalog().tables["lab_results"][0].files[0]

@@ -89,6 +89,10 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// `reread` (default): read every archived BLOB back, decrypt it and hash it;
+        /// `trust-catalog`: count each by the hash its reference records.
+        #[arg(long, default_value = "reread", value_parser = ["reread", "trust-catalog"])]
+        blobs: String,
         /// Also write the report as JSON here (signed when [verify] names a signing key).
         #[arg(long)]
         report: Option<PathBuf>,
@@ -276,10 +280,13 @@ async fn run(cli: Cli) -> Result<()> {
             report,
             check_report,
             new_signing_key,
+            blobs,
         } => match (check_report, new_signing_key) {
             (_, Some(path)) => migration::new_signing_key(&path),
             (Some(path), None) => migration::check_report(&Context::load(&config)?, &path),
-            (None, None) => migration::verify(&Context::load(&config)?, json, report).await,
+            (None, None) => {
+                migration::verify(&Context::load(&config)?, json, report, blobs == "reread").await
+            }
         },
         Command::Profile { config, json } => {
             migration::profile(&Context::load(&config)?, json).await

@@ -34,7 +34,12 @@ async fn prepare(ctx: &Context) -> Result<Migration> {
 }
 
 /// `strata verify`: exits 1 on a mismatch (2, through the caller, when it cannot verify).
-pub async fn verify(ctx: &Context, json: bool, report_file: Option<PathBuf>) -> Result<()> {
+pub async fn verify(
+    ctx: &Context,
+    json: bool,
+    report_file: Option<PathBuf>,
+    reread_blobs: bool,
+) -> Result<()> {
     let control = ctx.control().await?.clone();
     let Some((run_id, run)) = control
         .last_finished_run_report::<strata_ingest::RunReport>()
@@ -64,7 +69,7 @@ pub async fn verify(ctx: &Context, json: bool, report_file: Option<PathBuf>) -> 
         run.holds,
         now.holds
     );
-    let mut report = migration.verify(&run_id).await?;
+    let mut report = migration.verify(&run_id, reread_blobs).await?;
     strata_ingest::sign_report(&ctx.config.migration, &mut report)?;
     if let Some(path) = report_file {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)

@@ -109,17 +109,16 @@ pub(super) fn row_of_values(layout: &TableLayout, values: &[Value]) -> [u8; 32] 
 }
 
 /// The digest of row `row` of an archived batch of `layout`'s table: its columns by their
-/// archived names, in the layout's order; BLOB columns by the hash their reference records.
+/// archived names, in the layout's order; BLOB columns by the hash their reference records
+/// (see [`blob_hashes`] for `unreadable` objects).
 pub(super) fn row_of_archive(
     layout: &TableLayout,
     batch: &ArchivedBatch<'_>,
     row: usize,
+    unreadable: &std::collections::HashSet<String>,
 ) -> [u8; 32] {
     let mut d = RowDigest::new();
-    let blobs: Vec<(&str, String)> = batch
-        .blobs(row)
-        .map(|(column, r)| (column, r.sha256))
-        .collect();
+    let blobs = blob_hashes(batch, row, unreadable);
     for (i, name) in layout.target_names.iter().enumerate() {
         if layout.blobs.iter().any(|b| b.column == i) {
             d.blob(
@@ -163,11 +162,9 @@ pub(super) fn columns_of_archive(
     layout: &TableLayout,
     batch: &ArchivedBatch<'_>,
     row: usize,
+    unreadable: &std::collections::HashSet<String>,
 ) -> Vec<u64> {
-    let blobs: Vec<(&str, String)> = batch
-        .blobs(row)
-        .map(|(column, r)| (column, r.sha256))
-        .collect();
+    let blobs = blob_hashes(batch, row, unreadable);
     layout
         .target_names
         .iter()
@@ -185,6 +182,27 @@ pub(super) fn columns_of_archive(
                 d.cell(&batch.value(name, row).unwrap_or(Cell::Null));
             }
             short(d.finish())
+        })
+        .collect()
+}
+
+/// A row's BLOB columns and the hash each counts by: the one its reference records, or, for
+/// an object found `unreadable` (missing, or not matching that hash when re-read), a mark that
+/// matches no content.
+fn blob_hashes<'b>(
+    batch: &ArchivedBatch<'b>,
+    row: usize,
+    unreadable: &std::collections::HashSet<String>,
+) -> Vec<(&'b str, String)> {
+    batch
+        .blobs(row)
+        .map(|(column, r)| {
+            let hash = if unreadable.contains(&r.object) {
+                format!("unreadable:{}", r.object)
+            } else {
+                r.sha256
+            };
+            (column, hash)
         })
         .collect()
 }

@@ -417,6 +417,14 @@ fn differences(
     (listed, more)
 }
 
+/// Where a table's rows are held, read back: the operational database, the archive, and the
+/// archived BLOBs found unreadable.
+struct Places<'a> {
+    target: &'a Db,
+    archive: &'a strata_archive::ArchiveReader,
+    bad_blobs: &'a std::collections::HashSet<String>,
+}
+
 impl Migration {
     /// Narrows a mismatch of `tier` in `layout`'s table down to its records: the source
     /// routed again, keyed, against the place read again, keyed.
@@ -426,9 +434,13 @@ impl Migration {
         tier: Tier,
         facts: &std::collections::HashMap<String, strata_cutoff_policies::PatientFacts>,
         checks: &TargetChecks,
-        target: &Db,
-        archive: &strata_archive::ArchiveReader,
+        places: &Places<'_>,
     ) -> Result<(Vec<Difference>, u64)> {
+        let Places {
+            target,
+            archive,
+            bad_blobs,
+        } = places;
         let mut expected = Records::new();
         let sink = Keyed {
             checks: RowChecks::new(layout, checks, !self.source_enforces_key(layout)),
@@ -476,7 +488,7 @@ impl Migration {
                                     layout,
                                     &mut found,
                                     key,
-                                    columns_of_archive(layout, &batch, row),
+                                    columns_of_archive(layout, &batch, row, bad_blobs),
                                 );
                             }
                         }
@@ -489,8 +501,10 @@ impl Migration {
     }
 
     /// Proves the last finished run (`run_id`) table by table: see the module's docs. The
-    /// migration must be prepared with that run's `as_of` and policy.
-    pub async fn verify(&self, run_id: &str) -> Result<VerifyReport> {
+    /// migration must be prepared with that run's `as_of` and policy. With `reread_blobs`
+    /// every archived BLOB is read, decrypted and hashed again (else its catalogued hash is
+    /// trusted).
+    pub async fn verify(&self, run_id: &str, reread_blobs: bool) -> Result<VerifyReport> {
         let started = chrono::Utc::now();
         let facts = self.patient_facts().await?;
         let url = self.config.resolve_url(&self.config.operational.url)?;
@@ -505,6 +519,7 @@ impl Migration {
             .await
             .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
         let destructions = self.control.destructions().await?;
+        let blobs = archive.blobs();
         let existing = target.table_names().await?;
         let mut report = VerifyReport {
             run_id: run_id.to_string(),
@@ -545,6 +560,7 @@ impl Migration {
             };
             let mut archived = Sum::default();
             let mut unreadable = Vec::new();
+            let mut bad_blobs = std::collections::HashSet::new();
             for m in archive
                 .catalog()
                 .tables
@@ -565,8 +581,21 @@ impl Migration {
                     };
                     for b in &batches {
                         let batch = strata_archive::ArchivedBatch::new(b, &m.blob_columns);
+                        if reread_blobs {
+                            for row in 0..batch.num_rows() {
+                                for (column, r) in batch.blobs(row) {
+                                    if let Err(e) = reread(&blobs, &r).await {
+                                        unreadable.push(format!(
+                                            "archive: the BLOB in column {column} of record {} cannot be read back as catalogued: {e}",
+                                            batch.key(row).unwrap_or("?")
+                                        ));
+                                        bad_blobs.insert(r.object.clone());
+                                    }
+                                }
+                            }
+                        }
                         for row in 0..batch.num_rows() {
-                            archived.add(&row_of_archive(layout, &batch, row));
+                            archived.add(&row_of_archive(layout, &batch, row, &bad_blobs));
                         }
                     }
                 }
@@ -673,7 +702,17 @@ impl Migration {
             ] {
                 if proof.expected.get(place) != proof.found.get(place) {
                     let (listed, more) = self
-                        .narrow(layout, tier, &facts, &checks, &target, &archive)
+                        .narrow(
+                            layout,
+                            tier,
+                            &facts,
+                            &checks,
+                            &Places {
+                                target: &target,
+                                archive: &archive,
+                                bad_blobs: &bad_blobs,
+                            },
+                        )
                         .await?;
                     proof.differences.extend(listed);
                     proof.more_differences += more;
@@ -745,6 +784,19 @@ async fn operational_sum(target: &Db, layout: &TableLayout) -> Result<Sum> {
         sum.add(&row_of_values(layout, &values));
     }
     Ok(sum)
+}
+
+/// Reads a BLOB whole, decrypting and authenticating every segment and checking the content's
+/// SHA-256 against its reference, holding a few segments at a time.
+async fn reread(
+    blobs: &strata_archive::BlobStore,
+    r: &strata_archive::BlobRef,
+) -> std::result::Result<(), strata_archive::ArchiveError> {
+    let mut stream = std::pin::pin!(blobs.stream_range(r, 0..r.length).await?);
+    while let Some(piece) = stream.next().await {
+        piece?;
+    }
+    Ok(())
 }
 
 async fn count(db: &Db, sql: &str) -> Result<u64> {

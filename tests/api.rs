@@ -1897,3 +1897,41 @@ async fn a_running_server_follows_new_runs_compactions_and_gcs() {
     following.kill().await.unwrap();
     lazy.kill().await.unwrap();
 }
+
+/// Verification reports are kept as evidence: `strata verify` stores each, and records
+/// managers and auditors (not clinicians) list them through the API.
+#[tokio::test]
+async fn verification_reports_are_listed_for_records_managers_and_auditors() {
+    let f = fixture("").await;
+    let (status, out) = strata_verify(&f.dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
+    for role in [Role::RecordsManager, Role::Auditor] {
+        let token = f.idp.user("rm-1", role, &[]);
+        let (status, _, body) = call(
+            &f.app,
+            Method::GET,
+            "/v1/reports/verifications",
+            Some(&token),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let json: Json = serde_json::from_slice(&body).unwrap();
+        let list = json["verifications"].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{json}");
+        assert_eq!(list[0]["proven"], true);
+        assert!(list[0]["report"]["tables"].as_array().unwrap().len() > 5);
+    }
+    let clinician = f.idp.user("dr-a", Role::Clinician, &[&f.patient]);
+    let (status, _, _) = call(
+        &f.app,
+        Method::GET,
+        "/v1/reports/verifications",
+        Some(&clinician),
+        &[TREAT],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}

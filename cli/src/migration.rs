@@ -71,6 +71,11 @@ pub async fn verify(
     );
     let mut report = migration.verify(&run_id, reread_blobs).await?;
     strata_ingest::sign_report(&ctx.config.migration, &mut report)?;
+    // Kept as evidence: records managers and auditors list it through the API.
+    ctx.control()
+        .await?
+        .record_verification(&run_id, report.proven(), &serde_json::to_string(&report)?)
+        .await?;
     if let Some(path) = report_file {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

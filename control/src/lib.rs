@@ -22,6 +22,7 @@ pub use audit::{
 };
 pub use control::{
     Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord, StoredPlan, TableState,
+    VerificationRecord,
 };
 pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};

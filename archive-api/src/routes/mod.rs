@@ -51,6 +51,8 @@ const RESEARCH: &[Role] = &[Role::Researcher];
 const GROUPS: &[Role] = &[Role::Researcher, Role::RecordsManager, Role::Admin];
 /// Who reaches the auditor's routes.
 const AUDIT: &[Role] = &[Role::Auditor, Role::Admin];
+/// Who reads the evidence of a migration: records managers and auditors.
+const EVIDENCE: &[Role] = &[Role::RecordsManager, Role::Auditor, Role::Admin];
 
 /// A route layer: only a caller with one of `roles` goes on (403 otherwise, audited as
 /// denied by the audit layer outside). Runs after authentication put the caller in the
@@ -140,6 +142,13 @@ pub fn router(state: AppState) -> Router {
             .route("/v1/reports/last-run", get(records::last_run_report))
             .route("/v1/reports/destructions", get(records::destruction_report)),
     );
+    let evidence = only(
+        EVIDENCE,
+        Router::new().route(
+            "/v1/reports/verifications",
+            get(records::verification_reports),
+        ),
+    );
     let exports = only(
         RESEARCH,
         Router::new()
@@ -177,6 +186,7 @@ pub fn router(state: AppState) -> Router {
     let v1 = clinical
         .merge(auditor)
         .merge(records)
+        .merge(evidence)
         .merge(exports)
         .merge(groups)
         .merge(bulk);

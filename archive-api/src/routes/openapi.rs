@@ -80,7 +80,7 @@ impl utoipa::Modify for BearerScheme {
     paths(clinical::history, clinical::document, auditor::disclosures, auditor::audit_list,
         auditor::audit_verify, records::policies, records::plan, records::holds,
         records::place_hold, records::release_hold, records::last_run_report,
-        records::destruction_report, export_routes::start_export,
+        records::destruction_report, records::verification_reports, export_routes::start_export,
         export_routes::export_status, export_routes::export_file, export_routes::create_group,
         export_routes::list_groups, crate::bulk::export_system, crate::bulk::export_patients,
         crate::bulk::export_group, crate::bulk::status, crate::bulk::cancel, crate::bulk::file,

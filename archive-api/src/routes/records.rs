@@ -107,6 +107,22 @@ pub(super) async fn destruction_report(
     Ok(reply(Json(Destructions { destructions }), detail))
 }
 
+/// Every verification of a run kept by `strata verify`, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Verifications {
+    verifications: Vec<strata_control::VerificationRecord>,
+}
+
+#[utoipa::path(get, path = "/v1/reports/verifications", tag = "records manager",
+    responses((status = 200, description = "Verification reports (`strata verify`), newest first, signed when a signing key is configured", body = Verifications), Refusals))]
+pub(super) async fn verification_reports(
+    State(state): State<AppState>,
+) -> Result<Response, ApiError> {
+    let verifications = state.control.verifications().await?;
+    let detail = json!({ "records": verifications.len() });
+    Ok(reply(Json(Verifications { verifications }), detail))
+}
+
 /// Every legal hold.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct Holds {

@@ -10,6 +10,7 @@ mod exports;
 mod legacy_schemas;
 mod policies;
 mod quarantine;
+mod rollback;
 mod support;
 mod verify;
 

@@ -50,7 +50,9 @@ pub use layout::{
     cell, decimal_json, table_schema, ArchivedBatch, ArchivedColumn, Cell, ValueType,
     DECIMAL_TEXT_METADATA,
 };
-pub use manifest::{run_of_writer, withdraw_manifests, FileEntry, TableManifest, MANIFEST_FORMAT};
+pub use manifest::{
+    compacted_since, run_of_writer, withdraw_manifests, FileEntry, TableManifest, MANIFEST_FORMAT,
+};
 pub use reader::{blob_ref, blob_refs, ArchiveReader, VerifyReport};
 pub use rotate::{rotate_keys, RotationReport};
 pub use secret::SecretSource;

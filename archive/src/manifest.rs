@@ -196,6 +196,39 @@ pub async fn withdraw_manifests(
     Ok(deleted)
 }
 
+/// Whether a compaction of `table` superseded manifests of `run_id` (whose records then sit
+/// in the compaction's files).
+pub async fn compacted_since(
+    store: &dyn object_store::ObjectStore,
+    table: &str,
+    run_id: &str,
+) -> crate::Result<bool> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let dir = object_store::path::Path::from(format!("manifests/{table}"));
+    let listed: Vec<_> = store.list(Some(&dir)).try_collect().await?;
+    let of_run = format!("manifests/{table}/{run_id}");
+    for meta in listed {
+        if !meta
+            .location
+            .filename()
+            .is_some_and(|n| n.starts_with("compact-"))
+        {
+            continue;
+        }
+        let bytes = store.get(&meta.location).await?.bytes().await?;
+        let manifest: TableManifest =
+            serde_json::from_slice(&bytes).map_err(|e| crate::ArchiveError::Integrity {
+                object: meta.location.to_string(),
+                detail: format!("not a manifest: {e}"),
+            })?;
+        if manifest.supersedes.iter().any(|p| p.starts_with(&of_run)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,6 +105,20 @@ enum Command {
         #[arg(long)]
         new_signing_key: Option<PathBuf>,
     },
+    /// Undo the last finished run on the target side (the source is never touched): the
+    /// operational tables it created dropped, those it loaded into emptied, its quarantine and
+    /// checkpoints deleted, its archive manifests withdrawn (files go with `archive gc`), its
+    /// destruction records made void. Run it again to finish one cut short.
+    Rollback {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Who rolls back (recorded).
+        #[arg(long)]
+        by: String,
+        /// Why (recorded; 10 characters or more).
+        #[arg(long)]
+        reason: String,
+    },
     /// Profile each configured table: null rate, distinct values, range, duplicate keys,
     /// implausible dates, invalid LOINC, ICD-10-CM and NPI codes. Moves nothing.
     Profile {
@@ -274,6 +288,9 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { config, json } => migration::check(&Context::load(&config)?, json).await,
+        Command::Rollback { config, by, reason } => {
+            migration::rollback(&Context::load(&config)?, &by, &reason).await
+        }
         Command::Verify {
             config,
             json,

@@ -93,6 +93,21 @@ pub async fn verify(
     Ok(())
 }
 
+/// `strata rollback`.
+pub async fn rollback(ctx: &Context, by: &str, reason: &str) -> Result<()> {
+    match Migration::rollback(&ctx.config.migration, by, reason).await? {
+        Some(r) => println!(
+            "run {} rolled back: {} table(s) dropped, {} emptied, {} archive manifest(s) withdrawn (their files go with `strata archive gc`); destruction records kept, void. `strata migrate` runs it again from the start.",
+            r.run_id,
+            r.dropped.len(),
+            r.emptied.len(),
+            r.manifests_withdrawn
+        ),
+        None => println!("no finished run to roll back"),
+    }
+    Ok(())
+}
+
 /// `strata verify --check-report FILE`: exits 1 when the signature does not hold.
 pub fn check_report(ctx: &Context, path: &std::path::Path) -> Result<()> {
     let text =

@@ -114,6 +114,7 @@ CREATE TABLE IF NOT EXISTS strata_destructions (
     key_max TEXT,
     key_checksum TEXT NOT NULL,
     value_checksum TEXT,
+    void_reason TEXT,
     policy_version TEXT NOT NULL,
     policy_hash TEXT NOT NULL,
     destroyed_at TEXT NOT NULL,
@@ -183,6 +184,10 @@ pub struct DestructionRecord {
     pub policy_version: String,
     /// Its hash.
     pub policy_hash: String,
+    /// Set when the run was rolled back: the record stands void (nothing it names is
+    /// destroyed, the source keeps every row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub void: Option<String>,
 }
 
 /// A stored policy version.
@@ -232,20 +237,20 @@ impl Control {
         db.execute(SCHEMA).await?;
         db.execute(crate::archive_catalog::SCHEMA).await?;
         db.execute(crate::audit::SCHEMA).await?;
+        db.execute(crate::rollback::SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
         // Columns older versions lack.
-        if !control
-            .db
-            .columns_of("strata_destructions")
-            .await?
-            .iter()
-            .any(|c| c == "value_checksum")
-        {
-            control
-                .db
-                .execute("ALTER TABLE strata_destructions ADD COLUMN value_checksum TEXT")
-                .await?;
+        let have = control.db.columns_of("strata_destructions").await?;
+        for column in ["value_checksum", "void_reason"] {
+            if !have.iter().any(|c| c == column) {
+                control
+                    .db
+                    .execute(&format!(
+                        "ALTER TABLE strata_destructions ADD COLUMN {column} TEXT"
+                    ))
+                    .await?;
+            }
         }
         Ok(control)
     }
@@ -754,10 +759,10 @@ impl Control {
         let rows = self
             .db
             .fetch(
-                "SELECT run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at, value_checksum FROM strata_destructions ORDER BY destroyed_at, run_id, table_name",
+                "SELECT run_id, table_name, rows_destroyed, key_min, key_max, key_checksum, policy_version, policy_hash, destroyed_at, value_checksum, void_reason FROM strata_destructions ORDER BY destroyed_at, run_id, table_name",
                 &[],
                 &{
-                    let mut types = [Col::Text; 10];
+                    let mut types = [Col::Text; 11];
                     types[2] = Col::Int;
                     types
                 },
@@ -775,6 +780,7 @@ impl Control {
                         key_max: r[4].opt_text(),
                         key_checksum: r[5].text(),
                         value_checksum: r[9].opt_text(),
+                        void: r[10].opt_text(),
                         policy_version: r[6].text(),
                         policy_hash: r[7].text(),
                     },
@@ -814,7 +820,7 @@ impl Control {
 
     /// Rows destroyed per table over all runs.
     pub async fn destroyed_rows(&self) -> Result<BTreeMap<String, u64>> {
-        self.per_table("SELECT table_name, CAST(SUM(rows_destroyed) AS BIGINT) FROM strata_destructions GROUP BY table_name").await
+        self.per_table("SELECT table_name, CAST(SUM(rows_destroyed) AS BIGINT) FROM strata_destructions WHERE void_reason IS NULL GROUP BY table_name").await
     }
 
     /// Runs a `SELECT table_name, <bigint>` query into a map.

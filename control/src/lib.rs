@@ -14,6 +14,7 @@ mod control;
 mod db;
 mod error;
 mod exports;
+mod rollback;
 
 pub use archive_catalog::{cross_check, CatalogCheck, LedgerEntry, MirroredFile, TableAccount};
 pub use audit::{
@@ -27,3 +28,4 @@ pub use control::{
 pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
+pub use rollback::RollbackRecord;

@@ -50,7 +50,8 @@ pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EX
 pub use layout::TableLayout;
 pub use migrate::{
     check_policy, check_report, new_signing_key, read_policy, sign_report, Difference, Explanation,
-    Holding, Migration, PolicyCheck, Signature, TableProof, VerifyReport, LISTED_DIFFERENCES,
+    Holding, Migration, PolicyCheck, RollbackReport, Signature, TableProof, VerifyReport,
+    LISTED_DIFFERENCES,
 };
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, EXACT_PATIENTS};

@@ -16,12 +16,14 @@ mod evidence;
 mod explain;
 mod naming;
 mod range;
+mod rollback;
 mod route;
 mod sinks;
 mod target;
 mod verify;
 
 pub use evidence::{check as check_report, new_signing_key, sign as sign_report, Signature};
+pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;
 pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
 
@@ -576,6 +578,12 @@ impl Migration {
                 Some(p) => p,
                 None => plan_ranges(&self.source, layout, self.config.run.rows_per_range).await?,
             };
+            if !target.table_names().await?.contains(&layout.name) {
+                // Recorded before it exists: a rollback drops what this run created.
+                control
+                    .record_created_table(&run.run_id, &layout.name)
+                    .await?;
+            }
             let target_columns = prepare_target_table(
                 &self.source,
                 &target,
@@ -633,6 +641,7 @@ impl Migration {
                         key_max: destroyed.key_max,
                         policy_version: self.policy.version().into(),
                         policy_hash: self.policy.hash().into(),
+                        void: None,
                     })
                     .await?;
             }

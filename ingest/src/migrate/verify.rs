@@ -624,7 +624,7 @@ impl Migration {
             };
             let records: Vec<_> = destructions
                 .iter()
-                .filter(|(d, _)| d.table == layout.name)
+                .filter(|(d, _)| d.table == layout.name && d.void.is_none())
                 .map(|(d, _)| d)
                 .collect();
             let purged_rows: u64 = records.iter().map(|d| d.rows).sum();

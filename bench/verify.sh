@@ -28,7 +28,8 @@ trap 'stop_pg; rm -rf "$WORK"' EXIT
 URL="postgres://postgres@127.0.0.1:$PGPORT"
 psql() { command psql -q -X -v ON_ERROR_STOP=1 "$URL/$1" "${@:2}"; }
 psql postgres -c "CREATE DATABASE source" -c "CREATE DATABASE target"
-CUTOFF=2016-11-25  # as_of 2026-11-25 minus archive_after 10y: older rows go to the archive
+# as_of 2026-11-25 minus archive_after 10y: rows dated up to 2016-11-25 (UTC) are archived.
+OPERATIONAL_FROM=2016-11-26
 
 echo "creating $ROWS observations ..."
 psql source <<SQL
@@ -71,7 +72,7 @@ echo "  $ROWS source rows: $OP_ROWS operational, $((ROWS - OP_ROWS)) archived"
 
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-WHERE="observed_at >= '$CUTOFF'"
+WHERE="observed_at >= '$OPERATIONAL_FROM'"
 COLS="id, patient_id, code, value_num, unit, observed_at, status"
 declare -A TIMES; RSS=0
 for run in $(seq "$RUNS"); do

@@ -44,23 +44,28 @@ impl LongBlobs<'_> {
     }
 }
 
-/// Where one range's routed rows go.
+/// Where one range's routed rows go. The provided methods are a sink that only counts (the
+/// caller's tally): a plan's, and a verification's, which add what they keep of rows.
 pub(super) trait RangeSink {
     /// Whether BLOBs above the inline limit are left out of rows and streamed apart (a run), or
     /// read inline (a plan, which only counts them).
-    fn streams_blobs(&self) -> bool;
+    fn streams_blobs(&self) -> bool {
+        false
+    }
 
     /// Rows and bytes read, for this sink's own progress (the table's is counted by the caller).
-    fn read(&self, rows: u64, bytes: u64);
+    fn read(&self, _rows: u64, _bytes: u64) {}
 
     /// Reads a row's long BLOBs whole into `values`: the operational database takes a value in
     /// one piece (called for rows bound there that have some).
     async fn read_long_blobs(
         &mut self,
-        layout: &TableLayout,
-        values: &mut [Value],
-        long: &LongBlobs<'_>,
-    ) -> Result<()>;
+        _layout: &TableLayout,
+        _values: &mut [Value],
+        _long: &LongBlobs<'_>,
+    ) -> Result<()> {
+        Ok(())
+    }
 
     /// A problem that keeps a routed row out of every tier, found by this sink.
     fn problem(
@@ -74,32 +79,48 @@ pub(super) trait RangeSink {
     /// included); returns the count to hold against the table's threshold.
     fn quarantine(
         &mut self,
-        layout: &TableLayout,
-        values: &[Value],
-        ordinal: (usize, u64),
-        column: usize,
-        reason: &str,
+        _layout: &TableLayout,
+        _values: &[Value],
+        _ordinal: (usize, u64),
+        _column: usize,
+        _reason: &str,
         in_range: u64,
-    ) -> u64;
+    ) -> u64 {
+        in_range
+    }
 
     /// A row past retention: what its destruction record keeps of it.
-    fn purge(&mut self, layout: &TableLayout, values: &[Value], ordinal: (usize, u64));
+    fn purge(&mut self, _layout: &TableLayout, _values: &[Value], _ordinal: (usize, u64)) {}
 
     /// A row for the operational database; back with the reason when the database refuses it.
-    async fn operational(&mut self, values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>>;
+    async fn operational(&mut self, _values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
+        Ok(None)
+    }
 
     /// A row for the archive.
     async fn archive(
         &mut self,
-        layout: &TableLayout,
-        patient: Option<&str>,
-        date: Option<NaiveDate>,
-        values: Vec<Value>,
-        long: &LongBlobs<'_>,
-    ) -> Result<()>;
+        _layout: &TableLayout,
+        _patient: Option<&str>,
+        _date: Option<NaiveDate>,
+        _values: Vec<Value>,
+        _long: &LongBlobs<'_>,
+    ) -> Result<()> {
+        Ok(())
+    }
 
     /// The range's end: what it produced, with the range's `tally`.
-    async fn finish(self, layout: &TableLayout, tally: Tally) -> Result<RangeOutcome>;
+    async fn finish(self, _layout: &TableLayout, tally: Tally) -> Result<RangeOutcome>
+    where
+        Self: Sized,
+    {
+        Ok(RangeOutcome {
+            tally,
+            destroyed: Destroyed::default(),
+            manifest: None,
+            quarantine: Vec::new(),
+        })
+    }
 }
 
 /// What a sink checks that the route stage cannot: a key repeated across rows (when the source
@@ -169,21 +190,6 @@ pub(super) struct Counting<'c> {
 }
 
 impl RangeSink for Counting<'_> {
-    fn streams_blobs(&self) -> bool {
-        false
-    }
-
-    fn read(&self, _rows: u64, _bytes: u64) {}
-
-    async fn read_long_blobs(
-        &mut self,
-        _layout: &TableLayout,
-        _values: &mut [Value],
-        _long: &LongBlobs<'_>,
-    ) -> Result<()> {
-        Ok(())
-    }
-
     fn problem(
         &mut self,
         layout: &TableLayout,
@@ -191,44 +197,6 @@ impl RangeSink for Counting<'_> {
         tier: Tier,
     ) -> Option<(usize, &'static str)> {
         self.checks.check(layout, values, tier)
-    }
-
-    fn quarantine(
-        &mut self,
-        _layout: &TableLayout,
-        _values: &[Value],
-        _ordinal: (usize, u64),
-        _column: usize,
-        _reason: &str,
-        in_range: u64,
-    ) -> u64 {
-        in_range
-    }
-
-    fn purge(&mut self, _layout: &TableLayout, _values: &[Value], _ordinal: (usize, u64)) {}
-
-    async fn operational(&mut self, _values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
-        Ok(None)
-    }
-
-    async fn archive(
-        &mut self,
-        _layout: &TableLayout,
-        _patient: Option<&str>,
-        _date: Option<NaiveDate>,
-        _values: Vec<Value>,
-        _long: &LongBlobs<'_>,
-    ) -> Result<()> {
-        Ok(())
-    }
-
-    async fn finish(self, _layout: &TableLayout, tally: Tally) -> Result<RangeOutcome> {
-        Ok(RangeOutcome {
-            tally,
-            destroyed: Destroyed::default(),
-            manifest: None,
-            quarantine: Vec::new(),
-        })
     }
 }
 

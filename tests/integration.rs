@@ -712,33 +712,8 @@ async fn synthea_migrates_with_a_config_from_init(
         strata_archive::Kek::generate_hex(),
     )
     .unwrap();
-    // A hand-written policy: reference data stays operational; adults' old records of inactive
-    // patients are archived; ongoing conditions, medications and allergies stay.
-    std::fs::write(
-        dir.path().join("policy.toml"),
-        r#"
-version = "synthea-test-1"
-as_of = "2024-06-30"
-[defaults]
-archive_after = "5y"
-patient_inactive_after = "2y"
-[tables.patients]
-tier = "operational"
-[tables.organizations]
-tier = "operational"
-[tables.providers]
-tier = "operational"
-[tables.payers]
-tier = "operational"
-[tables.conditions]
-current_when = { column = "STOP", values = ["<null>"] }
-[tables.medications]
-current_when = { column = "STOP", values = ["<null>"] }
-[tables.allergies]
-current_when = { column = "STOP", values = ["<null>"] }
-"#,
-    )
-    .unwrap();
+    // A hand-written policy ([`SYNTHEA_POLICY`]).
+    std::fs::write(dir.path().join("policy.toml"), SYNTHEA_POLICY).unwrap();
     let report = migrate(&dir.path().join("strata.toml")).await;
     let counts = tier_counts(&load_config(&dir.path().join("strata.toml"))).await;
     assert_tiers_add_up(&counts);

@@ -675,29 +675,8 @@ async fn synthea_as_init_drafted_it_serves_every_archived_record_as_fhir() {
     let config = draft
         .replace("kek_env = \"STRATA_KEK\"", "kek_file = \"kek.hex\"")
         .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"));
-    // The policy: reference data stays operational; adults' old records of inactive patients
-    // are archived; ongoing conditions, medications and allergies stay.
-    let policy = r#"
-version = "synthea-1"
-as_of = "2024-06-30"
-[defaults]
-archive_after = "5y"
-patient_inactive_after = "2y"
-[tables.patients]
-tier = "operational"
-[tables.organizations]
-tier = "operational"
-[tables.providers]
-tier = "operational"
-[tables.payers]
-tier = "operational"
-[tables.conditions]
-current_when = { column = "STOP", values = ["<null>"] }
-[tables.medications]
-current_when = { column = "STOP", values = ["<null>"] }
-[tables.allergies]
-current_when = { column = "STOP", values = ["<null>"] }
-"#;
+    // The policy a records manager writes ([`SYNTHEA_POLICY`]).
+    let policy = SYNTHEA_POLICY;
     write_run_files(dir.path(), &config, policy);
     let config_path = dir.path().join("strata.toml");
     let mut migration = Migration::prepare(load_config(&config_path), as_of())

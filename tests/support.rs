@@ -302,3 +302,28 @@ pub fn strata_verify(config: &Path) -> (i32, String) {
         format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)),
     )
 }
+
+/// A records manager's policy for the Synthea sample: reference data stays operational;
+/// adults' old records of inactive patients are archived; ongoing conditions, medications and
+/// allergies stay.
+pub const SYNTHEA_POLICY: &str = r#"
+version = "synthea-test-1"
+as_of = "2024-06-30"
+[defaults]
+archive_after = "5y"
+patient_inactive_after = "2y"
+[tables.patients]
+tier = "operational"
+[tables.organizations]
+tier = "operational"
+[tables.providers]
+tier = "operational"
+[tables.payers]
+tier = "operational"
+[tables.conditions]
+current_when = { column = "STOP", values = ["<null>"] }
+[tables.medications]
+current_when = { column = "STOP", values = ["<null>"] }
+[tables.allergies]
+current_when = { column = "STOP", values = ["<null>"] }
+"#;

@@ -327,23 +327,16 @@ impl Control {
     /// rolled back first (the operational rows and archive manifests are not this database's).
     /// The status changes last, so an abandon cut short can be run again.
     pub async fn abandon_run(&self, run_id: &str) -> Result<()> {
-        // The archive's records name a run's writers (`{run}-r{range}-{id}`) as well as the run.
-        let writers = format!("{run_id}-r%");
-        for table in [
-            "strata_archive_ledger",
-            "strata_archive_files",
-            "strata_destructions",
-            "strata_table_runs",
-        ] {
-            let sql = format!(
-                "DELETE FROM {table} WHERE run_id = {} OR run_id LIKE {}",
-                self.db.p(1),
-                self.db.p(2)
-            );
-            self.db
-                .execute_with(&sql, &[run_id.into(), (&writers).into()])
-                .await?;
-        }
+        self.forget_run_records(
+            run_id,
+            &[
+                "strata_archive_ledger",
+                "strata_archive_files",
+                "strata_destructions",
+                "strata_table_runs",
+            ],
+        )
+        .await?;
         let sql = format!(
             "UPDATE strata_runs SET status = 'abandoned', finished_at = {} WHERE run_id = {}",
             self.db.p(1),
@@ -353,6 +346,23 @@ impl Control {
             .execute_with(&sql, &[now().into(), run_id.into()])
             .await
             .map(|_| ())
+    }
+
+    /// Deletes what `tables` record of `run_id` (rows of the run, and of its writers: the
+    /// archive's records name a run's writers, `{run}-r{range}-{id}`, as well as the run).
+    pub(crate) async fn forget_run_records(&self, run_id: &str, tables: &[&str]) -> Result<()> {
+        let writers = format!("{run_id}-r%");
+        for table in tables {
+            let sql = format!(
+                "DELETE FROM {table} WHERE run_id = {} OR run_id LIKE {}",
+                self.db.p(1),
+                self.db.p(2)
+            );
+            self.db
+                .execute_with(&sql, &[run_id.into(), (&writers).into()])
+                .await?;
+        }
+        Ok(())
     }
 
     /// The report (JSON) of the most recent finished run, with its id.

@@ -109,17 +109,8 @@ impl Control {
     /// catalog mirror), its destruction records are made void (kept, marked with the
     /// rollback), and the run is `rolled_back`. The status changes last.
     pub async fn finish_rollback(&self, run_id: &str) -> Result<()> {
-        let writers = format!("{run_id}-r%");
-        for table in ["strata_archive_ledger", "strata_archive_files"] {
-            let sql = format!(
-                "DELETE FROM {table} WHERE run_id = {} OR run_id LIKE {}",
-                self.db.p(1),
-                self.db.p(2)
-            );
-            self.db
-                .execute_with(&sql, &[run_id.into(), (&writers).into()])
-                .await?;
-        }
+        self.forget_run_records(run_id, &["strata_archive_ledger", "strata_archive_files"])
+            .await?;
         let void = format!("rolled back at {}", now());
         let sql = format!(
             "UPDATE strata_destructions SET void_reason = {} WHERE run_id = {} AND void_reason IS NULL",

@@ -10,6 +10,7 @@
 # Rows/s counts source rows checked (all of them for Strata, the operational ones for (b) and
 # (c)); medians of RUNS; Strata's peak RSS. Not a test: run it by hand.
 #   ROWS=5000000 RUNS=3 bench/verify.sh
+#   PARENT=/path/to/another/strata ...   also that build's verify, the two taking turns first
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-5000000}
@@ -77,11 +78,20 @@ COLS="id, patient_id, code, value_num, unit, observed_at, status"
 declare -A TIMES; RSS=0
 for run in $(seq "$RUNS"); do
   echo "run $run/$RUNS"
-  t0=$(now)
-  (cd "$WORK" && /usr/bin/time -v "$STRATA" verify --config strata.toml > verify.txt 2> time.txt) \
-    || { cat "$WORK/verify.txt"; exit 1; }
-  t1=$(now); TIMES[a]+="$(echo "$t1 - $t0" | bc) "
-  r=$(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt"); RSS=$(( RSS > r ? RSS : r ))
+  builds=(new); [ -n "${PARENT:-}" ] && { [ $((run % 2)) = 1 ] && builds=(new parent) || builds=(parent new); }
+  for b in "${builds[@]}"; do
+    bin=$STRATA; [ "$b" = parent ] && bin=$PARENT
+    t0=$(now)
+    (cd "$WORK" && /usr/bin/time -v "$bin" verify --config strata.toml > verify.txt 2> time.txt) \
+      || { cat "$WORK/verify.txt"; exit 1; }
+    t1=$(now)
+    if [ "$b" = new ]; then
+      TIMES[a]+="$(echo "$t1 - $t0" | bc) "
+      r=$(awk -F: '/Maximum resident/ {gsub(/ /, "", $2); print $2}' "$WORK/time.txt"); RSS=$(( RSS > r ? RSS : r ))
+    else
+      TIMES[p]+="$(echo "$t1 - $t0" | bc) "
+    fi
+  done
   t0=$(now)
   "$VENV/bin/reladiff" "${URL/postgres:/postgresql:}/source" observations \
     "${URL/postgres:/postgresql:}/target" observations -k id \
@@ -100,5 +110,9 @@ RA=$(rate "$ROWS" "$A"); RB=$(rate "$OP_ROWS" "$B"); RC=$(rate "$OP_ROWS" "$C")
 printf '(a) strata verify     %8.1f s  %9d rows/s (all %d source rows, both tiers)\n' "$A" "$RA" "$ROWS"
 printf '(b) reladiff          %8.1f s  %9d rows/s (the %d operational rows)\n' "$B" "$RB" "$OP_ROWS"
 printf '(c) md5(string_agg)   %8.1f s  %9d rows/s (the %d operational rows)\n' "$C" "$RC" "$OP_ROWS"
+if [ -n "${PARENT:-}" ]; then
+  P=$(echo ${TIMES[p]} | tr ' ' '\n' | median)
+  printf '(e) parent verify     %8.1f s  %9d rows/s: this build %.2fx the parent\n' "$P" "$(rate "$ROWS" "$P")" "$(echo "$P / $A" | bc -l)"
+fi
 printf 'strata / reladiff: %.2fx rows/s; strata / md5: %.2fx; strata peak RSS %d MiB\n' \
   "$(echo "$RA / $RB" | bc -l)" "$(echo "$RA / $RC" | bc -l)" "$((RSS / 1024))"

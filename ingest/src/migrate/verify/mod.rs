@@ -341,57 +341,20 @@ impl Migration {
                 index: 0,
                 filter: None,
             };
-            let outcome = self.route_range(layout, &whole, &facts, None, sink).await?;
-            let tally = outcome.tally.report;
-
-            // What each place holds.
-            let operational = if existing.contains(&layout.name) {
-                operational_sum(&target, layout).await?
-            } else {
-                Sum::default()
-            };
-            let mut archived = Sum::default();
-            let mut unreadable = Vec::new();
-            let mut bad_blobs = std::collections::HashSet::new();
-            for m in archive
-                .catalog()
-                .tables
-                .get(&layout.name)
-                .into_iter()
-                .flatten()
-            {
-                for f in &m.files {
-                    // A file the catalog lists but the store lacks (or cannot decrypt) is a
-                    // finding, not a failure to verify.
-                    let batches = match archive.read_file(f).await {
-                        Ok(b) => b,
-                        Err(e) => {
-                            unreadable
-                                .push(format!("archive: file {} cannot be read: {e}", f.path));
-                            continue;
-                        }
-                    };
-                    for b in &batches {
-                        let batch = strata_archive::ArchivedBatch::new(b, &m.blob_columns);
-                        if reread_blobs {
-                            for row in 0..batch.num_rows() {
-                                for (column, r) in batch.blobs(row) {
-                                    if let Err(e) = reread(&blobs, &r).await {
-                                        unreadable.push(format!(
-                                            "archive: the BLOB in column {column} of record {} cannot be read back as catalogued: {e}",
-                                            batch.key(row).unwrap_or("?")
-                                        ));
-                                        bad_blobs.insert(r.object.clone());
-                                    }
-                                }
-                            }
-                        }
-                        for row in 0..batch.num_rows() {
-                            archived.add(&row_of_archive(layout, &batch, row, &bad_blobs));
-                        }
+            // The source, the operational table and the archive are read at the same time.
+            let holds_rows = existing.contains(&layout.name);
+            let (outcome, operational, (archived, unreadable, bad_blobs)) = futures::try_join!(
+                self.route_range(layout, &whole, &facts, None, sink),
+                async {
+                    if holds_rows {
+                        operational_sum(&target, layout).await
+                    } else {
+                        Ok(Sum::default())
                     }
-                }
-            }
+                },
+                archive_sum(&archive, &blobs, layout, reread_blobs),
+            )?;
+            let tally = outcome.tally.report;
             // Strata's own tables are not among the tables listed: a run creates the
             // quarantine table with the first operational table.
             let quarantined = if !existing.is_empty() {
@@ -553,6 +516,58 @@ async fn operational_sum(target: &Db, layout: &TableLayout) -> Result<Sum> {
         sum.add(&row_of_values(layout, &values));
     }
     Ok(sum)
+}
+
+/// The sum of a table's archived rows, the files that cannot be read, and the BLOB objects
+/// that do not read back as catalogued (with `reread_blobs`; else their hashes are trusted).
+async fn archive_sum(
+    archive: &strata_archive::ArchiveReader,
+    blobs: &strata_archive::BlobStore,
+    layout: &TableLayout,
+    reread_blobs: bool,
+) -> Result<(Sum, Vec<String>, std::collections::HashSet<String>)> {
+    let mut archived = Sum::default();
+    let mut unreadable = Vec::new();
+    let mut bad_blobs = std::collections::HashSet::new();
+    for m in archive
+        .catalog()
+        .tables
+        .get(&layout.name)
+        .into_iter()
+        .flatten()
+    {
+        for f in &m.files {
+            // A file the catalog lists but the store lacks (or cannot decrypt) is a finding,
+            // not a failure to verify.
+            let batches = match archive.read_file(f).await {
+                Ok(b) => b,
+                Err(e) => {
+                    unreadable.push(format!("archive: file {} cannot be read: {e}", f.path));
+                    continue;
+                }
+            };
+            for b in &batches {
+                let batch = strata_archive::ArchivedBatch::new(b, &m.blob_columns);
+                if reread_blobs {
+                    for row in 0..batch.num_rows() {
+                        for (column, r) in batch.blobs(row) {
+                            if let Err(e) = reread(blobs, &r).await {
+                                unreadable.push(format!(
+                                    "archive: the BLOB in column {column} of record {} cannot be read back as catalogued: {e}",
+                                    batch.key(row).unwrap_or("?")
+                                ));
+                                bad_blobs.insert(r.object.clone());
+                            }
+                        }
+                    }
+                }
+                for row in 0..batch.num_rows() {
+                    archived.add(&row_of_archive(layout, &batch, row, &bad_blobs));
+                }
+            }
+        }
+    }
+    Ok((archived, unreadable, bad_blobs))
 }
 
 /// Reads a BLOB whole, decrypting and authenticating every segment and checking the content's

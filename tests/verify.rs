@@ -331,13 +331,25 @@ async fn verify_finds_swapped_values_and_a_lost_identical_row() {
             as_of()
         ),
     );
-    strata_ingest::Migration::prepare(load_config(&dir.path().join("strata.toml")), as_of())
-        .await
-        .unwrap()
-        .run(&mut |_| {})
-        .await
-        .unwrap();
+    let run =
+        strata_ingest::Migration::prepare(load_config(&dir.path().join("strata.toml")), as_of())
+            .await
+            .unwrap()
+            .run(&mut |_| {})
+            .await
+            .unwrap();
     assert_eq!(verify(dir.path()).0, 0);
+    // Its progress counts the source rows checked against the run's, table by table.
+    let migration =
+        strata_ingest::Migration::prepare(load_config(&dir.path().join("strata.toml")), as_of())
+            .await
+            .unwrap();
+    assert!(migration.verify(&run, false).await.unwrap().proven());
+    let progress = migration.progress().snapshot();
+    assert_eq!(progress.len(), 2);
+    for t in &progress {
+        assert!(t.done && t.rows == t.expected_rows && t.rows == 3, "{t:?}");
+    }
     let db = dir.path().join("operational.db");
     let pristine = dir.path().join("operational.pristine");
     std::fs::copy(&db, &pristine).unwrap();

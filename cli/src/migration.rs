@@ -69,7 +69,10 @@ pub async fn verify(
         run.holds,
         now.holds
     );
-    let mut report = migration.verify(&run_id, reread_blobs).await?;
+    let watcher = watch::show(migration.progress());
+    let report = migration.verify(&run, reread_blobs).await;
+    watcher.abort();
+    let mut report = report?;
     strata_ingest::sign_report(&ctx.config.migration, &mut report)?;
     // Kept as evidence: records managers and auditors list it through the API.
     ctx.control()

@@ -23,11 +23,13 @@ use crate::db::{pg_select_expr, quote, Db, DbKind, ReadAs};
 use crate::error::{IngestError, Result};
 use crate::layout::TableLayout;
 use crate::ranges::KeyRange;
+use crate::report::RunReport;
 use crate::target_check::TargetChecks;
 use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
 use futures::StreamExt;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use strata_cutoff_policies::Tier;
 
 /// What the source says each tier of a table must hold.
@@ -293,10 +295,12 @@ impl Migration {
     }
 
     /// Proves the last finished run (`run_id`) table by table: see the module's docs. The
-    /// migration must be prepared with that run's `as_of` and policy. With `reread_blobs`
+    /// migration must be prepared with that run's `as_of` and policy. Its progress
+    /// ([`Migration::progress`]) counts the source rows checked against the run's. With `reread_blobs`
     /// every archived BLOB is read, decrypted and hashed again (else its catalogued hash is
     /// trusted).
-    pub async fn verify(&self, run_id: &str, reread_blobs: bool) -> Result<VerifyReport> {
+    pub async fn verify(&self, run: &RunReport, reread_blobs: bool) -> Result<VerifyReport> {
+        let run_id = run.run_id.as_str();
         let started = chrono::Utc::now();
         let facts = self.patient_facts().await?;
         let url = self.config.resolve_url(&self.config.operational.url)?;
@@ -322,6 +326,13 @@ impl Migration {
             ..Default::default()
         };
         for layout in &self.layouts {
+            let progress = self.progress.table(&layout.name);
+            if let Some(t) = run.table(&layout.name) {
+                progress
+                    .expected_rows
+                    .store(t.source_rows, Ordering::Relaxed);
+            }
+            progress.ranges.store(1, Ordering::Relaxed);
             // What the source says.
             let (columns, _) = target_columns(
                 self.source.kind(),
@@ -474,6 +485,8 @@ impl Migration {
                 }
             }
             report.tables.push(proof);
+            progress.ranges_done.store(1, Ordering::Relaxed);
+            progress.done.store(1, Ordering::Relaxed);
         }
         target.close().await;
         report.finished = chrono::Utc::now().to_rfc3339();

@@ -81,37 +81,32 @@ impl RangeSink for Verifying<'_> {
     }
 }
 
-/// A place's records by key: per column, 8 bytes of its value's digest.
-type Records = BTreeMap<String, Vec<u64>>;
-
-/// The record key verification narrows by: the primary key as the archive names records, or
-/// for a table without one a digest of its columns (`#2`, `#3` for identical rows).
-fn insert_record(
-    layout: &TableLayout,
-    records: &mut Records,
-    key: Option<String>,
-    columns: Vec<u64>,
-) {
-    let key = key.unwrap_or_else(|| {
-        let bytes: Vec<u8> = columns.iter().flat_map(|c| c.to_le_bytes()).collect();
-        let digest = hex::encode(
-            &sha2::Digest::finalize(sha2::Digest::chain_update(
-                <sha2::Sha256 as sha2::Digest>::new(),
-                &bytes,
-            ))[..8],
-        );
-        let mut key = digest.clone();
-        let mut n = 1;
-        while records.contains_key(&key) {
-            n += 1;
-            key = format!("{digest}#{n}");
-        }
-        key
-    });
-    debug_assert!(layout.columns().len() == columns.len());
-    records.insert(key, columns);
+/// A place's records by key: per column, 8 bytes of its value's digest. A key seen again
+/// (identical rows of a keyless table, a key held twice) is kept as `key#2`, `key#3`...
+#[derive(Default)]
+struct Records {
+    by_key: BTreeMap<String, Vec<u64>>,
+    seen: std::collections::HashMap<String, u32>,
 }
 
+impl Records {
+    /// Adds a record by its key, or, for a table without one (`key` None), by a digest of its
+    /// columns.
+    fn insert(&mut self, key: Option<String>, columns: Vec<u64>) {
+        use sha2::{Digest, Sha256};
+        let key = key.unwrap_or_else(|| {
+            let bytes: Vec<u8> = columns.iter().flat_map(|c| c.to_le_bytes()).collect();
+            hex::encode(&Sha256::digest(&bytes)[..8])
+        });
+        let n = self.seen.entry(key.clone()).or_insert(0);
+        *n += 1;
+        let key = if *n == 1 { key } else { format!("{key}#{n}") };
+        self.by_key.insert(key, columns);
+    }
+}
+
+/// The key a record is narrowed by: its primary key as the archive names records; None for a
+/// table without one (then a digest of its columns, [`Records::insert`]).
 fn values_key(layout: &TableLayout, values: &[Value]) -> Option<String> {
     (!layout.key.is_empty()).then(|| row_key(layout, values, (0, 0)))
 }
@@ -137,12 +132,8 @@ impl RangeSink for Keyed<'_> {
     async fn operational(&mut self, values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
         if self.tier == Tier::Operational {
             let key = values_key(self.layout, &values);
-            insert_record(
-                self.layout,
-                self.records,
-                key,
-                columns_of_values(self.layout, &values),
-            );
+            self.records
+                .insert(key, columns_of_values(self.layout, &values));
         }
         Ok(None)
     }
@@ -157,12 +148,7 @@ impl RangeSink for Keyed<'_> {
     ) -> Result<()> {
         if self.tier == Tier::Archive {
             let key = values_key(layout, &values);
-            insert_record(
-                layout,
-                self.records,
-                key,
-                columns_of_values(layout, &values),
-            );
+            self.records.insert(key, columns_of_values(layout, &values));
         }
         Ok(())
     }
@@ -177,8 +163,8 @@ fn differences(
     found: &Records,
 ) -> (Vec<Difference>, u64) {
     let mut all = Vec::new();
-    for (key, want) in expected {
-        match found.get(key) {
+    for (key, want) in &expected.by_key {
+        match found.by_key.get(key) {
             None => all.push((key, "missing", Vec::new())),
             Some(got) if got != want => {
                 let columns = want
@@ -193,7 +179,11 @@ fn differences(
             Some(_) => {}
         }
     }
-    for key in found.keys().filter(|k| !expected.contains_key(*k)) {
+    for key in found
+        .by_key
+        .keys()
+        .filter(|k| !expected.by_key.contains_key(*k))
+    {
         all.push((key, "extra", Vec::new()));
     }
     let total = all.len() as u64;
@@ -235,7 +225,7 @@ impl Migration {
             archive,
             bad_blobs,
         } = places;
-        let mut expected = Records::new();
+        let mut expected = Records::default();
         let sink = Keyed {
             checks: RowChecks::new(layout, checks, !self.source_enforces_key(layout)),
             tier,
@@ -247,7 +237,7 @@ impl Migration {
             filter: None,
         };
         self.route_range(layout, &whole, facts, None, sink).await?;
-        let mut found = Records::new();
+        let mut found = Records::default();
         let place = match tier {
             Tier::Operational => {
                 let mut rows = target.fetch(operational_select(target, layout), read_types(layout));
@@ -256,7 +246,7 @@ impl Migration {
                     let mut values = row?;
                     let _ = super::route::coerce_row(&mut values, &types);
                     let key = values_key(layout, &values);
-                    insert_record(layout, &mut found, key, columns_of_values(layout, &values));
+                    found.insert(key, columns_of_values(layout, &values));
                 }
                 "operational"
             }
@@ -278,9 +268,7 @@ impl Migration {
                                 let key = (!layout.key.is_empty())
                                     .then(|| batch.key(row).map(str::to_string))
                                     .flatten();
-                                insert_record(
-                                    layout,
-                                    &mut found,
+                                found.insert(
                                     key,
                                     columns_of_archive(layout, &batch, row, bad_blobs),
                                 );

@@ -5,17 +5,6 @@
 use crate::support::*;
 use strata_ingest::{Db, Migration, RunReport};
 
-/// Creates the SQLite source `icu.db` in `dir` with `sql`; returns its URL.
-async fn sqlite_source(dir: &TestDir, sql: &str) -> String {
-    let url = format!("sqlite://{}", dir.path().join("icu.db").display());
-    let db = Db::connect(&format!("{url}?mode=rwc"), false)
-        .await
-        .unwrap();
-    db.execute(sql).await.unwrap();
-    db.close().await;
-    url
-}
-
 /// The policy of the research database below (dates shifted into the 22nd century).
 const ICU_POLICY: &str = r#"
 version = "icu-test-1"
@@ -51,7 +40,8 @@ fn tiers(report: &RunReport) -> Vec<(String, u64, u64, u64)> {
 async fn records_are_dated_through_their_parents_and_periods_by_their_end() {
     let dir = TestDir::new();
     let url = sqlite_source(
-        &dir,
+        dir.path(),
+        "icu.db",
         "CREATE TABLE admissions (row_id INTEGER PRIMARY KEY, subject_id INTEGER, hadm_id INTEGER, admittime TIMESTAMP);
          CREATE TABLE diagnoses (row_id INTEGER PRIMARY KEY, subject_id INTEGER, hadm_id INTEGER, icd9_code TEXT);
          CREATE TABLE diagnosis_notes (row_id INTEGER PRIMARY KEY, subject_id INTEGER, diagnosis INTEGER, note TEXT);
@@ -167,7 +157,8 @@ record_date = { start = "start_date", end = "end_date" }
 async fn a_record_date_through_a_parent_is_checked_against_the_schema() {
     let dir = TestDir::new();
     let url = sqlite_source(
-        &dir,
+        dir.path(),
+        "icu.db",
         "CREATE TABLE admissions (row_id INTEGER PRIMARY KEY, subject_id INTEGER, hadm_id INTEGER, admittime TIMESTAMP);
          CREATE TABLE stays (row_id INTEGER PRIMARY KEY, subject_id INTEGER, intime TIMESTAMP, outtime TIMESTAMP);
          CREATE TABLE diagnoses (row_id INTEGER PRIMARY KEY, subject_id INTEGER, hadm_id INTEGER, stay INTEGER);",
@@ -478,7 +469,8 @@ async fn a_research_database_migrates_as_init_drafted_it() {
 async fn configs_that_would_hide_archived_rows_from_the_patient_api_are_warned_about() {
     let dir = TestDir::new();
     let url = sqlite_source(
-        &dir,
+        dir.path(),
+        "icu.db",
         "CREATE TABLE patients (row_id INTEGER PRIMARY KEY, subject_id INTEGER, dob DATE);
          CREATE TABLE admissions (row_id INTEGER PRIMARY KEY, subject_id INTEGER, admittime TIMESTAMP);
          CREATE TABLE labevents (row_id INTEGER PRIMARY KEY, subject_id INTEGER, charttime TIMESTAMP);
@@ -548,7 +540,8 @@ primary_key = ["itemid"]
 async fn a_key_reused_across_patients_is_counted_explained_and_a_unique_one_proposed() {
     let dir = TestDir::new();
     let url = sqlite_source(
-        &dir,
+        dir.path(),
+        "icu.db",
         "CREATE TABLE labevents (row_id INTEGER, subject_id INTEGER, charttime TIMESTAMP, valuenum REAL);
          INSERT INTO labevents VALUES (1, 1, '2150-01-01 10:00:00', 1.0), (2, 1, '2150-01-01 11:00:00', 2.0),
            (1, 2, '2179-01-01 10:00:00', 3.0), (2, 2, '2179-01-01 11:00:00', 4.0), (3, 2, '2179-01-01 12:00:00', 5.0);",

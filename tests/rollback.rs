@@ -9,20 +9,16 @@ const POLICY: &str = "version = \"1\"\nas_of = \"2026-06-30\"\n[defaults]\narchi
 /// A source of three tables (a row of each to archive, to purge, to quarantine), and an
 /// operational `visits` table created beforehand (empty), in `dir`.
 async fn setup(dir: &std::path::Path) {
-    let source = format!("sqlite://{}", dir.join("legacy.db").display());
-    let db = Db::connect(&format!("{source}?mode=rwc"), false)
-        .await
-        .unwrap();
-    db.execute(
+    let source = sqlite_source(
+        dir,
+        "legacy.db",
         "CREATE TABLE visits (id INTEGER PRIMARY KEY, patient_id INTEGER, seen DATE, status TEXT);
          INSERT INTO visits VALUES (1, 1, '2026-01-02', 'open'), (2, 2, '2018-01-03', 'closed'),
            (3, 3, '2001-01-01', 'closed'), (4, 1, 'soon', 'open');
          CREATE TABLE supplies (id INTEGER PRIMARY KEY, patient_id INTEGER, supplied_on DATE, item TEXT);
          INSERT INTO supplies VALUES (1, 1, '2026-01-02', 'gauze'), (2, 2, '2018-01-02', 'gauze');",
     )
-    .await
-    .unwrap();
-    db.close().await;
+    .await;
     let operational = Db::connect(
         &format!("sqlite://{}?mode=rwc", dir.join("operational.db").display()),
         false,

@@ -327,3 +327,14 @@ current_when = { column = "STOP", values = ["<null>"] }
 [tables.allergies]
 current_when = { column = "STOP", values = ["<null>"] }
 "#;
+
+/// Creates the SQLite database `file` in `dir` with `sql`; returns its URL.
+pub async fn sqlite_source(dir: &Path, file: &str, sql: &str) -> String {
+    let url = format!("sqlite://{}", dir.join(file).display());
+    let db = Db::connect(&format!("{url}?mode=rwc"), false)
+        .await
+        .unwrap();
+    db.execute(sql).await.unwrap();
+    db.close().await;
+    url
+}

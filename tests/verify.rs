@@ -307,19 +307,15 @@ async fn verify_proves_a_clean_migration_and_finds_every_mutation() {
 #[tokio::test]
 async fn verify_finds_swapped_values_and_a_lost_identical_row() {
     let dir = TestDir::new();
-    let source = format!("sqlite://{}", dir.path().join("legacy.db").display());
-    let db = Db::connect(&format!("{source}?mode=rwc"), false)
-        .await
-        .unwrap();
-    db.execute(
+    let source = sqlite_source(
+        dir.path(),
+        "legacy.db",
         "CREATE TABLE visits (id INTEGER PRIMARY KEY, patient_id INTEGER, seen DATE, status TEXT);
          INSERT INTO visits VALUES (1, 1, '2026-01-02', 'open'), (2, 1, '2026-01-03', 'closed'), (3, 2, '2010-01-01', 'closed');
          CREATE TABLE supplies (patient_id INTEGER, supplied_on DATE, item TEXT);
          INSERT INTO supplies VALUES (1, '2026-01-02', 'gauze'), (1, '2026-01-02', 'gauze'), (2, '2010-01-01', 'gauze');",
     )
-    .await
-    .unwrap();
-    db.close().await;
+    .await;
     let config = run_config(&source, "sqlite://operational.db")
         + "[tables.visits]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"seen\"\n\
            [tables.supplies]\npatient_key = \"patient_id\"\nrecord_date = \"supplied_on\"\n";
@@ -396,17 +392,13 @@ async fn verify_finds_swapped_values_and_a_lost_identical_row() {
 #[tokio::test]
 async fn a_signed_report_holds_only_as_signed_by_the_configured_key() {
     let dir = TestDir::new();
-    let source = format!("sqlite://{}", dir.path().join("legacy.db").display());
-    let db = Db::connect(&format!("{source}?mode=rwc"), false)
-        .await
-        .unwrap();
-    db.execute(
+    let source = sqlite_source(
+        dir.path(),
+        "legacy.db",
         "CREATE TABLE visits (id INTEGER PRIMARY KEY, patient_id INTEGER, seen DATE);
          INSERT INTO visits VALUES (1, 1, '2026-01-02'), (2, 2, '2010-01-01');",
     )
-    .await
-    .unwrap();
-    db.close().await;
+    .await;
     let strata = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
             .args(args)

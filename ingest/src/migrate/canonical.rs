@@ -225,6 +225,12 @@ impl Sum {
         add_256(&mut self.sum, digest);
     }
 
+    /// Adds another sum's rows.
+    pub(super) fn merge(&mut self, other: &Sum) {
+        self.rows += other.rows;
+        add_256(&mut self.sum, &other.sum);
+    }
+
     /// As reports write it: `sum256:` and the hex of the sum.
     pub(super) fn text(&self) -> String {
         format!("sum256:{}", hex::encode(self.sum))

@@ -21,6 +21,7 @@ mod route;
 mod sinks;
 mod target;
 mod verify;
+mod workers;
 
 pub use evidence::{check as check_report, new_signing_key, sign as sign_report, Signature};
 pub use rollback::RollbackReport;

@@ -5,6 +5,7 @@ use super::destroyed::Destroyed;
 use super::route::{Route, Router};
 use super::sinks::{LongBlobs, PendingBlobs, RangeOutcome, RangeSink, RowChecks, Writers};
 use super::target::{CHECKPOINT_TABLE, QUARANTINE_TABLE};
+use super::workers::{run_jobs, Job};
 use super::Migration;
 use crate::archive_rows::{archive_schema, ArchiveRun};
 use crate::db::{Column, Db};
@@ -29,10 +30,8 @@ use strata_cutoff_policies::{PatientFacts, Tier};
 const ARCHIVE_RUN_BYTES: usize = 24 << 20;
 
 impl Migration {
-    /// Copies ranges on `workers` threads of their own, so that decoding, deciding and encoding
-    /// rows use every core (futures polled by one task would share one thread). Each thread
-    /// drives its ranges on the runtime's reactor; after a range fails, no new range starts.
-    /// On a current-thread runtime (some tests), ranges interleave on that thread instead.
+    /// Copies ranges on `workers` threads of their own ([`run_jobs`]), so that decoding,
+    /// deciding and encoding rows use every core; after a range fails, no new range starts.
     pub(super) async fn copy_ranges(
         &self,
         layout: &TableLayout,
@@ -40,51 +39,13 @@ impl Migration {
         ctx: &RangeContext<'_>,
         workers: usize,
     ) -> Result<()> {
-        let handle = tokio::runtime::Handle::current();
-        if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
-            let mut copies = futures::stream::iter(ranges)
-                .map(|range| self.copy_range(layout, range, ctx))
-                .buffer_unordered(workers);
-            while let Some(done) = copies.next().await {
-                done?;
-            }
-            return Ok(());
-        }
-        let queue = std::sync::Mutex::new(ranges.into_iter());
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        let worker = || -> Result<()> {
-            while !failed.load(Ordering::Relaxed) {
-                let Some(range) = queue.lock().expect("range queue").next() else {
-                    break;
-                };
-                if let Err(e) = handle.block_on(self.copy_range(layout, range, ctx)) {
-                    failed.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-            Ok(())
-        };
-        tokio::task::block_in_place(|| {
-            std::thread::scope(|scope| {
-                let threads: Vec<_> = (0..workers.max(1))
-                    .map(|i| {
-                        std::thread::Builder::new()
-                            .name(format!("strata-range-{i}"))
-                            .spawn_scoped(scope, worker)
-                            .expect("a range thread starts")
-                    })
-                    .collect();
-                let mut outcome = Ok(());
-                for t in threads {
-                    match t.join() {
-                        Ok(Err(e)) if outcome.is_ok() => outcome = Err(e),
-                        Ok(_) => {}
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    }
-                }
-                outcome
+        let jobs: Vec<Job<'_, ()>> = ranges
+            .into_iter()
+            .map(|range| -> Job<'_, ()> {
+                Box::new(move || Box::pin(self.copy_range(layout, range, ctx)))
             })
-        })
+            .collect();
+        run_jobs(jobs, workers).await.map(|_| ())
     }
 
     /// Copies one range: reads and decides its rows, writes its archive files and manifest,

@@ -8,29 +8,30 @@
 //! a row in two places) changes a sum. Quarantine is proven by count, destructions by their
 //! records' key checksums (the same sum over the rows' key digests).
 
+mod narrow;
 mod report;
 
 use report::mismatch;
 pub use report::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
 
-use super::canonical::{columns_of_archive, columns_of_values, row_of_archive, row_of_values, Sum};
+use super::canonical::{row_of_archive, row_of_values, Sum};
 use super::destroyed::{add_256, Destroyed};
-use super::naming::row_key;
 use super::sinks::{LongBlobs, RangeSink, RowChecks};
 use super::target::{target_columns, QUARANTINE_TABLE};
+use super::workers::{run_jobs, Job};
 use super::Migration;
 use crate::db::{pg_select_expr, quote, Db, DbKind, ReadAs};
 use crate::error::{IngestError, Result};
 use crate::layout::TableLayout;
-use crate::ranges::KeyRange;
-use crate::report::RunReport;
+use crate::ranges::{plan_ranges, KeyRange};
+use crate::report::{RunReport, Tally};
 use crate::target_check::TargetChecks;
 use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
 use futures::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use strata_cutoff_policies::Tier;
+use strata_cutoff_policies::{PatientFacts, Tier};
 
 /// What the source says each tier of a table must hold.
 #[derive(Default)]
@@ -81,205 +82,125 @@ impl RangeSink for Verifying<'_> {
     }
 }
 
-/// A place's records by key: per column, 8 bytes of its value's digest. A key seen again
-/// (identical rows of a keyless table, a key held twice) is kept as `key#2`, `key#3`...
-#[derive(Default)]
-struct Records {
-    by_key: BTreeMap<String, Vec<u64>>,
-    seen: std::collections::HashMap<String, u32>,
-}
-
-impl Records {
-    /// Adds a record by its key, or, for a table without one (`key` None), by a digest of its
-    /// columns.
-    fn insert(&mut self, key: Option<String>, columns: Vec<u64>) {
-        use sha2::{Digest, Sha256};
-        let key = key.unwrap_or_else(|| {
-            let bytes: Vec<u8> = columns.iter().flat_map(|c| c.to_le_bytes()).collect();
-            hex::encode(&Sha256::digest(&bytes)[..8])
-        });
-        let n = self.seen.entry(key.clone()).or_insert(0);
-        *n += 1;
-        let key = if *n == 1 { key } else { format!("{key}#{n}") };
-        self.by_key.insert(key, columns);
-    }
-}
-
-/// The key a record is narrowed by: its primary key as the archive names records; None for a
-/// table without one (then a digest of its columns, [`Records::insert`]).
-fn values_key(layout: &TableLayout, values: &[Value]) -> Option<String> {
-    (!layout.key.is_empty()).then(|| row_key(layout, values, (0, 0)))
-}
-
-/// The sink of a narrowing pass: the records the source says `tier` must hold, by key.
-struct Keyed<'c> {
-    checks: RowChecks<'c>,
-    tier: Tier,
-    records: &'c mut Records,
-    layout: &'c TableLayout,
-}
-
-impl RangeSink for Keyed<'_> {
-    fn problem(
-        &mut self,
-        layout: &TableLayout,
-        values: &[Value],
-        tier: Tier,
-    ) -> Option<(usize, &'static str)> {
-        self.checks.check(layout, values, tier)
-    }
-
-    async fn operational(&mut self, values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
-        if self.tier == Tier::Operational {
-            let key = values_key(self.layout, &values);
-            self.records
-                .insert(key, columns_of_values(self.layout, &values));
-        }
-        Ok(None)
-    }
-
-    async fn archive(
-        &mut self,
-        layout: &TableLayout,
-        _patient: Option<&str>,
-        _date: Option<NaiveDate>,
-        values: Vec<Value>,
-        _long: &LongBlobs<'_>,
-    ) -> Result<()> {
-        if self.tier == Tier::Archive {
-            let key = values_key(layout, &values);
-            self.records.insert(key, columns_of_values(layout, &values));
-        }
-        Ok(())
-    }
-}
-
-/// The differences between what `place` must hold and holds: missing, extra and changed
-/// records (the columns that differ), the first [`LISTED_DIFFERENCES`] listed, all counted.
-fn differences(
-    layout: &TableLayout,
-    place: &str,
-    expected: &Records,
-    found: &Records,
-) -> (Vec<Difference>, u64) {
-    let mut all = Vec::new();
-    for (key, want) in &expected.by_key {
-        match found.by_key.get(key) {
-            None => all.push((key, "missing", Vec::new())),
-            Some(got) if got != want => {
-                let columns = want
-                    .iter()
-                    .zip(got)
-                    .enumerate()
-                    .filter(|(_, (a, b))| a != b)
-                    .map(|(i, _)| layout.target_names[i].clone())
-                    .collect();
-                all.push((key, "changed", columns));
-            }
-            Some(_) => {}
-        }
-    }
-    for key in found
-        .by_key
-        .keys()
-        .filter(|k| !expected.by_key.contains_key(*k))
-    {
-        all.push((key, "extra", Vec::new()));
-    }
-    let total = all.len() as u64;
-    let listed: Vec<Difference> = all
-        .into_iter()
-        .take(LISTED_DIFFERENCES)
-        .map(|(key, kind, columns)| Difference {
-            place: place.to_string(),
-            key: key.clone(),
-            kind: kind.to_string(),
-            columns,
-        })
-        .collect();
-    let more = total - listed.len() as u64;
-    (listed, more)
-}
-
-/// Where a table's rows are held, read back: the operational database, the archive, and the
-/// archived BLOBs found unreadable.
-struct Places<'a> {
-    target: &'a Db,
+/// What reading one table's places needs.
+struct ReadTable<'a> {
+    layout: &'a TableLayout,
+    facts: &'a HashMap<String, PatientFacts>,
+    /// The exported source snapshot, when the source has them.
+    snapshot: Option<&'a str>,
+    checks: &'a TargetChecks,
+    /// The operational database, when the table is there.
+    target: Option<&'a Db>,
     archive: &'a strata_archive::ArchiveReader,
-    bad_blobs: &'a std::collections::HashSet<String>,
+    blobs: &'a strata_archive::BlobStore,
+    reread_blobs: bool,
+}
+
+/// A table's places read: what the source says each must hold, and what they hold.
+#[derive(Default)]
+struct Sides {
+    expected: Expected,
+    tally: Tally,
+    operational: Sum,
+    archived: Sum,
+    unreadable: Vec<String>,
+    bad_blobs: HashSet<String>,
+}
+
+impl Sides {
+    fn merge(&mut self, other: Sides) {
+        self.expected.operational.merge(&other.expected.operational);
+        self.expected.archive.merge(&other.expected.archive);
+        self.expected.destroyed.merge(other.expected.destroyed);
+        self.tally.merge(other.tally);
+        self.operational.merge(&other.operational);
+        self.archived.merge(&other.archived);
+        self.unreadable.extend(other.unreadable);
+        self.bad_blobs.extend(other.bad_blobs);
+    }
 }
 
 impl Migration {
-    /// Narrows a mismatch of `tier` in `layout`'s table down to its records: the source
-    /// routed again, keyed, against the place read again, keyed.
-    async fn narrow(
-        &self,
-        layout: &TableLayout,
-        tier: Tier,
-        facts: &std::collections::HashMap<String, strata_cutoff_policies::PatientFacts>,
-        checks: &TargetChecks,
-        places: &Places<'_>,
-    ) -> Result<(Vec<Difference>, u64)> {
-        let Places {
-            target,
-            archive,
-            bad_blobs,
-        } = places;
-        let mut expected = Records::default();
-        let sink = Keyed {
-            checks: RowChecks::new(layout, checks, !self.source_enforces_key(layout)),
-            tier,
-            records: &mut expected,
-            layout,
-        };
-        let whole = KeyRange {
+    /// Reads a table's places side by side on the run's workers: the source in its ranges
+    /// (one range when the source does not enforce the table's key: a repeated key is found
+    /// only by reading every row in one pass, as the plan does), the operational table, and
+    /// the archive's files in as many parts as there are workers.
+    async fn read_sides(&self, t: &ReadTable<'_>) -> Result<Sides> {
+        let layout = t.layout;
+        let whole = vec![KeyRange {
             index: 0,
             filter: None,
+        }];
+        let ranges = if layout.key.is_empty() || self.source_enforces_key(layout) {
+            plan_ranges(&self.source, layout, self.config.run.rows_per_range)
+                .await?
+                .ranges
+        } else {
+            whole
         };
-        self.route_range(layout, &whole, facts, None, sink).await?;
-        let mut found = Records::default();
-        let place = match tier {
-            Tier::Operational => {
-                let mut rows = target.fetch(operational_select(target, layout), read_types(layout));
-                let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
-                while let Some(row) = rows.next().await {
-                    let mut values = row?;
-                    let _ = super::route::coerce_row(&mut values, &types);
-                    let key = values_key(layout, &values);
-                    found.insert(key, columns_of_values(layout, &values));
-                }
-                "operational"
-            }
-            _ => {
-                for m in archive
-                    .catalog()
-                    .tables
-                    .get(&layout.name)
-                    .into_iter()
-                    .flatten()
-                {
-                    for f in &m.files {
-                        let Ok(batches) = archive.read_file(f).await else {
-                            continue; // named as unreadable already
-                        };
-                        for b in &batches {
-                            let batch = strata_archive::ArchivedBatch::new(b, &m.blob_columns);
-                            for row in 0..batch.num_rows() {
-                                let key = (!layout.key.is_empty())
-                                    .then(|| batch.key(row).map(str::to_string))
-                                    .flatten();
-                                found.insert(
-                                    key,
-                                    columns_of_archive(layout, &batch, row, bad_blobs),
-                                );
-                            }
-                        }
-                    }
-                }
-                "archive"
-            }
+        let files: Vec<(&[String], &strata_archive::FileEntry)> = t
+            .archive
+            .catalog()
+            .tables
+            .get(&layout.name)
+            .into_iter()
+            .flatten()
+            .flat_map(|m| m.files.iter().map(|f| (m.blob_columns.as_slice(), f)))
+            .collect();
+        let workers = self.config.run.workers();
+        let mut jobs: Vec<Job<'_, Sides>> = Vec::new();
+        for range in &ranges {
+            jobs.push(Box::new(move || {
+                Box::pin(async move {
+                    let mut sides = Sides {
+                        tally: Tally::new(&layout.name),
+                        ..Default::default()
+                    };
+                    let unchecked = !self.source_enforces_key(layout);
+                    let sink = Verifying {
+                        checks: RowChecks::new(layout, t.checks, unchecked),
+                        expected: &mut sides.expected,
+                        layout,
+                    };
+                    let outcome = self
+                        .route_range(layout, range, t.facts, t.snapshot, sink)
+                        .await?;
+                    sides.tally = outcome.tally;
+                    Ok(sides)
+                })
+            }));
+        }
+        if let Some(target) = t.target {
+            jobs.push(Box::new(move || {
+                Box::pin(async move {
+                    Ok(Sides {
+                        operational: operational_sum(target, layout).await?,
+                        ..Default::default()
+                    })
+                })
+            }));
+        }
+        let part = files.len().div_ceil(workers.max(1)).max(1);
+        for files in files.chunks(part) {
+            jobs.push(Box::new(move || {
+                Box::pin(archive_sum(
+                    t.archive,
+                    t.blobs,
+                    layout,
+                    files,
+                    t.reread_blobs,
+                ))
+            }));
+        }
+        let threads = workers + 2;
+        let mut sides = Sides {
+            tally: Tally::new(&layout.name),
+            ..Default::default()
         };
-        Ok(differences(layout, place, &expected, &found))
+        for s in run_jobs(jobs, threads).await? {
+            sides.merge(s);
+        }
+        Ok(sides)
     }
 
     /// Proves the last finished run (`run_id`) table by table: see the module's docs. The
@@ -290,7 +211,10 @@ impl Migration {
     pub async fn verify(&self, run: &RunReport, reread_blobs: bool) -> Result<VerifyReport> {
         let run_id = run.run_id.as_str();
         let started = chrono::Utc::now();
-        let facts = self.patient_facts().await?;
+        // The source is read in one exported snapshot (PostgreSQL), its ranges side by side.
+        let snapshot = self.source.export_snapshot().await?;
+        let snapshot_id = snapshot.as_ref().map(|s| s.id.clone());
+        let facts = self.patient_facts_in(snapshot_id.as_deref()).await?;
         let url = self.config.resolve_url(&self.config.operational.url)?;
         let target = Db::connect(&url, true).await?;
         let target_kind = target.kind();
@@ -311,6 +235,7 @@ impl Migration {
             as_of: self.as_of().to_string(),
             strata_version: env!("CARGO_PKG_VERSION").to_string(),
             started: started.to_rfc3339(),
+            snapshot_wal_lsn: snapshot.as_ref().map(|s| s.wal_lsn.clone()),
             ..Default::default()
         };
         for layout in &self.layouts {
@@ -330,30 +255,26 @@ impl Migration {
             )
             .await?;
             let checks = TargetChecks::new(&columns, target_kind);
-            let mut expected = Expected::default();
-            let sink = Verifying {
-                checks: RowChecks::new(layout, &checks, !self.source_enforces_key(layout)),
-                expected: &mut expected,
-                layout,
-            };
-            let whole = KeyRange {
-                index: 0,
-                filter: None,
-            };
-            // The source, the operational table and the archive are read at the same time.
             let holds_rows = existing.contains(&layout.name);
-            let (outcome, operational, (archived, unreadable, bad_blobs)) = futures::try_join!(
-                self.route_range(layout, &whole, &facts, None, sink),
-                async {
-                    if holds_rows {
-                        operational_sum(&target, layout).await
-                    } else {
-                        Ok(Sum::default())
-                    }
-                },
-                archive_sum(&archive, &blobs, layout, reread_blobs),
-            )?;
-            let tally = outcome.tally.report;
+            let read = ReadTable {
+                layout,
+                facts: &facts,
+                snapshot: snapshot_id.as_deref(),
+                checks: &checks,
+                target: holds_rows.then_some(&target),
+                archive: &archive,
+                blobs: &blobs,
+                reread_blobs,
+            };
+            let Sides {
+                expected,
+                tally,
+                operational,
+                archived,
+                unreadable,
+                bad_blobs,
+            } = self.read_sides(&read).await?;
+            let tally = tally.report;
             // Strata's own tables are not among the tables listed: a run creates the
             // quarantine table with the first operational table.
             let quarantined = if !existing.is_empty() {
@@ -455,19 +376,7 @@ impl Migration {
                 ("archive", Tier::Archive),
             ] {
                 if proof.expected.get(place) != proof.found.get(place) {
-                    let (listed, more) = self
-                        .narrow(
-                            layout,
-                            tier,
-                            &facts,
-                            &checks,
-                            &Places {
-                                target: &target,
-                                archive: &archive,
-                                bad_blobs: &bad_blobs,
-                            },
-                        )
-                        .await?;
+                    let (listed, more) = self.narrow(&read, tier, &bad_blobs).await?;
                     proof.differences.extend(listed);
                     proof.more_differences += more;
                 }
@@ -476,6 +385,7 @@ impl Migration {
             progress.ranges_done.store(1, Ordering::Relaxed);
             progress.done.store(1, Ordering::Relaxed);
         }
+        drop(snapshot);
         target.close().await;
         report.finished = chrono::Utc::now().to_rfc3339();
         Ok(report)
@@ -519,56 +429,52 @@ async fn operational_sum(target: &Db, layout: &TableLayout) -> Result<Sum> {
     Ok(sum)
 }
 
-/// The sum of a table's archived rows, the files that cannot be read, and the BLOB objects
-/// that do not read back as catalogued (with `reread_blobs`; else their hashes are trusted).
+/// The sum of some of a table's archived files' rows (with each file's manifest's BLOB
+/// columns), the files that cannot be read, and the BLOB objects that do not read back as
+/// catalogued (with `reread_blobs`; else their hashes are trusted).
 async fn archive_sum(
     archive: &strata_archive::ArchiveReader,
     blobs: &strata_archive::BlobStore,
     layout: &TableLayout,
+    files: &[(&[String], &strata_archive::FileEntry)],
     reread_blobs: bool,
-) -> Result<(Sum, Vec<String>, std::collections::HashSet<String>)> {
-    let mut archived = Sum::default();
-    let mut unreadable = Vec::new();
-    let mut bad_blobs = std::collections::HashSet::new();
-    for m in archive
-        .catalog()
-        .tables
-        .get(&layout.name)
-        .into_iter()
-        .flatten()
-    {
-        for f in &m.files {
-            // A file the catalog lists but the store lacks (or cannot decrypt) is a finding,
-            // not a failure to verify.
-            let batches = match archive.read_file(f).await {
-                Ok(b) => b,
-                Err(e) => {
-                    unreadable.push(format!("archive: file {} cannot be read: {e}", f.path));
-                    continue;
-                }
-            };
-            for b in &batches {
-                let batch = strata_archive::ArchivedBatch::new(b, &m.blob_columns);
-                if reread_blobs {
-                    for row in 0..batch.num_rows() {
-                        for (column, r) in batch.blobs(row) {
-                            if let Err(e) = reread(blobs, &r).await {
-                                unreadable.push(format!(
-                                    "archive: the BLOB in column {column} of record {} cannot be read back as catalogued: {e}",
-                                    batch.key(row).unwrap_or("?")
-                                ));
-                                bad_blobs.insert(r.object.clone());
-                            }
+) -> Result<Sides> {
+    let mut sides = Sides::default();
+    for &(blob_columns, f) in files {
+        // A file the catalog lists but the store lacks (or cannot decrypt) is a finding, not a
+        // failure to verify.
+        let batches = match archive.read_file(f).await {
+            Ok(b) => b,
+            Err(e) => {
+                sides
+                    .unreadable
+                    .push(format!("archive: file {} cannot be read: {e}", f.path));
+                continue;
+            }
+        };
+        for b in &batches {
+            let batch = strata_archive::ArchivedBatch::new(b, blob_columns);
+            if reread_blobs {
+                for row in 0..batch.num_rows() {
+                    for (column, r) in batch.blobs(row) {
+                        if let Err(e) = reread(blobs, &r).await {
+                            sides.unreadable.push(format!(
+                                "archive: the BLOB in column {column} of record {} cannot be read back as catalogued: {e}",
+                                batch.key(row).unwrap_or("?")
+                            ));
+                            sides.bad_blobs.insert(r.object.clone());
                         }
                     }
                 }
-                for row in 0..batch.num_rows() {
-                    archived.add(&row_of_archive(layout, &batch, row, &bad_blobs));
-                }
+            }
+            for row in 0..batch.num_rows() {
+                sides
+                    .archived
+                    .add(&row_of_archive(layout, &batch, row, &sides.bad_blobs));
             }
         }
     }
-    Ok((archived, unreadable, bad_blobs))
+    Ok(sides)
 }
 
 /// Reads a BLOB whole, decrypting and authenticating every segment and checking the content's

@@ -79,6 +79,10 @@ pub struct VerifyReport {
     pub strata_version: String,
     /// When the verification started and ended (RFC 3339).
     pub started: String,
+    /// The WAL position of the source snapshot every table was read in (PostgreSQL sources;
+    /// a SQLite file or a CSV directory is read as it is, and should not change meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_wal_lsn: Option<String>,
     /// When it ended.
     pub finished: String,
     /// Per table.

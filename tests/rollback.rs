@@ -223,3 +223,91 @@ async fn a_rollback_killed_at_any_moment_finishes_when_run_again() {
         assert_rolled_back(dir.path(), &run.run_id).await;
     }
 }
+
+/// `--table`: one table of a run rolled back (the others kept), the run unfinished again, and
+/// `strata migrate` copies that table again into the same run, which then proves clean.
+#[tokio::test]
+async fn one_table_of_a_run_is_rolled_back_and_copied_again() {
+    let dir = TestDir::new();
+    setup(dir.path()).await;
+    let report = migrate(dir.path()).await;
+    let args = |table: &'static str| {
+        [
+            "rollback",
+            "--by",
+            "jdoe",
+            "--reason",
+            "supplies mapped with the wrong units",
+            "--table",
+            table,
+        ]
+    };
+    // A table the run did not copy is refused, named.
+    let out = strata(dir.path(), &args("stock"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("table stock is not one of run"));
+    let out = strata(dir.path(), &args("supplies"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("table(s) supplies of run"), "{said}");
+    assert!(said.contains("1 table(s) dropped, 0 emptied"), "{said}");
+
+    // supplies is gone from the operational database and the archive; visits stays.
+    let target = Db::connect(
+        &format!("sqlite://{}", dir.path().join("operational.db").display()),
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(!target
+        .table_names()
+        .await
+        .unwrap()
+        .contains(&"supplies".to_string()));
+    let visits = report.table("visits").unwrap();
+    assert_eq!(
+        count(&target, "SELECT COUNT(*) FROM visits".into()).await,
+        visits.operational_rows
+    );
+    assert_eq!(
+        count(
+            &target,
+            "SELECT COUNT(*) FROM _strata_quarantine WHERE table_name = 'visits'".into()
+        )
+        .await,
+        visits.quarantined_rows
+    );
+    target.close().await;
+    assert!(walk(&dir.path().join("archive/manifests/supplies")).is_empty());
+    assert!(!walk(&dir.path().join("archive/manifests/visits")).is_empty());
+    let control = strata_control::Control::open(&format!(
+        "sqlite://{}",
+        dir.path().join("control.db").display()
+    ))
+    .await
+    .unwrap();
+    let run = control.latest_run().await.unwrap().unwrap();
+    assert_eq!(run.status, "running");
+    let recorded = &control.rollbacks().await.unwrap()[0];
+    assert_eq!(recorded.tables, Some(vec!["supplies".to_string()]));
+    let destructions = control.destructions().await.unwrap();
+    for (d, _) in &destructions {
+        assert_eq!(d.void.is_some(), d.table == "supplies", "{}", d.table);
+    }
+    // The run is unfinished: a whole rollback is refused, `migrate` finishes it.
+    let out = rollback(dir.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("copies again the tables rolled back"));
+    let again = migrate(dir.path()).await;
+    assert_eq!(again.run_id, report.run_id);
+    assert_eq!(
+        serde_json::to_value(&again.tables).unwrap(),
+        serde_json::to_value(&report.tables).unwrap()
+    );
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
+}

@@ -108,7 +108,8 @@ enum Command {
     /// Undo the last finished run on the target side (the source is never touched): the
     /// operational tables it created dropped, those it loaded into emptied, its quarantine and
     /// checkpoints deleted, its archive manifests withdrawn (files go with `archive gc`), its
-    /// destruction records made void. Run it again to finish one cut short.
+    /// destruction records made void; with `--table`, only those tables. Run it again to finish
+    /// one cut short.
     Rollback {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
@@ -118,6 +119,10 @@ enum Command {
         /// Why (recorded; 10 characters or more).
         #[arg(long)]
         reason: String,
+        /// Roll back only this table of the run (repeat for more); the run is then unfinished
+        /// and `strata migrate` copies these tables again.
+        #[arg(long = "table", value_name = "TABLE")]
+        tables: Vec<String>,
     },
     /// Profile each configured table: null rate, distinct values, range, duplicate keys,
     /// implausible dates, invalid LOINC, ICD-10-CM and NPI codes. Moves nothing.
@@ -288,9 +293,12 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { config, json } => migration::check(&Context::load(&config)?, json).await,
-        Command::Rollback { config, by, reason } => {
-            migration::rollback(&Context::load(&config)?, &by, &reason).await
-        }
+        Command::Rollback {
+            config,
+            by,
+            reason,
+            tables,
+        } => migration::rollback(&Context::load(&config)?, &by, &reason, &tables).await,
         Command::Verify {
             config,
             json,

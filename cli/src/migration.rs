@@ -97,14 +97,21 @@ pub async fn verify(
 }
 
 /// `strata rollback`.
-pub async fn rollback(ctx: &Context, by: &str, reason: &str) -> Result<()> {
-    match Migration::rollback(&ctx.config.migration, by, reason).await? {
+pub async fn rollback(ctx: &Context, by: &str, reason: &str, tables: &[String]) -> Result<()> {
+    match Migration::rollback(&ctx.config.migration, by, reason, tables).await? {
         Some(r) => println!(
-            "run {} rolled back: {} table(s) dropped, {} emptied, {} archive manifest(s) withdrawn (their files go with `strata archive gc`); destruction records kept, void. `strata migrate` runs it again from the start.",
-            r.run_id,
+            "{} rolled back: {} table(s) dropped, {} emptied, {} archive manifest(s) withdrawn (their files go with `strata archive gc`); destruction records kept, void. {}",
+            match &r.tables {
+                None => format!("run {}", r.run_id),
+                Some(t) => format!("table(s) {} of run {}", t.join(", "), r.run_id),
+            },
             r.dropped.len(),
             r.emptied.len(),
-            r.manifests_withdrawn
+            r.manifests_withdrawn,
+            match &r.tables {
+                None => "`strata migrate` runs it again from the start.",
+                Some(_) => "The run is unfinished again: `strata migrate` copies these tables again, `strata migrate --abandon` undoes the rest.",
+            }
         ),
         None => println!("no finished run to roll back"),
     }

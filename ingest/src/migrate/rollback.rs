@@ -1,5 +1,5 @@
-//! `strata rollback`: undoes the last finished run on the target side, so that it can be run
-//! again from the start. The source is never touched.
+//! `strata rollback`: undoes the last finished run (or some of its tables) on the target
+//! side, so that it can be run again from the start. The source is never touched.
 //!
 //! Each operational table the run created is dropped; one that was there before (Strata loads
 //! only into empty tables, so every row in it is the run's) is emptied. The run's quarantined
@@ -9,6 +9,10 @@
 //! rolled back, when and why is recorded first; every step can be done again, and the run's
 //! status (`rolling_back`, then `rolled_back`) changes last, so a rollback cut short (kill -9)
 //! is finished by running it again.
+//!
+//! Rolling back some tables leaves the run unfinished (`running`) with those tables forgotten:
+//! `strata migrate` resumes it and copies them again (in a new snapshot, as a resumed run
+//! copies its unfinished tables), `strata migrate --abandon` undoes the rest.
 
 use super::target::{ensure_bookkeeping_tables, forget_table};
 use super::Migration;
@@ -22,6 +26,8 @@ use strata_control::Control;
 pub struct RollbackReport {
     /// The run rolled back.
     pub run_id: String,
+    /// The tables rolled back; None for the whole run.
+    pub tables: Option<Vec<String>>,
     /// Operational tables dropped (the run created them).
     pub dropped: Vec<String>,
     /// Operational tables emptied (they were there before the run).
@@ -31,12 +37,14 @@ pub struct RollbackReport {
 }
 
 impl Migration {
-    /// Rolls back the last finished run (or finishes rolling it back), recording `by` and
-    /// `reason`. None when there is nothing to roll back.
+    /// Rolls back the last finished run, or only `tables` of it when some are named (or
+    /// finishes a rollback cut short), recording `by` and `reason`. None when there is nothing
+    /// to roll back.
     pub async fn rollback(
         config: &MigrationConfig,
         by: &str,
         reason: &str,
+        tables: &[String],
     ) -> Result<Option<RollbackReport>> {
         if by.trim().is_empty() || reason.trim().len() < 10 {
             return Err(IngestError::Run(
@@ -54,14 +62,37 @@ impl Migration {
             "done" | "rolling_back" => {}
             "running" => {
                 return Err(IngestError::Run(format!(
-                    "run {} is in progress: `strata migrate --abandon` rolls back a run that has not finished",
+                    "run {} has not finished: `strata migrate` finishes it (and copies again the tables rolled back), `strata migrate --abandon` rolls back a run that has not finished",
                     run.run_id
                 )))
             }
             _ => return Ok(None),
         }
         let store = strata_archive::open_store(&config.archive.location(&config.base_dir)?)?;
-        let tables = control.run_tables(&run.run_id).await?;
+        let run_tables = control.run_tables(&run.run_id).await?;
+        // A rollback cut short is finished as it was asked.
+        let scope = match control.unfinished_rollback(&run.run_id).await? {
+            Some(recorded) if tables.is_empty() || recorded.as_deref() == Some(tables) => recorded,
+            Some(recorded) => {
+                return Err(IngestError::Run(format!(
+                    "the rollback of {} of run {} was cut short: run `strata rollback` again without --table to finish it first",
+                    recorded.map_or_else(|| "every table".to_string(), |t| t.join(", ")),
+                    run.run_id
+                )))
+            }
+            None if tables.is_empty() => None,
+            None => {
+                if let Some(t) = tables.iter().find(|t| !run_tables.contains(t)) {
+                    return Err(IngestError::Run(format!(
+                        "table {t} is not one of run {}'s tables ({})",
+                        run.run_id,
+                        run_tables.join(", ")
+                    )));
+                }
+                Some(tables.to_vec())
+            }
+        };
+        let tables = scope.clone().unwrap_or(run_tables);
         // A compaction since the run holds its rows in files of its own: withdrawing the run's
         // manifests would leave them there.
         for table in &tables {
@@ -72,13 +103,16 @@ impl Migration {
                 )));
             }
         }
-        control.start_rollback(&run.run_id, by, reason).await?;
+        control
+            .start_rollback(&run.run_id, scope.as_deref(), by, reason)
+            .await?;
         let target = Db::connect(&config.resolve_url(&config.operational.url)?, false).await?;
         ensure_bookkeeping_tables(&target).await?;
         let created = control.created_tables(&run.run_id).await?;
         let existing = target.table_names().await?;
         let mut report = RollbackReport {
             run_id: run.run_id.clone(),
+            tables: scope.clone(),
             ..Default::default()
         };
         for table in &tables {
@@ -96,7 +130,9 @@ impl Migration {
                 strata_archive::withdraw_manifests(store.as_ref(), table, &run.run_id).await?;
         }
         target.close().await;
-        control.finish_rollback(&run.run_id).await?;
+        control
+            .finish_rollback(&run.run_id, scope.as_deref())
+            .await?;
         tracing::info!(run_id = %run.run_id, "run rolled back");
         Ok(Some(report))
     }

@@ -96,6 +96,10 @@ enum Command {
         /// Also write the report as JSON here (signed when [verify] names a signing key).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Go on with a verification that stopped (killed, or a source that went away): the
+        /// tables it proved are taken as proven then (the report says when), the others read.
+        #[arg(long)]
+        resume: bool,
         /// Instead, check a report written before: its signature against the public key
         /// [verify] names (exit status 1 when it does not hold).
         #[arg(long, conflicts_with_all = ["report", "new_signing_key"])]
@@ -306,11 +310,13 @@ async fn run(cli: Cli) -> Result<()> {
             check_report,
             new_signing_key,
             blobs,
+            resume,
         } => match (check_report, new_signing_key) {
             (_, Some(path)) => migration::new_signing_key(&path),
             (Some(path), None) => migration::check_report(&Context::load(&config)?, &path),
             (None, None) => {
-                migration::verify(&Context::load(&config)?, json, report, blobs == "reread").await
+                let ctx = Context::load(&config)?;
+                migration::verify(&ctx, json, report, blobs == "reread", resume).await
             }
         },
         Command::Profile { config, json } => {

@@ -39,6 +39,7 @@ pub async fn verify(
     json: bool,
     report_file: Option<PathBuf>,
     reread_blobs: bool,
+    resume: bool,
 ) -> Result<()> {
     let control = ctx.control().await?.clone();
     let Some((run_id, run)) = control
@@ -70,7 +71,7 @@ pub async fn verify(
         now.holds
     );
     let watcher = watch::show(migration.progress());
-    let report = migration.verify(&run, reread_blobs).await;
+    let report = migration.verify(&run, reread_blobs, resume).await;
     watcher.abort();
     let mut report = report?;
     strata_ingest::sign_report(&ctx.config.migration, &mut report)?;

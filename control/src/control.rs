@@ -100,12 +100,6 @@ CREATE TABLE IF NOT EXISTS strata_run_snapshots (
     wal_lsn TEXT NOT NULL,
     taken_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS strata_verifications (
-    run_id TEXT NOT NULL,
-    verified_at TEXT NOT NULL,
-    proven BIGINT NOT NULL,
-    report TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS strata_destructions (
     run_id TEXT NOT NULL,
     table_name TEXT NOT NULL,
@@ -140,21 +134,6 @@ pub struct HoldRecord {
     /// Who released it, when and why.
     #[schema(value_type = Option<Vec<String>>, min_items = 3, max_items = 3)]
     pub released: Option<(String, String, String)>,
-}
-
-/// A `strata verify` of a run, as kept: when, whether everything was proven, and the report
-/// (signed when a signing key is configured).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
-pub struct VerificationRecord {
-    /// The run verified.
-    pub run_id: String,
-    /// When (RFC 3339).
-    pub verified_at: String,
-    /// Whether every table was proven.
-    pub proven: bool,
-    /// The report, as written.
-    #[schema(value_type = Object)]
-    pub report: serde_json::Value,
 }
 
 /// What a destruction record says: no PHI, only counts, key range and a checksum.
@@ -238,6 +217,7 @@ impl Control {
         db.execute(crate::archive_catalog::SCHEMA).await?;
         db.execute(crate::audit::SCHEMA).await?;
         db.execute(crate::rollback::SCHEMA).await?;
+        db.execute(crate::verification::SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
         // Columns older versions lack.
@@ -716,52 +696,6 @@ impl Control {
             )
             .await
             .map(|_| ())
-    }
-
-    /// Keeps a verification's report.
-    pub async fn record_verification(
-        &self,
-        run_id: &str,
-        proven: bool,
-        report: &str,
-    ) -> Result<()> {
-        let sql = format!(
-            "INSERT INTO strata_verifications (run_id, verified_at, proven, report) VALUES ({})",
-            self.db.ps(4)
-        );
-        self.db
-            .execute_with(
-                &sql,
-                &[
-                    run_id.into(),
-                    now().into(),
-                    (proven as i64).into(),
-                    report.into(),
-                ],
-            )
-            .await
-            .map(|_| ())
-    }
-
-    /// Every verification kept, newest first.
-    pub async fn verifications(&self) -> Result<Vec<VerificationRecord>> {
-        let rows = self
-            .db
-            .fetch(
-                "SELECT run_id, verified_at, proven, report FROM strata_verifications ORDER BY verified_at DESC",
-                &[],
-                &[Col::Text, Col::Text, Col::Int, Col::Text],
-            )
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| VerificationRecord {
-                run_id: r[0].text(),
-                verified_at: r[1].text(),
-                proven: r[2].int() == Some(1),
-                report: serde_json::from_str(&r[3].text()).unwrap_or(serde_json::Value::Null),
-            })
-            .collect())
     }
 
     /// Every destruction record, oldest first, with when it was made.

@@ -15,6 +15,7 @@ mod db;
 mod error;
 mod exports;
 mod rollback;
+mod verification;
 
 pub use archive_catalog::{cross_check, CatalogCheck, LedgerEntry, MirroredFile, TableAccount};
 pub use audit::{
@@ -23,9 +24,9 @@ pub use audit::{
 };
 pub use control::{
     Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord, StoredPlan, TableState,
-    VerificationRecord,
 };
 pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
 pub use rollback::RollbackRecord;
+pub use verification::VerificationRecord;

@@ -205,12 +205,35 @@ impl Migration {
 
     /// Proves the last finished run (`run_id`) table by table: see the module's docs. The
     /// migration must be prepared with that run's `as_of` and policy. Its progress
-    /// ([`Migration::progress`]) counts the source rows checked against the run's. With `reread_blobs`
-    /// every archived BLOB is read, decrypted and hashed again (else its catalogued hash is
-    /// trusted).
-    pub async fn verify(&self, run: &RunReport, reread_blobs: bool) -> Result<VerifyReport> {
+    /// ([`Migration::progress`]) counts the source rows checked against the run's. With
+    /// `reread_blobs` every archived BLOB is read, decrypted and hashed again (else its
+    /// catalogued hash is trusted). With `resume`, the tables a stopped verification of the
+    /// same run and options proved are taken as it proved them (each says when).
+    pub async fn verify(
+        &self,
+        run: &RunReport,
+        reread_blobs: bool,
+        resume: bool,
+    ) -> Result<VerifyReport> {
         let run_id = run.run_id.as_str();
         let started = chrono::Utc::now();
+        // Each table's proof is kept as it is made: a verification stopped (kill -9, a source
+        // that went away) goes on with `resume` from the tables it had not proven, under the
+        // same options. Without `resume`, every table is read again.
+        let options = format!("blobs reread: {reread_blobs}");
+        let mut earlier: HashMap<String, TableProof> = HashMap::new();
+        if resume {
+            for (table, json) in self.control.table_proofs(run_id, &options).await? {
+                let proof = serde_json::from_str(&json).map_err(|e| {
+                    IngestError::Run(format!(
+                        "control database: the proof kept for table {table}: {e}"
+                    ))
+                })?;
+                earlier.insert(table, proof);
+            }
+        } else {
+            self.control.forget_table_proofs().await?;
+        }
         // The source is read in one exported snapshot (PostgreSQL), its ranges side by side.
         let snapshot = self.source.export_snapshot().await?;
         let snapshot_id = snapshot.as_ref().map(|s| s.id.clone());
@@ -235,7 +258,6 @@ impl Migration {
             as_of: self.as_of().to_string(),
             strata_version: env!("CARGO_PKG_VERSION").to_string(),
             started: started.to_rfc3339(),
-            snapshot_wal_lsn: snapshot.as_ref().map(|s| s.wal_lsn.clone()),
             ..Default::default()
         };
         for layout in &self.layouts {
@@ -246,6 +268,13 @@ impl Migration {
                     .store(t.source_rows, Ordering::Relaxed);
             }
             progress.ranges.store(1, Ordering::Relaxed);
+            if let Some(proof) = earlier.remove(&layout.name) {
+                progress.rows.store(proof.source_rows, Ordering::Relaxed);
+                progress.done.store(1, Ordering::Relaxed);
+                report.tables.push(proof);
+                continue;
+            }
+            let checked_at = chrono::Utc::now().to_rfc3339();
             // What the source says.
             let (columns, _) = target_columns(
                 self.source.kind(),
@@ -324,6 +353,8 @@ impl Migration {
             let mut proof = TableProof {
                 table: layout.name.clone(),
                 source_rows: tally.source_rows,
+                checked_at,
+                snapshot_wal_lsn: snapshot.as_ref().map(|s| s.wal_lsn.clone()),
                 ..Default::default()
             };
             proof.mismatches.extend(unreadable);
@@ -381,12 +412,18 @@ impl Migration {
                     proof.more_differences += more;
                 }
             }
+            let json = serde_json::to_string(&proof)
+                .map_err(|e| IngestError::Run(format!("table {}: {e}", layout.name)))?;
+            self.control
+                .save_table_proof(run_id, &layout.name, &options, &json)
+                .await?;
             report.tables.push(proof);
             progress.ranges_done.store(1, Ordering::Relaxed);
             progress.done.store(1, Ordering::Relaxed);
         }
         drop(snapshot);
         target.close().await;
+        self.control.forget_table_proofs().await?;
         report.finished = chrono::Utc::now().to_rfc3339();
         Ok(report)
     }

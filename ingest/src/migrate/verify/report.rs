@@ -24,6 +24,14 @@ pub struct TableProof {
     pub table: String,
     /// Rows read from the source.
     pub source_rows: u64,
+    /// When this table was checked (RFC 3339): before the report's start for a table proven
+    /// before a verification was resumed (`strata verify --resume`).
+    #[serde(default)]
+    pub checked_at: String,
+    /// The WAL position of the source snapshot the table was read in (PostgreSQL sources; a
+    /// SQLite file or a CSV directory is read as it is, and should not change meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_wal_lsn: Option<String>,
     /// Per place (`operational`, `archive`, `quarantine`, `purged`): what the source says it
     /// must hold.
     pub expected: BTreeMap<String, Holding>,
@@ -79,10 +87,6 @@ pub struct VerifyReport {
     pub strata_version: String,
     /// When the verification started and ended (RFC 3339).
     pub started: String,
-    /// The WAL position of the source snapshot every table was read in (PostgreSQL sources;
-    /// a SQLite file or a CSV directory is read as it is, and should not change meanwhile).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshot_wal_lsn: Option<String>,
     /// When it ended.
     pub finished: String,
     /// Per table.
@@ -127,6 +131,12 @@ impl VerifyReport {
                     "MISMATCH"
                 }
             ));
+            if t.checked_at < self.started {
+                s.push_str(&format!(
+                    "  checked at {}, before this verification was resumed\n",
+                    t.checked_at
+                ));
+            }
             for m in &t.mismatches {
                 s.push_str(&format!("  {m}\n"));
             }

@@ -487,6 +487,53 @@ async fn a_signed_report_holds_only_as_signed_by_the_configured_key() {
     let other = std::fs::read_to_string(dir.path().join("other.json")).unwrap();
     let (status, out) = check("other.json", &other);
     assert_eq!(status, Some(1), "{out}");
+
+    // A signing key kept wrapped by the archive's key service: never on disk in clear.
+    let out = strata(&[
+        "verify",
+        "--config",
+        "strata.toml",
+        "--new-signing-key",
+        "wrapped.key",
+        "--wrapped",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("wrapped.key")).unwrap())
+            .unwrap();
+    assert!(
+        kept["kek_id"].is_string() && kept["wrapped"].is_string(),
+        "{kept}"
+    );
+    std::fs::write(
+        dir.path().join("strata.toml"),
+        format!(
+            "{head}[verify]\nsigning_key_wrapped_file = \"wrapped.key\"\npublic_key_file = \"wrapped.pub\"\n"
+        ),
+    )
+    .unwrap();
+    let out = strata(&[
+        "verify",
+        "--config",
+        "strata.toml",
+        "--report",
+        "wrapped.json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let signed = std::fs::read_to_string(dir.path().join("wrapped.json")).unwrap();
+    let (status, out) = check("wrapped.json", &signed);
+    assert_eq!(status, Some(0), "{out}");
+    // The report signed with the clear key does not hold under the wrapped key's public key.
+    let (status, out) = check("report.json", &text);
+    assert_eq!(status, Some(1), "{out}");
 }
 
 /// Verifies `run` (without re-reading BLOBs), stopped as soon as `table`'s rows are being checked.

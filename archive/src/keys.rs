@@ -190,6 +190,18 @@ impl KeyRing {
         }
     }
 
+    /// Wraps a secret of Strata's own (the signing key of verification reports) with the key
+    /// service's current KEK, so that it is kept only wrapped, as data keys are; with a KMS
+    /// behind the service, only the KMS can unwrap it. Returns (KEK id, wrapped).
+    pub fn wrap_secret(&self, secret: &[u8]) -> Result<(String, String)> {
+        Ok((self.service.current_kek_id(), self.service.wrap(secret)?))
+    }
+
+    /// Unwraps a secret wrapped by [`KeyRing::wrap_secret`] under KEK `kek_id`.
+    pub fn unwrap_secret(&self, kek_id: &str, wrapped: &str) -> Result<Vec<u8>> {
+        self.service.unwrap(kek_id, wrapped)
+    }
+
     /// Loads the archive's key from `store`. A writer passes `create` to make it on first use; a
     /// reader never writes, and on an archive without a key (an empty one) stays without.
     pub async fn for_archive(

@@ -108,6 +108,10 @@ enum Command {
         /// FILE.pub), for [verify] signing_key_file and public_key_file.
         #[arg(long)]
         new_signing_key: Option<PathBuf>,
+        /// With --new-signing-key: keep the key wrapped by the archive's key service (the
+        /// config's KEK, or the KMS behind it), for [verify] signing_key_wrapped_file.
+        #[arg(long, requires = "new_signing_key")]
+        wrapped: bool,
     },
     /// Undo the last finished run on the target side (the source is never touched): the
     /// operational tables it created dropped, those it loaded into emptied, its quarantine and
@@ -311,8 +315,12 @@ async fn run(cli: Cli) -> Result<()> {
             new_signing_key,
             blobs,
             resume,
+            wrapped,
         } => match (check_report, new_signing_key) {
-            (_, Some(path)) => migration::new_signing_key(&path),
+            (_, Some(path)) if wrapped => {
+                migration::new_signing_key(&path, Some(&Context::load(&config)?))
+            }
+            (_, Some(path)) => migration::new_signing_key(&path, None),
             (Some(path), None) => migration::check_report(&Context::load(&config)?, &path),
             (None, None) => {
                 let ctx = Context::load(&config)?;

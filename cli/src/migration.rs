@@ -147,10 +147,17 @@ pub fn check_report(ctx: &Context, path: &std::path::Path) -> Result<()> {
 
 /// `strata verify --new-signing-key FILE`: FILE holds the seed (mode 0600), FILE.pub the
 /// public key.
-pub fn new_signing_key(path: &std::path::Path) -> Result<()> {
+pub fn new_signing_key(path: &std::path::Path, wrapped_by: Option<&Context>) -> Result<()> {
     anyhow::ensure!(!path.exists(), "{} exists: not overwritten", path.display());
     let (seed, public) = strata_ingest::new_signing_key();
     let public_path = path.with_extension("pub");
+    let (content, setting) = match wrapped_by {
+        Some(ctx) => (
+            strata_ingest::wrap_signing_key(&ctx.config.migration, &seed)?,
+            "signing_key_wrapped_file",
+        ),
+        None => (seed, "signing_key_file"),
+    };
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
@@ -160,12 +167,12 @@ pub fn new_signing_key(path: &std::path::Path) -> Result<()> {
             .mode(0o600)
             .open(path)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        writeln!(f, "{seed}")?;
+        writeln!(f, "{content}")?;
     }
     std::fs::write(&public_path, format!("{public}\n"))
         .with_context(|| format!("cannot write {}", public_path.display()))?;
     println!(
-        "[verify]\nsigning_key_file = {:?}\npublic_key_file = {:?}",
+        "[verify]\n{setting} = {:?}\npublic_key_file = {:?}",
         path.display().to_string(),
         public_path.display().to_string()
     );

@@ -115,6 +115,11 @@ pub struct VerifyConfig {
     /// An environment variable holding it.
     #[serde(default)]
     pub signing_key_env: Option<String>,
+    /// A file holding the signing key wrapped by the archive's key service (its KEK, or the
+    /// KMS behind it): `strata verify --new-signing-key FILE --wrapped` writes one. The key is
+    /// then never on disk in clear, and signing needs the key service.
+    #[serde(default)]
+    pub signing_key_wrapped_file: Option<String>,
     /// A file holding the public key reports are checked against.
     #[serde(default)]
     pub public_key_file: Option<String>,

@@ -49,9 +49,9 @@ pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EXACT_DISTINCT};
 pub use layout::TableLayout;
 pub use migrate::{
-    check_policy, check_report, new_signing_key, read_policy, sign_report, Difference, Explanation,
-    Holding, Migration, PolicyCheck, RollbackReport, Signature, TableProof, VerifyReport,
-    LISTED_DIFFERENCES,
+    check_policy, check_report, new_signing_key, read_policy, sign_report, wrap_signing_key,
+    Difference, Explanation, Holding, Migration, PolicyCheck, RollbackReport, Signature,
+    TableProof, VerifyReport, LISTED_DIFFERENCES,
 };
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, EXACT_PATIENTS};

@@ -54,18 +54,66 @@ fn signed_bytes(report: &VerifyReport) -> Vec<u8> {
     serde_json::to_vec(&unsigned).expect("a report serializes")
 }
 
+/// A signing key as `--new-signing-key --wrapped` writes it: its seed wrapped by the archive's
+/// key service.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WrappedSigningKey {
+    /// The KEK that wraps it.
+    pub kek_id: String,
+    /// The wrapped seed.
+    pub wrapped: String,
+}
+
+/// The configured signing key's seed: in clear from a file or a variable, or unwrapped by the
+/// archive's key service.
+fn signing_seed(config: &MigrationConfig) -> Result<Option<[u8; 32]>> {
+    let Some(v) = &config.verify else {
+        return Ok(None);
+    };
+    let clear = v.signing_key_file.is_some() || v.signing_key_env.is_some();
+    if clear && v.signing_key_wrapped_file.is_some() {
+        return Err(config_problem(
+            "[verify]: name one signing key: signing_key_file, signing_key_env or signing_key_wrapped_file".into(),
+        ));
+    }
+    let Some(f) = &v.signing_key_wrapped_file else {
+        return hex_key(
+            config,
+            v.signing_key_file.as_deref(),
+            v.signing_key_env.as_deref(),
+            "signing_key",
+        );
+    };
+    let problem = |e: String| config_problem(format!("[verify] signing_key_wrapped_file {f}: {e}"));
+    let text =
+        std::fs::read_to_string(config.base_dir.join(f)).map_err(|e| problem(e.to_string()))?;
+    let key: WrappedSigningKey = serde_json::from_str(&text).map_err(|e| problem(e.to_string()))?;
+    let seed = config
+        .archive
+        .key_ring(&config.base_dir)
+        .and_then(|keys| keys.unwrap_secret(&key.kek_id, &key.wrapped))
+        .map_err(|e| problem(e.to_string()))?;
+    <[u8; 32]>::try_from(seed.as_slice())
+        .map(Some)
+        .map_err(|_| problem("not an Ed25519 seed".into()))
+}
+
+/// Wraps a signing key's seed (hex) with the archive's key service, as
+/// `signing_key_wrapped_file` holds it (JSON).
+pub fn wrap_signing_key(config: &MigrationConfig, seed_hex: &str) -> Result<String> {
+    let seed = hex::decode(seed_hex).map_err(|e| IngestError::Run(e.to_string()))?;
+    let (kek_id, wrapped) = config
+        .archive
+        .key_ring(&config.base_dir)
+        .and_then(|keys| keys.wrap_secret(&seed))
+        .map_err(|e| IngestError::Run(format!("archive keys: {e}")))?;
+    Ok(serde_json::to_string_pretty(&WrappedSigningKey { kek_id, wrapped }).expect("JSON"))
+}
+
 /// Signs `report` with the configured signing key, if one is configured.
 pub fn sign(config: &MigrationConfig, report: &mut VerifyReport) -> Result<bool> {
-    let Some(v) = &config.verify else {
-        return Ok(false);
-    };
-    let Some(seed) = hex_key(
-        config,
-        v.signing_key_file.as_deref(),
-        v.signing_key_env.as_deref(),
-        "signing_key",
-    )?
-    else {
+    let Some(seed) = signing_seed(config)? else {
         return Ok(false);
     };
     let key = SigningKey::from_bytes(&seed);

@@ -23,7 +23,9 @@ mod target;
 mod verify;
 mod workers;
 
-pub use evidence::{check as check_report, new_signing_key, sign as sign_report, Signature};
+pub use evidence::{
+    check as check_report, new_signing_key, sign as sign_report, wrap_signing_key, Signature,
+};
 pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;
 pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};

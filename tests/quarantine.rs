@@ -262,6 +262,17 @@ async fn every_kind_of_bad_row_is_quarantined_with_its_reason_and_good_rows_arri
         .await
         .unwrap();
     assert!(kept[0][0].as_key_text().unwrap().contains("TOO-LONG-CODE"));
+    // verify proves the run: the row the CHECK constraint refused is in quarantine, and the
+    // key loaded twice holds one of its source copies, whichever range loaded first.
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
+    target
+        .execute("UPDATE codes SET label = 'neither copy' WHERE code = 'K5'")
+        .await
+        .unwrap();
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("operational: changed code=K5"), "{out}");
     target.close().await;
 }
 
@@ -449,6 +460,8 @@ async fn a_sqlite_target_quarantines_a_key_loaded_twice_by_different_ranges() {
         ]]
     );
     target.close().await;
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
 }
 
 /// `strata profile` judges dates against the policy's `as_of` (a research database shifted into

@@ -14,6 +14,10 @@ use chrono::NaiveDate;
 use sqlx::postgres::PgConnection;
 use sqlx::AssertSqlSafe;
 
+/// How a quarantined row refused by the operational database (a constraint Strata could not
+/// check beforehand) begins its reason; the database's message follows.
+pub(crate) const DATABASE_REJECTED: &str = "rejected by the operational database";
+
 /// A connection of the operational database with an open transaction.
 pub(crate) enum TargetTx {
     /// PostgreSQL.
@@ -247,10 +251,7 @@ impl Load<'_> {
                                 .unwrap_or_default(),
                             _ => String::new(),
                         };
-                        return Ok(Some((
-                            row,
-                            format!("rejected by the operational database: {message}"),
-                        )));
+                        return Ok(Some((row, format!("{DATABASE_REJECTED}: {message}"))));
                     }
                 }
             }

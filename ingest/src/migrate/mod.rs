@@ -719,7 +719,7 @@ impl Migration {
         tally.report.operational_rows -= duplicates;
         if duplicates > 0 {
             let key = &layout.columns()[layout.key[0]].name;
-            tally.quarantine(key, "duplicate primary key", duplicates);
+            tally.quarantine(key, sinks::DUPLICATE_KEY, duplicates);
         }
         Ok((tally.finish(), destroyed))
     }

@@ -123,6 +123,9 @@ pub(super) trait RangeSink {
     }
 }
 
+/// The reason of a row whose key an earlier row of the read had.
+pub(super) const DUPLICATE_KEY: &str = "duplicate primary key";
+
 /// What a sink checks that the route stage cannot: a key repeated across rows (when the source
 /// does not enforce it) and a value the operational table would refuse or change. A plan and a
 /// run check the same way, so that a plan counts what a run will quarantine.
@@ -166,7 +169,7 @@ impl<'c> RowChecks<'c> {
                 format!("{:?}", values[k]).hash(&mut h);
             }
             if !seen.insert(h.finish()) {
-                return Some((layout.key[0], "duplicate primary key"));
+                return Some((layout.key[0], DUPLICATE_KEY));
             }
         }
         match tier {

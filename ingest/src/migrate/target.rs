@@ -232,7 +232,7 @@ fn primary_key_clause(schema: &TableSchema) -> String {
     )
 }
 
-const CROSS_RANGE_DUPLICATE: &str = "duplicate primary key (loaded by another range)";
+pub(super) const CROSS_RANGE_DUPLICATE: &str = "duplicate primary key (loaded by another range)";
 
 /// Before a PostgreSQL table gets its primary key: rows that different ranges loaded with the
 /// same key (possible only when the source does not enforce the key, and the ranges are not

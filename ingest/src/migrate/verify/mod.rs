@@ -9,14 +9,17 @@
 //! records' key checksums (the same sum over the rows' key digests).
 
 mod narrow;
+mod quarantined;
 mod report;
 
+use quarantined::Quarantined;
 use report::mismatch;
 pub use report::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
 
 use super::canonical::{row_of_archive, row_of_values, Sum};
 use super::destroyed::{add_256, Destroyed};
-use super::sinks::{LongBlobs, RangeSink, RowChecks};
+use super::naming::row_key;
+use super::sinks::{LongBlobs, RangeSink, RowChecks, DUPLICATE_KEY};
 use super::target::{target_columns, QUARANTINE_TABLE};
 use super::workers::{run_jobs, Job};
 use super::Migration;
@@ -46,6 +49,8 @@ struct Verifying<'c> {
     checks: RowChecks<'c>,
     expected: &'c mut Expected,
     layout: &'c TableLayout,
+    /// Rows the run quarantined after routing, when there are (then rows are keyed).
+    quarantined: Option<&'c Quarantined>,
 }
 
 impl RangeSink for Verifying<'_> {
@@ -58,14 +63,40 @@ impl RangeSink for Verifying<'_> {
         self.checks.check(layout, values, tier)
     }
 
+    fn quarantine(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        _ordinal: (usize, u64),
+        _column: usize,
+        reason: &str,
+        in_range: u64,
+    ) -> u64 {
+        // A later copy of a key that different ranges of the run loaded: the run may have kept
+        // this one.
+        if let Some(q) = self.quarantined {
+            let key = row_key(layout, values, (0, 0));
+            if reason == DUPLICATE_KEY && q.holds(&key) {
+                q.note_copy(key, row_of_values(layout, values), true);
+            }
+        }
+        in_range
+    }
+
     fn purge(&mut self, layout: &TableLayout, values: &[Value], ordinal: (usize, u64)) {
         self.expected.destroyed.add(layout, values, ordinal);
     }
 
     async fn operational(&mut self, values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
-        self.expected
-            .operational
-            .add(&row_of_values(self.layout, &values));
+        let digest = row_of_values(self.layout, &values);
+        if let Some(q) = self.quarantined {
+            let key = row_key(self.layout, &values, (0, 0));
+            if q.holds(&key) {
+                q.note_copy(key, digest, false);
+                return Ok(None);
+            }
+        }
+        self.expected.operational.add(&digest);
         Ok(None)
     }
 
@@ -94,6 +125,8 @@ struct ReadTable<'a> {
     archive: &'a strata_archive::ArchiveReader,
     blobs: &'a strata_archive::BlobStore,
     reread_blobs: bool,
+    /// Rows the run quarantined after routing them, when there are (and the table has a key).
+    quarantined: Option<&'a Quarantined>,
 }
 
 /// A table's places read: what the source says each must hold, and what they hold.
@@ -105,6 +138,8 @@ struct Sides {
     archived: Sum,
     unreadable: Vec<String>,
     bad_blobs: HashSet<String>,
+    /// The digests of the operational rows of keys loaded twice by the run, by key.
+    duplicates_held: HashMap<String, Vec<[u8; 32]>>,
 }
 
 impl Sides {
@@ -117,6 +152,9 @@ impl Sides {
         self.archived.merge(&other.archived);
         self.unreadable.extend(other.unreadable);
         self.bad_blobs.extend(other.bad_blobs);
+        for (key, held) in other.duplicates_held {
+            self.duplicates_held.entry(key).or_default().extend(held);
+        }
     }
 }
 
@@ -161,6 +199,7 @@ impl Migration {
                         checks: RowChecks::new(layout, t.checks, unchecked),
                         expected: &mut sides.expected,
                         layout,
+                        quarantined: t.quarantined,
                     };
                     let outcome = self
                         .route_range(layout, range, t.facts, t.snapshot, sink)
@@ -173,8 +212,11 @@ impl Migration {
         if let Some(target) = t.target {
             jobs.push(Box::new(move || {
                 Box::pin(async move {
+                    let (operational, duplicates_held) =
+                        operational_sum(target, layout, t.quarantined).await?;
                     Ok(Sides {
-                        operational: operational_sum(target, layout).await?,
+                        operational,
+                        duplicates_held,
                         ..Default::default()
                     })
                 })
@@ -285,6 +327,12 @@ impl Migration {
             .await?;
             let checks = TargetChecks::new(&columns, target_kind);
             let holds_rows = existing.contains(&layout.name);
+            // Strata's own tables are not among the tables listed: a run creates the
+            // quarantine table with the first operational table.
+            let after_routing = match existing.is_empty() || layout.key.is_empty() {
+                true => Quarantined::default(),
+                false => Quarantined::load(&target, &layout.name).await?,
+            };
             let read = ReadTable {
                 layout,
                 facts: &facts,
@@ -294,18 +342,23 @@ impl Migration {
                 archive: &archive,
                 blobs: &blobs,
                 reread_blobs,
+                quarantined: (!after_routing.is_empty()).then_some(&after_routing),
             };
             let Sides {
-                expected,
+                mut expected,
                 tally,
-                operational,
+                mut operational,
                 archived,
                 unreadable,
                 bad_blobs,
+                duplicates_held,
             } = self.read_sides(&read).await?;
+            let reconciled = after_routing.reconcile(
+                &duplicates_held,
+                &mut expected.operational,
+                &mut operational,
+            );
             let tally = tally.report;
-            // Strata's own tables are not among the tables listed: a run creates the
-            // quarantine table with the first operational table.
             let quarantined = if !existing.is_empty() {
                 count(
                     &target,
@@ -379,9 +432,12 @@ impl Migration {
                 rows,
                 checksum: None,
             };
+            // The keys accounted for apart: their quarantine entries as the source says.
+            let expected_quarantine =
+                tally.quarantined_rows - reconciled.counted + reconciled.quarantine;
             place(
                 "quarantine",
-                rows_only(tally.quarantined_rows),
+                rows_only(expected_quarantine),
                 rows_only(quarantined),
             );
             let sum = |rows, sum| Sum { rows, sum };
@@ -401,6 +457,18 @@ impl Migration {
                     rows_only(expected.destroyed.rows),
                     rows_only(purged_rows),
                 ),
+            }
+            for (key, how) in reconciled.wrong {
+                if proof.differences.len() < LISTED_DIFFERENCES {
+                    proof.differences.push(Difference {
+                        place: "operational".into(),
+                        key,
+                        kind: how.into(),
+                        columns: Vec::new(),
+                    });
+                } else {
+                    proof.more_differences += 1;
+                }
             }
             for (place, tier) in [
                 ("operational", Tier::Operational),
@@ -451,19 +519,33 @@ fn read_types(layout: &TableLayout) -> Vec<ReadAs> {
         .collect()
 }
 
-/// The sum of an operational table's rows, read back as the layout's column types.
-async fn operational_sum(target: &Db, layout: &TableLayout) -> Result<Sum> {
+/// The sum of an operational table's rows, read back as the layout's column types, but for
+/// the rows of keys the run loaded twice: their digests by key.
+async fn operational_sum(
+    target: &Db,
+    layout: &TableLayout,
+    quarantined: Option<&Quarantined>,
+) -> Result<(Sum, HashMap<String, Vec<[u8; 32]>>)> {
     let mut rows = target.fetch(operational_select(target, layout), read_types(layout));
     let mut sum = Sum::default();
+    let mut held: HashMap<String, Vec<[u8; 32]>> = HashMap::new();
     let column_types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
     while let Some(row) = rows.next().await {
         let mut values = row?;
         // Read as the route stage coerces: what the database returns as another type (a
         // SQLite integer in a REAL column) is compared as the column's type.
         let _ = super::route::coerce_row(&mut values, &column_types);
-        sum.add(&row_of_values(layout, &values));
+        let digest = row_of_values(layout, &values);
+        if let Some(q) = quarantined {
+            let key = row_key(layout, &values, (0, 0));
+            if q.holds(&key) {
+                held.entry(key).or_default().push(digest);
+                continue;
+            }
+        }
+        sum.add(&digest);
     }
-    Ok(sum)
+    Ok((sum, held))
 }
 
 /// The sum of some of a table's archived files' rows (with each file's manifest's BLOB

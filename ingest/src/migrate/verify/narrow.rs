@@ -10,6 +10,7 @@
 //! alone), and compare them column by column. A few differences cost two passes; a table that
 //! differs everywhere costs one pass per [`RECORDS_AT_ONCE`] records, never more memory.
 
+use super::quarantined::Quarantined;
 use super::{operational_select, read_types, Difference, ReadTable, LISTED_DIFFERENCES};
 use crate::error::Result;
 use crate::layout::TableLayout;
@@ -106,12 +107,20 @@ struct Keyed<'c, 'w> {
     tier: Tier,
     collect: &'c mut Collect<'w>,
     layout: &'c TableLayout,
+    quarantined: Option<&'c Quarantined>,
 }
 
 impl Keyed<'_, '_> {
     fn add(&mut self, values: &[Value]) {
         let layout = self.layout;
         let key = (!layout.key.is_empty()).then(|| row_key(layout, values, (0, 0)));
+        // Keys the run quarantined after routing are accounted for apart
+        // ([`Quarantined::reconcile`]).
+        if let (Some(q), Some(k)) = (self.quarantined, &key) {
+            if self.tier == Tier::Operational && q.holds(k) {
+                return;
+            }
+        }
         self.collect
             .add(layout, key, columns_of_values(layout, values));
     }
@@ -274,6 +283,7 @@ impl Migration {
             tier,
             collect,
             layout,
+            quarantined: t.quarantined,
         };
         let whole = KeyRange {
             index: 0,
@@ -304,6 +314,11 @@ async fn collect_found(
                 let mut values = row?;
                 let _ = crate::migrate::route::coerce_row(&mut values, &types);
                 let key = (!layout.key.is_empty()).then(|| row_key(layout, &values, (0, 0)));
+                if let (Some(q), Some(k)) = (t.quarantined, &key) {
+                    if q.holds(k) {
+                        continue; // reconciled apart
+                    }
+                }
                 collect.add(layout, key, columns_of_values(layout, &values));
             }
         }

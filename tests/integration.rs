@@ -12,6 +12,7 @@ mod policies;
 mod quarantine;
 mod rollback;
 mod support;
+mod sync;
 mod verify;
 
 use axum::body::Body;

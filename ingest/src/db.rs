@@ -39,6 +39,10 @@ pub struct SourceSnapshot {
     pub id: String,
     /// The source's WAL position when the snapshot was taken: where change sync starts.
     pub wal_lsn: String,
+    /// The snapshot as `pg_current_snapshot()` writes it (`xmin:xmax:xip,...`): which
+    /// transactions it saw, so that change sync skips exactly those
+    /// ([`crate::sync::snapshot::XidSnapshot`]).
+    pub xids: String,
     _holder: sqlx::pool::PoolConnection<sqlx::Postgres>,
 }
 
@@ -195,7 +199,7 @@ impl Db {
             .await
             .map_err(e)?;
         let row = sqlx::query(
-            "SELECT pg_export_snapshot(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
+            "SELECT pg_export_snapshot(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, pg_current_snapshot()::text",
         )
         .fetch_one(&mut *conn)
         .await
@@ -203,6 +207,7 @@ impl Db {
         Ok(Some(SourceSnapshot {
             id: row.try_get(0).map_err(e)?,
             wal_lsn: row.try_get(1).map_err(e)?,
+            xids: row.try_get(2).map_err(e)?,
             _holder: conn,
         }))
     }

@@ -34,6 +34,7 @@ mod progress;
 mod ranges;
 mod report;
 mod run_lock;
+pub mod sync;
 mod target_check;
 mod value;
 mod warnings;

@@ -55,7 +55,7 @@ async fn the_slot_and_the_copys_snapshot_meet_with_no_gap_and_no_overlap() {
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     let source = Db::connect(&sync_url, true).await.unwrap();
     let slot = format!("{db}_slot");
-    create_slot(&source, &slot).await.unwrap();
+    create_slot(&sync_url, &slot).await.unwrap();
     // Transactions commit between the slot's consistent point and the snapshot.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let snapshot = source.export_snapshot().await.unwrap().unwrap();
@@ -76,8 +76,8 @@ async fn the_slot_and_the_copys_snapshot_meet_with_no_gap_and_no_overlap() {
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.unwrap();
-    // One last row, committed after the stop position, ends the stream there (unapplied: the
-    // stream stops at the first message past the position, before that transaction's rows).
+    // One last row, committed after the stop position, so that the stream has something past
+    // it to end at (its transaction may come or not: it is not counted).
     let end = admin
         .fetch_all(
             "SELECT pg_current_wal_lsn()::text".into(),
@@ -175,4 +175,205 @@ async fn the_slot_and_the_copys_snapshot_meet_with_no_gap_and_no_overlap() {
         .unwrap();
     admin.close().await;
     source.close().await;
+}
+
+/// An application's writes: new patients' visits (recent, so operational under any facts),
+/// status changes that leave the TOASTed note alone, deletes, and rows of a table without a
+/// key; one transaction touches both tables.
+async fn application(url: String, stop: Arc<AtomicBool>, first_patient: i64) -> u64 {
+    let db = Db::connect(&url, false).await.unwrap();
+    let mut n = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        let patient = first_patient + n % 50;
+        let id = 100_000 + first_patient * 10 + n;
+        db.execute(&format!(
+            "BEGIN;
+             INSERT INTO visits VALUES ({id}, {patient}, DATE '2026-03-01' + ({n} % 90), 'open',
+               (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 120)));
+             INSERT INTO readings VALUES ({patient}, DATE '2026-04-01', {n}.5);
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+        if n % 3 == 0 {
+            db.execute(&format!(
+                "UPDATE visits SET status = 'closed' WHERE id IN ({id}, {})",
+                1 + n % 40
+            ))
+            .await
+            .unwrap();
+        }
+        if n % 7 == 6 {
+            db.execute(&format!(
+                "DELETE FROM visits WHERE id = {}; DELETE FROM readings WHERE ctid = (SELECT ctid FROM readings WHERE patient_id = {patient} LIMIT 1)",
+                id - 2
+            ))
+            .await
+            .unwrap();
+        }
+        n += 1;
+    }
+    db.close().await;
+    n as u64
+}
+
+fn strata(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .args(["--config", "strata.toml"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `strata sync prepare` prints what the owner must run; `strata migrate --follow` copies while
+/// an application writes; `strata sync --catch-up` applies what the copy did not see, and
+/// `strata verify` proves source = target. Then `strata sync` is killed (SIGKILL) at three
+/// moments while the application goes on, and caught up: proven again, nothing applied twice.
+/// A record the policy sends to the archive, and a correction to an archived record, leave
+/// through the archive outbox, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
+    let dir = TestDir::new();
+    let url = create_pg_database("strata_sync_follow").await;
+    let admin = Db::connect(&url, false).await.unwrap();
+    let (_, db) = url.rsplit_once('/').unwrap();
+    admin
+        .execute(
+            "CREATE TABLE visits (id bigint PRIMARY KEY, patient_id bigint NOT NULL, seen date NOT NULL,
+               status text NOT NULL, note text);
+             CREATE TABLE readings (patient_id bigint NOT NULL, taken date NOT NULL, value numeric(8,2));
+             INSERT INTO visits SELECT g, 1 + g % 200, CASE WHEN g % 200 < 100 THEN DATE '2010-01-01' + g % 300 ELSE DATE '2025-06-01' + g % 300 END,
+               'open', (SELECT string_agg(md5(g::text || r::text), '') FROM generate_series(1, 120) r)
+               FROM generate_series(1, 3000) g;
+             INSERT INTO readings SELECT 101 + g % 100, DATE '2025-07-01' + g % 100, g / 4.0 FROM generate_series(1, 2000) g;",
+        )
+        .await
+        .unwrap();
+    let source = read_only_url(&url).await;
+    admin
+        .execute(&format!("ALTER ROLE {db}_reader REPLICATION"))
+        .await
+        .unwrap();
+    let operational = create_pg_database("strata_sync_follow_op").await;
+    let config = run_config(&source, &operational)
+        + &format!(
+            "[sync]\nslot = \"{db}_slot\"\npublication = \"{db}_pub\"\n\
+             [tables.visits]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"seen\"\n\
+             [tables.readings]\npatient_key = \"patient_id\"\nrecord_date = \"taken\"\n"
+        );
+    write_run_files(
+        dir.path(),
+        &config,
+        &format!(
+            "version = \"1\"\nas_of = \"{}\"\n[defaults]\narchive_after = \"3y\"\npatient_inactive_after = \"2y\"\n",
+            as_of()
+        ),
+    );
+    // What the owner must do, printed; run as printed; then in place.
+    let (status, out) = strata(dir.path(), &["sync", "prepare"]);
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains("ALTER TABLE \"readings\" REPLICA IDENTITY FULL;"),
+        "{out}"
+    );
+    let statements: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("CREATE PUBLICATION") || l.starts_with("ALTER TABLE"))
+        .collect();
+    assert_eq!(statements.len(), 2, "{out}");
+    admin.execute(&statements.join("\n")).await.unwrap();
+    let (status, out) = strata(dir.path(), &["sync", "prepare"]);
+    assert_eq!(status, 0, "{out}");
+
+    // The copy, while the application writes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(application(url.clone(), stop.clone(), 10_000));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut migration =
+        strata_ingest::Migration::prepare(load_config(&dir.path().join("strata.toml")), as_of())
+            .await
+            .unwrap();
+    migration.follow(true);
+    let report = migration.run(&mut |_| {}).await.unwrap();
+    assert!(report.tables.iter().any(|t| t.archive_rows > 0));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(writer.await.unwrap() > 20);
+    let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("transaction(s) applied"), "{out}");
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
+
+    // kill -9 while following, the application still writing.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(application(url.clone(), stop.clone(), 20_000));
+    for delay_ms in [150u64, 400, 900] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["sync", "--config", "strata.toml"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let (status, caught_up) = strata(dir.path(), &["sync", "--catch-up"]);
+    assert_eq!(status, 0, "{caught_up}");
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{caught_up}\n{out}");
+
+    // A record the policy archives (a new patient's only visit, years old) goes to the outbox,
+    // not to the operational database; caught up twice, it is there once.
+    admin
+        .execute("INSERT INTO visits VALUES (999999, 99999, DATE '2012-02-02', 'closed', 'old')")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
+        assert_eq!(status, 0, "{out}");
+    }
+    let target = Db::connect(&operational, true).await.unwrap();
+    let outbox: Vec<(String, String)> = target
+        .fetch_all(
+            "SELECT change, row_key FROM _strata_sync_archive WHERE table_name = 'visits'".into(),
+            vec![ColumnType::Text, ColumnType::Text],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r[0].as_key_text().unwrap(), r[1].as_key_text().unwrap()))
+        .collect();
+    let once: Vec<&(String, String)> = outbox.iter().filter(|(_, k)| k == "id=999999").collect();
+    assert_eq!(once, [&("upsert".to_string(), "id=999999".to_string())]);
+    // The application's status changes to archived visits (ids 1 to 40 are old visits of
+    // inactive patients) are corrections for the archive too, never operational rows.
+    assert!(
+        outbox.iter().any(|(c, k)| c == "upsert" && k == "id=1"),
+        "{outbox:?}"
+    );
+    let held = target
+        .fetch_all(
+            "SELECT COUNT(*) FROM visits WHERE id = 999999 OR id <= 40".into(),
+            vec![ColumnType::Int],
+        )
+        .await
+        .unwrap();
+    assert_eq!(held[0][0], Value::Int(0));
+    target.close().await;
+    let (status, out) = strata(dir.path(), &["sync", "stop", "--drop-slot"]);
+    assert_eq!(status, 0, "{out}");
+    admin.close().await;
 }

@@ -113,6 +113,19 @@ enum Command {
         #[arg(long, requires = "new_signing_key")]
         wrapped: bool,
     },
+    /// Change sync from a PostgreSQL source: apply every change committed since the bulk copy
+    /// of a run made with `strata migrate --follow`, through the policy, exactly once.
+    #[command(args_conflicts_with_subcommands = true)]
+    Sync {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Stop once every change committed on the source before sync started is applied
+        /// (else follow until stopped).
+        #[arg(long)]
+        catch_up: bool,
+        #[command(subcommand)]
+        command: Option<migration::SyncCommand>,
+    },
     /// Undo the last finished run on the target side (the source is never touched): the
     /// operational tables it created dropped, those it loaded into emptied, its quarantine and
     /// checkpoints deleted, its archive manifests withdrawn (files go with `archive gc`), its
@@ -183,6 +196,11 @@ enum Command {
         /// (files left for `strata archive gc`); the next migrate starts a new run.
         #[arg(long, conflicts_with_all = ["json", "report", "metrics"])]
         abandon: bool,
+        /// Create a replication slot before the run's snapshot, then, once the bulk copy is
+        /// done, follow the source's changes (`strata sync`) until stopped. PostgreSQL
+        /// sources; `strata sync prepare` says what the database owner must do first.
+        #[arg(long, conflicts_with = "abandon")]
+        follow: bool,
     },
     /// Serve the archive API.
     Serve {
@@ -301,6 +319,19 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { config, json } => migration::check(&Context::load(&config)?, json).await,
+        Command::Sync {
+            config,
+            catch_up,
+            command,
+        } => match command {
+            None => migration::sync(&Context::load(&config)?, catch_up).await,
+            Some(migration::SyncCommand::Prepare { config }) => {
+                migration::sync_prepare(&Context::load(&config)?).await
+            }
+            Some(migration::SyncCommand::Stop { config, .. }) => {
+                migration::sync_stop(&Context::load(&config)?).await
+            }
+        },
         Command::Rollback {
             config,
             by,
@@ -345,12 +376,14 @@ async fn run(cli: Cli) -> Result<()> {
             report,
             metrics,
             abandon,
+            follow,
         } => {
             let options = migration::MigrateOptions {
                 json,
                 report_file: report,
                 metrics,
                 abandon,
+                follow,
             };
             migration::migrate(&Context::load(&config)?, options).await
         }

@@ -218,6 +218,7 @@ impl Control {
         db.execute(crate::audit::SCHEMA).await?;
         db.execute(crate::rollback::SCHEMA).await?;
         db.execute(crate::verification::SCHEMA).await?;
+        db.execute(crate::sync::SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
         // Columns older versions lack.

@@ -15,6 +15,7 @@ mod db;
 mod error;
 mod exports;
 mod rollback;
+mod sync;
 mod verification;
 
 pub use archive_catalog::{cross_check, CatalogCheck, LedgerEntry, MirroredFile, TableAccount};
@@ -29,4 +30,5 @@ pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
 pub use rollback::RollbackRecord;
+pub use sync::SyncRecord;
 pub use verification::VerificationRecord;

@@ -34,6 +34,9 @@ pub struct MigrationConfig {
     /// How `strata verify` signs its reports and checks them.
     #[serde(default)]
     pub verify: Option<VerifyConfig>,
+    /// Change sync from a PostgreSQL source (`strata migrate --follow`, `strata sync`).
+    #[serde(default)]
+    pub sync: SyncConfig,
     /// The directory relative paths are resolved against (the config file's); set on load.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -126,6 +129,32 @@ pub struct VerifyConfig {
     /// An environment variable holding it.
     #[serde(default)]
     pub public_key_env: Option<String>,
+}
+
+/// Change sync: the replication slot Strata reads and the publication it reads through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// The logical replication slot (created by `strata migrate --follow`; default `strata`).
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// The publication of the migrated tables (created by the database's owner with what
+    /// `strata sync prepare` prints; default `strata`).
+    #[serde(default = "default_slot")]
+    pub publication: String,
+}
+
+fn default_slot() -> String {
+    "strata".into()
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            slot: default_slot(),
+            publication: default_slot(),
+        }
+    }
 }
 
 /// Which policy file to apply.

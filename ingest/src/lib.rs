@@ -52,7 +52,7 @@ pub use layout::TableLayout;
 pub use migrate::{
     check_policy, check_report, new_signing_key, read_policy, sign_report, wrap_signing_key,
     Difference, Explanation, Holding, Migration, PolicyCheck, RollbackReport, Signature,
-    TableProof, VerifyReport, LISTED_DIFFERENCES,
+    SyncReport, SyncUntil, TableProof, VerifyReport, LISTED_DIFFERENCES,
 };
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, EXACT_PATIENTS};

@@ -85,13 +85,13 @@ impl TargetTx {
         .map_err(|e| IngestError::sql("execute", e))
     }
 
-    /// Inserts one row with its values bound by type.
-    async fn insert_row(
+    /// Runs one statement with values bound by type; returns the rows it affected.
+    pub async fn execute_values(
         &mut self,
         sql: &str,
         row: &[Value],
         types: &[crate::value::ColumnType],
-    ) -> std::result::Result<(), sqlx::Error> {
+    ) -> Result<u64> {
         let sql = AssertSqlSafe(sql.to_string());
         match self {
             TargetTx::Postgres(c) => {
@@ -99,14 +99,56 @@ impl TargetTx {
                 for (v, t) in row.iter().zip(types) {
                     q = crate::db::bind_pg(q, v, *t);
                 }
-                q.execute(&mut **c).await.map(|_| ())
+                q.execute(&mut **c).await.map(|r| r.rows_affected())
             }
             TargetTx::Sqlite(c) => {
                 let mut q = sqlx::query(sql);
                 for v in row {
                     q = crate::db::bind_sqlite(q, v);
                 }
-                q.execute(&mut **c).await.map(|_| ())
+                q.execute(&mut **c).await.map(|r| r.rows_affected())
+            }
+        }
+        .map_err(|e| IngestError::sql("execute", e))
+    }
+
+    /// Reads at most one row of a query with values bound by type, each column as text
+    /// (the query casts them).
+    pub async fn fetch_text_row(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+        param_types: &[crate::value::ColumnType],
+    ) -> Result<Option<Vec<Option<String>>>> {
+        use sqlx::Row;
+        let sql = AssertSqlSafe(sql.to_string());
+        let e = |e| IngestError::sql("read a row", e);
+        match self {
+            TargetTx::Postgres(c) => {
+                let mut q = sqlx::query(sql);
+                for (v, t) in params.iter().zip(param_types) {
+                    q = crate::db::bind_pg(q, v, *t);
+                }
+                let Some(row) = q.fetch_optional(&mut **c).await.map_err(e)? else {
+                    return Ok(None);
+                };
+                (0..row.len())
+                    .map(|i| row.try_get::<Option<String>, _>(i).map_err(e))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some)
+            }
+            TargetTx::Sqlite(c) => {
+                let mut q = sqlx::query(sql);
+                for v in params {
+                    q = crate::db::bind_sqlite(q, v);
+                }
+                let Some(row) = q.fetch_optional(&mut **c).await.map_err(e)? else {
+                    return Ok(None);
+                };
+                (0..row.len())
+                    .map(|i| row.try_get::<Option<String>, _>(i).map_err(e))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some)
             }
         }
     }
@@ -236,10 +278,9 @@ impl Load<'_> {
         match self {
             Load::RowByRow { tx, sql, types } => {
                 tx.execute("SAVEPOINT strata_row").await?;
-                match tx.insert_row(sql, &row, types).await {
-                    Ok(()) => tx.execute("RELEASE SAVEPOINT strata_row").await?,
-                    Err(err) => {
-                        let rejected = IngestError::sql("insert", err);
+                match tx.execute_values(sql, &row, types).await {
+                    Ok(_) => tx.execute("RELEASE SAVEPOINT strata_row").await?,
+                    Err(rejected) => {
                         if !rejected.is_data_rejected() {
                             return Err(rejected);
                         }

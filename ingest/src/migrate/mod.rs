@@ -14,6 +14,7 @@ mod canonical;
 mod destroyed;
 mod evidence;
 mod explain;
+mod follow;
 mod naming;
 mod range;
 mod rollback;
@@ -26,6 +27,7 @@ mod workers;
 pub use evidence::{
     check as check_report, new_signing_key, sign as sign_report, wrap_signing_key, Signature,
 };
+pub use follow::{SyncReport, SyncUntil};
 pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;
 pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
@@ -64,6 +66,8 @@ pub struct Migration {
     policy_config: PolicyConfig,
     policy: Policy,
     layouts: Vec<TableLayout>,
+    /// Whether a new run creates a replication slot before its snapshot, to be followed.
+    follow: bool,
 }
 
 /// How one record was decided, for `strata explain`.
@@ -280,7 +284,14 @@ impl Migration {
             policy,
             layouts,
             progress: RunProgress::default(),
+            follow: false,
         })
+    }
+
+    /// Makes a new run followable (`strata migrate --follow`): a replication slot is created
+    /// before its snapshot, so that `strata sync` applies every change committed since.
+    pub fn follow(&mut self, yes: bool) {
+        self.follow = yes;
     }
 
     /// The source database.
@@ -539,6 +550,7 @@ impl Migration {
                 run
             }
         };
+        let following = self.slot_for(&run).await?;
         let snapshot = self.source.export_snapshot().await?;
         if let Some(s) = &snapshot {
             control.record_snapshot(&run.run_id, &s.wal_lsn).await?;
@@ -564,12 +576,13 @@ impl Migration {
                     continue;
                 }
                 Some(TableState::Running { plan }) => {
-                    if plan.stable {
+                    if plan.stable && following.is_none() {
                         Some(plan)
                     } else {
                         // Page and rowid ranges mean something only in the snapshot they were
-                        // planned in: the table starts over.
-                        tracing::info!(table = %layout.name, "table restarts: its ranges are positions in an older snapshot");
+                        // planned in; and a followed table is copied in one snapshot, the one
+                        // change sync knows it by: the table starts over.
+                        tracing::info!(table = %layout.name, "table restarts: its ranges were copied in an older snapshot");
                         restart_table(&target, &store, &run.run_id, &layout.name).await?;
                         None
                     }
@@ -581,6 +594,11 @@ impl Migration {
                 Some(p) => p,
                 None => plan_ranges(&self.source, layout, self.config.run.rows_per_range).await?,
             };
+            if let (Some(_), Some(s)) = (&following, &snapshot) {
+                control
+                    .record_table_snapshot(&run.run_id, &layout.name, &s.xids)
+                    .await?;
+            }
             if !target.table_names().await?.contains(&layout.name) {
                 // Recorded before it exists: a rollback drops what this run created.
                 control
@@ -662,6 +680,50 @@ impl Migration {
         drop(snapshot);
         target.close().await;
         Ok(report)
+    }
+
+    /// The replication slot `run` is followed by: created now (before the run's snapshot) for
+    /// a new run made with [`Migration::follow`], the one recorded for a run resumed. None for
+    /// a run not followed; a run started without a slot cannot be followed later.
+    async fn slot_for(&self, run: &RunRecord) -> Result<Option<strata_control::SyncRecord>> {
+        if let Some(recorded) = self.control.sync_of(&run.run_id).await? {
+            return Ok(Some(recorded));
+        }
+        if !self.follow {
+            return Ok(None);
+        }
+        if self.source.kind() != DbKind::Postgres {
+            return Err(IngestError::Run(
+                "--follow reads changes from PostgreSQL's logical replication: the source is not PostgreSQL".into(),
+            ));
+        }
+        let started = self.control.run_tables(&run.run_id).await?;
+        if !started.is_empty() {
+            return Err(IngestError::Run(format!(
+                "run {} was started without a replication slot and cannot be followed: finish it without --follow, or roll it back (`strata migrate --abandon`) and start again with --follow",
+                run.run_id
+            )));
+        }
+        let sync = &self.config.sync;
+        let url = self.config.resolve_url(&self.config.source.url)?;
+        let consistent_lsn = crate::sync::stream::create_slot(&url, &sync.slot)
+            .await
+            .map_err(|e| {
+                IngestError::Run(format!(
+                    "replication slot {}: {e} (the source role needs REPLICATION; a slot left by an earlier run goes with `strata sync stop --drop-slot`)",
+                    sync.slot
+                ))
+            })?;
+        let record = strata_control::SyncRecord {
+            run_id: run.run_id.clone(),
+            slot: sync.slot.clone(),
+            publication: sync.publication.clone(),
+            consistent_lsn,
+            dropped_at: None,
+        };
+        self.control.record_sync(&record).await?;
+        tracing::info!(run_id = %run.run_id, slot = %record.slot, lsn = %record.consistent_lsn, "replication slot created");
+        Ok(Some(record))
     }
 
     /// Whether the source guarantees the configured key is unique: it is the table's declared

@@ -4,7 +4,7 @@
 use super::destroyed::Destroyed;
 use super::route::{Route, Router};
 use super::sinks::{LongBlobs, PendingBlobs, RangeOutcome, RangeSink, RowChecks, Writers};
-use super::target::{CHECKPOINT_TABLE, QUARANTINE_TABLE};
+use super::target::CHECKPOINT_TABLE;
 use super::workers::{run_jobs, Job};
 use super::Migration;
 use crate::archive_rows::{archive_schema, ArchiveRun};
@@ -144,24 +144,7 @@ impl Migration {
             .route_range(layout, range, ctx.facts, ctx.snapshot, writers)
             .await?;
         for q in &outcome.quarantine {
-            let p = |n| tx.placeholder(n);
-            let sql = format!(
-                "INSERT INTO {QUARANTINE_TABLE} (run_id, table_name, row_key, column_name, reason, row_data, quarantined_at) VALUES ({}, {}, {}, {}, {}, {}, {})",
-                p(1), p(2), p(3), p(4), p(5), p(6), p(7)
-            );
-            tx.execute_with(
-                &sql,
-                &[
-                    ctx.run_id.to_string(),
-                    layout.name.clone(),
-                    q.key.clone(),
-                    q.column.clone(),
-                    q.reason.clone(),
-                    q.data.clone(),
-                    chrono::Utc::now().to_rfc3339(),
-                ],
-            )
-            .await?;
+            q.insert(&mut tx, ctx.run_id, &layout.name).await?;
         }
         let checkpoint = Checkpoint {
             range: range.index,

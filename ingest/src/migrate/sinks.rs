@@ -494,7 +494,41 @@ pub(super) struct Quarantined {
 }
 
 impl Quarantined {
-    fn new(layout: &TableLayout, key: String, col: usize, reason: &str, values: &[Value]) -> Self {
+    /// Writes it to the quarantine table on `tx`, as run `run_id`'s.
+    pub(super) async fn insert(
+        &self,
+        tx: &mut crate::load::TargetTx,
+        run_id: &str,
+        table: &str,
+    ) -> Result<()> {
+        let p = |n| tx.placeholder(n);
+        let sql = format!(
+            "INSERT INTO {} (run_id, table_name, row_key, column_name, reason, row_data, quarantined_at) VALUES ({}, {}, {}, {}, {}, {}, {})",
+            super::target::QUARANTINE_TABLE,
+            p(1), p(2), p(3), p(4), p(5), p(6), p(7)
+        );
+        tx.execute_with(
+            &sql,
+            &[
+                run_id.to_string(),
+                table.to_string(),
+                self.key.clone(),
+                self.column.clone(),
+                self.reason.clone(),
+                self.data.clone(),
+                chrono::Utc::now().to_rfc3339(),
+            ],
+        )
+        .await
+    }
+
+    pub(super) fn new(
+        layout: &TableLayout,
+        key: String,
+        col: usize,
+        reason: &str,
+        values: &[Value],
+    ) -> Self {
         let data: serde_json::Map<String, serde_json::Value> = layout
             .columns()
             .iter()

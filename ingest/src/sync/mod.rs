@@ -7,5 +7,6 @@
 //! transactions. Applying them to the tiers comes next.
 
 pub mod pgoutput;
+pub mod prepare;
 pub mod snapshot;
 pub mod stream;

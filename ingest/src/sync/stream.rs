@@ -5,9 +5,7 @@
 //! only when the caller confirms what it made durable ([`ChangeStream::confirm`]).
 
 use super::pgoutput::{self, Message};
-use crate::db::Db;
 use crate::error::{IngestError, Result};
-use crate::value::{ColumnType, Value};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 
 /// Session settings of the replication connection, so that values arrive as text in the
@@ -15,21 +13,66 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 const SESSION_OPTIONS: &str =
     "-c datestyle=ISO,YMD -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex -c TimeZone=UTC";
 
-/// Creates logical replication slot `name` (plugin `pgoutput`) and returns its consistent
-/// point: every transaction that commits after it is decoded. Create it before the bulk
-/// copy's snapshot ([`super::snapshot`]).
-pub async fn create_slot(source: &Db, name: &str) -> Result<String> {
-    let sql = format!(
-        "SELECT lsn::text FROM pg_create_logical_replication_slot('{}', 'pgoutput')",
-        name.replace('\'', "''")
-    );
-    let rows = source.fetch_all(sql, vec![ColumnType::Text]).await?;
-    match rows.first().map(|r| &r[0]) {
-        Some(Value::Text(lsn)) => Ok(lsn.clone()),
-        _ => Err(IngestError::Run(format!(
-            "replication slot {name}: PostgreSQL returned no position"
-        ))),
-    }
+/// Creates logical replication slot `name` (plugin `pgoutput`) on the source at `url` and
+/// returns its consistent point: every transaction that commits after it is decoded. Create
+/// it before the bulk copy's snapshot ([`super::snapshot`]). The slot is made with the
+/// replication protocol's `CREATE_REPLICATION_SLOT`, as `pg_recvlogical` and pgcopydb do
+/// (PostgreSQL 15's SQL function can fail with "snapshot reference ... is not owned by
+/// resource owner" while other transactions run).
+pub async fn create_slot(url: &str, name: &str) -> Result<String> {
+    let mut config = replication_config(url, name, "")?;
+    config.start_lsn = Lsn::from_u64(0);
+    let mut client = ReplicationClient::connect_gated(config)
+        .await
+        .map_err(stream_error)?;
+    let rows = client
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT \"{}\" LOGICAL pgoutput (SNAPSHOT 'nothing')",
+            name.replace('"', "\"\"")
+        ))
+        .await
+        .map_err(stream_error)?;
+    client.abort();
+    rows.first()
+        .and_then(|r| r.get(1).cloned().flatten())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .ok_or_else(|| {
+            IngestError::Run(format!(
+                "replication slot {name}: PostgreSQL returned no position"
+            ))
+        })
+}
+
+/// A replication connection's settings from a `postgres://` URL (user, password, host, port,
+/// database; `sslmode=require`, `verify-ca` or `verify-full` for TLS).
+fn replication_config(url: &str, slot: &str, publication: &str) -> Result<ReplicationConfig> {
+    let parsed = url::Url::parse(url).map_err(|e| stream_error(format!("source URL: {e}")))?;
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    let sslmode = parsed
+        .query_pairs()
+        .find(|(k, _)| k == "sslmode")
+        .map(|(_, v)| v.into_owned());
+    let mut config = ReplicationConfig::default();
+    config.host = parsed.host_str().unwrap_or("localhost").to_string();
+    config.port = parsed.port().unwrap_or(5432);
+    config.user = decode(parsed.username());
+    config.password = decode(parsed.password().unwrap_or(""));
+    config.database = parsed.path().trim_start_matches('/').to_string();
+    config.tls = match sslmode.as_deref() {
+        Some("require") => TlsConfig::require(),
+        Some("verify-ca") => TlsConfig::verify_ca(None),
+        Some("verify-full") => TlsConfig::verify_full(None),
+        _ => TlsConfig::disabled(),
+    };
+    config.slot = slot.to_string();
+    config.publication = publication.into();
+    config.options = Some(SESSION_OPTIONS.to_string());
+    Ok(config)
 }
 
 /// A source transaction as the stream carries it.
@@ -48,6 +91,10 @@ pub struct SourceTransaction {
 /// The changes of a slot, transaction by transaction.
 pub struct ChangeStream {
     client: ReplicationClient,
+    /// Where to stop, if anywhere.
+    stop_at: Option<u64>,
+    /// Whether the stream has reached it.
+    stopped: bool,
 }
 
 fn stream_error(e: impl std::fmt::Display) -> IngestError {
@@ -57,52 +104,36 @@ fn stream_error(e: impl std::fmt::Display) -> IngestError {
 impl ChangeStream {
     /// Opens the stream of `slot` for `publication` on the source at `url` (a `postgres://`
     /// URL: user, password, host, port, database; `sslmode=require` or `verify-full` for TLS),
-    /// from the slot's confirmed position; it ends after the transaction that reaches
-    /// `stop_at`, if given.
+    /// from the slot's confirmed position. With `stop_at`, it ends once every transaction
+    /// committed before that position has come: after the first transaction that ends at or
+    /// past it, or when the server says it has sent everything up to it (a keepalive, as
+    /// `pg_recvlogical --endpos` does, for a source with nothing more to send).
     pub async fn open(
         url: &str,
         slot: &str,
         publication: &str,
         stop_at: Option<u64>,
     ) -> Result<Self> {
-        let parsed = url::Url::parse(url).map_err(|e| stream_error(format!("source URL: {e}")))?;
-        let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
-        };
-        let sslmode = parsed
-            .query_pairs()
-            .find(|(k, _)| k == "sslmode")
-            .map(|(_, v)| v.into_owned());
-        let mut config = ReplicationConfig::default();
-        config.host = parsed.host_str().unwrap_or("localhost").to_string();
-        config.port = parsed.port().unwrap_or(5432);
-        config.user = decode(parsed.username());
-        config.password = decode(parsed.password().unwrap_or(""));
-        config.database = parsed.path().trim_start_matches('/').to_string();
-        config.tls = match sslmode.as_deref() {
-            Some("require") => TlsConfig::require(),
-            Some("verify-ca") => TlsConfig::verify_ca(None),
-            Some("verify-full") => TlsConfig::verify_full(None),
-            _ => TlsConfig::disabled(),
-        };
-        config.slot = slot.to_string();
-        config.publication = publication.into();
+        let mut config = replication_config(url, slot, publication)?;
         config.start_lsn = Lsn::from_u64(0);
-        config.stop_at_lsn = stop_at.map(Lsn::from_u64);
-        config.options = Some(SESSION_OPTIONS.to_string());
         let client = ReplicationClient::connect(config)
             .await
             .map_err(stream_error)?;
-        Ok(ChangeStream { client })
+        Ok(ChangeStream {
+            client,
+            stop_at,
+            stopped: false,
+        })
     }
 
     /// The next whole transaction; None once the stream stopped at `stop_at` or ended.
     /// A transaction is held whole in memory (its rows, each up to PostgreSQL's 1 GB value
     /// limit).
     pub async fn next_transaction(&mut self) -> Result<Option<SourceTransaction>> {
+        if self.stopped {
+            return Ok(None);
+        }
+        let reached = |lsn: u64| self.stop_at.is_some_and(|stop| lsn >= stop);
         let mut current: Option<SourceTransaction> = None;
         loop {
             let Some(event) = self.client.recv().await.map_err(stream_error)? else {
@@ -132,11 +163,18 @@ impl ChangeStream {
                     if let Some(mut t) = current.take() {
                         t.commit_lsn = lsn.as_u64();
                         t.end_lsn = end_lsn.as_u64();
+                        self.stopped = reached(t.end_lsn);
                         return Ok(Some(t));
                     }
                 }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    if current.is_none() && reached(wal_end.as_u64()) {
+                        self.stopped = true;
+                        return Ok(None);
+                    }
+                }
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
-                ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. } => {}
+                ReplicationEvent::Message { .. } => {}
             }
         }
     }

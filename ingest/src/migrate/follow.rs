@@ -1,0 +1,777 @@
+//! `strata sync`: applies the changes a followed run's replication slot carries, through the
+//! same route stage as the bulk copy (issue #18).
+//!
+//! Source transactions are applied whole, in commit order, each in one transaction of the
+//! operational database that also records the position reached (`_strata_sync_position`); the
+//! slot is told only after that commit. A transaction at or before the recorded position was
+//! applied before a crash and is skipped; a table's changes that its copy's snapshot already
+//! saw are skipped ([`crate::sync::snapshot`]). So every change applies exactly once.
+//!
+//! Per change, the row is routed as the bulk copy routes it: an operational-tier row is
+//! upserted by key (deleted when its key changed); a row that now belongs to the archive, or
+//! past retention, leaves the operational database and goes to the archive outbox
+//! (`_strata_sync_archive`, in the same transaction, identified by the change's LSN and
+//! position, so that the archive writer appends each change once); a row that fails a check
+//! goes to quarantine; a delete removes the operational row, or, for an archived record, goes to
+//! the outbox as a tombstone. A changed definition of a migrated table stops sync.
+//!
+//! Not yet (next steps of #18): the archive writer that turns the outbox into correction and
+//! tombstone files, legal holds on deletes, batching several source transactions per target
+//! transaction, the lag metrics, `strata cutover`.
+
+use super::naming::row_key;
+use super::range::SourceRows;
+use super::sinks::{LongBlobs, Quarantined, RangeSink, RowChecks};
+use super::target::{ensure_bookkeeping_tables, target_columns};
+use super::Migration;
+use crate::db::{quote, Column, Db};
+use crate::error::{IngestError, Result};
+use crate::layout::TableLayout;
+use crate::load::TargetTx;
+use crate::sync::pgoutput::{Datum, Message, Relation};
+use crate::sync::snapshot::XidSnapshot;
+use crate::sync::stream::{parse_lsn, ChangeStream};
+use crate::target_check::TargetChecks;
+use crate::value::{ColumnType, Value};
+use chrono::NaiveDate;
+use std::collections::HashMap;
+use strata_cutoff_policies::{PatientFacts, Tier};
+
+/// The position table in the operational database.
+pub(super) const POSITION_TABLE: &str = "_strata_sync_position";
+/// The archive outbox in the operational database.
+pub(super) const OUTBOX_TABLE: &str = "_strata_sync_archive";
+
+/// How long `strata sync` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncUntil {
+    /// Until every change committed on the source before it started is applied.
+    CaughtUp,
+    /// Until stopped.
+    Stopped,
+}
+
+/// What a sync applied.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SyncReport {
+    /// The run followed.
+    pub run_id: String,
+    /// Source transactions applied.
+    pub transactions: u64,
+    /// Changes seen by a table's copy, or applied before a restart: skipped.
+    pub skipped_changes: u64,
+    /// Rows upserted into the operational database.
+    pub upserted: u64,
+    /// Rows deleted from it.
+    pub deleted: u64,
+    /// Changes for the archive, in the outbox.
+    pub archive_changes: u64,
+    /// Rows quarantined.
+    pub quarantined: u64,
+    /// The position applied up to (LSN).
+    pub applied_lsn: String,
+}
+
+/// A migrated table as the stream names it.
+struct Followed<'a> {
+    layout: &'a TableLayout,
+    /// The snapshot its copy was read in.
+    seen: XidSnapshot,
+    /// The operational table's columns (declared types, for casts).
+    columns: Vec<Column>,
+    checks: TargetChecks,
+}
+
+/// Where a routed row goes.
+enum Routed {
+    Operational(Vec<Value>),
+    Archive(Vec<Value>, &'static str),
+    Quarantine(Quarantined, Vec<Value>),
+}
+
+/// The sink of one changed row: where the route stage sends it.
+struct Deciding<'c> {
+    checks: RowChecks<'c>,
+    routed: &'c mut Option<Routed>,
+}
+
+impl RangeSink for Deciding<'_> {
+    fn problem(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        tier: Tier,
+    ) -> Option<(usize, &'static str)> {
+        self.checks.check(layout, values, tier)
+    }
+
+    fn quarantine(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        _ordinal: (usize, u64),
+        column: usize,
+        reason: &str,
+        in_range: u64,
+    ) -> u64 {
+        let key = row_key(layout, values, (0, 0));
+        *self.routed = Some(Routed::Quarantine(
+            Quarantined::new(layout, key, column, reason, values),
+            values.to_vec(),
+        ));
+        in_range
+    }
+
+    fn purge(&mut self, _layout: &TableLayout, values: &[Value], _ordinal: (usize, u64)) {
+        *self.routed = Some(Routed::Archive(values.to_vec(), "purge"));
+    }
+
+    async fn operational(&mut self, values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
+        *self.routed = Some(Routed::Operational(values));
+        Ok(None)
+    }
+
+    async fn archive(
+        &mut self,
+        _layout: &TableLayout,
+        _patient: Option<&str>,
+        _date: Option<NaiveDate>,
+        values: Vec<Value>,
+        _long: &LongBlobs<'_>,
+    ) -> Result<()> {
+        *self.routed = Some(Routed::Archive(values, "upsert"));
+        Ok(())
+    }
+}
+
+/// A datum as the column's value (text in the type's output format; the route stage coerces
+/// what it can from text); None for an unchanged TOASTed value.
+fn datum_value(datum: &Datum, t: ColumnType) -> Result<Option<Value>> {
+    Ok(Some(match datum {
+        Datum::Null => Value::Null,
+        Datum::Unchanged => return Ok(None),
+        Datum::Text(s) => match t {
+            ColumnType::Bytes => Value::Bytes(
+                s.strip_prefix("\\x")
+                    .and_then(|h| hex::decode(h).ok())
+                    .ok_or_else(|| {
+                        IngestError::Run("change stream: a bytea value is not hex".into())
+                    })?,
+            ),
+            ColumnType::TimestampTz => {
+                match chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z") {
+                    Ok(t) => Value::TimestampTz(t.with_timezone(&chrono::Utc)),
+                    Err(_) => Value::Text(s.clone()),
+                }
+            }
+            _ => Value::Text(s.clone()),
+        },
+    }))
+}
+
+impl Migration {
+    /// Applies the changes of the last finished run's replication slot: see the module's docs.
+    pub async fn sync(&self, until: SyncUntil) -> Result<SyncReport> {
+        let run = self.control.latest_run().await?.ok_or_else(|| {
+            IngestError::Run("no run to follow: `strata migrate --follow` makes one".into())
+        })?;
+        let slot = self.control.sync_of(&run.run_id).await?.ok_or_else(|| {
+            IngestError::Run(format!(
+                "run {} was migrated without a replication slot and cannot be followed: `strata migrate --follow` (after a rollback) makes a run that can",
+                run.run_id
+            ))
+        })?;
+        if run.status != "done" {
+            return Err(IngestError::Run(format!(
+                "the bulk copy of run {} has not finished (status {}): `strata migrate --follow` finishes it, then follows",
+                run.run_id, run.status
+            )));
+        }
+        if run.policy_hash != self.policy.hash() {
+            return Err(IngestError::Run(format!(
+                "run {} was copied under policy version {} (hash {}); the policy file has changed since: changes are routed as the copy was, so restore it to follow the run",
+                run.run_id, run.policy_version, run.policy_hash
+            )));
+        }
+        if slot.dropped_at.is_some() {
+            return Err(IngestError::Run(format!(
+                "the replication slot of run {} was dropped: it is no longer followed",
+                run.run_id
+            )));
+        }
+        let target = Db::connect(
+            &self.config.resolve_url(&self.config.operational.url)?,
+            false,
+        )
+        .await?;
+        ensure_bookkeeping_tables(&target).await?;
+        ensure_sync_tables(&target).await?;
+        let snapshots = self.control.table_snapshots(&run.run_id).await?;
+        let mut tables: HashMap<String, Followed<'_>> = HashMap::new();
+        for layout in &self.layouts {
+            let Some(xids) = snapshots.get(&layout.name) else {
+                continue;
+            };
+            let (columns, _) = target_columns(
+                self.source.kind(),
+                (target.kind(), Some(&target)),
+                &layout.target_schema(),
+                &layout.casts,
+            )
+            .await?;
+            let checks = TargetChecks::new(&columns, target.kind());
+            tables.insert(
+                layout.name.clone(),
+                Followed {
+                    layout,
+                    seen: xids.parse().map_err(IngestError::Run)?,
+                    columns,
+                    checks,
+                },
+            );
+        }
+        let mut applied = applied_position(&target, &slot.slot).await?;
+        let stop = match until {
+            SyncUntil::CaughtUp => Some(current_lsn(&self.source).await?),
+            SyncUntil::Stopped => None,
+        };
+        let facts = self.patient_facts().await?;
+        let url = self.config.resolve_url(&self.config.source.url)?;
+        let mut stream = ChangeStream::open(&url, &slot.slot, &slot.publication, stop).await?;
+        let mut report = SyncReport {
+            run_id: run.run_id.clone(),
+            ..Default::default()
+        };
+        // The stream describes each relation once a session, before its first change, even
+        // inside a transaction applied before a restart: every description is kept. None for
+        // a published table that is not migrated.
+        let mut relations: HashMap<u32, Option<String>> = HashMap::new();
+        while let Some(t) = stream.next_transaction().await? {
+            for m in &t.messages {
+                if let Message::Relation(r) = m {
+                    let migrated = tables.get(&r.name);
+                    if let Some(f) = migrated {
+                        check_definition(f.layout, r)?;
+                    }
+                    relations.insert(r.oid, migrated.map(|_| r.name.clone()));
+                }
+            }
+            if t.end_lsn <= applied {
+                report.skipped_changes += t.messages.len() as u64;
+                continue;
+            }
+            let table = |oid: &u32| -> Result<Option<&Followed<'_>>> {
+                match relations.get(oid) {
+                    Some(name) => Ok(name.as_ref().and_then(|n| tables.get(n))),
+                    None => Err(IngestError::Run(format!(
+                        "change stream: a change to relation {oid} before its description"
+                    ))),
+                }
+            };
+            let mut tx = TargetTx::begin(&target).await?;
+            for (position, message) in t.messages.iter().enumerate() {
+                let change = Change {
+                    lsn: t.commit_lsn,
+                    position,
+                    run_id: &run.run_id,
+                };
+                match message {
+                    Message::Relation(_) => {}
+                    Message::Insert { relation, new } | Message::Update { relation, new, .. } => {
+                        let Some(f) = table(relation)? else {
+                            continue;
+                        };
+                        if f.seen.saw(t.xid) {
+                            report.skipped_changes += 1;
+                            continue;
+                        }
+                        let old = match message {
+                            Message::Update { old: Some(old), .. } => Some(old),
+                            _ => None,
+                        };
+                        self.apply_row(&mut tx, f, old, new, &facts, &change, &mut report)
+                            .await?;
+                    }
+                    Message::Delete { relation, old } => {
+                        let Some(f) = table(relation)? else {
+                            continue;
+                        };
+                        if f.seen.saw(t.xid) {
+                            report.skipped_changes += 1;
+                            continue;
+                        }
+                        let values = tuple_values(f.layout, old)?;
+                        delete_row(&mut tx, f, &values, &change, &mut report).await?;
+                    }
+                    Message::Truncate {
+                        relations: oids, ..
+                    } => {
+                        for oid in oids {
+                            let Some(f) = table(oid)? else {
+                                continue;
+                            };
+                            if f.seen.saw(t.xid) {
+                                continue;
+                            }
+                            tx.execute(&format!("DELETE FROM {}", quote(&f.layout.name)))
+                                .await?;
+                            outbox(&mut tx, f.layout, &change, "truncate", "", "{}", &[]).await?;
+                            report.archive_changes += 1;
+                        }
+                    }
+                    Message::Other(_) => {}
+                }
+            }
+            record_position(&mut tx, &slot.slot, t.end_lsn).await?;
+            tx.commit().await?;
+            stream.confirm(t.end_lsn);
+            applied = t.end_lsn;
+            report.transactions += 1;
+        }
+        stream.close().await?;
+        target.close().await;
+        report.applied_lsn = lsn_text(applied);
+        Ok(report)
+    }
+
+    /// Applies an inserted or updated row: its unchanged TOASTed values taken from the
+    /// operational row, routed, and written where it belongs; the row under its old key (a
+    /// changed key) removed first.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_row(
+        &self,
+        tx: &mut TargetTx,
+        f: &Followed<'_>,
+        old: Option<&Vec<Datum>>,
+        new: &[Datum],
+        facts: &HashMap<String, PatientFacts>,
+        change: &Change<'_>,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        let layout = f.layout;
+        let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
+        let mut values = Vec::with_capacity(new.len());
+        let mut unchanged = Vec::new();
+        for (i, (d, t)) in new.iter().zip(&types).enumerate() {
+            match datum_value(d, *t)? {
+                Some(v) => values.push(v),
+                None => {
+                    unchanged.push(i);
+                    values.push(Value::Null);
+                }
+            }
+        }
+        if let Some(old) = old {
+            let old_values = tuple_values(layout, old)?;
+            let key_changed = layout.key.iter().any(|&k| old_values[k] != values[k]);
+            if layout.key.is_empty() || key_changed {
+                delete_row(tx, f, &old_values, change, report).await?;
+            }
+        }
+        if !unchanged.is_empty() && !layout.key.is_empty() {
+            // The operational row holds the values the update left alone.
+            if let Some(current) = read_row(tx, f, &values).await? {
+                for &i in &unchanged {
+                    values[i] = current[i].clone();
+                }
+                unchanged.clear();
+            }
+        }
+        let unchanged: Vec<String> = unchanged
+            .iter()
+            .map(|&i| layout.columns()[i].name.clone())
+            .collect();
+        let mut routed = None;
+        let sink = Deciding {
+            checks: RowChecks::new(layout, &f.checks, false),
+            routed: &mut routed,
+        };
+        let rows = SourceRows {
+            chunks: Box::pin(futures::stream::iter([Ok(vec![values])])),
+            index: 0,
+            streamed: &[],
+        };
+        self.route_rows(layout, rows, facts, sink).await?;
+        match routed {
+            // A record coming back to the operational tier (clinically current again) with
+            // values the change did not carry: only the archived copy has them; the archive
+            // writer reinstates it whole.
+            Some(Routed::Operational(values)) if !unchanged.is_empty() => {
+                let key = row_key(layout, &values, (0, 0));
+                let data = Quarantined::new(layout, key.clone(), 0, "reinstate", &values).data;
+                outbox(tx, layout, change, "reinstate", &key, &data, &unchanged).await?;
+                report.archive_changes += 1;
+            }
+            Some(Routed::Operational(values)) => {
+                upsert_row(tx, f, &values).await?;
+                report.upserted += 1;
+            }
+            Some(Routed::Archive(values, kind)) => {
+                // A record lives in one place: the operational copy goes.
+                report.deleted += delete_operational(tx, f, &values).await?;
+                let key = row_key(layout, &values, (0, 0));
+                let data = Quarantined::new(layout, key.clone(), 0, kind, &values).data;
+                outbox(tx, layout, change, kind, &key, &data, &unchanged).await?;
+                report.archive_changes += 1;
+            }
+            Some(Routed::Quarantine(q, values)) => {
+                report.deleted += delete_operational(tx, f, &coerced(layout, values)).await?;
+                q.insert(tx, change.run_id, &layout.name).await?;
+                report.quarantined += 1;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// Where a change sits in the source's log: its transaction's commit LSN and its position in
+/// that transaction (the archive outbox's identity for it), and the run followed.
+struct Change<'a> {
+    lsn: u64,
+    position: usize,
+    run_id: &'a str,
+}
+
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// A tuple of a delete or an old row as values (unchanged values as NULL), coerced to the
+/// columns' types where they can be.
+fn tuple_values(layout: &TableLayout, tuple: &[Datum]) -> Result<Vec<Value>> {
+    let values = layout
+        .columns()
+        .iter()
+        .zip(tuple)
+        .map(|(c, d)| Ok(datum_value(d, c.col_type)?.unwrap_or(Value::Null)))
+        .collect::<Result<Vec<Value>>>()?;
+    Ok(coerced(layout, values))
+}
+
+/// Stops when a migrated table's definition changed on the source: its columns (names, in
+/// order) are no longer the ones the run copied.
+fn check_definition(layout: &TableLayout, r: &Relation) -> Result<()> {
+    let now: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
+    let copied: Vec<&str> = layout.columns().iter().map(|c| c.name.as_str()).collect();
+    if now != copied {
+        return Err(IngestError::Run(format!(
+            "table {} changed on the source: its columns are now ({}), the run copied ({}). Sync stops here, nothing after this change is applied; plan the change (add it to the operational table and the config), then run `strata sync` again",
+            layout.name,
+            now.join(", "),
+            copied.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+async fn ensure_sync_tables(target: &Db) -> Result<()> {
+    target
+        .execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {POSITION_TABLE} (slot TEXT NOT NULL PRIMARY KEY, lsn BIGINT NOT NULL, applied_at TEXT NOT NULL)"
+        ))
+        .await?;
+    target
+        .execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {OUTBOX_TABLE} (lsn BIGINT NOT NULL, position BIGINT NOT NULL, run_id TEXT NOT NULL, table_name TEXT NOT NULL, \
+             change TEXT NOT NULL, row_key TEXT NOT NULL, row_data TEXT NOT NULL, unchanged TEXT NOT NULL, PRIMARY KEY (lsn, position))"
+        ))
+        .await
+}
+
+async fn applied_position(target: &Db, slot: &str) -> Result<u64> {
+    let rows = target
+        .fetch_all(
+            format!(
+                "SELECT lsn FROM {POSITION_TABLE} WHERE slot = '{}'",
+                slot.replace('\'', "''")
+            ),
+            vec![ColumnType::Int],
+        )
+        .await?;
+    Ok(match rows.first().map(|r| &r[0]) {
+        Some(Value::Int(n)) => *n as u64,
+        _ => 0,
+    })
+}
+
+async fn current_lsn(source: &Db) -> Result<u64> {
+    let rows = source
+        .fetch_all(
+            "SELECT pg_current_wal_lsn()::text".into(),
+            vec![ColumnType::Text],
+        )
+        .await?;
+    match rows.first().map(|r| &r[0]) {
+        Some(Value::Text(t)) => parse_lsn(t),
+        _ => Err(IngestError::Run("the source gave no WAL position".into())),
+    }
+}
+
+async fn record_position(tx: &mut TargetTx, slot: &str, lsn: u64) -> Result<()> {
+    let p = |n| tx.placeholder(n);
+    let sql = format!(
+        "INSERT INTO {POSITION_TABLE} (slot, lsn, applied_at) VALUES ({}, CAST({} AS BIGINT), {}) \
+         ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, applied_at = excluded.applied_at",
+        p(1),
+        p(2),
+        p(3)
+    );
+    tx.execute_with(
+        &sql,
+        &[
+            slot.to_string(),
+            lsn.to_string(),
+            chrono::Utc::now().to_rfc3339(),
+        ],
+    )
+    .await
+}
+
+/// Puts a change for the archive in the outbox: `kind` (`upsert`, `purge`, `delete`,
+/// `truncate`, `reinstate`: an archived record back in the operational tier), the record's key, its values as JSON, and the columns whose values the change
+/// did not carry (TOASTed values it left alone, for a record not in the operational database:
+/// the archive writer keeps the archived copy's).
+async fn outbox(
+    tx: &mut TargetTx,
+    layout: &TableLayout,
+    change: &Change<'_>,
+    kind: &str,
+    key: &str,
+    data: &str,
+    unchanged: &[String],
+) -> Result<()> {
+    let p = |n| tx.placeholder(n);
+    let sql = format!(
+        "INSERT INTO {OUTBOX_TABLE} (lsn, position, run_id, table_name, change, row_key, row_data, unchanged) \
+         VALUES (CAST({} AS BIGINT), CAST({} AS BIGINT), {}, {}, {}, {}, {}, {})",
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8)
+    );
+    tx.execute_with(
+        &sql,
+        &[
+            change.lsn.to_string(),
+            change.position.to_string(),
+            change.run_id.to_string(),
+            layout.name.clone(),
+            kind.to_string(),
+            key.to_string(),
+            data.to_string(),
+            unchanged.join(","),
+        ],
+    )
+    .await
+}
+
+/// `col = CAST(? AS decl)` for the key columns (or every column of a keyless table).
+fn match_columns(tx: &TargetTx, f: &Followed<'_>, from: usize) -> (String, Vec<usize>) {
+    let layout = f.layout;
+    let at: Vec<usize> = if layout.key.is_empty() {
+        (0..layout.columns().len()).collect()
+    } else {
+        layout.key.clone()
+    };
+    let conditions: Vec<String> = at
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| {
+            let name = quote(&layout.target_names[i]);
+            let p = cast(tx, &f.columns[i], n + from);
+            if layout.key.is_empty() {
+                format!("{name} IS NOT DISTINCT FROM {p}")
+            } else {
+                format!("{name} = {p}")
+            }
+        })
+        .collect();
+    (conditions.join(" AND "), at)
+}
+
+fn cast(tx: &TargetTx, column: &Column, n: usize) -> String {
+    match tx {
+        TargetTx::Postgres(_) => format!("CAST(${n} AS {})", column.decl_type),
+        TargetTx::Sqlite(_) => "?".into(),
+    }
+}
+
+/// Deletes the operational row with `values`' key (one matching row of a keyless table);
+/// returns how many went.
+async fn delete_operational(tx: &mut TargetTx, f: &Followed<'_>, values: &[Value]) -> Result<u64> {
+    let (conditions, at) = match_columns(tx, f, 1);
+    let table = quote(&f.layout.name);
+    let sql = match (f.layout.key.is_empty(), &*tx) {
+        (false, _) => format!("DELETE FROM {table} WHERE {conditions}"),
+        (true, TargetTx::Postgres(_)) => format!(
+            "DELETE FROM {table} WHERE ctid = (SELECT ctid FROM {table} WHERE {conditions} LIMIT 1)"
+        ),
+        (true, TargetTx::Sqlite(_)) => format!(
+            "DELETE FROM {table} WHERE rowid = (SELECT rowid FROM {table} WHERE {conditions} LIMIT 1)"
+        ),
+    };
+    let row: Vec<Value> = at.iter().map(|&i| values[i].clone()).collect();
+    let types: Vec<ColumnType> = at.iter().map(|&i| f.layout.columns()[i].col_type).collect();
+    tx.execute_values(&sql, &row, &types).await
+}
+
+/// Deletes a row (a source delete, or the old version of a row whose key changed): from the
+/// operational database if it is there, else it is an archived record's tombstone.
+async fn delete_row(
+    tx: &mut TargetTx,
+    f: &Followed<'_>,
+    values: &[Value],
+    change: &Change<'_>,
+    report: &mut SyncReport,
+) -> Result<()> {
+    let values = coerced(f.layout, values.to_vec());
+    let gone = delete_operational(tx, f, &values).await?;
+    report.deleted += gone;
+    if gone == 0 {
+        let key = row_key(f.layout, &values, (0, 0));
+        outbox(tx, f.layout, change, "delete", &key, "{}", &[]).await?;
+        report.archive_changes += 1;
+    }
+    Ok(())
+}
+
+/// Values coerced to the layout's column types (for binding).
+fn coerced(layout: &TableLayout, mut values: Vec<Value>) -> Vec<Value> {
+    for (v, c) in values.iter_mut().zip(layout.columns()) {
+        if let Ok(x) = v.clone().coerce(c.col_type) {
+            *v = x;
+        }
+    }
+    values
+}
+
+/// The operational row with `values`' key, read back as the layout's types (through text, as
+/// the stream carries values).
+async fn read_row(
+    tx: &mut TargetTx,
+    f: &Followed<'_>,
+    values: &[Value],
+) -> Result<Option<Vec<Value>>> {
+    let values = coerced(f.layout, values.to_vec());
+    let (conditions, at) = match_columns(tx, f, 1);
+    let layout = f.layout;
+    let names: Vec<String> = layout
+        .target_names
+        .iter()
+        .map(|n| match tx {
+            TargetTx::Postgres(_) => format!("CAST({} AS TEXT)", quote(n)),
+            TargetTx::Sqlite(_) => format!(
+                "CASE WHEN typeof({0}) = 'blob' THEN '\\x' || hex({0}) ELSE CAST({0} AS TEXT) END",
+                quote(n)
+            ),
+        })
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {conditions}",
+        names.join(", "),
+        quote(&layout.name)
+    );
+    let key: Vec<Value> = at.iter().map(|&i| values[i].clone()).collect();
+    let key_types: Vec<ColumnType> = at.iter().map(|&i| layout.columns()[i].col_type).collect();
+    let Some(texts) = tx.fetch_text_row(&sql, &key, &key_types).await? else {
+        return Ok(None);
+    };
+    let datums: Vec<Datum> = texts
+        .into_iter()
+        .map(|t| t.map_or(Datum::Null, Datum::Text))
+        .collect();
+    tuple_values(layout, &datums).map(Some)
+}
+
+/// Inserts the row, or updates the one with its key.
+async fn upsert_row(tx: &mut TargetTx, f: &Followed<'_>, values: &[Value]) -> Result<()> {
+    let layout = f.layout;
+    let names: Vec<String> = layout.target_names.iter().map(|n| quote(n)).collect();
+    let placeholders: Vec<String> = f
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| cast(tx, c, i + 1))
+        .collect();
+    let mut sql = format!(
+        "INSERT INTO {} ({}) VALUES ({})",
+        quote(&layout.name),
+        names.join(", "),
+        placeholders.join(", ")
+    );
+    if !layout.key.is_empty() {
+        let keys: Vec<String> = layout.key.iter().map(|&k| names[k].clone()).collect();
+        let set: Vec<String> = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !layout.key.contains(i))
+            .map(|(_, n)| format!("{n} = excluded.{n}"))
+            .collect();
+        sql.push_str(&format!(" ON CONFLICT ({}) ", keys.join(", ")));
+        if set.is_empty() {
+            sql.push_str("DO NOTHING");
+        } else {
+            sql.push_str(&format!("DO UPDATE SET {}", set.join(", ")));
+        }
+    }
+    let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
+    tx.execute_values(&sql, values, &types).await.map(|_| ())
+}
+
+impl Migration {
+    /// What change sync needs on the source ([`crate::sync::prepare`]) for the configured
+    /// tables and publication.
+    pub async fn sync_prepare(&self) -> Result<crate::sync::prepare::Preparation> {
+        let tables: Vec<crate::sync::prepare::PreparedTable> = self
+            .layouts
+            .iter()
+            .map(|l| crate::sync::prepare::PreparedTable {
+                name: l.name.clone(),
+                has_primary_key: !l.schema.primary_key.is_empty(),
+            })
+            .collect();
+        crate::sync::prepare::prepare(&self.source, &self.config.sync.publication, &tables).await
+    }
+
+    /// Drops the replication slot of the last followed run (`strata sync stop --drop-slot`):
+    /// the source stops keeping WAL for it; the run can no longer be followed. Returns the
+    /// slot's name, None when there was none.
+    pub async fn drop_slot(&self) -> Result<Option<String>> {
+        let Some(run) = self.control.latest_run().await? else {
+            return Ok(None);
+        };
+        let Some(sync) = self.control.sync_of(&run.run_id).await? else {
+            return Ok(None);
+        };
+        if sync.dropped_at.is_none() {
+            let exists = self
+                .source
+                .fetch_all(
+                    format!(
+                        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = '{}'",
+                        sync.slot.replace('\'', "''")
+                    ),
+                    vec![ColumnType::Text],
+                )
+                .await?;
+            if !exists.is_empty() {
+                self.source
+                    .fetch_all(
+                        format!(
+                            "SELECT pg_drop_replication_slot('{}')::text",
+                            sync.slot.replace('\'', "''")
+                        ),
+                        vec![ColumnType::Text],
+                    )
+                    .await?;
+            }
+            self.control.record_slot_dropped(&run.run_id).await?;
+        }
+        Ok(Some(sync.slot))
+    }
+}

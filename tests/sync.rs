@@ -406,6 +406,23 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
         .unwrap();
     assert_eq!(held[0][0], Value::Int(0));
     target.close().await;
+    // A slot that holds back more WAL than [sync] max_retained_wal stops sync, with advice.
+    let config_path = dir.path().join("strata.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replacen("[sync]\n", "[sync]\nmax_retained_wal = \"1kB\"\n", 1),
+    )
+    .unwrap();
+    let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
+    assert_ne!(status, 0, "{out}");
+    assert!(
+        out.contains("at or past [sync] max_retained_wal (1024 bytes): sync stops to protect the source's disk")
+            && out.contains("strata sync stop --drop-slot"),
+        "{out}"
+    );
+    std::fs::write(&config_path, config).unwrap();
+
     // A migrated table's definition changes on the source while sync follows: it stops,
     // naming the table and both column lists.
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))

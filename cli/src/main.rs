@@ -123,6 +123,10 @@ enum Command {
         /// (else follow until stopped).
         #[arg(long)]
         catch_up: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics while sync runs (lag, retained WAL,
+        /// transactions applied).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
         #[command(subcommand)]
         command: Option<migration::SyncCommand>,
     },
@@ -322,9 +326,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Sync {
             config,
             catch_up,
+            metrics,
             command,
         } => match command {
-            None => migration::sync(&Context::load(&config)?, catch_up).await,
+            None => migration::sync(&Context::load(&config)?, catch_up, metrics).await,
             Some(migration::SyncCommand::Prepare { config }) => {
                 migration::sync_prepare(&Context::load(&config)?).await
             }

@@ -56,7 +56,7 @@ pub enum SyncCommand {
 /// `strata sync`: follows until stopped (Ctrl-C), or until caught up. Changes are routed as
 /// the followed run routed its rows: under its `as_of` (and its policy, which must not have
 /// changed).
-pub async fn sync(ctx: &Context, catch_up: bool) -> Result<()> {
+pub async fn sync(ctx: &Context, catch_up: bool, metrics: Option<String>) -> Result<()> {
     let control = ctx.control().await?.clone();
     let as_of = match control.latest_run().await? {
         Some(run) => run
@@ -66,6 +66,10 @@ pub async fn sync(ctx: &Context, catch_up: bool) -> Result<()> {
         None => crate::today(),
     };
     let migration = Migration::prepare_with(ctx.config.migration.clone(), control, as_of).await?;
+    let _metrics = match &metrics {
+        Some(addr) => Some(watch::serve_metrics(addr, migration.progress()).await?),
+        None => None,
+    };
     run_sync(&migration, catch_up).await
 }
 

@@ -142,6 +142,11 @@ pub struct SyncConfig {
     /// `strata sync prepare` prints; default `strata`).
     #[serde(default = "default_slot")]
     pub publication: String,
+    /// The most WAL the slot may hold back on the source (`"20GB"`, `"512MB"`; 1024-based, as
+    /// PostgreSQL counts): sync warns at 80 % of it and stops, with advice, at it. Unset: no
+    /// limit but PostgreSQL's `max_slot_wal_keep_size`.
+    #[serde(default)]
+    pub max_retained_wal: Option<String>,
 }
 
 fn default_slot() -> String {
@@ -153,8 +158,29 @@ impl Default for SyncConfig {
         SyncConfig {
             slot: default_slot(),
             publication: default_slot(),
+            max_retained_wal: None,
         }
     }
+}
+
+/// A size such as `20GB`, `512MB`, `64kB` or `4096` (bytes), 1024-based.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (a number and B, kB, MB, GB or TB)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1 << 10,
+        "mb" => 1 << 20,
+        "gb" => 1 << 30,
+        "tb" => 1 << 40,
+        _ => return Err(format!("{text:?}: the unit is B, kB, MB, GB or TB")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Which policy file to apply.

@@ -58,6 +58,25 @@ type Metric = (
 #[derive(Debug, Default, Clone)]
 pub struct RunProgress {
     tables: Arc<Mutex<Vec<NamedProgress>>>,
+    /// Change sync's counters, once it follows.
+    pub sync: Arc<SyncProgress>,
+}
+
+/// What change sync has done and how far behind the source it is.
+#[derive(Debug, Default)]
+pub struct SyncProgress {
+    /// Whether sync has started (its metrics are shown from then on).
+    pub following: AtomicU64,
+    /// Source transactions applied.
+    pub transactions: AtomicU64,
+    /// Changes applied (or skipped as seen by the copy).
+    pub changes: AtomicU64,
+    /// Bytes of WAL between the source's current position and what is applied.
+    pub lag_bytes: AtomicU64,
+    /// Milliseconds since the oldest change not yet applied was committed (0 when caught up).
+    pub lag_ms: AtomicU64,
+    /// Bytes of WAL the slot holds back on the source.
+    pub retained_wal_bytes: AtomicU64,
 }
 
 impl RunProgress {
@@ -141,6 +160,52 @@ impl RunProgress {
             "strata_migrate_tables_done {}\n",
             snapshot.iter().filter(|s| s.done).count()
         ));
+        let sync = &self.sync;
+        if sync.following.load(Ordering::Relaxed) == 1 {
+            let metrics: [(&str, &str, &AtomicU64); 5] = [
+                (
+                    "strata_sync_transactions_total",
+                    "Source transactions applied",
+                    &sync.transactions,
+                ),
+                (
+                    "strata_sync_changes_total",
+                    "Changes applied or skipped as seen by the copy",
+                    &sync.changes,
+                ),
+                (
+                    "strata_sync_lag_bytes",
+                    "WAL between the source's position and what is applied",
+                    &sync.lag_bytes,
+                ),
+                (
+                    "strata_sync_lag_seconds",
+                    "Seconds since the oldest change not yet applied was committed",
+                    &sync.lag_ms,
+                ),
+                (
+                    "strata_sync_retained_wal_bytes",
+                    "WAL the replication slot holds back on the source",
+                    &sync.retained_wal_bytes,
+                ),
+            ];
+            for (name, help, value) in metrics {
+                let kind = if name.ends_with("_total") {
+                    "counter"
+                } else {
+                    "gauge"
+                };
+                let v = value.load(Ordering::Relaxed);
+                let v = if name.ends_with("_seconds") {
+                    format!("{:.3}", v as f64 / 1000.0)
+                } else {
+                    v.to_string()
+                };
+                out.push_str(&format!(
+                    "# HELP {name} {help}.\n# TYPE {name} {kind}\n{name} {v}\n"
+                ));
+            }
+        }
         out
     }
 }
@@ -179,5 +244,19 @@ mod tests {
             text.contains("# TYPE strata_migrate_rows_expected gauge"),
             "{text}"
         );
+        // Sync's metrics appear once it follows.
+        assert!(!text.contains("strata_sync_"), "{text}");
+        p.sync.following.store(1, Ordering::Relaxed);
+        p.sync.lag_ms.store(1250, Ordering::Relaxed);
+        p.sync.retained_wal_bytes.store(4096, Ordering::Relaxed);
+        p.sync.transactions.fetch_add(3, Ordering::Relaxed);
+        let text = p.prometheus();
+        for line in [
+            "strata_sync_lag_seconds 1.250\n",
+            "strata_sync_retained_wal_bytes 4096\n",
+            "# TYPE strata_sync_transactions_total counter\nstrata_sync_transactions_total 3\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 }

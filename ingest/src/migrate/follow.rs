@@ -35,7 +35,111 @@ use crate::target_check::TargetChecks;
 use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use strata_cutoff_policies::{PatientFacts, Tier};
+
+/// How often sync measures how far behind it is and what the slot holds back.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// 2000-01-01 in Unix microseconds: PostgreSQL's timestamps count from there.
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// What the WAL a slot holds back calls for, against `[sync] max_retained_wal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retained {
+    /// Under 80 % of the limit, or no limit.
+    Fine,
+    /// At 80 % of it or more.
+    Warn,
+    /// At the limit or past it: sync stops.
+    Stop,
+}
+
+fn retained_verdict(retained: u64, limit: Option<u64>) -> Retained {
+    match limit {
+        Some(limit) if retained >= limit => Retained::Stop,
+        Some(limit) if u128::from(retained) * 5 >= u128::from(limit) * 4 => Retained::Warn,
+        _ => Retained::Fine,
+    }
+}
+
+/// Sync's periodic look at the source: lag, retained WAL, apply rate.
+#[derive(Default)]
+struct SlotWatch {
+    /// Whether the last look warned (a warning is logged once per crossing).
+    warned: bool,
+    /// Transactions applied at the last look, and when.
+    last: Option<(u64, std::time::Instant)>,
+}
+
+impl SlotWatch {
+    /// Measures the lag behind the source (everything `through` is applied) and the WAL the
+    /// slot holds back; logs them; warns near `limit` and stops at it.
+    async fn check(
+        &mut self,
+        source: &Db,
+        slot: &str,
+        through: u64,
+        limit: Option<u64>,
+        progress: &crate::progress::SyncProgress,
+    ) -> Result<()> {
+        let rows = source
+            .fetch_all(
+                format!(
+                    "SELECT pg_current_wal_lsn()::text, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint \
+                     FROM pg_replication_slots WHERE slot_name = '{}'",
+                    slot.replace('\'', "''")
+                ),
+                vec![ColumnType::Text, ColumnType::Int],
+            )
+            .await?;
+        let Some([Value::Text(current), Value::Int(retained)]) =
+            rows.first().map(|r| [r[0].clone(), r[1].clone()])
+        else {
+            return Err(IngestError::Run(format!(
+                "replication slot {slot} is gone from the source: it can no longer be followed"
+            )));
+        };
+        let lag = parse_lsn(&current)?.saturating_sub(through);
+        let retained = retained.max(0) as u64;
+        progress.lag_bytes.store(lag, Ordering::Relaxed);
+        progress
+            .retained_wal_bytes
+            .store(retained, Ordering::Relaxed);
+        let applied = progress.transactions.load(Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let rate = self.last.map_or(0.0, |(before, at)| {
+            (applied - before) as f64 / now.duration_since(at).as_secs_f64().max(0.001)
+        });
+        self.last = Some((applied, now));
+        tracing::info!(
+            lag_bytes = lag,
+            lag_seconds = progress.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            retained_wal_bytes = retained,
+            transactions_per_second = rate,
+            "sync"
+        );
+        match retained_verdict(retained, limit) {
+            Retained::Fine => self.warned = false,
+            Retained::Warn if !self.warned => {
+                self.warned = true;
+                tracing::warn!(
+                    retained_wal_bytes = retained,
+                    limit = limit.unwrap_or_default(),
+                    "the replication slot holds back 80 % or more of [sync] max_retained_wal of the source's WAL: sync is not keeping up"
+                );
+            }
+            Retained::Warn => {}
+            Retained::Stop => {
+                return Err(IngestError::Run(format!(
+                    "replication slot {slot} holds back {retained} bytes of the source's WAL, at or past [sync] max_retained_wal ({} bytes): sync stops to protect the source's disk. Let it catch up (`strata sync` applies {rate:.0} transactions/s here), raise the limit if the source's disk allows, or give up following (`strata sync stop --drop-slot`, then migrate again); PostgreSQL's max_slot_wal_keep_size is the last line of defence",
+                    limit.unwrap_or_default()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The position table in the operational database.
 pub(super) const POSITION_TABLE: &str = "_strata_sync_position";
@@ -246,7 +350,32 @@ impl Migration {
         // inside a transaction applied before a restart: every description is kept. None for
         // a published table that is not migrated.
         let mut relations: HashMap<u32, Option<String>> = HashMap::new();
-        while let Some(t) = stream.next_transaction().await? {
+        let limit = self
+            .config
+            .sync
+            .max_retained_wal
+            .as_deref()
+            .map(crate::config::parse_size)
+            .transpose()
+            .map_err(|e| IngestError::Config {
+                problems: vec![format!("[sync] max_retained_wal: {e}")],
+            })?;
+        let progress = self.progress.sync.clone();
+        progress.following.store(1, Ordering::Relaxed);
+        let mut watch = tokio::time::interval(WATCH_EVERY);
+        let mut watched = SlotWatch::default();
+        loop {
+            let t = tokio::select! {
+                t = stream.next_transaction() => match t? {
+                    Some(t) => t,
+                    None => break,
+                },
+                _ = watch.tick() => {
+                    let through = applied.max(stream.idle_through());
+                    watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
+                    continue;
+                }
+            };
             for m in &t.messages {
                 if let Message::Relation(r) = m {
                     let migrated = tables.get(&r.name);
@@ -327,6 +456,16 @@ impl Migration {
             stream.confirm(t.end_lsn);
             applied = t.end_lsn;
             report.transactions += 1;
+            progress.transactions.fetch_add(1, Ordering::Relaxed);
+            progress
+                .changes
+                .fetch_add(t.messages.len() as u64, Ordering::Relaxed);
+            // How long after its commit on the source the transaction was applied.
+            let now = chrono::Utc::now().timestamp_micros() - POSTGRES_EPOCH_MICROS;
+            progress.lag_ms.store(
+                ((now - t.commit_time_micros).max(0) / 1000) as u64,
+                Ordering::Relaxed,
+            );
         }
         stream.close().await?;
         target.close().await;
@@ -773,5 +912,28 @@ impl Migration {
             self.control.record_slot_dropped(&run.run_id).await?;
         }
         Ok(Some(sync.slot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retained_wal_warns_at_80_percent_and_stops_at_the_limit() {
+        let limit = Some(1000);
+        assert_eq!(retained_verdict(10_000, None), Retained::Fine);
+        assert_eq!(retained_verdict(799, limit), Retained::Fine);
+        assert_eq!(retained_verdict(800, limit), Retained::Warn);
+        assert_eq!(retained_verdict(999, limit), Retained::Warn);
+        assert_eq!(retained_verdict(1000, limit), Retained::Stop);
+        assert_eq!(
+            retained_verdict(u64::MAX, Some(u64::MAX - 1)),
+            Retained::Stop
+        );
+        assert_eq!(crate::config::parse_size("20GB"), Ok(20 << 30));
+        assert_eq!(crate::config::parse_size("64kB"), Ok(64 << 10));
+        assert_eq!(crate::config::parse_size("4096"), Ok(4096));
+        assert!(crate::config::parse_size("12 parsecs").is_err());
     }
 }

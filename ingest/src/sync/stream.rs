@@ -84,6 +84,8 @@ pub struct SourceTransaction {
     pub commit_lsn: u64,
     /// The position just past its commit: what to confirm once it is applied.
     pub end_lsn: u64,
+    /// When it committed (microseconds since 2000-01-01, PostgreSQL's epoch).
+    pub commit_time_micros: i64,
     /// Its changes (and the relation descriptions before them), in order.
     pub messages: Vec<Message>,
 }
@@ -95,6 +97,12 @@ pub struct ChangeStream {
     stop_at: Option<u64>,
     /// Whether the stream has reached it.
     stopped: bool,
+    /// The transaction being received (kept here, so that a caller may stop waiting for the
+    /// next transaction and ask again without losing any of it).
+    current: Option<SourceTransaction>,
+    /// The position the server said it had sent everything up to, while no transaction was
+    /// being received: with every received transaction applied, the caller is caught up to it.
+    idle_through: u64,
 }
 
 fn stream_error(e: impl std::fmt::Display) -> IngestError {
@@ -123,26 +131,34 @@ impl ChangeStream {
             client,
             stop_at,
             stopped: false,
+            current: None,
+            idle_through: 0,
         })
     }
 
     /// The next whole transaction; None once the stream stopped at `stop_at` or ended.
     /// A transaction is held whole in memory (its rows, each up to PostgreSQL's 1 GB value
-    /// limit).
+    /// limit). Cancel-safe: dropped while waiting, it loses nothing.
     pub async fn next_transaction(&mut self) -> Result<Option<SourceTransaction>> {
         if self.stopped {
             return Ok(None);
         }
-        let reached = |lsn: u64| self.stop_at.is_some_and(|stop| lsn >= stop);
-        let mut current: Option<SourceTransaction> = None;
+        let stop_at = self.stop_at;
+        let reached = |lsn: u64| stop_at.is_some_and(|stop| lsn >= stop);
+        let current = &mut self.current;
         loop {
             let Some(event) = self.client.recv().await.map_err(stream_error)? else {
                 return Ok(None);
             };
             match event {
-                ReplicationEvent::Begin { xid, .. } => {
-                    current = Some(SourceTransaction {
+                ReplicationEvent::Begin {
+                    xid,
+                    commit_time_micros,
+                    ..
+                } => {
+                    *current = Some(SourceTransaction {
                         xid,
+                        commit_time_micros,
                         commit_lsn: 0,
                         end_lsn: 0,
                         messages: Vec::new(),
@@ -168,15 +184,24 @@ impl ChangeStream {
                     }
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    if current.is_none() && reached(wal_end.as_u64()) {
-                        self.stopped = true;
-                        return Ok(None);
+                    if current.is_none() {
+                        self.idle_through = self.idle_through.max(wal_end.as_u64());
+                        if reached(wal_end.as_u64()) {
+                            self.stopped = true;
+                            return Ok(None);
+                        }
                     }
                 }
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
                 ReplicationEvent::Message { .. } => {}
             }
         }
+    }
+
+    /// The position the server said it had sent everything up to while no transaction was
+    /// under way (0 before it said so).
+    pub fn idle_through(&self) -> u64 {
+        self.idle_through
     }
 
     /// Tells the slot that everything up to `lsn` is durable on the target side: the source

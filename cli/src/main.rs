@@ -6,6 +6,7 @@ mod config;
 mod context;
 mod demo;
 mod exports;
+mod follow;
 mod holds;
 mod malloc_tuning;
 mod migration;
@@ -128,7 +129,27 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
         #[command(subcommand)]
-        command: Option<migration::SyncCommand>,
+        command: Option<follow::SyncCommand>,
+    },
+    /// Switch to the new system, guided: catch up, check the source quiet, prove the run with
+    /// verify, set the operational sequences past the source's values, and write a go / no-go
+    /// report. On "go" the cutover is recorded and the replication slot dropped; on "no-go"
+    /// (exit status 1) everything stays as it was.
+    Cutover {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Who cuts over (recorded).
+        #[arg(long)]
+        by: String,
+        /// How long the source must stay quiet after sync caught up.
+        #[arg(long, default_value_t = 5)]
+        quiet_seconds: u64,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Undo the last finished run on the target side (the source is never touched): the
     /// operational tables it created dropped, those it loaded into emptied, its quarantine and
@@ -148,6 +169,9 @@ enum Command {
         /// and `strata migrate` copies these tables again.
         #[arg(long = "table", value_name = "TABLE")]
         tables: Vec<String>,
+        /// Roll back a run that was cut over (the new system's writes to its tables are lost).
+        #[arg(long)]
+        after_cutover: bool,
     },
     /// Profile each configured table: null rate, distinct values, range, duplicate keys,
     /// implausible dates, invalid LOINC, ICD-10-CM and NPI codes. Moves nothing.
@@ -329,20 +353,31 @@ async fn run(cli: Cli) -> Result<()> {
             metrics,
             command,
         } => match command {
-            None => migration::sync(&Context::load(&config)?, catch_up, metrics).await,
-            Some(migration::SyncCommand::Prepare { config }) => {
-                migration::sync_prepare(&Context::load(&config)?).await
+            None => follow::sync(&Context::load(&config)?, catch_up, metrics).await,
+            Some(follow::SyncCommand::Prepare { config }) => {
+                follow::sync_prepare(&Context::load(&config)?).await
             }
-            Some(migration::SyncCommand::Stop { config, .. }) => {
-                migration::sync_stop(&Context::load(&config)?).await
+            Some(follow::SyncCommand::Stop { config, .. }) => {
+                follow::sync_stop(&Context::load(&config)?).await
             }
         },
+        Command::Cutover {
+            config,
+            by,
+            quiet_seconds,
+            report,
+            json,
+        } => follow::cutover(&Context::load(&config)?, &by, quiet_seconds, report, json).await,
         Command::Rollback {
             config,
             by,
             reason,
             tables,
-        } => migration::rollback(&Context::load(&config)?, &by, &reason, &tables).await,
+            after_cutover,
+        } => {
+            let ctx = Context::load(&config)?;
+            migration::rollback(&ctx, &by, &reason, &tables, after_cutover).await
+        }
         Command::Verify {
             config,
             json,

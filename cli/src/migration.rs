@@ -20,7 +20,7 @@ pub enum PolicyCommand {
 }
 
 /// The migration of `ctx`'s config, its control database the context's.
-async fn prepare(ctx: &Context) -> Result<Migration> {
+pub(crate) async fn prepare(ctx: &Context) -> Result<Migration> {
     let migration = Migration::prepare_with(
         ctx.config.migration.clone(),
         ctx.control().await?.clone(),
@@ -33,113 +33,13 @@ async fn prepare(ctx: &Context) -> Result<Migration> {
     Ok(migration)
 }
 
-/// `strata sync`'s subcommands.
-#[derive(Subcommand)]
-pub enum SyncCommand {
-    /// Print the SQL the source's owner runs before `strata migrate --follow` (a publication of
-    /// the migrated tables, REPLICA IDENTITY FULL for tables without a primary key) and check
-    /// what is in place; exit status 1 while something is missing.
-    Prepare {
-        #[arg(long, default_value = "strata.toml")]
-        config: PathBuf,
-    },
-    /// Stop following: drop the replication slot (the source stops keeping WAL for it).
-    Stop {
-        #[arg(long, default_value = "strata.toml")]
-        config: PathBuf,
-        /// Drop the slot (required: a dropped slot cannot be followed again).
-        #[arg(long, required = true)]
-        drop_slot: bool,
-    },
-}
-
-/// `strata sync`: follows until stopped (Ctrl-C), or until caught up. Changes are routed as
-/// the followed run routed its rows: under its `as_of` (and its policy, which must not have
-/// changed).
-pub async fn sync(ctx: &Context, catch_up: bool, metrics: Option<String>) -> Result<()> {
-    let control = ctx.control().await?.clone();
-    let as_of = match control.latest_run().await? {
-        Some(run) => run
-            .as_of
-            .parse()
-            .with_context(|| format!("run {}: as_of {:?}", run.run_id, run.as_of))?,
-        None => crate::today(),
-    };
-    let migration = Migration::prepare_with(ctx.config.migration.clone(), control, as_of).await?;
-    let _metrics = match &metrics {
-        Some(addr) => Some(watch::serve_metrics(addr, migration.progress()).await?),
-        None => None,
-    };
-    run_sync(&migration, catch_up).await
-}
-
-async fn run_sync(migration: &Migration, catch_up: bool) -> Result<()> {
-    use strata_ingest::SyncUntil;
-    let until = if catch_up {
-        SyncUntil::CaughtUp
-    } else {
-        SyncUntil::Stopped
-    };
-    let report = tokio::select! {
-        r = migration.sync(until) => r?,
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("sync stopped: every change applied so far is kept; `strata sync` goes on from there");
-            return Ok(());
-        }
-    };
-    println!(
-        "run {}: {} source transaction(s) applied up to {} ({} row(s) upserted, {} deleted, {} for the archive, {} quarantined; {} change(s) the copy had already seen)",
-        report.run_id,
-        report.transactions,
-        report.applied_lsn,
-        report.upserted,
-        report.deleted,
-        report.archive_changes,
-        report.quarantined,
-        report.skipped_changes
-    );
-    Ok(())
-}
-
-/// `strata sync prepare`.
-pub async fn sync_prepare(ctx: &Context) -> Result<()> {
-    let migration = prepare(ctx).await?;
-    let p = migration.sync_prepare().await?;
-    println!("-- As the owner of the migrated tables, once, before `strata migrate --follow`:");
-    for statement in &p.sql {
-        println!("{statement}");
-    }
-    if p.problems.is_empty() {
-        println!("-- In place: the source is ready for change sync.");
-        return Ok(());
-    }
-    for problem in &p.problems {
-        eprintln!("not ready: {problem}");
-    }
-    std::process::exit(1);
-}
-
-/// `strata sync stop --drop-slot`.
-pub async fn sync_stop(ctx: &Context) -> Result<()> {
-    let migration = prepare(ctx).await?;
-    match migration.drop_slot().await? {
-        Some(slot) => println!(
-            "replication slot {slot} dropped; the owner may now drop the publication ({})",
-            ctx.config.migration.sync.publication
-        ),
-        None => println!("no followed run: no slot to drop"),
-    }
-    Ok(())
-}
-
-/// `strata verify`: exits 1 on a mismatch (2, through the caller, when it cannot verify).
-pub async fn verify(
+/// Proves the last finished run (see `strata verify`), signs the report when a key is
+/// configured and keeps it in the control database.
+pub(crate) async fn prove(
     ctx: &Context,
-    json: bool,
-    report_file: Option<PathBuf>,
     reread_blobs: bool,
     resume: bool,
-) -> Result<()> {
+) -> Result<strata_ingest::VerifyReport> {
     let control = ctx.control().await?.clone();
     let Some((run_id, run)) = control
         .last_finished_run_report::<strata_ingest::RunReport>()
@@ -179,6 +79,18 @@ pub async fn verify(
         .await?
         .record_verification(&run_id, report.proven(), &serde_json::to_string(&report)?)
         .await?;
+    Ok(report)
+}
+
+/// `strata verify`: exits 1 on a mismatch (2, through the caller, when it cannot verify).
+pub async fn verify(
+    ctx: &Context,
+    json: bool,
+    report_file: Option<PathBuf>,
+    reread_blobs: bool,
+    resume: bool,
+) -> Result<()> {
+    let report = prove(ctx, reread_blobs, resume).await?;
     if let Some(path) = report_file {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -197,8 +109,14 @@ pub async fn verify(
 }
 
 /// `strata rollback`.
-pub async fn rollback(ctx: &Context, by: &str, reason: &str, tables: &[String]) -> Result<()> {
-    match Migration::rollback(&ctx.config.migration, by, reason, tables).await? {
+pub async fn rollback(
+    ctx: &Context,
+    by: &str,
+    reason: &str,
+    tables: &[String],
+    after_cutover: bool,
+) -> Result<()> {
+    match Migration::rollback(&ctx.config.migration, by, reason, tables, after_cutover).await? {
         Some(r) => println!(
             "{} rolled back: {} table(s) dropped, {} emptied, {} archive manifest(s) withdrawn (their files go with `strata archive gc`); destruction records kept, void. {}",
             match &r.tables {
@@ -448,7 +366,7 @@ pub async fn migrate(ctx: &Context, options: MigrateOptions) -> Result<()> {
     write_run_report(&report, report_file.as_deref(), json)?;
     if follow {
         eprintln!("bulk copy done; following the source's changes (Ctrl-C stops; `strata sync` goes on later)");
-        return run_sync(&migration, false).await;
+        return crate::follow::run_sync(&migration, false).await;
     }
     Ok(())
 }

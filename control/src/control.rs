@@ -219,6 +219,7 @@ impl Control {
         db.execute(crate::rollback::SCHEMA).await?;
         db.execute(crate::verification::SCHEMA).await?;
         db.execute(crate::sync::SCHEMA).await?;
+        db.execute(crate::sync::CUTOVER_SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
         // Columns older versions lack.

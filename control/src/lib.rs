@@ -30,5 +30,5 @@ pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
 pub use rollback::RollbackRecord;
-pub use sync::SyncRecord;
+pub use sync::{CutoverRecord, SyncRecord};
 pub use verification::VerificationRecord;

@@ -1,6 +1,7 @@
 //! What the control database keeps of change sync: the replication slot a followed run reads
-//! (created before its snapshot), and, per table, the snapshot the table was copied in (the
-//! transactions it already saw, which sync skips). Where sync has applied up to is kept in the
+//! (created before its snapshot), per table the snapshot the table was copied in (the
+//! transactions it already saw, which sync skips), and the cutover attempts with their go /
+//! no-go reports. Where sync has applied up to is kept in the
 //! operational database, in the transaction that applied it.
 
 use crate::control::{now, Control};
@@ -130,6 +131,92 @@ impl Control {
         Ok(rows
             .into_iter()
             .map(|r| (r[0].text(), r[1].text()))
+            .collect())
+    }
+}
+
+pub(crate) const CUTOVER_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS strata_cutovers (
+    run_id TEXT NOT NULL,
+    attempted_at TEXT NOT NULL,
+    cut_over_by TEXT NOT NULL,
+    go BIGINT NOT NULL,
+    report TEXT NOT NULL,
+    PRIMARY KEY (run_id, attempted_at)
+);
+";
+
+/// A `strata cutover` attempt as recorded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CutoverRecord {
+    /// The run.
+    pub run_id: String,
+    /// When (RFC 3339).
+    pub attempted_at: String,
+    /// Who.
+    pub by: String,
+    /// Whether it was a "go": the run is cut over.
+    pub go: bool,
+    /// The go / no-go report, as written.
+    pub report: serde_json::Value,
+}
+
+impl Control {
+    /// Records a cutover attempt of `run_id` (go or no-go) with its report (JSON).
+    pub async fn record_cutover(
+        &self,
+        run_id: &str,
+        by: &str,
+        go: bool,
+        report: &str,
+    ) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO strata_cutovers (run_id, attempted_at, cut_over_by, go, report) VALUES ({})",
+            self.db.ps(5)
+        );
+        self.db
+            .execute_with(
+                &sql,
+                &[
+                    run_id.into(),
+                    now().into(),
+                    by.into(),
+                    (go as i64).into(),
+                    report.into(),
+                ],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// The cutover of `run_id` (its "go"), if it was cut over.
+    pub async fn cutover_of(&self, run_id: &str) -> Result<Option<CutoverRecord>> {
+        Ok(self.cutovers(run_id).await?.into_iter().find(|c| c.go))
+    }
+
+    /// Every cutover attempt of `run_id`, newest first.
+    pub async fn cutovers(&self, run_id: &str) -> Result<Vec<CutoverRecord>> {
+        let sql = format!(
+            "SELECT run_id, attempted_at, cut_over_by, go, report FROM strata_cutovers WHERE run_id = {} ORDER BY attempted_at DESC",
+            self.db.p(1)
+        );
+        let rows = self
+            .db
+            .fetch(
+                &sql,
+                &[run_id.into()],
+                &[Col::Text, Col::Text, Col::Text, Col::Int, Col::Text],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| CutoverRecord {
+                run_id: r[0].text(),
+                attempted_at: r[1].text(),
+                by: r[2].text(),
+                go: r[3].int() == Some(1),
+                report: serde_json::from_str(&r[4].text()).unwrap_or(serde_json::Value::Null),
+            })
             .collect())
     }
 }

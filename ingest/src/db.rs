@@ -194,6 +194,10 @@ impl Db {
         };
         let e = |e| IngestError::sql("export snapshot", e);
         let mut conn = pool.acquire().await.map_err(e)?;
+        // The snapshot's transaction ends with its connection: returned to the pool, it would
+        // stay idle in transaction and hold back the source's vacuum for as long as the pool
+        // lives (a whole `migrate --follow`).
+        conn.close_on_drop();
         sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut *conn)
             .await

@@ -1,9 +1,9 @@
 //! `strata sync`: applies the changes a followed run's replication slot carries, through the
 //! same route stage as the bulk copy (issue #18).
 //!
-//! Source transactions are applied whole, in commit order, each in one transaction of the
-//! operational database that also records the position reached (`_strata_sync_position`); the
-//! slot is told only after that commit. A transaction at or before the recorded position was
+//! Source transactions are applied whole, in commit order, several to one transaction of the
+//! operational database (those already received, up to [`MAX_BATCH`]) that also records the
+//! position reached (`_strata_sync_position`); the slot is told only after that commit. A transaction at or before the recorded position was
 //! applied before a crash and is skipped; a table's changes that its copy's snapshot already
 //! saw are skipped ([`crate::sync::snapshot`]). So every change applies exactly once.
 //!
@@ -16,8 +16,7 @@
 //! the outbox as a tombstone. A changed definition of a migrated table stops sync.
 //!
 //! Not yet (next steps of #18): the archive writer that turns the outbox into correction and
-//! tombstone files, legal holds on deletes, batching several source transactions per target
-//! transaction, the lag metrics, `strata cutover`.
+//! tombstone files, legal holds on deletes.
 
 use super::naming::row_key;
 use super::range::SourceRows;
@@ -40,6 +39,62 @@ use strata_cutoff_policies::{PatientFacts, Tier};
 
 /// How often sync measures how far behind it is and what the slot holds back.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Source transactions applied in one target transaction, at most.
+const MAX_BATCH: u64 = 500;
+
+/// How long an open batch waits for another source transaction before it commits.
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Source transactions applied in one open target transaction.
+struct Batch {
+    tx: TargetTx,
+    /// The position just past the last of them.
+    end_lsn: u64,
+    transactions: u64,
+    changes: u64,
+    /// When the first of them committed on the source.
+    oldest_commit_micros: Option<i64>,
+}
+
+impl Batch {
+    async fn begin(target: &Db) -> Result<Self> {
+        Ok(Batch {
+            tx: TargetTx::begin(target).await?,
+            end_lsn: 0,
+            transactions: 0,
+            changes: 0,
+            oldest_commit_micros: None,
+        })
+    }
+
+    /// Records the position reached in the same transaction, commits, and only then tells the
+    /// slot. Returns the position.
+    async fn commit(
+        mut self,
+        slot: &str,
+        stream: &ChangeStream,
+        progress: &crate::progress::SyncProgress,
+        report: &mut SyncReport,
+    ) -> Result<u64> {
+        record_position(&mut self.tx, slot, self.end_lsn).await?;
+        self.tx.commit().await?;
+        stream.confirm(self.end_lsn);
+        report.transactions += self.transactions;
+        progress
+            .transactions
+            .fetch_add(self.transactions, Ordering::Relaxed);
+        progress.changes.fetch_add(self.changes, Ordering::Relaxed);
+        // How long after its commit on the source the batch's first transaction was applied.
+        if let Some(committed) = self.oldest_commit_micros {
+            let now = chrono::Utc::now().timestamp_micros() - POSTGRES_EPOCH_MICROS;
+            progress
+                .lag_ms
+                .store(((now - committed).max(0) / 1000) as u64, Ordering::Relaxed);
+        }
+        Ok(self.end_lsn)
+    }
+}
 
 /// 2000-01-01 in Unix microseconds: PostgreSQL's timestamps count from there.
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -364,17 +419,39 @@ impl Migration {
         progress.following.store(1, Ordering::Relaxed);
         let mut watch = tokio::time::interval(WATCH_EVERY);
         let mut watched = SlotWatch::default();
+        // Source transactions that are already here join the open target transaction, up to
+        // MAX_BATCH; it commits when the stream has nothing more at once.
+        let mut batch: Option<Batch> = None;
         loop {
-            let t = tokio::select! {
-                t = stream.next_transaction() => match t? {
-                    Some(t) => t,
-                    None => break,
+            let next = match batch.as_ref() {
+                Some(b) if b.transactions >= MAX_BATCH => None,
+                Some(_) => {
+                    match tokio::time::timeout(BATCH_WAIT, stream.next_transaction()).await {
+                        Ok(t) => Some(t?),
+                        Err(_) => None,
+                    }
+                }
+                None => tokio::select! {
+                    t = stream.next_transaction() => Some(t?),
+                    _ = watch.tick() => {
+                        let through = applied.max(stream.idle_through());
+                        watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
+                        continue;
+                    }
                 },
-                _ = watch.tick() => {
-                    let through = applied.max(stream.idle_through());
-                    watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
+            };
+            let t = match next {
+                Some(Some(t)) => t,
+                // The batch is full, or nothing more came at once: it commits.
+                None => {
+                    if let Some(b) = batch.take() {
+                        applied = b
+                            .commit(&slot.slot, &stream, &progress, &mut report)
+                            .await?;
+                    }
                     continue;
                 }
+                Some(None) => break,
             };
             for m in &t.messages {
                 if let Message::Relation(r) = m {
@@ -397,7 +474,11 @@ impl Migration {
                     ))),
                 }
             };
-            let mut tx = TargetTx::begin(&target).await?;
+            if batch.is_none() {
+                batch = Some(Batch::begin(&target).await?);
+            }
+            let b = batch.as_mut().expect("a batch is open");
+            let tx = &mut b.tx;
             for (position, message) in t.messages.iter().enumerate() {
                 let change = Change {
                     lsn: t.commit_lsn,
@@ -418,7 +499,7 @@ impl Migration {
                             Message::Update { old: Some(old), .. } => Some(old),
                             _ => None,
                         };
-                        self.apply_row(&mut tx, f, old, new, &facts, &change, &mut report)
+                        self.apply_row(tx, f, old, new, &facts, &change, &mut report)
                             .await?;
                     }
                     Message::Delete { relation, old } => {
@@ -430,7 +511,7 @@ impl Migration {
                             continue;
                         }
                         let values = tuple_values(f.layout, old)?;
-                        delete_row(&mut tx, f, &values, &change, &mut report).await?;
+                        delete_row(tx, f, &values, &change, &mut report).await?;
                     }
                     Message::Truncate {
                         relations: oids, ..
@@ -444,28 +525,22 @@ impl Migration {
                             }
                             tx.execute(&format!("DELETE FROM {}", quote(&f.layout.name)))
                                 .await?;
-                            outbox(&mut tx, f.layout, &change, "truncate", "", "{}", &[]).await?;
+                            outbox(tx, f.layout, &change, "truncate", "", "{}", &[]).await?;
                             report.archive_changes += 1;
                         }
                     }
                     Message::Other(_) => {}
                 }
             }
-            record_position(&mut tx, &slot.slot, t.end_lsn).await?;
-            tx.commit().await?;
-            stream.confirm(t.end_lsn);
-            applied = t.end_lsn;
-            report.transactions += 1;
-            progress.transactions.fetch_add(1, Ordering::Relaxed);
-            progress
-                .changes
-                .fetch_add(t.messages.len() as u64, Ordering::Relaxed);
-            // How long after its commit on the source the transaction was applied.
-            let now = chrono::Utc::now().timestamp_micros() - POSTGRES_EPOCH_MICROS;
-            progress.lag_ms.store(
-                ((now - t.commit_time_micros).max(0) / 1000) as u64,
-                Ordering::Relaxed,
-            );
+            b.end_lsn = t.end_lsn;
+            b.transactions += 1;
+            b.changes += t.messages.len() as u64;
+            b.oldest_commit_micros.get_or_insert(t.commit_time_micros);
+        }
+        if let Some(b) = batch.take() {
+            applied = b
+                .commit(&slot.slot, &stream, &progress, &mut report)
+                .await?;
         }
         stream.close().await?;
         target.close().await;

@@ -11,6 +11,7 @@
 //! record: counts, key range, checksum.
 
 mod canonical;
+mod cutover;
 mod destroyed;
 mod evidence;
 mod explain;
@@ -24,6 +25,7 @@ mod target;
 mod verify;
 mod workers;
 
+pub use cutover::{read_only_statements, CutoverReport, TableCounts};
 pub use evidence::{
     check as check_report, new_signing_key, sign as sign_report, wrap_signing_key, Signature,
 };

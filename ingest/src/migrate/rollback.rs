@@ -45,6 +45,7 @@ impl Migration {
         by: &str,
         reason: &str,
         tables: &[String],
+        after_cutover: bool,
     ) -> Result<Option<RollbackReport>> {
         if by.trim().is_empty() || reason.trim().len() < 10 {
             return Err(IngestError::Run(
@@ -67,6 +68,16 @@ impl Migration {
                 )))
             }
             _ => return Ok(None),
+        }
+        // After cutover the new system writes to the operational database: undoing the run
+        // throws that away. Only when asked, with the reason recorded.
+        if let Some(cutover) = control.cutover_of(&run.run_id).await? {
+            if !after_cutover {
+                return Err(IngestError::Run(format!(
+                    "run {} was cut over at {} by {}: the new system may have written to the operational database since, and a rollback would lose it. `--after-cutover` (with --reason) rolls back anyway",
+                    run.run_id, cutover.attempted_at, cutover.by
+                )));
+            }
         }
         let store = strata_archive::open_store(&config.archive.location(&config.base_dir)?)?;
         let run_tables = control.run_tables(&run.run_id).await?;

@@ -530,8 +530,33 @@ async fn a_followed_copy_killed_in_its_bulk_phase_ends_exact() {
     assert_eq!(status, 0, "{out}");
     let (status, out) = strata_verify(&dir.path().join("strata.toml"));
     assert_eq!(status, 0, "{out}");
-    let (status, out) = strata(dir.path(), &["sync", "stop", "--drop-slot"]);
+    // Rolled back, the run is no longer followed: its slot goes with it.
+    let (status, out) = strata(
+        dir.path(),
+        &[
+            "rollback",
+            "--by",
+            "jdoe",
+            "--reason",
+            "a rehearsal, not the real thing",
+        ],
+    );
     assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("replication slot") && out.contains("was dropped"),
+        "{out}"
+    );
+    let (_, db) = url.rsplit_once('/').unwrap();
+    let slots = admin
+        .fetch_all(
+            format!(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = '{db}_slot'"
+            ),
+            vec![ColumnType::Text],
+        )
+        .await
+        .unwrap();
+    assert!(slots.is_empty());
     admin.close().await;
 }
 

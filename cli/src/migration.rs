@@ -117,7 +117,8 @@ pub async fn rollback(
     after_cutover: bool,
 ) -> Result<()> {
     match Migration::rollback(&ctx.config.migration, by, reason, tables, after_cutover).await? {
-        Some(r) => println!(
+        Some(r) => {
+            println!(
             "{} rolled back: {} table(s) dropped, {} emptied, {} archive manifest(s) withdrawn (their files go with `strata archive gc`); destruction records kept, void. {}",
             match &r.tables {
                 None => format!("run {}", r.run_id),
@@ -130,7 +131,15 @@ pub async fn rollback(
                 None => "`strata migrate` runs it again from the start.",
                 Some(_) => "The run is unfinished again: `strata migrate` copies these tables again, `strata migrate --abandon` undoes the rest.",
             }
-        ),
+        );
+            match &r.slot {
+                Some(Ok(slot)) => println!("Its replication slot {slot} was dropped."),
+                Some(Err(why)) => println!(
+                    "Its replication slot is left on the source ({why}): `strata sync stop --drop-slot` drops it once the source is reachable."
+                ),
+                None => {}
+            }
+        }
         None => println!("no finished run to roll back"),
     }
     Ok(())

@@ -963,27 +963,7 @@ impl Migration {
             return Ok(None);
         };
         if sync.dropped_at.is_none() {
-            let exists = self
-                .source
-                .fetch_all(
-                    format!(
-                        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = '{}'",
-                        sync.slot.replace('\'', "''")
-                    ),
-                    vec![ColumnType::Text],
-                )
-                .await?;
-            if !exists.is_empty() {
-                self.source
-                    .fetch_all(
-                        format!(
-                            "SELECT pg_drop_replication_slot('{}')::text",
-                            sync.slot.replace('\'', "''")
-                        ),
-                        vec![ColumnType::Text],
-                    )
-                    .await?;
-            }
+            crate::sync::stream::drop_slot(&self.source, &sync.slot).await?;
             self.control.record_slot_dropped(&run.run_id).await?;
         }
         Ok(Some(sync.slot))

@@ -21,6 +21,20 @@ use crate::db::{quote, Db};
 use crate::error::{IngestError, Result};
 use strata_control::Control;
 
+/// Drops `slot` on the source; what went wrong, when it could not.
+async fn drop_followed_slot(
+    config: &MigrationConfig,
+    slot: &str,
+) -> std::result::Result<(), String> {
+    let url = config
+        .resolve_url(&config.source.url)
+        .map_err(|e| e.to_string())?;
+    let source = Db::connect(&url, true).await.map_err(|e| e.to_string())?;
+    let dropped = crate::sync::stream::drop_slot(&source, slot).await;
+    source.close().await;
+    dropped.map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// What a rollback did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RollbackReport {
@@ -34,6 +48,8 @@ pub struct RollbackReport {
     pub emptied: Vec<String>,
     /// Archive manifests withdrawn.
     pub manifests_withdrawn: u64,
+    /// The run's replication slot: dropped (Ok), or left on the source, with why (Err).
+    pub slot: Option<std::result::Result<String, String>>,
 }
 
 impl Migration {
@@ -144,6 +160,21 @@ impl Migration {
         control
             .finish_rollback(&run.run_id, scope.as_deref())
             .await?;
+        // A whole run rolled back is no longer followed: its slot would keep the source's WAL.
+        if scope.is_none() {
+            if let Some(sync) = control.sync_of(&run.run_id).await? {
+                if sync.dropped_at.is_none() {
+                    report.slot = Some(
+                        drop_followed_slot(config, &sync.slot)
+                            .await
+                            .map(|()| sync.slot.clone()),
+                    );
+                    if matches!(report.slot, Some(Ok(_))) {
+                        control.record_slot_dropped(&run.run_id).await?;
+                    }
+                }
+            }
+        }
         tracing::info!(run_id = %run.run_id, "run rolled back");
         Ok(Some(report))
     }

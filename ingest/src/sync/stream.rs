@@ -226,3 +226,26 @@ pub fn parse_lsn(text: &str) -> Result<u64> {
         .map(Lsn::as_u64)
         .map_err(|e| stream_error(format!("LSN {text:?}: {e}")))
 }
+
+/// Drops replication slot `name` on `source` if it is there (the source then stops keeping
+/// WAL for it). Returns whether it was there.
+pub async fn drop_slot(source: &crate::db::Db, name: &str) -> Result<bool> {
+    use crate::value::ColumnType;
+    let literal = format!("'{}'", name.replace('\'', "''"));
+    let exists = source
+        .fetch_all(
+            format!("SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = {literal}"),
+            vec![ColumnType::Text],
+        )
+        .await?;
+    if exists.is_empty() {
+        return Ok(false);
+    }
+    source
+        .fetch_all(
+            format!("SELECT pg_drop_replication_slot({literal})::text"),
+            vec![ColumnType::Text],
+        )
+        .await?;
+    Ok(true)
+}

@@ -371,7 +371,7 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     // A record the policy archives (a new patient's only visit, years old) goes to the outbox,
     // not to the operational database; caught up twice, it is there once.
     admin
-        .execute("INSERT INTO visits VALUES (999999, 99999, DATE '2012-02-02', 'closed', 'old'); UPDATE visits SET status = 'corrected' WHERE id = 1")
+        .execute("INSERT INTO visits VALUES (999999, 99999, DATE '2012-02-02', 'closed', 'old'); UPDATE visits SET status = 'corrected' WHERE id = 1; UPDATE visits SET id = 1000002 WHERE id = 2")
         .await
         .unwrap();
     for _ in 0..2 {
@@ -397,6 +397,14 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
         outbox.iter().any(|(c, k)| c == "upsert" && k == "id=1"),
         "{outbox:?}"
     );
+    // An archived record whose key changed: a tombstone for the old key and the record under
+    // the new one, two outbox entries of one change.
+    for (change, key) in [("delete", "id=2"), ("upsert", "id=1000002")] {
+        assert!(
+            outbox.iter().any(|(c, k)| c == change && k == key),
+            "{change} {key}: {outbox:?}"
+        );
+    }
     let held = target
         .fetch_all(
             "SELECT COUNT(*) FROM visits WHERE id IN (1, 999999)".into(),

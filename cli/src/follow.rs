@@ -171,6 +171,16 @@ pub async fn cutover(
             tables.join(", ")
         ));
     }
+    // Nothing may have come since: what the slot still holds when it is dropped is lost.
+    let after = migration.sync(strata_ingest::SyncUntil::CaughtUp).await?;
+    report.transactions_applied += after.transactions;
+    report.applied_lsn = after.applied_lsn.clone();
+    if after.transactions > 0 {
+        report.reasons.push(format!(
+            "the source wrote while verify ran: {} transaction(s) applied after it; stop the legacy applications and cut over again",
+            after.transactions
+        ));
+    }
     let go = report.reasons.is_empty();
     if go {
         report.sequences = migration.set_sequences().await?;

@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS strata_sync_tables (
     run_id TEXT NOT NULL,
     table_name TEXT NOT NULL,
     snapshot_xids TEXT NOT NULL,
+    snapshot_lsn TEXT NOT NULL,
     PRIMARY KEY (run_id, table_name)
 );
 ";
@@ -94,9 +95,15 @@ impl Control {
             .map(|_| ())
     }
 
-    /// Records the snapshot (`xmin:xmax:xip,...`) table `table` of `run_id` is copied in,
-    /// replacing an earlier one (a table that restarted).
-    pub async fn record_table_snapshot(&self, run_id: &str, table: &str, xids: &str) -> Result<()> {
+    /// Records the snapshot (`xmin:xmax:xip,...`, and its WAL position) table `table` of
+    /// `run_id` is copied in, replacing an earlier one (a table that restarted).
+    pub async fn record_table_snapshot(
+        &self,
+        run_id: &str,
+        table: &str,
+        xids: &str,
+        lsn: &str,
+    ) -> Result<()> {
         let sql = format!(
             "DELETE FROM strata_sync_tables WHERE run_id = {} AND table_name = {}",
             self.db.p(1),
@@ -106,31 +113,35 @@ impl Control {
             .execute_with(&sql, &[run_id.into(), table.into()])
             .await?;
         let sql = format!(
-            "INSERT INTO strata_sync_tables (run_id, table_name, snapshot_xids) VALUES ({})",
-            self.db.ps(3)
+            "INSERT INTO strata_sync_tables (run_id, table_name, snapshot_xids, snapshot_lsn) VALUES ({})",
+            self.db.ps(4)
         );
         self.db
-            .execute_with(&sql, &[run_id.into(), table.into(), xids.into()])
+            .execute_with(
+                &sql,
+                &[run_id.into(), table.into(), xids.into(), lsn.into()],
+            )
             .await
             .map(|_| ())
     }
 
-    /// Per table of `run_id`, the snapshot it was copied in.
+    /// Per table of `run_id`, the snapshot it was copied in: (its transactions, its WAL
+    /// position).
     pub async fn table_snapshots(
         &self,
         run_id: &str,
-    ) -> Result<std::collections::BTreeMap<String, String>> {
+    ) -> Result<std::collections::BTreeMap<String, (String, String)>> {
         let sql = format!(
-            "SELECT table_name, snapshot_xids FROM strata_sync_tables WHERE run_id = {}",
+            "SELECT table_name, snapshot_xids, snapshot_lsn FROM strata_sync_tables WHERE run_id = {}",
             self.db.p(1)
         );
         let rows = self
             .db
-            .fetch(&sql, &[run_id.into()], &[Col::Text; 2])
+            .fetch(&sql, &[run_id.into()], &[Col::Text; 3])
             .await?;
         Ok(rows
             .into_iter()
-            .map(|r| (r[0].text(), r[1].text()))
+            .map(|r| (r[0].text(), (r[1].text(), r[2].text())))
             .collect())
     }
 }

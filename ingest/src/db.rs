@@ -37,7 +37,8 @@ pub enum Db {
 pub struct SourceSnapshot {
     /// The snapshot id workers import.
     pub id: String,
-    /// The source's WAL position when the snapshot was taken: where change sync starts.
+    /// The source's WAL insert position just after the snapshot was taken: every transaction
+    /// the snapshot saw committed before it (also with asynchronous commit).
     pub wal_lsn: String,
     /// The snapshot as `pg_current_snapshot()` writes it (`xmin:xmax:xip,...`): which
     /// transactions it saw, so that change sync skips exactly those
@@ -203,7 +204,7 @@ impl Db {
             .await
             .map_err(e)?;
         let row = sqlx::query(
-            "SELECT pg_export_snapshot(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, pg_current_snapshot()::text",
+            "SELECT pg_export_snapshot(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, pg_current_snapshot()::text",
         )
         .fetch_one(&mut *conn)
         .await

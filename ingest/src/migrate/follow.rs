@@ -72,12 +72,13 @@ impl Batch {
     /// slot. Returns the position.
     async fn commit(
         mut self,
+        run_id: &str,
         slot: &str,
         stream: &ChangeStream,
         progress: &crate::progress::SyncProgress,
         report: &mut SyncReport,
     ) -> Result<u64> {
-        record_position(&mut self.tx, slot, self.end_lsn).await?;
+        record_position(&mut self.tx, run_id, slot, self.end_lsn).await?;
         self.tx.commit().await?;
         stream.confirm(self.end_lsn);
         report.transactions += self.transactions;
@@ -234,8 +235,9 @@ pub struct SyncReport {
 /// A migrated table as the stream names it.
 struct Followed<'a> {
     layout: &'a TableLayout,
-    /// The snapshot its copy was read in.
+    /// The snapshot its copy was read in, and that snapshot's WAL position.
     seen: XidSnapshot,
+    seen_lsn: u64,
     /// The operational table's columns (declared types, for casts).
     columns: Vec<Column>,
     checks: TargetChecks,
@@ -328,6 +330,15 @@ fn datum_value(datum: &Datum, t: ColumnType) -> Result<Option<Value>> {
     }))
 }
 
+impl Followed<'_> {
+    /// Whether the table's copy already holds the changes of transaction `xid`, committed at
+    /// `commit_lsn`. One committed after the snapshot's WAL position cannot have been seen
+    /// (which keeps the 32-bit id's comparison within its window however long sync runs).
+    fn copied(&self, xid: u32, commit_lsn: u64) -> bool {
+        commit_lsn <= self.seen_lsn && self.seen.saw(xid)
+    }
+}
+
 impl Migration {
     /// Applies the changes of the last finished run's replication slot: see the module's docs.
     pub async fn sync(&self, until: SyncUntil) -> Result<SyncReport> {
@@ -358,6 +369,7 @@ impl Migration {
                 run.run_id
             )));
         }
+        refuse_unfollowable(&self.layouts)?;
         let target = Db::connect(
             &self.config.resolve_url(&self.config.operational.url)?,
             false,
@@ -368,7 +380,7 @@ impl Migration {
         let snapshots = self.control.table_snapshots(&run.run_id).await?;
         let mut tables: HashMap<String, Followed<'_>> = HashMap::new();
         for layout in &self.layouts {
-            let Some(xids) = snapshots.get(&layout.name) else {
+            let Some((xids, lsn)) = snapshots.get(&layout.name) else {
                 continue;
             };
             let (columns, _) = target_columns(
@@ -384,12 +396,13 @@ impl Migration {
                 Followed {
                     layout,
                     seen: xids.parse().map_err(IngestError::Run)?,
+                    seen_lsn: parse_lsn(lsn)?,
                     columns,
                     checks,
                 },
             );
         }
-        let mut applied = applied_position(&target, &slot.slot).await?;
+        let mut applied = applied_position(&target, &run.run_id, &slot.slot).await?;
         let stop = match until {
             SyncUntil::CaughtUp => Some(current_lsn(&self.source).await?),
             SyncUntil::Stopped => None,
@@ -434,6 +447,11 @@ impl Migration {
                 None => tokio::select! {
                     t = stream.next_transaction() => Some(t?),
                     _ = watch.tick() => {
+                        // Nothing is pending: what the source sent while idle (transactions
+                        // on other tables) needs no apply, and the slot may move past it.
+                        if stream.idle_through() > applied {
+                            stream.confirm(stream.idle_through());
+                        }
                         let through = applied.max(stream.idle_through());
                         watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
                         continue;
@@ -446,7 +464,7 @@ impl Migration {
                 None => {
                     if let Some(b) = batch.take() {
                         applied = b
-                            .commit(&slot.slot, &stream, &progress, &mut report)
+                            .commit(&run.run_id, &slot.slot, &stream, &progress, &mut report)
                             .await?;
                     }
                     continue;
@@ -484,6 +502,7 @@ impl Migration {
                     lsn: t.commit_lsn,
                     position,
                     run_id: &run.run_id,
+                    parts: std::cell::Cell::new(0),
                 };
                 match message {
                     Message::Relation(_) => {}
@@ -491,7 +510,7 @@ impl Migration {
                         let Some(f) = table(relation)? else {
                             continue;
                         };
-                        if f.seen.saw(t.xid) {
+                        if f.copied(t.xid, t.commit_lsn) {
                             report.skipped_changes += 1;
                             continue;
                         }
@@ -506,7 +525,7 @@ impl Migration {
                         let Some(f) = table(relation)? else {
                             continue;
                         };
-                        if f.seen.saw(t.xid) {
+                        if f.copied(t.xid, t.commit_lsn) {
                             report.skipped_changes += 1;
                             continue;
                         }
@@ -520,7 +539,7 @@ impl Migration {
                             let Some(f) = table(oid)? else {
                                 continue;
                             };
-                            if f.seen.saw(t.xid) {
+                            if f.copied(t.xid, t.commit_lsn) {
                                 continue;
                             }
                             tx.execute(&format!("DELETE FROM {}", quote(&f.layout.name)))
@@ -539,7 +558,7 @@ impl Migration {
         }
         if let Some(b) = batch.take() {
             applied = b
-                .commit(&slot.slot, &stream, &progress, &mut report)
+                .commit(&run.run_id, &slot.slot, &stream, &progress, &mut report)
                 .await?;
         }
         stream.close().await?;
@@ -575,26 +594,39 @@ impl Migration {
                 }
             }
         }
-        if let Some(old) = old {
-            let old_values = tuple_values(layout, old)?;
-            let key_changed = layout.key.iter().any(|&k| old_values[k] != values[k]);
-            if layout.key.is_empty() || key_changed {
-                delete_row(tx, f, &old_values, change, report).await?;
-            }
-        }
-        if !unchanged.is_empty() && !layout.key.is_empty() {
-            // The operational row holds the values the update left alone.
-            if let Some(current) = read_row(tx, f, &values).await? {
+        let old_values = old.map(|o| tuple_values(layout, o)).transpose()?;
+        if !unchanged.is_empty() {
+            // The values the update left alone: in the old row the stream carried (replica
+            // identity full), else in the operational row (looked up by the old key, before a
+            // key change removes it).
+            let current = match &old_values {
+                Some(o) if layout.key.is_empty() => Some(o.clone()),
+                Some(o) => read_row(tx, f, o).await?,
+                None if layout.key.is_empty() => None,
+                None => read_row(tx, f, &values).await?,
+            };
+            if let Some(current) = current {
                 for &i in &unchanged {
                     values[i] = current[i].clone();
                 }
                 unchanged.clear();
             }
         }
+        if let Some(old_values) = &old_values {
+            let new_key = coerced(layout, values.clone());
+            let key_changed = layout.key.iter().any(|&k| old_values[k] != new_key[k]);
+            if layout.key.is_empty() || key_changed {
+                delete_row(tx, f, old_values, change, report).await?;
+            }
+        }
         let unchanged: Vec<String> = unchanged
             .iter()
             .map(|&i| layout.columns()[i].name.clone())
             .collect();
+        if layout.patient_column.is_none() {
+            // The bulk copy selects the patient key last; a table without one selects NULL.
+            values.push(Value::Null);
+        }
         let mut routed = None;
         let sink = Deciding {
             checks: RowChecks::new(layout, &f.checks, false),
@@ -645,6 +677,9 @@ struct Change<'a> {
     lsn: u64,
     position: usize,
     run_id: &'a str,
+    /// Outbox entries this change made so far (a key change of an archived record makes two;
+    /// a truncate of several tables, one each).
+    parts: std::cell::Cell<u32>,
 }
 
 fn lsn_text(lsn: u64) -> String {
@@ -663,9 +698,57 @@ fn tuple_values(layout: &TableLayout, tuple: &[Datum]) -> Result<Vec<Value>> {
     Ok(coerced(layout, values))
 }
 
+/// Why change sync cannot follow `layout`'s table yet, if it cannot: a changed row carries
+/// only its own columns, while such a table's routing needs another table's (its patient or
+/// record date through a parent) or values the source computes.
+pub(super) fn not_followable(layout: &TableLayout) -> Option<&'static str> {
+    if layout.patient_column.is_none() && layout.patient_expr != "NULL" {
+        Some("its patient comes through another table")
+    } else if !layout.parent_dates.is_empty() {
+        Some("its record date comes through another table")
+    } else if layout.computed.iter().any(Option::is_some) {
+        Some("it has computed columns")
+    } else {
+        None
+    }
+}
+
+/// The tables change sync cannot follow yet, as one error.
+pub(super) fn refuse_unfollowable(layouts: &[TableLayout]) -> Result<()> {
+    let refused: Vec<String> = layouts
+        .iter()
+        .filter_map(|l| not_followable(l).map(|why| format!("{} ({why})", l.name)))
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(IngestError::Run(format!(
+        "change sync does not follow these tables yet: {}. Migrate without --follow, or leave them out of the config",
+        refused.join(", ")
+    )))
+}
+
 /// Stops when a migrated table's definition changed on the source: its columns (names, in
 /// order) are no longer the ones the run copied.
 fn check_definition(layout: &TableLayout, r: &Relation) -> Result<()> {
+    // Updates and deletes name a row by the replica identity: it must be the key the run
+    // copied by (or the whole row).
+    let identity: Vec<usize> = r
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.in_key)
+        .map(|(i, _)| i)
+        .collect();
+    if r.replica_identity != b'f' && identity != layout.key {
+        return Err(IngestError::Run(format!(
+            "table {}: the source names changed rows by ({}), the run keyed them by ({}): have the owner run ALTER TABLE {} REPLICA IDENTITY FULL (or key the table as the source does), then run `strata sync` again",
+            layout.name,
+            identity.iter().map(|&i| r.columns[i].name.as_str()).collect::<Vec<_>>().join(", "),
+            layout.key.iter().map(|&k| layout.columns()[k].name.as_str()).collect::<Vec<_>>().join(", "),
+            quote(&layout.name)
+        )));
+    }
     let now: Vec<&str> = r.columns.iter().map(|c| c.name.as_str()).collect();
     let copied: Vec<&str> = layout.columns().iter().map(|c| c.name.as_str()).collect();
     if now != copied {
@@ -682,22 +765,24 @@ fn check_definition(layout: &TableLayout, r: &Relation) -> Result<()> {
 async fn ensure_sync_tables(target: &Db) -> Result<()> {
     target
         .execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {POSITION_TABLE} (slot TEXT NOT NULL PRIMARY KEY, lsn BIGINT NOT NULL, applied_at TEXT NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS {POSITION_TABLE} (run_id TEXT NOT NULL, slot TEXT NOT NULL, lsn BIGINT NOT NULL, applied_at TEXT NOT NULL, PRIMARY KEY (run_id, slot))"
         ))
         .await?;
     target
         .execute(&format!(
             "CREATE TABLE IF NOT EXISTS {OUTBOX_TABLE} (lsn BIGINT NOT NULL, position BIGINT NOT NULL, run_id TEXT NOT NULL, table_name TEXT NOT NULL, \
-             change TEXT NOT NULL, row_key TEXT NOT NULL, row_data TEXT NOT NULL, unchanged TEXT NOT NULL, PRIMARY KEY (lsn, position))"
+             part BIGINT NOT NULL, change TEXT NOT NULL, row_key TEXT NOT NULL, row_data TEXT NOT NULL, unchanged TEXT NOT NULL, \
+             PRIMARY KEY (lsn, position, part))"
         ))
         .await
 }
 
-async fn applied_position(target: &Db, slot: &str) -> Result<u64> {
+async fn applied_position(target: &Db, run_id: &str, slot: &str) -> Result<u64> {
     let rows = target
         .fetch_all(
             format!(
-                "SELECT lsn FROM {POSITION_TABLE} WHERE slot = '{}'",
+                "SELECT lsn FROM {POSITION_TABLE} WHERE run_id = '{}' AND slot = '{}'",
+                run_id.replace('\'', "''"),
                 slot.replace('\'', "''")
             ),
             vec![ColumnType::Int],
@@ -722,18 +807,20 @@ async fn current_lsn(source: &Db) -> Result<u64> {
     }
 }
 
-async fn record_position(tx: &mut TargetTx, slot: &str, lsn: u64) -> Result<()> {
+async fn record_position(tx: &mut TargetTx, run_id: &str, slot: &str, lsn: u64) -> Result<()> {
     let p = |n| tx.placeholder(n);
     let sql = format!(
-        "INSERT INTO {POSITION_TABLE} (slot, lsn, applied_at) VALUES ({}, CAST({} AS BIGINT), {}) \
-         ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, applied_at = excluded.applied_at",
+        "INSERT INTO {POSITION_TABLE} (run_id, slot, lsn, applied_at) VALUES ({}, {}, CAST({} AS BIGINT), {}) \
+         ON CONFLICT (run_id, slot) DO UPDATE SET lsn = excluded.lsn, applied_at = excluded.applied_at",
         p(1),
         p(2),
-        p(3)
+        p(3),
+        p(4)
     );
     tx.execute_with(
         &sql,
         &[
+            run_id.to_string(),
             slot.to_string(),
             lsn.to_string(),
             chrono::Utc::now().to_rfc3339(),
@@ -757,8 +844,8 @@ async fn outbox(
 ) -> Result<()> {
     let p = |n| tx.placeholder(n);
     let sql = format!(
-        "INSERT INTO {OUTBOX_TABLE} (lsn, position, run_id, table_name, change, row_key, row_data, unchanged) \
-         VALUES (CAST({} AS BIGINT), CAST({} AS BIGINT), {}, {}, {}, {}, {}, {})",
+        "INSERT INTO {OUTBOX_TABLE} (lsn, position, part, run_id, table_name, change, row_key, row_data, unchanged) \
+         VALUES (CAST({} AS BIGINT), CAST({} AS BIGINT), CAST({} AS BIGINT), {}, {}, {}, {}, {}, {})",
         p(1),
         p(2),
         p(3),
@@ -766,13 +853,17 @@ async fn outbox(
         p(5),
         p(6),
         p(7),
-        p(8)
+        p(8),
+        p(9)
     );
+    let part = change.parts.get();
+    change.parts.set(part + 1);
     tx.execute_with(
         &sql,
         &[
             change.lsn.to_string(),
             change.position.to_string(),
+            part.to_string(),
             change.run_id.to_string(),
             layout.name.clone(),
             kind.to_string(),

@@ -598,7 +598,7 @@ impl Migration {
             };
             if let (Some(_), Some(s)) = (&following, &snapshot) {
                 control
-                    .record_table_snapshot(&run.run_id, &layout.name, &s.xids)
+                    .record_table_snapshot(&run.run_id, &layout.name, &s.xids, &s.wal_lsn)
                     .await?;
             }
             if !target.table_names().await?.contains(&layout.name) {
@@ -699,6 +699,7 @@ impl Migration {
                 "--follow reads changes from PostgreSQL's logical replication: the source is not PostgreSQL".into(),
             ));
         }
+        follow::refuse_unfollowable(&self.layouts)?;
         let started = self.control.run_tables(&run.run_id).await?;
         if !started.is_empty() {
             return Err(IngestError::Run(format!(

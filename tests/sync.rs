@@ -371,7 +371,7 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     // A record the policy archives (a new patient's only visit, years old) goes to the outbox,
     // not to the operational database; caught up twice, it is there once.
     admin
-        .execute("INSERT INTO visits VALUES (999999, 99999, DATE '2012-02-02', 'closed', 'old'); UPDATE visits SET status = 'corrected' WHERE id = 1; UPDATE visits SET id = 1000002 WHERE id = 2")
+        .execute("INSERT INTO visits VALUES (999999, 99999, DATE '2012-02-02', 'closed', 'old'); UPDATE visits SET status = 'corrected' WHERE id = 1; UPDATE visits SET id = 1000002 WHERE id = 2; UPDATE visits SET seen = DATE '2026-05-01', note = 'seen again' WHERE id = 3; UPDATE visits SET seen = DATE '2026-05-02' WHERE id = 4")
         .await
         .unwrap();
     for _ in 0..2 {
@@ -399,7 +399,16 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     );
     // An archived record whose key changed: a tombstone for the old key and the record under
     // the new one, two outbox entries of one change.
-    for (change, key) in [("delete", "id=2"), ("upsert", "id=1000002")] {
+    // An archived record that became current again (id 3, dated anew): its archived copy is
+    // withdrawn (a tombstone), the record upserted into the operational database. One whose
+    // TOASTed note the change did not carry (id 4) waits for the archive writer to reinstate
+    // it whole.
+    for (change, key) in [
+        ("delete", "id=2"),
+        ("upsert", "id=1000002"),
+        ("delete", "id=3"),
+        ("reinstate", "id=4"),
+    ] {
         assert!(
             outbox.iter().any(|(c, k)| c == change && k == key),
             "{change} {key}: {outbox:?}"
@@ -413,6 +422,14 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
         .await
         .unwrap();
     assert_eq!(held[0][0], Value::Int(0));
+    let current = target
+        .fetch_all(
+            "SELECT COUNT(*) FROM visits WHERE id = 3".into(),
+            vec![ColumnType::Int],
+        )
+        .await
+        .unwrap();
+    assert_eq!(current[0][0], Value::Int(1));
     target.close().await;
     // A slot that holds back more WAL than [sync] max_retained_wal stops sync, with advice.
     let config_path = dir.path().join("strata.toml");

@@ -385,8 +385,6 @@ fn config_text(source_url: &str, tables: &BTreeMap<String, (TableSchema, TableGu
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn a_drafted_config_reads_the_source_password_from_the_environment() {
         let (url, note) = super::config_url("postgres://etl:s3cr%3Et@db.example:5432/ehr");

@@ -142,8 +142,10 @@ impl Migration {
     }
 
     /// Sets each sequence of the operational tables (serial and identity columns) past the
-    /// largest value the source's column holds and the operational table's: the new system's
-    /// next key cannot collide with a migrated one. Returns `table.column = value` per sequence.
+    /// largest value the source's column holds and the operational table's, never lower than
+    /// it already is: the new system's next key cannot collide with a migrated one. (The
+    /// source's own sequence is not read: Strata's read-only role has no right to it; keys
+    /// the legacy system handed out and then deleted may come again.) Returns `table.column = value` per sequence.
     pub async fn set_sequences(&self) -> Result<Vec<String>> {
         let target = Db::connect(
             &self.config.resolve_url(&self.config.operational.url)?,
@@ -187,7 +189,7 @@ impl Migration {
                 let value = first_int(
                     &target,
                     format!(
-                        "SELECT setval({}, GREATEST({source_max}, (SELECT COALESCE(MAX({}), 0) FROM {}), 1))::bigint",
+                        "SELECT setval({0}, GREATEST({source_max}, (SELECT COALESCE(MAX({1}), 0) FROM {2}), COALESCE(pg_sequence_last_value({0}::regclass), 0), 1))::bigint",
                         literal(&sequence),
                         quote(name),
                         quote(&layout.name)

@@ -518,7 +518,8 @@ impl Migration {
                             Message::Update { old: Some(old), .. } => Some(old),
                             _ => None,
                         };
-                        self.apply_row(tx, f, old, new, &facts, &change, &mut report)
+                        let update = matches!(message, Message::Update { .. });
+                        self.apply_row(tx, f, old, new, update, &facts, &change, &mut report)
                             .await?;
                     }
                     Message::Delete { relation, old } => {
@@ -577,6 +578,7 @@ impl Migration {
         f: &Followed<'_>,
         old: Option<&Vec<Datum>>,
         new: &[Datum],
+        update: bool,
         facts: &HashMap<String, PatientFacts>,
         change: &Change<'_>,
         report: &mut SyncReport,
@@ -612,13 +614,20 @@ impl Migration {
                 unchanged.clear();
             }
         }
+        let mut key_changed = false;
         if let Some(old_values) = &old_values {
             let new_key = coerced(layout, values.clone());
-            let key_changed = layout.key.iter().any(|&k| old_values[k] != new_key[k]);
+            key_changed = layout.key.iter().any(|&k| old_values[k] != new_key[k]);
             if layout.key.is_empty() || key_changed {
                 delete_row(tx, f, old_values, change, report).await?;
             }
         }
+        // An updated record the operational database does not hold lives in the archive (or
+        // quarantine): if it now belongs to the operational tier, its archived copy goes.
+        let elsewhere = update
+            && !layout.key.is_empty()
+            && !key_changed
+            && read_row(tx, f, &values).await?.is_none();
         let unchanged: Vec<String> = unchanged
             .iter()
             .map(|&i| layout.columns()[i].name.clone())
@@ -649,6 +658,11 @@ impl Migration {
                 report.archive_changes += 1;
             }
             Some(Routed::Operational(values)) => {
+                if elsewhere {
+                    let key = row_key(layout, &values, (0, 0));
+                    outbox(tx, layout, change, "delete", &key, "{}", &[]).await?;
+                    report.archive_changes += 1;
+                }
                 upsert_row(tx, f, &values).await?;
                 report.upserted += 1;
             }

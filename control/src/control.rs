@@ -330,6 +330,35 @@ impl Control {
             .map(|_| ())
     }
 
+    /// Records (or replaces, in one statement) the row of `run_id` and `table_name` in
+    /// control table `into`, whose primary key they are, with `columns` set to `values`.
+    pub(crate) async fn put_run_table_row(
+        &self,
+        into: &str,
+        run_id: &str,
+        table_name: &str,
+        columns: &[&str],
+        values: &[&str],
+    ) -> Result<()> {
+        let set: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{c} = excluded.{c}"))
+            .collect();
+        let on_conflict = if set.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", set.join(", "))
+        };
+        let sql = format!(
+            "INSERT INTO {into} (run_id, table_name{}) VALUES ({}) ON CONFLICT (run_id, table_name) {on_conflict}",
+            columns.iter().map(|c| format!(", {c}")).collect::<String>(),
+            self.db.ps(2 + columns.len())
+        );
+        let mut params: Vec<crate::db::Param> = vec![run_id.into(), table_name.into()];
+        params.extend(values.iter().map(|v| (*v).into()));
+        self.db.execute_with(&sql, &params).await.map(|_| ())
+    }
+
     /// Deletes what `tables` record of `run_id` (rows of the run, and of its writers: the
     /// archive's records name a run's writers, `{run}-r{range}-{id}`, as well as the run).
     pub(crate) async fn forget_run_records(&self, run_id: &str, tables: &[&str]) -> Result<()> {

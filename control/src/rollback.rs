@@ -54,22 +54,8 @@ impl Control {
     /// a table recorded but never created is dropped by nobody; one created but not recorded
     /// would be emptied, not dropped, by a rollback).
     pub async fn record_created_table(&self, run_id: &str, table: &str) -> Result<()> {
-        let sql = format!(
-            "DELETE FROM strata_created_tables WHERE run_id = {} AND table_name = {}",
-            self.db.p(1),
-            self.db.p(2)
-        );
-        self.db
-            .execute_with(&sql, &[run_id.into(), table.into()])
-            .await?;
-        let sql = format!(
-            "INSERT INTO strata_created_tables (run_id, table_name) VALUES ({})",
-            self.db.ps(2)
-        );
-        self.db
-            .execute_with(&sql, &[run_id.into(), table.into()])
+        self.put_run_table_row("strata_created_tables", run_id, table, &[], &[])
             .await
-            .map(|_| ())
     }
 
     /// The operational tables `run_id` created.

@@ -104,25 +104,14 @@ impl Control {
         xids: &str,
         lsn: &str,
     ) -> Result<()> {
-        let sql = format!(
-            "DELETE FROM strata_sync_tables WHERE run_id = {} AND table_name = {}",
-            self.db.p(1),
-            self.db.p(2)
-        );
-        self.db
-            .execute_with(&sql, &[run_id.into(), table.into()])
-            .await?;
-        let sql = format!(
-            "INSERT INTO strata_sync_tables (run_id, table_name, snapshot_xids, snapshot_lsn) VALUES ({})",
-            self.db.ps(4)
-        );
-        self.db
-            .execute_with(
-                &sql,
-                &[run_id.into(), table.into(), xids.into(), lsn.into()],
-            )
-            .await
-            .map(|_| ())
+        self.put_run_table_row(
+            "strata_sync_tables",
+            run_id,
+            table,
+            &["snapshot_xids", "snapshot_lsn"],
+            &[xids, lsn],
+        )
+        .await
     }
 
     /// Per table of `run_id`, the snapshot it was copied in: (its transactions, its WAL

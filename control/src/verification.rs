@@ -94,25 +94,14 @@ impl Control {
         options: &str,
         proof: &str,
     ) -> Result<()> {
-        let sql = format!(
-            "DELETE FROM strata_verify_progress WHERE run_id = {} AND table_name = {}",
-            self.db.p(1),
-            self.db.p(2)
-        );
-        self.db
-            .execute_with(&sql, &[run_id.into(), table.into()])
-            .await?;
-        let sql = format!(
-            "INSERT INTO strata_verify_progress (run_id, table_name, options, proof) VALUES ({})",
-            self.db.ps(4)
-        );
-        self.db
-            .execute_with(
-                &sql,
-                &[run_id.into(), table.into(), options.into(), proof.into()],
-            )
-            .await
-            .map(|_| ())
+        self.put_run_table_row(
+            "strata_verify_progress",
+            run_id,
+            table,
+            &["options", "proof"],
+            &[options, proof],
+        )
+        .await
     }
 
     /// The proofs (JSON) by table that a verification of `run_id` with `options` kept before it

@@ -62,17 +62,52 @@ pub async fn compact_table(
         return Ok(report);
     };
     // Each batch carries the rank of its run: a correction supersedes copies of earlier runs
-    // only, never rows of its own run (identical rows of a keyless table are distinct records).
+    // only, never rows of its own run (identical rows of a keyless table are distinct records);
+    // a tombstone or truncate deletes copies (see `Successors`).
     let mut batches: Vec<(usize, RecordBatch)> = Vec::new();
+    let mut successors = crate::Successors::default();
+    let mut held: Vec<crate::Tombstone> = Vec::new();
     for (rank, run) in crate::catalog::runs_of(&manifests).into_iter().enumerate() {
+        reader.add_deletions(&mut successors, rank, &run).await?;
+        for m in &run {
+            for entry in &m.tombstones {
+                held.extend(
+                    reader
+                        .tombstones(entry)
+                        .await?
+                        .iter()
+                        .filter(|t| t.held)
+                        .cloned(),
+                );
+            }
+        }
         for entry in run.iter().flat_map(|m| &m.files) {
             report.files_before += 1;
             let read = reader.read_file(entry).await?;
+            for batch in &read {
+                let keys = arrow::array::AsArray::as_string::<i32>(batch.column(2));
+                for key in keys.iter().flatten() {
+                    successors.copy(rank, key);
+                }
+            }
             batches.extend(read.into_iter().map(|b| (rank, b)));
         }
     }
     report.rows_before = batches.iter().map(|(_, b)| b.num_rows() as u64).sum();
-    let kept = crate::reader::newest_only(batches)?;
+    let (kept, _) = crate::tombstone::served(batches, &successors)?;
+    // The deletions a legal hold stopped stay on record while a copy they kept is current.
+    let kept_keys: std::collections::HashSet<&str> = kept
+        .iter()
+        .flat_map(|(_, b)| {
+            arrow::array::AsArray::as_string::<i32>(b.column(2))
+                .iter()
+                .flatten()
+        })
+        .collect();
+    held.retain(|t| kept_keys.contains(t.key.as_str()));
+    held.sort_by(|a, b| a.key.cmp(&b.key));
+    held.dedup_by(|a, b| a.key == b.key);
+    let kept: Vec<RecordBatch> = kept.into_iter().map(|(_, b)| b).collect();
     // The newest run's layout: files an older version wrote are brought to it.
     let Some(schema) = kept.last().map(|b| b.schema()) else {
         return Ok(report);
@@ -111,6 +146,7 @@ pub async fn compact_table(
     manifest.supersedes = supersedes.into_iter().collect();
     let mut writer = TableWriter::new(store, keys, manifest, schema, options)?;
     writer.write_in_order(&kept).await?;
+    writer.write_tombstones(&held).await?;
     report.rows_after = writer.rows();
     if report.rows_after != kept_rows {
         return Err(ArchiveError::Integrity {
@@ -160,7 +196,7 @@ pub async fn gc(
             let Some((_, old)) = manifests.iter().find(|(p, _)| p == old_path) else {
                 continue;
             };
-            for f in &old.files {
+            for f in old.files.iter().chain(&old.tombstones) {
                 for object in [f.path.clone(), crate::keys::key_material_path(&f.path)] {
                     match store.delete(&Path::from(object.as_str())).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted.push(object),
@@ -175,12 +211,17 @@ pub async fn gc(
     if orphans {
         let named: std::collections::HashSet<&str> = manifests
             .iter()
-            .flat_map(|(_, m)| m.files.iter().map(|f| f.path.as_str()))
+            .flat_map(|(_, m)| m.files.iter().chain(&m.tombstones).map(|f| f.path.as_str()))
             .collect();
-        let listed: Vec<_> = store
+        let mut listed: Vec<_> = store
             .list(Some(&Path::from("tables")))
             .try_collect()
             .await?;
+        let tombstones: Vec<_> = store
+            .list(Some(&Path::from("tombstones")))
+            .try_collect()
+            .await?;
+        listed.extend(tombstones);
         for meta in listed {
             let path = meta.location.to_string();
             let data = crate::keys::data_file_of(&path);
@@ -530,5 +571,114 @@ mod tests {
             5,
             "four run manifests and the first compaction"
         );
+    }
+
+    /// Tombstones hide the copies of earlier runs (a held one hides nothing), a truncate
+    /// hides every earlier copy; compaction applies them (counting what it left out), keeps
+    /// the held deletions on record, and gc removes the tombstone files it replaced.
+    #[tokio::test]
+    async fn tombstones_and_truncates_delete_earlier_copies_through_compaction() {
+        let (store, keys, schema) = crate::test_support::test_archive("quantity").await;
+        publish(
+            &store,
+            &keys,
+            &schema,
+            "run-1-r00000-0a01",
+            rows(
+                &schema,
+                &[("a", "d", 1), ("a", "e", 2), ("a", "g", 4), ("b", "f", 3)],
+            ),
+        )
+        .await;
+        let tomb = |patient: &str, key: &str, held| crate::Tombstone {
+            patient: patient.into(),
+            date: None,
+            key: key.into(),
+            held,
+        };
+        // A sync run corrects "d", deletes "e" (its patient unknown), and records the deletion
+        // of "g" that a legal hold stopped.
+        let mut w = TableWriter::new(
+            store.clone(),
+            keys.clone(),
+            TableManifest::new("supplies", "sync-run-1-0000000001", "p1", vec![]),
+            schema.clone(),
+            TableWriterOptions::default(),
+        )
+        .unwrap();
+        w.write(&rows(&schema, &[("a", "d", 10)])).await.unwrap();
+        w.write_tombstones(&[tomb("", "e", false), tomb("a", "g", true)])
+            .await
+            .unwrap();
+        w.finish().await.unwrap();
+        let expected_a = vec![("d".to_string(), 10), ("g".to_string(), 4)];
+        assert_eq!(read(&store, &keys, "a").await, expected_a);
+        assert_eq!(read(&store, &keys, "b").await, vec![("f".to_string(), 3)]);
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let successors = reader.successors("supplies").await.unwrap();
+        assert_eq!(successors.fate(0, "d"), crate::Fate::Superseded);
+        assert_eq!(successors.fate(0, "e"), crate::Fate::Deleted);
+        assert_eq!(successors.fate(0, "g"), crate::Fate::Held);
+        assert_eq!(successors.fate(1, "d"), crate::Fate::Current);
+        let checked = reader.verify().await.unwrap();
+        assert!(
+            checked.problems.is_empty() && checked.unpublished.is_empty(),
+            "{checked:?}"
+        );
+        assert_eq!(checked.files, 3, "two data files and a tombstone file");
+
+        let r = compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.rows_before, r.rows_after), (5, 3), "{r:?}");
+        assert_eq!(
+            read(&store, &keys, "a").await,
+            expected_a,
+            "after compaction"
+        );
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let m = &reader.catalog().tables["supplies"][0];
+        assert_eq!(
+            m.superseded_copies, 2,
+            "the corrected copy and the deleted one"
+        );
+        assert_eq!(m.tombstones.len(), 1, "the held deletion stays on record");
+        let held = reader.tombstones(&m.tombstones[0]).await.unwrap();
+        assert_eq!(*held, vec![tomb("a", "g", true)]);
+        let deleted = gc(store.clone(), keys.clone(), chrono::Duration::zero(), true)
+            .await
+            .unwrap();
+        assert!(
+            deleted
+                .iter()
+                .any(|p| p.starts_with("tombstones/supplies/sync-run-1")),
+            "{deleted:?}"
+        );
+        assert_eq!(read(&store, &keys, "a").await, expected_a, "after gc");
+
+        // A truncate hides every earlier copy; rows after it in the same run stay.
+        let mut manifest = TableManifest::new("supplies", "sync-run-1-0000000002", "p1", vec![]);
+        manifest.truncated = true;
+        let mut w = TableWriter::new(
+            store.clone(),
+            keys.clone(),
+            manifest,
+            schema.clone(),
+            TableWriterOptions::default(),
+        )
+        .unwrap();
+        w.write(&rows(&schema, &[("b", "h", 5)])).await.unwrap();
+        w.finish().await.unwrap();
+        assert_eq!(read(&store, &keys, "a").await, vec![]);
+        assert_eq!(read(&store, &keys, "b").await, vec![("h".to_string(), 5)]);
     }
 }

@@ -12,6 +12,10 @@
 //!   (Parquet's external key material), so a KEK rotation ([`rotate_keys`]) rewrites only these.
 //! - `blobs/{id[0..2]}/{id}`: BLOBs encrypted in fixed-size AES-256-GCM segments ([`BlobStore`])
 //!   under per-object data keys derived from the archive key and each object's salt.
+//! - `tombstones/{table}/{run}-{seq}.parquet`: records the source deleted after they were
+//!   archived (written by `strata sync`), encrypted the same way ([`Tombstone`]); with
+//!   corrections (a record archived again by a newer run) they decide which copy of a record
+//!   is current ([`Successors`]).
 //! - `keys/archive-key.json`: the archive's own key, wrapped by the KEK; manifest seals, BLOB
 //!   data keys and BLOB object ids are derived from it, so they stay stable when the KEK rotates. KEKs are reached
 //!   through the [`KeyService`] trait ([`LocalKeks`] for key files and environment variables).
@@ -38,6 +42,7 @@ mod secret;
 mod store;
 #[cfg(test)]
 mod test_support;
+mod tombstone;
 mod writer;
 
 pub use blob::{BlobRef, BlobStore, BLOB_SEGMENT_SIZE};
@@ -57,6 +62,7 @@ pub use reader::{blob_ref, blob_refs, ArchiveReader, VerifyReport};
 pub use rotate::{rotate_keys, RotationReport};
 pub use secret::SecretSource;
 pub use store::{open_store, ArchiveLocation};
+pub use tombstone::{tombstone_schema, Fate, Successors, Tombstone, HELD_COLUMN};
 pub use writer::{TableWriter, TableWriterOptions};
 
 /// An archive's object store (local disk, S3-compatible, ...).

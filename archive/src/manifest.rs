@@ -36,10 +36,22 @@ pub struct TableManifest {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub replaced_rows: std::collections::BTreeMap<String, u64>,
     /// Of a compaction: the copies it left out because a later run archived the same record
-    /// again (a correction), over it and the compactions it replaces. The only rows a
+    /// again (a correction) or deleted it (a tombstone or truncate), over it and the
+    /// compactions it replaces. The only rows a
     /// compaction may drop: `rows()` equals the sum of `replaced_rows` minus these.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub superseded_copies: u64,
+    /// Records deleted at the source after earlier runs archived them (written by `strata
+    /// sync`): encrypted Parquet files under `tombstones/{table}/` with the patient (empty
+    /// when the change did not carry it), record date and key of each, and whether a legal hold
+    /// kept the record (see [`crate::Tombstone`]). A tombstone hides the copies of its key that
+    /// earlier runs archived; a held one hides nothing and records the deletion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tombstones: Vec<FileEntry>,
+    /// Whether the source table was emptied (`TRUNCATE`) before this manifest's rows: every
+    /// copy an earlier run archived is deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
     /// The KEK current when the manifest was sealed (for information: the seal's key is derived
     /// from the archive key, which KEK rotations do not change).
     #[serde(default)]
@@ -95,6 +107,8 @@ impl TableManifest {
             supersedes: Vec::new(),
             replaced_rows: Default::default(),
             superseded_copies: 0,
+            tombstones: Vec::new(),
+            truncated: false,
             sealed_by: String::new(),
             mac: String::new(),
         }

@@ -4,7 +4,8 @@ use crate::blob::{BlobRef, BlobStore};
 use crate::catalog::{runs_of, Catalog, Listed};
 use crate::error::{ArchiveError, Result};
 use crate::keys::{KeyRing, ParquetKeyRetriever};
-use crate::manifest::FileEntry;
+use crate::manifest::{FileEntry, TableManifest};
+use crate::tombstone::{served, tombstones_of, Successors, Tombstone};
 use arrow::array::{RecordBatch, Scalar, StringArray};
 use arrow::compute::filter_record_batch;
 use arrow::compute::kernels::cmp::eq;
@@ -25,35 +26,6 @@ use parquet::file::page_index::column_index::ColumnIndexMetaData;
 use parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-
-/// Keeps, of every record key, only the copies of the newest run that archived it. `batches`
-/// carry the rank of their run (higher is newer, see [`runs_of`]): a record archived again by a
-/// later run (a correction) supersedes its copies of earlier runs, while rows of the same run
-/// never supersede one another, so two identical rows of a keyless table (which share a key,
-/// a digest of their values) both stay: they are two records.
-pub(crate) fn newest_only(batches: Vec<(usize, RecordBatch)>) -> Result<Vec<RecordBatch>> {
-    use arrow::array::{AsArray, BooleanArray};
-    let mut newest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for (rank, batch) in &batches {
-        for key in batch.column(2).as_string::<i32>().iter().flatten() {
-            let r = newest.entry(key).or_insert(*rank);
-            *r = (*r).max(*rank);
-        }
-    }
-    let mut out = Vec::with_capacity(batches.len());
-    for (rank, batch) in &batches {
-        let keys = batch.column(2).as_string::<i32>();
-        let keep: BooleanArray = keys
-            .iter()
-            .map(|k| Some(k.is_none_or(|k| newest[k] == *rank)))
-            .collect();
-        let kept = filter_record_batch(batch, &keep)?;
-        if kept.num_rows() > 0 {
-            out.push(kept);
-        }
-    }
-    Ok(out)
-}
 
 /// What `verify` found.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -109,6 +81,8 @@ pub struct ArchiveReader {
     catalog: Arc<Catalog>,
     /// Files opened for selective reads: footer checked, metadata and page indexes decrypted.
     opened: Arc<std::sync::Mutex<std::collections::HashMap<String, ArrowReaderMetadata>>>,
+    /// Tombstone files read (small, and read for every patient lookup of their table).
+    tombstones: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<Tombstone>>>>>,
 }
 
 /// Byte ranges of one archived file, for the async Parquet reader (whose metadata comes from
@@ -231,6 +205,7 @@ impl ArchiveReader {
             keys,
             catalog: Arc::new(catalog),
             opened: Arc::default(),
+            tombstones: Arc::default(),
         })
     }
 
@@ -591,6 +566,25 @@ impl ArchiveReader {
         let mut referenced = std::collections::BTreeMap::new();
         for (table, manifests) in &self.catalog.tables {
             let blob_columns = self.catalog.blob_columns(table);
+            for entry in manifests.iter().flat_map(|m| &m.tombstones) {
+                published.insert(entry.path.clone());
+                report.files += 1;
+                match self.read_file(entry).await {
+                    Ok(b) => {
+                        let rows: u64 = b.iter().map(|b| b.num_rows() as u64).sum();
+                        if rows != entry.rows {
+                            report.problems.push((
+                                entry.path.clone(),
+                                format!("{rows} tombstones, the manifest says {}", entry.rows),
+                            ));
+                        }
+                    }
+                    Err(ArchiveError::Integrity { object, detail }) => {
+                        report.problems.push((object, detail))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             for entry in manifests.iter().flat_map(|m| &m.files) {
                 published.insert(entry.path.clone());
                 report.files += 1;
@@ -643,7 +637,7 @@ impl ArchiveReader {
         let listed: Vec<_> = self.store.list(None).try_collect().await?;
         for meta in listed {
             let path = meta.location.to_string();
-            let unpublished = if path.starts_with("tables/") {
+            let unpublished = if path.starts_with("tables/") || path.starts_with("tombstones/") {
                 !published.contains(&crate::keys::data_file_of(&path))
             } else if let Some(id) = path
                 .strip_prefix("blobs/")
@@ -661,13 +655,16 @@ impl ArchiveReader {
     }
 
     /// One patient's archived rows of `table`: opens only the files whose key range can hold
-    /// the patient, and in them only the row groups whose statistics can. When a record was
-    /// archived again by a later run (a correction), only the copies of the newest run that
-    /// archived it are returned (see [`runs_of`]).
+    /// the patient, and in them only the row groups whose statistics can. Only current copies
+    /// are returned ([`Successors`]): when a record was archived again by a later run (a
+    /// correction), the copies of the newest run that archived it; none of a record the
+    /// source deleted (a tombstone), unless a legal hold kept it.
     pub async fn patient_rows(&self, table: &str, patient: &str) -> Result<Vec<RecordBatch>> {
         let runs = runs_of(self.catalog.tables.get(table).into_iter().flatten());
         let mut out = Vec::new();
+        let mut successors = Successors::default();
         for (rank, run) in runs.iter().enumerate() {
+            self.add_deletions(&mut successors, rank, run).await?;
             for entry in run.iter().flat_map(|m| &m.files) {
                 if entry.min_patient.as_str() <= patient && patient <= entry.max_patient.as_str() {
                     let batches = self.file_patient_rows(entry, patient).await?;
@@ -676,10 +673,108 @@ impl ArchiveReader {
             }
         }
         if runs.len() > 1 {
-            newest_only(out)
-        } else {
-            Ok(out.into_iter().map(|(_, b)| b).collect())
+            for (rank, batch) in &out {
+                for key in arrow::array::AsArray::as_string::<i32>(batch.column(2))
+                    .iter()
+                    .flatten()
+                {
+                    successors.copy(*rank, key);
+                }
+            }
         }
+        if successors.is_empty() {
+            return Ok(out.into_iter().map(|(_, b)| b).collect());
+        }
+        Ok(served(out, &successors)?
+            .0
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect())
+    }
+
+    /// A tombstone file's tombstones (read once, checked against the manifest, then kept).
+    pub async fn tombstones(&self, entry: &FileEntry) -> Result<Arc<Vec<Tombstone>>> {
+        if let Some(t) = self.tombstones.lock().expect("cache lock").get(&entry.path) {
+            return Ok(t.clone());
+        }
+        let read: Vec<Tombstone> = self
+            .read_file(entry)
+            .await?
+            .iter()
+            .flat_map(tombstones_of)
+            .collect();
+        let read = Arc::new(read);
+        let mut cache = self.tombstones.lock().expect("cache lock");
+        if cache.len() >= MAX_OPENED_FILES {
+            cache.clear();
+        }
+        cache.insert(entry.path.clone(), read.clone());
+        Ok(read)
+    }
+
+    /// Adds to `successors` what the manifests of run `rank` deleted: their tombstones and
+    /// truncates.
+    pub async fn add_deletions(
+        &self,
+        successors: &mut Successors,
+        rank: usize,
+        run: &[&TableManifest],
+    ) -> Result<()> {
+        for m in run {
+            if m.truncated {
+                successors.truncate(rank);
+            }
+            for entry in &m.tombstones {
+                for t in self.tombstones(entry).await?.iter() {
+                    successors.tombstone(rank, t);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the runs of `table` did after its oldest run, for telling each copy's fate while
+    /// reading the table through: the keys of every copy of a newer run (read from their key
+    /// column alone), the tombstones and truncates. Memory grows with the rows of runs after
+    /// the first (corrections), not with the table.
+    pub async fn successors(&self, table: &str) -> Result<Successors> {
+        use futures::StreamExt;
+        let runs = runs_of(self.catalog.tables.get(table).into_iter().flatten());
+        let mut successors = Successors::default();
+        let key_column = [crate::KEY_COLUMN.to_string()];
+        for (rank, run) in runs.iter().enumerate() {
+            self.add_deletions(&mut successors, rank, run).await?;
+            if rank == 0 {
+                continue;
+            }
+            for entry in run.iter().flat_map(|m| &m.files) {
+                let mut batches = self.file_batches(entry, Some(&key_column)).await?;
+                while let Some(batch) = batches.next().await {
+                    let batch = batch?;
+                    let keys = arrow::array::AsArray::as_string::<i32>(batch.column(0));
+                    for key in keys.iter().flatten() {
+                        successors.copy(rank, key);
+                    }
+                }
+            }
+        }
+        Ok(successors)
+    }
+
+    /// The files of `table` with the rank of their run (see [`runs_of`]), and their
+    /// manifests' BLOB columns.
+    pub fn ranked_files(&self, table: &str) -> Vec<(usize, &[String], &FileEntry)> {
+        runs_of(self.catalog.tables.get(table).into_iter().flatten())
+            .into_iter()
+            .enumerate()
+            .flat_map(|(rank, run)| {
+                run.into_iter().flat_map(move |m| {
+                    m.files
+                        .iter()
+                        .map(move |f| (rank, m.blob_columns.as_slice(), f))
+                })
+            })
+            .collect()
     }
 }
 

@@ -94,6 +94,7 @@ async fn writes_encrypted_files_and_reads_one_patient() {
         keys: other,
         catalog: reader.catalog.clone(),
         opened: Arc::default(),
+        tombstones: Arc::default(),
     };
     let err = stranger.read_file(entry).await.unwrap_err();
     assert!(

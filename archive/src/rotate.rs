@@ -37,7 +37,8 @@ pub async fn rotate_keys(store: Arc<dyn ObjectStore>, keys: &KeyRing) -> Result<
     for meta in &objects {
         let path = meta.location.to_string();
         let name = path.rsplit('/').next().unwrap_or_default();
-        let rewritten = if path.starts_with("tables/") && name.starts_with("_KEY_MATERIAL_FOR_") {
+        let data = path.starts_with("tables/") || path.starts_with("tombstones/");
+        let rewritten = if data && name.starts_with("_KEY_MATERIAL_FOR_") {
             let bytes = store.get(&meta.location).await?.bytes().await?;
             let mut map: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_slice(&bytes)
@@ -74,7 +75,7 @@ pub async fn rotate_keys(store: Arc<dyn ObjectStore>, keys: &KeyRing) -> Result<
                 detail: e.to_string(),
             })?;
         manifest.check_seal(keys, &path)?;
-        for f in &mut manifest.files {
+        for f in manifest.files.iter_mut().chain(&mut manifest.tombstones) {
             f.kek_id = report.kek_id.clone();
         }
         manifest.seal(keys)?;

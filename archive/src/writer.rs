@@ -265,8 +265,25 @@ impl TableWriter {
         self.manifest.rows() + self.current.as_ref().map_or(0, |f| f.rows)
     }
 
-    /// Opens a file; `sample` (its first rows) decides which columns get dictionaries.
+    /// Opens the next data file; `sample` (its first rows) decides which columns get
+    /// dictionaries.
     fn open_file(&self, sample: &RecordBatch) -> Result<OpenFile> {
+        let path = format!(
+            "tables/{}/{}-{:05}.parquet",
+            self.manifest.table,
+            self.manifest.run_id,
+            self.manifest.files.len()
+        );
+        self.open_file_at(path, self.schema.clone(), sample)
+    }
+
+    /// Opens a file at `path` for rows of `schema`.
+    fn open_file_at(
+        &self,
+        path: String,
+        schema: SchemaRef,
+        sample: &RecordBatch,
+    ) -> Result<OpenFile> {
         let data_key = KeyRing::new_data_key();
         let encryption = FileEncryptionProperties::builder(data_key.clone())
             .with_footer_key_metadata(crate::keys::EXTERNAL_FOOTER_KEY.as_bytes().to_vec())
@@ -293,11 +310,6 @@ impl TableWriter {
             props = props.set_column_dictionary_enabled(ColumnPath::from(column), false);
         }
         let props = props.build();
-        let seq = self.manifest.files.len();
-        let path = format!(
-            "tables/{}/{}-{:05}.parquet",
-            self.manifest.table, self.manifest.run_id, seq
-        );
         let upload = HashingUpload {
             // Parts of 8 MiB (S3 wants at least 5), two in flight: a few files are written at
             // once, and their buffers count against the run's memory.
@@ -308,7 +320,7 @@ impl TableWriter {
             tail: Vec::new(),
         };
         Ok(OpenFile {
-            writer: AsyncArrowWriter::try_new(upload, self.schema.clone(), Some(props))?,
+            writer: AsyncArrowWriter::try_new(upload, schema, Some(props))?,
             path,
             key_material: self.keys.key_material(&data_key)?,
             rows: 0,
@@ -362,10 +374,41 @@ impl TableWriter {
         Ok(())
     }
 
+    /// Writes `tombstones` (records the source deleted: see [`crate::Tombstone`]) as one
+    /// tombstone file of the manifest.
+    pub async fn write_tombstones(&mut self, tombstones: &[crate::Tombstone]) -> Result<()> {
+        if tombstones.is_empty() {
+            return Ok(());
+        }
+        let batch = crate::tombstone::tombstone_batch(tombstones)?;
+        let path = format!(
+            "tombstones/{}/{}-{:05}.parquet",
+            self.manifest.table,
+            self.manifest.run_id,
+            self.manifest.tombstones.len()
+        );
+        let mut file = self.open_file_at(path, batch.schema(), &batch)?;
+        file.writer.write(&batch).await?;
+        file.rows = batch.num_rows() as u64;
+        let patients = batch.column(0).as_string::<i32>();
+        file.min_patient = patients.iter().flatten().min().map(str::to_string);
+        file.max_patient = patients.iter().flatten().max().map(str::to_string);
+        let entry = self.close(file).await?;
+        self.manifest.tombstones.push(entry);
+        Ok(())
+    }
+
     async fn close_file(&mut self) -> Result<()> {
         let Some(file) = self.current.take() else {
             return Ok(());
         };
+        let entry = self.close(file).await?;
+        self.manifest.files.push(entry);
+        Ok(())
+    }
+
+    /// Finishes `file` and stores its key material; returns its manifest entry.
+    async fn close(&self, file: OpenFile) -> Result<FileEntry> {
         let mut writer = file.writer;
         writer.finish().await?;
         let upload = writer.into_inner();
@@ -388,8 +431,7 @@ impl TableWriter {
                 PutPayload::from(material.into_bytes()),
             )
             .await?;
-        self.manifest.files.push(entry);
-        Ok(())
+        Ok(entry)
     }
 
     /// Closes the last file and publishes the manifest. Returns it.

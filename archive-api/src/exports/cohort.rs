@@ -117,6 +117,8 @@ pub(crate) struct TableRows {
     archive: ArchiveReader,
     /// Files per run, newest run first.
     runs: Vec<Vec<FileEntry>>,
+    /// Per run (same order), its tombstone files and whether it truncated the table.
+    deletions: Vec<(Vec<FileEntry>, bool)>,
     run: usize,
     file: usize,
     current: Option<BoxStream<'static, strata_archive::Result<RecordBatch>>>,
@@ -139,14 +141,25 @@ impl TableRows {
             let created = chrono::DateTime::parse_from_rfc3339(&m.created_at).ok();
             !matches!((since, created), (Some(since), Some(created)) if created < since)
         });
-        let runs: Vec<Vec<FileEntry>> = strata_archive::runs_of(manifests)
+        let ranked: Vec<_> = strata_archive::runs_of(manifests)
             .into_iter()
             .rev()
+            .collect();
+        let runs: Vec<Vec<FileEntry>> = ranked
+            .iter()
             .map(|run| run.iter().flat_map(|m| m.files.iter().cloned()).collect())
+            .collect();
+        let deletions = ranked
+            .iter()
+            .map(|run| {
+                let tombstones = run.iter().flat_map(|m| m.tombstones.iter().cloned());
+                (tombstones.collect(), run.iter().any(|m| m.truncated))
+            })
             .collect();
         TableRows {
             archive: archive.clone(),
             runs,
+            deletions,
             run: 0,
             file: 0,
             current: None,
@@ -186,7 +199,8 @@ impl TableRows {
                             .map_err(|e| e.to_string())?;
                         self.read += batch.num_rows() as u64;
                         let mut keep = cohort.keep(&batch)?;
-                        let older_follow = self.run + 1 < self.runs.len();
+                        let older_follow =
+                            self.run + 1 < self.runs.len() && !self.deletions[self.run].1;
                         if older_follow || !self.newer.is_empty() {
                             let archived = ArchivedBatch::new(&batch, &[]);
                             let keys = archived.keys().ok_or("no record key column")?;
@@ -225,6 +239,21 @@ impl TableRows {
                     );
                 }
                 None => {
+                    // What this run deleted is gone from the older runs: tombstones (those a
+                    // legal hold stopped excepted) hide their keys; a truncate, every row.
+                    let (tombstones, truncated) = &self.deletions[self.run];
+                    if *truncated {
+                        return Ok(None);
+                    }
+                    for entry in tombstones {
+                        let read = self
+                            .archive
+                            .tombstones(entry)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        self.newer
+                            .extend(read.iter().filter(|t| !t.held).map(|t| key_digest(&t.key)));
+                    }
                     self.newer.extend(self.this_run.drain(..));
                     self.run += 1;
                     self.file = 0;

@@ -34,6 +34,7 @@ use chrono::NaiveDate;
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
+use strata_archive::Fate;
 use strata_cutoff_policies::{PatientFacts, Tier};
 
 /// What the source says each tier of a table must hold.
@@ -140,6 +141,8 @@ struct Sides {
     bad_blobs: HashSet<String>,
     /// The digests of the operational rows of keys loaded twice by the run, by key.
     duplicates_held: HashMap<String, Vec<[u8; 32]>>,
+    /// Archived records the source deleted while a legal hold kept them.
+    held_after_deletion: u64,
 }
 
 impl Sides {
@@ -152,6 +155,7 @@ impl Sides {
         self.archived.merge(&other.archived);
         self.unreadable.extend(other.unreadable);
         self.bad_blobs.extend(other.bad_blobs);
+        self.held_after_deletion += other.held_after_deletion;
         for (key, held) in other.duplicates_held {
             self.duplicates_held.entry(key).or_default().extend(held);
         }
@@ -176,15 +180,14 @@ impl Migration {
         } else {
             whole
         };
-        let files: Vec<(&[String], &strata_archive::FileEntry)> = t
+        let files = t.archive.ranked_files(&layout.name);
+        // Copies that later runs superseded or deleted (sync's corrections and tombstones)
+        // are not in the archive's place.
+        let successors = &t
             .archive
-            .catalog()
-            .tables
-            .get(&layout.name)
-            .into_iter()
-            .flatten()
-            .flat_map(|m| m.files.iter().map(|f| (m.blob_columns.as_slice(), f)))
-            .collect();
+            .successors(&layout.name)
+            .await
+            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
         let workers = self.config.run.workers();
         let mut jobs: Vec<Job<'_, Sides>> = Vec::new();
         for range in &ranges {
@@ -230,6 +233,7 @@ impl Migration {
                     t.blobs,
                     layout,
                     files,
+                    successors,
                     t.reread_blobs,
                 ))
             }));
@@ -352,6 +356,7 @@ impl Migration {
                 unreadable,
                 bad_blobs,
                 duplicates_held,
+                held_after_deletion,
             } = self.read_sides(&read).await?;
             let reconciled = after_routing.reconcile(
                 &duplicates_held,
@@ -408,6 +413,7 @@ impl Migration {
                 source_rows: tally.source_rows,
                 checked_at,
                 snapshot_wal_lsn: snapshot.as_ref().map(|s| s.wal_lsn.clone()),
+                held_after_source_deletion: held_after_deletion,
                 ..Default::default()
             };
             proof.mismatches.extend(unreadable);
@@ -555,11 +561,12 @@ async fn archive_sum(
     archive: &strata_archive::ArchiveReader,
     blobs: &strata_archive::BlobStore,
     layout: &TableLayout,
-    files: &[(&[String], &strata_archive::FileEntry)],
+    files: &[(usize, &[String], &strata_archive::FileEntry)],
+    successors: &strata_archive::Successors,
     reread_blobs: bool,
 ) -> Result<Sides> {
     let mut sides = Sides::default();
-    for &(blob_columns, f) in files {
+    for &(rank, blob_columns, f) in files {
         // A file the catalog lists but the store lacks (or cannot decrypt) is a finding, not a
         // failure to verify.
         let batches = match archive.read_file(f).await {
@@ -587,9 +594,16 @@ async fn archive_sum(
                 }
             }
             for row in 0..batch.num_rows() {
-                sides
-                    .archived
-                    .add(&row_of_archive(layout, &batch, row, &sides.bad_blobs));
+                match successors.fate(rank, batch.key(row).unwrap_or_default()) {
+                    Fate::Current => {
+                        sides
+                            .archived
+                            .add(&row_of_archive(layout, &batch, row, &sides.bad_blobs))
+                    }
+                    // Deleted at the source while a legal hold stood: kept, apart.
+                    Fate::Held => sides.held_after_deletion += 1,
+                    Fate::Superseded | Fate::Deleted => {}
+                }
             }
         }
     }

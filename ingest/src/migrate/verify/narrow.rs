@@ -323,16 +323,21 @@ async fn collect_found(
             }
         }
         _ => {
-            let manifests = t.archive.catalog().tables.get(&layout.name);
-            for m in manifests.into_iter().flatten() {
-                for f in &m.files {
-                    let Ok(batches) = t.archive.read_file(f).await else {
-                        continue; // named as unreadable already
-                    };
-                    for b in &batches {
-                        let batch = strata_archive::ArchivedBatch::new(b, &m.blob_columns);
-                        for row in 0..batch.num_rows() {
-                            let key = batch.key(row).map(str::to_string);
+            let successors = t
+                .archive
+                .successors(&layout.name)
+                .await
+                .map_err(|e| crate::error::IngestError::Run(format!("archive: {e}")))?;
+            for (rank, blob_columns, f) in t.archive.ranked_files(&layout.name) {
+                let Ok(batches) = t.archive.read_file(f).await else {
+                    continue; // named as unreadable already
+                };
+                for b in &batches {
+                    let batch = strata_archive::ArchivedBatch::new(b, blob_columns);
+                    for row in 0..batch.num_rows() {
+                        let key = batch.key(row).map(str::to_string);
+                        let fate = successors.fate(rank, key.as_deref().unwrap_or_default());
+                        if fate == strata_archive::Fate::Current {
                             let columns = columns_of_archive(layout, &batch, row, bad_blobs);
                             collect.add(layout, key, columns);
                         }

@@ -47,6 +47,11 @@ pub struct TableProof {
     /// Differences beyond those listed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub more_differences: u64,
+    /// Archived records the source deleted (after the migration, found by `strata sync`)
+    /// while a legal hold stood: the hold wins, so the archive keeps them, outside the
+    /// places the source accounts for.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_after_source_deletion: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

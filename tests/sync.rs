@@ -254,6 +254,18 @@ async fn followed_source(
     note_md5s: i64,
     readings: i64,
 ) -> Followed {
+    followed_source_with_scans(dir, visits, note_md5s, readings, 0).await
+}
+
+/// [`followed_source`], with `scans` rows of a table of images (`scans.image`, a BLOB column
+/// of a few kB; half of them of patients whose visits are old).
+async fn followed_source_with_scans(
+    dir: &std::path::Path,
+    visits: i64,
+    note_md5s: i64,
+    readings: i64,
+    scans: i64,
+) -> Followed {
     let url = create_pg_database("strata_sync_follow").await;
     let admin = Db::connect(&url, false).await.unwrap();
     let (_, db) = url.rsplit_once('/').unwrap();
@@ -269,6 +281,16 @@ async fn followed_source(
         ))
         .await
         .unwrap();
+    if scans > 0 {
+        admin
+            .execute(&format!(
+                "CREATE TABLE scans (id bigint PRIMARY KEY, patient_id bigint NOT NULL, taken date NOT NULL, image bytea);
+                 INSERT INTO scans SELECT g, 1 + g % 200, CASE WHEN g % 200 < 100 THEN DATE '2011-01-01' + g % 300 ELSE DATE '2025-08-01' + g % 300 END,
+                   decode(repeat(md5(g::text), 100), 'hex') FROM generate_series(1, {scans}) g;"
+            ))
+            .await
+            .unwrap();
+    }
     let source = read_only_url(&url).await;
     admin
         .execute(&format!("ALTER ROLE {db}_reader REPLICATION"))
@@ -280,7 +302,13 @@ async fn followed_source(
             "[sync]\nslot = \"{db}_slot\"\npublication = \"{db}_pub\"\n\
              [tables.visits]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"seen\"\n\
              [tables.readings]\npatient_key = \"patient_id\"\nrecord_date = \"taken\"\n"
-        );
+        )
+        + if scans > 0 {
+            "[tables.scans]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"taken\"\n\
+             [[tables.scans.blobs]]\ncolumn = \"image\"\ncontent_type = \"image/png\"\n"
+        } else {
+            ""
+        };
     write_run_files(
         dir,
         &config,
@@ -316,7 +344,8 @@ async fn followed_source(
 /// `strata verify` proves source = target. Then `strata sync` is killed (SIGKILL) at three
 /// moments while the application goes on, and caught up: proven again, nothing applied twice.
 /// A record the policy sends to the archive, and a correction to an archived record, leave
-/// through the archive outbox, once.
+/// through the archive outbox, once, as corrections and tombstones that readers and verify
+/// honour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     let dir = TestDir::new();
@@ -378,42 +407,72 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
         let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
         assert_eq!(status, 0, "{out}");
     }
+    // The archive writer wrote the outbox at the end of each catch-up: nothing waits.
     let target = Db::connect(&operational, true).await.unwrap();
-    let outbox: Vec<(String, String)> = target
+    let waiting = count(&target, "SELECT COUNT(*) FROM _strata_sync_archive".into()).await;
+    assert_eq!(waiting, 0);
+    // What one patient's history reads (the patient API's path): the newest version of each
+    // record, none of those the source deleted or moved back to the operational tier.
+    let history = |patient: &'static str| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let config = load_config(&dir.join("strata.toml"));
+            let archive = open_archive(&config.archive, &dir).await;
+            let mut visits = Vec::new();
+            for b in archive.patient_rows("visits", patient).await.unwrap() {
+                let b = strata_archive::ArchivedBatch::new(&b, &[]);
+                for row in 0..b.num_rows() {
+                    let text = |c: &str| {
+                        b.value(c, row)
+                            .and_then(|v| v.to_text().map(|t| t.into_owned()))
+                    };
+                    visits.push((text("id").unwrap(), text("status").unwrap()));
+                }
+            }
+            visits.sort();
+            visits
+        }
+    };
+    // A new patient's only visit, years old: archived, once although caught up twice.
+    assert_eq!(
+        history("99999").await,
+        [("999999".to_string(), "closed".to_string())]
+    );
+    // A status change to an archived visit (id 1, patient 2: an old visit of an inactive
+    // patient) is a correction: the archive returns the corrected version only.
+    let patient_2 = history("2").await;
+    assert!(
+        patient_2.contains(&("1".to_string(), "corrected".to_string()))
+            && !patient_2.contains(&("1".to_string(), "open".to_string())),
+        "{patient_2:?}"
+    );
+    // An archived record whose key changed (id 2 of patient 3): a tombstone for the old key,
+    // the record under the new one.
+    let patient_3 = history("3").await;
+    assert!(
+        patient_3.iter().any(|(id, _)| id == "1000002")
+            && !patient_3.iter().any(|(id, _)| id == "2"),
+        "{patient_3:?}"
+    );
+    // Archived records that became current again (id 3 of patient 4, id 4 of patient 5, dated
+    // anew): withdrawn from the archive, upserted into the operational database — id 4, whose
+    // TOASTed note the change did not carry, whole, its note taken from the archived copy.
+    assert!(!history("4").await.iter().any(|(id, _)| id == "3"));
+    assert!(!history("5").await.iter().any(|(id, _)| id == "4"));
+    let reinstated = target
         .fetch_all(
-            "SELECT change, row_key FROM _strata_sync_archive WHERE table_name = 'visits'".into(),
-            vec![ColumnType::Text, ColumnType::Text],
+            "SELECT seen::text, length(note) FROM visits WHERE id = 4".into(),
+            vec![ColumnType::Text, ColumnType::Int],
         )
         .await
-        .unwrap()
-        .into_iter()
-        .map(|r| (r[0].as_key_text().unwrap(), r[1].as_key_text().unwrap()))
-        .collect();
-    let once: Vec<&(String, String)> = outbox.iter().filter(|(_, k)| k == "id=999999").collect();
-    assert_eq!(once, [&("upsert".to_string(), "id=999999".to_string())]);
-    // A status change to an archived visit (id 1: an old visit of an inactive patient) is a
-    // correction for the archive too, never an operational row.
-    assert!(
-        outbox.iter().any(|(c, k)| c == "upsert" && k == "id=1"),
-        "{outbox:?}"
+        .unwrap();
+    assert_eq!(
+        reinstated,
+        vec![vec![Value::Text("2026-05-02".into()), Value::Int(120 * 32)]]
     );
-    // An archived record whose key changed: a tombstone for the old key and the record under
-    // the new one, two outbox entries of one change.
-    // An archived record that became current again (id 3, dated anew): its archived copy is
-    // withdrawn (a tombstone), the record upserted into the operational database. One whose
-    // TOASTed note the change did not carry (id 4) waits for the archive writer to reinstate
-    // it whole.
-    for (change, key) in [
-        ("delete", "id=2"),
-        ("upsert", "id=1000002"),
-        ("delete", "id=3"),
-        ("reinstate", "id=4"),
-    ] {
-        assert!(
-            outbox.iter().any(|(c, k)| c == change && k == key),
-            "{change} {key}: {outbox:?}"
-        );
-    }
+    // Source = operational ⊎ archive (corrections and tombstones applied) ⊎ quarantine.
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
     let held = target
         .fetch_all(
             "SELECT COUNT(*) FROM visits WHERE id IN (1, 999999)".into(),
@@ -707,5 +766,224 @@ async fn cutover_is_no_go_while_the_source_writes_and_go_once_it_is_quiet() {
     );
     assert_eq!(status, 0, "{out}");
     target.close().await;
+    admin.close().await;
+}
+
+/// The issue's acceptance, end to end: an application writes (multi-table transactions,
+/// updates that leave a TOASTed note alone, deletes, a keyless table, BLOB updates of archived
+/// and operational records) while `strata migrate --follow` copies and follows, and Strata is
+/// killed with SIGKILL six times — in the bulk copy, while following (twice in `strata sync`,
+/// once in `migrate --follow`), and during the cutover (twice) — then cuts over: verify proves
+/// source = target; the archive holds corrections and tombstones; one patient's history
+/// returns the newest version of a BLOB changed after it was archived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_every_phase_then_a_proven_cutover() {
+    let dir = TestDir::new();
+    let Followed { url, admin, .. } =
+        followed_source_with_scans(dir.path(), 3000, 60, 2000, 400).await;
+    let control = || async {
+        strata_control::Control::open(&format!(
+            "sqlite://{}",
+            dir.path().join("strata-control.db").display()
+        ))
+        .await
+        .unwrap()
+    };
+    let spawn = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(args)
+            .args(["--config", "strata.toml"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let kill = |mut child: std::process::Child| {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    };
+    // BLOB updates: archived scans (patients 2..100) and operational ones, new scans, deletes.
+    let scans = |url: String, stop: Arc<AtomicBool>| async move {
+        let db = Db::connect(&url, false).await.unwrap();
+        let mut n = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            let id = 1 + (n * 7) % 400;
+            db.execute(&format!(
+                "BEGIN;
+                 UPDATE scans SET image = decode(repeat(md5(random()::text), 120), 'hex') WHERE id = {id};
+                 INSERT INTO scans VALUES ({}, 150, DATE '2026-04-01', decode(md5({n}::text), 'hex'));
+                 UPDATE visits SET status = 'imaged' WHERE id = {id};
+                 COMMIT;",
+                500_000 + n
+            ))
+            .await
+            .unwrap();
+            if n % 5 == 4 {
+                db.execute(&format!("DELETE FROM scans WHERE id = {}", 500_000 + n - 2))
+                    .await
+                    .unwrap();
+            }
+            if n % 25 == 24 {
+                // An archived scan (ids 200..299: patients 1..100, whose records are old).
+                db.execute(&format!(
+                    "DELETE FROM scans WHERE id = {}",
+                    200 + (n / 25 * 7) % 100
+                ))
+                .await
+                .unwrap();
+            }
+            n += 1;
+        }
+        db.close().await;
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = [
+        tokio::spawn(application(url.clone(), stop.clone(), 30_000)),
+        tokio::spawn({
+            let scanning = scans(url.clone(), stop.clone());
+            async move {
+                scanning.await;
+                0
+            }
+        }),
+    ];
+
+    // Kill 1, in the bulk copy: once a table is copied and the run is still running.
+    let child = spawn(&["migrate", "--follow"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy never got going"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let c = control().await;
+        let Some(run) = c.latest_run().await.unwrap() else {
+            continue;
+        };
+        let mut done = 0;
+        for t in ["visits", "readings", "scans"] {
+            let state = c
+                .table_state::<serde_json::Value, serde_json::Value>(&run.run_id, t)
+                .await
+                .unwrap();
+            done += matches!(state, Some(strata_control::TableState::Done { .. })) as usize;
+        }
+        if run.status == "running" && done >= 1 {
+            assert!(done < 3, "killed after the copy");
+            break;
+        }
+    }
+    kill(child);
+    // Kill 2, while `migrate --follow` follows: after its copy is done.
+    let child = spawn(&["migrate", "--follow"]);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let run = control().await.latest_run().await.unwrap().unwrap();
+        if run.status == "done" {
+            break;
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    kill(child);
+    // Kills 3 and 4, in `strata sync`.
+    for delay_ms in [300u64, 1200] {
+        let child = spawn(&["sync"]);
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        kill(child);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Kills 5 and 6, during the cutover (catching up, then verifying).
+    for delay_ms in [400u64, 2500] {
+        let child = spawn(&["cutover", "--by", "jdoe", "--quiet-seconds", "1"]);
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        kill(child);
+    }
+    let (status, out) = strata(
+        dir.path(),
+        &["cutover", "--by", "jdoe", "--quiet-seconds", "1", "--json"],
+    );
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("\"decision\": \"go\""), "{out}");
+
+    // Proven again on its own: source = operational ⊎ archive ⊎ quarantine, row for row.
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
+
+    // The archive holds corrections (runs written by sync) and tombstones.
+    let config = load_config(&dir.path().join("strata.toml"));
+    let archive = open_archive(&config.archive, dir.path()).await;
+    let synced: Vec<&strata_archive::TableManifest> = archive
+        .catalog()
+        .tables
+        .values()
+        .flatten()
+        .filter(|m| m.run_id.starts_with("sync-"))
+        .collect();
+    assert!(
+        synced.iter().any(|m| m.table == "scans" && m.rows() > 0),
+        "corrected scans"
+    );
+    assert!(
+        synced.iter().any(|m| m.table == "visits" && m.rows() > 0),
+        "corrected visits"
+    );
+    // One patient's history returns each archived scan's newest image: the bytes the source
+    // holds now, including those updated after the bulk copy archived them.
+    let source_images = admin
+        .fetch_all(
+            "SELECT id, encode(sha256(image), 'hex') FROM scans WHERE patient_id BETWEEN 2 AND 100"
+                .into(),
+            vec![ColumnType::Int, ColumnType::Text],
+        )
+        .await
+        .unwrap();
+    let source_images: std::collections::BTreeMap<String, String> = source_images
+        .into_iter()
+        .map(|r| {
+            (
+                format!("id={}", r[0].as_key_text().unwrap()),
+                r[1].as_key_text().unwrap(),
+            )
+        })
+        .collect();
+    let mut archived = std::collections::BTreeMap::new();
+    let blob_columns = archive.catalog().blob_columns("scans");
+    for patient in 2..=100 {
+        for b in archive
+            .patient_rows("scans", &patient.to_string())
+            .await
+            .unwrap()
+        {
+            let b = strata_archive::ArchivedBatch::new(&b, &blob_columns);
+            for row in 0..b.num_rows() {
+                let (_, image) = b.blobs(row).next().unwrap();
+                let bytes = archive.blobs().get(&image).await.unwrap();
+                use sha2::Digest;
+                archived.insert(
+                    b.key(row).unwrap().to_string(),
+                    hex::encode(sha2::Sha256::digest(&bytes)),
+                );
+            }
+        }
+    }
+    assert!(!archived.is_empty());
+    assert_eq!(
+        archived.len(),
+        source_images.len(),
+        "every old scan is archived, once"
+    );
+    for (key, digest) in &archived {
+        assert_eq!(source_images.get(key), Some(digest), "scan {key}");
+    }
+    assert!(
+        synced.iter().any(|m| !m.tombstones.is_empty()),
+        "tombstones: {:?}",
+        synced.iter().map(|m| &m.run_id).collect::<Vec<_>>()
+    );
     admin.close().await;
 }

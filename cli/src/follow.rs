@@ -64,6 +64,21 @@ pub(crate) async fn run_sync(migration: &Migration, catch_up: bool) -> Result<()
         report.quarantined,
         report.skipped_changes
     );
+    let a = &report.archive;
+    if a.entries > 0 {
+        println!(
+            "archive: {} record(s) archived, {} tombstone(s), {} destroyed past retention, {} moved back to the operational tier, {} quarantined, in {} manifest(s)",
+            a.archived, a.tombstones, a.destroyed, a.reinstated, a.quarantined, a.manifests
+        );
+    }
+    for table in &a.truncated {
+        println!(
+            "archive: table {table} was truncated at the source: its archived records are deleted"
+        );
+    }
+    for (table, key) in &a.held {
+        println!("archive: kept under legal hold although the source deleted it: table {table}, record {key}");
+    }
     Ok(())
 }
 

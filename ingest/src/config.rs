@@ -147,10 +147,27 @@ pub struct SyncConfig {
     /// limit but PostgreSQL's `max_slot_wal_keep_size`.
     #[serde(default)]
     pub max_retained_wal: Option<String>,
+    /// Archive-bound changes (corrections, tombstones) wait in the operational database's
+    /// outbox until this much is waiting (`"64MB"`, 1024-based; default 64 MiB) or the oldest
+    /// has waited `archive_flush_seconds`; then they are written as one run of archive files,
+    /// to be compacted later — not one file per change.
+    #[serde(default = "default_flush_bytes")]
+    pub archive_flush_bytes: String,
+    /// See `archive_flush_bytes` (default 300: five minutes).
+    #[serde(default = "default_flush_seconds")]
+    pub archive_flush_seconds: u64,
 }
 
 fn default_slot() -> String {
     "strata".into()
+}
+
+fn default_flush_bytes() -> String {
+    "64MB".into()
+}
+
+fn default_flush_seconds() -> u64 {
+    300
 }
 
 impl Default for SyncConfig {
@@ -159,6 +176,8 @@ impl Default for SyncConfig {
             slot: default_slot(),
             publication: default_slot(),
             max_retained_wal: None,
+            archive_flush_bytes: default_flush_bytes(),
+            archive_flush_seconds: default_flush_seconds(),
         }
     }
 }

@@ -51,9 +51,9 @@ pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EX
 pub use layout::TableLayout;
 pub use migrate::{
     check_policy, check_report, new_signing_key, read_only_statements, read_policy, sign_report,
-    wrap_signing_key, CutoverReport, Difference, Explanation, Holding, Migration, PolicyCheck,
-    RollbackReport, Signature, SyncReport, SyncUntil, TableCounts, TableProof, VerifyReport,
-    LISTED_DIFFERENCES,
+    wrap_signing_key, CutoverReport, Difference, Explanation, Holding, Migration, OutboxReport,
+    PolicyCheck, RollbackReport, Signature, SyncReport, SyncUntil, TableCounts, TableProof,
+    VerifyReport, LISTED_DIFFERENCES,
 };
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, EXACT_PATIENTS};

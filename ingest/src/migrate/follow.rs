@@ -13,12 +13,13 @@
 //! (`_strata_sync_archive`, in the same transaction, identified by the change's LSN and
 //! position, so that the archive writer appends each change once); a row that fails a check
 //! goes to quarantine; a delete removes the operational row, or, for an archived record, goes to
-//! the outbox as a tombstone. A changed definition of a migrated table stops sync.
-//!
-//! Not yet (next steps of #18): the archive writer that turns the outbox into correction and
-//! tombstone files, legal holds on deletes.
+//! the outbox as a tombstone. A changed definition of a migrated table stops sync. The archive
+//! writer ([`super::outbox`]) turns the outbox into corrections and tombstones in the archive,
+//! by size or time. A source delete that a legal hold covers is not carried out: the record
+//! goes (or stays) in the archive with a held tombstone. A change that moves a patient's last
+//! activity later is recorded, and routed by.
 
-use super::naming::row_key;
+use super::naming::{archive_key, row_key};
 use super::range::SourceRows;
 use super::sinks::{LongBlobs, Quarantined, RangeSink, RowChecks};
 use super::target::{ensure_bookkeeping_tables, target_columns};
@@ -35,7 +36,7 @@ use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use strata_cutoff_policies::{PatientFacts, Tier};
+use strata_cutoff_policies::{HoldScope, PatientFacts, Tier};
 
 /// How often sync measures how far behind it is and what the slot holds back.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -201,6 +202,8 @@ impl SlotWatch {
 pub(super) const POSITION_TABLE: &str = "_strata_sync_position";
 /// The archive outbox in the operational database.
 pub(super) const OUTBOX_TABLE: &str = "_strata_sync_archive";
+/// Patients whose last activity a change moved later, for the next tiering pass.
+pub(super) const ACTIVITY_TABLE: &str = "_strata_patient_activity";
 
 /// How long `strata sync` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +229,11 @@ pub struct SyncReport {
     pub deleted: u64,
     /// Changes for the archive, in the outbox.
     pub archive_changes: u64,
+    /// Operational records the source deleted while a legal hold covered them: moved to the
+    /// archive with their deletion on record (a held tombstone) instead of deleted.
+    pub held_deletions: u64,
+    /// What the archive writer wrote of the outbox.
+    pub archive: super::outbox::OutboxReport,
     /// Rows quarantined.
     pub quarantined: u64,
     /// The position applied up to (LSN).
@@ -243,10 +251,18 @@ struct Followed<'a> {
     checks: TargetChecks,
 }
 
+/// What sync knows of patients' activity: the facts it routes by, and the last activity date
+/// it noted of each patient (see `Migration::note_activity`).
+struct Activity {
+    facts: HashMap<String, PatientFacts>,
+    noted: HashMap<String, NaiveDate>,
+}
+
 /// Where a routed row goes.
 enum Routed {
     Operational(Vec<Value>),
-    Archive(Vec<Value>, &'static str),
+    /// Values, the outbox change (`upsert` or `purge`), patient and record date.
+    Archive(Vec<Value>, &'static str, Option<String>, Option<NaiveDate>),
     Quarantine(Quarantined, Vec<Value>),
 }
 
@@ -284,7 +300,7 @@ impl RangeSink for Deciding<'_> {
     }
 
     fn purge(&mut self, _layout: &TableLayout, values: &[Value], _ordinal: (usize, u64)) {
-        *self.routed = Some(Routed::Archive(values.to_vec(), "purge"));
+        *self.routed = Some(Routed::Archive(values.to_vec(), "purge", None, None));
     }
 
     async fn operational(&mut self, values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
@@ -295,12 +311,17 @@ impl RangeSink for Deciding<'_> {
     async fn archive(
         &mut self,
         _layout: &TableLayout,
-        _patient: Option<&str>,
-        _date: Option<NaiveDate>,
+        patient: Option<&str>,
+        date: Option<NaiveDate>,
         values: Vec<Value>,
         _long: &LongBlobs<'_>,
     ) -> Result<()> {
-        *self.routed = Some(Routed::Archive(values, "upsert"));
+        *self.routed = Some(Routed::Archive(
+            values,
+            "upsert",
+            patient.map(str::to_string),
+            date,
+        ));
         Ok(())
     }
 }
@@ -403,17 +424,33 @@ impl Migration {
             );
         }
         let mut applied = applied_position(&target, &run.run_id, &slot.slot).await?;
+        let flush_bytes = crate::config::parse_size(&self.config.sync.archive_flush_bytes)
+            .map_err(|e| IngestError::Config {
+                problems: vec![format!("[sync] archive_flush_bytes: {e}")],
+            })?;
+        let mut flush = super::outbox::FlushDue::new(
+            flush_bytes,
+            std::time::Duration::from_secs(self.config.sync.archive_flush_seconds),
+        );
         let stop = match until {
             SyncUntil::CaughtUp => Some(current_lsn(&self.source).await?),
             SyncUntil::Stopped => None,
         };
-        let facts = self.patient_facts().await?;
+        let mut activity = Activity {
+            facts: self.patient_facts().await?,
+            noted: HashMap::new(),
+        };
         let url = self.config.resolve_url(&self.config.source.url)?;
         let mut stream = ChangeStream::open(&url, &slot.slot, &slot.publication, stop).await?;
         let mut report = SyncReport {
             run_id: run.run_id.clone(),
             ..Default::default()
         };
+        // What waits in the outbox from before (a crash, or a stop) is written first.
+        report.archive = self
+            .write_outbox(&run.run_id, &target, &activity.facts)
+            .await?;
+        let mut outboxed = 0;
         // The stream describes each relation once a session, before its first change, even
         // inside a transaction applied before a restart: every description is kept. None for
         // a published table that is not migrated.
@@ -454,6 +491,12 @@ impl Migration {
                         }
                         let through = applied.max(stream.idle_through());
                         watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
+                        let waiting = report.archive_changes > outboxed;
+                        if flush.due(waiting, &target, &run.run_id).await? {
+                            report.archive.add(self.write_outbox(&run.run_id, &target, &activity.facts).await?);
+                            outboxed = report.archive_changes;
+                            flush.written();
+                        }
                         continue;
                     }
                 },
@@ -519,8 +562,17 @@ impl Migration {
                             _ => None,
                         };
                         let update = matches!(message, Message::Update { .. });
-                        self.apply_row(tx, f, old, new, update, &facts, &change, &mut report)
-                            .await?;
+                        self.apply_row(
+                            tx,
+                            f,
+                            old,
+                            new,
+                            update,
+                            &mut activity,
+                            &change,
+                            &mut report,
+                        )
+                        .await?;
                     }
                     Message::Delete { relation, old } => {
                         let Some(f) = table(relation)? else {
@@ -531,6 +583,13 @@ impl Migration {
                             continue;
                         }
                         let values = tuple_values(f.layout, old)?;
+                        if self
+                            .delete_held(tx, f, &values, &activity.facts, &change)
+                            .await?
+                        {
+                            report.held_deletions += 1;
+                            continue;
+                        }
                         delete_row(tx, f, &values, &change, &mut report).await?;
                     }
                     Message::Truncate {
@@ -545,7 +604,16 @@ impl Migration {
                             }
                             tx.execute(&format!("DELETE FROM {}", quote(&f.layout.name)))
                                 .await?;
-                            outbox(tx, f.layout, &change, "truncate", "", "{}", &[]).await?;
+                            let entry = Outbox {
+                                kind: "truncate",
+                                key: String::new(),
+                                patient: String::new(),
+                                date: None,
+                                data: "{}".into(),
+                                unchanged: Vec::new(),
+                                base_key: String::new(),
+                            };
+                            outbox(tx, f.layout, &change, &entry).await?;
                             report.archive_changes += 1;
                         }
                     }
@@ -563,6 +631,12 @@ impl Migration {
                 .await?;
         }
         stream.close().await?;
+        if until == SyncUntil::CaughtUp {
+            report.archive.add(
+                self.write_outbox(&run.run_id, &target, &activity.facts)
+                    .await?,
+            );
+        }
         target.close().await;
         report.applied_lsn = lsn_text(applied);
         Ok(report)
@@ -579,7 +653,7 @@ impl Migration {
         old: Option<&Vec<Datum>>,
         new: &[Datum],
         update: bool,
-        facts: &HashMap<String, PatientFacts>,
+        activity: &mut Activity,
         change: &Change<'_>,
         report: &mut SyncReport,
     ) -> Result<()> {
@@ -615,9 +689,14 @@ impl Migration {
             }
         }
         let mut key_changed = false;
+        // The key whose archived copy holds the values the change left alone.
+        let mut base_key = String::new();
         if let Some(old_values) = &old_values {
             let new_key = coerced(layout, values.clone());
             key_changed = layout.key.iter().any(|&k| old_values[k] != new_key[k]);
+            if key_changed && !unchanged.is_empty() {
+                base_key = archive_key(layout, &coerced(layout, old_values.clone()));
+            }
             if layout.key.is_empty() || key_changed {
                 delete_row(tx, f, old_values, change, report).await?;
             }
@@ -635,6 +714,9 @@ impl Migration {
         if layout.patient_column.is_none() {
             // The bulk copy selects the patient key last; a table without one selects NULL.
             values.push(Value::Null);
+        } else {
+            self.note_activity(tx, layout, &values, activity, change)
+                .await?;
         }
         let mut routed = None;
         let sink = Deciding {
@@ -646,32 +728,32 @@ impl Migration {
             index: 0,
             streamed: &[],
         };
-        self.route_rows(layout, rows, facts, sink).await?;
+        self.route_rows(layout, rows, &activity.facts, sink).await?;
         match routed {
             // A record coming back to the operational tier (clinically current again) with
             // values the change did not carry: only the archived copy has them; the archive
             // writer reinstates it whole.
             Some(Routed::Operational(values)) if !unchanged.is_empty() => {
-                let key = row_key(layout, &values, (0, 0));
-                let data = Quarantined::new(layout, key.clone(), 0, "reinstate", &values).data;
-                outbox(tx, layout, change, "reinstate", &key, &data, &unchanged).await?;
+                let mut entry = Outbox::row("reinstate", layout, &values, None, None, unchanged);
+                entry.base_key = base_key;
+                outbox(tx, layout, change, &entry).await?;
                 report.archive_changes += 1;
             }
             Some(Routed::Operational(values)) => {
                 if elsewhere {
-                    let key = row_key(layout, &values, (0, 0));
-                    outbox(tx, layout, change, "delete", &key, "{}", &[]).await?;
+                    let entry = Outbox::tombstone(layout, &values);
+                    outbox(tx, layout, change, &entry).await?;
                     report.archive_changes += 1;
                 }
-                upsert_row(tx, f, &values).await?;
+                upsert_row(tx, layout, &f.columns, &values).await?;
                 report.upserted += 1;
             }
-            Some(Routed::Archive(values, kind)) => {
+            Some(Routed::Archive(values, kind, patient, date)) => {
                 // A record lives in one place: the operational copy goes.
                 report.deleted += delete_operational(tx, f, &values).await?;
-                let key = row_key(layout, &values, (0, 0));
-                let data = Quarantined::new(layout, key.clone(), 0, kind, &values).data;
-                outbox(tx, layout, change, kind, &key, &data, &unchanged).await?;
+                let mut entry = Outbox::row(kind, layout, &values, patient, date, unchanged);
+                entry.base_key = base_key;
+                outbox(tx, layout, change, &entry).await?;
                 report.archive_changes += 1;
             }
             Some(Routed::Quarantine(q, values)) => {
@@ -682,6 +764,141 @@ impl Migration {
             None => {}
         }
         Ok(())
+    }
+}
+
+impl Migration {
+    /// A row's record date as the route stage reads it (`values` as routed: a table without a
+    /// patient column's with a NULL patient key last). `values` become the row's columns as
+    /// the route stage coerces them. None when it has none or cannot be routed.
+    fn record_date(
+        &self,
+        layout: &TableLayout,
+        values: &mut Vec<Value>,
+        facts: &HashMap<String, PatientFacts>,
+    ) -> Option<NaiveDate> {
+        let mut routed = values.clone();
+        let extras = layout.take_extras(&mut routed);
+        match super::route::Router::new(&self.policy, layout, facts).route(&mut routed, &extras) {
+            super::route::Route::Decided { date, .. } => {
+                *values = routed;
+                date
+            }
+            super::route::Route::Quarantine { .. } => None,
+        }
+    }
+
+    /// A change that moves its patient's last activity later (a new encounter): kept in the
+    /// patient facts sync routes by, and recorded in the operational database
+    /// (`_strata_patient_activity`, same transaction): the archive writer then brings back
+    /// the patient's archived records that are current again ([`super::outbox`]), and the
+    /// next tiering pass sees it.
+    async fn note_activity(
+        &self,
+        tx: &mut TargetTx,
+        layout: &TableLayout,
+        values: &[Value],
+        activity: &mut Activity,
+        change: &Change<'_>,
+    ) -> Result<()> {
+        if activity.facts.is_empty() {
+            return Ok(()); // the policy does not decide by activity
+        }
+        let patient = patient_of(layout, values);
+        let mut row = values.to_vec();
+        let Some(date) = self.record_date(layout, &mut row, &activity.facts) else {
+            return Ok(());
+        };
+        if patient.is_empty() || date > self.as_of() {
+            return Ok(());
+        }
+        // The facts sync started with were read from the source as it is now, ahead of the
+        // changes applied: a change as late as the patient's last activity may be the one
+        // that set it, and is noted (once).
+        let fact = activity.facts.entry(patient.clone()).or_default();
+        if fact.last_activity.is_some_and(|d| d > date)
+            || activity.noted.get(&patient).is_some_and(|&d| d >= date)
+        {
+            return Ok(());
+        }
+        fact.last_activity = Some(date);
+        activity.noted.insert(patient.clone(), date);
+        let p = |n| tx.placeholder(n);
+        let sql = format!(
+            "INSERT INTO {ACTIVITY_TABLE} (run_id, patient, last_activity, source_lsn, pending) VALUES ({}, {}, {}, CAST({} AS BIGINT), 1) \
+             ON CONFLICT (run_id, patient) DO UPDATE SET last_activity = excluded.last_activity, source_lsn = excluded.source_lsn, pending = 1 \
+             WHERE excluded.last_activity >= {ACTIVITY_TABLE}.last_activity",
+            p(1),
+            p(2),
+            p(3),
+            p(4)
+        );
+        tx.execute_with(
+            &sql,
+            &[
+                change.run_id.to_string(),
+                patient,
+                date.to_string(),
+                change.lsn.to_string(),
+            ],
+        )
+        .await
+    }
+
+    /// A source delete of an operational record a legal hold covers: the hold wins, so the
+    /// record leaves the operational database for the archive, with its deletion on record
+    /// (the outbox's `held`). False when no hold covers it (or it is not operational: the
+    /// archive writer checks archived records).
+    async fn delete_held(
+        &self,
+        tx: &mut TargetTx,
+        f: &Followed<'_>,
+        values: &[Value],
+        facts: &HashMap<String, PatientFacts>,
+        change: &Change<'_>,
+    ) -> Result<bool> {
+        let holds = self.policy.holds();
+        if holds.is_empty() {
+            return Ok(false);
+        }
+        let layout = f.layout;
+        let Some(mut row) = read_row(tx, f, values).await? else {
+            return Ok(false);
+        };
+        let patient = patient_of(layout, &row);
+        let held = holds.iter().any(|h| match &h.scope {
+            HoldScope::Patient(p) => *p == patient,
+            HoldScope::Table(t) => *t == layout.name,
+            HoldScope::Filter {
+                table,
+                column,
+                value,
+            } => {
+                *table == layout.name
+                    && layout
+                        .columns()
+                        .iter()
+                        .position(|c| &c.name == column)
+                        .and_then(|i| row[i].as_key_text())
+                        .is_some_and(|v| v == *value)
+            }
+        });
+        if !held {
+            return Ok(false);
+        }
+        delete_operational(tx, f, &row).await?;
+        let mut routed = row.clone();
+        if layout.patient_column.is_none() {
+            routed.push(Value::Null);
+        }
+        let date = self.record_date(layout, &mut routed, facts);
+        if date.is_some() {
+            row = routed;
+        }
+        let patient = (!patient.is_empty()).then_some(patient);
+        let entry = Outbox::row("held", layout, &row, patient, date, Vec::new());
+        outbox(tx, layout, change, &entry).await?;
+        Ok(true)
     }
 }
 
@@ -784,9 +1001,15 @@ async fn ensure_sync_tables(target: &Db) -> Result<()> {
         .await?;
     target
         .execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {ACTIVITY_TABLE} (run_id TEXT NOT NULL, patient TEXT NOT NULL, last_activity TEXT NOT NULL, \
+             source_lsn BIGINT NOT NULL, pending BIGINT NOT NULL, PRIMARY KEY (run_id, patient))"
+        ))
+        .await?;
+    target
+        .execute(&format!(
             "CREATE TABLE IF NOT EXISTS {OUTBOX_TABLE} (lsn BIGINT NOT NULL, position BIGINT NOT NULL, run_id TEXT NOT NULL, table_name TEXT NOT NULL, \
              part BIGINT NOT NULL, change TEXT NOT NULL, row_key TEXT NOT NULL, row_data TEXT NOT NULL, unchanged TEXT NOT NULL, \
-             PRIMARY KEY (lsn, position, part))"
+             patient TEXT NOT NULL, record_date TEXT NOT NULL, base_key TEXT NOT NULL, drain TEXT NOT NULL DEFAULT '', PRIMARY KEY (lsn, position, part))"
         ))
         .await
 }
@@ -843,23 +1066,88 @@ async fn record_position(tx: &mut TargetTx, run_id: &str, slot: &str, lsn: u64) 
     .await
 }
 
-/// Puts a change for the archive in the outbox: `kind` (`upsert`, `purge`, `delete`,
-/// `truncate`, `reinstate`: an archived record back in the operational tier), the record's key, its values as JSON, and the columns whose values the change
-/// did not carry (TOASTed values it left alone, for a record not in the operational database:
-/// the archive writer keeps the archived copy's).
+/// A change for the archive, as the outbox keeps it until the archive writer
+/// ([`super::outbox`]) writes it.
+pub(super) struct Outbox {
+    /// `upsert` (an archived record, new or changed), `purge` (past retention: destroyed),
+    /// `delete` (a tombstone), `held` (a deleted record a legal hold keeps: archived with a
+    /// held tombstone), `truncate`, `reinstate` (an archived record back in the operational
+    /// tier, whose values the change did not all carry).
+    pub(super) kind: &'static str,
+    /// The record's key in the archive (a digest of its values for a keyless table).
+    pub(super) key: String,
+    /// Its patient key, when known ("" otherwise).
+    pub(super) patient: String,
+    /// Its record date, when known.
+    pub(super) date: Option<NaiveDate>,
+    /// Its values as JSON (as the quarantine keeps them).
+    pub(super) data: String,
+    /// The columns whose values the change did not carry (TOASTed values it left alone, for a
+    /// record not in the operational database: the archive writer keeps the archived copy's).
+    pub(super) unchanged: Vec<String>,
+    /// The key of the archived copy that holds those values, when the change also changed
+    /// the record's key ("" otherwise).
+    pub(super) base_key: String,
+}
+
+impl Outbox {
+    fn row(
+        kind: &'static str,
+        layout: &TableLayout,
+        values: &[Value],
+        patient: Option<String>,
+        date: Option<NaiveDate>,
+        unchanged: Vec<String>,
+    ) -> Self {
+        let key = archive_key(layout, values);
+        let patient = patient.unwrap_or_else(|| patient_of(layout, values));
+        Outbox {
+            kind,
+            data: Quarantined::new(layout, key.clone(), 0, kind, values).data,
+            key,
+            patient,
+            date,
+            unchanged,
+            base_key: String::new(),
+        }
+    }
+
+    /// The tombstone of the archived record with `values`' key (its patient when `values`
+    /// carry it: a keyless table's deleted rows come whole).
+    fn tombstone(layout: &TableLayout, values: &[Value]) -> Self {
+        Outbox {
+            kind: "delete",
+            key: archive_key(layout, values),
+            patient: patient_of(layout, values),
+            date: None,
+            data: "{}".into(),
+            unchanged: Vec::new(),
+            base_key: String::new(),
+        }
+    }
+}
+
+/// The patient key in a row's values, when the table has a patient column and the row
+/// carries it ("" otherwise).
+fn patient_of(layout: &TableLayout, values: &[Value]) -> String {
+    layout
+        .patient_column
+        .and_then(|i| values.get(i))
+        .and_then(Value::as_key_text)
+        .unwrap_or_default()
+}
+
+/// Puts a change for the archive in the outbox.
 async fn outbox(
     tx: &mut TargetTx,
     layout: &TableLayout,
     change: &Change<'_>,
-    kind: &str,
-    key: &str,
-    data: &str,
-    unchanged: &[String],
+    entry: &Outbox,
 ) -> Result<()> {
     let p = |n| tx.placeholder(n);
     let sql = format!(
-        "INSERT INTO {OUTBOX_TABLE} (lsn, position, part, run_id, table_name, change, row_key, row_data, unchanged) \
-         VALUES (CAST({} AS BIGINT), CAST({} AS BIGINT), CAST({} AS BIGINT), {}, {}, {}, {}, {}, {})",
+        "INSERT INTO {OUTBOX_TABLE} (lsn, position, part, run_id, table_name, change, row_key, row_data, unchanged, patient, record_date, base_key) \
+         VALUES (CAST({} AS BIGINT), CAST({} AS BIGINT), CAST({} AS BIGINT), {}, {}, {}, {}, {}, {}, {}, {}, {})",
         p(1),
         p(2),
         p(3),
@@ -868,7 +1156,10 @@ async fn outbox(
         p(6),
         p(7),
         p(8),
-        p(9)
+        p(9),
+        p(10),
+        p(11),
+        p(12)
     );
     let part = change.parts.get();
     change.parts.set(part + 1);
@@ -880,10 +1171,13 @@ async fn outbox(
             part.to_string(),
             change.run_id.to_string(),
             layout.name.clone(),
-            kind.to_string(),
-            key.to_string(),
-            data.to_string(),
-            unchanged.join(","),
+            entry.kind.to_string(),
+            entry.key.clone(),
+            entry.data.clone(),
+            entry.unchanged.join(","),
+            entry.patient.clone(),
+            entry.date.map(|d| d.to_string()).unwrap_or_default(),
+            entry.base_key.clone(),
         ],
     )
     .await
@@ -952,8 +1246,7 @@ async fn delete_row(
     let gone = delete_operational(tx, f, &values).await?;
     report.deleted += gone;
     if gone == 0 {
-        let key = row_key(f.layout, &values, (0, 0));
-        outbox(tx, f.layout, change, "delete", &key, "{}", &[]).await?;
+        outbox(tx, f.layout, change, &Outbox::tombstone(f.layout, &values)).await?;
         report.archive_changes += 1;
     }
     Ok(())
@@ -1008,11 +1301,14 @@ async fn read_row(
 }
 
 /// Inserts the row, or updates the one with its key.
-async fn upsert_row(tx: &mut TargetTx, f: &Followed<'_>, values: &[Value]) -> Result<()> {
-    let layout = f.layout;
+pub(super) async fn upsert_row(
+    tx: &mut TargetTx,
+    layout: &TableLayout,
+    columns: &[Column],
+    values: &[Value],
+) -> Result<()> {
     let names: Vec<String> = layout.target_names.iter().map(|n| quote(n)).collect();
-    let placeholders: Vec<String> = f
-        .columns
+    let placeholders: Vec<String> = columns
         .iter()
         .enumerate()
         .map(|(i, c)| cast(tx, c, i + 1))

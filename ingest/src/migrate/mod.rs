@@ -17,6 +17,7 @@ mod evidence;
 mod explain;
 mod follow;
 mod naming;
+mod outbox;
 mod range;
 mod rollback;
 mod route;
@@ -30,6 +31,7 @@ pub use evidence::{
     check as check_report, new_signing_key, sign as sign_report, wrap_signing_key, Signature,
 };
 pub use follow::{SyncReport, SyncUntil};
+pub use outbox::OutboxReport;
 pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;
 pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};

@@ -41,3 +41,19 @@ pub(super) fn row_key(layout: &TableLayout, values: &[Value], ordinal: (usize, u
     }
     key
 }
+
+/// A record's key in the archive (`strata_archive::KEY_COLUMN`): its primary key, or for a
+/// table without one a digest of its values, BLOB columns left out (they are archived apart).
+pub(super) fn archive_key(layout: &TableLayout, values: &[Value]) -> String {
+    if !layout.key.is_empty() {
+        return row_key(layout, values, (0, 0));
+    }
+    if layout.blobs.is_empty() {
+        return hex::encode(row_digest(values));
+    }
+    let mut values = values.to_vec();
+    for b in &layout.blobs {
+        values[b.column] = Value::Null;
+    }
+    hex::encode(row_digest(&values))
+}

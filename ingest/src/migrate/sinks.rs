@@ -6,7 +6,7 @@
 //! route stage.
 
 use super::destroyed::Destroyed;
-use super::naming::{row_digest, row_key};
+use super::naming::{archive_key, row_key};
 use crate::archive_rows::{ArchiveRun, ArchivedRow};
 use crate::db::Db;
 use crate::error::{IngestError, Result};
@@ -425,11 +425,7 @@ impl RangeSink for Writers<'_> {
                 _ => stores.push(None),
             }
         }
-        let key = if layout.key.is_empty() {
-            hex::encode(row_digest(&values))
-        } else {
-            row_key(layout, &values, (0, 0))
-        };
+        let key = archive_key(layout, &values);
         let patient = patient.unwrap_or_default();
         if layout.blobs.is_empty() {
             self.run.push(layout, patient, date, &key, &values, &[]);

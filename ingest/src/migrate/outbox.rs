@@ -1,0 +1,1017 @@
+//! The archive writer of `strata sync`: turns what sync left in the outbox
+//! (`_strata_sync_archive`, in the operational database) into archive files, by size or time,
+//! not one file per change.
+//!
+//! Each write takes a table's oldest entries (up to [`ENTRIES_PER_WRITE`]), folds them by
+//! record (the last change of a record wins; a keyless table's identical rows are counted, two
+//! identical rows being two records), and publishes one manifest of a run of its own,
+//! `sync-{run}-{last transaction's LSN}`: the records archived again (corrections, newer than every copy
+//! before them) and tombstones (records the source deleted, destroyed past retention, or
+//! moved back to the operational tier; a deletion a legal hold stops is a held tombstone: the
+//! record stays). Exactly once, across crashes: the entries are first marked with that name
+//! (one transaction), the files and manifest written under it (the same names again on a
+//! retry), and the entries deleted only once the manifest is published; a marked batch whose
+//! manifest is published is only deleted.
+
+use super::destroyed::Destroyed;
+use super::follow::{ACTIVITY_TABLE, OUTBOX_TABLE};
+use super::route::{Route, Router};
+use super::sinks::Quarantined;
+use super::target::target_columns;
+use super::Migration;
+use crate::archive_rows::{archive_schema, ArchiveRun};
+use crate::db::Db;
+use crate::error::{IngestError, Result};
+use crate::layout::TableLayout;
+use crate::load::TargetTx;
+use crate::value::{ColumnType, Value};
+use base64::Engine;
+use chrono::NaiveDate;
+use std::collections::{BTreeMap, HashMap};
+use strata_archive::{
+    ArchiveReader, ArchivedBatch, BlobRef, BlobStore, Cell, TableManifest, TableWriter,
+    TableWriterOptions, Tombstone,
+};
+use strata_control::DestructionRecord;
+use strata_cutoff_policies::{HoldScope, PatientFacts, Tier};
+
+/// Outbox entries one write takes of a table at most (their values are held in memory).
+const ENTRIES_PER_WRITE: usize = 20_000;
+
+/// Archived rows sorted in memory at a time.
+const RUN_BYTES: usize = 64 << 20;
+
+/// What the archive writer wrote.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OutboxReport {
+    /// Outbox entries written to the archive.
+    pub entries: u64,
+    /// Runs of archive files published (one manifest per table and write).
+    pub manifests: u64,
+    /// Records archived (new, or corrections of archived ones).
+    pub archived: u64,
+    /// Tombstones: records the source deleted, destroyed past retention, or moved back to the
+    /// operational tier.
+    pub tombstones: u64,
+    /// Records destroyed past retention (with a destruction record, as in a migration).
+    pub destroyed: u64,
+    /// Archived records moved back to the operational tier.
+    pub reinstated: u64,
+    /// Source deletions a legal hold stopped: (table, record key). The records stay in the
+    /// archive; each deletion is on record as a held tombstone.
+    pub held: Vec<(String, String)>,
+    /// Tables the source truncated.
+    pub truncated: Vec<String>,
+    /// Changes that could not be written (put in quarantine with the reason).
+    pub quarantined: u64,
+}
+
+impl OutboxReport {
+    /// Adds what another write wrote.
+    pub(super) fn add(&mut self, other: OutboxReport) {
+        self.entries += other.entries;
+        self.manifests += other.manifests;
+        self.archived += other.archived;
+        self.tombstones += other.tombstones;
+        self.destroyed += other.destroyed;
+        self.reinstated += other.reinstated;
+        self.held.extend(other.held);
+        self.truncated.extend(other.truncated);
+        self.quarantined += other.quarantined;
+    }
+}
+
+/// When the outbox is due to be written: by the size of what waits, or the age of the
+/// oldest change waiting (`[sync] archive_flush_bytes`, `archive_flush_seconds`).
+#[derive(Debug)]
+pub(super) struct FlushDue {
+    bytes_limit: u64,
+    age_limit: std::time::Duration,
+    /// When the first change not yet written was seen to wait.
+    oldest: Option<std::time::Instant>,
+}
+
+impl FlushDue {
+    pub(super) fn new(bytes_limit: u64, age_limit: std::time::Duration) -> Self {
+        FlushDue {
+            bytes_limit,
+            age_limit,
+            oldest: None,
+        }
+    }
+
+    /// Whether the outbox should be written now (`waiting`: whether changes joined it since
+    /// it was last written).
+    pub(super) async fn due(&mut self, waiting: bool, target: &Db, run_id: &str) -> Result<bool> {
+        if !waiting {
+            return Ok(false);
+        }
+        let since = *self.oldest.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= self.age_limit {
+            return Ok(true);
+        }
+        let bytes = first_value(
+            target,
+            format!(
+                "SELECT COALESCE(SUM(LENGTH(row_data)), 0) FROM {OUTBOX_TABLE} WHERE run_id = '{}'",
+                run_id.replace('\'', "''")
+            ),
+            ColumnType::Int,
+        )
+        .await?;
+        let bytes = match bytes {
+            Value::Int(n) => n as u64,
+            _ => 0,
+        };
+        Ok(bytes >= self.bytes_limit)
+    }
+
+    /// The outbox was written.
+    pub(super) fn written(&mut self) {
+        self.oldest = None;
+    }
+}
+
+/// One outbox entry as read back.
+struct Entry {
+    lsn: i64,
+    position: i64,
+    part: i64,
+    change: String,
+    key: String,
+    data: String,
+    unchanged: Vec<String>,
+    patient: String,
+    date: Option<NaiveDate>,
+    /// The key of the archived copy holding the unchanged values, when not `key`.
+    base_key: String,
+}
+
+/// A record as it will be archived: values (BLOB columns `Null`) and its BLOBs, either new
+/// bytes or the reference of an archived copy's.
+#[derive(Clone)]
+struct Record {
+    patient: String,
+    date: Option<NaiveDate>,
+    values: Vec<Value>,
+    blobs: Vec<Blob>,
+}
+
+#[derive(Clone)]
+enum Blob {
+    None,
+    New(Vec<u8>),
+    Archived(BlobRef),
+}
+
+/// What one batch makes of a table.
+struct Batch {
+    /// The manifest's writer id.
+    writer: String,
+    /// Records to archive, by key.
+    records: Vec<(String, Record)>,
+    tombstones: Vec<Tombstone>,
+    /// Records back to the operational tier (BLOBs read whole).
+    reinstated: Vec<Vec<Value>>,
+    quarantine: Vec<Quarantined>,
+    destroyed: Destroyed,
+    /// Whether the source truncated the table first.
+    truncated: bool,
+}
+
+/// What a write does to one record, after folding its entries.
+enum Fold {
+    /// Archive this version (`held`: the source deleted it under a legal hold; archived with
+    /// a held tombstone).
+    Archive { record: Record, held: bool },
+    /// A tombstone (`destroyed`: the values of a record destroyed past retention).
+    Gone {
+        patient: String,
+        destroyed: Option<Vec<Value>>,
+    },
+    /// Back to the operational tier: upserted there, and a tombstone in the archive.
+    Reinstate(Record),
+    /// A keyless table's record: copies added (or removed, negative) to those archived.
+    Count { record: Option<Record>, delta: i64 },
+}
+
+impl Migration {
+    /// Writes everything the outbox holds for run `run_id` to the archive (see the module's
+    /// docs).
+    pub(super) async fn write_outbox(
+        &self,
+        run_id: &str,
+        target: &Db,
+        facts: &HashMap<String, PatientFacts>,
+    ) -> Result<OutboxReport> {
+        let mut report = OutboxReport::default();
+        let tables = target
+            .fetch_all(
+                format!(
+                    "SELECT DISTINCT table_name FROM {OUTBOX_TABLE} WHERE run_id = '{}'",
+                    run_id.replace('\'', "''")
+                ),
+                vec![ColumnType::Text],
+            )
+            .await?;
+        for row in tables {
+            let Some(Value::Text(table)) = row.into_iter().next() else {
+                continue;
+            };
+            let layout = self
+                .layouts
+                .iter()
+                .find(|l| l.name == table)
+                .ok_or_else(|| {
+                    IngestError::Run(format!(
+                        "the sync outbox holds changes of table {table}, which the run does not migrate"
+                    ))
+                })?;
+            while self
+                .write_outbox_batch(layout, run_id, target, &mut report)
+                .await?
+            {}
+        }
+        self.reactivate(run_id, target, facts, &mut report).await?;
+        Ok(report)
+    }
+
+    /// Brings back to the operational tier the archived records of patients whose activity a
+    /// change moved later (a new encounter makes an inactive patient's records current
+    /// again), routed with the facts sync holds now: each upserted into the operational
+    /// database, its archived copy tombstoned. Runs once the outbox is written, so that the
+    /// archive holds every change applied so far; done again after a crash, it finds those
+    /// copies tombstoned and does nothing twice.
+    async fn reactivate(
+        &self,
+        run_id: &str,
+        target: &Db,
+        facts: &HashMap<String, PatientFacts>,
+        report: &mut OutboxReport,
+    ) -> Result<()> {
+        let run_q = run_id.replace('\'', "''");
+        let pending = target
+            .fetch_all(
+                format!(
+                    "SELECT patient, source_lsn FROM {ACTIVITY_TABLE} WHERE run_id = '{run_q}' AND pending = 1"
+                ),
+                vec![ColumnType::Text, ColumnType::Int],
+            )
+            .await?;
+        let mut patients = Vec::new();
+        let mut through = 0;
+        for row in pending {
+            if let (Value::Text(p), Value::Int(lsn)) = (&row[0], &row[1]) {
+                patients.push(p.clone());
+                through = through.max(*lsn);
+            }
+        }
+        if patients.is_empty() {
+            return Ok(());
+        }
+        let (store, keys) = self
+            .config
+            .archive
+            .open(&self.config.base_dir)
+            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
+        let keys = keys.for_archive(store.as_ref(), true).await?;
+        let archive = ArchiveReader::open(store, keys).await?;
+        for layout in self.layouts.iter().filter(|l| l.patient_column.is_some()) {
+            let router = Router::new(&self.policy, layout, facts);
+            let blob_columns = archive.catalog().blob_columns(&layout.name);
+            let mut batch = Batch {
+                writer: format!("sync-{run_id}-{through:016x}-reactivated"),
+                records: Vec::new(),
+                tombstones: Vec::new(),
+                reinstated: Vec::new(),
+                quarantine: Vec::new(),
+                destroyed: Destroyed::default(),
+                truncated: false,
+            };
+            for patient in &patients {
+                for rows in archive.patient_rows(&layout.name, patient).await? {
+                    let rows = ArchivedBatch::new(&rows, &blob_columns);
+                    for row in 0..rows.num_rows() {
+                        let record = record_of(layout, &rows, row);
+                        let mut values = record.values.clone();
+                        let extras = layout.take_extras(&mut values);
+                        let Route::Decided { decision, .. } = router.route(&mut values, &extras)
+                        else {
+                            continue;
+                        };
+                        if decision.tier != Tier::Operational {
+                            continue;
+                        }
+                        let key = rows.key(row).unwrap_or_default();
+                        batch
+                            .tombstones
+                            .push(tombstone(&record.patient, record.date, key, false));
+                        for (b, blob) in layout.blobs.iter().enumerate() {
+                            if let Blob::Archived(r) = &record.blobs[b] {
+                                values[blob.column] =
+                                    Value::Bytes(archive.blobs().get(r).await?.to_vec());
+                            }
+                        }
+                        batch.reinstated.push(values);
+                    }
+                }
+            }
+            if batch.reinstated.is_empty() {
+                continue;
+            }
+            let (columns, _) = target_columns(
+                self.source.kind(),
+                (target.kind(), Some(target)),
+                &layout.target_schema(),
+                &layout.casts,
+            )
+            .await?;
+            self.publish(layout, run_id, target, &columns, batch, report)
+                .await?;
+        }
+        target
+            .execute(&format!(
+                "UPDATE {ACTIVITY_TABLE} SET pending = 0 WHERE run_id = '{run_q}' AND pending = 1 AND source_lsn <= {through}"
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Writes one batch of a table's outbox entries; false when there were none.
+    async fn write_outbox_batch(
+        &self,
+        layout: &TableLayout,
+        run_id: &str,
+        target: &Db,
+        report: &mut OutboxReport,
+    ) -> Result<bool> {
+        let (store, keys) = self
+            .config
+            .archive
+            .open(&self.config.base_dir)
+            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
+        let keys = keys.for_archive(store.as_ref(), true).await?;
+        let archive = ArchiveReader::open(store.clone(), keys.clone()).await?;
+        let table = layout.name.as_str();
+        let run_q = run_id.replace('\'', "''");
+        let table_q = table.replace('\'', "''");
+        let ours = format!("run_id = '{run_q}' AND table_name = '{table_q}'");
+        // A batch marked before a crash is written again under the same name, or, when its
+        // manifest was published, only deleted.
+        let marked = format!("SELECT MIN(drain) FROM {OUTBOX_TABLE} WHERE {ours} AND drain <> ''");
+        let writer = match first_value(target, marked, ColumnType::Text).await? {
+            Value::Text(w) if !w.is_empty() => w,
+            _ => match self.mark_batch(target, run_id, &ours).await? {
+                Some(w) => w,
+                None => return Ok(false),
+            },
+        };
+        let writer_q = writer.replace('\'', "''");
+        let published = archive
+            .catalog()
+            .tables
+            .get(table)
+            .into_iter()
+            .flatten()
+            .find(|m| m.run_id == writer)
+            .cloned();
+        if let Some(m) = published {
+            self.record_published(&m).await?;
+            target
+                .execute(&format!(
+                    "DELETE FROM {OUTBOX_TABLE} WHERE {ours} AND drain = '{writer_q}'"
+                ))
+                .await?;
+            return Ok(true);
+        }
+        let entries = read_entries(target, &ours, &writer_q).await?;
+        report.entries += entries.len() as u64;
+        let (columns, _) = target_columns(
+            self.source.kind(),
+            (target.kind(), Some(target)),
+            &layout.target_schema(),
+            &layout.casts,
+        )
+        .await?;
+        let mut folded: BTreeMap<String, Fold> = BTreeMap::new();
+        let mut truncated = false;
+        let mut quarantine: Vec<Quarantined> = Vec::new();
+        for e in entries {
+            match e.change.as_str() {
+                "truncate" => {
+                    folded.clear();
+                    truncated = true;
+                    continue;
+                }
+                "delete" if layout.key.is_empty() => {
+                    let fold = folded.entry(e.key.clone()).or_insert(Fold::Count {
+                        record: None,
+                        delta: 0,
+                    });
+                    if let Fold::Count { delta, .. } = fold {
+                        *delta -= 1;
+                    }
+                    continue;
+                }
+                "delete" => {
+                    let patient = e.patient.clone();
+                    folded.insert(
+                        e.key,
+                        Fold::Gone {
+                            patient,
+                            destroyed: None,
+                        },
+                    );
+                    continue;
+                }
+                _ => {}
+            }
+            let mut record = match decode(layout, &e) {
+                Ok(r) => r,
+                Err(reason) => {
+                    quarantine.push(quarantined(layout, &e, &reason));
+                    continue;
+                }
+            };
+            if !e.unchanged.is_empty() {
+                // The values the change left alone: the record's version folded so far, else
+                // its archived copy.
+                let base_key = if e.base_key.is_empty() {
+                    &e.key
+                } else {
+                    &e.base_key
+                };
+                let base = match folded.get(base_key) {
+                    Some(Fold::Archive { record, .. }) | Some(Fold::Reinstate(record)) => {
+                        Some(record.clone())
+                    }
+                    _ => archived_copy(&archive, layout, &e.patient, base_key).await?,
+                };
+                let Some(base) = base else {
+                    quarantine.push(quarantined(
+                        layout,
+                        &e,
+                        "the change left values unchanged that no archived copy of the record holds",
+                    ));
+                    continue;
+                };
+                for name in &e.unchanged {
+                    let Some(i) = layout.columns().iter().position(|c| &c.name == name) else {
+                        continue;
+                    };
+                    match layout.blobs.iter().position(|b| b.column == i) {
+                        Some(b) => record.blobs[b] = base.blobs[b].clone(),
+                        None => record.values[i] = base.values[i].clone(),
+                    }
+                }
+            }
+            let fold = match e.change.as_str() {
+                "reinstate" => Fold::Reinstate(record),
+                "purge" => Fold::Gone {
+                    patient: e.patient.clone(),
+                    destroyed: Some(record.values),
+                },
+                "held" => Fold::Archive { record, held: true },
+                _ if layout.key.is_empty() => {
+                    let fold = folded.entry(e.key.clone()).or_insert(Fold::Count {
+                        record: None,
+                        delta: 0,
+                    });
+                    if let Fold::Count { record: r, delta } = fold {
+                        *r = Some(record);
+                        *delta += 1;
+                    }
+                    continue;
+                }
+                _ => Fold::Archive {
+                    record,
+                    held: false,
+                },
+            };
+            folded.insert(e.key, fold);
+        }
+
+        // What the batch makes: archived records, tombstones, destroyed rows, reinstated rows.
+        let holds = self.policy.holds();
+        let held_patients: Vec<&str> = holds
+            .iter()
+            .filter_map(|h| match &h.scope {
+                HoldScope::Patient(p) => Some(p.as_str()),
+                _ => None,
+            })
+            .collect();
+        let table_held = holds.iter().any(|h| match &h.scope {
+            HoldScope::Table(t) => t == table,
+            HoldScope::Filter { table: t, .. } => t == table,
+            HoldScope::Patient(_) => false,
+        });
+        let mut records: Vec<(String, Record)> = Vec::new();
+        let mut tombstones: Vec<Tombstone> = Vec::new();
+        let mut destroyed = Destroyed::default();
+        let mut reinstated: Vec<Vec<Value>> = Vec::new();
+        for (key, fold) in folded {
+            match fold {
+                Fold::Archive { record, held } => {
+                    if held {
+                        tombstones.push(tombstone(&record.patient, record.date, &key, true));
+                        report.held.push((table.to_string(), key.clone()));
+                    }
+                    records.push((key, record));
+                }
+                Fold::Gone {
+                    patient,
+                    destroyed: Some(values),
+                } => {
+                    destroyed.add(layout, &values, (0, destroyed.rows + 1));
+                    tombstones.push(tombstone(&patient, None, &key, false));
+                }
+                Fold::Gone {
+                    patient,
+                    destroyed: None,
+                } => {
+                    // A deletion a legal hold covers is recorded, and the record kept.
+                    let held = table_held
+                        || (!patient.is_empty() && held_patients.contains(&patient.as_str()))
+                        || (patient.is_empty()
+                            && held_record(&archive, table, &held_patients, &key).await?);
+                    if held {
+                        report.held.push((table.to_string(), key.clone()));
+                    }
+                    tombstones.push(tombstone(&patient, None, &key, held));
+                }
+                Fold::Reinstate(record) => {
+                    tombstones.push(tombstone(&record.patient, record.date, &key, false));
+                    let mut values = record.values.clone();
+                    for (b, blob) in layout.blobs.iter().enumerate() {
+                        values[blob.column] = match &record.blobs[b] {
+                            Blob::New(bytes) => Value::Bytes(bytes.clone()),
+                            Blob::Archived(r) => {
+                                Value::Bytes(archive.blobs().get(r).await?.to_vec())
+                            }
+                            Blob::None => Value::Null,
+                        };
+                    }
+                    reinstated.push(values);
+                }
+                Fold::Count { record, delta } => {
+                    let patient = record.as_ref().map(|r| r.patient.clone());
+                    let patient = patient.unwrap_or_default();
+                    let (archived, prototype) =
+                        archived_copies(&archive, layout, &patient, &key).await?;
+                    let count = archived as i64 + delta;
+                    match record.or(prototype) {
+                        Some(r) if count > 0 => {
+                            for _ in 0..count {
+                                records.push((key.clone(), r.clone()));
+                            }
+                        }
+                        Some(r) if archived > 0 => {
+                            tombstones.push(tombstone(&r.patient, r.date, &key, false));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+
+        let batch = Batch {
+            writer: writer.clone(),
+            records,
+            tombstones,
+            reinstated,
+            quarantine,
+            destroyed,
+            truncated,
+        };
+        self.publish(layout, run_id, target, &columns, batch, report)
+            .await?;
+        Ok(true)
+    }
+
+    /// Publishes what a batch makes of a table: reinstated records and quarantined changes
+    /// into the operational database first (upserts and inserts a retry repeats harmlessly),
+    /// the destruction record, then the archive files and their manifest, recorded in the
+    /// control database.
+    async fn publish(
+        &self,
+        layout: &TableLayout,
+        run_id: &str,
+        target: &Db,
+        columns: &[crate::db::Column],
+        batch: Batch,
+        report: &mut OutboxReport,
+    ) -> Result<()> {
+        let Batch {
+            writer,
+            records,
+            tombstones,
+            reinstated,
+            quarantine,
+            destroyed,
+            truncated,
+        } = batch;
+        let table = layout.name.as_str();
+        let (store, keys) = self
+            .config
+            .archive
+            .open(&self.config.base_dir)
+            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
+        let keys = keys.for_archive(store.as_ref(), true).await?;
+        // Records moved back to the operational tier go there first (an upsert: done again
+        // harmlessly when a crash comes before the manifest).
+        if !reinstated.is_empty() {
+            let mut tx = TargetTx::begin(target).await?;
+            for values in &reinstated {
+                super::follow::upsert_row(&mut tx, layout, columns, values).await?;
+            }
+            tx.commit().await?;
+        }
+        report.reinstated += reinstated.len() as u64;
+        if destroyed.rows > 0 {
+            report.destroyed += destroyed.rows;
+            self.control
+                .record_destruction(&DestructionRecord {
+                    run_id: writer.clone(),
+                    table: table.to_string(),
+                    rows: destroyed.rows,
+                    key_checksum: destroyed.checksum_text(),
+                    value_checksum: destroyed.value_checksum_text(),
+                    key_min: destroyed.key_min.clone(),
+                    key_max: destroyed.key_max.clone(),
+                    policy_version: self.policy.version().into(),
+                    policy_hash: self.policy.hash().into(),
+                    void: None,
+                })
+                .await?;
+        }
+
+        // The archive files and manifest.
+        let blob_store = BlobStore::new(store.clone(), keys.clone());
+        let blob_columns = layout
+            .blobs
+            .iter()
+            .map(|b| layout.target_names[b.column].clone())
+            .collect();
+        let mut manifest = TableManifest::new(table, &writer, self.policy.version(), blob_columns);
+        manifest.truncated = truncated;
+        let schema = archive_schema(layout);
+        let mut files = TableWriter::new(
+            store,
+            keys,
+            manifest,
+            schema.clone(),
+            TableWriterOptions::default(),
+        )?;
+        let mut run = ArchiveRun::new(RUN_BYTES);
+        report.archived += records.len() as u64;
+        for (key, record) in records {
+            let mut refs = Vec::with_capacity(layout.blobs.len());
+            for (b, blob) in record.blobs.into_iter().enumerate() {
+                refs.push(match blob {
+                    Blob::None => None,
+                    Blob::Archived(r) => Some(r),
+                    Blob::New(bytes) => {
+                        let spec = &layout.blobs[b];
+                        let content_type = spec
+                            .content_type_column
+                            .and_then(|i| record.values[i].as_key_text())
+                            .unwrap_or_else(|| spec.content_type.clone());
+                        Some(blob_store.put(bytes, &content_type).await?)
+                    }
+                });
+            }
+            run.push(
+                layout,
+                &record.patient,
+                record.date,
+                &key,
+                &record.values,
+                &refs,
+            );
+            if run.is_full() {
+                write_run(&mut run, layout, &schema, &mut files).await?;
+            }
+        }
+        write_run(&mut run, layout, &schema, &mut files).await?;
+        report.tombstones += tombstones.len() as u64;
+        files.write_tombstones(&tombstones).await?;
+        let manifest = files.finish().await?;
+        report.manifests += 1;
+        if truncated {
+            report.truncated.push(table.to_string());
+        }
+        self.record_published(&manifest).await?;
+        // Changes that could not be archived go to quarantine as the batch leaves the outbox,
+        // in one transaction. (A crash between the manifest and this leaves them out of
+        // quarantine: `strata verify` then names them as missing.)
+        let mut tx = TargetTx::begin(target).await?;
+        for q in &quarantine {
+            q.insert(&mut tx, run_id, table).await?;
+        }
+        report.quarantined += quarantine.len() as u64;
+        tx.execute(&format!(
+            "DELETE FROM {OUTBOX_TABLE} WHERE run_id = '{}' AND table_name = '{}' AND drain = '{}'",
+            run_id.replace('\'', "''"),
+            table.replace('\'', "''"),
+            writer.replace('\'', "''")
+        ))
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks the table's oldest unwritten entries (those of the source transactions of the
+    /// first [`ENTRIES_PER_WRITE`]) as one batch, named after its last transaction's position.
+    /// None when there are none.
+    async fn mark_batch(&self, target: &Db, run_id: &str, ours: &str) -> Result<Option<String>> {
+        let nth = format!(
+            "SELECT lsn FROM {OUTBOX_TABLE} WHERE {ours} ORDER BY lsn, position, part LIMIT 1 OFFSET {}",
+            ENTRIES_PER_WRITE - 1
+        );
+        let last = match first_value(target, nth, ColumnType::Int).await? {
+            Value::Null => {
+                let all = format!("SELECT MAX(lsn) FROM {OUTBOX_TABLE} WHERE {ours}");
+                first_value(target, all, ColumnType::Int).await?
+            }
+            nth => nth,
+        };
+        // Whole source transactions: a change's entries (a key change's tombstone and record)
+        // stay together.
+        let Value::Int(lsn) = last else {
+            return Ok(None);
+        };
+        let writer = format!("sync-{run_id}-{lsn:016x}");
+        target
+            .execute(&format!(
+                "UPDATE {OUTBOX_TABLE} SET drain = '{}' WHERE {ours} AND lsn <= {lsn}",
+                writer.replace('\'', "''")
+            ))
+            .await?;
+        Ok(Some(writer))
+    }
+
+    /// Records a published manifest of the outbox in the control database's ledger and
+    /// catalog mirror (again, harmlessly, after a crash).
+    async fn record_published(&self, m: &TableManifest) -> Result<()> {
+        self.control.mirror_manifest(m).await?;
+        self.control
+            .record_archived(&m.table, &m.run_id, std::slice::from_ref(m))
+            .await?;
+        Ok(())
+    }
+}
+
+/// The first column of the first row `sql` returns (NULL when none).
+async fn first_value(target: &Db, sql: String, t: ColumnType) -> Result<Value> {
+    let rows = target.fetch_all(sql, vec![t]).await?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next())
+        .unwrap_or(Value::Null))
+}
+
+async fn write_run(
+    run: &mut ArchiveRun,
+    layout: &TableLayout,
+    schema: &arrow::datatypes::SchemaRef,
+    files: &mut TableWriter,
+) -> Result<()> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let mut sorted = run.drain_sorted(layout, schema, 8192);
+    while let Some(batch) = sorted.next_batch() {
+        let batch = batch.map_err(strata_archive::ArchiveError::from)?;
+        files.write(&batch).await?;
+    }
+    files.end_file().await?;
+    Ok(())
+}
+
+fn tombstone(patient: &str, date: Option<NaiveDate>, key: &str, held: bool) -> Tombstone {
+    Tombstone {
+        patient: patient.to_string(),
+        date,
+        key: key.to_string(),
+        held,
+    }
+}
+
+async fn read_entries(target: &Db, ours: &str, writer_q: &str) -> Result<Vec<Entry>> {
+    let rows = target
+        .fetch_all(
+            format!(
+                "SELECT lsn, position, part, change, row_key, row_data, unchanged, patient, record_date, base_key \
+                 FROM {OUTBOX_TABLE} WHERE {ours} AND drain = '{writer_q}' ORDER BY lsn, position, part"
+            ),
+            vec![
+                ColumnType::Int,
+                ColumnType::Int,
+                ColumnType::Int,
+                ColumnType::Text,
+                ColumnType::Text,
+                ColumnType::Text,
+                ColumnType::Text,
+                ColumnType::Text,
+                ColumnType::Text,
+                ColumnType::Text,
+            ],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let mut r = r.into_iter();
+            let int = |v: Option<Value>| match v {
+                Some(Value::Int(n)) => n,
+                _ => 0,
+            };
+            let text = |v: Option<Value>| match v {
+                Some(Value::Text(t)) => t,
+                _ => String::new(),
+            };
+            let (lsn, position, part) = (int(r.next()), int(r.next()), int(r.next()));
+            let (change, key, data) = (text(r.next()), text(r.next()), text(r.next()));
+            let unchanged = text(r.next());
+            let (patient, date) = (text(r.next()), text(r.next()));
+            let base_key = text(r.next());
+            Entry {
+                lsn,
+                position,
+                part,
+                change,
+                key,
+                data,
+                unchanged: unchanged
+                    .split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                patient,
+                date: date.parse().ok(),
+                base_key,
+            }
+        })
+        .collect())
+}
+
+/// An entry's record, from its values as JSON (as the quarantine keeps them: text, bytes in
+/// base64).
+fn decode(layout: &TableLayout, e: &Entry) -> std::result::Result<Record, String> {
+    let data: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&e.data).map_err(|_| "its values are not readable".to_string())?;
+    let mut values = Vec::with_capacity(layout.columns().len());
+    let mut blobs = vec![Blob::None; layout.blobs.len()];
+    for (i, c) in layout.columns().iter().enumerate() {
+        let value = match data.get(&c.name) {
+            None | Some(serde_json::Value::Null) => Value::Null,
+            Some(serde_json::Value::String(s)) if c.col_type == ColumnType::Bytes => Value::Bytes(
+                base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(|_| format!("column {}: not base64", c.name))?,
+            ),
+            Some(serde_json::Value::String(s)) => Value::Text(s.clone())
+                .coerce(c.col_type)
+                .map_err(|why| format!("column {}: {why}", c.name))?,
+            Some(_) => return Err(format!("column {}: not text", c.name)),
+        };
+        match layout.blobs.iter().position(|b| b.column == i) {
+            Some(b) => {
+                if let Value::Bytes(bytes) = value {
+                    blobs[b] = Blob::New(bytes);
+                }
+                values.push(Value::Null);
+            }
+            None => values.push(value),
+        }
+    }
+    Ok(Record {
+        patient: e.patient.clone(),
+        date: e.date,
+        values,
+        blobs,
+    })
+}
+
+fn quarantined(layout: &TableLayout, e: &Entry, reason: &str) -> Quarantined {
+    let reason = format!(
+        "sync could not archive this change (at {:X}/{:X}, {}.{}): {reason}",
+        e.lsn >> 32,
+        e.lsn & 0xFFFF_FFFF,
+        e.position,
+        e.part
+    );
+    Quarantined {
+        key: e.key.clone(),
+        column: layout
+            .key
+            .first()
+            .map(|&k| layout.columns()[k].name.clone())
+            .unwrap_or_default(),
+        reason,
+        data: e.data.clone(),
+    }
+}
+
+/// The current archived copy of a record (its patient known, or "" for a table without
+/// patients), with its values and BLOB references.
+async fn archived_copy(
+    archive: &ArchiveReader,
+    layout: &TableLayout,
+    patient: &str,
+    key: &str,
+) -> Result<Option<Record>> {
+    Ok(archived_copies(archive, layout, patient, key).await?.1)
+}
+
+/// How many current archived copies a record has, and one of them.
+async fn archived_copies(
+    archive: &ArchiveReader,
+    layout: &TableLayout,
+    patient: &str,
+    key: &str,
+) -> Result<(u64, Option<Record>)> {
+    let mut count = 0;
+    let mut found = None;
+    let blob_columns = archive.catalog().blob_columns(&layout.name);
+    for batch in archive.patient_rows(&layout.name, patient).await? {
+        let batch = ArchivedBatch::new(&batch, &blob_columns);
+        for row in 0..batch.num_rows() {
+            if batch.key(row) != Some(key) {
+                continue;
+            }
+            count += 1;
+            if found.is_none() {
+                found = Some(record_of(layout, &batch, row));
+            }
+        }
+    }
+    Ok((count, found))
+}
+
+/// Whether a record whose patient the deletion did not carry belongs to a patient under a
+/// legal hold: looked up among those patients' archived records (holds are few).
+async fn held_record(
+    archive: &ArchiveReader,
+    table: &str,
+    held_patients: &[&str],
+    key: &str,
+) -> Result<bool> {
+    for patient in held_patients {
+        for batch in archive.patient_rows(table, patient).await? {
+            let keys = arrow::array::AsArray::as_string::<i32>(batch.column(2));
+            if keys.iter().flatten().any(|k| k == key) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// An archived row as a record: its values as the layout's types, its BLOB references.
+fn record_of(layout: &TableLayout, batch: &ArchivedBatch<'_>, row: usize) -> Record {
+    let mut blobs = vec![Blob::None; layout.blobs.len()];
+    for (name, r) in batch.blobs(row) {
+        if let Some(b) = layout
+            .blobs
+            .iter()
+            .position(|b| layout.target_names[b.column] == name)
+        {
+            blobs[b] = Blob::Archived(r);
+        }
+    }
+    let values = layout
+        .columns()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if layout.blobs.iter().any(|b| b.column == i) {
+                return Value::Null;
+            }
+            let cell = batch
+                .value(&layout.target_names[i], row)
+                .unwrap_or(Cell::Null);
+            let value = match cell {
+                Cell::Null => Value::Null,
+                Cell::Int(n) => Value::Int(n),
+                Cell::Float(f) => Value::Float(f),
+                Cell::Bool(b) => Value::Bool(b),
+                Cell::Bytes(b) => Value::Bytes(b.to_vec()),
+                Cell::Date(d) => Value::Date(d),
+                Cell::Timestamp(t) => Value::Timestamp(t),
+                Cell::TimestampUtc(t) => Value::TimestampTz(t),
+                other => other
+                    .to_text()
+                    .map_or(Value::Null, |t| Value::Text(t.into_owned())),
+            };
+            value.clone().coerce(c.col_type).unwrap_or(value)
+        })
+        .collect();
+    Record {
+        patient: batch.patient(row).unwrap_or_default().to_string(),
+        date: batch.record_date(row),
+        values,
+        blobs,
+    }
+}

@@ -473,6 +473,74 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     // Source = operational ⊎ archive (corrections and tombstones applied) ⊎ quarantine.
     let (status, out) = strata_verify(&dir.path().join("strata.toml"));
     assert_eq!(status, 0, "{out}");
+
+    // Legal holds on patients 6 and 150 win over the source's deletes: of an archived visit
+    // (id 5, patient 6) and an operational one (id 149, patient 150). Both stay readable in
+    // the archive, each deletion on record and listed; verify counts them apart. Deletes of
+    // records no hold covers (ids 7 and 151) are carried out.
+    for patient in ["6", "150"] {
+        let (status, out) = strata(
+            dir.path(),
+            &[
+                "hold",
+                "place",
+                "--patient",
+                patient,
+                "--by",
+                "jdoe",
+                "--reason",
+                "litigation",
+            ],
+        );
+        assert_eq!(status, 0, "{out}");
+    }
+    admin
+        .execute("DELETE FROM visits WHERE id IN (5, 149, 7, 151)")
+        .await
+        .unwrap();
+    let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
+    assert_eq!(status, 0, "{out}");
+    for key in ["id=5", "id=149"] {
+        assert!(
+            out.contains(&format!(
+                "kept under legal hold although the source deleted it: table visits, record {key}"
+            )),
+            "{out}"
+        );
+    }
+    assert!(
+        !out.contains("record id=7\n") && !out.contains("record id=151"),
+        "{out}"
+    );
+    assert!(history("6").await.iter().any(|(id, _)| id == "5"));
+    assert!(history("150").await.iter().any(|(id, _)| id == "149"));
+    assert!(!history("8").await.iter().any(|(id, _)| id == "7"));
+    let gone = count(
+        &target,
+        "SELECT COUNT(*) FROM visits WHERE id IN (149, 151)".into(),
+    )
+    .await;
+    assert_eq!(gone, 0);
+    // A run is proven under the holds it ran under (verify refuses while holds placed since
+    // stand); released, the records they kept stay, counted apart.
+    let control = strata_control::Control::open(&format!(
+        "sqlite://{}",
+        dir.path().join("strata-control.db").display()
+    ))
+    .await
+    .unwrap();
+    for hold in control.holds().await.unwrap() {
+        control
+            .release_hold(&hold.hold_id, "the case settled", "jdoe")
+            .await
+            .unwrap();
+    }
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("and 2 archived record(s) the source deleted while a legal hold stood: kept"),
+        "{out}"
+    );
     let held = target
         .fetch_all(
             "SELECT COUNT(*) FROM visits WHERE id IN (1, 999999)".into(),

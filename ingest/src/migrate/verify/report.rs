@@ -136,6 +136,12 @@ impl VerifyReport {
                     "MISMATCH"
                 }
             ));
+            if t.held_after_source_deletion > 0 {
+                s.push_str(&format!(
+                    "  and {} archived record(s) the source deleted while a legal hold stood: kept\n",
+                    t.held_after_source_deletion
+                ));
+            }
             if t.checked_at < self.started {
                 s.push_str(&format!(
                     "  checked at {}, before this verification was resumed\n",

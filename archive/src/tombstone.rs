@@ -83,7 +83,7 @@ pub(crate) fn tombstones_of(batch: &RecordBatch) -> Vec<Tombstone> {
             patient: patients.value(i).to_string(),
             date: dates
                 .is_valid(i)
-                .then(|| EPOCH + chrono::Days::new(dates.value(i).max(0) as u64)),
+                .then(|| EPOCH + chrono::Duration::days(i64::from(dates.value(i)))),
             key: keys.value(i).to_string(),
             held: held.value(i),
         })
@@ -251,7 +251,7 @@ mod tests {
         let t = vec![
             Tombstone {
                 patient: "p2".into(),
-                date: NaiveDate::from_ymd_opt(2001, 2, 3),
+                date: NaiveDate::from_ymd_opt(1961, 2, 3),
                 key: "id=2".into(),
                 held: true,
             },

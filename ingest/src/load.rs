@@ -153,6 +153,45 @@ impl TargetTx {
         }
     }
 
+    /// Reads every row of a query with values bound by type, each column as text (the query
+    /// casts them).
+    pub async fn fetch_text_rows(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+        param_types: &[crate::value::ColumnType],
+    ) -> Result<Vec<Vec<Option<String>>>> {
+        use sqlx::Row;
+        let sql = AssertSqlSafe(sql.to_string());
+        let e = |e| IngestError::sql("read rows", e);
+        let texts = |row: &dyn Fn(usize) -> std::result::Result<Option<String>, sqlx::Error>,
+                     n: usize| {
+            (0..n).map(row).collect::<std::result::Result<Vec<_>, _>>()
+        };
+        match self {
+            TargetTx::Postgres(c) => {
+                let mut q = sqlx::query(sql);
+                for (v, t) in params.iter().zip(param_types) {
+                    q = crate::db::bind_pg(q, v, *t);
+                }
+                let rows = q.fetch_all(&mut **c).await.map_err(e)?;
+                rows.iter()
+                    .map(|r| texts(&|i| r.try_get::<Option<String>, _>(i), r.len()).map_err(e))
+                    .collect()
+            }
+            TargetTx::Sqlite(c) => {
+                let mut q = sqlx::query(sql);
+                for v in params {
+                    q = crate::db::bind_sqlite(q, v);
+                }
+                let rows = q.fetch_all(&mut **c).await.map_err(e)?;
+                rows.iter()
+                    .map(|r| texts(&|i| r.try_get::<Option<String>, _>(i), r.len()).map_err(e))
+                    .collect()
+            }
+        }
+    }
+
     /// Commits.
     pub async fn commit(mut self) -> Result<()> {
         self.execute("COMMIT").await

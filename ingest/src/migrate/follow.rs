@@ -23,6 +23,7 @@ use super::naming::{archive_key, row_key};
 use super::range::SourceRows;
 use super::sinks::{LongBlobs, Quarantined, RangeSink, RowChecks};
 use super::target::{ensure_bookkeeping_tables, target_columns};
+use super::upserts::{gatherable, Upserts};
 use super::Migration;
 use crate::db::{quote, Column, Db};
 use crate::error::{IngestError, Result};
@@ -48,8 +49,10 @@ const MAX_BATCH: u64 = 500;
 const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Source transactions applied in one open target transaction.
-struct Batch {
+struct Batch<'a> {
     tx: TargetTx,
+    /// Operational upserts gathered into multi-row statements.
+    upserts: Upserts<'a>,
     /// The position just past the last of them.
     end_lsn: u64,
     transactions: u64,
@@ -58,10 +61,11 @@ struct Batch {
     oldest_commit_micros: Option<i64>,
 }
 
-impl Batch {
+impl Batch<'_> {
     async fn begin(target: &Db) -> Result<Self> {
         Ok(Batch {
             tx: TargetTx::begin(target).await?,
+            upserts: Upserts::default(),
             end_lsn: 0,
             transactions: 0,
             changes: 0,
@@ -79,6 +83,7 @@ impl Batch {
         progress: &crate::progress::SyncProgress,
         report: &mut SyncReport,
     ) -> Result<u64> {
+        report.archive_changes += self.upserts.flush(&mut self.tx, run_id).await?;
         record_position(&mut self.tx, run_id, slot, self.end_lsn).await?;
         self.tx.commit().await?;
         stream.confirm(self.end_lsn);
@@ -256,6 +261,8 @@ struct Followed<'a> {
 struct Activity {
     facts: HashMap<String, PatientFacts>,
     noted: HashMap<String, NaiveDate>,
+    /// Whether a patient was noted since the archive writer last ran.
+    pending: bool,
 }
 
 /// Where a routed row goes.
@@ -439,6 +446,7 @@ impl Migration {
         let mut activity = Activity {
             facts: self.patient_facts().await?,
             noted: HashMap::new(),
+            pending: false,
         };
         let url = self.config.resolve_url(&self.config.source.url)?;
         let mut stream = ChangeStream::open(&url, &slot.slot, &slot.publication, stop).await?;
@@ -491,10 +499,11 @@ impl Migration {
                         }
                         let through = applied.max(stream.idle_through());
                         watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
-                        let waiting = report.archive_changes > outboxed;
+                        let waiting = report.archive_changes > outboxed || activity.pending;
                         if flush.due(waiting, &target, &run.run_id).await? {
                             report.archive.add(self.write_outbox(&run.run_id, &target, &activity.facts).await?);
                             outboxed = report.archive_changes;
+                            activity.pending = false;
                             flush.written();
                         }
                         continue;
@@ -539,7 +548,7 @@ impl Migration {
                 batch = Some(Batch::begin(&target).await?);
             }
             let b = batch.as_mut().expect("a batch is open");
-            let tx = &mut b.tx;
+            let (tx, upserts) = (&mut b.tx, &mut b.upserts);
             for (position, message) in t.messages.iter().enumerate() {
                 let change = Change {
                     lsn: t.commit_lsn,
@@ -563,7 +572,7 @@ impl Migration {
                         };
                         let update = matches!(message, Message::Update { .. });
                         self.apply_row(
-                            tx,
+                            (tx, upserts),
                             f,
                             old,
                             new,
@@ -583,11 +592,13 @@ impl Migration {
                             continue;
                         }
                         let values = tuple_values(f.layout, old)?;
+                        report.archive_changes += upserts.flush(tx, &run.run_id).await?;
                         if self
                             .delete_held(tx, f, &values, &activity.facts, &change)
                             .await?
                         {
                             report.held_deletions += 1;
+                            report.archive_changes += 1;
                             continue;
                         }
                         delete_row(tx, f, &values, &change, &mut report).await?;
@@ -601,6 +612,12 @@ impl Migration {
                             };
                             if f.copied(t.xid, t.commit_lsn) {
                                 continue;
+                            }
+                            if !self.policy.holds().is_empty() {
+                                return Err(IngestError::Run(format!(
+                                    "table {} was truncated on the source while legal holds are in force: sync stops rather than delete records a hold may cover. Restore the table on the source, or release the holds (`strata hold list`), then `strata sync` again",
+                                    f.layout.name
+                                )));
                             }
                             tx.execute(&format!("DELETE FROM {}", quote(&f.layout.name)))
                                 .await?;
@@ -646,10 +663,10 @@ impl Migration {
     /// operational row, routed, and written where it belongs; the row under its old key (a
     /// changed key) removed first.
     #[allow(clippy::too_many_arguments)]
-    async fn apply_row(
+    async fn apply_row<'u>(
         &self,
-        tx: &mut TargetTx,
-        f: &Followed<'_>,
+        (tx, upserts): (&mut TargetTx, &mut Upserts<'u>),
+        f: &'u Followed<'_>,
         old: Option<&Vec<Datum>>,
         new: &[Datum],
         update: bool,
@@ -671,6 +688,15 @@ impl Migration {
             }
         }
         let old_values = old.map(|o| tuple_values(layout, o)).transpose()?;
+        let gather = gatherable(tx, layout);
+        let key_changes = old_values.as_ref().is_some_and(|o| {
+            let new_key = coerced(layout, values.clone());
+            layout.key.is_empty() || layout.key.iter().any(|&k| o[k] != new_key[k])
+        });
+        if !unchanged.is_empty() || key_changes {
+            // Reads and deletes below see every upsert gathered before.
+            report.archive_changes += upserts.flush(tx, change.run_id).await?;
+        }
         if !unchanged.is_empty() {
             // The values the update left alone: in the old row the stream carried (replica
             // identity full), else in the operational row (looked up by the old key, before a
@@ -703,7 +729,9 @@ impl Migration {
         }
         // An updated record the operational database does not hold lives in the archive (or
         // quarantine): if it now belongs to the operational tier, its archived copy goes.
+        // (Gathered upserts find it out as they run: see `super::upserts`.)
         let elsewhere = update
+            && !gather
             && !layout.key.is_empty()
             && !key_changed
             && read_row(tx, f, &values).await?.is_none();
@@ -739,6 +767,14 @@ impl Migration {
                 outbox(tx, layout, change, &entry).await?;
                 report.archive_changes += 1;
             }
+            Some(Routed::Operational(values)) if gather => {
+                if upserts.holds(layout, &values) {
+                    report.archive_changes += upserts.flush(tx, change.run_id).await?;
+                }
+                let update = (update && !key_changed).then_some((change.lsn, change.position));
+                upserts.push(layout, &f.columns, values, update);
+                report.upserted += 1;
+            }
             Some(Routed::Operational(values)) => {
                 if elsewhere {
                     let entry = Outbox::tombstone(layout, &values);
@@ -749,6 +785,7 @@ impl Migration {
                 report.upserted += 1;
             }
             Some(Routed::Archive(values, kind, patient, date)) => {
+                report.archive_changes += upserts.flush(tx, change.run_id).await?;
                 // A record lives in one place: the operational copy goes.
                 report.deleted += delete_operational(tx, f, &values).await?;
                 let mut entry = Outbox::row(kind, layout, &values, patient, date, unchanged);
@@ -757,6 +794,7 @@ impl Migration {
                 report.archive_changes += 1;
             }
             Some(Routed::Quarantine(q, values)) => {
+                report.archive_changes += upserts.flush(tx, change.run_id).await?;
                 report.deleted += delete_operational(tx, f, &coerced(layout, values)).await?;
                 q.insert(tx, change.run_id, &layout.name).await?;
                 report.quarantined += 1;
@@ -823,6 +861,7 @@ impl Migration {
         }
         fact.last_activity = Some(date);
         activity.noted.insert(patient.clone(), date);
+        activity.pending = true;
         let p = |n| tx.placeholder(n);
         let sql = format!(
             "INSERT INTO {ACTIVITY_TABLE} (run_id, patient, last_activity, source_lsn, pending) VALUES ({}, {}, {}, CAST({} AS BIGINT), 1) \
@@ -904,13 +943,13 @@ impl Migration {
 
 /// Where a change sits in the source's log: its transaction's commit LSN and its position in
 /// that transaction (the archive outbox's identity for it), and the run followed.
-struct Change<'a> {
-    lsn: u64,
-    position: usize,
-    run_id: &'a str,
+pub(super) struct Change<'a> {
+    pub(super) lsn: u64,
+    pub(super) position: usize,
+    pub(super) run_id: &'a str,
     /// Outbox entries this change made so far (a key change of an archived record makes two;
     /// a truncate of several tables, one each).
-    parts: std::cell::Cell<u32>,
+    pub(super) parts: std::cell::Cell<u32>,
 }
 
 fn lsn_text(lsn: u64) -> String {
@@ -1114,7 +1153,7 @@ impl Outbox {
 
     /// The tombstone of the archived record with `values`' key (its patient when `values`
     /// carry it: a keyless table's deleted rows come whole).
-    fn tombstone(layout: &TableLayout, values: &[Value]) -> Self {
+    pub(super) fn tombstone(layout: &TableLayout, values: &[Value]) -> Self {
         Outbox {
             kind: "delete",
             key: archive_key(layout, values),
@@ -1138,7 +1177,7 @@ fn patient_of(layout: &TableLayout, values: &[Value]) -> String {
 }
 
 /// Puts a change for the archive in the outbox.
-async fn outbox(
+pub(super) async fn outbox(
     tx: &mut TargetTx,
     layout: &TableLayout,
     change: &Change<'_>,

@@ -23,6 +23,7 @@ mod rollback;
 mod route;
 mod sinks;
 mod target;
+mod upserts;
 mod verify;
 mod workers;
 

@@ -27,6 +27,7 @@ use crate::load::TargetTx;
 use crate::value::{ColumnType, Value};
 use base64::Engine;
 use chrono::NaiveDate;
+use sha2::Digest as _;
 use std::collections::{BTreeMap, HashMap};
 use strata_archive::{
     ArchiveReader, ArchivedBatch, BlobRef, BlobStore, Cell, TableManifest, TableWriter,
@@ -173,7 +174,6 @@ struct Batch {
     tombstones: Vec<Tombstone>,
     /// Records back to the operational tier (BLOBs read whole).
     reinstated: Vec<Vec<Value>>,
-    quarantine: Vec<Quarantined>,
     destroyed: Destroyed,
     /// Whether the source truncated the table first.
     truncated: bool,
@@ -184,15 +184,22 @@ enum Fold {
     /// Archive this version (`held`: the source deleted it under a legal hold; archived with
     /// a held tombstone).
     Archive { record: Record, held: bool },
-    /// A tombstone (`destroyed`: the values of a record destroyed past retention).
+    /// A tombstone (`destroyed`: the values of a record destroyed past retention; `last`: its
+    /// version folded before, whose values a key change's new record may keep).
     Gone {
         patient: String,
         destroyed: Option<Vec<Value>>,
+        last: Option<Record>,
     },
     /// Back to the operational tier: upserted there, and a tombstone in the archive.
     Reinstate(Record),
-    /// A keyless table's record: copies added (or removed, negative) to those archived.
-    Count { record: Option<Record>, delta: i64 },
+    /// A keyless table's record (of `patient`): copies added (or removed, negative) to those
+    /// archived.
+    Count {
+        patient: String,
+        record: Option<Record>,
+        delta: i64,
+    },
 }
 
 impl Migration {
@@ -279,12 +286,25 @@ impl Migration {
         for layout in self.layouts.iter().filter(|l| l.patient_column.is_some()) {
             let router = Router::new(&self.policy, layout, facts);
             let blob_columns = archive.catalog().blob_columns(&layout.name);
+            // Records the source deleted under a legal hold stay archived.
+            let mut held = std::collections::HashSet::new();
+            for m in archive
+                .catalog()
+                .tables
+                .get(&layout.name)
+                .into_iter()
+                .flatten()
+            {
+                for entry in &m.tombstones {
+                    let read = archive.tombstones(entry).await?;
+                    held.extend(read.iter().filter(|t| t.held).map(|t| t.key.clone()));
+                }
+            }
             let mut batch = Batch {
-                writer: format!("sync-{run_id}-{through:016x}-reactivated"),
+                writer: String::new(),
                 records: Vec::new(),
                 tombstones: Vec::new(),
                 reinstated: Vec::new(),
-                quarantine: Vec::new(),
                 destroyed: Destroyed::default(),
                 truncated: false,
             };
@@ -303,6 +323,9 @@ impl Migration {
                             continue;
                         }
                         let key = rows.key(row).unwrap_or_default();
+                        if held.contains(key) {
+                            continue;
+                        }
                         batch
                             .tombstones
                             .push(tombstone(&record.patient, record.date, key, false));
@@ -319,6 +342,15 @@ impl Migration {
             if batch.reinstated.is_empty() {
                 continue;
             }
+            // Named by what it tombstones: a retry that finds more to bring back (facts read
+            // again) writes a manifest of its own instead of replacing this one.
+            let mut digest = sha2::Sha256::new();
+            for t in &batch.tombstones {
+                sha2::Digest::update(&mut digest, t.key.as_bytes());
+                sha2::Digest::update(&mut digest, [0u8]);
+            }
+            let digest = hex::encode(&sha2::Digest::finalize(digest)[..4]);
+            batch.writer = format!("sync-{run_id}-{through:016x}-reactivated-{digest}");
             let (columns, _) = target_columns(
                 self.source.kind(),
                 (target.kind(), Some(target)),
@@ -395,7 +427,8 @@ impl Migration {
         .await?;
         let mut folded: BTreeMap<String, Fold> = BTreeMap::new();
         let mut truncated = false;
-        let mut quarantine: Vec<Quarantined> = Vec::new();
+        // Changes that cannot be archived, with their outbox entries.
+        let mut quarantine: Vec<(Quarantined, [i64; 3])> = Vec::new();
         for e in entries {
             match e.change.as_str() {
                 "truncate" => {
@@ -405,6 +438,7 @@ impl Migration {
                 }
                 "delete" if layout.key.is_empty() => {
                     let fold = folded.entry(e.key.clone()).or_insert(Fold::Count {
+                        patient: e.patient.clone(),
                         record: None,
                         delta: 0,
                     });
@@ -414,14 +448,19 @@ impl Migration {
                     continue;
                 }
                 "delete" => {
-                    let patient = e.patient.clone();
-                    folded.insert(
-                        e.key,
-                        Fold::Gone {
-                            patient,
-                            destroyed: None,
-                        },
-                    );
+                    let last = match folded.remove(&e.key) {
+                        Some(Fold::Archive { record, .. }) | Some(Fold::Reinstate(record)) => {
+                            Some(record)
+                        }
+                        Some(Fold::Gone { last, .. }) => last,
+                        _ => None,
+                    };
+                    let gone = Fold::Gone {
+                        patient: e.patient.clone(),
+                        destroyed: None,
+                        last,
+                    };
+                    folded.insert(e.key, gone);
                     continue;
                 }
                 _ => {}
@@ -429,7 +468,7 @@ impl Migration {
             let mut record = match decode(layout, &e) {
                 Ok(r) => r,
                 Err(reason) => {
-                    quarantine.push(quarantined(layout, &e, &reason));
+                    quarantine.push((quarantined(layout, &e, &reason), e.id()));
                     continue;
                 }
             };
@@ -441,18 +480,20 @@ impl Migration {
                 } else {
                     &e.base_key
                 };
+                // (After a truncate in this batch, no archived copy counts.)
                 let base = match folded.get(base_key) {
-                    Some(Fold::Archive { record, .. }) | Some(Fold::Reinstate(record)) => {
-                        Some(record.clone())
-                    }
+                    Some(Fold::Archive { record, .. })
+                    | Some(Fold::Reinstate(record))
+                    | Some(Fold::Gone {
+                        last: Some(record), ..
+                    }) => Some(record.clone()),
+                    _ if truncated => None,
                     _ => archived_copy(&archive, layout, &e.patient, base_key).await?,
                 };
                 let Some(base) = base else {
-                    quarantine.push(quarantined(
-                        layout,
-                        &e,
-                        "the change left values unchanged that no archived copy of the record holds",
-                    ));
+                    let why =
+                        "the change left values unchanged that no archived copy of the record holds";
+                    quarantine.push((quarantined(layout, &e, why), e.id()));
                     continue;
                 };
                 for name in &e.unchanged {
@@ -470,14 +511,19 @@ impl Migration {
                 "purge" => Fold::Gone {
                     patient: e.patient.clone(),
                     destroyed: Some(record.values),
+                    last: None,
                 },
                 "held" => Fold::Archive { record, held: true },
                 _ if layout.key.is_empty() => {
                     let fold = folded.entry(e.key.clone()).or_insert(Fold::Count {
+                        patient: e.patient.clone(),
                         record: None,
                         delta: 0,
                     });
-                    if let Fold::Count { record: r, delta } = fold {
+                    if let Fold::Count {
+                        record: r, delta, ..
+                    } = fold
+                    {
                         *r = Some(record);
                         *delta += 1;
                     }
@@ -521,6 +567,7 @@ impl Migration {
                 Fold::Gone {
                     patient,
                     destroyed: Some(values),
+                    ..
                 } => {
                     destroyed.add(layout, &values, (0, destroyed.rows + 1));
                     tombstones.push(tombstone(&patient, None, &key, false));
@@ -528,6 +575,7 @@ impl Migration {
                 Fold::Gone {
                     patient,
                     destroyed: None,
+                    ..
                 } => {
                     // A deletion a legal hold covers is recorded, and the record kept.
                     let held = table_held
@@ -553,11 +601,17 @@ impl Migration {
                     }
                     reinstated.push(values);
                 }
-                Fold::Count { record, delta } => {
-                    let patient = record.as_ref().map(|r| r.patient.clone());
-                    let patient = patient.unwrap_or_default();
-                    let (archived, prototype) =
-                        archived_copies(&archive, layout, &patient, &key).await?;
+                Fold::Count {
+                    patient,
+                    record,
+                    delta,
+                } => {
+                    // The copies archived before (none after a truncate in this batch).
+                    let (archived, prototype) = if truncated {
+                        (0, None)
+                    } else {
+                        archived_copies(&archive, layout, &patient, &key).await?
+                    };
                     let count = archived as i64 + delta;
                     match record.or(prototype) {
                         Some(r) if count > 0 => {
@@ -574,12 +628,25 @@ impl Migration {
             }
         }
 
+        // What cannot be archived goes to quarantine and leaves the outbox first, in one
+        // transaction: a retry folds the same batch without it.
+        if !quarantine.is_empty() {
+            let mut tx = TargetTx::begin(target).await?;
+            for (q, [lsn, position, part]) in &quarantine {
+                q.insert(&mut tx, run_id, table).await?;
+                tx.execute(&format!(
+                    "DELETE FROM {OUTBOX_TABLE} WHERE lsn = {lsn} AND position = {position} AND part = {part}"
+                ))
+                .await?;
+            }
+            tx.commit().await?;
+            report.quarantined += quarantine.len() as u64;
+        }
         let batch = Batch {
             writer: writer.clone(),
             records,
             tombstones,
             reinstated,
-            quarantine,
             destroyed,
             truncated,
         };
@@ -588,10 +655,10 @@ impl Migration {
         Ok(true)
     }
 
-    /// Publishes what a batch makes of a table: reinstated records and quarantined changes
-    /// into the operational database first (upserts and inserts a retry repeats harmlessly),
-    /// the destruction record, then the archive files and their manifest, recorded in the
-    /// control database.
+    /// Publishes what a batch makes of a table: reinstated records into the operational
+    /// database first (upserts a retry repeats harmlessly), the destruction record, then the
+    /// archive files and their manifest, recorded in the control database; then the batch
+    /// leaves the outbox.
     async fn publish(
         &self,
         layout: &TableLayout,
@@ -606,7 +673,6 @@ impl Migration {
             records,
             tombstones,
             reinstated,
-            quarantine,
             destroyed,
             truncated,
         } = batch;
@@ -701,22 +767,14 @@ impl Migration {
             report.truncated.push(table.to_string());
         }
         self.record_published(&manifest).await?;
-        // Changes that could not be archived go to quarantine as the batch leaves the outbox,
-        // in one transaction. (A crash between the manifest and this leaves them out of
-        // quarantine: `strata verify` then names them as missing.)
-        let mut tx = TargetTx::begin(target).await?;
-        for q in &quarantine {
-            q.insert(&mut tx, run_id, table).await?;
-        }
-        report.quarantined += quarantine.len() as u64;
-        tx.execute(&format!(
-            "DELETE FROM {OUTBOX_TABLE} WHERE run_id = '{}' AND table_name = '{}' AND drain = '{}'",
-            run_id.replace('\'', "''"),
-            table.replace('\'', "''"),
-            writer.replace('\'', "''")
-        ))
-        .await?;
-        tx.commit().await?;
+        target
+            .execute(&format!(
+                "DELETE FROM {OUTBOX_TABLE} WHERE run_id = '{}' AND table_name = '{}' AND drain = '{}'",
+                run_id.replace('\'', "''"),
+                table.replace('\'', "''"),
+                writer.replace('\'', "''")
+            ))
+            .await?;
         Ok(())
     }
 
@@ -854,6 +912,13 @@ async fn read_entries(target: &Db, ours: &str, writer_q: &str) -> Result<Vec<Ent
             }
         })
         .collect())
+}
+
+impl Entry {
+    /// Its identity in the outbox: LSN, position, part.
+    fn id(&self) -> [i64; 3] {
+        [self.lsn, self.position, self.part]
+    }
 }
 
 /// An entry's record, from its values as JSON (as the quarantine keeps them: text, bytes in

@@ -541,6 +541,18 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
         out.contains("and 2 archived record(s) the source deleted while a legal hold stood: kept"),
         "{out}"
     );
+    // A TRUNCATE empties the table (and hides what the archive held of it); rows written after
+    // it in the same transaction stay.
+    admin
+        .execute("BEGIN; TRUNCATE readings; INSERT INTO readings VALUES (150, DATE '2026-05-05', 1.25); COMMIT")
+        .await
+        .unwrap();
+    let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
+    assert_eq!(status, 0, "{out}");
+    let readings = count(&target, "SELECT COUNT(*) FROM readings".into()).await;
+    assert_eq!(readings, 1);
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
     let held = target
         .fetch_all(
             "SELECT COUNT(*) FROM visits WHERE id IN (1, 999999)".into(),

@@ -83,7 +83,7 @@ impl Batch<'_> {
         progress: &crate::progress::SyncProgress,
         report: &mut SyncReport,
     ) -> Result<u64> {
-        report.archive_changes += self.upserts.flush(&mut self.tx, run_id).await?;
+        self.upserts.flush(&mut self.tx, run_id, report).await?;
         record_position(&mut self.tx, run_id, slot, self.end_lsn).await?;
         self.tx.commit().await?;
         stream.confirm(self.end_lsn);
@@ -592,7 +592,15 @@ impl Migration {
                             continue;
                         }
                         let values = tuple_values(f.layout, old)?;
-                        report.archive_changes += upserts.flush(tx, &run.run_id).await?;
+                        if gatherable(tx, f.layout) && self.policy.holds().is_empty() {
+                            let values = coerced(f.layout, values);
+                            if upserts.touches(f.layout, &values) {
+                                upserts.flush(tx, &run.run_id, &mut report).await?;
+                            }
+                            upserts.delete(f.layout, &f.columns, values, (t.commit_lsn, position));
+                            continue;
+                        }
+                        upserts.flush(tx, &run.run_id, &mut report).await?;
                         if self
                             .delete_held(tx, f, &values, &activity.facts, &change)
                             .await?
@@ -606,6 +614,7 @@ impl Migration {
                     Message::Truncate {
                         relations: oids, ..
                     } => {
+                        upserts.flush(tx, &run.run_id, &mut report).await?;
                         for oid in oids {
                             let Some(f) = table(oid)? else {
                                 continue;
@@ -695,7 +704,7 @@ impl Migration {
         });
         if !unchanged.is_empty() || key_changes {
             // Reads and deletes below see every upsert gathered before.
-            report.archive_changes += upserts.flush(tx, change.run_id).await?;
+            upserts.flush(tx, change.run_id, report).await?;
         }
         if !unchanged.is_empty() {
             // The values the update left alone: in the old row the stream carried (replica
@@ -768,8 +777,8 @@ impl Migration {
                 report.archive_changes += 1;
             }
             Some(Routed::Operational(values)) if gather => {
-                if upserts.holds(layout, &values) {
-                    report.archive_changes += upserts.flush(tx, change.run_id).await?;
+                if upserts.touches(layout, &values) {
+                    upserts.flush(tx, change.run_id, report).await?;
                 }
                 let update = (update && !key_changed).then_some((change.lsn, change.position));
                 upserts.push(layout, &f.columns, values, update);
@@ -785,7 +794,7 @@ impl Migration {
                 report.upserted += 1;
             }
             Some(Routed::Archive(values, kind, patient, date)) => {
-                report.archive_changes += upserts.flush(tx, change.run_id).await?;
+                upserts.flush(tx, change.run_id, report).await?;
                 // A record lives in one place: the operational copy goes.
                 report.deleted += delete_operational(tx, f, &values).await?;
                 let mut entry = Outbox::row(kind, layout, &values, patient, date, unchanged);
@@ -794,7 +803,7 @@ impl Migration {
                 report.archive_changes += 1;
             }
             Some(Routed::Quarantine(q, values)) => {
-                report.archive_changes += upserts.flush(tx, change.run_id).await?;
+                upserts.flush(tx, change.run_id, report).await?;
                 report.deleted += delete_operational(tx, f, &coerced(layout, values)).await?;
                 q.insert(tx, change.run_id, &layout.name).await?;
                 report.quarantined += 1;

@@ -1,16 +1,18 @@
-//! Change sync's operational upserts, gathered per table into multi-row statements: one round
-//! trip for many changes instead of two for each (catching up is bound by round trips).
+//! Change sync's operational upserts and deletes, gathered per table into multi-row
+//! statements: one round trip for many changes instead of one or two for each (catching up is
+//! bound by round trips).
 //!
-//! A row joins its table's statement when sync needs nothing back before the next change; the
-//! statements run (in the order the rows came) before anything else touches the operational
-//! database — a delete, a read, a row that leaves for the archive — and before the batch
-//! commits. `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` says which rows were inserted: an
-//! updated record the operational database did not hold lives in the archive, and its
-//! archived copy gets a tombstone in the outbox, as the change's first entry. Only for
-//! PostgreSQL targets and keys of integer or text columns (whose text PostgreSQL and Strata
-//! write alike); other tables are applied row by row.
+//! A change joins its table's statements when sync needs nothing back before the next change;
+//! changes to different keys commute, so a change to a key already gathered, and anything else
+//! that touches the operational database (a read, a row that leaves for the archive), runs
+//! what is gathered first (upserts, then deletes), and so does the batch's commit.
+//! `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` says which rows were inserted, and
+//! `DELETE ... RETURNING` which keys were there: an updated or deleted record the operational
+//! database did not hold lives in the archive, and its archived copy gets a tombstone in the
+//! outbox, as the change's first entry. Only for PostgreSQL targets and keys of integer or text
+//! columns (whose text PostgreSQL and Strata write alike); other tables go row by row.
 
-use super::follow::{outbox, Change, Outbox};
+use super::follow::{outbox, Change, Outbox, SyncReport};
 use crate::db::{quote, Column};
 use crate::error::Result;
 use crate::layout::TableLayout;
@@ -39,6 +41,10 @@ struct Gathered<'a> {
     updates: Vec<Option<(u64, usize)>>,
     /// The rows' keys as text (a key twice in one statement is refused by PostgreSQL).
     keys: HashMap<String, usize>,
+    /// Deletes: the key values of each (the rest NULL) and the change that made it.
+    deletes: Vec<(Vec<Value>, (u64, usize))>,
+    /// Their keys as text.
+    delete_keys: std::collections::HashSet<String>,
 }
 
 /// Whether a table's upserts may be gathered: a PostgreSQL target and a key of integer or
@@ -69,12 +75,41 @@ fn key_text(layout: &TableLayout, values: &[Value]) -> String {
 }
 
 impl<'a> Upserts<'a> {
-    /// Whether a row with `values`' key is gathered for `layout`'s table already (it must
-    /// wait: flush first).
-    pub(super) fn holds(&self, layout: &TableLayout, values: &[Value]) -> bool {
+    /// Whether a change to `values`' key is gathered for `layout`'s table already (the next
+    /// one must wait: flush first).
+    pub(super) fn touches(&self, layout: &TableLayout, values: &[Value]) -> bool {
+        self.tables.get(layout.name.as_str()).is_some_and(|g| {
+            let key = key_text(layout, values);
+            g.keys.contains_key(&key) || g.delete_keys.contains(&key)
+        })
+    }
+
+    fn table(&mut self, layout: &'a TableLayout, columns: &'a [Column]) -> &mut Gathered<'a> {
         self.tables
-            .get(layout.name.as_str())
-            .is_some_and(|g| g.keys.contains_key(&key_text(layout, values)))
+            .entry(layout.name.as_str())
+            .or_insert_with(|| Gathered {
+                layout,
+                columns,
+                rows: Vec::new(),
+                updates: Vec::new(),
+                keys: HashMap::new(),
+                deletes: Vec::new(),
+                delete_keys: Default::default(),
+            })
+    }
+
+    /// Gathers a delete by key (`values`: the key columns' values) made by the change (LSN,
+    /// position).
+    pub(super) fn delete(
+        &mut self,
+        layout: &'a TableLayout,
+        columns: &'a [Column],
+        values: Vec<Value>,
+        change: (u64, usize),
+    ) {
+        let g = self.table(layout, columns);
+        g.delete_keys.insert(key_text(layout, &values));
+        g.deletes.push((values, change));
     }
 
     /// Gathers an upsert; `update`: the change (LSN, position) when it updated a row whose
@@ -86,33 +121,112 @@ impl<'a> Upserts<'a> {
         values: Vec<Value>,
         update: Option<(u64, usize)>,
     ) {
-        let g = self
-            .tables
-            .entry(layout.name.as_str())
-            .or_insert_with(|| Gathered {
-                layout,
-                columns,
-                rows: Vec::new(),
-                updates: Vec::new(),
-                keys: HashMap::new(),
-            });
+        let g = self.table(layout, columns);
         g.keys.insert(key_text(layout, &values), g.rows.len());
         g.rows.push(values);
         g.updates.push(update);
     }
 
-    /// Runs every gathered upsert on `tx`; returns the archived copies tombstoned.
-    pub(super) async fn flush(&mut self, tx: &mut TargetTx, run_id: &str) -> Result<u64> {
-        let mut tombstoned = 0;
+    /// Runs every gathered change on `tx`, counting in `report` the rows deleted and the
+    /// archived copies tombstoned.
+    pub(super) async fn flush(
+        &mut self,
+        tx: &mut TargetTx,
+        run_id: &str,
+        report: &mut SyncReport,
+    ) -> Result<()> {
         for g in self.tables.values_mut() {
-            tombstoned += g.flush(tx, run_id).await?;
+            report.archive_changes += g.flush_upserts(tx, run_id).await?;
+            g.flush_deletes(tx, run_id, report).await?;
         }
-        Ok(tombstoned)
+        Ok(())
     }
 }
 
 impl Gathered<'_> {
-    async fn flush(&mut self, tx: &mut TargetTx, run_id: &str) -> Result<u64> {
+    /// Runs the gathered deletes: a key the operational database did not hold is an archived
+    /// record's, tombstoned.
+    async fn flush_deletes(
+        &mut self,
+        tx: &mut TargetTx,
+        run_id: &str,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        if self.deletes.is_empty() {
+            return Ok(());
+        }
+        let layout = self.layout;
+        let deletes = std::mem::take(&mut self.deletes);
+        self.delete_keys.clear();
+        let keys: Vec<String> = layout
+            .key
+            .iter()
+            .map(|&k| quote(&layout.target_names[k]))
+            .collect();
+        let returning: Vec<String> = keys.iter().map(|k| format!("CAST({k} AS TEXT)")).collect();
+        let key_types: Vec<ColumnType> = layout
+            .key
+            .iter()
+            .map(|&k| layout.columns()[k].col_type)
+            .collect();
+        let per_statement = (MAX_PARAMETERS / keys.len()).clamp(1, MAX_ROWS);
+        for chunk in deletes.chunks(per_statement) {
+            let mut n = 0;
+            let tuples: Vec<String> = chunk
+                .iter()
+                .map(|_| {
+                    let cells: Vec<String> = layout
+                        .key
+                        .iter()
+                        .map(|&k| {
+                            n += 1;
+                            format!("CAST(${n} AS {})", self.columns[k].decl_type)
+                        })
+                        .collect();
+                    format!("({})", cells.join(", "))
+                })
+                .collect();
+            let sql = format!(
+                "DELETE FROM {} WHERE ({}) IN ({}) RETURNING {}",
+                quote(&layout.name),
+                keys.join(", "),
+                tuples.join(", "),
+                returning.join(", ")
+            );
+            let values: Vec<Value> = chunk
+                .iter()
+                .flat_map(|(v, _)| layout.key.iter().map(|&k| v[k].clone()))
+                .collect();
+            let types: Vec<ColumnType> = chunk.iter().flat_map(|_| key_types.clone()).collect();
+            let gone: std::collections::HashSet<String> = tx
+                .fetch_text_rows(&sql, &values, &types)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    let parts: Vec<String> = r.into_iter().map(Option::unwrap_or_default).collect();
+                    parts.join("\u{1}")
+                })
+                .collect();
+            report.deleted += gone.len() as u64;
+            for (values, (lsn, position)) in chunk {
+                if gone.contains(&key_text(layout, values)) {
+                    continue;
+                }
+                let change = Change {
+                    lsn: *lsn,
+                    position: *position,
+                    run_id,
+                    parts: std::cell::Cell::new(0),
+                };
+                outbox(tx, layout, &change, &Outbox::tombstone(layout, values)).await?;
+                report.archive_changes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the gathered upserts; returns the archived copies tombstoned.
+    async fn flush_upserts(&mut self, tx: &mut TargetTx, run_id: &str) -> Result<u64> {
         if self.rows.is_empty() {
             return Ok(0);
         }

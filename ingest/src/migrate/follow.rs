@@ -698,11 +698,14 @@ impl Migration {
         }
         let old_values = old.map(|o| tuple_values(layout, o)).transpose()?;
         let gather = gatherable(tx, layout);
-        let key_changes = old_values.as_ref().is_some_and(|o| {
+        let key_changed = old_values.as_ref().is_some_and(|o| {
             let new_key = coerced(layout, values.clone());
-            layout.key.is_empty() || layout.key.iter().any(|&k| o[k] != new_key[k])
+            layout.key.iter().any(|&k| o[k] != new_key[k])
         });
-        if !unchanged.is_empty() || key_changes {
+        // The old row goes first: a keyless table's (identified by its values), or the one
+        // under the key the change replaced.
+        let replaces = old_values.is_some() && (layout.key.is_empty() || key_changed);
+        if !unchanged.is_empty() || replaces {
             // Reads and deletes below see every upsert gathered before.
             upserts.flush(tx, change.run_id, report).await?;
         }
@@ -723,16 +726,13 @@ impl Migration {
                 unchanged.clear();
             }
         }
-        let mut key_changed = false;
         // The key whose archived copy holds the values the change left alone.
         let mut base_key = String::new();
         if let Some(old_values) = &old_values {
-            let new_key = coerced(layout, values.clone());
-            key_changed = layout.key.iter().any(|&k| old_values[k] != new_key[k]);
             if key_changed && !unchanged.is_empty() {
                 base_key = archive_key(layout, &coerced(layout, old_values.clone()));
             }
-            if layout.key.is_empty() || key_changed {
+            if replaces {
                 delete_row(tx, f, old_values, change, report).await?;
             }
         }

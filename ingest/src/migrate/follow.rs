@@ -277,9 +277,15 @@ enum Routed {
 struct Deciding<'c> {
     checks: RowChecks<'c>,
     routed: &'c mut Option<Routed>,
+    /// The record date the route stage read.
+    date: &'c mut Option<NaiveDate>,
 }
 
 impl RangeSink for Deciding<'_> {
+    fn decided(&mut self, date: Option<NaiveDate>) {
+        *self.date = date;
+    }
+
     fn problem(
         &mut self,
         layout: &TableLayout,
@@ -477,6 +483,10 @@ impl Migration {
         progress.following.store(1, Ordering::Relaxed);
         let mut watch = tokio::time::interval(WATCH_EVERY);
         let mut watched = SlotWatch::default();
+        // A slot already past the retained-WAL limit stops sync before it follows.
+        watched
+            .check(&self.source, &slot.slot, applied, limit, &progress)
+            .await?;
         // Source transactions that are already here join the open target transaction, up to
         // MAX_BATCH; it commits when the stream has nothing more at once.
         let mut batch: Option<Batch> = None;
@@ -751,21 +761,21 @@ impl Migration {
         if layout.patient_column.is_none() {
             // The bulk copy selects the patient key last; a table without one selects NULL.
             values.push(Value::Null);
-        } else {
-            self.note_activity(tx, layout, &values, activity, change)
-                .await?;
         }
-        let mut routed = None;
-        let sink = Deciding {
-            checks: RowChecks::new(layout, &f.checks, false),
-            routed: &mut routed,
-        };
-        let rows = SourceRows {
-            chunks: Box::pin(futures::stream::iter([Ok(vec![values])])),
-            index: 0,
-            streamed: &[],
-        };
-        self.route_rows(layout, rows, &activity.facts, sink).await?;
+        // Kept for routing again, should this change move its patient's activity.
+        let patient = layout
+            .patient_column
+            .is_some()
+            .then(|| (patient_of(layout, &values), values.clone()));
+        let (mut routed, date) = self.decide(f, values, &activity.facts).await?;
+        if let (Some((patient, values)), Some(date)) = (patient, date) {
+            if self
+                .note_activity(tx, &patient, date, activity, change)
+                .await?
+            {
+                (routed, _) = self.decide(f, values, &activity.facts).await?;
+            }
+        }
         match routed {
             // A record coming back to the operational tier (clinically current again) with
             // values the change did not carry: only the archived copy has them; the archive
@@ -835,30 +845,27 @@ impl Migration {
         }
     }
 
-    /// A change that moves its patient's last activity later (a new encounter): kept in the
-    /// patient facts sync routes by, and recorded in the operational database
-    /// (`_strata_patient_activity`, same transaction): the archive writer then brings back
-    /// the patient's archived records that are current again ([`super::outbox`]), and the
-    /// next tiering pass sees it.
+    /// A change (of `patient`, dated `date`) that moves its patient's last activity later (a
+    /// new encounter): kept in the patient facts sync routes by, and recorded in the
+    /// operational database (`_strata_patient_activity`, same transaction): the archive writer
+    /// then brings back the patient's archived records that are current again
+    /// ([`super::outbox`]), and the next tiering pass sees it. True when it was noted (the
+    /// change is routed again, by the facts as they are now).
     async fn note_activity(
         &self,
         tx: &mut TargetTx,
-        layout: &TableLayout,
-        values: &[Value],
+        patient: &str,
+        date: NaiveDate,
         activity: &mut Activity,
         change: &Change<'_>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if activity.facts.is_empty() {
-            return Ok(()); // the policy does not decide by activity
+            return Ok(false); // the policy does not decide by activity
         }
-        let patient = patient_of(layout, values);
-        let mut row = values.to_vec();
-        let Some(date) = self.record_date(layout, &mut row, &activity.facts) else {
-            return Ok(());
-        };
         if patient.is_empty() || date > self.as_of() {
-            return Ok(());
+            return Ok(false);
         }
+        let patient = patient.to_string();
         // The facts sync started with were read from the source as it is now, ahead of the
         // changes applied: a change as late as the patient's last activity may be the one
         // that set it, and is noted (once).
@@ -866,7 +873,7 @@ impl Migration {
         if fact.last_activity.is_some_and(|d| d > date)
             || activity.noted.get(&patient).is_some_and(|&d| d >= date)
         {
-            return Ok(());
+            return Ok(false);
         }
         fact.last_activity = Some(date);
         activity.noted.insert(patient.clone(), date);
@@ -891,6 +898,30 @@ impl Migration {
             ],
         )
         .await
+        .map(|()| true)
+    }
+
+    /// Routes a changed row (its values as the route stage takes them): where it goes, and the
+    /// record date the route stage read.
+    async fn decide(
+        &self,
+        f: &Followed<'_>,
+        values: Vec<Value>,
+        facts: &HashMap<String, PatientFacts>,
+    ) -> Result<(Option<Routed>, Option<NaiveDate>)> {
+        let (mut routed, mut date) = (None, None);
+        let sink = Deciding {
+            checks: RowChecks::new(f.layout, &f.checks, false),
+            routed: &mut routed,
+            date: &mut date,
+        };
+        let rows = SourceRows {
+            chunks: Box::pin(futures::stream::iter([Ok(vec![values])])),
+            index: 0,
+            streamed: &[],
+        };
+        self.route_rows(f.layout, rows, facts, sink).await?;
+        Ok((routed, date))
     }
 
     /// A source delete of an operational record a legal hold covers: the hold wins, so the

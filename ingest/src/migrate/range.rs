@@ -257,6 +257,7 @@ impl Migration {
                     }
                     Route::Decided { decision, date } => (decision, date),
                 };
+                sink.decided(date);
                 if decision.tier == Tier::Operational && long.streamed.is_some() {
                     sink.read_long_blobs(layout, &mut values, &long).await?;
                 }

@@ -67,6 +67,9 @@ pub(super) trait RangeSink {
         Ok(())
     }
 
+    /// The record date the route stage read of the row it is about to hand over.
+    fn decided(&mut self, _date: Option<NaiveDate>) {}
+
     /// A problem that keeps a routed row out of every tier, found by this sink.
     fn problem(
         &mut self,

@@ -276,12 +276,7 @@ impl Migration {
         if patients.is_empty() {
             return Ok(());
         }
-        let (store, keys) = self
-            .config
-            .archive
-            .open(&self.config.base_dir)
-            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
-        let keys = keys.for_archive(store.as_ref(), true).await?;
+        let (store, keys) = self.archive_store().await?;
         let archive = ArchiveReader::open(store, keys).await?;
         for layout in self.layouts.iter().filter(|l| l.patient_column.is_some()) {
             let router = Router::new(&self.policy, layout, facts);
@@ -377,12 +372,7 @@ impl Migration {
         target: &Db,
         report: &mut OutboxReport,
     ) -> Result<bool> {
-        let (store, keys) = self
-            .config
-            .archive
-            .open(&self.config.base_dir)
-            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
-        let keys = keys.for_archive(store.as_ref(), true).await?;
+        let (store, keys) = self.archive_store().await?;
         let archive = ArchiveReader::open(store.clone(), keys.clone()).await?;
         let table = layout.name.as_str();
         let run_q = run_id.replace('\'', "''");
@@ -677,12 +667,7 @@ impl Migration {
             truncated,
         } = batch;
         let table = layout.name.as_str();
-        let (store, keys) = self
-            .config
-            .archive
-            .open(&self.config.base_dir)
-            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
-        let keys = keys.for_archive(store.as_ref(), true).await?;
+        let (store, keys) = self.archive_store().await?;
         // Records moved back to the operational tier go there first (an upsert: done again
         // harmlessly when a crash comes before the manifest).
         if !reinstated.is_empty() {
@@ -806,6 +791,17 @@ impl Migration {
             ))
             .await?;
         Ok(Some(writer))
+    }
+
+    /// The archive's store and keys (its own key loaded).
+    async fn archive_store(&self) -> Result<(strata_archive::Store, strata_archive::KeyRing)> {
+        let (store, keys) = self
+            .config
+            .archive
+            .open(&self.config.base_dir)
+            .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
+        let keys = keys.for_archive(store.as_ref(), true).await?;
+        Ok((store, keys))
     }
 
     /// Records a published manifest of the outbox in the control database's ledger and

@@ -152,11 +152,14 @@ workload() { # seconds -> changes made
     "$URL/source" 2> /dev/null | awk '/number of transactions actually processed/ {split($0, a, ": "); split(a[2], b, "/"); print b[1]}'
 }
 start_strata() {
-  (cd "$WORK" && exec /usr/bin/time -v "$STRATA" sync --config strata.toml > sync.txt 2> "sync-time-$1.txt") &
+  # PERF=1 records a profile of each catch-up run (perf-runN.data in the work directory; KEEP=1).
+  local perf=()
+  [ -n "${PERF:-}" ] && [[ "$1" == run* ]] && perf=(perf record -F 499 -g -o "$WORK/perf-$1.data" --)
+  (cd "$WORK" && exec /usr/bin/time -v "${perf[@]}" "$STRATA" sync --config strata.toml > sync.txt 2> "sync-time-$1.txt") &
   FOLLOWER=$!
 }
 stop_strata() {
-  pkill -INT -P "$FOLLOWER" strata || true
+  pkill -INT -x strata || true  # (the follower may run under perf)
   wait "$FOLLOWER" || true
   FOLLOWER=
 }

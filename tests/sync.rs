@@ -237,6 +237,17 @@ fn strata(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `strata sync` started in `dir`, following, its output captured.
+fn following(dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["sync", "--config", "strata.toml"])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A legacy PostgreSQL database being followed: its URL (the owner's), an owner connection,
 /// and the operational database's URL.
 struct Followed {
@@ -396,6 +407,44 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     assert_eq!(status, 0, "{caught_up}");
     let (status, out) = strata_verify(&dir.path().join("strata.toml"));
     assert_eq!(status, 0, "{caught_up}\n{out}");
+
+    // Ctrl-C while following and the application writes: sync commits what it applied, tells
+    // the slot (which then holds no WAL of what is applied: the next sync is not sent it
+    // again), and reports.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(application(url.clone(), stop.clone(), 30_000));
+    let child = following(dir.path());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let out = child.wait_with_output().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("transaction(s) applied"), "{text}");
+    let target = Db::connect(&operational, true).await.unwrap();
+    let applied = count(&target, "SELECT lsn FROM _strata_sync_position".into()).await;
+    target.close().await;
+    let (_, db) = url.rsplit_once('/').unwrap();
+    let confirmed = count(
+        &admin,
+        format!("SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = '{db}_slot'"),
+    )
+    .await;
+    assert!(
+        confirmed >= applied,
+        "slot at {confirmed}, applied {applied}"
+    );
+    let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("; 0 change(s) the copy had already seen"),
+        "{out}"
+    );
 
     // A record the policy archives (a new patient's only visit, years old) goes to the outbox,
     // not to the operational database; caught up twice, it is there once.
@@ -589,13 +638,7 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
 
     // A migrated table's definition changes on the source while sync follows: it stops,
     // naming the table and both column lists.
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["sync", "--config", "strata.toml"])
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = following(dir.path());
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     admin
         .execute("ALTER TABLE visits ADD COLUMN ward text; INSERT INTO visits VALUES (999998, 20001, DATE '2026-05-05', 'open', 'n', 'B2')")

@@ -5,7 +5,7 @@ use crate::catalog::{runs_of, Catalog, Listed};
 use crate::error::{ArchiveError, Result};
 use crate::keys::{KeyRing, ParquetKeyRetriever};
 use crate::manifest::{FileEntry, TableManifest};
-use crate::tombstone::{served, tombstones_of, Successors, Tombstone};
+use crate::tombstone::{served, tombstones_of, with_key, Successors, Tombstone};
 use arrow::array::{RecordBatch, Scalar, StringArray};
 use arrow::compute::filter_record_batch;
 use arrow::compute::kernels::cmp::eq;
@@ -662,9 +662,7 @@ impl ArchiveReader {
     pub async fn patient_rows(&self, table: &str, patient: &str) -> Result<Vec<RecordBatch>> {
         let runs = runs_of(self.catalog.tables.get(table).into_iter().flatten());
         let mut out = Vec::new();
-        let mut successors = Successors::default();
         for (rank, run) in runs.iter().enumerate() {
-            self.add_deletions(&mut successors, rank, run).await?;
             for entry in run.iter().flat_map(|m| &m.files) {
                 if entry.min_patient.as_str() <= patient && patient <= entry.max_patient.as_str() {
                     let batches = self.file_patient_rows(entry, patient).await?;
@@ -672,13 +670,37 @@ impl ArchiveReader {
                 }
             }
         }
-        if runs.len() > 1 {
-            for (rank, batch) in &out {
-                for key in arrow::array::AsArray::as_string::<i32>(batch.column(2))
-                    .iter()
-                    .flatten()
-                {
+        if out.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The fates of these copies: what newer runs did to their keys. Only their keys are
+        // looked up (tombstone files are sorted by key), so that the cost is the patient's,
+        // not the table's.
+        let mut successors = Successors::default();
+        let mut keys = std::collections::BTreeSet::new();
+        for (rank, batch) in &out {
+            for key in arrow::array::AsArray::as_string::<i32>(batch.column(2))
+                .iter()
+                .flatten()
+            {
+                if runs.len() > 1 {
                     successors.copy(*rank, key);
+                }
+                keys.insert(key);
+            }
+        }
+        for (rank, run) in runs.iter().enumerate() {
+            for m in run {
+                if m.truncated {
+                    successors.truncate(rank);
+                }
+                for entry in &m.tombstones {
+                    let tombstones = self.tombstones(entry).await?;
+                    for key in &keys {
+                        for t in with_key(&tombstones, key) {
+                            successors.tombstone(rank, t);
+                        }
+                    }
                 }
             }
         }
@@ -692,17 +714,19 @@ impl ArchiveReader {
             .collect())
     }
 
-    /// A tombstone file's tombstones (read once, checked against the manifest, then kept).
+    /// A tombstone file's tombstones, sorted by key (read once, checked against the manifest,
+    /// then kept).
     pub async fn tombstones(&self, entry: &FileEntry) -> Result<Arc<Vec<Tombstone>>> {
         if let Some(t) = self.tombstones.lock().expect("cache lock").get(&entry.path) {
             return Ok(t.clone());
         }
-        let read: Vec<Tombstone> = self
+        let mut read: Vec<Tombstone> = self
             .read_file(entry)
             .await?
             .iter()
             .flat_map(tombstones_of)
             .collect();
+        read.sort_by(|a, b| a.key.cmp(&b.key));
         let read = Arc::new(read);
         let mut cache = self.tombstones.lock().expect("cache lock");
         if cache.len() >= MAX_OPENED_FILES {

@@ -46,11 +46,24 @@ pub(crate) async fn run_sync(migration: &Migration, catch_up: bool) -> Result<()
     } else {
         SyncUntil::Stopped
     };
+    let sync = migration.sync(until);
+    tokio::pin!(sync);
     let report = tokio::select! {
-        r = migration.sync(until) => r?,
+        r = &mut sync => r?,
         _ = tokio::signal::ctrl_c() => {
+            // Sync commits what it applied and tells the slot; a second Ctrl-C does not wait
+            // (what was not committed is applied again next time).
+            migration.progress().sync.request_stop();
+            eprintln!("stopping sync (Ctrl-C again to stop at once) ...");
+            let stopped = tokio::select! {
+                r = &mut sync => Some(r?),
+                _ = tokio::signal::ctrl_c() => None,
+            };
             eprintln!("sync stopped: every change applied so far is kept; `strata sync` goes on from there");
-            return Ok(());
+            match stopped {
+                Some(report) => report,
+                None => return Ok(()),
+            }
         }
     };
     println!(

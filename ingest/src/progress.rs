@@ -77,6 +77,32 @@ pub struct SyncProgress {
     pub lag_ms: AtomicU64,
     /// Bytes of WAL the slot holds back on the source.
     pub retained_wal_bytes: AtomicU64,
+    /// Whether someone asked sync to stop (see [`SyncProgress::request_stop`]).
+    stop_requested: std::sync::atomic::AtomicBool,
+    /// Wakes a sync that waits for changes when a stop is asked for.
+    stop_wakeup: tokio::sync::Notify,
+}
+
+impl SyncProgress {
+    /// Asks a running sync to stop: it commits what it has applied, tells the slot, and
+    /// returns its report (an interrupted sync would leave its open batch to be applied again,
+    /// and the slot up to a status update behind).
+    pub fn request_stop(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+        self.stop_wakeup.notify_one();
+    }
+
+    /// Whether a stop was asked for.
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// Waits until a stop is asked for.
+    pub async fn stopping(&self) {
+        while !self.stop_requested() {
+            self.stop_wakeup.notified().await;
+        }
+    }
 }
 
 impl RunProgress {

@@ -2,10 +2,12 @@
 //! same route stage as the bulk copy (issue #18).
 //!
 //! Source transactions are applied whole, in commit order, several to one transaction of the
-//! operational database (those already received, up to [`MAX_BATCH`]) that also records the
-//! position reached (`_strata_sync_position`); the slot is told only after that commit. A transaction at or before the recorded position was
-//! applied before a crash and is skipped; a table's changes that its copy's snapshot already
-//! saw are skipped ([`crate::sync::snapshot`]). So every change applies exactly once.
+//! operational database (those already received, up to [`MAX_BATCH_CHANGES`] changes) that
+//! also records the position reached (`_strata_sync_position`); the slot is told only after
+//! that commit. A transaction at or before the recorded position was applied before a crash
+//! and is skipped; a table's changes that its copy's snapshot already saw are skipped
+//! ([`crate::sync::snapshot`]). So every change applies exactly once. Within a batch, writes
+//! are gathered into multi-row statements ([`super::upserts`], [`super::later`]).
 //!
 //! Per change, the row is routed as the bulk copy routes it: an operational-tier row is
 //! upserted by key (deleted when its key changed); a row that now belongs to the archive, or
@@ -19,6 +21,7 @@
 //! goes (or stays) in the archive with a held tombstone. A change that moves a patient's last
 //! activity later is recorded, and routed by.
 
+use super::later::{patient_of, Later, Outbox};
 use super::naming::{archive_key, row_key};
 use super::range::SourceRows;
 use super::sinks::{LongBlobs, Quarantined, RangeSink, RowChecks};
@@ -42,8 +45,12 @@ use strata_cutoff_policies::{HoldScope, PatientFacts, Tier};
 /// How often sync measures how far behind it is and what the slot holds back.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Source transactions applied in one target transaction, at most.
-const MAX_BATCH: u64 = 500;
+/// Changes applied in one target transaction, at most (beyond it, the transaction that
+/// passes it): few commits while catching up, locks held for a fraction of a second.
+const MAX_BATCH_CHANGES: u64 = 10_000;
+/// Bytes of changes (as the stream carried them) applied in one target transaction, at most:
+/// a batch holds its gathered rows in memory until it commits.
+const MAX_BATCH_BYTES: usize = 32 << 20;
 
 /// How long an open batch waits for another source transaction before it commits.
 const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
@@ -57,6 +64,7 @@ struct Batch<'a> {
     end_lsn: u64,
     transactions: u64,
     changes: u64,
+    bytes: usize,
     /// When the first of them committed on the source.
     oldest_commit_micros: Option<i64>,
 }
@@ -69,6 +77,7 @@ impl Batch<'_> {
             end_lsn: 0,
             transactions: 0,
             changes: 0,
+            bytes: 0,
             oldest_commit_micros: None,
         })
     }
@@ -79,11 +88,12 @@ impl Batch<'_> {
         mut self,
         run_id: &str,
         slot: &str,
-        stream: &ChangeStream,
+        stream: &mut ChangeStream,
         progress: &crate::progress::SyncProgress,
         report: &mut SyncReport,
     ) -> Result<u64> {
         self.upserts.flush(&mut self.tx, run_id, report).await?;
+        self.upserts.later.write(&mut self.tx, run_id).await?;
         record_position(&mut self.tx, run_id, slot, self.end_lsn).await?;
         self.tx.commit().await?;
         stream.confirm(self.end_lsn);
@@ -460,10 +470,9 @@ impl Migration {
             run_id: run.run_id.clone(),
             ..Default::default()
         };
-        // What waits in the outbox from before (a crash, or a stop) is written first.
-        report.archive = self
-            .write_outbox(&run.run_id, &target, &activity.facts)
-            .await?;
+        // What waits in the outbox from before (a crash, or a stop) is written when due, like
+        // the rest: changes are applied first.
+        let mut leftover = super::outbox::waiting(&target, &run.run_id).await?;
         let mut outboxed = 0;
         // The stream describes each relation once a session, before its first change, even
         // inside a transaction applied before a restart: every description is kept. None for
@@ -488,11 +497,14 @@ impl Migration {
             .check(&self.source, &slot.slot, applied, limit, &progress)
             .await?;
         // Source transactions that are already here join the open target transaction, up to
-        // MAX_BATCH; it commits when the stream has nothing more at once.
+        // MAX_BATCH_CHANGES; it commits when the stream has nothing more at once.
         let mut batch: Option<Batch> = None;
         loop {
+            if progress.stop_requested() {
+                break;
+            }
             let next = match batch.as_ref() {
-                Some(b) if b.transactions >= MAX_BATCH => None,
+                Some(b) if b.changes >= MAX_BATCH_CHANGES || b.bytes >= MAX_BATCH_BYTES => None,
                 Some(_) => {
                     match tokio::time::timeout(BATCH_WAIT, stream.next_transaction()).await {
                         Ok(t) => Some(t?),
@@ -501,6 +513,7 @@ impl Migration {
                 }
                 None => tokio::select! {
                     t = stream.next_transaction() => Some(t?),
+                    _ = progress.stopping() => break,
                     _ = watch.tick() => {
                         // Nothing is pending: what the source sent while idle (transactions
                         // on other tables) needs no apply, and the slot may move past it.
@@ -509,11 +522,11 @@ impl Migration {
                         }
                         let through = applied.max(stream.idle_through());
                         watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
-                        let waiting = report.archive_changes > outboxed || activity.pending;
+                        let waiting = leftover || report.archive_changes > outboxed || activity.pending;
                         if flush.due(waiting, &target, &run.run_id).await? {
                             report.archive.add(self.write_outbox(&run.run_id, &target, &activity.facts).await?);
                             outboxed = report.archive_changes;
-                            activity.pending = false;
+                            (leftover, activity.pending) = (false, false);
                             flush.written();
                         }
                         continue;
@@ -526,7 +539,7 @@ impl Migration {
                 None => {
                     if let Some(b) = batch.take() {
                         applied = b
-                            .commit(&run.run_id, &slot.slot, &stream, &progress, &mut report)
+                            .commit(&run.run_id, &slot.slot, &mut stream, &progress, &mut report)
                             .await?;
                     }
                     continue;
@@ -612,14 +625,14 @@ impl Migration {
                         }
                         upserts.flush(tx, &run.run_id, &mut report).await?;
                         if self
-                            .delete_held(tx, f, &values, &activity.facts, &change)
+                            .delete_held((tx, upserts), f, &values, &activity.facts, &change)
                             .await?
                         {
                             report.held_deletions += 1;
                             report.archive_changes += 1;
                             continue;
                         }
-                        delete_row(tx, f, &values, &change, &mut report).await?;
+                        delete_row((tx, upserts), f, &values, &change, &mut report).await?;
                     }
                     Message::Truncate {
                         relations: oids, ..
@@ -640,30 +653,27 @@ impl Migration {
                             }
                             tx.execute(&format!("DELETE FROM {}", quote(&f.layout.name)))
                                 .await?;
-                            let entry = Outbox {
-                                kind: "truncate",
-                                key: String::new(),
-                                patient: String::new(),
-                                date: None,
-                                data: "{}".into(),
-                                unchanged: Vec::new(),
-                                base_key: String::new(),
-                            };
-                            outbox(tx, f.layout, &change, &entry).await?;
+                            upserts
+                                .later
+                                .outbox(f.layout, &change, &Outbox::truncate(f.layout));
                             report.archive_changes += 1;
                         }
                     }
                     Message::Other(_) => {}
                 }
             }
+            if upserts.later.full() {
+                upserts.later.write(tx, &run.run_id).await?;
+            }
             b.end_lsn = t.end_lsn;
             b.transactions += 1;
             b.changes += t.messages.len() as u64;
+            b.bytes += t.bytes;
             b.oldest_commit_micros.get_or_insert(t.commit_time_micros);
         }
         if let Some(b) = batch.take() {
             applied = b
-                .commit(&run.run_id, &slot.slot, &stream, &progress, &mut report)
+                .commit(&run.run_id, &slot.slot, &mut stream, &progress, &mut report)
                 .await?;
         }
         stream.close().await?;
@@ -743,7 +753,7 @@ impl Migration {
                 base_key = archive_key(layout, &coerced(layout, old_values.clone()));
             }
             if replaces {
-                delete_row(tx, f, old_values, change, report).await?;
+                delete_row((tx, upserts), f, old_values, change, report).await?;
             }
         }
         // An updated record the operational database does not hold lives in the archive (or
@@ -769,10 +779,7 @@ impl Migration {
             .then(|| (patient_of(layout, &values), values.clone()));
         let (mut routed, date) = self.decide(f, values, &activity.facts).await?;
         if let (Some((patient, values)), Some(date)) = (patient, date) {
-            if self
-                .note_activity(tx, &patient, date, activity, change)
-                .await?
-            {
+            if self.note_activity(&mut upserts.later, &patient, date, activity, change) {
                 (routed, _) = self.decide(f, values, &activity.facts).await?;
             }
         }
@@ -783,7 +790,7 @@ impl Migration {
             Some(Routed::Operational(values)) if !unchanged.is_empty() => {
                 let mut entry = Outbox::row("reinstate", layout, &values, None, None, unchanged);
                 entry.base_key = base_key;
-                outbox(tx, layout, change, &entry).await?;
+                upserts.later.outbox(layout, change, &entry);
                 report.archive_changes += 1;
             }
             Some(Routed::Operational(values)) if gather => {
@@ -796,20 +803,28 @@ impl Migration {
             }
             Some(Routed::Operational(values)) => {
                 if elsewhere {
-                    let entry = Outbox::tombstone(layout, &values);
-                    outbox(tx, layout, change, &entry).await?;
+                    upserts
+                        .later
+                        .outbox(layout, change, &Outbox::tombstone(layout, &values));
                     report.archive_changes += 1;
                 }
-                upsert_row(tx, layout, &f.columns, &values).await?;
+                upsert_row(tx, layout, &f.columns, &values, Existing::Replace).await?;
                 report.upserted += 1;
             }
             Some(Routed::Archive(values, kind, patient, date)) => {
-                upserts.flush(tx, change.run_id, report).await?;
                 // A record lives in one place: the operational copy goes.
-                report.deleted += delete_operational(tx, f, &values).await?;
+                if gather {
+                    let values = coerced(layout, values.clone());
+                    if upserts.touches(layout, &values) {
+                        upserts.flush(tx, change.run_id, report).await?;
+                    }
+                    upserts.leave(layout, &f.columns, values);
+                } else {
+                    report.deleted += delete_operational(tx, f, &values).await?;
+                }
                 let mut entry = Outbox::row(kind, layout, &values, patient, date, unchanged);
                 entry.base_key = base_key;
-                outbox(tx, layout, change, &entry).await?;
+                upserts.later.outbox(layout, change, &entry);
                 report.archive_changes += 1;
             }
             Some(Routed::Quarantine(q, values)) => {
@@ -851,19 +866,19 @@ impl Migration {
     /// then brings back the patient's archived records that are current again
     /// ([`super::outbox`]), and the next tiering pass sees it. True when it was noted (the
     /// change is routed again, by the facts as they are now).
-    async fn note_activity(
+    fn note_activity(
         &self,
-        tx: &mut TargetTx,
+        later: &mut Later,
         patient: &str,
         date: NaiveDate,
         activity: &mut Activity,
         change: &Change<'_>,
-    ) -> Result<bool> {
+    ) -> bool {
         if activity.facts.is_empty() {
-            return Ok(false); // the policy does not decide by activity
+            return false; // the policy does not decide by activity
         }
         if patient.is_empty() || date > self.as_of() {
-            return Ok(false);
+            return false;
         }
         let patient = patient.to_string();
         // The facts sync started with were read from the source as it is now, ahead of the
@@ -873,32 +888,13 @@ impl Migration {
         if fact.last_activity.is_some_and(|d| d > date)
             || activity.noted.get(&patient).is_some_and(|&d| d >= date)
         {
-            return Ok(false);
+            return false;
         }
         fact.last_activity = Some(date);
         activity.noted.insert(patient.clone(), date);
         activity.pending = true;
-        let p = |n| tx.placeholder(n);
-        let sql = format!(
-            "INSERT INTO {ACTIVITY_TABLE} (run_id, patient, last_activity, source_lsn, pending) VALUES ({}, {}, {}, CAST({} AS BIGINT), 1) \
-             ON CONFLICT (run_id, patient) DO UPDATE SET last_activity = excluded.last_activity, source_lsn = excluded.source_lsn, pending = 1 \
-             WHERE excluded.last_activity >= {ACTIVITY_TABLE}.last_activity",
-            p(1),
-            p(2),
-            p(3),
-            p(4)
-        );
-        tx.execute_with(
-            &sql,
-            &[
-                change.run_id.to_string(),
-                patient,
-                date.to_string(),
-                change.lsn.to_string(),
-            ],
-        )
-        .await
-        .map(|()| true)
+        later.activity(patient, date, change.lsn);
+        true
     }
 
     /// Routes a changed row (its values as the route stage takes them): where it goes, and the
@@ -930,7 +926,7 @@ impl Migration {
     /// archive writer checks archived records).
     async fn delete_held(
         &self,
-        tx: &mut TargetTx,
+        (tx, upserts): (&mut TargetTx, &mut Upserts<'_>),
         f: &Followed<'_>,
         values: &[Value],
         facts: &HashMap<String, PatientFacts>,
@@ -976,7 +972,7 @@ impl Migration {
         }
         let patient = (!patient.is_empty()).then_some(patient);
         let entry = Outbox::row("held", layout, &row, patient, date, Vec::new());
-        outbox(tx, layout, change, &entry).await?;
+        upserts.later.outbox(layout, change, &entry);
         Ok(true)
     }
 }
@@ -1145,123 +1141,6 @@ async fn record_position(tx: &mut TargetTx, run_id: &str, slot: &str, lsn: u64) 
     .await
 }
 
-/// A change for the archive, as the outbox keeps it until the archive writer
-/// ([`super::outbox`]) writes it.
-pub(super) struct Outbox {
-    /// `upsert` (an archived record, new or changed), `purge` (past retention: destroyed),
-    /// `delete` (a tombstone), `held` (a deleted record a legal hold keeps: archived with a
-    /// held tombstone), `truncate`, `reinstate` (an archived record back in the operational
-    /// tier, whose values the change did not all carry).
-    pub(super) kind: &'static str,
-    /// The record's key in the archive (a digest of its values for a keyless table).
-    pub(super) key: String,
-    /// Its patient key, when known ("" otherwise).
-    pub(super) patient: String,
-    /// Its record date, when known.
-    pub(super) date: Option<NaiveDate>,
-    /// Its values as JSON (as the quarantine keeps them).
-    pub(super) data: String,
-    /// The columns whose values the change did not carry (TOASTed values it left alone, for a
-    /// record not in the operational database: the archive writer keeps the archived copy's).
-    pub(super) unchanged: Vec<String>,
-    /// The key of the archived copy that holds those values, when the change also changed
-    /// the record's key ("" otherwise).
-    pub(super) base_key: String,
-}
-
-impl Outbox {
-    fn row(
-        kind: &'static str,
-        layout: &TableLayout,
-        values: &[Value],
-        patient: Option<String>,
-        date: Option<NaiveDate>,
-        unchanged: Vec<String>,
-    ) -> Self {
-        let key = archive_key(layout, values);
-        let patient = patient.unwrap_or_else(|| patient_of(layout, values));
-        Outbox {
-            kind,
-            data: Quarantined::new(layout, key.clone(), 0, kind, values).data,
-            key,
-            patient,
-            date,
-            unchanged,
-            base_key: String::new(),
-        }
-    }
-
-    /// The tombstone of the archived record with `values`' key (its patient when `values`
-    /// carry it: a keyless table's deleted rows come whole).
-    pub(super) fn tombstone(layout: &TableLayout, values: &[Value]) -> Self {
-        Outbox {
-            kind: "delete",
-            key: archive_key(layout, values),
-            patient: patient_of(layout, values),
-            date: None,
-            data: "{}".into(),
-            unchanged: Vec::new(),
-            base_key: String::new(),
-        }
-    }
-}
-
-/// The patient key in a row's values, when the table has a patient column and the row
-/// carries it ("" otherwise).
-fn patient_of(layout: &TableLayout, values: &[Value]) -> String {
-    layout
-        .patient_column
-        .and_then(|i| values.get(i))
-        .and_then(Value::as_key_text)
-        .unwrap_or_default()
-}
-
-/// Puts a change for the archive in the outbox.
-pub(super) async fn outbox(
-    tx: &mut TargetTx,
-    layout: &TableLayout,
-    change: &Change<'_>,
-    entry: &Outbox,
-) -> Result<()> {
-    let p = |n| tx.placeholder(n);
-    let sql = format!(
-        "INSERT INTO {OUTBOX_TABLE} (lsn, position, part, run_id, table_name, change, row_key, row_data, unchanged, patient, record_date, base_key) \
-         VALUES (CAST({} AS BIGINT), CAST({} AS BIGINT), CAST({} AS BIGINT), {}, {}, {}, {}, {}, {}, {}, {}, {})",
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6),
-        p(7),
-        p(8),
-        p(9),
-        p(10),
-        p(11),
-        p(12)
-    );
-    let part = change.parts.get();
-    change.parts.set(part + 1);
-    tx.execute_with(
-        &sql,
-        &[
-            change.lsn.to_string(),
-            change.position.to_string(),
-            part.to_string(),
-            change.run_id.to_string(),
-            layout.name.clone(),
-            entry.kind.to_string(),
-            entry.key.clone(),
-            entry.data.clone(),
-            entry.unchanged.join(","),
-            entry.patient.clone(),
-            entry.date.map(|d| d.to_string()).unwrap_or_default(),
-            entry.base_key.clone(),
-        ],
-    )
-    .await
-}
-
 /// `col = CAST(? AS decl)` for the key columns (or every column of a keyless table).
 fn match_columns(tx: &TargetTx, f: &Followed<'_>, from: usize) -> (String, Vec<usize>) {
     let layout = f.layout;
@@ -1315,7 +1194,7 @@ async fn delete_operational(tx: &mut TargetTx, f: &Followed<'_>, values: &[Value
 /// Deletes a row (a source delete, or the old version of a row whose key changed): from the
 /// operational database if it is there, else it is an archived record's tombstone.
 async fn delete_row(
-    tx: &mut TargetTx,
+    (tx, upserts): (&mut TargetTx, &mut Upserts<'_>),
     f: &Followed<'_>,
     values: &[Value],
     change: &Change<'_>,
@@ -1325,7 +1204,9 @@ async fn delete_row(
     let gone = delete_operational(tx, f, &values).await?;
     report.deleted += gone;
     if gone == 0 {
-        outbox(tx, f.layout, change, &Outbox::tombstone(f.layout, &values)).await?;
+        upserts
+            .later
+            .outbox(f.layout, change, &Outbox::tombstone(f.layout, &values));
         report.archive_changes += 1;
     }
     Ok(())
@@ -1379,12 +1260,22 @@ async fn read_row(
     tuple_values(layout, &datums).map(Some)
 }
 
-/// Inserts the row, or updates the one with its key.
+/// What [`upsert_row`] does to a row already there with the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Existing {
+    /// Updates it.
+    Replace,
+    /// Keeps it (it is newer).
+    Keep,
+}
+
+/// Inserts the row, or updates the one with its key (or keeps it: `existing`).
 pub(super) async fn upsert_row(
     tx: &mut TargetTx,
     layout: &TableLayout,
     columns: &[Column],
     values: &[Value],
+    existing: Existing,
 ) -> Result<()> {
     let names: Vec<String> = layout.target_names.iter().map(|n| quote(n)).collect();
     let placeholders: Vec<String> = columns
@@ -1407,7 +1298,7 @@ pub(super) async fn upsert_row(
             .map(|(_, n)| format!("{n} = excluded.{n}"))
             .collect();
         sql.push_str(&format!(" ON CONFLICT ({}) ", keys.join(", ")));
-        if set.is_empty() {
+        if set.is_empty() || existing == Existing::Keep {
             sql.push_str("DO NOTHING");
         } else {
             sql.push_str(&format!("DO UPDATE SET {}", set.join(", ")));

@@ -16,6 +16,7 @@ mod destroyed;
 mod evidence;
 mod explain;
 mod follow;
+mod later;
 mod naming;
 mod outbox;
 mod range;

@@ -133,6 +133,22 @@ impl FlushDue {
     }
 }
 
+/// Whether run `run_id`'s outbox, or its patients' activity, holds anything the archive
+/// writer has not written (left by a sync that stopped or crashed).
+pub(super) async fn waiting(target: &Db, run_id: &str) -> Result<bool> {
+    let run = run_id.replace('\'', "''");
+    let found = first_value(
+        target,
+        format!(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM {OUTBOX_TABLE} WHERE run_id = '{run}') \
+             OR EXISTS (SELECT 1 FROM {ACTIVITY_TABLE} WHERE run_id = '{run}' AND pending = 1) THEN 1 ELSE 0 END"
+        ),
+        ColumnType::Int,
+    )
+    .await?;
+    Ok(found == Value::Int(1))
+}
+
 /// One outbox entry as read back.
 struct Entry {
     lsn: i64,
@@ -668,12 +684,14 @@ impl Migration {
         } = batch;
         let table = layout.name.as_str();
         let (store, keys) = self.archive_store().await?;
-        // Records moved back to the operational tier go there first (an upsert: done again
-        // harmlessly when a crash comes before the manifest).
+        // Records moved back to the operational tier go there first, unless a later change
+        // put them there already (sync applies changes before the writer runs: a row there
+        // is newer), and so again harmlessly when a crash comes before the manifest.
         if !reinstated.is_empty() {
             let mut tx = TargetTx::begin(target).await?;
             for values in &reinstated {
-                super::follow::upsert_row(&mut tx, layout, columns, values).await?;
+                use super::follow::{upsert_row, Existing};
+                upsert_row(&mut tx, layout, columns, values, Existing::Keep).await?;
             }
             tx.commit().await?;
         }

@@ -12,7 +12,8 @@
 //! outbox, as the change's first entry. Only for PostgreSQL targets and keys of integer or text
 //! columns (whose text PostgreSQL and Strata write alike); other tables go row by row.
 
-use super::follow::{outbox, Change, Outbox, SyncReport};
+use super::follow::{Change, SyncReport};
+use super::later::{Later, Outbox};
 use crate::db::{quote, Column};
 use crate::error::Result;
 use crate::layout::TableLayout;
@@ -25,10 +26,16 @@ const MAX_PARAMETERS: usize = 60_000;
 /// Rows one statement takes at most.
 const MAX_ROWS: usize = 1_000;
 
-/// The upserts gathered so far, by table.
+/// Where a change sits in the source's log: its transaction's commit LSN, its position in it.
+type ChangeAt = (u64, usize);
+
+/// The upserts and deletes gathered so far, by table, and what the batch leaves for later.
 #[derive(Default)]
 pub(super) struct Upserts<'a> {
     tables: HashMap<&'a str, Gathered<'a>>,
+    /// Outbox entries and activity notes, written at the batch's commit (tombstones among
+    /// them come from the gathered statements' results).
+    pub(super) later: Later,
 }
 
 /// One table's gathered upserts.
@@ -41,8 +48,10 @@ struct Gathered<'a> {
     updates: Vec<Option<(u64, usize)>>,
     /// The rows' keys as text (a key twice in one statement is refused by PostgreSQL).
     keys: HashMap<String, usize>,
-    /// Deletes: the key values of each (the rest NULL) and the change that made it.
-    deletes: Vec<(Vec<Value>, (u64, usize))>,
+    /// Deletes: the key values of each (the rest NULL) and the change that made it — None
+    /// for the operational copy of a record that left for the archive (nothing to tombstone
+    /// when it was not there).
+    deletes: Vec<(Vec<Value>, Option<ChangeAt>)>,
     /// Their keys as text.
     delete_keys: std::collections::HashSet<String>,
 }
@@ -107,6 +116,27 @@ impl<'a> Upserts<'a> {
         values: Vec<Value>,
         change: (u64, usize),
     ) {
+        self.gather_delete(layout, columns, values, Some(change));
+    }
+
+    /// Gathers the delete of the operational copy of a record that leaves for the archive
+    /// (`values`: its values, coerced).
+    pub(super) fn leave(
+        &mut self,
+        layout: &'a TableLayout,
+        columns: &'a [Column],
+        values: Vec<Value>,
+    ) {
+        self.gather_delete(layout, columns, values, None);
+    }
+
+    fn gather_delete(
+        &mut self,
+        layout: &'a TableLayout,
+        columns: &'a [Column],
+        values: Vec<Value>,
+        change: Option<ChangeAt>,
+    ) {
         let g = self.table(layout, columns);
         g.delete_keys.insert(key_text(layout, &values));
         g.deletes.push((values, change));
@@ -136,8 +166,8 @@ impl<'a> Upserts<'a> {
         report: &mut SyncReport,
     ) -> Result<()> {
         for g in self.tables.values_mut() {
-            report.archive_changes += g.flush_upserts(tx, run_id).await?;
-            g.flush_deletes(tx, run_id, report).await?;
+            report.archive_changes += g.flush_upserts(tx, run_id, &mut self.later).await?;
+            g.flush_deletes(tx, run_id, report, &mut self.later).await?;
         }
         Ok(())
     }
@@ -151,6 +181,7 @@ impl Gathered<'_> {
         tx: &mut TargetTx,
         run_id: &str,
         report: &mut SyncReport,
+        later: &mut Later,
     ) -> Result<()> {
         if self.deletes.is_empty() {
             return Ok(());
@@ -208,7 +239,10 @@ impl Gathered<'_> {
                 })
                 .collect();
             report.deleted += gone.len() as u64;
-            for (values, (lsn, position)) in chunk {
+            for (values, change) in chunk {
+                let Some((lsn, position)) = change else {
+                    continue;
+                };
                 if gone.contains(&key_text(layout, values)) {
                     continue;
                 }
@@ -218,7 +252,7 @@ impl Gathered<'_> {
                     run_id,
                     parts: std::cell::Cell::new(0),
                 };
-                outbox(tx, layout, &change, &Outbox::tombstone(layout, values)).await?;
+                later.outbox(layout, &change, &Outbox::tombstone(layout, values));
                 report.archive_changes += 1;
             }
         }
@@ -226,7 +260,12 @@ impl Gathered<'_> {
     }
 
     /// Runs the gathered upserts; returns the archived copies tombstoned.
-    async fn flush_upserts(&mut self, tx: &mut TargetTx, run_id: &str) -> Result<u64> {
+    async fn flush_upserts(
+        &mut self,
+        tx: &mut TargetTx,
+        run_id: &str,
+        later: &mut Later,
+    ) -> Result<u64> {
         if self.rows.is_empty() {
             return Ok(0);
         }
@@ -307,7 +346,7 @@ impl Gathered<'_> {
                         run_id,
                         parts: std::cell::Cell::new(0),
                     };
-                    outbox(tx, layout, &change, &Outbox::tombstone(layout, &chunk[i])).await?;
+                    later.outbox(layout, &change, &Outbox::tombstone(layout, &chunk[i]));
                     tombstoned += 1;
                 }
             }

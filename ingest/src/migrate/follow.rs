@@ -617,7 +617,7 @@ impl Migration {
                         let values = tuple_values(f.layout, old)?;
                         if gatherable(tx, f.layout) && self.policy.holds().is_empty() {
                             let values = coerced(f.layout, values);
-                            if upserts.touches(f.layout, &values) {
+                            if !upserts.supersede(f.layout, &values, false) {
                                 upserts.flush(tx, &run.run_id, &mut report).await?;
                             }
                             upserts.delete(f.layout, &f.columns, values, (t.commit_lsn, position));
@@ -794,7 +794,7 @@ impl Migration {
                 report.archive_changes += 1;
             }
             Some(Routed::Operational(values)) if gather => {
-                if upserts.touches(layout, &values) {
+                if upserts.deleting(layout, &values) {
                     upserts.flush(tx, change.run_id, report).await?;
                 }
                 let update = (update && !key_changed).then_some((change.lsn, change.position));
@@ -815,7 +815,7 @@ impl Migration {
                 // A record lives in one place: the operational copy goes.
                 if gather {
                     let values = coerced(layout, values.clone());
-                    if upserts.touches(layout, &values) {
+                    if !upserts.supersede(layout, &values, true) {
                         upserts.flush(tx, change.run_id, report).await?;
                     }
                     upserts.leave(layout, &f.columns, values);

@@ -2,10 +2,14 @@
 //! statements: one round trip for many changes instead of one or two for each (catching up is
 //! bound by round trips).
 //!
-//! A change joins its table's statements when sync needs nothing back before the next change;
-//! changes to different keys commute, so a change to a key already gathered, and anything else
-//! that touches the operational database (a read, a row that leaves for the archive), runs
-//! what is gathered first (upserts, then deletes), and so does the batch's commit.
+//! A change joins its table's statements when sync needs nothing back before the next change.
+//! Changes to different keys commute. Of two changes to one key, the later replaces the
+//! gathered one where the outcome is the same as applying both in turn: an upsert after an
+//! upsert (the last values win; whether the record was there is the first change's to find
+//! out), a delete after an update's upsert, the delete of a row that leaves for the archive
+//! after any upsert. Anything else that meets a gathered key (an upsert after a delete, a
+//! delete after an insert), or touches the operational database otherwise (a read), runs what
+//! is gathered first (upserts, then deletes), and so does the batch's commit.
 //! `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` says which rows were inserted, and
 //! `DELETE ... RETURNING` which keys were there: an updated or deleted record the operational
 //! database did not hold lives in the archive, and its archived copy gets a tombstone in the
@@ -45,7 +49,7 @@ struct Gathered<'a> {
     rows: Vec<Vec<Value>>,
     /// Per row: the change that made it, when it was an update (its key unchanged) — if the
     /// row turns out inserted, the change tombstones the archived copy.
-    updates: Vec<Option<(u64, usize)>>,
+    updates: Vec<Option<ChangeAt>>,
     /// The rows' keys as text (a key twice in one statement is refused by PostgreSQL).
     keys: HashMap<String, usize>,
     /// Deletes: the key values of each (the rest NULL) and the change that made it — None
@@ -84,15 +88,6 @@ fn key_text(layout: &TableLayout, values: &[Value]) -> String {
 }
 
 impl<'a> Upserts<'a> {
-    /// Whether a change to `values`' key is gathered for `layout`'s table already (the next
-    /// one must wait: flush first).
-    pub(super) fn touches(&self, layout: &TableLayout, values: &[Value]) -> bool {
-        self.tables.get(layout.name.as_str()).is_some_and(|g| {
-            let key = key_text(layout, values);
-            g.keys.contains_key(&key) || g.delete_keys.contains(&key)
-        })
-    }
-
     fn table(&mut self, layout: &'a TableLayout, columns: &'a [Column]) -> &mut Gathered<'a> {
         self.tables
             .entry(layout.name.as_str())
@@ -142,19 +137,71 @@ impl<'a> Upserts<'a> {
         g.deletes.push((values, change));
     }
 
+    /// Drops the gathered upsert of `values`' key that a delete (`leaving`: of the
+    /// operational copy of a record that leaves for the archive) makes moot, where the
+    /// outcome is as if both were applied in turn; true when nothing of the key remains
+    /// gathered (else the delete must wait: flush first). A source delete may drop an
+    /// update's upsert only: the record was there (operational, or archived — the delete
+    /// tombstones it instead of the update), whereas after a gathered insert it would
+    /// tombstone a record the archive never held.
+    pub(super) fn supersede(
+        &mut self,
+        layout: &TableLayout,
+        values: &[Value],
+        leaving: bool,
+    ) -> bool {
+        let Some(g) = self.tables.get_mut(layout.name.as_str()) else {
+            return true;
+        };
+        let key = key_text(layout, values);
+        if g.delete_keys.contains(&key) {
+            return false;
+        }
+        let Some(&i) = g.keys.get(&key) else {
+            return true;
+        };
+        if !leaving && g.updates[i].is_none() {
+            return false;
+        }
+        g.keys.remove(&key);
+        g.rows.swap_remove(i);
+        g.updates.swap_remove(i);
+        if let Some(moved) = g.rows.get(i) {
+            g.keys.insert(key_text(layout, moved), i);
+        }
+        true
+    }
+
+    /// Whether a delete of `values`' key is gathered for `layout`'s table (an upsert of it
+    /// must wait: flush first).
+    pub(super) fn deleting(&self, layout: &TableLayout, values: &[Value]) -> bool {
+        self.tables
+            .get(layout.name.as_str())
+            .is_some_and(|g| g.delete_keys.contains(&key_text(layout, values)))
+    }
+
     /// Gathers an upsert; `update`: the change (LSN, position) when it updated a row whose
-    /// key it left alone.
+    /// key it left alone. An upsert of the same key gathered before is replaced: the same
+    /// record changed again in this batch, its last values win, and whether the record was
+    /// there (an update that inserts tombstones the archived copy) stays the first change's
+    /// to tell, as it would be were each applied in turn.
     pub(super) fn push(
         &mut self,
         layout: &'a TableLayout,
         columns: &'a [Column],
         values: Vec<Value>,
-        update: Option<(u64, usize)>,
+        update: Option<ChangeAt>,
     ) {
         let g = self.table(layout, columns);
-        g.keys.insert(key_text(layout, &values), g.rows.len());
-        g.rows.push(values);
-        g.updates.push(update);
+        let key = key_text(layout, &values);
+        match g.keys.get(&key) {
+            Some(&i) => g.rows[i] = values,
+            None => {
+                g.keys.insert(key, g.rows.len());
+                g.rows.push(values);
+                g.updates.push(update);
+            }
+        }
     }
 
     /// Runs every gathered change on `tx`, counting in `report` the rows deleted and the
@@ -352,5 +399,117 @@ impl Gathered<'_> {
             }
         }
         Ok(tombstoned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MigrationConfig;
+    use crate::db::TableSchema;
+
+    fn visits() -> (TableLayout, Vec<Column>) {
+        let config: toml::Table = toml::from_str(
+            r#"
+            [source]
+            url = "sqlite://unused.db"
+            [operational]
+            url = "sqlite://unused-target.db"
+            [archive]
+            location = "archive"
+            kek_id = "test"
+            [policy]
+            file = "policy.toml"
+            [tables.visits]
+            primary_key = ["id"]
+            patient_key = "patient"
+            record_date = "seen"
+            "#,
+        )
+        .unwrap();
+        let config = MigrationConfig::parse(config, std::path::Path::new(".")).unwrap();
+        let column = |name: &str, col_type| Column {
+            name: name.into(),
+            decl_type: String::new(),
+            col_type,
+            nullable: true,
+        };
+        let columns = vec![
+            column("id", ColumnType::Int),
+            column("patient", ColumnType::Text),
+            column("seen", ColumnType::Text),
+        ];
+        let schema = TableSchema {
+            name: "visits".into(),
+            columns: columns.clone(),
+            primary_key: vec!["id".into()],
+            foreign_keys: Vec::new(),
+        };
+        let layout = TableLayout::new(
+            &config,
+            "visits",
+            &config.tables["visits"],
+            schema,
+            &Default::default(),
+            &[],
+        );
+        (layout, columns)
+    }
+
+    fn row(id: i64, seen: &str) -> Vec<Value> {
+        vec![
+            Value::Int(id),
+            Value::Text("p".into()),
+            Value::Text(seen.into()),
+        ]
+    }
+
+    /// The gathered rows by key, with the change that tells whether each was there.
+    fn gathered(u: &Upserts<'_>) -> Vec<(String, Vec<Value>, Option<ChangeAt>)> {
+        let g = &u.tables["visits"];
+        let mut out: Vec<_> = g
+            .keys
+            .iter()
+            .map(|(k, &i)| (k.clone(), g.rows[i].clone(), g.updates[i]))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(out.len(), g.rows.len());
+        out
+    }
+
+    #[test]
+    fn a_later_change_to_a_gathered_key_replaces_it_only_where_the_outcome_is_the_same() {
+        let (layout, columns) = visits();
+        let mut u = Upserts::default();
+        u.push(&layout, &columns, row(1, "a"), Some((10, 0)));
+        u.push(&layout, &columns, row(2, "b"), None);
+        u.push(&layout, &columns, row(3, "c"), Some((11, 0)));
+        // The same record updated again: its last values, its first change.
+        u.push(&layout, &columns, row(1, "a2"), Some((12, 0)));
+        assert_eq!(
+            gathered(&u),
+            [
+                ("1".to_string(), row(1, "a2"), Some((10, 0))),
+                ("2".to_string(), row(2, "b"), None),
+                ("3".to_string(), row(3, "c"), Some((11, 0))),
+            ]
+        );
+        // A source delete after an insert must wait (it would tombstone a record the archive
+        // never held); a record leaving for the archive need not.
+        assert!(!u.supersede(&layout, &row(2, ""), false));
+        assert!(u.supersede(&layout, &row(2, ""), true));
+        // A source delete after an update replaces it; the rows left keep their keys.
+        assert!(u.supersede(&layout, &row(1, ""), false));
+        assert_eq!(
+            gathered(&u),
+            [("3".to_string(), row(3, "c"), Some((11, 0)))]
+        );
+        // Once a delete of a key is gathered, an upsert or another delete of it waits.
+        assert!(u.supersede(&layout, &row(3, ""), false));
+        u.delete(&layout, &columns, row(3, ""), (13, 0));
+        assert!(u.deleting(&layout, &row(3, "")));
+        assert!(!u.supersede(&layout, &row(3, ""), true));
+        assert!(!u.deleting(&layout, &row(4, "")));
+        assert!(u.supersede(&layout, &row(4, ""), false));
     }
 }

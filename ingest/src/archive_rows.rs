@@ -449,57 +449,20 @@ fn build_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MigrationConfig;
-    use crate::db::{Column, TableSchema};
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Date32Type, Float64Type, Int64Type};
 
     fn layout() -> TableLayout {
-        let config: toml::Table = toml::from_str(
-            r#"
-            [source]
-            url = "sqlite://unused.db"
-            [operational]
-            url = "sqlite://unused-target.db"
-            [archive]
-            location = "archive"
-            kek_id = "test"
-            [policy]
-            file = "policy.toml"
-            [tables.notes]
-            primary_key = ["id"]
-            patient_key = "patient"
-            record_date = "written"
-            blobs = [{ column = "body" }]
-            "#,
-        )
-        .unwrap();
-        let config = MigrationConfig::parse(config, std::path::Path::new(".")).unwrap();
-        let column = |name: &str, col_type| Column {
-            name: name.into(),
-            decl_type: String::new(),
-            col_type,
-            nullable: true,
-        };
-        let schema = TableSchema {
-            name: "notes".into(),
-            columns: vec![
-                column("id", ColumnType::Int),
-                column("patient", ColumnType::Text),
-                column("written", ColumnType::Date),
-                column("score", ColumnType::Float),
-                column("body", ColumnType::Bytes),
-            ],
-            primary_key: vec!["id".into()],
-            foreign_keys: Vec::new(),
-        };
-        TableLayout::new(
-            &config,
+        crate::layout::test_layout(
             "notes",
-            &config.tables["notes"],
-            schema,
-            &Default::default(),
-            &[],
+            "primary_key = [\"id\"]\npatient_key = \"patient\"\nrecord_date = \"written\"\nblobs = [{ column = \"body\" }]",
+            &[
+                ("id", ColumnType::Int),
+                ("patient", ColumnType::Text),
+                ("written", ColumnType::Date),
+                ("score", ColumnType::Float),
+                ("body", ColumnType::Bytes),
+            ],
         )
     }
 

@@ -677,3 +677,38 @@ fn patient_expr(config: &MigrationConfig, table: &str) -> (String, String) {
     }
     ("NULL".to_string(), String::new())
 }
+
+/// A table's layout for unit tests: `table` of `columns` (all nullable), configured by the
+/// `[tables.{table}]` lines `settings` (primary key, patient key, record date, BLOBs) on a
+/// SQLite-to-SQLite config.
+#[cfg(test)]
+pub(crate) fn test_layout(
+    table: &str,
+    settings: &str,
+    columns: &[(&str, crate::value::ColumnType)],
+) -> TableLayout {
+    let config: toml::Table = toml::from_str(&format!(
+        "[source]\nurl = \"sqlite://unused.db\"\n[operational]\nurl = \"sqlite://unused-target.db\"\n\
+         [archive]\nlocation = \"archive\"\nkek_id = \"test\"\n[policy]\nfile = \"policy.toml\"\n\
+         [tables.{table}]\n{settings}\n"
+    ))
+    .expect("a test config");
+    let config = crate::config::MigrationConfig::parse(config, std::path::Path::new("."))
+        .expect("a valid test config");
+    let settings = &config.tables[table];
+    let schema = crate::db::TableSchema {
+        name: table.into(),
+        columns: columns
+            .iter()
+            .map(|&(name, col_type)| crate::db::Column {
+                name: name.into(),
+                decl_type: String::new(),
+                col_type,
+                nullable: true,
+            })
+            .collect(),
+        primary_key: settings.primary_key.clone(),
+        foreign_keys: Vec::new(),
+    };
+    TableLayout::new(&config, table, settings, schema, &Default::default(), &[])
+}

@@ -405,54 +405,18 @@ impl Gathered<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MigrationConfig;
-    use crate::db::TableSchema;
 
     fn visits() -> (TableLayout, Vec<Column>) {
-        let config: toml::Table = toml::from_str(
-            r#"
-            [source]
-            url = "sqlite://unused.db"
-            [operational]
-            url = "sqlite://unused-target.db"
-            [archive]
-            location = "archive"
-            kek_id = "test"
-            [policy]
-            file = "policy.toml"
-            [tables.visits]
-            primary_key = ["id"]
-            patient_key = "patient"
-            record_date = "seen"
-            "#,
-        )
-        .unwrap();
-        let config = MigrationConfig::parse(config, std::path::Path::new(".")).unwrap();
-        let column = |name: &str, col_type| Column {
-            name: name.into(),
-            decl_type: String::new(),
-            col_type,
-            nullable: true,
-        };
-        let columns = vec![
-            column("id", ColumnType::Int),
-            column("patient", ColumnType::Text),
-            column("seen", ColumnType::Text),
-        ];
-        let schema = TableSchema {
-            name: "visits".into(),
-            columns: columns.clone(),
-            primary_key: vec!["id".into()],
-            foreign_keys: Vec::new(),
-        };
-        let layout = TableLayout::new(
-            &config,
+        let layout = crate::layout::test_layout(
             "visits",
-            &config.tables["visits"],
-            schema,
-            &Default::default(),
-            &[],
+            "primary_key = [\"id\"]\npatient_key = \"patient\"\nrecord_date = \"seen\"",
+            &[
+                ("id", ColumnType::Int),
+                ("patient", ColumnType::Text),
+                ("seen", ColumnType::Text),
+            ],
         );
+        let columns = layout.columns().to_vec();
         (layout, columns)
     }
 

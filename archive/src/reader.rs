@@ -674,8 +674,8 @@ impl ArchiveReader {
             return Ok(Vec::new());
         }
         // The fates of these copies: what newer runs did to their keys. Only their keys are
-        // looked up (tombstone files are sorted by key), so that the cost is the patient's,
-        // not the table's.
+        // looked up (tombstones are kept sorted by key once read), so that once the table's
+        // tombstone files are cached the cost is the patient's, not the table's.
         let mut successors = Successors::default();
         let mut keys = std::collections::BTreeSet::new();
         for (rank, batch) in &out {

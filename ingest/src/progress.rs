@@ -86,7 +86,8 @@ pub struct SyncProgress {
 impl SyncProgress {
     /// Asks a running sync to stop: it commits what it has applied, tells the slot, and
     /// returns its report (an interrupted sync would leave its open batch to be applied again,
-    /// and the slot up to a status update behind).
+    /// and the slot up to a status update behind). For the rest of the process: a later sync
+    /// with these counters stops at once.
     pub fn request_stop(&self) {
         self.stop_requested.store(true, Ordering::SeqCst);
         self.stop_wakeup.notify_one();

@@ -471,8 +471,18 @@ impl Migration {
             ..Default::default()
         };
         // What waits in the outbox from before (a crash, or a stop) is written when due, like
-        // the rest: changes are applied first.
-        let mut leftover = super::outbox::waiting(&target, &run.run_id).await?;
+        // the rest: changes are applied first. A write a crash interrupted is finished now.
+        use super::outbox::LeftBehind;
+        let mut leftover = match super::outbox::left_behind(&target, &run.run_id).await? {
+            LeftBehind::Interrupted => {
+                report.archive = self
+                    .write_outbox(&run.run_id, &target, &activity.facts)
+                    .await?;
+                false
+            }
+            LeftBehind::Waiting => true,
+            LeftBehind::Nothing => false,
+        };
         let mut outboxed = 0;
         // The stream describes each relation once a session, before its first change, even
         // inside a transaction applied before a restart: every description is kept. None for
@@ -616,8 +626,8 @@ impl Migration {
                         }
                         let values = tuple_values(f.layout, old)?;
                         if gatherable(tx, f.layout) && self.policy.holds().is_empty() {
-                            let values = coerced(f.layout, values);
-                            if !upserts.supersede(f.layout, &values, false) {
+                            let mut values = coerced(f.layout, values);
+                            if !upserts.supersede(f.layout, &mut values, false) {
                                 upserts.flush(tx, &run.run_id, &mut report).await?;
                             }
                             upserts.delete(f.layout, &f.columns, values, (t.commit_lsn, position));
@@ -677,7 +687,8 @@ impl Migration {
                 .await?;
         }
         stream.close().await?;
-        if until == SyncUntil::CaughtUp {
+        // (A catch-up asked to stop leaves the outbox to the next sync.)
+        if until == SyncUntil::CaughtUp && !progress.stop_requested() {
             report.archive.add(
                 self.write_outbox(&run.run_id, &target, &activity.facts)
                     .await?,
@@ -814,8 +825,8 @@ impl Migration {
             Some(Routed::Archive(values, kind, patient, date)) => {
                 // A record lives in one place: the operational copy goes.
                 if gather {
-                    let values = coerced(layout, values.clone());
-                    if !upserts.supersede(layout, &values, true) {
+                    let mut values = coerced(layout, values.clone());
+                    if !upserts.supersede(layout, &mut values, true) {
                         upserts.flush(tx, change.run_id, report).await?;
                     }
                     upserts.leave(layout, &f.columns, values);

@@ -133,21 +133,44 @@ impl FlushDue {
     }
 }
 
-/// Whether run `run_id`'s outbox, or its patients' activity, holds anything the archive
-/// writer has not written (left by a sync that stopped or crashed).
-pub(super) async fn waiting(target: &Db, run_id: &str) -> Result<bool> {
+/// What a sync that stopped or crashed left for the archive writer of run `run_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LeftBehind {
+    /// Nothing.
+    Nothing,
+    /// Changes or activity notes not yet written: written when due, like any.
+    Waiting,
+    /// A write under way (a marked batch, or a reactivation that may have put records back
+    /// in the operational tier before publishing their tombstones): it is finished before
+    /// any change is applied, or a change applied first (a delete) could be undone by its
+    /// retry.
+    Interrupted,
+}
+
+/// What the outbox and the patients' activity of run `run_id` hold.
+pub(super) async fn left_behind(target: &Db, run_id: &str) -> Result<LeftBehind> {
     let run = run_id.replace('\'', "''");
     let found = first_value(
         target,
         format!(
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM {OUTBOX_TABLE} WHERE run_id = '{run}') \
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM {OUTBOX_TABLE} WHERE run_id = '{run}' AND drain <> '') \
+             OR EXISTS (SELECT 1 FROM {ACTIVITY_TABLE} WHERE run_id = '{run}' AND pending = {REACTIVATING}) THEN 2 \
+             WHEN EXISTS (SELECT 1 FROM {OUTBOX_TABLE} WHERE run_id = '{run}') \
              OR EXISTS (SELECT 1 FROM {ACTIVITY_TABLE} WHERE run_id = '{run}' AND pending = 1) THEN 1 ELSE 0 END"
         ),
         ColumnType::Int,
     )
     .await?;
-    Ok(found == Value::Int(1))
+    Ok(match found {
+        Value::Int(2) => LeftBehind::Interrupted,
+        Value::Int(1) => LeftBehind::Waiting,
+        _ => LeftBehind::Nothing,
+    })
 }
+
+/// `_strata_patient_activity.pending` of a patient whose archived records the writer is
+/// bringing back (1: noted, not yet looked at; 0: done).
+const REACTIVATING: i64 = 2;
 
 /// One outbox entry as read back.
 struct Entry {
@@ -263,8 +286,9 @@ impl Migration {
     /// change moved later (a new encounter makes an inactive patient's records current
     /// again), routed with the facts sync holds now: each upserted into the operational
     /// database, its archived copy tombstoned. Runs once the outbox is written, so that the
-    /// archive holds every change applied so far; done again after a crash, it finds those
-    /// copies tombstoned and does nothing twice.
+    /// archive holds every change applied so far. The patients are marked first
+    /// ([`REACTIVATING`]): after a crash, sync finishes the pass before it applies anything,
+    /// and the retry keeps the rows already put back and tombstones their copies.
     async fn reactivate(
         &self,
         run_id: &str,
@@ -273,10 +297,15 @@ impl Migration {
         report: &mut OutboxReport,
     ) -> Result<()> {
         let run_q = run_id.replace('\'', "''");
+        target
+            .execute(&format!(
+                "UPDATE {ACTIVITY_TABLE} SET pending = {REACTIVATING} WHERE run_id = '{run_q}' AND pending = 1"
+            ))
+            .await?;
         let pending = target
             .fetch_all(
                 format!(
-                    "SELECT patient, source_lsn FROM {ACTIVITY_TABLE} WHERE run_id = '{run_q}' AND pending = 1"
+                    "SELECT patient, source_lsn FROM {ACTIVITY_TABLE} WHERE run_id = '{run_q}' AND pending = {REACTIVATING}"
                 ),
                 vec![ColumnType::Text, ColumnType::Int],
             )
@@ -374,7 +403,7 @@ impl Migration {
         }
         target
             .execute(&format!(
-                "UPDATE {ACTIVITY_TABLE} SET pending = 0 WHERE run_id = '{run_q}' AND pending = 1 AND source_lsn <= {through}"
+                "UPDATE {ACTIVITY_TABLE} SET pending = 0 WHERE run_id = '{run_q}' AND pending = {REACTIVATING}"
             ))
             .await?;
         Ok(())
@@ -684,9 +713,9 @@ impl Migration {
         } = batch;
         let table = layout.name.as_str();
         let (store, keys) = self.archive_store().await?;
-        // Records moved back to the operational tier go there first, unless a later change
-        // put them there already (sync applies changes before the writer runs: a row there
-        // is newer), and so again harmlessly when a crash comes before the manifest.
+        // Records moved back to the operational tier go there first. A row already there was
+        // put there by this write before a crash (sync finishes an interrupted write before
+        // it applies anything: see `LeftBehind`), and is kept.
         if !reinstated.is_empty() {
             let mut tx = TargetTx::begin(target).await?;
             for values in &reinstated {

@@ -143,11 +143,13 @@ impl<'a> Upserts<'a> {
     /// gathered (else the delete must wait: flush first). A source delete may drop an
     /// update's upsert only: the record was there (operational, or archived — the delete
     /// tombstones it instead of the update), whereas after a gathered insert it would
-    /// tombstone a record the archive never held.
+    /// tombstone a record the archive never held. With a source delete, `values` (the key
+    /// the delete carried) become the dropped upsert's whole row, so that a tombstone names
+    /// the record's patient as the update's would have.
     pub(super) fn supersede(
         &mut self,
         layout: &TableLayout,
-        values: &[Value],
+        values: &mut Vec<Value>,
         leaving: bool,
     ) -> bool {
         let Some(g) = self.tables.get_mut(layout.name.as_str()) else {
@@ -164,10 +166,13 @@ impl<'a> Upserts<'a> {
             return false;
         }
         g.keys.remove(&key);
-        g.rows.swap_remove(i);
+        let row = g.rows.swap_remove(i);
         g.updates.swap_remove(i);
         if let Some(moved) = g.rows.get(i) {
             g.keys.insert(key_text(layout, moved), i);
+        }
+        if !leaving {
+            *values = row;
         }
         true
     }
@@ -460,20 +465,23 @@ mod tests {
         );
         // A source delete after an insert must wait (it would tombstone a record the archive
         // never held); a record leaving for the archive need not.
-        assert!(!u.supersede(&layout, &row(2, ""), false));
-        assert!(u.supersede(&layout, &row(2, ""), true));
-        // A source delete after an update replaces it; the rows left keep their keys.
-        assert!(u.supersede(&layout, &row(1, ""), false));
+        assert!(!u.supersede(&layout, &mut row(2, ""), false));
+        assert!(u.supersede(&layout, &mut row(2, ""), true));
+        // A source delete after an update replaces it (and carries the update's whole row, for
+        // its tombstone's patient); the rows left keep their keys.
+        let mut deleted = vec![Value::Int(1), Value::Null, Value::Null];
+        assert!(u.supersede(&layout, &mut deleted, false));
+        assert_eq!(deleted, row(1, "a2"));
         assert_eq!(
             gathered(&u),
             [("3".to_string(), row(3, "c"), Some((11, 0)))]
         );
         // Once a delete of a key is gathered, an upsert or another delete of it waits.
-        assert!(u.supersede(&layout, &row(3, ""), false));
+        assert!(u.supersede(&layout, &mut row(3, ""), false));
         u.delete(&layout, &columns, row(3, ""), (13, 0));
         assert!(u.deleting(&layout, &row(3, "")));
-        assert!(!u.supersede(&layout, &row(3, ""), true));
+        assert!(!u.supersede(&layout, &mut row(3, ""), true));
         assert!(!u.deleting(&layout, &row(4, "")));
-        assert!(u.supersede(&layout, &row(4, ""), false));
+        assert!(u.supersede(&layout, &mut row(4, ""), false));
     }
 }

@@ -52,9 +52,9 @@ struct Gathered<'a> {
     updates: Vec<Option<ChangeAt>>,
     /// The rows' keys as text (a key twice in one statement is refused by PostgreSQL).
     keys: HashMap<String, usize>,
-    /// Deletes: the key values of each (the rest NULL) and the change that made it — None
-    /// for the operational copy of a record that left for the archive (nothing to tombstone
-    /// when it was not there).
+    /// Deletes: the values of each (its key, the rest NULL unless the row was known) and the
+    /// change that made it — None for the operational copy of a record that left for the
+    /// archive (nothing to tombstone when it was not there).
     deletes: Vec<(Vec<Value>, Option<ChangeAt>)>,
     /// Their keys as text.
     delete_keys: std::collections::HashSet<String>,

@@ -205,6 +205,27 @@ impl TargetTx {
         }
     }
 
+    /// `rows` copies of the row `template` (e.g. `(?, CAST(? AS BIGINT))`), comma-separated,
+    /// for a multi-row statement: its `?` marks become placeholders numbered on across rows.
+    pub fn rows(&self, rows: usize, template: &str) -> String {
+        let mut out = String::with_capacity(rows * (template.len() + 8));
+        let mut n = 0;
+        for row in 0..rows {
+            if row > 0 {
+                out.push_str(", ");
+            }
+            for c in template.chars() {
+                if c == '?' {
+                    n += 1;
+                    out.push_str(&self.placeholder(n));
+                } else {
+                    out.push(c);
+                }
+            }
+        }
+        out
+    }
+
     /// Starts loading `table`'s operational rows on this transaction. `row_by_row` inserts
     /// each row under a savepoint, so that a row the database rejects is handed back
     /// instead of failing the load: slow, for a range whose COPY was rejected.

@@ -154,8 +154,7 @@ impl Later {
         for chunk in entries.chunks(ENTRIES_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {OUTBOX_TABLE} (lsn, position, part, run_id, table_name, change, row_key, row_data, unchanged, patient, record_date, base_key) VALUES {}",
-                rows_of(
-                    tx,
+                tx.rows(
                     chunk.len(),
                     "(CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 )
@@ -171,7 +170,7 @@ impl Later {
                 "INSERT INTO {ACTIVITY_TABLE} (run_id, patient, last_activity, source_lsn, pending) VALUES {} \
                  ON CONFLICT (run_id, patient) DO UPDATE SET last_activity = excluded.last_activity, source_lsn = excluded.source_lsn, pending = 1 \
                  WHERE excluded.last_activity >= {ACTIVITY_TABLE}.last_activity",
-                rows_of(tx, chunk.len(), "(?, ?, ?, CAST(? AS BIGINT), 1)")
+                tx.rows(chunk.len(), "(?, ?, ?, CAST(? AS BIGINT), 1)")
             );
             let values: Vec<String> = chunk
                 .iter()
@@ -188,25 +187,4 @@ impl Later {
         }
         Ok(())
     }
-}
-
-/// `rows` copies of the row `template`, comma-separated, its `?` marks numbered as the target
-/// writes placeholders.
-fn rows_of(tx: &TargetTx, rows: usize, template: &str) -> String {
-    let mut out = String::with_capacity(rows * (template.len() + 8));
-    let mut n = 0;
-    for row in 0..rows {
-        if row > 0 {
-            out.push_str(", ");
-        }
-        for c in template.chars() {
-            if c == '?' {
-                n += 1;
-                out.push_str(&tx.placeholder(n));
-            } else {
-                out.push(c);
-            }
-        }
-    }
-    out
 }

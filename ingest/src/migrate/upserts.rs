@@ -73,6 +73,14 @@ pub(super) fn gatherable(tx: &TargetTx, layout: &TableLayout) -> bool {
         })
 }
 
+/// A row of placeholders, each cast to its column's declared type (for [`TargetTx::rows`]).
+fn cast_row<'c>(columns: impl Iterator<Item = &'c Column>) -> String {
+    let cells: Vec<String> = columns
+        .map(|c| format!("CAST(? AS {})", c.decl_type))
+        .collect();
+    format!("({})", cells.join(", "))
+}
+
 /// A key as PostgreSQL writes its columns cast to text, joined.
 fn key_text(layout: &TableLayout, values: &[Value]) -> String {
     let parts: Vec<String> = layout
@@ -254,26 +262,14 @@ impl Gathered<'_> {
             .collect();
         let per_statement = (MAX_PARAMETERS / keys.len()).clamp(1, MAX_ROWS);
         for chunk in deletes.chunks(per_statement) {
-            let mut n = 0;
-            let tuples: Vec<String> = chunk
-                .iter()
-                .map(|_| {
-                    let cells: Vec<String> = layout
-                        .key
-                        .iter()
-                        .map(|&k| {
-                            n += 1;
-                            format!("CAST(${n} AS {})", self.columns[k].decl_type)
-                        })
-                        .collect();
-                    format!("({})", cells.join(", "))
-                })
-                .collect();
             let sql = format!(
                 "DELETE FROM {} WHERE ({}) IN ({}) RETURNING {}",
                 quote(&layout.name),
                 keys.join(", "),
-                tuples.join(", "),
+                tx.rows(
+                    chunk.len(),
+                    &cast_row(layout.key.iter().map(|&k| &self.columns[k]))
+                ),
                 returning.join(", ")
             );
             let values: Vec<Value> = chunk
@@ -346,26 +342,11 @@ impl Gathered<'_> {
             .chunks(per_statement)
             .zip(updates.chunks(per_statement))
         {
-            let mut n = 0;
-            let tuples: Vec<String> = chunk
-                .iter()
-                .map(|_| {
-                    let cells: Vec<String> = self
-                        .columns
-                        .iter()
-                        .map(|c| {
-                            n += 1;
-                            format!("CAST(${n} AS {})", c.decl_type)
-                        })
-                        .collect();
-                    format!("({})", cells.join(", "))
-                })
-                .collect();
             let sql = format!(
                 "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {} RETURNING {}, CAST((xmax = 0) AS TEXT)",
                 quote(&layout.name),
                 names.join(", "),
-                tuples.join(", "),
+                tx.rows(chunk.len(), &cast_row(self.columns.iter())),
                 keys.join(", "),
                 set.join(", "),
                 returning.join(", ")

@@ -15,6 +15,8 @@
 #      medians. (Strata's archive-bound changes are then in its outbox, in the same
 #      transactions; the archive writer runs by size or time.)
 #  (c) Strata's peak RSS over all of it.
+# Strata's archive writer runs beside the apply when the oldest change for the archive has
+# waited FLUSH_SECONDS (default 10: several passes within the steady phase).
 # Not a test: run it by hand.
 #   ROWS=200000 RATE=2000 STEADY=60 PAUSE=60 RUNS=3 bench/sync.sh
 set -euo pipefail
@@ -25,6 +27,7 @@ RATE=${RATE:-2000}
 STEADY=${STEADY:-60}
 PAUSE=${PAUSE:-60}
 RUNS=${RUNS:-3}
+FLUSH_SECONDS=${FLUSH_SECONDS:-10}
 cargo build --release --quiet
 STRATA=$PWD/target/release/strata
 if ! command -v pgcopydb > /dev/null || [ ! -f /usr/lib/postgresql/15/lib/wal2json.so ]; then
@@ -98,6 +101,7 @@ file = "policy.toml"
 [sync]
 slot = "strata"
 publication = "strata"
+archive_flush_seconds = $FLUSH_SECONDS
 [tables.visits]
 primary_key = ["id"]
 patient_key = "patient_id"
@@ -227,7 +231,7 @@ for tool in "${TOOLS[@]}"; do
   made=$(workload "$STEADY")
   wait "$sampler"
   "stop_$tool"
-  [ "$tool" = strata ] && rss "$WORK/sync-time-steady.txt"
+  [ "$tool" = strata ] && rss "$WORK/sync-time-steady.txt" && cp "$WORK/sync.txt" "$WORK/sync-steady.txt"
   LAG[$tool]="$(percentile 50 < "$WORK/lag-$tool.txt") $(percentile 99 < "$WORK/lag-$tool.txt") $(sort -n "$WORK/lag-$tool.txt" | tail -1) $made"
 done
 
@@ -260,6 +264,8 @@ for tool in "${TOOLS[@]}"; do
   read -r l50 l99 lmax lmade <<< "${LAG[$tool]}"
   printf '    %-9s p50 %.3f s  p99 %.3f s  max %.3f s  (%d changes)\n' "$tool" "$l50" "$l99" "$lmax" "$lmade"
 done
+printf '    strata\x27s archive writer meanwhile (every %d s): %s\n' "$FLUSH_SECONDS" \
+  "$(grep '^archive:' "$WORK/sync-steady.txt" || echo 'nothing written')"
 printf '(b) catch-up after %d s of changes (%s changes per run), medians of %d:\n' "$PAUSE" "${CHANGES[*]}" "$RUNS"
 S=$(echo ${TIMES[strata]} | tr ' ' '\n' | median)
 for tool in "${TOOLS[@]}"; do

@@ -237,6 +237,17 @@ fn strata(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Adds `line` to the `[sync]` section of the strata.toml in `dir`.
+fn sync_setting(dir: &std::path::Path, line: &str) {
+    let path = dir.join("strata.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        config.replacen("[sync]\n", &format!("[sync]\n{line}\n"), 1),
+    )
+    .unwrap();
+}
+
 /// `strata sync` started in `dir`, following, its output captured.
 fn following(dir: &std::path::Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -622,11 +633,7 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     // A slot that holds back more WAL than [sync] max_retained_wal stops sync, with advice.
     let config_path = dir.path().join("strata.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
-    std::fs::write(
-        &config_path,
-        config.replacen("[sync]\n", "[sync]\nmax_retained_wal = \"1kB\"\n", 1),
-    )
-    .unwrap();
+    sync_setting(dir.path(), "max_retained_wal = \"1kB\"");
     let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
     assert_ne!(status, 0, "{out}");
     assert!(
@@ -655,6 +662,125 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     );
     let (status, out) = strata(dir.path(), &["sync", "stop", "--drop-slot"]);
     assert_eq!(status, 0, "{out}");
+    admin.close().await;
+}
+
+/// An application that brings inactive patients back while sync follows: each new patient's
+/// first visit is of 2012 (the patient inactive, the visit archived); ten patients later the
+/// patient has a new visit (the 2012 visit comes back to the operational tier) and, a moment
+/// after, that 2012 visit is deleted, changed, or left alone. Returns the ids deleted and the
+/// ids left to come back.
+async fn coming_back(url: String, stop: Arc<AtomicBool>) -> (Vec<i64>, Vec<i64>) {
+    let db = Db::connect(&url, false).await.unwrap();
+    let (mut deleted, mut left) = (Vec::new(), Vec::new());
+    let mut n = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        db.execute(&format!(
+            "INSERT INTO visits VALUES ({}, {}, DATE '2012-02-01', 'old', 'first')",
+            900_000 + 2 * n,
+            60_000 + n
+        ))
+        .await
+        .unwrap();
+        if n >= 10 {
+            let (old, patient) = (900_000 + 2 * (n - 10), 60_000 + n - 10);
+            db.execute(&format!(
+                "INSERT INTO visits VALUES ({}, {patient}, DATE '2026-05-01', 'new', 'back')",
+                old + 1
+            ))
+            .await
+            .unwrap();
+            // Spread over the writer's second, so that some of these changes come while a
+            // pass has read the record to bring back and not yet put it back.
+            tokio::time::sleep(std::time::Duration::from_millis(((n % 8) * 100) as u64)).await;
+            match n % 4 {
+                0 | 1 => {
+                    db.execute(&format!("DELETE FROM visits WHERE id = {old}"))
+                        .await
+                        .unwrap();
+                    deleted.push(old);
+                }
+                2 => db
+                    .execute(&format!(
+                        "UPDATE visits SET status = 'changed' WHERE id = {old}"
+                    ))
+                    .await
+                    .unwrap(),
+                _ => left.push(old),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        n += 1;
+    }
+    db.close().await;
+    (deleted, left)
+}
+
+/// The archive writer runs beside the apply (`archive_flush_seconds = 0`: a pass about every
+/// second) while patients come back ([`coming_back`]). A record the writer read to bring back
+/// but that the source deleted meanwhile must not be put back (it would be resurrected), nor
+/// one changed meanwhile tombstoned twice: sync, stopped, reports records moved back in
+/// several writes; caught up, verify proves source = target row for row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_writer_runs_beside_the_apply() {
+    let dir = TestDir::new();
+    let Followed {
+        url,
+        admin,
+        operational,
+    } = followed_source(dir.path(), 400, 2, 100).await;
+    sync_setting(dir.path(), "archive_flush_seconds = 0");
+    let config_path = dir.path().join("strata.toml");
+    let mut migration = strata_ingest::Migration::prepare(load_config(&config_path), as_of())
+        .await
+        .unwrap();
+    migration.follow(true);
+    migration.run(&mut |_| {}).await.unwrap();
+
+    let sync = following(dir.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let application = tokio::spawn(coming_back(url.clone(), stop.clone()));
+    tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (deleted, left) = application.await.unwrap();
+    assert!(deleted.len() > 10 && left.len() > 5, "{deleted:?} {left:?}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &sync.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let out = sync.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    // "archive: … N moved back to the operational tier, … in M manifest(s)"
+    let figure = |before: &str| -> u64 {
+        let head = text.split(before).next().unwrap_or_default();
+        head.rsplit(' ')
+            .find(|w| !w.is_empty())
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(0)
+    };
+    let moved_back = figure(" moved back to the operational tier");
+    let manifests = figure(" manifest(s)");
+    assert!(moved_back > 0 && manifests > 3, "{text}");
+
+    let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
+    assert_eq!(status, 0, "{out}");
+    let (status, out) = strata_verify(&config_path);
+    assert_eq!(status, 0, "{text}\n{out}");
+    // Explicitly: no deleted visit is back, every one left alone is.
+    let target = Db::connect(&operational, true).await.unwrap();
+    let list = |ids: &[i64]| {
+        ids.iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let back = |ids: &[i64]| format!("SELECT COUNT(*) FROM visits WHERE id IN ({})", list(ids));
+    assert_eq!(count(&target, back(&deleted)).await, 0);
+    assert_eq!(count(&target, back(&left)).await, left.len() as u64);
+    target.close().await;
     admin.close().await;
 }
 
@@ -904,6 +1030,8 @@ async fn kill_9_in_every_phase_then_a_proven_cutover() {
     let dir = TestDir::new();
     let Followed { url, admin, .. } =
         followed_source_with_scans(dir.path(), 3000, 60, 2000, 400).await;
+    // The archive writer runs about every second beside the apply: kills land in its passes.
+    sync_setting(dir.path(), "archive_flush_seconds = 0");
     let control = || async {
         strata_control::Control::open(&format!(
             "sqlite://{}",

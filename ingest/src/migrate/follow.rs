@@ -17,7 +17,7 @@
 //! goes to quarantine; a delete removes the operational row, or, for an archived record, goes to
 //! the outbox as a tombstone. A changed definition of a migrated table stops sync. The archive
 //! writer ([`super::outbox`]) turns the outbox into corrections and tombstones in the archive,
-//! by size or time. A source delete that a legal hold covers is not carried out: the record
+//! by size or time, beside the apply ([`super::writer`]). A source delete that a legal hold covers is not carried out: the record
 //! goes (or stays) in the archive with a held tombstone. A change that moves a patient's last
 //! activity later is recorded, and routed by.
 
@@ -25,7 +25,7 @@ use super::later::{patient_of, Later, Outbox};
 use super::naming::{archive_key, row_key};
 use super::range::SourceRows;
 use super::sinks::{LongBlobs, Quarantined, RangeSink, RowChecks};
-use super::target::{ensure_bookkeeping_tables, target_columns};
+use super::target::ensure_bookkeeping_tables;
 use super::upserts::{gatherable, Upserts};
 use super::Migration;
 use crate::db::{quote, Column, Db};
@@ -34,7 +34,7 @@ use crate::layout::TableLayout;
 use crate::load::TargetTx;
 use crate::sync::pgoutput::{Datum, Message, Relation};
 use crate::sync::snapshot::XidSnapshot;
-use crate::sync::stream::{parse_lsn, ChangeStream};
+use crate::sync::stream::{parse_lsn, ChangeStream, SourceTransaction};
 use crate::target_check::TargetChecks;
 use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
@@ -44,6 +44,9 @@ use strata_cutoff_policies::{HoldScope, PatientFacts, Tier};
 
 /// How often sync measures how far behind it is and what the slot holds back.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often sync asks whether the archive writer is due ([`super::outbox::FlushDue`]).
+const WRITER_DUE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Changes applied in one target transaction, at most (beyond it, the transaction that
 /// passes it): few commits while catching up, locks held for a fraction of a second.
@@ -427,13 +430,7 @@ impl Migration {
             let Some((xids, lsn)) = snapshots.get(&layout.name) else {
                 continue;
             };
-            let (columns, _) = target_columns(
-                self.source.kind(),
-                (target.kind(), Some(&target)),
-                &layout.target_schema(),
-                &layout.casts,
-            )
-            .await?;
+            let columns = self.operational_columns(layout, &target).await?;
             let checks = TargetChecks::new(&columns, target.kind());
             tables.insert(
                 layout.name.clone(),
@@ -501,192 +498,144 @@ impl Migration {
         let progress = self.progress.sync.clone();
         progress.following.store(1, Ordering::Relaxed);
         let mut watch = tokio::time::interval(WATCH_EVERY);
+        let mut writer_due = tokio::time::interval(WRITER_DUE_EVERY);
+        writer_due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watched = SlotWatch::default();
         // A slot already past the retained-WAL limit stops sync before it follows.
         watched
             .check(&self.source, &slot.slot, applied, limit, &progress)
             .await?;
-        // Source transactions that are already here join the open target transaction, up to
-        // MAX_BATCH_CHANGES; it commits when the stream has nothing more at once.
-        let mut batch: Option<Batch> = None;
-        loop {
-            if progress.stop_requested() {
-                break;
-            }
-            let next = match batch.as_ref() {
-                Some(b) if b.changes >= MAX_BATCH_CHANGES || b.bytes >= MAX_BATCH_BYTES => None,
-                Some(_) => {
-                    match tokio::time::timeout(BATCH_WAIT, stream.next_transaction()).await {
-                        Ok(t) => Some(t?),
-                        Err(_) => None,
+        // The archive writer runs beside the apply (see `super::writer`).
+        let (mut writer, writing) = super::writer::Writer::new(self, &run.run_id, &target);
+        let applying = async {
+            // Source transactions that are already here join the open target transaction, up to
+            // MAX_BATCH_CHANGES; it commits when the stream has nothing more at once.
+            let mut batch: Option<Batch> = None;
+            loop {
+                if progress.stop_requested() {
+                    break;
+                }
+                if let Some(outcome) = writer.outcome_now() {
+                    if writer.took(outcome, &mut report.archive)? {
+                        flush.written();
                     }
                 }
-                None => tokio::select! {
-                    t = stream.next_transaction() => Some(t?),
-                    _ = progress.stopping() => break,
-                    _ = watch.tick() => {
-                        // Nothing is pending: what the source sent while idle (transactions
-                        // on other tables) needs no apply, and the slot may move past it.
-                        if stream.idle_through() > applied {
-                            stream.confirm(stream.idle_through());
-                        }
-                        let through = applied.max(stream.idle_through());
-                        watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
-                        let waiting = leftover || report.archive_changes > outboxed || activity.pending;
-                        if flush.due(waiting, &target, &run.run_id).await? {
-                            report.archive.add(self.write_outbox(&run.run_id, &target, &activity.facts).await?);
-                            outboxed = report.archive_changes;
-                            (leftover, activity.pending) = (false, false);
-                            flush.written();
-                        }
-                        continue;
-                    }
-                },
-            };
-            let t = match next {
-                Some(Some(t)) => t,
-                // The batch is full, or nothing more came at once: it commits.
-                None => {
-                    if let Some(b) = batch.take() {
-                        applied = b
-                            .commit(&run.run_id, &slot.slot, &mut stream, &progress, &mut report)
-                            .await?;
+                // What the writer can only do while no change is applied, once the batch is in.
+                if writer.waits() && batch.is_none() {
+                    if writer.finish(&mut report.archive).await? {
+                        flush.written();
                     }
                     continue;
                 }
-                Some(None) => break,
-            };
-            for m in &t.messages {
-                if let Message::Relation(r) = m {
-                    let migrated = tables.get(&r.name);
-                    if let Some(f) = migrated {
-                        check_definition(f.layout, r)?;
+                let next = match batch.as_ref() {
+                    Some(b)
+                        if b.changes >= MAX_BATCH_CHANGES
+                            || b.bytes >= MAX_BATCH_BYTES
+                            || writer.waits() =>
+                    {
+                        None
                     }
-                    relations.insert(r.oid, migrated.map(|_| r.name.clone()));
-                }
-            }
-            if t.end_lsn <= applied {
-                report.skipped_changes += t.messages.len() as u64;
-                continue;
-            }
-            let table = |oid: &u32| -> Result<Option<&Followed<'_>>> {
-                match relations.get(oid) {
-                    Some(name) => Ok(name.as_ref().and_then(|n| tables.get(n))),
-                    None => Err(IngestError::Run(format!(
-                        "change stream: a change to relation {oid} before its description"
-                    ))),
-                }
-            };
-            if batch.is_none() {
-                batch = Some(Batch::begin(&target).await?);
-            }
-            let b = batch.as_mut().expect("a batch is open");
-            let (tx, upserts) = (&mut b.tx, &mut b.upserts);
-            for (position, message) in t.messages.iter().enumerate() {
-                let change = Change {
-                    lsn: t.commit_lsn,
-                    position,
-                    run_id: &run.run_id,
-                    parts: std::cell::Cell::new(0),
+                    Some(_) => {
+                        match tokio::time::timeout(BATCH_WAIT, stream.next_transaction()).await {
+                            Ok(t) => Some(t?),
+                            Err(_) => None,
+                        }
+                    }
+                    None => tokio::select! {
+                        t = stream.next_transaction() => Some(t?),
+                        _ = progress.stopping() => break,
+                        outcome = writer.outcome() => {
+                            if writer.took(outcome, &mut report.archive)? {
+                                flush.written();
+                            }
+                            continue;
+                        }
+                        _ = watch.tick() => {
+                            // Nothing is pending: what the source sent while idle (transactions
+                            // on other tables) needs no apply, and the slot may move past it.
+                            if stream.idle_through() > applied {
+                                stream.confirm(stream.idle_through());
+                            }
+                            let through = applied.max(stream.idle_through());
+                            watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
+                            continue;
+                        }
+                        _ = writer_due.tick(), if !writer.busy() => {
+                            let waiting = leftover || report.archive_changes > outboxed || activity.pending;
+                            if flush.due(waiting, &target, &run.run_id).await? {
+                                writer.start(applied, &activity.facts)?;
+                                outboxed = report.archive_changes;
+                                (leftover, activity.pending) = (false, false);
+                            }
+                            continue;
+                        }
+                    },
                 };
-                match message {
-                    Message::Relation(_) => {}
-                    Message::Insert { relation, new } | Message::Update { relation, new, .. } => {
-                        let Some(f) = table(relation)? else {
-                            continue;
-                        };
-                        if f.copied(t.xid, t.commit_lsn) {
-                            report.skipped_changes += 1;
-                            continue;
-                        }
-                        let old = match message {
-                            Message::Update { old: Some(old), .. } => Some(old),
-                            _ => None,
-                        };
-                        let update = matches!(message, Message::Update { .. });
-                        self.apply_row(
-                            (tx, upserts),
-                            f,
-                            old,
-                            new,
-                            update,
-                            &mut activity,
-                            &change,
-                            &mut report,
-                        )
-                        .await?;
-                    }
-                    Message::Delete { relation, old } => {
-                        let Some(f) = table(relation)? else {
-                            continue;
-                        };
-                        if f.copied(t.xid, t.commit_lsn) {
-                            report.skipped_changes += 1;
-                            continue;
-                        }
-                        let values = tuple_values(f.layout, old)?;
-                        if gatherable(tx, f.layout) && self.policy.holds().is_empty() {
-                            let mut values = coerced(f.layout, values);
-                            if !upserts.supersede(f.layout, &mut values, false) {
-                                upserts.flush(tx, &run.run_id, &mut report).await?;
-                            }
-                            upserts.delete(f.layout, &f.columns, values, (t.commit_lsn, position));
-                            continue;
-                        }
-                        upserts.flush(tx, &run.run_id, &mut report).await?;
-                        if self
-                            .delete_held((tx, upserts), f, &values, &activity.facts, &change)
-                            .await?
-                        {
-                            report.held_deletions += 1;
-                            report.archive_changes += 1;
-                            continue;
-                        }
-                        delete_row((tx, upserts), f, &values, &change, &mut report).await?;
-                    }
-                    Message::Truncate {
-                        relations: oids, ..
-                    } => {
-                        upserts.flush(tx, &run.run_id, &mut report).await?;
-                        for oid in oids {
-                            let Some(f) = table(oid)? else {
-                                continue;
-                            };
-                            if f.copied(t.xid, t.commit_lsn) {
-                                continue;
-                            }
-                            if !self.policy.holds().is_empty() {
-                                return Err(IngestError::Run(format!(
-                                    "table {} was truncated on the source while legal holds are in force: sync stops rather than delete records a hold may cover. Restore the table on the source, or release the holds (`strata hold list`), then `strata sync` again",
-                                    f.layout.name
-                                )));
-                            }
-                            tx.execute(&format!("DELETE FROM {}", quote(&f.layout.name)))
+                let t = match next {
+                    Some(Some(t)) => t,
+                    // The batch is full, or nothing more came at once: it commits.
+                    None => {
+                        if let Some(b) = batch.take() {
+                            applied = b
+                                .commit(
+                                    &run.run_id,
+                                    &slot.slot,
+                                    &mut stream,
+                                    &progress,
+                                    &mut report,
+                                )
                                 .await?;
-                            upserts
-                                .later
-                                .outbox(f.layout, &change, &Outbox::truncate(f.layout));
-                            report.archive_changes += 1;
                         }
+                        continue;
                     }
-                    Message::Other(_) => {}
+                    Some(None) => break,
+                };
+                for m in &t.messages {
+                    if let Message::Relation(r) = m {
+                        let migrated = tables.get(&r.name);
+                        if let Some(f) = migrated {
+                            check_definition(f.layout, r)?;
+                        }
+                        relations.insert(r.oid, migrated.map(|_| r.name.clone()));
+                    }
                 }
+                if t.end_lsn <= applied {
+                    report.skipped_changes += t.messages.len() as u64;
+                    continue;
+                }
+                let table = |oid: &u32| -> Result<Option<&Followed<'_>>> {
+                    match relations.get(oid) {
+                        Some(name) => Ok(name.as_ref().and_then(|n| tables.get(n))),
+                        None => Err(IngestError::Run(format!(
+                            "change stream: a change to relation {oid} before its description"
+                        ))),
+                    }
+                };
+                if batch.is_none() {
+                    batch = Some(Batch::begin(&target).await?);
+                }
+                let b = batch.as_mut().expect("a batch is open");
+                self.apply_transaction(b, &t, &table, &run.run_id, &mut activity, &mut report)
+                    .await?;
+                b.end_lsn = t.end_lsn;
+                b.transactions += 1;
+                b.changes += t.messages.len() as u64;
+                b.bytes += t.bytes;
+                b.oldest_commit_micros.get_or_insert(t.commit_time_micros);
             }
-            if upserts.later.full() {
-                upserts.later.write(tx, &run.run_id).await?;
+            if let Some(b) = batch.take() {
+                applied = b
+                    .commit(&run.run_id, &slot.slot, &mut stream, &progress, &mut report)
+                    .await?;
             }
-            b.end_lsn = t.end_lsn;
-            b.transactions += 1;
-            b.changes += t.messages.len() as u64;
-            b.bytes += t.bytes;
-            b.oldest_commit_micros.get_or_insert(t.commit_time_micros);
+            stream.close().await?;
+            Ok::<_, IngestError>(())
+        };
+        // The apply over, a pass under way is dropped (as a crash would leave it).
+        tokio::select! {
+            applied = applying => applied?,
+            never = writing => match never {},
         }
-        if let Some(b) = batch.take() {
-            applied = b
-                .commit(&run.run_id, &slot.slot, &mut stream, &progress, &mut report)
-                .await?;
-        }
-        stream.close().await?;
         // (A catch-up asked to stop leaves the outbox to the next sync.)
         if until == SyncUntil::CaughtUp && !progress.stop_requested() {
             report.archive.add(
@@ -697,6 +646,114 @@ impl Migration {
         target.close().await;
         report.applied_lsn = lsn_text(applied);
         Ok(report)
+    }
+
+    /// Applies one source transaction's changes in the open batch (`table`: the migrated
+    /// table a relation id names, None for one not migrated).
+    async fn apply_transaction<'u>(
+        &self,
+        b: &mut Batch<'u>,
+        t: &SourceTransaction,
+        table: &dyn Fn(&u32) -> Result<Option<&'u Followed<'u>>>,
+        run_id: &str,
+        activity: &mut Activity,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        let (tx, upserts) = (&mut b.tx, &mut b.upserts);
+        for (position, message) in t.messages.iter().enumerate() {
+            let change = Change {
+                lsn: t.commit_lsn,
+                position,
+                run_id,
+                parts: std::cell::Cell::new(0),
+            };
+            match message {
+                Message::Relation(_) => {}
+                Message::Insert { relation, new } | Message::Update { relation, new, .. } => {
+                    let Some(f) = table(relation)? else {
+                        continue;
+                    };
+                    if f.copied(t.xid, t.commit_lsn) {
+                        report.skipped_changes += 1;
+                        continue;
+                    }
+                    let old = match message {
+                        Message::Update { old: Some(old), .. } => Some(old),
+                        _ => None,
+                    };
+                    let update = matches!(message, Message::Update { .. });
+                    self.apply_row(
+                        (tx, upserts),
+                        f,
+                        old,
+                        new,
+                        update,
+                        activity,
+                        &change,
+                        report,
+                    )
+                    .await?;
+                }
+                Message::Delete { relation, old } => {
+                    let Some(f) = table(relation)? else {
+                        continue;
+                    };
+                    if f.copied(t.xid, t.commit_lsn) {
+                        report.skipped_changes += 1;
+                        continue;
+                    }
+                    let values = tuple_values(f.layout, old)?;
+                    if gatherable(tx, f.layout) && self.policy.holds().is_empty() {
+                        let mut values = coerced(f.layout, values);
+                        if !upserts.supersede(f.layout, &mut values, false) {
+                            upserts.flush(tx, run_id, report).await?;
+                        }
+                        upserts.delete(f.layout, &f.columns, values, (t.commit_lsn, position));
+                        continue;
+                    }
+                    upserts.flush(tx, run_id, report).await?;
+                    if self
+                        .delete_held((tx, upserts), f, &values, &activity.facts, &change)
+                        .await?
+                    {
+                        report.held_deletions += 1;
+                        report.archive_changes += 1;
+                        continue;
+                    }
+                    delete_row((tx, upserts), f, &values, &change, report).await?;
+                }
+                Message::Truncate {
+                    relations: oids, ..
+                } => {
+                    upserts.flush(tx, run_id, report).await?;
+                    for oid in oids {
+                        let Some(f) = table(oid)? else {
+                            continue;
+                        };
+                        if f.copied(t.xid, t.commit_lsn) {
+                            continue;
+                        }
+                        if !self.policy.holds().is_empty() {
+                            return Err(IngestError::Run(format!(
+                            "table {} was truncated on the source while legal holds are in force: sync stops rather than delete records a hold may cover. Restore the table on the source, or release the holds (`strata hold list`), then `strata sync` again",
+                            f.layout.name
+                        )));
+                        }
+                        tx.execute(&format!("DELETE FROM {}", quote(&f.layout.name)))
+                            .await?;
+                        upserts
+                            .later
+                            .outbox(f.layout, &change, &Outbox::truncate(f.layout));
+                        report.archive_changes += 1;
+                    }
+                }
+                Message::Other(_) => {}
+            }
+        }
+        if upserts.later.full() {
+            upserts.later.write(tx, run_id).await?;
+        }
+        Ok(())
     }
 
     /// Applies an inserted or updated row: its unchanged TOASTed values taken from the

@@ -20,6 +20,7 @@ mod later;
 mod naming;
 mod outbox;
 mod range;
+mod reactivate;
 mod rollback;
 mod route;
 mod sinks;
@@ -27,6 +28,7 @@ mod target;
 mod upserts;
 mod verify;
 mod workers;
+mod writer;
 
 pub use cutover::{read_only_statements, CutoverReport, TableCounts};
 pub use evidence::{

@@ -15,26 +15,24 @@
 
 use super::destroyed::Destroyed;
 use super::follow::{ACTIVITY_TABLE, OUTBOX_TABLE};
-use super::route::{Route, Router};
 use super::sinks::Quarantined;
 use super::target::target_columns;
 use super::Migration;
 use crate::archive_rows::{archive_schema, ArchiveRun};
-use crate::db::Db;
+use crate::db::{Column, Db};
 use crate::error::{IngestError, Result};
 use crate::layout::TableLayout;
 use crate::load::TargetTx;
 use crate::value::{ColumnType, Value};
 use base64::Engine;
 use chrono::NaiveDate;
-use sha2::Digest as _;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use strata_archive::{
     ArchiveReader, ArchivedBatch, BlobRef, BlobStore, Cell, TableManifest, TableWriter,
     TableWriterOptions, Tombstone,
 };
 use strata_control::DestructionRecord;
-use strata_cutoff_policies::{HoldScope, PatientFacts, Tier};
+use strata_cutoff_policies::{HoldScope, PatientFacts};
 
 /// Outbox entries one write takes of a table at most (their values are held in memory).
 const ENTRIES_PER_WRITE: usize = 20_000;
@@ -90,7 +88,13 @@ pub(super) struct FlushDue {
     age_limit: std::time::Duration,
     /// When the first change not yet written was seen to wait.
     oldest: Option<std::time::Instant>,
+    /// When the size of what waits was last measured (a sum over the outbox: not every time
+    /// sync asks).
+    measured: Option<std::time::Instant>,
 }
+
+/// How often the size of what waits in the outbox is measured, at most.
+const MEASURE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl FlushDue {
     pub(super) fn new(bytes_limit: u64, age_limit: std::time::Duration) -> Self {
@@ -98,6 +102,7 @@ impl FlushDue {
             bytes_limit,
             age_limit,
             oldest: None,
+            measured: None,
         }
     }
 
@@ -111,6 +116,10 @@ impl FlushDue {
         if since.elapsed() >= self.age_limit {
             return Ok(true);
         }
+        if self.measured.is_some_and(|m| m.elapsed() < MEASURE_EVERY) {
+            return Ok(false);
+        }
+        self.measured = Some(std::time::Instant::now());
         let bytes = first_value(
             target,
             format!(
@@ -168,9 +177,7 @@ pub(super) async fn left_behind(target: &Db, run_id: &str) -> Result<LeftBehind>
     })
 }
 
-/// `_strata_patient_activity.pending` of a patient whose archived records the writer is
-/// bringing back (1: noted, not yet looked at; 0: done).
-const REACTIVATING: i64 = 2;
+use super::reactivate::REACTIVATING;
 
 /// One outbox entry as read back.
 struct Entry {
@@ -190,32 +197,112 @@ struct Entry {
 /// A record as it will be archived: values (BLOB columns `Null`) and its BLOBs, either new
 /// bytes or the reference of an archived copy's.
 #[derive(Clone)]
-struct Record {
-    patient: String,
-    date: Option<NaiveDate>,
-    values: Vec<Value>,
-    blobs: Vec<Blob>,
+pub(super) struct Record {
+    pub(super) patient: String,
+    pub(super) date: Option<NaiveDate>,
+    pub(super) values: Vec<Value>,
+    pub(super) blobs: Vec<Blob>,
 }
 
 #[derive(Clone)]
-enum Blob {
+pub(super) enum Blob {
     None,
     New(Vec<u8>),
     Archived(BlobRef),
 }
 
 /// What one batch makes of a table.
-struct Batch {
+pub(super) struct Batch {
     /// The manifest's writer id.
-    writer: String,
+    pub(super) writer: String,
     /// Records to archive, by key.
     records: Vec<(String, Record)>,
-    tombstones: Vec<Tombstone>,
-    /// Records back to the operational tier (BLOBs read whole).
-    reinstated: Vec<Vec<Value>>,
+    pub(super) tombstones: Vec<Tombstone>,
+    /// Records back to the operational tier, by key (BLOBs read whole), each with a
+    /// tombstone for its archived copy.
+    pub(super) reinstated: Vec<(String, Vec<Value>)>,
     destroyed: Destroyed,
     /// Whether the source truncated the table first.
     truncated: bool,
+}
+
+impl Batch {
+    /// A batch that only brings records back.
+    pub(super) fn reinstating() -> Self {
+        Batch {
+            writer: String::new(),
+            records: Vec::new(),
+            tombstones: Vec::new(),
+            reinstated: Vec::new(),
+            destroyed: Destroyed::default(),
+            truncated: false,
+        }
+    }
+
+    /// Leaves out the records to bring back that changed since (`changed`), and their
+    /// tombstones: their newest change decides where they go.
+    pub(super) fn keep_reinstated(&mut self, changed: &HashSet<String>) {
+        if changed.is_empty() {
+            return;
+        }
+        let left: HashSet<String> = self
+            .reinstated
+            .iter()
+            .filter(|(key, _)| changed.contains(key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        self.reinstated.retain(|(key, _)| !left.contains(key));
+        self.tombstones.retain(|t| !left.contains(&t.key));
+    }
+}
+
+/// Which of `keys` (records of `table` the writer would bring back) the outbox holds a change
+/// of (only among the entries not yet marked for a write, with `unmarked`): all of them when
+/// it holds a truncate of the table.
+pub(super) async fn changed_since(
+    target: &Db,
+    run_id: &str,
+    table: &str,
+    keys: &[&str],
+    unmarked: bool,
+) -> Result<HashSet<String>> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let text = |t: &str| format!("'{}'", t.replace('\'', "''"));
+    let ours = format!(
+        "run_id = {} AND table_name = {}{}",
+        text(run_id),
+        text(table),
+        if unmarked { " AND drain = ''" } else { "" }
+    );
+    let truncated = first_value(
+        target,
+        format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE {ours} AND change = 'truncate'"),
+        ColumnType::Int,
+    )
+    .await?;
+    if !matches!(truncated, Value::Int(0)) {
+        return Ok(keys.iter().map(|k| k.to_string()).collect());
+    }
+    let mut changed = HashSet::new();
+    for chunk in keys.chunks(500) {
+        let listed: Vec<String> = chunk.iter().map(|k| text(k)).collect();
+        let rows = target
+            .fetch_all(
+                format!(
+                    "SELECT DISTINCT row_key FROM {OUTBOX_TABLE} WHERE {ours} AND row_key IN ({})",
+                    listed.join(", ")
+                ),
+                vec![ColumnType::Text],
+            )
+            .await?;
+        changed.extend(rows.into_iter().filter_map(|r| match r.into_iter().next() {
+            Some(Value::Text(k)) => Some(k),
+            _ => None,
+        }));
+    }
+    Ok(changed)
 }
 
 /// What a write does to one record, after folding its entries.
@@ -241,9 +328,40 @@ enum Fold {
     },
 }
 
+/// What a pass of the archive writer leaves for a moment when no change is being applied:
+/// putting archived records back in the operational database. Beside the apply, a record put
+/// back could undo a change applied meanwhile (a source delete finds no operational row and
+/// only tombstones the archived copy); between batches, the outbox tells which records
+/// changed since the pass read them, and those stay where their newest change put them.
+pub(super) enum Exclusive<'a> {
+    /// A marked batch of a table that brings records back (changes the outbox reinstates).
+    Batch {
+        layout: &'a TableLayout,
+        columns: Vec<Column>,
+        batch: Box<Batch>,
+    },
+    /// The archived records of patients whose activity moved, to bring back, per table, as
+    /// the pass read them; `through`: the position of the last note among those patients.
+    Reactivation {
+        tables: Vec<(&'a TableLayout, Vec<Column>, Batch)>,
+        through: i64,
+    },
+}
+
+/// What one table batch of the outbox came to.
+enum Written<'a> {
+    /// The table had no entries left (up to the pass's position).
+    Nothing,
+    /// Written and published.
+    Published,
+    /// Folded, with records to bring back: published between batches.
+    Exclusive(Exclusive<'a>),
+}
+
 impl Migration {
-    /// Writes everything the outbox holds for run `run_id` to the archive (see the module's
-    /// docs).
+    /// Writes everything the outbox holds for run `run_id` to the archive, then brings back
+    /// the records of the patients noted (see the module's docs): the whole work of the
+    /// archive writer, while no change is applied.
     pub(super) async fn write_outbox(
         &self,
         run_id: &str,
@@ -251,10 +369,42 @@ impl Migration {
         facts: &HashMap<String, PatientFacts>,
     ) -> Result<OutboxReport> {
         let mut report = OutboxReport::default();
+        loop {
+            let (written, left) = self.writer_pass(run_id, target, facts, None).await?;
+            report.add(written);
+            let Some(left) = left else {
+                return Ok(report);
+            };
+            let last = matches!(left, Exclusive::Reactivation { .. });
+            self.finish_exclusive(run_id, target, left, None, &mut report)
+                .await?;
+            if last {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// One pass of the archive writer, which may run beside the apply: the outbox entries of
+    /// changes at or before `cut` (all when None) into the archive, table by table, then the
+    /// archived records of the patients noted by then read and routed by `facts`. Stops at
+    /// the first work that writes to the operational database ([`Exclusive`]): once that is
+    /// done, a pass over the same `cut` goes on with the rest.
+    pub(super) async fn writer_pass(
+        &self,
+        run_id: &str,
+        target: &Db,
+        facts: &HashMap<String, PatientFacts>,
+        cut: Option<u64>,
+    ) -> Result<(OutboxReport, Option<Exclusive<'_>>)> {
+        let mut report = OutboxReport::default();
+        let upto = match cut {
+            Some(lsn) => format!(" AND (drain <> '' OR lsn <= {lsn})"),
+            None => String::new(),
+        };
         let tables = target
             .fetch_all(
                 format!(
-                    "SELECT DISTINCT table_name FROM {OUTBOX_TABLE} WHERE run_id = '{}'",
+                    "SELECT DISTINCT table_name FROM {OUTBOX_TABLE} WHERE run_id = '{}'{upto}",
                     run_id.replace('\'', "''")
                 ),
                 vec![ColumnType::Text],
@@ -273,150 +423,63 @@ impl Migration {
                         "the sync outbox holds changes of table {table}, which the run does not migrate"
                     ))
                 })?;
-            while self
-                .write_outbox_batch(layout, run_id, target, &mut report)
-                .await?
-            {}
+            loop {
+                match self
+                    .write_outbox_batch(layout, run_id, target, cut, &mut report)
+                    .await?
+                {
+                    Written::Nothing => break,
+                    Written::Published => {}
+                    Written::Exclusive(left) => return Ok((report, Some(left))),
+                }
+            }
         }
-        self.reactivate(run_id, target, facts, &mut report).await?;
-        Ok(report)
+        let left = self.reactivation(run_id, target, facts, cut).await?;
+        Ok((report, left))
     }
 
-    /// Brings back to the operational tier the archived records of patients whose activity a
-    /// change moved later (a new encounter makes an inactive patient's records current
-    /// again), routed with the facts sync holds now: each upserted into the operational
-    /// database, its archived copy tombstoned. Runs once the outbox is written, so that the
-    /// archive holds every change applied so far. The patients are marked first
-    /// ([`REACTIVATING`]): after a crash, sync finishes the pass before it applies anything,
-    /// and the retry keeps the rows already put back and tombstones their copies.
-    async fn reactivate(
+    /// Does what a pass left for a moment when no change is applied (see [`Exclusive`]):
+    /// the records changed since the pass read them are left out, the rest put back and
+    /// their archived copies tombstoned.
+    pub(super) async fn finish_exclusive(
         &self,
         run_id: &str,
         target: &Db,
-        facts: &HashMap<String, PatientFacts>,
+        left: Exclusive<'_>,
+        cut: Option<u64>,
         report: &mut OutboxReport,
     ) -> Result<()> {
-        let run_q = run_id.replace('\'', "''");
-        target
-            .execute(&format!(
-                "UPDATE {ACTIVITY_TABLE} SET pending = {REACTIVATING} WHERE run_id = '{run_q}' AND pending = 1"
-            ))
-            .await?;
-        let pending = target
-            .fetch_all(
-                format!(
-                    "SELECT patient, source_lsn FROM {ACTIVITY_TABLE} WHERE run_id = '{run_q}' AND pending = {REACTIVATING}"
-                ),
-                vec![ColumnType::Text, ColumnType::Int],
-            )
-            .await?;
-        let mut patients = Vec::new();
-        let mut through = 0;
-        for row in pending {
-            if let (Value::Text(p), Value::Int(lsn)) = (&row[0], &row[1]) {
-                patients.push(p.clone());
-                through = through.max(*lsn);
+        match left {
+            Exclusive::Batch {
+                layout,
+                columns,
+                mut batch,
+            } => {
+                // Changes after the batch: the entries not marked with it.
+                let keys: Vec<&str> = batch.reinstated.iter().map(|(k, _)| k.as_str()).collect();
+                let changed = changed_since(target, run_id, &layout.name, &keys, true).await?;
+                batch.keep_reinstated(&changed);
+                self.publish(layout, run_id, target, &columns, *batch, report)
+                    .await
+            }
+            Exclusive::Reactivation { tables, through } => {
+                self.finish_reactivation(run_id, target, tables, through, cut, report)
+                    .await
             }
         }
-        if patients.is_empty() {
-            return Ok(());
-        }
-        let (store, keys) = self.archive_store().await?;
-        let archive = ArchiveReader::open(store, keys).await?;
-        for layout in self.layouts.iter().filter(|l| l.patient_column.is_some()) {
-            let router = Router::new(&self.policy, layout, facts);
-            let blob_columns = archive.catalog().blob_columns(&layout.name);
-            // Records the source deleted under a legal hold stay archived.
-            let mut held = std::collections::HashSet::new();
-            for m in archive
-                .catalog()
-                .tables
-                .get(&layout.name)
-                .into_iter()
-                .flatten()
-            {
-                for entry in &m.tombstones {
-                    let read = archive.tombstones(entry).await?;
-                    held.extend(read.iter().filter(|t| t.held).map(|t| t.key.clone()));
-                }
-            }
-            let mut batch = Batch {
-                writer: String::new(),
-                records: Vec::new(),
-                tombstones: Vec::new(),
-                reinstated: Vec::new(),
-                destroyed: Destroyed::default(),
-                truncated: false,
-            };
-            for patient in &patients {
-                for rows in archive.patient_rows(&layout.name, patient).await? {
-                    let rows = ArchivedBatch::new(&rows, &blob_columns);
-                    for row in 0..rows.num_rows() {
-                        let record = record_of(layout, &rows, row);
-                        let mut values = record.values.clone();
-                        let extras = layout.take_extras(&mut values);
-                        let Route::Decided { decision, .. } = router.route(&mut values, &extras)
-                        else {
-                            continue;
-                        };
-                        if decision.tier != Tier::Operational {
-                            continue;
-                        }
-                        let key = rows.key(row).unwrap_or_default();
-                        if held.contains(key) {
-                            continue;
-                        }
-                        batch
-                            .tombstones
-                            .push(tombstone(&record.patient, record.date, key, false));
-                        for (b, blob) in layout.blobs.iter().enumerate() {
-                            if let Blob::Archived(r) = &record.blobs[b] {
-                                values[blob.column] =
-                                    Value::Bytes(archive.blobs().get(r).await?.to_vec());
-                            }
-                        }
-                        batch.reinstated.push(values);
-                    }
-                }
-            }
-            if batch.reinstated.is_empty() {
-                continue;
-            }
-            // Named by what it tombstones: a retry that finds more to bring back (facts read
-            // again) writes a manifest of its own instead of replacing this one.
-            let mut digest = sha2::Sha256::new();
-            for t in &batch.tombstones {
-                sha2::Digest::update(&mut digest, t.key.as_bytes());
-                sha2::Digest::update(&mut digest, [0u8]);
-            }
-            let digest = hex::encode(&sha2::Digest::finalize(digest)[..4]);
-            batch.writer = format!("sync-{run_id}-{through:016x}-reactivated-{digest}");
-            let (columns, _) = target_columns(
-                self.source.kind(),
-                (target.kind(), Some(target)),
-                &layout.target_schema(),
-                &layout.casts,
-            )
-            .await?;
-            self.publish(layout, run_id, target, &columns, batch, report)
-                .await?;
-        }
-        target
-            .execute(&format!(
-                "UPDATE {ACTIVITY_TABLE} SET pending = 0 WHERE run_id = '{run_q}' AND pending = {REACTIVATING}"
-            ))
-            .await?;
-        Ok(())
     }
 
-    /// Writes one batch of a table's outbox entries; false when there were none.
-    async fn write_outbox_batch(
+    /// Writes one batch of a table's outbox entries (of changes at or before `cut`, when
+    /// given), unless it brings records back to the operational tier: that is left for
+    /// between batches.
+    async fn write_outbox_batch<'a>(
         &self,
-        layout: &TableLayout,
+        layout: &'a TableLayout,
         run_id: &str,
         target: &Db,
+        cut: Option<u64>,
         report: &mut OutboxReport,
-    ) -> Result<bool> {
+    ) -> Result<Written<'a>> {
         let (store, keys) = self.archive_store().await?;
         let archive = ArchiveReader::open(store.clone(), keys.clone()).await?;
         let table = layout.name.as_str();
@@ -428,9 +491,9 @@ impl Migration {
         let marked = format!("SELECT MIN(drain) FROM {OUTBOX_TABLE} WHERE {ours} AND drain <> ''");
         let writer = match first_value(target, marked, ColumnType::Text).await? {
             Value::Text(w) if !w.is_empty() => w,
-            _ => match self.mark_batch(target, run_id, &ours).await? {
+            _ => match self.mark_batch(target, run_id, &ours, cut).await? {
                 Some(w) => w,
-                None => return Ok(false),
+                None => return Ok(Written::Nothing),
             },
         };
         let writer_q = writer.replace('\'', "''");
@@ -449,17 +512,11 @@ impl Migration {
                     "DELETE FROM {OUTBOX_TABLE} WHERE {ours} AND drain = '{writer_q}'"
                 ))
                 .await?;
-            return Ok(true);
+            return Ok(Written::Published);
         }
         let entries = read_entries(target, &ours, &writer_q).await?;
         report.entries += entries.len() as u64;
-        let (columns, _) = target_columns(
-            self.source.kind(),
-            (target.kind(), Some(target)),
-            &layout.target_schema(),
-            &layout.casts,
-        )
-        .await?;
+        let columns = self.operational_columns(layout, target).await?;
         let mut folded: BTreeMap<String, Fold> = BTreeMap::new();
         let mut truncated = false;
         // Changes that cannot be archived, with their outbox entries.
@@ -589,7 +646,7 @@ impl Migration {
         let mut records: Vec<(String, Record)> = Vec::new();
         let mut tombstones: Vec<Tombstone> = Vec::new();
         let mut destroyed = Destroyed::default();
-        let mut reinstated: Vec<Vec<Value>> = Vec::new();
+        let mut reinstated: Vec<(String, Vec<Value>)> = Vec::new();
         for (key, fold) in folded {
             match fold {
                 Fold::Archive { record, held } => {
@@ -634,7 +691,7 @@ impl Migration {
                             Blob::None => Value::Null,
                         };
                     }
-                    reinstated.push(values);
+                    reinstated.push((key, values));
                 }
                 Fold::Count {
                     patient,
@@ -685,16 +742,23 @@ impl Migration {
             destroyed,
             truncated,
         };
+        if !batch.reinstated.is_empty() {
+            return Ok(Written::Exclusive(Exclusive::Batch {
+                layout,
+                columns,
+                batch: Box::new(batch),
+            }));
+        }
         self.publish(layout, run_id, target, &columns, batch, report)
             .await?;
-        Ok(true)
+        Ok(Written::Published)
     }
 
     /// Publishes what a batch makes of a table: reinstated records into the operational
     /// database first (upserts a retry repeats harmlessly), the destruction record, then the
     /// archive files and their manifest, recorded in the control database; then the batch
     /// leaves the outbox.
-    async fn publish(
+    pub(super) async fn publish(
         &self,
         layout: &TableLayout,
         run_id: &str,
@@ -718,7 +782,7 @@ impl Migration {
         // it applies anything: see `LeftBehind`), and is kept.
         if !reinstated.is_empty() {
             let mut tx = TargetTx::begin(target).await?;
-            for values in &reinstated {
+            for (_, values) in &reinstated {
                 use super::follow::{upsert_row, Existing};
                 upsert_row(&mut tx, layout, columns, values, Existing::Keep).await?;
             }
@@ -811,9 +875,19 @@ impl Migration {
     }
 
     /// Marks the table's oldest unwritten entries (those of the source transactions of the
-    /// first [`ENTRIES_PER_WRITE`]) as one batch, named after its last transaction's position.
-    /// None when there are none.
-    async fn mark_batch(&self, target: &Db, run_id: &str, ours: &str) -> Result<Option<String>> {
+    /// first [`ENTRIES_PER_WRITE`], at or before `cut` when given) as one batch, named after
+    /// its last transaction's position. None when there are none.
+    async fn mark_batch(
+        &self,
+        target: &Db,
+        run_id: &str,
+        ours: &str,
+        cut: Option<u64>,
+    ) -> Result<Option<String>> {
+        let ours = match cut {
+            Some(lsn) => format!("{ours} AND lsn <= {lsn}"),
+            None => ours.to_string(),
+        };
         let nth = format!(
             "SELECT lsn FROM {OUTBOX_TABLE} WHERE {ours} ORDER BY lsn, position, part LIMIT 1 OFFSET {}",
             ENTRIES_PER_WRITE - 1
@@ -840,8 +914,26 @@ impl Migration {
         Ok(Some(writer))
     }
 
+    /// The columns of `layout`'s table in the operational database `target`, as declared.
+    pub(super) async fn operational_columns(
+        &self,
+        layout: &TableLayout,
+        target: &Db,
+    ) -> Result<Vec<Column>> {
+        let (columns, _) = target_columns(
+            self.source.kind(),
+            (target.kind(), Some(target)),
+            &layout.target_schema(),
+            &layout.casts,
+        )
+        .await?;
+        Ok(columns)
+    }
+
     /// The archive's store and keys (its own key loaded).
-    async fn archive_store(&self) -> Result<(strata_archive::Store, strata_archive::KeyRing)> {
+    pub(super) async fn archive_store(
+        &self,
+    ) -> Result<(strata_archive::Store, strata_archive::KeyRing)> {
         let (store, keys) = self
             .config
             .archive
@@ -890,7 +982,12 @@ async fn write_run(
     Ok(())
 }
 
-fn tombstone(patient: &str, date: Option<NaiveDate>, key: &str, held: bool) -> Tombstone {
+pub(super) fn tombstone(
+    patient: &str,
+    date: Option<NaiveDate>,
+    key: &str,
+    held: bool,
+) -> Tombstone {
     Tombstone {
         patient: patient.to_string(),
         date,
@@ -1078,7 +1175,7 @@ async fn held_record(
 }
 
 /// An archived row as a record: its values as the layout's types, its BLOB references.
-fn record_of(layout: &TableLayout, batch: &ArchivedBatch<'_>, row: usize) -> Record {
+pub(super) fn record_of(layout: &TableLayout, batch: &ArchivedBatch<'_>, row: usize) -> Record {
     let mut blobs = vec![Blob::None; layout.blobs.len()];
     for (name, r) in batch.blobs(row) {
         if let Some(b) = layout

@@ -706,7 +706,16 @@ async fn coming_back(url: String, stop: Arc<AtomicBool>) -> (Vec<i64>, Vec<i64>)
                     ))
                     .await
                     .unwrap(),
-                _ => left.push(old),
+                _ => {
+                    // Noted again: the patient's note moves past what a pass may have read.
+                    db.execute(&format!(
+                        "INSERT INTO visits VALUES ({}, {patient}, DATE '2026-05-02', 'again', 'back')",
+                        2_000_000 + n
+                    ))
+                    .await
+                    .unwrap();
+                    left.push(old)
+                }
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -717,10 +726,11 @@ async fn coming_back(url: String, stop: Arc<AtomicBool>) -> (Vec<i64>, Vec<i64>)
 }
 
 /// The archive writer runs beside the apply (`archive_flush_seconds = 0`: a pass about every
-/// second) while patients come back ([`coming_back`]). A record the writer read to bring back
-/// but that the source deleted meanwhile must not be put back (it would be resurrected), nor
-/// one changed meanwhile tombstoned twice: sync, stopped, reports records moved back in
-/// several writes; caught up, verify proves source = target row for row.
+/// second) while patients come back ([`coming_back`]), and sync is killed twice on the way. A
+/// record the writer read to bring back but that the source deleted meanwhile must not be put
+/// back (it would be resurrected), nor one changed meanwhile tombstoned twice: sync, stopped,
+/// reports records moved back in several writes; caught up, verify proves source = target
+/// row for row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_archive_writer_runs_beside_the_apply() {
     let dir = TestDir::new();
@@ -737,10 +747,17 @@ async fn the_archive_writer_runs_beside_the_apply() {
     migration.follow(true);
     migration.run(&mut |_| {}).await.unwrap();
 
-    let sync = following(dir.path());
+    let mut sync = following(dir.path());
     let stop = Arc::new(AtomicBool::new(false));
     let application = tokio::spawn(coming_back(url.clone(), stop.clone()));
-    tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+    // Killed twice on the way (kill -9 may land in a pass, or between its two steps).
+    for after_ms in [3300u64, 4100] {
+        tokio::time::sleep(std::time::Duration::from_millis(after_ms)).await;
+        sync.kill().unwrap();
+        sync.wait().unwrap();
+        sync = following(dir.path());
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     stop.store(true, Ordering::Relaxed);
     let (deleted, left) = application.await.unwrap();
     assert!(deleted.len() > 10 && left.len() > 5, "{deleted:?} {left:?}");

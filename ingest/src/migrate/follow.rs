@@ -516,15 +516,11 @@ impl Migration {
                     break;
                 }
                 if let Some(outcome) = writer.outcome_now() {
-                    if writer.took(outcome, &mut report.archive)? {
-                        flush.written();
-                    }
+                    writer.took(outcome, &mut report.archive)?;
                 }
                 // What the writer can only do while no change is applied, once the batch is in.
                 if writer.waits() && batch.is_none() {
-                    if writer.finish(&mut report.archive).await? {
-                        flush.written();
-                    }
+                    writer.finish(&mut report.archive).await?;
                     continue;
                 }
                 let next = match batch.as_ref() {
@@ -545,9 +541,7 @@ impl Migration {
                         t = stream.next_transaction() => Some(t?),
                         _ = progress.stopping() => break,
                         outcome = writer.outcome() => {
-                            if writer.took(outcome, &mut report.archive)? {
-                                flush.written();
-                            }
+                            writer.took(outcome, &mut report.archive)?;
                             continue;
                         }
                         _ = watch.tick() => {
@@ -560,12 +554,16 @@ impl Migration {
                             watched.check(&self.source, &slot.slot, through, limit, &progress).await?;
                             continue;
                         }
-                        _ = writer_due.tick(), if !writer.busy() => {
+                        _ = writer_due.tick() => {
                             let waiting = leftover || report.archive_changes > outboxed || activity.pending;
-                            if flush.due(waiting, &target, &run.run_id).await? {
+                            if writer.busy() {
+                                // What the pass under way does not take starts to age.
+                                flush.note(waiting);
+                            } else if flush.due(waiting, &target, &run.run_id).await? {
                                 writer.start(applied, &activity.facts)?;
                                 outboxed = report.archive_changes;
                                 (leftover, activity.pending) = (false, false);
+                                flush.taken();
                             }
                             continue;
                         }

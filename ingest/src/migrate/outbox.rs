@@ -106,13 +106,21 @@ impl FlushDue {
         }
     }
 
-    /// Whether the outbox should be written now (`waiting`: whether changes joined it since
-    /// it was last written).
-    pub(super) async fn due(&mut self, waiting: bool, target: &Db, run_id: &str) -> Result<bool> {
-        if !waiting {
-            return Ok(false);
+    /// Notes whether changes wait that no pass of the writer took (the age clock starts with
+    /// the first).
+    pub(super) fn note(&mut self, waiting: bool) {
+        if waiting {
+            self.oldest.get_or_insert_with(std::time::Instant::now);
         }
-        let since = *self.oldest.get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// Whether the outbox should be written now (`waiting`: whether changes joined it since
+    /// a pass last took it).
+    pub(super) async fn due(&mut self, waiting: bool, target: &Db, run_id: &str) -> Result<bool> {
+        self.note(waiting);
+        let Some(since) = self.oldest else {
+            return Ok(false);
+        };
         if since.elapsed() >= self.age_limit {
             return Ok(true);
         }
@@ -136,8 +144,8 @@ impl FlushDue {
         Ok(bytes >= self.bytes_limit)
     }
 
-    /// The outbox was written.
-    pub(super) fn written(&mut self) {
+    /// A pass of the writer takes what waits: what comes after ages anew.
+    pub(super) fn taken(&mut self) {
         self.oldest = None;
     }
 }
@@ -239,8 +247,44 @@ impl Batch {
         }
     }
 
-    /// Leaves out the records to bring back that changed since (`changed`), and their
-    /// tombstones: their newest change decides where they go.
+    /// Archives again, instead of bringing back, the records that changed later (`changed`):
+    /// their later change decides where they go, and may take values only this version holds
+    /// (those it left alone), so this version must be archived before it.
+    pub(super) fn archive_instead(&mut self, changed: &HashSet<String>, layout: &TableLayout) {
+        if changed.is_empty() {
+            return;
+        }
+        let (later, back): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reinstated)
+            .into_iter()
+            .partition(|(key, _)| changed.contains(key));
+        self.reinstated = back;
+        for (key, mut values) in later {
+            let Some(i) = self.tombstones.iter().position(|t| t.key == key) else {
+                continue;
+            };
+            let tombstone = self.tombstones.remove(i);
+            let blobs = layout
+                .blobs
+                .iter()
+                .map(
+                    |b| match std::mem::replace(&mut values[b.column], Value::Null) {
+                        Value::Bytes(bytes) => Blob::New(bytes),
+                        _ => Blob::None,
+                    },
+                )
+                .collect();
+            let record = Record {
+                patient: tombstone.patient,
+                date: tombstone.date,
+                values,
+                blobs,
+            };
+            self.records.push((key, record));
+        }
+    }
+
+    /// Leaves out the records to bring back that changed later (`changed`), and their
+    /// tombstones: their later change decides where they go.
     pub(super) fn keep_reinstated(&mut self, changed: &HashSet<String>) {
         if changed.is_empty() {
             return;
@@ -329,20 +373,23 @@ enum Fold {
 }
 
 /// What a pass of the archive writer leaves for a moment when no change is being applied:
-/// putting archived records back in the operational database. Beside the apply, a record put
-/// back could undo a change applied meanwhile (a source delete finds no operational row and
-/// only tombstones the archived copy); between batches, the outbox tells which records
-/// changed since the pass read them, and those stay where their newest change put them.
+/// what writes to the operational database. Beside the apply, a record put back could undo a
+/// change applied meanwhile (a source delete finds no operational row and only tombstones the
+/// archived copy); between batches, the outbox tells which records changed after what the
+/// pass read, and those are not put back: their later change decides where they go.
 pub(super) enum Exclusive<'a> {
-    /// A marked batch of a table that brings records back (changes the outbox reinstates).
+    /// A marked batch of a table that brings records back (changes the outbox reinstates),
+    /// published whole between batches (rare: a change that left TOASTed values alone, moving
+    /// a record back to the operational tier).
     Batch {
         layout: &'a TableLayout,
         columns: Vec<Column>,
         batch: Box<Batch>,
     },
-    /// The archived records of patients whose activity moved, to bring back, per table, as
+    /// The archived records of `patients` (whose activity moved) to bring back, per table, as
     /// the pass read them; `through`: the position of the last note among those patients.
     Reactivation {
+        patients: Vec<String>,
         tables: Vec<(&'a TableLayout, Vec<Column>, Batch)>,
         through: i64,
     },
@@ -439,8 +486,8 @@ impl Migration {
     }
 
     /// Does what a pass left for a moment when no change is applied (see [`Exclusive`]):
-    /// the records changed since the pass read them are left out, the rest put back and
-    /// their archived copies tombstoned.
+    /// records put back and their archived copies tombstoned, except those with a later
+    /// change in the outbox.
     pub(super) async fn finish_exclusive(
         &self,
         run_id: &str,
@@ -458,12 +505,16 @@ impl Migration {
                 // Changes after the batch: the entries not marked with it.
                 let keys: Vec<&str> = batch.reinstated.iter().map(|(k, _)| k.as_str()).collect();
                 let changed = changed_since(target, run_id, &layout.name, &keys, true).await?;
-                batch.keep_reinstated(&changed);
+                batch.archive_instead(&changed, layout);
                 self.publish(layout, run_id, target, &columns, *batch, report)
                     .await
             }
-            Exclusive::Reactivation { tables, through } => {
-                self.finish_reactivation(run_id, target, tables, through, cut, report)
+            Exclusive::Reactivation {
+                patients,
+                tables,
+                through,
+            } => {
+                self.finish_reactivation(run_id, target, &patients, tables, through, cut, report)
                     .await
             }
         }
@@ -1218,5 +1269,58 @@ pub(super) fn record_of(layout: &TableLayout, batch: &ArchivedBatch<'_>, row: us
         date: batch.record_date(row),
         values,
         blobs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record a batch would bring back, with a later change in the outbox, is archived
+    /// again instead (whole, its BLOB as new bytes, no tombstone); the others go back.
+    #[test]
+    fn a_record_changed_later_is_archived_again_instead_of_brought_back() {
+        let layout = crate::layout::test_layout(
+            "scans",
+            "primary_key = [\"id\"]\npatient_key = \"patient\"\nrecord_date = \"taken\"\n\
+             [[tables.scans.blobs]]\ncolumn = \"image\"\ncontent_type = \"image/png\"",
+            &[
+                ("id", ColumnType::Int),
+                ("patient", ColumnType::Text),
+                ("taken", ColumnType::Date),
+                ("image", ColumnType::Bytes),
+            ],
+        );
+        let date = NaiveDate::from_ymd_opt(2026, 5, 1);
+        let row = |id: i64| {
+            vec![
+                Value::Int(id),
+                Value::Text("7".into()),
+                Value::Date(date.unwrap()),
+                Value::Bytes(vec![id as u8; 3]),
+            ]
+        };
+        let mut batch = Batch::reinstating();
+        for id in [1, 2] {
+            let key = format!("id={id}");
+            batch.tombstones.push(tombstone("7", date, &key, false));
+            batch.reinstated.push((key, row(id)));
+        }
+        batch.archive_instead(&HashSet::new(), &layout);
+        assert_eq!(batch.reinstated.len(), 2);
+
+        batch.archive_instead(&HashSet::from(["id=2".to_string()]), &layout);
+        let back: Vec<&str> = batch.reinstated.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(back, ["id=1"]);
+        let tombstoned: Vec<&str> = batch.tombstones.iter().map(|t| t.key.as_str()).collect();
+        assert_eq!(tombstoned, ["id=1"]);
+        let [(key, record)] = batch.records.as_slice() else {
+            panic!("one record archived again, not {}", batch.records.len());
+        };
+        assert_eq!(key, "id=2");
+        assert_eq!((record.patient.as_str(), record.date), ("7", date));
+        assert_eq!(record.values[..3], row(2)[..3]);
+        assert_eq!(record.values[3], Value::Null);
+        assert!(matches!(record.blobs.as_slice(), [Blob::New(b)] if b == &vec![2u8; 3]));
     }
 }

@@ -116,29 +116,42 @@ impl Migration {
             let columns = self.operational_columns(layout, target).await?;
             tables.push((layout, columns, batch));
         }
-        Ok(Some(Exclusive::Reactivation { tables, through }))
+        Ok(Some(Exclusive::Reactivation {
+            patients,
+            tables,
+            through,
+        }))
     }
 
-    /// Puts back what [`Migration::reactivation`] read, while no change is applied: the
-    /// patients noted by `cut` marked first ([`REACTIVATING`]), the records the outbox holds a
+    /// Puts back what [`Migration::reactivation`] read of `patients`, while no change is
+    /// applied: the patients marked first ([`REACTIVATING`]), the records the outbox holds a
     /// change of left out, the rest upserted (a row already there is kept) and tombstoned in
-    /// the archive; then the notes are cleared, those of patients noted again since kept.
+    /// the archive; then the notes are cleared, except those of patients noted again after
+    /// `cut` (looked at by the next pass).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn finish_reactivation(
         &self,
         run_id: &str,
         target: &Db,
+        patients: &[String],
         tables: Vec<(&crate::layout::TableLayout, Vec<crate::db::Column>, Batch)>,
         through: i64,
         cut: Option<u64>,
         report: &mut OutboxReport,
     ) -> Result<()> {
         let run_q = run_id.replace('\'', "''");
-        let upto = cut.map_or(String::new(), |lsn| format!(" AND source_lsn <= {lsn}"));
-        target
-            .execute(&format!(
-                "UPDATE {ACTIVITY_TABLE} SET pending = {REACTIVATING} WHERE run_id = '{run_q}' AND pending = 1{upto}"
-            ))
-            .await?;
+        for chunk in patients.chunks(500) {
+            let listed: Vec<String> = chunk
+                .iter()
+                .map(|p| format!("'{}'", p.replace('\'', "''")))
+                .collect();
+            target
+                .execute(&format!(
+                    "UPDATE {ACTIVITY_TABLE} SET pending = {REACTIVATING} WHERE run_id = '{run_q}' AND pending = 1 AND patient IN ({})",
+                    listed.join(", ")
+                ))
+                .await?;
+        }
         for (layout, columns, mut batch) in tables {
             let keys: Vec<&str> = batch.reinstated.iter().map(|(k, _)| k.as_str()).collect();
             let changed = changed_since(target, run_id, &layout.name, &keys, false).await?;
@@ -158,9 +171,12 @@ impl Migration {
             self.publish(layout, run_id, target, &columns, batch, report)
                 .await?;
         }
+        let noted_again = cut.map_or("0".to_string(), |lsn| {
+            format!("CASE WHEN source_lsn > {lsn} THEN 1 ELSE 0 END")
+        });
         target
             .execute(&format!(
-                "UPDATE {ACTIVITY_TABLE} SET pending = 0 WHERE run_id = '{run_q}' AND pending = {REACTIVATING}"
+                "UPDATE {ACTIVITY_TABLE} SET pending = {noted_again} WHERE run_id = '{run_q}' AND pending = {REACTIVATING}"
             ))
             .await?;
         Ok(())

@@ -5,8 +5,10 @@
 //! ([`Exclusive`]), so a pass holds the apply for that moment, not for the whole write.
 //!
 //! Both run in sync's task, each making progress while the other waits on a database or the
-//! object store. A pass dropped half-way (a stop, an error) is left as a crash leaves it: the
-//! next sync finishes it before it applies anything ([`super::outbox::left_behind`]).
+//! object store. A pass dropped half-way (a stop, an error, the end of a catch-up) is left as
+//! a crash leaves it: a batch it marked, or patients it was putting back, are finished by the
+//! next sync before it applies anything ([`super::outbox::left_behind`]), or by the write that
+//! ends a catch-up; what it had not started waits for the next pass.
 
 use super::outbox::{Exclusive, OutboxReport};
 use super::Migration;
@@ -131,40 +133,36 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Takes a pass's outcome (from [`Writer::outcome`]): what it wrote joins `report`. True
-    /// when the pass is over; else it waits for [`Writer::finish`].
+    /// Takes a pass's outcome (from [`Writer::outcome`]): what it wrote joins `report`; what
+    /// it left for between batches waits for [`Writer::finish`].
     pub(super) fn took(
         &mut self,
         outcome: Option<Outcome<'a>>,
         report: &mut OutboxReport,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let pass = self.running.take();
         let (written, left) =
             outcome.ok_or_else(|| IngestError::Run("the archive writer stopped".into()))??;
         report.add(written);
-        match (left, pass) {
-            (Some(left), Some(pass)) => {
-                self.left = Some((left, pass));
-                Ok(false)
-            }
-            _ => Ok(true),
+        if let (Some(left), Some(pass)) = (left, pass) {
+            self.left = Some((left, pass));
         }
+        Ok(())
     }
 
     /// Does, while no change is applied, what the pass left for between batches; then the
-    /// pass goes on with the rest. True when the pass is over.
-    pub(super) async fn finish(&mut self, report: &mut OutboxReport) -> Result<bool> {
+    /// pass goes on with the rest (after a reactivation, the pass's last step, it is over).
+    pub(super) async fn finish(&mut self, report: &mut OutboxReport) -> Result<()> {
         let Some((left, pass)) = self.left.take() else {
-            return Ok(self.running.is_none());
+            return Ok(());
         };
         let last = matches!(left, Exclusive::Reactivation { .. });
         self.migration
             .finish_exclusive(self.run_id, self.target, left, Some(pass.cut), report)
             .await?;
-        if last {
-            return Ok(true);
+        if !last {
+            self.hand_over(pass)?;
         }
-        self.hand_over(pass)?;
-        Ok(false)
+        Ok(())
     }
 }

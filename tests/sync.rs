@@ -629,6 +629,52 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
         .await
         .unwrap();
     assert_eq!(current[0][0], Value::Int(1));
+    // A row the operational database refuses (a constraint Strata cannot check beforehand)
+    // goes to quarantine with the database's reason, which names the constraint and not the
+    // values, as in a copy; its record's older version leaves the operational table, and
+    // sync goes on.
+    let owner = Db::connect(&operational, false).await.unwrap();
+    owner
+        .execute("ALTER TABLE visits ADD CONSTRAINT status_allowed CHECK (status <> 'refused-by-target') NOT VALID")
+        .await
+        .unwrap();
+    owner.close().await;
+    admin
+        .execute("UPDATE visits SET status = 'refused-by-target' WHERE id = 3; INSERT INTO visits VALUES (888888, 150, DATE '2026-05-03', 'refused-by-target', 'new'); UPDATE visits SET status = 'fine' WHERE id = 101")
+        .await
+        .unwrap();
+    let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains(", 2 quarantined;"), "{out}");
+    let refused = target
+        .fetch_all(
+            "SELECT row_key, reason FROM _strata_quarantine WHERE reason LIKE 'rejected by the operational database%' ORDER BY row_key".into(),
+            vec![ColumnType::Text, ColumnType::Text],
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for row in &refused {
+        let reason = row[1].as_key_text().unwrap();
+        assert!(
+            reason.contains("status_allowed") && !reason.contains("refused-by-target"),
+            "{reason}"
+        );
+    }
+    let left = count(
+        &target,
+        "SELECT COUNT(*) FROM visits WHERE id IN (3, 888888)".into(),
+    )
+    .await;
+    assert_eq!(left, 0);
+    let fine = count(
+        &target,
+        "SELECT COUNT(*) FROM visits WHERE id = 101 AND status = 'fine'".into(),
+    )
+    .await;
+    assert_eq!(fine, 1);
+    let (status, out) = strata_verify(&dir.path().join("strata.toml"));
+    assert_eq!(status, 0, "{out}");
     target.close().await;
     // A slot that holds back more WAL than [sync] max_retained_wal stops sync, with advice.
     let config_path = dir.path().join("strata.toml");
@@ -753,6 +799,10 @@ async fn the_archive_writer_runs_beside_the_apply() {
     // Killed twice on the way (kill -9 may land in a pass, or between its two steps).
     for after_ms in [3300u64, 4100] {
         tokio::time::sleep(std::time::Duration::from_millis(after_ms)).await;
+        assert!(
+            sync.try_wait().unwrap().is_none(),
+            "sync stopped on its own"
+        );
         sync.kill().unwrap();
         sync.wait().unwrap();
         sync = following(dir.path());

@@ -75,6 +75,18 @@ impl IngestError {
                 .is_some_and(|c| c.len() == 5 && (c.starts_with("22") || c.starts_with("23")))
     }
 
+    /// The database's own message of a refused statement (it names the constraint, never the
+    /// values: those are in its detail, which is left out).
+    pub(crate) fn database_message(&self) -> String {
+        match self {
+            IngestError::Sql { cause, .. } => cause
+                .as_database_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
     pub(crate) fn sql(context: &str, source: sqlx::Error) -> Self {
         IngestError::Sql {
             context: context.to_string(),

@@ -345,13 +345,7 @@ impl Load<'_> {
                             return Err(rejected);
                         }
                         tx.execute("ROLLBACK TO SAVEPOINT strata_row").await?;
-                        let message = match &rejected {
-                            IngestError::Sql { cause: source, .. } => source
-                                .as_database_error()
-                                .map(|d| d.message().to_string())
-                                .unwrap_or_default(),
-                            _ => String::new(),
-                        };
+                        let message = rejected.database_message();
                         return Ok(Some((row, format!("{DATABASE_REJECTED}: {message}"))));
                     }
                 }

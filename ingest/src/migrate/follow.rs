@@ -26,7 +26,7 @@ use super::naming::{archive_key, row_key};
 use super::range::SourceRows;
 use super::sinks::{LongBlobs, Quarantined, RangeSink, RowChecks};
 use super::target::ensure_bookkeeping_tables;
-use super::upserts::{gatherable, Upserts};
+use super::upserts::{gatherable, quarantine_refused, Upserts};
 use super::Migration;
 use crate::db::{quote, Column, Db};
 use crate::error::{IngestError, Result};
@@ -462,6 +462,7 @@ impl Migration {
             pending: false,
         };
         let url = self.config.resolve_url(&self.config.source.url)?;
+        wait_for_slot(&self.source, &slot.slot).await?;
         let mut stream = ChangeStream::open(&url, &slot.slot, &slot.publication, stop).await?;
         let mut report = SyncReport {
             run_id: run.run_id.clone(),
@@ -874,8 +875,22 @@ impl Migration {
                         .outbox(layout, change, &Outbox::tombstone(layout, &values));
                     report.archive_changes += 1;
                 }
-                upsert_row(tx, layout, &f.columns, &values, Existing::Replace).await?;
-                report.upserted += 1;
+                // A row the database refuses for its data goes to quarantine, as in a copy.
+                tx.execute("SAVEPOINT strata_row").await?;
+                match upsert_row(tx, layout, &f.columns, &values, Existing::Replace).await {
+                    Ok(()) => {
+                        tx.execute("RELEASE SAVEPOINT strata_row").await?;
+                        report.upserted += 1;
+                    }
+                    Err(e) if e.is_data_rejected() => {
+                        tx.execute("ROLLBACK TO SAVEPOINT strata_row").await?;
+                        let reason = e.database_message();
+                        quarantine_refused(tx, layout, &f.columns, change.run_id, &values, &reason)
+                            .await?;
+                        report.quarantined += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Some(Routed::Archive(values, kind, patient, date)) => {
                 // A record lives in one place: the operational copy goes.
@@ -1170,6 +1185,40 @@ async fn applied_position(target: &Db, run_id: &str, slot: &str) -> Result<u64> 
         Some(Value::Int(n)) => *n as u64,
         _ => 0,
     })
+}
+
+/// How long sync waits for a slot that another connection still holds.
+const SLOT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until no connection streams from `slot`: a sync killed a moment ago holds it until
+/// its server process sees the connection gone, and a restart must not fail for that. A slot
+/// still held after [`SLOT_BUSY_WAIT`] is another sync's: an error says so.
+async fn wait_for_slot(source: &Db, slot: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let rows = source
+            .fetch_all(
+                format!(
+                    "SELECT COALESCE(active_pid, 0) FROM pg_replication_slots WHERE slot_name = '{}'",
+                    slot.replace('\'', "''")
+                ),
+                vec![ColumnType::Int],
+            )
+            .await?;
+        let pid = match rows.first().map(|r| &r[0]) {
+            Some(Value::Int(pid)) => *pid,
+            _ => 0,
+        };
+        if pid == 0 {
+            return Ok(());
+        }
+        if started.elapsed() >= SLOT_BUSY_WAIT {
+            return Err(IngestError::Run(format!(
+                "replication slot {slot} is in use by another connection (server process {pid}): is another `strata sync` running? Stop it first"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 async fn current_lsn(source: &Db) -> Result<u64> {

@@ -18,10 +18,11 @@
 
 use super::follow::{Change, SyncReport};
 use super::later::{Later, Outbox};
+use super::sinks::Quarantined;
 use crate::db::{quote, Column};
 use crate::error::Result;
 use crate::layout::TableLayout;
-use crate::load::TargetTx;
+use crate::load::{TargetTx, DATABASE_REJECTED};
 use crate::value::{ColumnType, Value};
 use std::collections::HashMap;
 
@@ -226,7 +227,7 @@ impl<'a> Upserts<'a> {
         report: &mut SyncReport,
     ) -> Result<()> {
         for g in self.tables.values_mut() {
-            report.archive_changes += g.flush_upserts(tx, run_id, &mut self.later).await?;
+            g.flush_upserts(tx, run_id, report, &mut self.later).await?;
             g.flush_deletes(tx, run_id, report, &mut self.later).await?;
         }
         Ok(())
@@ -307,15 +308,19 @@ impl Gathered<'_> {
         Ok(())
     }
 
-    /// Runs the gathered upserts; returns the archived copies tombstoned.
+    /// Runs the gathered upserts. A statement the operational database refuses for a row's
+    /// data (a constraint Strata could not check) is run again row by row: each refused row
+    /// goes to quarantine with the database's reason, as in a copy, and its record's older
+    /// version leaves the operational table.
     async fn flush_upserts(
         &mut self,
         tx: &mut TargetTx,
         run_id: &str,
+        report: &mut SyncReport,
         later: &mut Later,
-    ) -> Result<u64> {
+    ) -> Result<()> {
         if self.rows.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         let layout = self.layout;
         let width = self.columns.len();
@@ -334,26 +339,42 @@ impl Gathered<'_> {
         }
         let returning: Vec<String> = keys.iter().map(|k| format!("CAST({k} AS TEXT)")).collect();
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
-        let mut tombstoned = 0;
         let rows = std::mem::take(&mut self.rows);
         let updates = std::mem::take(&mut self.updates);
         self.keys.clear();
+        let upsert = |tx: &TargetTx, rows: usize| {
+            format!(
+                "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {} RETURNING {}, CAST((xmax = 0) AS TEXT)",
+                quote(&layout.name),
+                names.join(", "),
+                tx.rows(rows, &cast_row(self.columns.iter())),
+                keys.join(", "),
+                set.join(", "),
+                returning.join(", ")
+            )
+        };
+        let mut refused = Vec::new();
         for (chunk, chunk_updates) in rows
             .chunks(per_statement)
             .zip(updates.chunks(per_statement))
         {
-            let sql = format!(
-                "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {} RETURNING {}, CAST((xmax = 0) AS TEXT)",
-                quote(&layout.name),
-                names.join(", "),
-                tx.rows(chunk.len(), &cast_row(self.columns.iter())),
-                keys.join(", "),
-                set.join(", "),
-                returning.join(", ")
-            );
             let values: Vec<Value> = chunk.iter().flatten().cloned().collect();
             let all_types: Vec<ColumnType> = chunk.iter().flat_map(|_| types.clone()).collect();
-            let returned = tx.fetch_text_rows(&sql, &values, &all_types).await?;
+            let returned =
+                match refusable(tx, &upsert(tx, chunk.len()), &values, &all_types).await? {
+                    Ok(returned) => returned,
+                    // Row by row: the rows the database takes, and those it refuses.
+                    Err(_) => {
+                        let mut returned = Vec::new();
+                        for (row, update) in chunk.iter().zip(chunk_updates) {
+                            match refusable(tx, &upsert(tx, 1), row, &types).await? {
+                                Ok(r) => returned.extend(r),
+                                Err(reason) => refused.push((row.clone(), *update, reason)),
+                            }
+                        }
+                        returned
+                    }
+                };
             // Which updates inserted their row: those records were not operational.
             let by_key: HashMap<String, usize> = chunk
                 .iter()
@@ -380,12 +401,92 @@ impl Gathered<'_> {
                         parts: std::cell::Cell::new(0),
                     };
                     later.outbox(layout, &change, &Outbox::tombstone(layout, &chunk[i]));
-                    tombstoned += 1;
+                    report.archive_changes += 1;
                 }
             }
         }
-        Ok(tombstoned)
+        for (row, update, reason) in refused {
+            let removed =
+                quarantine_refused(tx, layout, self.columns, run_id, &row, &reason).await?;
+            report.quarantined += 1;
+            // An updated record the operational database did not hold is archived: its
+            // archived copy goes, the record being in quarantine now.
+            if let (false, Some((lsn, position))) = (removed, update) {
+                let change = Change {
+                    lsn,
+                    position,
+                    run_id,
+                    parts: std::cell::Cell::new(0),
+                };
+                later.outbox(layout, &change, &Outbox::tombstone(layout, &row));
+                report.archive_changes += 1;
+            }
+        }
+        Ok(())
     }
+}
+
+/// Runs a statement that returns rows in a savepoint: Err with the database's message when it
+/// refuses the data (the transaction goes on without it), else its rows.
+async fn refusable(
+    tx: &mut TargetTx,
+    sql: &str,
+    values: &[Value],
+    types: &[ColumnType],
+) -> Result<std::result::Result<Vec<Vec<Option<String>>>, String>> {
+    tx.execute("SAVEPOINT strata_rows").await?;
+    match tx.fetch_text_rows(sql, values, types).await {
+        Ok(rows) => {
+            tx.execute("RELEASE SAVEPOINT strata_rows").await?;
+            Ok(Ok(rows))
+        }
+        Err(e) if e.is_data_rejected() => {
+            tx.execute("ROLLBACK TO SAVEPOINT strata_rows").await?;
+            Ok(Err(e.database_message()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Puts a row the operational database refused (`message`: its reason, which names the
+/// constraint, never the values) in quarantine, as a copy does, and removes its record's
+/// older version from the operational table: the record is in quarantine now. True when
+/// there was an older version to remove.
+pub(super) async fn quarantine_refused(
+    tx: &mut TargetTx,
+    layout: &TableLayout,
+    columns: &[Column],
+    run_id: &str,
+    values: &[Value],
+    message: &str,
+) -> Result<bool> {
+    let mut removed = false;
+    if !layout.key.is_empty() {
+        let keys: Vec<String> = layout
+            .key
+            .iter()
+            .map(|&k| quote(&layout.target_names[k]))
+            .collect();
+        let sql = format!(
+            "DELETE FROM {} WHERE ({}) IN ({}) RETURNING 'removed'",
+            quote(&layout.name),
+            keys.join(", "),
+            tx.rows(1, &cast_row(layout.key.iter().map(|&k| &columns[k])))
+        );
+        let key: Vec<Value> = layout.key.iter().map(|&k| values[k].clone()).collect();
+        let types: Vec<ColumnType> = layout
+            .key
+            .iter()
+            .map(|&k| layout.columns()[k].col_type)
+            .collect();
+        removed = !tx.fetch_text_rows(&sql, &key, &types).await?.is_empty();
+    }
+    let reason = format!("{DATABASE_REJECTED}: {message}");
+    let key = super::naming::row_key(layout, values, (0, 0));
+    Quarantined::new(layout, key, 0, &reason, values)
+        .insert(tx, run_id, &layout.name)
+        .await?;
+    Ok(removed)
 }
 
 #[cfg(test)]

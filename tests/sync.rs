@@ -645,7 +645,10 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
         .unwrap();
     let (status, out) = strata(dir.path(), &["sync", "--catch-up"]);
     assert_eq!(status, 0, "{out}");
-    assert!(out.contains(", 2 quarantined;"), "{out}");
+    assert!(
+        out.contains("(1 row(s) upserted, 0 deleted, 0 for the archive, 2 quarantined;"),
+        "{out}"
+    );
     let refused = target
         .fetch_all(
             "SELECT row_key, reason FROM _strata_quarantine WHERE reason LIKE 'rejected by the operational database%' ORDER BY row_key".into(),

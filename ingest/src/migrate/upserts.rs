@@ -408,6 +408,8 @@ impl Gathered<'_> {
         for (row, update, reason) in refused {
             let removed =
                 quarantine_refused(tx, layout, self.columns, run_id, &row, &reason).await?;
+            // (Counted as upserted when it was gathered.)
+            report.upserted = report.upserted.saturating_sub(1);
             report.quarantined += 1;
             // An updated record the operational database did not hold is archived: its
             // archived copy goes, the record being in quarantine now.

@@ -112,6 +112,47 @@ impl TargetTx {
         .map_err(|e| IngestError::sql("execute", e))
     }
 
+    /// [`TargetTx::execute_values`] in a savepoint: Err with the database's message when it
+    /// refuses the row's data (a constraint; the message names it, never the values), the
+    /// transaction going on without the statement.
+    pub(crate) async fn execute_refusable(
+        &mut self,
+        sql: &str,
+        row: &[Value],
+        types: &[crate::value::ColumnType],
+    ) -> Result<std::result::Result<u64, String>> {
+        self.execute("SAVEPOINT strata_row").await?;
+        let outcome = self.execute_values(sql, row, types).await;
+        self.settle(outcome).await
+    }
+
+    /// [`TargetTx::fetch_text_rows`] in a savepoint, as [`TargetTx::execute_refusable`].
+    pub(crate) async fn fetch_refusable(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+        param_types: &[crate::value::ColumnType],
+    ) -> Result<std::result::Result<Vec<Vec<Option<String>>>, String>> {
+        self.execute("SAVEPOINT strata_row").await?;
+        let outcome = self.fetch_text_rows(sql, params, param_types).await;
+        self.settle(outcome).await
+    }
+
+    /// Ends the savepoint of a refusable statement by its outcome.
+    async fn settle<T>(&mut self, outcome: Result<T>) -> Result<std::result::Result<T, String>> {
+        match outcome {
+            Ok(done) => {
+                self.execute("RELEASE SAVEPOINT strata_row").await?;
+                Ok(Ok(done))
+            }
+            Err(e) if e.is_data_rejected() => {
+                self.execute("ROLLBACK TO SAVEPOINT strata_row").await?;
+                Ok(Err(e.database_message()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads at most one row of a query with values bound by type, each column as text
     /// (the query casts them).
     pub async fn fetch_text_row(
@@ -337,17 +378,8 @@ impl Load<'_> {
     pub async fn write(&mut self, row: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
         match self {
             Load::RowByRow { tx, sql, types } => {
-                tx.execute("SAVEPOINT strata_row").await?;
-                match tx.execute_values(sql, &row, types).await {
-                    Ok(_) => tx.execute("RELEASE SAVEPOINT strata_row").await?,
-                    Err(rejected) => {
-                        if !rejected.is_data_rejected() {
-                            return Err(rejected);
-                        }
-                        tx.execute("ROLLBACK TO SAVEPOINT strata_row").await?;
-                        let message = rejected.database_message();
-                        return Ok(Some((row, format!("{DATABASE_REJECTED}: {message}"))));
-                    }
+                if let Err(message) = tx.execute_refusable(sql, &row, types).await? {
+                    return Ok(Some((row, format!("{DATABASE_REJECTED}: {message}"))));
                 }
             }
             Load::Copy {

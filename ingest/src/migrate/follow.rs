@@ -876,20 +876,14 @@ impl Migration {
                     report.archive_changes += 1;
                 }
                 // A row the database refuses for its data goes to quarantine, as in a copy.
-                tx.execute("SAVEPOINT strata_row").await?;
-                match upsert_row(tx, layout, &f.columns, &values, Existing::Replace).await {
-                    Ok(()) => {
-                        tx.execute("RELEASE SAVEPOINT strata_row").await?;
-                        report.upserted += 1;
-                    }
-                    Err(e) if e.is_data_rejected() => {
-                        tx.execute("ROLLBACK TO SAVEPOINT strata_row").await?;
-                        let reason = e.database_message();
+                let sql = upsert_sql(tx, layout, &f.columns, Existing::Replace);
+                match tx.execute_refusable(&sql, &values, &types).await? {
+                    Ok(_) => report.upserted += 1,
+                    Err(reason) => {
                         quarantine_refused(tx, layout, &f.columns, change.run_id, &values, &reason)
                             .await?;
                         report.quarantined += 1;
                     }
-                    Err(e) => return Err(e),
                 }
             }
             Some(Routed::Archive(values, kind, patient, date)) => {
@@ -1392,6 +1386,18 @@ pub(super) async fn upsert_row(
     values: &[Value],
     existing: Existing,
 ) -> Result<()> {
+    let sql = upsert_sql(tx, layout, columns, existing);
+    let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
+    tx.execute_values(&sql, values, &types).await.map(|_| ())
+}
+
+/// The statement of [`upsert_row`], its values bound in the layout's column order.
+fn upsert_sql(
+    tx: &TargetTx,
+    layout: &TableLayout,
+    columns: &[Column],
+    existing: Existing,
+) -> String {
     let names: Vec<String> = layout.target_names.iter().map(|n| quote(n)).collect();
     let placeholders: Vec<String> = columns
         .iter()
@@ -1419,8 +1425,7 @@ pub(super) async fn upsert_row(
             sql.push_str(&format!("DO UPDATE SET {}", set.join(", ")));
         }
     }
-    let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
-    tx.execute_values(&sql, values, &types).await.map(|_| ())
+    sql
 }
 
 impl Migration {

@@ -360,21 +360,23 @@ impl Gathered<'_> {
         {
             let values: Vec<Value> = chunk.iter().flatten().cloned().collect();
             let all_types: Vec<ColumnType> = chunk.iter().flat_map(|_| types.clone()).collect();
-            let returned =
-                match refusable(tx, &upsert(tx, chunk.len()), &values, &all_types).await? {
-                    Ok(returned) => returned,
-                    // Row by row: the rows the database takes, and those it refuses.
-                    Err(_) => {
-                        let mut returned = Vec::new();
-                        for (row, update) in chunk.iter().zip(chunk_updates) {
-                            match refusable(tx, &upsert(tx, 1), row, &types).await? {
-                                Ok(r) => returned.extend(r),
-                                Err(reason) => refused.push((row.clone(), *update, reason)),
-                            }
+            let returned = match tx
+                .fetch_refusable(&upsert(tx, chunk.len()), &values, &all_types)
+                .await?
+            {
+                Ok(returned) => returned,
+                // Row by row: the rows the database takes, and those it refuses.
+                Err(_) => {
+                    let mut returned = Vec::new();
+                    for (row, update) in chunk.iter().zip(chunk_updates) {
+                        match tx.fetch_refusable(&upsert(tx, 1), row, &types).await? {
+                            Ok(r) => returned.extend(r),
+                            Err(reason) => refused.push((row.clone(), *update, reason)),
                         }
-                        returned
                     }
-                };
+                    returned
+                }
+            };
             // Which updates inserted their row: those records were not operational.
             let by_key: HashMap<String, usize> = chunk
                 .iter()
@@ -425,28 +427,6 @@ impl Gathered<'_> {
             }
         }
         Ok(())
-    }
-}
-
-/// Runs a statement that returns rows in a savepoint: Err with the database's message when it
-/// refuses the data (the transaction goes on without it), else its rows.
-async fn refusable(
-    tx: &mut TargetTx,
-    sql: &str,
-    values: &[Value],
-    types: &[ColumnType],
-) -> Result<std::result::Result<Vec<Vec<Option<String>>>, String>> {
-    tx.execute("SAVEPOINT strata_rows").await?;
-    match tx.fetch_text_rows(sql, values, types).await {
-        Ok(rows) => {
-            tx.execute("RELEASE SAVEPOINT strata_rows").await?;
-            Ok(Ok(rows))
-        }
-        Err(e) if e.is_data_rejected() => {
-            tx.execute("ROLLBACK TO SAVEPOINT strata_rows").await?;
-            Ok(Err(e.database_message()))
-        }
-        Err(e) => Err(e),
     }
 }
 

@@ -1146,10 +1146,11 @@ async fn kill_9_in_every_phase_then_a_proven_cutover() {
                     .unwrap();
             }
             if n % 25 == 24 {
-                // An archived scan (ids 200..299: patients 1..100, whose records are old).
+                // An archived scan (ids 200..249: patients 1..50, whose records are old; the
+                // scans of patients 51..100 are left for the deletion after the copy).
                 db.execute(&format!(
                     "DELETE FROM scans WHERE id = {}",
-                    200 + (n / 25 * 7) % 100
+                    200 + (n / 25 * 7) % 50
                 ))
                 .await
                 .unwrap();
@@ -1218,14 +1219,23 @@ async fn kill_9_in_every_phase_then_a_proven_cutover() {
     for w in writers {
         w.await.unwrap();
     }
-    // At least one archived scan deleted, however few turns the workload had on a loaded
-    // machine (it deletes one every 25th).
-    admin
-        .execute(
-            "DELETE FROM scans WHERE id = (SELECT MIN(id) FROM scans WHERE id BETWEEN 200 AND 299)",
+    // An archived scan deleted after the copy, however many turns the workload had (it may
+    // have deleted every one of its own range before the copy read the table): one of
+    // patients 51..100's, whose records are old and which the workload leaves alone.
+    let deleted_scan = admin
+        .fetch_all(
+            "SELECT id FROM scans WHERE id BETWEEN 250 AND 299 ORDER BY id LIMIT 1".into(),
+            vec![ColumnType::Int],
         )
         .await
+        .unwrap()[0][0]
+        .as_key_text()
         .unwrap();
+    admin
+        .execute(&format!("DELETE FROM scans WHERE id = {deleted_scan}"))
+        .await
+        .unwrap();
+    let deleted_scan = format!("id={deleted_scan}");
     // Kills 5 and 6, during the cutover (catching up, then verifying).
     for delay_ms in [400u64, 2500] {
         let child = spawn(&["cutover", "--by", "jdoe", "--quiet-seconds", "1"]);
@@ -1309,10 +1319,26 @@ async fn kill_9_in_every_phase_then_a_proven_cutover() {
     for (key, digest) in &archived {
         assert_eq!(source_images.get(key), Some(digest), "scan {key}");
     }
+    // The scan deleted after the copy archived it has a tombstone, written by sync.
+    let mut tombstoned_by = Vec::new();
+    for m in archive.catalog().tables.values().flatten() {
+        for entry in &m.tombstones {
+            let read = archive.tombstones(entry).await.unwrap();
+            if read.iter().any(|t| t.key == deleted_scan) {
+                tombstoned_by.push(m.run_id.clone());
+            }
+        }
+    }
     assert!(
-        synced.iter().any(|m| !m.tombstones.is_empty()),
-        "tombstones: {:?}",
-        synced.iter().map(|m| &m.run_id).collect::<Vec<_>>()
+        tombstoned_by.iter().any(|r| r.starts_with("sync-")),
+        "scan {deleted_scan} tombstoned by {tombstoned_by:?}; manifests: {:?}",
+        archive
+            .catalog()
+            .tables
+            .values()
+            .flatten()
+            .map(|m| (&m.table, &m.run_id, m.rows(), m.tombstones.len()))
+            .collect::<Vec<_>>()
     );
     admin.close().await;
 }

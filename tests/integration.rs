@@ -14,6 +14,7 @@ mod rollback;
 mod support;
 mod sync;
 mod verify;
+mod viewer;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -74,12 +74,7 @@ pub fn break_glass_reason(headers: &HeaderMap) -> Option<String> {
         _ if has_percent_escape(&text) => percent_decoded(&text).unwrap_or(text),
         _ => text,
     };
-    let r: String = text
-        .chars()
-        .map(|c| if is_hidden(c) { ' ' } else { c })
-        .collect();
-    let r = r.trim();
-    (!r.is_empty()).then(|| r.chars().take(MAX_REASON_CHARS).collect())
+    cleaned_reason(&text)
 }
 
 /// Whether `c` is a control character or an invisible formatting one (zero-width, bidi
@@ -114,19 +109,40 @@ pub fn patient_access(
     patient: &str,
 ) -> Result<PatientAccess, ApiError> {
     principal.require(&[Role::Clinician])?;
-    let purpose = stated_purpose(headers).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "state a purpose of use in X-Purpose-Of-Use, one of {}",
-            PURPOSES.join(", ")
-        ))
-    })?;
+    grounds(
+        principal,
+        stated_purpose(headers).as_deref(),
+        break_glass_reason(headers),
+        patient,
+    )
+}
+
+/// [`patient_access`] on grounds given otherwise than in headers (the viewer keeps a
+/// session's purpose and the reasons its user gave to break the glass): `purpose` one of
+/// [`PURPOSES`], `reason` cleaned as [`break_glass_reason`] cleans a header's.
+pub fn grounds(
+    principal: &Principal,
+    purpose: Option<&str>,
+    reason: Option<String>,
+    patient: &str,
+) -> Result<PatientAccess, ApiError> {
+    principal.require(&[Role::Clinician])?;
+    let purpose = purpose
+        .and_then(|p| PURPOSES.iter().find(|k| k.eq_ignore_ascii_case(p)))
+        .map(|k| k.to_string())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "state a purpose of use in X-Purpose-Of-Use, one of {}",
+                PURPOSES.join(", ")
+            ))
+        })?;
     if principal.patients.iter().any(|p| p == patient) {
         return Ok(PatientAccess {
             purpose,
             break_glass: None,
         });
     }
-    match break_glass_reason(headers) {
+    match reason {
         None => Err(ApiError::OutsideScope),
         Some(r) if r.chars().count() < MIN_REASON_CHARS => Err(ApiError::BadRequest(format!(
             "a reason to break the glass needs at least {MIN_REASON_CHARS} characters"
@@ -137,6 +153,20 @@ pub fn patient_access(
         }),
     }
 }
+
+/// A reason typed into a form, cleaned as a header's is (control and invisible formatting
+/// characters made spaces, trimmed, cut to 500 characters); None when blank.
+pub fn cleaned_reason(text: &str) -> Option<String> {
+    let r: String = text
+        .chars()
+        .map(|c| if is_hidden(c) { ' ' } else { c })
+        .collect();
+    let r = r.trim();
+    (!r.is_empty()).then(|| r.chars().take(MAX_REASON_CHARS).collect())
+}
+
+/// The shortest reason to break the glass, in characters (for forms to say).
+pub const MIN_BREAK_GLASS_REASON: usize = MIN_REASON_CHARS;
 
 #[cfg(test)]
 mod tests {

@@ -38,8 +38,8 @@ pub fn noted(response: impl IntoResponse, note: AuditNote) -> Response {
     response
 }
 
-/// Routes not audited: probes, metrics and the API's and the token endpoint's descriptions,
-/// which carry no data and no caller.
+/// Routes not audited: probes, metrics, the API's and the token endpoint's descriptions and
+/// the viewer's stylesheet and script, which carry no data and no caller.
 fn unaudited(path: &str) -> bool {
     matches!(
         path,
@@ -49,6 +49,7 @@ fn unaudited(path: &str) -> bool {
             | "/openapi.json"
             | "/.well-known/smart-configuration"
             | "/fhir/.well-known/smart-configuration"
+            | "/ui/assets/{file}"
     )
 }
 

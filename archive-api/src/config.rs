@@ -85,6 +85,43 @@ pub struct ApiConfig {
     /// --grace-hours` far above it. By default, 5.
     #[serde(default = "default_catalog_refresh_secs")]
     pub catalog_refresh_secs: u64,
+    /// The archive viewer for browsers (`/ui`): sessions and sign-in.
+    #[serde(default)]
+    pub viewer: ViewerConfig,
+}
+
+/// `[api.viewer]`: the archive viewer's browser sessions and how users sign in.
+///
+/// ```toml
+/// [api.viewer]
+/// idle_timeout_minutes = 15   # a session unused this long ends (HIPAA 164.312(a)(2)(iii))
+/// # dev_sign_in = true        # one-click sign-in as any role: development only, loopback only
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewerConfig {
+    /// Minutes a browser session may stay unused before it ends (automatic logoff). By
+    /// default, 15.
+    #[serde(default = "default_idle_timeout_minutes")]
+    pub idle_timeout_minutes: u64,
+    /// Offers a one-click sign-in as any role, with no identity provider: for the demo and
+    /// development only. Refused unless the server listens on a loopback address, and from any
+    /// client off loopback. By default, false.
+    #[serde(default)]
+    pub dev_sign_in: bool,
+}
+
+impl Default for ViewerConfig {
+    fn default() -> Self {
+        ViewerConfig {
+            idle_timeout_minutes: default_idle_timeout_minutes(),
+            dev_sign_in: false,
+        }
+    }
+}
+
+fn default_idle_timeout_minutes() -> u64 {
+    15
 }
 
 /// `[api.smart]`: Strata's token endpoint for system clients (SMART Backend Services).
@@ -294,6 +331,13 @@ pub struct FhirTable {
     /// Observation: the column holding the value's unit.
     #[serde(default)]
     pub unit: Option<String>,
+    /// Observation: the column holding the low end of the reference range (in the value's
+    /// unit), when the data has one.
+    #[serde(default)]
+    pub reference_low: Option<String>,
+    /// Observation: the column holding the high end of the reference range.
+    #[serde(default)]
+    pub reference_high: Option<String>,
     /// DocumentReference: a text column carried inline as the attachment (a note's body).
     #[serde(default)]
     pub text: Option<String>,

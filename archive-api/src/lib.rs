@@ -32,12 +32,13 @@ mod routes;
 mod server;
 mod smart;
 mod state;
+mod viewer;
 
 pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
 pub use auth::{Auth, Claims, Principal, Role};
 pub use config::{
     ApiConfig, AuditConfig, AuthConfig, ExportsConfig, FhirTable, LimitsConfig, SmartClient,
-    SmartConfig, StudyKey,
+    SmartConfig, StudyKey, ViewerConfig,
 };
 pub use error::ApiError;
 pub use exports::{start_background, ExportRequest, Exporter, JobSpec};
@@ -45,4 +46,4 @@ pub use metrics::Rejection;
 pub use routes::{ceiling_router, router, ApiDoc, ErrorBody};
 pub use server::{serve, serve_router, ClientAddress, Serving, TrustedProxies};
 pub use smart::Smart;
-pub use state::{audit_key, AppState};
+pub use state::{audit_key, AppState, ViewerSettings};

@@ -48,6 +48,17 @@ pub struct AppState {
     pub archive_reads: std::sync::Arc<tokio::sync::Semaphore>,
     /// Patients' histories read lately (`[api.limits] history_cache_mib`).
     pub histories: crate::history::HistoryCache,
+    /// The viewer's settings (`[api.viewer]`).
+    pub viewer: ViewerSettings,
+}
+
+/// How the viewer's sessions behave.
+#[derive(Debug, Clone)]
+pub struct ViewerSettings {
+    /// Seconds a session may stay unused.
+    pub idle_secs: u64,
+    /// Whether the development sign-in is offered (to clients on loopback).
+    pub dev_sign_in: bool,
 }
 
 impl AppState {
@@ -75,6 +86,9 @@ impl AppState {
             auth = auth.with_system_tokens(smart.clone());
         }
         let key = audit_key(config, base)?;
+        if config.viewer.dev_sign_in && !listens_on_loopback(&config.listen) {
+            return Err("[api.viewer] dev_sign_in is allowed only when [api] listen is a loopback address (development only)".into());
+        }
         crate::fhir::check(&config.fhir)?;
         let exporter = config
             .exports
@@ -112,6 +126,10 @@ impl AppState {
                 config.limits.archive_reads(),
             )),
             histories: crate::history::HistoryCache::new(config.limits.history_cache_mib << 20),
+            viewer: ViewerSettings {
+                idle_secs: config.viewer.idle_timeout_minutes.max(1) * 60,
+                dev_sign_in: config.viewer.dev_sign_in,
+            },
         })
     }
 }
@@ -123,6 +141,13 @@ impl AppState {
         self.operational = Some(url);
         self
     }
+}
+
+/// Whether `listen` (address:port) is a loopback address.
+fn listens_on_loopback(listen: &str) -> bool {
+    listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 /// The audit log's key, from `[api.audit]` (`base` resolves a relative key file).

@@ -220,6 +220,7 @@ impl Control {
         db.execute(crate::verification::SCHEMA).await?;
         db.execute(crate::sync::SCHEMA).await?;
         db.execute(crate::sync::CUTOVER_SCHEMA).await?;
+        db.execute(crate::sessions::SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
         // Columns older versions lack.

@@ -1,7 +1,8 @@
 //! Strata's control database: the state Strata keeps about its own work, apart from the data.
 //!
 //! Runs and their per-table progress (so a stopped run resumes), policy versions, plans, legal
-//! holds, destruction records, researchers' export jobs and cohorts ([`Control`]); what it knows
+//! holds, destruction records, researchers' export jobs and cohorts, the archive viewer's browser
+//! sessions ([`Control`]); what it knows
 //! of the archive (the ledger of what runs archived and the mirror of the catalog, held against
 //! the archive's manifests by [`cross_check`]); and the
 //! hash-chained audit log of the archive API ([`AuditLog`]). Ingest, the API and the `strata`
@@ -15,6 +16,7 @@ mod db;
 mod error;
 mod exports;
 mod rollback;
+mod sessions;
 mod sync;
 mod verification;
 
@@ -30,5 +32,6 @@ pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
 pub use rollback::RollbackRecord;
+pub use sessions::StoredSession;
 pub use sync::{CutoverRecord, SyncRecord};
 pub use verification::VerificationRecord;

@@ -227,6 +227,15 @@ struct Quantity<'a> {
     unit: Option<Cow<'a, str>>,
 }
 
+/// An Observation's reference range: `low` and `high` in the value's unit.
+#[derive(Serialize)]
+struct ReferenceRange<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    low: Option<Quantity<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    high: Option<Quantity<'a>>,
+}
+
 #[derive(Serialize)]
 struct Identifier<'a> {
     system: &'a str,
@@ -322,6 +331,8 @@ pub(crate) struct Resource<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     value_quantity: Option<Quantity<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    reference_range: Option<Vec<ReferenceRange<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<Vec<Content<'a>>>,
 }
 
@@ -358,6 +369,7 @@ impl<'a> Resource<'a> {
             started: None,
             context: None,
             value_quantity: None,
+            reference_range: None,
             content: None,
         }
     }
@@ -617,6 +629,19 @@ pub(crate) fn resource_of<'a>(
                         value,
                         unit: t.unit.as_deref().and_then(|c| fields.text(c)),
                     });
+                let bound = |column: &Option<String>| {
+                    column
+                        .as_deref()
+                        .and_then(|c| fields.number(c))
+                        .map(|value| Quantity {
+                            value,
+                            unit: t.unit.as_deref().and_then(|c| fields.text(c)),
+                        })
+                };
+                let (low, high) = (bound(&t.reference_low), bound(&t.reference_high));
+                if low.is_some() || high.is_some() {
+                    r.reference_range = Some(vec![ReferenceRange { low, high }]);
+                }
             }
         }
         "Immunization" => {

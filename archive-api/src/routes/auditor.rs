@@ -147,6 +147,14 @@ pub(crate) struct Disclosure {
     audit_entry: i64,
 }
 
+/// Whether an audited action (method and route) served the patient's data: the API's reads
+/// and the viewer's (a chart, a document, a print), not the accounting itself or the
+/// break-the-glass form.
+pub(crate) fn is_disclosure(action: &str) -> bool {
+    (action.contains("/v1/patients/{patient}/") && !action.ends_with("/disclosures"))
+        || (action.starts_with("GET /ui/patients/{patient}"))
+}
+
 /// The accounting of disclosures: every read of the patient's data that was served — when,
 /// by whom, for what purpose, what, and whether the glass was broken.
 #[utoipa::path(get, path = "/v1/patients/{patient}/disclosures", tag = "auditor", params(("patient" = String, Path, description = "The patient key"), DisclosureParams),
@@ -175,10 +183,7 @@ pub(super) async fn disclosures(
         .flatten();
     let disclosures: Vec<Disclosure> = entries
         .into_iter()
-        .filter(|e| {
-            e.entry.action.contains("/v1/patients/{patient}/")
-                && !e.entry.action.ends_with("/disclosures")
-        })
+        .filter(|e| is_disclosure(&e.entry.action))
         .map(|e| Disclosure {
             at: e.at,
             user: e.entry.user,

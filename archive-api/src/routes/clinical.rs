@@ -176,16 +176,7 @@ pub(super) async fn history(
             .map(|c| Cursor::decode(c).ok_or_else(|| bad("cursor is not one this API gave")))
             .transpose()?,
     };
-    let all = match state.histories.get(&patient, state.archive.generation()) {
-        Some(all) => all,
-        None => {
-            let _reading = state.archive_reads.acquire().await;
-            let (all, generation) = patient_history(&state.archive, &patient).await?;
-            let all = std::sync::Arc::new(all);
-            state.histories.put(&patient, generation, all.clone());
-            all
-        }
-    };
+    let all = history_of(&state, &patient).await?;
     let (records, total, next) = select_page(&all, &query);
     let mut per_table = std::collections::BTreeMap::<&str, u64>::new();
     for r in &records {
@@ -231,6 +222,22 @@ pub(super) async fn history(
             detail,
         },
     ))
+}
+
+/// The whole archived history of `patient` (history order), from the cache when the catalog
+/// has not changed since it was read.
+pub(crate) async fn history_of(
+    state: &AppState,
+    patient: &str,
+) -> Result<std::sync::Arc<Vec<HistoryRecord>>, ApiError> {
+    if let Some(all) = state.histories.get(patient, state.archive.generation()) {
+        return Ok(all);
+    }
+    let _reading = state.archive_reads.acquire().await;
+    let (all, generation) = patient_history(&state.archive, patient).await?;
+    let all = std::sync::Arc::new(all);
+    state.histories.put(patient, generation, all.clone());
+    Ok(all)
 }
 
 /// Parses a single `bytes=` range against a length: Ok(None) for no header, Err for an
@@ -287,9 +294,31 @@ pub(super) async fn document(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let access = patient_access(&principal, &headers, &patient)?;
+    serve_document(
+        &state,
+        &principal,
+        access,
+        (&patient, &document),
+        &headers,
+        "GET /v1/patients/{patient}/documents/{document}",
+    )
+    .await
+}
+
+/// Streams `document` of `patient` to `principal`, who may read it on the grounds of `access`
+/// (one range when `headers` ask for it), noted for the audit log; a failure mid-stream is
+/// audited as `action`.
+pub(crate) async fn serve_document(
+    state: &AppState,
+    principal: &Principal,
+    access: crate::access::PatientAccess,
+    (patient, document): (&str, &str),
+    headers: &HeaderMap,
+    action: &str,
+) -> Result<Response, ApiError> {
     let reference = {
         let _reading = state.archive_reads.acquire().await;
-        find_document(&state.archive, &patient, &document).await?
+        find_document(&state.archive, patient, document).await?
     }
     .ok_or(ApiError::NotFound)?;
     let range = match parse_range(headers.get(header::RANGE), reference.length) {
@@ -325,8 +354,8 @@ pub(super) async fn document(
         user: principal.user.clone(),
         roles: principal.role_names(),
         purpose: Some(access.purpose.clone()),
-        patient: Some(patient.clone()),
-        action: "GET /v1/patients/{patient}/documents/{document}".into(),
+        patient: Some(patient.to_string()),
+        action: action.into(),
         status: 500,
         outcome: Outcome::Failed,
         break_glass: access.break_glass.clone(),

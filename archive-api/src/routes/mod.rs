@@ -19,6 +19,7 @@ mod openapi;
 mod operations;
 mod records;
 
+pub(crate) use clinical::{history_of, serve_document};
 pub(crate) use extract::{ApiJson, ApiQuery, BodyShape, QueryShape};
 pub use openapi::{ApiDoc, ErrorBody};
 pub(crate) use openapi::{PurposeOfUse, Refusals};
@@ -223,13 +224,17 @@ pub fn ceiling_router(state: AppState, body: bytes::Bytes) -> Router {
 fn with_layers(state: AppState, v1: Router<AppState>) -> Router {
     let timeout =
         TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.request_timeout);
-    let v1 = v1
-        .route_layer(timeout)
-        .route_layer(middleware::from_fn_with_state(state.limiter.clone(), limit))
-        .route_layer(middleware::from_fn_with_state(
-            state.auth.clone(),
-            require_token,
-        ));
+    let limiter = state.limiter.clone();
+    let inner = move |routes: Router<AppState>| {
+        routes
+            .route_layer(timeout)
+            .route_layer(middleware::from_fn_with_state(limiter.clone(), limit))
+    };
+    let viewer = crate::viewer::routes(&state, &inner);
+    let v1 = inner(v1).route_layer(middleware::from_fn_with_state(
+        state.auth.clone(),
+        require_token,
+    ));
     Router::new()
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))
@@ -246,6 +251,7 @@ fn with_layers(state: AppState, v1: Router<AppState>) -> Router {
         .route("/auth/token", axum::routing::post(crate::smart::token))
         .route_layer(timeout)
         .merge(v1)
+        .merge(viewer)
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(middleware::from_fn_with_state(state.metrics.clone(), track))

@@ -4,6 +4,7 @@
 mod api;
 mod archive_accounting;
 mod blobs;
+mod browser;
 mod bulk;
 mod crash;
 mod exports;
@@ -1700,4 +1701,13 @@ async fn a_record_archived_again_supersedes_its_earlier_copy() {
         .len(),
         after.len()
     );
+}
+
+/// A JSON value as the viewer shows it: strings as they are, other values as JSON writes them.
+fn viewer_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }

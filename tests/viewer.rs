@@ -234,7 +234,7 @@ async fn a_clinician_signs_in_states_a_purpose_and_reads_a_chart_and_its_documen
     // The document opens with the archived bytes, whole and by range.
     let href = format!("/ui/patients/{}/documents/{}", f.patient, f.document);
     assert!(html.contains(&href), "the chart links the document");
-    let reference = strata_archive_api_document(&f).await;
+    let reference = document_reference(&f).await;
     let doc = b.get(&href).await;
     assert_eq!(doc.status, 200);
     assert_eq!(
@@ -313,7 +313,7 @@ async fn a_clinician_signs_in_states_a_purpose_and_reads_a_chart_and_its_documen
 }
 
 /// The archived reference of the fixture's document.
-async fn strata_archive_api_document(f: &Fixture) -> strata_archive::BlobRef {
+pub async fn document_reference(f: &Fixture) -> strata_archive::BlobRef {
     for m in &f.archive.catalog().tables["documents"] {
         for file in &m.files {
             for batch in f.archive.read_file(file).await.unwrap() {

@@ -31,6 +31,11 @@ pub struct AuditNote {
     pub detail: serde_json::Value,
 }
 
+/// The patient a response is about when its route names none (a page whose patient is in its
+/// query): the audit layer records the entry under this key.
+#[derive(Debug, Clone)]
+pub struct AuditedPatient(pub String);
+
 /// Adds `note` to a response for the audit layer.
 pub fn noted(response: impl IntoResponse, note: AuditNote) -> Response {
     let mut response = response.into_response();
@@ -131,6 +136,12 @@ async fn serve_and_record(
             return ApiError::TooManyRequests(wait).into_response();
         }
     }
+    let patient = patient.or_else(|| {
+        response
+            .extensions()
+            .get::<AuditedPatient>()
+            .map(|p| p.0.chars().take(200).collect())
+    });
     let note = response.extensions().get::<AuditNote>();
     let status = response.status();
     let outcome = if status.is_success() || status.is_redirection() {

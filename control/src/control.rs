@@ -221,6 +221,7 @@ impl Control {
         db.execute(crate::sync::SCHEMA).await?;
         db.execute(crate::sync::CUTOVER_SCHEMA).await?;
         db.execute(crate::sessions::SCHEMA).await?;
+        db.execute(crate::reviews::SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
         // Columns older versions lack.
@@ -562,6 +563,25 @@ impl Control {
             )
             .await?;
         Ok(previous)
+    }
+
+    /// The `n` most recent plans, newest first (those this version cannot read left out).
+    pub async fn recent_plans<R: DeserializeOwned>(&self, n: i64) -> Result<Vec<StoredPlan<R>>> {
+        let sql = format!(
+            "SELECT plan_id, created_at, report FROM strata_plans ORDER BY created_at DESC, plan_id DESC LIMIT {}",
+            n.max(0)
+        );
+        let rows = self.db.fetch(&sql, &[], &[Col::Text; 3]).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(StoredPlan {
+                    plan_id: r[0].text(),
+                    created_at: r[1].text(),
+                    report: parse(&r[2].text(), "a plan").ok()?,
+                })
+            })
+            .collect())
     }
 
     /// The most recent plan.

@@ -15,6 +15,7 @@ mod control;
 mod db;
 mod error;
 mod exports;
+mod reviews;
 mod rollback;
 mod sessions;
 mod sync;
@@ -31,6 +32,7 @@ pub use control::{
 pub use db::{connection_problem, reach_postgres};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
+pub use reviews::BreakGlassReview;
 pub use rollback::RollbackRecord;
 pub use sessions::StoredSession;
 pub use sync::{CutoverRecord, SyncRecord};

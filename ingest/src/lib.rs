@@ -56,7 +56,7 @@ pub use migrate::{
     VerifyReport, LISTED_DIFFERENCES,
 };
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
-pub use report::{RunReport, TableReport, EXACT_PATIENTS};
+pub use report::{RunReport, TableReport, YearRows, EXACT_PATIENTS};
 pub use run_lock::RunLock;
 pub use value::{parse_date, parse_timestamp, ColumnType, Value};
 pub use warnings::config_warnings;

@@ -38,10 +38,33 @@ pub struct TableReport {
     /// The tiers whose `patients` is an estimate.
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub patients_estimated: std::collections::BTreeSet<String>,
+    /// Rows per tier (operational, archive, purge) by the year of their record date (rows
+    /// without a date under no year): what a records manager charts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub years: BTreeMap<i32, YearRows>,
     /// BLOBs stored in the archive.
     pub blobs: u64,
     /// Their total plaintext bytes.
     pub blob_bytes: u64,
+}
+
+/// One year's rows per tier.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct YearRows {
+    /// Rows to the operational database.
+    pub operational: u64,
+    /// Rows to the archive.
+    pub archive: u64,
+    /// Rows past retention.
+    pub purge: u64,
+}
+
+impl YearRows {
+    fn add(&mut self, other: YearRows) {
+        self.operational += other.operational;
+        self.archive += other.archive;
+        self.purge += other.purge;
+    }
 }
 
 /// Counts rows into a [`TableReport`] as they are decided. Tallies of a table's ranges merge
@@ -63,12 +86,27 @@ impl Tally {
         }
     }
 
-    pub fn count(&mut self, decision: &Decision, patient: Option<&str>, bytes: u64) {
+    pub fn count(
+        &mut self,
+        decision: &Decision,
+        date: Option<chrono::NaiveDate>,
+        patient: Option<&str>,
+        bytes: u64,
+    ) {
         let r = &mut self.report;
         match decision.tier {
             Tier::Operational => r.operational_rows += 1,
             Tier::Archive => r.archive_rows += 1,
             Tier::Purge => r.purged_rows += 1,
+        }
+        if let Some(date) = date {
+            use chrono::Datelike;
+            let year = r.years.entry(date.year()).or_default();
+            match decision.tier {
+                Tier::Operational => year.operational += 1,
+                Tier::Archive => year.archive += 1,
+                Tier::Purge => year.purge += 1,
+            }
         }
         // Looked up before inserting: a key is allocated once per reason, not once per row.
         bump(&mut r.reasons, decision.reason.as_str(), 1);
@@ -118,6 +156,9 @@ impl Tally {
         }
         for (k, v) in o.bytes {
             bump(&mut r.bytes, &k, v);
+        }
+        for (year, rows) in o.years {
+            r.years.entry(year).or_default().add(rows);
         }
         for (tier, sketch) in other.patients {
             self.patients.entry(tier).or_default().merge(&sketch);

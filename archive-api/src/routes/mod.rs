@@ -19,10 +19,12 @@ mod openapi;
 mod operations;
 mod records;
 
+pub(crate) use auditor::is_disclosure;
 pub(crate) use clinical::{history_of, serve_document};
 pub(crate) use extract::{ApiJson, ApiQuery, BodyShape, QueryShape};
 pub use openapi::{ApiDoc, ErrorBody};
 pub(crate) use openapi::{PurposeOfUse, Refusals};
+pub(crate) use records::hold_scope;
 
 use crate::access::patient_access;
 use crate::audit::{noted, record, AuditNote};

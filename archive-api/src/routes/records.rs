@@ -168,6 +168,27 @@ fn nonblank(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.trim().is_empty())
 }
 
+/// What a new hold covers: a patient, a table, or a table's rows with a column's value.
+pub(crate) fn hold_scope(
+    patient: Option<String>,
+    table: Option<String>,
+    column: Option<String>,
+    value: Option<String>,
+) -> Result<HoldScope, ApiError> {
+    match (nonblank(patient), nonblank(table), nonblank(column), value) {
+        (Some(p), None, None, None) => Ok(HoldScope::Patient(p)),
+        (None, Some(t), None, None) => Ok(HoldScope::Table(t)),
+        (None, Some(table), Some(column), Some(value)) => Ok(HoldScope::Filter {
+            table,
+            column,
+            value,
+        }),
+        _ => Err(ApiError::BadRequest(
+            "name a patient, a table, or a table with a column and a value".into(),
+        )),
+    }
+}
+
 #[utoipa::path(post, path = "/v1/holds", tag = "records manager", request_body = NewHold,
     responses((status = 201, description = "The hold's id and scope", body = PlacedHold),
         (status = 400, description = "Bad body", body = ErrorBody), Refusals))]
@@ -176,25 +197,7 @@ pub(super) async fn place_hold(
     Extension(principal): Extension<Principal>,
     ApiJson(h): ApiJson<NewHold>,
 ) -> Result<Response, ApiError> {
-    let scope = match (
-        nonblank(h.patient),
-        nonblank(h.table),
-        nonblank(h.column),
-        h.value,
-    ) {
-        (Some(p), None, None, None) => HoldScope::Patient(p),
-        (None, Some(t), None, None) => HoldScope::Table(t),
-        (None, Some(table), Some(column), Some(value)) => HoldScope::Filter {
-            table,
-            column,
-            value,
-        },
-        _ => {
-            return Err(ApiError::BadRequest(
-                "name a patient, a table, or a table with a column and a value".into(),
-            ))
-        }
-    };
+    let scope = hold_scope(h.patient, h.table, h.column, h.value)?;
     if h.reason.trim().is_empty() {
         return Err(ApiError::BadRequest("a legal hold needs a reason".into()));
     }

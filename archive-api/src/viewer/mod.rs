@@ -16,8 +16,11 @@
 //! break-the-glass and the audit layer apply unchanged.
 
 mod assets;
+mod audit;
+mod bars;
 mod chart;
 mod pages;
+mod records;
 mod sections;
 pub(crate) mod session;
 mod sign_in;
@@ -36,7 +39,7 @@ use axum::Router;
 const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'";
 
 /// Headers every viewer response carries: the policy above (pages), no caching of what may be
-/// patient data, no sniffing, no referrer leaving.
+/// patient data, no sniffing, no referrer leaving for another site.
 async fn page_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let h = response.headers_mut();
@@ -96,7 +99,17 @@ pub(crate) fn routes(
             "/ui/patients/{patient}/documents/{document}",
             get(chart::document),
         )
-        .route("/ui/patients/{patient}/print", get(chart::print));
+        .route("/ui/patients/{patient}/print", get(chart::print))
+        .route("/ui/records", get(records::page))
+        .route("/ui/records/holds", post(records::place_hold))
+        .route(
+            "/ui/records/holds/{hold}/release",
+            post(records::release_hold),
+        )
+        .route("/ui/audit", get(audit::log))
+        .route("/ui/audit/break-glass", get(audit::reviews))
+        .route("/ui/audit/break-glass/{seq}/review", post(audit::review))
+        .route("/ui/audit/disclosures", get(audit::disclosures));
     // A state change from another site is refused inside the session layer, so that the
     // refusal is audited under the session's user.
     let same_origin = middleware::from_fn_with_state(state.clone(), session::same_origin);

@@ -53,7 +53,9 @@ impl Frame {
             nav.push(("/ui/records", "Records management"));
         }
         if has(&[Role::Auditor, Role::Admin]) {
-            nav.push(("/ui/audit", "Audit"));
+            nav.push(("/ui/audit", "Audit log"));
+            nav.push(("/ui/audit/break-glass", "Break-the-glass review"));
+            nav.push(("/ui/audit/disclosures", "Disclosures"));
         }
         Frame {
             title: title.to_string(),
@@ -136,6 +138,12 @@ pub(crate) struct PageError(pub ApiError);
 impl From<ApiError> for PageError {
     fn from(e: ApiError) -> Self {
         PageError(e)
+    }
+}
+
+impl From<strata_control::ControlError> for PageError {
+    fn from(e: strata_control::ControlError) -> Self {
+        PageError(e.into())
     }
 }
 

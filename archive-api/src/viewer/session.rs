@@ -281,7 +281,12 @@ pub(crate) async fn same_origin(
 }
 
 fn from_this_origin(state: &AppState, headers: &HeaderMap) -> bool {
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+    // `Origin: null` (a privacy-sensitive context) says nothing: `Sec-Fetch-Site` decides.
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .filter(|o| *o != "null");
+    if let Some(origin) = origin {
         let expected = match &state.public_url {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => {

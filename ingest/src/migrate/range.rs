@@ -269,7 +269,7 @@ impl Migration {
                 }
                 match decision.tier {
                     Tier::Purge => {
-                        tally.count(&decision, patient, size);
+                        tally.count(&decision, date, patient, size);
                         sink.purge(layout, &values, ordinal);
                     }
                     Tier::Operational => match sink.operational(values).await? {
@@ -277,10 +277,10 @@ impl Migration {
                         Some((values, reason)) => {
                             quarantine(layout, &mut tally, &mut sink, &values, ordinal, 0, &reason)?
                         }
-                        None => tally.count(&decision, patient, size),
+                        None => tally.count(&decision, date, patient, size),
                     },
                     Tier::Archive => {
-                        tally.count(&decision, patient, size);
+                        tally.count(&decision, date, patient, size);
                         for (b, blob) in layout.blobs.iter().enumerate() {
                             let bytes = match &values[blob.column] {
                                 Value::Bytes(content) => Some(content.len() as u64),

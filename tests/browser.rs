@@ -717,3 +717,250 @@ async fn every_page_passes_axe_core_with_no_serious_violation() {
     );
     c.close().await.unwrap();
 }
+
+/// The hospital's OpenID provider (oidc-provider, `tests/node/smart-idp.mjs`) on `port`, for a
+/// Strata at `strata`, with `accounts`; stopped when dropped.
+struct Idp(std::process::Child);
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn smart_idp(port: u16, strata: &str, accounts: &Json) -> Idp {
+    use std::io::BufRead;
+    let modules = std::env::var("STRATA_TEST_NODE_MODULES")
+        .expect("STRATA_TEST_NODE_MODULES: run through scripts/test, which installs oidc-provider");
+    // Beside its node_modules, so that Node finds oidc-provider.
+    let script = std::path::Path::new(&modules).join("../smart-idp.mjs");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node/smart-idp.mjs"),
+        &script,
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("node")
+        .arg(&script)
+        .arg(port.to_string())
+        .arg(strata)
+        .arg(accounts.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "listening",
+        "the OpenID provider did not start"
+    );
+    // What it prints later (its warnings) is read, or its writes would fail.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    Idp(child)
+}
+
+/// The operational database's URL, and the MRN of patient `key` in its patients table (the
+/// legacy key is its `id`).
+async fn mrn_of(f: &Fixture, key: &str) -> (String, String) {
+    let config = super::load_config(&f.dir.path().join("strata.toml"));
+    let url = config.resolve_url(&config.operational.url).unwrap();
+    let db = strata_ingest::Db::connect(&url, true).await.unwrap();
+    let rows = db
+        .fetch_all(
+            format!(
+                "SELECT mrn FROM patients WHERE id = {}",
+                key.parse::<i64>().unwrap()
+            ),
+            vec![strata_ingest::ColumnType::Text],
+        )
+        .await
+        .unwrap();
+    db.close().await;
+    (url, rows[0][0].as_key_text().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ehr_launch_signs_in_at_the_hospitals_provider_and_opens_the_patients_chart() {
+    let idp_port = free_port();
+    let config = api_config(&format!(
+        "[viewer.openid]\nissuer = \"http://127.0.0.1:{idp_port}\"\nclient_id = \"strata-viewer\"\nroles_claim = \"hospital_roles\"\nrole_names = {{ \"HIM\" = \"records_manager\" }}\n[viewer.cross_reference]\ntable = \"patients\"\ncolumn = \"mrn\"\nkey_column = \"id\"\n"
+    ));
+    let f = fixture_with(config.clone()).await;
+    // The EHR knows the patient by MRN; the operational patients table holds it beside the
+    // legacy key.
+    let key = lab_patient(&f).await;
+    let (operational, mrn) = mrn_of(&f, &key).await;
+    let state = f.state.clone().with_operational_database(operational);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = strata_archive_api::serve(&config, f.dir.path(), state, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", serving.addr);
+    let _idp = smart_idp(
+        idp_port,
+        &base,
+        &json!({
+            "dr-ehr": { "roles": ["clinician"], "fhirUser": "Practitioner/7" },
+            "him-clerk": { "roles": ["HIM"], "fhirUser": "Practitioner/9" },
+        }),
+    );
+    let (_driver, c) = browser().await;
+    // The EHR shows its patient (by MRN) and launches Strata.
+    c.goto(&format!("http://127.0.0.1:{idp_port}/ehr?patient={mrn}"))
+        .await
+        .unwrap();
+    screenshot(&c, "ehr-launcher").await;
+    c.find(Locator::Id("open-archive"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    // The hospital's sign-in page, then its consent page.
+    let login = c
+        .wait()
+        .for_element(Locator::Css("input[name=login]"))
+        .await
+        .unwrap();
+    login.send_keys("dr-ehr").await.unwrap();
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .unwrap()
+        .send_keys("x")
+        .await
+        .unwrap();
+    screenshot(&c, "ehr-launch-provider-sign-in").await;
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    if c.wait()
+        .for_element(Locator::Css("input[name=prompt][value=consent]"))
+        .await
+        .is_err()
+    {
+        let text = c
+            .find(Locator::Css("body"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        panic!("{} {text}", c.current_url().await.unwrap());
+    }
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    // Back in Strata, the launch's patient: the purpose first, then the chart.
+    c.wait()
+        .for_element(Locator::Id("purpose-TREAT"))
+        .await
+        .unwrap();
+    let url = c.current_url().await.unwrap();
+    assert!(
+        url.as_str()
+            .contains(&format!("next=%2Fui%2Fpatients%2F{key}")),
+        "{url}"
+    );
+    c.find(Locator::Css(
+        "form[action='/ui/purpose'] button[type=submit]",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    let heading = c.wait().for_element(Locator::Css("h1")).await.unwrap();
+    assert_eq!(
+        heading.text().await.unwrap(),
+        format!("Archived chart of patient {key}")
+    );
+    assert!(
+        c.find(Locator::Css("p.flag")).await.is_err(),
+        "in the user's care: no glass broken"
+    );
+    screenshot(&c, "ehr-launch-chart").await;
+    let entries = audited(&f, "dr-ehr").await;
+    let signed_in = entries
+        .iter()
+        .find(|e| e.entry.action == "GET /ui/callback")
+        .expect("the sign-in is audited");
+    assert_eq!(signed_in.entry.detail["launch"], "ehr");
+    assert_eq!(signed_in.entry.detail["fhir_user"], "Practitioner/7");
+    assert_eq!(signed_in.entry.patient.as_deref(), Some(key.as_str()));
+    assert!(entries
+        .iter()
+        .any(|e| e.entry.action == "GET /ui/patients/{patient}"
+            && e.entry.patient.as_deref() == Some(key.as_str())
+            && e.entry.break_glass.is_none()
+            && e.entry.status == 200));
+    c.close().await.unwrap();
+
+    // A standalone launch: the provider's role name maps to records manager.
+    let (_driver2, c) = browser().await;
+    c.goto(&format!("{base}/ui/sign-in")).await.unwrap();
+    c.find(Locator::LinkText("Sign in with your hospital account"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let login = c
+        .wait()
+        .for_element(Locator::Css("input[name=login]"))
+        .await
+        .unwrap();
+    login.send_keys("him-clerk").await.unwrap();
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .unwrap()
+        .send_keys("x")
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Locator::Css("input[name=prompt][value=consent]"))
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Locator::Css("form[action='/ui/sign-out']"))
+        .await
+        .unwrap();
+    c.goto(&format!("{base}/ui/records")).await.unwrap();
+    c.wait()
+        .for_element(Locator::Id("plan-years"))
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+
+    // A callback with a state Strata never issued, or from another browser, signs no one in.
+    let mut http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{base}/ui/callback?code=x&state=forged"));
+    http = http.header("cookie", "strata_launch=anything");
+    assert_eq!(http.send().await.unwrap().status(), 403);
+    let _ = stop.send(());
+}

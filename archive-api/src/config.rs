@@ -109,6 +109,12 @@ pub struct ViewerConfig {
     /// client off loopback. By default, false.
     #[serde(default)]
     pub dev_sign_in: bool,
+    /// Sign-in through the hospital's OpenID provider: SMART App Launch (EHR and standalone).
+    #[serde(default)]
+    pub openid: Option<OpenIdConfig>,
+    /// How the EHR's patient ids (a launch's `patient`) find legacy patient keys.
+    #[serde(default)]
+    pub cross_reference: Option<CrossReferenceConfig>,
 }
 
 impl Default for ViewerConfig {
@@ -116,8 +122,79 @@ impl Default for ViewerConfig {
         ViewerConfig {
             idle_timeout_minutes: default_idle_timeout_minutes(),
             dev_sign_in: false,
+            openid: None,
+            cross_reference: None,
         }
     }
+}
+
+/// `[api.viewer.openid]`: the hospital's OpenID Connect provider, as a SMART App Launch 2.0
+/// client (authorization code with PKCE).
+///
+/// ```toml
+/// [api.viewer.openid]
+/// issuer = "https://login.hospital.example"   # discovery: {issuer}/.well-known/openid-configuration
+/// client_id = "strata-viewer"
+/// # client_secret_env = "STRATA_VIEWER_SECRET"  # a confidential client; else a public one
+/// # scopes = "openid fhirUser launch launch/patient"
+/// # roles_claim = "roles"                    # the ID token claim naming the user's roles
+/// # role_names = { "HIM" = "records_manager" } # the provider's names for Strata's roles
+/// # launch_issuers = ["https://ehr.hospital.example/fhir"]  # `iss` an EHR launch may give
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenIdConfig {
+    /// The provider's issuer URL.
+    pub issuer: String,
+    /// Strata's client id at the provider.
+    pub client_id: String,
+    /// An environment variable holding the client secret (HTTP Basic at the token endpoint).
+    /// By default, none: a public client, protected by PKCE.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// Scopes asked for. By default, `openid fhirUser launch/patient` (and `launch` in an EHR
+    /// launch).
+    #[serde(default = "default_openid_scopes")]
+    pub scopes: String,
+    /// The ID token claim holding the user's roles (a list, or one name). By default, `roles`.
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// The provider's role names that mean Strata's roles (`clinician`, `records_manager`,
+    /// `auditor`, `admin`); a name not listed counts if it is Strata's own.
+    #[serde(default)]
+    pub role_names: std::collections::BTreeMap<String, String>,
+    /// The `iss` values an EHR launch may give, besides Strata's own FHIR base.
+    #[serde(default)]
+    pub launch_issuers: Vec<String>,
+}
+
+fn default_openid_scopes() -> String {
+    "openid fhirUser launch/patient".into()
+}
+
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+
+/// `[api.viewer.cross_reference]`: the archived (or operational) table whose column holds
+/// the EHR's patient id (a new EHR id, an MRN) beside the legacy patient key.
+///
+/// ```toml
+/// [api.viewer.cross_reference]
+/// table = "patients"
+/// column = "mrn"
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossReferenceConfig {
+    /// The table (by its name in the archive and the operational database).
+    pub table: String,
+    /// Its column holding the EHR's patient id.
+    pub column: String,
+    /// The table's column holding the legacy patient key, in the operational database. By
+    /// default, the archive's patient key of the table's config.
+    #[serde(default)]
+    pub key_column: Option<String>,
 }
 
 fn default_idle_timeout_minutes() -> u64 {

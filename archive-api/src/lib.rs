@@ -37,8 +37,8 @@ mod viewer;
 pub use access::{PatientAccess, BREAK_GLASS_HEADER, PURPOSES, PURPOSE_HEADER};
 pub use auth::{Auth, Claims, Principal, Role};
 pub use config::{
-    ApiConfig, AuditConfig, AuthConfig, ExportsConfig, FhirTable, LimitsConfig, SmartClient,
-    SmartConfig, StudyKey, ViewerConfig,
+    ApiConfig, AuditConfig, AuthConfig, CrossReferenceConfig, ExportsConfig, FhirTable,
+    LimitsConfig, OpenIdConfig, SmartClient, SmartConfig, StudyKey, ViewerConfig,
 };
 pub use error::ApiError;
 pub use exports::{start_background, ExportRequest, Exporter, JobSpec};

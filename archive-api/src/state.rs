@@ -59,6 +59,12 @@ pub struct ViewerSettings {
     pub idle_secs: u64,
     /// Whether the development sign-in is offered (to clients on loopback).
     pub dev_sign_in: bool,
+    /// The hospital's OpenID provider, when `[api.viewer.openid]` is configured.
+    pub(crate) openid: Option<crate::viewer::OpenId>,
+    /// `[api.viewer.cross_reference]`.
+    pub(crate) cross_reference: Option<crate::config::CrossReferenceConfig>,
+    /// The archive's side of the cross-reference.
+    pub(crate) archive_index: crate::viewer::ArchiveIndex,
 }
 
 impl AppState {
@@ -129,6 +135,14 @@ impl AppState {
             viewer: ViewerSettings {
                 idle_secs: config.viewer.idle_timeout_minutes.max(1) * 60,
                 dev_sign_in: config.viewer.dev_sign_in,
+                openid: config
+                    .viewer
+                    .openid
+                    .clone()
+                    .map(crate::viewer::OpenId::new)
+                    .transpose()?,
+                cross_reference: config.viewer.cross_reference.clone(),
+                archive_index: Default::default(),
             },
         })
     }

@@ -530,6 +530,7 @@ mod tests {
             purpose: Some("TREAT".into()),
             break_glass: Default::default(),
             how: "development".into(),
+            fhir_user: None,
         });
         let html = ChartPage {
             frame: Frame::of(&session, &format!("Patient {patient}"), ""),

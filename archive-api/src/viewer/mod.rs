@@ -19,12 +19,17 @@ mod assets;
 mod audit;
 mod bars;
 mod chart;
+mod cross_reference;
+mod openid;
 mod pages;
 mod records;
 mod sections;
 pub(crate) mod session;
 mod sign_in;
 mod trend;
+
+pub use cross_reference::ArchiveIndex;
+pub use openid::OpenId;
 
 use crate::state::AppState;
 use axum::extract::Request;
@@ -80,6 +85,8 @@ pub(crate) fn routes(
     let open = Router::new()
         .route("/ui/sign-in", get(sign_in::page))
         .route("/ui/dev-sign-in", post(sign_in::development))
+        .route("/ui/launch", get(openid::launch))
+        .route("/ui/callback", get(openid::callback))
         .route("/ui/assets/{file}", get(assets::serve));
     let signed_in = Router::new()
         .route("/ui", get(pages::home))

@@ -40,6 +40,9 @@ pub(crate) struct SessionData {
     pub break_glass: BTreeMap<String, String>,
     /// How the user signed in: `development` or `openid`.
     pub how: String,
+    /// The user's FHIR resource (`Practitioner/123`), from the ID token's `fhirUser`.
+    #[serde(default)]
+    pub fhir_user: Option<String>,
 }
 
 /// A signed-in session, put in a request's extensions by [`signed_in`].

@@ -82,7 +82,7 @@ pub(crate) async fn page(
         &SignInPage {
             frame: Frame::anonymous("Sign in"),
             next: local_path(q.next.as_deref().unwrap_or("/ui/")),
-            openid: false,
+            openid: state.viewer.openid.is_some(),
             development,
             csrf: csrf.clone(),
             patients: q.patients.unwrap_or_default(),
@@ -155,6 +155,7 @@ pub(crate) async fn development(
         purpose: None,
         break_glass: Default::default(),
         how: "development".into(),
+        fhir_user: None,
     };
     let set = session::begin(&state, &headers, &data).await?;
     let mut response = Redirect::to(&local_path(&form.next)).into_response();

@@ -46,6 +46,8 @@ fn demo_config_text() -> Result<String> {
         [api.exports]
         location = "exports"
         pseudonym_key_file = "pseudonym.key"
+        [api.viewer]
+        dev_sign_in = true
         "#,
     )?;
     // The example's FHIR mapping stays; the rest of its [api] is replaced by the demo's.
@@ -226,7 +228,7 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     println!("  researcher:\n    RESEARCHER={researcher}\n");
     let base = format!("https://{addr}");
     let curl = format!("curl -s --cacert {}", dir.join("tls/cert.pem").display());
-    if let Some((patient, doc)) = sample {
+    if let Some((patient, doc)) = &sample {
         println!("Try:");
         println!("  {curl} -H \"Authorization: Bearer $CLINICIAN\" -H 'X-Purpose-Of-Use: TREAT' {base}/v1/patients/{patient}/history");
         if let Some(doc) = doc {
@@ -236,6 +238,16 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         println!("  {curl} -H \"Authorization: Bearer $AUDITOR\" {base}/v1/patients/{patient}/disclosures");
         println!("  {curl} -H \"Authorization: Bearer $AUDITOR\" {base}/v1/audit/verify");
         println!("  {curl} -H \"Authorization: Bearer $RESEARCHER\" -H 'Content-Type: application/json' -d '{{\"profile\": \"safe_harbor\", \"tables\": [\"lab_results\", \"diagnoses\"]}}' {base}/v1/exports    # then GET the href it answers");
+    }
+    if let Some((patient, _)) = &sample {
+        let encoded = |t: &str| {
+            percent_encoding::utf8_percent_encode(t, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        println!(
+            "\nThe archive viewer (development sign-in, on this computer only; your browser will ask\nyou to accept the demo's self-signed certificate):\n  {base}/ui/sign-in?patients={}&next={}\n  choose \"Clinician\" to read patient {patient}'s archived chart, or another role.",
+            encoded(patient),
+            encoded(&format!("/ui/patients/{patient}"))
+        );
     }
     println!("\nCtrl-C stops the demo.");
     crate::serve::stop_signal().await?;

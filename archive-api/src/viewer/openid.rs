@@ -182,15 +182,8 @@ pub(crate) struct LaunchQuery {
 }
 
 /// This server's FHIR base, as clients reach it.
-fn fhir_base(state: &AppState, headers: &HeaderMap) -> Option<String> {
-    match &state.public_url {
-        Some(url) => Some(format!("{}/fhir", url.trim_end_matches('/'))),
-        None => {
-            let host = headers.get(header::HOST)?.to_str().ok()?;
-            let scheme = if state.plain_http { "http" } else { "https" };
-            Some(format!("{scheme}://{host}/fhir"))
-        }
-    }
+fn fhir_base(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> String {
+    format!("{}/fhir", crate::smart::base_url(state, headers, uri))
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -202,12 +195,13 @@ fn b64(bytes: &[u8]) -> String {
 pub(crate) async fn launch(
     State(state): State<AppState>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Query(q): Query<LaunchQuery>,
 ) -> Result<Response, PageError> {
     let Some(openid) = state.viewer.openid.clone() else {
         return Err(ApiError::NotFound.into());
     };
-    let base = fhir_base(&state, &headers).ok_or_else(|| ApiError::BadRequest("no Host".into()))?;
+    let base = fhir_base(&state, &headers, &uri);
     let aud = match (&q.iss, &q.launch) {
         (Some(iss), Some(_)) => {
             let iss = iss.trim_end_matches('/');
@@ -314,6 +308,7 @@ struct TokenResponse {
 pub(crate) async fn callback(
     State(state): State<AppState>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Query(q): Query<Callback>,
 ) -> Result<Response, PageError> {
     let Some(openid) = state.viewer.openid.clone() else {
@@ -348,7 +343,7 @@ pub(crate) async fn callback(
         .into());
     }
     let code = q.code.ok_or_else(refused)?;
-    let base = fhir_base(&state, &headers).ok_or_else(refused)?;
+    let base = fhir_base(&state, &headers, &uri);
     let redirect_uri = format!("{}/ui/callback", base.trim_end_matches("/fhir"));
     let (discovery, _) = openid.discovery(false).await?;
     let mut request = openid.http.post(&discovery.token_endpoint).form(&[

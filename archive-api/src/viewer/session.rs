@@ -273,7 +273,7 @@ pub(crate) async fn same_origin(
     next: Next,
 ) -> Response {
     let safe = matches!(*request.method(), Method::GET | Method::HEAD);
-    if !safe && !from_this_origin(&state, request.headers()) {
+    if !safe && !from_this_origin(&state, request.headers(), request.uri()) {
         return super::pages::message(
             StatusCode::FORBIDDEN,
             "Refused",
@@ -283,24 +283,16 @@ pub(crate) async fn same_origin(
     next.run(request).await
 }
 
-fn from_this_origin(state: &AppState, headers: &HeaderMap) -> bool {
+fn from_this_origin(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
     // `Origin: null` (a privacy-sensitive context) says nothing: `Sec-Fetch-Site` decides.
     let origin = headers
         .get(header::ORIGIN)
         .and_then(|o| o.to_str().ok())
         .filter(|o| *o != "null");
     if let Some(origin) = origin {
-        let expected = match &state.public_url {
-            Some(url) => url.trim_end_matches('/').to_string(),
-            None => {
-                let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
-                    return false;
-                };
-                let scheme = if state.plain_http { "http" } else { "https" };
-                format!("{scheme}://{host}")
-            }
-        };
-        return origin.eq_ignore_ascii_case(&expected);
+        // This server as clients reach it: `[api] public_url`, else the request's host (its
+        // `Host` header, or over HTTP/2 its `:authority`).
+        return origin.eq_ignore_ascii_case(&crate::smart::base_url(state, headers, uri));
     }
     match headers.get("sec-fetch-site").and_then(|o| o.to_str().ok()) {
         Some(site) => site == "same-origin" || site == "none",

@@ -151,7 +151,12 @@ pub async fn fixture_with(api: ApiConfig) -> Fixture {
 
 /// [`fixture_with`], with `prepare` writing files the API needs into the directory first.
 pub async fn fixture_prepared(api: ApiConfig, prepare: impl FnOnce(&Path)) -> Fixture {
-    let (dir, _source, archive) = migrated_sqlite(0.05).await;
+    fixture_planted(api, prepare, "").await
+}
+
+/// [`fixture_prepared`], with `plant` (SQL) run on the legacy source before it is migrated.
+pub async fn fixture_planted(api: ApiConfig, prepare: impl FnOnce(&Path), plant: &str) -> Fixture {
+    let (dir, _source, archive) = migrated_sqlite_planted(0.05, plant).await;
     prepare(dir.path());
     let config = load_config(&dir.path().join("strata.toml"));
     Migration::prepare(config.clone(), as_of())

@@ -703,6 +703,36 @@ async fn every_page_passes_axe_core_with_no_serious_violation() {
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
+    // On a tablet (768 px wide, portrait), the chart fits: wide tables scroll inside their
+    // box, the page itself does not.
+    sign_in(&c, &base, "tess", "clinician", &patient).await;
+    c.goto(&format!("{base}/ui/purpose")).await.unwrap();
+    c.find(Locator::Css(
+        "form[action='/ui/purpose'] button[type=submit]",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    c.wait().for_element(Locator::Css("h1")).await.unwrap();
+    c.set_window_size(768, 1024).await.unwrap();
+    c.goto(&format!("{base}/ui/patients/{patient}"))
+        .await
+        .unwrap();
+    c.wait().for_element(Locator::Id("labs")).await.unwrap();
+    let overflow: Json = c
+        .execute(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth",
+            vec![],
+        )
+        .await
+        .unwrap();
+    screenshot(&c, "clinician-chart-tablet").await;
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "the page scrolls sideways by {overflow} px"
+    );
     // The check finds what it must: an image without a text alternative, planted.
     c.execute(
         "document.querySelector('main').insertAdjacentHTML('beforeend', '<img src=\"/ui/assets/none.png\">')",
@@ -963,4 +993,144 @@ async fn an_ehr_launch_signs_in_at_the_hospitals_provider_and_opens_the_patients
     http = http.header("cookie", "strata_launch=anything");
     assert_eq!(http.send().await.unwrap().status(), 403);
     let _ = stop.send(());
+}
+
+/// Archived text and file names written to attack the viewer: script, event handlers, markup
+/// breaking out of attributes — and an HTML document that would run script if shown.
+const HOSTILE: &str = r#"
+UPDATE clinical_notes SET
+  body = '<script>window.__xss = 1; alert(1)</script><img src=x onerror="window.__xss = 2">',
+  note_type = '"><svg onload="window.__xss = 3">'
+  WHERE id % 3 = 0;
+UPDATE documents SET
+  title = '"><img src=x onerror="window.__xss = 4">.pdf',
+  mime_type = 'text/html',
+  content = CAST('<html><script>window.__xss = 5; alert(5)</script></html>' AS BLOB)
+  WHERE id % 3 = 0;
+"#;
+
+/// An archived patient with a hostile note and a hostile document.
+async fn hostile_patient(f: &Fixture) -> String {
+    let mut noted = std::collections::BTreeSet::new();
+    for table in ["clinical_notes", "documents"] {
+        let mut found = std::collections::BTreeSet::new();
+        for m in &f.archive.catalog().tables[table] {
+            for file in &m.files {
+                for b in f.archive.read_file(file).await.unwrap() {
+                    let column = if table == "documents" {
+                        "title"
+                    } else {
+                        "body"
+                    };
+                    let text = b.column_by_name(column).unwrap().as_string::<i32>();
+                    let patients = b.column(0).as_string::<i32>();
+                    for i in 0..b.num_rows() {
+                        if text.value(i).contains("window.__xss") {
+                            found.insert(patients.value(i).to_string());
+                        }
+                    }
+                }
+            }
+        }
+        if table == "clinical_notes" {
+            noted = found;
+        } else {
+            return found
+                .intersection(&noted)
+                .next()
+                .expect("an archived patient with a hostile note and document")
+                .clone();
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_archived_text_and_file_names_run_no_script_in_the_browser() {
+    let config = api_config("[viewer]\ndev_sign_in = true\n");
+    let f = super::api::fixture_planted(config.clone(), |_| {}, HOSTILE).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = strata_archive_api::serve(&config, f.dir.path(), f.state.clone(), async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", serving.addr);
+    let patient = hostile_patient(&f).await;
+    let (_driver, c) = browser().await;
+    sign_in(&c, &base, "xena", "clinician", &patient).await;
+    c.goto(&format!("{base}/ui/purpose")).await.unwrap();
+    c.find(Locator::Css(
+        "form[action='/ui/purpose'] button[type=submit]",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    c.wait().for_element(Locator::Css("h1")).await.unwrap();
+    c.goto(&format!("{base}/ui/patients/{patient}"))
+        .await
+        .unwrap();
+    c.wait().for_element(Locator::Id("notes")).await.unwrap();
+    screenshot(&c, "hostile-chart").await;
+    // Nothing ran, nothing was injected; the text is there, as text.
+    let ran: Json = c
+        .execute(
+            "return window.__xss === undefined ? null : window.__xss",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ran, Json::Null, "a planted script ran");
+    assert!(c.get_alert_text().await.is_err(), "no alert is open");
+    let injected: Json = c
+        .execute("return document.querySelectorAll('main img, main svg:not(figure svg), main script').length", vec![])
+        .await
+        .unwrap();
+    assert_eq!(injected, json!(0));
+    let notes = c
+        .find(Locator::Id("notes"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        notes.contains("<script>window.__xss = 1; alert(1)</script>"),
+        "{notes}"
+    );
+    // The HTML document downloads, under a safe name, sandboxed; it never renders here.
+    let link = c
+        .find(Locator::Css("ul.documents a[download]"))
+        .await
+        .expect("the hostile HTML document is a download");
+    let name = link.attr("download").await.unwrap().unwrap();
+    assert!(
+        name.chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch)),
+        "{name}"
+    );
+    let href = link.attr("href").await.unwrap().unwrap();
+    let headers: Json = c
+        .execute_async(
+            "const [href, done] = arguments;
+             fetch(href).then(r => done([r.headers.get('content-disposition'), r.headers.get('content-security-policy'), r.headers.get('x-content-type-options')]));",
+            vec![json!(href)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(headers[0], "attachment");
+    assert!(headers[1].as_str().unwrap().contains("sandbox"));
+    assert_eq!(headers[2], "nosniff");
+    let ran: Json = c
+        .execute(
+            "return window.__xss === undefined ? null : window.__xss",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ran, Json::Null);
+    let _ = stop.send(());
+    c.close().await.unwrap();
 }

@@ -34,8 +34,21 @@ async fn generate_sqlite(dir: &Path, scale: f64) -> String {
 
 /// A SQLite source generated and migrated with the example policy, and its archive opened.
 async fn migrated_sqlite(scale: f64) -> (TestDir, String, strata_archive::ArchiveReader) {
+    migrated_sqlite_planted(scale, "").await
+}
+
+/// [`migrated_sqlite`], with `plant` (SQL, if any) run on the source before the migration.
+async fn migrated_sqlite_planted(
+    scale: f64,
+    plant: &str,
+) -> (TestDir, String, strata_archive::ArchiveReader) {
     let dir = TestDir::new();
     let source = generate_sqlite(dir.path(), scale).await;
+    if !plant.is_empty() {
+        let db = Db::connect(&source, false).await.unwrap();
+        db.execute(plant).await.unwrap();
+        db.close().await;
+    }
     let config_path = write_sqlite_config(dir.path(), &source, &example_policy());
     migrate(&config_path).await;
     let config = load_config(&config_path);

@@ -436,10 +436,18 @@ async fn break_the_glass_asks_a_reason_and_a_print_is_a_disclosure_with_its_reci
     let form = b.get(&print).await;
     assert_eq!(form.status, 200);
     assert!(form.text().contains("name=\"recipient\""));
+    let csrf = hidden(&form.text(), "csrf");
     let copy = b
-        .get(&format!(
-            "{print}?copy=1&recipient=Dr+Lee%2C+St+Mary%27s&reason=ROI+request+42&from=&to="
-        ))
+        .post(
+            &print,
+            &[
+                ("csrf", csrf.as_str()),
+                ("recipient", "Dr Lee, St Mary's"),
+                ("reason", "ROI request 42"),
+                ("from", ""),
+                ("to", ""),
+            ],
+        )
         .await;
     assert_eq!(copy.status, 200, "{}", copy.text());
     let html = copy.text();
@@ -453,14 +461,41 @@ async fn break_the_glass_asks_a_reason_and_a_print_is_a_disclosure_with_its_reci
     let printed = entries
         .iter()
         .rev()
-        .find(|e| {
-            e.entry.action == "GET /ui/patients/{patient}/print"
-                && e.entry.detail["view"] == "print"
-        })
+        .find(|e| e.entry.action == "POST /ui/patients/{patient}/print")
         .expect("the print is audited");
+    assert_eq!(printed.entry.detail["view"], "print");
     assert_eq!(printed.entry.detail["recipient"], "Dr Lee, St Mary's");
     assert_eq!(printed.entry.detail["reason"], "ROI request 42");
     assert_eq!(printed.entry.purpose.as_deref(), Some("TREAT"));
+    // Another site cannot make a signed-in browser record a disclosure: no token, no copy.
+    let forged = b
+        .post(&print, &[("recipient", "attacker"), ("reason", "forged")])
+        .await;
+    assert!(
+        forged.status == 422 || forged.status == 403,
+        "{}",
+        forged.status
+    );
+    // The accounting lists the reads that served data: the copy, not the print form.
+    let auditor = f.idp.user("audrey", strata_archive_api::Role::Auditor, &[]);
+    let (_, _, body) = super::api::call(
+        &f.app,
+        axum::http::Method::GET,
+        &format!("/v1/patients/{}/disclosures", f.patient),
+        Some(&auditor),
+        &[],
+        None,
+    )
+    .await;
+    let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let actions: Vec<&str> = listed["disclosures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["user"] == "dev:bea")
+        .map(|d| d["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["POST /ui/patients/{patient}/print"], "{listed}");
 }
 
 #[tokio::test]
@@ -624,4 +659,94 @@ async fn the_development_sign_in_is_refused_off_loopback() {
         .await
         .unwrap();
     assert_eq!(post.status(), 303);
+}
+
+#[tokio::test]
+async fn him_staff_find_a_patient_by_mrn_name_and_birth_date_and_the_audit_keeps_no_criteria() {
+    let config = api_config(
+        "[viewer]\ndev_sign_in = true\n[viewer.cross_reference]\ntable = \"patients\"\ncolumn = \"mrn\"\nkey_column = \"id\"\nname_columns = [\"given_name\", \"family_name\"]\nbirth_date_column = \"birth_date\"\n",
+    );
+    let f = fixture_with(config.clone()).await;
+    let loaded = super::load_config(&f.dir.path().join("strata.toml"));
+    let url = loaded.resolve_url(&loaded.operational.url).unwrap();
+    let db = strata_ingest::Db::connect(&url, true).await.unwrap();
+    let row = db
+        .fetch_all(
+            format!(
+                "SELECT mrn, family_name, CAST(birth_date AS TEXT) FROM patients WHERE id = {}",
+                f.patient
+            ),
+            vec![strata_ingest::ColumnType::Text; 3],
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    db.close().await;
+    let [mrn, family, birth] = [0, 1, 2].map(|i| row[i].as_key_text().unwrap());
+    let state = f.state.clone().with_operational_database(url);
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = strata_archive_api::serve(&config, f.dir.path(), state, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let mut b = Browser::new(&format!("http://{}", serving.addr));
+    assert_eq!(b.sign_in("hana", "records_manager", "").await.status, 303);
+    let by_mrn = b.get(&format!("/ui/search?mrn={mrn}")).await;
+    assert_eq!(by_mrn.status, 200, "{}", by_mrn.text());
+    assert!(
+        by_mrn.text().contains(&format!("<td>{}</td>", f.patient)),
+        "{}",
+        by_mrn.text()
+    );
+    assert!(by_mrn.text().contains("1 patient found"));
+    // Part of the family name, in other letters' case, with the birth date.
+    let part: String = family.chars().take(4).collect::<String>().to_uppercase();
+    let by_name = b
+        .get(&format!(
+            "/ui/search?name={part}&birth_date={}",
+            &birth[..10]
+        ))
+        .await;
+    assert!(
+        by_name.text().contains(&format!("<td>{}</td>", f.patient)),
+        "{}",
+        by_name.text()
+    );
+    // A clinician may search too; a researcher or an auditor may not.
+    let mut auditor = Browser::new(&b.base.clone());
+    assert_eq!(auditor.sign_in("olga", "auditor", "").await.status, 303);
+    assert_eq!(auditor.get("/ui/search?mrn=1").await.status, 403);
+    // Audited: who, which criteria, the keys found — never a criterion's value.
+    let searches: Vec<_> = f
+        .state
+        .audit
+        .list(&AuditQuery {
+            user: Some("dev:hana".into()),
+            limit: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.entry.action == "GET /ui/search")
+        .collect();
+    assert_eq!(searches.len(), 2);
+    assert_eq!(
+        searches[0].entry.detail["criteria"],
+        serde_json::json!(["mrn"])
+    );
+    assert!(searches[0].entry.detail["found"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(f.patient)));
+    for e in &searches {
+        let text = e.entry.detail.to_string();
+        assert!(
+            !text.contains(&mrn)
+                && !text.to_uppercase().contains(&part)
+                && !text.contains(&birth[..10]),
+            "{text}"
+        );
+    }
 }

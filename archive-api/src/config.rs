@@ -136,7 +136,7 @@ impl Default for ViewerConfig {
 /// issuer = "https://login.hospital.example"   # discovery: {issuer}/.well-known/openid-configuration
 /// client_id = "strata-viewer"
 /// # client_secret_env = "STRATA_VIEWER_SECRET"  # a confidential client; else a public one
-/// # scopes = "openid fhirUser launch launch/patient"
+/// # scopes = "openid fhirUser launch/patient" # `launch` is added in an EHR launch
 /// # roles_claim = "roles"                    # the ID token claim naming the user's roles
 /// # role_names = { "HIM" = "records_manager" } # the provider's names for Strata's roles
 /// # launch_issuers = ["https://ehr.hospital.example/fhir"]  # `iss` an EHR launch may give
@@ -183,6 +183,9 @@ fn default_roles_claim() -> String {
 /// [api.viewer.cross_reference]
 /// table = "patients"
 /// column = "mrn"
+/// key_column = "id"                            # the legacy key, in the operational database
+/// name_columns = ["given_name", "family_name"] # the patient search (by MRN, name, birth date)
+/// birth_date_column = "birth_date"
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,10 +194,18 @@ pub struct CrossReferenceConfig {
     pub table: String,
     /// Its column holding the EHR's patient id.
     pub column: String,
-    /// The table's column holding the legacy patient key, in the operational database. By
-    /// default, the archive's patient key of the table's config.
+    /// The table's column holding the legacy patient key, in the operational database.
+    /// Without it, only the archived table is looked in (a patients table kept operational,
+    /// as the example policy keeps it, needs it).
     #[serde(default)]
     pub key_column: Option<String>,
+    /// Columns of the table holding the patient's name (searched together, case ignored), for
+    /// the patient search. By default, none.
+    #[serde(default)]
+    pub name_columns: Vec<String>,
+    /// The table's column holding the birth date, for the patient search.
+    #[serde(default)]
+    pub birth_date_column: Option<String>,
 }
 
 fn default_idle_timeout_minutes() -> u64 {

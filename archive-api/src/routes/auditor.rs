@@ -147,12 +147,19 @@ pub(crate) struct Disclosure {
     audit_entry: i64,
 }
 
-/// Whether an audited action (method and route) served the patient's data: the API's reads
-/// and the viewer's (a chart, a document, a print), not the accounting itself or the
-/// break-the-glass form.
-pub(crate) fn is_disclosure(action: &str) -> bool {
-    (action.contains("/v1/patients/{patient}/") && !action.ends_with("/disclosures"))
-        || (action.starts_with("GET /ui/patients/{patient}"))
+/// Whether an audited entry served the patient's data: the API's reads and the viewer's (a
+/// chart, a document, a print) that answered with data — not the accounting itself, the
+/// break-the-glass form, a redirect to choose a purpose, or the print form (no records).
+pub(crate) fn is_disclosure(entry: &strata_control::AuditEntry) -> bool {
+    let action = entry.action.as_str();
+    let served = matches!(entry.status, 200 | 206);
+    let api = action.contains("/v1/patients/{patient}/") && !action.ends_with("/disclosures");
+    let viewer = action.starts_with("GET /ui/patients/{patient}")
+        || action == "POST /ui/patients/{patient}/print";
+    // A viewer page that showed no records (a form) disclosed nothing; a document always does.
+    let nothing = entry.detail.get("records").and_then(|r| r.as_u64()).unwrap_or(0) == 0
+        && !action.contains("/documents/");
+    served && (api || viewer) && !(viewer && nothing)
 }
 
 /// The accounting of disclosures: every read of the patient's data that was served — when,
@@ -183,7 +190,7 @@ pub(super) async fn disclosures(
         .flatten();
     let disclosures: Vec<Disclosure> = entries
         .into_iter()
-        .filter(|e| is_disclosure(&e.entry.action))
+        .filter(|e| is_disclosure(&e.entry))
         .map(|e| Disclosure {
             at: e.at,
             user: e.entry.user,

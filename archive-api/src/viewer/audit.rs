@@ -407,7 +407,7 @@ pub(crate) async fn disclosures(
             let full = page.len() == 1000;
             after = page.last().map(|e| e.seq);
             for e in page {
-                if !is_disclosure(&e.entry.action) {
+                if !is_disclosure(&e.entry) {
                     continue;
                 }
                 let d = &e.entry.detail;

@@ -332,12 +332,11 @@ pub(crate) async fn document(
     Ok(response)
 }
 
-/// Query of `GET /ui/patients/{patient}/print`: without `copy`, the form; with it, the copy.
+/// Form of `POST /ui/patients/{patient}/print`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct PrintQuery {
-    #[serde(default)]
-    copy: Option<String>,
+pub(crate) struct PrintRequest {
+    csrf: String,
     #[serde(default)]
     recipient: String,
     #[serde(default)]
@@ -367,39 +366,52 @@ struct PrintPage {
     range: String,
 }
 
-/// `GET /ui/patients/{patient}/print`: the form asking who receives the copy and why, then
-/// the copy itself — the chart (or a date range of it) with a header naming the patient, who
-/// printed it, when, for whom and why — audited as a disclosure with those fields.
+/// `GET /ui/patients/{patient}/print`: the form asking who receives the copy and why (it
+/// shows nothing of the patient).
+pub(crate) async fn print_form(
+    Extension(session): Extension<Session>,
+    Path(patient): Path<String>,
+    uri: axum::http::Uri,
+) -> Result<Response, PageError> {
+    let back = uri.path_and_query().map_or("/ui/", |p| p.as_str());
+    if let Err(page) = grounds_or_page(&session, &patient, back)? {
+        return Ok(page);
+    }
+    Ok(render(
+        StatusCode::OK,
+        &PrintForm {
+            frame: Frame::of(&session, "Print", ""),
+            patient,
+        },
+    ))
+}
+
+/// `POST /ui/patients/{patient}/print`: the copy — the chart (or a date range of it) with a
+/// header naming the patient, who printed it, when, for whom and why — audited as a
+/// disclosure with those fields. A form of the session (its CSRF token): no other site can
+/// make a signed-in browser record a disclosure.
 pub(crate) async fn print(
     State(state): State<AppState>,
     Extension(session): Extension<Session>,
     Path(patient): Path<String>,
-    Query(q): Query<PrintQuery>,
-    uri: axum::http::Uri,
+    Form(q): Form<PrintRequest>,
 ) -> Result<Response, PageError> {
-    let back = uri.path_and_query().map_or("/ui/", |p| p.as_str());
-    let access = match grounds_or_page(&session, &patient, back)? {
+    session.check_csrf(&q.csrf)?;
+    let back = format!(
+        "/ui/patients/{}/print",
+        percent_encoding::utf8_percent_encode(&patient, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let access = match grounds_or_page(&session, &patient, &back)? {
         Ok(access) => access,
         Err(page) => return Ok(page),
     };
     let recipient = cleaned_reason(&q.recipient).unwrap_or_default();
     let reason = cleaned_reason(&q.reason).unwrap_or_default();
-    if q.copy.is_none() || recipient.is_empty() || reason.is_empty() {
-        let page = render(
-            StatusCode::OK,
-            &PrintForm {
-                frame: Frame::of(&session, "Print", ""),
-                patient,
-            },
-        );
-        // The form shows nothing of the patient; it is audited as a read of no records.
-        return Ok(noted(
-            page,
-            AuditNote {
-                access: Some(access),
-                detail: json!({ "records": 0, "view": "print form" }),
-            },
-        ));
+    if recipient.is_empty() || reason.is_empty() {
+        return Err(ApiError::BadRequest(
+            "name the recipient of the copy and the reason for it".into(),
+        )
+        .into());
     }
     for (day, name) in [(&q.from, "from"), (&q.to, "to")] {
         if !day.is_empty() && chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {

@@ -30,8 +30,61 @@ pub(crate) async fn legacy_key(state: &AppState, ehr_id: &str) -> Result<Option<
     Ok(index.get(ehr_id).cloned())
 }
 
-fn quoted(name: &str) -> String {
+pub(crate) fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Runs `sql` (one query, `$1`.. bound to `binds`, every column text) on the operational
+/// database at `url`, read-only.
+pub(crate) async fn operational_rows(
+    url: &str,
+    sql: &str,
+    binds: &[String],
+) -> Result<Vec<Vec<Option<String>>>, ApiError> {
+    use sqlx::Row;
+    let failed = |e: sqlx::Error| ApiError::Internal(format!("the operational database: {e}"));
+    let sql = sqlx::AssertSqlSafe(sql.to_string());
+    let read =
+        |n: usize, get: &dyn Fn(usize) -> Option<String>| (0..n).map(get).collect::<Vec<_>>();
+    if url.starts_with("sqlite:") {
+        let options = url
+            .parse::<sqlx::sqlite::SqliteConnectOptions>()
+            .map_err(failed)?
+            .read_only(true);
+        let pool = sqlx::SqlitePool::connect_with(options)
+            .await
+            .map_err(failed)?;
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = q.bind(b.clone());
+        }
+        let rows = q.fetch_all(&pool).await.map_err(failed)?;
+        pool.close().await;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                read(r.len(), &|i| {
+                    r.try_get::<Option<String>, _>(i).ok().flatten()
+                })
+            })
+            .collect())
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.map_err(failed)?;
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = q.bind(b.clone());
+        }
+        let rows = q.fetch_all(&pool).await.map_err(failed)?;
+        pool.close().await;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                read(r.len(), &|i| {
+                    r.try_get::<Option<String>, _>(i).ok().flatten()
+                })
+            })
+            .collect())
+    }
 }
 
 /// Looks `ehr_id` up in the operational database.
@@ -42,41 +95,17 @@ async fn operational(
     key_column: &str,
     ehr_id: &str,
 ) -> Result<Option<String>, ApiError> {
-    let failed = |e: sqlx::Error| {
-        ApiError::Internal(format!("cross-reference in the operational database: {e}"))
-    };
     let sql = format!(
         "SELECT CAST({} AS TEXT) FROM {} WHERE CAST({} AS TEXT) = $1 LIMIT 1",
         quoted(key_column),
         quoted(table),
         quoted(column)
     );
-    let sql = sqlx::AssertSqlSafe(sql);
-    if url.starts_with("sqlite:") {
-        let options = url
-            .parse::<sqlx::sqlite::SqliteConnectOptions>()
-            .map_err(failed)?
-            .read_only(true);
-        let pool = sqlx::SqlitePool::connect_with(options)
-            .await
-            .map_err(failed)?;
-        let row: Option<(Option<String>,)> = sqlx::query_as(sql)
-            .bind(ehr_id)
-            .fetch_optional(&pool)
-            .await
-            .map_err(failed)?;
-        pool.close().await;
-        Ok(row.and_then(|r| r.0))
-    } else {
-        let pool = sqlx::PgPool::connect(url).await.map_err(failed)?;
-        let row: Option<(Option<String>,)> = sqlx::query_as(sql)
-            .bind(ehr_id)
-            .fetch_optional(&pool)
-            .await
-            .map_err(failed)?;
-        pool.close().await;
-        Ok(row.and_then(|r| r.0))
-    }
+    let rows = operational_rows(url, &sql, &[ehr_id.to_string()]).await?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten()))
 }
 
 /// The archive's index of `table`'s `column`, for the current catalog.

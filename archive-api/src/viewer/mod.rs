@@ -23,6 +23,7 @@ mod cross_reference;
 mod openid;
 mod pages;
 mod records;
+mod search;
 mod sections;
 pub(crate) mod session;
 mod sign_in;
@@ -97,6 +98,7 @@ pub(crate) fn routes(
             get(chart::purpose_page).post(chart::choose_purpose),
         )
         .route("/ui/open", get(chart::open))
+        .route("/ui/search", get(search::search))
         .route("/ui/patients/{patient}", get(chart::chart))
         .route(
             "/ui/patients/{patient}/break-glass",
@@ -106,7 +108,10 @@ pub(crate) fn routes(
             "/ui/patients/{patient}/documents/{document}",
             get(chart::document),
         )
-        .route("/ui/patients/{patient}/print", get(chart::print))
+        .route(
+            "/ui/patients/{patient}/print",
+            get(chart::print_form).post(chart::print),
+        )
         .route("/ui/records", get(records::page))
         .route("/ui/records/holds", post(records::place_hold))
         .route(
@@ -126,7 +131,10 @@ pub(crate) fn routes(
             state.clone(),
             session::signed_in,
         ));
-    open.route_layer(same_origin)
+    // Before sign-in: the same time limit (a rate limit needs a user; the audit layer limits
+    // requests that name no one, per address).
+    inner(open)
+        .route_layer(same_origin)
         .merge(signed_in)
         .route_layer(middleware::from_fn(page_headers))
 }

@@ -31,7 +31,7 @@ const KIND: &str = "sign-in";
 /// The cookie binding a sign-in under way to its browser.
 const BINDING_COOKIE: &str = "strata_launch";
 /// Seconds a sign-in may take at the provider.
-const SIGN_IN_SECS: i64 = 600;
+pub(crate) const SIGN_IN_SECS: i64 = 600;
 
 /// What the provider's discovery document says (the parts Strata uses).
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +259,7 @@ pub(crate) async fn launch(
         }
     }
     let value = serde_json::to_value(&pending).map_err(|e| ApiError::Internal(e.to_string()))?;
+    session::sweep(&state).await?;
     state
         .control
         .put_session(

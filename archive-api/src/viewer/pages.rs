@@ -49,6 +49,9 @@ impl Frame {
         let d = &session.data;
         let has = |roles: &[Role]| d.roles.iter().any(|r| roles.contains(r));
         let mut nav = vec![("/ui/", "Start")];
+        if has(&[Role::Clinician, Role::RecordsManager]) {
+            nav.push(("/ui/search", "Patient search"));
+        }
         if has(&[Role::RecordsManager, Role::Admin]) {
             nav.push(("/ui/records", "Records management"));
         }

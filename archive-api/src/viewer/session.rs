@@ -165,6 +165,7 @@ pub(crate) async fn begin(
     if let Some(old) = cookie_value(headers, cookie_name(state)) {
         state.control.end_session(&id_hash(old)).await?;
     }
+    sweep(state).await?;
     let id = random_token();
     let value = serde_json::to_value(data).map_err(|e| ApiError::Internal(e.to_string()))?;
     state
@@ -172,6 +173,14 @@ pub(crate) async fn begin(
         .put_session(&id_hash(&id), KIND, &value, now())
         .await?;
     Ok(cookie(state, cookie_name(state), &id, false))
+}
+
+/// Ends every session (and sign-in under way) idle past its time: what they hold (patient
+/// keys, reasons given) does not outlive them in the control database. Run at each sign-in.
+pub(crate) async fn sweep(state: &AppState) -> Result<(), ApiError> {
+    let longest = (state.viewer.idle_secs as i64).max(super::openid::SIGN_IN_SECS);
+    state.control.end_idle_sessions(now() - longest).await?;
+    Ok(())
 }
 
 /// The `Set-Cookie` value that removes the session cookie.

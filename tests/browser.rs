@@ -88,17 +88,63 @@ async fn screenshot(client: &Client, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
+/// Clicks the element `at` finds.
+async fn click(c: &Client, at: Locator<'_>) {
+    c.find(at).await.unwrap().click().await.unwrap();
+}
+
+/// Types `text` into the element `at` finds.
+async fn fill(c: &Client, at: Locator<'_>, text: &str) {
+    c.find(at).await.unwrap().send_keys(text).await.unwrap();
+}
+
+/// Chooses the purpose of use on the page asking for it (TREAT, the first).
+async fn choose_purpose(c: &Client) {
+    click(
+        c,
+        Locator::Css("form[action='/ui/purpose'] button[type=submit]"),
+    )
+    .await;
+    c.wait().for_element(Locator::Css("h1")).await.unwrap();
+}
+
+/// Signs in as `user` at the OpenID provider's sign-in page (oidc-provider's development
+/// interactions: any password), then consents.
+async fn at_provider(c: &Client, user: &str, shot: Option<&str>) {
+    let login = c
+        .wait()
+        .for_element(Locator::Css("input[name=login]"))
+        .await
+        .unwrap();
+    login.send_keys(user).await.unwrap();
+    fill(c, Locator::Css("input[name=password]"), "x").await;
+    if let Some(name) = shot {
+        screenshot(c, name).await;
+    }
+    click(c, Locator::Css("button[type=submit]")).await;
+    if c.wait()
+        .for_element(Locator::Css("input[name=prompt][value=consent]"))
+        .await
+        .is_err()
+    {
+        let text = c
+            .find(Locator::Css("body"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        panic!(
+            "no consent page at {}: {text}",
+            c.current_url().await.unwrap()
+        );
+    }
+    click(c, Locator::Css("button[type=submit]")).await;
+}
+
 /// The viewer over a migrated archive with the development sign-in, on loopback.
 async fn served() -> (Fixture, String, tokio::sync::oneshot::Sender<()>) {
-    let config = api_config("[viewer]\ndev_sign_in = true\n");
-    let f = fixture_with(config.clone()).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = strata_archive_api::serve(&config, f.dir.path(), f.state.clone(), async {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
-    (f, format!("http://{}", serving.addr), stop)
+    super::viewer::served("", None).await
 }
 
 /// Signs in with the development sign-in form as `role` (the button of that name).
@@ -204,15 +250,8 @@ async fn a_clinician_reads_a_chart_its_lab_trend_and_a_document_breaks_the_glass
         .await
         .unwrap();
     screenshot(&c, "clinician-purpose").await;
-    c.find(Locator::Css(
-        "form[action='/ui/purpose'] button[type=submit]",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
-    c.wait().for_element(Locator::Id("labs")).await.unwrap();
+    choose_purpose(&c).await;
+    c.find(Locator::Id("labs")).await.unwrap();
     screenshot(&c, "clinician-chart").await;
 
     // The trend chart plots the archive's values and units: every point of every chart.
@@ -666,15 +705,7 @@ async fn every_page_passes_axe_core_with_no_serious_violation() {
         c.goto(&format!("{base}{page}")).await.unwrap();
         check(page.clone(), axe(&c).await);
     }
-    c.find(Locator::Css(
-        "form[action='/ui/purpose'] button[type=submit]",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
-    c.wait().for_element(Locator::Css("h1")).await.unwrap();
+    choose_purpose(&c).await;
     for page in [
         format!("/ui/patients/{patient}"),
         format!("/ui/patients/{}", f.other),
@@ -708,7 +739,7 @@ async fn every_page_passes_axe_core_with_no_serious_violation() {
         .unwrap();
     check("print copy".into(), axe(&c).await);
     for (user, role, pages) in [
-        ("rho", "records_manager", vec!["/ui/records"]),
+        ("rho", "records_manager", vec!["/ui/records", "/ui/search"]),
         (
             "ada",
             "auditor",
@@ -730,15 +761,7 @@ async fn every_page_passes_axe_core_with_no_serious_violation() {
     // box, the page itself does not.
     sign_in(&c, &base, "tess", "clinician", &patient).await;
     c.goto(&format!("{base}/ui/purpose")).await.unwrap();
-    c.find(Locator::Css(
-        "form[action='/ui/purpose'] button[type=submit]",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
-    c.wait().for_element(Locator::Css("h1")).await.unwrap();
+    choose_purpose(&c).await;
     c.set_window_size(768, 1024).await.unwrap();
     c.goto(&format!("{base}/ui/patients/{patient}"))
         .await
@@ -847,13 +870,7 @@ async fn an_ehr_launch_signs_in_at_the_hospitals_provider_and_opens_the_patients
     let key = lab_patient(&f).await;
     let (operational, mrn) = mrn_of(&f, &key).await;
     let state = f.state.clone().with_operational_database(operational);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = strata_archive_api::serve(&config, f.dir.path(), state, async {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", serving.addr);
+    let (base, stop) = super::viewer::serve(&config, &f, state).await;
     let _idp = smart_idp(
         idp_port,
         &base,
@@ -875,45 +892,7 @@ async fn an_ehr_launch_signs_in_at_the_hospitals_provider_and_opens_the_patients
         .await
         .unwrap();
     // The hospital's sign-in page, then its consent page.
-    let login = c
-        .wait()
-        .for_element(Locator::Css("input[name=login]"))
-        .await
-        .unwrap();
-    login.send_keys("dr-ehr").await.unwrap();
-    c.find(Locator::Css("input[name=password]"))
-        .await
-        .unwrap()
-        .send_keys("x")
-        .await
-        .unwrap();
-    screenshot(&c, "ehr-launch-provider-sign-in").await;
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    if c.wait()
-        .for_element(Locator::Css("input[name=prompt][value=consent]"))
-        .await
-        .is_err()
-    {
-        let text = c
-            .find(Locator::Css("body"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        panic!("{} {text}", c.current_url().await.unwrap());
-    }
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    at_provider(&c, "dr-ehr", Some("ehr-launch-provider-sign-in")).await;
     // Back in Strata, the launch's patient: the purpose first, then the chart.
     c.wait()
         .for_element(Locator::Id("purpose-TREAT"))
@@ -925,15 +904,8 @@ async fn an_ehr_launch_signs_in_at_the_hospitals_provider_and_opens_the_patients
             .contains(&format!("next=%2Fui%2Fpatients%2F{key}")),
         "{url}"
     );
-    c.find(Locator::Css(
-        "form[action='/ui/purpose'] button[type=submit]",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
-    let heading = c.wait().for_element(Locator::Css("h1")).await.unwrap();
+    choose_purpose(&c).await;
+    let heading = c.find(Locator::Css("h1")).await.unwrap();
     assert_eq!(
         heading.text().await.unwrap(),
         format!("Archived chart of patient {key}")
@@ -962,40 +934,8 @@ async fn an_ehr_launch_signs_in_at_the_hospitals_provider_and_opens_the_patients
     // A standalone launch: the provider's role name maps to records manager.
     let (_driver2, c) = browser().await;
     c.goto(&format!("{base}/ui/sign-in")).await.unwrap();
-    c.find(Locator::LinkText("Sign in with your hospital account"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let login = c
-        .wait()
-        .for_element(Locator::Css("input[name=login]"))
-        .await
-        .unwrap();
-    login.send_keys("him-clerk").await.unwrap();
-    c.find(Locator::Css("input[name=password]"))
-        .await
-        .unwrap()
-        .send_keys("x")
-        .await
-        .unwrap();
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    c.wait()
-        .for_element(Locator::Css("input[name=prompt][value=consent]"))
-        .await
-        .unwrap();
-    c.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, Locator::LinkText("Sign in with your hospital account")).await;
+    at_provider(&c, "him-clerk", None).await;
     c.wait()
         .for_element(Locator::Css("form[action='/ui/sign-out']"))
         .await
@@ -1072,26 +1012,12 @@ async fn hostile_patient(f: &Fixture) -> String {
 async fn hostile_archived_text_and_file_names_run_no_script_in_the_browser() {
     let config = api_config("[viewer]\ndev_sign_in = true\n");
     let f = super::api::fixture_planted(config.clone(), |_| {}, HOSTILE).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = strata_archive_api::serve(&config, f.dir.path(), f.state.clone(), async {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", serving.addr);
+    let (base, stop) = super::viewer::serve(&config, &f, f.state.clone()).await;
     let patient = hostile_patient(&f).await;
     let (_driver, c) = browser().await;
     sign_in(&c, &base, "xena", "clinician", &patient).await;
     c.goto(&format!("{base}/ui/purpose")).await.unwrap();
-    c.find(Locator::Css(
-        "form[action='/ui/purpose'] button[type=submit]",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
-    c.wait().for_element(Locator::Css("h1")).await.unwrap();
+    choose_purpose(&c).await;
     c.goto(&format!("{base}/ui/patients/{patient}"))
         .await
         .unwrap();

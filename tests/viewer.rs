@@ -129,8 +129,25 @@ fn hidden(html: &str, name: &str) -> String {
     html[start..start + html[start..].find('"').unwrap()].to_string()
 }
 
-/// An API fixture with the viewer's development sign-in, served on loopback over HTTP.
-async fn served(
+/// Serves `state` (of `f`) with `config` on loopback over HTTP; returns its base URL and what
+/// stops it.
+pub async fn serve(
+    config: &strata_archive_api::ApiConfig,
+    f: &Fixture,
+    state: strata_archive_api::AppState,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = strata_archive_api::serve(config, f.dir.path(), state, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    (format!("http://{}", serving.addr), stop)
+}
+
+/// An API fixture with the viewer's development sign-in, served on loopback over HTTP (with
+/// `extra` config, and sessions idle out after `idle_secs` when given).
+pub async fn served(
     extra: &str,
     idle_secs: Option<u64>,
 ) -> (Fixture, String, tokio::sync::oneshot::Sender<()>) {
@@ -139,13 +156,8 @@ async fn served(
     if let Some(secs) = idle_secs {
         f.state.viewer.idle_secs = secs;
     }
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = strata_archive_api::serve(&config, f.dir.path(), f.state.clone(), async {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
-    (f, format!("http://{}", serving.addr), stop)
+    let (base, stop) = serve(&config, &f, f.state.clone()).await;
+    (f, base, stop)
 }
 
 #[tokio::test]
@@ -203,6 +215,7 @@ async fn a_clinician_signs_in_states_a_purpose_and_reads_a_chart_and_its_documen
         "{csp}"
     );
     assert_eq!(page.headers["cache-control"], "no-store");
+    assert_eq!(page.headers["referrer-policy"], "same-origin");
     let html = page.text();
     assert!(!html.contains("<script>"), "no inline script");
     assert!(!html.contains("style=\""), "no inline style");
@@ -647,10 +660,25 @@ async fn the_development_sign_in_is_refused_off_loopback() {
         .unwrap();
     assert_eq!(post.status(), 403);
     assert!(post.headers().get("set-cookie").is_none());
+    // From loopback, but by another name (a page that rebound its name to 127.0.0.1): refused.
+    let rebound = app
+        .clone()
+        .oneshot(
+            from("127.0.0.1:5000", Request::post("/ui/dev-sign-in"))
+                .header("host", "evil.example:8443")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("cookie", "strata_sign_in=abc")
+                .body(Body::from("csrf=abc&role=auditor&user=mallory"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
     // From loopback it works.
     let post = app
         .oneshot(
             from("127.0.0.1:5000", Request::post("/ui/dev-sign-in"))
+                .header("host", "127.0.0.1:8443")
                 .header("content-type", "application/x-www-form-urlencoded")
                 .header("cookie", "strata_sign_in=abc")
                 .body(Body::from("csrf=abc&role=auditor&user=mallory"))
@@ -684,15 +712,13 @@ async fn him_staff_find_a_patient_by_mrn_name_and_birth_date_and_the_audit_keeps
     db.close().await;
     let [mrn, family, birth] = [0, 1, 2].map(|i| row[i].as_key_text().unwrap());
     let state = f.state.clone().with_operational_database(url);
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = strata_archive_api::serve(&config, f.dir.path(), state, async {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
-    let mut b = Browser::new(&format!("http://{}", serving.addr));
+    let (base, _stop) = serve(&config, &f, state).await;
+    let mut b = Browser::new(&base);
     assert_eq!(b.sign_in("hana", "records_manager", "").await.status, 303);
-    let by_mrn = b.get(&format!("/ui/search?mrn={mrn}")).await;
+    let csrf = hidden(&b.get("/ui/search").await.text(), "csrf");
+    let by_mrn = b
+        .post("/ui/search", &[("csrf", &csrf), ("mrn", &mrn)])
+        .await;
     assert_eq!(by_mrn.status, 200, "{}", by_mrn.text());
     assert!(
         by_mrn.text().contains(&format!("<td>{}</td>", f.patient)),
@@ -703,20 +729,51 @@ async fn him_staff_find_a_patient_by_mrn_name_and_birth_date_and_the_audit_keeps
     // Part of the family name, in other letters' case, with the birth date.
     let part: String = family.chars().take(4).collect::<String>().to_uppercase();
     let by_name = b
-        .get(&format!(
-            "/ui/search?name={part}&birth_date={}",
-            &birth[..10]
-        ))
+        .post(
+            "/ui/search",
+            &[
+                ("csrf", &csrf),
+                ("name", &part),
+                ("birth_date", &birth[..10]),
+            ],
+        )
         .await;
     assert!(
         by_name.text().contains(&format!("<td>{}</td>", f.patient)),
         "{}",
         by_name.text()
     );
-    // A clinician may search too; a researcher or an auditor may not.
-    let mut auditor = Browser::new(&b.base.clone());
-    assert_eq!(auditor.sign_in("olga", "auditor", "").await.status, 303);
-    assert_eq!(auditor.get("/ui/search?mrn=1").await.status, 403);
+    // Not a way to list everyone: one letter, or wildcards, are not a name.
+    for name in ["a", "_", "%%"] {
+        let r = b
+            .post("/ui/search", &[("csrf", &csrf), ("name", name)])
+            .await;
+        assert_eq!(r.status, 400, "{name}");
+    }
+    let wild = b
+        .post(
+            "/ui/search",
+            &[("csrf", &csrf), ("name", &format!("%{part}_"))],
+        )
+        .await;
+    assert!(
+        wild.status == 200 && wild.text().contains("0 patients found"),
+        "{}",
+        wild.text()
+    );
+    // Without the session's token, nothing is searched; criteria never travel in a URL.
+    assert_eq!(
+        b.post("/ui/search", &[("csrf", "x"), ("mrn", &mrn)])
+            .await
+            .status,
+        403
+    );
+    // Only health information management searches: not clinicians, not auditors.
+    for role in ["clinician", "auditor"] {
+        let mut other = Browser::new(&b.base.clone());
+        assert_eq!(other.sign_in("olga", role, "").await.status, 303);
+        assert_eq!(other.get("/ui/search").await.status, 403, "{role}");
+    }
     // Audited: who, which criteria, the keys found — never a criterion's value.
     let searches: Vec<_> = f
         .state
@@ -729,9 +786,13 @@ async fn him_staff_find_a_patient_by_mrn_name_and_birth_date_and_the_audit_keeps
         .await
         .unwrap()
         .into_iter()
-        .filter(|e| e.entry.action == "GET /ui/search")
+        .filter(|e| e.entry.action == "POST /ui/search" && e.entry.status == 200)
         .collect();
-    assert_eq!(searches.len(), 2);
+    assert_eq!(searches.len(), 3);
+    assert_eq!(
+        searches[0].entry.patient.as_deref(),
+        Some(f.patient.as_str())
+    );
     assert_eq!(
         searches[0].entry.detail["criteria"],
         serde_json::json!(["mrn"])

@@ -152,12 +152,19 @@ pub(crate) struct Disclosure {
 /// break-the-glass form, a redirect to choose a purpose, or the print form (no records).
 pub(crate) fn is_disclosure(entry: &strata_control::AuditEntry) -> bool {
     let action = entry.action.as_str();
-    let served = matches!(entry.status, 200 | 206);
+    // A document read in ranges (a PDF viewer's) is one disclosure: its first range counts.
+    let first_range = entry.detail["range"][0].as_u64() == Some(0);
+    let served = entry.status == 200 || (entry.status == 206 && first_range);
     let api = action.contains("/v1/patients/{patient}/") && !action.ends_with("/disclosures");
     let viewer = action.starts_with("GET /ui/patients/{patient}")
         || action == "POST /ui/patients/{patient}/print";
     // A viewer page that showed no records (a form) disclosed nothing; a document always does.
-    let nothing = entry.detail.get("records").and_then(|r| r.as_u64()).unwrap_or(0) == 0
+    let nothing = entry
+        .detail
+        .get("records")
+        .and_then(|r| r.as_u64())
+        .unwrap_or(0)
+        == 0
         && !action.contains("/documents/");
     served && (api || viewer) && !(viewer && nothing)
 }

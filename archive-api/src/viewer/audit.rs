@@ -3,7 +3,7 @@
 //! and a patient's accounting of disclosures with the fields HIPAA 164.528 asks for (date,
 //! recipient, description, purpose), printable.
 
-use super::pages::{render, Frame, PageError};
+use super::pages::{render, require, Frame, PageError};
 use super::session::Session;
 use crate::audit::{noted, AuditNote};
 use crate::auth::Role;
@@ -22,16 +22,7 @@ use strata_control::{AuditQuery, AuditRecord, Outcome};
 const PAGE: i64 = 200;
 
 fn auditor(session: &Session) -> Result<(), PageError> {
-    if session
-        .data
-        .roles
-        .iter()
-        .any(|r| matches!(r, Role::Auditor | Role::Admin))
-    {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden.into())
-    }
+    require(session, &[Role::Auditor, Role::Admin])
 }
 
 /// An audit entry shown.
@@ -100,6 +91,17 @@ pub(crate) struct LogFilters {
     verify: Option<String>,
 }
 
+/// The `until` of a query from a day chosen as the last to include (the log's `until` is
+/// exclusive, an instant): the next day's start.
+fn through_day(day: &str) -> Result<Option<String>, PageError> {
+    let Some(day) = given(day) else {
+        return Ok(None);
+    };
+    let date = chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d")
+        .map_err(|_| ApiError::BadRequest("until must be a date, YYYY-MM-DD".into()))?;
+    Ok(Some((date + chrono::Days::new(1)).to_string()))
+}
+
 fn given(s: &str) -> Option<String> {
     let s = s.trim();
     (!s.is_empty()).then(|| s.to_string())
@@ -148,7 +150,7 @@ pub(crate) async fn log(
             patient: given(&f.patient),
             outcome,
             since: given(&f.since),
-            until: given(&f.until),
+            until: through_day(&f.until)?,
             break_glass_only: f.break_glass.is_some(),
         })
         .await?;
@@ -213,31 +215,35 @@ struct ReviewPage {
     pending: usize,
 }
 
+/// Every entry `q` selects, oldest first, read a thousand at a time.
+async fn every_entry(state: &AppState, mut q: AuditQuery) -> Result<Vec<AuditRecord>, ApiError> {
+    let mut all = Vec::new();
+    loop {
+        q.limit = Some(1000);
+        let page = state.audit.list(&q).await?;
+        let full = page.len() == 1000;
+        q.after_seq = page.last().map(|e| e.seq);
+        all.extend(page);
+        if !full {
+            return Ok(all);
+        }
+    }
+}
+
 /// `GET /ui/audit/break-glass`: every read that broke the glass, with its review.
 pub(crate) async fn reviews(
     State(state): State<AppState>,
     Extension(session): Extension<Session>,
 ) -> Result<Response, PageError> {
     auditor(&session)?;
-    let mut flagged = Vec::new();
-    let mut after = None;
-    loop {
-        let page = state
-            .audit
-            .list(&AuditQuery {
-                after_seq: after,
-                limit: Some(1000),
-                break_glass_only: true,
-                ..Default::default()
-            })
-            .await?;
-        let full = page.len() == 1000;
-        after = page.last().map(|e| e.seq);
-        flagged.extend(page);
-        if !full {
-            break;
-        }
-    }
+    let flagged = every_entry(
+        &state,
+        AuditQuery {
+            break_glass_only: true,
+            ..Default::default()
+        },
+    )
+    .await?;
     let seqs: Vec<i64> = flagged.iter().map(|e| e.seq).collect();
     let reviews = state.control.break_glass_reviews(&seqs).await?;
     let mut flagged: Vec<FlaggedView> = flagged
@@ -392,48 +398,39 @@ pub(crate) async fn disclosures(
     let patient = q.patient.trim().to_string();
     let mut disclosures = Vec::new();
     if !patient.is_empty() {
-        let mut after = None;
-        loop {
-            let page = state
-                .audit
-                .list(&AuditQuery {
-                    after_seq: after,
-                    limit: Some(1000),
-                    patient: Some(patient.clone()),
-                    outcome: Some(Outcome::Allowed),
-                    ..Default::default()
-                })
-                .await?;
-            let full = page.len() == 1000;
-            after = page.last().map(|e| e.seq);
-            for e in page {
-                if !is_disclosure(&e.entry) {
-                    continue;
+        let entries = every_entry(
+            &state,
+            AuditQuery {
+                patient: Some(patient.clone()),
+                outcome: Some(Outcome::Allowed),
+                ..Default::default()
+            },
+        )
+        .await?;
+        for e in entries {
+            if !is_disclosure(&e.entry) {
+                continue;
+            }
+            let d = &e.entry.detail;
+            let recipient = d
+                .get("recipient")
+                .and_then(|r| r.as_str())
+                .map(|r| format!("{r} (released by {})", e.entry.user))
+                .unwrap_or_else(|| format!("{} ({})", e.entry.user, e.entry.roles));
+            let purpose = match d.get("reason").and_then(|r| r.as_str()) {
+                Some(reason) => {
+                    format!("{}: {reason}", e.entry.purpose.clone().unwrap_or_default())
                 }
-                let d = &e.entry.detail;
-                let recipient = d
-                    .get("recipient")
-                    .and_then(|r| r.as_str())
-                    .map(|r| format!("{r} (released by {})", e.entry.user))
-                    .unwrap_or_else(|| format!("{} ({})", e.entry.user, e.entry.roles));
-                let purpose = match d.get("reason").and_then(|r| r.as_str()) {
-                    Some(reason) => {
-                        format!("{}: {reason}", e.entry.purpose.clone().unwrap_or_default())
-                    }
-                    None => e.entry.purpose.clone().unwrap_or_default(),
-                };
-                disclosures.push(DisclosureView {
-                    at: e.at.clone(),
-                    recipient,
-                    description: description(&e.entry.action, d),
-                    purpose,
-                    break_glass: e.entry.break_glass.clone().unwrap_or_default(),
-                    seq: e.seq,
-                });
-            }
-            if !full {
-                break;
-            }
+                None => e.entry.purpose.clone().unwrap_or_default(),
+            };
+            disclosures.push(DisclosureView {
+                at: e.at.clone(),
+                recipient,
+                description: description(&e.entry.action, d),
+                purpose,
+                break_glass: e.entry.break_glass.clone().unwrap_or_default(),
+                seq: e.seq,
+            });
         }
     }
     let detail = json!({ "view": "accounting of disclosures", "disclosures": disclosures.len() });

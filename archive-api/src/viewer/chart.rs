@@ -6,7 +6,7 @@
 //! ([`crate::access::grounds`]): the session's purpose, and a reason the user gave to break the
 //! glass for this patient in this session.
 
-use super::pages::{render, Frame, PageError};
+use super::pages::{render, require, Frame, PageError};
 use super::sections::{chart_view, shown_inline, ChartView, Filters};
 use super::session::{local_path, Session};
 use crate::access::{cleaned_reason, grounds, PatientAccess, MIN_BREAK_GLASS_REASON, PURPOSES};
@@ -62,11 +62,7 @@ pub(crate) struct Next {
 
 /// Fails with a page saying so unless the session's user is a clinician.
 fn clinician(session: &Session) -> Result<(), PageError> {
-    if session.data.roles.contains(&Role::Clinician) {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden.into())
-    }
+    require(session, &[Role::Clinician])
 }
 
 /// `GET /ui/purpose`: choose the session's purpose of use.
@@ -189,6 +185,16 @@ fn shown_detail(view: &ChartView) -> serde_json::Value {
     json!({ "records": view.shown, "of": view.total, "view": "chart" })
 }
 
+/// Fails unless `from` and `to` are empty or dates (YYYY-MM-DD).
+fn dates(from: &str, to: &str) -> Result<(), PageError> {
+    for (day, name) in [(from, "from"), (to, "to")] {
+        if !day.is_empty() && chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
+            return Err(ApiError::BadRequest(format!("{name} must be a date, YYYY-MM-DD")).into());
+        }
+    }
+    Ok(())
+}
+
 /// `GET /ui/patients/{patient}`: the patient's archived chart, filtered.
 pub(crate) async fn chart(
     State(state): State<AppState>,
@@ -202,11 +208,7 @@ pub(crate) async fn chart(
         Ok(access) => access,
         Err(page) => return Ok(page),
     };
-    for (day, name) in [(&filters.from, "from"), (&filters.to, "to")] {
-        if !day.is_empty() && chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
-            return Err(ApiError::BadRequest(format!("{name} must be a date, YYYY-MM-DD")).into());
-        }
-    }
+    dates(&filters.from, &filters.to)?;
     let records = history_of(&state, &patient).await?;
     let view = chart_view(
         &patient,
@@ -413,11 +415,7 @@ pub(crate) async fn print(
         )
         .into());
     }
-    for (day, name) in [(&q.from, "from"), (&q.to, "to")] {
-        if !day.is_empty() && chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
-            return Err(ApiError::BadRequest(format!("{name} must be a date, YYYY-MM-DD")).into());
-        }
-    }
+    dates(&q.from, &q.to)?;
     let records = history_of(&state, &patient).await?;
     let filters = Filters {
         from: q.from.clone(),

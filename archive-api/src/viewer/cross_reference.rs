@@ -13,8 +13,9 @@ use arrow::array::{Array, AsArray};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The archive's index: the catalog generation it was built for, and EHR id → legacy key.
-pub type ArchiveIndex = Arc<tokio::sync::Mutex<Option<(u64, Arc<HashMap<String, String>>)>>>;
+/// The archive's index: the catalog generation it was built for, and EHR id → the legacy keys
+/// of the rows holding it (more than one: ambiguous).
+pub type ArchiveIndex = Arc<tokio::sync::Mutex<Option<(u64, Arc<HashMap<String, Vec<String>>>)>>>;
 
 /// The legacy patient key of the EHR's patient `ehr_id`, if any patient has it.
 pub(crate) async fn legacy_key(state: &AppState, ehr_id: &str) -> Result<Option<String>, ApiError> {
@@ -27,7 +28,7 @@ pub(crate) async fn legacy_key(state: &AppState, ehr_id: &str) -> Result<Option<
         }
     }
     let index = archive_index(state, &xref.table, &xref.column).await?;
-    Ok(index.get(ehr_id).cloned())
+    unambiguous(index.get(ehr_id).cloned().unwrap_or_default())
 }
 
 pub(crate) fn quoted(name: &str) -> String {
@@ -35,55 +36,46 @@ pub(crate) fn quoted(name: &str) -> String {
 }
 
 /// Runs `sql` (one query, `$1`.. bound to `binds`, every column text) on the operational
-/// database at `url`, read-only.
+/// database at `url`, read-only, on a connection of its own.
 pub(crate) async fn operational_rows(
     url: &str,
     sql: &str,
     binds: &[String],
 ) -> Result<Vec<Vec<Option<String>>>, ApiError> {
-    use sqlx::Row;
     let failed = |e: sqlx::Error| ApiError::Internal(format!("the operational database: {e}"));
-    let sql = sqlx::AssertSqlSafe(sql.to_string());
-    let read =
-        |n: usize, get: &dyn Fn(usize) -> Option<String>| (0..n).map(get).collect::<Vec<_>>();
+    // The same query and reading on either engine's pool.
+    macro_rules! text_rows {
+        ($pool:expr) => {{
+            use sqlx::Row;
+            let pool = $pool;
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()));
+            for b in binds {
+                q = q.bind(b.clone());
+            }
+            let rows = q.fetch_all(&pool).await.map_err(failed);
+            pool.close().await;
+            rows?
+                .iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| r.try_get::<Option<String>, _>(i).ok().flatten())
+                        .collect()
+                })
+                .collect()
+        }};
+    }
     if url.starts_with("sqlite:") {
         let options = url
             .parse::<sqlx::sqlite::SqliteConnectOptions>()
             .map_err(failed)?
             .read_only(true);
-        let pool = sqlx::SqlitePool::connect_with(options)
+        Ok(text_rows!(sqlx::SqlitePool::connect_with(options)
             .await
-            .map_err(failed)?;
-        let mut q = sqlx::query(sql);
-        for b in binds {
-            q = q.bind(b.clone());
-        }
-        let rows = q.fetch_all(&pool).await.map_err(failed)?;
-        pool.close().await;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                read(r.len(), &|i| {
-                    r.try_get::<Option<String>, _>(i).ok().flatten()
-                })
-            })
-            .collect())
+            .map_err(failed)?))
     } else {
-        let pool = sqlx::PgPool::connect(url).await.map_err(failed)?;
-        let mut q = sqlx::query(sql);
-        for b in binds {
-            q = q.bind(b.clone());
-        }
-        let rows = q.fetch_all(&pool).await.map_err(failed)?;
-        pool.close().await;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                read(r.len(), &|i| {
-                    r.try_get::<Option<String>, _>(i).ok().flatten()
-                })
-            })
-            .collect())
+        Ok(text_rows!(sqlx::PgPool::connect(url)
+            .await
+            .map_err(failed)?))
     }
 }
 
@@ -96,16 +88,30 @@ async fn operational(
     ehr_id: &str,
 ) -> Result<Option<String>, ApiError> {
     let sql = format!(
-        "SELECT CAST({} AS TEXT) FROM {} WHERE CAST({} AS TEXT) = $1 LIMIT 1",
+        "SELECT DISTINCT CAST({} AS TEXT) FROM {} WHERE CAST({} AS TEXT) = $1 LIMIT 2",
         quoted(key_column),
         quoted(table),
         quoted(column)
     );
-    let rows = operational_rows(url, &sql, &[ehr_id.to_string()]).await?;
-    Ok(rows
+    let keys: Vec<String> = operational_rows(url, &sql, &[ehr_id.to_string()])
+        .await?
         .into_iter()
-        .next()
-        .and_then(|r| r.into_iter().next().flatten()))
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect();
+    unambiguous(keys)
+}
+
+/// The one key of `keys`; an id that names two patients (an MRN reassigned, two records
+/// merged) names none: a launch must not open the wrong patient's chart as in care.
+fn unambiguous(keys: Vec<String>) -> Result<Option<String>, ApiError> {
+    match keys.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        _ => Err(ApiError::BadRequest(
+            "the EHR's patient id matches more than one legacy patient: fix the cross-reference"
+                .into(),
+        )),
+    }
 }
 
 /// The archive's index of `table`'s `column`, for the current catalog.
@@ -113,7 +119,7 @@ async fn archive_index(
     state: &AppState,
     table: &str,
     column: &str,
-) -> Result<Arc<HashMap<String, String>>, ApiError> {
+) -> Result<Arc<HashMap<String, Vec<String>>>, ApiError> {
     let view = state.archive.view();
     let generation = view.catalog().generation();
     let mut slot = state.viewer.archive_index.lock().await;
@@ -122,7 +128,7 @@ async fn archive_index(
             return Ok(index.clone());
         }
     }
-    let mut index = HashMap::new();
+    let mut index: HashMap<String, Vec<String>> = HashMap::new();
     for manifest in view.catalog().tables.get(table).into_iter().flatten() {
         for file in &manifest.files {
             for batch in view.read_file(file).await? {
@@ -135,7 +141,11 @@ async fn archive_index(
                 let patients = batch.column(0).as_string::<i32>();
                 for row in 0..batch.num_rows() {
                     if ids.is_valid(row) && patients.is_valid(row) {
-                        index.insert(ids.value(row).to_string(), patients.value(row).to_string());
+                        let keys = index.entry(ids.value(row).to_string()).or_default();
+                        let key = patients.value(row);
+                        if !keys.iter().any(|k| k == key) {
+                            keys.push(key.to_string());
+                        }
                     }
                 }
             }

@@ -62,9 +62,12 @@ async fn page_headers(request: Request, next: Next) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // Same-origin only: no address of a page (which names a patient) leaves for another
+    // site, and the browser still sends this origin in `Origin` with a form (with
+    // `no-referrer`, Chromium sends `Origin: null`).
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(
         header::X_FRAME_OPTIONS,
@@ -98,7 +101,7 @@ pub(crate) fn routes(
             get(chart::purpose_page).post(chart::choose_purpose),
         )
         .route("/ui/open", get(chart::open))
-        .route("/ui/search", get(search::search))
+        .route("/ui/search", get(search::form).post(search::find))
         .route("/ui/patients/{patient}", get(chart::chart))
         .route(
             "/ui/patients/{patient}/break-glass",

@@ -327,7 +327,7 @@ pub(crate) async fn callback(
     // One use: a replayed callback finds nothing.
     state.control.end_session(&hash).await?;
     let pending: Pending = serde_json::from_value(stored.data).map_err(|_| refused())?;
-    let browser = session::cookie_value(&headers, BINDING_COOKIE).unwrap_or_default();
+    let browser = session::cookie_value(&state, &headers, BINDING_COOKIE).unwrap_or_default();
     if !session::same_secret(browser, &pending.browser) {
         return Err(refused());
     }
@@ -379,13 +379,15 @@ pub(crate) async fn callback(
     if roles.is_empty() {
         return Err(PageError(ApiError::Forbidden));
     }
-    let patient = match &tokens.patient {
-        Some(ehr_id) => Some(
+    // The patient in context counts as in the user's care only in an EHR launch: the EHR
+    // chose them. A standalone launch's patient (a picker at the provider) is not taken.
+    let patient = match (&pending.launch, &tokens.patient) {
+        (Some(_), Some(ehr_id)) => Some(
             super::cross_reference::legacy_key(&state, ehr_id)
                 .await?
                 .ok_or(ApiError::NotFound)?,
         ),
-        None => None,
+        _ => None,
     };
     let data = SessionData {
         user: user.clone(),

@@ -49,7 +49,7 @@ impl Frame {
         let d = &session.data;
         let has = |roles: &[Role]| d.roles.iter().any(|r| roles.contains(r));
         let mut nav = vec![("/ui/", "Start")];
-        if has(&[Role::Clinician, Role::RecordsManager]) {
+        if has(&[Role::RecordsManager]) {
             nav.push(("/ui/search", "Patient search"));
         }
         if has(&[Role::RecordsManager, Role::Admin]) {
@@ -81,6 +81,15 @@ impl Frame {
                 .collect(),
             development: d.how == "development",
         }
+    }
+}
+
+/// Fails with a page saying so unless the session's user has one of `roles`.
+pub(crate) fn require(session: &Session, roles: &[Role]) -> Result<(), PageError> {
+    if session.data.roles.iter().any(|r| roles.contains(r)) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden.into())
     }
 }
 

@@ -4,7 +4,7 @@
 //! last run's and the destruction reports.
 
 use super::bars::{stacked, Bars};
-use super::pages::{render, Frame, PageError};
+use super::pages::{render, require, Frame, PageError};
 use super::session::Session;
 use crate::audit::{noted, AuditNote};
 use crate::auth::Role;
@@ -213,16 +213,7 @@ fn scope_text(scope: &HoldScope) -> String {
 }
 
 fn records_manager(session: &Session) -> Result<(), PageError> {
-    if session
-        .data
-        .roles
-        .iter()
-        .any(|r| matches!(r, Role::RecordsManager | Role::Admin))
-    {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden.into())
-    }
+    require(session, &[Role::RecordsManager, Role::Admin])
 }
 
 /// Query of `GET /ui/records`: what the last action did.

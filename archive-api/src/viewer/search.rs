@@ -1,17 +1,21 @@
-//! The patient search of HIM staff and clinicians: by the EHR's id (an MRN), by name and by
-//! birth date, in the cross-reference's table (`[api.viewer.cross_reference]`) of the
-//! operational database. Every search is audited: which criteria were given and the keys of
-//! the patients found — never the criteria's values (a name or a birth date is PHI).
+//! The patient search of health information management staff (records managers): by the
+//! EHR's id (an MRN), by name and by birth date, in the cross-reference's table
+//! (`[api.viewer.cross_reference]`) of the operational database. Clinicians open charts from
+//! the EHR's launch or by key, with their grounds checked: the search's demographics are not
+//! theirs to browse. A search is a form of the session (its CSRF token), so its criteria
+//! never stand in an address, a browser's history or a proxy's log; it is audited with the
+//! criteria given (by name, never their values: a name or a birth date is PHI) and the keys
+//! found, under the patient's key when one was found.
 
 use super::cross_reference::quoted;
-use super::pages::{render, Frame, PageError};
+use super::pages::{render, require, Frame, PageError};
 use super::session::Session;
 use crate::audit::{noted, AuditNote};
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::state::AppState;
 use askama::Template;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Extension, Form, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
@@ -20,10 +24,12 @@ use serde_json::json;
 /// Patients a search lists at most.
 const LIMIT: i64 = 50;
 
-/// Query of `GET /ui/search`.
+/// Form of `POST /ui/search` (none: `GET /ui/search`, the empty form).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SearchQuery {
+    #[serde(default)]
+    csrf: String,
     #[serde(default)]
     mrn: String,
     #[serde(default)]
@@ -47,24 +53,42 @@ struct SearchPage {
     query: SearchQuery,
     searched: bool,
     found: Vec<Found>,
-    clinician: bool,
     /// Why no search can be made, if so.
     unavailable: Option<&'static str>,
 }
 
 /// `GET /ui/search`: the search form, and what it finds.
-pub(crate) async fn search(
+/// `GET /ui/search`: the search form.
+pub(crate) async fn form(
+    state: State<AppState>,
+    session: Extension<Session>,
+) -> Result<Response, PageError> {
+    search(state, session, SearchQuery::default()).await
+}
+
+/// `POST /ui/search`: what the criteria find.
+pub(crate) async fn find(
+    state: State<AppState>,
+    session: Extension<Session>,
+    Form(q): Form<SearchQuery>,
+) -> Result<Response, PageError> {
+    session.check_csrf(&q.csrf)?;
+    search(state, session, q).await
+}
+
+/// LIKE's wildcards in `text` taken literally (with `ESCAPE '\'`).
+fn literal(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+async fn search(
     State(state): State<AppState>,
     Extension(session): Extension<Session>,
-    Query(q): Query<SearchQuery>,
+    q: SearchQuery,
 ) -> Result<Response, PageError> {
-    let roles = &session.data.roles;
-    if !roles
-        .iter()
-        .any(|r| matches!(r, Role::Clinician | Role::RecordsManager))
-    {
-        return Err(ApiError::Forbidden.into());
-    }
+    require(&session, &[Role::RecordsManager])?;
     let (mrn, name, birth) = (
         q.mrn.trim(),
         q.name.trim().to_lowercase(),
@@ -74,6 +98,14 @@ pub(crate) async fn search(
         return Err(ApiError::BadRequest("birth date must be a date, YYYY-MM-DD".into()).into());
     }
     let searched = !(mrn.is_empty() && name.is_empty() && birth.is_empty());
+    // Enough to find someone, not to list everyone: an MRN, or two letters of a name.
+    if searched && mrn.is_empty() && name.chars().filter(|c| c.is_alphanumeric()).count() < 2 {
+        return Err(ApiError::BadRequest(
+            "give an MRN, or at least two letters of the name (with the birth date if you have it)"
+                .into(),
+        )
+        .into());
+    }
     let xref = state.viewer.cross_reference.as_ref();
     let unavailable = match (xref, &state.operational) {
         (Some(x), Some(_)) if x.key_column.is_some() => None,
@@ -106,12 +138,15 @@ pub(crate) async fn search(
             ));
         }
         if !name.is_empty() {
-            binds.push(format!("%{name}%"));
-            conditions.push(format!("LOWER({name_expr}) LIKE ${}", binds.len()));
+            binds.push(format!("%{}%", literal(&name)));
+            conditions.push(format!(
+                "LOWER({name_expr}) LIKE ${} ESCAPE '\\'",
+                binds.len()
+            ));
         }
         if !birth.is_empty() {
-            binds.push(format!("{birth}%"));
-            conditions.push(format!("{birth_expr} LIKE ${}", binds.len()));
+            binds.push(format!("{}%", literal(birth)));
+            conditions.push(format!("{birth_expr} LIKE ${} ESCAPE '\\'", binds.len()));
         }
         let sql = format!(
             "SELECT CAST({} AS TEXT), CAST({} AS TEXT), {name_expr}, {birth_expr} FROM {} WHERE {} ORDER BY 1 LIMIT {LIMIT}",
@@ -140,24 +175,30 @@ pub(crate) async fn search(
     .filter(|(_, empty)| !empty)
     .map(|(k, _)| k)
     .collect();
-    let keys: Vec<&str> = found.iter().map(|f| f.key.as_str()).collect();
+    let keys: Vec<String> = found.iter().map(|f| f.key.clone()).collect();
     let detail = json!({ "view": "patient search", "criteria": given, "found": keys });
     let page = render(
         StatusCode::OK,
         &SearchPage {
             frame: Frame::of(&session, "Patient search", "/ui/search"),
-            clinician: roles.contains(&Role::Clinician),
             query: q,
             searched,
             found,
             unavailable,
         },
     );
-    Ok(noted(
+    let mut response = noted(
         page,
         AuditNote {
             access: None,
             detail,
         },
-    ))
+    );
+    // Findable in the log by the patient's key.
+    if let [one] = keys.as_slice() {
+        response
+            .extensions_mut()
+            .insert(crate::audit::AuditedPatient(one.clone()));
+    }
+    Ok(response)
 }

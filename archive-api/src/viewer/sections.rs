@@ -342,42 +342,50 @@ pub(crate) fn chart_view(
                     ),
                     None => (format!("table-{}", r.table), r.table.replace('_', " ")),
                 };
-                let columns: Vec<String>;
-                let row: Vec<String>;
-                match mapping {
+                let section = match lists.iter().position(|s| s.id == id) {
+                    Some(i) => &mut lists[i],
+                    None => {
+                        let columns = match mapping {
+                            Some(_) => vec!["Date", "Description", "Code", "Status"],
+                            None => vec!["Date"],
+                        };
+                        lists.push(ListSection {
+                            id,
+                            title: heading,
+                            columns: columns.into_iter().map(str::to_string).collect(),
+                            rows: Vec::new(),
+                        });
+                        lists.last_mut().expect("just pushed")
+                    }
+                };
+                let row = match mapping {
                     Some(m) => {
                         title = column(r, &m.display);
-                        columns = vec![
-                            "Date".into(),
-                            "Description".into(),
-                            "Code".into(),
-                            "Status".into(),
-                        ];
-                        row = vec![
+                        vec![
                             date.clone(),
                             title.clone(),
                             column(r, &m.code),
                             column(r, &m.status),
-                        ];
+                        ]
                     }
                     None => {
-                        columns = std::iter::once("Date".to_string())
-                            .chain(r.data.keys().cloned())
-                            .collect();
-                        row = std::iter::once(date.clone())
-                            .chain(r.data.values().map(text))
-                            .collect();
+                        // Every column any record of the table has (files written before
+                        // and after a column was added differ), each cell under its own.
+                        for name in r.data.keys() {
+                            if !section.columns.contains(name) {
+                                section.columns.push(name.clone());
+                            }
+                        }
+                        std::iter::once(date.clone())
+                            .chain(
+                                section.columns[1..]
+                                    .iter()
+                                    .map(|c| r.data.get(c).map(text).unwrap_or_default()),
+                            )
+                            .collect()
                     }
-                }
-                match lists.iter_mut().find(|s| s.id == id) {
-                    Some(s) => s.rows.push(row),
-                    None => lists.push(ListSection {
-                        id,
-                        title: heading,
-                        columns,
-                        rows: vec![row],
-                    }),
-                }
+                };
+                section.rows.push(row);
             }
         }
         for d in &r.documents {
@@ -398,6 +406,12 @@ pub(crate) fn chart_view(
             });
         }
     }
+    // Rows read before a column appeared get an empty cell for it.
+    for section in &mut lists {
+        for row in &mut section.rows {
+            row.resize(section.columns.len(), String::new());
+        }
+    }
     labs.trends = trends(readings);
     ChartView {
         patient: patient.to_string(),
@@ -411,5 +425,43 @@ pub(crate) fn chart_view(
         lists,
         notes,
         documents,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str, data: serde_json::Value) -> HistoryRecord {
+        HistoryRecord {
+            table: "legacy_misc".into(),
+            key: key.into(),
+            record_date: Some("2019-01-01".into()),
+            data: data.as_object().unwrap().clone(),
+            documents: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_table_whose_files_differ_in_columns_puts_each_cell_under_its_own() {
+        // An older file without `drug`, a newer one with it.
+        let records = vec![
+            record(
+                "id=2",
+                serde_json::json!({ "drug": "aspirin", "route": "oral" }),
+            ),
+            record("id=1", serde_json::json!({ "route": "iv" })),
+        ];
+        let view = chart_view("P1", &records, &BTreeMap::new(), Filters::default(), None);
+        let s = &view.lists[0];
+        assert_eq!(s.columns, ["Date", "drug", "route"]);
+        assert_eq!(s.rows[0], ["2019-01-01", "aspirin", "oral"]);
+        assert_eq!(s.rows[1], ["2019-01-01", "", "iv"]);
+        let records = vec![records[1].clone(), records[0].clone()];
+        let view = chart_view("P1", &records, &BTreeMap::new(), Filters::default(), None);
+        let s = &view.lists[0];
+        assert_eq!(s.columns, ["Date", "route", "drug"]);
+        assert_eq!(s.rows[0], ["2019-01-01", "iv", ""]);
+        assert_eq!(s.rows[1], ["2019-01-01", "oral", "aspirin"]);
     }
 }

@@ -119,27 +119,40 @@ pub(crate) fn id_hash(id: &str) -> String {
     hex::encode(Sha256::digest(id.as_bytes()))
 }
 
-/// The session cookie's name: `__Host-` prefixed over TLS (the browser then keeps it to this
-/// host, path `/`, secure connections only).
-fn cookie_name(state: &AppState) -> &'static str {
+/// The session cookie's name (before its prefix).
+const SESSION_COOKIE: &str = "strata_session";
+
+/// A cookie's name: `__Host-` prefixed over TLS (the browser then keeps it to this host, path
+/// `/`, secure connections only: no sibling host can plant or read it).
+fn full_name(state: &AppState, name: &str) -> String {
     if state.plain_http {
-        "strata_session"
+        name.to_string()
     } else {
-        "__Host-strata_session"
+        format!("__Host-{name}")
     }
 }
 
-/// A `Set-Cookie` value for `name` = `value`, expiring with the browser session (`max_age`
-/// 0: removes it).
+/// A `Set-Cookie` value for cookie `name` (prefixed over TLS) = `value`, expiring with the
+/// browser session (`remove`: removes it).
 pub(crate) fn cookie(state: &AppState, name: &str, value: &str, remove: bool) -> HeaderValue {
     let secure = if state.plain_http { "" } else { "; Secure" };
     let age = if remove { "; Max-Age=0" } else { "" };
+    let name = full_name(state, name);
     let text = format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax{secure}{age}");
     HeaderValue::from_str(&text).expect("cookie values are base64url")
 }
 
-/// The value of cookie `name` in a request's headers.
-pub(crate) fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The value of cookie `name` (prefixed over TLS) in a request's headers.
+pub(crate) fn cookie_value<'a>(
+    state: &AppState,
+    headers: &'a HeaderMap,
+    name: &str,
+) -> Option<&'a str> {
+    named_value(headers, &full_name(state, name))
+}
+
+/// The value of the cookie named exactly `name`.
+fn named_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -162,7 +175,7 @@ pub(crate) async fn begin(
     headers: &HeaderMap,
     data: &SessionData,
 ) -> Result<HeaderValue, ApiError> {
-    if let Some(old) = cookie_value(headers, cookie_name(state)) {
+    if let Some(old) = cookie_value(state, headers, SESSION_COOKIE) {
         state.control.end_session(&id_hash(old)).await?;
     }
     sweep(state).await?;
@@ -172,7 +185,7 @@ pub(crate) async fn begin(
         .control
         .put_session(&id_hash(&id), KIND, &value, now())
         .await?;
-    Ok(cookie(state, cookie_name(state), &id, false))
+    Ok(cookie(state, SESSION_COOKIE, &id, false))
 }
 
 /// Ends every session (and sign-in under way) idle past its time: what they hold (patient
@@ -185,12 +198,12 @@ pub(crate) async fn sweep(state: &AppState) -> Result<(), ApiError> {
 
 /// The `Set-Cookie` value that removes the session cookie.
 pub(crate) fn removal(state: &AppState) -> HeaderValue {
-    cookie(state, cookie_name(state), "", true)
+    cookie(state, SESSION_COOKIE, "", true)
 }
 
 /// The signed-in session a request's cookie names, if it has not idled out.
 async fn current(state: &AppState, headers: &HeaderMap) -> Result<Option<Session>, ApiError> {
-    let Some(id) = cookie_value(headers, cookie_name(state)) else {
+    let Some(id) = cookie_value(state, headers, SESSION_COOKIE) else {
         return Ok(None);
     };
     let hash = id_hash(id);
@@ -214,7 +227,8 @@ async fn current(state: &AppState, headers: &HeaderMap) -> Result<Option<Session
 /// A path of the viewer to come back to after sign-in (anything else goes to its start).
 pub(crate) fn local_path(next: &str) -> String {
     let ok = (next == "/ui" || next.starts_with("/ui/") || next.starts_with("/ui?"))
-        && !next.contains('\\');
+        && !next.contains('\\')
+        && next.chars().all(|c| c.is_ascii_graphic());
     if ok {
         next.to_string()
     } else {
@@ -261,7 +275,7 @@ pub(crate) async fn signed_in(
                 )
             };
             // A cookie naming no live session is removed.
-            if cookie_value(request.headers(), cookie_name(&state)).is_some() {
+            if cookie_value(&state, request.headers(), SESSION_COOKIE).is_some() {
                 response
                     .headers_mut()
                     .insert(header::SET_COOKIE, removal(&state));
@@ -320,6 +334,8 @@ mod tests {
             "/ui/patients/P1?from=2020-01-01"
         );
         for elsewhere in [
+            "/ui/\n",
+            "/ui/%0A\r",
             "https://evil.example/ui",
             "//evil.example/ui",
             "/v1/audit",
@@ -347,7 +363,7 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        assert_eq!(cookie_value(&h, "strata_session"), Some("xyz"));
-        assert_eq!(cookie_value(&h, "strata"), None);
+        assert_eq!(named_value(&h, "strata_session"), Some("xyz"));
+        assert_eq!(named_value(&h, "strata"), None);
     }
 }

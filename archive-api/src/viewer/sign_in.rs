@@ -65,7 +65,55 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for FromLoopback {
                     .get::<ConnectInfo<SocketAddr>>()
                     .map(|c| c.0.ip())
             });
-        Ok(FromLoopback(address.is_some_and(|a| a.is_loopback())))
+        // The name the browser used must be this computer's too: a page elsewhere that
+        // rebinds its own name to 127.0.0.1 (DNS rebinding) is not let in.
+        let host = parts
+            .headers
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        Ok(FromLoopback(
+            address.is_some_and(|a| a.is_loopback()) && loopback_name(host),
+        ))
+    }
+}
+
+/// Whether `host` (a Host header: name or address, with or without a port) names this
+/// computer: `localhost` or a loopback address.
+fn loopback_name(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_this_computers_names_are_loopback() {
+        for host in [
+            "127.0.0.1:8443",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:8443",
+            "127.9.9.9",
+        ] {
+            assert!(super::loopback_name(host), "{host}");
+        }
+        for host in [
+            "evil.example:8443",
+            "10.0.0.1",
+            "[2001:db8::1]:1",
+            "",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!super::loopback_name(host), "{host}");
+        }
     }
 }
 
@@ -122,7 +170,7 @@ pub(crate) async fn development(
     if !state.viewer.dev_sign_in || !local {
         return Err(ApiError::Forbidden.into());
     }
-    let expected = session::cookie_value(&headers, SIGN_IN_COOKIE).unwrap_or_default();
+    let expected = session::cookie_value(&state, &headers, SIGN_IN_COOKIE).unwrap_or_default();
     if expected.is_empty() || !session::same_secret(&form.csrf, expected) {
         return Err(ApiError::Forbidden.into());
     }

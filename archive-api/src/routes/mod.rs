@@ -24,7 +24,7 @@ pub(crate) use clinical::{history_of, serve_document};
 pub(crate) use extract::{ApiJson, ApiQuery, BodyShape, QueryShape};
 pub use openapi::{ApiDoc, ErrorBody};
 pub(crate) use openapi::{PurposeOfUse, Refusals};
-pub(crate) use records::hold_scope;
+pub(crate) use records::{hold_scope, release_active_hold};
 
 use crate::access::patient_access;
 use crate::audit::{noted, record, AuditNote};

@@ -238,7 +238,20 @@ pub(super) async fn release_hold(
     Path(hold): Path<String>,
     ApiJson(r): ApiJson<Release>,
 ) -> Result<Response, ApiError> {
-    if r.reason.trim().is_empty() {
+    release_active_hold(&state, &hold, &r.reason, &principal.user).await?;
+    let detail = json!({ "hold": hold });
+    Ok(reply(Json(ReleasedHold { released: hold }), detail))
+}
+
+/// Releases the active hold `hold` for `reason` (not blank), by `user`: 404 when no active
+/// hold has that id.
+pub(crate) async fn release_active_hold(
+    state: &AppState,
+    hold: &str,
+    reason: &str,
+    user: &str,
+) -> Result<(), ApiError> {
+    if reason.trim().is_empty() {
         return Err(ApiError::BadRequest(
             "releasing a legal hold needs a reason".into(),
         ));
@@ -254,10 +267,9 @@ pub(super) async fn release_hold(
     }
     state
         .control
-        .release_hold(&hold, &r.reason, &principal.user)
+        .release_hold(hold, reason.trim(), user)
         .await?;
-    let detail = json!({ "hold": hold });
-    Ok(reply(Json(ReleasedHold { released: hold }), detail))
+    Ok(())
 }
 
 impl BodyShape for Release {

@@ -9,7 +9,7 @@ use super::session::Session;
 use crate::audit::{noted, AuditNote};
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::routes::hold_scope;
+use crate::routes::{hold_scope, release_active_hold};
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::{Extension, Form, Path, Query, State};
@@ -381,23 +381,7 @@ pub(crate) async fn release_hold(
 ) -> Result<Response, PageError> {
     session.check_csrf(&form.csrf)?;
     records_manager(&session)?;
-    let reason = form.reason.trim();
-    if reason.is_empty() {
-        return Err(ApiError::BadRequest("releasing a legal hold needs a reason".into()).into());
-    }
-    let active = state
-        .control
-        .holds()
-        .await?
-        .into_iter()
-        .any(|h| h.hold_id == hold && h.released.is_none());
-    if !active {
-        return Err(ApiError::NotFound.into());
-    }
-    state
-        .control
-        .release_hold(&hold, reason, &session.data.user)
-        .await?;
+    release_active_hold(&state, &hold, &form.reason, &session.data.user).await?;
     Ok(noted(
         Redirect::to("/ui/records?done=released#holds"),
         AuditNote {

@@ -471,6 +471,29 @@ async fn a_records_manager_sees_the_plan_chart_and_places_and_releases_a_hold() 
     for (tier, rows) in ["operational", "archive", "purge"].iter().zip(dated) {
         assert_eq!(drawn[tier].as_u64().unwrap_or(0), rows, "{tier}");
     }
+    // The patients-per-year chart draws the plan's distinct patients per tier and year.
+    let drawn: Json = c
+        .execute(
+            "return [...document.querySelectorAll('#plan-patient-years rect')]
+               .map(r => [r.closest('g').dataset.label, r.dataset.tier, Number(r.dataset.rows)]);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let mut expected = Vec::new();
+    for (year, p) in plan["patients_by_year"]
+        .as_object()
+        .expect("patients by year")
+    {
+        for tier in ["operational", "archive", "purge"] {
+            let n = p[tier].as_u64().unwrap();
+            if n > 0 {
+                expected.push(json!([year, tier, n]));
+            }
+        }
+    }
+    assert!(!expected.is_empty());
+    assert_eq!(drawn.as_array().unwrap(), &expected);
     // Place a hold on a patient, then release it with a reason.
     c.find(Locator::Id("hold-patient"))
         .await

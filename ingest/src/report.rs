@@ -73,6 +73,10 @@ impl YearRows {
 pub(crate) struct Tally {
     pub report: TableReport,
     patients: BTreeMap<String, PatientSketch>,
+    /// A plan's patients per year and tier (0 operational, 1 archive, 2 purge); None for a
+    /// run (nothing of it is checkpointed).
+    #[serde(skip)]
+    pub year_patients: Option<BTreeMap<(i32, u8), PatientSketch>>,
 }
 
 impl Tally {
@@ -83,6 +87,7 @@ impl Tally {
                 ..Default::default()
             },
             patients: BTreeMap::new(),
+            year_patients: None,
         }
     }
 
@@ -99,6 +104,11 @@ impl Tally {
             Tier::Archive => r.archive_rows += 1,
             Tier::Purge => r.purged_rows += 1,
         }
+        let tier_index = match decision.tier {
+            Tier::Operational => 0u8,
+            Tier::Archive => 1,
+            Tier::Purge => 2,
+        };
         if let Some(date) = date {
             use chrono::Datelike;
             let year = r.years.entry(date.year()).or_default();
@@ -106,6 +116,9 @@ impl Tally {
                 Tier::Operational => year.operational += 1,
                 Tier::Archive => year.archive += 1,
                 Tier::Purge => year.purge += 1,
+            }
+            if let (Some(by_year), Some(p)) = (self.year_patients.as_mut(), patient) {
+                by_year.entry((date.year(), tier_index)).or_default().add(p);
             }
         }
         // Looked up before inserting: a key is allocated once per reason, not once per row.
@@ -163,6 +176,9 @@ impl Tally {
         for (tier, sketch) in other.patients {
             self.patients.entry(tier).or_default().merge(&sketch);
         }
+        if let (Some(mine), Some(theirs)) = (self.year_patients.as_mut(), other.year_patients) {
+            merge_years(mine, theirs);
+        }
     }
 
     pub fn finish(mut self) -> TableReport {
@@ -174,6 +190,32 @@ impl Tally {
         }
         self.report
     }
+}
+
+/// Adds `other`'s patients per year and tier to `into`.
+pub(crate) fn merge_years(
+    into: &mut BTreeMap<(i32, u8), PatientSketch>,
+    other: BTreeMap<(i32, u8), PatientSketch>,
+) {
+    for (k, sketch) in other {
+        into.entry(k).or_default().merge(&sketch);
+    }
+}
+
+/// Patients per year and tier as a report holds them.
+pub(crate) fn patients_by_year(
+    sketches: &BTreeMap<(i32, u8), PatientSketch>,
+) -> BTreeMap<i32, YearRows> {
+    let mut out: BTreeMap<i32, YearRows> = BTreeMap::new();
+    for ((year, tier), sketch) in sketches {
+        let y = out.entry(*year).or_default();
+        match tier {
+            0 => y.operational = sketch.estimate(),
+            1 => y.archive = sketch.estimate(),
+            _ => y.purge = sketch.estimate(),
+        }
+    }
+    out
 }
 
 /// Distinct patients are counted exactly up to this many per tier and table; estimated above.
@@ -326,6 +368,11 @@ pub struct RunReport {
     pub holds: Vec<String>,
     /// Per table, in config order.
     pub tables: Vec<TableReport>,
+    /// A plan's distinct patients per tier by year: those with a record of that year in that
+    /// tier, whatever its table (estimated above [`EXACT_PATIENTS`] per year and tier). Empty
+    /// for a run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub patients_by_year: BTreeMap<i32, YearRows>,
 }
 
 fn mb(bytes: u64) -> String {
@@ -483,5 +530,60 @@ mod tests {
         ))
         .unwrap();
         assert!(!old.is_exact());
+    }
+}
+
+#[cfg(test)]
+mod year_tests {
+    use super::*;
+    use strata_cutoff_policies::{Decision, Reason, Tier};
+
+    #[test]
+    fn a_plan_counts_each_patient_once_per_year_and_tier_across_ranges_and_tables() {
+        let d = |y, m| chrono::NaiveDate::from_ymd_opt(y, m, 1);
+        let decide = |tier| Decision {
+            tier,
+            reason: Reason::TablePinned,
+            held: false,
+        };
+        let plan_tally = || {
+            let mut t = Tally::new("t");
+            t.year_patients = Some(Default::default());
+            t
+        };
+        // Two ranges of one table: P1 twice in 2019 (archive), P2 in 2019 (archive) and 2020
+        // (operational); P1 again in the other range, same year and tier.
+        let (mut a, mut b) = (plan_tally(), plan_tally());
+        a.count(&decide(Tier::Archive), d(2019, 1), Some("P1"), 1);
+        a.count(&decide(Tier::Archive), d(2019, 5), Some("P1"), 1);
+        a.count(&decide(Tier::Archive), d(2019, 6), Some("P2"), 1);
+        b.count(&decide(Tier::Operational), d(2020, 2), Some("P2"), 1);
+        b.count(&decide(Tier::Archive), d(2019, 7), Some("P1"), 1);
+        b.count(&decide(Tier::Archive), None, Some("P3"), 1);
+        a.merge(b);
+        // Another table: P1 in 2019 again (still once), P3 past retention in 2001.
+        let mut c = plan_tally();
+        c.count(&decide(Tier::Archive), d(2019, 3), Some("P1"), 1);
+        c.count(&decide(Tier::Purge), d(2001, 3), Some("P3"), 1);
+        let mut all = a.year_patients.take().unwrap();
+        merge_years(&mut all, c.year_patients.take().unwrap());
+        let by_year = patients_by_year(&all);
+        let rows = |o, a, p| YearRows {
+            operational: o,
+            archive: a,
+            purge: p,
+        };
+        assert_eq!(
+            by_year,
+            BTreeMap::from([
+                (2001, rows(0, 0, 1)),
+                (2019, rows(0, 2, 0)),
+                (2020, rows(1, 0, 0))
+            ])
+        );
+        // A run's tally counts none (nothing of it goes into checkpoints).
+        let mut run = Tally::new("t");
+        run.count(&decide(Tier::Archive), d(2019, 1), Some("P1"), 1);
+        assert!(run.year_patients.is_none());
     }
 }

@@ -55,6 +55,9 @@ pub(crate) struct PlanView {
     as_of: String,
     policy_version: String,
     years: Bars,
+    /// Distinct patients per tier by year (whatever their tables); empty for a plan made
+    /// before Strata counted them.
+    patient_years: Bars,
     patients: Bars,
     tables: Vec<TableRow>,
     changes: Vec<ChangeRow>,
@@ -144,6 +147,21 @@ fn plan_view(created_at: String, report: &Value, previous: Option<(&Value, Strin
         }
     }
     let years: Vec<(String, [u64; 3])> = years.into_iter().collect();
+    let patient_years: Vec<(String, [u64; 3])> = report["patients_by_year"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(year, p)| {
+            (
+                year.clone(),
+                [
+                    number(p, "operational"),
+                    number(p, "archive"),
+                    number(p, "purge"),
+                ],
+            )
+        })
+        .collect();
     let patients: Vec<(String, [u64; 3])> = report["tables"]
         .as_array()
         .into_iter()
@@ -192,6 +210,7 @@ fn plan_view(created_at: String, report: &Value, previous: Option<(&Value, Strin
         as_of: report["as_of"].as_str().unwrap_or("").to_string(),
         policy_version: report["policy_version"].as_str().unwrap_or("").to_string(),
         years: stacked(&years),
+        patient_years: stacked(&patient_years),
         patients: stacked(&patients),
         tables: table_rows(report),
         changes,

@@ -394,6 +394,7 @@ impl Migration {
             as_of: self.as_of().to_string(),
             holds: self.policy.holds().iter().map(|h| h.id.clone()).collect(),
             tables: Vec::new(),
+            patients_by_year: Default::default(),
         }
     }
 
@@ -428,6 +429,7 @@ impl Migration {
         let target = self.operational_if_it_exists().await?;
         let target_kind = self.config.operational_kind()?;
         let mut report = self.report_header("");
+        let mut year_patients = Default::default();
         for layout in &self.layouts {
             let started = std::time::Instant::now();
             let whole = KeyRange {
@@ -445,13 +447,17 @@ impl Migration {
             let sink = Counting {
                 checks: RowChecks::new(layout, &checks, !self.source_enforces_key(layout)),
             };
-            let outcome = self.route_range(layout, &whole, &facts, None, sink).await?;
+            let mut outcome = self.route_range(layout, &whole, &facts, None, sink).await?;
+            if let Some(by_year) = outcome.tally.year_patients.take() {
+                crate::report::merge_years(&mut year_patients, by_year);
+            }
             report.tables.push(outcome.tally.finish());
             tracing::info!(table = %layout.name, seconds = started.elapsed().as_secs_f64(), "table planned");
         }
         if let Some(target) = target {
             target.close().await;
         }
+        report.patients_by_year = crate::report::patients_by_year(&year_patients);
         self.store_policy_version().await?;
         let previous = self.control.save_plan(self.policy.hash(), &report).await?;
         Ok((report, previous))

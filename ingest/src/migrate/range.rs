@@ -222,6 +222,9 @@ impl Migration {
         mut sink: impl RangeSink,
     ) -> Result<RangeOutcome> {
         let mut tally = Tally::new(&layout.name);
+        if sink.counts_patients_by_year() {
+            tally.year_patients = Some(Default::default());
+        }
         let router = Router::new(&self.policy, layout, facts);
         let streamed = rows.streamed;
         let inline_max = self.config.run.inline_blob_bytes;

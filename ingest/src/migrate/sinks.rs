@@ -53,6 +53,12 @@ pub(super) trait RangeSink {
         false
     }
 
+    /// Whether the range's tally counts distinct patients per year and tier (a plan, for the
+    /// records manager's charts; a run does not, nor checkpoints them).
+    fn counts_patients_by_year(&self) -> bool {
+        false
+    }
+
     /// Rows and bytes read, for this sink's own progress (the table's is counted by the caller).
     fn read(&self, _rows: u64, _bytes: u64) {}
 
@@ -196,6 +202,10 @@ pub(super) struct Counting<'c> {
 }
 
 impl RangeSink for Counting<'_> {
+    fn counts_patients_by_year(&self) -> bool {
+        true
+    }
+
     fn problem(
         &mut self,
         layout: &TableLayout,

@@ -156,12 +156,7 @@ async fn sign_in(c: &Client, base: &str, user: &str, role: &str, patients: &str)
     let care = c.find(Locator::Id("dev-patients")).await.unwrap();
     care.clear().await.unwrap();
     care.send_keys(patients).await.unwrap();
-    c.find(Locator::Css(&format!("button[name=role][value={role}]")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, Locator::Css(&format!("button[name=role][value={role}]"))).await;
     if c.wait()
         .for_element(Locator::Css("form[action='/ui/sign-out']"))
         .await
@@ -369,24 +364,13 @@ async fn a_clinician_reads_a_chart_its_lab_trend_and_a_document_breaks_the_glass
     c.goto(&format!("{base}/ui/patients/{patient}/print"))
         .await
         .unwrap();
-    c.find(Locator::Id("p-recipient"))
-        .await
-        .unwrap()
-        .send_keys("Dr Osei, County Clinic")
-        .await
-        .unwrap();
-    c.find(Locator::Id("p-reason"))
-        .await
-        .unwrap()
-        .send_keys("Release request 2026-118")
-        .await
-        .unwrap();
-    c.find(Locator::Css("form[action$='/print'] button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    fill(&c, Locator::Id("p-recipient"), "Dr Osei, County Clinic").await;
+    fill(&c, Locator::Id("p-reason"), "Release request 2026-118").await;
+    click(
+        &c,
+        Locator::Css("form[action$='/print'] button[type=submit]"),
+    )
+    .await;
     let header = c
         .wait()
         .for_element(Locator::Css("header.release"))
@@ -495,24 +479,9 @@ async fn a_records_manager_sees_the_plan_chart_and_places_and_releases_a_hold() 
     assert!(!expected.is_empty());
     assert_eq!(drawn.as_array().unwrap(), &expected);
     // Place a hold on a patient, then release it with a reason.
-    c.find(Locator::Id("hold-patient"))
-        .await
-        .unwrap()
-        .send_keys(&f.patient)
-        .await
-        .unwrap();
-    c.find(Locator::Id("hold-reason"))
-        .await
-        .unwrap()
-        .send_keys("Litigation 2026-7")
-        .await
-        .unwrap();
-    c.find(Locator::Css("form[action='/ui/records/holds'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    fill(&c, Locator::Id("hold-patient"), &f.patient).await;
+    fill(&c, Locator::Id("hold-reason"), "Litigation 2026-7").await;
+    click(&c, Locator::Css("form[action='/ui/records/holds'] button")).await;
     c.wait()
         .for_element(Locator::Css("p.notice"))
         .await
@@ -532,12 +501,11 @@ async fn a_records_manager_sees_the_plan_chart_and_places_and_releases_a_hold() 
         .await
         .unwrap();
     release.send_keys("Case settled").await.unwrap();
-    c.find(Locator::Css(&format!("tr[id='{}'] button", hold.hold_id)))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(
+        &c,
+        Locator::Css(&format!("tr[id='{}'] button", hold.hold_id)),
+    )
+    .await;
     c.wait()
         .for_element(Locator::Css("p.notice"))
         .await
@@ -738,24 +706,13 @@ async fn every_page_passes_axe_core_with_no_serious_violation() {
         check(page.clone(), axe(&c).await);
     }
     // The copy itself (the print form's answer).
-    c.find(Locator::Id("p-recipient"))
-        .await
-        .unwrap()
-        .send_keys("A clinic")
-        .await
-        .unwrap();
-    c.find(Locator::Id("p-reason"))
-        .await
-        .unwrap()
-        .send_keys("A request")
-        .await
-        .unwrap();
-    c.find(Locator::Css("form[action$='/print'] button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    fill(&c, Locator::Id("p-recipient"), "A clinic").await;
+    fill(&c, Locator::Id("p-reason"), "A request").await;
+    click(
+        &c,
+        Locator::Css("form[action$='/print'] button[type=submit]"),
+    )
+    .await;
     c.wait()
         .for_element(Locator::Css("header.release"))
         .await
@@ -908,12 +865,7 @@ async fn an_ehr_launch_signs_in_at_the_hospitals_provider_and_opens_the_patients
         .await
         .unwrap();
     screenshot(&c, "ehr-launcher").await;
-    c.find(Locator::Id("open-archive"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, Locator::Id("open-archive")).await;
     // The hospital's sign-in page, then its consent page.
     at_provider(&c, "dr-ehr", Some("ehr-launch-provider-sign-in")).await;
     // Back in Strata, the launch's patient: the purpose first, then the chart.

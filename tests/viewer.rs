@@ -288,26 +288,9 @@ async fn a_clinician_signs_in_states_a_purpose_and_reads_a_chart_and_its_documen
         )),
         "{reads:?}"
     );
-    let auditor = f.idp.user("audrey", strata_archive_api::Role::Auditor, &[]);
-    let (_, _, body) = super::api::call(
-        &f.app,
-        axum::http::Method::GET,
-        &format!("/v1/patients/{}/disclosures", f.patient),
-        Some(&auditor),
-        &[],
-        None,
-    )
-    .await;
-    let disclosures: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let actions: Vec<&str> = disclosures["disclosures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["user"] == "dev:ada")
-        .map(|d| d["action"].as_str().unwrap())
-        .collect();
+    let (actions, _) = disclosed_actions(&f, "dev:ada").await;
     assert!(
-        actions.contains(&"GET /ui/patients/{patient}"),
+        actions.iter().any(|a| a == "GET /ui/patients/{patient}"),
         "{actions:?}"
     );
     // Signing out ends the session: the cookie no longer opens anything.
@@ -490,24 +473,7 @@ async fn break_the_glass_asks_a_reason_and_a_print_is_a_disclosure_with_its_reci
         forged.status
     );
     // The accounting lists the reads that served data: the copy, not the print form.
-    let auditor = f.idp.user("audrey", strata_archive_api::Role::Auditor, &[]);
-    let (_, _, body) = super::api::call(
-        &f.app,
-        axum::http::Method::GET,
-        &format!("/v1/patients/{}/disclosures", f.patient),
-        Some(&auditor),
-        &[],
-        None,
-    )
-    .await;
-    let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let actions: Vec<&str> = listed["disclosures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["user"] == "dev:bea")
-        .map(|d| d["action"].as_str().unwrap())
-        .collect();
+    let (actions, listed) = disclosed_actions(&f, "dev:bea").await;
     assert_eq!(actions, ["POST /ui/patients/{patient}/print"], "{listed}");
 }
 
@@ -810,4 +776,28 @@ async fn him_staff_find_a_patient_by_mrn_name_and_birth_date_and_the_audit_keeps
             "{text}"
         );
     }
+}
+
+/// The actions of `user` in the accounting of disclosures of the fixture's patient (as an
+/// auditor reads it through the API), and the whole answer.
+async fn disclosed_actions(f: &Fixture, user: &str) -> (Vec<String>, serde_json::Value) {
+    let auditor = f.idp.user("audrey", strata_archive_api::Role::Auditor, &[]);
+    let (_, _, body) = super::api::call(
+        &f.app,
+        axum::http::Method::GET,
+        &format!("/v1/patients/{}/disclosures", f.patient),
+        Some(&auditor),
+        &[],
+        None,
+    )
+    .await;
+    let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let actions = listed["disclosures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["user"] == user)
+        .map(|d| d["action"].as_str().unwrap().to_string())
+        .collect();
+    (actions, listed)
 }

@@ -140,7 +140,7 @@ macro_rules! read_rows {
 /// pool would only say it timed out.
 pub fn connection_problem(e: &sqlx::Error) -> String {
     match e {
-        sqlx::Error::Database(db) => db.message().to_string(),
+        sqlx::Error::Database(db) => without_values(db.message()),
         sqlx::Error::Io(io) => match io.kind() {
             std::io::ErrorKind::ConnectionRefused => {
                 "connection refused (is the server running and listening there?)".into()
@@ -151,6 +151,86 @@ pub fn connection_problem(e: &sqlx::Error) -> String {
         sqlx::Error::PoolTimedOut => "timed out waiting for the server to answer".into(),
         other => other.to_string(),
     }
+}
+
+/// Words after which a database's message quotes a name, which is kept (`column "x" of
+/// relation "t"`, `constraint "c"`, `syntax error at or near "select"`).
+const NAMES_QUOTED_AFTER: &[&str] = &[
+    "column",
+    "relation",
+    "constraint",
+    "table",
+    "index",
+    "encoding",
+    "type",
+    "schema",
+    "database",
+    "role",
+    "user",
+    "function",
+    "sequence",
+    "publication",
+    "slot",
+    "extension",
+    "near",
+];
+
+/// A database's message without the values it quotes: PostgreSQL quotes the offending value in
+/// its data exceptions (`invalid input syntax for type integer: "…"`, `value "…" is out of
+/// range for type integer`, a trigger's `RAISE`), and a value may be PHI. Every double-quoted
+/// part becomes `"(value withheld)"` unless it follows a word that names what it quotes (a
+/// column, relation, constraint ...: [`NAMES_QUOTED_AFTER`]).
+pub fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        let (before, from_quote) = rest.split_at(open);
+        out.push_str(before);
+        // The quoted part ends at the next quote not doubled (PostgreSQL doubles quotes inside).
+        let inner = &from_quote[1..];
+        let mut end = None;
+        let bytes = inner.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 2;
+                    continue;
+                }
+                end = Some(i);
+                break;
+            }
+            i += 1;
+        }
+        let word = out
+            .trim_end()
+            .rsplit(|c: char| !c.is_alphanumeric() && c != '_')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let named = NAMES_QUOTED_AFTER.contains(&word.as_str());
+        match end {
+            Some(end) => {
+                if named {
+                    out.push_str(&from_quote[..end + 2]);
+                } else {
+                    out.push_str("\"(value withheld)\"");
+                }
+                rest = &inner[end + 1..];
+            }
+            // An unclosed quote: what follows it is withheld too.
+            None => {
+                out.push_str(if named {
+                    from_quote
+                } else {
+                    "\"(value withheld)"
+                });
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Opens and closes one connection to PostgreSQL, so that a refused connection or a bad
@@ -285,6 +365,51 @@ impl ControlDb {
         match self {
             ControlDb::Postgres(p) => p.close().await,
             ControlDb::Sqlite(p) => p.close().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_values;
+
+    /// PostgreSQL's messages quote the offending value of a data exception: withheld; the
+    /// names it quotes stay.
+    #[test]
+    fn quoted_values_are_withheld_and_names_kept() {
+        let cases = [
+            (
+                r#"invalid input syntax for type integer: "MRN-4411 Smith""#,
+                r#"invalid input syntax for type integer: "(value withheld)""#,
+            ),
+            (
+                r#"value "19991231999" is out of range for type integer"#,
+                r#"value "(value withheld)" is out of range for type integer"#,
+            ),
+            (
+                r#"date/time field value out of range: "1961-13-45""#,
+                r#"date/time field value out of range: "(value withheld)""#,
+            ),
+            (
+                r#"null value in column "mrn" of relation "patients" violates not-null constraint"#,
+                r#"null value in column "mrn" of relation "patients" violates not-null constraint"#,
+            ),
+            (
+                r#"duplicate key value violates unique constraint "visits_pkey""#,
+                r#"duplicate key value violates unique constraint "visits_pkey""#,
+            ),
+            (
+                r#"patient "Jane ""JJ"" Doe" is deceased"#,
+                r#"patient "(value withheld)" is deceased"#,
+            ),
+            (r#"unclosed: "Jane Doe"#, r#"unclosed: "(value withheld)"#),
+            (
+                r#"syntax error at or near "SELEC""#,
+                r#"syntax error at or near "SELEC""#,
+            ),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(without_values(message), expected, "{message}");
         }
     }
 }

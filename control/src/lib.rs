@@ -29,7 +29,7 @@ pub use audit::{
 pub use control::{
     Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord, StoredPlan, TableState,
 };
-pub use db::{connection_problem, reach_postgres};
+pub use db::{connection_problem, reach_postgres, without_values};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
 pub use reviews::BreakGlassReview;

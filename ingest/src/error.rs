@@ -75,13 +75,14 @@ impl IngestError {
                 .is_some_and(|c| c.len() == 5 && (c.starts_with("22") || c.starts_with("23")))
     }
 
-    /// The database's own message of a refused statement (it names the constraint, never the
-    /// values: those are in its detail, which is left out).
+    /// The database's own message of a refused statement, without the values it quotes (a
+    /// data exception's `invalid input syntax for type integer: "…"`); its detail, which
+    /// holds the values of a constraint's violation, is left out.
     pub(crate) fn database_message(&self) -> String {
         match self {
             IngestError::Sql { cause, .. } => cause
                 .as_database_error()
-                .map(|d| d.message().to_string())
+                .map(|d| strata_control::without_values(d.message()))
                 .unwrap_or_default(),
             _ => String::new(),
         }

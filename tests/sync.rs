@@ -294,7 +294,7 @@ async fn followed_source_with_scans(
     admin
         .execute(&format!(
             "CREATE TABLE visits (id bigint PRIMARY KEY, patient_id bigint NOT NULL, seen date NOT NULL,
-               status text NOT NULL, note text);
+               status text NOT NULL, note text, unit character(6) DEFAULT 'W1');
              CREATE TABLE readings (patient_id bigint NOT NULL, taken date NOT NULL, value numeric(8,2));
              INSERT INTO visits SELECT g, 1 + g % 200, CASE WHEN g % 200 < 100 THEN DATE '2010-01-01' + g % 300 ELSE DATE '2025-06-01' + g % 300 END,
                'open', (SELECT string_agg(md5(g::text || r::text), '') FROM generate_series(1, {note_md5s}) r)
@@ -460,7 +460,7 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     // A record the policy archives (a new patient's only visit, years old) goes to the outbox,
     // not to the operational database; caught up twice, it is there once.
     admin
-        .execute("INSERT INTO visits VALUES (999999, 99999, DATE '2012-02-02', 'closed', 'old'); UPDATE visits SET status = 'corrected' WHERE id = 1; UPDATE visits SET id = 1000002 WHERE id = 2; UPDATE visits SET seen = DATE '2026-05-01', note = 'seen again' WHERE id = 3; UPDATE visits SET seen = DATE '2026-05-02' WHERE id = 4")
+        .execute("INSERT INTO visits VALUES (999999, 99999, DATE '2012-02-02', 'closed', 'old'); UPDATE visits SET status = 'corrected' WHERE id = 1; UPDATE visits SET id = 1000002 WHERE id = 2; UPDATE visits SET seen = DATE '2026-05-01', note = 'seen again' WHERE id = 3; UPDATE visits SET seen = DATE '2026-05-02' WHERE id = 4; UPDATE visits SET patient_id = 12 WHERE id = 9; UPDATE visits SET patient_id = 18, note = 'moved' WHERE id = 15")
         .await
         .unwrap();
     for _ in 0..2 {
@@ -486,6 +486,8 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
                         b.value(c, row)
                             .and_then(|v| v.to_text().map(|t| t.into_owned()))
                     };
+                    // A character(6) value, copied or changed, without its padding.
+                    assert_eq!(text("unit").as_deref(), Some("W1"));
                     visits.push((text("id").unwrap(), text("status").unwrap()));
                 }
             }
@@ -514,6 +516,24 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
             && !patient_3.iter().any(|(id, _)| id == "2"),
         "{patient_3:?}"
     );
+    // Archived records filed under another patient (inactive patients): in the new patient's
+    // history only — id 9 (from patient 10 to 12), whose TOASTed note the change left alone
+    // (taken from the copy filed under patient 10), and id 15 (from 16 to 18), changed whole.
+    assert!(!history("10").await.iter().any(|(id, _)| id == "9"));
+    assert!(history("12").await.iter().any(|(id, _)| id == "9"));
+    assert!(!history("16").await.iter().any(|(id, _)| id == "15"));
+    assert!(history("18").await.iter().any(|(id, _)| id == "15"));
+    // The same through the patient API (its router, a clinician's token, in care): the
+    // corrected version of id 1, id 9 under its new patient only.
+    let api_history = patient_api(dir.path()).await;
+    let patient_2 = api_history("2").await;
+    assert!(
+        patient_2.contains(&("1".to_string(), "corrected".to_string()))
+            && !patient_2.contains(&("1".to_string(), "open".to_string())),
+        "{patient_2:?}"
+    );
+    assert!(!api_history("10").await.iter().any(|(id, _)| id == "9"));
+    assert!(api_history("12").await.iter().any(|(id, _)| id == "9"));
     // Archived records that became current again (id 3 of patient 4, id 4 of patient 5, dated
     // anew): withdrawn from the archive, upserted into the operational database — id 4, whose
     // TOASTed note the change did not carry, whole, its note taken from the archived copy.
@@ -697,7 +717,7 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     let child = following(dir.path());
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     admin
-        .execute("ALTER TABLE visits ADD COLUMN ward text; INSERT INTO visits VALUES (999998, 20001, DATE '2026-05-05', 'open', 'n', 'B2')")
+        .execute("ALTER TABLE visits ADD COLUMN ward text; INSERT INTO visits VALUES (999998, 20001, DATE '2026-05-05', 'open', 'n', 'U1', 'B2')")
         .await
         .unwrap();
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
@@ -706,12 +726,66 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");
     assert!(
-        said.contains("table visits changed on the source: its columns are now (id, patient_id, seen, status, note, ward), the run copied (id, patient_id, seen, status, note)"),
+        said.contains("table visits changed on the source: its columns are now (id, patient_id, seen, status, note, unit, ward), the run copied (id, patient_id, seen, status, note, unit)"),
         "{said}"
     );
     let (status, out) = strata(dir.path(), &["sync", "stop", "--drop-slot"]);
     assert_eq!(status, 0, "{out}");
     admin.close().await;
+}
+
+/// The patient API over the archive of the run in `dir` (its router, in process): a function
+/// giving a patient's archived visits as (id, status), read by a clinician in whose care the
+/// patient is, for treatment.
+async fn patient_api(
+    dir: &std::path::Path,
+) -> impl Fn(&'static str) -> futures::future::BoxFuture<'static, Vec<(String, String)>> {
+    use crate::api::{api_config, call, make_idp};
+    use strata_archive_api::{AppState, Role};
+    let api = api_config("");
+    let idp = Arc::new(make_idp(dir));
+    for key in ["pseudonym.key", "audit.key"] {
+        std::fs::write(dir.join(key), strata_archive::Kek::generate_hex()).unwrap();
+    }
+    let config = load_config(&dir.join("strata.toml"));
+    let archive = open_archive(&config.archive, dir).await;
+    let control = strata_control::Control::open(&config.control_url().unwrap())
+        .await
+        .unwrap();
+    let policy = strata_ingest::read_policy(&config).unwrap();
+    let classification = config.classification(policy.patients.as_ref()).unwrap();
+    let state = AppState::new(archive, control, &api, dir, classification).unwrap();
+    let app = strata_archive_api::router(state);
+    move |patient: &'static str| {
+        let (app, idp) = (app.clone(), idp.clone());
+        Box::pin(async move {
+            let token = idp.user("dr-a", Role::Clinician, &[patient]);
+            let uri = format!("/v1/patients/{patient}/history?table=visits&limit=1000");
+            let (status, _, body) = call(
+                &app,
+                axum::http::Method::GET,
+                &uri,
+                Some(&token),
+                &[("x-purpose-of-use", "TREAT")],
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let text = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let mut visits: Vec<(String, String)> = json["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (text(&r["data"]["id"]), text(&r["data"]["status"])))
+                .collect();
+            visits.sort();
+            visits
+        })
+    }
 }
 
 /// An application that brings inactive patients back while sync follows: each new patient's
@@ -981,7 +1055,7 @@ async fn cutover_is_no_go_while_the_source_writes_and_go_once_it_is_quiet() {
     target
         .execute(
             "CREATE TABLE visits (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, patient_id bigint NOT NULL,
-               seen date NOT NULL, status text NOT NULL, note text)",
+               seen date NOT NULL, status text NOT NULL, note text, unit character(6))",
         )
         .await
         .unwrap();

@@ -89,16 +89,17 @@ impl Catalog {
 }
 
 /// Groups manifests by the run that wrote them (see [`TableManifest::run`]), oldest run first:
-/// runs are ordered by their newest manifest's creation time (then by run id), so a run resumed
-/// after an interruption counts as one run, and a compaction counts as a run newer than every
-/// manifest it replaced.
+/// runs are ordered by their newest manifest's [`TableManifest::ranks_at`] (then by run id), so
+/// a run resumed after an interruption counts as one run, and a compaction ranks as of the
+/// newest manifest it read: after every manifest it replaced, before a run published while it
+/// worked.
 pub fn runs_of<'a>(
     manifests: impl IntoIterator<Item = &'a TableManifest>,
 ) -> Vec<Vec<&'a TableManifest>> {
     let mut by_run: BTreeMap<&str, (&str, Vec<&TableManifest>)> = BTreeMap::new();
     for m in manifests {
-        let entry = by_run.entry(m.run()).or_insert((&m.created_at, Vec::new()));
-        entry.0 = entry.0.max(m.created_at.as_str());
+        let entry = by_run.entry(m.run()).or_insert((m.ranks_at(), Vec::new()));
+        entry.0 = entry.0.max(m.ranks_at());
         entry.1.push(m);
     }
     let mut runs: Vec<(&str, &str, Vec<&TableManifest>)> = by_run
@@ -219,5 +220,37 @@ impl LiveArchive {
             generation,
             vanished,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(run_id: &str, created_at: &str, ranks_as_of: &str) -> TableManifest {
+        let mut m = TableManifest::new("visits", run_id, "1", Vec::new());
+        m.created_at = created_at.into();
+        m.ranks_as_of = ranks_as_of.into();
+        m
+    }
+
+    /// A compaction ranks as of the newest manifest it read (here a run of 10:00, which it
+    /// replaces): a run published while it worked (change sync's corrections, at 10:03) stays
+    /// newer, though the compaction finished after it; one published after the compaction,
+    /// newer still.
+    #[test]
+    fn a_compaction_ranks_as_of_what_it_read() {
+        let compaction = manifest(
+            "compact-1",
+            "2026-11-28T10:05:00+00:00",
+            "2026-11-28T10:00:00+00:00",
+        );
+        let synced = manifest("sync-1-0_1", "2026-11-28T10:03:00+00:00", "");
+        let later = manifest("sync-1-0_2", "2026-11-28T10:06:00+00:00", "");
+        let order: Vec<Vec<&str>> = runs_of([&later, &synced, &compaction])
+            .iter()
+            .map(|run| run.iter().map(|m| m.run_id.as_str()).collect())
+            .collect();
+        assert_eq!(order, [["compact-1"], ["sync-1-0_1"], ["sync-1-0_2"]]);
     }
 }

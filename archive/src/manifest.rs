@@ -41,6 +41,12 @@ pub struct TableManifest {
     /// compaction may drop: `rows()` equals the sum of `replaced_rows` minus these.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub superseded_copies: u64,
+    /// Of a compaction: the creation time of the newest manifest it read (RFC 3339). Its copies
+    /// are as new as that, not as its own `created_at`: a run that published while the
+    /// compaction worked (change sync's corrections and tombstones) ranks after it
+    /// ([`TableManifest::ranks_at`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ranks_as_of: String,
     /// Records deleted at the source after earlier runs archived them (written by `strata
     /// sync`): encrypted Parquet files under `tombstones/{table}/` with the patient (empty
     /// when the change did not carry it), record date and key of each, and whether a legal hold
@@ -107,6 +113,7 @@ impl TableManifest {
             supersedes: Vec::new(),
             replaced_rows: Default::default(),
             superseded_copies: 0,
+            ranks_as_of: String::new(),
             tombstones: Vec::new(),
             truncated: false,
             sealed_by: String::new(),
@@ -142,6 +149,16 @@ impl TableManifest {
             return Err(integrity("manifest was modified (its seal does not match)"));
         }
         Ok(())
+    }
+
+    /// When the manifest's copies were made, for ranking runs ([`crate::catalog::runs_of`]):
+    /// a compaction's newest input's creation, else its own.
+    pub fn ranks_at(&self) -> &str {
+        if self.ranks_as_of.is_empty() {
+            &self.created_at
+        } else {
+            &self.ranks_as_of
+        }
     }
 
     /// The manifest's path inside the archive.

@@ -5,7 +5,7 @@ use crate::catalog::{runs_of, Catalog, Listed};
 use crate::error::{ArchiveError, Result};
 use crate::keys::{KeyRing, ParquetKeyRetriever};
 use crate::manifest::{FileEntry, TableManifest};
-use crate::tombstone::{served, tombstones_of, with_key, Successors, Tombstone};
+use crate::tombstone::{served, tombstones_of, Successors, Tombstone};
 use arrow::array::{RecordBatch, Scalar, StringArray};
 use arrow::compute::filter_record_batch;
 use arrow::compute::kernels::cmp::eq;
@@ -83,6 +83,9 @@ pub struct ArchiveReader {
     opened: Arc<std::sync::Mutex<std::collections::HashMap<String, ArrowReaderMetadata>>>,
     /// Tombstone files read (small, and read for every patient lookup of their table).
     tombstones: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<Tombstone>>>>>,
+    /// Each table's [`ArchiveReader::successors`] under this catalog, made at its first
+    /// patient lookup.
+    successors: Arc<tokio::sync::Mutex<std::collections::HashMap<String, Arc<Successors>>>>,
 }
 
 /// Byte ranges of one archived file, for the async Parquet reader (whose metadata comes from
@@ -206,6 +209,7 @@ impl ArchiveReader {
             catalog: Arc::new(catalog),
             opened: Arc::default(),
             tombstones: Arc::default(),
+            successors: Arc::default(),
         })
     }
 
@@ -214,6 +218,8 @@ impl ArchiveReader {
     pub(crate) fn with_catalog(&self, catalog: Catalog) -> Self {
         ArchiveReader {
             catalog: Arc::new(catalog),
+            // What newer runs did depends on the catalog.
+            successors: Arc::default(),
             ..self.clone()
         }
     }
@@ -657,8 +663,10 @@ impl ArchiveReader {
     /// One patient's archived rows of `table`: opens only the files whose key range can hold
     /// the patient, and in them only the row groups whose statistics can. Only current copies
     /// are returned ([`Successors`]): when a record was archived again by a later run (a
-    /// correction), the copies of the newest run that archived it; none of a record the
-    /// source deleted (a tombstone), unless a legal hold kept it.
+    /// correction), the copies of the newest run that archived it — under whichever patient:
+    /// a record moved to another patient leaves this one's history; none of a record the
+    /// source deleted (a tombstone), unless a legal hold kept it. The table's successors are
+    /// read once per catalog (the keys of runs after the first, and the tombstones).
     pub async fn patient_rows(&self, table: &str, patient: &str) -> Result<Vec<RecordBatch>> {
         let runs = runs_of(self.catalog.tables.get(table).into_iter().flatten());
         let mut out = Vec::new();
@@ -673,40 +681,17 @@ impl ArchiveReader {
         if out.is_empty() {
             return Ok(Vec::new());
         }
-        // The fates of these copies: what newer runs did to their keys. Only their keys are
-        // looked up (tombstones are kept sorted by key once read), so that once the table's
-        // tombstone files are cached the cost is the patient's, not the table's.
-        let mut successors = Successors::default();
-        let mut keys = std::collections::BTreeSet::new();
-        for (rank, batch) in &out {
-            for key in arrow::array::AsArray::as_string::<i32>(batch.column(2))
+        // The fates of these copies: what newer runs did to their keys, anywhere in the table.
+        let successors = if runs.len() > 1
+            || runs
                 .iter()
                 .flatten()
-            {
-                if runs.len() > 1 {
-                    successors.copy(*rank, key);
-                }
-                keys.insert(key);
-            }
-        }
-        for (rank, run) in runs.iter().enumerate() {
-            for m in run {
-                if m.truncated {
-                    successors.truncate(rank);
-                }
-                for entry in &m.tombstones {
-                    let tombstones = self.tombstones(entry).await?;
-                    for key in &keys {
-                        for t in with_key(&tombstones, key) {
-                            successors.tombstone(rank, t);
-                        }
-                    }
-                }
-            }
-        }
-        if successors.is_empty() {
+                .any(|m| m.truncated || !m.tombstones.is_empty())
+        {
+            self.table_successors(table).await?
+        } else {
             return Ok(out.into_iter().map(|(_, b)| b).collect());
-        }
+        };
         Ok(served(out, &successors)?
             .0
             .into_iter()
@@ -757,6 +742,17 @@ impl ArchiveReader {
         Ok(())
     }
 
+    /// [`ArchiveReader::successors`] of `table`, made once for this catalog.
+    async fn table_successors(&self, table: &str) -> Result<Arc<Successors>> {
+        let mut made = self.successors.lock().await;
+        if let Some(s) = made.get(table) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(self.successors(table).await?);
+        made.insert(table.to_string(), s.clone());
+        Ok(s)
+    }
+
     /// What the runs of `table` did after its oldest run, for telling each copy's fate while
     /// reading the table through: the keys of every copy of a newer run (read from their key
     /// column alone), the tombstones and truncates. Memory grows with the rows of runs after
@@ -783,6 +779,43 @@ impl ArchiveReader {
             }
         }
         Ok(successors)
+    }
+
+    /// The patients under whom `table` holds copies of record `key` (current or not), read
+    /// from the patient and key columns of every file: a scan of the table, for the rare
+    /// lookup of a record whose patient is not known (a change that moved it to another
+    /// patient carries only the new one).
+    pub async fn patients_of_key(&self, table: &str, key: &str) -> Result<Vec<String>> {
+        use futures::StreamExt;
+        let columns = [
+            crate::PATIENT_COLUMN.to_string(),
+            crate::KEY_COLUMN.to_string(),
+        ];
+        let mut patients = std::collections::BTreeSet::new();
+        for (_, _, entry) in self.ranked_files(table) {
+            let mut batches = self.file_batches(entry, Some(&columns)).await?;
+            while let Some(batch) = batches.next().await {
+                let batch = batch?;
+                let (Some(p), Some(k)) = (
+                    batch.column_by_name(crate::PATIENT_COLUMN),
+                    batch.column_by_name(crate::KEY_COLUMN),
+                ) else {
+                    continue;
+                };
+                let (p, k) = (
+                    arrow::array::AsArray::as_string::<i32>(p),
+                    arrow::array::AsArray::as_string::<i32>(k),
+                );
+                for (k, p) in k.iter().zip(p.iter()) {
+                    if let (Some(k), Some(p)) = (k, p) {
+                        if k == key {
+                            patients.insert(p.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(patients.into_iter().collect())
     }
 
     /// The files of `table` with the rank of their run (see [`runs_of`]), and their

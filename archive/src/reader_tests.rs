@@ -95,6 +95,7 @@ async fn writes_encrypted_files_and_reads_one_patient() {
         catalog: reader.catalog.clone(),
         opened: Arc::default(),
         tombstones: Arc::default(),
+        successors: Arc::default(),
     };
     let err = stranger.read_file(entry).await.unwrap_err();
     assert!(

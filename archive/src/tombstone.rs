@@ -185,14 +185,6 @@ impl Successors {
     }
 }
 
-/// The tombstones of `key` among `sorted` (sorted by key, as
-/// [`crate::ArchiveReader::tombstones`] returns them).
-pub(crate) fn with_key<'t>(sorted: &'t [Tombstone], key: &str) -> &'t [Tombstone] {
-    let from = sorted.partition_point(|t| t.key.as_str() < key);
-    let to = from + sorted[from..].partition_point(|t| t.key == key);
-    &sorted[from..to]
-}
-
 /// The rows of `batches` (each with its run's rank) that readers return, and how many were
 /// left out (superseded or deleted).
 pub(crate) fn served(
@@ -227,29 +219,6 @@ mod tests {
             key: key.into(),
             held,
         }
-    }
-
-    #[test]
-    fn a_keys_tombstones_are_found_in_a_sorted_file() {
-        let sorted = [
-            tomb("a", false),
-            tomb("b", false),
-            tomb("b", true),
-            tomb("d", false),
-        ];
-        let keys = |key| {
-            with_key(&sorted, key)
-                .iter()
-                .map(|t| (t.key.clone(), t.held))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            keys("b"),
-            [("b".to_string(), false), ("b".to_string(), true)]
-        );
-        assert_eq!(keys("a"), [("a".to_string(), false)]);
-        assert_eq!(keys("d"), [("d".to_string(), false)]);
-        assert!(keys("c").is_empty() && keys("0").is_empty() && keys("e").is_empty());
     }
 
     #[test]

@@ -180,6 +180,27 @@ pub struct LegalHold {
     pub scope: HoldScope,
 }
 
+impl LegalHold {
+    /// Whether the hold covers a record of `table` of `patient` (None when unknown) whose
+    /// column values `value_of` gives as text (None for NULL or unknown).
+    pub fn covers(
+        &self,
+        table: &str,
+        patient: Option<&str>,
+        value_of: impl Fn(&str) -> Option<String>,
+    ) -> bool {
+        match &self.scope {
+            HoldScope::Patient(p) => patient == Some(p.as_str()),
+            HoldScope::Table(t) => t == table,
+            HoldScope::Filter {
+                table: t,
+                column,
+                value,
+            } => t == table && value_of(column).is_some_and(|v| v == *value),
+        }
+    }
+}
+
 /// What a legal hold covers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

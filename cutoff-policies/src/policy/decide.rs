@@ -1,7 +1,7 @@
 //! The compiled policy and the per-record decision: the facts a record is decided by, the
 //! rules in precedence order, and the explanation of each decision.
 
-use super::{HoldScope, LegalHold, Tier};
+use super::{LegalHold, Tier};
 use crate::duration::PolicyDuration;
 use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
 use std::collections::HashMap;
@@ -214,24 +214,15 @@ impl Policy {
 
     /// The holds covering a record.
     fn holds_on(&self, table: &str, facts: &RecordFacts<'_>, extra: &[String]) -> Vec<&LegalHold> {
+        let value_of = |column: &str| {
+            extra
+                .iter()
+                .position(|c| c == column)
+                .and_then(|i| facts.columns.get(i).cloned().flatten())
+        };
         self.holds
             .iter()
-            .filter(|h| match &h.scope {
-                HoldScope::Patient(p) => facts.patient == Some(p.as_str()),
-                HoldScope::Table(t) => t == table,
-                HoldScope::Filter {
-                    table: t,
-                    column,
-                    value,
-                } => {
-                    t == table
-                        && extra
-                            .iter()
-                            .position(|c| c == column)
-                            .and_then(|i| facts.columns.get(i).cloned().flatten())
-                            .is_some_and(|v| v == *value)
-                }
-            })
+            .filter(|h| h.covers(table, facts.patient, value_of))
             .collect()
     }
 

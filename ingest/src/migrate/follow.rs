@@ -40,7 +40,7 @@ use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use strata_cutoff_policies::{HoldScope, PatientFacts, Tier};
+use strata_cutoff_policies::{PatientFacts, Tier};
 
 /// How often sync measures how far behind it is and what the slot holds back.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -222,6 +222,10 @@ pub(super) const POSITION_TABLE: &str = "_strata_sync_position";
 pub(super) const OUTBOX_TABLE: &str = "_strata_sync_archive";
 /// Patients whose last activity a change moved later, for the next tiering pass.
 pub(super) const ACTIVITY_TABLE: &str = "_strata_patient_activity";
+/// The archive writer's batches whose records moved back to the operational tier were
+/// inserted there (in the same transaction): a batch retried after a crash does not insert a
+/// keyless table's rows twice.
+pub(super) const REINSTATED_TABLE: &str = "_strata_sync_reinstated";
 
 /// How long `strata sync` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,6 +265,9 @@ pub struct SyncReport {
 /// A migrated table as the stream names it.
 struct Followed<'a> {
     layout: &'a TableLayout,
+    /// The source schema the copy read it from (the stream names a relation by schema and
+    /// name).
+    schema: String,
     /// The snapshot its copy was read in, and that snapshot's WAL position.
     seen: XidSnapshot,
     seen_lsn: u64,
@@ -353,12 +360,15 @@ impl RangeSink for Deciding<'_> {
 }
 
 /// A datum as the column's value (text in the type's output format; the route stage coerces
-/// what it can from text); None for an unchanged TOASTed value.
-fn datum_value(datum: &Datum, t: ColumnType) -> Result<Option<Value>> {
+/// what it can from text); None for an unchanged TOASTed value. A `character(n)` value loses
+/// its padding, as the bulk copy's cast to text drops it: a record's key and values are the
+/// same whichever way they came.
+fn datum_value(datum: &Datum, column: &Column) -> Result<Option<Value>> {
     Ok(Some(match datum {
         Datum::Null => Value::Null,
         Datum::Unchanged => return Ok(None),
-        Datum::Text(s) => match t {
+        Datum::Text(s) if blank_padded(column) => Value::Text(s.trim_end_matches(' ').to_string()),
+        Datum::Text(s) => match column.col_type {
             ColumnType::Bytes => Value::Bytes(
                 s.strip_prefix("\\x")
                     .and_then(|h| hex::decode(h).ok())
@@ -375,6 +385,13 @@ fn datum_value(datum: &Datum, t: ColumnType) -> Result<Option<Value>> {
             _ => Value::Text(s.clone()),
         },
     }))
+}
+
+/// Whether a column is PostgreSQL's blank-padded `character(n)` (not `character varying`).
+fn blank_padded(column: &Column) -> bool {
+    column.col_type == ColumnType::Text
+        && column.decl_type.starts_with("character")
+        && !column.decl_type.starts_with("character varying")
 }
 
 impl Followed<'_> {
@@ -417,6 +434,7 @@ impl Migration {
             )));
         }
         refuse_unfollowable(&self.layouts)?;
+        self.refuse_unprepared().await?;
         let target = Db::connect(
             &self.config.resolve_url(&self.config.operational.url)?,
             false,
@@ -435,6 +453,7 @@ impl Migration {
             tables.insert(
                 layout.name.clone(),
                 Followed {
+                    schema: source_schema(&self.source, &layout.name).await?,
                     layout,
                     seen: xids.parse().map_err(IngestError::Run)?,
                     seen_lsn: parse_lsn(lsn)?,
@@ -591,7 +610,8 @@ impl Migration {
                 };
                 for m in &t.messages {
                     if let Message::Relation(r) = m {
-                        let migrated = tables.get(&r.name);
+                        // (A table of the same name in another schema is not the one copied.)
+                        let migrated = tables.get(&r.name).filter(|f| f.schema == r.namespace);
                         if let Some(f) = migrated {
                             check_definition(f.layout, r)?;
                         }
@@ -774,8 +794,8 @@ impl Migration {
         let types: Vec<ColumnType> = layout.columns().iter().map(|c| c.col_type).collect();
         let mut values = Vec::with_capacity(new.len());
         let mut unchanged = Vec::new();
-        for (i, (d, t)) in new.iter().zip(&types).enumerate() {
-            match datum_value(d, *t)? {
+        for (i, (d, c)) in new.iter().zip(layout.columns()).enumerate() {
+            match datum_value(d, c)? {
                 Some(v) => values.push(v),
                 None => {
                     unchanged.push(i);
@@ -1016,23 +1036,16 @@ impl Migration {
             return Ok(false);
         };
         let patient = patient_of(layout, &row);
-        let held = holds.iter().any(|h| match &h.scope {
-            HoldScope::Patient(p) => *p == patient,
-            HoldScope::Table(t) => *t == layout.name,
-            HoldScope::Filter {
-                table,
-                column,
-                value,
-            } => {
-                *table == layout.name
-                    && layout
-                        .columns()
-                        .iter()
-                        .position(|c| &c.name == column)
-                        .and_then(|i| row[i].as_key_text())
-                        .is_some_and(|v| v == *value)
-            }
-        });
+        let value_of = |column: &str| {
+            layout
+                .columns()
+                .iter()
+                .position(|c| c.name == column)
+                .and_then(|i| row[i].as_key_text())
+        };
+        let held = holds
+            .iter()
+            .any(|h| h.covers(&layout.name, Some(&patient), value_of));
         if !held {
             return Ok(false);
         }
@@ -1074,7 +1087,7 @@ fn tuple_values(layout: &TableLayout, tuple: &[Datum]) -> Result<Vec<Value>> {
         .columns()
         .iter()
         .zip(tuple)
-        .map(|(c, d)| Ok(datum_value(d, c.col_type)?.unwrap_or(Value::Null)))
+        .map(|(c, d)| Ok(datum_value(d, c)?.unwrap_or(Value::Null)))
         .collect::<Result<Vec<Value>>>()?;
     Ok(coerced(layout, values))
 }
@@ -1089,9 +1102,24 @@ pub(super) fn not_followable(layout: &TableLayout) -> Option<&'static str> {
         Some("its record date comes through another table")
     } else if layout.computed.iter().any(Option::is_some) {
         Some("it has computed columns")
+    } else if layout.key.is_empty() && layout.maps.iter().any(Option::is_some) {
+        // A keyless row is found by its values, which a mapping changed on the way.
+        Some("it has no key and mapped columns: an update or delete could not find its row")
+    } else if layout.key.is_empty() && layout.columns().iter().any(without_equality) {
+        Some("it has no key and a column PostgreSQL cannot compare (json, xml, geometric): an update or delete could not find its row")
     } else {
         None
     }
+}
+
+/// Whether PostgreSQL has no equality for a column's type, so that a keyless row cannot be
+/// found by its values (arrays of them included).
+fn without_equality(column: &Column) -> bool {
+    let element = column.decl_type.trim_end_matches("[]");
+    matches!(
+        element.split('(').next().unwrap_or("").trim(),
+        "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle"
+    )
 }
 
 /// The tables change sync cannot follow yet, as one error.
@@ -1161,6 +1189,11 @@ async fn ensure_sync_tables(target: &Db) -> Result<()> {
              part BIGINT NOT NULL, change TEXT NOT NULL, row_key TEXT NOT NULL, row_data TEXT NOT NULL, unchanged TEXT NOT NULL, \
              patient TEXT NOT NULL, record_date TEXT NOT NULL, base_key TEXT NOT NULL, drain TEXT NOT NULL DEFAULT '', PRIMARY KEY (lsn, position, part))"
         ))
+        .await?;
+    target
+        .execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {REINSTATED_TABLE} (writer TEXT PRIMARY KEY)"
+        ))
         .await
 }
 
@@ -1212,6 +1245,26 @@ async fn wait_for_slot(source: &Db, slot: &str) -> Result<()> {
             )));
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The schema of the table the source's connection reads as `table` (as the bulk copy names
+/// it, unqualified).
+async fn source_schema(source: &Db, table: &str) -> Result<String> {
+    let literal = format!("'{}'", quote(table).replace('\'', "''"));
+    let rows = source
+        .fetch_all(
+            format!(
+                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass({literal})"
+            ),
+            vec![ColumnType::Text],
+        )
+        .await?;
+    match rows.into_iter().next().and_then(|r| r.into_iter().next()) {
+        Some(Value::Text(schema)) => Ok(schema),
+        _ => Err(IngestError::Run(format!(
+            "table {table} is no longer on the source: sync cannot follow it"
+        ))),
     }
 }
 
@@ -1443,6 +1496,21 @@ impl Migration {
         crate::sync::prepare::prepare(&self.source, &self.config.sync.publication, &tables).await
     }
 
+    /// Refuses to follow while the source lacks what `strata sync prepare` checks (logical
+    /// WAL, the role's REPLICATION, the publication of every migrated table, the replica
+    /// identity of tables without a key, partitions published under their root's name):
+    /// changes would be missed or could not be matched to their rows.
+    pub(super) async fn refuse_unprepared(&self) -> Result<()> {
+        let preparation = self.sync_prepare().await?;
+        if preparation.problems.is_empty() {
+            return Ok(());
+        }
+        Err(IngestError::Run(format!(
+            "the source is not prepared for change sync:\n  - {}\n`strata sync prepare` prints the statements for the database's owner",
+            preparation.problems.join("\n  - ")
+        )))
+    }
+
     /// Drops the replication slot of the last followed run (`strata sync stop --drop-slot`):
     /// the source stops keeping WAL for it; the run can no longer be followed. Returns the
     /// slot's name, None when there was none.
@@ -1481,5 +1549,42 @@ mod tests {
         assert_eq!(crate::config::parse_size("64kB"), Ok(64 << 10));
         assert_eq!(crate::config::parse_size("4096"), Ok(4096));
         assert!(crate::config::parse_size("12 parsecs").is_err());
+    }
+
+    fn column(decl_type: &str, col_type: ColumnType) -> Column {
+        Column {
+            name: "c".into(),
+            decl_type: decl_type.into(),
+            col_type,
+            nullable: true,
+        }
+    }
+
+    /// pgoutput sends a `character(n)` value padded; the bulk copy's cast to text dropped the
+    /// padding, so a changed record keeps the key and values its copy has.
+    #[test]
+    fn a_blank_padded_value_arrives_as_the_copy_read_it() {
+        let padded = Datum::Text("W1    ".into());
+        let value = |decl: &str| {
+            datum_value(&padded, &column(decl, ColumnType::from_postgres(decl)))
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(value("character(6)"), Value::Text("W1".into()));
+        assert_eq!(value("character varying(6)"), Value::Text("W1    ".into()));
+        assert_eq!(value("text"), Value::Text("W1    ".into()));
+    }
+
+    /// A keyless row is found by its values: a type without equality cannot be followed.
+    #[test]
+    fn keyless_rows_need_comparable_columns() {
+        assert!(without_equality(&column("json", ColumnType::Other)));
+        assert!(without_equality(&column("json[]", ColumnType::Other)));
+        assert!(without_equality(&column("point", ColumnType::Other)));
+        assert!(!without_equality(&column("jsonb", ColumnType::Other)));
+        assert!(!without_equality(&column(
+            "numeric(8,2)",
+            ColumnType::Other
+        )));
     }
 }

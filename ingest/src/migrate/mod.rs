@@ -712,6 +712,7 @@ impl Migration {
             ));
         }
         follow::refuse_unfollowable(&self.layouts)?;
+        self.refuse_unprepared().await?;
         let started = self.control.run_tables(&run.run_id).await?;
         if !started.is_empty() {
             return Err(IngestError::Run(format!(

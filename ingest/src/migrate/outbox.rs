@@ -14,7 +14,7 @@
 //! manifest is published is only deleted.
 
 use super::destroyed::Destroyed;
-use super::follow::{ACTIVITY_TABLE, OUTBOX_TABLE};
+use super::follow::{ACTIVITY_TABLE, OUTBOX_TABLE, REINSTATED_TABLE};
 use super::sinks::Quarantined;
 use super::target::target_columns;
 use super::Migration;
@@ -830,12 +830,24 @@ impl Migration {
         let (store, keys) = self.archive_store().await?;
         // Records moved back to the operational tier go there first. A row already there was
         // put there by this write before a crash (sync finishes an interrupted write before
-        // it applies anything: see `LeftBehind`), and is kept.
+        // it applies anything: see `LeftBehind`), and is kept; the batch is marked done in the
+        // same transaction, so that a keyless table's rows (which no key finds there) are not
+        // inserted again.
         if !reinstated.is_empty() {
             let mut tx = TargetTx::begin(target).await?;
-            for (_, values) in &reinstated {
-                use super::follow::{upsert_row, Existing};
-                upsert_row(&mut tx, layout, columns, values, Existing::Keep).await?;
+            let sql = format!(
+                "INSERT INTO {REINSTATED_TABLE} (writer) VALUES ({}) ON CONFLICT DO NOTHING RETURNING writer",
+                tx.placeholder(1)
+            );
+            let first_time = !tx
+                .fetch_text_rows(&sql, &[Value::Text(writer.clone())], &[ColumnType::Text])
+                .await?
+                .is_empty();
+            if first_time {
+                for (_, values) in &reinstated {
+                    use super::follow::{upsert_row, Existing};
+                    upsert_row(&mut tx, layout, columns, values, Existing::Keep).await?;
+                }
             }
             tx.commit().await?;
         }
@@ -922,6 +934,14 @@ impl Migration {
                 writer.replace('\'', "''")
             ))
             .await?;
+        if !reinstated.is_empty() {
+            target
+                .execute(&format!(
+                    "DELETE FROM {REINSTATED_TABLE} WHERE writer = '{}'",
+                    writer.replace('\'', "''")
+                ))
+                .await?;
+        }
         Ok(())
     }
 
@@ -1170,15 +1190,31 @@ fn quarantined(layout: &TableLayout, e: &Entry, reason: &str) -> Quarantined {
     }
 }
 
-/// The current archived copy of a record (its patient known, or "" for a table without
-/// patients), with its values and BLOB references.
+/// The current archived copy of a record (of `patient`, or "" for a table without patients),
+/// with its values and BLOB references. A record not found under `patient` may be filed under
+/// another: a change that moved it to `patient` (its patient key updated) carries only the new
+/// patient, so the record is then looked up by its key across the table.
 async fn archived_copy(
     archive: &ArchiveReader,
     layout: &TableLayout,
     patient: &str,
     key: &str,
 ) -> Result<Option<Record>> {
-    Ok(archived_copies(archive, layout, patient, key).await?.1)
+    if let (_, Some(found)) = archived_copies(archive, layout, patient, key).await? {
+        return Ok(Some(found));
+    }
+    if layout.patient_column.is_none() {
+        return Ok(None);
+    }
+    for other in archive.patients_of_key(&layout.name, key).await? {
+        if other == patient {
+            continue;
+        }
+        if let (_, Some(found)) = archived_copies(archive, layout, &other, key).await? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
 }
 
 /// How many current archived copies a record has, and one of them.

@@ -47,8 +47,27 @@ pub async fn prepare(
     tables: &[PreparedTable],
 ) -> Result<Preparation> {
     let names: Vec<String> = tables.iter().map(|t| quote(&t.name)).collect();
+    // A partitioned table's changes are published under its partitions' names unless the
+    // publication publishes them under the root's: sync would not know them.
+    let partitioned = texts(
+        source,
+        format!(
+            "SELECT c.relname::text FROM pg_class c WHERE c.relkind = 'p' AND c.oid IN ({})",
+            tables
+                .iter()
+                .map(|t| format!("to_regclass({})", literal(&quote(&t.name))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .await?;
+    let via_root = if partitioned.is_empty() {
+        ""
+    } else {
+        " WITH (publish_via_partition_root = true)"
+    };
     let mut sql = vec![format!(
-        "CREATE PUBLICATION {} FOR TABLE {};",
+        "CREATE PUBLICATION {} FOR TABLE {}{via_root};",
         quote(publication),
         names.join(", ")
     )];
@@ -80,15 +99,22 @@ pub async fn prepare(
         ),
     )
     .await?;
-    let exists = !texts(
+    let via_root_now = texts(
         source,
         format!(
-            "SELECT pubname::text FROM pg_publication WHERE pubname = {}",
+            "SELECT pubviaroot::text FROM pg_publication WHERE pubname = {}",
             literal(publication)
         ),
     )
-    .await?
-    .is_empty();
+    .await?;
+    let exists = !via_root_now.is_empty();
+    if exists && !partitioned.is_empty() && via_root_now[0] != "true" {
+        problems.push(format!(
+            "table(s) {} are partitioned and publication {publication} publishes their changes under the partitions' names: ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
+            partitioned.join(", "),
+            quote(publication)
+        ));
+    }
     if !exists {
         problems.push(format!(
             "publication {publication} does not exist: the owner runs the CREATE PUBLICATION below"

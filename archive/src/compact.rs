@@ -11,7 +11,8 @@
 
 use crate::error::{ArchiveError, Result};
 use crate::keys::KeyRing;
-use crate::manifest::TableManifest;
+use crate::manifest::{FileEntry, TableManifest};
+use crate::merge::{merge, SortedInput};
 use crate::reader::ArchiveReader;
 use crate::writer::{TableWriter, TableWriterOptions};
 use arrow::array::RecordBatch;
@@ -37,8 +38,17 @@ pub struct CompactionReport {
     pub rows_after: u64,
 }
 
-/// Compacts one table. The table's rows are held in memory while they are sorted: compact
-/// tables whose archived part fits (a streaming merge is future work).
+/// Inputs a merge pass opens at once: what bounds a compaction's memory (each open input holds
+/// a decoded batch and the row group being read), whatever the table's size.
+pub const MERGE_FAN_IN: usize = 16;
+
+/// Compacts one table by a streaming merge ([`crate::merge`]) of its files, in passes of at
+/// most [`MERGE_FAN_IN`] files: the first pass leaves out what later runs superseded or deleted
+/// (what [`ArchiveReader::successors`] says: memory grows with the corrections, not with the
+/// table); a pass over more inputs writes intermediate files (encrypted like the archive's,
+/// never named by a manifest, deleted once the compaction is published; `gc --orphans`
+/// deletes those a crash left). A table whose every record was deleted is compacted into a
+/// manifest without files, which still accounts for every row it replaced.
 pub async fn compact_table(
     store: Arc<dyn ObjectStore>,
     keys: KeyRing,
@@ -61,74 +71,108 @@ pub async fn compact_table(
     let Some(last) = manifests.last() else {
         return Ok(report);
     };
-    // Each batch carries the rank of its run: a correction supersedes copies of earlier runs
-    // only, never rows of its own run (identical rows of a keyless table are distinct records);
-    // a tombstone or truncate deletes copies (see `Successors`).
-    let mut batches: Vec<(usize, RecordBatch)> = Vec::new();
-    let mut successors = crate::Successors::default();
-    let mut held: Vec<crate::Tombstone> = Vec::new();
-    for (rank, run) in crate::catalog::runs_of(&manifests).into_iter().enumerate() {
-        reader.add_deletions(&mut successors, rank, &run).await?;
-        for m in &run {
-            for entry in &m.tombstones {
-                held.extend(
-                    reader
-                        .tombstones(entry)
-                        .await?
-                        .iter()
-                        .filter(|t| t.held)
-                        .cloned(),
-                );
-            }
-        }
-        for entry in run.iter().flat_map(|m| &m.files) {
-            report.files_before += 1;
-            let read = reader.read_file(entry).await?;
-            for batch in &read {
-                let keys = arrow::array::AsArray::as_string::<i32>(batch.column(2));
-                for key in keys.iter().flatten() {
-                    successors.copy(rank, key);
-                }
-            }
-            batches.extend(read.into_iter().map(|b| (rank, b)));
-        }
-    }
-    report.rows_before = batches.iter().map(|(_, b)| b.num_rows() as u64).sum();
-    let (kept, _) = crate::tombstone::served(batches, &successors)?;
-    // The deletions a legal hold stopped stay on record while a copy they kept is current.
-    let kept_keys: std::collections::HashSet<&str> = kept
-        .iter()
-        .flat_map(|(_, b)| {
-            arrow::array::AsArray::as_string::<i32>(b.column(2))
-                .iter()
-                .flatten()
+    // Each file is one sorted input, with the rank of its run: a correction supersedes copies
+    // of earlier runs only, never rows of its own run (identical rows of a keyless table are
+    // distinct records); a tombstone or truncate deletes copies (see `Successors`).
+    let mut inputs: Vec<SortedInput> = reader
+        .ranked_files(table)
+        .into_iter()
+        .map(|(rank, _, entry)| SortedInput {
+            files: vec![entry.clone()],
+            rank,
         })
         .collect();
-    held.retain(|t| kept_keys.contains(t.key.as_str()));
-    held.sort_by(|a, b| a.key.cmp(&b.key));
-    held.dedup_by(|a, b| a.key == b.key);
-    let kept: Vec<RecordBatch> = kept.into_iter().map(|(_, b)| b).collect();
+    report.files_before = inputs.len();
+    report.rows_before = inputs.iter().flat_map(|i| &i.files).map(|f| f.rows).sum();
     // The newest run's layout: files an older version wrote are brought to it.
-    let Some(schema) = kept.last().map(|b| b.schema()) else {
+    let Some(newest) = inputs.last().and_then(|i| i.files.last()) else {
         return Ok(report);
     };
-    let kept = kept
-        .iter()
-        .map(|b| conform(b, &schema))
-        .collect::<Result<Vec<_>>>()?;
-    let kept_rows: u64 = kept.iter().map(|b| b.num_rows() as u64).sum();
+    let schema = reader.file_schema(newest).await?;
+    let successors = reader.successors(table).await?;
+    // The deletions a legal hold stopped stay on record while a copy they kept is current.
+    let mut held: Vec<crate::Tombstone> = Vec::new();
+    for m in &manifests {
+        for entry in &m.tombstones {
+            held.extend(
+                reader
+                    .tombstones(entry)
+                    .await?
+                    .iter()
+                    .filter(|t| t.held)
+                    .cloned(),
+            );
+        }
+    }
+    let held_keys: std::collections::HashSet<String> = held.iter().map(|t| t.key.clone()).collect();
+    let mut held_kept: std::collections::HashSet<String> = Default::default();
+    // Fates are decided in the first pass; what it wrote is all current.
+    let decided = std::sync::atomic::AtomicBool::new(false);
+    let mut keep = |rank: usize, key: &str| {
+        if decided.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        let served = successors.fate(rank, key).is_served();
+        if served && held_keys.contains(key) {
+            held_kept.insert(key.to_string());
+        }
+        served
+    };
     let run_id = format!(
         "compact-{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
     );
-    let mut manifest = TableManifest::new(
+    let mut kept_rows = None;
+    let mut staged: Vec<FileEntry> = Vec::new();
+    let mut pass = 0;
+    while inputs.len() > MERGE_FAN_IN {
+        pass += 1;
+        let mut next = Vec::new();
+        let mut written = 0;
+        let mut rest = inputs.into_iter().peekable();
+        while rest.peek().is_some() {
+            let group: Vec<SortedInput> = rest.by_ref().take(MERGE_FAN_IN).collect();
+            let staging = TableManifest::new(
+                table,
+                &format!("{run_id}-pass{pass}-{:05}", next.len()),
+                &last.policy_version,
+                last.blob_columns.clone(),
+            );
+            let mut out = TableWriter::new(
+                store.clone(),
+                keys.clone(),
+                staging,
+                schema.clone(),
+                options.clone(),
+            )?;
+            written += merge(&reader, group, &schema, &mut keep, &mut out)
+                .await?
+                .written;
+            let files = out.finish_unpublished().await?;
+            staged.extend(files.iter().cloned());
+            next.push(SortedInput { files, rank: 0 });
+        }
+        kept_rows.get_or_insert(written);
+        decided.store(true, std::sync::atomic::Ordering::Relaxed);
+        inputs = next;
+    }
+    let manifest = TableManifest::new(
         table,
         &run_id,
         &last.policy_version,
         last.blob_columns.clone(),
     );
+    let mut writer = TableWriter::new(store.clone(), keys, manifest, schema.clone(), options)?;
+    let written = merge(&reader, inputs, &schema, &mut keep, &mut writer)
+        .await?
+        .written;
+    let kept_rows = *kept_rows.get_or_insert(written);
+    held.retain(|t| held_kept.contains(&t.key));
+    held.sort_by(|a, b| a.key.cmp(&b.key));
+    held.dedup_by(|a, b| a.key == b.key);
     // The accounting carries over from the compactions replaced, so that it stays whole after
     // `gc` deletes them.
+    let manifest = writer.manifest_mut();
     let mut supersedes = std::collections::BTreeSet::new();
     for m in &manifests {
         let path = TableManifest::path(&m.table, &m.run_id);
@@ -144,8 +188,13 @@ pub async fn compact_table(
     }
     manifest.superseded_copies += report.rows_before - kept_rows;
     manifest.supersedes = supersedes.into_iter().collect();
-    let mut writer = TableWriter::new(store, keys, manifest, schema, options)?;
-    writer.write_in_order(&kept).await?;
+    // As new as what it read: a run published meanwhile stays newer.
+    manifest.ranks_as_of = manifests
+        .iter()
+        .map(|m| m.ranks_at())
+        .max()
+        .unwrap_or_default()
+        .to_string();
     writer.write_tombstones(&held).await?;
     report.rows_after = writer.rows();
     if report.rows_after != kept_rows {
@@ -159,6 +208,15 @@ pub async fn compact_table(
     }
     let published = writer.finish().await?;
     report.files_after = published.files.len();
+    // The intermediate passes' files are named by no manifest: gone now.
+    for f in &staged {
+        for object in [f.path.clone(), crate::keys::key_material_path(&f.path)] {
+            match store.delete(&Path::from(object)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     Ok(report)
 }
 
@@ -242,7 +300,10 @@ pub async fn gc(
 /// `batch` in `schema`'s layout: its columns by name, cast where a later format changed a
 /// column's type (numerics older files kept as text are decimals now), NULL where it lacks a
 /// column. A value that does not convert fails the compaction instead of becoming NULL.
-fn conform(batch: &RecordBatch, schema: &arrow::datatypes::SchemaRef) -> Result<RecordBatch> {
+pub(crate) fn conform(
+    batch: &RecordBatch,
+    schema: &arrow::datatypes::SchemaRef,
+) -> Result<RecordBatch> {
     if batch.schema_ref() == schema {
         return Ok(batch.clone());
     }
@@ -680,5 +741,183 @@ mod tests {
         w.finish().await.unwrap();
         assert_eq!(read(&store, &keys, "a").await, vec![]);
         assert_eq!(read(&store, &keys, "b").await, vec![("h".to_string(), 5)]);
+    }
+
+    /// Every row of the table's current files, in file order: (patient, key, value).
+    async fn scan(store: &Arc<dyn ObjectStore>, keys: &KeyRing) -> Vec<(String, String, i64)> {
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for m in &reader.catalog().tables["supplies"] {
+            for f in &m.files {
+                for b in reader.read_file(f).await.unwrap() {
+                    let p = b.column(0).as_string::<i32>();
+                    let k = b.column(2).as_string::<i32>();
+                    let v = b.column(3).as_primitive::<Int64Type>();
+                    out.extend(
+                        (0..b.num_rows())
+                            .map(|i| (p.value(i).to_string(), k.value(i).to_string(), v.value(i))),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// More files than a pass opens: merged in passes (intermediate files deleted once the
+    /// compaction is published), into one sequence sorted by patient; a correction in a late
+    /// run supersedes a copy read in another group of the first pass; identical rows of one
+    /// run all stay.
+    #[tokio::test]
+    async fn many_files_compact_in_passes_into_one_sorted_sequence() {
+        let (store, keys, schema) = crate::test_support::test_archive("quantity").await;
+        let runs = 2 * MERGE_FAN_IN + 3;
+        let mut expected = Vec::new();
+        for run in 0..runs {
+            // Each run archives two patients' records, interleaved with other runs' patients.
+            let mut rows_of_run = vec![
+                (format!("p{:03}", run % 7), format!("k{run:03}"), run as i64),
+                (format!("p{:03}", 50 + run % 5), format!("m{run:03}"), 1),
+            ];
+            if run == 3 {
+                // Identical rows of one run: two records.
+                rows_of_run.push(rows_of_run[1].clone());
+            }
+            if run == runs - 1 {
+                // A correction of run 0's first record.
+                rows_of_run.push(("p000".into(), "k000".into(), -1));
+            }
+            rows_of_run.sort();
+            let batch: Vec<(&str, &str, i64)> = rows_of_run
+                .iter()
+                .map(|(p, k, v)| (p.as_str(), k.as_str(), *v))
+                .collect();
+            publish(
+                &store,
+                &keys,
+                &schema,
+                &format!("run-{run:03}-r00000-0a01"),
+                rows(&schema, &batch),
+            )
+            .await;
+            expected.extend(rows_of_run);
+        }
+        expected.retain(|r| r != &("p000".to_string(), "k000".to_string(), 0));
+        expected.sort();
+        let r = compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.files_before, runs);
+        assert_eq!(
+            (r.rows_before, r.rows_after),
+            (expected.len() as u64 + 1, expected.len() as u64),
+            "{r:?}"
+        );
+        // One sequence, sorted as the archive orders rows (the dates are all equal here).
+        assert_eq!(scan(&store, &keys).await, expected);
+        assert_eq!(
+            read(&store, &keys, "p000").await.first(),
+            Some(&("k000".to_string(), -1))
+        );
+        let listed: Vec<String> = store
+            .list(Some(&Path::from("tables/supplies")))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(
+            !listed.iter().any(|p| p.contains("-pass")),
+            "intermediate files are deleted: {listed:?}"
+        );
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let checked = reader.verify().await.unwrap();
+        assert!(checked.problems.is_empty(), "{checked:?}");
+    }
+
+    /// A table whose every archived record the source deleted compacts into a manifest
+    /// without files that replaces the old ones and still accounts for their rows.
+    #[tokio::test]
+    async fn a_table_whose_every_record_was_deleted_compacts_into_an_empty_manifest() {
+        let (store, keys, schema) = crate::test_support::test_archive("quantity").await;
+        publish(
+            &store,
+            &keys,
+            &schema,
+            "run-1-r00000-0a01",
+            rows(&schema, &[("a", "d", 1), ("b", "e", 2)]),
+        )
+        .await;
+        let tomb = |key: &str| crate::Tombstone {
+            patient: String::new(),
+            date: None,
+            key: key.into(),
+            held: false,
+        };
+        let mut w = TableWriter::new(
+            store.clone(),
+            keys.clone(),
+            TableManifest::new("supplies", "sync-run-1-0000000001", "p1", vec![]),
+            schema.clone(),
+            TableWriterOptions::default(),
+        )
+        .unwrap();
+        w.write_tombstones(&[tomb("d"), tomb("e")]).await.unwrap();
+        w.finish().await.unwrap();
+        let r = compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.rows_before, r.rows_after, r.files_after), (2, 0, 0));
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let live = &reader.catalog().tables["supplies"];
+        assert_eq!(live.len(), 1, "the compaction replaces both manifests");
+        assert_eq!(live[0].supersedes.len(), 2);
+        assert_eq!(live[0].superseded_copies, 2);
+        assert_eq!(read(&store, &keys, "a").await, vec![]);
+    }
+
+    /// A file whose rows are not in the archive's order stops the compaction, naming it;
+    /// nothing is published.
+    #[tokio::test]
+    async fn rows_out_of_order_stop_the_compaction() {
+        let (store, keys, schema) = crate::test_support::test_archive("quantity").await;
+        let m = publish(
+            &store,
+            &keys,
+            &schema,
+            "run-1-r00000-0a01",
+            rows(&schema, &[("b", "d", 1), ("a", "e", 2)]),
+        )
+        .await;
+        let err = compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, ArchiveError::Integrity { object, .. } if object == &m.files[0].path),
+            "{err}"
+        );
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        assert_eq!(reader.catalog().tables["supplies"].len(), 1);
     }
 }

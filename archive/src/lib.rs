@@ -36,6 +36,7 @@ mod error;
 mod keys;
 mod layout;
 mod manifest;
+mod merge;
 mod reader;
 mod rotate;
 mod secret;

@@ -7,7 +7,7 @@ use crate::manifest::{FileEntry, TableManifest};
 use crate::{KEY_COLUMN, PATIENT_COLUMN, RECORD_DATE_COLUMN};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::interleave_record_batch;
-use arrow::datatypes::{DataType, Date32Type, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -37,9 +37,6 @@ const PAGE_BYTES: usize = 4 << 10;
 /// Rows the Parquet writer encodes between two checks of the page limits: pages overshoot
 /// [`PAGE_BYTES`] by at most this many rows.
 const PAGE_CHECK_ROWS: usize = 32;
-
-/// Rows handed to the Parquet writer at a time when writing sorted rows.
-pub(crate) const WRITE_BATCH_ROWS: usize = 8192;
 
 /// Tuning for [`TableWriter`].
 #[derive(Debug, Clone)]
@@ -186,46 +183,6 @@ fn mostly_distinct_columns(batch: &RecordBatch) -> Vec<String> {
     out
 }
 
-/// The archive's order of rows spread over batches of one schema: patient key, record date
-/// (missing dates first), record key — the first three columns, whose types
-/// [`TableWriter::new`] checks. Returns (batch, row) pairs. Comparisons start from an 8-byte
-/// prefix of the patient key held beside each pair, so that most of them touch no string.
-pub(crate) fn archive_order(batches: &[RecordBatch]) -> Vec<(usize, usize)> {
-    let columns: Vec<_> = batches
-        .iter()
-        .map(|b| {
-            (
-                b.column(0).as_string::<i32>(),
-                b.column(1).as_primitive::<Date32Type>(),
-                b.column(2).as_string::<i32>(),
-            )
-        })
-        .collect();
-    let mut order: Vec<(u64, u32, u32)> =
-        Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
-    for (b, (patients, _, _)) in columns.iter().enumerate() {
-        for r in 0..patients.len() {
-            let prefix = crate::patient_sort_prefix(patients.value(r));
-            order.push((prefix, b as u32, r as u32));
-        }
-    }
-    order.sort_unstable_by(|&(pa, ba, ra), &(pb, bb, rb)| {
-        pa.cmp(&pb).then_with(|| {
-            let (a, b) = (&columns[ba as usize], &columns[bb as usize]);
-            let (ra, rb) = (ra as usize, rb as usize);
-            let date = |d: &arrow::array::Date32Array, i: usize| d.is_valid(i).then(|| d.value(i));
-            a.0.value(ra)
-                .cmp(b.0.value(rb))
-                .then_with(|| date(a.1, ra).cmp(&date(b.1, rb)))
-                .then_with(|| a.2.value(ra).cmp(b.2.value(rb)))
-        })
-    });
-    order
-        .into_iter()
-        .map(|(_, b, r)| (b as usize, r as usize))
-        .collect()
-}
-
 impl TableWriter {
     /// A writer for the table and run that `manifest` (from [`TableManifest::new`]) names.
     /// Checks the schema's leading columns.
@@ -258,6 +215,12 @@ impl TableWriter {
             manifest,
             current: None,
         })
+    }
+
+    /// The manifest being written, for what a writer records besides its files (a
+    /// compaction's accounting).
+    pub(crate) fn manifest_mut(&mut self) -> &mut TableManifest {
+        &mut self.manifest
     }
 
     /// Rows written so far, including the open file.
@@ -364,16 +327,6 @@ impl TableWriter {
         self.close_file().await
     }
 
-    /// Writes the rows of `batches` in the archive's order.
-    pub(crate) async fn write_in_order(&mut self, batches: &[RecordBatch]) -> Result<()> {
-        let order = archive_order(batches);
-        let refs: Vec<&RecordBatch> = batches.iter().collect();
-        for chunk in order.chunks(WRITE_BATCH_ROWS) {
-            self.write(&interleave_record_batch(&refs, chunk)?).await?;
-        }
-        Ok(())
-    }
-
     /// Writes `tombstones` (records the source deleted: see [`crate::Tombstone`]) as one
     /// tombstone file of the manifest.
     pub async fn write_tombstones(&mut self, tombstones: &[crate::Tombstone]) -> Result<()> {
@@ -432,6 +385,14 @@ impl TableWriter {
             )
             .await?;
         Ok(entry)
+    }
+
+    /// Closes the last file and returns the files written, in the order written, without
+    /// publishing a manifest: what an intermediate pass of a merge writes (see
+    /// [`crate::compact`]), deleted once the pass after it is published.
+    pub(crate) async fn finish_unpublished(mut self) -> Result<Vec<FileEntry>> {
+        self.close_file().await?;
+        Ok(self.manifest.files)
     }
 
     /// Closes the last file and publishes the manifest. Returns it.

@@ -36,6 +36,18 @@ pub struct CompactionReport {
     pub rows_before: u64,
     /// Rows after.
     pub rows_after: u64,
+    /// Copies of records destroyed past retention left out (a rewrite for retention).
+    pub destroyed: u64,
+}
+
+/// What a rewrite for retention destroys ([`rewrite_table`]): the records it names, told of
+/// each current copy it leaves out (to count and checksum what is destroyed).
+pub trait Destroyer: Send {
+    /// Whether the record `key` is destroyed.
+    fn destroys(&self, key: &str) -> bool;
+    /// A copy of a destroyed record left out: row `row` of `batch` (in the table's current
+    /// layout).
+    fn destroyed(&mut self, batch: &RecordBatch, row: usize);
 }
 
 /// Inputs a merge pass opens at once: what bounds a compaction's memory (each open input holds
@@ -54,6 +66,20 @@ pub async fn compact_table(
     keys: KeyRing,
     table: &str,
     options: TableWriterOptions,
+) -> Result<CompactionReport> {
+    rewrite_table(store, keys, table, options, None).await
+}
+
+/// [`compact_table`], leaving out besides the superseded copies the current copies of the
+/// records `destroyer` destroys (counted in the manifest's `destroyed_copies`): the rewrite of
+/// `strata archive retain`. Readers stop serving them once its manifest is published (the
+/// catalog switch); the files it replaced, and their data keys, go with `gc`.
+pub async fn rewrite_table(
+    store: Arc<dyn ObjectStore>,
+    keys: KeyRing,
+    table: &str,
+    options: TableWriterOptions,
+    mut destroyer: Option<&mut dyn Destroyer>,
 ) -> Result<CompactionReport> {
     let keys = keys.for_archive(store.as_ref(), false).await?;
     let reader = ArchiveReader::open(store.clone(), keys.clone()).await?;
@@ -108,15 +134,24 @@ pub async fn compact_table(
     let mut held_kept: std::collections::HashSet<String> = Default::default();
     // Fates are decided in the first pass; what it wrote is all current.
     let decided = std::sync::atomic::AtomicBool::new(false);
-    let mut keep = |rank: usize, key: &str| {
+    let mut destroyed = 0u64;
+    let mut keep = |rank: usize, batch: &RecordBatch, row: usize| {
         if decided.load(std::sync::atomic::Ordering::Relaxed) {
             return true;
         }
-        let served = successors.fate(rank, key).is_served();
-        if served && held_keys.contains(key) {
+        let key = arrow::array::AsArray::as_string::<i32>(batch.column(2)).value(row);
+        if !successors.fate(rank, key).is_served() {
+            return false;
+        }
+        if let Some(d) = destroyer.as_deref_mut().filter(|d| d.destroys(key)) {
+            d.destroyed(batch, row);
+            destroyed += 1;
+            return false;
+        }
+        if held_keys.contains(key) {
             held_kept.insert(key.to_string());
         }
-        served
+        true
     };
     let run_id = format!(
         "compact-{}",
@@ -167,6 +202,7 @@ pub async fn compact_table(
         .await?
         .written;
     let kept_rows = *kept_rows.get_or_insert(written);
+    report.destroyed = destroyed;
     held.retain(|t| held_kept.contains(&t.key));
     held.sort_by(|a, b| a.key.cmp(&b.key));
     held.dedup_by(|a, b| a.key == b.key);
@@ -183,10 +219,12 @@ pub async fn compact_table(
             .replaced_rows
             .extend(m.replaced_rows.iter().map(|(p, n)| (p.clone(), *n)));
         manifest.superseded_copies += m.superseded_copies;
+        manifest.destroyed_copies += m.destroyed_copies;
         supersedes.insert(path);
         supersedes.extend(m.supersedes.iter().cloned());
     }
-    manifest.superseded_copies += report.rows_before - kept_rows;
+    manifest.superseded_copies += report.rows_before - kept_rows - destroyed;
+    manifest.destroyed_copies += destroyed;
     manifest.supersedes = supersedes.into_iter().collect();
     // As new as what it read: a run published meanwhile stays newer.
     manifest.ranks_as_of = manifests
@@ -919,5 +957,84 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(reader.catalog().tables["supplies"].len(), 1);
+    }
+
+    /// A rewrite for retention leaves out the current copies of the records it destroys,
+    /// telling the destroyer of each (a corrected record's superseded copy is not told: it is
+    /// superseded, not destroyed); the manifest accounts for both.
+    #[tokio::test]
+    async fn a_rewrite_for_retention_destroys_the_records_it_names() {
+        struct Named {
+            keys: Vec<&'static str>,
+            told: Vec<(String, i64)>,
+        }
+        impl Destroyer for Named {
+            fn destroys(&self, key: &str) -> bool {
+                self.keys.contains(&key)
+            }
+            fn destroyed(&mut self, batch: &RecordBatch, row: usize) {
+                let k = batch.column(2).as_string::<i32>().value(row).to_string();
+                let v = batch.column(3).as_primitive::<Int64Type>().value(row);
+                self.told.push((k, v));
+            }
+        }
+        let (store, keys, schema) = crate::test_support::test_archive("quantity").await;
+        publish(
+            &store,
+            &keys,
+            &schema,
+            "run-1-r00000-0a01",
+            rows(&schema, &[("a", "d", 1), ("a", "e", 2), ("b", "f", 3)]),
+        )
+        .await;
+        publish(
+            &store,
+            &keys,
+            &schema,
+            "run-2-r00000-0b01",
+            rows(&schema, &[("a", "e", 20)]),
+        )
+        .await;
+        let mut named = Named {
+            keys: vec!["e", "f"],
+            told: Vec::new(),
+        };
+        let r = rewrite_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+            Some(&mut named),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.rows_before, r.rows_after, r.destroyed), (4, 1, 2));
+        named.told.sort();
+        assert_eq!(named.told, [("e".to_string(), 20), ("f".to_string(), 3)]);
+        assert_eq!(read(&store, &keys, "a").await, [("d".to_string(), 1)]);
+        assert_eq!(read(&store, &keys, "b").await, []);
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let m = &reader.catalog().tables["supplies"][0];
+        assert_eq!((m.superseded_copies, m.destroyed_copies), (1, 2));
+        assert_eq!(m.rows() + 1 + 2, m.replaced_rows.values().sum::<u64>());
+        // Compacted again, the accounting carries over.
+        compact_table(
+            store.clone(),
+            keys.clone(),
+            "supplies",
+            TableWriterOptions::default(),
+        )
+        .await
+        .unwrap();
+        let reader = ArchiveReader::open(store.clone(), keys.clone())
+            .await
+            .unwrap();
+        let m = &reader.catalog().tables["supplies"][0];
+        assert_eq!(
+            (m.superseded_copies, m.destroyed_copies, m.rows()),
+            (1, 2, 1)
+        );
     }
 }

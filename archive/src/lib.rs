@@ -48,7 +48,7 @@ mod writer;
 
 pub use blob::{BlobRef, BlobStore, BLOB_SEGMENT_SIZE};
 pub use catalog::{runs_of, Catalog, LiveArchive, Refreshed};
-pub use compact::{compact_table, gc, CompactionReport};
+pub use compact::{compact_table, gc, rewrite_table, CompactionReport, Destroyer, MERGE_FAN_IN};
 pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing, KeyService, LocalKeks};

@@ -41,6 +41,12 @@ pub struct TableManifest {
     /// compaction may drop: `rows()` equals the sum of `replaced_rows` minus these.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub superseded_copies: u64,
+    /// Of a rewrite for retention (`strata archive retain`): the copies of records destroyed
+    /// past retention it left out, over it and the compactions it replaces (their destruction
+    /// certified apart). `rows()` equals the sum of `replaced_rows` minus these and the
+    /// superseded copies.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub destroyed_copies: u64,
     /// Of a compaction: the creation time of the newest manifest it read (RFC 3339). Its copies
     /// are as new as that, not as its own `created_at`: a run that published while the
     /// compaction worked (change sync's corrections and tombstones) ranks after it
@@ -113,6 +119,7 @@ impl TableManifest {
             supersedes: Vec::new(),
             replaced_rows: Default::default(),
             superseded_copies: 0,
+            destroyed_copies: 0,
             ranks_as_of: String::new(),
             tombstones: Vec::new(),
             truncated: false,

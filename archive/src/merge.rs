@@ -12,7 +12,7 @@ use crate::error::{ArchiveError, Result};
 use crate::manifest::FileEntry;
 use crate::reader::ArchiveReader;
 use crate::writer::TableWriter;
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::RecordBatch;
 use arrow::compute::interleave_record_batch;
 use arrow::datatypes::SchemaRef;
 use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
@@ -33,8 +33,9 @@ pub(crate) struct SortedInput {
     pub rank: usize,
 }
 
-/// Decides, row by row, what the merge keeps: `keep(rank, key)`.
-pub(crate) type Keep<'k> = dyn FnMut(usize, &str) -> bool + Send + 'k;
+/// Decides, row by row, what the merge keeps: `keep(rank, batch, row)` (the batch in the
+/// merge's layout; its third column is the record key).
+pub(crate) type Keep<'k> = dyn FnMut(usize, &RecordBatch, usize) -> bool + Send + 'k;
 
 /// An input being read: its current batch, that batch's sort keys and the row reached.
 struct Cursor {
@@ -151,8 +152,7 @@ pub(crate) async fn merge(
     while let Some(Reverse((_, c))) = heap.pop() {
         let cursor = &mut cursors[c];
         merged.read += 1;
-        let key = cursor.batch.column(2).as_string::<i32>();
-        if keep(cursor.rank, key.value(cursor.row)) {
+        if keep(cursor.rank, &cursor.batch, cursor.row) {
             let at = *cursor.in_chunk.get_or_insert_with(|| {
                 chunk.push(cursor.batch.clone());
                 chunk.len() - 1

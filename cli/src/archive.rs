@@ -125,8 +125,8 @@ async fn verify(ctx: &Context) -> Result<()> {
     );
     for (table, a) in &catalog.tables {
         println!(
-            "{table}: the runs archived {} rows; the archive holds {} ({} superseded copies left out by compaction)",
-            a.recorded, a.held, a.superseded
+            "{table}: the runs archived {} rows; the archive holds {} ({} superseded copies left out by compaction, {} destroyed past retention)",
+            a.recorded, a.held, a.superseded, a.destroyed
         );
     }
     let mut warnings = catalog.warnings.clone();

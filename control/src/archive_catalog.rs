@@ -73,9 +73,12 @@ pub struct TableAccount {
     pub recorded: u64,
     /// Rows the archive's current manifests hold.
     pub held: u64,
-    /// Copies compactions left out because a later run archived the same record again: the
-    /// only rows that may be recorded and not held.
+    /// Copies compactions left out because a later run archived the same record again (or
+    /// deleted it).
     pub superseded: u64,
+    /// Copies of records destroyed past retention inside the archive (their destruction
+    /// certified): with the superseded ones, the only rows that may be recorded and not held.
+    pub destroyed: u64,
 }
 
 /// What [`cross_check`] found.
@@ -117,6 +120,7 @@ pub fn cross_check(
         let account = check.tables.entry(m.table.clone()).or_default();
         account.held += m.rows();
         account.superseded += m.superseded_copies;
+        account.destroyed += m.destroyed_copies;
         replaced.extend(m.supersedes.iter().map(String::as_str));
         if m.replaced_rows.is_empty() && m.supersedes.is_empty() {
             accounted.insert(path.as_str(), Some(m.rows()));
@@ -131,12 +135,13 @@ pub fn cross_check(
             continue;
         }
         let replaced_rows: u64 = m.replaced_rows.values().sum();
-        if m.rows() + m.superseded_copies != replaced_rows {
+        if m.rows() + m.superseded_copies + m.destroyed_copies != replaced_rows {
             check.errors.push(format!(
-                "table {}: compaction {path} holds {} rows, but the manifests it replaced held {replaced_rows} and it left out {} superseded copies",
+                "table {}: compaction {path} holds {} rows, but the manifests it replaced held {replaced_rows} and it left out {} superseded copies and {} destroyed",
                 m.table,
                 m.rows(),
-                m.superseded_copies
+                m.superseded_copies,
+                m.destroyed_copies
             ));
         }
     }
@@ -195,14 +200,14 @@ pub fn cross_check(
         ));
     }
     // A table's totals add up when everything it holds is recorded: rows recorded are rows held
-    // plus copies superseded, and nothing else.
+    // plus copies superseded or destroyed, and nothing else.
     for (table, a) in &check.tables {
         let checkable =
             !legacy.contains(table.as_str()) && !unrecorded_tables.contains(table.as_str());
-        if checkable && a.held + a.superseded != a.recorded {
+        if checkable && a.held + a.superseded + a.destroyed != a.recorded {
             check.errors.push(format!(
-                "table {table}: the runs archived {} rows; the archive holds {} and accounts for {} superseded copies",
-                a.recorded, a.held, a.superseded
+                "table {table}: the runs archived {} rows; the archive holds {} and accounts for {} superseded copies and {} destroyed",
+                a.recorded, a.held, a.superseded, a.destroyed
             ));
         }
     }
@@ -586,7 +591,8 @@ mod tests {
             TableAccount {
                 recorded: 13,
                 held: 13,
-                superseded: 0
+                superseded: 0,
+                destroyed: 0
             }
         );
 
@@ -649,7 +655,8 @@ mod tests {
             TableAccount {
                 recorded: 7,
                 held: 6,
-                superseded: 1
+                superseded: 1,
+                destroyed: 0
             }
         );
         // A compaction that lost a row it does not account for.

@@ -222,6 +222,7 @@ impl Control {
         db.execute(crate::sync::CUTOVER_SCHEMA).await?;
         db.execute(crate::sessions::SCHEMA).await?;
         db.execute(crate::reviews::SCHEMA).await?;
+        db.execute(crate::destructions::SCHEMA).await?;
         let control = Control { db };
         control.open_exports().await?;
         // Columns older versions lack.

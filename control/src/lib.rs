@@ -13,6 +13,7 @@ mod archive_catalog;
 mod audit;
 mod control;
 mod db;
+mod destructions;
 mod error;
 mod exports;
 mod reviews;
@@ -30,6 +31,7 @@ pub use control::{
     Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord, StoredPlan, TableState,
 };
 pub use db::{connection_problem, reach_postgres, without_values};
+pub use destructions::{DestructionRequest, RequestStatus};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
 pub use reviews::BreakGlassReview;

@@ -1,6 +1,7 @@
-//! A verification report as evidence: signed with Ed25519 over its canonical JSON (the report
-//! without its signature, fields in their fixed order), and checked offline against the
-//! public key the config names, never against a key the report carries.
+//! Reports as evidence (verification reports, destruction certificates): signed with Ed25519
+//! over their canonical JSON (the document without its signature, fields in their fixed
+//! order), and checked offline against the public key the config names, never against a key
+//! the document carries.
 
 use super::verify::VerifyReport;
 use crate::config::MigrationConfig;
@@ -47,11 +48,31 @@ fn hex_key(
         .ok_or_else(|| config_problem(format!("[verify] {what}: not 64 hex digits")))
 }
 
-/// The canonical bytes a signature covers: the report as JSON, without its signature.
-fn signed_bytes(report: &VerifyReport) -> Vec<u8> {
-    let mut unsigned = report.clone();
-    unsigned.signature = None;
-    serde_json::to_vec(&unsigned).expect("a report serializes")
+/// A document Strata signs: its signature is part of it, left out of what it covers.
+pub trait Evidence: Serialize + serde::de::DeserializeOwned + Clone {
+    /// What the document is, in words ("verification report", "destruction certificate").
+    const WHAT: &'static str;
+    /// Its signature, if signed.
+    fn signature(&self) -> Option<&Signature>;
+    /// Sets (or removes) its signature.
+    fn set_signature(&mut self, signature: Option<Signature>);
+}
+
+impl Evidence for VerifyReport {
+    const WHAT: &'static str = "verification report";
+    fn signature(&self) -> Option<&Signature> {
+        self.signature.as_ref()
+    }
+    fn set_signature(&mut self, signature: Option<Signature>) {
+        self.signature = signature;
+    }
+}
+
+/// The canonical bytes a signature covers: the document as JSON, without its signature.
+fn signed_bytes<E: Evidence>(document: &E) -> Vec<u8> {
+    let mut unsigned = document.clone();
+    unsigned.set_signature(None);
+    serde_json::to_vec(&unsigned).expect("a signed document serializes")
 }
 
 /// A signing key as `--new-signing-key --wrapped` writes it: its seed wrapped by the archive's
@@ -111,24 +132,30 @@ pub fn wrap_signing_key(config: &MigrationConfig, seed_hex: &str) -> Result<Stri
     Ok(serde_json::to_string_pretty(&WrappedSigningKey { kek_id, wrapped }).expect("JSON"))
 }
 
-/// Signs `report` with the configured signing key, if one is configured.
-pub fn sign(config: &MigrationConfig, report: &mut VerifyReport) -> Result<bool> {
+/// Signs `document` with the configured signing key, if one is configured.
+pub fn sign<E: Evidence>(config: &MigrationConfig, document: &mut E) -> Result<bool> {
     let Some(seed) = signing_seed(config)? else {
         return Ok(false);
     };
     let key = SigningKey::from_bytes(&seed);
-    let signature = key.sign(&signed_bytes(report));
-    report.signature = Some(Signature {
+    let signature = key.sign(&signed_bytes(document));
+    document.set_signature(Some(Signature {
         algorithm: "Ed25519".into(),
         public_key: hex::encode(key.verifying_key().to_bytes()),
         value: hex::encode(signature.to_bytes()),
-    });
+    }));
     Ok(true)
 }
 
-/// Checks a report's text against the configured public key: Ok with the report when its
-/// signature is that key's over exactly its contents, else what is wrong.
+/// Checks a verification report's text against the configured public key: Ok with the report
+/// when its signature is that key's over exactly its contents, else what is wrong.
 pub fn check(config: &MigrationConfig, text: &str) -> Result<VerifyReport> {
+    check_evidence(config, text)
+}
+
+/// Checks a signed document's text against the configured public key: Ok with the document
+/// when its signature is that key's over exactly its contents, else what is wrong.
+pub fn check_evidence<E: Evidence>(config: &MigrationConfig, text: &str) -> Result<E> {
     let public = config
         .verify
         .as_ref()
@@ -138,21 +165,21 @@ pub fn check(config: &MigrationConfig, text: &str) -> Result<VerifyReport> {
         .ok_or_else(|| config_problem("[verify] public_key_file or public_key_env: no public key to check reports against".into()))?;
     let key = VerifyingKey::from_bytes(&public)
         .map_err(|_| config_problem("[verify] public_key: not an Ed25519 public key".into()))?;
-    let report: VerifyReport = serde_json::from_str(text)
-        .map_err(|e| IngestError::Run(format!("not a verification report: {e}")))?;
-    let Some(signature) = &report.signature else {
-        return Err(IngestError::Run("the report is not signed".into()));
+    let report: E = serde_json::from_str(text)
+        .map_err(|e| IngestError::Run(format!("not a {}: {e}", E::WHAT)))?;
+    let Some(signature) = report.signature() else {
+        return Err(IngestError::Run(format!("the {} is not signed", E::WHAT)));
     };
     let value = hex::decode(&signature.value)
         .ok()
         .and_then(|b| <[u8; 64]>::try_from(b).ok())
         .map(|b| ed25519_dalek::Signature::from_bytes(&b))
-        .ok_or_else(|| IngestError::Run("the report's signature is malformed".into()))?;
+        .ok_or_else(|| IngestError::Run(format!("the {}'s signature is malformed", E::WHAT)))?;
     key.verify(&signed_bytes(&report), &value).map_err(|_| {
-        IngestError::Run(
-            "the report's signature does not match its contents under the configured public key: it was edited, or signed with another key"
-                .into(),
-        )
+        IngestError::Run(format!(
+            "the {}'s signature does not match its contents under the configured public key: it was edited, or signed with another key",
+            E::WHAT
+        ))
     })?;
     Ok(report)
 }

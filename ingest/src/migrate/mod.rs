@@ -11,6 +11,7 @@
 //! record: counts, key range, checksum.
 
 mod canonical;
+mod certificate;
 mod cutover;
 mod destroyed;
 mod evidence;
@@ -30,9 +31,11 @@ mod verify;
 mod workers;
 mod writer;
 
+pub use certificate::{DestroyedTable, DestructionCertificate, CERTIFICATE_FORMAT};
 pub use cutover::{read_only_statements, CutoverReport, TableCounts};
 pub use evidence::{
-    check as check_report, new_signing_key, sign as sign_report, wrap_signing_key, Signature,
+    check as check_report, check_evidence, new_signing_key, sign as sign_report, wrap_signing_key,
+    Evidence, Signature,
 };
 pub use follow::{SyncReport, SyncUntil};
 pub use outbox::OutboxReport;

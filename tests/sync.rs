@@ -525,7 +525,19 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
     assert!(history("18").await.iter().any(|(id, _)| id == "15"));
     // The same through the patient API (its router, a clinician's token, in care): the
     // corrected version of id 1, id 9 under its new patient only.
-    let api_history = patient_api(dir.path()).await;
+    let api = patient_api(dir.path()).await;
+    let api_history = |patient: &'static str| {
+        let records = api("visits", patient.to_string());
+        async move {
+            let mut visits: Vec<(String, String)> = records
+                .await
+                .iter()
+                .map(|r| (json_text(&r["data"]["id"]), json_text(&r["data"]["status"])))
+                .collect();
+            visits.sort();
+            visits
+        }
+    };
     let patient_2 = api_history("2").await;
     assert!(
         patient_2.contains(&("1".to_string(), "corrected".to_string()))
@@ -735,11 +747,11 @@ async fn a_followed_run_catches_up_through_the_policy_and_survives_kill_9() {
 }
 
 /// The patient API over the archive of the run in `dir` (its router, in process): a function
-/// giving a patient's archived visits as (id, status), read by a clinician in whose care the
-/// patient is, for treatment.
+/// giving a patient's archived records of a table (the history's `records`), read by a
+/// clinician in whose care the patient is, for treatment.
 async fn patient_api(
     dir: &std::path::Path,
-) -> impl Fn(&'static str) -> futures::future::BoxFuture<'static, Vec<(String, String)>> {
+) -> impl Fn(&'static str, String) -> futures::future::BoxFuture<'static, Vec<serde_json::Value>> {
     use crate::api::{api_config, call, make_idp};
     use strata_archive_api::{AppState, Role};
     let api = api_config("");
@@ -756,11 +768,11 @@ async fn patient_api(
     let classification = config.classification(policy.patients.as_ref()).unwrap();
     let state = AppState::new(archive, control, &api, dir, classification).unwrap();
     let app = strata_archive_api::router(state);
-    move |patient: &'static str| {
+    move |table: &'static str, patient: String| {
         let (app, idp) = (app.clone(), idp.clone());
         Box::pin(async move {
-            let token = idp.user("dr-a", Role::Clinician, &[patient]);
-            let uri = format!("/v1/patients/{patient}/history?table=visits&limit=1000");
+            let token = idp.user("dr-a", Role::Clinician, &[&patient]);
+            let uri = format!("/v1/patients/{patient}/history?table={table}&limit=1000");
             let (status, _, body) = call(
                 &app,
                 axum::http::Method::GET,
@@ -772,19 +784,16 @@ async fn patient_api(
             .await;
             assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            let text = |v: &serde_json::Value| match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            let mut visits: Vec<(String, String)> = json["records"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| (text(&r["data"]["id"]), text(&r["data"]["status"])))
-                .collect();
-            visits.sort();
-            visits
+            json["records"].as_array().unwrap().clone()
         })
+    }
+}
+
+/// A JSON value as text (a string's own text).
+fn json_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -1393,6 +1402,20 @@ async fn kill_9_in_every_phase_then_a_proven_cutover() {
     for (key, digest) in &archived {
         assert_eq!(source_images.get(key), Some(digest), "scan {key}");
     }
+    // The patient API returns the same newest images: each scan's document digest.
+    let api = patient_api(dir.path()).await;
+    let mut served = std::collections::BTreeMap::new();
+    for patient in 2..=100 {
+        for r in api("scans", patient.to_string()).await {
+            let documents = r["documents"].as_array().unwrap();
+            assert_eq!(documents.len(), 1, "{r}");
+            served.insert(json_text(&r["key"]), json_text(&documents[0]["sha256"]));
+        }
+    }
+    assert_eq!(
+        served, archived,
+        "the patient API serves the newest version of every scan"
+    );
     // The scan deleted after the copy archived it has a tombstone, written by sync.
     let mut tombstoned_by = Vec::new();
     for m in archive.catalog().tables.values().flatten() {

@@ -1940,3 +1940,115 @@ async fn verification_reports_are_listed_for_records_managers_and_auditors() {
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+/// A destruction list is decided by a records manager other than its requester, once, with a
+/// note; the decision is audited; the CLI does the same.
+#[tokio::test]
+async fn destruction_lists_are_decided_by_another_records_manager() {
+    let f = fixture("").await;
+    let summary = json!({ "tables": { "lab_results": { "rows": 4 } } });
+    let request = f
+        .control
+        .request_destruction("retain", "rm-alice", ("1", "hash"), &summary)
+        .await
+        .unwrap();
+    let alice = f.idp.user("rm-alice", Role::RecordsManager, &[]);
+    let bob = f.idp.user("rm-bob", Role::RecordsManager, &[]);
+    let clinician = f.idp.user("dr-a", Role::Clinician, &[&f.patient]);
+    let (status, _, body) = call(
+        &f.app,
+        Method::GET,
+        "/v1/destructions",
+        Some(&bob),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let listed: Json = serde_json::from_slice(&body).unwrap();
+    assert_eq!(listed["requests"][0]["request_id"], request.as_str());
+    assert_eq!(listed["requests"][0]["status"], "pending");
+    let uri = format!("/v1/destructions/{request}/decision");
+    let decide = |token: &str, body: Json| {
+        let (app, uri, token) = (f.app.clone(), uri.clone(), token.to_string());
+        async move { call(&app, Method::POST, &uri, Some(&token), &[], Some(body)).await }
+    };
+    let approve = json!({ "approve": true, "note": "checked against the retention schedule" });
+    // Not a clinician's to decide; not the requester's (four eyes); not without a note.
+    assert_eq!(
+        decide(&clinician, approve.clone()).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (status, _, body) = decide(&alice, approve.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(String::from_utf8_lossy(&body).contains("four eyes"));
+    let blank = json!({ "approve": true, "note": " " });
+    assert_eq!(decide(&bob, blank).await.0, StatusCode::BAD_REQUEST);
+    let (status, _, body) = decide(&bob, approve.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let decided: Json = serde_json::from_slice(&body).unwrap();
+    assert_eq!(decided["status"], "approved");
+    assert_eq!(decided["decision"][0], "rm-bob");
+    // Decided once.
+    assert_eq!(
+        decide(&bob, approve.clone()).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (status, _, _) = call(
+        &f.app,
+        Method::POST,
+        "/v1/destructions/destroy-none/decision",
+        Some(&bob),
+        &[],
+        Some(approve),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The decision is in the audit log, by whom.
+    let log = strata_control::AuditLog::open(
+        &f.control,
+        strata_control::AuditKey::from_hex(
+            &std::fs::read_to_string(f.dir.path().join("audit.key")).unwrap(),
+        )
+        .unwrap(),
+    );
+    let entries = log.list(&AuditQuery::default()).await.unwrap();
+    assert!(
+        entries.iter().any(|e| e.entry.user == "rm-bob"
+            && e.entry.action == "POST /v1/destructions/{request}/decision"
+            && e.entry.status == 200
+            && e.entry.detail["request"] == request.as_str()),
+        "the decision is audited"
+    );
+
+    // The command line: the requester cannot approve; another records manager can.
+    let other = f
+        .control
+        .request_destruction("tier", "rm-alice", ("1", "hash"), &summary)
+        .await
+        .unwrap();
+    let run = |by: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["destruction", "approve", &other, "--by", by, "--note", "ok"])
+            .current_dir(f.dir.path())
+            .output()
+            .unwrap()
+    };
+    let refused = run("rm-alice");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("four eyes"));
+    let approved = run("rm-carol");
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["destruction", "list"])
+        .current_dir(f.dir.path())
+        .output()
+        .unwrap();
+    let listed: Json = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["request_id"], other.as_str());
+    assert_eq!(listed[0]["status"], "approved");
+}

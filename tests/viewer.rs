@@ -801,3 +801,74 @@ async fn disclosed_actions(f: &Fixture, user: &str) -> (Vec<String>, serde_json:
         .collect();
     (actions, listed)
 }
+
+/// A records manager decides another's destruction list on the records page, with a note,
+/// once; their own list shows no decision and a decision posted anyway is refused.
+#[tokio::test]
+async fn a_records_manager_decides_another_records_managers_destruction_list() {
+    let (f, base, _stop) = served("", None).await;
+    let summary = serde_json::json!({ "tables": { "lab_results": { "rows": 4 } } });
+    let theirs = f
+        .control
+        .request_destruction("retain", "dev:ines", ("1", "hash"), &summary)
+        .await
+        .unwrap();
+    let own = f
+        .control
+        .request_destruction("retain", "dev:hana", ("1", "hash"), &summary)
+        .await
+        .unwrap();
+    let mut b = Browser::new(&base);
+    assert_eq!(b.sign_in("hana", "records_manager", "").await.status, 303);
+    let page = b.get("/ui/records").await;
+    assert_eq!(page.status, 200);
+    let text = page.text();
+    assert!(
+        text.contains(&format!("/ui/records/destructions/{theirs}/decision")),
+        "{text}"
+    );
+    assert!(!text.contains(&format!("/ui/records/destructions/{own}/decision")));
+    assert!(text.contains("pending: another records manager decides it"));
+    let csrf = hidden(&text, "csrf");
+    let decide = |id: &str| format!("/ui/records/destructions/{id}/decision");
+    let r = b
+        .post(
+            &decide(&own),
+            &[("csrf", &csrf), ("decision", "approve"), ("note", "mine")],
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = b
+        .post(
+            &decide(&theirs),
+            &[
+                ("csrf", &csrf),
+                ("decision", "approve"),
+                ("note", "checked the register"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(r.location(), "/ui/records?done=approved#destruction");
+    let decided = f
+        .control
+        .destruction_request(&theirs)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(decided.status, strata_control::RequestStatus::Approved);
+    assert_eq!(
+        decided.decision.map(|d| (d.0, d.2)),
+        Some(("dev:hana".to_string(), "checked the register".to_string()))
+    );
+    let page = b.get("/ui/records?done=approved").await.text();
+    assert!(page.contains("The destruction list is approved"), "{page}");
+    assert!(page.contains("approved by dev:hana"), "{page}");
+    let r = b
+        .post(
+            &decide(&theirs),
+            &[("csrf", &csrf), ("decision", "reject"), ("note", "again")],
+        )
+        .await;
+    assert_eq!(r.status, 400, "decided once");
+}

@@ -5,6 +5,7 @@ mod closed_pipe;
 mod config;
 mod context;
 mod demo;
+mod destructions;
 mod exports;
 mod follow;
 mod holds;
@@ -205,6 +206,12 @@ enum Command {
     Hold {
         #[command(subcommand)]
         command: holds::HoldCommand,
+    },
+    /// Destruction lists past retention: a records manager other than the requester approves
+    /// each before anything is destroyed (two steps, four eyes).
+    Destruction {
+        #[command(subcommand)]
+        command: destructions::DestructionCommand,
     },
     /// Run (or resume) the migration.
     Migrate {
@@ -409,6 +416,7 @@ async fn run(cli: Cli) -> Result<()> {
             command: migration::PolicyCommand::Check { file, config },
         } => migration::policy_check(&Context::load(&config)?, file).await,
         Command::Hold { command } => holds::run(command).await,
+        Command::Destruction { command } => destructions::run(command).await,
         Command::Archive { command } => archive::run(command).await,
         Command::Migrate {
             config,

@@ -24,7 +24,7 @@ pub(crate) use clinical::{history_of, serve_document};
 pub(crate) use extract::{ApiJson, ApiQuery, BodyShape, QueryShape};
 pub use openapi::{ApiDoc, ErrorBody};
 pub(crate) use openapi::{PurposeOfUse, Refusals};
-pub(crate) use records::{hold_scope, release_active_hold};
+pub(crate) use records::{decide_destruction_list, hold_scope, release_active_hold};
 
 use crate::access::patient_access;
 use crate::audit::{noted, record, AuditNote};
@@ -143,7 +143,12 @@ pub fn router(state: AppState) -> Router {
             .route("/v1/holds", get(records::holds).post(records::place_hold))
             .route("/v1/holds/{hold}", delete(records::release_hold))
             .route("/v1/reports/last-run", get(records::last_run_report))
-            .route("/v1/reports/destructions", get(records::destruction_report)),
+            .route("/v1/reports/destructions", get(records::destruction_report))
+            .route("/v1/destructions", get(records::destruction_requests))
+            .route(
+                "/v1/destructions/{request}/decision",
+                axum::routing::post(records::decide_destruction),
+            ),
     );
     let evidence = only(
         EVIDENCE,

@@ -2,7 +2,7 @@
 //! scheme. Served at `/openapi.json` and kept in `docs/openapi.json`.
 
 use super::clinical::History;
-use super::records::{NewHold, Release};
+use super::records::{DestructionDecision, NewHold, Release};
 use super::{auditor, clinical, operations, records};
 use crate::exports::routes as export_routes;
 use crate::exports::ExportRequest;
@@ -80,13 +80,14 @@ impl utoipa::Modify for BearerScheme {
     paths(clinical::history, clinical::document, auditor::disclosures, auditor::audit_list,
         auditor::audit_verify, records::policies, records::plan, records::holds,
         records::place_hold, records::release_hold, records::last_run_report,
-        records::destruction_report, records::verification_reports, export_routes::start_export,
+        records::destruction_report, records::destruction_requests,
+        records::decide_destruction, records::verification_reports, export_routes::start_export,
         export_routes::export_status, export_routes::export_file, export_routes::create_group,
         export_routes::list_groups, crate::bulk::export_system, crate::bulk::export_patients,
         crate::bulk::export_group, crate::bulk::status, crate::bulk::cancel, crate::bulk::file,
         crate::smart::configuration, crate::smart::token, operations::healthz,
         operations::readyz, operations::metrics, operations::openapi_json),
-    components(schemas(ErrorBody, PurposeOfUse, ExportRequest, History, HistoryRecord, crate::history::DocumentLink, NewHold, Release)),
+    components(schemas(ErrorBody, PurposeOfUse, ExportRequest, History, HistoryRecord, crate::history::DocumentLink, NewHold, Release, DestructionDecision)),
     modifiers(&BearerScheme),
     security(("bearer" = []))
 )]

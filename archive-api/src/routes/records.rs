@@ -107,6 +107,96 @@ pub(super) async fn destruction_report(
     Ok(reply(Json(Destructions { destructions }), detail))
 }
 
+/// Every destruction list filed by a retention or tiering pass, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct DestructionRequests {
+    /// Each with its status (`pending`, `approved`, `rejected`, `done`), its summary (per
+    /// table: counts, key ranges, checksums), the decision and, once done, the signed
+    /// certificate.
+    #[schema(value_type = Vec<Object>)]
+    requests: Vec<strata_control::DestructionRequest>,
+}
+
+#[utoipa::path(get, path = "/v1/destructions", tag = "records manager",
+    responses((status = 200, description = "Destruction lists, newest first: a pending one waits for a records manager other than its requester", body = DestructionRequests), Refusals))]
+pub(super) async fn destruction_requests(
+    State(state): State<AppState>,
+) -> Result<Response, ApiError> {
+    let requests = state.control.destruction_requests().await?;
+    let detail = json!({ "requests": requests.len() });
+    Ok(reply(Json(DestructionRequests { requests }), detail))
+}
+
+/// Body of `POST /v1/destructions/{request}/decision`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DestructionDecision {
+    /// True to approve the list (the next pass destroys it), false to reject it.
+    approve: bool,
+    /// Why (required).
+    note: String,
+}
+
+impl BodyShape for DestructionDecision {
+    const SHAPE: &'static str = "{\"approve\": true | false, \"note\"}";
+}
+
+#[utoipa::path(post, path = "/v1/destructions/{request}/decision", tag = "records manager",
+    params(("request" = String, Path, description = "The destruction request's id")),
+    request_body = DestructionDecision,
+    responses((status = 200, description = "Decided: the request as it stands now", body = Object),
+        (status = 400, description = "Bad body, or the request is not pending", body = ErrorBody),
+        (status = 403, description = "The requester cannot decide their own list (four eyes)", body = ErrorBody),
+        (status = 404, description = "No such request", body = ErrorBody), Refusals))]
+pub(super) async fn decide_destruction(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(request): Path<String>,
+    ApiJson(d): ApiJson<DestructionDecision>,
+) -> Result<Response, ApiError> {
+    let decided =
+        decide_destruction_list(&state, &request, &principal.user, d.approve, &d.note).await?;
+    let detail = json!({ "request": request, "approve": d.approve });
+    Ok(reply(Json(decided), detail))
+}
+
+/// A records manager's decision (`user`) on the pending destruction list `request`, with a
+/// note: 404 when there is no such request, 403 from its requester (four eyes), 400 when it
+/// is no longer pending or the note is blank.
+pub(crate) async fn decide_destruction_list(
+    state: &AppState,
+    request: &str,
+    user: &str,
+    approve: bool,
+    note: &str,
+) -> Result<strata_control::DestructionRequest, ApiError> {
+    if note.trim().is_empty() {
+        return Err(ApiError::BadRequest(
+            "a decision on a destruction list needs a note".into(),
+        ));
+    }
+    let filed = state
+        .control
+        .destruction_request(request)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if filed.requested_by == user {
+        return Err(ApiError::Scope(
+            "you requested this destruction list: another records manager must decide it (four eyes)"
+                .into(),
+        ));
+    }
+    if filed.status != strata_control::RequestStatus::Pending {
+        return Err(ApiError::BadRequest(
+            "this destruction list is no longer pending".into(),
+        ));
+    }
+    Ok(state
+        .control
+        .decide_destruction(request, user, approve, note.trim())
+        .await?)
+}
+
 /// Every verification of a run kept by `strata verify`, newest first.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct Verifications {

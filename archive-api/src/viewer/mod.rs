@@ -118,6 +118,10 @@ pub(crate) fn routes(
         .route("/ui/records", get(records::page))
         .route("/ui/records/holds", post(records::place_hold))
         .route(
+            "/ui/records/destructions/{request}/decision",
+            post(records::decide_destruction),
+        )
+        .route(
             "/ui/records/holds/{hold}/release",
             post(records::release_hold),
         )

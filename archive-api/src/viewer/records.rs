@@ -9,7 +9,7 @@ use super::session::Session;
 use crate::audit::{noted, AuditNote};
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::routes::{hold_scope, release_active_hold};
+use crate::routes::{decide_destruction_list, hold_scope, release_active_hold};
 use crate::state::AppState;
 use askama::Template;
 use axum::extract::{Extension, Form, Path, Query, State};
@@ -18,6 +18,7 @@ use axum::response::{Redirect, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use strata_control::RequestStatus;
 use strata_cutoff_policies::HoldScope;
 
 /// A policy version shown.
@@ -86,6 +87,30 @@ pub(crate) struct DestructionView {
     void: bool,
 }
 
+/// A destruction list shown.
+pub(crate) struct RequestView {
+    id: String,
+    kind: String,
+    requested_by: String,
+    requested_at: String,
+    policy_version: String,
+    /// Records on the list (the summary's `rows`, summed over its tables).
+    records: u64,
+    status: &'static str,
+    /// Who decided it, when, their note.
+    decision: Option<(String, String, String)>,
+    /// Whether the signed-in user requested it (and so cannot decide it).
+    own: bool,
+}
+
+/// Records on a destruction list: its summary's tables' `rows`.
+fn listed_records(summary: &Value) -> u64 {
+    summary["tables"]
+        .as_object()
+        .map(|tables| tables.values().map(|t| number(t, "rows")).sum())
+        .unwrap_or(0)
+}
+
 #[derive(Template)]
 #[template(path = "records.html")]
 struct RecordsPage {
@@ -95,6 +120,7 @@ struct RecordsPage {
     older_policies: Vec<PolicyView>,
     plan: Option<PlanView>,
     holds: Vec<HoldView>,
+    requests: Vec<RequestView>,
     last_run: Option<(String, Vec<TableRow>)>,
     destructions: Vec<DestructionView>,
 }
@@ -284,6 +310,27 @@ pub(crate) async fn page(
             released: h.released,
         })
         .collect();
+    let requests = c
+        .destruction_requests()
+        .await?
+        .into_iter()
+        .map(|r| RequestView {
+            own: r.requested_by == session.data.user,
+            records: listed_records(&r.summary),
+            status: match r.status {
+                RequestStatus::Pending => "pending",
+                RequestStatus::Approved => "approved",
+                RequestStatus::Rejected => "rejected",
+                RequestStatus::Done => "destroyed",
+            },
+            id: r.request_id,
+            kind: r.kind,
+            requested_by: r.requested_by,
+            requested_at: r.requested_at,
+            policy_version: r.policy_version,
+            decision: r.decision,
+        })
+        .collect();
     let last_run = c
         .last_finished_run_report::<Value>()
         .await?
@@ -309,12 +356,19 @@ pub(crate) async fn page(
             notice: q.done.map(|d| match d.as_str() {
                 "placed" => "The legal hold is placed.".to_string(),
                 "released" => "The legal hold is released.".to_string(),
+                "approved" => {
+                    "The destruction list is approved: the next pass destroys it.".to_string()
+                }
+                "rejected" => {
+                    "The destruction list is rejected: nothing of it is destroyed.".to_string()
+                }
                 _ => String::new(),
             }),
             policy,
             older_policies: versions,
             plan,
             holds,
+            requests,
             last_run,
             destructions,
         },
@@ -406,6 +460,41 @@ pub(crate) async fn release_hold(
         AuditNote {
             access: None,
             detail: json!({ "hold": hold, "released": true }),
+        },
+    ))
+}
+
+/// Form of `POST /ui/records/destructions/{request}/decision`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Decision {
+    csrf: String,
+    /// `approve` or `reject`.
+    decision: String,
+    note: String,
+}
+
+/// `POST /ui/records/destructions/{request}/decision`: a records manager approves or rejects a
+/// pending destruction list (never their own).
+pub(crate) async fn decide_destruction(
+    State(state): State<AppState>,
+    Extension(session): Extension<Session>,
+    Path(request): Path<String>,
+    Form(form): Form<Decision>,
+) -> Result<Response, PageError> {
+    session.check_csrf(&form.csrf)?;
+    records_manager(&session)?;
+    let approve = match form.decision.as_str() {
+        "approve" => true,
+        "reject" => false,
+        _ => return Err(ApiError::BadRequest("approve or reject".into()).into()),
+    };
+    decide_destruction_list(&state, &request, &session.data.user, approve, &form.note).await?;
+    let done = if approve { "approved" } else { "rejected" };
+    Ok(noted(
+        Redirect::to(&format!("/ui/records?done={done}#destruction")),
+        AuditNote {
+            access: None,
+            detail: json!({ "destruction_request": request, "approve": approve }),
         },
     ))
 }

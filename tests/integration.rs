@@ -11,6 +11,7 @@ mod exports;
 mod legacy_schemas;
 mod policies;
 mod quarantine;
+mod retention;
 mod rollback;
 mod support;
 mod sync;

@@ -40,14 +40,15 @@ pub struct CompactionReport {
     pub destroyed: u64,
 }
 
-/// What a rewrite for retention destroys ([`rewrite_table`]): the records it names, told of
-/// each current copy it leaves out (to count and checksum what is destroyed).
+/// What a rewrite for retention destroys ([`rewrite_table`]): asked of each current copy
+/// (row `row` of `batch`, in the table's current layout; its third column is the record key),
+/// it says whether the copy is destroyed, and counts and checksums what it destroys.
 pub trait Destroyer: Send {
-    /// Whether the record `key` is destroyed.
-    fn destroys(&self, key: &str) -> bool;
-    /// A copy of a destroyed record left out: row `row` of `batch` (in the table's current
-    /// layout).
-    fn destroyed(&mut self, batch: &RecordBatch, row: usize);
+    /// Whether this copy is destroyed (left out).
+    fn destroy(&mut self, batch: &RecordBatch, row: usize) -> bool;
+    /// The destruction's id and its record of what it destroyed, kept in the rewrite's
+    /// manifest (`destructions`) once the rows are all read.
+    fn record(&self) -> (String, serde_json::Value);
 }
 
 /// Inputs a merge pass opens at once: what bounds a compaction's memory (each open input holds
@@ -143,8 +144,10 @@ pub async fn rewrite_table(
         if !successors.fate(rank, key).is_served() {
             return false;
         }
-        if let Some(d) = destroyer.as_deref_mut().filter(|d| d.destroys(key)) {
-            d.destroyed(batch, row);
+        if destroyer
+            .as_deref_mut()
+            .is_some_and(|d| d.destroy(batch, row))
+        {
             destroyed += 1;
             return false;
         }
@@ -220,11 +223,18 @@ pub async fn rewrite_table(
             .extend(m.replaced_rows.iter().map(|(p, n)| (p.clone(), *n)));
         manifest.superseded_copies += m.superseded_copies;
         manifest.destroyed_copies += m.destroyed_copies;
+        manifest
+            .destructions
+            .extend(m.destructions.iter().map(|(k, v)| (k.clone(), v.clone())));
         supersedes.insert(path);
         supersedes.extend(m.supersedes.iter().cloned());
     }
     manifest.superseded_copies += report.rows_before - kept_rows - destroyed;
     manifest.destroyed_copies += destroyed;
+    if let Some(d) = &destroyer {
+        let (id, record) = d.record();
+        manifest.destructions.insert(id, record);
+    }
     manifest.supersedes = supersedes.into_iter().collect();
     // As new as what it read: a run published meanwhile stays newer.
     manifest.ranks_as_of = manifests
@@ -261,8 +271,9 @@ pub async fn rewrite_table(
 /// Deletes manifests that another manifest superseded at least `grace` ago, with their files and
 /// key material; with `orphans`, also the Parquet files (and key material) that no manifest
 /// names and that were written at least `grace` ago: those of an attempt that never reached its
-/// checkpoint. Pass `orphans` only when no run is in progress (a range's files are written
-/// before its manifest). Returns the objects deleted.
+/// checkpoint, and the BLOB objects no row refers to any more, once they have stayed so for
+/// `grace` ([`crate::blob_gc`]). Pass `orphans` only when no run is in progress (a range's
+/// files are written before its manifest). Returns the objects deleted.
 pub async fn gc(
     store: Arc<dyn ObjectStore>,
     keys: KeyRing,
@@ -331,6 +342,14 @@ pub async fn gc(
                 Err(e) => return Err(e.into()),
             }
         }
+        let gone: std::collections::HashSet<&str> = deleted.iter().map(String::as_str).collect();
+        let alive: Vec<&TableManifest> = manifests
+            .iter()
+            .filter(|(path, _)| !gone.contains(path.as_str()))
+            .map(|(_, m)| m)
+            .collect();
+        let blobs = crate::blob_gc::sweep_blobs(&store, &keys, &alive, grace, now).await?;
+        deleted.extend(blobs);
     }
     Ok(deleted)
 }
@@ -969,13 +988,20 @@ mod tests {
             told: Vec<(String, i64)>,
         }
         impl Destroyer for Named {
-            fn destroys(&self, key: &str) -> bool {
-                self.keys.contains(&key)
-            }
-            fn destroyed(&mut self, batch: &RecordBatch, row: usize) {
+            fn destroy(&mut self, batch: &RecordBatch, row: usize) -> bool {
                 let k = batch.column(2).as_string::<i32>().value(row).to_string();
+                if !self.keys.contains(&k.as_str()) {
+                    return false;
+                }
                 let v = batch.column(3).as_primitive::<Int64Type>().value(row);
                 self.told.push((k, v));
+                true
+            }
+            fn record(&self) -> (String, serde_json::Value) {
+                (
+                    "destroy-1".into(),
+                    serde_json::json!({ "rows": self.told.len() }),
+                )
             }
         }
         let (store, keys, schema) = crate::test_support::test_archive("quantity").await;
@@ -1035,6 +1061,11 @@ mod tests {
         assert_eq!(
             (m.superseded_copies, m.destroyed_copies, m.rows()),
             (1, 2, 1)
+        );
+        assert_eq!(
+            m.destructions.get("destroy-1"),
+            Some(&serde_json::json!({ "rows": 2 })),
+            "the destruction's record stays with the table through compaction"
         );
     }
 }

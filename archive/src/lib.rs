@@ -29,6 +29,7 @@
 #![deny(missing_docs)]
 
 mod blob;
+mod blob_gc;
 mod catalog;
 mod compact;
 mod config;

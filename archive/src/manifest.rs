@@ -47,6 +47,12 @@ pub struct TableManifest {
     /// superseded copies.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub destroyed_copies: u64,
+    /// The destruction lists carried out on this table by this rewrite or one it replaced, by
+    /// request id, with what each destroyed here (counts, key range, checksums: the pass's own
+    /// record). Written with the catalog switch, so that a pass interrupted after it neither
+    /// destroys twice nor certifies nothing.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub destructions: std::collections::BTreeMap<String, serde_json::Value>,
     /// Of a compaction: the creation time of the newest manifest it read (RFC 3339). Its copies
     /// are as new as that, not as its own `created_at`: a run that published while the
     /// compaction worked (change sync's corrections and tombstones) ranks after it
@@ -120,6 +126,7 @@ impl TableManifest {
             replaced_rows: Default::default(),
             superseded_copies: 0,
             destroyed_copies: 0,
+            destructions: Default::default(),
             ranks_as_of: String::new(),
             tombstones: Vec::new(),
             truncated: false,

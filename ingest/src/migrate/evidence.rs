@@ -132,6 +132,11 @@ pub fn wrap_signing_key(config: &MigrationConfig, seed_hex: &str) -> Result<Stri
     Ok(serde_json::to_string_pretty(&WrappedSigningKey { kek_id, wrapped }).expect("JSON"))
 }
 
+/// Whether a signing key is configured (and readable).
+pub(super) fn can_sign(config: &MigrationConfig) -> Result<bool> {
+    Ok(signing_seed(config)?.is_some())
+}
+
 /// Signs `document` with the configured signing key, if one is configured.
 pub fn sign<E: Evidence>(config: &MigrationConfig, document: &mut E) -> Result<bool> {
     let Some(seed) = signing_seed(config)? else {

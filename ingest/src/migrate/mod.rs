@@ -22,6 +22,7 @@ mod naming;
 mod outbox;
 mod range;
 mod reactivate;
+mod retention;
 mod rollback;
 mod route;
 mod sinks;
@@ -39,6 +40,7 @@ pub use evidence::{
 };
 pub use follow::{SyncReport, SyncUntil};
 pub use outbox::OutboxReport;
+pub use retention::{carry_out_retention, ListedTable, RetentionList};
 pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;
 pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};

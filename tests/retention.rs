@@ -1,0 +1,164 @@
+//! Retention inside the archive (issue #20), the destroying step: a `retain` destruction list
+//! is carried out only once a records manager other than its requester approved it; a record
+//! a legal hold covers is kept; the destruction is certified (signed) and recorded; readers
+//! stop serving the records at the catalog switch; `archive verify` accounts for every row;
+//! `gc` deletes the replaced files and their data keys.
+
+use super::*;
+use std::collections::BTreeMap;
+use strata_control::{Control, RequestStatus};
+use strata_cutoff_policies::HoldScope;
+use strata_ingest::{carry_out_retention, DestructionCertificate, ListedTable, RetentionList};
+
+/// (patient, key) of every archived lab result.
+async fn lab_results(dir: &Path) -> Vec<(String, String)> {
+    let config = load_config(&dir.join("strata.toml"));
+    let archive = open_archive(&config.archive, &config.base_dir).await;
+    let mut out = Vec::new();
+    for (_, _, entry) in archive.ranked_files("lab_results") {
+        for b in archive.read_file(entry).await.unwrap() {
+            let b = strata_archive::ArchivedBatch::new(&b, &[]);
+            for row in 0..b.num_rows() {
+                out.push((
+                    b.patient(row).unwrap().to_string(),
+                    b.key(row).unwrap().to_string(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn an_approved_retention_list_is_destroyed_certified_and_a_held_record_kept() {
+    let (dir, _source, _archive) = migrated_sqlite(0.05).await;
+    let (seed, public) = strata_ingest::new_signing_key();
+    std::fs::write(dir.path().join("signing.key"), seed).unwrap();
+    std::fs::write(dir.path().join("public.key"), public).unwrap();
+    let config_path = dir.path().join("strata.toml");
+    let mut text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(!text.contains("[verify]"));
+    text.push_str(
+        "\n[verify]\nsigning_key_file = \"signing.key\"\npublic_key_file = \"public.key\"\n",
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let config = load_config(&config_path);
+    let control = Control::open(&config.control_url().unwrap()).await.unwrap();
+
+    // Three records of one patient, one of another whom a legal hold covers.
+    let before = lab_results(dir.path()).await;
+    let mut by_patient: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (p, k) in &before {
+        by_patient.entry(p).or_default().push(k);
+    }
+    let (gone_patient, gone_keys) = by_patient
+        .iter()
+        .find(|(_, keys)| keys.len() >= 3)
+        .map(|(p, keys)| {
+            (
+                p.to_string(),
+                keys[..3].iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            )
+        })
+        .expect("a patient with three archived lab results");
+    let (held_patient, held_key) = by_patient
+        .iter()
+        .find(|(p, _)| **p != gone_patient)
+        .map(|(p, keys)| (p.to_string(), keys[0].to_string()))
+        .unwrap();
+    control
+        .place_hold(
+            &HoldScope::Patient(held_patient.clone()),
+            "matter 2026-20",
+            "counsel",
+        )
+        .await
+        .unwrap();
+    let mut keys = gone_keys.clone();
+    keys.push(held_key.clone());
+    let list = RetentionList {
+        as_of: "2026-11-29".into(),
+        rules: vec!["lab_results: retention 10y".into()],
+        tables: [(
+            "lab_results".to_string(),
+            ListedTable {
+                rows: keys.len() as u64,
+                keys,
+            },
+        )]
+        .into(),
+    };
+    let request = control
+        .request_destruction(
+            "retain",
+            "rm-alice",
+            ("1", "hash"),
+            &serde_json::to_value(&list).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    // Pending: nothing is destroyed.
+    assert!(carry_out_retention(&config, &control)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(lab_results(dir.path()).await, before);
+    control
+        .decide_destruction(&request, "rm-bob", true, "checked")
+        .await
+        .unwrap();
+    let certificates = carry_out_retention(&config, &control).await.unwrap();
+    assert_eq!(certificates.len(), 1);
+    let c = &certificates[0];
+    assert_eq!(
+        (c.request_id.as_str(), c.approved_by.as_str()),
+        (request.as_str(), "rm-bob")
+    );
+    assert_eq!(c.tables.len(), 1);
+    assert_eq!(c.tables[0].rows, 3);
+    assert_eq!(c.kept_by_holds, 1, "the held patient's record is kept");
+    assert!(c.tables[0].key_checksum.starts_with("sum256:"));
+    assert!(!c.files_replaced.is_empty());
+    // The certificate checks against the configured key, and is kept with the request.
+    let text = serde_json::to_string_pretty(c).unwrap();
+    let checked: DestructionCertificate = strata_ingest::check_evidence(&config, &text).unwrap();
+    assert_eq!(&checked, c);
+    let done = control
+        .destruction_request(&request)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RequestStatus::Done);
+    assert_eq!(done.certificate, Some(serde_json::to_value(c).unwrap()));
+
+    // Readers no longer serve the destroyed records; every other record stays.
+    let after = lab_results(dir.path()).await;
+    let mut expected = before.clone();
+    expected.retain(|(_, k)| !gone_keys.contains(k));
+    assert_eq!(after, expected);
+    assert!(after.contains(&(held_patient, held_key)));
+    let (passed, out) = verify_archive(dir.path());
+    assert!(passed, "{out}");
+    assert!(out.contains("3 destroyed past retention"), "{out}");
+    // Done once.
+    assert!(carry_out_retention(&config, &control)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // gc deletes the files the rewrite replaced, with their data keys.
+    let out = strata(&["archive", "gc", "--grace-hours", "0"], dir.path());
+    assert!(out.status.success());
+    for f in &c.files_replaced {
+        assert!(!dir.path().join("archive").join(f).exists(), "{f}");
+        let (folder, name) = f.rsplit_once('/').unwrap();
+        let key_material = format!("{folder}/_KEY_MATERIAL_FOR_{name}.json");
+        assert!(
+            !dir.path().join("archive").join(&key_material).exists(),
+            "{key_material}"
+        );
+    }
+    assert_eq!(lab_results(dir.path()).await, expected);
+}

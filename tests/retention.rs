@@ -30,19 +30,166 @@ async fn lab_results(dir: &Path) -> Vec<(String, String)> {
     out
 }
 
-#[tokio::test]
-async fn an_approved_retention_list_is_destroyed_certified_and_a_held_record_kept() {
-    let (dir, _source, _archive) = migrated_sqlite(0.05).await;
+/// A signing key for certificates in `dir`, named by its strata.toml.
+fn with_signing_key(dir: &Path) -> std::path::PathBuf {
     let (seed, public) = strata_ingest::new_signing_key();
-    std::fs::write(dir.path().join("signing.key"), seed).unwrap();
-    std::fs::write(dir.path().join("public.key"), public).unwrap();
-    let config_path = dir.path().join("strata.toml");
+    std::fs::write(dir.join("signing.key"), seed).unwrap();
+    std::fs::write(dir.join("public.key"), public).unwrap();
+    let config_path = dir.join("strata.toml");
     let mut text = std::fs::read_to_string(&config_path).unwrap();
     assert!(!text.contains("[verify]"));
     text.push_str(
         "\n[verify]\nsigning_key_file = \"signing.key\"\npublic_key_file = \"public.key\"\n",
     );
     std::fs::write(&config_path, text).unwrap();
+    config_path
+}
+
+fn run_ok(args: &[&str], dir: &Path) -> String {
+    let out = strata(args, dir);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{args:?}: {text}");
+    text
+}
+
+/// The whole pass from the command line: `strata archive retain` files the archived records
+/// past retention at a later day (a held patient's left off), the requester cannot approve
+/// the list, another records manager does, and the next `retain` destroys it, certified;
+/// `archive verify` accounts for every row; the held patient's records stay.
+#[tokio::test]
+async fn retain_files_a_list_another_records_manager_approves_and_the_next_pass_destroys() {
+    let (dir, _source, _archive) = migrated_sqlite(0.05).await;
+    let config_path = with_signing_key(dir.path());
+    let config = load_config(&config_path);
+    let before = lab_results(dir.path()).await;
+    let held = before[0].0.clone();
+    run_ok(
+        &[
+            "hold",
+            "place",
+            "--patient",
+            &held,
+            "--by",
+            "counsel",
+            "--reason",
+            "matter 20",
+        ],
+        dir.path(),
+    );
+    // Ten years of retention after the last activity: in 2060 every archived record is past
+    // it, but for the held patient's.
+    let out = run_ok(
+        &[
+            "archive",
+            "retain",
+            "--by",
+            "rm-alice",
+            "--as-of",
+            "2060-01-01",
+        ],
+        dir.path(),
+    );
+    assert!(out.contains("filed for approval"), "{out}");
+    let request = out
+        .lines()
+        .find(|l| l.contains("filed for approval"))
+        .and_then(|l| l.split(':').next())
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(request.starts_with("destroy-"), "{out}");
+    let control = Control::open(&config.control_url().unwrap()).await.unwrap();
+    let filed = control
+        .destruction_request(&request)
+        .await
+        .unwrap()
+        .unwrap();
+    let list: RetentionList = serde_json::from_value(filed.summary).unwrap();
+    let listed: Vec<&String> = list.tables["lab_results"].keys.iter().collect();
+    let held_keys: Vec<&String> = before
+        .iter()
+        .filter(|(p, _)| *p == held)
+        .map(|(_, k)| k)
+        .collect();
+    assert!(!held_keys.is_empty());
+    assert!(
+        held_keys.iter().all(|k| !listed.contains(k)),
+        "a held record is not listed"
+    );
+    assert_eq!(listed.len(), before.len() - held_keys.len());
+    // Filed, not destroyed; the requester cannot approve it.
+    assert_eq!(lab_results(dir.path()).await, before);
+    let refused = strata(
+        &[
+            "destruction",
+            "approve",
+            &request,
+            "--by",
+            "rm-alice",
+            "--note",
+            "mine",
+        ],
+        dir.path(),
+    );
+    assert!(!refused.status.success());
+    run_ok(
+        &[
+            "destruction",
+            "approve",
+            &request,
+            "--by",
+            "rm-bob",
+            "--note",
+            "checked",
+        ],
+        dir.path(),
+    );
+    let out = run_ok(
+        &[
+            "archive",
+            "retain",
+            "--by",
+            "rm-alice",
+            "--as-of",
+            "2060-01-01",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.contains(&format!("{request}: ")) && out.contains("destroyed"),
+        "{out}"
+    );
+    let after = lab_results(dir.path()).await;
+    let expected: Vec<(String, String)> =
+        before.iter().filter(|(p, _)| *p == held).cloned().collect();
+    assert_eq!(
+        after, expected,
+        "only the held patient's lab results are left"
+    );
+    let done = control
+        .destruction_request(&request)
+        .await
+        .unwrap()
+        .unwrap();
+    let certificate: DestructionCertificate =
+        serde_json::from_value(done.certificate.unwrap()).unwrap();
+    strata_ingest::check_evidence::<DestructionCertificate>(
+        &config,
+        &serde_json::to_string(&certificate).unwrap(),
+    )
+    .unwrap();
+    let (passed, out) = verify_archive(dir.path());
+    assert!(passed, "{out}");
+}
+
+#[tokio::test]
+async fn an_approved_retention_list_is_destroyed_certified_and_a_held_record_kept() {
+    let (dir, _source, _archive) = migrated_sqlite(0.05).await;
+    let config_path = with_signing_key(dir.path());
     let config = load_config(&config_path);
     let control = Control::open(&config.control_url().unwrap()).await.unwrap();
 
@@ -161,4 +308,63 @@ async fn an_approved_retention_list_is_destroyed_certified_and_a_held_record_kep
         );
     }
     assert_eq!(lab_results(dir.path()).await, expected);
+}
+
+/// Activity after go-live counts: a patient whose archived lab results are past retention
+/// keeps them once the new EHR records an encounter for them (in the operational database).
+#[tokio::test]
+async fn activity_in_the_operational_database_keeps_archived_records() {
+    let (dir, _source, _archive) = migrated_sqlite(0.05).await;
+    let config = load_config(&dir.path().join("strata.toml"));
+    let control = Control::open(&config.control_url().unwrap()).await.unwrap();
+    let as_of = chrono::NaiveDate::from_ymd_opt(2031, 6, 1).unwrap();
+    let patient_of: BTreeMap<String, String> = lab_results(dir.path())
+        .await
+        .into_iter()
+        .map(|(p, k)| (k, p))
+        .collect();
+    let listed = |filed: &strata_ingest::FiledList| {
+        let control = control.clone();
+        let id = filed.request_id.clone();
+        async move {
+            let r = control.destruction_request(&id).await.unwrap().unwrap();
+            let list: RetentionList = serde_json::from_value(r.summary).unwrap();
+            list.tables
+                .get("lab_results")
+                .map(|t| t.keys.clone())
+                .unwrap_or_default()
+        }
+    };
+    let first = strata_ingest::file_retention_list(&config, &control, as_of, "rm-alice")
+        .await
+        .unwrap()
+        .expect("archived records past retention in 2031");
+    let first_keys = listed(&first).await;
+    let patient = patient_of[&first_keys[0]].clone();
+    control
+        .decide_destruction(&first.request_id, "rm-bob", false, "a new encounter is due")
+        .await
+        .unwrap();
+    // The new EHR records an encounter for that patient after go-live.
+    let operational = Db::connect(&config.resolve_url(&config.operational.url).unwrap(), false)
+        .await
+        .unwrap();
+    operational
+        .execute(&format!(
+            "INSERT INTO encounters (id, patient_id, started_at, encounter_class) VALUES (987654321, {patient}, '2026-11-01 10:00:00', 'AMB')"
+        ))
+        .await
+        .unwrap();
+    operational.close().await;
+    let second = strata_ingest::file_retention_list(&config, &control, as_of, "rm-alice")
+        .await
+        .unwrap()
+        .expect("other patients' records are still past retention");
+    let second_keys = listed(&second).await;
+    assert!(
+        second_keys.iter().all(|k| patient_of[k] != patient),
+        "patient {patient}'s archived lab results are kept: their last activity is 2026"
+    );
+    assert!(first_keys.len() > second_keys.len());
+    assert!(second_keys.iter().all(|k| first_keys.contains(k)));
 }

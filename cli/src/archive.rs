@@ -1,4 +1,4 @@
-//! `strata archive ...`: verify, compact, gc, sync-catalog and rotate-key.
+//! `strata archive ...`: verify, compact, gc, retain, sync-catalog and rotate-key.
 //!
 //! Each command opens the archive and the control database named by a config, once, through
 //! its [`Context`]. `verify` holds
@@ -51,6 +51,20 @@ pub enum ArchiveCommand {
         #[arg(long)]
         forget_missing: bool,
     },
+    /// Retention inside the archive: carry out the destruction lists a records manager
+    /// approved (each rewrite certified and signed with the [verify] key), then file the
+    /// archived records past retention at --as-of (holds respected) as a new list, which a
+    /// records manager other than --by approves with `strata destruction approve`.
+    Retain {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Who requests the new list.
+        #[arg(long)]
+        by: String,
+        /// The day retention is reckoned from (default: today).
+        #[arg(long)]
+        as_of: Option<chrono::NaiveDate>,
+    },
     /// Re-wrap every data key with the config's current KEK (`kek_id`), keeping the old one in
     /// `previous_keks` until this has finished. Data objects are not rewritten.
     RotateKey {
@@ -93,6 +107,9 @@ pub async fn run(command: ArchiveCommand) -> Result<()> {
             config,
             forget_missing,
         } => sync_catalog(&Context::load(&config)?, forget_missing).await,
+        ArchiveCommand::Retain { config, by, as_of } => {
+            retain(&Context::load(&config)?, &by, as_of).await
+        }
         ArchiveCommand::RotateKey { config } => {
             let ctx = Context::load(&config)?;
             let (store, keys) = ctx.archive_store()?;
@@ -226,6 +243,42 @@ async fn sync_catalog(ctx: &Context, forget_missing: bool) -> Result<()> {
             "the ledger records {} manifest(s) the archive lacks: restore them, or accept the loss with --forget-missing",
             missing.len()
         );
+    }
+    Ok(())
+}
+
+async fn retain(ctx: &Context, by: &str, as_of: Option<chrono::NaiveDate>) -> Result<()> {
+    let control = ctx.control().await?;
+    let config = &ctx.config.migration;
+    for c in strata_ingest::carry_out_retention(config, control).await? {
+        let rows: u64 = c.tables.iter().map(|t| t.rows).sum();
+        println!(
+            "{}: {rows} archived record(s) destroyed in {} table(s), approved by {}, {} kept by legal holds; certificate signed (`strata destruction list` shows it); the replaced files and their data keys go with `strata archive gc` after its grace period",
+            c.request_id,
+            c.tables.len(),
+            c.approved_by,
+            c.kept_by_holds
+        );
+    }
+    let as_of = as_of.unwrap_or_else(|| chrono::Utc::now().date_naive());
+    match strata_ingest::file_retention_list(config, control, as_of, by).await? {
+        Some(filed) => {
+            let rows: u64 = filed.tables.values().sum();
+            println!(
+                "{}: {rows} archived record(s) past retention at {as_of} filed for approval ({}); a records manager other than {by} approves it: strata destruction approve {} --by WHO --note WHY",
+                filed.request_id,
+                filed
+                    .tables
+                    .iter()
+                    .map(|(t, n)| format!("{t}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                filed.request_id
+            );
+        }
+        None => println!(
+            "no archived record is past retention at {as_of} (or each is on a list already)"
+        ),
     }
     Ok(())
 }

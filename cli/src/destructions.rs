@@ -64,13 +64,7 @@ pub async fn run(command: DestructionCommand) -> Result<()> {
     Ok(())
 }
 
-async fn decide(
-    config: &Path,
-    request: &str,
-    by: &str,
-    approve: bool,
-    note: &str,
-) -> Result<()> {
+async fn decide(config: &Path, request: &str, by: &str, approve: bool, note: &str) -> Result<()> {
     anyhow::ensure!(!note.trim().is_empty(), "a decision needs a --note");
     let ctx = Context::load(config)?;
     let decided = ctx

@@ -50,12 +50,12 @@ pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EXACT_DISTINCT};
 pub use layout::TableLayout;
 pub use migrate::{
-    carry_out_retention, check_evidence, check_policy, check_report, new_signing_key,
-    read_only_statements, read_policy, sign_report, wrap_signing_key, CutoverReport,
-    DestroyedTable, DestructionCertificate, Difference, Evidence, Explanation, Holding,
-    ListedTable, Migration, OutboxReport, PolicyCheck, RetentionList, RollbackReport, Signature,
-    SyncReport, SyncUntil, TableCounts, TableProof, VerifyReport, CERTIFICATE_FORMAT,
-    LISTED_DIFFERENCES,
+    carry_out_retention, check_evidence, check_policy, check_report, file_retention_list,
+    new_signing_key, read_only_statements, read_policy, sign_report, wrap_signing_key,
+    CutoverReport, DestroyedTable, DestructionCertificate, Difference, Evidence, Explanation,
+    FiledList, Holding, ListedTable, Migration, OutboxReport, PolicyCheck, RetentionList,
+    RollbackReport, Signature, SyncReport, SyncUntil, TableCounts, TableProof, VerifyReport,
+    CERTIFICATE_FORMAT, LISTED_DIFFERENCES,
 };
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, YearRows, EXACT_PATIENTS};

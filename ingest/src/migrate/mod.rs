@@ -20,6 +20,7 @@ mod follow;
 mod later;
 mod naming;
 mod outbox;
+mod past_retention;
 mod range;
 mod reactivate;
 mod retention;
@@ -40,6 +41,7 @@ pub use evidence::{
 };
 pub use follow::{SyncReport, SyncUntil};
 pub use outbox::OutboxReport;
+pub use past_retention::{file_retention_list, FiledList};
 pub use retention::{carry_out_retention, ListedTable, RetentionList};
 pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;

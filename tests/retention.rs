@@ -368,3 +368,69 @@ async fn activity_in_the_operational_database_keeps_archived_records() {
     assert!(first_keys.len() > second_keys.len());
     assert!(second_keys.iter().all(|k| first_keys.contains(k)));
 }
+
+/// kill -9 at any moment of `strata archive retain` carrying out an approved list: after each
+/// kill `archive verify` accounts for every row; the next pass finishes, each listed record
+/// destroyed once, and the certificate counts every one of them — also those a killed pass
+/// destroyed before it could certify (read back from the rewrite's manifest).
+#[tokio::test]
+async fn kill_9_in_retain_destroys_once_and_certifies_all_it_destroyed() {
+    let (dir, _source, _archive) = migrated_sqlite(0.3).await;
+    let config_path = with_signing_key(dir.path());
+    let config = load_config(&config_path);
+    let control = Control::open(&config.control_url().unwrap()).await.unwrap();
+    let as_of = chrono::NaiveDate::from_ymd_opt(2060, 1, 1).unwrap();
+    let filed = strata_ingest::file_retention_list(&config, &control, as_of, "rm-alice")
+        .await
+        .unwrap()
+        .unwrap();
+    let listed: u64 = filed.tables.values().sum();
+    control
+        .decide_destruction(&filed.request_id, "rm-bob", true, "checked")
+        .await
+        .unwrap();
+    let mut kills = 0;
+    // Kills 10 ms apart, later each time, until a pass finishes before its kill.
+    for ms in (1..=600).map(|n| n * 10) {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args([
+                "archive",
+                "retain",
+                "--by",
+                "rm-alice",
+                "--as-of",
+                "2000-01-01",
+            ])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        let (passed, out) = verify_archive(dir.path());
+        assert!(passed, "after a kill at {ms} ms: {out}");
+    }
+    assert!(kills >= 5, "{kills} kills before a pass finished");
+    let done = control
+        .destruction_request(&filed.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, RequestStatus::Done);
+    let certificate: DestructionCertificate =
+        serde_json::from_value(done.certificate.unwrap()).unwrap();
+    let destroyed: u64 = certificate.tables.iter().map(|t| t.rows).sum();
+    assert_eq!(
+        destroyed, listed,
+        "every listed record destroyed and certified, once"
+    );
+    assert!(lab_results(dir.path()).await.is_empty());
+    let (passed, out) = verify_archive(dir.path());
+    assert!(passed, "{out}");
+}

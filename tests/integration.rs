@@ -7,6 +7,7 @@ mod blobs;
 mod browser;
 mod bulk;
 mod crash;
+mod deploy;
 mod exports;
 mod legacy_schemas;
 mod policies;

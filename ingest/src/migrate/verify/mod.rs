@@ -6,7 +6,10 @@
 //! summed alike. Equal counts and sums prove that each tier holds exactly its rows, values
 //! included; any difference (a changed value, a missing or extra row, a row in the wrong tier,
 //! a row in two places) changes a sum. Quarantine is proven by count, destructions by their
-//! records' key checksums (the same sum over the rows' key digests).
+//! records' key checksums (the same sum over the rows' key digests). Archived records on a
+//! retention list carried out after the run (`strata archive retain`) are checked apart: one
+//! still archived (a hold kept it) by its digests, the others against the lists' destruction
+//! records, by count and key checksum.
 
 mod narrow;
 mod quarantined;
@@ -43,6 +46,9 @@ struct Expected {
     operational: Sum,
     archive: Sum,
     destroyed: Destroyed,
+    /// Archived records on a retention list carried out after the run (see
+    /// `super::retention`): each copy's digest, by record key, checked apart.
+    listed: HashMap<String, Vec<[u8; 32]>>,
 }
 
 /// The sink of a verification: the plan's checks, and each row's digest summed into its tier.
@@ -52,6 +58,8 @@ struct Verifying<'c> {
     layout: &'c TableLayout,
     /// Rows the run quarantined after routing, when there are (then rows are keyed).
     quarantined: Option<&'c Quarantined>,
+    /// Record keys of retention lists carried out since the run.
+    retained: Option<&'c HashSet<String>>,
 }
 
 impl RangeSink for Verifying<'_> {
@@ -109,7 +117,15 @@ impl RangeSink for Verifying<'_> {
         values: Vec<Value>,
         _long: &LongBlobs<'_>,
     ) -> Result<()> {
-        self.expected.archive.add(&row_of_values(layout, &values));
+        let digest = row_of_values(layout, &values);
+        if let Some(retained) = self.retained {
+            let key = super::naming::archive_key(layout, &values);
+            if retained.contains(&key) {
+                self.expected.listed.entry(key).or_default().push(digest);
+                return Ok(());
+            }
+        }
+        self.expected.archive.add(&digest);
         Ok(())
     }
 }
@@ -128,6 +144,8 @@ struct ReadTable<'a> {
     reread_blobs: bool,
     /// Rows the run quarantined after routing them, when there are (and the table has a key).
     quarantined: Option<&'a Quarantined>,
+    /// Record keys of retention lists carried out since the run, when there are.
+    retained: Option<&'a HashSet<String>>,
 }
 
 /// A table's places read: what the source says each must hold, and what they hold.
@@ -143,6 +161,8 @@ struct Sides {
     duplicates_held: HashMap<String, Vec<[u8; 32]>>,
     /// Archived records the source deleted while a legal hold kept them.
     held_after_deletion: u64,
+    /// Current archived copies of records on a retention list (kept by a hold), by key.
+    listed_found: HashMap<String, Vec<[u8; 32]>>,
 }
 
 impl Sides {
@@ -156,6 +176,12 @@ impl Sides {
         self.unreadable.extend(other.unreadable);
         self.bad_blobs.extend(other.bad_blobs);
         self.held_after_deletion += other.held_after_deletion;
+        for (key, digests) in other.expected.listed {
+            self.expected.listed.entry(key).or_default().extend(digests);
+        }
+        for (key, digests) in other.listed_found {
+            self.listed_found.entry(key).or_default().extend(digests);
+        }
         for (key, held) in other.duplicates_held {
             self.duplicates_held.entry(key).or_default().extend(held);
         }
@@ -203,6 +229,7 @@ impl Migration {
                         expected: &mut sides.expected,
                         layout,
                         quarantined: t.quarantined,
+                        retained: t.retained,
                     };
                     let outcome = self
                         .route_range(layout, range, t.facts, t.snapshot, sink)
@@ -234,7 +261,7 @@ impl Migration {
                     layout,
                     files,
                     successors,
-                    t.reread_blobs,
+                    (t.reread_blobs, t.retained),
                 ))
             }));
         }
@@ -296,6 +323,21 @@ impl Migration {
             .await
             .map_err(|e| IngestError::Run(format!("archive: {e}")))?;
         let destructions = self.control.destructions().await?;
+        // Retention lists carried out since the run: their records left the archive after it
+        // (see `super::retention`), accounted for apart.
+        let mut retained: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut retentions: HashSet<String> = HashSet::new();
+        for r in self.control.destruction_requests().await? {
+            if r.kind != "retain" || r.status != strata_control::RequestStatus::Done {
+                continue;
+            }
+            if let Ok(list) = serde_json::from_value::<super::retention::RetentionList>(r.summary) {
+                for (table, listed) in list.tables {
+                    retained.entry(table).or_default().extend(listed.keys);
+                }
+            }
+            retentions.insert(r.request_id);
+        }
         let blobs = archive.blobs();
         let existing = target.table_names().await?;
         let mut report = VerifyReport {
@@ -347,6 +389,7 @@ impl Migration {
                 blobs: &blobs,
                 reread_blobs,
                 quarantined: (!after_routing.is_empty()).then_some(&after_routing),
+                retained: retained.get(&layout.name),
             };
             let Sides {
                 mut expected,
@@ -357,6 +400,7 @@ impl Migration {
                 bad_blobs,
                 duplicates_held,
                 held_after_deletion,
+                listed_found,
             } = self.read_sides(&read).await?;
             let reconciled = after_routing.reconcile(
                 &duplicates_held,
@@ -386,9 +430,21 @@ impl Migration {
             };
             let records: Vec<_> = destructions
                 .iter()
-                .filter(|(d, _)| d.table == layout.name && d.void.is_none())
+                .filter(|(d, _)| {
+                    d.table == layout.name && d.void.is_none() && !retentions.contains(&d.run_id)
+                })
                 .map(|(d, _)| d)
                 .collect();
+            let by_retention = destructions
+                .iter()
+                .filter(|(d, _)| d.table == layout.name && retentions.contains(&d.run_id))
+                .fold(Sum::default(), |mut acc, (d, _)| {
+                    acc.rows += d.rows;
+                    if let Some(s) = sum256(Some(&d.key_checksum)) {
+                        add_256(&mut acc.sum, &s);
+                    }
+                    acc
+                });
             let purged_rows: u64 = records.iter().map(|d| d.rows).sum();
             let total = |sums: Vec<Option<[u8; 32]>>| {
                 sums.into_iter().try_fold([0u8; 32], |mut acc, s| {
@@ -417,6 +473,7 @@ impl Migration {
                 ..Default::default()
             };
             proof.mismatches.extend(unreadable);
+            let mut retention_findings = Vec::new();
             let mut place = |name: &str, want: Holding, got: Holding| {
                 if want != got {
                     proof.mismatches.push(mismatch(name, &want, &got));
@@ -433,11 +490,61 @@ impl Migration {
                 held(&expected.operational),
                 held(&operational),
             );
-            place("archive", held(&expected.archive), held(&archived));
             let rows_only = |rows| Holding {
                 rows,
                 checksum: None,
             };
+            place("archive", held(&expected.archive), held(&archived));
+            if retained.contains_key(&layout.name) {
+                // Records on retention lists carried out since the run: a copy still archived
+                // (a hold kept it) exactly as the source says; the others destroyed by the
+                // lists, by count and key checksum (each copy counts).
+                let mut destroyed_keys = Sum::default();
+                let (mut kept_expected, mut kept_found) = (0u64, 0u64);
+                let mut findings = Vec::new();
+                let expected_keys: HashSet<String> = expected.listed.keys().cloned().collect();
+                for (key, mut want) in expected.listed {
+                    match listed_found.get(&key) {
+                        Some(found) => {
+                            let mut found = found.clone();
+                            kept_expected += want.len() as u64;
+                            kept_found += found.len() as u64;
+                            want.sort();
+                            found.sort();
+                            if want != found {
+                                findings.push(format!(
+                                    "archive: record {key}, on a retention list and kept, is not as the source says"
+                                ));
+                            }
+                        }
+                        None => {
+                            let digest: [u8; 32] =
+                                <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()).into();
+                            for _ in &want {
+                                destroyed_keys.add(&digest);
+                            }
+                        }
+                    }
+                }
+                for key in listed_found.keys() {
+                    if !expected_keys.contains(key) {
+                        findings.push(format!(
+                            "archive: record {key} is archived, the source does not say so"
+                        ));
+                    }
+                }
+                place(
+                    "archive, listed for retention and kept",
+                    rows_only(kept_expected),
+                    rows_only(kept_found),
+                );
+                place(
+                    "destroyed by retention",
+                    held(&destroyed_keys),
+                    held(&by_retention),
+                );
+                retention_findings = findings;
+            }
             // The keys accounted for apart: their quarantine entries as the source says.
             let expected_quarantine =
                 tally.quarantined_rows - reconciled.counted + reconciled.quarantine;
@@ -464,6 +571,7 @@ impl Migration {
                     rows_only(purged_rows),
                 ),
             }
+            proof.mismatches.extend(retention_findings);
             for (key, how) in reconciled.wrong {
                 if proof.differences.len() < LISTED_DIFFERENCES {
                     proof.differences.push(Difference {
@@ -563,7 +671,7 @@ async fn archive_sum(
     layout: &TableLayout,
     files: &[(usize, &[String], &strata_archive::FileEntry)],
     successors: &strata_archive::Successors,
-    reread_blobs: bool,
+    (reread_blobs, retained): (bool, Option<&HashSet<String>>),
 ) -> Result<Sides> {
     let mut sides = Sides::default();
     for &(rank, blob_columns, f) in files {
@@ -594,7 +702,16 @@ async fn archive_sum(
                 }
             }
             for row in 0..batch.num_rows() {
-                match successors.fate(rank, batch.key(row).unwrap_or_default()) {
+                let key = batch.key(row).unwrap_or_default();
+                match successors.fate(rank, key) {
+                    Fate::Current if retained.is_some_and(|r| r.contains(key)) => {
+                        let digest = row_of_archive(layout, &batch, row, &sides.bad_blobs);
+                        sides
+                            .listed_found
+                            .entry(key.to_string())
+                            .or_default()
+                            .push(digest);
+                    }
                     Fate::Current => {
                         sides
                             .archived

@@ -122,12 +122,18 @@ impl VerifyReport {
         );
         for t in &self.tables {
             let held = |place: &str| t.found.get(place).map_or(0, |h| h.rows);
+            // Records of retention lists carried out since the run: those kept count with the
+            // archive, the others apart.
+            let retained = match t.found.get("destroyed by retention") {
+                Some(h) => format!(" + {} destroyed by retention", h.rows),
+                None => String::new(),
+            };
             s.push_str(&format!(
-                "{:<24} {:>9} source = {} operational + {} archive + {} quarantine + {} purged: {}\n",
+                "{:<24} {:>9} source = {} operational + {} archive + {} quarantine + {} purged{retained}: {}\n",
                 t.table,
                 t.source_rows,
                 held("operational"),
-                held("archive"),
+                held("archive") + held("archive, listed for retention and kept"),
                 held("quarantine"),
                 held("purged"),
                 if t.mismatches.is_empty() {

@@ -870,5 +870,38 @@ async fn a_records_manager_decides_another_records_managers_destruction_list() {
             &[("csrf", &csrf), ("decision", "reject"), ("note", "again")],
         )
         .await;
-    assert_eq!(r.status, 400, "decided once");
+    assert_eq!(r.status, 400, "decided once"); // Carried out, its certificate is a printable page (and listed by the API's report).
+    let certificate = serde_json::json!({
+        "request_id": theirs, "kind": "retain", "policy_version": "7", "policy_hash": "abc",
+        "rules": ["lab_results: past retention at 2040-01-01"], "as_of": "2040-01-01",
+        "requested_by": "dev:ines", "requested_at": "2026-11-29T08:00:00Z",
+        "approved_by": "dev:hana", "approved_at": "2026-11-29T09:00:00Z",
+        "destroyed_at": "2026-11-29T09:05:00Z",
+        "tables": [{ "table": "lab_results", "rows": 4, "key_min": "id=1", "key_max": "id=9",
+                     "key_checksum": "sum256:00", "value_checksum": "sum256:11" }],
+        "kept_by_holds": 0, "files_replaced": ["tables/lab_results/x.parquet"], "blobs_deleted": 0,
+        "signature": { "algorithm": "Ed25519", "public_key": "ab", "value": "<script>" }
+    });
+    f.control
+        .complete_destruction(&theirs, &certificate)
+        .await
+        .unwrap();
+    let page = b.get("/ui/records").await.text();
+    let link = format!("/ui/records/destructions/{theirs}/certificate");
+    assert!(page.contains(&link), "{page}");
+    let shown = b.get(&link).await;
+    assert_eq!(shown.status, 200);
+    let shown = shown.text();
+    assert!(
+        shown.contains("Destruction certificate") && shown.contains("by dev:hana"),
+        "{shown}"
+    );
+    assert!(shown.contains("<td class=\"num\">4</td>"), "{shown}");
+    assert!(
+        !shown.contains("<script>")
+            && (shown.contains("&lt;script&gt;") || shown.contains("&#60;script&#62;")),
+        "escaped: {shown}"
+    );
+    let own_certificate = format!("/ui/records/destructions/{own}/certificate");
+    assert_eq!(b.get(&own_certificate).await.status, 404);
 }

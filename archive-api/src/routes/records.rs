@@ -74,10 +74,14 @@ pub(super) async fn last_run_report(State(state): State<AppState>) -> Result<Res
     Ok(reply(Json(report), detail))
 }
 
-/// Every destruction record.
+/// Every destruction record, and the certificates of destruction lists carried out.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct Destructions {
     destructions: Vec<Destruction>,
+    /// The signed certificates (JSON, as `strata_ingest::DestructionCertificate`), newest
+    /// first: check them against the configured public key.
+    #[schema(value_type = Vec<Object>)]
+    certificates: Vec<serde_json::Value>,
 }
 
 /// One table's rows destroyed by one run.
@@ -89,7 +93,7 @@ pub(crate) struct Destruction {
 }
 
 #[utoipa::path(get, path = "/v1/reports/destructions", tag = "records manager",
-    responses((status = 200, description = "Destruction records: counts, key ranges, checksums", body = Destructions), Refusals))]
+    responses((status = 200, description = "Destruction records (counts, key ranges, checksums) and the signed certificates of destruction lists carried out", body = Destructions), Refusals))]
 pub(super) async fn destruction_report(
     State(state): State<AppState>,
 ) -> Result<Response, ApiError> {
@@ -103,8 +107,21 @@ pub(super) async fn destruction_report(
             destroyed_at,
         })
         .collect();
-    let detail = json!({ "records": destructions.len() });
-    Ok(reply(Json(Destructions { destructions }), detail))
+    let certificates: Vec<serde_json::Value> = state
+        .control
+        .destruction_requests()
+        .await?
+        .into_iter()
+        .filter_map(|r| r.certificate)
+        .collect();
+    let detail = json!({ "records": destructions.len(), "certificates": certificates.len() });
+    Ok(reply(
+        Json(Destructions {
+            destructions,
+            certificates,
+        }),
+        detail,
+    ))
 }
 
 /// Every destruction list filed by a retention or tiering pass, newest first.

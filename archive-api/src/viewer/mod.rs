@@ -122,6 +122,10 @@ pub(crate) fn routes(
             post(records::decide_destruction),
         )
         .route(
+            "/ui/records/destructions/{request}/certificate",
+            get(records::certificate),
+        )
+        .route(
             "/ui/records/holds/{hold}/release",
             post(records::release_hold),
         )

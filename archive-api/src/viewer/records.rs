@@ -101,6 +101,8 @@ pub(crate) struct RequestView {
     decision: Option<(String, String, String)>,
     /// Whether the signed-in user requested it (and so cannot decide it).
     own: bool,
+    /// Whether it was carried out and certified.
+    certified: bool,
 }
 
 /// Records on a destruction list: its summary's tables' `rows`.
@@ -316,6 +318,7 @@ pub(crate) async fn page(
         .into_iter()
         .map(|r| RequestView {
             own: r.requested_by == session.data.user,
+            certified: r.certificate.is_some(),
             records: listed_records(&r.summary),
             status: match r.status {
                 RequestStatus::Pending => "pending",
@@ -495,6 +498,123 @@ pub(crate) async fn decide_destruction(
         AuditNote {
             access: None,
             detail: json!({ "destruction_request": request, "approve": approve }),
+        },
+    ))
+}
+
+/// A destruction certificate shown (from its JSON: see `strata_ingest::DestructionCertificate`).
+pub(crate) struct CertificateView {
+    request_id: String,
+    kind: String,
+    policy_version: String,
+    policy_hash: String,
+    rules: Vec<String>,
+    as_of: String,
+    requested_by: String,
+    requested_at: String,
+    approved_by: String,
+    approved_at: String,
+    destroyed_at: String,
+    kept_by_holds: u64,
+    files_replaced: usize,
+    keys_destroyed_at: Option<String>,
+    tables: Vec<CertificateTable>,
+    /// Algorithm, public key, signature.
+    signature: Option<(String, String, String)>,
+}
+
+/// One table of a certificate.
+pub(crate) struct CertificateTable {
+    table: String,
+    rows: u64,
+    key_min: String,
+    key_max: String,
+    key_checksum: String,
+    value_checksum: String,
+}
+
+fn text(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap_or_default().to_string()
+}
+
+impl CertificateView {
+    fn of(c: &Value) -> Self {
+        CertificateView {
+            request_id: text(c, "request_id"),
+            kind: text(c, "kind"),
+            policy_version: text(c, "policy_version"),
+            policy_hash: text(c, "policy_hash"),
+            rules: c["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str().map(str::to_string))
+                .collect(),
+            as_of: text(c, "as_of"),
+            requested_by: text(c, "requested_by"),
+            requested_at: text(c, "requested_at"),
+            approved_by: text(c, "approved_by"),
+            approved_at: text(c, "approved_at"),
+            destroyed_at: text(c, "destroyed_at"),
+            kept_by_holds: number(c, "kept_by_holds"),
+            files_replaced: c["files_replaced"].as_array().map_or(0, Vec::len),
+            keys_destroyed_at: c["keys_destroyed_at"].as_str().map(str::to_string),
+            tables: c["tables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| CertificateTable {
+                    table: text(t, "table"),
+                    rows: number(t, "rows"),
+                    key_min: text(t, "key_min"),
+                    key_max: text(t, "key_max"),
+                    key_checksum: text(t, "key_checksum"),
+                    value_checksum: text(t, "value_checksum"),
+                })
+                .collect(),
+            signature: c["signature"].is_object().then(|| {
+                let s = &c["signature"];
+                (
+                    text(s, "algorithm"),
+                    text(s, "public_key"),
+                    text(s, "value"),
+                )
+            }),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "certificate.html")]
+struct CertificatePage {
+    c: CertificateView,
+}
+
+/// `GET /ui/records/destructions/{request}/certificate`: a carried-out list's certificate, as a
+/// printable page.
+pub(crate) async fn certificate(
+    State(state): State<AppState>,
+    Extension(session): Extension<Session>,
+    Path(request): Path<String>,
+) -> Result<Response, PageError> {
+    records_manager(&session)?;
+    let certificate = state
+        .control
+        .destruction_request(&request)
+        .await?
+        .and_then(|r| r.certificate)
+        .ok_or(ApiError::NotFound)?;
+    let page = render(
+        StatusCode::OK,
+        &CertificatePage {
+            c: CertificateView::of(&certificate),
+        },
+    );
+    Ok(noted(
+        page,
+        AuditNote {
+            access: None,
+            detail: json!({ "destruction_certificate": request }),
         },
     ))
 }

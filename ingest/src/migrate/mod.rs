@@ -109,6 +109,20 @@ pub fn read_policy(config: &MigrationConfig) -> Result<PolicyConfig> {
     Ok(PolicyConfig::parse(&text)?)
 }
 
+/// The legal holds in force (placed, not released), as the policy takes them.
+pub(crate) async fn holds_in_force(control: &Control) -> Result<Vec<LegalHold>> {
+    Ok(control
+        .holds()
+        .await?
+        .into_iter()
+        .filter(|h| h.released.is_none())
+        .map(|h| LegalHold {
+            id: h.hold_id,
+            scope: h.scope,
+        })
+        .collect())
+}
+
 /// Introspects the configured tables that exist in the source.
 async fn source_schemas(
     config: &MigrationConfig,
@@ -259,16 +273,7 @@ impl Migration {
         if !problems.is_empty() {
             return Err(IngestError::Config { problems });
         }
-        let holds: Vec<LegalHold> = control
-            .holds()
-            .await?
-            .into_iter()
-            .filter(|h| h.released.is_none())
-            .map(|h| LegalHold {
-                id: h.hold_id,
-                scope: h.scope,
-            })
-            .collect();
+        let holds = holds_in_force(&control).await?;
         problems.extend(holds_problems(&holds, &schemas));
         if !problems.is_empty() {
             return Err(IngestError::Config { problems });

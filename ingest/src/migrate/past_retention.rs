@@ -23,7 +23,7 @@ use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use strata_archive::{ArchiveReader, ArchivedBatch};
 use strata_control::{Control, RequestStatus};
-use strata_cutoff_policies::{LegalHold, PatientFacts, RecordFacts, Tier};
+use strata_cutoff_policies::{PatientFacts, RecordFacts, Tier};
 
 /// What [`file_retention_list`] filed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,16 +43,7 @@ pub async fn file_retention_list(
     requested_by: &str,
 ) -> Result<Option<FiledList>> {
     let policy_config = super::read_policy(config)?;
-    let holds: Vec<LegalHold> = control
-        .holds()
-        .await?
-        .into_iter()
-        .filter(|h| h.released.is_none())
-        .map(|h| LegalHold {
-            id: h.hold_id,
-            scope: h.scope,
-        })
-        .collect();
+    let holds = super::holds_in_force(control).await?;
     let (store, keys) = config
         .archive
         .open(&config.base_dir)

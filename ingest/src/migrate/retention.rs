@@ -146,16 +146,7 @@ pub async fn carry_out_retention(
     if approved.is_empty() {
         return Ok(certificates);
     }
-    let holds: Vec<LegalHold> = control
-        .holds()
-        .await?
-        .into_iter()
-        .filter(|h| h.released.is_none())
-        .map(|h| LegalHold {
-            id: h.hold_id,
-            scope: h.scope,
-        })
-        .collect();
+    let holds = super::holds_in_force(control).await?;
     let (store, keys) = config
         .archive
         .open(&config.base_dir)

@@ -80,6 +80,20 @@ async fn retain_files_a_list_another_records_manager_approves_and_the_next_pass_
         ],
         dir.path(),
     );
+    // A day in the future is refused unless asked for (a rehearsal).
+    let refused = strata(
+        &[
+            "archive",
+            "retain",
+            "--by",
+            "rm-alice",
+            "--as-of",
+            "2060-01-01",
+        ],
+        dir.path(),
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("later than today"));
     // Ten years of retention after the last activity: in 2060 every archived record is past
     // it, but for the held patient's.
     let out = run_ok(
@@ -90,6 +104,7 @@ async fn retain_files_a_list_another_records_manager_approves_and_the_next_pass_
             "rm-alice",
             "--as-of",
             "2060-01-01",
+            "--allow-future-as-of",
         ],
         dir.path(),
     );
@@ -156,6 +171,7 @@ async fn retain_files_a_list_another_records_manager_approves_and_the_next_pass_
             "rm-alice",
             "--as-of",
             "2060-01-01",
+            "--allow-future-as-of",
         ],
         dir.path(),
     );

@@ -200,7 +200,13 @@ pub async fn rewrite_table(
         &last.policy_version,
         last.blob_columns.clone(),
     );
-    let mut writer = TableWriter::new(store.clone(), keys, manifest, schema.clone(), options)?;
+    let mut writer = TableWriter::new(
+        store.clone(),
+        keys.clone(),
+        manifest,
+        schema.clone(),
+        options,
+    )?;
     let written = merge(&reader, inputs, &schema, &mut keep, &mut writer)
         .await?
         .written;
@@ -254,6 +260,27 @@ pub async fn rewrite_table(
             ),
         });
     }
+    // Another rewrite of the table (a compaction, a retention pass) published while this one
+    // worked replaces the same manifests: publishing as well would serve again copies the
+    // other left out. (Sync's runs do not replace anything: they rank after this one.)
+    let inputs: std::collections::HashSet<String> = manifests
+        .iter()
+        .map(|m| TableManifest::path(&m.table, &m.run_id))
+        .collect();
+    let now = ArchiveReader::open(store.clone(), keys).await?;
+    let rewritten_meanwhile = now
+        .catalog()
+        .tables
+        .get(table)
+        .into_iter()
+        .flatten()
+        .any(|m| m.supersedes.iter().any(|p| inputs.contains(p)));
+    if rewritten_meanwhile {
+        return Err(ArchiveError::Integrity {
+            object: TableManifest::path(table, &run_id),
+            detail: "another rewrite of the table (a compaction or a retention pass) was published meanwhile: nothing was published; run this one again".into(),
+        });
+    }
     let published = writer.finish().await?;
     report.files_after = published.files.len();
     // The intermediate passes' files are named by no manifest: gone now.
@@ -279,6 +306,19 @@ pub async fn gc(
     keys: KeyRing,
     grace: chrono::Duration,
     orphans: bool,
+) -> Result<Vec<String>> {
+    gc_sweeping(store, keys, grace, orphans, orphans).await
+}
+
+/// [`gc`], saying apart whether BLOBs no record refers to are swept (`blobs`): not while
+/// change sync follows a run, which may reuse an existing BLOB object for new content and
+/// publish its manifest while the sweep works.
+pub async fn gc_sweeping(
+    store: Arc<dyn ObjectStore>,
+    keys: KeyRing,
+    grace: chrono::Duration,
+    orphans: bool,
+    blobs: bool,
 ) -> Result<Vec<String>> {
     let keys = keys.for_archive(store.as_ref(), false).await?;
     let mut manifests: Vec<(String, TableManifest)> =
@@ -348,8 +388,9 @@ pub async fn gc(
             .filter(|(path, _)| !gone.contains(path.as_str()))
             .map(|(_, m)| m)
             .collect();
-        let blobs = crate::blob_gc::sweep_blobs(&store, &keys, &alive, grace, now).await?;
-        deleted.extend(blobs);
+        if blobs {
+            deleted.extend(crate::blob_gc::sweep_blobs(&store, &keys, &alive, grace, now).await?);
+        }
     }
     Ok(deleted)
 }

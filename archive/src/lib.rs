@@ -49,7 +49,9 @@ mod writer;
 
 pub use blob::{BlobRef, BlobStore, BLOB_SEGMENT_SIZE};
 pub use catalog::{runs_of, Catalog, LiveArchive, Refreshed};
-pub use compact::{compact_table, gc, rewrite_table, CompactionReport, Destroyer, MERGE_FAN_IN};
+pub use compact::{
+    compact_table, gc, gc_sweeping, rewrite_table, CompactionReport, Destroyer, MERGE_FAN_IN,
+};
 pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
 pub use keys::{Kek, KeyRing, KeyService, LocalKeks};

@@ -23,6 +23,9 @@ use std::collections::BinaryHeap;
 
 /// Rows per batch the merge writes.
 const OUTPUT_ROWS: usize = 8192;
+/// Input batches one output batch may take rows from: when few rows are kept (a rewrite that
+/// destroys most), the batch is written early rather than holding many inputs' batches.
+const OUTPUT_SOURCES: usize = 64;
 
 /// One sorted input: files read in turn (each continuing the one before), all of one run's
 /// rank (see [`crate::runs_of`]; what a copy's fate is decided by).
@@ -160,7 +163,7 @@ pub(crate) async fn merge(
             picks.push((at, cursor.row));
         }
         cursor.row += 1;
-        if picks.len() == OUTPUT_ROWS {
+        if picks.len() == OUTPUT_ROWS || chunk.len() >= OUTPUT_SOURCES {
             merged.written += flush(&mut chunk, &mut picks, &mut cursors, out).await?;
         }
         let cursor = &mut cursors[c];

@@ -64,6 +64,10 @@ pub enum ArchiveCommand {
         /// The day retention is reckoned from (default: today).
         #[arg(long)]
         as_of: Option<chrono::NaiveDate>,
+        /// Accept an --as-of later than today (records would be listed before their retention
+        /// ends: for rehearsals on copies of the data, never on the archive of record).
+        #[arg(long)]
+        allow_future_as_of: bool,
     },
     /// Re-wrap every data key with the config's current KEK (`kek_id`), keeping the old one in
     /// `previous_keks` until this has finished. Data objects are not rewritten.
@@ -90,11 +94,24 @@ pub async fn run(command: ArchiveCommand) -> Result<()> {
             if let Some(run) = running.iter().next() {
                 println!("run {run} is in progress: files no manifest names are kept");
             }
-            let deleted = strata_archive::gc(
+            // Change sync may reuse an existing BLOB object for new content while it follows:
+            // unreferenced BLOBs are swept only once no run is followed.
+            let following = match control.latest_run().await? {
+                Some(run) => control
+                    .sync_of(&run.run_id)
+                    .await?
+                    .is_some_and(|s| s.dropped_at.is_none()),
+                None => false,
+            };
+            if following {
+                println!("change sync follows the last run: BLOBs no record refers to are kept");
+            }
+            let deleted = strata_archive::gc_sweeping(
                 store,
                 keys,
                 chrono::Duration::hours(grace_hours),
                 running.is_empty(),
+                running.is_empty() && !following,
             )
             .await?;
             println!(
@@ -107,7 +124,19 @@ pub async fn run(command: ArchiveCommand) -> Result<()> {
             config,
             forget_missing,
         } => sync_catalog(&Context::load(&config)?, forget_missing).await,
-        ArchiveCommand::Retain { config, by, as_of } => {
+        ArchiveCommand::Retain {
+            config,
+            by,
+            as_of,
+            allow_future_as_of,
+        } => {
+            let today = chrono::Utc::now().date_naive();
+            if as_of.is_some_and(|d| d > today) && !allow_future_as_of {
+                anyhow::bail!(
+                    "--as-of {} is later than today: records would be listed before their retention ends (--allow-future-as-of, for a rehearsal on a copy)",
+                    as_of.unwrap_or(today)
+                );
+            }
             retain(&Context::load(&config)?, &by, as_of).await
         }
         ArchiveCommand::RotateKey { config } => {

@@ -145,7 +145,7 @@ impl Control {
                 "a decision names the records manager who makes it".into(),
             ));
         }
-        if by == request.requested_by {
+        if same_person(by, &request.requested_by) {
             return Err(ControlError::Invalid(format!(
                 "{by} requested {request_id}: another records manager must decide it (four eyes)"
             )));
@@ -243,6 +243,12 @@ impl Control {
     }
 }
 
+/// Whether two names of users are the same person's (names compared trimmed and without case:
+/// `Alice` cannot approve what `alice ` requested).
+pub fn same_person(a: &str, b: &str) -> bool {
+    a.trim().to_lowercase() == b.trim().to_lowercase()
+}
+
 const SELECT: &str = "SELECT request_id, kind, requested_by, requested_at, policy_version, policy_hash, summary, status, decided_by, decided_at, decision_note, certificate FROM strata_destruction_requests";
 
 fn request_of(r: Vec<crate::db::Cell>) -> DestructionRequest {
@@ -284,7 +290,7 @@ mod tests {
         let cert = serde_json::json!({"signed": true});
         assert!(control.complete_destruction(&id, &cert).await.is_err());
         let err = control
-            .decide_destruction(&id, "rm-alice", true, "mine")
+            .decide_destruction(&id, " RM-Alice", true, "mine")
             .await
             .unwrap_err();
         assert!(err.to_string().contains("four eyes"), "{err}");

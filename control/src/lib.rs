@@ -31,7 +31,7 @@ pub use control::{
     Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord, StoredPlan, TableState,
 };
 pub use db::{connection_problem, reach_postgres, without_values};
-pub use destructions::{DestructionRequest, RequestStatus};
+pub use destructions::{same_person, DestructionRequest, RequestStatus};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};
 pub use reviews::BreakGlassReview;

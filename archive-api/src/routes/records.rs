@@ -197,7 +197,7 @@ pub(crate) async fn decide_destruction_list(
         .destruction_request(request)
         .await?
         .ok_or(ApiError::NotFound)?;
-    if filed.requested_by == user {
+    if strata_control::same_person(&filed.requested_by, user) {
         return Err(ApiError::Scope(
             "you requested this destruction list: another records manager must decide it (four eyes)"
                 .into(),

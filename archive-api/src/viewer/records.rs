@@ -96,6 +96,9 @@ pub(crate) struct RequestView {
     policy_version: String,
     /// Records on the list (the summary's `rows`, summed over its tables).
     records: u64,
+    /// Per table, as `table: n`, and the day retention was reckoned from: what is approved.
+    tables: String,
+    as_of: String,
     status: &'static str,
     /// Who decided it, when, their note.
     decision: Option<(String, String, String)>,
@@ -317,9 +320,19 @@ pub(crate) async fn page(
         .await?
         .into_iter()
         .map(|r| RequestView {
-            own: r.requested_by == session.data.user,
+            own: strata_control::same_person(&r.requested_by, &session.data.user),
             certified: r.certificate.is_some(),
             records: listed_records(&r.summary),
+            tables: r.summary["tables"]
+                .as_object()
+                .map(|t| {
+                    t.iter()
+                        .map(|(name, l)| format!("{name}: {}", number(l, "rows")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+            as_of: text(&r.summary, "as_of"),
             status: match r.status {
                 RequestStatus::Pending => "pending",
                 RequestStatus::Approved => "approved",

@@ -833,6 +833,8 @@ impl Migration {
         // it applies anything: see `LeftBehind`), and is kept; the batch is marked done in the
         // same transaction, so that a keyless table's rows (which no key finds there) are not
         // inserted again.
+        // (Marked per table and batch: two tables' batches may end at the same transaction.)
+        let marker = format!("{table}/{writer}");
         if !reinstated.is_empty() {
             let mut tx = TargetTx::begin(target).await?;
             let sql = format!(
@@ -840,7 +842,7 @@ impl Migration {
                 tx.placeholder(1)
             );
             let first_time = !tx
-                .fetch_text_rows(&sql, &[Value::Text(writer.clone())], &[ColumnType::Text])
+                .fetch_text_rows(&sql, &[Value::Text(marker.clone())], &[ColumnType::Text])
                 .await?
                 .is_empty();
             if first_time {
@@ -926,22 +928,21 @@ impl Migration {
             report.truncated.push(table.to_string());
         }
         self.record_published(&manifest).await?;
-        target
-            .execute(&format!(
-                "DELETE FROM {OUTBOX_TABLE} WHERE run_id = '{}' AND table_name = '{}' AND drain = '{}'",
-                run_id.replace('\'', "''"),
-                table.replace('\'', "''"),
-                writer.replace('\'', "''")
-            ))
-            .await?;
-        if !reinstated.is_empty() {
-            target
-                .execute(&format!(
-                    "DELETE FROM {REINSTATED_TABLE} WHERE writer = '{}'",
-                    writer.replace('\'', "''")
-                ))
-                .await?;
-        }
+        // The batch leaves the outbox, and its mark goes with it, in one transaction.
+        let mut tx = TargetTx::begin(target).await?;
+        tx.execute(&format!(
+            "DELETE FROM {OUTBOX_TABLE} WHERE run_id = '{}' AND table_name = '{}' AND drain = '{}'",
+            run_id.replace('\'', "''"),
+            table.replace('\'', "''"),
+            writer.replace('\'', "''")
+        ))
+        .await?;
+        tx.execute(&format!(
+            "DELETE FROM {REINSTATED_TABLE} WHERE writer = '{}'",
+            marker.replace('\'', "''")
+        ))
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

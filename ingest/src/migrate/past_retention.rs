@@ -145,7 +145,9 @@ pub async fn file_retention_list(
                 let b = ArchivedBatch::new(&batch, &blob_columns);
                 for row in 0..b.num_rows() {
                     let Some(key) = b.key(row) else { continue };
-                    if !successors.fate(rank, key).is_served()
+                    // Only current copies: one the source deleted while a hold kept it is
+                    // left to the hold's release and a decision of its own.
+                    if successors.fate(rank, key) != strata_archive::Fate::Current
                         || already.is_some_and(|a| a.contains(key))
                     {
                         continue;

@@ -75,11 +75,20 @@ impl Destroyer for Listed<'_> {
             return false;
         }
         let patient = b.patient(row).filter(|p| !p.is_empty());
+        // A hold on a column the archived files do not hold under its name (renamed by a
+        // mapping) cannot be told apart: it keeps every record of the table (fail closed).
         let held = self.holds.iter().any(|h| {
-            h.covers(self.table, patient, |column| {
-                b.value(column, row)
-                    .and_then(|c| c.to_text().map(|t| t.into_owned()))
-            })
+            let unknown_column = matches!(
+                &h.scope,
+                strata_cutoff_policies::HoldScope::Filter { table, column, .. }
+                    if table == self.table
+                        && !batch.schema().fields().iter().any(|f| f.name() == column)
+            );
+            unknown_column
+                || h.covers(self.table, patient, |column| {
+                    b.value(column, row)
+                        .and_then(|c| c.to_text().map(|t| t.into_owned()))
+                })
         });
         if held {
             self.kept_by_holds += 1;

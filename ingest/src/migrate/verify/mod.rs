@@ -328,7 +328,13 @@ impl Migration {
         let mut retained: HashMap<String, HashSet<String>> = HashMap::new();
         let mut retentions: HashSet<String> = HashSet::new();
         for r in self.control.destruction_requests().await? {
-            if r.kind != "retain" || r.status != strata_control::RequestStatus::Done {
+            // (An approved list a pass has begun carrying out counts as well.)
+            if r.kind != "retain"
+                || !matches!(
+                    r.status,
+                    strata_control::RequestStatus::Done | strata_control::RequestStatus::Approved
+                )
+            {
                 continue;
             }
             if let Ok(list) = serde_json::from_value::<super::retention::RetentionList>(r.summary) {

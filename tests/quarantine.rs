@@ -556,3 +556,41 @@ async fn quarantined_rows_are_summarised_in_the_log_one_line_per_reason() {
         "{stderr}"
     );
 }
+
+/// An error a trigger or function of the database raises carries the application's text,
+/// which may hold any value: Strata shows its code and table only. PostgreSQL's own data
+/// exceptions are shown without the values they quote.
+#[tokio::test]
+async fn database_errors_never_carry_the_values_they_name() {
+    let url = create_pg_database("strata_raise_text").await;
+    let db = Db::connect(&url, false).await.unwrap();
+    db.execute(
+        "CREATE TABLE patients (id bigint PRIMARY KEY, mrn text);
+         CREATE FUNCTION refuse() RETURNS trigger AS $$
+         BEGIN RAISE EXCEPTION 'patient % (MRN %) is deceased', NEW.id, NEW.mrn; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER refuse BEFORE INSERT ON patients FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .await
+    .unwrap();
+    let err = db
+        .execute("INSERT INTO patients VALUES (4411, 'MRN-4411-SMITH')")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("MRN-4411") && !err.contains("4411"), "{err}");
+    assert!(
+        err.contains("trigger or function") && err.contains("P0001"),
+        "{err}"
+    );
+    let err = db
+        .execute("SELECT CAST('MRN-4411-SMITH' AS integer)")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("MRN-4411"), "{err}");
+    assert!(
+        err.contains("invalid input syntax for type integer"),
+        "{err}"
+    );
+    db.close().await;
+}

@@ -140,7 +140,7 @@ macro_rules! read_rows {
 /// pool would only say it timed out.
 pub fn connection_problem(e: &sqlx::Error) -> String {
     match e {
-        sqlx::Error::Database(db) => without_values(db.message()),
+        sqlx::Error::Database(db) => database_error_text(db.as_ref()),
         sqlx::Error::Io(io) => match io.kind() {
             std::io::ErrorKind::ConnectionRefused => {
                 "connection refused (is the server running and listening there?)".into()
@@ -150,6 +150,23 @@ pub fn connection_problem(e: &sqlx::Error) -> String {
         },
         sqlx::Error::PoolTimedOut => "timed out waiting for the server to answer".into(),
         other => other.to_string(),
+    }
+}
+
+/// A database error as Strata may show it (logs, errors, quarantine reasons): PostgreSQL's
+/// own messages without the values they quote ([`without_values`]); an error a trigger or
+/// function raised (SQLSTATE class P0), whose text is the application's and may hold any
+/// value, only by its code and table.
+pub fn database_error_text(db: &dyn sqlx::error::DatabaseError) -> String {
+    match db.code() {
+        Some(code) if code.starts_with("P0") => {
+            let table = db
+                .table()
+                .map(|t| format!(" on table {t}"))
+                .unwrap_or_default();
+            format!("a trigger or function of the database raised an error{table} (SQLSTATE {code}; its text is not shown, it may hold values)")
+        }
+        _ => without_values(db.message()),
     }
 }
 

@@ -30,7 +30,7 @@ pub use audit::{
 pub use control::{
     Control, DestructionRecord, HoldRecord, PolicyVersion, RunRecord, StoredPlan, TableState,
 };
-pub use db::{connection_problem, reach_postgres, without_values};
+pub use db::{connection_problem, database_error_text, reach_postgres, without_values};
 pub use destructions::{same_person, DestructionRequest, RequestStatus};
 pub use error::{ControlError, Result};
 pub use exports::{ExportRecord, GroupRecord};

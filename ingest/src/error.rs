@@ -82,7 +82,7 @@ impl IngestError {
         match self {
             IngestError::Sql { cause, .. } => cause
                 .as_database_error()
-                .map(|d| strata_control::without_values(d.message()))
+                .map(strata_control::database_error_text)
                 .unwrap_or_default(),
             _ => String::new(),
         }

@@ -13,7 +13,7 @@ use super::canonical::{RowDigest, Sum};
 use super::certificate::{DestroyedTable, DestructionCertificate, CERTIFICATE_FORMAT};
 use crate::config::MigrationConfig;
 use crate::error::{IngestError, Result};
-use arrow::array::RecordBatch;
+use arrow::array::{Array, RecordBatch};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use strata_archive::{ArchivedBatch, Destroyer, TableWriterOptions};
@@ -67,13 +67,13 @@ struct Listed<'a> {
 
 impl Destroyer for Listed<'_> {
     fn destroy(&mut self, batch: &RecordBatch, row: usize) -> bool {
-        let b = ArchivedBatch::new(batch, self.blob_columns);
-        let Some(key) = b.key(row) else {
-            return false;
-        };
-        if !self.keys.contains(key) {
+        // (Asked of every current row of the table: the key is looked at first.)
+        let keys = arrow::array::AsArray::as_string::<i32>(batch.column(2));
+        if keys.is_null(row) || !self.keys.contains(keys.value(row)) {
             return false;
         }
+        let b = ArchivedBatch::new(batch, self.blob_columns);
+        let key = keys.value(row);
         let patient = b.patient(row).filter(|p| !p.is_empty());
         // A hold on a column the archived files do not hold under its name (renamed by a
         // mapping) cannot be told apart: it keeps every record of the table (fail closed).

@@ -56,6 +56,17 @@ fn run_ok(args: &[&str], dir: &Path) -> String {
     text
 }
 
+/// `strata archive retain` as a rehearsal in 2060, requested by rm-alice.
+const RETAIN_IN_2060: [&str; 7] = [
+    "archive",
+    "retain",
+    "--by",
+    "rm-alice",
+    "--as-of",
+    "2060-01-01",
+    "--allow-future-as-of",
+];
+
 /// The whole pass from the command line: `strata archive retain` files the archived records
 /// past retention at a later day (a held patient's left off), the requester cannot approve
 /// the list, another records manager does, and the next `retain` destroys it, certified;
@@ -81,33 +92,12 @@ async fn retain_files_a_list_another_records_manager_approves_and_the_next_pass_
         dir.path(),
     );
     // A day in the future is refused unless asked for (a rehearsal).
-    let refused = strata(
-        &[
-            "archive",
-            "retain",
-            "--by",
-            "rm-alice",
-            "--as-of",
-            "2060-01-01",
-        ],
-        dir.path(),
-    );
+    let refused = strata(&RETAIN_IN_2060[..6], dir.path());
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("later than today"));
     // Ten years of retention after the last activity: in 2060 every archived record is past
     // it, but for the held patient's.
-    let out = run_ok(
-        &[
-            "archive",
-            "retain",
-            "--by",
-            "rm-alice",
-            "--as-of",
-            "2060-01-01",
-            "--allow-future-as-of",
-        ],
-        dir.path(),
-    );
+    let out = run_ok(&RETAIN_IN_2060, dir.path());
     assert!(out.contains("filed for approval"), "{out}");
     let request = out
         .lines()
@@ -163,18 +153,7 @@ async fn retain_files_a_list_another_records_manager_approves_and_the_next_pass_
         ],
         dir.path(),
     );
-    let out = run_ok(
-        &[
-            "archive",
-            "retain",
-            "--by",
-            "rm-alice",
-            "--as-of",
-            "2060-01-01",
-            "--allow-future-as-of",
-        ],
-        dir.path(),
-    );
+    let out = run_ok(&RETAIN_IN_2060, dir.path());
     assert!(
         out.contains(&format!("{request}: ")) && out.contains("destroyed"),
         "{out}"

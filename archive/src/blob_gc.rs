@@ -54,7 +54,8 @@ pub(crate) async fn sweep_blobs(
     grace: chrono::Duration,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<String>> {
-    let reader = ArchiveReader::open(store.clone(), keys.clone()).await?;
+    // (The manifests are `gc`'s: the files are read without loading the catalog again.)
+    let reader = ArchiveReader::without_catalog(store.clone(), keys.clone());
     let mut referenced: HashSet<String> = HashSet::new();
     for m in alive.iter().filter(|m| !m.blob_columns.is_empty()) {
         let columns: Vec<String> = m

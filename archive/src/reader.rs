@@ -213,6 +213,20 @@ impl ArchiveReader {
         })
     }
 
+    /// A reader of the files of an archive whose keys are loaded (`keys` as
+    /// [`KeyRing::for_archive`] gives them), without reading its catalog: for a caller that has
+    /// the manifests already (`gc`).
+    pub(crate) fn without_catalog(store: Arc<dyn ObjectStore>, keys: KeyRing) -> Self {
+        ArchiveReader {
+            store,
+            keys,
+            catalog: Arc::default(),
+            opened: Arc::default(),
+            tombstones: Arc::default(),
+            successors: Arc::default(),
+        }
+    }
+
     /// A view of the same archive with `catalog` (what [`crate::LiveArchive`] swaps in): files
     /// already opened stay open (a file never changes under its name).
     pub(crate) fn with_catalog(&self, catalog: Catalog) -> Self {

@@ -16,6 +16,7 @@ mod retention;
 mod rollback;
 mod support;
 mod sync;
+mod tier;
 mod verify;
 mod viewer;
 

@@ -60,7 +60,8 @@ pub use layout::{
     DECIMAL_TEXT_METADATA,
 };
 pub use manifest::{
-    compacted_since, run_of_writer, withdraw_manifests, FileEntry, TableManifest, MANIFEST_FORMAT,
+    compacted_since, manifest_run_ids, run_of_writer, withdraw_manifests, FileEntry, TableManifest,
+    MANIFEST_FORMAT,
 };
 pub use reader::{blob_ref, blob_refs, ArchiveReader, VerifyReport};
 pub use rotate::{rotate_keys, RotationReport};

@@ -241,6 +241,27 @@ pub async fn withdraw_manifests(
     Ok(deleted)
 }
 
+/// The runs of `table` whose manifest's name starts with `prefix` (published or not yet
+/// withdrawn), e.g. the batches a `strata tier` pass wrote, to withdraw those it never
+/// committed.
+pub async fn manifest_run_ids(
+    store: &dyn object_store::ObjectStore,
+    table: &str,
+    prefix: &str,
+) -> crate::Result<Vec<String>> {
+    use futures::TryStreamExt;
+    let dir = object_store::path::Path::from(format!("manifests/{table}"));
+    let listed: Vec<_> = store.list(Some(&dir)).try_collect().await?;
+    Ok(listed
+        .into_iter()
+        .filter_map(|meta| {
+            let name = meta.location.filename()?;
+            let run = name.strip_suffix(".json")?;
+            run.starts_with(prefix).then(|| run.to_string())
+        })
+        .collect())
+}
+
 /// Whether a compaction of `table` superseded manifests of `run_id` (whose records then sit
 /// in the compaction's files).
 pub async fn compacted_since(

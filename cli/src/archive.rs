@@ -87,6 +87,7 @@ pub async fn run(command: ArchiveCommand) -> Result<()> {
             grace_hours,
         } => {
             let ctx = Context::load(&config)?;
+            let _turn = strata_ingest::RunLock::take_maintenance(ctx.base_dir())?;
             let (store, keys) = ctx.archive_store()?.clone();
             let control = ctx.control().await?;
             // A running range writes its files before its manifest: they are not orphans.
@@ -209,6 +210,8 @@ async fn verify(ctx: &Context) -> Result<()> {
 }
 
 async fn compact(ctx: &Context, table: Option<String>) -> Result<()> {
+    // Tier, compaction, retention and gc read and rewrite what the others write: one at a time.
+    let _turn = strata_ingest::RunLock::take_maintenance(ctx.base_dir())?;
     let control = ctx.control().await?;
     // A run's rows must not be merged with the copies they supersede before the run ends: a
     // compaction would make its first ranges one run and its last ranges another.
@@ -277,6 +280,8 @@ async fn sync_catalog(ctx: &Context, forget_missing: bool) -> Result<()> {
 }
 
 async fn retain(ctx: &Context, by: &str, as_of: Option<chrono::NaiveDate>) -> Result<()> {
+    // Tier, compaction, retention and gc read and rewrite what the others write: one at a time.
+    let _turn = strata_ingest::RunLock::take_maintenance(ctx.base_dir())?;
     let control = ctx.control().await?;
     let config = &ctx.config.migration;
     for c in strata_ingest::carry_out_retention(config, control).await? {

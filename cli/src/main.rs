@@ -12,6 +12,7 @@ mod holds;
 mod malloc_tuning;
 mod migration;
 mod serve;
+mod tier;
 mod watch;
 
 use anyhow::{Context as _, Result};
@@ -70,6 +71,40 @@ enum Command {
         #[arg(long, default_value = "strata.toml")]
         config: PathBuf,
         /// Print JSON (the plan and the previous plan).
+        #[arg(long)]
+        json: bool,
+        /// Preview a `strata tier` pass instead: the operational database after go-live.
+        #[arg(long)]
+        tier: bool,
+        /// With --tier: the day the policy reckons from (default: today).
+        #[arg(long, requires = "tier")]
+        as_of: Option<chrono::NaiveDate>,
+        /// With --tier: accept an --as-of later than today.
+        #[arg(long, requires = "tier")]
+        allow_future_as_of: bool,
+    },
+    /// After go-live: move the operational records the policy now sends to the archive (archive
+    /// files first, then each row deleted where the application has not changed it since it
+    /// was read), file those past retention for approval, and destroy those of approved lists.
+    /// Legal holds, foreign keys and DELETE triggers are respected. Run it on a schedule
+    /// (deploy/); `strata plan --tier` previews it.
+    Tier {
+        #[arg(long, default_value = "strata.toml")]
+        config: PathBuf,
+        /// Who requests the destruction of the records found past retention (a records
+        /// manager other than this one approves it).
+        #[arg(long)]
+        by: String,
+        /// The day the policy reckons from (default: today).
+        #[arg(long)]
+        as_of: Option<chrono::NaiveDate>,
+        /// Accept an --as-of later than today (for rehearsals on a copy).
+        #[arg(long)]
+        allow_future_as_of: bool,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -408,7 +443,31 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Profile { config, json } => {
             migration::profile(&Context::load(&config)?, json).await
         }
-        Command::Plan { config, json } => migration::plan(&Context::load(&config)?, json).await,
+        Command::Plan {
+            config,
+            json,
+            tier: true,
+            as_of,
+            allow_future_as_of,
+        } => tier::preview(&Context::load(&config)?, as_of, allow_future_as_of, json).await,
+        Command::Plan { config, json, .. } => migration::plan(&Context::load(&config)?, json).await,
+        Command::Tier {
+            config,
+            by,
+            as_of,
+            allow_future_as_of,
+            report,
+            json,
+        } => {
+            let options = tier::TierOptions {
+                by,
+                as_of,
+                allow_future_as_of,
+                report,
+                json,
+            };
+            tier::tier(&Context::load(&config)?, options).await
+        }
         Command::Explain { config, table, key } => {
             migration::explain(&Context::load(&config)?, &table, &key).await
         }

@@ -16,8 +16,9 @@ use strata_archive::ArchiveConfig;
 pub struct MigrationConfig {
     /// The legacy database, read-only.
     pub source: DatabaseConfig,
-    /// The new operational database that receives active records.
-    pub operational: DatabaseConfig,
+    /// The new operational database that receives active records (and, after go-live, the
+    /// tables `strata tier` moves aged records out of).
+    pub operational: crate::operational::OperationalConfig,
     /// Strata's own control database (runs, per-table progress). By default, a SQLite file
     /// `strata-control.db` beside the config file.
     #[serde(default)]
@@ -247,6 +248,10 @@ pub struct TableConfig {
     /// Stop the run when more rows than this are quarantined in this table. By default, no limit.
     #[serde(default)]
     pub quarantine_threshold: Option<u64>,
+    /// The table's name in the database it is read from, when not its name here (set by
+    /// `strata tier`'s view of the operational database, never by the config file).
+    #[serde(skip)]
+    pub relation: Option<String>,
 }
 
 /// `[tables.T.computed.NAME]`: a column computed from the row.

@@ -81,7 +81,7 @@ pub async fn patient_facts(
         let sql = format!(
             "SELECT CAST({} AS TEXT), {birth}, {death} FROM {} AS t0{}",
             p.layout.patient_expr,
-            quote(&p.layout.name),
+            quote(&p.layout.relation),
             p.layout.joins
         );
         let mut rows = source.fetch_in(

@@ -28,6 +28,16 @@ pub struct StreamedBlobs {
     pub lengths: Vec<Option<u64>>,
 }
 
+/// A PostgreSQL row version: where the row is (`ctid`) and the transaction that wrote it
+/// (`xmin`). An update writes a new version, with both changed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RowVersion {
+    /// The tuple's location, as PostgreSQL prints it (`(page,item)`).
+    pub ctid: String,
+    /// The writing transaction's id.
+    pub xmin: String,
+}
+
 /// Where a row's record date is read.
 #[derive(Debug, Clone)]
 pub enum RecordDate {
@@ -82,8 +92,12 @@ struct ParentDate {
 /// A table ready to be read.
 #[derive(Debug, Clone)]
 pub struct TableLayout {
-    /// The table name.
+    /// The table name (in the policy, the archive and the operational database a migration
+    /// fills).
     pub name: String,
+    /// The table's name in the database it is read from: `name`, but for an operational table
+    /// `strata tier` reads under another name.
+    pub relation: String,
     /// The source schema.
     pub schema: TableSchema,
     /// Positions of the primary key columns.
@@ -107,6 +121,10 @@ pub struct TableLayout {
     pub joins: String,
     /// Per-table quarantine threshold.
     pub quarantine_threshold: Option<u64>,
+    /// Whether rows are read with their version, `ctid` and `xmin` (PostgreSQL), last
+    /// ([`TableLayout::take_row_version`]): `strata tier` deletes a row only where it is the
+    /// version it read.
+    pub row_version: bool,
     /// The column holding the patient key when it is a plain integer or text column of the
     /// table itself: its text is then taken from the value read, instead of selecting
     /// `CAST(... AS TEXT)` (which costs the source a conversion per row).
@@ -168,6 +186,7 @@ impl TableLayout {
             .collect();
         TableLayout {
             name: name.to_string(),
+            relation: table.relation.clone().unwrap_or_else(|| name.to_string()),
             key: table.primary_key.iter().filter_map(|c| pos(c)).collect(),
             record_date,
             parent_dates,
@@ -191,6 +210,7 @@ impl TableLayout {
             patient_expr,
             joins,
             quarantine_threshold: table.quarantine_threshold,
+            row_version: false,
             maps: mappings
                 .iter()
                 .map(|m| {
@@ -300,7 +320,23 @@ impl TableLayout {
             t.extend(streamed.iter().map(|_| ReadAs::Type(ColumnType::Int)));
             t.push(ColumnType::Text.into());
         }
+        if self.row_version {
+            t.extend([
+                ReadAs::Type(ColumnType::Text),
+                ReadAs::Type(ColumnType::Text),
+            ]);
+        }
         t
+    }
+
+    /// Takes a row's version off its end (read with `row_version`): its `ctid` and `xmin`.
+    pub fn take_row_version(&self, values: &mut Vec<Value>) -> RowVersion {
+        let xmin = values.pop().and_then(Value::into_key_text);
+        let ctid = values.pop().and_then(Value::into_key_text);
+        RowVersion {
+            ctid: ctid.unwrap_or_default(),
+            xmin: xmin.unwrap_or_default(),
+        }
     }
 
     /// The table as the operational database and the archive name it: columns renamed and
@@ -464,10 +500,14 @@ impl TableLayout {
             }
             cols.push("t0.ctid::text".into());
         }
+        if self.row_version {
+            cols.push("t0.ctid::text".into());
+            cols.push("t0.xmin::text".into());
+        }
         format!(
             "SELECT {} FROM {} AS t0{}{}{}",
             cols.join(", "),
-            quote(&self.name),
+            quote(&self.relation),
             self.joins,
             self.date_joins,
             filter.map(|f| format!(" WHERE {f}")).unwrap_or_default(),
@@ -511,7 +551,7 @@ impl TableLayout {
         };
         let from = format!(
             "FROM {} AS t0{}{}",
-            quote(&self.name),
+            quote(&self.relation),
             self.joins,
             self.date_joins
         );
@@ -606,7 +646,7 @@ fn parent_date(
             "SELECT t0.{k} AS k, {d} AS d FROM {p} AS t0{j}",
             k = quote(&key),
             d = date.expr,
-            p = quote(via),
+            p = quote(parent.relation.as_deref().unwrap_or(via)),
             j = date.joins
         )
     } else {
@@ -614,7 +654,7 @@ fn parent_date(
             "SELECT t0.{k} AS k, MAX({d}) AS d FROM {p} AS t0{j} GROUP BY t0.{k}",
             k = quote(&key),
             d = date.expr,
-            p = quote(via),
+            p = quote(parent.relation.as_deref().unwrap_or(via)),
             j = date.joins
         )
     };
@@ -667,7 +707,7 @@ fn patient_expr(config: &MigrationConfig, table: &str) -> (String, String) {
         };
         joins.push_str(&format!(
             " LEFT JOIN {} AS t{} ON t{alias}.{} = t{}.{}",
-            quote(&via.via),
+            quote(parent.relation.as_deref().unwrap_or(&via.via)),
             alias + 1,
             quote(&via.foreign_key),
             alias + 1,

@@ -29,6 +29,7 @@ mod layout;
 mod load;
 mod mapping;
 mod migrate;
+mod operational;
 mod pg_copy;
 mod progress;
 mod ranges;
@@ -54,9 +55,10 @@ pub use migrate::{
     new_signing_key, read_only_statements, read_policy, sign_report, wrap_signing_key,
     CutoverReport, DestroyedTable, DestructionCertificate, Difference, Evidence, Explanation,
     FiledList, Holding, ListedTable, Migration, OutboxReport, PolicyCheck, RetentionList,
-    RollbackReport, Signature, SyncReport, SyncUntil, TableCounts, TableProof, VerifyReport,
-    CERTIFICATE_FORMAT, LISTED_DIFFERENCES,
+    RollbackReport, Signature, SyncReport, SyncUntil, TableCounts, TableProof, TierList, TierPass,
+    TierReport, TierTable, VerifyReport, CERTIFICATE_FORMAT, LISTED_DIFFERENCES,
 };
+pub use operational::{OperationalConfig, OperationalTableConfig};
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};
 pub use report::{RunReport, TableReport, YearRows, EXACT_PATIENTS};
 pub use run_lock::RunLock;

@@ -40,7 +40,9 @@ pub struct DestructionCertificate {
     pub destroyed_at: String,
     /// Per table, what was destroyed.
     pub tables: Vec<DestroyedTable>,
-    /// Records on the approved list that a legal hold placed since kept (not destroyed).
+    /// Records on the approved list kept: covered by a legal hold placed since; for `tier`, also
+    /// those no longer past retention when carried out (activity since) or still referenced by
+    /// another row (a foreign key).
     pub kept_by_holds: u64,
     /// The data files rewritten without the records, whose data keys (key material) are
     /// destroyed when `gc` deletes them after the grace period (`gc` then records them here
@@ -73,6 +75,37 @@ pub struct DestroyedTable {
     pub key_checksum: String,
     /// Of the values.
     pub value_checksum: String,
+}
+
+impl DestructionCertificate {
+    /// The certificate of carrying out `request` (approved), whose list is `list`, not yet
+    /// filled in (tables, counts, time) nor signed.
+    pub(super) fn of_request(
+        request: &strata_control::DestructionRequest,
+        list: &super::retention::RetentionList,
+    ) -> Self {
+        let (approved_by, approved_at, _) = request.decision.clone().unwrap_or_default();
+        DestructionCertificate {
+            format: CERTIFICATE_FORMAT,
+            request_id: request.request_id.clone(),
+            kind: request.kind.clone(),
+            policy_version: request.policy_version.clone(),
+            policy_hash: request.policy_hash.clone(),
+            rules: list.rules.clone(),
+            as_of: list.as_of.clone(),
+            requested_by: request.requested_by.clone(),
+            requested_at: request.requested_at.clone(),
+            approved_by,
+            approved_at,
+            destroyed_at: String::new(),
+            tables: Vec::new(),
+            kept_by_holds: 0,
+            files_replaced: Vec::new(),
+            keys_destroyed_at: None,
+            blobs_deleted: 0,
+            signature: None,
+        }
+    }
 }
 
 impl Evidence for DestructionCertificate {

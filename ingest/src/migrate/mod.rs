@@ -28,6 +28,7 @@ mod rollback;
 mod route;
 mod sinks;
 mod target;
+mod tier;
 mod upserts;
 mod verify;
 mod workers;
@@ -45,6 +46,7 @@ pub use past_retention::{file_retention_list, FiledList};
 pub use retention::{carry_out_retention, ListedTable, RetentionList};
 pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;
+pub use tier::{TierList, TierPass, TierReport, TierTable};
 pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
 
 use crate::config::MigrationConfig;
@@ -203,6 +205,25 @@ fn schema_columns(schemas: &BTreeMap<String, TableSchema>) -> Vec<(String, Vec<S
             )
         })
         .collect()
+}
+
+/// The policy at `as_of` with `holds`, checked against the tables and columns it may name
+/// (`known`: table → columns), as a pass after go-live builds it.
+fn policy_at(
+    policy_config: &PolicyConfig,
+    known: &BTreeMap<String, Vec<String>>,
+    as_of: NaiveDate,
+    holds: &[LegalHold],
+) -> Result<Policy> {
+    let refs: Vec<(&str, Vec<&str>)> = known
+        .iter()
+        .map(|(t, cs)| (t.as_str(), cs.iter().map(String::as_str).collect()))
+        .collect();
+    let tables: Vec<(&str, &[&str])> = refs.iter().map(|(t, c)| (*t, c.as_slice())).collect();
+    Ok(policy_config
+        .build(&tables)?
+        .with_as_of(as_of)
+        .with_holds(holds.to_vec()))
 }
 
 fn as_refs(columns: &[(String, Vec<String>)]) -> Vec<(&str, Vec<&str>)> {

@@ -1017,7 +1017,7 @@ impl Migration {
 
     /// Records a published manifest of the outbox in the control database's ledger and
     /// catalog mirror (again, harmlessly, after a crash).
-    async fn record_published(&self, m: &TableManifest) -> Result<()> {
+    pub(super) async fn record_published(&self, m: &TableManifest) -> Result<()> {
         self.control.mirror_manifest(m).await?;
         self.control
             .record_archived(&m.table, &m.run_id, std::slice::from_ref(m))

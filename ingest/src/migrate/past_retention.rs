@@ -82,22 +82,27 @@ pub async fn file_retention_list(
             .or_default()
             .extend(cs.iter().cloned());
     }
-    let refs: Vec<(&str, Vec<&str>)> = known
+    let policy = super::policy_at(&policy_config, &known, as_of, &holds)?;
+    let layouts: Vec<TableLayout> = config
+        .tables
         .iter()
-        .map(|(t, cs)| (t.as_str(), cs.iter().map(String::as_str).collect()))
+        .filter(|(name, _)| schemas.contains_key(*name))
+        .map(|(name, t)| TableLayout::new(config, name, t, schemas[name].clone(), &schemas, &[]))
         .collect();
-    let tables: Vec<(&str, &[&str])> = refs.iter().map(|(t, c)| (*t, c.as_slice())).collect();
-    let policy = policy_config
-        .build(&tables)?
-        .with_as_of(as_of)
-        .with_holds(holds.clone());
+    let patients = policy_config.patients.as_ref().and_then(|p| {
+        Some(PatientTable {
+            layout: layouts.iter().find(|l| l.name == p.table)?,
+            birth: p.birth_date.clone(),
+            death: p.deceased_date.clone(),
+        })
+    });
     let facts = facts_after_go_live(
-        config,
         &policy_config,
         &policy,
         &reader,
         &operational,
-        &schemas,
+        &layouts,
+        patients,
     )
     .await?;
     operational.close().await;
@@ -209,31 +214,20 @@ pub async fn file_retention_list(
     }))
 }
 
-/// Every patient's facts after go-live: see the module's docs.
-async fn facts_after_go_live(
-    config: &MigrationConfig,
+/// Every patient's facts after go-live: last activity over the operational database (read
+/// through `layouts`) and every archived copy; birth and death dates from the operational
+/// patients table (`patients`), else the archived one. See the module's docs.
+pub(super) async fn facts_after_go_live(
     policy_config: &strata_cutoff_policies::PolicyConfig,
     policy: &strata_cutoff_policies::Policy,
     reader: &ArchiveReader,
     operational: &Db,
-    schemas: &BTreeMap<String, crate::db::TableSchema>,
+    layouts: &[TableLayout],
+    patients: Option<PatientTable<'_>>,
 ) -> Result<HashMap<String, PatientFacts>> {
     let as_of = policy.as_of().expect("as_of is set");
-    let layouts: Vec<TableLayout> = config
-        .tables
-        .iter()
-        .filter(|(name, _)| schemas.contains_key(*name))
-        .map(|(name, t)| TableLayout::new(config, name, t, schemas[name].clone(), schemas, &[]))
-        .collect();
-    let patients = policy_config.patients.as_ref().and_then(|p| {
-        Some(PatientTable {
-            layout: layouts.iter().find(|l| l.name == p.table)?,
-            birth: p.birth_date.clone(),
-            death: p.deceased_date.clone(),
-        })
-    });
     let mut facts =
-        crate::facts::patient_facts(operational, policy, &layouts, patients, None).await?;
+        crate::facts::patient_facts(operational, policy, layouts, patients, None).await?;
     // The archive: every copy's record date; birth and death from the archived patients table.
     let dates = [
         strata_archive::PATIENT_COLUMN.to_string(),

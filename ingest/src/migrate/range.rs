@@ -3,11 +3,11 @@
 
 use super::destroyed::Destroyed;
 use super::route::{Route, Router};
-use super::sinks::{LongBlobs, PendingBlobs, RangeOutcome, RangeSink, RowChecks, Writers};
+use super::sinks::{ArchiveSide, LongBlobs, RangeOutcome, RangeSink, RowChecks, Writers};
 use super::target::CHECKPOINT_TABLE;
 use super::workers::{run_jobs, Job};
 use super::Migration;
-use crate::archive_rows::{archive_schema, ArchiveRun};
+use crate::archive_rows::archive_schema;
 use crate::db::{Column, Db};
 use crate::error::{IngestError, Result};
 use crate::layout::TableLayout;
@@ -125,15 +125,14 @@ impl Migration {
             .load(&layout.name, ctx.target_columns, row_by_row)
             .await?;
         let writers = Writers {
-            source: &self.source,
-            snapshot: ctx.snapshot,
-            schema: archive_schema(layout),
-            archived: Vec::new(),
             load,
-            archive,
-            run: ArchiveRun::new(ARCHIVE_RUN_BYTES),
-            blobs: BlobStore::new(ctx.store.clone(), ctx.keys.clone()),
-            pending: PendingBlobs::default(),
+            archive: ArchiveSide::new(
+                layout,
+                (&self.source, ctx.snapshot),
+                archive,
+                BlobStore::new(ctx.store.clone(), ctx.keys.clone()),
+                ARCHIVE_RUN_BYTES,
+            ),
             quarantine: Vec::new(),
             progress: ctx.progress.clone(),
             attempt: attempt.clone(),
@@ -234,6 +233,9 @@ impl Migration {
             for mut values in chunk? {
                 tally.report.source_rows += 1;
                 let ordinal = (rows.index, tally.report.source_rows);
+                if layout.row_version {
+                    sink.row_version(layout.take_row_version(&mut values));
+                }
                 let streamed_blobs = layout.take_streamed(&mut values, streamed);
                 let long = LongBlobs {
                     streamed: streamed_blobs.as_ref(),

@@ -10,7 +10,7 @@
 //! is the pass's first step, separate from this one.
 
 use super::canonical::{RowDigest, Sum};
-use super::certificate::{DestroyedTable, DestructionCertificate, CERTIFICATE_FORMAT};
+use super::certificate::{DestroyedTable, DestructionCertificate};
 use crate::config::MigrationConfig;
 use crate::error::{IngestError, Result};
 use arrow::array::{Array, RecordBatch};
@@ -167,27 +167,7 @@ pub async fn carry_out_retention(
                 request.request_id
             ))
         })?;
-        let (approved_by, approved_at, _) = request.decision.clone().unwrap_or_default();
-        let mut certificate = DestructionCertificate {
-            format: CERTIFICATE_FORMAT,
-            request_id: request.request_id.clone(),
-            kind: request.kind.clone(),
-            policy_version: request.policy_version.clone(),
-            policy_hash: request.policy_hash.clone(),
-            rules: list.rules.clone(),
-            as_of: list.as_of.clone(),
-            requested_by: request.requested_by.clone(),
-            requested_at: request.requested_at.clone(),
-            approved_by,
-            approved_at,
-            destroyed_at: String::new(),
-            tables: Vec::new(),
-            kept_by_holds: 0,
-            files_replaced: Vec::new(),
-            keys_destroyed_at: None,
-            blobs_deleted: 0,
-            signature: None,
-        };
+        let mut certificate = DestructionCertificate::of_request(&request, &list);
         for (table, listed) in &list.tables {
             let done = table_destruction(&store, &keys, table, &request.request_id, listed, &holds)
                 .await?;

@@ -73,6 +73,9 @@ pub(super) trait RangeSink {
         Ok(())
     }
 
+    /// The version of the row about to be routed, when the layout reads it (`strata tier`).
+    fn row_version(&mut self, _version: crate::layout::RowVersion) {}
+
     /// The record date the route stage read of the row it is about to hand over.
     fn decided(&mut self, _date: Option<NaiveDate>) {}
 
@@ -269,15 +272,9 @@ impl PendingBlobs {
 
 /// Where a range's rows go while it is copied: the sink of a run.
 pub(super) struct Writers<'c> {
-    /// The source and the snapshot the range is read in (long BLOBs are read from them).
-    pub(super) source: &'c Db,
-    pub(super) snapshot: Option<&'c str>,
     pub(super) load: Load<'c>,
-    pub(super) archive: TableWriter,
-    /// Archived rows waiting to be sorted into a file.
-    pub(super) run: ArchiveRun,
-    pub(super) blobs: BlobStore,
-    pub(super) pending: PendingBlobs,
+    /// The archive files and BLOB objects.
+    pub(super) archive: ArchiveSide<'c>,
     /// The range's quarantined rows, inserted with its checkpoint.
     pub(super) quarantine: Vec<Quarantined>,
     /// The table's progress; its quarantined rows, counted by every range, are what the
@@ -287,13 +284,48 @@ pub(super) struct Writers<'c> {
     pub(super) attempt: Arc<TableProgress>,
     pub(super) destroyed: Destroyed,
     pub(super) checks: RowChecks<'c>,
+}
+
+/// Where archived rows go: their BLOBs stored as objects (those left out of the rows streamed
+/// from the database they are read from), the rows sorted into files of the archive writer.
+/// A run's ranges and `strata tier`'s batches write through it.
+pub(super) struct ArchiveSide<'c> {
+    /// The database the rows are read from and its snapshot (long BLOBs are read from them).
+    pub(super) source: &'c Db,
+    pub(super) snapshot: Option<&'c str>,
+    pub(super) writer: TableWriter,
+    /// Archived rows waiting to be sorted into a file.
+    pub(super) run: ArchiveRun,
+    pub(super) blobs: BlobStore,
+    pub(super) pending: PendingBlobs,
     /// The archive files' schema.
     pub(super) schema: arrow::datatypes::SchemaRef,
     /// Archived rows whose BLOBs are stored, on their way to `run`.
     pub(super) archived: Vec<ArchivedRow>,
 }
 
-impl Writers<'_> {
+impl<'c> ArchiveSide<'c> {
+    /// Writes `layout`'s rows, read from `source` (in `snapshot`), through `writer`, sorting
+    /// up to `run_bytes` of rows at a time.
+    pub(super) fn new(
+        layout: &TableLayout,
+        (source, snapshot): (&'c Db, Option<&'c str>),
+        writer: TableWriter,
+        blobs: BlobStore,
+        run_bytes: usize,
+    ) -> Self {
+        ArchiveSide {
+            source,
+            snapshot,
+            writer,
+            run: ArchiveRun::new(run_bytes),
+            blobs,
+            pending: PendingBlobs::default(),
+            schema: crate::archive_rows::archive_schema(layout),
+            archived: Vec::new(),
+        }
+    }
+
     /// Sorts the held archived rows and writes them as a file of their own.
     async fn write_run(&mut self, layout: &TableLayout) -> Result<()> {
         if self.run.is_empty() {
@@ -304,9 +336,9 @@ impl Writers<'_> {
             .drain_sorted(layout, &self.schema, ARCHIVE_BATCH_ROWS);
         while let Some(batch) = sorted.next_batch() {
             let batch = batch.map_err(strata_archive::ArchiveError::from)?;
-            self.archive.write(&batch).await?;
+            self.writer.write(&batch).await?;
         }
-        self.archive.end_file().await?;
+        self.writer.end_file().await?;
         Ok(())
     }
 
@@ -323,7 +355,7 @@ impl Writers<'_> {
             };
             let name = &layout.columns()[blob.column].name;
             let mut pieces = self.source.blob_pieces(
-                &layout.name,
+                &layout.relation,
                 name,
                 &s.ctid,
                 n,
@@ -338,6 +370,90 @@ impl Writers<'_> {
             values[blob.column] = Value::Bytes(content);
         }
         Ok(())
+    }
+
+    /// Archives one row: its BLOBs stored, then the row held for its file.
+    pub(super) async fn archive(
+        &mut self,
+        layout: &TableLayout,
+        patient: Option<&str>,
+        date: Option<NaiveDate>,
+        mut values: Vec<Value>,
+        long: &LongBlobs<'_>,
+    ) -> Result<()> {
+        let mut stores = Vec::with_capacity(layout.blobs.len());
+        let mut blob_bytes = 0;
+        for (i, b) in layout.blobs.iter().enumerate() {
+            let content = std::mem::replace(&mut values[b.column], Value::Null);
+            let content_type = b
+                .content_type_column
+                .and_then(|i| values[i].as_key_text())
+                .unwrap_or_else(|| b.content_type.clone());
+            let blobs = self.blobs.clone();
+            match (content, long.length(i), long.streamed) {
+                (Value::Bytes(content), _, _) => {
+                    blob_bytes += content.len();
+                    stores.push(Some(tokio::spawn(async move {
+                        blobs.put(content, &content_type).await
+                    })));
+                }
+                (Value::Null, Some(n), Some(s)) => {
+                    // A streamed BLOB holds little memory but a source connection while it
+                    // streams: counting it as the whole budget keeps at most two in flight per
+                    // range, well within the source pool.
+                    blob_bytes += BLOB_BYTES_IN_FLIGHT;
+                    let pieces = self.source.blob_pieces(
+                        &layout.relation,
+                        &layout.columns()[b.column].name,
+                        &s.ctid,
+                        n,
+                        self.snapshot.map(str::to_string),
+                    )?;
+                    stores.push(Some(tokio::spawn(async move {
+                        blobs.put_stream(pieces, &content_type).await
+                    })));
+                }
+                _ => stores.push(None),
+            }
+        }
+        let key = archive_key(layout, &values);
+        let patient = patient.unwrap_or_default();
+        if layout.blobs.is_empty() {
+            self.run.push(layout, patient, date, &key, &values, &[]);
+        } else {
+            let row = ArchivedRow {
+                key,
+                patient: patient.to_string(),
+                date,
+                values,
+                blobs: Vec::new(),
+            };
+            self.pending.push(row, stores, blob_bytes);
+            self.pending.settle(&mut self.archived, false).await?;
+            for r in self.archived.drain(..) {
+                self.run
+                    .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
+            }
+        }
+        if self.run.is_full() {
+            self.write_run(layout).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is held and publishes the manifest, when any row was archived.
+    pub(super) async fn finish(mut self, layout: &TableLayout) -> Result<Option<TableManifest>> {
+        self.pending.settle(&mut self.archived, true).await?;
+        for r in self.archived.drain(..) {
+            self.run
+                .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
+        }
+        self.write_run(layout).await?;
+        Ok(if self.writer.rows() > 0 {
+            Some(self.writer.finish().await?)
+        } else {
+            None
+        })
     }
 }
 
@@ -357,7 +473,7 @@ impl RangeSink for Writers<'_> {
         values: &mut [Value],
         long: &LongBlobs<'_>,
     ) -> Result<()> {
-        self.read_whole(layout, values, long).await
+        self.archive.read_whole(layout, values, long).await
     }
 
     fn problem(
@@ -400,82 +516,17 @@ impl RangeSink for Writers<'_> {
         layout: &TableLayout,
         patient: Option<&str>,
         date: Option<NaiveDate>,
-        mut values: Vec<Value>,
+        values: Vec<Value>,
         long: &LongBlobs<'_>,
     ) -> Result<()> {
-        let mut stores = Vec::with_capacity(layout.blobs.len());
-        let mut blob_bytes = 0;
-        for (i, b) in layout.blobs.iter().enumerate() {
-            let content = std::mem::replace(&mut values[b.column], Value::Null);
-            let content_type = b
-                .content_type_column
-                .and_then(|i| values[i].as_key_text())
-                .unwrap_or_else(|| b.content_type.clone());
-            let blobs = self.blobs.clone();
-            match (content, long.length(i), long.streamed) {
-                (Value::Bytes(content), _, _) => {
-                    blob_bytes += content.len();
-                    stores.push(Some(tokio::spawn(async move {
-                        blobs.put(content, &content_type).await
-                    })));
-                }
-                (Value::Null, Some(n), Some(s)) => {
-                    // A streamed BLOB holds little memory but a source connection while it
-                    // streams: counting it as the whole budget keeps at most two in flight per
-                    // range, well within the source pool.
-                    blob_bytes += BLOB_BYTES_IN_FLIGHT;
-                    let pieces = self.source.blob_pieces(
-                        &layout.name,
-                        &layout.columns()[b.column].name,
-                        &s.ctid,
-                        n,
-                        self.snapshot.map(str::to_string),
-                    )?;
-                    stores.push(Some(tokio::spawn(async move {
-                        blobs.put_stream(pieces, &content_type).await
-                    })));
-                }
-                _ => stores.push(None),
-            }
-        }
-        let key = archive_key(layout, &values);
-        let patient = patient.unwrap_or_default();
-        if layout.blobs.is_empty() {
-            self.run.push(layout, patient, date, &key, &values, &[]);
-        } else {
-            let row = ArchivedRow {
-                key,
-                patient: patient.to_string(),
-                date,
-                values,
-                blobs: Vec::new(),
-            };
-            self.pending.push(row, stores, blob_bytes);
-            self.pending.settle(&mut self.archived, false).await?;
-            for r in self.archived.drain(..) {
-                self.run
-                    .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
-            }
-        }
-        if self.run.is_full() {
-            self.write_run(layout).await?;
-        }
-        Ok(())
+        self.archive
+            .archive(layout, patient, date, values, long)
+            .await
     }
 
-    async fn finish(mut self, layout: &TableLayout, tally: Tally) -> Result<RangeOutcome> {
-        self.pending.settle(&mut self.archived, true).await?;
-        for r in self.archived.drain(..) {
-            self.run
-                .push(layout, &r.patient, r.date, &r.key, &r.values, &r.blobs);
-        }
-        self.write_run(layout).await?;
+    async fn finish(self, layout: &TableLayout, tally: Tally) -> Result<RangeOutcome> {
+        let manifest = self.archive.finish(layout).await?;
         self.load.finish().await?;
-        let manifest = if self.archive.rows() > 0 {
-            Some(self.archive.finish().await?)
-        } else {
-            None
-        };
         Ok(RangeOutcome {
             tally,
             destroyed: self.destroyed,

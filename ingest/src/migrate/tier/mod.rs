@@ -1,0 +1,393 @@
+//! `strata tier`: records keep ageing after go-live, in the operational database the new EHR
+//! writes. A pass decides every row of the operational tables under the policy in force at a
+//! new `as_of` (the same route stage as a migration: the operational database is one more
+//! source of rows), and
+//!
+//! - leaves the rows that stay operational (clinically current, active patients);
+//! - moves the rows now bound for the archive: archive files and manifest first, then the rows
+//!   deleted where they are still the version read, with the batch's checkpoint, in one
+//!   transaction ([`sink`]);
+//! - files the rows past retention as a pending `tier` destruction list, and destroys the rows
+//!   of lists a second records manager approved (still past retention when carried out: a
+//!   hold or activity since keeps a row), with a destruction record and a signed certificate
+//!   per list ([`lists`]).
+//!
+//! The application writes while a pass runs: a row it changed, deleted or holds locked is left
+//! for the next pass, a row other rows reference is kept (whatever the foreign key's
+//! `ON DELETE`), children leave before their parents, and a table with a `DELETE` trigger or
+//! rule nobody checked is not touched ([`schema`]). kill -9 at any moment: the next pass
+//! withdraws the manifests of batches that never committed, and records those that did.
+//! PostgreSQL only: a row's version (`xmin`) is what makes a live delete safe.
+
+mod lists;
+mod schema;
+mod sink;
+
+use super::{holds_in_force, read_policy, Migration};
+use crate::config::MigrationConfig;
+use crate::db::{Db, DbKind};
+use crate::error::{IngestError, Result};
+use crate::facts::PatientTable;
+use crate::layout::TableLayout;
+use crate::migrate::range::SourceRows;
+use crate::operational::OperationalView;
+use crate::progress::RunProgress;
+use crate::value::{ColumnType, Value};
+use chrono::NaiveDate;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use strata_archive::TableManifest;
+use strata_control::Control;
+
+pub use lists::TierList;
+
+/// The operational database's table of tier batches (Strata's own; never tiered).
+pub(super) const BATCHES_TABLE: &str = "_strata_tier_batches";
+
+/// What one table's pass did (or, previewed, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TierTable {
+    /// The table, as the policy and the archive name it.
+    pub table: String,
+    /// Its name in the operational database.
+    pub relation: String,
+    /// Rows read.
+    pub rows_read: u64,
+    /// Rows that stay operational.
+    pub stay: u64,
+    /// Rows moved to the archive (previewed: that would be).
+    pub archived: u64,
+    /// Rows past retention newly filed on a destruction list, for approval.
+    pub past_retention_listed: u64,
+    /// Rows past retention on a list still waiting for approval.
+    pub awaiting_approval: u64,
+    /// Rows of approved lists destroyed.
+    pub destroyed: u64,
+    /// Rows of approved lists the policy no longer finds past retention (a hold or activity
+    /// since the list was filed): kept.
+    pub kept_since_listed: u64,
+    /// Rows the application changed, deleted or held locked after the pass read them: left
+    /// for the next pass.
+    pub changed_meanwhile: u64,
+    /// Rows still referenced by other rows, kept, by referencing table and foreign key.
+    pub kept_referenced: BTreeMap<String, u64>,
+    /// Rows of approved lists left for the next pass (changed, locked or referenced).
+    pub left_on_lists: u64,
+    /// Rows whose values the route stage cannot read as their columns' types: left in place.
+    pub unreadable: u64,
+    /// The first of them: key, column and reason (no values).
+    pub unreadable_examples: Vec<String>,
+    /// Why the table was not touched, when it was not.
+    pub skipped: Option<String>,
+}
+
+/// What a pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TierReport {
+    /// The pass (its batches' manifests are `tier-{pass}-…`).
+    pub pass_id: String,
+    /// The day the policy reckoned from.
+    pub as_of: String,
+    /// The policy version.
+    pub policy_version: String,
+    /// A preview (`strata plan --tier`): nothing was written.
+    pub preview: bool,
+    /// Per table, children before parents.
+    pub tables: Vec<TierTable>,
+    /// The destruction list this pass filed for approval, if it found rows past retention.
+    pub filed: Option<TierList>,
+    /// Approved lists carried out completely by this pass, with their certificates.
+    pub certificates: Vec<super::DestructionCertificate>,
+    /// Batches of earlier passes that never committed, withdrawn from the archive.
+    pub withdrawn: u64,
+}
+
+/// A tier pass, prepared: the operational database connected, its tables read through
+/// `[operational.tables]` (or the tables the migration created), the policy and the holds in
+/// force checked against them.
+pub struct TierPass {
+    migration: Migration,
+    view: OperationalView,
+}
+
+impl TierPass {
+    /// Prepares a pass at `as_of`: see the type's docs.
+    pub async fn prepare(
+        config: MigrationConfig,
+        control: Control,
+        as_of: NaiveDate,
+    ) -> Result<Self> {
+        let policy_config = read_policy(&config)?;
+        if config.operational_kind()? != DbKind::Postgres {
+            return Err(IngestError::Config {
+                problems: vec!["[operational]: strata tier needs a PostgreSQL operational database: it deletes a row only where it is still the version it read (xmin) while the application writes, and SQLite rows carry no version".into()],
+            });
+        }
+        let view = OperationalView::new(&config);
+        let op = Db::connect(&config.resolve_url(&config.operational.url)?, false).await?;
+        let existing = op.table_names().await?;
+        let mut schemas = BTreeMap::new();
+        for (name, t) in &view.config.tables {
+            let relation = t.relation.clone().unwrap_or_else(|| name.clone());
+            if existing.contains(&relation) {
+                schemas.insert(name.clone(), op.table_schema(&relation).await?);
+            }
+        }
+        let problems = view.problems(&schemas);
+        if !problems.is_empty() {
+            return Err(IngestError::Config { problems });
+        }
+        let holds = holds_in_force(&control).await?;
+        // The policy names columns as the migration's source did: each table offers its
+        // operational columns and, for those the policy knows otherwise, the policy's names.
+        let mut known: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (table, schema) in &schemas {
+            let mut columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+            for (policy_name, op_name) in view.source_names.get(table).into_iter().flatten() {
+                if schema.column(op_name).is_some() {
+                    columns.push(policy_name.clone());
+                }
+            }
+            known.insert(table.clone(), columns);
+        }
+        for (table, rules) in &policy_config.tables {
+            known.entry(table.clone()).or_insert_with(|| {
+                rules
+                    .current_when
+                    .iter()
+                    .map(|c| c.column.clone())
+                    .collect()
+            });
+        }
+        let policy = super::policy_at(&policy_config, &known, as_of, &holds)?;
+        let mut layouts = Vec::new();
+        for (name, t) in &view.config.tables {
+            let Some(schema) = schemas.get(name) else {
+                continue;
+            };
+            let needed = policy_config.columns_needed(name, &holds);
+            let op_names: Vec<String> = needed.iter().map(|c| view.column(name, c)).collect();
+            let mut layout =
+                TableLayout::new(&view.config, name, t, schema.clone(), &schemas, &op_names);
+            layout.policy_column_names = needed;
+            layout.row_version = true;
+            layout.read_decimals(op.kind());
+            layouts.push(layout);
+        }
+        let migration = Migration {
+            config: view.config.clone(),
+            source: op,
+            control,
+            policy_config,
+            policy,
+            layouts,
+            progress: RunProgress::default(),
+            follow: false,
+        };
+        Ok(TierPass { migration, view })
+    }
+
+    /// The tables as the pass reads them.
+    pub fn layouts(&self) -> &[TableLayout] {
+        &self.migration.layouts
+    }
+
+    /// Runs a pass (`preview`: reads and decides, writes nothing). `requested_by` is who
+    /// requests the destruction of what it finds past retention (the list is filed pending a
+    /// second records manager's approval).
+    pub async fn run(&self, preview: bool, requested_by: &str) -> Result<TierReport> {
+        let m = &self.migration;
+        let op = m.source();
+        let pass_id = format!(
+            "{}-{:04x}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+            rand::random::<u16>()
+        );
+        let mut report = TierReport {
+            pass_id: pass_id.clone(),
+            as_of: m.as_of().to_string(),
+            policy_version: m.policy().version().to_string(),
+            preview,
+            ..Default::default()
+        };
+        let (store, keys) = m.archive_store().await?;
+        let lists = lists::Lists::load(m.control()).await?;
+        if !preview {
+            if lists.has_approved() && !super::evidence::can_sign(m.config())? {
+                return Err(IngestError::Config {
+                    problems: vec![
+                        "[verify]: a destruction is certified with a signing key (signing_key_file, signing_key_env or signing_key_wrapped_file): none is configured, so nothing is destroyed".into(),
+                    ],
+                });
+            }
+            report.withdrawn = self.settle(&store).await?;
+        }
+        let reader = strata_archive::ArchiveReader::open(store.clone(), keys.clone()).await?;
+        let patients = m.policy_config.patients.as_ref().and_then(|p| {
+            Some(PatientTable {
+                layout: m.layouts.iter().find(|l| l.name == p.table)?,
+                birth: p
+                    .birth_date
+                    .as_deref()
+                    .map(|c| self.view.column(&p.table, c)),
+                death: p
+                    .deceased_date
+                    .as_deref()
+                    .map(|c| self.view.column(&p.table, c)),
+            })
+        });
+        let facts = super::past_retention::facts_after_go_live(
+            &m.policy_config,
+            &m.policy,
+            &reader,
+            op,
+            &m.layouts,
+            patients,
+        )
+        .await?;
+        let foreign_keys = schema::foreign_keys(op).await?;
+        let relations: Vec<String> = m.layouts.iter().map(|l| l.relation.clone()).collect();
+        let mut filed = lists::Filing::default();
+        let mut carried = lists::Carried::default();
+        let batches = std::sync::atomic::AtomicU32::new(0);
+        for relation in schema::children_first(&relations, &foreign_keys) {
+            let layout = m
+                .layouts
+                .iter()
+                .find(|l| l.relation == relation)
+                .expect("ordered from the layouts");
+            let mut table = TierTable {
+                table: layout.name.clone(),
+                relation: relation.clone(),
+                ..Default::default()
+            };
+            let allowed = self.view.allowed_triggers.get(&layout.name);
+            let unchecked: Vec<String> = schema::delete_triggers(op, &relation)
+                .await?
+                .into_iter()
+                .filter(|t| !allowed.is_some_and(|a| a.contains(t)))
+                .collect();
+            if !unchecked.is_empty() {
+                table.skipped = Some(format!(
+                    "DELETE triggers or rules nobody checked: {}; what they do cannot be known, so no row is deleted (once checked, list them under [operational.tables.{relation}] allow_delete_triggers)",
+                    unchecked.join(", ")
+                ));
+                carried.untouched(&lists.approved_keys(&layout.name));
+                report.tables.push(table);
+                continue;
+            }
+            let ctx = sink::PassContext {
+                migration: m,
+                store: &store,
+                keys: &keys,
+                pass_id: &pass_id,
+                batches: &batches,
+                dry_run: preview,
+                approved: lists.approved_keys(&layout.name),
+                pending: lists.pending_keys(&layout.name),
+            };
+            let referencing = foreign_keys
+                .iter()
+                .filter(|k| k.parent == relation)
+                .collect();
+            let mut found = lists::Found::default();
+            let sink = sink::TierSink::new(ctx, layout, (&mut table, &mut found), referencing);
+            let streamed = layout.streamable_blobs(op);
+            let sql = layout.select_where(op, None, &streamed, m.config().run.inline_blob_bytes);
+            let rows = SourceRows {
+                chunks: op.fetch_chunks_in(sql, layout.fetch_types(op, &streamed), None),
+                index: 0,
+                streamed: &streamed,
+            };
+            m.route_rows(layout, rows, &facts, sink).await?;
+            carried.add(&found);
+            filed.add(&layout.name, found.newly_past_retention);
+            report.tables.push(table);
+        }
+        if !preview {
+            report.filed = filed
+                .file(m.control(), m.policy(), &report.as_of, requested_by)
+                .await?;
+            report.certificates = lists
+                .complete(m.config(), m.control(), op, &carried)
+                .await?;
+        } else if !filed.is_empty() {
+            report.filed = Some(filed.preview(&report.as_of));
+        }
+        Ok(report)
+    }
+
+    /// Before a pass: withdraws the manifests of batches that never committed (their rows are
+    /// still operational) and records in the control database those that did but were not
+    /// recorded yet. Returns the manifests withdrawn.
+    async fn settle(&self, store: &strata_archive::Store) -> Result<u64> {
+        let m = &self.migration;
+        let op = m.source();
+        op.execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {BATCHES_TABLE} (writer TEXT PRIMARY KEY, table_name TEXT NOT NULL, pass_id TEXT NOT NULL, request_id TEXT, rows_moved BIGINT NOT NULL, keys TEXT NOT NULL, manifest TEXT, destroyed TEXT, recorded BOOLEAN NOT NULL DEFAULT FALSE, finished_at TEXT NOT NULL)"
+        ))
+        .await?;
+        let mut withdrawn = 0;
+        for layout in &m.layouts {
+            let committed: std::collections::HashSet<String> = op
+                .fetch_all(
+                    format!(
+                        "SELECT writer FROM {BATCHES_TABLE} WHERE table_name = '{}'",
+                        layout.name.replace('\'', "''")
+                    ),
+                    vec![ColumnType::Text],
+                )
+                .await?
+                .into_iter()
+                .filter_map(|r| r[0].as_key_text())
+                .collect();
+            for run in
+                strata_archive::manifest_run_ids(store.as_ref(), &layout.name, "tier-").await?
+            {
+                if !committed.contains(&run) {
+                    withdrawn += strata_archive::withdraw_manifests(
+                        store.as_ref(),
+                        &layout.name,
+                        &format!("{run}.json"),
+                    )
+                    .await?;
+                }
+            }
+        }
+        let unrecorded = op
+            .fetch_all(
+                format!("SELECT writer, manifest FROM {BATCHES_TABLE} WHERE NOT recorded AND manifest IS NOT NULL"),
+                vec![ColumnType::Text, ColumnType::Text],
+            )
+            .await?;
+        for row in unrecorded {
+            let (Some(writer), Some(json)) = (row[0].as_key_text(), row[1].as_key_text()) else {
+                continue;
+            };
+            let manifest: TableManifest = serde_json::from_str(&json).map_err(|e| {
+                IngestError::Run(format!(
+                    "tier batch {writer}: its manifest is unreadable: {e}"
+                ))
+            })?;
+            record_batch(m, &writer, &manifest).await?;
+        }
+        Ok(withdrawn)
+    }
+}
+
+/// Records a committed batch's manifest in the control database's ledger and catalog mirror,
+/// then marks the batch recorded.
+pub(super) async fn record_batch(
+    m: &Migration,
+    writer: &str,
+    manifest: &TableManifest,
+) -> Result<()> {
+    m.record_published(manifest).await?;
+    m.source()
+        .execute_with(
+            &format!("UPDATE {BATCHES_TABLE} SET recorded = TRUE WHERE writer = $1"),
+            &[Value::Text(writer.to_string())],
+        )
+        .await?;
+    Ok(())
+}

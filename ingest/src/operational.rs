@@ -13,9 +13,12 @@
 use crate::config::{
     BlobColumnConfig, ColumnMapping, MigrationConfig, PatientVia, RecordDateConfig, TableConfig,
 };
-use crate::db::TableSchema;
+use crate::db::{Db, DbKind, TableSchema};
+use crate::error::{IngestError, Result};
+use crate::layout::TableLayout;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use strata_cutoff_policies::{LegalHold, PolicyConfig};
 
 /// `[operational]`: the new operational database.
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +88,8 @@ pub(crate) struct OperationalView {
     pub source_names: BTreeMap<String, BTreeMap<String, String>>,
     /// Per table (archive name): the DELETE triggers allowed.
     pub allowed_triggers: BTreeMap<String, Vec<String>>,
+    /// Whether the tables are listed (`[operational.tables]`), not taken from the migration.
+    pub listed: bool,
 }
 
 impl OperationalView {
@@ -105,6 +110,7 @@ impl OperationalView {
             config: config.clone(),
             source_names: BTreeMap::new(),
             allowed_triggers: BTreeMap::new(),
+            listed: !config.operational.tables.is_empty(),
         };
         view.config.tables = BTreeMap::new();
         for (op, t) in &listed {
@@ -187,17 +193,22 @@ impl OperationalView {
             .unwrap_or_else(|| column.to_string())
     }
 
-    /// Every problem of the listed tables against their schemas (keyed by archive name).
+    /// Every problem of the tables against their schemas (keyed by archive name). A table
+    /// taken from the migration may lack a key (tier then leaves it alone, and says so).
     pub fn problems(&self, schemas: &BTreeMap<String, TableSchema>) -> Vec<String> {
         let mut problems = Vec::new();
         for (name, t) in &self.config.tables {
             let op = t.relation.as_deref().unwrap_or(name);
             let at = format!("[operational.tables.{op}]");
+            // A migrated table the operational database lacks (all its rows archived) is
+            // left out; a listed one must be there.
             let Some(schema) = schemas.get(name) else {
-                problems.push(format!("{at}: no such table in the operational database"));
+                if self.listed {
+                    problems.push(format!("{at}: no such table in the operational database"));
+                }
                 continue;
             };
-            if t.primary_key.is_empty() {
+            if t.primary_key.is_empty() && self.listed {
                 problems.push(format!(
                     "{at} primary_key: required (tier deletes a row by its key and version)"
                 ));
@@ -217,6 +228,110 @@ impl OperationalView {
             }
         }
         problems
+    }
+}
+
+/// The operational tables as they stand: the view, each table's schema (by archive name),
+/// and the columns the policy may name in each (the operational columns and, for those the
+/// policy knows by another name, that name).
+pub(crate) struct OperationalTables {
+    pub view: OperationalView,
+    pub schemas: BTreeMap<String, TableSchema>,
+    pub known: BTreeMap<String, Vec<String>>,
+}
+
+impl OperationalTables {
+    /// Reads the tables of `config`'s view from the operational database `op`; every problem
+    /// of the view against them is an error.
+    pub async fn read(config: &MigrationConfig, op: &Db, policy: &PolicyConfig) -> Result<Self> {
+        let view = OperationalView::new(config);
+        let existing = op.table_names().await?;
+        let mut schemas = BTreeMap::new();
+        for (name, t) in &view.config.tables {
+            let relation = t.relation.clone().unwrap_or_else(|| name.clone());
+            if existing.contains(&relation) {
+                schemas.insert(name.clone(), op.table_schema(&relation).await?);
+            }
+        }
+        let problems = view.problems(&schemas);
+        if !problems.is_empty() {
+            return Err(IngestError::Config { problems });
+        }
+        let mut known: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (table, schema) in &schemas {
+            let mut columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+            for (policy_name, op_name) in view.source_names.get(table).into_iter().flatten() {
+                if schema.column(op_name).is_some() {
+                    columns.push(policy_name.clone());
+                }
+            }
+            known.insert(table.clone(), columns);
+        }
+        // A table the policy has rules for but the view leaves out is not checked here.
+        for (table, rules) in &policy.tables {
+            known.entry(table.clone()).or_insert_with(|| {
+                rules
+                    .current_when
+                    .iter()
+                    .map(|c| c.column.clone())
+                    .collect()
+            });
+        }
+        Ok(OperationalTables {
+            view,
+            schemas,
+            known,
+        })
+    }
+
+    /// The tables' layouts, reading the columns the policy needs (with `holds`) under their
+    /// operational names.
+    pub fn layouts(
+        &self,
+        policy: &PolicyConfig,
+        holds: &[LegalHold],
+        kind: DbKind,
+    ) -> Vec<TableLayout> {
+        let mut layouts = Vec::new();
+        for (name, t) in &self.view.config.tables {
+            let Some(schema) = self.schemas.get(name) else {
+                continue;
+            };
+            let needed = policy.columns_needed(name, holds);
+            let op_names: Vec<String> = needed.iter().map(|c| self.view.column(name, c)).collect();
+            let mut layout = TableLayout::new(
+                &self.view.config,
+                name,
+                t,
+                schema.clone(),
+                &self.schemas,
+                &op_names,
+            );
+            layout.policy_column_names = needed;
+            layout.read_decimals(kind);
+            layouts.push(layout);
+        }
+        layouts
+    }
+
+    /// The patients table of `policy`, as the operational database holds it, among `layouts`.
+    pub fn patients<'a>(
+        &self,
+        policy: &PolicyConfig,
+        layouts: &'a [TableLayout],
+    ) -> Option<crate::facts::PatientTable<'a>> {
+        let p = policy.patients.as_ref()?;
+        Some(crate::facts::PatientTable {
+            layout: layouts.iter().find(|l| l.name == p.table)?,
+            birth: p
+                .birth_date
+                .as_deref()
+                .map(|c| self.view.column(&p.table, c)),
+            death: p
+                .deceased_date
+                .as_deref()
+                .map(|c| self.view.column(&p.table, c)),
+        })
     }
 }
 

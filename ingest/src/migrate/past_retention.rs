@@ -18,6 +18,7 @@ use crate::db::Db;
 use crate::error::{IngestError, Result};
 use crate::facts::PatientTable;
 use crate::layout::TableLayout;
+use crate::operational::OperationalTables;
 use chrono::NaiveDate;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,19 +64,11 @@ pub async fn file_retention_list(
         columns.extend(blob_columns);
         archived.insert(table.clone(), columns);
     }
-    // The operational database, read through the configured tables as it holds them (the
-    // policy checks its rules against every table, archived or not).
+    // The operational database, read through its tables as it holds them (the policy checks
+    // its rules against every table, archived or not).
     let operational = Db::connect(&config.resolve_url(&config.operational.url)?, true).await?;
-    let schemas = super::source_schemas(config, &operational).await?;
-    let mut known: BTreeMap<String, Vec<String>> = schemas
-        .iter()
-        .map(|(t, s)| {
-            (
-                t.clone(),
-                s.columns.iter().map(|c| c.name.clone()).collect(),
-            )
-        })
-        .collect();
+    let tables = OperationalTables::read(config, &operational, &policy_config).await?;
+    let mut known = tables.known.clone();
     for (t, cs) in &archived {
         known
             .entry(t.clone())
@@ -83,19 +76,8 @@ pub async fn file_retention_list(
             .extend(cs.iter().cloned());
     }
     let policy = super::policy_at(&policy_config, &known, as_of, &holds)?;
-    let layouts: Vec<TableLayout> = config
-        .tables
-        .iter()
-        .filter(|(name, _)| schemas.contains_key(*name))
-        .map(|(name, t)| TableLayout::new(config, name, t, schemas[name].clone(), &schemas, &[]))
-        .collect();
-    let patients = policy_config.patients.as_ref().and_then(|p| {
-        Some(PatientTable {
-            layout: layouts.iter().find(|l| l.name == p.table)?,
-            birth: p.birth_date.clone(),
-            death: p.deceased_date.clone(),
-        })
-    });
+    let layouts = tables.layouts(&policy_config, &holds, operational.kind());
+    let patients = tables.patients(&policy_config, &layouts);
     let facts = facts_after_go_live(
         &policy_config,
         &policy,

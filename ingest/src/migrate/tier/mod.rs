@@ -27,10 +27,9 @@ use super::{holds_in_force, read_policy, Migration};
 use crate::config::MigrationConfig;
 use crate::db::{Db, DbKind};
 use crate::error::{IngestError, Result};
-use crate::facts::PatientTable;
 use crate::layout::TableLayout;
 use crate::migrate::range::SourceRows;
-use crate::operational::OperationalView;
+use crate::operational::OperationalTables;
 use crate::progress::RunProgress;
 use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
@@ -107,7 +106,7 @@ pub struct TierReport {
 /// force checked against them.
 pub struct TierPass {
     migration: Migration,
-    view: OperationalView,
+    tables: OperationalTables,
 }
 
 impl TierPass {
@@ -123,59 +122,16 @@ impl TierPass {
                 problems: vec!["[operational]: strata tier needs a PostgreSQL operational database: it deletes a row only where it is still the version it read (xmin) while the application writes, and SQLite rows carry no version".into()],
             });
         }
-        let view = OperationalView::new(&config);
         let op = Db::connect(&config.resolve_url(&config.operational.url)?, false).await?;
-        let existing = op.table_names().await?;
-        let mut schemas = BTreeMap::new();
-        for (name, t) in &view.config.tables {
-            let relation = t.relation.clone().unwrap_or_else(|| name.clone());
-            if existing.contains(&relation) {
-                schemas.insert(name.clone(), op.table_schema(&relation).await?);
-            }
-        }
-        let problems = view.problems(&schemas);
-        if !problems.is_empty() {
-            return Err(IngestError::Config { problems });
-        }
+        let tables = OperationalTables::read(&config, &op, &policy_config).await?;
         let holds = holds_in_force(&control).await?;
-        // The policy names columns as the migration's source did: each table offers its
-        // operational columns and, for those the policy knows otherwise, the policy's names.
-        let mut known: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (table, schema) in &schemas {
-            let mut columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-            for (policy_name, op_name) in view.source_names.get(table).into_iter().flatten() {
-                if schema.column(op_name).is_some() {
-                    columns.push(policy_name.clone());
-                }
-            }
-            known.insert(table.clone(), columns);
-        }
-        for (table, rules) in &policy_config.tables {
-            known.entry(table.clone()).or_insert_with(|| {
-                rules
-                    .current_when
-                    .iter()
-                    .map(|c| c.column.clone())
-                    .collect()
-            });
-        }
-        let policy = super::policy_at(&policy_config, &known, as_of, &holds)?;
-        let mut layouts = Vec::new();
-        for (name, t) in &view.config.tables {
-            let Some(schema) = schemas.get(name) else {
-                continue;
-            };
-            let needed = policy_config.columns_needed(name, &holds);
-            let op_names: Vec<String> = needed.iter().map(|c| view.column(name, c)).collect();
-            let mut layout =
-                TableLayout::new(&view.config, name, t, schema.clone(), &schemas, &op_names);
-            layout.policy_column_names = needed;
+        let policy = super::policy_at(&policy_config, &tables.known, as_of, &holds)?;
+        let mut layouts = tables.layouts(&policy_config, &holds, op.kind());
+        for layout in &mut layouts {
             layout.row_version = true;
-            layout.read_decimals(op.kind());
-            layouts.push(layout);
         }
         let migration = Migration {
-            config: view.config.clone(),
+            config: tables.view.config.clone(),
             source: op,
             control,
             policy_config,
@@ -184,7 +140,7 @@ impl TierPass {
             progress: RunProgress::default(),
             follow: false,
         };
-        Ok(TierPass { migration, view })
+        Ok(TierPass { migration, tables })
     }
 
     /// The tables as the pass reads them.
@@ -223,19 +179,7 @@ impl TierPass {
             report.withdrawn = self.settle(&store).await?;
         }
         let reader = strata_archive::ArchiveReader::open(store.clone(), keys.clone()).await?;
-        let patients = m.policy_config.patients.as_ref().and_then(|p| {
-            Some(PatientTable {
-                layout: m.layouts.iter().find(|l| l.name == p.table)?,
-                birth: p
-                    .birth_date
-                    .as_deref()
-                    .map(|c| self.view.column(&p.table, c)),
-                death: p
-                    .deceased_date
-                    .as_deref()
-                    .map(|c| self.view.column(&p.table, c)),
-            })
-        });
+        let patients = self.tables.patients(&m.policy_config, &m.layouts);
         let facts = super::past_retention::facts_after_go_live(
             &m.policy_config,
             &m.policy,
@@ -261,7 +205,15 @@ impl TierPass {
                 relation: relation.clone(),
                 ..Default::default()
             };
-            let allowed = self.view.allowed_triggers.get(&layout.name);
+            if layout.key.is_empty() {
+                table.skipped = Some(format!(
+                    "no primary key: tier deletes a row by its key and version (name one under [operational.tables.{relation}] primary_key)"
+                ));
+                carried.untouched(&lists.approved_keys(&layout.name));
+                report.tables.push(table);
+                continue;
+            }
+            let allowed = self.tables.view.allowed_triggers.get(&layout.name);
             let unchecked: Vec<String> = schema::delete_triggers(op, &relation)
                 .await?
                 .into_iter()

@@ -109,6 +109,7 @@ fn scheduled_commands_are_strata_commands() {
         "the timer and the CronJob run the same steps"
     );
     assert!(commands.iter().any(|c| c.starts_with("archive retain")));
+    assert!(commands.iter().any(|c| c.starts_with("tier ")));
     for command in commands.drain(..) {
         let words: Vec<&str> = command.split_whitespace().collect();
         let subcommand: Vec<&str> = words

@@ -21,6 +21,11 @@ const VISITS: i64 = 20;
 /// into a PostgreSQL operational database, which then gains a foreign key from orders to
 /// visits (the new EHR's). Returns the directory, the operational URL and the config path.
 async fn gone_live() -> (TestDir, String, PathBuf) {
+    gone_live_with("").await
+}
+
+/// [`gone_live`], with `orders_rules` (TOML lines) added to the policy's `[tables.orders]`.
+async fn gone_live_with(orders_rules: &str) -> (TestDir, String, PathBuf) {
     let source = create_pg_database("strata_tier_src").await;
     let db = Db::connect(&source, false).await.unwrap();
     db.execute(&format!(
@@ -50,7 +55,7 @@ async fn gone_live() -> (TestDir, String, PathBuf) {
          [defaults]\narchive_after = \"2y\"\npatient_inactive_after = \"2y\"\nretention = \"10y\"\n\
          [tables.patients]\ntier = \"operational\"\n\
          [tables.visits]\ncurrent_when = {{ column = \"status\", values = [\"active\"] }}\n\
-         [tables.orders]\ncurrent_when = {{ column = \"state\", values = [\"open\"] }}\n",
+         [tables.orders]\ncurrent_when = {{ column = \"state\", values = [\"open\"] }}\n{orders_rules}",
         as_of()
     );
     write_run_files(dir.path(), &config, &policy);
@@ -458,6 +463,128 @@ async fn an_unchecked_delete_trigger_keeps_its_table_untouched() {
         moved
     );
     op.close().await;
+}
+
+/// A signing key for certificates and reports, named by `config_path`.
+fn with_signing_key(dir: &Path, config_path: &Path) {
+    let (seed, public) = strata_ingest::new_signing_key();
+    std::fs::write(dir.join("signing.key"), seed).unwrap();
+    std::fs::write(dir.join("public.key"), public).unwrap();
+    let mut text = std::fs::read_to_string(config_path).unwrap();
+    text.push_str(
+        "\n[verify]\nsigning_key_file = \"signing.key\"\npublic_key_file = \"public.key\"\n",
+    );
+    std::fs::write(config_path, &text).unwrap();
+}
+
+/// The request id a pass that filed a list prints first on its line.
+fn filed_request(out: &str) -> String {
+    out.lines()
+        .find(|l| l.contains("filed for approval"))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("nothing filed: {out}"))
+        .trim()
+        .to_string()
+}
+
+/// `strata verify` proves the migration run after tier and retention: the rows tier moved are
+/// archived exactly as the source says, those it destroyed are on its destruction records,
+/// those retention destroyed in the archive on its, and the rest where the run put them.
+#[tokio::test]
+async fn verify_proves_every_row_in_one_place_after_tier_and_retain() {
+    // Done orders are kept three years: in 2030 they are past retention, while their visits
+    // are only old enough for the archive.
+    let (dir, operational, config_path) = gone_live_with("retention = \"3y\"\n").await;
+    with_signing_key(dir.path(), &config_path);
+    let (ok, out) = strata_in(dir.path(), &TIER_2030);
+    assert!(ok, "{out}");
+    let request = filed_request(&out);
+    assert!(
+        out.contains("kept: still referenced by orders (orders_visit_fk)"),
+        "{out}"
+    );
+    let (ok, out) = strata_in(
+        dir.path(),
+        &[
+            "destruction",
+            "approve",
+            &request,
+            "--by",
+            "rm-bob",
+            "--note",
+            "checked",
+        ],
+    );
+    assert!(ok, "{out}");
+    // The done orders go (children first), which frees the visits they pointed at.
+    let (ok, out) = strata_in(dir.path(), &TIER_2030);
+    assert!(ok, "{out}");
+    assert!(out.contains("destroyed, approved by rm-bob"), "{out}");
+    let op = Db::connect(&operational, false).await.unwrap();
+    assert_eq!(
+        count(
+            &op,
+            "SELECT COUNT(*) FROM orders WHERE state <> 'open'".into()
+        )
+        .await,
+        0
+    );
+    op.close().await;
+    let (code, out) = strata_verify(&config_path);
+    assert_eq!(code, 0, "{out}");
+    let visits = out.lines().find(|l| l.starts_with("visits")).unwrap();
+    let tiered: u64 = visits
+        .split(" + ")
+        .find(|p| p.ends_with("tiered to the archive"))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(tiered > 0, "{out}");
+    assert!(out.contains("destroyed by tier"), "{out}");
+    // Retention inside the archive in 2045: the archived visits (tiered ones among them).
+    let retain_2045 = [
+        "archive",
+        "retain",
+        "--by",
+        "rm-alice",
+        "--as-of",
+        "2045-01-01",
+        "--allow-future-as-of",
+    ];
+    let (ok, out) = strata_in(dir.path(), &retain_2045);
+    assert!(ok, "{out}");
+    let request = filed_request(&out);
+    let (ok, out) = strata_in(
+        dir.path(),
+        &[
+            "destruction",
+            "approve",
+            &request,
+            "--by",
+            "rm-bob",
+            "--note",
+            "checked",
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = strata_in(dir.path(), &retain_2045);
+    assert!(ok, "{out}");
+    let (code, out) = strata_verify(&config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("destroyed by retention"), "{out}");
+    // The ledger is not taken on trust: a visit still operational that it claims was moved is
+    // a mismatch.
+    let op = Db::connect(&operational, false).await.unwrap();
+    op.execute(
+        "UPDATE _strata_tier_batches SET keys = replace(keys, '[', '[\"id=' || (SELECT MIN(id) FROM visits) || '\",') \
+         WHERE writer = (SELECT MIN(writer) FROM _strata_tier_batches WHERE table_name = 'visits' AND request_id IS NULL)",
+    )
+    .await
+    .unwrap();
+    op.close().await;
+    let (code, out) = strata_verify(&config_path);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("tiered to the archive"), "{out}");
 }
 
 /// Records past retention in the operational database are filed for approval, never destroyed

@@ -102,6 +102,9 @@ pub struct TableLayout {
     pub schema: TableSchema,
     /// Positions of the primary key columns.
     pub key: Vec<usize>,
+    /// The key columns' names in record keys (`col=value,...`): their names as read, but for
+    /// a table `strata tier` reads under other names (its record keys are the migration's).
+    pub key_names: Vec<String>,
     /// Where the record date is read.
     pub record_date: RecordDate,
     /// The SQL expressions of the dates read through parents (selected after the columns).
@@ -188,6 +191,12 @@ impl TableLayout {
             name: name.to_string(),
             relation: table.relation.clone().unwrap_or_else(|| name.to_string()),
             key: table.primary_key.iter().filter_map(|c| pos(c)).collect(),
+            key_names: table
+                .primary_key
+                .iter()
+                .filter(|c| pos(c).is_some())
+                .cloned()
+                .collect(),
             record_date,
             parent_dates,
             date_joins,

@@ -122,17 +122,24 @@ impl OperationalView {
                 .map(|(o, a)| (a.as_str(), o.as_str()))
                 .collect();
             let mut names = BTreeMap::new();
+            let mut renamed_to = std::collections::BTreeSet::new();
             if let Some(source) = config.tables.get(&name) {
                 for (c, m) in &source.columns {
                     let archived = m.rename.as_deref().unwrap_or(c);
+                    if m.rename.is_some() {
+                        renamed_to.insert(archived);
+                    }
                     let op_name = archived_as_op.get(archived).copied().unwrap_or(archived);
                     names.insert(c.clone(), op_name.to_string());
                 }
             }
+            // A column the migration did not rename: its source name is its archived name.
             for (archived, o) in &archived_as_op {
-                names
-                    .entry(archived.to_string())
-                    .or_insert_with(|| o.to_string());
+                if !renamed_to.contains(archived) {
+                    names
+                        .entry(archived.to_string())
+                        .or_insert_with(|| o.to_string());
+                }
             }
             view.source_names.insert(name.clone(), names);
             view.allowed_triggers
@@ -190,6 +197,16 @@ impl OperationalView {
             .get(table)
             .and_then(|n| n.get(column))
             .cloned()
+            .unwrap_or_else(|| column.to_string())
+    }
+
+    /// The name the migration's config gives a column of `table` the operational database
+    /// calls `column` (the inverse of [`OperationalView::column`]).
+    pub fn source_column(&self, table: &str, column: &str) -> String {
+        self.source_names
+            .get(table)
+            .and_then(|n| n.iter().find(|(_, op)| *op == column))
+            .map(|(source, _)| source.clone())
             .unwrap_or_else(|| column.to_string())
     }
 
@@ -308,6 +325,13 @@ impl OperationalTables {
                 &op_names,
             );
             layout.policy_column_names = needed;
+            // Record keys as the migration named them, so that a moved record is the same
+            // record in the archive.
+            layout.key_names = layout
+                .key_names
+                .iter()
+                .map(|c| self.view.source_column(name, c))
+                .collect();
             layout.read_decimals(kind);
             layouts.push(layout);
         }
@@ -445,6 +469,20 @@ mod tests {
         assert_eq!(labs.primary_key, ["lab_id"]);
         assert_eq!(labs.columns["lab_state"].rename.as_deref(), Some("status"));
         assert_eq!(view.column("labs", "flag"), "lab_state");
-        assert_eq!(view.column("labs", "status"), "lab_state");
+        assert_eq!(view.column("labs", "status"), "status", "not a source name");
+        // Record keys are named as the migration named them.
+        assert_eq!(view.source_column("labs", "lab_state"), "flag");
+    }
+
+    #[test]
+    fn record_keys_keep_the_source_names_of_renamed_keys() {
+        let c = config(
+            "[operational]\nurl = \"sqlite://new.db\"\n\
+             [tables.labs]\nprimary_key = [\"lab_no\"]\n\
+             [tables.labs.columns.lab_no]\nrename = \"id\"\n",
+        );
+        let view = OperationalView::new(&c);
+        assert_eq!(view.config.tables["labs"].primary_key, ["id"]);
+        assert_eq!(view.source_column("labs", "id"), "lab_no");
     }
 }

@@ -31,7 +31,7 @@ pub(super) fn row_key(layout: &TableLayout, values: &[Value], ordinal: (usize, u
         if i > 0 {
             key.push(',');
         }
-        key.push_str(&layout.columns()[k].name);
+        key.push_str(&layout.key_names[i]);
         key.push('=');
         match &values[k] {
             Value::Text(t) => key.push_str(t),

@@ -41,7 +41,7 @@ use strata_control::Control;
 pub use lists::TierList;
 
 /// The operational database's table of tier batches (Strata's own; never tiered).
-pub(super) const BATCHES_TABLE: &str = "_strata_tier_batches";
+pub(in crate::migrate) const BATCHES_TABLE: &str = "_strata_tier_batches";
 
 /// What one table's pass did (or, previewed, would do).
 #[derive(Debug, Clone, Default, Serialize)]

@@ -14,10 +14,12 @@
 mod narrow;
 mod quarantined;
 mod report;
+mod tiered;
 
 use quarantined::Quarantined;
 use report::mismatch;
 pub use report::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
+use tiered::TierLedger;
 
 use super::canonical::{row_of_archive, row_of_values, Sum};
 use super::destroyed::{add_256, Destroyed};
@@ -49,6 +51,12 @@ struct Expected {
     /// Archived records on a retention list carried out after the run (see
     /// `super::retention`): each copy's digest, by record key, checked apart.
     listed: HashMap<String, Vec<[u8; 32]>>,
+    /// Operational rows `strata tier` moved to the archive since: their digests.
+    tiered: Sum,
+    /// Their keys.
+    tiered_keys: HashSet<String>,
+    /// Operational rows tier destroyed on approved lists: their key digests.
+    tier_destroyed: Sum,
 }
 
 /// The sink of a verification: the plan's checks, and each row's digest summed into its tier.
@@ -60,6 +68,8 @@ struct Verifying<'c> {
     quarantined: Option<&'c Quarantined>,
     /// Record keys of retention lists carried out since the run.
     retained: Option<&'c HashSet<String>>,
+    /// What tier did to the table since the run.
+    tiered: Option<&'c TierLedger>,
 }
 
 impl RangeSink for Verifying<'_> {
@@ -105,6 +115,25 @@ impl RangeSink for Verifying<'_> {
                 return Ok(None);
             }
         }
+        if let Some(ledger) = self.tiered {
+            let key = super::naming::archive_key(self.layout, &values);
+            if ledger.moved.contains(&key) {
+                // Moved to the archive, and maybe destroyed there since by retention.
+                if self.retained.is_some_and(|r| r.contains(&key)) {
+                    self.expected.listed.entry(key).or_default().push(digest);
+                } else {
+                    self.expected.tiered.add(&digest);
+                    self.expected.tiered_keys.insert(key);
+                }
+                return Ok(None);
+            }
+            if ledger.destroyed.contains(&key) {
+                let digest: [u8; 32] =
+                    <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()).into();
+                self.expected.tier_destroyed.add(&digest);
+                return Ok(None);
+            }
+        }
         self.expected.operational.add(&digest);
         Ok(None)
     }
@@ -146,6 +175,8 @@ struct ReadTable<'a> {
     quarantined: Option<&'a Quarantined>,
     /// Record keys of retention lists carried out since the run, when there are.
     retained: Option<&'a HashSet<String>>,
+    /// What tier did to the table since the run, when it did anything.
+    tiered: Option<&'a TierLedger>,
 }
 
 /// A table's places read: what the source says each must hold, and what they hold.
@@ -163,6 +194,8 @@ struct Sides {
     held_after_deletion: u64,
     /// Current archived copies of records on a retention list (kept by a hold), by key.
     listed_found: HashMap<String, Vec<[u8; 32]>>,
+    /// Current archived copies of records tier moved, by key.
+    tiered_found: HashMap<String, Vec<[u8; 32]>>,
 }
 
 impl Sides {
@@ -182,6 +215,14 @@ impl Sides {
         for (key, digests) in other.listed_found {
             self.listed_found.entry(key).or_default().extend(digests);
         }
+        for (key, digests) in other.tiered_found {
+            self.tiered_found.entry(key).or_default().extend(digests);
+        }
+        self.expected.tiered.merge(&other.expected.tiered);
+        self.expected.tiered_keys.extend(other.expected.tiered_keys);
+        self.expected
+            .tier_destroyed
+            .merge(&other.expected.tier_destroyed);
         for (key, held) in other.duplicates_held {
             self.duplicates_held.entry(key).or_default().extend(held);
         }
@@ -230,6 +271,7 @@ impl Migration {
                         layout,
                         quarantined: t.quarantined,
                         retained: t.retained,
+                        tiered: t.tiered,
                     };
                     let outcome = self
                         .route_range(layout, range, t.facts, t.snapshot, sink)
@@ -261,7 +303,7 @@ impl Migration {
                     layout,
                     files,
                     successors,
-                    (t.reread_blobs, t.retained),
+                    (t.reread_blobs, t.retained, t.tiered),
                 ))
             }));
         }
@@ -327,7 +369,17 @@ impl Migration {
         // (see `super::retention`), accounted for apart.
         let mut retained: HashMap<String, HashSet<String>> = HashMap::new();
         let mut retentions: HashSet<String> = HashSet::new();
+        // Tier lists carried out since the run: operational rows destroyed after it.
+        let mut tier_lists: HashSet<String> = HashSet::new();
         for r in self.control.destruction_requests().await? {
+            if r.kind == "tier"
+                && matches!(
+                    r.status,
+                    strata_control::RequestStatus::Done | strata_control::RequestStatus::Approved
+                )
+            {
+                tier_lists.insert(r.request_id.clone());
+            }
             // (An approved list a pass has begun carrying out counts as well.)
             if r.kind != "retain"
                 || !matches!(
@@ -385,6 +437,10 @@ impl Migration {
                 true => Quarantined::default(),
                 false => Quarantined::load(&target, &layout.name).await?,
             };
+            let tier_ledger = match holds_rows {
+                true => TierLedger::load(&target, &layout.name).await?,
+                false => None,
+            };
             let read = ReadTable {
                 layout,
                 facts: &facts,
@@ -396,6 +452,7 @@ impl Migration {
                 reread_blobs,
                 quarantined: (!after_routing.is_empty()).then_some(&after_routing),
                 retained: retained.get(&layout.name),
+                tiered: tier_ledger.as_ref(),
             };
             let Sides {
                 mut expected,
@@ -407,6 +464,7 @@ impl Migration {
                 duplicates_held,
                 held_after_deletion,
                 listed_found,
+                tiered_found,
             } = self.read_sides(&read).await?;
             let reconciled = after_routing.reconcile(
                 &duplicates_held,
@@ -437,7 +495,10 @@ impl Migration {
             let records: Vec<_> = destructions
                 .iter()
                 .filter(|(d, _)| {
-                    d.table == layout.name && d.void.is_none() && !retentions.contains(&d.run_id)
+                    d.table == layout.name
+                        && d.void.is_none()
+                        && !retentions.contains(&d.run_id)
+                        && !tier_lists.contains(&d.run_id)
                 })
                 .map(|(d, _)| d)
                 .collect();
@@ -501,6 +562,41 @@ impl Migration {
                 checksum: None,
             };
             place("archive", held(&expected.archive), held(&archived));
+            if tier_ledger.is_some() {
+                // Rows the run left operational that tier moved since: archived exactly as the
+                // source says. A copy of a record the source never had (the new EHR's) is
+                // counted apart.
+                let mut found = Sum::default();
+                for (key, digests) in &tiered_found {
+                    if expected.tiered_keys.contains(key) {
+                        for d in digests {
+                            found.add(d);
+                        }
+                    } else {
+                        proof.tiered_after_go_live += digests.len() as u64;
+                    }
+                }
+                place(
+                    "operational, tiered to the archive",
+                    held(&expected.tiered),
+                    held(&found),
+                );
+                let by_tier = destructions
+                    .iter()
+                    .filter(|(d, _)| d.table == layout.name && tier_lists.contains(&d.run_id))
+                    .fold(Sum::default(), |mut acc, (d, _)| {
+                        acc.rows += d.rows;
+                        if let Some(s) = sum256(Some(&d.key_checksum)) {
+                            add_256(&mut acc.sum, &s);
+                        }
+                        acc
+                    });
+                place(
+                    "destroyed by tier",
+                    held(&expected.tier_destroyed),
+                    held(&by_tier),
+                );
+            }
             if retained.contains_key(&layout.name) {
                 // Records on retention lists carried out since the run: a copy still archived
                 // (a hold kept it) exactly as the source says; the others destroyed by the
@@ -677,7 +773,7 @@ async fn archive_sum(
     layout: &TableLayout,
     files: &[(usize, &[String], &strata_archive::FileEntry)],
     successors: &strata_archive::Successors,
-    (reread_blobs, retained): (bool, Option<&HashSet<String>>),
+    (reread_blobs, retained, tiered): (bool, Option<&HashSet<String>>, Option<&TierLedger>),
 ) -> Result<Sides> {
     let mut sides = Sides::default();
     for &(rank, blob_columns, f) in files {
@@ -714,6 +810,14 @@ async fn archive_sum(
                         let digest = row_of_archive(layout, &batch, row, &sides.bad_blobs);
                         sides
                             .listed_found
+                            .entry(key.to_string())
+                            .or_default()
+                            .push(digest);
+                    }
+                    Fate::Current if tiered.is_some_and(|t| t.moved.contains(key)) => {
+                        let digest = row_of_archive(layout, &batch, row, &sides.bad_blobs);
+                        sides
+                            .tiered_found
                             .entry(key.to_string())
                             .or_default()
                             .push(digest);

@@ -52,6 +52,10 @@ pub struct TableProof {
     /// places the source accounts for.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub held_after_source_deletion: u64,
+    /// Archived copies `strata tier` moved of records the source never had (the new EHR's,
+    /// created after go-live): outside the places the source accounts for.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tiered_after_go_live: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -124,10 +128,22 @@ impl VerifyReport {
             let held = |place: &str| t.found.get(place).map_or(0, |h| h.rows);
             // Records of retention lists carried out since the run: those kept count with the
             // archive, the others apart.
-            let retained = match t.found.get("destroyed by retention") {
-                Some(h) => format!(" + {} destroyed by retention", h.rows),
-                None => String::new(),
-            };
+            // Records tier moved or destroyed since the run, and those of retention lists
+            // carried out since: those kept count with the archive, the others apart.
+            let mut retained = String::new();
+            for place in [
+                "operational, tiered to the archive",
+                "destroyed by tier",
+                "destroyed by retention",
+            ] {
+                if let Some(h) = t.found.get(place) {
+                    retained.push_str(&format!(
+                        " + {} {}",
+                        h.rows,
+                        place.replace("operational, ", "")
+                    ));
+                }
+            }
             s.push_str(&format!(
                 "{:<24} {:>9} source = {} operational + {} archive + {} quarantine + {} purged{retained}: {}\n",
                 t.table,
@@ -142,6 +158,12 @@ impl VerifyReport {
                     "MISMATCH"
                 }
             ));
+            if t.tiered_after_go_live > 0 {
+                s.push_str(&format!(
+                    "  and {} archived record(s) tier moved that the source never had (created after go-live)\n",
+                    t.tiered_after_go_live
+                ));
+            }
             if t.held_after_source_deletion > 0 {
                 s.push_str(&format!(
                     "  and {} archived record(s) the source deleted while a legal hold stood: kept\n",

@@ -288,6 +288,32 @@ async fn tier_moves_aged_rows_while_the_application_writes_through_kill_9() {
         text.replace("[operational]\n", "[operational]\nbatch_rows = 25\n"),
     )
     .unwrap();
+    // A pass reads only the rows dated early enough to leave: in 2020, visits up to 2018.
+    let (ok, out) = strata_in(
+        dir.path(),
+        &["plan", "--tier", "--as-of", "2020-01-01", "--json"],
+    );
+    assert!(ok, "{out}");
+    let preview: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let table = |name: &str| {
+        preview["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let read = table("visits")["rows_read"].as_u64().unwrap();
+    let early = count("SELECT COUNT(*) FROM visits WHERE visit_date <= DATE '2018-01-01'").await;
+    assert!(
+        read >= early && read < visits_before,
+        "{read} of {visits_before} read: {out}"
+    );
+    assert!(table("patients")["skipped"]
+        .as_str()
+        .unwrap()
+        .contains("not read"));
     let stop = Arc::new(AtomicBool::new(false));
     let written: Written = Arc::default();
     let app = tokio::spawn(application(

@@ -42,7 +42,7 @@ mod policy;
 
 pub use duration::{PolicyDuration, PolicyDurationError};
 pub use policy::{
-    CurrentWhen, DateFact, Decision, HoldScope, LegalHold, PatientFacts, PatientFactsConfig,
-    Policy, PolicyConfig, PolicyError, PolicyProblem, Reason, RecordFacts, RulesConfig,
-    TableRulesConfig, Tier,
+    CurrentWhen, DateFact, Decision, HoldScope, Leaving, LegalHold, PatientFacts,
+    PatientFactsConfig, Policy, PolicyConfig, PolicyError, PolicyProblem, Reason, RecordFacts,
+    RulesConfig, TableRulesConfig, Tier,
 };

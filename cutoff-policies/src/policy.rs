@@ -5,7 +5,7 @@ mod decide;
 use crate::duration::PolicyDuration;
 use chrono::{FixedOffset, NaiveDate};
 use decide::CompiledRules;
-pub use decide::{DateFact, Decision, PatientFacts, Policy, Reason, RecordFacts};
+pub use decide::{DateFact, Decision, Leaving, PatientFacts, Policy, Reason, RecordFacts};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};

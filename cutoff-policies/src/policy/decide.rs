@@ -20,6 +20,17 @@ pub(super) struct CompiledRules {
     pub(super) current_values: Option<Vec<String>>,
 }
 
+/// Which records of a table can leave the operational tier ([`Policy::leaving_operational`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaving {
+    /// None: the table is pinned to the operational tier (or there is no `as_of`).
+    Never,
+    /// Only records dated on or before this day, and undated ones.
+    DatedUpTo(NaiveDate),
+    /// Any record, whatever its date.
+    Any,
+}
+
 /// A compiled policy, ready to decide records.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -206,6 +217,32 @@ impl Policy {
         self.rules(table)
             .pinned
             .is_none_or(|tier| tier == Tier::Archive)
+    }
+
+    /// Which records of `table` can leave the operational tier at `as_of` (archived or
+    /// purged), by record date: a pass over an operational table after go-live reads only
+    /// those (an index on the date makes it cheap). The bound is conservative: a few days
+    /// later than the policy's exact cutoff, for calendar arithmetic.
+    pub fn leaving_operational(&self, table: &str) -> Leaving {
+        let rules = self.rules(table);
+        match rules.pinned {
+            Some(Tier::Operational) => return Leaving::Never,
+            Some(_) => return Leaving::Any,
+            None => {}
+        }
+        let Some(now) = self.as_of else {
+            return Leaving::Never;
+        };
+        let destroys = !rules.permanent && rules.retention.is_some();
+        // Retention counted from a death date ends whatever the record's own date.
+        if destroys && rules.deceased_retention.is_some() {
+            return Leaving::Any;
+        }
+        let mut bound = rules.archive_after.before(now);
+        if let (true, Some(retention)) = (destroys, rules.retention) {
+            bound = bound.max(retention.before(now));
+        }
+        Leaving::DatedUpTo(bound + chrono::Duration::days(3))
     }
 
     fn rules(&self, table: &str) -> &CompiledRules {

@@ -460,6 +460,22 @@ proptest! {
     }
 
     #[test]
+    fn a_record_leaves_the_operational_tier_only_within_its_bound((policy, holds) in any_policy(), r in any_record(), as_of in date()) {
+        let policy = policy.with_holds(holds);
+        let decided = decide_at(&policy, &r, as_of);
+        if decided.tier != Tier::Operational {
+            match policy.clone().with_as_of(as_of).leaving_operational(r.table) {
+                Leaving::Never => prop_assert!(false, "{:?} left a table that never leaves", decided),
+                Leaving::DatedUpTo(bound) => prop_assert!(
+                    r.date.is_none_or(|d| d <= bound),
+                    "{:?} dated {:?} left, after the bound {}", decided, r.date, bound
+                ),
+                Leaving::Any => {}
+            }
+        }
+    }
+
+    #[test]
     fn moving_as_of_forward_never_makes_a_record_hotter((policy, holds) in any_policy(), r in any_record(), a in date(), b in date()) {
         let policy = policy.with_holds(holds);
         let (early, late) = (a.min(b), a.max(b));

@@ -37,6 +37,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use strata_archive::TableManifest;
 use strata_control::Control;
+use strata_cutoff_policies::Leaving;
 
 pub use lists::TierList;
 
@@ -50,7 +51,8 @@ pub struct TierTable {
     pub table: String,
     /// Its name in the operational database.
     pub relation: String,
-    /// Rows read.
+    /// Rows read: those whose record date lets them leave the operational tier at `as_of`
+    /// (when the table is dated by a column of its own; else every row).
     pub rows_read: u64,
     /// Rows that stay operational.
     pub stay: u64,
@@ -205,6 +207,14 @@ impl TierPass {
                 relation: relation.clone(),
                 ..Default::default()
             };
+            let leaving = m.policy().leaving_operational(&layout.name);
+            if leaving == Leaving::Never {
+                table.skipped =
+                    Some("the policy keeps every record of it operational: not read".into());
+                carried.untouched(&lists.approved_keys(&layout.name));
+                report.tables.push(table);
+                continue;
+            }
             if layout.key.is_empty() {
                 table.skipped = Some(format!(
                     "no primary key: tier deletes a row by its key and version (name one under [operational.tables.{relation}] primary_key)"
@@ -245,7 +255,16 @@ impl TierPass {
             let mut found = lists::Found::default();
             let sink = sink::TierSink::new(ctx, layout, (&mut table, &mut found), referencing);
             let streamed = layout.streamable_blobs(op);
-            let sql = layout.select_where(op, None, &streamed, m.config().run.inline_blob_bytes);
+            let filter = match leaving {
+                Leaving::DatedUpTo(bound) => dated_up_to(layout, bound),
+                _ => None,
+            };
+            let sql = layout.select_where(
+                op,
+                filter.as_deref(),
+                &streamed,
+                m.config().run.inline_blob_bytes,
+            );
             let rows = SourceRows {
                 chunks: op.fetch_chunks_in(sql, layout.fetch_types(op, &streamed), None),
                 index: 0,
@@ -325,6 +344,34 @@ impl TierPass {
         }
         Ok(withdrawn)
     }
+}
+
+/// The condition that reads only the rows of `layout` dated on or before `bound` (or undated),
+/// when the record date is a date or time column of the table itself; None otherwise (every
+/// row is read). A period counts by its end.
+fn dated_up_to(layout: &TableLayout, bound: NaiveDate) -> Option<String> {
+    use crate::layout::{DateField, RecordDate};
+    let column = match &layout.record_date {
+        RecordDate::Point(DateField::Column(i)) => *i,
+        RecordDate::Period {
+            end: DateField::Column(i),
+            ..
+        } => *i,
+        _ => return None,
+    };
+    let c = &layout.columns()[column];
+    let dated = matches!(
+        c.col_type,
+        ColumnType::Date | ColumnType::Timestamp | ColumnType::TimestampTz
+    );
+    if !dated || layout.computed[column].is_some() {
+        return None;
+    }
+    let next = bound + chrono::Duration::days(1);
+    let column = crate::db::quote(&c.name);
+    Some(format!(
+        "(t0.{column} < DATE '{next}' OR t0.{column} IS NULL)"
+    ))
 }
 
 /// Records a committed batch's manifest in the control database's ledger and catalog mirror,

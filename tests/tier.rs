@@ -285,7 +285,7 @@ async fn tier_moves_aged_rows_while_the_application_writes_through_kill_9() {
     let text = std::fs::read_to_string(&config_path).unwrap();
     std::fs::write(
         &config_path,
-        text.replace("[operational]\n", "[operational]\nbatch_rows = 25\n"),
+        text.replace("[operational]\n", "[operational]\nbatch_rows = 5\n"),
     )
     .unwrap();
     // A pass reads only the rows dated early enough to leave: in 2020, visits up to 2018.
@@ -745,4 +745,117 @@ async fn tier_destroys_past_retention_only_after_another_records_manager_approve
     )
     .unwrap();
     op.close().await;
+}
+
+/// A batch whose manifest was published but whose delete never committed (tier killed
+/// between the two) is withdrawn before a compaction could merge it: the records stay
+/// operational only, and the archive's accounting holds.
+#[tokio::test]
+async fn a_batch_killed_before_its_commit_is_withdrawn_before_compaction_merges_it() {
+    let (dir, operational, config_path) = gone_live().await;
+    let (ok, out) = strata_in(dir.path(), &TIER_2030);
+    assert!(ok, "{out}");
+    // Put the state of a kill between the manifest and the commit back together: the rows of
+    // one batch operational again, its checkpoint gone, its manifest still published.
+    let op = Db::connect(&operational, false).await.unwrap();
+    let batch = op
+        .fetch_all(
+            "SELECT writer, keys FROM _strata_tier_batches WHERE table_name = 'visits' ORDER BY writer LIMIT 1".into(),
+            vec![ColumnType::Text, ColumnType::Text],
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    let (Value::Text(writer), Value::Text(keys)) = (&batch[0], &batch[1]) else {
+        unreachable!()
+    };
+    let keys: BTreeSet<String> = serde_json::from_str::<Vec<String>>(keys)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let columns = ["patient_id", "visit_date", "status", "version", "note"];
+    let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for column in columns {
+        for (key, value) in archived(&config_path, "visits", column).await {
+            if keys.contains(&key) {
+                values.entry(key).or_default().push(value);
+            }
+        }
+    }
+    assert_eq!(values.len(), keys.len());
+    for (key, v) in &values {
+        let id = key.strip_prefix("id=").unwrap();
+        op.execute(&format!(
+            "INSERT INTO visits (id, patient_id, visit_date, status, version, note) VALUES ({id}, {}, DATE '{}', '{}', {}, '{}')",
+            v[0], v[1], v[2], v[3], v[4]
+        ))
+        .await
+        .unwrap();
+    }
+    op.execute(&format!(
+        "DELETE FROM _strata_tier_batches WHERE writer = '{writer}'"
+    ))
+    .await
+    .unwrap();
+    // (A batch is recorded in the control database's ledger only once committed.)
+    let config = load_config(&config_path);
+    let control = Db::connect(&config.control_url().unwrap(), false)
+        .await
+        .unwrap();
+    control
+        .execute(&format!(
+            "DELETE FROM strata_archive_ledger WHERE run_id = '{writer}'; DELETE FROM strata_archive_files WHERE run_id = '{writer}'"
+        ))
+        .await
+        .unwrap();
+    control.close().await;
+    let (ok, out) = strata_in(dir.path(), &["archive", "compact"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("1 batch(es) of an interrupted tier pass withdrawn"),
+        "{out}"
+    );
+    let archived_keys: BTreeSet<String> = archived(&config_path, "visits", "version")
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        archived_keys.is_disjoint(&keys),
+        "the batch's records are operational only"
+    );
+    let (ok, out) = strata_in(dir.path(), &["archive", "verify"]);
+    assert!(ok, "{out}");
+    // The next pass moves them again, once.
+    let (ok, out) = strata_in(dir.path(), &TIER_2030);
+    assert!(ok, "{out}");
+    let again: Vec<String> = archived(&config_path, "visits", "version")
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| keys.contains(k))
+        .collect();
+    assert_eq!(again.len(), keys.len());
+    op.close().await;
+}
+
+/// Tier and the archive's maintenance take turns on one lock in the operational database,
+/// whichever host runs them: while another session holds it, each waits, then says so.
+#[tokio::test]
+async fn maintenance_commands_take_turns_on_the_operational_databases_lock() {
+    use sqlx::Connection;
+    let (dir, operational, _config_path) = gone_live().await;
+    let mut other_host = sqlx::PgConnection::connect(&operational).await.unwrap();
+    sqlx::raw_sql("SELECT pg_advisory_lock(6004514643731611649)")
+        .execute(&mut other_host)
+        .await
+        .unwrap();
+    for args in [&TIER_2030[..], &["archive", "compact"][..]] {
+        let (ok, out) = strata_in(dir.path(), args);
+        assert!(!ok, "{args:?}: {out}");
+        assert!(out.contains("holds the maintenance lock"), "{out}");
+    }
+    other_host.close().await.unwrap();
+    let (ok, out) = strata_in(dir.path(), &TIER_2030);
+    assert!(ok, "{out}");
 }

@@ -87,7 +87,7 @@ pub async fn run(command: ArchiveCommand) -> Result<()> {
             grace_hours,
         } => {
             let ctx = Context::load(&config)?;
-            let _turn = strata_ingest::RunLock::take_maintenance(ctx.base_dir())?;
+            let _turn = maintenance_turn(&ctx).await?;
             let (store, keys) = ctx.archive_store()?.clone();
             let control = ctx.control().await?;
             // A running range writes its files before its manifest: they are not orphans.
@@ -209,9 +209,21 @@ async fn verify(ctx: &Context) -> Result<()> {
     }
 }
 
+/// Takes the maintenance lock (tier, compaction, retention and gc read and rewrite what the
+/// others write: one at a time), then settles what an interrupted tier pass left (a manifest
+/// whose batch never committed must not be merged or kept).
+async fn maintenance_turn(ctx: &Context) -> Result<strata_ingest::MaintenanceLock> {
+    let config = &ctx.config.migration;
+    let turn = strata_ingest::MaintenanceLock::take(config).await?;
+    let withdrawn = strata_ingest::settle_tier_batches(config, ctx.control().await?).await?;
+    if withdrawn > 0 {
+        println!("{withdrawn} batch(es) of an interrupted tier pass withdrawn from the archive (their rows had stayed operational)");
+    }
+    Ok(turn)
+}
+
 async fn compact(ctx: &Context, table: Option<String>) -> Result<()> {
-    // Tier, compaction, retention and gc read and rewrite what the others write: one at a time.
-    let _turn = strata_ingest::RunLock::take_maintenance(ctx.base_dir())?;
+    let _turn = maintenance_turn(ctx).await?;
     let control = ctx.control().await?;
     // A run's rows must not be merged with the copies they supersede before the run ends: a
     // compaction would make its first ranges one run and its last ranges another.
@@ -280,8 +292,7 @@ async fn sync_catalog(ctx: &Context, forget_missing: bool) -> Result<()> {
 }
 
 async fn retain(ctx: &Context, by: &str, as_of: Option<chrono::NaiveDate>) -> Result<()> {
-    // Tier, compaction, retention and gc read and rewrite what the others write: one at a time.
-    let _turn = strata_ingest::RunLock::take_maintenance(ctx.base_dir())?;
+    let _turn = maintenance_turn(ctx).await?;
     let control = ctx.control().await?;
     let config = &ctx.config.migration;
     for c in strata_ingest::carry_out_retention(config, control).await? {

@@ -4,7 +4,7 @@
 use crate::context::Context;
 use anyhow::Result;
 use std::path::PathBuf;
-use strata_ingest::{RunLock, TierPass, TierReport};
+use strata_ingest::{MaintenanceLock, TierPass, TierReport};
 
 /// What `strata tier` was asked.
 pub struct TierOptions {
@@ -40,7 +40,7 @@ async fn prepare(ctx: &Context, day: chrono::NaiveDate) -> Result<TierPass> {
 /// `strata tier`.
 pub async fn tier(ctx: &Context, options: TierOptions) -> Result<()> {
     let day = as_of(options.as_of, options.allow_future_as_of)?;
-    let _turn = RunLock::take_maintenance(ctx.base_dir())?;
+    let _turn = MaintenanceLock::take(&ctx.config.migration).await?;
     let pass = prepare(ctx, day).await?;
     let report = pass.run(false, &options.by).await?;
     if let Some(path) = &options.report {

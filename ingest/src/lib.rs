@@ -27,6 +27,7 @@ mod init;
 mod inspect;
 mod layout;
 mod load;
+mod maintenance_lock;
 mod mapping;
 mod migrate;
 mod operational;
@@ -50,13 +51,15 @@ pub use error::{IngestError, Result};
 pub use init::{draft, draft_config, guess_tables, Draft, TableGuess};
 pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EXACT_DISTINCT};
 pub use layout::TableLayout;
+pub use maintenance_lock::MaintenanceLock;
 pub use migrate::{
     carry_out_retention, check_evidence, check_policy, check_report, file_retention_list,
-    new_signing_key, read_only_statements, read_policy, sign_report, wrap_signing_key,
-    CutoverReport, DestroyedTable, DestructionCertificate, Difference, Evidence, Explanation,
-    FiledList, Holding, ListedTable, Migration, OutboxReport, PolicyCheck, RetentionList,
-    RollbackReport, Signature, SyncReport, SyncUntil, TableCounts, TableProof, TierList, TierPass,
-    TierReport, TierTable, VerifyReport, CERTIFICATE_FORMAT, LISTED_DIFFERENCES,
+    new_signing_key, read_only_statements, read_policy, settle_tier_batches, sign_report,
+    wrap_signing_key, CutoverReport, DestroyedTable, DestructionCertificate, Difference, Evidence,
+    Explanation, FiledList, Holding, ListedTable, Migration, OutboxReport, PolicyCheck,
+    RetentionList, RollbackReport, Signature, SyncReport, SyncUntil, TableCounts, TableProof,
+    TierList, TierPass, TierReport, TierTable, VerifyReport, CERTIFICATE_FORMAT,
+    LISTED_DIFFERENCES,
 };
 pub use operational::{OperationalConfig, OperationalTableConfig};
 pub use progress::{RunProgress, TableProgress, TableProgressSnapshot};

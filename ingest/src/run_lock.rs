@@ -17,10 +17,6 @@ pub struct RunLock {
     _file: File,
 }
 
-/// The file the archive's maintenance commands lock (`strata tier`, `strata archive compact`,
-/// `retain` and `gc`): each reads or rewrites what the others write, so they take turns.
-const MAINTENANCE_LOCK_FILE: &str = ".strata-maintenance.lock";
-
 impl RunLock {
     /// Takes the lock of the configuration in `base_dir`, or says who holds it.
     pub fn take(base_dir: &Path) -> Result<Self> {
@@ -28,16 +24,6 @@ impl RunLock {
             base_dir,
             LOCK_FILE,
             "another `strata migrate` of this configuration is running",
-        )
-    }
-
-    /// Takes the maintenance lock of the configuration in `base_dir` (see
-    /// [`MAINTENANCE_LOCK_FILE`]), or says that another maintenance command holds it.
-    pub fn take_maintenance(base_dir: &Path) -> Result<Self> {
-        Self::take_file(
-            base_dir,
-            MAINTENANCE_LOCK_FILE,
-            "another `strata tier` or `strata archive compact|retain|gc` of this configuration is running",
         )
     }
 

@@ -332,7 +332,13 @@ impl RangeSink for Deciding<'_> {
         in_range
     }
 
-    fn purge(&mut self, _layout: &TableLayout, values: &[Value], _ordinal: (usize, u64)) {
+    fn purge(
+        &mut self,
+        _layout: &TableLayout,
+        _patient: Option<&str>,
+        values: &[Value],
+        _ordinal: (usize, u64),
+    ) {
         *self.routed = Some(Routed::Archive(values.to_vec(), "purge", None, None));
     }
 

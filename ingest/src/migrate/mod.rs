@@ -46,7 +46,7 @@ pub use past_retention::{file_retention_list, FiledList};
 pub use retention::{carry_out_retention, ListedTable, RetentionList};
 pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;
-pub use tier::{TierList, TierPass, TierReport, TierTable};
+pub use tier::{settle_tier_batches, TierList, TierPass, TierReport, TierTable};
 pub use verify::{Difference, Holding, TableProof, VerifyReport, LISTED_DIFFERENCES};
 
 use crate::config::MigrationConfig;

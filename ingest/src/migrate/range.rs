@@ -275,7 +275,7 @@ impl Migration {
                 match decision.tier {
                     Tier::Purge => {
                         tally.count(&decision, date, patient, size);
-                        sink.purge(layout, &values, ordinal);
+                        sink.purge(layout, patient, &values, ordinal);
                     }
                     Tier::Operational => match sink.operational(values).await? {
                         // The database refused it: counted as quarantined, not operational.

@@ -101,8 +101,15 @@ pub(super) trait RangeSink {
         in_range
     }
 
-    /// A row past retention: what its destruction record keeps of it.
-    fn purge(&mut self, _layout: &TableLayout, _values: &[Value], _ordinal: (usize, u64)) {}
+    /// A row past retention (of `patient`): what its destruction record keeps of it.
+    fn purge(
+        &mut self,
+        _layout: &TableLayout,
+        _patient: Option<&str>,
+        _values: &[Value],
+        _ordinal: (usize, u64),
+    ) {
+    }
 
     /// A row for the operational database; back with the reason when the database refuses it.
     async fn operational(&mut self, _values: Vec<Value>) -> Result<Option<(Vec<Value>, String)>> {
@@ -503,7 +510,13 @@ impl RangeSink for Writers<'_> {
         self.progress.quarantined.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    fn purge(&mut self, layout: &TableLayout, values: &[Value], ordinal: (usize, u64)) {
+    fn purge(
+        &mut self,
+        layout: &TableLayout,
+        _patient: Option<&str>,
+        values: &[Value],
+        ordinal: (usize, u64),
+    ) {
         self.destroyed.add(layout, values, ordinal);
     }
 

@@ -85,19 +85,24 @@ impl Lists {
         self.pending.get(table).cloned().unwrap_or_default()
     }
 
-    /// Completes every approved list no row of which was left behind: its destruction
-    /// records, from the batches that destroyed its rows, and its signed certificate.
+    /// Completes every approved list no row of which was left behind, all of whose tables the
+    /// pass `read`: its destruction records, from the batches that destroyed its rows, and its
+    /// signed certificate.
     pub(super) async fn complete(
         &self,
         config: &MigrationConfig,
         control: &Control,
         op: &Db,
-        carried: &Carried,
+        (carried, read): (&Carried, &HashSet<String>),
     ) -> Result<Vec<DestructionCertificate>> {
         let mut certificates = Vec::new();
         for (request, list) in &self.approved {
             let id = &request.request_id;
-            if carried.left.get(id).copied().unwrap_or(0) > 0 {
+            // Rows left, or a table of the list the pass does not read (no longer listed in
+            // [operational.tables]): the list stays open.
+            if carried.left.get(id).copied().unwrap_or(0) > 0
+                || list.tables.keys().any(|t| !read.contains(t))
+            {
                 continue;
             }
             let rows = op

@@ -145,11 +145,6 @@ impl TierPass {
         Ok(TierPass { migration, tables })
     }
 
-    /// The tables as the pass reads them.
-    pub fn layouts(&self) -> &[TableLayout] {
-        &self.migration.layouts
-    }
-
     /// Runs a pass (`preview`: reads and decides, writes nothing). `requested_by` is who
     /// requests the destruction of what it finds past retention (the list is filed pending a
     /// second records manager's approval).
@@ -178,7 +173,8 @@ impl TierPass {
                     ],
                 });
             }
-            report.withdrawn = self.settle(&store).await?;
+            let tables: Vec<String> = m.layouts.iter().map(|l| l.name.clone()).collect();
+            report.withdrawn = settle(op, &store, m.control(), &tables).await?;
         }
         let reader = strata_archive::ArchiveReader::open(store.clone(), keys.clone()).await?;
         let patients = self.tables.patients(&m.policy_config, &m.layouts);
@@ -219,6 +215,14 @@ impl TierPass {
                 table.skipped = Some(format!(
                     "no primary key: tier deletes a row by its key and version (name one under [operational.tables.{relation}] primary_key)"
                 ));
+                carried.untouched(&lists.approved_keys(&layout.name));
+                report.tables.push(table);
+                continue;
+            }
+            if schema::is_partitioned(op, &relation).await? {
+                table.skipped = Some(
+                    "a partitioned table: its rows' locations repeat across partitions, and tier does not move rows it cannot name by location (list its partitions under [operational.tables] instead)".into(),
+                );
                 carried.untouched(&lists.approved_keys(&layout.name));
                 report.tables.push(table);
                 continue;
@@ -279,70 +283,15 @@ impl TierPass {
             report.filed = filed
                 .file(m.control(), m.policy(), &report.as_of, requested_by)
                 .await?;
+            let read: std::collections::HashSet<String> =
+                m.layouts.iter().map(|l| l.name.clone()).collect();
             report.certificates = lists
-                .complete(m.config(), m.control(), op, &carried)
+                .complete(m.config(), m.control(), op, (&carried, &read))
                 .await?;
         } else if !filed.is_empty() {
             report.filed = Some(filed.preview(&report.as_of));
         }
         Ok(report)
-    }
-
-    /// Before a pass: withdraws the manifests of batches that never committed (their rows are
-    /// still operational) and records in the control database those that did but were not
-    /// recorded yet. Returns the manifests withdrawn.
-    async fn settle(&self, store: &strata_archive::Store) -> Result<u64> {
-        let m = &self.migration;
-        let op = m.source();
-        op.execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {BATCHES_TABLE} (writer TEXT PRIMARY KEY, table_name TEXT NOT NULL, pass_id TEXT NOT NULL, request_id TEXT, rows_moved BIGINT NOT NULL, keys TEXT NOT NULL, manifest TEXT, destroyed TEXT, recorded BOOLEAN NOT NULL DEFAULT FALSE, finished_at TEXT NOT NULL)"
-        ))
-        .await?;
-        let mut withdrawn = 0;
-        for layout in &m.layouts {
-            let committed: std::collections::HashSet<String> = op
-                .fetch_all(
-                    format!(
-                        "SELECT writer FROM {BATCHES_TABLE} WHERE table_name = '{}'",
-                        layout.name.replace('\'', "''")
-                    ),
-                    vec![ColumnType::Text],
-                )
-                .await?
-                .into_iter()
-                .filter_map(|r| r[0].as_key_text())
-                .collect();
-            for run in
-                strata_archive::manifest_run_ids(store.as_ref(), &layout.name, "tier-").await?
-            {
-                if !committed.contains(&run) {
-                    withdrawn += strata_archive::withdraw_manifests(
-                        store.as_ref(),
-                        &layout.name,
-                        &format!("{run}.json"),
-                    )
-                    .await?;
-                }
-            }
-        }
-        let unrecorded = op
-            .fetch_all(
-                format!("SELECT writer, manifest FROM {BATCHES_TABLE} WHERE NOT recorded AND manifest IS NOT NULL"),
-                vec![ColumnType::Text, ColumnType::Text],
-            )
-            .await?;
-        for row in unrecorded {
-            let (Some(writer), Some(json)) = (row[0].as_key_text(), row[1].as_key_text()) else {
-                continue;
-            };
-            let manifest: TableManifest = serde_json::from_str(&json).map_err(|e| {
-                IngestError::Run(format!(
-                    "tier batch {writer}: its manifest is unreadable: {e}"
-                ))
-            })?;
-            record_batch(m, &writer, &manifest).await?;
-        }
-        Ok(withdrawn)
     }
 }
 
@@ -374,19 +323,119 @@ fn dated_up_to(layout: &TableLayout, bound: NaiveDate) -> Option<String> {
     ))
 }
 
+/// Settles what tier passes left before anything else reads or rewrites the archive
+/// (`strata archive compact`, `retain` and `gc` call it, under the maintenance lock): see
+/// [`settle`]. Nothing to do without a PostgreSQL operational database or tier batches.
+pub async fn settle_tier_batches(config: &MigrationConfig, control: &Control) -> Result<u64> {
+    if config.operational_kind()? != DbKind::Postgres {
+        return Ok(0);
+    }
+    let op = Db::connect(&config.resolve_url(&config.operational.url)?, false).await?;
+    let exists = op
+        .fetch_all(
+            format!("SELECT to_regclass('{BATCHES_TABLE}')::text"),
+            vec![ColumnType::Text],
+        )
+        .await?;
+    if !matches!(exists.first().map(|r| &r[0]), Some(Value::Text(_))) {
+        op.close().await;
+        return Ok(0);
+    }
+    let (store, _) = config
+        .archive
+        .open(&config.base_dir)
+        .map_err(IngestError::Archive)?;
+    let tables: Vec<String> = crate::operational::OperationalView::new(config)
+        .config
+        .tables
+        .into_keys()
+        .collect();
+    let withdrawn = settle(&op, &store, control, &tables).await;
+    op.close().await;
+    withdrawn
+}
+
+/// Withdraws the manifests of tier batches that never committed (their rows are still
+/// operational; a pass killed between its manifest and its commit leaves one) and records in
+/// the control database the committed batches not recorded yet. Returns the manifests
+/// withdrawn. Only under the maintenance lock: a batch of a running pass is between the two.
+async fn settle(
+    op: &Db,
+    store: &strata_archive::Store,
+    control: &Control,
+    tables: &[String],
+) -> Result<u64> {
+    op.execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {BATCHES_TABLE} (writer TEXT PRIMARY KEY, table_name TEXT NOT NULL, pass_id TEXT NOT NULL, request_id TEXT, rows_moved BIGINT NOT NULL, keys TEXT NOT NULL, manifest TEXT, destroyed TEXT, recorded BOOLEAN NOT NULL DEFAULT FALSE, finished_at TEXT NOT NULL)"
+    ))
+    .await?;
+    let mut withdrawn = 0;
+    for table in tables {
+        let committed: std::collections::HashSet<String> = op
+            .fetch_all(
+                format!(
+                    "SELECT writer FROM {BATCHES_TABLE} WHERE table_name = '{}'",
+                    table.replace('\'', "''")
+                ),
+                vec![ColumnType::Text],
+            )
+            .await?
+            .into_iter()
+            .filter_map(|r| r[0].as_key_text())
+            .collect();
+        for run in strata_archive::manifest_run_ids(store.as_ref(), table, "tier-").await? {
+            if !committed.contains(&run) {
+                withdrawn += strata_archive::withdraw_manifests(
+                    store.as_ref(),
+                    table,
+                    &format!("{run}.json"),
+                )
+                .await?;
+            }
+        }
+    }
+    let unrecorded = op
+        .fetch_all(
+            format!(
+                "SELECT writer, manifest FROM {BATCHES_TABLE} WHERE NOT recorded AND manifest IS NOT NULL"
+            ),
+            vec![ColumnType::Text, ColumnType::Text],
+        )
+        .await?;
+    for row in unrecorded {
+        let (Some(writer), Some(json)) = (row[0].as_key_text(), row[1].as_key_text()) else {
+            continue;
+        };
+        let manifest: TableManifest = serde_json::from_str(&json).map_err(|e| {
+            IngestError::Run(format!(
+                "tier batch {writer}: its manifest is unreadable: {e}"
+            ))
+        })?;
+        record_batch(op, control, &writer, &manifest).await?;
+    }
+    Ok(withdrawn)
+}
+
 /// Records a committed batch's manifest in the control database's ledger and catalog mirror,
 /// then marks the batch recorded.
 pub(super) async fn record_batch(
-    m: &Migration,
+    op: &Db,
+    control: &Control,
     writer: &str,
     manifest: &TableManifest,
 ) -> Result<()> {
-    m.record_published(manifest).await?;
-    m.source()
-        .execute_with(
-            &format!("UPDATE {BATCHES_TABLE} SET recorded = TRUE WHERE writer = $1"),
-            &[Value::Text(writer.to_string())],
+    control.mirror_manifest(manifest).await?;
+    control
+        .record_archived(
+            &manifest.table,
+            &manifest.run_id,
+            std::slice::from_ref(manifest),
         )
         .await?;
+    op.execute_with(
+        &format!("UPDATE {BATCHES_TABLE} SET recorded = TRUE WHERE writer = $1"),
+        &[Value::Text(writer.to_string())],
+    )
+    .await?;
     Ok(())
 }

@@ -47,7 +47,7 @@ impl ForeignKey {
 pub(super) async fn foreign_keys(db: &Db) -> Result<Vec<ForeignKey>> {
     let columns = |key: &str, rel: &str| {
         format!(
-            "(SELECT string_agg(quote_ident(a.attname), ',' ORDER BY k.n) FROM unnest(con.{key}) WITH ORDINALITY AS k(attnum, n) \
+            "(SELECT string_agg(quote_ident(a.attname), chr(31) ORDER BY k.n) FROM unnest(con.{key}) WITH ORDINALITY AS k(attnum, n) \
              JOIN pg_attribute a ON a.attrelid = con.{rel} AND a.attnum = k.attnum)"
         )
     };
@@ -68,8 +68,8 @@ pub(super) async fn foreign_keys(db: &Db) -> Result<Vec<ForeignKey>> {
             child_sql: text(&r[1]),
             child: text(&r[2]),
             parent: text(&r[3]),
-            child_columns: text(&r[4]).split(',').map(str::to_string).collect(),
-            parent_columns: text(&r[5]).split(',').map(str::to_string).collect(),
+            child_columns: text(&r[4]).split('\u{1f}').map(str::to_string).collect(),
+            parent_columns: text(&r[5]).split('\u{1f}').map(str::to_string).collect(),
         })
         .collect())
 }
@@ -87,6 +87,20 @@ pub(super) async fn delete_triggers(db: &Db, relation: &str) -> Result<Vec<Strin
     );
     let rows = db.fetch_all(sql, vec![ColumnType::Text]).await?;
     Ok(rows.iter().filter_map(|r| r[0].as_key_text()).collect())
+}
+
+/// Whether `relation` is a partitioned table: its rows' locations repeat across partitions,
+/// so tier does not move them (yet).
+pub(super) async fn is_partitioned(db: &Db, relation: &str) -> Result<bool> {
+    let sql = format!(
+        "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() AND c.relname = '{}'",
+        relation.replace('\'', "''")
+    );
+    let rows = db.fetch_all(sql, vec![ColumnType::Text]).await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r[0].as_key_text())
+        .is_some_and(|k| k == "p"))
 }
 
 /// `relations` ordered so that a table referencing another comes first (its rows leave before

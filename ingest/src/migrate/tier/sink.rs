@@ -169,19 +169,30 @@ impl<'a> TierSink<'a> {
                 layout.relation
             ))
         })?;
+        // The row's key is read back too: a location and a transaction id name the row read
+        // only while the table is not rewritten (VACUUM FULL, CLUSTER keep xmin, not ctid). A
+        // key PostgreSQL prints otherwise than the scan read it leaves its row for later
+        // (never deleted wrongly).
+        let keys: Vec<String> = layout
+            .key
+            .iter()
+            .map(|&k| format!("{}::text", quote(&layout.columns()[k].name)))
+            .collect();
         let sql = format!(
-            "SELECT ctid::text, xmin::text FROM {} WHERE ctid = ANY({array}) FOR UPDATE SKIP LOCKED",
+            "SELECT ctid::text, xmin::text, {} FROM {} WHERE ctid = ANY({array}) FOR UPDATE SKIP LOCKED",
+            keys.join(", "),
             quote(&layout.relation)
         );
-        let locked: HashSet<(String, String)> = tx
+        let locked: HashSet<Vec<Option<String>>> = tx
             .fetch_text_rows(&sql, &[], &[])
             .await?
             .into_iter()
-            .filter_map(|r| Some((r.first()?.clone()?, r.get(1)?.clone()?)))
             .collect();
-        let (mut movable, changed): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .partition(|(g, _)| locked.contains(&(g.version.ctid.clone(), g.version.xmin.clone())));
+        let (mut movable, changed): (Vec<_>, Vec<_>) = batch.into_iter().partition(|(g, _)| {
+            let mut read = vec![Some(g.version.ctid.clone()), Some(g.version.xmin.clone())];
+            read.extend(layout.key.iter().map(|&k| g.values[k].as_key_text()));
+            locked.contains(&read)
+        });
         self.table.changed_meanwhile += changed.len() as u64;
         if movable.is_empty() || self.referencing.is_empty() {
             return Ok((movable, changed));
@@ -365,7 +376,7 @@ impl<'a> TierSink<'a> {
         .await?;
         tx.commit().await?;
         self.table.archived += moved.len() as u64;
-        super::record_batch(m, &writer_id, &manifest).await
+        super::record_batch(self.op(), m.control(), &writer_id, &manifest).await
     }
 
     /// Destroys the gathered rows of approved lists: locked as the archive-bound rows are,
@@ -379,6 +390,18 @@ impl<'a> TierSink<'a> {
         let seen = batch.len() as u64;
         if self.ctx.dry_run {
             self.table.destroyed += seen;
+            return Ok(());
+        }
+        // A hold placed since the pass began wins: the holds are read again now.
+        let holds = crate::migrate::holds_in_force(self.ctx.migration.control()).await?;
+        let (held, batch): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|(g, _)| held_now(&holds, layout, g));
+        for (_, request) in held {
+            *self.found.kept.entry(request).or_default() += 1;
+            self.table.kept_since_listed += 1;
+        }
+        if batch.is_empty() {
             return Ok(());
         }
         let mut tx = TargetTx::begin(self.op()).await?;
@@ -431,6 +454,33 @@ impl<'a> TierSink<'a> {
     }
 }
 
+/// Whether a hold in `holds` covers the gathered row. A filter hold on a column the pass did
+/// not read covers it (fail closed).
+fn held_now(
+    holds: &[strata_cutoff_policies::LegalHold],
+    layout: &TableLayout,
+    g: &Gathered,
+) -> bool {
+    holds.iter().any(|h| {
+        let unknown = std::cell::Cell::new(false);
+        let covered = h.covers(&layout.name, g.patient.as_deref(), |column| {
+            let read = layout
+                .policy_column_names
+                .iter()
+                .position(|c| c == column)
+                .and_then(|i| layout.policy_columns[i]);
+            match read {
+                Some(i) => g.values[i].as_key_text(),
+                None => {
+                    unknown.set(true);
+                    None
+                }
+            }
+        });
+        covered || unknown.get()
+    })
+}
+
 impl RangeSink for TierSink<'_> {
     fn streams_blobs(&self) -> bool {
         true
@@ -458,9 +508,13 @@ impl RangeSink for TierSink<'_> {
         reason: &str,
         in_range: u64,
     ) -> u64 {
-        // Left where it is: nothing is moved that the route stage cannot read.
+        // Left where it is: nothing is moved that the route stage cannot read (a row of an
+        // approved list keeps its list open).
         self.version = None;
         self.table.unreadable += 1;
+        if let Some(request) = self.ctx.approved.get(&archive_key(layout, values)) {
+            *self.found.left.entry(request.clone()).or_default() += 1;
+        }
         if self.table.unreadable_examples.len() < 10 {
             self.table.unreadable_examples.push(format!(
                 "{} column {}: {reason}",
@@ -471,7 +525,13 @@ impl RangeSink for TierSink<'_> {
         in_range
     }
 
-    fn purge(&mut self, layout: &TableLayout, values: &[Value], _ordinal: (usize, u64)) {
+    fn purge(
+        &mut self,
+        layout: &TableLayout,
+        patient: Option<&str>,
+        values: &[Value],
+        _ordinal: (usize, u64),
+    ) {
         let key = archive_key(layout, values);
         if let Some(request) = self.ctx.approved.get(&key).cloned() {
             let size: usize = values.iter().map(Value::size).sum();
@@ -479,7 +539,7 @@ impl RangeSink for TierSink<'_> {
                 streamed: None,
                 inline_max: 0,
             };
-            let g = self.gathered(layout, None, None, values.to_vec(), &long);
+            let g = self.gathered(layout, patient, None, values.to_vec(), &long);
             self.to_destroy.push((g, request));
             self.destroy_bytes += size;
         } else if self.ctx.pending.contains(&key) {

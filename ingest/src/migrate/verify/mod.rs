@@ -102,7 +102,13 @@ impl RangeSink for Verifying<'_> {
         in_range
     }
 
-    fn purge(&mut self, layout: &TableLayout, values: &[Value], ordinal: (usize, u64)) {
+    fn purge(
+        &mut self,
+        layout: &TableLayout,
+        _patient: Option<&str>,
+        values: &[Value],
+        ordinal: (usize, u64),
+    ) {
         self.expected.destroyed.add(layout, values, ordinal);
     }
 
@@ -562,7 +568,7 @@ impl Migration {
                 checksum: None,
             };
             place("archive", held(&expected.archive), held(&archived));
-            if tier_ledger.is_some() {
+            if let Some(ledger) = &tier_ledger {
                 // Rows the run left operational that tier moved since: archived exactly as the
                 // source says. A copy of a record the source never had (the new EHR's) is
                 // counted apart.
@@ -581,16 +587,30 @@ impl Migration {
                     held(&expected.tiered),
                     held(&found),
                 );
-                let by_tier = destructions
-                    .iter()
-                    .filter(|(d, _)| d.table == layout.name && tier_lists.contains(&d.run_id))
-                    .fold(Sum::default(), |mut acc, (d, _)| {
-                        acc.rows += d.rows;
-                        if let Some(s) = sum256(Some(&d.key_checksum)) {
-                            add_256(&mut acc.sum, &s);
+                // What tier's batches destroyed (by count and key checksum, as recorded with
+                // the deletes); a completed list's destruction records must say the same.
+                let by_tier =
+                    ledger
+                        .destroyed_by_list
+                        .values()
+                        .fold(Sum::default(), |mut acc, s| {
+                            acc.merge(s);
+                            acc
+                        });
+                for (list, batches) in &ledger.destroyed_by_list {
+                    let recorded = destructions
+                        .iter()
+                        .find(|(d, _)| d.table == layout.name && &d.run_id == list);
+                    if let Some((d, _)) = recorded {
+                        if d.rows != batches.rows
+                            || sum256(Some(&d.key_checksum)) != Some(batches.sum)
+                        {
+                            retention_findings.push(format!(
+                                "destroyed by tier: the destruction record of list {list} does not say what its batches destroyed"
+                            ));
                         }
-                        acc
-                    });
+                    }
+                }
                 place(
                     "destroyed by tier",
                     held(&expected.tier_destroyed),
@@ -645,7 +665,7 @@ impl Migration {
                     held(&destroyed_keys),
                     held(&by_retention),
                 );
-                retention_findings = findings;
+                retention_findings.extend(findings);
             }
             // The keys accounted for apart: their quarantine entries as the source says.
             let expected_quarantine =

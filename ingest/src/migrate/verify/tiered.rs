@@ -7,9 +7,11 @@
 
 use crate::db::{Db, DbKind};
 use crate::error::{IngestError, Result};
+use crate::migrate::canonical::Sum;
+use crate::migrate::destroyed::{add_256, Destroyed};
 use crate::migrate::tier::BATCHES_TABLE;
 use crate::value::{ColumnType, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// One table's records moved and destroyed by tier passes.
 #[derive(Debug, Default)]
@@ -18,6 +20,8 @@ pub(super) struct TierLedger {
     pub moved: HashSet<String>,
     /// Record keys destroyed on approved lists.
     pub destroyed: HashSet<String>,
+    /// What the batches that destroyed them recorded (count and key checksum), per list.
+    pub destroyed_by_list: HashMap<String, Sum>,
 }
 
 impl TierLedger {
@@ -39,10 +43,10 @@ impl TierLedger {
         let rows = target
             .fetch_all(
                 format!(
-                    "SELECT request_id, keys FROM {BATCHES_TABLE} WHERE table_name = '{}'",
+                    "SELECT request_id, keys, destroyed FROM {BATCHES_TABLE} WHERE table_name = '{}'",
                     table.replace('\'', "''")
                 ),
-                vec![ColumnType::Text, ColumnType::Text],
+                vec![ColumnType::Text, ColumnType::Text, ColumnType::Text],
             )
             .await?;
         if rows.is_empty() {
@@ -58,9 +62,19 @@ impl TierLedger {
                 })?,
                 _ => Vec::new(),
             };
-            match row[0] {
-                Value::Null => ledger.moved.extend(keys),
-                _ => ledger.destroyed.extend(keys),
+            match (&row[0], &row[2]) {
+                (Value::Text(list), Value::Text(json)) => {
+                    let d: Destroyed = serde_json::from_str(json).map_err(|e| {
+                        IngestError::Run(format!(
+                            "{BATCHES_TABLE}: a batch of table {table} records its destruction unreadably: {e}"
+                        ))
+                    })?;
+                    let sum = ledger.destroyed_by_list.entry(list.clone()).or_default();
+                    sum.rows += d.rows;
+                    add_256(&mut sum.sum, &d.checksum);
+                    ledger.destroyed.extend(keys);
+                }
+                _ => ledger.moved.extend(keys),
             }
         }
         Ok(Some(ledger))

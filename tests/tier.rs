@@ -859,3 +859,49 @@ async fn maintenance_commands_take_turns_on_the_operational_databases_lock() {
     let (ok, out) = strata_in(dir.path(), &TIER_2030);
     assert!(ok, "{out}");
 }
+
+/// The new EHR adds and drops columns: tier archives a visit as the operational table holds it
+/// (a new column in new files), and a compaction of old and new files keeps every column of
+/// every file (none is dropped because the newest file lacks it).
+#[tokio::test]
+async fn columns_the_new_ehr_added_or_dropped_survive_tier_and_compaction() {
+    let (dir, operational, config_path) = gone_live().await;
+    let notes_before = archived(&config_path, "visits", "note").await;
+    assert!(notes_before.iter().all(|(_, n)| n == "first"));
+    let op = Db::connect(&operational, false).await.unwrap();
+    op.execute("ALTER TABLE visits ADD COLUMN triage text DEFAULT 'green'; ALTER TABLE visits DROP COLUMN note")
+        .await
+        .unwrap();
+    op.close().await;
+    let (ok, out) = strata_in(dir.path(), &TIER_2030);
+    assert!(ok, "{out}");
+    let triage = |copies: Vec<(String, String)>| -> BTreeMap<String, String> {
+        copies.into_iter().collect()
+    };
+    let moved: BTreeMap<String, String> = triage(archived(&config_path, "visits", "triage").await)
+        .into_iter()
+        .filter(|(_, t)| t == "green")
+        .collect();
+    assert!(!moved.is_empty());
+    for compaction in 0..2 {
+        let (ok, out) = strata_in(dir.path(), &["archive", "compact"]);
+        assert!(ok, "{out}");
+        let notes: BTreeMap<String, String> = archived(&config_path, "visits", "note")
+            .await
+            .into_iter()
+            .collect();
+        for (key, note) in &notes_before {
+            assert_eq!(
+                notes.get(key),
+                Some(note),
+                "pass {compaction}: {key}'s note"
+            );
+        }
+        let after = triage(archived(&config_path, "visits", "triage").await);
+        for key in moved.keys() {
+            assert_eq!(after[key], "green", "pass {compaction}: {key}'s triage");
+        }
+    }
+    let (ok, out) = strata_in(dir.path(), &["archive", "verify"]);
+    assert!(ok, "{out}");
+}

@@ -111,11 +111,10 @@ pub async fn rewrite_table(
         .collect();
     report.files_before = inputs.len();
     report.rows_before = inputs.iter().flat_map(|i| &i.files).map(|f| f.rows).sum();
-    // The newest run's layout: files an older version wrote are brought to it.
-    let Some(newest) = inputs.last().and_then(|i| i.files.last()) else {
+    if inputs.is_empty() {
         return Ok(report);
-    };
-    let schema = reader.file_schema(newest).await?;
+    }
+    let schema = merged_schema(&reader, &inputs).await?;
     let successors = reader.successors(table).await?;
     // The deletions a legal hold stopped stay on record while a copy they kept is current.
     let mut held: Vec<crate::Tombstone> = Vec::new();
@@ -393,6 +392,41 @@ pub async fn gc_sweeping(
         }
     }
     Ok(deleted)
+}
+
+/// The layout a rewrite writes: the newest file's columns (files an older version wrote are
+/// brought to their types), then every column only older files have, in the order they come
+/// (a column the operational table dropped since, or the source had): no column is ever left
+/// out, and a column some file lacks is nullable.
+async fn merged_schema(
+    reader: &ArchiveReader,
+    inputs: &[SortedInput],
+) -> Result<arrow::datatypes::SchemaRef> {
+    let mut schemas = Vec::new();
+    for file in inputs.iter().rev().flat_map(|i| i.files.iter().rev()) {
+        schemas.push(reader.file_schema(file).await?);
+    }
+    let mut fields: Vec<arrow::datatypes::Field> = Vec::new();
+    for schema in &schemas {
+        for f in schema.fields() {
+            if !fields.iter().any(|known| known.name() == f.name()) {
+                fields.push(f.as_ref().clone());
+            }
+        }
+    }
+    let fields = fields.into_iter().map(|f| {
+        let everywhere = schemas.iter().all(|s| s.field_with_name(f.name()).is_ok());
+        if everywhere {
+            f
+        } else {
+            f.with_nullable(true)
+        }
+    });
+    let newest = &schemas[0];
+    Ok(Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        fields.collect::<Vec<_>>(),
+        newest.metadata().clone(),
+    )))
 }
 
 /// `batch` in `schema`'s layout: its columns by name, cast where a later format changed a

@@ -339,6 +339,20 @@ async fn an_approved_retention_list_is_destroyed_certified_and_a_held_record_kep
         );
     }
     assert_eq!(lab_results(dir.path()).await, expected);
+    // ... and the certificate says when, signed again.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("its certificate says so"),
+        "{out:?}"
+    );
+    let done = control
+        .destruction_request(&request)
+        .await
+        .unwrap()
+        .unwrap();
+    let text = serde_json::to_string(&done.certificate.unwrap()).unwrap();
+    let completed: DestructionCertificate = strata_ingest::check_evidence(&config, &text).unwrap();
+    assert!(completed.keys_destroyed_at.is_some());
+    assert_eq!(completed.tables, c.tables);
 }
 
 /// Activity after go-live counts: a patient whose archived lab results are past retention

@@ -313,7 +313,7 @@ pub(crate) const EXTERNAL_FOOTER_KEY: &str =
     r#"{"keyMaterialType":"PKMT1","internalStorage":false,"keyReference":"footerKey"}"#;
 
 /// The key-material object beside a Parquet file: `_KEY_MATERIAL_FOR_{file name}.json`.
-pub(crate) fn key_material_path(file_path: &str) -> String {
+pub fn key_material_path(file_path: &str) -> String {
     match file_path.rsplit_once('/') {
         Some((dir, name)) => format!("{dir}/_KEY_MATERIAL_FOR_{name}.json"),
         None => format!("_KEY_MATERIAL_FOR_{file_path}.json"),

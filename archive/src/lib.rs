@@ -54,7 +54,7 @@ pub use compact::{
 };
 pub use config::{ArchiveConfig, PreviousKek};
 pub use error::{ArchiveError, Result};
-pub use keys::{Kek, KeyRing, KeyService, LocalKeks};
+pub use keys::{key_material_path, Kek, KeyRing, KeyService, LocalKeks};
 pub use layout::{
     cell, decimal_json, table_schema, ArchivedBatch, ArchivedColumn, Cell, ValueType,
     DECIMAL_TEXT_METADATA,

@@ -119,6 +119,10 @@ pub async fn run(command: ArchiveCommand) -> Result<()> {
                 "deleted {} objects (superseded, or left by an interrupted attempt)",
                 deleted.len()
             );
+            let config = &ctx.config.migration;
+            for request in strata_ingest::certify_keys_destroyed(config, control, &deleted).await? {
+                println!("{request}: the replaced files and their data keys are destroyed; its certificate says so (signed again)");
+            }
             Ok(())
         }
         ArchiveCommand::SyncCatalog {

@@ -53,12 +53,12 @@ pub use inspect::{valid_code, ColumnProfile, Finding, Severity, TableProfile, EX
 pub use layout::TableLayout;
 pub use maintenance_lock::MaintenanceLock;
 pub use migrate::{
-    carry_out_retention, check_evidence, check_policy, check_report, file_retention_list,
-    new_signing_key, read_only_statements, read_policy, settle_tier_batches, sign_report,
-    wrap_signing_key, CutoverReport, DestroyedTable, DestructionCertificate, Difference, Evidence,
-    Explanation, FiledList, Holding, ListedTable, Migration, OutboxReport, PolicyCheck,
-    RetentionList, RollbackReport, Signature, SyncReport, SyncUntil, TableCounts, TableProof,
-    TierList, TierPass, TierReport, TierTable, VerifyReport, CERTIFICATE_FORMAT,
+    carry_out_retention, certify_keys_destroyed, check_evidence, check_policy, check_report,
+    file_retention_list, new_signing_key, read_only_statements, read_policy, settle_tier_batches,
+    sign_report, wrap_signing_key, CutoverReport, DestroyedTable, DestructionCertificate,
+    Difference, Evidence, Explanation, FiledList, Holding, ListedTable, Migration, OutboxReport,
+    PolicyCheck, RetentionList, RollbackReport, Signature, SyncReport, SyncUntil, TableCounts,
+    TableProof, TierList, TierPass, TierReport, TierTable, VerifyReport, CERTIFICATE_FORMAT,
     LISTED_DIFFERENCES,
 };
 pub use operational::{OperationalConfig, OperationalTableConfig};

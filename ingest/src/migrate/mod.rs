@@ -43,7 +43,7 @@ pub use evidence::{
 pub use follow::{SyncReport, SyncUntil};
 pub use outbox::OutboxReport;
 pub use past_retention::{file_retention_list, FiledList};
-pub use retention::{carry_out_retention, ListedTable, RetentionList};
+pub use retention::{carry_out_retention, certify_keys_destroyed, ListedTable, RetentionList};
 pub use rollback::RollbackReport;
 pub(crate) use route::coerce_row;
 pub use tier::{settle_tier_batches, TierList, TierPass, TierReport, TierTable};

@@ -262,3 +262,67 @@ async fn table_destruction(
     let (_, record) = destroyer.record();
     Ok(serde_json::from_value(record).expect("a record reads back"))
 }
+
+/// After `strata archive gc` deleted `deleted` (object paths): completes the certificate of
+/// every carried-out `retain` list whose replaced files, and their data keys (key material),
+/// are all gone now. It gets `keys_destroyed_at` (copies of the files that outlive the delete,
+/// in object-store versions or backups, can no longer be read) and `blobs_deleted` (the BLOB
+/// objects this gc deleted, no record referring to them any more), and is signed again.
+/// Returns the lists completed. Without a signing key, nothing is changed.
+pub async fn certify_keys_destroyed(
+    config: &MigrationConfig,
+    control: &Control,
+    deleted: &[String],
+) -> Result<Vec<String>> {
+    if !super::evidence::can_sign(config)? {
+        return Ok(Vec::new());
+    }
+    let (store, _) = config
+        .archive
+        .open(&config.base_dir)
+        .map_err(IngestError::Archive)?;
+    let blobs_deleted = deleted.iter().filter(|p| p.starts_with("blobs/")).count() as u64;
+    let mut completed = Vec::new();
+    for r in control.destruction_requests().await? {
+        if r.kind != "retain" || r.status != RequestStatus::Done {
+            continue;
+        }
+        let Some(json) = &r.certificate else { continue };
+        let mut certificate: DestructionCertificate = serde_json::from_value(json.clone())
+            .map_err(|e| {
+                IngestError::Run(format!(
+                    "destruction request {}: its certificate is unreadable: {e}",
+                    r.request_id
+                ))
+            })?;
+        if certificate.keys_destroyed_at.is_some() || certificate.files_replaced.is_empty() {
+            continue;
+        }
+        let mut all_gone = true;
+        for file in &certificate.files_replaced {
+            for path in [file.clone(), strata_archive::key_material_path(file)] {
+                match object_store::ObjectStoreExt::head(
+                    store.as_ref(),
+                    &object_store::path::Path::from(path),
+                )
+                .await
+                {
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Ok(_) => all_gone = false,
+                    Err(e) => return Err(IngestError::Archive(e.into())),
+                }
+            }
+        }
+        if !all_gone {
+            continue;
+        }
+        certificate.keys_destroyed_at = Some(chrono::Utc::now().to_rfc3339());
+        certificate.blobs_deleted = blobs_deleted;
+        certificate.signature = None;
+        super::evidence::sign(config, &mut certificate)?;
+        let json = serde_json::to_value(&certificate).expect("a certificate serializes");
+        control.complete_destruction(&r.request_id, &json).await?;
+        completed.push(r.request_id);
+    }
+    Ok(completed)
+}

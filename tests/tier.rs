@@ -617,6 +617,22 @@ async fn verify_proves_every_row_in_one_place_after_tier_and_retain() {
     let (code, out) = strata_verify(&config_path);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("tiered to the archive"), "{out}");
+    // Nor are certificates: an edited one is named.
+    let config = load_config(&config_path);
+    let control = Db::connect(&config.control_url().unwrap(), false)
+        .await
+        .unwrap();
+    control
+        .execute("UPDATE strata_destruction_requests SET certificate = replace(certificate, '\"blobs_deleted\":0', '\"blobs_deleted\":7') WHERE kind = 'tier'")
+        .await
+        .unwrap();
+    control.close().await;
+    let (code, out) = strata_verify(&config_path);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("the certificate of destruction list") && out.contains("was edited"),
+        "{out}"
+    );
 }
 
 /// Records past retention in the operational database are filed for approval, never destroyed

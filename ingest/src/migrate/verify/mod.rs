@@ -377,7 +377,34 @@ impl Migration {
         let mut retentions: HashSet<String> = HashSet::new();
         // Tier lists carried out since the run: operational rows destroyed after it.
         let mut tier_lists: HashSet<String> = HashSet::new();
+        // A carried-out list's certificate must check against the public key, when one is
+        // configured: what it says, per table of the list.
+        let mut certificate_findings: HashMap<String, Vec<String>> = HashMap::new();
+        let can_check = self
+            .config
+            .verify
+            .as_ref()
+            .is_some_and(|v| v.public_key_file.is_some() || v.public_key_env.is_some());
         for r in self.control.destruction_requests().await? {
+            if let (true, Some(certificate)) = (can_check, &r.certificate) {
+                let text = certificate.to_string();
+                if let Err(e) = super::evidence::check_evidence::<
+                    super::certificate::DestructionCertificate,
+                >(&self.config, &text)
+                {
+                    let tables = serde_json::from_value::<super::retention::RetentionList>(
+                        r.summary.clone(),
+                    )
+                    .map(|l| l.tables.into_keys().collect::<Vec<_>>())
+                    .unwrap_or_default();
+                    for table in tables {
+                        certificate_findings.entry(table).or_default().push(format!(
+                            "the certificate of destruction list {}: {e}",
+                            r.request_id
+                        ));
+                    }
+                }
+            }
             if r.kind == "tier"
                 && matches!(
                     r.status,
@@ -694,6 +721,11 @@ impl Migration {
                 ),
             }
             proof.mismatches.extend(retention_findings);
+            proof.mismatches.extend(
+                certificate_findings
+                    .remove(&layout.name)
+                    .unwrap_or_default(),
+            );
             for (key, how) in reconciled.wrong {
                 if proof.differences.len() < LISTED_DIFFERENCES {
                     proof.differences.push(Difference {

@@ -987,3 +987,63 @@ async fn documents_move_with_their_records() {
     assert_eq!(moved, digests.len());
     assert!(long > 0);
 }
+
+/// The new EHR renamed the table and its columns: `[operational.tables]` reads it in its
+/// names, the policy's `current_when` column is found through them, and the moved records are
+/// archived under the archive's names (the same table, the same columns, the same keys).
+#[tokio::test]
+async fn tables_and_columns_the_new_ehr_renamed_are_read_in_its_names() {
+    let (dir, operational, config_path) = gone_live().await;
+    let op = Db::connect(&operational, false).await.unwrap();
+    op.execute(
+        "ALTER TABLE visits RENAME TO encounters;
+         ALTER TABLE encounters RENAME COLUMN status TO encounter_status;
+         ALTER TABLE encounters RENAME COLUMN visit_date TO started_on;",
+    )
+    .await
+    .unwrap();
+    let mut text = std::fs::read_to_string(&config_path).unwrap();
+    text.push_str(
+        "[operational.tables.encounters]\narchive_table = \"visits\"\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\n\
+         record_date = \"started_on\"\ncolumns = { encounter_status = \"status\", started_on = \"visit_date\" }\n\
+         [operational.tables.orders]\nprimary_key = [\"id\"]\npatient_key = \"patient_id\"\nrecord_date = \"ordered\"\n\
+         [operational.tables.patients]\nprimary_key = [\"id\"]\npatient_key = \"id\"\n",
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let before: BTreeSet<String> = archived(&config_path, "visits", "status")
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let (ok, out) = strata_in(dir.path(), &TIER_2030);
+    assert!(ok, "{out}");
+    assert!(out.contains("encounters (archived as visits)"), "{out}");
+    // Clinically current encounters stayed (the policy's `status` is `encounter_status`).
+    assert!(
+        count(
+            &op,
+            "SELECT COUNT(*) FROM encounters WHERE encounter_status = 'active'".into()
+        )
+        .await
+            > 0
+    );
+    assert_eq!(
+        count(&op, "SELECT COUNT(*) FROM encounters e WHERE encounter_status <> 'active' AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.visit_id = e.id)".into()).await,
+        0
+    );
+    let moved: Vec<(String, String)> = archived(&config_path, "visits", "status")
+        .await
+        .into_iter()
+        .filter(|(k, _)| !before.contains(k))
+        .collect();
+    assert!(!moved.is_empty());
+    assert!(moved
+        .iter()
+        .all(|(k, s)| k.starts_with("id=") && s == "closed"));
+    let dates = archived(&config_path, "visits", "visit_date").await;
+    assert!(
+        dates.iter().all(|(_, d)| !d.is_empty()),
+        "dates under the archive's name"
+    );
+    op.close().await;
+}

@@ -204,40 +204,8 @@ impl TierPass {
                 ..Default::default()
             };
             let leaving = m.policy().leaving_operational(&layout.name);
-            if leaving == Leaving::Never {
-                table.skipped =
-                    Some("the policy keeps every record of it operational: not read".into());
-                carried.untouched(&lists.approved_keys(&layout.name));
-                report.tables.push(table);
-                continue;
-            }
-            if layout.key.is_empty() {
-                table.skipped = Some(format!(
-                    "no primary key: tier deletes a row by its key and version (name one under [operational.tables.{relation}] primary_key)"
-                ));
-                carried.untouched(&lists.approved_keys(&layout.name));
-                report.tables.push(table);
-                continue;
-            }
-            if schema::is_partitioned(op, &relation).await? {
-                table.skipped = Some(
-                    "a partitioned table: its rows' locations repeat across partitions, and tier does not move rows it cannot name by location (list its partitions under [operational.tables] instead)".into(),
-                );
-                carried.untouched(&lists.approved_keys(&layout.name));
-                report.tables.push(table);
-                continue;
-            }
-            let allowed = self.tables.view.allowed_triggers.get(&layout.name);
-            let unchecked: Vec<String> = schema::delete_triggers(op, &relation)
-                .await?
-                .into_iter()
-                .filter(|t| !allowed.is_some_and(|a| a.contains(t)))
-                .collect();
-            if !unchecked.is_empty() {
-                table.skipped = Some(format!(
-                    "DELETE triggers or rules nobody checked: {}; what they do cannot be known, so no row is deleted (once checked, list them under [operational.tables.{relation}] allow_delete_triggers)",
-                    unchecked.join(", ")
-                ));
+            if let Some(why) = self.untouched(layout, leaving).await? {
+                table.skipped = Some(why);
                 carried.untouched(&lists.approved_keys(&layout.name));
                 report.tables.push(table);
                 continue;
@@ -292,6 +260,43 @@ impl TierPass {
             report.filed = Some(filed.preview(&report.as_of));
         }
         Ok(report)
+    }
+}
+
+impl TierPass {
+    /// Why a pass leaves `layout`'s table alone, if it does: pinned to the operational tier,
+    /// no key, partitioned, or a DELETE trigger or rule nobody checked.
+    async fn untouched(&self, layout: &TableLayout, leaving: Leaving) -> Result<Option<String>> {
+        let op = self.migration.source();
+        let relation = &layout.relation;
+        if leaving == Leaving::Never {
+            return Ok(Some(
+                "the policy keeps every record of it operational: not read".into(),
+            ));
+        }
+        if layout.key.is_empty() {
+            return Ok(Some(format!(
+                "no primary key: tier deletes a row by its key and version (name one under [operational.tables.{relation}] primary_key)"
+            )));
+        }
+        if schema::is_partitioned(op, relation).await? {
+            return Ok(Some(
+                "a partitioned table: its rows' locations repeat across partitions, and tier does not move rows it cannot name by location (list its partitions under [operational.tables] instead)".into(),
+            ));
+        }
+        let allowed = self.tables.view.allowed_triggers.get(&layout.name);
+        let unchecked: Vec<String> = schema::delete_triggers(op, relation)
+            .await?
+            .into_iter()
+            .filter(|t| !allowed.is_some_and(|a| a.contains(t)))
+            .collect();
+        if !unchecked.is_empty() {
+            return Ok(Some(format!(
+                "DELETE triggers or rules nobody checked: {}; what they do cannot be known, so no row is deleted (once checked, list them under [operational.tables.{relation}] allow_delete_triggers)",
+                unchecked.join(", ")
+            )));
+        }
+        Ok(None)
     }
 }
 

@@ -49,6 +49,18 @@ fn archived_type(t: ColumnType, decimal: Option<Decimal>) -> ValueType {
     }
 }
 
+/// How a run's or a tier batch's archive writer writes `layout`'s rows: a one-column key is
+/// distinct (its Parquet statistics say so); columns of a composite key are not.
+pub fn writer_options(layout: &TableLayout) -> strata_archive::TableWriterOptions {
+    strata_archive::TableWriterOptions {
+        distinct_columns: match layout.key[..] {
+            [k] => vec![layout.target_names[k].clone()],
+            _ => Vec::new(),
+        },
+        ..Default::default()
+    }
+}
+
 /// The archive schema of a table (the layout is the archive crate's: [`table_schema`]).
 pub fn archive_schema(layout: &TableLayout) -> SchemaRef {
     let columns: Vec<ArchivedColumn> = layout

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
+use strata_archive::{BlobStore, TableManifest, TableWriter};
 use strata_cutoff_policies::{PatientFacts, Tier};
 
 /// Archived rows of a range are sorted and written as a file whenever they hold this much
@@ -111,14 +111,7 @@ impl Migration {
                 blob_columns,
             ),
             archive_schema(layout),
-            TableWriterOptions {
-                // A one-column key is distinct; columns of a composite key are not.
-                distinct_columns: match layout.key[..] {
-                    [k] => vec![layout.target_names[k].clone()],
-                    _ => Vec::new(),
-                },
-                ..Default::default()
-            },
+            crate::archive_rows::writer_options(layout),
         )?;
         let mut tx = TargetTx::begin(ctx.target).await?;
         let load = tx

@@ -30,7 +30,7 @@ use crate::report::Tally;
 use crate::value::{ColumnType, Value};
 use chrono::NaiveDate;
 use std::collections::{HashMap, HashSet};
-use strata_archive::{BlobStore, TableManifest, TableWriter, TableWriterOptions};
+use strata_archive::{BlobStore, TableManifest, TableWriter};
 use strata_cutoff_policies::Tier;
 
 /// The values a batch holds at most (inline BLOBs included), in bytes.
@@ -328,13 +328,7 @@ impl<'a> TierSink<'a> {
             self.ctx.keys.clone(),
             TableManifest::new(&layout.name, &writer_id, m.policy().version(), blob_columns),
             archive_schema(layout),
-            TableWriterOptions {
-                distinct_columns: match layout.key[..] {
-                    [k] => vec![layout.target_names[k].clone()],
-                    _ => Vec::new(),
-                },
-                ..Default::default()
-            },
+            crate::archive_rows::writer_options(layout),
         )?;
         let mut side = ArchiveSide::new(
             layout,

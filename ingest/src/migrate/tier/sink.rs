@@ -2,9 +2,9 @@
 //! an approved destruction list are gathered into batches, and each batch moves in one
 //! transaction of the operational database:
 //!
-//! 1. its rows are locked where they are still the version the scan read (`ctid` and `xmin`,
-//!    `FOR UPDATE SKIP LOCKED`): a row the application changed, deleted or holds locked since
-//!    is left for the next pass;
+//! 1. its rows are locked where they are still the version the scan read (`ctid`, `xmin` and
+//!    the key, `FOR UPDATE SKIP LOCKED`): a row the application changed, deleted or holds
+//!    locked since is left for the next pass;
 //! 2. a row another row still references (a foreign key of any table, whatever its
 //!    `ON DELETE`) is left, and counted by the key;
 //! 3. the archive's files and manifest are written (rows for the archive);
@@ -12,7 +12,8 @@
 //!    inserted, and the transaction commits.
 //!
 //! A crash before 4 leaves the rows where they were, unchanged, and at most a manifest that
-//! names no checkpoint: the next pass withdraws it before it starts (see `super::settle`).
+//! names no checkpoint: the next pass (or compaction, retention, gc) withdraws it before it
+//! starts (see `super::settle`).
 
 use super::lists::Found;
 use super::schema::{referenced_sql, tid_array, ForeignKey};

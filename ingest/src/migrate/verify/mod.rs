@@ -9,7 +9,9 @@
 //! records' key checksums (the same sum over the rows' key digests). Archived records on a
 //! retention list carried out after the run (`strata archive retain`) are checked apart: one
 //! still archived (a hold kept it) by its digests, the others against the lists' destruction
-//! records, by count and key checksum.
+//! records, by count and key checksum. Rows the run left operational that `strata tier` moved
+//! or destroyed since are checked against its ledger ([`tiered`]): moved ones in the archive
+//! digest for digest, destroyed ones by count and key checksum.
 
 mod narrow;
 mod quarantined;

@@ -329,8 +329,10 @@ fn dated_up_to(layout: &TableLayout, bound: NaiveDate) -> Option<String> {
 }
 
 /// Settles what tier passes left before anything else reads or rewrites the archive
-/// (`strata archive compact`, `retain` and `gc` call it, under the maintenance lock): see
-/// [`settle`]. Nothing to do without a PostgreSQL operational database or tier batches.
+/// (`strata archive compact`, `retain` and `gc` call it, under the maintenance lock): withdraws
+/// the manifests of batches that never committed, records the committed ones not recorded yet,
+/// and returns the manifests withdrawn. Nothing to do without a PostgreSQL operational
+/// database or tier batches.
 pub async fn settle_tier_batches(config: &MigrationConfig, control: &Control) -> Result<u64> {
     if config.operational_kind()? != DbKind::Postgres {
         return Ok(0);

@@ -170,10 +170,11 @@ impl Lists {
 pub(super) struct Found {
     /// Record keys past retention and on no list yet: to file.
     pub newly_past_retention: Vec<String>,
-    /// Per approved list: its rows left for the next pass (changed, locked, referenced, or of
-    /// a table not touched), which keep the list open.
+    /// Per approved list: its rows left for the next pass (changed or locked since read,
+    /// unreadable, or of a table the pass did not touch), which keep the list open.
     pub left: HashMap<String, u64>,
-    /// Per approved list: its rows the policy no longer finds past retention, kept.
+    /// Per approved list: its rows kept (no longer past retention, covered by a hold, or
+    /// still referenced by another row).
     pub kept: HashMap<String, u64>,
 }
 

@@ -30,21 +30,6 @@ async fn lab_results(dir: &Path) -> Vec<(String, String)> {
     out
 }
 
-/// A signing key for certificates in `dir`, named by its strata.toml.
-fn with_signing_key(dir: &Path) -> std::path::PathBuf {
-    let (seed, public) = strata_ingest::new_signing_key();
-    std::fs::write(dir.join("signing.key"), seed).unwrap();
-    std::fs::write(dir.join("public.key"), public).unwrap();
-    let config_path = dir.join("strata.toml");
-    let mut text = std::fs::read_to_string(&config_path).unwrap();
-    assert!(!text.contains("[verify]"));
-    text.push_str(
-        "\n[verify]\nsigning_key_file = \"signing.key\"\npublic_key_file = \"public.key\"\n",
-    );
-    std::fs::write(&config_path, text).unwrap();
-    config_path
-}
-
 fn run_ok(args: &[&str], dir: &Path) -> String {
     let out = strata(args, dir);
     let text = format!(
@@ -99,13 +84,7 @@ async fn retain_files_a_list_another_records_manager_approves_and_the_next_pass_
     // it, but for the held patient's.
     let out = run_ok(&RETAIN_IN_2060, dir.path());
     assert!(out.contains("filed for approval"), "{out}");
-    let request = out
-        .lines()
-        .find(|l| l.contains("filed for approval"))
-        .and_then(|l| l.split(':').next())
-        .unwrap()
-        .trim()
-        .to_string();
+    let request = filed_request(&out);
     assert!(request.starts_with("destroy-"), "{out}");
     let control = Control::open(&config.control_url().unwrap()).await.unwrap();
     let filed = control

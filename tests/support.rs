@@ -338,3 +338,30 @@ pub async fn sqlite_source(dir: &Path, file: &str, sql: &str) -> String {
     db.close().await;
     url
 }
+
+/// A signing key for certificates and reports in `dir` (`signing.key`, `public.key`), named
+/// by its strata.toml under `[verify]`; returns the config's path.
+pub fn with_signing_key(dir: &Path) -> PathBuf {
+    let (seed, public) = strata_ingest::new_signing_key();
+    std::fs::write(dir.join("signing.key"), seed).unwrap();
+    std::fs::write(dir.join("public.key"), public).unwrap();
+    let config_path = dir.join("strata.toml");
+    let mut text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(!text.contains("[verify]"));
+    text.push_str(
+        "\n[verify]\nsigning_key_file = \"signing.key\"\npublic_key_file = \"public.key\"\n",
+    );
+    std::fs::write(&config_path, text).unwrap();
+    config_path
+}
+
+/// The id of the destruction list a `retain` or `tier` pass filed: first on the line that says
+/// it was filed for approval.
+pub fn filed_request(out: &str) -> String {
+    out.lines()
+        .find(|l| l.contains("filed for approval"))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("nothing filed: {out}"))
+        .trim()
+        .to_string()
+}

@@ -497,28 +497,6 @@ async fn an_unchecked_delete_trigger_keeps_its_table_untouched() {
     op.close().await;
 }
 
-/// A signing key for certificates and reports, named by `config_path`.
-fn with_signing_key(dir: &Path, config_path: &Path) {
-    let (seed, public) = strata_ingest::new_signing_key();
-    std::fs::write(dir.join("signing.key"), seed).unwrap();
-    std::fs::write(dir.join("public.key"), public).unwrap();
-    let mut text = std::fs::read_to_string(config_path).unwrap();
-    text.push_str(
-        "\n[verify]\nsigning_key_file = \"signing.key\"\npublic_key_file = \"public.key\"\n",
-    );
-    std::fs::write(config_path, &text).unwrap();
-}
-
-/// The request id a pass that filed a list prints first on its line.
-fn filed_request(out: &str) -> String {
-    out.lines()
-        .find(|l| l.contains("filed for approval"))
-        .and_then(|l| l.split(':').next())
-        .unwrap_or_else(|| panic!("nothing filed: {out}"))
-        .trim()
-        .to_string()
-}
-
 /// `strata verify` proves the migration run after tier and retention: the rows tier moved are
 /// archived exactly as the source says, those it destroyed are on its destruction records,
 /// those retention destroyed in the archive on its, and the rest where the run put them.
@@ -527,7 +505,7 @@ async fn verify_proves_every_row_in_one_place_after_tier_and_retain() {
     // Done orders are kept three years: in 2030 they are past retention, while their visits
     // are only old enough for the archive.
     let (dir, operational, config_path) = gone_live_with("retention = \"3y\"\n").await;
-    with_signing_key(dir.path(), &config_path);
+    with_signing_key(dir.path());
     let (ok, out) = strata_in(dir.path(), &TIER_2030);
     assert!(ok, "{out}");
     let request = filed_request(&out);
@@ -641,14 +619,7 @@ async fn verify_proves_every_row_in_one_place_after_tier_and_retain() {
 #[tokio::test]
 async fn tier_destroys_past_retention_only_after_another_records_manager_approves() {
     let (dir, operational, config_path) = gone_live().await;
-    let (seed, public) = strata_ingest::new_signing_key();
-    std::fs::write(dir.path().join("signing.key"), seed).unwrap();
-    std::fs::write(dir.path().join("public.key"), public).unwrap();
-    let mut text = std::fs::read_to_string(&config_path).unwrap();
-    text.push_str(
-        "\n[verify]\nsigning_key_file = \"signing.key\"\npublic_key_file = \"public.key\"\n",
-    );
-    std::fs::write(&config_path, &text).unwrap();
+    with_signing_key(dir.path());
     let op = Db::connect(&operational, false).await.unwrap();
     let rows = |sql: &'static str| {
         let op = &op;
@@ -675,13 +646,7 @@ async fn tier_destroys_past_retention_only_after_another_records_manager_approve
     let (ok, out) = strata_in(dir.path(), &tier_2045);
     assert!(ok, "{out}");
     assert!(out.contains("filed for approval"), "{out}");
-    let request = out
-        .lines()
-        .find(|l| l.contains("filed for approval"))
-        .and_then(|l| l.split(':').next())
-        .unwrap()
-        .trim()
-        .to_string();
+    let request = filed_request(&out);
     // Nothing is destroyed before the approval, however many passes run.
     let (ok, out) = strata_in(dir.path(), &tier_2045);
     assert!(ok, "{out}");

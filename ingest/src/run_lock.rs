@@ -20,15 +20,7 @@ pub struct RunLock {
 impl RunLock {
     /// Takes the lock of the configuration in `base_dir`, or says who holds it.
     pub fn take(base_dir: &Path) -> Result<Self> {
-        Self::take_file(
-            base_dir,
-            LOCK_FILE,
-            "another `strata migrate` of this configuration is running",
-        )
-    }
-
-    fn take_file(base_dir: &Path, name: &str, holder: &str) -> Result<Self> {
-        let path: PathBuf = base_dir.join(name);
+        let path: PathBuf = base_dir.join(LOCK_FILE);
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -40,7 +32,7 @@ impl RunLock {
         match file.try_lock() {
             Ok(()) => Ok(RunLock { _file: file }),
             Err(TryLockError::WouldBlock) => Err(IngestError::Run(format!(
-                "{holder} (it holds {}): let it finish, or stop it first",
+                "another `strata migrate` of this configuration is running (it holds {}): let it finish, or stop it first",
                 path.display()
             ))),
             Err(TryLockError::Error(e)) => Err(IngestError::Run(format!(

@@ -338,13 +338,7 @@ pub async fn settle_tier_batches(config: &MigrationConfig, control: &Control) ->
         return Ok(0);
     }
     let op = Db::connect(&config.resolve_url(&config.operational.url)?, false).await?;
-    let exists = op
-        .fetch_all(
-            format!("SELECT to_regclass('{BATCHES_TABLE}')::text"),
-            vec![ColumnType::Text],
-        )
-        .await?;
-    if !matches!(exists.first().map(|r| &r[0]), Some(Value::Text(_))) {
+    if !has_batches_table(&op).await? {
         op.close().await;
         return Ok(0);
     }
@@ -360,6 +354,21 @@ pub async fn settle_tier_batches(config: &MigrationConfig, control: &Control) ->
     let withdrawn = settle(&op, &store, control, &tables).await;
     op.close().await;
     withdrawn
+}
+
+/// Whether a tier pass ever ran against the PostgreSQL operational database `op` (its batches
+/// table exists).
+pub(in crate::migrate) async fn has_batches_table(op: &Db) -> Result<bool> {
+    let exists = op
+        .fetch_all(
+            format!("SELECT to_regclass('{BATCHES_TABLE}')::text"),
+            vec![ColumnType::Text],
+        )
+        .await?;
+    Ok(matches!(
+        exists.first().map(|r| &r[0]),
+        Some(Value::Text(_))
+    ))
 }
 
 /// Withdraws the manifests of tier batches that never committed (their rows are still

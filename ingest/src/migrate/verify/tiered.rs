@@ -31,13 +31,7 @@ impl TierLedger {
         if target.kind() != DbKind::Postgres {
             return Ok(None);
         }
-        let exists = target
-            .fetch_all(
-                format!("SELECT to_regclass('{BATCHES_TABLE}')::text"),
-                vec![ColumnType::Text],
-            )
-            .await?;
-        if !matches!(exists.first().map(|r| &r[0]), Some(Value::Text(_))) {
+        if !crate::migrate::tier::has_batches_table(target).await? {
             return Ok(None);
         }
         let rows = target
